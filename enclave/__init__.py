@@ -1,0 +1,1 @@
+"""Attestation and attested key release -- built in a later issue."""

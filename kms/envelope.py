@@ -1,0 +1,214 @@
+"""Envelope encryption of files: a fresh DEK per file, wrapped into one slot per key URI.
+
+This is the high-level file API the CLI and the facade use. It joins the
+stream (which takes a DEK) with the providers (which make and open slots).
+Writes are atomic: output goes to a temporary file beside the destination
+and is renamed into place only after the last chunk is written or
+authenticated, so a failure leaves no output file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sealstore.format import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SUITE,
+    Header,
+    Preamble,
+    open_payload_key,
+    read_preamble,
+)
+from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
+from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
+from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
+
+__all__ = [
+    "atomic_output",
+    "make_slots",
+    "open_reader",
+    "open_sealed",
+    "seal_file",
+    "seal_stream",
+    "unseal_file",
+    "unwrap_dek",
+    "verify_file",
+]
+
+KeySpec = str | Wrapper
+IdentitySpec = str | os.PathLike[str] | Unwrapper
+Progress = Callable[[int], None]
+_COPY = 4 * 1024 * 1024
+
+
+def make_slots(dek: DataKey, keys: Sequence[KeySpec], context: Mapping[str, str]) -> list[KeySlot]:
+    """Wrap *dek* once per key URI (or wrapper object), in order.
+
+    Raises:
+        ValueError: no keys, or a malformed URI.
+    """
+    if not keys:
+        raise ValueError("at least one key (-k URI) is needed to seal")
+    wrappers = [wrapper_for(k) if isinstance(k, str) else k for k in keys]
+    return [w.wrap(dek, context) for w in wrappers]
+
+
+def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
+    return [i if hasattr(i, "unwrap") else load_identity(i) for i in identities]  # type: ignore[misc]
+
+
+def unwrap_dek(preamble: Preamble, identities: Sequence[IdentitySpec] = (), *,
+               slots: Sequence[KeySlot] | None = None) -> DataKey:
+    """Recover a file's DEK from its slots (or *slots* held elsewhere, e.g. a manifest).
+
+    Raises:
+        KeyUnavailable: no slot could be unwrapped (each slot's cause listed).
+        AuthenticationError: a slot unwrapped to a key the header does not commit to.
+    """
+    idents = _identities(identities)
+    header = preamble.header
+    return unwrap_first(
+        preamble.slots if slots is None else slots,
+        lambda slot: unwrappers_for(slot, idents),
+        header.context,
+        lambda dek: open_payload_key(header, dek) and None,
+    )
+
+
+def seal_stream(src: BinaryIO, dst: BinaryIO, keys: Sequence[KeySpec], *,
+                context: Mapping[str, str] | None = None, suite: str = DEFAULT_SUITE,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, plaintext_size: int | None = None,
+                threads: int = 1, progress: Progress | None = None) -> Header:
+    """Seal everything read from *src* into *dst* under a fresh DEK.
+
+    Returns:
+        The header written.
+
+    Raises:
+        ValueError: bad parameters; ``SealstoreError`` from a provider.
+    """
+    context = dict(context or {})
+    with DataKey.generate() as dek:
+        slots = make_slots(dek, keys, context)
+        writer = SealWriter(dst, dek, slots=slots, suite=suite, chunk_size=chunk_size,
+                            context=context, plaintext_size=plaintext_size, threads=threads)
+    with writer:
+        while True:
+            block = src.read(_COPY)
+            if not block:
+                break
+            writer.write(block)
+            if progress is not None:
+                progress(len(block))
+    return writer.header
+
+
+@contextmanager
+def atomic_output(dst: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file that appears at *dst* only if the block completes.
+
+    ``-`` means standard output (written as it goes; nothing to roll back).
+    """
+    if str(dst) == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    path = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            yield fp
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _input(src: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    if str(src) == "-":
+        yield sys.stdin.buffer
+    else:
+        with open(src, "rb") as fp:
+            yield fp
+
+
+def seal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+              keys: Sequence[KeySpec], **options: Any) -> Header:
+    """Seal the file *src* (``-`` = stdin) to *dst* (``-`` = stdout), atomically.
+
+    Options are those of :func:`seal_stream`; the plaintext size is recorded
+    when *src* is a regular file.
+    """
+    if str(src) != "-" and "plaintext_size" not in options:
+        st = os.stat(src)
+        if Path(src).is_file():
+            options["plaintext_size"] = st.st_size
+    with _input(src) as fin, atomic_output(dst) as fout:
+        return seal_stream(fin, fout, keys, **options)
+
+
+def open_sealed(src: Any, identities: Sequence[IdentitySpec] = (), *,
+                slots: Sequence[KeySlot] | None = None, dek: DataKey | None = None) -> SealedFile:
+    """Open a sealed file for random access, unwrapping its DEK from the slots.
+
+    Args:
+        src: a path, bytes-like object or seekable binary file.
+        identities: identity files or unwrapper objects to try first.
+        slots: slots held outside the file (a store manifest).
+        dek: the data key, if the caller already has it.
+    """
+    if dek is not None:
+        return SealedFile(src, dek)
+    preamble = peek_preamble(src)
+    with unwrap_dek(preamble, identities, slots=slots) as key:
+        return SealedFile(src, key, preamble=preamble)
+
+
+def open_reader(fp: BinaryIO, identities: Sequence[IdentitySpec] = (), *,
+                slots: Sequence[KeySlot] | None = None, threads: int = 1) -> SealReader:
+    """A streaming reader over *fp*, its DEK unwrapped from the slots."""
+    preamble = read_preamble(fp)
+    with unwrap_dek(preamble, identities, slots=slots) as key:
+        return SealReader(fp, key, preamble=preamble, threads=threads)
+
+
+def unseal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                identities: Sequence[IdentitySpec] = (), *, threads: int = 1,
+                progress: Progress | None = None) -> int:
+    """Decrypt *src* (``-`` = stdin) to *dst* (``-`` = stdout).
+
+    A file destination appears only after every chunk authenticated.
+
+    Returns:
+        The plaintext size.
+    """
+    with _input(src) as fin, open_reader(fin, identities, threads=threads) as reader:
+        with atomic_output(dst) as fout:
+            return reader.copy_to(fout, progress)
+
+
+def verify_file(src: str | os.PathLike[str], identities: Sequence[IdentitySpec] = (), *,
+                threads: int = 1, progress: Progress | None = None) -> Header:
+    """Authenticate every chunk of *src*, keeping no plaintext.
+
+    Raises:
+        AuthenticationError: the first failure; ``KeyUnavailable`` if no slot opens.
+    """
+    if str(src) == "-":
+        with open_reader(sys.stdin.buffer, identities, threads=threads) as reader:
+            for view in reader.iter_chunks():
+                if progress is not None:
+                    progress(len(view))
+            return reader.header
+    with open_sealed(src, identities) as sealed:
+        sealed.verify(threads=threads, progress=progress)
+        return sealed.header

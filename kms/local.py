@@ -1,0 +1,329 @@
+"""``local:PATH`` -- key-encryption keys in a passphrase-protected keyring file.
+
+The keyring is JSON. Its public part (id, KEK ids, KDF parameters) is in the
+clear so ``keys list`` needs no passphrase; the KEKs themselves are sealed
+with AES-256-GCM under a key stretched from the passphrase with Argon2id
+(PyNaCl / libsodium), and the public part is the AAD, so editing it breaks
+the seal. ``--insecure-no-passphrase`` keyrings use an all-zero sealing key:
+same format, no protection, a warning on every open.
+
+A slot made here is ``AES-256-GCM(KEK, nonce, DEK, aad)`` with the AAD naming
+the keyring, the KEK and the encryption context, so a slot only opens under
+the context it was made for.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sealstore.errors import FormatError, KeyUnavailable, NotFound
+from sealstore.format import canonical_json
+from sealstore.keys import DEK_SIZE, DataKey, KeySlot
+
+__all__ = ["LocalKeyring", "create_keyring"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sealstore-keyring-v1"
+PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"
+_SLOT_AAD = b"sealstore/v1/slot/local\x00"
+_ZERO_KEY = bytes(32)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _argon2id(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
+    from nacl import pwhash
+
+    return bytes(pwhash.argon2id.kdf(32, passphrase.encode("utf-8"), salt,
+                                     opslimit=opslimit, memlimit=memlimit))
+
+
+def _prompt(path: Path, *, confirm: bool) -> str:
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise KeyUnavailable(
+            f"keyring {path} is passphrase-protected: set {PASSPHRASE_ENV} or run in a terminal"
+        )
+    first = getpass.getpass(f"Passphrase for keyring {path}: ")
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise ValueError("passphrases do not match")
+    return first
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write *data* to *path* with mode 0600 via a temporary file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_keyring(path: str | os.PathLike[str], *, passphrase: str | None = None,
+                   insecure_no_passphrase: bool = False, overwrite: bool = False,
+                   opslimit: int | None = None, memlimit: int | None = None) -> LocalKeyring:
+    """Create a keyring file holding one fresh KEK.
+
+    Args:
+        path: where to write it (mode 0600).
+        passphrase: the passphrase; if None it comes from ``SEALSTORE_PASSPHRASE``
+            or a prompt, unless *insecure_no_passphrase*.
+        insecure_no_passphrase: store the KEKs unprotected (throwaway use; warns).
+        overwrite: replace an existing file.
+        opslimit, memlimit: Argon2id cost (default libsodium's "interactive").
+
+    Raises:
+        FileExistsError: *path* exists and *overwrite* is false.
+    """
+    from nacl import pwhash
+
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"keyring {p} already exists")
+    if insecure_no_passphrase:
+        warnings.warn(f"keyring {p} is not protected by a passphrase", stacklevel=2)
+        kdf: dict[str, Any] = {"alg": "none"}
+        seal_key = _ZERO_KEY
+    else:
+        if passphrase is None:
+            passphrase = _prompt(p, confirm=True)
+        if not passphrase:
+            raise ValueError("an empty passphrase is not allowed (use --insecure-no-passphrase)")
+        ops = opslimit or pwhash.argon2id.OPSLIMIT_INTERACTIVE
+        mem = memlimit or pwhash.argon2id.MEMLIMIT_INTERACTIVE
+        salt = os.urandom(pwhash.argon2id.SALTBYTES)
+        kdf = {"alg": "argon2id", "salt": _b64(salt), "opslimit": ops, "memlimit": mem}
+        seal_key = _argon2id(passphrase, salt, ops, mem)
+    kek_id = "k1"
+    public = {
+        "format": FORMAT,
+        "id": str(uuid.uuid4()),
+        "created": _now(),
+        "kdf": kdf,
+        "keks": [{"id": kek_id, "created": _now()}],
+        "current": kek_id,
+    }
+    keks = {kek_id: os.urandom(32)}
+    _atomic_write(p, _seal_document(public, keks, seal_key))
+    LocalKeyring._cache.pop(str(p.resolve()), None)
+    ring = LocalKeyring.open(p)
+    ring._keks = keks
+    return ring
+
+
+def _seal_document(public: dict[str, Any], keks: Mapping[str, bytes], seal_key: bytes) -> bytes:
+    nonce = os.urandom(12)
+    secret = canonical_json({k: _b64(v) for k, v in keks.items()})
+    sealed = nonce + AESGCM(seal_key).encrypt(nonce, secret, canonical_json(public))
+    doc = dict(public, sealed=_b64(sealed))
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+
+
+class LocalKeyring:
+    """A keyring file: a wrapper (with its current KEK) and an unwrapper.
+
+    Opening reads only the public part; the passphrase is asked for (or read
+    from ``SEALSTORE_PASSPHRASE``) the first time a KEK is needed, once per
+    process.
+    """
+
+    _cache: dict[str, LocalKeyring] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, path: Path, public: dict[str, Any]) -> None:
+        self.path = path
+        self._public = public
+        self._keks: dict[str, bytes] | None = None
+        self._sealed = ""
+        self._lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+        """Open a keyring file (cached per real path for the life of the process).
+
+        Raises:
+            NotFound: no such file.
+            FormatError: not a sealstore keyring.
+        """
+        p = Path(path).expanduser()
+        key = str(p.resolve())
+        with cls._cache_lock:
+            if key in cls._cache:
+                return cls._cache[key]
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NotFound(
+                f"keyring {p} does not exist (create it with: sealstore keys init)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"keyring {p} is unreadable: {exc.__class__.__name__}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or "sealed" not in doc:
+            raise FormatError(f"{p} is not a sealstore keyring")
+        public = {k: v for k, v in doc.items() if k != "sealed"}
+        ring = cls(p, public)
+        ring._sealed = doc["sealed"]
+        with cls._cache_lock:
+            return cls._cache.setdefault(key, ring)
+
+    @classmethod
+    def from_uri(cls, uri: str) -> LocalKeyring:
+        """``local:PATH``; ``local:`` alone is the default keyring."""
+        from sealstore.kms.registry import default_keyring_path
+
+        path = uri.partition(":")[2]
+        return cls.open(Path(path) if path else default_keyring_path())
+
+    @classmethod
+    def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | None:
+        """The keyring a slot names, if it exists here; else the default keyring."""
+        from sealstore.kms.registry import default_keyring_path
+
+        want = slot.params.get("keyring")
+        path = slot.key_id.partition(":")[2]
+        for candidate in (Path(path) if path else None, default_keyring_path()):
+            if candidate is None or not candidate.exists():
+                continue
+            try:
+                ring = cls.open(candidate)
+            except (NotFound, FormatError):
+                continue
+            if ring.id == want:
+                return ring
+        return None
+
+    # -- public metadata -----------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return str(self._public["id"])
+
+    @property
+    def key_id(self) -> str:
+        return f"local:{self.path}"
+
+    @property
+    def current(self) -> str:
+        return str(self._public["current"])
+
+    @property
+    def protected(self) -> bool:
+        return self._public["kdf"].get("alg") != "none"
+
+    def describe(self) -> dict[str, Any]:
+        """Public facts about the keyring (no key material)."""
+        return {
+            "path": str(self.path),
+            "id": self.id,
+            "created": self._public.get("created"),
+            "protected": self.protected,
+            "kdf": self._public["kdf"].get("alg"),
+            "current": self.current,
+            "keks": list(self._public["keks"]),
+        }
+
+    def __repr__(self) -> str:
+        return f"LocalKeyring(path={str(self.path)!r}, id={self.id!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("keyrings cannot be pickled")
+
+    def can_unwrap(self, slot: KeySlot) -> bool:
+        return slot.kind == "local" and slot.params.get("keyring") == self.id
+
+    # -- secrets -------------------------------------------------------------------
+
+    def _unlock(self) -> dict[str, bytes]:
+        with self._lock:
+            if self._keks is not None:
+                return self._keks
+            kdf = self._public["kdf"]
+            if kdf.get("alg") == "none":
+                log.warning("keyring %s is not protected by a passphrase", self.path)
+                seal_key = _ZERO_KEY
+            elif kdf.get("alg") == "argon2id":
+                passphrase = _prompt(self.path, confirm=False)
+                seal_key = _argon2id(passphrase, base64.b64decode(kdf["salt"]),
+                                     int(kdf["opslimit"]), int(kdf["memlimit"]))
+            else:
+                raise FormatError(f"keyring {self.path}: unknown KDF {kdf.get('alg')!r}")
+            sealed = base64.b64decode(self._sealed)
+            try:
+                secret = AESGCM(seal_key).decrypt(sealed[:12], sealed[12:],
+                                                  canonical_json(self._public))
+            except InvalidTag:
+                raise KeyUnavailable(
+                    f"cannot open keyring {self.path}: wrong passphrase or edited file"
+                ) from None
+            self._keks = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
+            return self._keks
+
+    def _aad(self, kek_id: str, context: Mapping[str, str]) -> bytes:
+        return b"".join((_SLOT_AAD, self.id.encode(), b"\x00", kek_id.encode(), b"\x00",
+                         canonical_json(dict(context))))
+
+    def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
+        """Wrap *dek* under the current KEK, bound to *context*."""
+        kek_id = self.current
+        kek = self._unlock()[kek_id]
+        nonce = os.urandom(12)
+        blob = nonce + AESGCM(kek).encrypt(nonce, dek.material(), self._aad(kek_id, context))
+        return KeySlot("local", self.key_id, blob, {"keyring": self.id, "kek": kek_id})
+
+    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
+        """Recover the DEK from a slot this keyring made.
+
+        Raises:
+            KeyUnavailable: another keyring's slot, an unknown KEK, a wrong
+                passphrase, or the slot does not open under *context*.
+        """
+        if not self.can_unwrap(slot):
+            raise KeyUnavailable(f"slot was not made by keyring {self.path}")
+        kek_id = str(slot.params.get("kek", ""))
+        keks = self._unlock()
+        if kek_id not in keks:
+            raise KeyUnavailable(f"keyring {self.path} has no KEK {kek_id!r}")
+        blob = slot.blob
+        try:
+            dek = AESGCM(keks[kek_id]).decrypt(blob[:12], blob[12:], self._aad(kek_id, context))
+        except (InvalidTag, ValueError):
+            raise KeyUnavailable(
+                f"slot does not open with keyring {self.path} under this encryption context"
+            ) from None
+        if len(dek) != DEK_SIZE:
+            raise KeyUnavailable("slot holds a key of the wrong size")
+        return DataKey(dek)

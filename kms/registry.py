@@ -1,0 +1,142 @@
+"""The provider registry: URI scheme -> dotted class path, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sealstore.errors import FormatError, KeyUnavailable, NotFound
+from sealstore.keys import KeySlot, Unwrapper, Wrapper
+
+__all__ = [
+    "default_keyring_path",
+    "get_provider_class",
+    "known_schemes",
+    "load_identity",
+    "register_provider",
+    "unwrappers_for",
+    "wrapper_for",
+]
+
+# scheme -> (dotted "module:Class", install hint when the import fails)
+_REGISTRY: dict[str, tuple[str, str | None]] = {
+    "local": ("sealstore.kms.local:LocalKeyring", None),
+    "x25519": ("sealstore.kms.x25519:X25519Recipient", None),
+}
+_loaded: dict[str, type] = {}
+
+
+def register_provider(scheme: str, target: str, hint: str | None = None, *,
+                      clobber: bool = False) -> None:
+    """Register *target* (``"package.module:Class"``) for URIs ``scheme:...``.
+
+    Raises:
+        ValueError: the scheme is taken and *clobber* is false.
+    """
+    if scheme in _REGISTRY and not clobber and _REGISTRY[scheme][0] != target:
+        raise ValueError(f"key provider scheme {scheme!r} is already registered")
+    _REGISTRY[scheme] = (target, hint)
+    _loaded.pop(scheme, None)
+
+
+def known_schemes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _scheme(uri: str) -> str:
+    scheme, sep, _ = uri.partition(":")
+    if not sep or not scheme:
+        raise ValueError(f"key URI {uri!r} has no scheme (expected e.g. local:PATH or x25519:KEY)")
+    return scheme
+
+
+def get_provider_class(scheme: str) -> type:
+    """Import and return the provider class for *scheme*.
+
+    Raises:
+        ValueError: no provider is registered for it.
+        ImportError: its optional dependency is missing (the message has the install hint).
+    """
+    if scheme in _loaded:
+        return _loaded[scheme]
+    try:
+        target, hint = _REGISTRY[scheme]
+    except KeyError:
+        raise ValueError(
+            f"unknown key provider scheme {scheme!r}; known: {', '.join(known_schemes())}"
+        ) from None
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        extra = f"; install it with: {hint}" if hint else ""
+        raise ImportError(f"key provider {scheme!r} is not available ({exc}){extra}") from exc
+    _loaded[scheme] = cls
+    return cls
+
+
+def wrapper_for(uri: str, **options: Any) -> Wrapper:
+    """The wrapper for a key URI such as ``local:PATH`` or ``x25519:KEY``."""
+    return get_provider_class(_scheme(uri)).from_uri(uri, **options)
+
+
+def default_keyring_path() -> Path:
+    """``$SEALSTORE_KEYRING``, else ``$SEALSTORE_HOME/keyring.json``, else ~/.config/sealstore."""
+    env = os.environ.get("SEALSTORE_KEYRING")
+    if env:
+        return Path(env)
+    home = os.environ.get("SEALSTORE_HOME")
+    base = Path(home) if home else Path.home() / ".config" / "sealstore"
+    return base / "keyring.json"
+
+
+def load_identity(path: str | os.PathLike[str]) -> Unwrapper:
+    """Load an identity file: an X25519 identity or a local keyring.
+
+    Raises:
+        NotFound: no such file.
+        FormatError: the file is neither.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"identity file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read identity file {p}: {exc.__class__.__name__}") from None
+    if text.lstrip().startswith("{"):
+        return get_provider_class("local").open(p)
+    return get_provider_class("x25519").identity_from_text(text, source=str(p))
+
+
+def unwrappers_for(slot: KeySlot, identities: Sequence[Unwrapper] = ()) -> Iterator[Unwrapper]:
+    """The unwrappers worth trying on *slot*: matching identities, then its own provider."""
+    for ident in identities:
+        if getattr(ident, "can_unwrap", lambda s: True)(slot):
+            yield ident
+    try:
+        cls = get_provider_class(slot.kind)
+    except ValueError:
+        yield _Unavailable(f"no key provider for slot kind {slot.kind!r}")
+        return
+    except ImportError as exc:
+        yield _Unavailable(str(exc))
+        return
+    finder = getattr(cls, "unwrapper_for_slot", None)
+    if finder is not None:
+        found = finder(slot)
+        if found is not None:
+            yield found
+
+
+class _Unavailable:
+    """Stands in for a provider that cannot be used, so its slot's cause says why."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def unwrap(self, slot: KeySlot, context: Any) -> Any:
+        raise KeyUnavailable(self._why)

@@ -1,0 +1,1 @@
+"""torch / safetensors loaders -- built in a later issue."""

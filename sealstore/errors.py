@@ -1,0 +1,76 @@
+"""The exceptions sealstore raises.
+
+One base class, then a short flat list named for what went wrong. Messages
+name the file, key or URL concerned and the cause; they never carry key
+material. Misuse of the API (wrong types, impossible arguments) raises the
+built-in ``ValueError`` / ``TypeError`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AttestationError",
+    "AuthenticationError",
+    "BackendError",
+    "FormatError",
+    "KeyReleaseDenied",
+    "KeyUnavailable",
+    "NotFound",
+    "SealstoreError",
+    "UnsupportedVersion",
+]
+
+
+class SealstoreError(Exception):
+    """Base class of every error sealstore raises on purpose."""
+
+
+class AuthenticationError(SealstoreError):
+    """Sealed data failed authentication.
+
+    One type for every cause -- a changed header or chunk, chunks reordered,
+    dropped, duplicated or spliced, truncation, trailing bytes, or the wrong
+    key -- so the error itself tells an attacker nothing about which check
+    failed first.
+    """
+
+
+class FormatError(SealstoreError):
+    """The input is not a well-formed sealed file (bad magic, bad header...)."""
+
+
+class UnsupportedVersion(FormatError):
+    """A sealed file of a format version or suite this release cannot read."""
+
+
+class KeyUnavailable(SealstoreError):
+    """No key slot of a file could be unwrapped.
+
+    Attributes:
+        causes: one ``(key_id, cause)`` pair per slot tried, in slot order.
+    """
+
+    def __init__(self, message: str, causes: Sequence[tuple[str, str]] = ()) -> None:
+        self.causes: list[tuple[str, str]] = list(causes)
+        if self.causes:
+            detail = "; ".join(f"slot {i} ({kid}): {why}" for i, (kid, why) in enumerate(causes))
+            message = f"{message}: {detail}"
+        super().__init__(message)
+
+
+class KeyReleaseDenied(SealstoreError):
+    """A key service refused to release a key (permission, policy, attestation)."""
+
+
+class AttestationError(SealstoreError):
+    """Attestation evidence could not be collected or did not verify."""
+
+
+class BackendError(SealstoreError):
+    """A storage or key backend failed (unreachable, 5xx, I/O error)."""
+
+
+class NotFound(SealstoreError):
+    """A named file, artifact, version or key does not exist."""

@@ -1,0 +1,54 @@
+"""Describe a sealed file without any key: header, slots, chunk geometry."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sealstore.format import TAG_SIZE
+from sealstore.stream import ChunkLayout, _Source, _preamble_len
+from sealstore.format import parse_preamble
+from sealstore.errors import AuthenticationError
+
+__all__ = ["inspect_file"]
+
+
+def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
+    """The public facts of a sealed file. Authenticates nothing.
+
+    Returns:
+        A JSON-ready dict: version, suite, chunk size and count, sizes, context,
+        slots (kind and key id), and ``layout_error`` if the length is impossible.
+
+    Raises:
+        FormatError, UnsupportedVersion: the preamble is malformed.
+    """
+    source = _Source(src)
+    try:
+        preamble = parse_preamble(source.head(_preamble_len(source)))
+        size = source.size
+    finally:
+        source.close()
+    header = preamble.header
+    info: dict[str, Any] = {
+        "version": header.v,
+        "suite": header.suite,
+        "chunk_size": header.chunk_size,
+        "context": dict(header.context),
+        "declared_plaintext_size": header.plaintext_size,
+        "file_size": size,
+        "payload_offset": preamble.payload_offset,
+        "slots_detached": preamble.slots_size == 0,
+        "slots": [{"kind": s.kind, "key_id": s.key_id, **{k: v for k, v in s.params.items()}}
+                  for s in preamble.slots],
+    }
+    try:
+        layout = ChunkLayout(header, preamble.payload_offset, size - preamble.payload_offset)
+    except AuthenticationError as exc:
+        info["layout_error"] = str(exc)
+    else:
+        info["chunk_count"] = layout.count
+        info["plaintext_size"] = layout.plaintext_size
+        info["overhead"] = size - layout.plaintext_size
+        info["tag_size"] = TAG_SIZE
+    return info

@@ -1,0 +1,714 @@
+"""STREAM: chunked authenticated encryption of a sealed file's payload.
+
+Chunk ``i`` of ``n`` is sealed with the payload key under the nonce
+``nonce_prefix (7) || u32_be(i) || last (1)`` and the AAD
+``SHA-256(magic || hlen || header)``. The index in the nonce pins each chunk
+to its place, the last flag makes truncation at a chunk boundary fail, and
+the AAD binds every chunk to this file's header (Hoang et al., "Online
+authenticated-encryption and its nonce-reuse misuse-resistance", 2015).
+
+Three ways in:
+
+* :class:`SealWriter` -- a binary file object; the input length need not be known.
+* :class:`SealReader` -- a streaming binary file object, chunk after chunk.
+* :class:`SealedFile` -- random access: any byte range, or chunk ``i`` into a
+  caller's buffer, decrypting only the chunks needed, in parallel if asked.
+
+None of them calls a key provider: they take the data key.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from sealstore.errors import AuthenticationError, FormatError
+from sealstore.format import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SUITE,
+    MAGIC,
+    MAX_HEADER_SIZE,
+    MAX_SLOTS_SIZE,
+    TAG_SIZE,
+    Header,
+    Preamble,
+    build_preamble,
+    open_payload_key,
+    parse_preamble,
+    read_preamble,
+)
+from sealstore.keys import DataKey, KeySlot
+
+__all__ = [
+    "ChunkLayout",
+    "SealReader",
+    "SealWriter",
+    "SealedFile",
+    "chunk_nonce",
+    "peek_preamble",
+]
+
+_IDX = struct.Struct(">I")
+MAX_CHUNKS = 1 << 32
+
+Aead = AESGCM | ChaCha20Poly1305
+Progress = Callable[[int], None]
+
+
+def _aead(suite: str, key: bytes) -> Aead:
+    return AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
+
+
+def chunk_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    """The 12-byte nonce of chunk *index*."""
+    if not 0 <= index < MAX_CHUNKS:
+        raise ValueError("chunk index out of range")
+    return prefix + _IDX.pack(index) + (b"\x01" if last else b"\x00")
+
+
+class ChunkLayout:
+    """Where each chunk sits, derived from the payload length alone.
+
+    Raises:
+        AuthenticationError: the payload length is impossible for a sealed file
+            (cut inside a tag, an empty last chunk after full ones, or a size that
+            contradicts the header's ``plaintext_size``).
+    """
+
+    def __init__(self, header: Header, payload_offset: int, payload_len: int) -> None:
+        cs = header.chunk_size
+        full = cs + TAG_SIZE
+        n, rem = divmod(payload_len, full)
+        if rem == 0 and n > 0:
+            count, last_len = n, cs
+        elif rem >= TAG_SIZE and (n == 0 or rem > TAG_SIZE):
+            count, last_len = n + 1, rem - TAG_SIZE
+        else:
+            raise AuthenticationError("sealed payload is truncated or has trailing bytes")
+        if count > MAX_CHUNKS:
+            raise FormatError("too many chunks")
+        self.chunk_size = cs
+        self.count = count
+        self.last_len = last_len
+        self.payload_offset = payload_offset
+        self.plaintext_size = (count - 1) * cs + last_len
+        if header.plaintext_size is not None and header.plaintext_size != self.plaintext_size:
+            raise AuthenticationError("sealed payload length does not match the header")
+
+    def plain_len(self, i: int) -> int:
+        return self.last_len if i == self.count - 1 else self.chunk_size
+
+    def offset(self, i: int) -> int:
+        return self.payload_offset + i * (self.chunk_size + TAG_SIZE)
+
+
+class SealWriter(io.BufferedIOBase):
+    """Seal a byte stream into *fp* as it is written.
+
+    The preamble is written at once; each chunk is sealed as soon as the next
+    byte shows it is not the last. Leaving a ``with`` block on an exception
+    calls :meth:`abort`, so a failed producer never yields a file that
+    authenticates as a shorter plaintext.
+
+    Args:
+        fp: the binary destination (only ``write`` is used).
+        dek: the data key.
+        slots: key slots to store in the file; empty when a manifest holds them.
+        suite: ``"AES-256-GCM"`` (default) or ``"CHACHA20-POLY1305"``.
+        chunk_size: plaintext bytes per chunk, a power of two in 64 KiB..64 MiB.
+        context: the encryption context, authenticated in the header.
+        plaintext_size: the total, if known; recorded in the header and checked on close.
+        threads: chunks sealed in parallel (1 = in the caller's thread).
+
+    Raises:
+        ValueError: bad parameters, or a declared size that the input did not match.
+    """
+
+    def __init__(
+        self,
+        fp: BinaryIO,
+        dek: DataKey,
+        *,
+        slots: Sequence[KeySlot] = (),
+        suite: str = DEFAULT_SUITE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        context: Mapping[str, str] | None = None,
+        plaintext_size: int | None = None,
+        threads: int = 1,
+    ) -> None:
+        super().__init__()
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        header, key = Header.new(
+            dek, suite=suite, chunk_size=chunk_size, context=context, plaintext_size=plaintext_size
+        )
+        preamble = build_preamble(header, slots)
+        self.header = header
+        self._fp = fp
+        self._aead = _aead(suite, key)
+        self._aad = parse_preamble(preamble).aad
+        self._cs = chunk_size
+        self._buf = bytearray()
+        self._index = 0
+        self._total = 0
+        self._pool = ThreadPoolExecutor(threads, "seal-writer") if threads > 1 else None
+        self._pending: deque[Future[bytes]] = deque()
+        self._depth = 2 * threads
+        self._done = False
+        fp.write(preamble)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:  # bytes-like
+        if self._done:
+            raise ValueError("write to a closed SealWriter")
+        view = memoryview(data).cast("B")
+        n, pos, cs = len(view), 0, self._cs
+        while pos < n:
+            if len(self._buf) == cs:
+                # More input exists, so the buffered chunk is not the last one.
+                self._seal(self._buf, last=False)
+                self._buf = bytearray()
+            if not self._buf and n - pos > cs:
+                self._seal(view[pos : pos + cs], last=False)
+                pos += cs
+                continue
+            take = min(cs - len(self._buf), n - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+        self._total += n
+        return n
+
+    def _seal(self, chunk: Any, last: bool) -> None:
+        nonce = chunk_nonce(self.header.nonce_prefix, self._index, last)
+        self._index += 1
+        if self._pool is None:
+            self._fp.write(self._aead.encrypt(nonce, chunk, self._aad))
+            return
+        # The caller may reuse its buffer once write() returns: hand the pool a copy.
+        self._pending.append(self._pool.submit(self._aead.encrypt, nonce, bytes(chunk), self._aad))
+        while len(self._pending) > self._depth:
+            self._fp.write(self._pending.popleft().result())
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._fp.write(self._pending.popleft().result())
+
+    @property
+    def plaintext_written(self) -> int:
+        return self._total
+
+    def close(self) -> None:
+        """Seal the final chunk and flush. Does not close the underlying file."""
+        if self._done:
+            return
+        try:
+            declared = self.header.plaintext_size
+            if declared is not None and declared != self._total:
+                raise ValueError(
+                    f"plaintext_size was declared as {declared} but {self._total} bytes were written"
+                )
+            self._seal(self._buf, last=True)
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+
+    def abort(self) -> None:
+        """Stop without sealing the final chunk: the output will not authenticate."""
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._buf = bytearray()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        super().close()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+def _zero(buf: memoryview) -> None:
+    buf[:] = bytes(len(buf))
+
+
+class SealReader(io.BufferedIOBase):
+    """Stream the authenticated plaintext of a sealed file.
+
+    Each chunk is authenticated before any of its bytes are returned; a
+    truncation shows only when the final chunk is reached, as in any online
+    scheme, so a consumer that must not act on a prefix writes to a temporary
+    file and renames it after the last read (the CLI does).
+
+    Args:
+        fp: the sealed source, positioned at the preamble (only ``read`` is used).
+        dek: the data key; use :meth:`open` to get it from slots first.
+        preamble: the preamble if the caller already read it from *fp*.
+        threads: chunks decrypted in parallel, read ahead in order.
+
+    Raises:
+        FormatError, UnsupportedVersion: the preamble is malformed.
+        AuthenticationError: wrong key, or any chunk fails (from ``read``).
+    """
+
+    def __init__(
+        self,
+        fp: BinaryIO,
+        dek: DataKey,
+        *,
+        preamble: Preamble | None = None,
+        threads: int = 1,
+    ) -> None:
+        super().__init__()
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.preamble = preamble if preamble is not None else read_preamble(fp)
+        header = self.preamble.header
+        self._aead = _aead(header.suite, open_payload_key(header, dek))
+        self._aad = self.preamble.aad
+        self._fp = fp
+        self._cs = header.chunk_size
+        self._chunks = self._iter_chunks(threads)
+        self._cur = memoryview(b"")
+        self._pos = 0
+        self._total = 0
+        self._failed = False
+
+    @property
+    def header(self) -> Header:
+        return self.preamble.header
+
+    def readable(self) -> bool:
+        return True
+
+    def _read_block(self, buf: bytearray) -> int:
+        """Fill *buf* from the source; fewer bytes only at end of input."""
+        view, got = memoryview(buf), 0
+        readinto = getattr(self._fp, "readinto", None)
+        while got < len(buf):
+            if readinto is not None:
+                n = readinto(view[got:]) or 0
+            else:
+                part = self._fp.read(len(buf) - got)
+                n = len(part)
+                view[got : got + n] = part
+            if not n:
+                break
+            got += n
+        return got
+
+    def _iter_chunks(self, threads: int) -> Iterator[memoryview]:
+        """Yield each chunk's plaintext as a view that is valid until the next one."""
+        full = self._cs + TAG_SIZE
+        depth = threads + 1
+        # A ring of buffers: each chunk is read and decrypted into preallocated
+        # memory, avoiding an allocation and its page faults per chunk. In use at
+        # once: the chunk being read, the one about to be queued, up to depth-1
+        # queued and the one the consumer holds -- depth + 2 slots.
+        size = depth + 2 if threads > 1 else 2
+        ring = [(bytearray(full), bytearray(self._cs)) for _ in range(size)]
+        pool = ThreadPoolExecutor(threads, "seal-reader") if threads > 1 else None
+        pending: deque[Future[memoryview]] = deque()
+        slot, index = 0, 0
+        ct_buf, _ = ring[slot]
+        got = self._read_block(ct_buf)
+        try:
+            while True:
+                if got < TAG_SIZE or (index > 0 and got == TAG_SIZE):
+                    # Cut inside a tag, or an empty last chunk after full ones.
+                    raise AuthenticationError("sealed payload is truncated")
+                last = got < full
+                nxt_slot = (slot + 1) % len(ring)
+                nxt_got = 0
+                if not last:
+                    nxt_got = self._read_block(ring[nxt_slot][0])
+                    last = nxt_got == 0
+                job = (index, last, slot, got)
+                if pool is None:
+                    yield self._decrypt(ring, *job)
+                else:
+                    pending.append(pool.submit(self._decrypt, ring, *job))
+                    while len(pending) >= depth:
+                        yield pending.popleft().result()
+                if last:
+                    break
+                slot, got, index = nxt_slot, nxt_got, index + 1
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _decrypt(self, ring: list[tuple[bytearray, bytearray]], index: int, last: bool,
+                 slot: int, got: int) -> memoryview:
+        ct, out = ring[slot]
+        dst = memoryview(out)[: got - TAG_SIZE]
+        nonce = chunk_nonce(self.preamble.header.nonce_prefix, index, last)
+        try:
+            self._aead.decrypt_into(nonce, memoryview(ct)[:got], self._aad, dst)
+        except InvalidTag:
+            _zero(dst)
+            raise AuthenticationError(f"chunk {index} failed authentication") from None
+        return dst
+
+    def _next(self) -> bool:
+        if self._failed:
+            raise AuthenticationError("sealed stream already failed authentication")
+        try:
+            self._cur = next(self._chunks)
+        except StopIteration:
+            return False
+        except BaseException:
+            self._failed = True
+            self._cur = memoryview(b"")
+            raise
+        self._pos = 0
+        self._total += len(self._cur)
+        return True
+
+    def iter_chunks(self) -> Iterator[memoryview]:
+        """Yield the plaintext chunk by chunk; each view is valid until the next."""
+        while True:
+            if self._pos < len(self._cur):
+                view = self._cur[self._pos :]
+                self._pos = len(self._cur)
+                yield view
+            if not self._next():
+                return
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = 0
+        while n < len(out):
+            if self._pos == len(self._cur) and not self._next():
+                break
+            take = min(len(out) - n, len(self._cur) - self._pos)
+            out[n : n + take] = self._cur[self._pos : self._pos + take]
+            self._pos += take
+            n += take
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(bytes(v) for v in self.iter_chunks())
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        del buf[n:]
+        return bytes(buf)
+
+    read1 = read
+
+    def copy_to(self, dst: BinaryIO, progress: Progress | None = None) -> int:
+        """Write the whole plaintext to *dst*; returns the byte count."""
+        total = 0
+        for view in self.iter_chunks():
+            dst.write(view)
+            total += len(view)
+            if progress is not None:
+                progress(len(view))
+        return total
+
+    def close(self) -> None:
+        self._chunks.close()
+        super().close()
+
+
+class _Source:
+    """Positional reads from a path, a file object or an in-memory buffer."""
+
+    def __init__(self, src: Any) -> None:
+        self._fd: int | None = None
+        self._mem: memoryview | None = None
+        self._fp: BinaryIO | None = None
+        self._lock = threading.Lock()
+        if isinstance(src, (str, os.PathLike)):
+            self._fd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.size = os.fstat(self._fd).st_size
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            self._mem = memoryview(src).cast("B")
+            self.size = len(self._mem)
+        elif hasattr(src, "seek") and hasattr(src, "read"):
+            self._fp = src
+            self.size = src.seek(0, io.SEEK_END)
+        else:
+            raise TypeError("source must be a path, a bytes-like object or a seekable binary file")
+
+    def view(self, offset: int, n: int, scratch: bytearray) -> memoryview:
+        """Bytes [offset, offset+n): zero-copy for memory, else read into *scratch*."""
+        if self._mem is not None:
+            return self._mem[offset : offset + n]
+        buf = memoryview(scratch)[:n]
+        if self._fd is not None:
+            got = 0
+            while got < n:
+                k = os.preadv(self._fd, [buf[got:]], offset + got)
+                if k == 0:
+                    break
+                got += k
+        else:
+            assert self._fp is not None
+            with self._lock:
+                self._fp.seek(offset)
+                got = self._fp.readinto(buf) or 0
+        if got != n:
+            raise AuthenticationError("sealed file changed size while being read")
+        return buf
+
+    def head(self, n: int) -> bytes:
+        n = min(n, self.size)
+        return bytes(self.view(0, n, bytearray(n)))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class SealedFile:
+    """Random access to a sealed file's plaintext.
+
+    Only the chunks a request covers are read and decrypted, which makes lazy
+    tensor loads and ranged object-store reads cheap. Every returned byte has
+    been authenticated; the file length is checked against the header's
+    ``plaintext_size`` (or, without one, the final chunk is authenticated on
+    the first read) so truncation never passes unnoticed.
+
+    Args:
+        src: a path, a bytes-like object, or a seekable binary file.
+        dek: the data key (see ``sealstore.kms.open_sealed`` to use slots).
+        preamble: a preamble already parsed from *src*.
+
+    Raises:
+        FormatError, UnsupportedVersion: a malformed preamble.
+        AuthenticationError: wrong key, or an impossible payload length.
+    """
+
+    def __init__(self, src: Any, dek: DataKey, *, preamble: Preamble | None = None) -> None:
+        self._src = _Source(src)
+        try:
+            if preamble is None:
+                preamble = parse_preamble(self._src.head(_preamble_len(self._src)))
+            elif self._src.size < preamble.payload_offset:
+                raise FormatError("file ends inside the preamble")
+            header = preamble.header
+            self.preamble = preamble
+            self._aead = _aead(header.suite, open_payload_key(header, dek))
+            self.layout = ChunkLayout(
+                header, preamble.payload_offset, self._src.size - preamble.payload_offset
+            )
+        except BaseException:
+            self._src.close()
+            raise
+        self._local = threading.local()
+        self._end_verified = header.plaintext_size is not None
+
+    @property
+    def header(self) -> Header:
+        return self.preamble.header
+
+    @property
+    def size(self) -> int:
+        """The plaintext size in bytes."""
+        return self.layout.plaintext_size
+
+    @property
+    def chunk_count(self) -> int:
+        return self.layout.count
+
+    def _scratch(self) -> bytearray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.layout.chunk_size + TAG_SIZE)
+        return buf
+
+    def decrypt_chunk_into(self, i: int, buf: Any) -> int:
+        """Authenticate and decrypt chunk *i* into the start of *buf*.
+
+        Returns:
+            The chunk's plaintext length.
+
+        Raises:
+            IndexError: no chunk *i*.
+            ValueError: *buf* is too small.
+            AuthenticationError: the chunk failed; *buf* is zeroed.
+        """
+        layout = self.layout
+        if not 0 <= i < layout.count:
+            raise IndexError(f"chunk {i} out of range (0..{layout.count - 1})")
+        n = layout.plain_len(i)
+        out = memoryview(buf).cast("B")
+        if len(out) < n:
+            raise ValueError(f"buffer of {len(out)} bytes is too small for chunk {i} ({n} bytes)")
+        dst = out[:n]
+        ct = self._src.view(layout.offset(i), n + TAG_SIZE, self._scratch())
+        nonce = chunk_nonce(self.header.nonce_prefix, i, i == layout.count - 1)
+        try:
+            self._aead.decrypt_into(nonce, ct, self.preamble.aad, dst)
+        except InvalidTag:
+            _zero(dst)
+            raise AuthenticationError(f"chunk {i} failed authentication") from None
+        return n
+
+    def _verify_end(self) -> None:
+        if not self._end_verified:
+            last = self.layout.count - 1
+            scratch = bytearray(self.layout.plain_len(last))
+            self.decrypt_chunk_into(last, scratch)
+            _zero(memoryview(scratch))
+            self._end_verified = True
+
+    def _run(self, jobs: list[tuple[int, memoryview]], threads: int,
+             progress: Progress | None) -> None:
+        def one(job: tuple[int, memoryview]) -> None:
+            self.decrypt_chunk_into(*job)
+            if progress is not None:
+                progress(len(job[1]))
+
+        self._verify_end()
+        if threads <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                one(job)
+            return
+        with ThreadPoolExecutor(min(threads, len(jobs)), "sealed-file") as pool:
+            # list() re-raises the first failure after every job has stopped.
+            list(pool.map(one, jobs))
+
+    def read_into(self, offset: int, buf: Any, *, threads: int = 1,
+                  progress: Progress | None = None) -> int:
+        """Decrypt plaintext bytes ``[offset, offset + len(buf))`` into *buf*.
+
+        Reads stop at the end of the plaintext. On any failure *buf* is zeroed.
+
+        Returns:
+            The number of bytes written.
+
+        Raises:
+            ValueError: a negative offset.
+            AuthenticationError: a chunk the range covers failed.
+        """
+        if offset < 0:
+            raise ValueError("offset must be non-negative")
+        out = memoryview(buf).cast("B")
+        end = min(offset + len(out), self.size)
+        if end <= offset:
+            return 0
+        cs = self.layout.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        jobs: list[tuple[int, memoryview]] = []
+        edges: list[tuple[int, bytearray, int, int]] = []
+        for i in range(first, last + 1):
+            start = i * cs
+            n = self.layout.plain_len(i)
+            if start >= offset and start + n <= end:
+                jobs.append((i, out[start - offset : start - offset + n]))
+            else:
+                # A chunk the range only partly covers goes through a scratch buffer.
+                tmp = bytearray(n)
+                lo, hi = max(offset, start), min(end, start + n)
+                edges.append((i, tmp, lo - start, hi - start))
+                jobs.append((i, memoryview(tmp)))
+        try:
+            self._run(jobs, threads, progress)
+        except BaseException:
+            _zero(out)
+            for _, tmp, _, _ in edges:
+                _zero(memoryview(tmp))
+            raise
+        for i, tmp, lo, hi in edges:
+            dst = i * cs + lo - offset
+            out[dst : dst + hi - lo] = memoryview(tmp)[lo:hi]
+            _zero(memoryview(tmp))
+        return end - offset
+
+    def read_range(self, offset: int, n: int, *, threads: int = 1) -> bytes:
+        """The plaintext bytes ``[offset, offset + n)``, shorter at the end of the file."""
+        if n < 0:
+            raise ValueError("n must be non-negative")
+        buf = bytearray(max(0, min(n, self.size - offset)))
+        got = self.read_into(offset, buf, threads=threads)
+        return bytes(buf[:got])
+
+    def decrypt_into(self, buf: Any, *, threads: int = 1, progress: Progress | None = None) -> int:
+        """Decrypt the whole plaintext into *buf* (at least :attr:`size` bytes)."""
+        if len(memoryview(buf).cast("B")) < self.size:
+            raise ValueError("buffer is smaller than the plaintext")
+        return self.read_into(0, buf, threads=threads, progress=progress)
+
+    def verify(self, *, threads: int = 1, progress: Progress | None = None) -> None:
+        """Authenticate every chunk, keeping no plaintext.
+
+        Raises:
+            AuthenticationError: the first chunk that fails.
+        """
+        cs = self.layout.chunk_size
+        scratch = threading.local()
+
+        def one(i: int) -> None:
+            buf = getattr(scratch, "buf", None)
+            if buf is None:
+                buf = scratch.buf = bytearray(cs)
+            n = self.decrypt_chunk_into(i, buf)
+            if progress is not None:
+                progress(n)
+
+        if threads <= 1:
+            for i in range(self.layout.count):
+                one(i)
+        else:
+            with ThreadPoolExecutor(threads, "sealed-verify") as pool:
+                list(pool.map(one, range(self.layout.count)))
+        self._end_verified = True
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> SealedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def peek_preamble(src: Any) -> Preamble:
+    """Parse the preamble of a sealed source (path, bytes-like or seekable file); no key needed.
+
+    Raises:
+        FormatError, UnsupportedVersion: as :func:`sealstore.format.parse_preamble`.
+    """
+    source = _Source(src)
+    try:
+        return parse_preamble(source.head(_preamble_len(source)))
+    finally:
+        source.close()
+
+
+def _preamble_len(src: _Source) -> int:
+    """Length of the preamble, from its two length fields (bounded by format.py)."""
+    head = src.head(len(MAGIC) + 4)
+    if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
+        return len(head)  # parse_preamble reports what is wrong
+    hlen = min(int.from_bytes(head[len(MAGIC) :], "little"), MAX_HEADER_SIZE)
+    at = len(MAGIC) + 4 + hlen
+    slen_raw = src.head(at + 4)[at:]
+    slen = min(int.from_bytes(slen_raw, "little"), MAX_SLOTS_SIZE) if len(slen_raw) == 4 else 0
+    return at + 4 + slen

@@ -1,0 +1,1 @@
+"""The model store (artifacts, manifests, backups) -- built in a later issue."""
