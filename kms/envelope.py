@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
+
 from sealstore.format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -26,7 +28,6 @@ from sealstore.format import (
     read_preamble,
 )
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
-from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
 from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
 
 __all__ = [
@@ -63,8 +64,12 @@ def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
     return [i if hasattr(i, "unwrap") else load_identity(i) for i in identities]  # type: ignore[misc]
 
 
-def unwrap_dek(preamble: Preamble, identities: Sequence[IdentitySpec] = (), *,
-               slots: Sequence[KeySlot] | None = None) -> DataKey:
+def unwrap_dek(
+    preamble: Preamble,
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    slots: Sequence[KeySlot] | None = None,
+) -> DataKey:
     """Recover a file's DEK from its slots (or *slots* held elsewhere, e.g. a manifest).
 
     Raises:
@@ -81,10 +86,18 @@ def unwrap_dek(preamble: Preamble, identities: Sequence[IdentitySpec] = (), *,
     )
 
 
-def seal_stream(src: BinaryIO, dst: BinaryIO, keys: Sequence[KeySpec], *,
-                context: Mapping[str, str] | None = None, suite: str = DEFAULT_SUITE,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, plaintext_size: int | None = None,
-                threads: int = 1, progress: Progress | None = None) -> Header:
+def seal_stream(
+    src: BinaryIO,
+    dst: BinaryIO,
+    keys: Sequence[KeySpec],
+    *,
+    context: Mapping[str, str] | None = None,
+    suite: str = DEFAULT_SUITE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    plaintext_size: int | None = None,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> Header:
     """Seal everything read from *src* into *dst* under a fresh DEK.
 
     Returns:
@@ -96,8 +109,16 @@ def seal_stream(src: BinaryIO, dst: BinaryIO, keys: Sequence[KeySpec], *,
     context = dict(context or {})
     with DataKey.generate() as dek:
         slots = make_slots(dek, keys, context)
-        writer = SealWriter(dst, dek, slots=slots, suite=suite, chunk_size=chunk_size,
-                            context=context, plaintext_size=plaintext_size, threads=threads)
+        writer = SealWriter(
+            dst,
+            dek,
+            slots=slots,
+            suite=suite,
+            chunk_size=chunk_size,
+            context=context,
+            plaintext_size=plaintext_size,
+            threads=threads,
+        )
     with writer:
         while True:
             block = src.read(_COPY)
@@ -141,8 +162,12 @@ def _input(src: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield fp
 
 
-def seal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-              keys: Sequence[KeySpec], **options: Any) -> Header:
+def seal_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    keys: Sequence[KeySpec],
+    **options: Any,
+) -> Header:
     """Seal the file *src* (``-`` = stdin) to *dst* (``-`` = stdout), atomically.
 
     Options are those of :func:`seal_stream`; the plaintext size is recorded
@@ -156,8 +181,13 @@ def seal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         return seal_stream(fin, fout, keys, **options)
 
 
-def open_sealed(src: Any, identities: Sequence[IdentitySpec] = (), *,
-                slots: Sequence[KeySlot] | None = None, dek: DataKey | None = None) -> SealedFile:
+def open_sealed(
+    src: Any,
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    slots: Sequence[KeySlot] | None = None,
+    dek: DataKey | None = None,
+) -> SealedFile:
     """Open a sealed file for random access, unwrapping its DEK from the slots.
 
     Args:
@@ -173,17 +203,27 @@ def open_sealed(src: Any, identities: Sequence[IdentitySpec] = (), *,
         return SealedFile(src, key, preamble=preamble)
 
 
-def open_reader(fp: BinaryIO, identities: Sequence[IdentitySpec] = (), *,
-                slots: Sequence[KeySlot] | None = None, threads: int = 1) -> SealReader:
+def open_reader(
+    fp: BinaryIO,
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    slots: Sequence[KeySlot] | None = None,
+    threads: int = 1,
+) -> SealReader:
     """A streaming reader over *fp*, its DEK unwrapped from the slots."""
     preamble = read_preamble(fp)
     with unwrap_dek(preamble, identities, slots=slots) as key:
         return SealReader(fp, key, preamble=preamble, threads=threads)
 
 
-def unseal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-                identities: Sequence[IdentitySpec] = (), *, threads: int = 1,
-                progress: Progress | None = None) -> int:
+def unseal_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> int:
     """Decrypt *src* (``-`` = stdin) to *dst* (``-`` = stdout).
 
     A file destination appears only after every chunk authenticated.
@@ -191,13 +231,21 @@ def unseal_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     Returns:
         The plaintext size.
     """
-    with _input(src) as fin, open_reader(fin, identities, threads=threads) as reader:
-        with atomic_output(dst) as fout:
-            return reader.copy_to(fout, progress)
+    with (
+        _input(src) as fin,
+        open_reader(fin, identities, threads=threads) as reader,
+        atomic_output(dst) as fout,
+    ):
+        return reader.copy_to(fout, progress)
 
 
-def verify_file(src: str | os.PathLike[str], identities: Sequence[IdentitySpec] = (), *,
-                threads: int = 1, progress: Progress | None = None) -> Header:
+def verify_file(
+    src: str | os.PathLike[str],
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> Header:
     """Authenticate every chunk of *src*, keeping no plaintext.
 
     Raises:

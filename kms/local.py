@@ -41,7 +41,7 @@ __all__ = ["LocalKeyring", "create_keyring"]
 log = logging.getLogger(__name__)
 
 FORMAT = "sealstore-keyring-v1"
-PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"
+PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"  # noqa: S105 -- a variable name, not a secret
 _SLOT_AAD = b"sealstore/v1/slot/local\x00"
 _ZERO_KEY = bytes(32)
 
@@ -57,8 +57,11 @@ def _b64(b: bytes) -> str:
 def _argon2id(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
     from nacl import pwhash
 
-    return bytes(pwhash.argon2id.kdf(32, passphrase.encode("utf-8"), salt,
-                                     opslimit=opslimit, memlimit=memlimit))
+    return bytes(
+        pwhash.argon2id.kdf(
+            32, passphrase.encode("utf-8"), salt, opslimit=opslimit, memlimit=memlimit
+        )
+    )
 
 
 def _prompt(path: Path, *, confirm: bool) -> str:
@@ -91,9 +94,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def create_keyring(path: str | os.PathLike[str], *, passphrase: str | None = None,
-                   insecure_no_passphrase: bool = False, overwrite: bool = False,
-                   opslimit: int | None = None, memlimit: int | None = None) -> LocalKeyring:
+def create_keyring(
+    path: str | os.PathLike[str],
+    *,
+    passphrase: str | None = None,
+    insecure_no_passphrase: bool = False,
+    overwrite: bool = False,
+    opslimit: int | None = None,
+    memlimit: int | None = None,
+) -> LocalKeyring:
     """Create a keyring file holding one fresh KEK.
 
     Args:
@@ -277,14 +286,19 @@ class LocalKeyring:
                 seal_key = _ZERO_KEY
             elif kdf.get("alg") == "argon2id":
                 passphrase = _prompt(self.path, confirm=False)
-                seal_key = _argon2id(passphrase, base64.b64decode(kdf["salt"]),
-                                     int(kdf["opslimit"]), int(kdf["memlimit"]))
+                seal_key = _argon2id(
+                    passphrase,
+                    base64.b64decode(kdf["salt"]),
+                    int(kdf["opslimit"]),
+                    int(kdf["memlimit"]),
+                )
             else:
                 raise FormatError(f"keyring {self.path}: unknown KDF {kdf.get('alg')!r}")
             sealed = base64.b64decode(self._sealed)
             try:
-                secret = AESGCM(seal_key).decrypt(sealed[:12], sealed[12:],
-                                                  canonical_json(self._public))
+                secret = AESGCM(seal_key).decrypt(
+                    sealed[:12], sealed[12:], canonical_json(self._public)
+                )
             except InvalidTag:
                 raise KeyUnavailable(
                     f"cannot open keyring {self.path}: wrong passphrase or edited file"
@@ -293,8 +307,16 @@ class LocalKeyring:
             return self._keks
 
     def _aad(self, kek_id: str, context: Mapping[str, str]) -> bytes:
-        return b"".join((_SLOT_AAD, self.id.encode(), b"\x00", kek_id.encode(), b"\x00",
-                         canonical_json(dict(context))))
+        return b"".join(
+            (
+                _SLOT_AAD,
+                self.id.encode(),
+                b"\x00",
+                kek_id.encode(),
+                b"\x00",
+                canonical_json(dict(context)),
+            )
+        )
 
     def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
         """Wrap *dek* under the current KEK, bound to *context*."""

@@ -29,8 +29,9 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
 _loaded: dict[str, type] = {}
 
 
-def register_provider(scheme: str, target: str, hint: str | None = None, *,
-                      clobber: bool = False) -> None:
+def register_provider(
+    scheme: str, target: str, hint: str | None = None, *, clobber: bool = False
+) -> None:
     """Register *target* (``"package.module:Class"``) for URIs ``scheme:...``.
 
     Raises:

@@ -28,7 +28,7 @@ from sealstore.keys import DEK_SIZE, DataKey, KeySlot
 __all__ = ["X25519Identity", "X25519Recipient", "generate_identity"]
 
 _PREFIX = "x25519:"
-_SECRET_TAG = "SEALSTORE-X25519-IDENTITY:"
+_SECRET_TAG = "SEALSTORE-X25519-IDENTITY:"  # noqa: S105 -- a line prefix, not a secret
 _LABEL = b"sealstore/v1/slot/x25519\x00"
 
 
@@ -66,7 +66,7 @@ class X25519Recipient:
         """
         if not uri.startswith(_PREFIX):
             raise ValueError(f"not an x25519 recipient: {uri!r}")
-        return cls(_dec(uri[len(_PREFIX):], "x25519 recipient"))
+        return cls(_dec(uri[len(_PREFIX) :], "x25519 recipient"))
 
     @classmethod
     def unwrapper_for_slot(cls, slot: KeySlot) -> None:
@@ -105,7 +105,7 @@ class X25519Identity:
             line = line.strip()
             if line.startswith(_SECRET_TAG):
                 try:
-                    return cls(_dec(line[len(_SECRET_TAG):], "identity"), source=source)
+                    return cls(_dec(line[len(_SECRET_TAG) :], "identity"), source=source)
                 except ValueError:
                     raise FormatError(f"{source}: malformed x25519 identity") from None
         raise FormatError(f"{source} is not a sealstore identity file")
@@ -147,8 +147,9 @@ class X25519Identity:
         raise TypeError("identities cannot be pickled")
 
 
-def generate_identity(path: str | os.PathLike[str] | None = None, *,
-                      overwrite: bool = False) -> X25519Identity:
+def generate_identity(
+    path: str | os.PathLike[str] | None = None, *, overwrite: bool = False
+) -> X25519Identity:
     """Make a new identity; if *path* is given, write it there with mode 0600."""
     ident = X25519Identity(bytes(PrivateKey.generate()))
     if path is not None:

@@ -202,7 +202,9 @@ class Header:
         if not _is_uint(version):
             raise FormatError("header field 'v' must be an integer")
         if version != VERSION:
-            raise UnsupportedVersion(f"sealed-file version {version} is not supported (this reads v1)")
+            raise UnsupportedVersion(
+                f"sealed-file version {version} is not supported (this reads v1)"
+            )
         unknown = set(obj) - _HEADER_FIELDS
         if unknown:
             raise FormatError(f"unknown header field(s): {', '.join(sorted(unknown))}")
@@ -274,7 +276,9 @@ def open_payload_key(header: Header, dek: DataKey) -> bytes:
     """
     payload_key, commitment = derive_keys(dek, header.salt, header.suite)
     if not hmac.compare_digest(commitment, header.commitment):
-        raise AuthenticationError("key does not match the header's key commitment (wrong key or tampered header)")
+        raise AuthenticationError(
+            "key does not match the header's key commitment (wrong key or tampered header)"
+        )
     return payload_key
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sealstore.format import TAG_SIZE
-from sealstore.stream import ChunkLayout, _Source, _preamble_len
-from sealstore.format import parse_preamble
 from sealstore.errors import AuthenticationError
+from sealstore.format import TAG_SIZE
+from sealstore.stream import ChunkLayout, peek_preamble
 
 __all__ = ["inspect_file"]
 
@@ -23,12 +22,8 @@ def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     Raises:
         FormatError, UnsupportedVersion: the preamble is malformed.
     """
-    source = _Source(src)
-    try:
-        preamble = parse_preamble(source.head(_preamble_len(source)))
-        size = source.size
-    finally:
-        source.close()
+    preamble = peek_preamble(src)
+    size = len(src) if isinstance(src, bytes) else os.stat(src).st_size
     header = preamble.header
     info: dict[str, Any] = {
         "version": header.v,
@@ -39,8 +34,7 @@ def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
         "file_size": size,
         "payload_offset": preamble.payload_offset,
         "slots_detached": preamble.slots_size == 0,
-        "slots": [{"kind": s.kind, "key_id": s.key_id, **{k: v for k, v in s.params.items()}}
-                  for s in preamble.slots],
+        "slots": [{"kind": s.kind, "key_id": s.key_id, **s.params} for s in preamble.slots],
     }
     try:
         layout = ChunkLayout(header, preamble.payload_offset, size - preamble.payload_offset)

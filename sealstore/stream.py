@@ -216,7 +216,8 @@ class SealWriter(io.BufferedIOBase):
             declared = self.header.plaintext_size
             if declared is not None and declared != self._total:
                 raise ValueError(
-                    f"plaintext_size was declared as {declared} but {self._total} bytes were written"
+                    f"plaintext_size was declared as {declared}, "
+                    f"but {self._total} bytes were written"
                 )
             self._seal(self._buf, last=True)
             self._drain()
@@ -359,8 +360,9 @@ class SealReader(io.BufferedIOBase):
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _decrypt(self, ring: list[tuple[bytearray, bytearray]], index: int, last: bool,
-                 slot: int, got: int) -> memoryview:
+    def _decrypt(
+        self, ring: list[tuple[bytearray, bytearray]], index: int, last: bool, slot: int, got: int
+    ) -> memoryview:
         ct, out = ring[slot]
         dst = memoryview(out)[: got - TAG_SIZE]
         nonce = chunk_nonce(self.preamble.header.nonce_prefix, index, last)
@@ -577,8 +579,9 @@ class SealedFile:
             _zero(memoryview(scratch))
             self._end_verified = True
 
-    def _run(self, jobs: list[tuple[int, memoryview]], threads: int,
-             progress: Progress | None) -> None:
+    def _run(
+        self, jobs: list[tuple[int, memoryview]], threads: int, progress: Progress | None
+    ) -> None:
         def one(job: tuple[int, memoryview]) -> None:
             self.decrypt_chunk_into(*job)
             if progress is not None:
@@ -593,8 +596,9 @@ class SealedFile:
             # list() re-raises the first failure after every job has stopped.
             list(pool.map(one, jobs))
 
-    def read_into(self, offset: int, buf: Any, *, threads: int = 1,
-                  progress: Progress | None = None) -> int:
+    def read_into(
+        self, offset: int, buf: Any, *, threads: int = 1, progress: Progress | None = None
+    ) -> int:
         """Decrypt plaintext bytes ``[offset, offset + len(buf))`` into *buf*.
 
         Reads stop at the end of the plaintext. On any failure *buf* is zeroed.

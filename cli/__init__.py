@@ -1,0 +1,1 @@
+"""The ``sealstore`` command: a thin layer over the public API."""

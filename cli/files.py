@@ -1,0 +1,201 @@
+"""``sealstore encrypt | decrypt | inspect | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sealstore.cli.progress import Progress, human_bytes
+from sealstore.kms.envelope import seal_file, unseal_file, verify_file
+
+from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE, SUITES
+from sealstore.inspect import inspect_file
+
+__all__ = ["parse_size", "register"]
+
+_UNITS = {"": 1, "K": 1024, "KI": 1024, "M": 1024**2, "MI": 1024**2, "G": 1024**3, "GI": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``64KiB``, ``1M``, ``1MiB`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?)?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1MiB, 64K, 65536)")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+
+
+def _context(items: list[str]) -> dict[str, str]:
+    ctx: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--context takes KEY=VALUE, not {item!r}")
+        ctx[key] = value
+    return ctx
+
+
+def _threads(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("threads must be at least 1")
+    return n
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=_threads,
+        default=min(4, os.cpu_count() or 1),
+        help="worker threads (default: min(4, CPUs))",
+    )
+    p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+
+
+def register(sub: Any) -> None:
+    enc = sub.add_parser("encrypt", help="seal a file (one key slot per -k)")
+    enc.add_argument(
+        "-k",
+        "--key",
+        dest="keys",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="key to wrap the data key with: local:PATH, x25519:RECIPIENT (repeatable)",
+    )
+    enc.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="encryption context entry, authenticated and bound to every slot",
+    )
+    enc.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE)
+    enc.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="plaintext bytes per chunk, a power of two, 64KiB..64MiB (default 1MiB)",
+    )
+    enc.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    enc.add_argument("input", help="input file, or - for stdin")
+    _common(enc)
+    enc.set_defaults(func=_encrypt)
+
+    dec = sub.add_parser(
+        "decrypt", help="decrypt a sealed file; no output file unless it all authenticates"
+    )
+    dec.add_argument(
+        "-i",
+        "--identity",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="identity or keyring file to unwrap with (repeatable)",
+    )
+    dec.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    dec.add_argument("input", help="sealed file, or - for stdin")
+    _common(dec)
+    dec.set_defaults(func=_decrypt)
+
+    ins = sub.add_parser("inspect", help="show a sealed file's header and slots (no key needed)")
+    ins.add_argument("file")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
+
+    ver = sub.add_parser("verify", help="authenticate every chunk; writes nothing")
+    ver.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
+    ver.add_argument("file", help="sealed file, or - for stdin")
+    _common(ver)
+    ver.set_defaults(func=_verify)
+
+
+def _size_of(path: str) -> int | None:
+    return None if path == "-" or not Path(path).is_file() else Path(path).stat().st_size
+
+
+def _report(args: argparse.Namespace, verb: str, nbytes: int, start: float) -> None:
+    if args.quiet:
+        return
+    took = time.perf_counter() - start
+    rate = human_bytes(nbytes / took) + "/s" if took > 0 else ""
+    print(f"{verb} {human_bytes(nbytes)} in {took:.2f} s ({rate})", file=sys.stderr)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    if (
+        args.output != "-"
+        and args.input != "-"
+        and Path(args.output).resolve() == Path(args.input).resolve()
+    ):
+        raise ValueError("output and input are the same file")
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    _check_output(args)
+    start = time.perf_counter()
+    with Progress("encrypt", _size_of(args.input), enabled=not args.no_progress) as bar:
+        header = seal_file(
+            args.input,
+            args.output,
+            args.keys,
+            context=_context(args.context),
+            suite=args.suite,
+            chunk_size=args.chunk_size,
+            threads=args.threads,
+            progress=bar,
+        )
+    _report(args, f"sealed ({header.suite}, {len(args.keys)} slot(s))", bar.done, start)
+    return 0
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    _check_output(args)
+    start = time.perf_counter()
+    total = _size_of(args.input)
+    with Progress("decrypt", total, enabled=not args.no_progress) as bar:
+        n = unseal_file(args.input, args.output, args.identity, threads=args.threads, progress=bar)
+    _report(args, "decrypted", n, start)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = inspect_file(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    rows = [
+        ("format", f"sealstore v{info['version']}"),
+        ("suite", info["suite"]),
+        ("chunk size", human_bytes(info["chunk_size"])),
+        ("chunks", info.get("chunk_count", "?")),
+        ("plaintext", f"{info['plaintext_size']} bytes" if "plaintext_size" in info else "?"),
+        ("file", f"{info['file_size']} bytes"),
+        ("context", ", ".join(f"{k}={v}" for k, v in sorted(info["context"].items())) or "-"),
+    ]
+    for key, value in rows:
+        print(f"{key:<11}{value}")
+    if info["slots_detached"]:
+        print("slots      detached (held in a store manifest)")
+    for i, slot in enumerate(info["slots"]):
+        print(f"slot {i:<6}{slot['kind']:<8}{slot['key_id']}")
+    if "layout_error" in info:
+        print(f"warning    {info['layout_error']}")
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    with Progress("verify", _size_of(args.file), enabled=not args.no_progress) as bar:
+        verify_file(args.file, args.identity, threads=args.threads, progress=bar)
+    if not args.quiet:
+        print(f"{args.file}: OK", file=sys.stderr)
+    _report(args, "verified", bar.done, start)
+    return 0

@@ -1,0 +1,102 @@
+"""``sealstore keys ...``: keyrings and X25519 identities."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sealstore.kms.local import LocalKeyring, create_keyring
+from sealstore.kms.registry import default_keyring_path, load_identity
+from sealstore.kms.x25519 import X25519Identity, generate_identity
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="create and list keys")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    init = ksub.add_parser(
+        "init",
+        help="create a local keyring (or, with --identity, an x25519 identity file)",
+        description="Create a passphrase-protected local keyring holding a fresh KEK. The "
+        "passphrase comes from SEALSTORE_PASSPHRASE or a prompt.",
+    )
+    init.add_argument(
+        "--keyring",
+        type=Path,
+        help="keyring path (default: $SEALSTORE_KEYRING, "
+        "$SEALSTORE_HOME/keyring.json or ~/.config/sealstore/keyring.json)",
+    )
+    init.add_argument(
+        "--identity",
+        type=Path,
+        metavar="FILE",
+        help="create an x25519 identity file instead of a keyring",
+    )
+    init.add_argument(
+        "--insecure-no-passphrase",
+        action="store_true",
+        help="store the keyring unprotected (throwaway use only)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=_init)
+
+    lst = ksub.add_parser("list", help="show a keyring's public facts (no passphrase needed)")
+    lst.add_argument("--keyring", type=Path)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_list)
+
+    rec = ksub.add_parser("recipient", help="print the public x25519 recipient of an identity file")
+    rec.add_argument("identity", type=Path)
+    rec.set_defaults(func=_recipient)
+
+
+def _init(args: argparse.Namespace) -> int:
+    if args.identity is not None:
+        ident = generate_identity(args.identity, overwrite=args.force)
+        print(f"created identity {args.identity} (keep it secret and offline)", file=sys.stderr)
+        print(ident.recipient)
+        return 0
+    path = args.keyring or default_keyring_path()
+    if args.insecure_no_passphrase:
+        print(
+            f"sealstore: warning: keyring {path} is not protected by a passphrase", file=sys.stderr
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once above, not twice
+        ring = create_keyring(
+            path, insecure_no_passphrase=args.insecure_no_passphrase, overwrite=args.force
+        )
+    print(f"created keyring {ring.path} (id {ring.id})", file=sys.stderr)
+    print(f"local:{ring.path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    ring = LocalKeyring.open(args.keyring or default_keyring_path())
+    info = ring.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"keyring   {info['path']}")
+    print(f"id        {info['id']}")
+    print(f"protected {'yes (argon2id)' if info['protected'] else 'NO'}")
+    print(f"key uri   local:{info['path']}")
+    for kek in info["keks"]:
+        mark = "*" if kek["id"] == info["current"] else " "
+        print(f"  {mark} {kek['id']}  created {kek['created']}")
+    return 0
+
+
+def _recipient(args: argparse.Namespace) -> int:
+    ident = load_identity(args.identity)
+    if not isinstance(ident, X25519Identity):
+        raise ValueError(f"{args.identity} is a keyring, not an x25519 identity")
+    print(ident.recipient)
+    return 0

@@ -1,0 +1,114 @@
+"""Entry point: argument parsing, error-to-exit-code mapping, one-line errors.
+
+Exit codes (also in docs/CLI.md):
+
+  0  success
+  1  authentication failed: tampered, truncated, or the wrong key
+  2  usage error: bad arguments or options
+  3  malformed input: not a sealed file, or a version/suite this release cannot read
+  4  no key: no slot could be unwrapped, or a key service refused release
+  5  not found, or an I/O error on a named file
+  6  a storage or key backend failed
+  7  attestation failed
+  10 any other sealstore error
+  130 interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from sealstore import errors
+
+__all__ = ["EXIT_CODES", "main"]
+
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (errors.AuthenticationError, 1),
+    (errors.FormatError, 3),  # includes UnsupportedVersion
+    (errors.KeyUnavailable, 4),
+    (errors.KeyReleaseDenied, 4),
+    (errors.NotFound, 5),
+    (errors.BackendError, 6),
+    (errors.AttestationError, 7),
+    (errors.SealstoreError, 10),
+    (FileNotFoundError, 5),
+    (FileExistsError, 5),
+    (IsADirectoryError, 5),
+    (PermissionError, 5),
+    (OSError, 5),
+    (ValueError, 2),
+    (ImportError, 2),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sealstore.cli import files, keys
+
+    parser = argparse.ArgumentParser(
+        prog="sealstore",
+        description="Sealed model artifacts: encrypt, decrypt, inspect and verify.",
+        epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "
+        "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 10 other, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    keys.register(sub)
+    files.register(sub)
+    return parser
+
+
+def _version() -> str:
+    import sealstore
+
+    return f"sealstore {sealstore.__version__}"
+
+
+def _exit_code(exc: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 10
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc.__class__.__name__}"
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else logging.WARNING,
+        format="sealstore: warning: %(message)s",
+    )
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("sealstore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code == 10 and not isinstance(exc, errors.SealstoreError):
+            raise  # a bug: let the traceback show
+        print(f"sealstore: error: {_describe(exc)}", file=sys.stderr)
+        return code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
