@@ -69,8 +69,8 @@ class X25519Recipient:
         return cls(_dec(uri[len(_PREFIX) :], "x25519 recipient"))
 
     @classmethod
-    def unwrapper_for_slot(cls, slot: KeySlot) -> None:
-        return None  # only an identity file (-i) opens these
+    def unwrapper_for_slot(cls, slot: KeySlot) -> _NeedsIdentity:
+        return _NeedsIdentity()  # only an identity file (-i) opens these
 
     def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
         blob = SealedBox(self._pk).encrypt(dek.material() + _context_hash(context))
@@ -82,6 +82,11 @@ class X25519Recipient:
     @staticmethod
     def identity_from_text(text: str, *, source: str = "identity") -> X25519Identity:
         return X25519Identity.from_text(text, source=source)
+
+
+class _NeedsIdentity:
+    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
+        raise KeyUnavailable("needs the identity file of this recipient (pass -i FILE)")
 
 
 class X25519Identity:

