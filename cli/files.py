@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sealstore.cli.progress import Progress, human_bytes
-from sealstore.kms.envelope import seal_file, unseal_file, verify_file
-
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE, SUITES
 from sealstore.inspect import inspect_file
+from sealstore.kms.envelope import seal_file, unseal_file, verify_file
 
 __all__ = ["parse_size", "register"]
 

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
-
 from sealstore.format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -28,6 +26,7 @@ from sealstore.format import (
     read_preamble,
 )
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
+from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
 from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
 
 __all__ = [
