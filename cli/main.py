@@ -21,6 +21,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from sealstore import errors
 
@@ -45,10 +46,17 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sealstore: error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sealstore.cli import files, keys
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sealstore",
         description="Sealed model artifacts: encrypt, decrypt, inspect and verify.",
         epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "

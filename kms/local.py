@@ -160,6 +160,47 @@ def _seal_document(public: dict[str, Any], keks: Mapping[str, bytes], seal_key: 
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
+def _check_document(doc: dict[str, Any]) -> str | None:
+    """What is wrong with a keyring document's structure, or None."""
+    from nacl import pwhash
+
+    kdf = doc.get("kdf")
+    if not isinstance(doc.get("id"), str):
+        return "'id' must be a string"
+    if not isinstance(kdf, dict) or kdf.get("alg") not in ("none", "argon2id"):
+        return "'kdf' must name argon2id or none"
+    if kdf["alg"] == "argon2id":
+        salt = _unb64(kdf.get("salt"))
+        if salt is None or len(salt) != pwhash.argon2id.SALTBYTES:
+            return "bad Argon2id salt"
+        ops, mem = kdf.get("opslimit"), kdf.get("memlimit")
+        argon = pwhash.argon2id
+        if not (isinstance(ops, int) and argon.OPSLIMIT_MIN <= ops <= argon.OPSLIMIT_MAX):
+            return "bad Argon2id opslimit"
+        if not (isinstance(mem, int) and argon.MEMLIMIT_MIN <= mem <= argon.MEMLIMIT_MAX):
+            return "bad Argon2id memlimit"
+    keks = doc.get("keks")
+    if not isinstance(keks, list) or not all(
+        isinstance(k, dict) and isinstance(k.get("id"), str) for k in keks
+    ):
+        return "'keks' must be a list of {id, created}"
+    if doc.get("current") not in {k["id"] for k in keks}:
+        return "'current' names no KEK"
+    sealed = _unb64(doc.get("sealed"))
+    if sealed is None or len(sealed) < 12 + 16:
+        return "bad 'sealed' field"
+    return None
+
+
+def _unb64(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+
+
 class LocalKeyring:
     """A keyring file: a wrapper (with its current KEK) and an unwrapper.
 
@@ -203,6 +244,9 @@ class LocalKeyring:
             raise FormatError(f"keyring {p} is unreadable: {exc.__class__.__name__}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or "sealed" not in doc:
             raise FormatError(f"{p} is not a sealstore keyring")
+        problem = _check_document(doc)
+        if problem:
+            raise FormatError(f"keyring {p} is damaged: {problem}")
         public = {k: v for k, v in doc.items() if k != "sealed"}
         ring = cls(p, public)
         ring._sealed = doc["sealed"]
@@ -229,7 +273,7 @@ class LocalKeyring:
                 continue
             try:
                 ring = cls.open(candidate)
-            except (NotFound, FormatError):
+            except NotFound:
                 continue
             if ring.id == want:
                 return ring
@@ -303,8 +347,11 @@ class LocalKeyring:
                 raise KeyUnavailable(
                     f"cannot open keyring {self.path}: wrong passphrase or edited file"
                 ) from None
-            self._keks = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
-            return self._keks
+            keks = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
+            if self.current not in keks or any(len(v) != 32 for v in keks.values()):
+                raise FormatError(f"keyring {self.path} is damaged: bad KEK table")
+            self._keks = keks
+            return keks
 
     def _aad(self, kek_id: str, context: Mapping[str, str]) -> bytes:
         return b"".join(

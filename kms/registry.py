@@ -71,7 +71,10 @@ def get_provider_class(scheme: str) -> type:
         ) from None
     module_name, _, attr = target.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
+        cls = getattr(module, attr, None)
+        if cls is None:
+            raise ImportError(f"{module_name} has no {attr}")
     except ImportError as exc:
         extra = f"; install it with: {hint}" if hint else ""
         raise ImportError(f"key provider {scheme!r} is not available ({exc}){extra}") from exc

@@ -13,11 +13,13 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nacl.bindings import crypto_scalarmult
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
@@ -37,6 +39,8 @@ def _enc(raw: bytes) -> str:
 
 
 def _dec(text: str, what: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{43}", text):
+        raise ValueError(f"{what} must be 43 base64url characters")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -54,6 +58,12 @@ class X25519Recipient:
     """Wraps data keys to one X25519 public key."""
 
     def __init__(self, public_key: bytes) -> None:
+        try:
+            # A low-order point (e.g. all zeros) would make every shared secret
+            # predictable; libsodium refuses the scalar multiplication for them.
+            crypto_scalarmult(os.urandom(32), public_key)
+        except (CryptoError, RuntimeError, TypeError):
+            raise ValueError("x25519 recipient is not a valid public key") from None
         self._pk = PublicKey(public_key)
         self.key_id = _PREFIX + _enc(public_key)
 
@@ -164,6 +174,7 @@ def generate_identity(
             fd = os.open(p, flags, 0o600)
         except FileExistsError:
             raise FileExistsError(f"identity file {p} already exists") from None
+        os.fchmod(fd, 0o600)  # O_TRUNC keeps an existing file's mode
         with os.fdopen(fd, "w", encoding="utf-8") as fp:
             fp.write(ident.to_text())
     return ident

@@ -255,6 +255,13 @@ def _check_context(context: Mapping[Any, Any], error: type[Exception]) -> None:
     for key, value in context.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise error("encryption context keys and values must be strings")
+        try:
+            key.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON can spell a lone surrogate (\ud800); UTF-8 cannot carry it, and
+            # slots bind the context as UTF-8.
+            raise error("encryption context holds a lone surrogate") from None
 
 
 def derive_keys(dek: DataKey, salt: bytes, suite: str) -> tuple[bytes, bytes]:

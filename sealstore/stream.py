@@ -234,6 +234,12 @@ class SealWriter(io.BufferedIOBase):
         self._pending.clear()
         self._finish()
 
+    def __del__(self) -> None:
+        # io.IOBase.__del__ would call close() and seal the final chunk: a writer
+        # dropped without close() must leave output that does not authenticate.
+        if not getattr(self, "_done", True):
+            self.abort()
+
     def _finish(self) -> None:
         self._done = True
         self._buf = bytearray()
@@ -329,7 +335,8 @@ class SealReader(io.BufferedIOBase):
         ring = [(bytearray(full), bytearray(self._cs)) for _ in range(size)]
         pool = ThreadPoolExecutor(threads, "seal-reader") if threads > 1 else None
         pending: deque[Future[memoryview]] = deque()
-        slot, index = 0, 0
+        slot, index, seen = 0, 0, 0
+        declared = self.preamble.header.plaintext_size
         ct_buf, _ = ring[slot]
         got = self._read_block(ct_buf)
         try:
@@ -343,6 +350,9 @@ class SealReader(io.BufferedIOBase):
                 if not last:
                     nxt_got = self._read_block(ring[nxt_slot][0])
                     last = nxt_got == 0
+                seen += got - TAG_SIZE
+                if declared is not None and (seen > declared or (last and seen != declared)):
+                    raise AuthenticationError("sealed payload length does not match the header")
                 job = (index, last, slot, got)
                 if pool is None:
                     yield self._decrypt(ring, *job)
@@ -553,7 +563,9 @@ class SealedFile:
             self._src.close()
             raise
         self._local = threading.local()
-        self._end_verified = header.plaintext_size is not None
+        # Nothing -- not even "this file is empty" -- is returned before the final
+        # chunk has authenticated: that proves the header, the key and the length.
+        self._end_verified = False
 
     @property
     def header(self) -> Header:
@@ -618,14 +630,17 @@ class SealedFile:
             if progress is not None:
                 progress(len(job[1]))
 
-        self._verify_end()
+        last = self.layout.count - 1
+        if all(i != last for i, _ in jobs):
+            self._verify_end()
         if threads <= 1 or len(jobs) <= 1:
             for job in jobs:
                 one(job)
-            return
-        with ThreadPoolExecutor(min(threads, len(jobs)), "sealed-file") as pool:
-            # list() re-raises the first failure after every job has stopped.
-            list(pool.map(one, jobs))
+        else:
+            with ThreadPoolExecutor(min(threads, len(jobs)), "sealed-file") as pool:
+                # list() re-raises the first failure after every job has stopped.
+                list(pool.map(one, jobs))
+        self._end_verified = True
 
     def read_into(
         self, offset: int, buf: Any, *, threads: int = 1, progress: Progress | None = None
@@ -646,6 +661,7 @@ class SealedFile:
         out = memoryview(buf).cast("B")
         end = min(offset + len(out), self.size)
         if end <= offset:
+            self._verify_end()
             return 0
         cs = self.layout.chunk_size
         first, last = offset // cs, (end - 1) // cs
