@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ from sealstore.format import (
     open_payload_key,
     read_preamble,
 )
+from sealstore.fsutil import atomic_file
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
 from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
 from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
@@ -77,11 +77,15 @@ def unwrap_dek(
     """
     idents = _identities(identities)
     header = preamble.header
+
+    def accept(dek: DataKey) -> None:
+        open_payload_key(header, dek)  # raises AuthenticationError on a commitment mismatch
+
     return unwrap_first(
         preamble.slots if slots is None else slots,
         lambda slot: unwrappers_for(slot, idents),
         header.context,
-        lambda dek: open_payload_key(header, dek) and None,
+        accept,
     )
 
 
@@ -139,17 +143,8 @@ def atomic_output(dst: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    path = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            yield fp
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dst) as fp:
+        yield fp
 
 
 @contextmanager

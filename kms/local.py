@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import uuid
 import warnings
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealstore.errors import FormatError, KeyUnavailable, NotFound
 from sealstore.format import canonical_json
+from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot
 
 __all__ = ["LocalKeyring", "create_keyring"]
@@ -76,22 +76,6 @@ def _prompt(path: Path, *, confirm: bool) -> str:
     if confirm and getpass.getpass("Repeat passphrase: ") != first:
         raise ValueError("passphrases do not match")
     return first
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write *data* to *path* with mode 0600 via a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def create_keyring(
@@ -145,7 +129,8 @@ def create_keyring(
         "current": kek_id,
     }
     keks = {kek_id: os.urandom(32)}
-    _atomic_write(p, _seal_document(public, keks, seal_key))
+    with atomic_file(p) as fp:
+        fp.write(_seal_document(public, keks, seal_key))
     LocalKeyring._cache.pop(str(p.resolve()), None)
     ring = LocalKeyring.open(p)
     ring._keks = keks

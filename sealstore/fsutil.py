@@ -1,0 +1,33 @@
+"""Atomic local file writes: a temporary file beside the target, renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_file"]
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[IO[bytes]]:
+    """A binary file that appears at *path* (with *mode*) only if the block completes.
+
+    On any exception the temporary file is removed and *path* is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fp:
+            yield fp
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
