@@ -16,6 +16,9 @@ One run measures, per suite (AES-256-GCM, CHACHA20-POLY1305) and per thread coun
 * ``raw_decrypt_file`` -- ``os.preadv`` of each chunk from the same file into a
   per-thread scratch buffer, then ``decrypt_into`` the preallocated buffer: the fair
   ceiling for a reader that reads from a file.
+* ``raw_decrypt_mmap`` -- ``mmap`` of the same file (mapped per measurement, as
+  ``SealedFile`` maps a path per open), then ``decrypt_into`` straight from the mapping:
+  the ceiling for a reader that memory-maps (information only; no target uses it).
 
 The raw loops split chunks over a ThreadPoolExecutor created per measurement (as
 ``SealedFile`` does): one task per thread, chunk ``i`` handled by thread ``i % N``.
@@ -32,13 +35,16 @@ Every measurement is repeated ``--repeat`` times; the median is reported in GB/s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import mmap
 import os
 import platform
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +57,7 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from sealstore.format import SUITES, TAG_SIZE, open_payload_key
+from sealstore.format import SUITES, TAG_SIZE, check_params, open_payload_key
 from sealstore.keys import DataKey
 from sealstore.stream import SealedFile, SealReader, SealWriter, chunk_nonce
 
@@ -131,6 +137,8 @@ class BufferSink:
 
     def write(self, data: Any) -> int:
         n = memoryview(data).nbytes
+        if self.pos + n > len(self.view):
+            raise ValueError("BufferSink is full")
         self.view[self.pos : self.pos + n] = data
         self.pos += n
         return n
@@ -167,6 +175,11 @@ def touch(buf: bytearray) -> None:
     np.frombuffer(buf, dtype=np.uint8)[::4096] = 0
 
 
+def clear(buf: bytearray) -> None:
+    """Zero *buf* in place, so the next check proves the decrypt that follows wrote it."""
+    np.frombuffer(buf, dtype=np.uint8).fill(0)
+
+
 def make_plaintext(size: int, seed: int) -> bytearray:
     rng = np.random.default_rng(seed)
     buf = bytearray(size)
@@ -195,20 +208,26 @@ def run_split(work: Callable[[int], None], threads: int) -> None:
         list(pool.map(work, range(threads)))
 
 
-def measure(fn: Callable[[], Any], repeat: int, nbytes: int) -> dict[str, Any]:
-    samples = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    med = statistics.median(samples)
-    return {
-        "median_s": med,
-        "gbps": nbytes / med / 1e9,
-        "samples_s": samples,
-        "samples_gbps": [nbytes / s / 1e9 for s in samples],
-    }
+def source_info() -> dict[str, Any]:
+    """The library revision measured: HEAD and whether the library's files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    info: dict[str, Any] = {}
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "sealstore", "kms", "native"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        info["git_head"] = head.stdout.strip()
+        info["library_dirty"] = [line[3:] for line in dirty.stdout.splitlines()]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        info["git_head"] = f"unknown ({exc})"
+    return info
 
 
 def machine_info() -> dict[str, Any]:
@@ -239,12 +258,10 @@ def machine_info() -> dict[str, Any]:
             info["cpu_flags"] = [f for f in wanted if f in have]
     except OSError:
         pass
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["mem_total_gib"] = round(
             os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1
         )
-    except (ValueError, OSError):
-        pass
     return info
 
 
@@ -306,12 +323,37 @@ def raw_decrypt_file(
     run_split(work, threads)
 
 
+def raw_decrypt_mmap(ch: Chunks, path: Path, out: memoryview, threads: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    src = memoryview(mapping)
+
+    def work(k: int) -> None:
+        dec, aad = ch.aead.decrypt_into, ch.aad
+        for nonce, coff, clen, poff, plen in ch.jobs[k::threads]:
+            dec(nonce, src[coff : coff + clen], aad, out[poff : poff + plen])
+
+    try:
+        run_split(work, threads)
+    finally:
+        src.release()
+        mapping.close()
+
+
 # --------------------------------------------------------------------------- peers
 
 
-def peer_aws(
-    pt: memoryview, workdir: Path, chunk_size: int, repeat: int, read_size: int
-) -> dict[str, Any]:
+class Peer:
+    """A peer's ciphertext of the benchmark plaintext on disk, and how to decrypt it."""
+
+    def __init__(self, name: str, path: Path, decrypt: Callable[[], None], meta: dict[str, Any]):
+        self.name, self.path, self.decrypt, self.meta = name, path, decrypt, meta
+
+
+def prepare_aws(pt: memoryview, workdir: Path, frame: int) -> Peer | dict[str, Any]:
     try:
         import aws_encryption_sdk
         from aws_encryption_sdk.identifiers import (
@@ -347,18 +389,14 @@ def peer_aws(
             mode="e",
             source=MemReader(pt),
             key_provider=master,
-            frame_length=chunk_size,
+            frame_length=frame,
             algorithm=alg,
             source_length=size,
         ) as enc,
     ):
-        while True:
-            block = enc.read(read_size)
-            if not block:
-                break
+        while block := enc.read(frame):
             out.write(block)
     encrypt_s = time.perf_counter() - t0
-    warm_file(path)
 
     def decrypt() -> None:
         total = 0
@@ -366,36 +404,28 @@ def peer_aws(
             open(path, "rb") as fp,
             client.stream(mode="d", source=fp, key_provider=master) as dec,
         ):
-            while True:
-                block = dec.read(read_size)
-                if not block:
-                    break
+            while block := dec.read(frame):
                 total += len(block)
         if total != size:
             raise RuntimeError(f"aws-encryption-sdk returned {total} of {size} bytes")
 
-    try:
-        result = measure(decrypt, repeat, size)
-    finally:
-        ct_size = path.stat().st_size
-        path.unlink()
-    result.update(
-        version=aws_encryption_sdk.__version__,
-        algorithm=alg.name,
-        frame_length=chunk_size,
-        ciphertext_bytes=ct_size,
-        encrypt_once_s=encrypt_s,
-        encrypt_once_gbps=size / encrypt_s / 1e9,
-        note=(
-            "AES_256_GCM_HKDF_SHA512_COMMIT_KEY: key-committing, unsigned (sealstore does not "
-            "sign either); the SDK's default suite adds an ECDSA-P384 signature, and its "
-            "non-committing suites are not used. Consumed with read(frame_length)."
+    meta = {
+        "version": aws_encryption_sdk.__version__,
+        "algorithm": alg.name,
+        "frame_length": frame,
+        "ciphertext_bytes": path.stat().st_size,
+        "encrypt_once_gbps": size / encrypt_s / 1e9,
+        "note": (
+            "AES_256_GCM_HKDF_SHA512_COMMIT_KEY: key-committing and unsigned, like sealstore. "
+            "The SDK's default suite (..._COMMIT_KEY_ECDSA_P384) adds a signature; its "
+            "non-committing suites are not used. Raw AES-256 wrapping key (no KMS); plaintext "
+            "consumed with read(frame_length)."
         ),
-    )
-    return result
+    }
+    return Peer("aws-encryption-sdk", path, decrypt, meta)
 
 
-def peer_tink(pt: memoryview, workdir: Path, repeat: int, read_size: int) -> dict[str, Any]:
+def prepare_tink(pt: memoryview, workdir: Path, block: int) -> Peer | dict[str, Any]:
     try:
         import tink
         from tink import streaming_aead
@@ -404,53 +434,110 @@ def peer_tink(pt: memoryview, workdir: Path, repeat: int, read_size: int) -> dic
 
     streaming_aead.register()
     template = streaming_aead.streaming_aead_key_templates.AES256_GCM_HKDF_1MB
-    handle = tink.new_keyset_handle(template)
-    primitive = handle.primitive(streaming_aead.StreamingAead)
+    primitive = tink.new_keyset_handle(template).primitive(streaming_aead.StreamingAead)
     aad = b"sealstore-bench"
     size = len(pt)
     path = workdir / "peer-tink.ct"
     t0 = time.perf_counter()
     with open(path, "wb") as out, primitive.new_encrypting_stream(out, aad) as enc:
-        for off in range(0, size, read_size):
-            enc.write(pt[off : off + read_size])
+        for off in range(0, size, block):
+            enc.write(pt[off : off + block])
     encrypt_s = time.perf_counter() - t0
-    warm_file(path)
-    scratch = bytearray(read_size)
+    scratch = bytearray(block)
 
     def decrypt() -> None:
         total = 0
         with open(path, "rb") as fp, primitive.new_decrypting_stream(fp, aad) as dec:
-            while True:
-                n = dec.readinto(scratch)
-                if not n:
-                    break
+            while n := dec.readinto(scratch):
                 total += n
         if total != size:
             raise RuntimeError(f"tink returned {total} of {size} bytes")
 
     try:
-        result = measure(decrypt, repeat, size)
-    finally:
-        ct_size = path.stat().st_size
-        path.unlink()
-    try:
         from importlib.metadata import version
 
-        tink_version = version("tink")
+        tink_version: str | None = version("tink")
     except Exception:
         tink_version = None
-    result.update(
-        version=tink_version,
-        key_template="AES256_GCM_HKDF_1MB",
-        ciphertext_bytes=ct_size,
-        encrypt_once_s=encrypt_s,
-        encrypt_once_gbps=size / encrypt_s / 1e9,
-        note="1 MiB ciphertext segments; consumed with readinto(a reused buffer).",
-    )
-    return result
+    meta = {
+        "version": tink_version,
+        "key_template": "AES256_GCM_HKDF_1MB",
+        "ciphertext_bytes": path.stat().st_size,
+        "encrypt_once_gbps": size / encrypt_s / 1e9,
+        "note": "1 MiB ciphertext segments; plaintext consumed with readinto(a reused buffer).",
+    }
+    return Peer("tink", path, decrypt, meta)
+
+
+PEERS = ("aws-encryption-sdk", "tink")
 
 
 # --------------------------------------------------------------------------- main run
+
+
+Entry = tuple[str, int, Callable[[], Any]]
+
+
+def _cpu_ticks() -> tuple[float, float, float] | None:
+    """(busy, steal, total) seconds of all CPUs from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq
+    return busy / hz, steal / hz, (busy + idle + iowait + steal) / hz
+
+
+class NoiseMeter:
+    """How much of the machine others took while a group ran: host steal, other processes."""
+
+    def __enter__(self) -> NoiseMeter:
+        self._t0, self._own0, self.result = _cpu_ticks(), os.times(), {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t1, own1 = _cpu_ticks(), os.times()
+        if self._t0 is None or t1 is None:
+            return
+        busy, steal, total = (b - a for a, b in zip(self._t0, t1, strict=True))
+        own = (own1.user + own1.system) - (self._own0.user + self._own0.system)
+        if total > 0:
+            self.result = {
+                "steal_pct": round(100 * steal / total, 1),
+                "other_processes_pct": round(100 * max(0.0, busy - own) / total, 1),
+                "this_process_pct": round(100 * own / total, 1),
+            }
+
+
+def run_rounds(entries: list[Entry], repeat: int, nbytes: int, label: str) -> dict[str, Any]:
+    """Time every entry once per round, ``repeat`` rounds; odd rounds run in reverse order.
+
+    Interleaving puts every variant under the same background load, so the ratios
+    between them stay meaningful on a noisy machine even when absolute figures drift.
+    """
+    samples: dict[tuple[str, int], list[float]] = {(name, n): [] for name, n, _ in entries}
+    with NoiseMeter() as noise:
+        for r in range(repeat):
+            for name, n, fn in entries if r % 2 == 0 else entries[::-1]:
+                gc.collect()
+                t0 = time.perf_counter()
+                fn()
+                samples[name, n].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"_noise": noise.result}
+    for (name, n), s in samples.items():
+        med = statistics.median(s)
+        out.setdefault(name, {})[str(n)] = {
+            "median_s": med,
+            "gbps": nbytes / med / 1e9,
+            "best_gbps": nbytes / min(s) / 1e9,
+            "samples_s": s,
+            "samples_gbps": [nbytes / x / 1e9 for x in s],
+        }
+        print(f"  {label:<18} {name:<26} t={n}  {nbytes / med / 1e9:7.2f} GB/s", file=sys.stderr)
+    return out
 
 
 def bench_suite(
@@ -463,125 +550,120 @@ def bench_suite(
 ) -> dict[str, Any]:
     size, cs, repeat = len(pt), args.chunk_size, args.repeat
     ptv, outv = memoryview(pt), memoryview(out)
-    res: dict[str, dict[str, Any]] = {}
     dek = DataKey.generate()
 
-    def log(name: str, n: int, r: dict[str, Any]) -> None:
-        print(f"  {suite:<18} {name:<22} t={n}  {r['gbps']:7.2f} GB/s", file=sys.stderr)
+    # ---- encrypt: SealWriter and the raw loop, both into the preallocated sink.
+    def seal(n: int) -> None:
+        sink.reset()
+        with SealWriter(sink, dek, suite=suite, chunk_size=cs, plaintext_size=size, threads=n) as w:
+            w.write(ptv)
 
-    # sealstore encrypt (the last repetition's output is the file the readers use)
-    res["seal_encrypt"] = {}
+    seal(1)  # untimed: gives the raw loop its key, nonces and offsets
+    with SealedFile(sink.view[: sink.pos], dek) as sf:
+        enc_chunks = Chunks(sf, dek)
+    entries: list[Entry] = []
     for n in args.threads:
+        entries.append(("raw_encrypt", n, lambda n=n: raw_encrypt(enc_chunks, ptv, sink.view, n)))
+    for n in args.threads:
+        entries.append(("seal_encrypt", n, lambda n=n: seal(n)))
+    res = run_rounds(entries, repeat, size, suite)
+    noise = {"encrypt": res.pop("_noise")}
+    res = {"seal_encrypt": res["seal_encrypt"], "raw_encrypt": res["raw_encrypt"]}
 
-        def seal(n: int = n) -> None:
-            sink.reset()
-            with SealWriter(
-                sink, dek, suite=suite, chunk_size=cs, plaintext_size=size, threads=n
-            ) as w:
-                w.write(ptv)
-
-        res["seal_encrypt"][str(n)] = r = measure(seal, repeat, size)
-        log("seal_encrypt", n, r)
+    # ---- the sealed file every decrypt reads: a fresh seal, kept in the sink as well
+    seal(1)
     sealed_len = sink.pos
+    ctv = sink.view[:sealed_len]
     path = workdir / f"sealed-{suite}.seal"
     with open(path, "wb") as fp:
-        fp.write(sink.view[:sealed_len])
-    ctv = sink.view[:sealed_len]
-
+        fp.write(ctv)
     with SealedFile(path, dek) as sf:
         ch = Chunks(sf, dek)
-
-    # raw encrypt: same key, nonces, AAD and plaintext, so it rewrites identical bytes
-    res["raw_encrypt"] = {}
-    for n in args.threads:
-        res["raw_encrypt"][str(n)] = r = measure(
-            lambda n=n: raw_encrypt(ch, ptv, ctv, n), repeat, size
-        )
-        log("raw_encrypt", n, r)
-
     warm_file(path)
-    touch(out)
 
-    # correctness, untimed: every path must give back the plaintext
+    # correctness, untimed: the library and the raw loop must give back the plaintext
+    clear(out)
     with SealedFile(path, dek) as sf:
         sf.decrypt_into(out)
     if out != pt:
         raise RuntimeError("SealedFile.decrypt_into did not return the plaintext")
-    raw_decrypt_mem(ch, ctv, outv, 1)  # also proves raw_encrypt left the ciphertext intact
+    clear(out)
+    raw_decrypt_mem(ch, ctv, outv, 1)
     if out != pt:
-        raise RuntimeError("raw decrypt did not return the plaintext")
+        raise RuntimeError("the raw decrypt loop did not return the plaintext")
+    clear(out)
 
-    res["stream_decrypt"] = {}
-    for n in args.threads:
-        fp = open(path, "rb")  # noqa: SIM115 - closed below, opened outside the timing
-
-        def stream(n: int = n, fp: Any = fp) -> None:
-            fp.seek(0)
-            total = 0
-            with SealReader(fp, dek, threads=n) as reader:
-                for view in reader.iter_chunks():
-                    total += len(view)
-            if total != size:
-                raise RuntimeError(f"SealReader returned {total} of {size} bytes")
-
-        try:
-            res["stream_decrypt"][str(n)] = r = measure(stream, repeat, size)
-        finally:
-            fp.close()
-        log("stream_decrypt", n, r)
-
-    res["random_access_decrypt"] = {}
-    for n in args.threads:
-
-        def random_access(n: int = n) -> None:
-            with SealedFile(path, dek) as sf:
-                sf.decrypt_into(out, threads=n)
-
-        res["random_access_decrypt"][str(n)] = r = measure(random_access, repeat, size)
-        log("random_access_decrypt", n, r)
-
-    res["raw_decrypt_mem"] = {}
-    for n in args.threads:
-        res["raw_decrypt_mem"][str(n)] = r = measure(
-            lambda n=n: raw_decrypt_mem(ch, ctv, outv, n), repeat, size
-        )
-        log("raw_decrypt_mem", n, r)
-
-    res["raw_decrypt_file"] = {}
-    scratch = [bytearray(cs + TAG_SIZE) for _ in range(max(args.threads))]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for n in args.threads:
-            res["raw_decrypt_file"][str(n)] = r = measure(
-                lambda n=n: raw_decrypt_file(ch, fd, scratch, outv, n), repeat, size
-            )
-            log("raw_decrypt_file", n, r)
-    finally:
-        os.close(fd)
-    if out != pt:
-        raise RuntimeError("a timed decrypt did not return the plaintext")
-
-    path.unlink()
-    dek.close()
-
+    # ---- peers (their own ciphertext of the same plaintext, single-threaded)
     peers: dict[str, Any] = {}
+    prepared: list[Peer] = []
     if args.no_peers:
-        peers = {p: {"skipped": "disabled by --no-peers"} for p in ("aws-encryption-sdk", "tink")}
+        peers = {p: {"skipped": "disabled by --no-peers"} for p in PEERS}
     elif suite != PEER_SUITE:
         peers = {
             "aws-encryption-sdk": {
-                "skipped": "no ChaCha20-Poly1305 algorithm suite (AES-GCM suites only)"
+                "skipped": "no ChaCha20-Poly1305 algorithm suite (its suites are all AES-GCM)"
             },
             "tink": {"skipped": "Tink streaming AEAD has no ChaCha20-Poly1305 key type"},
         }
     else:
-        peers["aws-encryption-sdk"] = peer_aws(ptv, workdir, cs, repeat, cs)
-        if "gbps" in peers["aws-encryption-sdk"]:
-            log("peer aws-encryption-sdk", 1, peers["aws-encryption-sdk"])
-        peers["tink"] = peer_tink(ptv, workdir, repeat, cs)
-        if "gbps" in peers["tink"]:
-            log("peer tink", 1, peers["tink"])
-    return {"sealed_bytes": sealed_len, "chunks": ch.count, "results": res, "peers": peers}
+        for name, prepare in zip(PEERS, (prepare_aws, prepare_tink), strict=True):
+            got = prepare(ptv, workdir, cs)
+            if isinstance(got, Peer):
+                warm_file(got.path)
+                got.decrypt()  # untimed: it round-trips, and warms the code paths
+                prepared.append(got)
+            else:
+                peers[name] = got
+
+    # ---- decrypt: all variants interleaved round by round
+    def stream(n: int) -> None:
+        total = 0
+        with open(path, "rb") as fp, SealReader(fp, dek, threads=n) as reader:
+            for view in reader.iter_chunks():
+                total += len(view)
+        if total != size:
+            raise RuntimeError(f"SealReader returned {total} of {size} bytes")
+
+    def random_access(n: int) -> None:
+        with SealedFile(path, dek) as sf:
+            sf.decrypt_into(out, threads=n)
+
+    scratch = [bytearray(cs + TAG_SIZE) for _ in range(max(args.threads))]
+    fd = os.open(path, os.O_RDONLY)
+    entries = []
+    for n in args.threads:
+        entries += [
+            ("stream_decrypt", n, lambda n=n: stream(n)),
+            ("random_access_decrypt", n, lambda n=n: random_access(n)),
+            ("raw_decrypt_mem", n, lambda n=n: raw_decrypt_mem(ch, ctv, outv, n)),
+            ("raw_decrypt_file", n, lambda n=n: raw_decrypt_file(ch, fd, scratch, outv, n)),
+            ("raw_decrypt_mmap", n, lambda n=n: raw_decrypt_mmap(ch, path, outv, n)),
+        ]
+    for peer in prepared:
+        entries.append((f"peer:{peer.name}", 1, peer.decrypt))
+    try:
+        dres = run_rounds(entries, repeat, size, suite)
+    finally:
+        os.close(fd)
+        path.unlink()
+        for peer in prepared:
+            peer.path.unlink()
+        dek.close()
+    if out != pt:
+        raise RuntimeError("a timed decrypt did not return the plaintext")
+    noise["decrypt"] = dres.pop("_noise")
+
+    for peer in prepared:
+        peers[peer.name] = {**dres.pop(f"peer:{peer.name}")["1"], **peer.meta}
+    res.update(dres)
+    peers = {p: peers[p] for p in PEERS if p in peers}
+    return {
+        "sealed_bytes": sealed_len,
+        "chunks": ch.count,
+        "noise": noise,
+        "results": res,
+        "peers": peers,
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -607,6 +689,7 @@ def compute_ratios(suites: dict[str, Any], threads: list[int]) -> dict[str, Any]
             "stream_vs_raw_file": {},
             "random_access_vs_raw_mem": {},
             "random_access_vs_raw_file": {},
+            "random_access_vs_raw_mmap": {},
             "encrypt_vs_raw_encrypt": {},
         }
         for n in threads:
@@ -619,11 +702,19 @@ def compute_ratios(suites: dict[str, Any], threads: list[int]) -> dict[str, Any]
             r["random_access_vs_raw_file"][k] = _ratio(
                 g("random_access_decrypt", n), g("raw_decrypt_file", n)
             )
+            r["random_access_vs_raw_mmap"][k] = _ratio(
+                g("random_access_decrypt", n), g("raw_decrypt_mmap", n)
+            )
             r["encrypt_vs_raw_encrypt"][k] = _ratio(g("seal_encrypt", n), g("raw_encrypt", n))
         r["random_access_scaling_vs_1_thread"] = {
             str(n): _ratio(g("random_access_decrypt", n), g("random_access_decrypt", 1))
             for n in threads
             if n > 1
+        }
+        # every operation's scaling, so the random-access figure can be read against what
+        # the raw loops reach on this machine at the same moment
+        r["scaling_vs_1_thread"] = {
+            op: {str(n): _ratio(g(op, n), g(op, 1)) for n in threads if n > 1} for op in res
         }
         peers = {name: p["gbps"] for name, p in data["peers"].items() if "gbps" in p}
         if peers:
@@ -668,7 +759,9 @@ def compute_targets(ratios: dict[str, Any], threads: list[int]) -> dict[str, Any
         same_suite = bool(r["best_peer"] and r["best_peer"]["same_suite"])
         for op in ("stream", "random_access"):
             t[f"{op}_ge_{TARGET_VS_PEER}x_best_peer"] = {
-                str(n): (_holds(r[f"{op}_vs_best_peer"][str(n)], TARGET_VS_PEER) if same_suite else None)
+                str(n): (
+                    _holds(r[f"{op}_vs_best_peer"][str(n)], TARGET_VS_PEER) if same_suite else None
+                )
                 for n in threads
             }
         out[suite] = t
@@ -700,12 +793,19 @@ def print_table(report: dict[str, Any]) -> None:
         f"python {m['python']}, cryptography {m['cryptography']}; "
         f"load {report['loadavg_start']} -> {report['loadavg_end']}"
     )
-    head = f"{'suite':<18} {'operation':<24}" + "".join(f"{f'{n} thr GB/s':>13}" for n in threads)
+    multi = [n for n in threads if n > 1] if 1 in threads else []
+    head = (
+        f"{'suite':<18} {'operation':<24}"
+        + "".join(f"{f'{n} thr GB/s':>13}" for n in threads)
+        + "".join(f"{f'{n}t/1t':>8}" for n in multi)
+    )
     print(head)
     print("-" * len(head))
     for suite, data in report["suites"].items():
+        scaling = report["ratios"][suite]["scaling_vs_1_thread"]
         for op, per in data["results"].items():
             cells = "".join(f"{fmt(per.get(str(n), {}).get('gbps')):>13}" for n in threads)
+            cells += "".join(f"{fmt(scaling[op].get(str(n))):>8}" for n in multi)
             print(f"{suite:<18} {op:<24}{cells}")
         for name, p in data["peers"].items():
             if "gbps" in p:
@@ -713,21 +813,30 @@ def print_table(report: dict[str, Any]) -> None:
                 print(f"{suite:<18} {'peer ' + name:<24}{cells}   (1 thread)")
             else:
                 print(f"{suite:<18} {'peer ' + name:<24}   skipped: {p['skipped']}")
-    print("\nratios" + " " * 36 + "".join(f"{f'{n} thr':>9}" for n in threads))
+    print("\nCPU taken by others while timing (steal = host, other = other processes here):")
+    for suite, data in report["suites"].items():
+        for group, nz in data["noise"].items():
+            if nz:
+                print(
+                    f"  {suite:<18} {group:<8} steal {nz['steal_pct']:5.1f}%  "
+                    f"other {nz['other_processes_pct']:5.1f}%  this {nz['this_process_pct']:5.1f}%"
+                )
+    print("\nratios" + " " * 42 + "".join(f"{f'{n} thr':>9}" for n in threads))
     for suite, r in report["ratios"].items():
         for key in (
             "stream_vs_raw_mem",
             "stream_vs_raw_file",
             "random_access_vs_raw_mem",
             "random_access_vs_raw_file",
+            "random_access_vs_raw_mmap",
             "encrypt_vs_raw_encrypt",
             "stream_vs_best_peer",
             "random_access_vs_best_peer",
         ):
             cells = "".join(f"{fmt(r[key].get(str(n))):>9}" for n in threads)
-            print(f"  {suite:<18} {key:<22}{cells}")
+            print(f"  {suite:<18} {key:<28}{cells}")
         for n, v in r["random_access_scaling_vs_1_thread"].items():
-            print(f"  {suite:<18} random_access {n}t / 1t  {fmt(v)}")
+            print(f"  {suite:<18} {f'random_access {n}t / 1t':<28}{fmt(v):>9}")
         bp = r["best_peer"]
         if bp:
             extra = "" if bp["same_suite"] else " (other suite; info only)"
@@ -752,13 +861,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=parse_size, default=MiB, help="chunk size (1MiB)")
     ap.add_argument("--no-peers", action="store_true", help="skip aws-encryption-sdk and tink")
     ap.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results/format_throughput.json"
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results/format_throughput.json",
     )
     ap.add_argument("--tmpdir", type=Path, default=None, help="where sealed files go (/tmp)")
     ap.add_argument("--seed", type=int, default=0, help="plaintext RNG seed")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    try:
+        check_params(args.suites[0], args.chunk_size)
+    except ValueError as exc:
+        ap.error(f"--chunk-size: {exc}")
 
     size, cs = args.size, args.chunk_size
     count = max(1, -(-size // cs))
@@ -772,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
         "encrypt_sink": "BufferSink: preallocated bytearray (no syscalls); raw_encrypt "
         "writes into the same buffer with encrypt_into",
         "decrypt_source": "sealed file on local disk, page cache warmed by one full read",
+        "random_access_source": "SealedFile(path): whatever the library does with a path "
+        "(see source.git_head; since 65a8420 it memory-maps it)",
         "random_access_output": "one preallocated, pre-faulted bytearray of the plaintext size "
         "(shared by random_access_decrypt and the raw decrypt loops)",
         "raw_split": "ThreadPoolExecutor per measurement, one task per thread, chunk i on "
@@ -782,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "format_throughput",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
+        "source": source_info(),
         "parameters": params,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
