@@ -77,6 +77,18 @@ def check_sealed(sealed: bytes, data: bytes, dek: DataKey, tmp_path: Path) -> No
     # SealedFile from bytes, a path and a file object.
     path = tmp_path / "sealed.bin"
     path.write_bytes(sealed)
+
+    # SealReader over a regular file takes the memory-mapped path, also when the
+    # sealed bytes start part-way into the file.
+    embedded = tmp_path / "embedded.bin"
+    embedded.write_bytes(b"x" * 1000 + sealed)
+    for threads in (1, 3):
+        with path.open("rb") as fp, SealReader(fp, dek, threads=threads) as reader:
+            assert reader._file is not None
+            assert reader.read() == data
+        with embedded.open("rb") as fp:
+            fp.seek(1000)
+            assert SealReader(fp, dek, threads=threads).read() == data
     with path.open("rb") as fp:
         for src in (sealed, bytearray(sealed), memoryview(sealed), path, str(path), fp):
             with SealedFile(src, dek) as sf:
@@ -765,3 +777,37 @@ def test_key_slot_repr_hides_blob() -> None:
     for leak in (blob.hex(), base64.b64encode(blob).decode(), "SECRETBLOB", repr(blob)[2:20]):
         assert leak not in text
     assert str(slot) == text
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "damage",
+    ["flip-middle", "flip-last", "truncate-boundary", "truncate-mid", "trailing"],
+)
+def test_file_backed_reader_rejects_damage(damage: str, threads: int, tmp_path: Path) -> None:
+    dek = DataKey.generate()
+    data = plaintext(4 * CS + 10)
+    sealed = bytearray(seal_bytes(data, dek))
+    off = parse_preamble(bytes(sealed)).payload_offset
+    full = CS + TAG_SIZE
+    if damage == "flip-middle":
+        sealed[off + 2 * full + 5] ^= 1
+    elif damage == "flip-last":
+        sealed[-1] ^= 1
+    elif damage == "truncate-boundary":
+        del sealed[off + 4 * full :]
+    elif damage == "truncate-mid":
+        del sealed[-7:]
+    else:
+        sealed += b"\0"
+    path = tmp_path / "damaged.bin"
+    path.write_bytes(sealed)
+    got = bytearray()
+    with pytest.raises(AuthenticationError), path.open("rb") as fp:
+        reader = SealReader(fp, dek, threads=threads)
+        for view in reader.iter_chunks():
+            got += view
+    if damage == "flip-middle":
+        assert got == data[: 2 * CS]  # only chunks that authenticated, before the bad one
+    else:
+        assert got == b""  # the mapped path proves the end before releasing anything
