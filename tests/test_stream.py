@@ -808,6 +808,8 @@ def test_file_backed_reader_rejects_damage(damage: str, threads: int, tmp_path: 
         for view in reader.iter_chunks():
             got += view
     if damage == "flip-middle":
-        assert got == data[: 2 * CS]  # only chunks that authenticated, before the bad one
+        # Only whole chunks that authenticated, all before the bad one (a reader
+        # working in batches may release fewer).
+        assert len(got) % CS == 0 and len(got) <= 2 * CS and data.startswith(got)
     else:
         assert got == b""  # the mapped path proves the end before releasing anything
