@@ -81,3 +81,8 @@ def seal_bytes(data: bytes, dek: DataKey, **options: object) -> bytes:
     with SealWriter(out, dek, **options) as writer:  # type: ignore[arg-type]
         writer.write(data)
     return out.getvalue()
+
+
+def listing(directory: Path) -> list[str]:
+    """The names in *directory*, sorted: a check that no temporary file was left behind."""
+    return sorted(p.name for p in directory.iterdir())

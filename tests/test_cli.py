@@ -15,7 +15,7 @@ import pytest
 
 from sealstore.format import MAGIC, canonical_json, parse_preamble
 from sealstore.kms.local import LocalKeyring
-from tests.conftest import CS, PASSPHRASE, make_keyring
+from tests.conftest import CS, PASSPHRASE, listing, make_keyring
 
 
 def _find_command() -> Path:
@@ -66,10 +66,6 @@ def fails(proc: subprocess.CompletedProcess[bytes], code: int) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("sealstore: error: "), err
     return lines[0]
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
 
 
 @pytest.fixture

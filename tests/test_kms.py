@@ -50,7 +50,7 @@ from sealstore.kms.registry import (
 )
 from sealstore.kms.x25519 import X25519Identity, X25519Recipient, generate_identity
 from sealstore.stream import SealedFile
-from tests.conftest import CS, MEMLIMIT, OPSLIMIT, PASSPHRASE, make_keyring
+from tests.conftest import CS, MEMLIMIT, OPSLIMIT, PASSPHRASE, listing, make_keyring
 
 CTX = {"tenant": "t1", "artifact": "model"}
 
@@ -698,10 +698,6 @@ def test_make_slots_needs_a_key() -> None:
 
 
 # -- the envelope file API ----------------------------------------------------------
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
 
 
 @pytest.fixture
