@@ -117,10 +117,12 @@ class ChunkLayout:
 class SealWriter(io.BufferedIOBase):
     """Seal a byte stream into *fp* as it is written.
 
-    The preamble is written at once; each chunk is sealed as soon as the next
-    byte shows it is not the last. Leaving a ``with`` block on an exception
-    calls :meth:`abort`, so a failed producer never yields a file that
-    authenticates as a shorter plaintext.
+    The preamble is written at once; chunks are sealed once later input shows
+    they are not the last (a whole batch at a time when the writes are small),
+    and the final chunk only by :meth:`close`. Leaving a ``with`` block on an
+    exception -- or dropping the writer unclosed -- calls :meth:`abort`, so a
+    failed producer never yields a file that authenticates as a shorter
+    plaintext.
 
     Args:
         fp: the binary destination (only ``write`` is used).
@@ -160,10 +162,6 @@ class SealWriter(io.BufferedIOBase):
         self._aead = _aead(suite, key)
         self._aad = parse_preamble(preamble).aad
         self._cs = chunk_size
-        # Input is gathered into a batch of whole chunks, sealed with encrypt_into
-        # into one preallocated output buffer -- with threads, one lane per thread.
-        # No allocation and no thread hand-off per chunk: both were measured to
-        # make a per-chunk thread pool slower than one thread.
         # Input is sealed in batches of whole chunks with encrypt_into into
         # preallocated buffers -- no allocation per chunk (fresh 1 MiB buffers in
         # worker threads page-fault: measured 3-5x slower). With threads, lanes
@@ -285,14 +283,18 @@ def _zero(buf: memoryview) -> None:
 class SealReader(io.BufferedIOBase):
     """Stream the authenticated plaintext of a sealed file.
 
-    Each chunk is authenticated before any of its bytes are returned; a
-    truncation shows only when the final chunk is reached, as in any online
-    scheme, so a consumer that must not act on a prefix writes to a temporary
-    file and renames it after the last read (the CLI does).
+    Each chunk is authenticated before any of its bytes are returned. From a
+    pipe or socket, truncation shows only when the final chunk is reached, as
+    in any online scheme, so a consumer that must not act on a prefix writes
+    to a temporary file and renames it after the last read (the CLI does).
+    From a regular file the reader memory-maps it and authenticates the final
+    chunk before the first byte is returned.
 
     Args:
-        fp: the sealed source, positioned at the preamble (only ``read`` is used).
-        dek: the data key; use :meth:`open` to get it from slots first.
+        fp: the sealed source, positioned at the preamble (``read``/``readinto``;
+            ``fileno`` and ``tell`` too when it is a regular file).
+        dek: the data key; ``sealstore.kms.envelope.open_reader`` unwraps it
+            from the slots first.
         preamble: the preamble if the caller already read it from *fp*.
         threads: chunks decrypted in parallel, read ahead in order.
 
@@ -330,7 +332,6 @@ class SealReader(io.BufferedIOBase):
             self._chunks = self._file.iter_chunks(threads=threads)
         self._cur = memoryview(b"")
         self._pos = 0
-        self._total = 0
         self._failed = False
 
     @property
@@ -429,7 +430,6 @@ class SealReader(io.BufferedIOBase):
             self._cur = memoryview(b"")
             raise
         self._pos = 0
-        self._total += len(self._cur)
         return True
 
     def iter_chunks(self) -> Iterator[memoryview]:
