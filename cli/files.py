@@ -175,7 +175,7 @@ def _inspect(args: argparse.Namespace) -> int:
     info = inspect_file(args.file)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
-        return 0
+        return 1 if "layout_error" in info else 0
     rows = [
         ("format", f"sealstore v{info['version']}"),
         ("suite", info["suite"]),

@@ -10,15 +10,19 @@ Exit codes (also in docs/CLI.md):
   5  not found, or an I/O error on a named file
   6  a storage or key backend failed
   7  attestation failed
-  10 any other sealstore error
+  10 any other sealstore error, or an internal error (SEALSTORE_DEBUG=1 shows the traceback)
   130 interrupted
+  141 the output pipe closed before the end (e.g. ``| head``)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sealstore",
         description="Sealed model artifacts: encrypt, decrypt, inspect and verify.",
         epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "
-        "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 10 other, 130 interrupted.",
+        "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 10 other, 130 interrupted, "
+        "141 output pipe closed early.",
     )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -105,13 +110,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sealstore: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
+        # The reader of our output went away. What it got may be a prefix of a
+        # stream whose end was never authenticated: never report success.
+        _silence_stdout()
+        print("sealstore: error: output pipe closed before the end", file=sys.stderr)
+        return 141
     except Exception as exc:
         code = _exit_code(exc)
         if code == 10 and not isinstance(exc, errors.SealstoreError):
-            raise  # a bug: let the traceback show
+            # A bug in sealstore: one line, the traceback only on request.
+            if os.environ.get("SEALSTORE_DEBUG"):
+                traceback.print_exc()
+            print(
+                f"sealstore: internal error: {exc.__class__.__name__}: {_describe(exc)} "
+                "(set SEALSTORE_DEBUG=1 for the traceback)",
+                file=sys.stderr,
+            )
+            return 10
         print(f"sealstore: error: {_describe(exc)}", file=sys.stderr)
         return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def run() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -44,9 +45,11 @@ class Progress:
         self._delay = 0.0 if force else delay
         self._last = 0.0
         self._drawn = False
+        self._lock = threading.Lock()
 
     def __call__(self, n: int) -> None:
-        self.done += n
+        with self._lock:
+            self.done += n
         if not self.enabled:
             return
         now = time.monotonic()

@@ -19,6 +19,7 @@ import getpass
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import uuid
@@ -31,7 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstore.errors import FormatError, KeyUnavailable, NotFound
+from sealstore.errors import FormatError, KeyUnavailable, NotFound, SealstoreError
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot
@@ -44,6 +45,7 @@ FORMAT = "sealstore-keyring-v1"
 PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"  # noqa: S105 -- a variable name, not a secret
 _SLOT_AAD = b"sealstore/v1/slot/local\x00"
 _ZERO_KEY = bytes(32)
+_MAX_KEYRING_SIZE = 1 << 20
 
 
 def _now() -> str:
@@ -129,6 +131,7 @@ def create_keyring(
         "current": kek_id,
     }
     keks = {kek_id: os.urandom(32)}
+    p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(p) as fp:
         fp.write(_seal_document(public, keks, seal_key))
     LocalKeyring._cache.pop(str(p.resolve()), None)
@@ -169,12 +172,31 @@ def _check_document(doc: dict[str, Any]) -> str | None:
         isinstance(k, dict) and isinstance(k.get("id"), str) for k in keks
     ):
         return "'keks' must be a list of {id, created}"
-    if doc.get("current") not in {k["id"] for k in keks}:
+    current = doc.get("current")
+    if not isinstance(current, str) or current not in {k["id"] for k in keks}:
         return "'current' names no KEK"
     sealed = _unb64(doc.get("sealed"))
     if sealed is None or len(sealed) < 12 + 16:
         return "bad 'sealed' field"
     return None
+
+
+class _Unusable:
+    """Stands in for a keyring that could not be opened, so the slot's cause says why."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
+        raise KeyUnavailable(self._why)
+
+
+def _plausible_keyring(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size <= _MAX_KEYRING_SIZE
 
 
 def _unb64(value: Any) -> bytes | None:
@@ -247,22 +269,27 @@ class LocalKeyring:
         return cls.open(Path(path) if path else default_keyring_path())
 
     @classmethod
-    def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | None:
+    def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | _Unusable | None:
         """The keyring a slot names, if it exists here; else the default keyring."""
         from sealstore.kms.registry import default_keyring_path
 
+        # The slot section is not authenticated: its key_id may name any path.
+        # Only a regular file of keyring size is ever opened (never a FIFO or a
+        # device), and a file that is not this slot's keyring is skipped.
         want = slot.params.get("keyring")
         path = slot.key_id.partition(":")[2]
+        problem = None
         for candidate in (Path(path) if path else None, default_keyring_path()):
-            if candidate is None or not candidate.exists():
+            if candidate is None or not _plausible_keyring(candidate):
                 continue
             try:
                 ring = cls.open(candidate)
-            except NotFound:
+            except SealstoreError as exc:
+                problem = problem or str(exc)
                 continue
             if ring.id == want:
                 return ring
-        return None
+        return _Unusable(problem) if problem else None
 
     # -- public metadata -----------------------------------------------------------
 

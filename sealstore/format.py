@@ -108,11 +108,18 @@ def _loads(data: bytes, what: str) -> Any:
     except UnicodeDecodeError as exc:
         raise FormatError(f"{what} is not valid UTF-8") from exc
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
     except FormatError:
         raise
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"{what} is not valid JSON") from exc
+    try:
+        # JSON can spell a lone surrogate (\ud800) that UTF-8 cannot carry; slots
+        # and contexts are bound as UTF-8, so such a string is refused anywhere.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} holds a lone surrogate") from None
+    return obj
 
 
 def _no_constant(name: str) -> Any:
@@ -199,7 +206,7 @@ class Header:
         if not isinstance(obj, dict):
             raise FormatError("header must be a JSON object")
         version = obj.get("v")
-        if not _is_uint(version):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError("header field 'v' must be an integer")
         if version != VERSION:
             raise UnsupportedVersion(

@@ -17,9 +17,12 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
     """A binary file that appears at *path* (with *mode*) only if the block completes.
 
     On any exception the temporary file is removed and *path* is left as it was.
+
+    Raises:
+        FileNotFoundError: the folder of *path* does not exist.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # The folder must exist: creating it here would leave it behind on failure.
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)

@@ -194,7 +194,12 @@ def unwrap_first(
     mismatched = False
     for slot in slots:
         cause = "no identity or key provider for this slot"
-        for unwrapper in unwrappers_for(slot):
+        try:
+            candidates = list(unwrappers_for(slot))
+        except SealstoreError as exc:
+            causes.append((slot.key_id, str(exc)))
+            continue
+        for unwrapper in candidates:
             try:
                 dek = unwrapper.unwrap(slot, context)
             except SealstoreError as exc:

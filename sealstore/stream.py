@@ -45,6 +45,7 @@ from sealstore.format import (
     Header,
     Preamble,
     build_preamble,
+    header_aad,
     open_payload_key,
     parse_preamble,
     read_preamble,
@@ -160,7 +161,7 @@ class SealWriter(io.BufferedIOBase):
         self.header = header
         self._fp = fp
         self._aead = _aead(suite, key)
-        self._aad = parse_preamble(preamble).aad
+        self._aad = header_aad(header.encode())
         self._cs = chunk_size
         # Input is sealed in batches of whole chunks with encrypt_into into
         # preallocated buffers -- no allocation per chunk (fresh 1 MiB buffers in
@@ -174,7 +175,6 @@ class SealWriter(io.BufferedIOBase):
         self._fill = 0
         slots = 1 if threads == 1 else max(2, min(4, (32 << 20) // chunk_size // threads)) * threads
         self._ring = [memoryview(bytearray(chunk_size + TAG_SIZE)) for _ in range(slots)]
-        self._pool = ThreadPoolExecutor(threads, "seal-writer") if threads > 1 else None
         self._index = 0
         self._total = 0
         self._done = False
@@ -223,11 +223,11 @@ class SealWriter(io.BufferedIOBase):
             self._aead.encrypt_into(nonce, chunk, self._aad, out[:n])
             return n
 
-        if self._pool is None or count == 1:
+        if self._threads == 1 or count == 1:
             for j in range(count):
                 self._fp.write(self._ring[0][: work(j, self._ring[0])])
         else:
-            for sealed in _ordered_parallel(count, self._threads, self._ring, work, self._pool):
+            for sealed in _ordered_parallel(count, self._threads, self._ring, work):
                 self._fp.write(sealed)
 
     @property
@@ -246,6 +246,9 @@ class SealWriter(io.BufferedIOBase):
                     f"but {self._total} bytes were written"
                 )
             self._seal(memoryview(self._inbuf)[: self._fill], last=True)
+            flush = getattr(self._fp, "flush", None)
+            if flush is not None:
+                flush()
         except BaseException:
             self.abort()
             raise
@@ -265,8 +268,6 @@ class SealWriter(io.BufferedIOBase):
         self._done = True
         self._inbuf = bytearray()
         self._ring = []
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         super().close()
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -320,16 +321,23 @@ class SealReader(io.BufferedIOBase):
         self._aad = self.preamble.aad
         self._fp = fp
         self._cs = header.chunk_size
-        self._map = _map_regular_file(fp)
+        self._chunks: Iterator[memoryview] = iter(())
         self._file: SealedFile | None = None
+        self._map = _map_regular_file(fp)
         if self._map is None:
             self._chunks = self._iter_chunks(threads)
         else:
             # A regular file: decrypt straight out of the page cache, in parallel,
             # instead of copying every chunk through read() first.
-            start = fp.tell() - self.preamble.payload_offset
-            self._file = SealedFile(memoryview(self._map)[start:], dek, preamble=self.preamble)
-            self._chunks = self._file.iter_chunks(threads=threads)
+            try:
+                start = fp.tell() - self.preamble.payload_offset
+                if start < 0:
+                    raise ValueError("fp is not positioned after the given preamble")
+                self._file = SealedFile(memoryview(self._map)[start:], dek, preamble=self.preamble)
+                self._chunks = self._file.iter_chunks(threads=threads)
+            except BaseException:
+                self.close()
+                raise
         self._cur = memoryview(b"")
         self._pos = 0
         self._failed = False
@@ -419,6 +427,8 @@ class SealReader(io.BufferedIOBase):
         return dst
 
     def _next(self) -> bool:
+        if self.closed:
+            raise ValueError("read from a closed SealReader")
         if self._failed:
             raise AuthenticationError("sealed stream already failed authentication")
         try:
@@ -475,7 +485,9 @@ class SealReader(io.BufferedIOBase):
         return total
 
     def close(self) -> None:
-        self._chunks.close()
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
         self._cur = memoryview(b"")
         if self._file is not None:
             self._file.close()
@@ -487,12 +499,69 @@ class SealReader(io.BufferedIOBase):
         super().close()
 
 
+class _Lanes:
+    """*n* daemon threads running ``lane(k)``, k = 0..n-1, and a join that outlasts Ctrl-C.
+
+    Daemon threads, not a thread pool: a reader left open when the interpreter
+    exits must not keep it waiting for lanes blocked on its ring. On any
+    exception a lane sets :attr:`stop` so the others quit at their next chunk.
+    """
+
+    def __init__(self, n: int, lane: Callable[[int], None], stop: threading.Event) -> None:
+        self.stop = stop
+        self.errors: list[BaseException] = []
+
+        def run(k: int) -> None:
+            try:
+                lane(k)
+            except BaseException as exc:
+                self.errors.append(exc)
+                stop.set()
+
+        self._threads: list[threading.Thread] = []
+        try:
+            for k in range(n):
+                thread = threading.Thread(
+                    target=run, args=(k,), name=f"sealstore-lane-{k}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            # Interrupted while starting lanes: stop and wait for those running.
+            stop.set()
+            self._join_all()
+            raise
+
+    def join(self) -> None:
+        """Wait for every lane; an interrupt stops them first and is re-raised after.
+
+        Callers rely on this: once it returns or raises, no lane touches their
+        buffers any more.
+        """
+        interrupted = self._join_all()
+        if interrupted is not None:
+            raise interrupted
+        if self.errors:
+            raise self.errors[0]
+
+    def _join_all(self) -> BaseException | None:
+        interrupted: BaseException | None = None
+        for thread in self._threads:
+            while True:
+                try:
+                    thread.join()
+                    break
+                except BaseException as exc:  # KeyboardInterrupt while joining
+                    interrupted = interrupted or exc
+                    self.stop.set()
+        return interrupted
+
+
 def _ordered_parallel(
     count: int,
     threads: int,
     ring: list[memoryview],
     work: Callable[[int, memoryview], int],
-    pool: ThreadPoolExecutor | None = None,
 ) -> Iterator[memoryview]:
     """Run ``work(i, buf)`` for i in 0..count-1 on *threads* lanes; yield the results in order.
 
@@ -500,8 +569,7 @@ def _ordered_parallel(
     next item is taken. The first exception stops the lanes and is raised here
     at once; nothing more is yielded. The number of *ring* buffers must be a
     multiple of *threads*: then a slot always belongs to one lane, which reuses
-    it only after the consumer has taken the chunk it held. *pool* (at least
-    *threads* otherwise idle workers) is used if given, else a private one.
+    it only after the consumer has taken the chunk it held.
     """
     slots = len(ring)
     if slots % threads:
@@ -511,7 +579,6 @@ def _ordered_parallel(
     for ev in free:
         ev.set()
     lengths = [0] * slots
-    failure: list[BaseException] = []
     stop = threading.Event()
 
     def lane(start: int) -> None:
@@ -523,23 +590,20 @@ def _ordered_parallel(
             free[slot].clear()
             try:
                 lengths[slot] = work(i, ring[slot])
-            except BaseException as exc:
-                failure.append(exc)
+            except BaseException:
                 stop.set()
                 for ev in ready:  # wake the consumer wherever it waits
                     ev.set()
-                return
+                raise
             ready[slot].set()
 
-    own = pool is None
-    executor = ThreadPoolExecutor(threads, "sealed-lanes") if pool is None else pool
-    futures = [executor.submit(lane, k) for k in range(min(threads, count))]
+    lanes = _Lanes(min(threads, count), lane, stop)
     try:
         for i in range(count):
             slot = i % slots
             ready[slot].wait()
-            if failure:
-                raise failure[0]
+            if stop.is_set():
+                break  # a lane failed: join() below raises its error
             ready[slot].clear()
             yield ring[slot][: lengths[slot]]
             free[slot].set()
@@ -547,11 +611,7 @@ def _ordered_parallel(
         stop.set()
         for ev in free:
             ev.set()
-        if own:
-            executor.shutdown(wait=True)
-        else:
-            for fut in futures:
-                fut.exception()  # wait: the lanes must be done with the ring
+        lanes.join()
 
 
 def _map_regular_file(fp: Any) -> mmap.mmap | None:
@@ -713,14 +773,26 @@ class SealedFile:
     def decrypt_chunk_into(self, i: int, buf: Any) -> int:
         """Authenticate and decrypt chunk *i* into the start of *buf*.
 
+        The final chunk is authenticated first (once per file), so a truncated
+        file never yields a chunk.
+
         Returns:
             The chunk's plaintext length.
 
         Raises:
             IndexError: no chunk *i*.
             ValueError: *buf* is too small.
-            AuthenticationError: the chunk failed; *buf* is zeroed.
+            AuthenticationError: the chunk or the final one failed; *buf* is zeroed.
         """
+        if 0 <= i < self.layout.count and i != self.layout.count - 1:
+            try:
+                self._verify_end()
+            except AuthenticationError:
+                _zero(memoryview(buf).cast("B"))
+                raise
+        return self._decrypt_chunk(i, buf)
+
+    def _decrypt_chunk(self, i: int, buf: Any) -> int:
         layout = self.layout
         if not 0 <= i < layout.count:
             raise IndexError(f"chunk {i} out of range (0..{layout.count - 1})")
@@ -743,39 +815,9 @@ class SealedFile:
         if not self._end_verified:
             last = self.layout.count - 1
             scratch = bytearray(self.layout.plain_len(last))
-            self.decrypt_chunk_into(last, scratch)
+            self._decrypt_chunk(last, scratch)
             _zero(memoryview(scratch))
             self._end_verified = True
-
-    def _launch(
-        self,
-        pool: ThreadPoolExecutor,
-        jobs: list[tuple[int, memoryview]],
-        threads: int,
-        progress: Progress | None = None,
-    ) -> list[Future[None]]:
-        """Decrypt *jobs* on *threads* lanes, lane k taking every k-th job.
-
-        One task per lane, not per chunk: a future per chunk costs more Python
-        time under the GIL than it is worth (measured). A failure stops the
-        other lanes at their next chunk; the futures re-raise it.
-        """
-        k = min(threads, len(jobs))
-        failed = threading.Event()
-
-        def lane(start: int) -> None:
-            for job in jobs[start::k]:
-                if failed.is_set():
-                    return
-                try:
-                    self.decrypt_chunk_into(*job)
-                except BaseException:
-                    failed.set()
-                    raise
-                if progress is not None:
-                    progress(len(job[1]))
-
-        return [pool.submit(lane, j) for j in range(k)]
 
     def _run(
         self, jobs: list[tuple[int, memoryview]], threads: int, progress: Progress | None
@@ -783,16 +825,26 @@ class SealedFile:
         last = self.layout.count - 1
         if all(i != last for i, _ in jobs):
             self._verify_end()
-        if threads <= 1 or len(jobs) <= 1:
+        k = min(threads, len(jobs))
+        if k <= 1:
             for job in jobs:
-                self.decrypt_chunk_into(*job)
+                self._decrypt_chunk(*job)
                 if progress is not None:
                     progress(len(job[1]))
         else:
-            with ThreadPoolExecutor(min(threads, len(jobs)), "sealed-file") as pool:
-                futures = self._launch(pool, jobs, threads, progress)
-            for fut in futures:
-                fut.result()
+            # One lane per thread, each taking every k-th chunk: a future per chunk
+            # costs more Python time under the GIL than it is worth (measured).
+            stop = threading.Event()
+
+            def lane(start: int) -> None:
+                for job in jobs[start::k]:
+                    if stop.is_set():
+                        return
+                    self._decrypt_chunk(*job)
+                    if progress is not None:
+                        progress(len(job[1]))
+
+            _Lanes(k, lane, stop).join()
         self._end_verified = True
 
     def read_into(
@@ -885,12 +937,12 @@ class SealedFile:
         # cache (measured best of 4..16 a lane on 1 MiB chunks).
         slots = max(2, min(4, (32 << 20) // cs // threads)) * threads
         ring = [memoryview(bytearray(cs)) for _ in range(slots)]
-        return _ordered_parallel(count, threads, ring, self.decrypt_chunk_into)
+        return _ordered_parallel(count, threads, ring, self._decrypt_chunk)
 
     def _iter_serial(self) -> Iterator[memoryview]:
         out = bytearray(self.layout.chunk_size)
         for i in range(self.layout.count):
-            n = self.decrypt_chunk_into(i, out)
+            n = self._decrypt_chunk(i, out)
             yield memoryview(out)[:n]
 
     def verify(self, *, threads: int = 1, progress: Progress | None = None) -> None:

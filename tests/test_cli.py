@@ -540,4 +540,6 @@ def test_damaged_keyring_is_one_line(ring: LocalKeyring, sealed: Path, work: Pat
     doc = json.loads(ring.path.read_text())
     doc["kdf"] = "argon2id"
     ring.path.write_text(json.dumps(doc))
-    fails(run("decrypt", "-o", work / "out", sealed), 3)
+    # The slot's keyring cannot be used: no key (4), and the line says why.
+    line = fails(run("decrypt", "-o", work / "out", sealed), 4)
+    assert "damaged" in line

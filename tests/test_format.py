@@ -578,3 +578,16 @@ def test_fuzz_json_headers(
 def test_fuzz_json_slot_sections(slots: Any) -> None:
     check_parsers_agree(raw_preamble(valid_obj(), json.dumps(slots).encode()))
     check_parsers_agree(raw_preamble(valid_obj(), json.dumps([slots]).encode()))
+
+
+@pytest.mark.parametrize("version", [-1, 0, 2, 1000])
+def test_any_other_version_is_unsupported(version: int) -> None:
+    with pytest.raises(UnsupportedVersion):
+        parse_preamble(raw_preamble(dict(valid_obj(), v=version)))
+
+
+def test_lone_surrogate_in_a_slot_is_refused() -> None:
+    slots = b'[{"blob":"YmxvYg==","key_id":"x25519:abc","kind":"x25519","note":"\\ud800"}]'
+    assert_rejects(raw_preamble(valid_obj(), slots))
+    with pytest.raises(FormatError, match="surrogate"):
+        parse_preamble(raw_preamble(valid_obj(), slots))

@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sealstore.errors import AuthenticationError, FormatError
-from sealstore.format import MAGIC, SUITES, TAG_SIZE, canonical_json, parse_preamble
+from sealstore.format import (
+    MAGIC,
+    SUITES,
+    TAG_SIZE,
+    canonical_json,
+    derive_keys,
+    parse_preamble,
+)
 from sealstore.keys import DataKey, KeySlot
 from sealstore.stream import ChunkLayout, SealedFile, SealReader, SealWriter, chunk_nonce
 from tests.conftest import CS, seal_bytes
@@ -294,14 +302,15 @@ def test_decrypt_into_and_progress() -> None:
 
 @pytest.fixture
 def decrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    # Every chunk decryption, whichever public method asked for it.
     calls: list[int] = []
-    original = SealedFile.decrypt_chunk_into
+    original = SealedFile._decrypt_chunk
 
     def counting(self: SealedFile, i: int, buf: Any) -> int:
         calls.append(i)
         return original(self, i, buf)
 
-    monkeypatch.setattr(SealedFile, "decrypt_chunk_into", counting)
+    monkeypatch.setattr(SealedFile, "_decrypt_chunk", counting)
     return calls
 
 
@@ -426,7 +435,16 @@ def tampered(declared: bool) -> Iterator[tuple[str, bytes]]:
         yield f"cut {cut} bytes", sealed[:-cut]
     for extra in (b"\x00", b"\x00" * 16, b"\x00" * 17, c[3], c[0], bytes(FULL)):
         yield f"trailing {len(extra)} bytes", sealed + extra
-    yield "last chunk marked non-final", pre + c[0] + c[1] + c[2] + c[3] + c[3]
+    # The final chunk re-sealed, with the right key, under a non-final nonce: what a
+    # writer that never finished would leave. It must not pass as a whole file.
+    data = victim(declared)[0]
+    header = parse_preamble(sealed).header
+    key, _ = derive_keys(fixed_key(), header.salt, header.suite)
+    aead = AESGCM(key) if header.suite == "AES-256-GCM" else ChaCha20Poly1305(key)
+    nonce = chunk_nonce(header.nonce_prefix, 3, False)
+    resealed = aead.encrypt(nonce, data[3 * CS :], parse_preamble(sealed).aad)
+    assert len(resealed) == len(c[3]) and resealed != c[3]
+    yield "last chunk marked non-final", pre + c[0] + c[1] + c[2] + resealed
 
 
 @pytest.mark.parametrize("declared", [False, True])
