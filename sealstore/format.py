@@ -22,7 +22,7 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -47,6 +47,7 @@ __all__ = [
     "derive_keys",
     "parse_preamble",
     "read_preamble",
+    "read_preamble_from",
 ]
 
 MAGIC = b"\x89SEAL\r\n\x1a"
@@ -383,32 +384,40 @@ def read_preamble(fp: BinaryIO) -> Preamble:
 
     Leaves *fp* positioned at the first chunk. Raises as :func:`parse_preamble`.
     """
-    head = _read_exact(fp, len(MAGIC) + 4)
-    if len(head) >= len(MAGIC) and head[: len(MAGIC)] != MAGIC:
+    got = bytearray()
+
+    def head(n: int) -> bytes:
+        while len(got) < n:
+            part = fp.read(n - len(got))
+            if not part:
+                break
+            got.extend(part)
+        return bytes(got[:n])
+
+    return read_preamble_from(head)
+
+
+def read_preamble_from(head: Callable[[int], bytes]) -> Preamble:
+    """Parse the preamble of a source that *head(n)* reads the first *n* bytes of.
+
+    *head* returns fewer bytes only at the end of the input. It is called with
+    growing *n* and never past the preamble, whose length comes from the two
+    length fields, bounds-checked before anything is read. Raises as
+    :func:`parse_preamble`.
+    """
+    fixed = len(MAGIC) + 4
+    start = head(fixed)
+    if len(start) >= len(MAGIC) and start[: len(MAGIC)] != MAGIC:
         raise FormatError("not a sealed file (bad magic)")
-    if len(head) < len(MAGIC) + 4:
+    if len(start) < fixed:
         raise FormatError("file ends inside the preamble")
-    (hlen,) = _U32.unpack_from(head, len(MAGIC))
+    (hlen,) = _U32.unpack_from(start, len(MAGIC))
     if hlen == 0 or hlen > MAX_HEADER_SIZE:
         raise FormatError(f"header length {hlen} out of bounds")
-    rest = _read_exact(fp, hlen + 4)
-    if len(rest) < hlen + 4:
+    upto_slen = head(fixed + hlen + 4)
+    if len(upto_slen) < fixed + hlen + 4:
         raise FormatError("file ends inside the header")
-    (slen,) = _U32.unpack_from(rest, hlen)
+    (slen,) = _U32.unpack_from(upto_slen, fixed + hlen)
     if slen > MAX_SLOTS_SIZE:
         raise FormatError(f"key-slot section length {slen} out of bounds")
-    slots = _read_exact(fp, slen)
-    if len(slots) < slen:
-        raise FormatError("file ends inside the key-slot section")
-    return parse_preamble(head + rest + slots)
-
-
-def _read_exact(fp: BinaryIO, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        part = fp.read(n)
-        if not part:
-            break
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
+    return parse_preamble(head(fixed + hlen + 4 + slen))

@@ -38,17 +38,14 @@ from sealstore.errors import AuthenticationError, FormatError
 from sealstore.format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUITE,
-    MAGIC,
-    MAX_HEADER_SIZE,
-    MAX_SLOTS_SIZE,
     TAG_SIZE,
     Header,
     Preamble,
     build_preamble,
     header_aad,
     open_payload_key,
-    parse_preamble,
     read_preamble,
+    read_preamble_from,
 )
 from sealstore.keys import DataKey, KeySlot
 
@@ -733,7 +730,7 @@ class SealedFile:
         self._src = _Source(src)
         try:
             if preamble is None:
-                preamble = parse_preamble(self._src.head(_preamble_len(self._src)))
+                preamble = read_preamble_from(self._src.head)
             elif self._src.size < preamble.payload_offset:
                 raise FormatError("file ends inside the preamble")
             header = preamble.header
@@ -976,18 +973,6 @@ def peek_preamble(src: Any) -> Preamble:
     """
     source = _Source(src)
     try:
-        return parse_preamble(source.head(_preamble_len(source)))
+        return read_preamble_from(source.head)
     finally:
         source.close()
-
-
-def _preamble_len(src: _Source) -> int:
-    """Length of the preamble, from its two length fields (bounded by format.py)."""
-    head = src.head(len(MAGIC) + 4)
-    if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
-        return len(head)  # parse_preamble reports what is wrong
-    hlen = min(int.from_bytes(head[len(MAGIC) :], "little"), MAX_HEADER_SIZE)
-    at = len(MAGIC) + 4 + hlen
-    slen_raw = src.head(at + 4)[at:]
-    slen = min(int.from_bytes(slen_raw, "little"), MAX_SLOTS_SIZE) if len(slen_raw) == 4 else 0
-    return at + 4 + slen
