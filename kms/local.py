@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sealstore.errors import FormatError, KeyUnavailable, NotFound, SealstoreError
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
-from sealstore.keys import DEK_SIZE, DataKey, KeySlot
+from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
 __all__ = ["LocalKeyring", "create_keyring"]
 
@@ -181,16 +181,6 @@ def _check_document(doc: dict[str, Any]) -> str | None:
     return None
 
 
-class _Unusable:
-    """Stands in for a keyring that could not be opened, so the slot's cause says why."""
-
-    def __init__(self, why: str) -> None:
-        self._why = why
-
-    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
-        raise KeyUnavailable(self._why)
-
-
 def _plausible_keyring(path: Path) -> bool:
     try:
         st = path.stat()
@@ -269,7 +259,7 @@ class LocalKeyring:
         return cls.open(Path(path) if path else default_keyring_path())
 
     @classmethod
-    def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | _Unusable | None:
+    def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | Refusal | None:
         """The keyring a slot names, if it exists here; else the default keyring."""
         from sealstore.kms.registry import default_keyring_path
 
@@ -289,7 +279,7 @@ class LocalKeyring:
                 continue
             if ring.id == want:
                 return ring
-        return _Unusable(problem) if problem else None
+        return Refusal(problem) if problem else None
 
     # -- public metadata -----------------------------------------------------------
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sealstore.errors import FormatError, KeyUnavailable, NotFound
-from sealstore.keys import KeySlot, Unwrapper, Wrapper
+from sealstore.errors import FormatError, NotFound
+from sealstore.keys import KeySlot, Refusal, Unwrapper, Wrapper
 
 __all__ = [
     "default_keyring_path",
@@ -124,23 +124,13 @@ def unwrappers_for(slot: KeySlot, identities: Sequence[Unwrapper] = ()) -> Itera
     try:
         cls = get_provider_class(slot.kind)
     except ValueError:
-        yield _Unavailable(f"no key provider for slot kind {slot.kind!r}")
+        yield Refusal(f"no key provider for slot kind {slot.kind!r}")
         return
     except ImportError as exc:
-        yield _Unavailable(str(exc))
+        yield Refusal(str(exc))
         return
     finder = getattr(cls, "unwrapper_for_slot", None)
     if finder is not None:
         found = finder(slot)
         if found is not None:
             yield found
-
-
-class _Unavailable:
-    """Stands in for a provider that cannot be used, so its slot's cause says why."""
-
-    def __init__(self, why: str) -> None:
-        self._why = why
-
-    def unwrap(self, slot: KeySlot, context: Any) -> Any:
-        raise KeyUnavailable(self._why)

@@ -25,7 +25,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from sealstore.errors import FormatError, KeyUnavailable
 from sealstore.format import canonical_json
-from sealstore.keys import DEK_SIZE, DataKey, KeySlot
+from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
 __all__ = ["X25519Identity", "X25519Recipient", "generate_identity"]
 
@@ -79,8 +79,9 @@ class X25519Recipient:
         return cls(_dec(uri[len(_PREFIX) :], "x25519 recipient"))
 
     @classmethod
-    def unwrapper_for_slot(cls, slot: KeySlot) -> _NeedsIdentity:
-        return _NeedsIdentity()  # only an identity file (-i) opens these
+    def unwrapper_for_slot(cls, slot: KeySlot) -> Refusal:
+        # Only an identity file opens these; say so in the slot's cause.
+        return Refusal("needs the identity file of this recipient (pass -i FILE)")
 
     def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
         blob = SealedBox(self._pk).encrypt(dek.material() + _context_hash(context))
@@ -92,11 +93,6 @@ class X25519Recipient:
     @staticmethod
     def identity_from_text(text: str, *, source: str = "identity") -> X25519Identity:
         return X25519Identity.from_text(text, source=source)
-
-
-class _NeedsIdentity:
-    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
-        raise KeyUnavailable("needs the identity file of this recipient (pass -i FILE)")
 
 
 class X25519Identity:

@@ -21,6 +21,7 @@ __all__ = [
     "DEK_SIZE",
     "DataKey",
     "KeySlot",
+    "Refusal",
     "Unwrapper",
     "Wrapper",
     "unwrap_first",
@@ -165,6 +166,21 @@ class Unwrapper(Protocol):
             KeyReleaseDenied, BackendError: the key service refused or failed.
         """
         ...
+
+
+class Refusal:
+    """An unwrapper that opens nothing and says why.
+
+    Providers return one for a slot they cannot serve (an identity file is
+    needed, the keyring is damaged, the optional dependency is missing), so
+    the slot's cause in ``KeyUnavailable`` names the real reason.
+    """
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
+        raise KeyUnavailable(self.why)
 
 
 def unwrap_first(
