@@ -165,12 +165,10 @@ class SealWriter(io.BufferedIOBase):
         # worker threads page-fault: measured 3-5x slower). With threads, lanes
         # seal a batch into a small ring while this thread writes it out in order.
         self._threads = threads
-        self._batch = chunk_size * (
-            1 if threads == 1 else max(2 * threads, (16 << 20) // chunk_size)
-        )
+        self._batch = chunk_size * (1 if threads == 1 else max(threads, (16 << 20) // chunk_size))
         self._inbuf = bytearray()  # allocated when a write leaves a partial batch
         self._fill = 0
-        slots = 1 if threads == 1 else max(2, min(4, (32 << 20) // chunk_size // threads)) * threads
+        slots = 1 if threads == 1 else _ring_slots(threads, chunk_size)
         self._ring = [memoryview(bytearray(chunk_size + TAG_SIZE)) for _ in range(slots)]
         self._index = 0
         self._total = 0
@@ -494,6 +492,17 @@ class SealReader(io.BufferedIOBase):
                 self._map.close()
             self._map = None
         super().close()
+
+
+def _ring_slots(threads: int, chunk_size: int) -> int:
+    """Ring buffers for *threads* ordered lanes: a multiple of *threads*.
+
+    Four a lane on small chunks -- enough lead to hide wake-ups, little enough
+    to stay in cache (measured best of 4..16 a lane on 1 MiB chunks) -- and as
+    few as one a lane on 16 MiB and larger, where a hand-off is cheap against
+    the chunk and memory is not (64 MiB chunks, 4 threads: 256 MiB).
+    """
+    return max(1, min(4, (32 << 20) // chunk_size // threads)) * threads
 
 
 class _Lanes:
@@ -930,10 +939,7 @@ class SealedFile:
         # ~0.1-1 ms on these VMs, so hand-offs must not sit on the critical path:
         # a future per chunk, or a batch per hand-off, measured no faster than
         # one thread.
-        # Four slots a lane: enough lead to hide wake-ups, small enough to stay in
-        # cache (measured best of 4..16 a lane on 1 MiB chunks).
-        slots = max(2, min(4, (32 << 20) // cs // threads)) * threads
-        ring = [memoryview(bytearray(cs)) for _ in range(slots)]
+        ring = [memoryview(bytearray(cs)) for _ in range(_ring_slots(threads, cs))]
         return _ordered_parallel(count, threads, ring, self._decrypt_chunk)
 
     def _iter_serial(self) -> Iterator[memoryview]:

@@ -187,3 +187,22 @@ def test_failure_mid_stream_leaves_no_temporary_file(tmp_path: Path) -> None:
     out.mkdir()
     fails(run("decrypt", "-o", out / "plain.bin", "-", stdin=bytes(data)), 1)
     assert listing(out) == []
+
+
+def test_large_chunks_use_one_ring_slot_per_lane() -> None:
+    # 16 MiB chunks with 3 threads: the lanes get one buffer each (memory stays
+    # bounded at the largest chunk sizes); order and contents must not suffer.
+    cs = 16 << 20
+    dek = DataKey.generate()
+    data = os.urandom(3 * cs + 5)
+    out = io.BytesIO()
+    from sealstore.stream import SealReader, SealWriter, _ring_slots
+
+    assert _ring_slots(3, cs) == 3
+    with SealWriter(out, dek, chunk_size=cs, threads=3) as writer:
+        for i in range(0, len(data), 5_000_000):
+            writer.write(data[i : i + 5_000_000])
+    sealed = out.getvalue()
+    assert SealReader(io.BytesIO(sealed), dek, threads=3).read() == data
+    chunks = SealedFile(sealed, dek).iter_chunks(threads=3)
+    assert b"".join(bytes(view) for view in chunks) == data
