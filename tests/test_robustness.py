@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import io
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from sealstore.format import TAG_SIZE, build_preamble, parse_preamble
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.envelope import open_sealed, seal_stream
 from sealstore.kms.local import LocalKeyring
-from sealstore.stream import SealedFile
+from sealstore.stream import SealedFile, SealReader, SealWriter, _ring_slots
 from tests.conftest import CS, listing, seal_bytes
 from tests.test_cli import SEALSTORE, fails, run
 
@@ -152,8 +153,6 @@ def test_output_into_a_missing_folder_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_damaged_keyring_fields_are_one_line(keyring: LocalKeyring) -> None:
-    import json
-
     doc = json.loads(keyring.path.read_text())
     doc["current"] = ["k1"]
     keyring.path.write_text(json.dumps(doc))
@@ -196,8 +195,6 @@ def test_large_chunks_use_one_ring_slot_per_lane() -> None:
     dek = DataKey.generate()
     data = os.urandom(3 * cs + 5)
     out = io.BytesIO()
-    from sealstore.stream import SealReader, SealWriter, _ring_slots
-
     assert _ring_slots(3, cs) == 3
     with SealWriter(out, dek, chunk_size=cs, threads=3) as writer:
         for i in range(0, len(data), 5_000_000):
