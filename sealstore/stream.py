@@ -21,20 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import mmap
-import os
-import stat
-import struct
-import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from sealstore.errors import AuthenticationError, FormatError
+from sealstore.chunks import ChunkLayout, Progress, chunk_nonce, new_aead, zero
+from sealstore.errors import AuthenticationError
 from sealstore.format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -45,10 +40,14 @@ from sealstore.format import (
     header_aad,
     open_payload_key,
     read_preamble,
-    read_preamble_from,
 )
 from sealstore.keys import DataKey, KeySlot
+from sealstore.parallel import ordered_parallel, ring_slots
+from sealstore.sealed_file import SealedFile, peek_preamble
+from sealstore.source import map_regular_file
 
+# SealedFile, peek_preamble, ChunkLayout and chunk_nonce live in their own
+# modules and are re-exported here, where the format's readers are found.
 __all__ = [
     "ChunkLayout",
     "SealReader",
@@ -57,59 +56,6 @@ __all__ = [
     "chunk_nonce",
     "peek_preamble",
 ]
-
-_IDX = struct.Struct(">I")
-MAX_CHUNKS = 1 << 32
-
-Aead = AESGCM | ChaCha20Poly1305
-Progress = Callable[[int], None]
-
-
-def _aead(suite: str, key: bytes) -> Aead:
-    return AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
-
-
-def chunk_nonce(prefix: bytes, index: int, last: bool) -> bytes:
-    """The 12-byte nonce of chunk *index*."""
-    if not 0 <= index < MAX_CHUNKS:
-        raise ValueError("chunk index out of range")
-    return prefix + _IDX.pack(index) + (b"\x01" if last else b"\x00")
-
-
-class ChunkLayout:
-    """Where each chunk sits, derived from the payload length alone.
-
-    Raises:
-        AuthenticationError: the payload length is impossible for a sealed file
-            (cut inside a tag, an empty last chunk after full ones, or a size that
-            contradicts the header's ``plaintext_size``).
-    """
-
-    def __init__(self, header: Header, payload_offset: int, payload_len: int) -> None:
-        cs = header.chunk_size
-        full = cs + TAG_SIZE
-        n, rem = divmod(payload_len, full)
-        if rem == 0 and n > 0:
-            count, last_len = n, cs
-        elif rem >= TAG_SIZE and (n == 0 or rem > TAG_SIZE):
-            count, last_len = n + 1, rem - TAG_SIZE
-        else:
-            raise AuthenticationError("sealed payload is truncated or has trailing bytes")
-        if count > MAX_CHUNKS:
-            raise FormatError("too many chunks")
-        self.chunk_size = cs
-        self.count = count
-        self.last_len = last_len
-        self.payload_offset = payload_offset
-        self.plaintext_size = (count - 1) * cs + last_len
-        if header.plaintext_size is not None and header.plaintext_size != self.plaintext_size:
-            raise AuthenticationError("sealed payload length does not match the header")
-
-    def plain_len(self, i: int) -> int:
-        return self.last_len if i == self.count - 1 else self.chunk_size
-
-    def offset(self, i: int) -> int:
-        return self.payload_offset + i * (self.chunk_size + TAG_SIZE)
 
 
 class SealWriter(io.BufferedIOBase):
@@ -157,7 +103,7 @@ class SealWriter(io.BufferedIOBase):
         preamble = build_preamble(header, slots)
         self.header = header
         self._fp = fp
-        self._aead = _aead(suite, key)
+        self._aead = new_aead(suite, key)
         self._aad = header_aad(header.encode())
         self._cs = chunk_size
         # Input is sealed in batches of whole chunks with encrypt_into into
@@ -168,7 +114,7 @@ class SealWriter(io.BufferedIOBase):
         self._batch = chunk_size * (1 if threads == 1 else max(threads, (16 << 20) // chunk_size))
         self._inbuf = bytearray()  # allocated when a write leaves a partial batch
         self._fill = 0
-        slots = 1 if threads == 1 else _ring_slots(threads, chunk_size)
+        slots = 1 if threads == 1 else ring_slots(threads, chunk_size)
         self._ring = [memoryview(bytearray(chunk_size + TAG_SIZE)) for _ in range(slots)]
         self._index = 0
         self._total = 0
@@ -222,7 +168,7 @@ class SealWriter(io.BufferedIOBase):
             for j in range(count):
                 self._fp.write(self._ring[0][: work(j, self._ring[0])])
         else:
-            for sealed in _ordered_parallel(count, self._threads, self._ring, work):
+            for sealed in ordered_parallel(count, self._threads, self._ring, work):
                 self._fp.write(sealed)
 
     @property
@@ -272,10 +218,6 @@ class SealWriter(io.BufferedIOBase):
             self.close()
 
 
-def _zero(buf: memoryview) -> None:
-    buf[:] = bytes(len(buf))
-
-
 class SealReader(io.BufferedIOBase):
     """Stream the authenticated plaintext of a sealed file.
 
@@ -312,13 +254,13 @@ class SealReader(io.BufferedIOBase):
             raise ValueError("threads must be at least 1")
         self.preamble = preamble if preamble is not None else read_preamble(fp)
         header = self.preamble.header
-        self._aead = _aead(header.suite, open_payload_key(header, dek))
+        self._aead = new_aead(header.suite, open_payload_key(header, dek))
         self._aad = self.preamble.aad
         self._fp = fp
         self._cs = header.chunk_size
         self._chunks: Iterator[memoryview] = iter(())
         self._file: SealedFile | None = None
-        self._map = _map_regular_file(fp)
+        self._map = map_regular_file(fp)
         if self._map is None:
             self._chunks = self._iter_chunks(threads)
         else:
@@ -417,7 +359,7 @@ class SealReader(io.BufferedIOBase):
         try:
             self._aead.decrypt_into(nonce, memoryview(ct)[:got], self._aad, dst)
         except InvalidTag:
-            _zero(dst)
+            zero(dst)
             raise AuthenticationError(f"chunk {index} failed authentication") from None
         return dst
 
@@ -492,493 +434,3 @@ class SealReader(io.BufferedIOBase):
                 self._map.close()
             self._map = None
         super().close()
-
-
-def _ring_slots(threads: int, chunk_size: int) -> int:
-    """Ring buffers for *threads* ordered lanes: a multiple of *threads*.
-
-    Four a lane on small chunks -- enough lead to hide wake-ups, little enough
-    to stay in cache (measured best of 4..16 a lane on 1 MiB chunks) -- and as
-    few as one a lane on 16 MiB and larger, where a hand-off is cheap against
-    the chunk and memory is not (64 MiB chunks, 4 threads: 256 MiB).
-    """
-    return max(1, min(4, (32 << 20) // chunk_size // threads)) * threads
-
-
-class _Lanes:
-    """*n* daemon threads running ``lane(k)``, k = 0..n-1, and a join that outlasts Ctrl-C.
-
-    Daemon threads, not a thread pool: a reader left open when the interpreter
-    exits must not keep it waiting for lanes blocked on its ring. On any
-    exception a lane sets :attr:`stop` so the others quit at their next chunk.
-    """
-
-    def __init__(self, n: int, lane: Callable[[int], None], stop: threading.Event) -> None:
-        self.stop = stop
-        self.errors: list[BaseException] = []
-
-        def run(k: int) -> None:
-            try:
-                lane(k)
-            except BaseException as exc:
-                self.errors.append(exc)
-                stop.set()
-
-        self._threads: list[threading.Thread] = []
-        try:
-            for k in range(n):
-                thread = threading.Thread(
-                    target=run, args=(k,), name=f"sealstore-lane-{k}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-        except BaseException:
-            # Interrupted while starting lanes: stop and wait for those running.
-            stop.set()
-            self._join_all()
-            raise
-
-    def join(self) -> None:
-        """Wait for every lane; an interrupt stops them first and is re-raised after.
-
-        Callers rely on this: once it returns or raises, no lane touches their
-        buffers any more.
-        """
-        interrupted = self._join_all()
-        if interrupted is not None:
-            raise interrupted
-        if self.errors:
-            raise self.errors[0]
-
-    def _join_all(self) -> BaseException | None:
-        interrupted: BaseException | None = None
-        for thread in self._threads:
-            while True:
-                try:
-                    thread.join()
-                    break
-                except BaseException as exc:  # KeyboardInterrupt while joining
-                    interrupted = interrupted or exc
-                    self.stop.set()
-        return interrupted
-
-
-def _ordered_parallel(
-    count: int,
-    threads: int,
-    ring: list[memoryview],
-    work: Callable[[int, memoryview], int],
-) -> Iterator[memoryview]:
-    """Run ``work(i, buf)`` for i in 0..count-1 on *threads* lanes; yield the results in order.
-
-    Each result is ``buf[:n]`` for the *n* that ``work`` returned, valid until the
-    next item is taken. The first exception stops the lanes and is raised here
-    at once; nothing more is yielded. The number of *ring* buffers must be a
-    multiple of *threads*: then a slot always belongs to one lane, which reuses
-    it only after the consumer has taken the chunk it held.
-    """
-    slots = len(ring)
-    if slots % threads:
-        raise ValueError("the ring must hold a multiple of threads buffers")
-    ready = [threading.Event() for _ in range(slots)]
-    free = [threading.Event() for _ in range(slots)]
-    for ev in free:
-        ev.set()
-    lengths = [0] * slots
-    stop = threading.Event()
-
-    def lane(start: int) -> None:
-        for i in range(start, count, threads):
-            slot = i % slots
-            free[slot].wait()
-            if stop.is_set():
-                return
-            free[slot].clear()
-            try:
-                lengths[slot] = work(i, ring[slot])
-            except BaseException:
-                stop.set()
-                for ev in ready:  # wake the consumer wherever it waits
-                    ev.set()
-                raise
-            ready[slot].set()
-
-    lanes = _Lanes(min(threads, count), lane, stop)
-    try:
-        for i in range(count):
-            slot = i % slots
-            ready[slot].wait()
-            if stop.is_set():
-                break  # a lane failed: join() below raises its error
-            ready[slot].clear()
-            yield ring[slot][: lengths[slot]]
-            free[slot].set()
-    finally:
-        stop.set()
-        for ev in free:
-            ev.set()
-        lanes.join()
-
-
-def _map_regular_file(fp: Any) -> mmap.mmap | None:
-    """A read-only map of *fp* if it is a regular file, else None (pipes, sockets, memory)."""
-    try:
-        fd = fp.fileno()
-        fp.tell()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
-class _Source:
-    """Positional reads from a path, a file object or an in-memory buffer.
-
-    A path is memory-mapped when it can be: chunks then decrypt straight out
-    of the page cache with no copy (measured ~1.5x faster than pread into a
-    scratch buffer on one thread). The cost: truncating the file in place
-    while it is mapped kills the process with SIGBUS -- which fails closed,
-    and sealstore's own writers replace files by rename, never in place.
-    """
-
-    def __init__(self, src: Any) -> None:
-        self._fd: int | None = None
-        self._map: mmap.mmap | None = None
-        self._mem: memoryview | None = None
-        self._fp: BinaryIO | None = None
-        self._lock = threading.Lock()
-        if isinstance(src, (str, os.PathLike)):
-            self._fd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self.size = os.fstat(self._fd).st_size
-            try:
-                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
-            except (OSError, ValueError):
-                pass  # not mappable (empty, a pipe, a device): positional reads instead
-            else:
-                self._mem = memoryview(self._map)
-                os.close(self._fd)
-                self._fd = None
-        elif isinstance(src, (bytes, bytearray, memoryview, mmap.mmap)):
-            self._mem = memoryview(src).cast("B")
-            self.size = len(self._mem)
-        elif hasattr(src, "seek") and hasattr(src, "read"):
-            self._fp = src
-            self.size = src.seek(0, io.SEEK_END)
-        else:
-            raise TypeError("source must be a path, a bytes-like object or a seekable binary file")
-
-    @property
-    def in_memory(self) -> bool:
-        return self._mem is not None
-
-    def view(self, offset: int, n: int, scratch: bytearray | None = None) -> memoryview:
-        """Bytes [offset, offset+n): zero-copy for memory, else read into *scratch*."""
-        if self._mem is not None:
-            return self._mem[offset : offset + n]
-        buf = memoryview(scratch if scratch is not None else bytearray(n))[:n]
-        got = 0
-        if self._fd is not None:
-            while got < n:
-                k = os.preadv(self._fd, [buf[got:]], offset + got)
-                if k == 0:
-                    break
-                got += k
-        else:
-            assert self._fp is not None
-            with self._lock:
-                self._fp.seek(offset)
-                while got < n:
-                    k = self._fp.readinto(buf[got:]) or 0
-                    if k == 0:
-                        break
-                    got += k
-        if got != n:
-            raise AuthenticationError("sealed file changed size while being read")
-        return buf
-
-    def head(self, n: int) -> bytes:
-        n = min(n, self.size)
-        return bytes(self.view(0, n, bytearray(n)))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._map is not None:
-            try:
-                assert self._mem is not None
-                self._mem.release()
-                self._map.close()
-            except BufferError:
-                pass  # a caller still holds a view; the map closes when it is collected
-            self._map = None
-        self._mem = None
-
-
-class SealedFile:
-    """Random access to a sealed file's plaintext.
-
-    Only the chunks a request covers are read and decrypted, which makes lazy
-    tensor loads and ranged object-store reads cheap. Every returned byte has
-    been authenticated; the file length is checked against the header's
-    ``plaintext_size`` (or, without one, the final chunk is authenticated on
-    the first read) so truncation never passes unnoticed.
-
-    Args:
-        src: a path, a bytes-like object, or a seekable binary file.
-        dek: the data key (see ``sealstore.kms.open_sealed`` to use slots).
-        preamble: a preamble already parsed from *src*.
-
-    Raises:
-        FormatError, UnsupportedVersion: a malformed preamble.
-        AuthenticationError: wrong key, or an impossible payload length.
-    """
-
-    def __init__(self, src: Any, dek: DataKey, *, preamble: Preamble | None = None) -> None:
-        self._src = _Source(src)
-        try:
-            if preamble is None:
-                preamble = read_preamble_from(self._src.head)
-            elif self._src.size < preamble.payload_offset:
-                raise FormatError("file ends inside the preamble")
-            header = preamble.header
-            self.preamble = preamble
-            self._aad = preamble.aad
-            self._aead = _aead(header.suite, open_payload_key(header, dek))
-            self.layout = ChunkLayout(
-                header, preamble.payload_offset, self._src.size - preamble.payload_offset
-            )
-        except BaseException:
-            self._src.close()
-            raise
-        self._local = threading.local()
-        # Nothing -- not even "this file is empty" -- is returned before the final
-        # chunk has authenticated: that proves the header, the key and the length.
-        self._end_verified = False
-
-    @property
-    def header(self) -> Header:
-        return self.preamble.header
-
-    @property
-    def size(self) -> int:
-        """The plaintext size in bytes."""
-        return self.layout.plaintext_size
-
-    @property
-    def chunk_count(self) -> int:
-        return self.layout.count
-
-    def _scratch(self) -> bytearray:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(self.layout.chunk_size + TAG_SIZE)
-        return buf
-
-    def decrypt_chunk_into(self, i: int, buf: Any) -> int:
-        """Authenticate and decrypt chunk *i* into the start of *buf*.
-
-        The final chunk is authenticated first (once per file), so a truncated
-        file never yields a chunk.
-
-        Returns:
-            The chunk's plaintext length.
-
-        Raises:
-            IndexError: no chunk *i*.
-            ValueError: *buf* is too small.
-            AuthenticationError: the chunk or the final one failed; *buf* is zeroed.
-        """
-        if 0 <= i < self.layout.count and i != self.layout.count - 1:
-            try:
-                self._verify_end()
-            except AuthenticationError:
-                _zero(memoryview(buf).cast("B"))
-                raise
-        return self._decrypt_chunk(i, buf)
-
-    def _decrypt_chunk(self, i: int, buf: Any) -> int:
-        layout = self.layout
-        if not 0 <= i < layout.count:
-            raise IndexError(f"chunk {i} out of range (0..{layout.count - 1})")
-        n = layout.plain_len(i)
-        out = memoryview(buf).cast("B")
-        if len(out) < n:
-            raise ValueError(f"buffer of {len(out)} bytes is too small for chunk {i} ({n} bytes)")
-        dst = out[:n]
-        scratch = None if self._src.in_memory else self._scratch()
-        ct = self._src.view(layout.offset(i), n + TAG_SIZE, scratch)
-        nonce = chunk_nonce(self.header.nonce_prefix, i, i == layout.count - 1)
-        try:
-            self._aead.decrypt_into(nonce, ct, self._aad, dst)
-        except InvalidTag:
-            _zero(dst)
-            raise AuthenticationError(f"chunk {i} failed authentication") from None
-        return n
-
-    def _verify_end(self) -> None:
-        if not self._end_verified:
-            last = self.layout.count - 1
-            scratch = bytearray(self.layout.plain_len(last))
-            self._decrypt_chunk(last, scratch)
-            _zero(memoryview(scratch))
-            self._end_verified = True
-
-    def _run(
-        self, jobs: list[tuple[int, memoryview]], threads: int, progress: Progress | None
-    ) -> None:
-        last = self.layout.count - 1
-        if all(i != last for i, _ in jobs):
-            self._verify_end()
-        k = min(threads, len(jobs))
-        if k <= 1:
-            for job in jobs:
-                self._decrypt_chunk(*job)
-                if progress is not None:
-                    progress(len(job[1]))
-        else:
-            # One lane per thread, each taking every k-th chunk: a future per chunk
-            # costs more Python time under the GIL than it is worth (measured).
-            stop = threading.Event()
-
-            def lane(start: int) -> None:
-                for job in jobs[start::k]:
-                    if stop.is_set():
-                        return
-                    self._decrypt_chunk(*job)
-                    if progress is not None:
-                        progress(len(job[1]))
-
-            _Lanes(k, lane, stop).join()
-        self._end_verified = True
-
-    def read_into(
-        self, offset: int, buf: Any, *, threads: int = 1, progress: Progress | None = None
-    ) -> int:
-        """Decrypt plaintext bytes ``[offset, offset + len(buf))`` into *buf*.
-
-        Reads stop at the end of the plaintext. On any failure *buf* is zeroed.
-
-        Returns:
-            The number of bytes written.
-
-        Raises:
-            ValueError: a negative offset.
-            AuthenticationError: a chunk the range covers failed.
-        """
-        if offset < 0:
-            raise ValueError("offset must be non-negative")
-        out = memoryview(buf).cast("B")
-        end = min(offset + len(out), self.size)
-        if end <= offset:
-            self._verify_end()
-            return 0
-        cs = self.layout.chunk_size
-        first, last = offset // cs, (end - 1) // cs
-        jobs: list[tuple[int, memoryview]] = []
-        edges: list[tuple[int, bytearray, int, int]] = []
-        for i in range(first, last + 1):
-            start = i * cs
-            n = self.layout.plain_len(i)
-            if start >= offset and start + n <= end:
-                jobs.append((i, out[start - offset : start - offset + n]))
-            else:
-                # A chunk the range only partly covers goes through a scratch buffer.
-                tmp = bytearray(n)
-                lo, hi = max(offset, start), min(end, start + n)
-                edges.append((i, tmp, lo - start, hi - start))
-                jobs.append((i, memoryview(tmp)))
-        try:
-            self._run(jobs, threads, progress)
-        except BaseException:
-            _zero(out)
-            for _, tmp, _, _ in edges:
-                _zero(memoryview(tmp))
-            raise
-        for i, tmp, lo, hi in edges:
-            dst = i * cs + lo - offset
-            out[dst : dst + hi - lo] = memoryview(tmp)[lo:hi]
-            _zero(memoryview(tmp))
-        return end - offset
-
-    def read_range(self, offset: int, n: int, *, threads: int = 1) -> bytes:
-        """The plaintext bytes ``[offset, offset + n)``, shorter at the end of the file."""
-        if n < 0:
-            raise ValueError("n must be non-negative")
-        buf = bytearray(max(0, min(n, self.size - offset)))
-        got = self.read_into(offset, buf, threads=threads)
-        return bytes(buf[:got])
-
-    def decrypt_into(self, buf: Any, *, threads: int = 1, progress: Progress | None = None) -> int:
-        """Decrypt the whole plaintext into *buf* (at least :attr:`size` bytes)."""
-        if len(memoryview(buf).cast("B")) < self.size:
-            raise ValueError("buffer is smaller than the plaintext")
-        return self.read_into(0, buf, threads=threads, progress=progress)
-
-    def iter_chunks(self, *, threads: int = 1) -> Iterator[memoryview]:
-        """Yield the plaintext chunk by chunk, in order; each view is valid until the next.
-
-        The final chunk is authenticated before the first is yielded; with
-        *threads* > 1, chunks ahead are decrypted in parallel into a small ring.
-
-        Raises:
-            AuthenticationError: the first chunk that fails (none is yielded).
-        """
-        self._verify_end()
-        return self._iter(threads)
-
-    def _iter(self, threads: int) -> Iterator[memoryview]:
-        """Every chunk's plaintext in order; no end check (callers decide)."""
-        count, cs = self.layout.count, self.layout.chunk_size
-        if threads <= 1:
-            return self._iter_serial()
-        # Lanes run ahead of the consumer through a ring of chunk buffers, each
-        # lane taking every k-th chunk and blocking only when the ring is full;
-        # the consumer takes the chunks in order. Waking a sleeping thread costs
-        # ~0.1-1 ms on these VMs, so hand-offs must not sit on the critical path:
-        # a future per chunk, or a batch per hand-off, measured no faster than
-        # one thread.
-        ring = [memoryview(bytearray(cs)) for _ in range(_ring_slots(threads, cs))]
-        return _ordered_parallel(count, threads, ring, self._decrypt_chunk)
-
-    def _iter_serial(self) -> Iterator[memoryview]:
-        out = bytearray(self.layout.chunk_size)
-        for i in range(self.layout.count):
-            n = self._decrypt_chunk(i, out)
-            yield memoryview(out)[:n]
-
-    def verify(self, *, threads: int = 1, progress: Progress | None = None) -> None:
-        """Authenticate every chunk, keeping no plaintext.
-
-        Raises:
-            AuthenticationError: the first chunk that fails.
-        """
-        # Every chunk is checked here, the last one too: no separate end check.
-        for view in self._iter(threads):
-            if progress is not None:
-                progress(len(view))
-            _zero(view)
-        self._end_verified = True
-
-    def close(self) -> None:
-        self._src.close()
-
-    def __enter__(self) -> SealedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def peek_preamble(src: Any) -> Preamble:
-    """Parse the preamble of a sealed source (path, bytes-like or seekable file); no key needed.
-
-    Raises:
-        FormatError, UnsupportedVersion: as :func:`sealstore.format.parse_preamble`.
-    """
-    source = _Source(src)
-    try:
-        return read_preamble_from(source.head)
-    finally:
-        source.close()

@@ -19,7 +19,8 @@ from sealstore.format import TAG_SIZE, build_preamble, parse_preamble
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.envelope import open_sealed, seal_stream
 from sealstore.kms.local import LocalKeyring
-from sealstore.stream import SealedFile, SealReader, SealWriter, _ring_slots
+from sealstore.parallel import ring_slots
+from sealstore.stream import SealedFile, SealReader, SealWriter
 from tests.conftest import CS, listing, seal_bytes
 from tests.test_cli import SEALSTORE, fails, run
 
@@ -195,7 +196,7 @@ def test_large_chunks_use_one_ring_slot_per_lane() -> None:
     dek = DataKey.generate()
     data = os.urandom(3 * cs + 5)
     out = io.BytesIO()
-    assert _ring_slots(3, cs) == 3
+    assert ring_slots(3, cs) == 3
     with SealWriter(out, dek, chunk_size=cs, threads=3) as writer:
         for i in range(0, len(data), 5_000_000):
             writer.write(data[i : i + 5_000_000])

@@ -1,0 +1,72 @@
+"""Chunk geometry and nonces of the v1 payload, shared by the writer and the readers."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from sealstore.errors import AuthenticationError, FormatError
+from sealstore.format import TAG_SIZE, Header
+
+__all__ = ["MAX_CHUNKS", "ChunkLayout", "Progress", "chunk_nonce", "new_aead", "zero"]
+
+_IDX = struct.Struct(">I")
+MAX_CHUNKS = 1 << 32
+
+Aead = AESGCM | ChaCha20Poly1305
+Progress = Callable[[int], None]  # called with each chunk's byte count
+
+
+def new_aead(suite: str, key: bytes) -> Aead:
+    """The AEAD of a v1 suite (the suite name was validated with the header)."""
+    return AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
+
+
+def chunk_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    """The 12-byte nonce of chunk *index*."""
+    if not 0 <= index < MAX_CHUNKS:
+        raise ValueError("chunk index out of range")
+    return prefix + _IDX.pack(index) + (b"\x01" if last else b"\x00")
+
+
+class ChunkLayout:
+    """Where each chunk sits, derived from the payload length alone.
+
+    Raises:
+        AuthenticationError: the payload length is impossible for a sealed file
+            (cut inside a tag, an empty last chunk after full ones, or a size that
+            contradicts the header's ``plaintext_size``).
+    """
+
+    def __init__(self, header: Header, payload_offset: int, payload_len: int) -> None:
+        cs = header.chunk_size
+        full = cs + TAG_SIZE
+        n, rem = divmod(payload_len, full)
+        if rem == 0 and n > 0:
+            count, last_len = n, cs
+        elif rem >= TAG_SIZE and (n == 0 or rem > TAG_SIZE):
+            count, last_len = n + 1, rem - TAG_SIZE
+        else:
+            raise AuthenticationError("sealed payload is truncated or has trailing bytes")
+        if count > MAX_CHUNKS:
+            raise FormatError("too many chunks")
+        self.chunk_size = cs
+        self.count = count
+        self.last_len = last_len
+        self.payload_offset = payload_offset
+        self.plaintext_size = (count - 1) * cs + last_len
+        if header.plaintext_size is not None and header.plaintext_size != self.plaintext_size:
+            raise AuthenticationError("sealed payload length does not match the header")
+
+    def plain_len(self, i: int) -> int:
+        return self.last_len if i == self.count - 1 else self.chunk_size
+
+    def offset(self, i: int) -> int:
+        return self.payload_offset + i * (self.chunk_size + TAG_SIZE)
+
+
+def zero(buf: memoryview) -> None:
+    """Overwrite *buf*: what a failed decryption wrote there is never left behind."""
+    buf[:] = bytes(len(buf))
