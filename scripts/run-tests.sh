@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole suite, as CI runs it: lint, the wheel install check, pytest.
-# Services (OpenBao, moto, SeaweedFS, swtpm) join here as the issues that
-# need them land; this issue's suite needs none.
+# The whole suite, as CI runs it: lint, the wheel install check, then pytest
+# against the real services (OpenBao, moto, SeaweedFS, swtpm), which are
+# started here and stopped on the way out -- also when a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,5 +10,10 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check .
 echo "== wheel install"
 scripts/wheel-check.sh
+echo "== services"
+scripts/services.sh install
+trap 'scripts/services.sh stop' EXIT
+scripts/services.sh start
+eval "$(scripts/services.sh env)"
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -315,6 +315,14 @@ class Preamble:
     def payload_offset(self) -> int:
         return len(MAGIC) + 4 + len(self.header_bytes) + 4 + self.slots_size
 
+    def with_slots(self, slots: list[KeySlot] | tuple[KeySlot, ...]) -> bytes:
+        """This preamble's bytes with another slot section (for key rotation).
+
+        The header bytes are kept exactly as stored -- not re-encoded -- since
+        every chunk's AAD is their hash.
+        """
+        return _assemble(self.header_bytes, encode_slots(tuple(slots)))
+
 
 def header_aad(header_bytes: bytes) -> bytes:
     return hashlib.sha256(MAGIC + _U32.pack(len(header_bytes)) + header_bytes).digest()
@@ -328,8 +336,10 @@ def encode_slots(slots: tuple[KeySlot, ...] | list[KeySlot]) -> bytes:
 
 def build_preamble(header: Header, slots: list[KeySlot] | tuple[KeySlot, ...] = ()) -> bytes:
     """The bytes before the first chunk. With no slots, slen is 0 (slots held elsewhere)."""
-    hbytes = header.encode()
-    sbytes = encode_slots(tuple(slots))
+    return _assemble(header.encode(), encode_slots(tuple(slots)))
+
+
+def _assemble(hbytes: bytes, sbytes: bytes) -> bytes:
     return MAGIC + _U32.pack(len(hbytes)) + hbytes + _U32.pack(len(sbytes)) + sbytes
 
 

@@ -1,0 +1,100 @@
+"""Key rotation: re-wrap a file's data key into new slots; the payload is never touched.
+
+The key slots sit outside the authenticated header on purpose (FORMAT.md):
+rotating a KEK rewrites only the slot section, so the payload bytes stay
+identical and a rotation costs a copy, not a re-encryption. A slot whose key
+is rotated in place (a Vault Transit key version n -> n+1) is moved with the
+provider's own ``rewrap`` when it has one, so the DEK need not leave the
+key service for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from sealstore.format import Preamble, read_preamble
+from sealstore.fsutil import atomic_file
+from sealstore.keys import KeySlot
+from sealstore.kms.envelope import IdentitySpec, unwrap_dek
+from sealstore.kms.registry import unwrappers_for, wrapper_for
+
+__all__ = ["rotate_file", "rotate_slots"]
+
+
+def rotate_slots(
+    preamble: Preamble,
+    to: Sequence[str],
+    *,
+    remove: Sequence[str] = (),
+    identities: Sequence[IdentitySpec] = (),
+    slots: Sequence[KeySlot] | None = None,
+) -> list[KeySlot]:
+    """The new slot list of a sealed object.
+
+    Args:
+        preamble: the object's preamble (its header gives the context).
+        to: key URIs to wrap the DEK to. A URI that already has a slot is
+            re-wrapped in place (the provider's ``rewrap`` when it has one).
+        remove: key URIs whose slots are dropped.
+        identities: identity files or unwrappers to open the current slots.
+        slots: the current slots when they are held outside the file.
+
+    Raises:
+        KeyUnavailable, AuthenticationError: the DEK cannot be recovered.
+        ValueError: nothing to do, or no slot would remain.
+    """
+    if not to and not remove:
+        raise ValueError("nothing to rotate: give --to and/or --remove")
+    current = list(preamble.slots if slots is None else slots)
+    context = preamble.header.context
+    with unwrap_dek(preamble, identities, slots=current) as dek:
+        result = [slot for slot in current if slot.key_id not in set(remove)]
+        for uri in to:
+            existing = [i for i, slot in enumerate(result) if slot.key_id == uri]
+            if not existing:
+                result.append(wrapper_for(uri).wrap(dek, context))
+                continue
+            for i in existing:
+                provider = next(iter(unwrappers_for(result[i])), None)
+                rewrap = getattr(provider, "rewrap", None)
+                result[i] = (
+                    rewrap(result[i], context)
+                    if rewrap is not None
+                    else wrapper_for(uri).wrap(dek, context)
+                )
+    if not result:
+        raise ValueError("refusing to remove every key slot: the file could never be opened")
+    return result
+
+
+def rotate_file(
+    path: str | os.PathLike[str],
+    to: Sequence[str],
+    *,
+    remove: Sequence[str] = (),
+    identities: Sequence[IdentitySpec] = (),
+) -> list[KeySlot]:
+    """Rewrite the slot section of the sealed file at *path*, atomically.
+
+    The payload bytes are copied unchanged after the new preamble.
+
+    Returns:
+        The new slots.
+
+    Raises:
+        ValueError: the file's slots are detached (held in a store manifest).
+        As :func:`rotate_slots` otherwise.
+    """
+    source = Path(path)
+    with source.open("rb") as fin:
+        preamble = read_preamble(fin)
+        if preamble.slots_size == 0:
+            raise ValueError(f"{source}: its key slots are held in a store manifest")
+        new_slots = rotate_slots(preamble, to, remove=remove, identities=identities)
+        with atomic_file(source, mode=source.stat().st_mode & 0o777) as fout:
+            fout.write(preamble.with_slots(new_slots))
+            shutil.copyfileobj(fin, fout, 4 << 20)
+    return new_slots

@@ -1,0 +1,229 @@
+"""Vault Transit on a real OpenBao server (HTTP and TLS) runs the conformance suite."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from typing import Any
+
+import hvac
+import pytest
+
+from sealstore import BackendError, KeyReleaseDenied, KeyUnavailable
+from sealstore.format import canonical_json
+from sealstore.keys import DataKey
+from sealstore.kms.envelope import open_sealed, seal_stream
+from sealstore.kms.registry import wrapper_for
+from sealstore.kms.vault_transit import VaultTransitKey
+from tests.conformance.providers import CONTEXT, ProviderConformance
+
+
+def _client(server: dict[str, str]) -> hvac.Client:
+    return hvac.Client(
+        url=server["addr"], token=server["token"], verify=server.get("cacert") or False
+    )
+
+
+def _transit(server: dict[str, str], **key_options: Any) -> tuple[str, str]:
+    """A fresh transit mount and key on *server*; returns (mount, key)."""
+    client = _client(server)
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    client.sys.enable_secrets_engine("transit", path=mount)
+    client.secrets.transit.create_key("k", mount_point=mount, **key_options)
+    return mount, "k"
+
+
+def _uri(server: dict[str, str], mount: str, key: str) -> str:
+    host = server["addr"].split("://", 1)[1]
+    tls = "" if server["addr"].startswith("https") else "?tls=false"
+    return f"vault-transit://{host}/{mount}/{key}{tls}"
+
+
+@pytest.fixture(params=["http", "tls"], scope="module")
+def server(
+    request: pytest.FixtureRequest, vault_servers: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    return vault_servers[request.param]
+
+
+@pytest.fixture
+def vault_env(server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("VAULT_TOKEN", server["token"])
+    if server.get("cacert"):
+        monkeypatch.setenv("VAULT_CACERT", server["cacert"])
+    return server
+
+
+@pytest.mark.parametrize("derived", [True, False], ids=["derived", "plain-key"])
+class TestVaultTransit(ProviderConformance):
+    kind = "vault-transit"
+
+    @pytest.fixture
+    def wrapper(self, vault_env: dict[str, str], derived: bool) -> VaultTransitKey:
+        mount, key = _transit(vault_env, derived=derived)
+        return wrapper_for(_uri(vault_env, mount, key))  # type: ignore[return-value]
+
+    @pytest.fixture
+    def unwrapper(self, wrapper: VaultTransitKey) -> VaultTransitKey:
+        return VaultTransitKey(wrapper.key_id)
+
+    @pytest.fixture
+    def other_unwrapper(self, vault_env: dict[str, str], derived: bool) -> VaultTransitKey:
+        mount, key = _transit(vault_env, derived=derived)
+        return VaultTransitKey(_uri(vault_env, mount, key))
+
+
+def test_seal_and_open_with_only_the_vault_uri(vault_env: dict[str, str]) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    uri = _uri(vault_env, mount, key)
+    out = io.BytesIO()
+    seal_stream(io.BytesIO(b"weights" * 1000), out, [uri], context=CONTEXT)
+    with open_sealed(out.getvalue()) as f:  # the slot names the key; env has the token
+        assert f.read_range(0, 7) == b"weights"
+
+
+def test_generate_uses_datakey_wrapped(vault_env: dict[str, str]) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    transit = VaultTransitKey(_uri(vault_env, mount, key))
+    dek, slot = transit.generate(CONTEXT)
+    assert slot.blob.startswith(b"vault:v1:")
+    assert transit.unwrap(slot, CONTEXT).material() == dek.material()
+    with pytest.raises(KeyUnavailable):
+        transit.unwrap(slot, {**CONTEXT, "tenant": "other"})
+
+
+def test_rotation_rewraps_to_the_new_version(vault_env: dict[str, str]) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    transit = VaultTransitKey(_uri(vault_env, mount, key))
+    dek = DataKey.generate()
+    slot = transit.wrap(dek, CONTEXT)
+    client = _client(vault_env)
+    client.secrets.transit.rotate_key(key, mount_point=mount)
+    new = transit.rewrap(slot, CONTEXT)
+    assert new.params["version"] == 2 and new.blob.startswith(b"vault:v2:")
+    assert transit.unwrap(new, CONTEXT).material() == dek.material()
+    # Retire version 1: the old slot no longer opens, the rewrapped one does.
+    client.secrets.transit.update_key_configuration(
+        key, mount_point=mount, min_decryption_version=2
+    )
+    with pytest.raises(KeyUnavailable, match="retired"):
+        transit.unwrap(slot, CONTEXT)
+    assert transit.unwrap(new, CONTEXT).material() == dek.material()
+
+
+def test_context_binding_holds_for_a_key_that_is_not_derived(vault_env: dict[str, str]) -> None:
+    # Transit ignores `context` for non-derived keys; associated data must bind it.
+    mount, key = _transit(vault_env, derived=False)
+    transit = VaultTransitKey(_uri(vault_env, mount, key))
+    slot = transit.wrap(DataKey.generate(), CONTEXT)
+    with pytest.raises(KeyUnavailable, match="encryption context"):
+        transit.unwrap(slot, {**CONTEXT, "tenant": "t2"})
+
+
+def test_permission_denied_is_key_release_denied(vault_env: dict[str, str], monkeypatch) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    uri = _uri(vault_env, mount, key)
+    slot = VaultTransitKey(uri).wrap(DataKey.generate(), CONTEXT)
+    client = _client(vault_env)
+    client.sys.create_or_update_policy(
+        "encrypt-only", f'path "{mount}/encrypt/{key}" {{ capabilities = ["update"] }}'
+    )
+    token = client.auth.token.create(policies=["encrypt-only"])["auth"]["client_token"]
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    limited = VaultTransitKey(uri)
+    limited.wrap(DataKey.generate(), CONTEXT)  # allowed
+    with pytest.raises(KeyReleaseDenied, match="permission denied") as info:
+        limited.unwrap(slot, CONTEXT)
+    assert uri in str(info.value)
+
+
+def test_approle_login(vault_env: dict[str, str], monkeypatch) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    client = _client(vault_env)
+    approle = f"approle-{uuid.uuid4().hex[:6]}"
+    client.sys.enable_auth_method("approle", path=approle)
+    client.sys.create_or_update_policy(
+        "transit-use", f'path "{mount}/*" {{ capabilities = ["update"] }}'
+    )
+    client.auth.approle.create_or_update_approle(
+        "loader", token_policies=["transit-use"], mount_point=approle
+    )
+    role_id = client.auth.approle.read_role_id("loader", mount_point=approle)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id("loader", mount_point=approle)["data"][
+        "secret_id"
+    ]
+    monkeypatch.delenv("VAULT_TOKEN")
+    transit = VaultTransitKey(
+        _uri(vault_env, mount, key), role_id=role_id, secret_id=secret_id, approle_mount=approle
+    )
+    dek = DataKey.generate()
+    assert transit.unwrap(transit.wrap(dek, CONTEXT), CONTEXT).material() == dek.material()
+
+
+def test_deleted_key_says_so(vault_env: dict[str, str]) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    transit = VaultTransitKey(_uri(vault_env, mount, key))
+    slot = transit.wrap(DataKey.generate(), CONTEXT)
+    client = _client(vault_env)
+    client.secrets.transit.update_key_configuration(key, mount_point=mount, deletion_allowed=True)
+    client.secrets.transit.delete_key(key, mount_point=mount)
+    with pytest.raises(KeyUnavailable, match="does not exist"):
+        transit.unwrap(slot, CONTEXT)
+
+
+def test_unreachable_vault_is_backend_error() -> None:
+    transit = VaultTransitKey("vault-transit://127.0.0.1:9/transit/k?tls=false", token="t")
+    with pytest.raises(BackendError, match=r"127\.0\.0\.1:9"):
+        transit.wrap(DataKey.generate(), CONTEXT)
+
+
+def test_no_key_material_in_errors(vault_env: dict[str, str]) -> None:
+    mount, key = _transit(vault_env, derived=True)
+    transit = VaultTransitKey(_uri(vault_env, mount, key))
+    dek = DataKey.generate()
+    slot = transit.wrap(dek, CONTEXT)
+    with pytest.raises(KeyUnavailable) as info:
+        transit.unwrap(slot, {})
+    text = str(info.value) + repr(info.value)
+    assert base64.b64encode(dek.material()).decode() not in text
+    assert vault_env["token"] not in text + repr(transit)
+    assert canonical_json(CONTEXT)  # the context itself is public
+
+
+def test_rotate_file_local_to_vault_and_to_the_next_key_version(
+    vault_env: dict[str, str], tmp_path, monkeypatch
+) -> None:
+    from sealstore.format import parse_preamble
+    from sealstore.kms.envelope import seal_file
+    from sealstore.kms.local import LocalKeyring, create_keyring
+    from sealstore.kms.rotate import rotate_file
+
+    monkeypatch.setenv("SEALSTORE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SEALSTORE_PASSPHRASE", "pw")
+    ring = create_keyring(tmp_path / "home" / "keyring.json", passphrase="pw")
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"w" * 300_000)
+    sealed = tmp_path / "plain.seal"
+    seal_file(plain, sealed, [ring.key_id], context=CONTEXT, chunk_size=65536)
+
+    def payload() -> bytes:
+        data = sealed.read_bytes()
+        return data[parse_preamble(data).payload_offset :]
+
+    before = payload()
+    mount, key = _transit(vault_env, derived=True)
+    uri = _uri(vault_env, mount, key)
+    rotate_file(sealed, [uri], remove=[ring.key_id])  # local -> Vault
+    assert payload() == before
+    LocalKeyring._cache.clear()
+    monkeypatch.delenv("SEALSTORE_PASSPHRASE")
+    with open_sealed(sealed) as f:
+        assert f.read_range(0, 300_000) == plain.read_bytes()
+
+    _client(vault_env).secrets.transit.rotate_key(key, mount_point=mount)
+    (slot,) = rotate_file(sealed, [uri])  # Vault key version 1 -> 2, by Transit rewrap
+    assert slot.blob.startswith(b"vault:v2:")
+    assert payload() == before
+    with open_sealed(sealed) as f:
+        assert f.read_range(0, 300_000) == plain.read_bytes()
