@@ -328,16 +328,20 @@ class AwsKmsKey:
             raise KeyUnavailable(f"aws-kms key {self.key_id}: slot holds a key of the wrong size")
         return DataKey(plaintext)
 
-    def rewrap(self, slot: KeySlot, context: Mapping[str, str], to_uri: str) -> KeySlot:
+    def rewrap(
+        self, slot: KeySlot, context: Mapping[str, str], to_uri: str | None = None
+    ) -> KeySlot:
         """Move a slot of this key to the key *to_uri* inside KMS (``ReEncrypt``).
 
-        The data key never leaves KMS; the context stays the same.
+        The data key never leaves KMS; the context stays the same. Without
+        *to_uri* the slot is re-encrypted under this key's current backing
+        key (what ``keys rotate --to`` the same URI does after a KMS rotation).
 
         Raises:
             ValueError: *to_uri* is not an aws-kms URI.
             KeyUnavailable, KeyReleaseDenied, BackendError: as for :meth:`unwrap`.
         """
-        target = AwsKmsKey.from_uri(to_uri)
+        target = AwsKmsKey.from_uri(to_uri or self.key_id)
         if not self.can_unwrap(slot):
             raise KeyUnavailable(f"slot was not wrapped by aws-kms key {self.key_id}")
         arn = slot.params.get("arn")

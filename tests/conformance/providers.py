@@ -20,6 +20,7 @@ from sealstore import AuthenticationError, KeyUnavailable
 from sealstore.format import parse_preamble
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
 from sealstore.kms.envelope import open_sealed, seal_stream, unwrap_dek
+from sealstore.kms.rotate import rotate_slots
 
 CONTEXT = {"tenant": "t1", "artifact": "model", "path": "weights.safetensors"}
 
@@ -88,9 +89,9 @@ class ProviderConformance:
                 unwrapper.unwrap(bad, CONTEXT)
 
     def test_concurrent_unwraps(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
-        deks = [DataKey.generate() for _ in range(16)]
+        deks = [DataKey.generate() for _ in range(32)]
         slots = [wrapper.wrap(d, CONTEXT) for d in deks]
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(lambda s: unwrapper.unwrap(s, CONTEXT).material(), slots))
         assert got == [d.material() for d in deks]
 
@@ -119,3 +120,16 @@ class ProviderConformance:
             unwrap_first(slots, lambda s: [other_unwrapper], CONTEXT, lambda d: None)
         assert len(info.value.causes) == 2
         assert all(kid == wrapper.key_id for kid, _ in info.value.causes)
+
+    def test_rotation_in_place(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
+        # `keys rotate --to` the key a slot already uses: the slot is re-wrapped
+        # (rewrap where the provider has it), and the file still opens.
+        data = b"rotate me" * 1000
+        out = io.BytesIO()
+        seal_stream(io.BytesIO(data), out, [wrapper], context=CONTEXT, chunk_size=65536)
+        preamble = parse_preamble(out.getvalue())
+        (slot,) = rotate_slots(preamble, [wrapper.key_id], identities=[unwrapper])
+        assert slot.key_id == wrapper.key_id
+        rotated = preamble.with_slots([slot]) + out.getvalue()[preamble.payload_offset :]
+        with open_sealed(rotated, [unwrapper]) as f:
+            assert f.read_range(0, len(data)) == data

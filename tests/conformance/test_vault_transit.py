@@ -227,3 +227,31 @@ def test_rotate_file_local_to_vault_and_to_the_next_key_version(
     assert payload() == before
     with open_sealed(sealed) as f:
         assert f.read_range(0, 300_000) == plain.read_bytes()
+
+
+def test_cli_round_trip_and_rotation_through_vault(vault_env: dict[str, str], tmp_path) -> None:
+    from tests.test_cli import ok, run
+
+    mount, key = _transit(vault_env, derived=True)
+    uri = _uri(vault_env, mount, key)
+    env = {"VAULT_TOKEN": vault_env["token"]}
+    if vault_env.get("cacert"):
+        env["VAULT_CACERT"] = vault_env["cacert"]
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"model" * 50_000)
+    sealed = tmp_path / "plain.seal"
+    ok(run("encrypt", "-k", uri, "--context", "tenant=t1", "-o", sealed, plain, env=env))
+    _client(vault_env).secrets.transit.rotate_key(key, mount_point=mount)
+    ok(run("keys", "rotate", sealed, "--to", uri, env=env))
+    out = tmp_path / "out.bin"
+    ok(run("decrypt", "-o", out, sealed, env=env))
+    assert out.read_bytes() == plain.read_bytes()
+    denied = run(
+        "decrypt",
+        "-o",
+        out,
+        sealed,
+        env={"VAULT_TOKEN": "not-a-token", **{k: v for k, v in env.items() if k != "VAULT_TOKEN"}},
+    )
+    assert denied.returncode == 4, denied.stderr
+    assert b"permission denied" in denied.stderr
