@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="sealstore: warning: %(message)s",
     )
     logging.captureWarnings(True)
+    from sealstore.kms.envelope import configure_cache
+
+    configure_cache(None)  # one command, one unwrap per file: no key material kept around
     warnings.simplefilter("default")
     try:
         return int(args.func(args) or 0)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from sealstore.dekcache import DekCache
+from sealstore.errors import AuthenticationError
 from sealstore.format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SUITE,
@@ -63,13 +65,34 @@ def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
     return [i if hasattr(i, "unwrap") else load_identity(i) for i in identities]  # type: ignore[misc]
 
 
+_default_cache: DekCache | None = DekCache()
+
+
+def configure_cache(cache: DekCache | None) -> None:
+    """Set the process-wide DEK cache that unwrapping uses by default (None: off).
+
+    The library starts with ``DekCache()`` (60 s, 64 uses); the CLI turns it off.
+    """
+    global _default_cache
+    if _default_cache is not None and _default_cache is not cache:
+        _default_cache.clear()
+    _default_cache = cache
+
+
+_DEFAULT: Any = object()
+
+
 def unwrap_dek(
     preamble: Preamble,
     identities: Sequence[IdentitySpec] = (),
     *,
     slots: Sequence[KeySlot] | None = None,
+    cache: DekCache | None = _DEFAULT,
 ) -> DataKey:
     """Recover a file's DEK from its slots (or *slots* held elsewhere, e.g. a manifest).
+
+    A DEK is taken from *cache* (default: the process-wide one) only if it
+    passes this header's key commitment; a fresh unwrap is stored there.
 
     Raises:
         KeyUnavailable: no slot could be unwrapped (each slot's cause listed).
@@ -81,11 +104,25 @@ def unwrap_dek(
     def accept(dek: DataKey) -> None:
         open_payload_key(header, dek)  # raises AuthenticationError on a commitment mismatch
 
+    candidates = preamble.slots if slots is None else slots
+    store = _default_cache if cache is _DEFAULT else cache
+    if store is not None:
+        for slot in candidates:
+            cached = store.get(slot, header.context)
+            if cached is None:
+                continue
+            try:
+                accept(cached)
+            except AuthenticationError:
+                cached.close()
+                continue
+            return cached
     return unwrap_first(
-        preamble.slots if slots is None else slots,
+        candidates,
         lambda slot: unwrappers_for(slot, idents),
         header.context,
         accept,
+        None if store is None else lambda slot, dek: store.put(slot, header.context, dek),
     )
 
 
@@ -181,6 +218,7 @@ def open_sealed(
     *,
     slots: Sequence[KeySlot] | None = None,
     dek: DataKey | None = None,
+    cache: DekCache | None = _DEFAULT,
 ) -> SealedFile:
     """Open a sealed file for random access, unwrapping its DEK from the slots.
 
@@ -193,7 +231,7 @@ def open_sealed(
     if dek is not None:
         return SealedFile(src, dek)
     preamble = peek_preamble(src)
-    with unwrap_dek(preamble, identities, slots=slots) as key:
+    with unwrap_dek(preamble, identities, slots=slots, cache=cache) as key:
         return SealedFile(src, key, preamble=preamble)
 
 
@@ -203,10 +241,11 @@ def open_reader(
     *,
     slots: Sequence[KeySlot] | None = None,
     threads: int = 1,
+    cache: DekCache | None = _DEFAULT,
 ) -> SealReader:
-    """A streaming reader over *fp*, its DEK unwrapped from the slots."""
+    """A streaming reader over *fp*, its DEK unwrapped from the slots (or *cache*)."""
     preamble = read_preamble(fp)
-    with unwrap_dek(preamble, identities, slots=slots) as key:
+    with unwrap_dek(preamble, identities, slots=slots, cache=cache) as key:
         return SealReader(fp, key, preamble=preamble, threads=threads)
 
 

@@ -188,6 +188,7 @@ def unwrap_first(
     unwrappers_for: Callable[[KeySlot], Iterable[Unwrapper]],
     context: Mapping[str, str],
     accept: Callable[[DataKey], None],
+    on_success: Callable[[KeySlot, DataKey], None] | None = None,
 ) -> DataKey:
     """Try *slots* in order and return the first DEK that *accept* takes.
 
@@ -197,6 +198,7 @@ def unwrap_first(
         context: the encryption context bound into the slots.
         accept: checks a candidate DEK (the header's key commitment) and raises
             ``AuthenticationError`` if it is not the file's key.
+        on_success: told which slot gave the accepted DEK (a cache remembers it).
 
     Raises:
         AuthenticationError: a slot unwrapped, but to a key the header does not
@@ -228,6 +230,8 @@ def unwrap_first(
                 mismatched = True
                 cause = "unwrapped key does not match the header's key commitment"
                 continue
+            if on_success is not None:
+                on_success(slot, dek)
             return dek
         causes.append((slot.key_id, cause))
     if mismatched:

@@ -17,6 +17,7 @@ import pytest
 from nacl import pwhash
 
 from sealstore.keys import DataKey
+from sealstore.kms.envelope import configure_cache
 from sealstore.kms.local import LocalKeyring, create_keyring
 from sealstore.kms.x25519 import X25519Identity, generate_identity
 from sealstore.stream import SealWriter
@@ -38,6 +39,8 @@ def sealstore_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     # LocalKeyring caches opened (and unlocked) keyrings per path for the life
     # of the process; a stale entry would leak one test's KEKs into the next.
     LocalKeyring._cache.clear()
+    # Likewise the process-wide DEK cache: tests that want it pass their own.
+    configure_cache(None)
     yield home
     LocalKeyring._cache.clear()
 
