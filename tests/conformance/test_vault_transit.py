@@ -255,3 +255,27 @@ def test_cli_round_trip_and_rotation_through_vault(vault_env: dict[str, str], tm
     )
     assert denied.returncode == 4, denied.stderr
     assert b"permission denied" in denied.stderr
+
+
+def test_namespaces_are_passed_through(vault_env: dict[str, str]) -> None:
+    # OpenBao has namespaces: the same mount and key name in another namespace
+    # is another key, reached through ?namespace= in the URI.
+    namespace = f"team-{uuid.uuid4().hex[:6]}"
+    _client(vault_env).adapter.post(f"/v1/sys/namespaces/{namespace}", json={})
+    scoped = hvac.Client(
+        url=vault_env["addr"],
+        token=vault_env["token"],
+        verify=vault_env.get("cacert") or False,
+        namespace=namespace,
+    )
+    scoped.sys.enable_secrets_engine("transit", path="transit")
+    scoped.secrets.transit.create_key("k", mount_point="transit", derived=True)
+    base = _uri(vault_env, "transit", "k")
+    uri = base + ("&" if "?" in base else "?") + f"namespace={namespace}"
+    transit = VaultTransitKey(uri)
+    dek = DataKey.generate()
+    slot = transit.wrap(dek, CONTEXT)
+    assert transit.unwrap(slot, CONTEXT).material() == dek.material()
+    # Outside the namespace there is no such key.
+    with pytest.raises(KeyUnavailable):
+        VaultTransitKey(base).unwrap(slot, CONTEXT)
