@@ -352,3 +352,26 @@ def test_non_string_context_is_value_error(key: dict[str, Any]) -> None:
     with pytest.raises(ValueError) as info:
         k.wrap(dek, {"n": 1})  # type: ignore[dict-item]
     assert dek.material().hex() not in str(info.value)
+
+
+def test_rotate_file_kms_to_kms(key: dict[str, Any], other_key: dict[str, Any], tmp_path) -> None:
+    from sealstore.format import parse_preamble
+    from sealstore.kms.envelope import seal_file
+    from sealstore.kms.rotate import rotate_file
+
+    a, b = f"aws-kms://{key['KeyId']}", f"aws-kms://{other_key['KeyId']}"
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(os.urandom(300_000))
+    sealed = tmp_path / "plain.seal"
+    seal_file(plain, sealed, [a], context=CONTEXT, chunk_size=65536)
+
+    def payload() -> bytes:
+        data = sealed.read_bytes()
+        return data[parse_preamble(data).payload_offset :]
+
+    before = payload()
+    (slot,) = rotate_file(sealed, [b], remove=[a])
+    assert slot.key_id == b
+    assert payload() == before
+    with open_sealed(sealed) as f:
+        assert f.read_range(0, 300_000) == plain.read_bytes()
