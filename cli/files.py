@@ -71,9 +71,15 @@ def register(sub: Any) -> None:
         "--key",
         dest="keys",
         action="append",
-        required=True,
+        default=[],
         metavar="URI",
         help="key to wrap the data key with: local:PATH, x25519:RECIPIENT (repeatable)",
+    )
+    enc.add_argument(
+        "--dek-from",
+        metavar="URI",
+        help="let this key's service make the data key (Vault datakey/wrapped, KMS "
+        "GenerateDataKey); it also gets the first slot",
     )
     enc.add_argument(
         "--context",
@@ -144,6 +150,8 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _encrypt(args: argparse.Namespace) -> int:
+    if not args.keys and not args.dek_from:
+        raise ValueError("give at least one key: -k URI (or --dek-from URI)")
     _check_output(args)
     start = time.perf_counter()
     with Progress("encrypt", _size_of(args.input), enabled=not args.no_progress) as bar:
@@ -156,8 +164,10 @@ def _encrypt(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             threads=args.threads,
             progress=bar,
+            dek_from=args.dek_from,
         )
-    _report(args, f"sealed ({header.suite}, {len(args.keys)} slot(s))", bar.done, start)
+    slots = len(set(args.keys) | ({args.dek_from} if args.dek_from else set()))
+    _report(args, f"sealed ({header.suite}, {slots} slot(s))", bar.done, start)
     return 0
 
 

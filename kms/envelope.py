@@ -137,18 +137,35 @@ def seal_stream(
     plaintext_size: int | None = None,
     threads: int = 1,
     progress: Progress | None = None,
+    dek_from: KeySpec | None = None,
 ) -> Header:
     """Seal everything read from *src* into *dst* under a fresh DEK.
+
+    Args:
+        dek_from: a key whose service makes the DEK (Vault ``datakey/wrapped``,
+            KMS ``GenerateDataKey``) and gives the first slot; *keys* add more.
+            Default: the DEK comes from the OS CSPRNG.
 
     Returns:
         The header written.
 
     Raises:
-        ValueError: bad parameters; ``SealstoreError`` from a provider.
+        ValueError: bad parameters, or *dek_from* cannot generate keys.
+        ``SealstoreError`` from a provider.
     """
     context = dict(context or {})
-    with DataKey.generate() as dek:
-        slots = make_slots(dek, keys, context)
+    first: list[KeySlot] = []
+    if dek_from is None:
+        dek = DataKey.generate()
+    else:
+        maker = wrapper_for(dek_from) if isinstance(dek_from, str) else dek_from
+        if not hasattr(maker, "generate"):
+            raise ValueError(f"{maker.key_id} cannot generate data keys (use -k instead)")
+        dek, slot = maker.generate(context)
+        first = [slot]
+        keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
+    with dek:
+        slots = first + (make_slots(dek, keys, context) if keys else [])
         writer = SealWriter(
             dst,
             dek,

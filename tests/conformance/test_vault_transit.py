@@ -279,3 +279,25 @@ def test_namespaces_are_passed_through(vault_env: dict[str, str]) -> None:
     # Outside the namespace there is no such key.
     with pytest.raises(KeyUnavailable):
         VaultTransitKey(base).unwrap(slot, CONTEXT)
+
+
+def test_dek_from_vault_datakey(vault_env: dict[str, str], tmp_path) -> None:
+    from sealstore.format import parse_preamble
+    from tests.test_cli import ok, run
+
+    mount, key = _transit(vault_env, derived=True)
+    uri = _uri(vault_env, mount, key)
+    out = io.BytesIO()
+    seal_stream(io.BytesIO(b"generated"), out, [], context=CONTEXT, dek_from=uri)
+    (slot,) = parse_preamble(out.getvalue()).slots
+    assert slot.key_id == uri and slot.params["ad"] is False  # from datakey/wrapped
+    with open_sealed(out.getvalue()) as f:
+        assert f.read_range(0, 9) == b"generated"
+    env = {"VAULT_TOKEN": vault_env["token"]}
+    if vault_env.get("cacert"):
+        env["VAULT_CACERT"] = vault_env["cacert"]
+    plain = tmp_path / "p.bin"
+    plain.write_bytes(b"x" * 1000)
+    ok(run("encrypt", "--dek-from", uri, "-o", tmp_path / "p.seal", plain, env=env))
+    ok(run("decrypt", "-o", tmp_path / "p.out", tmp_path / "p.seal", env=env))
+    assert (tmp_path / "p.out").read_bytes() == plain.read_bytes()
