@@ -165,7 +165,8 @@ def seal_stream(
         first = [slot]
         keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
     with dek:
-        slots = first + (make_slots(dek, keys, context) if keys else [])
+        # make_slots refuses an empty key list: without dek_from, no key at all.
+        slots = first + (make_slots(dek, keys, context) if keys or not first else [])
         writer = SealWriter(
             dst,
             dek,
