@@ -10,11 +10,13 @@ key service for it.
 
 from __future__ import annotations
 
+import hmac
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from sealstore.errors import KeyUnavailable
 from sealstore.format import Preamble, read_preamble
 from sealstore.fsutil import atomic_file
 from sealstore.keys import KeySlot
@@ -60,11 +62,16 @@ def rotate_slots(
             for i in existing:
                 provider = next(iter(unwrappers_for(result[i])), None)
                 rewrap = getattr(provider, "rewrap", None)
-                result[i] = (
-                    rewrap(result[i], context)
-                    if rewrap is not None
-                    else wrapper_for(uri).wrap(dek, context)
-                )
+                if rewrap is None:
+                    result[i] = wrapper_for(uri).wrap(dek, context)
+                    continue
+                moved = rewrap(result[i], context)
+                # The old slot is about to be replaced: prove the new one opens
+                # to the same key first, or a bad rewrap would lose the file.
+                with provider.unwrap(moved, context) as check:
+                    if not hmac.compare_digest(check.material(), dek.material()):
+                        raise KeyUnavailable(f"{uri}: the rewrapped slot holds another key")
+                result[i] = moved
     if not result:
         raise ValueError("refusing to remove every key slot: the file could never be opened")
     return result
