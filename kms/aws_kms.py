@@ -244,7 +244,11 @@ class AwsKmsKey:
             )
         if code in _KEY_STATE:
             return KeyUnavailable(f"{where}: {_KEY_STATE[code]}{said}")
-        if code == "AccessDeniedException" and op == "decrypt" and _names_no_key(message):
+        if (
+            code == "AccessDeniedException"
+            and op in ("decrypt", "re_encrypt")
+            and _names_no_key(message)
+        ):
             # KMS uses AccessDeniedException both for a policy refusing the
             # caller and for a ciphertext whose embedded key reference resolves
             # to no key -- which is what a corrupted slot looks like. The second

@@ -65,13 +65,16 @@ def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
     return [i if hasattr(i, "unwrap") else load_identity(i) for i in identities]  # type: ignore[misc]
 
 
-_default_cache: DekCache | None = DekCache()
+_default_cache: DekCache | None = None
 
 
 def configure_cache(cache: DekCache | None) -> None:
     """Set the process-wide DEK cache that unwrapping uses by default (None: off).
 
-    The library starts with ``DekCache()`` (60 s, 64 uses); the CLI turns it off.
+    Off unless set. A hit skips the unwrap -- and so the key service's check
+    of *this* caller's credentials -- so share one cache only among callers
+    that may all open the same artifacts (one tenant's loader, not a server
+    for several tenants); or pass ``cache=`` per call.
     """
     global _default_cache
     if _default_cache is not None and _default_cache is not cache:

@@ -10,6 +10,7 @@ key service for it.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import shutil
@@ -52,7 +53,8 @@ def rotate_slots(
         raise ValueError("nothing to rotate: give --to and/or --remove")
     current = list(preamble.slots if slots is None else slots)
     context = preamble.header.context
-    with unwrap_dek(preamble, identities, slots=current) as dek:
+    # Rotation proves access to the current slots: never from a cache.
+    with unwrap_dek(preamble, identities, slots=current, cache=None) as dek:
         result = [slot for slot in current if slot.key_id not in set(remove)]
         for uri in to:
             existing = [i for i, slot in enumerate(result) if slot.key_id == uri]
@@ -95,13 +97,17 @@ def rotate_file(
         ValueError: the file's slots are detached (held in a store manifest).
         As :func:`rotate_slots` otherwise.
     """
-    source = Path(path)
+    # Through a symlink, rotate the file it points at (the link stays a link).
+    source = Path(path).resolve()
     with source.open("rb") as fin:
         preamble = read_preamble(fin)
         if preamble.slots_size == 0:
             raise ValueError(f"{source}: its key slots are held in a store manifest")
         new_slots = rotate_slots(preamble, to, remove=remove, identities=identities)
-        with atomic_file(source, mode=source.stat().st_mode & 0o777) as fout:
+        st = os.fstat(fin.fileno())
+        with atomic_file(source, mode=st.st_mode & 0o777) as fout:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fout.fileno(), st.st_uid, st.st_gid)
             fout.write(preamble.with_slots(new_slots))
             shutil.copyfileobj(fin, fout, 4 << 20)
     return new_slots

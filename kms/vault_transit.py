@@ -11,7 +11,10 @@ are unwrapped and wrapped again here.
 
 URI query options: ``tls=false`` (plain HTTP, for a dev server; HTTPS is the
 default), ``namespace=NS`` (Vault Enterprise / OpenBao namespaces; also
-``VAULT_NAMESPACE``). Credentials never sit in the URI: a token from the
+``VAULT_NAMESPACE``); nothing else. Opening a file by the URI its slot names
+only talks to a Vault the user named -- ``VAULT_ADDR`` or
+``SEALSTORE_VAULT_ADDRS`` -- since slots are not authenticated and a planted
+slot must not collect the token. Credentials never sit in the URI: a token from the
 ``token`` option or ``VAULT_TOKEN``, or AppRole from ``role_id``/``secret_id``
 or ``VAULT_ROLE_ID``/``VAULT_SECRET_ID``; the CA file from ``cacert`` or
 ``VAULT_CACERT``.
@@ -32,11 +35,12 @@ import requests
 
 from sealstore.errors import BackendError, KeyReleaseDenied, KeyUnavailable
 from sealstore.format import canonical_json
-from sealstore.keys import DEK_SIZE, DataKey, KeySlot
+from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
 __all__ = ["VaultTransitKey"]
 
 SCHEME = "vault-transit"
+_NO_CLIENT: Any = object()  # parse the URI only; talk to nobody
 _TIMEOUT = 10
 
 
@@ -76,12 +80,23 @@ class VaultTransitKey:
         if not mount or not key:
             raise ValueError(f"Vault Transit URI needs a mount and a key name: {uri!r}")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"tls", "namespace"}
+        if unknown:
+            # A token or secret in the URI would be stored in every slot's key_id.
+            raise ValueError(
+                f"Vault Transit URI takes only tls= and namespace= options, not "
+                f"{', '.join(sorted(unknown))} (credentials come from VAULT_* variables)"
+            )
         tls = query.get("tls", "true").lower() not in ("0", "false", "no")
         self.key_id = uri
         self.mount = mount
         self.key = key
         self.url = f"{'https' if tls else 'http'}://{parts.hostname}:{parts.port}"
         self._lock = threading.Lock()
+        if client is _NO_CLIENT:
+            self._client = None
+            self._is_derived = None
+            return
         if client is None:
             client = hvac.Client(
                 url=self.url,
@@ -107,8 +122,25 @@ class VaultTransitKey:
         return cls(uri, **options)
 
     @classmethod
-    def unwrapper_for_slot(cls, slot: KeySlot) -> VaultTransitKey:
-        """The key a slot names, with credentials from the environment."""
+    def unwrapper_for_slot(cls, slot: KeySlot) -> VaultTransitKey | Refusal:
+        """The key a slot names, with credentials from the environment.
+
+        Slots are not authenticated, so a slot's URI is attacker-chosen: the
+        environment's token is only sent to a Vault the user named -- the
+        address in ``VAULT_ADDR`` or in ``SEALSTORE_VAULT_ADDRS`` (a comma-
+        separated list), scheme included.
+        """
+        try:
+            key = cls(slot.key_id, client=_NO_CLIENT)
+        except ValueError as exc:
+            return Refusal(f"malformed Vault Transit slot: {exc}")
+        trusted = [os.environ.get("VAULT_ADDR", "")]
+        trusted += os.environ.get("SEALSTORE_VAULT_ADDRS", "").split(",")
+        if key.url not in {addr.strip().rstrip("/") for addr in trusted if addr.strip()}:
+            return Refusal(
+                f"{slot.key_id}: {key.url} is not VAULT_ADDR (nor in SEALSTORE_VAULT_ADDRS); "
+                "not sending credentials to a Vault the file names"
+            )
         return cls(slot.key_id)
 
     def __repr__(self) -> str:
@@ -197,6 +229,11 @@ class VaultTransitKey:
         The datakey endpoint takes no associated data, so the context is bound
         only by derivation: the Transit key must be ``derived``.
         """
+        if not self._derived():
+            raise ValueError(
+                f"{self.key_id}: datakey/wrapped binds the context only with a derived "
+                "Transit key (or the key's configuration may not be read); use -k instead"
+            )
         data = self._post("generate a data key", "datakey/wrapped", self._binding(context, False))
         slot = self._slot(data, associated=False)
         return self.unwrap(slot, context), slot
@@ -233,6 +270,10 @@ class VaultTransitKey:
         if slot.params.get("ad"):
             with self.unwrap(slot, context) as dek:
                 return self.wrap(dek, context)
-        body = {"ciphertext": slot.blob.decode("ascii"), **self._binding(context, False)}
+        try:
+            ciphertext = slot.blob.decode("ascii")
+        except UnicodeDecodeError:
+            raise KeyUnavailable(f"{self.key_id}: slot is not a Transit ciphertext") from None
+        body = {"ciphertext": ciphertext, **self._binding(context, False)}
         data = self._post("rewrap the data key", "rewrap", body)
         return self._slot(data, associated=False)

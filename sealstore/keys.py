@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable, SealstoreError
+from sealstore.errors import (
+    AuthenticationError,
+    BackendError,
+    FormatError,
+    KeyReleaseDenied,
+    KeyUnavailable,
+    SealstoreError,
+)
 
 __all__ = [
     "DEK_SIZE",
@@ -204,12 +211,17 @@ def unwrap_first(
         AuthenticationError: a slot unwrapped, but to a key the header does not
             commit to -- the slots were swapped or tampered with -- and no other
             slot gave the right key.
-        KeyUnavailable: no slot could be unwrapped; lists each slot's cause.
+        KeyReleaseDenied: no slot opened and a key service refused one.
+        BackendError: no slot opened and a key service failed for one.
+        KeyUnavailable: no slot could be unwrapped otherwise; lists each slot's cause.
     """
     if not slots:
         raise KeyUnavailable("the file has no key slots (they are held in a store manifest)")
     causes: list[tuple[str, str]] = []
     mismatched = False
+    # If no slot opens, the error says the strongest reason any slot gave: a
+    # refusal, else a failing backend, else plain unavailability.
+    strongest: type[SealstoreError] = KeyUnavailable
     for slot in slots:
         cause = "no identity or key provider for this slot"
         try:
@@ -222,6 +234,9 @@ def unwrap_first(
                 dek = unwrapper.unwrap(slot, context)
             except SealstoreError as exc:
                 cause = str(exc)
+                for kind in (KeyReleaseDenied, BackendError):
+                    if isinstance(exc, kind) and strongest is not KeyReleaseDenied:
+                        strongest = kind
                 continue
             try:
                 accept(dek)
@@ -238,4 +253,7 @@ def unwrap_first(
         raise AuthenticationError(
             "no key slot holds the key this file was sealed with (slots swapped or tampered)"
         )
-    raise KeyUnavailable("no key slot could be unwrapped", causes)
+    if strongest is KeyUnavailable:
+        raise KeyUnavailable("no key slot could be unwrapped", causes)
+    detail = "; ".join(f"slot {i} ({kid}): {why}" for i, (kid, why) in enumerate(causes))
+    raise strongest(f"no key slot could be unwrapped: {detail}")

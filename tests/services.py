@@ -43,7 +43,7 @@ ENV_VARS = {
     "tpm": "SEALSTORE_TEST_TPM",
 }
 LOG_NAMES = ("bao", "bao-tls", "moto", "seaweedfs", "swtpm")
-START_TIMEOUT = 120  # the script itself waits at most ~30 s a service
+START_TIMEOUT = 240  # the script waits at most ~30 s for each of five services
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,22 @@ def _log_tails(lines: int = 30) -> str:
 
 
 def _script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
-    )
+    try:
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        subprocess.run(["bash", str(SCRIPT), "stop"], cwd=ROOT, capture_output=True, check=False)
+        pytest.fail(
+            f"`{SCRIPT} {' '.join(args)}` took over {START_TIMEOUT} s; services stopped\n"
+            + _log_tails(),
+            pytrace=False,
+        )
 
 
 def _parse_env(text: str) -> dict[str, str]:

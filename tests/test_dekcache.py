@@ -112,7 +112,7 @@ def test_clear_wipes_and_no_secrets_leak(keyring: LocalKeyring) -> None:
     slot = keyring.wrap(dek, CONTEXT)
     cache.put(slot, CONTEXT, dek)
     entry = next(iter(cache._entries.values()))
-    assert dek.material().hex() not in repr(cache)
+    assert repr(cache) == "DekCache(ttl=60.0, max_uses=64, entries=1)"
     with pytest.raises(TypeError):
         pickle.dumps(cache)
     cache.clear()
@@ -130,4 +130,21 @@ def test_the_process_wide_cache_serves_streaming_readers(keyring: LocalKeyring) 
     finally:
         configure_cache(None)
     assert counter.calls == 1
-    unwrap_dek(parse_preamble(objects[0]), [keyring], slots=slots, cache=None).close()
+    # cache=None bypasses even a configured process-wide cache.
+    configure_cache(DekCache())
+    try:
+        unwrap_dek(parse_preamble(objects[0]), [counter], slots=slots).close()
+        unwrap_dek(parse_preamble(objects[0]), [counter], slots=slots, cache=None).close()
+    finally:
+        configure_cache(None)
+    assert counter.calls == 3
+
+
+def test_the_library_default_is_no_cache() -> None:
+    # In a fresh interpreter (conftest resets the cache for every test here).
+    import subprocess
+    import sys
+
+    code = "import sealstore.kms.envelope as e; print(e._default_cache)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"

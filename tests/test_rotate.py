@@ -116,3 +116,16 @@ def test_cli_rotate(
     out = path.with_suffix(".out")
     ok(run("decrypt", "-i", identity_path, "-o", out, path, drop=("SEALSTORE_PASSPHRASE",)))
     assert out.read_bytes() == plain
+
+
+def test_rotating_through_a_symlink_rotates_its_target(
+    sealed: tuple[Path, bytes], keyring: LocalKeyring, identity: X25519Identity, tmp_path: Path
+) -> None:
+    path, _ = sealed
+    link = tmp_path / "link.seal"
+    link.symlink_to(path)
+    path.chmod(0o640)
+    rotate_file(link, [identity.recipient], remove=[keyring.key_id])
+    assert link.is_symlink()
+    assert [s.kind for s in parse_preamble(path.read_bytes()).slots] == ["x25519"]
+    assert path.stat().st_mode & 0o777 == 0o640
