@@ -47,12 +47,16 @@ def rotate_slots(
 
     Raises:
         KeyUnavailable, AuthenticationError: the DEK cannot be recovered.
-        ValueError: nothing to do, or no slot would remain.
+        ValueError: nothing to do, a --remove key with no slot, or no slot would remain.
     """
     if not to and not remove:
         raise ValueError("nothing to rotate: give --to and/or --remove")
     current = list(preamble.slots if slots is None else slots)
     context = preamble.header.context
+    unmatched = [uri for uri in remove if all(slot.key_id != uri for slot in current)]
+    if unmatched:
+        # A typo here would otherwise leave the key one meant to revoke in place.
+        raise ValueError(f"no key slot to remove for: {', '.join(unmatched)}")
     # Rotation proves access to the current slots: never from a cache.
     with unwrap_dek(preamble, identities, slots=current, cache=None) as dek:
         result = [slot for slot in current if slot.key_id not in set(remove)]

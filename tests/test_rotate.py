@@ -129,3 +129,11 @@ def test_rotating_through_a_symlink_rotates_its_target(
     assert link.is_symlink()
     assert [s.kind for s in parse_preamble(path.read_bytes()).slots] == ["x25519"]
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_removing_a_key_with_no_slot_is_an_error(sealed: tuple[Path, bytes]) -> None:
+    path, _ = sealed
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="no key slot to remove"):
+        rotate_file(path, [], remove=["local:/no/such/keyring.json"])
+    assert path.read_bytes() == before
