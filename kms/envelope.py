@@ -10,10 +10,10 @@ authenticated, so a failure leaves no output file.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from sealstore.dekcache import DekCache
@@ -227,7 +227,7 @@ def seal_file(
     """
     if str(src) != "-" and "plaintext_size" not in options:
         st = os.stat(src)
-        if Path(src).is_file():
+        if stat.S_ISREG(st.st_mode):
             options["plaintext_size"] = st.st_size
     with _input(src) as fin, atomic_output(dst) as fout:
         return seal_stream(fin, fout, keys, **options)

@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 from sealstore.errors import AuthenticationError
-from sealstore.format import TAG_SIZE
-from sealstore.stream import ChunkLayout, peek_preamble
+from sealstore.format import TAG_SIZE, read_preamble_from
+from sealstore.source import Source
+from sealstore.stream import ChunkLayout
 
 __all__ = ["inspect_file"]
 
@@ -22,8 +23,12 @@ def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     Raises:
         FormatError, UnsupportedVersion: the preamble is malformed.
     """
-    preamble = peek_preamble(src)
-    size = len(src) if isinstance(src, bytes) else os.stat(src).st_size
+    source = Source(src)  # one open gives both the preamble and the size
+    try:
+        preamble = read_preamble_from(source.head)
+        size = source.size
+    finally:
+        source.close()
     header = preamble.header
     info: dict[str, Any] = {
         "version": header.v,
