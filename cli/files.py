@@ -121,9 +121,22 @@ def register(sub: Any) -> None:
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
 
-    ver = sub.add_parser("verify", help="authenticate every chunk; writes nothing")
+    ver = sub.add_parser(
+        "verify",
+        help="authenticate every chunk of a sealed file, or a store version; writes nothing",
+        description="With a FILE: authenticate every chunk. With a store reference (or "
+        "--store, or no argument): check every signature, object hash, chunk and plaintext "
+        "hash of that version (or of every version of the tenant).",
+    )
     ver.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
-    ver.add_argument("file", help="sealed file, or - for stdin")
+    ver.add_argument(
+        "file", nargs="?", metavar="FILE|NAME[:VERSION]", help="sealed file (- for stdin)"
+    )
+    ver.add_argument("--store", metavar="URL", help="verify in this store")
+    ver.add_argument("--tenant", metavar="T")
+    ver.add_argument(
+        "--keyless", action="store_true", help="store: signatures and object hashes only, no key"
+    )
     _common(ver)
     ver.set_defaults(func=_verify)
 
@@ -207,7 +220,22 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_store_target(args: argparse.Namespace) -> bool:
+    if args.store or args.file is None or args.keyless or args.tenant:
+        return True
+    return (
+        args.file != "-"
+        and not Path(args.file).exists()
+        and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*([:@][A-Za-z0-9][A-Za-z0-9._-]*)?", args.file)
+        is not None
+    )
+
+
 def _verify(args: argparse.Namespace) -> int:
+    if _is_store_target(args):
+        from sealstore.cli.store import verify_store
+
+        return verify_store(args)
     start = time.perf_counter()
     with Progress("verify", _size_of(args.file), enabled=not args.no_progress) as bar:
         verify_file(args.file, args.identity, threads=args.threads, progress=bar)

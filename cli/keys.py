@@ -94,6 +94,7 @@ def _init(args: argparse.Namespace) -> int:
             path, insecure_no_passphrase=args.insecure_no_passphrase, overwrite=args.force
         )
     print(f"created keyring {ring.path} (id {ring.id})", file=sys.stderr)
+    print(f"signing key {ring.signing_key_id}", file=sys.stderr)
     print(f"local:{ring.path}")
     return 0
 
@@ -108,6 +109,7 @@ def _list(args: argparse.Namespace) -> int:
     print(f"id        {info['id']}")
     print(f"protected {'yes (argon2id)' if info['protected'] else 'NO'}")
     print(f"key uri   local:{info['path']}")
+    print(f"signing   {info['signing_key'] or '(none: an old keyring; create a new one to sign)'}")
     for kek in info["keks"]:
         mark = "*" if kek["id"] == info["current"] else " "
         print(f"  {mark} {kek['id']}  created {kek['created']}")

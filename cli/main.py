@@ -58,11 +58,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import files, keys
+    from sealstore.cli import files, keys, store
 
     parser = _Parser(
         prog="sealstore",
-        description="Sealed model artifacts: encrypt, decrypt, inspect and verify.",
+        description="Sealed model artifacts: encrypt and decrypt files; push, pull and "
+        "manage versions in a signed, tenant-separated store.",
         epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "
         "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 10 other, 130 interrupted, "
         "141 output pipe closed early.",
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(sub)
     files.register(sub)
+    store.register(sub)
     return parser
 
 

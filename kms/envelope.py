@@ -91,9 +91,12 @@ def unwrap_dek(
     *,
     slots: Sequence[KeySlot] | None = None,
     cache: DekCache | None = _DEFAULT,
+    context: Mapping[str, str] | None = None,
 ) -> DataKey:
     """Recover a file's DEK from its slots (or *slots* held elsewhere, e.g. a manifest).
 
+    The slots are opened under *context* (default: the header's); a store
+    manifest's slots are bound to the version's context, shared by its files.
     A DEK is taken from *cache* (default: the process-wide one) only if it
     passes this header's key commitment; a fresh unwrap is stored there.
 
@@ -103,6 +106,7 @@ def unwrap_dek(
     """
     idents = _identities(identities)
     header = preamble.header
+    ctx = header.context if context is None else dict(context)
 
     def accept(dek: DataKey) -> None:
         open_payload_key(header, dek)  # raises AuthenticationError on a commitment mismatch
@@ -111,7 +115,7 @@ def unwrap_dek(
     store = _default_cache if cache is _DEFAULT else cache
     if store is not None:
         for slot in candidates:
-            cached = store.get(slot, header.context)
+            cached = store.get(slot, ctx)
             if cached is None:
                 continue
             try:
@@ -123,9 +127,9 @@ def unwrap_dek(
     return unwrap_first(
         candidates,
         lambda slot: unwrappers_for(slot, idents),
-        header.context,
+        ctx,
         accept,
-        None if store is None else lambda slot, dek: store.put(slot, header.context, dek),
+        None if store is None else lambda slot, dek: store.put(slot, ctx, dek),
     )
 
 

@@ -46,6 +46,19 @@ PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"  # noqa: S105 -- a variable name, not a 
 _SLOT_AAD = b"sealstore/v1/slot/local\x00"
 _ZERO_KEY = bytes(32)
 _MAX_KEYRING_SIZE = 1 << 20
+# The Ed25519 signing seed shares the sealed secret with the KEKs under a name
+# no KEK can have ("!" is never a KEK id), so a slot can never select it.
+_SIGNING = "!sign"
+
+
+def _signing_key_id(seed: bytes) -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from sealstore.signing import key_id_for
+
+    pub = Ed25519PrivateKey.from_private_bytes(seed).public_key()
+    return key_id_for(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
 def _now() -> str:
@@ -130,12 +143,14 @@ def create_keyring(
         "keks": [{"id": kek_id, "created": _now()}],
         "current": kek_id,
     }
-    keks = {kek_id: os.urandom(32)}
+    keks = {kek_id: os.urandom(32), _SIGNING: os.urandom(32)}
+    public["signing"] = _signing_key_id(keks[_SIGNING])
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(p) as fp:
         fp.write(_seal_document(public, keks, seal_key))
     LocalKeyring._cache.pop(str(p.resolve()), None)
     ring = LocalKeyring.open(p)
+    ring._signing = keks.pop(_SIGNING)
     ring._keks = keks
     return ring
 
@@ -175,6 +190,12 @@ def _check_document(doc: dict[str, Any]) -> str | None:
     current = doc.get("current")
     if not isinstance(current, str) or current not in {k["id"] for k in keks}:
         return "'current' names no KEK"
+    if any(k["id"].startswith("!") for k in keks):
+        return "a KEK id may not start with '!'"
+    if "signing" in doc and not (
+        isinstance(doc["signing"], str) and doc["signing"].startswith("ed25519:")
+    ):
+        return "bad 'signing' key id"
     sealed = _unb64(doc.get("sealed"))
     if sealed is None or len(sealed) < 12 + 16:
         return "bad 'sealed' field"
@@ -213,6 +234,7 @@ class LocalKeyring:
         self.path = path
         self._public = public
         self._keks: dict[str, bytes] | None = None
+        self._signing: bytes | None = None
         self._sealed = ""
         self._lock = threading.Lock()
 
@@ -299,11 +321,35 @@ class LocalKeyring:
     def protected(self) -> bool:
         return self._public["kdf"].get("alg") != "none"
 
+    @property
+    def signing_key_id(self) -> str | None:  # type: ignore[override]
+        """The public Ed25519 key id (``ed25519:...``) manifests are signed with, if any."""
+        value = self._public.get("signing")
+        return str(value) if value is not None else None
+
+    def sign(self, message: bytes) -> bytes:
+        """An Ed25519 signature with the keyring's signing key (unlocks the keyring).
+
+        Raises:
+            KeyUnavailable: the keyring has no signing key (made before there
+                were any: create a new one), or it cannot be unlocked.
+        """
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self._unlock()
+        if self._signing is None:
+            raise KeyUnavailable(
+                f"keyring {self.path} has no signing key (create a new keyring with "
+                "sealstore keys init)"
+            )
+        return Ed25519PrivateKey.from_private_bytes(self._signing).sign(message)
+
     def describe(self) -> dict[str, Any]:
         """Public facts about the keyring (no key material)."""
         return {
             "path": str(self.path),
             "id": self.id,
+            "signing_key": self.signing_key_id,
             "created": self._public.get("created"),
             "protected": self.protected,
             "kdf": self._public["kdf"].get("alg"),
@@ -352,6 +398,12 @@ class LocalKeyring:
             keks = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
             if self.current not in keks or any(len(v) != 32 for v in keks.values()):
                 raise FormatError(f"keyring {self.path} is damaged: bad KEK table")
+            signing = keks.pop(_SIGNING, None)
+            if (signing is None) != (self.signing_key_id is None) or (
+                signing is not None and _signing_key_id(signing) != self.signing_key_id
+            ):
+                raise FormatError(f"keyring {self.path} is damaged: signing key mismatch")
+            self._signing = signing
             self._keks = keks
             return keks
 

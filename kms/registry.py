@@ -17,6 +17,7 @@ __all__ = [
     "known_schemes",
     "load_identity",
     "register_provider",
+    "sealstore_home",
     "unwrappers_for",
     "wrapper_for",
 ]
@@ -92,14 +93,18 @@ def wrapper_for(uri: str, **options: Any) -> Wrapper:
     return get_provider_class(_scheme(uri)).from_uri(uri, **options)
 
 
+def sealstore_home() -> Path:
+    """``$SEALSTORE_HOME``, else ``~/.config/sealstore``: keyring, trust pins, default store."""
+    home = os.environ.get("SEALSTORE_HOME")
+    return Path(home) if home else Path.home() / ".config" / "sealstore"
+
+
 def default_keyring_path() -> Path:
     """``$SEALSTORE_KEYRING``, else ``$SEALSTORE_HOME/keyring.json``, else ~/.config/sealstore."""
     env = os.environ.get("SEALSTORE_KEYRING")
     if env:
         return Path(env)
-    home = os.environ.get("SEALSTORE_HOME")
-    base = Path(home) if home else Path.home() / ".config" / "sealstore"
-    return base / "keyring.json"
+    return sealstore_home() / "keyring.json"
 
 
 def load_identity(path: str | os.PathLike[str]) -> Unwrapper:

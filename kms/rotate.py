@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sealstore.errors import KeyUnavailable
@@ -34,6 +34,7 @@ def rotate_slots(
     remove: Sequence[str] = (),
     identities: Sequence[IdentitySpec] = (),
     slots: Sequence[KeySlot] | None = None,
+    context: Mapping[str, str] | None = None,
 ) -> list[KeySlot]:
     """The new slot list of a sealed object.
 
@@ -44,6 +45,8 @@ def rotate_slots(
         remove: key URIs whose slots are dropped.
         identities: identity files or unwrappers to open the current slots.
         slots: the current slots when they are held outside the file.
+        context: the context the slots are bound to (default: the header's;
+            a store manifest's slots are bound to the version's context).
 
     Raises:
         KeyUnavailable, AuthenticationError: the DEK cannot be recovered.
@@ -52,13 +55,13 @@ def rotate_slots(
     if not to and not remove:
         raise ValueError("nothing to rotate: give --to and/or --remove")
     current = list(preamble.slots if slots is None else slots)
-    context = preamble.header.context
+    context = preamble.header.context if context is None else dict(context)
     unmatched = [uri for uri in remove if all(slot.key_id != uri for slot in current)]
     if unmatched:
         # A typo here would otherwise leave the key one meant to revoke in place.
         raise ValueError(f"no key slot to remove for: {', '.join(unmatched)}")
     # Rotation proves access to the current slots: never from a cache.
-    with unwrap_dek(preamble, identities, slots=current, cache=None) as dek:
+    with unwrap_dek(preamble, identities, slots=current, cache=None, context=context) as dek:
         result = [slot for slot in current if slot.key_id not in set(remove)]
         for uri in to:
             existing = [i for i, slot in enumerate(result) if slot.key_id == uri]

@@ -120,6 +120,7 @@ def test_describe_needs_no_passphrase(keyring: LocalKeyring, no_tty: None) -> No
         "kdf": "argon2id",
         "current": "k1",
         "keks": [{"id": "k1", "created": info["keks"][0]["created"]}],
+        "signing_key": ring.signing_key_id,
     }
     assert info["created"].endswith("Z")
     assert repr(ring) == f"LocalKeyring(path={str(keyring.path)!r}, id={keyring.id!r})"
@@ -874,3 +875,23 @@ def test_no_key_material_in_messages(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dek.close()
+
+
+def test_keyring_signs_with_its_public_signing_key(keyring: LocalKeyring) -> None:
+    from sealstore.signing import sign_document, verify_document
+
+    ring = reopen(keyring.path)
+    assert ring.signing_key_id is not None and ring.signing_key_id.startswith("ed25519:")
+    doc = sign_document("test", {"a": 1}, ring)
+    assert verify_document("test", doc, [ring.signing_key_id], what="doc") == {
+        "a": 1,
+        "signer": ring.signing_key_id,
+    }
+    with pytest.raises(AuthenticationError, match="edited"):
+        verify_document("test", dict(doc, a=2), [ring.signing_key_id], what="doc")
+    with pytest.raises(AuthenticationError, match="edited"):
+        verify_document("other", doc, [ring.signing_key_id], what="doc")
+    with pytest.raises(AuthenticationError, match="untrusted"):
+        verify_document("test", doc, [], what="doc")
+    # A slot can never select the signing seed as a KEK.
+    assert "!sign" not in ring._unlock()

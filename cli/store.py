@@ -1,0 +1,400 @@
+"""``sealstore store | push | pull | ls | show | tag | rm | bom`` (and store ``verify``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from sealstore.cli.progress import Progress, human_bytes
+
+__all__ = ["register", "verify_store"]
+
+
+def _where(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="store URL: file://PATH, s3://BUCKET/PREFIX, memory://NAME "
+        "(default: $SEALSTORE_STORE or file://$SEALSTORE_HOME/store)",
+    )
+    p.add_argument(
+        "--tenant", metavar="T", help="tenant namespace (default: $SEALSTORE_TENANT or 'default')"
+    )
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from sealstore.vault.store import Store
+
+    return Store.open(args.store)
+
+
+def register(sub: Any) -> None:
+    st = sub.add_parser("store", help="create, trust and maintain a store")
+    ssub = st.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    init = ssub.add_parser(
+        "init",
+        help="create a store; your keyring's signing key becomes its root",
+        description="Create a store at URL. The local keyring's Ed25519 signing key becomes "
+        "the store's root key and first trusted signer.",
+    )
+    init.add_argument("url", nargs="?", help="store URL (default: the embedded file:// store)")
+    init.set_defaults(func=_init)
+    trust = ssub.add_parser(
+        "trust",
+        help="pin a store's root key on this machine (needed before using someone else's store)",
+    )
+    trust.add_argument("url")
+    trust.add_argument("--root", required=True, metavar="KEY", help="the root key, ed25519:...")
+    trust.set_defaults(func=_trust)
+    info = ssub.add_parser("info", help="the store's id, root key and signers")
+    _where(info)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_info)
+    add = ssub.add_parser("add-signer", help="trust another signing key (root only)")
+    add.add_argument("key", metavar="KEY")
+    _where(add)
+    add.set_defaults(func=_add_signer)
+    rot = ssub.add_parser(
+        "rotate",
+        help="re-wrap a version's key to other keys; rewrites only its manifest",
+    )
+    rot.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    rot.add_argument("--to", action="append", default=[], metavar="URI")
+    rot.add_argument("--remove", action="append", default=[], metavar="URI")
+    rot.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
+    _where(rot)
+    rot.set_defaults(func=_rotate)
+    gc = ssub.add_parser("gc", help="delete objects left by interrupted pushes")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep unreferenced objects younger than this (pushes in flight; default 3600)",
+    )
+    _where(gc)
+    gc.set_defaults(func=_gc)
+
+    push = sub.add_parser(
+        "push",
+        help="seal a file or a model directory into the store as a new version",
+        description="Seal PATH (a file, or every file under a directory) as NAME:VERSION "
+        "(default: the next number). Nothing is visible until the signed manifest is written.",
+    )
+    push.add_argument("path")
+    push.add_argument("ref", metavar="NAME[:VERSION]")
+    push.add_argument("-k", "--key", dest="keys", action="append", default=[], metavar="URI")
+    push.add_argument("--dek-from", metavar="URI", help="let this key service generate the DEK")
+    push.add_argument("--bom", metavar="FILE.yaml", help="datasets and training parameters")
+    parent = push.add_mutually_exclusive_group()
+    parent.add_argument(
+        "--parent", metavar="VERSION", help="the version this one derives from (default: newest)"
+    )
+    parent.add_argument("--no-parent", action="store_true")
+    push.add_argument("--threads", type=int, default=2)
+    push.add_argument("--no-progress", action="store_true")
+    _where(push)
+    push.set_defaults(func=_push)
+
+    pull = sub.add_parser("pull", help="decrypt a version into a directory, all verified first")
+    pull.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    pull.add_argument("-o", "--output", required=True, metavar="DIR")
+    pull.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
+    pull.add_argument("--file", action="append", metavar="PATH", help="only this file (repeatable)")
+    pull.add_argument("--threads", type=int, default=2)
+    pull.add_argument("--no-progress", action="store_true")
+    _where(pull)
+    pull.set_defaults(func=_pull)
+
+    ls = sub.add_parser("ls", help="list the tenant's artifacts, or one artifact's versions")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    _where(ls)
+    ls.set_defaults(func=_ls)
+
+    show = sub.add_parser("show", help="a version's verified manifest (no key needed)")
+    show.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    show.add_argument("--json", action="store_true")
+    _where(show)
+    show.set_defaults(func=_show)
+
+    tag = sub.add_parser("tag", help="point a tag at a version")
+    tag.add_argument("ref", metavar="NAME:VERSION")
+    tag.add_argument("tag")
+    _where(tag)
+    tag.set_defaults(func=_tag)
+
+    rm = sub.add_parser(
+        "rm",
+        help="crypto-shred a version: destroy its key slots and delete its objects",
+    )
+    rm.add_argument("ref", metavar="NAME:VERSION")
+    _where(rm)
+    rm.set_defaults(func=_rm)
+
+    bom = sub.add_parser("bom", help="a version's CycloneDX 1.6 ML-BOM")
+    bsub = bom.add_subparsers(dest="bom_command", metavar="ACTION", required=True)
+    bshow = bsub.add_parser("show", help="summarise the BoM")
+    bshow.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    _where(bshow)
+    bshow.set_defaults(func=_bom_show)
+    bexp = bsub.add_parser("export", help="write the BoM JSON (checked against the manifest)")
+    bexp.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    bexp.add_argument("-o", "--output", default="-", metavar="FILE")
+    _where(bexp)
+    bexp.set_defaults(func=_bom_export)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from sealstore.vault.store import Store
+
+    store = Store.init(args.url)
+    _say(args, f"created store {store.url} (id {store.id})")
+    print(f"root key {store.root_key}")
+    return 0
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from sealstore.vault.store import trust_store
+
+    store = trust_store(args.url, args.root)
+    _say(args, f"trusting store {store.url} (id {store.id}) with root key {store.root_key}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    store = _open(args)
+    info = {"url": store.url, "id": store.id, "root": store.root_key, "signers": store.signers}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"store    {info['url']}\nid       {info['id']}\nroot     {info['root']}")
+    for s in info["signers"]:
+        print(f"signer   {s}")
+    return 0
+
+
+def _add_signer(args: argparse.Namespace) -> int:
+    _open(args).add_signer(args.key)
+    _say(args, f"added signer {args.key}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    m = _open(args).rotate(
+        args.ref, args.to, remove=args.remove, identities=args.identity, tenant=args.tenant
+    )
+    _say(args, f"{m.name}:{m.version}: {len(m.slots)} slot(s): "
+               + ", ".join(s.key_id for s in m.slots))  # fmt: skip
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from sealstore.vault.lifecycle import gc
+
+    deleted = gc(_open(args), tenant=args.tenant, grace=args.grace)
+    _say(args, f"deleted {len(deleted)} unreferenced object(s)")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from sealstore.vault.push import collect_files
+
+    if not args.keys and not args.dek_from:
+        raise ValueError("push needs at least one key: -k URI (e.g. -k local:)")
+    if args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    store = _open(args)
+    total = sum(size for _, _, size in collect_files(args.path))
+    start = time.perf_counter()
+    with Progress("push", total, enabled=not args.no_progress and not args.quiet) as bar:
+        m = store.push(
+            args.path,
+            args.ref,
+            tenant=args.tenant,
+            keys=args.keys,
+            dek_from=args.dek_from,
+            parent=None if args.no_parent else (args.parent or "auto"),
+            bom=args.bom,
+            threads=args.threads,
+            progress=bar,
+        )
+    took = time.perf_counter() - start
+    _say(args, f"pushed {m.name}:{m.version} ({m.tenant}): {len(m.files)} file(s), "
+               f"{human_bytes(m.size)} in {took:.2f} s")  # fmt: skip
+    print(f"{m.name}:{m.version}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    store = _open(args)
+    m = store.manifest(args.ref, tenant=args.tenant)
+    total = sum(f.size for f in m.files if not args.file or f.path in args.file)
+    start = time.perf_counter()
+    with Progress("pull", total, enabled=not args.no_progress and not args.quiet) as bar:
+        m = store.pull(
+            f"{m.name}:{m.version}",
+            args.output,
+            tenant=args.tenant,
+            identities=args.identity,
+            threads=args.threads,
+            progress=bar,
+            files=args.file,
+        )
+    took = time.perf_counter() - start
+    _say(args, f"pulled {m.name}:{m.version} into {args.output}: "
+               f"{human_bytes(total)} in {took:.2f} s, every file verified")  # fmt: skip
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from sealstore.vault.store import default_tenant
+
+    store = _open(args)
+    tenant = args.tenant or default_tenant()
+    if args.name is None:
+        rows = []
+        for name in store.artifacts(tenant=tenant):
+            versions = store.versions(name, tenant=tenant)
+            rows.append(
+                {"name": name, "versions": versions, "tags": store.tags(name, tenant=tenant)}
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            tags = " ".join(f"{t}={v}" for t, v in sorted(row["tags"].items()))
+            print(f"{row['name']}\t{len(row['versions'])} version(s)\t{tags}")
+        return 0
+    tags = store.tags(args.name, tenant=tenant)
+    out = []
+    for v in store.versions(args.name, tenant=tenant):
+        m = store.manifest(f"{args.name}:{v}", tenant=tenant)
+        out.append({
+            "version": v,
+            "created": m.created,
+            "files": len(m.files),
+            "size": m.size,
+            "tags": sorted(t for t, tv in tags.items() if tv == v),
+            "shredded": m.shredded,
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for row in out:
+        state = f"SHREDDED {row['shredded']}" if row["shredded"] else human_bytes(row["size"])
+        tagtext = " ".join(row["tags"])
+        print(f"{args.name}:{row['version']}\t{row['created']}\t{row['files']} file(s)\t"
+              f"{state}\t{tagtext}".rstrip())  # fmt: skip
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = _open(args)
+    m = store.manifest(args.ref, tenant=args.tenant)
+    body = m.body()
+    body["signer"] = m.signer
+    for slot in body["slots"]:
+        slot.pop("blob", None)  # wrapped keys are opaque; no reason to print them
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"artifact  {m.name}:{m.version}  (tenant {m.tenant})")
+    print(f"created   {m.created}")
+    print(f"signed by {m.signer}  (verified)")
+    print(f"parent    {m.parent or '-'}")
+    if m.shredded:
+        print(f"SHREDDED  {m.shredded}: key slots destroyed, objects deleted")
+    for slot in m.slots:
+        print(f"slot      {slot.kind}  {slot.key_id}")
+    print(f"bom       sha256:{m.bom_sha256}")
+    for f in m.files:
+        print(f"  {f.path}\t{human_bytes(f.size)}\tsha256:{f.sha256}")
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    version = _open(args).tag(args.ref, args.tag, tenant=args.tenant)
+    _say(args, f"tagged {args.ref.split(':')[0]}:{version} as {args.tag}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    tomb = _open(args).shred(args.ref, tenant=args.tenant)
+    _say(
+        args,
+        f"shredded {tomb.name}:{tomb.version}: key slots destroyed, {len(tomb.files)} "
+        "object(s) deleted; the data can no longer be decrypted",
+    )
+    return 0
+
+
+def _bom_show(args: argparse.Namespace) -> int:
+    from sealstore.vault.bom import summarize
+
+    data = _open(args).bom(args.ref, tenant=args.tenant)
+    s = summarize(json.loads(data))
+    print(f"model     {s['model']}")
+    print(f"parent    {', '.join(s['parent']) or '-'}")
+    print(f"datasets  {', '.join(s['datasets']) or '-'}")
+    print(f"task      {s['task'] or '-'}")
+    for k, v in s["training"].items():
+        print(f"training  {k} = {v}")
+    for name, digest in s["files"]:
+        print(f"  {name}\tsha256:{digest}")
+    return 0
+
+
+def _bom_export(args: argparse.Namespace) -> int:
+    from sealstore.fsutil import atomic_file
+
+    data = _open(args).bom(args.ref, tenant=args.tenant)
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    with atomic_file(args.output, mode=0o644) as fp:
+        fp.write(data)
+    _say(args, f"wrote {args.output}")
+    return 0
+
+
+def verify_store(args: argparse.Namespace) -> int:
+    """``sealstore verify [NAME[:VERSION]] --store URL``: every signature, hash and chunk."""
+    store = _open(args)
+    start = time.perf_counter()
+    with Progress("verify", None, enabled=not args.no_progress and not args.quiet) as bar:
+        results = store.verify(
+            args.file,
+            tenant=args.tenant,
+            identities=args.identity,
+            threads=args.threads,
+            decrypt=not args.keyless,
+            progress=bar,
+        )
+    bad = 0
+    for r in results:
+        if r.ok:
+            _say(args, f"{r.ref}: OK ({r.files} file(s), {human_bytes(r.bytes)})")
+        else:
+            bad += 1
+            for p in r.problems:
+                print(f"sealstore: error: {r.ref}: {p}", file=sys.stderr)
+    took = time.perf_counter() - start
+    _say(args, f"verified {len(results)} version(s) in {took:.2f} s: {bad} damaged")
+    if not results:
+        raise ValueError("nothing to verify: the tenant has no artifacts")
+    if bad:
+        from sealstore.errors import AuthenticationError
+
+        raise AuthenticationError(f"{bad} of {len(results)} version(s) failed verification")
+    return 0

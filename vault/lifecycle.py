@@ -1,0 +1,143 @@
+"""Changing versions after the push: crypto-shred, key rotation, garbage collection.
+
+Rotation rewrites only the manifest (the slots live there, FORMAT.md), never
+an object. Crypto-shredding replaces the manifest with a signed tombstone
+that keeps the file list but no key slot, then deletes the objects: with the
+wrapped DEK gone from the store, a copy of the ciphertext kept elsewhere no
+longer opens with any key the store's users hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sealstore.format import read_preamble
+from sealstore.kms.envelope import IdentitySpec
+from sealstore.kms.rotate import rotate_slots
+from sealstore.vault.manifest import Manifest, check_name, now
+
+__all__ = ["gc", "rotate", "shred"]
+
+
+def _retag(store: Any, m: Manifest, old_digest: str, tenant: str) -> list[str]:
+    """Re-sign the tags that named the replaced manifest; returns them."""
+    from sealstore.errors import SealstoreError
+
+    moved = []
+    for tag in store.storage.list(f"tenants/{tenant}/refs/{m.name}"):
+        try:
+            version, digest = store._read_tag(tenant, m.name, tag)
+        except SealstoreError:
+            continue
+        if version == m.version and digest == old_digest:
+            moved.append(tag)
+    return moved
+
+
+def rotate(
+    store: Any,
+    ref: str,
+    to: Sequence[str],
+    *,
+    remove: Sequence[str] = (),
+    identities: Sequence[IdentitySpec] = (),
+    tenant: str | None = None,
+) -> Manifest:
+    """Re-wrap a version's DEK: add a slot per *to* key, drop the *remove* keys' slots.
+
+    Only the manifest is rewritten (and re-signed, with the tags that named
+    it); no object is touched.
+
+    Raises:
+        ValueError: nothing to do, or no slot would remain.
+        KeyUnavailable: the current slots do not open here.
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    m = store.manifest(ref, tenant=tenant)
+    if m.shredded:
+        raise ValueError(f"{m.name}:{m.version} was crypto-shredded; nothing to rotate")
+    old = store.manifest_bytes(m.name, m.version, tenant=tenant)
+    with store.storage.open_read(store.object_path(tenant, m.files[0].object)) as fp:
+        pre = read_preamble(fp)
+    slots = rotate_slots(
+        pre, to, remove=remove, identities=identities, slots=m.slots, context=m.context
+    )
+    signer = store.signer
+    new = dataclasses.replace(m, slots=tuple(slots), signer=signer.signing_key_id)
+    tags = _retag(store, m, hashlib.sha256(old).hexdigest(), tenant)
+    store.storage.put(f"{store.version_dir(tenant, m.name, m.version)}/manifest.json",
+                      new.sign(signer))  # fmt: skip
+    for tag in tags:
+        store.tag(f"{m.name}:{m.version}", tag, tenant=tenant)
+    return new
+
+
+def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
+    """Crypto-shred a version: destroy its key slots, delete its objects and its tags.
+
+    Returns:
+        The signed tombstone manifest now stored for the version.
+    """
+    from sealstore.vault.store import _version_key, default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    m = store.manifest(ref, tenant=tenant)
+    if m.shredded:
+        return m
+    signer = store.signer
+    tomb = dataclasses.replace(m, slots=(), shredded=now(), signer=signer.signing_key_id)
+    # The tombstone replaces the manifest first: from this write on no slot exists.
+    store.storage.put(f"{store.version_dir(tenant, m.name, m.version)}/manifest.json",
+                      tomb.sign(signer))  # fmt: skip
+    for entry in m.files:
+        store.storage.delete(store.object_path(tenant, entry.object))
+    latest_moved = False
+    for tag in store.storage.list(f"tenants/{tenant}/refs/{m.name}"):
+        try:
+            version, _ = store._read_tag(tenant, m.name, tag)
+        except Exception:
+            version = m.version
+        if version == m.version:
+            store.storage.delete(f"tenants/{tenant}/refs/{m.name}/{tag}")
+            latest_moved |= tag == "latest"
+    if latest_moved:
+        for v in sorted(store.versions(m.name, tenant=tenant), key=_version_key, reverse=True):
+            if not store.manifest(f"{m.name}:{v}", tenant=tenant).shredded:
+                store.tag(f"{m.name}:{v}", "latest", tenant=tenant)
+                break
+    return tomb
+
+
+def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[str]:
+    """Delete objects no manifest of the tenant references, older than *grace* seconds.
+
+    What an interrupted push left behind. The grace period protects pushes in
+    flight, whose objects are not referenced until their manifest lands.
+
+    Returns:
+        The deleted paths.
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    referenced = set()
+    for name in store.storage.list(f"tenants/{tenant}/artifacts"):
+        for v in store.versions(name, tenant=tenant):
+            referenced |= {e.object for e in store.manifest(f"{name}:{v}", tenant=tenant).files}
+    cutoff = time.time() - grace
+    deleted = []
+    for rel in store.storage.walk(f"objects/{tenant}"):
+        obj = rel.rsplit("/", 1)[-1]
+        if obj in referenced:
+            continue
+        if store.storage.modified(rel) > cutoff:
+            continue
+        store.storage.delete(rel)
+        deleted.append(rel)
+    return deleted

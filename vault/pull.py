@@ -1,0 +1,415 @@
+"""``pull`` and ``verify``: read versions back, checking everything before release.
+
+Order of checks, for every read: the store config's signature (on open), the
+manifest's signature and location, then per file the object's size, the
+SHA-256 of its header bytes (signed in the manifest), the header's context
+(tenant, artifact, version, path), the key commitment, every chunk's tag, and
+the SHA-256 of the whole object. ``pull`` writes into a temporary directory
+beside the destination and moves files into place only when every file of
+the version has passed, so a failure leaves no output at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sealstore.errors import AuthenticationError, KeyUnavailable, NotFound, SealstoreError
+from sealstore.format import Preamble, open_payload_key, read_preamble
+from sealstore.keys import DataKey, unwrap_first
+from sealstore.kms.envelope import IdentitySpec, _identities
+from sealstore.kms.registry import unwrappers_for
+from sealstore.stream import SealReader
+from sealstore.vault.manifest import FileEntry, Manifest, check_name
+from sealstore.vault.storage import LocalStorage
+
+__all__ = ["VerifyResult", "open_file", "pull", "unwrap_version_key", "verify"]
+
+Progress = Callable[[int], None]
+_HASH_BLOCK = 8 << 20
+
+
+def _where(m: Manifest, entry: FileEntry) -> str:
+    return f"{m.name}:{m.version}/{entry.path}"
+
+
+def _check_preamble(m: Manifest, entry: FileEntry, pre: Preamble, size: int) -> None:
+    where = _where(m, entry)
+    if size != entry.object_size:
+        raise AuthenticationError(f"{where}: object is {size} bytes, the manifest says "
+                                  f"{entry.object_size}")  # fmt: skip
+    header_bytes = pre.header.encode()
+    if not hmac.compare_digest(hashlib.sha256(header_bytes).hexdigest(), entry.header_sha256):
+        raise AuthenticationError(f"{where}: object header does not match the manifest")
+    if pre.header.context != dict(m.context, path=entry.path):
+        raise AuthenticationError(f"{where}: object belongs to another artifact or path")
+    if pre.header.plaintext_size not in (None, entry.size):
+        raise AuthenticationError(f"{where}: object size does not match the manifest")
+
+
+def unwrap_version_key(
+    m: Manifest, first: Preamble | None, identities: Sequence[IdentitySpec] = ()
+) -> DataKey:
+    """Open the version's DEK from the manifest's slots (bound to the version context).
+
+    Raises:
+        KeyUnavailable: no slot opens (each slot's cause listed), or the
+            version was crypto-shredded.
+        AuthenticationError: a slot opens to a key the objects do not commit to.
+    """
+    if m.shredded:
+        raise KeyUnavailable(
+            f"{m.name}:{m.version} was crypto-shredded at {m.shredded}: its key slots are destroyed"
+        )
+    idents = _identities(identities)
+
+    def accept(dek: DataKey) -> None:
+        if first is not None:
+            open_payload_key(first.header, dek)
+
+    return unwrap_first(m.slots, lambda slot: unwrappers_for(slot, idents), m.context, accept)
+
+
+class _Hashing:
+    """A read-only file wrapper that hashes what passes through (not seekable: streamed)."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self._fp = fp
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fp.read(n)
+        self.sha256.update(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self._fp.read(len(b))
+        n = len(data)
+        memoryview(b).cast("B")[:n] = data
+        self.sha256.update(data)
+        return n
+
+
+def _hash_file(path: str, out: list[str], errors: list[BaseException]) -> None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fp:
+            buf = bytearray(_HASH_BLOCK)
+            view = memoryview(buf)
+            while n := fp.readinto(buf):
+                h.update(view[:n])
+        out.append(h.hexdigest())
+    except BaseException as exc:
+        errors.append(exc)
+
+
+@contextmanager
+def _object(
+    store: Any, m: Manifest, entry: FileEntry
+) -> Iterator[tuple[BinaryIO, Callable[[], str]]]:
+    """The object opened for streaming, and a function giving its SHA-256 once read."""
+    path = store.object_path(m.tenant, entry.object)
+    try:
+        fp = store.storage.open_read(path)
+    except NotFound:
+        raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
+    try:
+        if isinstance(store.storage, LocalStorage):
+            # A local object: the reader maps it and decrypts in parallel; the
+            # hash runs beside it on its own thread over the page cache.
+            digests: list[str] = []
+            errors: list[BaseException] = []
+            t = threading.Thread(target=_hash_file, args=(fp.name, digests, errors), daemon=True)
+            t.start()
+
+            def local_digest() -> str:
+                t.join()
+                if errors:
+                    raise errors[0]
+                return digests[0]
+
+            yield fp, local_digest
+            t.join()
+        else:
+            wrapped = _Hashing(fp)
+            yield wrapped, lambda: wrapped.sha256.hexdigest()  # type: ignore[misc]
+    finally:
+        fp.close()
+
+
+def _object_size(store: Any, m: Manifest, entry: FileEntry) -> int:
+    try:
+        return int(store.storage.size(store.object_path(m.tenant, entry.object)))
+    except NotFound:
+        raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
+
+
+def _decrypt_entry(
+    store: Any,
+    m: Manifest,
+    entry: FileEntry,
+    dek: DataKey | None,
+    out: Any,
+    *,
+    identities: Sequence[IdentitySpec],
+    threads: int,
+    progress: Progress | None,
+    check_plaintext: bool = False,
+) -> DataKey:
+    """Stream one file's plaintext into *out* (None: discard), checking everything.
+
+    The plaintext hash is redundant once the object hash (signed) and every
+    chunk tag have passed, so only ``verify`` asks for it (it also proves the
+    BoM's hashes).
+    """
+    size = _object_size(store, m, entry)
+    with _object(store, m, entry) as (fp, digest):
+        pre = read_preamble(fp)
+        _check_preamble(m, entry, pre, size)
+        if dek is None:
+            dek = unwrap_version_key(m, pre, identities)
+        reader = SealReader(fp, dek, preamble=pre, threads=threads)  # type: ignore[arg-type]
+        plain = hashlib.sha256()
+        total = 0
+        with reader:
+            for chunk in reader.iter_chunks():
+                if check_plaintext:
+                    plain.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+                total += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        if isinstance(fp, _Hashing):
+            # Streamed: anything after the final chunk was never read; read it to hash it.
+            while fp.read(1 << 20):
+                pass
+        where = _where(m, entry)
+        if not hmac.compare_digest(digest(), entry.object_sha256):
+            raise AuthenticationError(f"{where}: object hash does not match the manifest")
+        if total != entry.size or (
+            check_plaintext and not hmac.compare_digest(plain.hexdigest(), entry.sha256)
+        ):
+            raise AuthenticationError(f"{where}: plaintext does not match the manifest")
+    return dek
+
+
+def pull(
+    store: Any,
+    ref: str,
+    dest: str | os.PathLike[str],
+    *,
+    tenant: str | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    threads: int = 2,
+    progress: Progress | None = None,
+    files: Sequence[str] | None = None,
+) -> Manifest:
+    """Decrypt a version into the directory *dest*, every byte verified first.
+
+    Files appear in *dest* only after every file of the version has been
+    authenticated (a temporary directory beside *dest* holds them meanwhile).
+    Existing files of the same name in *dest* are replaced.
+
+    Args:
+        files: only these paths of the artifact (default: all).
+
+    Returns:
+        The verified manifest.
+
+    Raises:
+        NotFound: no such version, tag or object.
+        AuthenticationError: any signature, hash or tag fails.
+        KeyUnavailable: no key slot opens (or the version was shredded).
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    m = store.manifest(ref, tenant=tenant)
+    if m.shredded:
+        unwrap_version_key(m, None)  # raises the shredded error
+    entries = list(m.files)
+    if files is not None:
+        wanted = set(files)
+        missing = wanted - {e.path for e in entries}
+        if missing:
+            raise NotFound(f"{m.name}:{m.version} has no file {sorted(missing)[0]}")
+        entries = [e for e in entries if e.path in wanted]
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o700)
+        dek: DataKey | None = None
+        try:
+            for entry in entries:
+                out_path = tmp / entry.path
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(out_path, "wb") as out:
+                    os.fchmod(out.fileno(), 0o600)
+                    dek = _decrypt_entry(
+                        store,
+                        m,
+                        entry,
+                        dek,
+                        out,
+                        identities=identities,
+                        threads=threads,
+                        progress=progress,
+                    )
+        finally:
+            if dek is not None:
+                dek.close()
+        _publish(tmp, target, [e.path for e in entries])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return m
+
+
+def _publish(tmp: Path, target: Path, paths: list[str]) -> None:
+    if not target.exists():
+        os.replace(tmp, target)  # the whole directory appears at once
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    for rel in paths:
+        dst = target / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, dst)
+
+
+@dataclass
+class VerifyResult:
+    """The outcome for one version: ``problems`` is empty when everything passed."""
+
+    ref: str
+    files: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(
+    store: Any,
+    ref: str | None = None,
+    *,
+    tenant: str | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    threads: int = 2,
+    decrypt: bool = True,
+    progress: Progress | None = None,
+) -> list[VerifyResult]:
+    """Check a version (or every version of the tenant) without writing anything.
+
+    Signatures, tags, the BoM hash, every object's hash, and (with *decrypt*,
+    the default) every chunk and every plaintext hash. Problems are collected
+    per version rather than raised, so one report names all the damage.
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    if ref is not None:
+        refs = [ref]
+    else:
+        refs = [f"{n}:{v}" for n in store.artifacts(tenant=tenant)
+                for v in store.versions(n, tenant=tenant)]  # fmt: skip
+    results = []
+    for r in refs:
+        res = VerifyResult(r)
+        results.append(res)
+        try:
+            m = store.manifest(r, tenant=tenant)
+        except SealstoreError as exc:
+            res.problems.append(str(exc))
+            continue
+        res.ref = f"{m.name}:{m.version}"
+        if m.shredded:
+            res.ref += f" (shredded {m.shredded})"
+            continue  # nothing left to check but the signed tombstone
+        try:
+            store.bom(res.ref, tenant=tenant)
+        except SealstoreError as exc:
+            res.problems.append(f"BoM: {exc}")
+        dek: DataKey | None = None
+        try:
+            for entry in m.files:
+                res.files += 1
+                try:
+                    if decrypt:
+                        dek = _decrypt_entry(
+                            store, m, entry, dek, None,
+                            identities=identities, threads=threads, progress=progress,
+                            check_plaintext=True,
+                        )  # fmt: skip
+                    else:
+                        _check_keyless(store, m, entry)
+                    res.bytes += entry.size
+                except KeyUnavailable:
+                    raise
+                except SealstoreError as exc:
+                    res.problems.append(str(exc))
+        except KeyUnavailable as exc:
+            res.problems.append(str(exc))
+        finally:
+            if dek is not None:
+                dek.close()
+    return results
+
+
+def _check_keyless(store: Any, m: Manifest, entry: FileEntry) -> None:
+    size = _object_size(store, m, entry)
+    with _object(store, m, entry) as (fp, digest):
+        pre = read_preamble(fp)
+        _check_preamble(m, entry, pre, size)
+        if isinstance(fp, _Hashing):
+            while fp.read(_HASH_BLOCK):
+                pass
+        if not hmac.compare_digest(digest(), entry.object_sha256):
+            raise AuthenticationError(
+                f"{_where(m, entry)}: object hash does not match the manifest"
+            )
+
+
+def open_file(
+    store: Any,
+    ref: str,
+    path: str,
+    *,
+    tenant: str | None = None,
+    identities: Sequence[IdentitySpec] = (),
+) -> tuple[Manifest, FileEntry, BinaryIO, Preamble, DataKey]:
+    """Open one file of a version for random access (the loaders' entry point).
+
+    The manifest's signature, the object's size, header hash and context are
+    checked and the DEK unwrapped; chunks are authenticated as they are read
+    (``sealstore.stream.SealedFile``). The caller closes the file and the key.
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    m = store.manifest(ref, tenant=tenant)
+    entry = next((e for e in m.files if e.path == path), None)
+    if entry is None:
+        raise NotFound(f"{m.name}:{m.version} has no file {path}")
+    size = _object_size(store, m, entry)
+    fp = store.storage.open_read(store.object_path(m.tenant, entry.object))
+    try:
+        pre = read_preamble(fp)
+        _check_preamble(m, entry, pre, size)
+        dek = unwrap_version_key(m, pre, identities)
+    except BaseException:
+        fp.close()
+        raise
+    return m, entry, fp, pre, dek

@@ -1,0 +1,363 @@
+"""``push``: seal a file or a model directory into the store as a new version.
+
+Streaming and constant-memory: each file is read in blocks, hashed (its
+plaintext SHA-256 goes into the BoM and the manifest), sealed and uploaded
+as it is read -- no plaintext temporary file, the same memory for 1 MiB or
+100 GiB. One DEK per version; each file's payload key is derived from it
+with the file's own random salt (FORMAT.md), and its header context names
+tenant, artifact, version and path. The objects go up first, the BoM next,
+the signed manifest last and only if absent: that write is the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
+from sealstore.keys import DataKey, KeySlot
+from sealstore.kms.envelope import KeySpec, make_slots
+from sealstore.kms.registry import wrapper_for
+from sealstore.stream import SealWriter
+from sealstore.vault.bom import BomSpec, DatasetRef, build_bom, load_bom_spec
+from sealstore.vault.manifest import (
+    FileEntry,
+    Manifest,
+    check_name,
+    now,
+    parse_ref,
+    version_context,
+)
+from sealstore.vault.storage import new_object_name
+
+__all__ = ["collect_files", "push"]
+
+_BLOCK = 8 << 20
+_AUTO_VERSION_TRIES = 20
+Progress = Callable[[int], None]
+
+
+def collect_files(src: str | os.PathLike[str]) -> list[tuple[str, Path, int]]:
+    """(artifact path, file, size) for a file or every regular file under a directory.
+
+    Symlinks to regular files are followed (Hugging Face caches use them);
+    sockets, FIFOs and devices are refused.
+
+    Raises:
+        FileNotFoundError: *src* does not exist.
+        ValueError: a special file, or an empty directory.
+    """
+    root = Path(src)
+    st = root.stat()
+    if stat.S_ISREG(st.st_mode):
+        return [(root.name, root, st.st_size)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{root} is not a regular file or a directory")
+    out = []
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(dirpath) / name
+            fst = full.stat()
+            if not stat.S_ISREG(fst.st_mode):
+                raise ValueError(f"{full} is not a regular file")
+            out.append((full.relative_to(root).as_posix(), full, fst.st_size))
+    if not out:
+        raise ValueError(f"{root} holds no files")
+    return sorted(out)
+
+
+class _HashingWriter:
+    """Passes writes through and hashes them (the object's ciphertext SHA-256)."""
+
+    def __init__(self, fp: IO[bytes]) -> None:
+        self._fp = fp
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        n = self._fp.write(data)
+        self.size += len(memoryview(data))
+        return n if n is not None else len(memoryview(data))
+
+    def flush(self) -> None:
+        self._fp.flush()
+
+
+def _seal_one(
+    storage: Any,
+    obj_path: str,
+    path: Path,
+    size: int,
+    dek: DataKey,
+    context: dict[str, str],
+    *,
+    suite: str,
+    chunk_size: int,
+    threads: int,
+    progress: Progress | None,
+    hasher: ThreadPoolExecutor,
+) -> tuple[str, str, int, str]:
+    """Seal one file into *obj_path*.
+
+    Returns:
+        (plaintext sha256, object sha256, object size, header sha256).
+    """
+    plain = hashlib.sha256()
+    bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
+    pending: list[Future[None] | None] = [None, None]
+    with open(path, "rb") as src, storage.open_write(obj_path) as out:
+        sink = _HashingWriter(out)
+        writer = SealWriter(
+            sink,  # type: ignore[arg-type]
+            dek,
+            suite=suite,
+            chunk_size=chunk_size,
+            context=context,
+            plaintext_size=size,
+            threads=threads,
+        )
+        with writer:
+            i = 0
+            while True:
+                k = i % 2
+                if pending[k] is not None:
+                    pending[k].result()  # type: ignore[union-attr]
+                n = src.readinto(bufs[k])
+                if not n:
+                    break
+                view = memoryview(bufs[k])[:n]
+                # The plaintext hash runs on another thread (hashlib drops the GIL)
+                # while this one seals the block; one worker keeps updates in order.
+                pending[k] = hasher.submit(plain.update, view)
+                writer.write(view)
+                if progress is not None:
+                    progress(n)
+                i += 1
+            for fut in pending:
+                if fut is not None:
+                    fut.result()
+    header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
+    return plain.hexdigest(), sink.sha256.hexdigest(), sink.size, header_sha
+
+
+def _next_version(versions: Sequence[str]) -> str:
+    numbers = [int(v) for v in versions if v.isdigit()]
+    return str(max(numbers, default=0) + 1)
+
+
+def push(
+    store: Any,
+    src: str | os.PathLike[str],
+    ref: str,
+    *,
+    tenant: str | None = None,
+    keys: Sequence[KeySpec] = (),
+    dek_from: KeySpec | None = None,
+    parent: str | None = "auto",
+    bom: BomSpec | str | os.PathLike[str] | None = None,
+    suite: str = DEFAULT_SUITE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int = 2,
+    progress: Progress | None = None,
+    tag_latest: bool = True,
+) -> Manifest:
+    """Push a file or a directory as a new version of an artifact.
+
+    Args:
+        store: the :class:`~sealstore.vault.store.Store`.
+        src: a file, or a directory (every regular file under it, recursively).
+        ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
+        tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
+        keys: key URIs to wrap the version's DEK to (one slot each).
+        dek_from: a key whose service generates the DEK (Vault, KMS).
+        parent: the version this one derives from: ``"auto"`` (the artifact's
+            current newest version, if any), a version, ``NAME:VERSION``, or None.
+        bom: a :class:`BomSpec` or the path of a YAML file (datasets, training parameters).
+        threads: chunks sealed in parallel per file.
+        tag_latest: point the ``latest`` tag at this version.
+
+    Returns:
+        The committed manifest.
+
+    Raises:
+        FileExistsError: the version exists (or another push of it won a race).
+        ValueError: no keys, a bad name, or a BoM spec problem.
+        KeyUnavailable, BackendError: from the key providers and the storage.
+    """
+    from sealstore.vault.store import default_tenant
+
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    r = parse_ref(ref)
+    if r.tag:
+        raise ValueError(f"push to NAME or NAME:VERSION, not a tag ({ref})")
+    if not keys and dek_from is None:
+        raise ValueError("at least one key (-k URI) is needed to push")
+    files = collect_files(src)
+    signer = store.signer  # fail before uploading anything if we cannot sign
+    spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
+    datasets = []
+    for ds in spec.datasets:
+        m = store.manifest(ds, tenant=tenant)
+        digest = hashlib.sha256(store.manifest_bytes(m.name, m.version, tenant=tenant)).hexdigest()
+        datasets.append(DatasetRef(m.name, m.version, digest))
+    existing = store.versions(r.name, tenant=tenant)
+    parent_ref = _parent(store, r.name, parent, existing, tenant)
+    total = sum(size for _, _, size in files)
+
+    for _attempt in range(_AUTO_VERSION_TRIES):
+        version = r.version or _next_version(existing)
+        if version in existing:
+            raise FileExistsError(f"{r.name}:{version} already exists in tenant {tenant}")
+        context = version_context(tenant, r.name, version)
+        made: list[str] = []
+        try:
+            manifest = _push_version(
+                store,
+                files,
+                tenant,
+                r.name,
+                version,
+                context,
+                keys=keys,
+                dek_from=dek_from,
+                parent=parent_ref,
+                spec=spec,
+                datasets=datasets,
+                suite=suite,
+                chunk_size=chunk_size,
+                threads=threads,
+                progress=progress,
+                made=made,
+                signer=signer,
+                total=total,
+            )
+        except FileExistsError:
+            # Lost the race for this version: our objects are orphans, remove them.
+            for obj in made:
+                store.storage.delete(store.object_path(tenant, obj))
+            if r.version:
+                raise FileExistsError(
+                    f"{r.name}:{version} was pushed concurrently by another writer"
+                ) from None
+            existing = store.versions(r.name, tenant=tenant)
+            continue
+        if tag_latest:
+            _tag_latest(store, r.name, version, tenant)
+        return manifest
+    raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
+
+
+def _parent(
+    store: Any, name: str, parent: str | None, existing: Sequence[str], tenant: str
+) -> str | None:
+    if parent is None:
+        return None
+    if parent == "auto":
+        return f"{name}:{existing[-1]}" if existing else None
+    pref = parse_ref(parent if ":" in parent or "@" in parent else f"{name}:{parent}")
+    m = store.manifest(pref, tenant=tenant)
+    return f"{m.name}:{m.version}"
+
+
+def _push_version(
+    store: Any,
+    files: list[tuple[str, Path, int]],
+    tenant: str,
+    name: str,
+    version: str,
+    context: dict[str, str],
+    *,
+    keys: Sequence[KeySpec],
+    dek_from: KeySpec | None,
+    parent: str | None,
+    spec: BomSpec,
+    datasets: list[DatasetRef],
+    suite: str,
+    chunk_size: int,
+    threads: int,
+    progress: Progress | None,
+    made: list[str],
+    signer: Any,
+    total: int,
+) -> Manifest:
+    first: list[KeySlot] = []
+    if dek_from is None:
+        dek = DataKey.generate()
+    else:
+        maker = wrapper_for(dek_from) if isinstance(dek_from, str) else dek_from
+        if not hasattr(maker, "generate"):
+            raise ValueError(f"{maker.key_id} cannot generate data keys (use -k instead)")
+        dek, slot = maker.generate(context)
+        first = [slot]
+        keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
+    entries = []
+    with dek, ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash") as hasher:
+        # Slots first: a key that cannot wrap fails before any upload.
+        slots = first + (make_slots(dek, keys, context) if keys else [])
+        for rel, path, size in files:
+            obj = new_object_name()
+            made.append(obj)
+            plain, obj_sha, obj_size, header_sha = _seal_one(
+                store.storage,
+                store.object_path(tenant, obj),
+                path,
+                size,
+                dek,
+                dict(context, path=rel),
+                suite=suite,
+                chunk_size=chunk_size,
+                threads=threads,
+                progress=progress,
+                hasher=hasher,
+            )
+            entries.append(FileEntry(rel, size, plain, obj, obj_size, obj_sha, header_sha))
+    bom = build_bom(
+        tenant=tenant,
+        name=name,
+        version=version,
+        files=[(e.path, e.size, e.sha256) for e in entries],
+        parent=parent.partition(":")[2] if parent and parent.startswith(name + ":") else parent,
+        datasets=datasets,
+        spec=spec,
+        store_id=store.id,
+    )
+    bom_sha = hashlib.sha256(bom).hexdigest()
+    # Named by its hash: a racing push of the same version cannot overwrite it
+    # (an existing file there holds the same bytes).
+    with contextlib.suppress(FileExistsError):
+        store.storage.put_new(store.bom_path(tenant, name, version, bom_sha), bom)
+    manifest = Manifest(
+        store=store.id,
+        tenant=tenant,
+        name=name,
+        version=version,
+        created=now(),
+        files=tuple(entries),
+        slots=tuple(slots),
+        parent=parent,
+        bom_sha256=bom_sha,
+        signer=signer.signing_key_id,
+    )
+    # The commit point: visible now, or (FileExistsError) another push won.
+    store.storage.put_new(f"{store.version_dir(tenant, name, version)}/manifest.json",
+                          manifest.sign(signer))  # fmt: skip
+    return manifest
+
+
+def _tag_latest(store: Any, name: str, version: str, tenant: str) -> None:
+    from sealstore.vault.store import _version_key
+
+    try:
+        current = store.tags(name, tenant=tenant).get("latest")
+    except Exception:
+        current = None
+    if current is None or _version_key(version) >= _version_key(current):
+        store.tag(f"{name}:{version}", "latest", tenant=tenant)

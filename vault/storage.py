@@ -1,0 +1,499 @@
+"""Where a store's bytes live: a few primitives over fsspec (file, memory, S3).
+
+The store needs only these, each with a precise atomicity promise:
+
+* ``put_new(path, data)`` -- create *path* only if it does not exist (the
+  commit point of a push: two pushes of one version race, one wins);
+* ``put(path, data)`` -- replace *path* atomically (tags, rotated manifests);
+* ``open_write(path)`` -- stream a large object; it becomes visible only when
+  the block completes, never after an error (temp file + rename locally, an S3
+  multipart upload completed only at the end and aborted on failure);
+* ``open_read``, ``read``, ``list``, ``walk``, ``delete``, ``exists``, ``size``.
+
+Backends register by URL protocol (fsspec's pattern) and every one runs
+``tests/conformance/storage.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sealstore.errors import BackendError, NotFound
+
+__all__ = ["Storage", "open_storage"]
+
+
+class Storage:
+    """A store root on some filesystem. Paths given to methods are relative to the root."""
+
+    url: str
+
+    def read(self, path: str) -> bytes:
+        """The whole content of a (small) file. Raises NotFound."""
+        raise NotImplementedError
+
+    def put_new(self, path: str, data: bytes) -> None:
+        """Create *path* holding *data*, atomically, only if it does not exist.
+
+        Raises:
+            FileExistsError: *path* exists (another writer won).
+        """
+        raise NotImplementedError
+
+    def put(self, path: str, data: bytes) -> None:
+        """Create or replace *path* atomically."""
+        raise NotImplementedError
+
+    def open_write(self, path: str) -> Any:
+        """A context manager yielding a writable binary file; visible only on success."""
+        raise NotImplementedError
+
+    def open_read(self, path: str) -> BinaryIO:
+        """A seekable binary file. Raises NotFound."""
+        raise NotImplementedError
+
+    def list(self, path: str) -> list[str]:
+        """Names of the entries directly under *path* (empty if none)."""
+        raise NotImplementedError
+
+    def walk(self, path: str) -> dict[str, int]:
+        """Every file under *path* (recursively) -> its size, as root-relative paths."""
+        raise NotImplementedError
+
+    def delete(self, path: str) -> None:
+        """Remove a file; a missing one is not an error."""
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, path: str) -> int:
+        """Size in bytes. Raises NotFound."""
+        raise NotImplementedError
+
+    def modified(self, path: str) -> float:
+        """Last modification time (POSIX seconds). Raises NotFound."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _check_rel(path: str) -> str:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad store path {path!r}")
+    return path
+
+
+class LocalStorage(Storage):
+    """``file://`` -- plain POSIX calls: rename for replace, link for create-if-absent."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.url = "file://" + str(self.root)
+
+    def _p(self, path: str) -> Path:
+        return self.root / _check_rel(path)
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self._p(path).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot read {path} in {self.url}: {exc.strerror}") from exc
+
+    @contextmanager
+    def _temp(self, path: str) -> Iterator[tuple[IO[bytes], str]]:
+        target = self._p(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fp:
+                yield fp, tmp
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _fsync(self, fp: IO[bytes]) -> None:
+        fp.flush()
+        os.fsync(fp.fileno())
+
+    def put_new(self, path: str, data: bytes) -> None:
+        with self._temp(path) as (fp, tmp):
+            fp.write(data)
+            self._fsync(fp)
+            try:
+                # link() fails if the target exists: an atomic create-if-absent.
+                os.link(tmp, self._p(path))
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+    def put(self, path: str, data: bytes) -> None:
+        with self._temp(path) as (fp, tmp):
+            fp.write(data)
+            self._fsync(fp)
+            os.replace(tmp, self._p(path))
+
+    @contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        with self._temp(path) as (fp, tmp):
+            yield fp
+            self._fsync(fp)
+            os.replace(tmp, self._p(path))
+
+    def open_read(self, path: str) -> BinaryIO:
+        try:
+            return open(self._p(path), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+
+    def list(self, path: str) -> list[str]:
+        p = self.root if path == "" else self._p(path)
+        try:
+            return sorted(e.name for e in os.scandir(p) if not e.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def walk(self, path: str) -> dict[str, int]:
+        base = self.root if path == "" else self._p(path)
+        out: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith("."):
+                    continue  # temporaries of writes in flight
+                full = Path(dirpath) / name
+                try:
+                    out[full.relative_to(self.root).as_posix()] = full.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return out
+
+    def delete(self, path: str) -> None:
+        self._p(path).unlink(missing_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self._p(path).is_file()
+
+    def size(self, path: str) -> int:
+        try:
+            return self._p(path).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+
+    def modified(self, path: str) -> float:
+        try:
+            return self._p(path).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+
+
+class FsspecStorage(Storage):
+    """Any fsspec filesystem; errors from it are raised as ``BackendError``."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url
+        self._lock = threading.Lock()
+
+    def _p(self, path: str) -> str:
+        return f"{self.root}/{_check_rel(path)}" if path else self.root
+
+    def _fail(self, what: str, path: str, exc: BaseException) -> BackendError:
+        return BackendError(f"cannot {what} {path} in {self.url}: {type(exc).__name__}: {exc}")
+
+    def read(self, path: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._p(path)))
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("read", path, exc) from exc
+
+    def put_new(self, path: str, data: bytes) -> None:
+        # memory:// lives in this process: a lock makes check-then-write atomic.
+        with self._lock:
+            if self.fs.exists(self._p(path)):
+                raise FileExistsError(path)
+            self.put(path, data)
+
+    def put(self, path: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self._p(path), data)
+        except OSError as exc:
+            raise self._fail("write", path, exc) from exc
+
+    @contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        import io
+
+        # memory:// only: buffer, then publish in one step.
+        buf = io.BytesIO()
+        yield buf
+        self.put(path, buf.getvalue())
+
+    def open_read(self, path: str) -> BinaryIO:
+        try:
+            return self.fs.open(self._p(path), "rb")  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("open", path, exc) from exc
+
+    def list(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._p(path), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except TypeError:
+            entries = self.fs.ls(self._p(path), detail=False)
+        except OSError as exc:
+            raise self._fail("list", path, exc) from exc
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+
+    def walk(self, path: str) -> dict[str, int]:
+        base = self._p(path)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise self._fail("list", path, exc) from exc
+        prefix = self.root.lstrip("/") + "/"
+        out: dict[str, int] = {}
+        for name, info in found.items():
+            name = name.lstrip("/")
+            if name.startswith(prefix) and info.get("type", "file") == "file":
+                out[name[len(prefix) :]] = int(info.get("size") or 0)
+        return out
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.rm_file(self._p(path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._fail("delete", path, exc) from exc
+
+    def exists(self, path: str) -> bool:
+        try:
+            return bool(self.fs.isfile(self._p(path)))
+        except OSError as exc:
+            raise self._fail("stat", path, exc) from exc
+
+    def size(self, path: str) -> int:
+        try:
+            return int(self.fs.size(self._p(path)))
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("stat", path, exc) from exc
+
+    def modified(self, path: str) -> float:
+        try:
+            return float(self.fs.modified(self._p(path)).timestamp())
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("stat", path, exc) from exc
+
+
+class S3Storage(FsspecStorage):
+    """``s3://BUCKET/PREFIX`` via s3fs: conditional PUT for create-if-absent, multipart uploads."""
+
+    # Parts of 16 MiB: few requests for large objects, and a bounded buffer
+    # (two parts in flight at most, see _Uploader) whatever the object's size.
+    PART = 16 << 20
+
+    def put_new(self, path: str, data: bytes) -> None:
+        try:
+            # If-None-Match: * -- S3 (and SeaweedFS, moto) refuse with 412 when the key exists.
+            self.fs.pipe_file(self._p(path), data, mode="create")
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise FileExistsError(path) from None
+            raise self._fail("write", path, exc) from exc
+        finally:
+            self.fs.invalidate_cache(self._p(path))
+
+    def put(self, path: str, data: bytes) -> None:
+        super().put(path, data)
+        self.fs.invalidate_cache(self._p(path))
+
+    @contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        try:
+            fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=True)
+        except OSError as exc:
+            raise self._fail("write", path, exc) from exc
+        up = _Uploader(fp, self.PART)
+        try:
+            yield up  # type: ignore[misc]
+            up.finish()
+            fp.close()  # completes the multipart upload: the object appears now
+        except BaseException:
+            up.stop()
+            # Never close() on failure: it would complete the upload and publish
+            # a truncated object. discard() aborts the multipart upload.
+            with contextlib.suppress(Exception):  # already failing: the original error wins
+                fp.discard()
+            raise
+        finally:
+            self.fs.invalidate_cache(self._p(path))
+
+    def list(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(self._p(path))
+        return super().list(path)
+
+    def walk(self, path: str) -> dict[str, int]:
+        self.fs.invalidate_cache(self._p(path))
+        return super().walk(path)
+
+    def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(self._p(path))
+        return super().exists(path)
+
+    def open_read(self, path: str) -> BinaryIO:
+        try:
+            return self.fs.open(  # type: ignore[no-any-return]
+                self._p(path), "rb", block_size=self.PART, cache_type="readahead"
+            )
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("open", path, exc) from exc
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    text = str(exc)
+    return (exc.errno == errno.EINVAL and ("Precondition" in text or "412" in text)) or (
+        "PreconditionFailed" in text
+    )
+
+
+class _Uploader:
+    """Hands writes to a thread that feeds the S3 file, so sealing overlaps uploading.
+
+    s3fs uploads a part inside ``write`` (synchronously); with this the
+    caller seals the next part meanwhile. At most two parts are queued, so
+    memory stays bounded. Writes are copied (the sealer reuses its buffers).
+    """
+
+    def __init__(self, fp: Any, part: int) -> None:
+        self._fp = fp
+        self._part = part
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._pending = bytearray()
+        self._error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sealstore-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            block = self._q.get()
+            if block is None or self._stopped.is_set():
+                return
+            try:
+                self._fp.write(block)
+            except BaseException as exc:
+                self._error = exc
+                self._stopped.set()
+                return
+
+    def _put(self, block: bytes | None) -> None:
+        while True:
+            if self._error is not None:
+                raise BackendError(f"upload failed: {type(self._error).__name__}: {self._error}")
+            try:
+                self._q.put(block, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._pending += view
+        if len(self._pending) >= self._part:
+            self._put(bytes(self._pending))
+            self._pending = bytearray()
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self._pending:
+            self._put(bytes(self._pending))
+            self._pending = bytearray()
+        self._put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise BackendError(f"upload failed: {type(self._error).__name__}: {self._error}")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(queue.Full):
+            self._q.put_nowait(None)
+        self._thread.join(timeout=30)
+
+
+def open_storage(url: str | os.PathLike[str], **storage_options: Any) -> Storage:
+    """The storage for a store URL.
+
+    ``file://PATH`` (or a plain path), ``memory://NAME``, ``s3://BUCKET[/PREFIX]``
+    (credentials and endpoint from the usual AWS variables -- ``AWS_ENDPOINT_URL_S3``
+    or ``AWS_ENDPOINT_URL`` -- or *storage_options*: ``endpoint_url``, ``key``, ``secret``).
+
+    Raises:
+        ValueError: an unsupported protocol.
+        BackendError: the backend's library is missing.
+    """
+    text = os.fspath(url)
+    proto, sep, rest = text.partition("://")
+    if not sep:
+        return LocalStorage(str(Path(text).expanduser().absolute()))
+    if proto == "file":
+        return LocalStorage(str(Path(rest).expanduser().absolute()))
+    if proto == "memory":
+        import fsspec
+
+        return FsspecStorage(fsspec.filesystem("memory"), "/" + rest.strip("/"), text)
+    if proto in ("s3", "s3a"):
+        try:
+            import s3fs
+        except ImportError:
+            raise BackendError("s3:// stores need s3fs: pip install 'sealstore[s3]'") from None
+        options = dict(storage_options)
+        endpoint = (
+            options.pop("endpoint_url", None)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if endpoint:
+            options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+        options.setdefault("use_listings_cache", False)
+        fs = s3fs.S3FileSystem(**options)
+        root = rest.strip("/")
+        if not root:
+            raise ValueError("an s3:// store URL names a bucket: s3://BUCKET[/PREFIX]")
+        return S3Storage(fs, root, text)
+    raise ValueError(f"unsupported store URL {text!r} (use file://, memory:// or s3://)")
+
+
+def new_object_name() -> str:
+    """A fresh, unguessable object name (see docs/STORE.md: why not the ciphertext hash)."""
+    return uuid.uuid4().hex + uuid.uuid4().hex[:16]

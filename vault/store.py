@@ -1,0 +1,471 @@
+"""The store: tenants, artifacts, versions and tags on an fsspec backend.
+
+Layout (docs/STORE.md)::
+
+    ROOT/sealstore.json                                   store id, root key, signers (signed)
+    ROOT/tenants/T/artifacts/NAME/VERSION/manifest.json   signed: files, key slots, context, parent
+    ROOT/tenants/T/artifacts/NAME/VERSION/bom.SHA256.cdx.json   CycloneDX ML-BOM
+    ROOT/tenants/T/refs/NAME/TAG                          signed tags
+    ROOT/objects/T/OBJECT                                 sealed objects (slots detached)
+
+A version exists when its manifest does; the manifest is written last and
+only if absent, so an interrupted push leaves nothing visible and two racing
+pushes of one version cannot both win. Every read verifies signatures first:
+the store config against the root key pinned on this machine, manifests and
+tags against the store's signers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sealstore.errors import AuthenticationError, FormatError, NotFound
+from sealstore.kms.registry import default_keyring_path, sealstore_home
+from sealstore.signing import Signer, public_key_bytes, sign_document, verify_document
+from sealstore.vault.manifest import (
+    STORE_FORMAT,
+    Manifest,
+    Ref,
+    check_name,
+    dumps,
+    loads,
+    now,
+    parse_ref,
+    sign_tag,
+    verify_tag,
+)
+from sealstore.vault.storage import Storage, open_storage
+
+__all__ = ["Store", "default_store_url", "default_tenant", "trust_store"]
+
+CONFIG = "sealstore.json"
+TENANT_ENV = "SEALSTORE_TENANT"
+STORE_ENV = "SEALSTORE_STORE"
+
+
+def default_store_url() -> str:
+    """``$SEALSTORE_STORE``, else ``file://$SEALSTORE_HOME/store`` (the embedded default)."""
+    return os.environ.get(STORE_ENV) or "file://" + str(sealstore_home() / "store")
+
+
+def default_tenant() -> str:
+    """``$SEALSTORE_TENANT``, else ``default``."""
+    return check_name(os.environ.get(TENANT_ENV) or "default", "tenant")
+
+
+def default_signer() -> Signer:
+    """The local keyring's signing key (``$SEALSTORE_KEYRING`` or the default keyring)."""
+    from sealstore.kms.local import LocalKeyring
+
+    ring = LocalKeyring.open(default_keyring_path())
+    if ring.signing_key_id is None:
+        ring.sign(b"")  # raises KeyUnavailable with the remedy
+    return ring  # type: ignore[return-value]
+
+
+# -- trust pins: which root key this machine accepts for which store ------------------
+
+_pins_lock = threading.Lock()
+
+
+def _pins_path() -> Path:
+    return sealstore_home() / "trust.json"
+
+
+def _load_pins() -> dict[str, Any]:
+    try:
+        doc = json.loads(_pins_path().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"stores": {}, "urls": {}}
+    except (OSError, ValueError):
+        raise FormatError(f"trust file {_pins_path()} is unreadable") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"trust file {_pins_path()} is damaged")
+    doc.setdefault("stores", {})
+    doc.setdefault("urls", {})
+    return doc
+
+
+def _save_pin(store_id: str, root: str, url: str) -> None:
+    from sealstore.fsutil import atomic_file
+
+    with _pins_lock:
+        pins = _load_pins()
+        pins["stores"][store_id] = root
+        pins["urls"][url] = store_id
+        path = _pins_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as fp:
+            fp.write(json.dumps(pins, indent=1, sort_keys=True).encode() + b"\n")
+
+
+def trust_store(url: str | os.PathLike[str], root: str, **storage_options: Any) -> Store:
+    """Pin *root* (an ``ed25519:`` key id) as the root key of the store at *url*.
+
+    The store's config must verify under it. Afterwards the store opens here.
+
+    Raises:
+        AuthenticationError: the store's config is not signed by *root*.
+    """
+    public_key_bytes(root)
+    storage = open_storage(url, **storage_options)
+    doc = _read_config(storage)
+    if doc.get("root") != root:
+        raise AuthenticationError(f"store {storage.url} has root key {doc.get('root')}, not {root}")
+    _verify_config(doc, root, storage.url)
+    _save_pin(str(doc["id"]), root, storage.url)
+    return Store.open(url, **storage_options)
+
+
+def _read_config(storage: Storage) -> dict[str, Any]:
+    try:
+        data = storage.read(CONFIG)
+    except NotFound:
+        raise NotFound(
+            f"no sealstore store at {storage.url} (create one with: sealstore store init URL)"
+        ) from None
+    doc = loads(data, f"{storage.url}/{CONFIG}")
+    if doc.get("format") != STORE_FORMAT:
+        raise FormatError(f"{storage.url} is not a sealstore store (format {doc.get('format')!r})")
+    return doc
+
+
+def _verify_config(doc: dict[str, Any], root: str, url: str) -> dict[str, Any]:
+    body = verify_document("store", doc, [root], what=f"store config of {url}")
+    signers = body.get("signers")
+    if not isinstance(signers, list) or not all(isinstance(s, str) for s in signers):
+        raise FormatError(f"store config of {url} is malformed")
+    if not isinstance(body.get("id"), str):
+        raise FormatError(f"store config of {url} is malformed")
+    return body
+
+
+class Store:
+    """A sealstore model store.
+
+    Open one with :meth:`Store.open` (or create it with :meth:`Store.init`);
+    operations take a ``tenant`` (default ``$SEALSTORE_TENANT`` or
+    ``default``) and see only that tenant's artifacts.
+    """
+
+    def __init__(self, storage: Storage, config: dict[str, Any], signer: Signer | None) -> None:
+        self.storage = storage
+        self._config = config
+        self._signer = signer
+
+    # -- opening ------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        signer: Signer | None = None,
+        **storage_options: Any,
+    ) -> Store:
+        """Create a store at *url*; *signer* (default: the local keyring) becomes its root key.
+
+        Raises:
+            FileExistsError: a store already exists there.
+        """
+        signer = signer or default_signer()
+        storage = open_storage(url or default_store_url(), **storage_options)
+        if isinstance(storage.url, str) and storage.url.startswith("file://"):
+            Path(storage.url[len("file://") :]).mkdir(parents=True, exist_ok=True)
+        body = {
+            "format": STORE_FORMAT,
+            "id": str(uuid.uuid4()),
+            "created": now(),
+            "root": signer.signing_key_id,
+            "signers": [signer.signing_key_id],
+        }
+        doc = sign_document("store", body, signer)
+        try:
+            storage.put_new(CONFIG, dumps(doc))
+        except FileExistsError:
+            raise FileExistsError(f"a store already exists at {storage.url}") from None
+        _save_pin(body["id"], signer.signing_key_id, storage.url)
+        return cls(storage, body, signer)
+
+    @classmethod
+    def open(
+        cls,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        signer: Signer | None = None,
+        **storage_options: Any,
+    ) -> Store:
+        """Open the store at *url* (default: :func:`default_store_url`).
+
+        The store's config must be signed by the root key pinned for it on
+        this machine (``sealstore store trust``), or by this machine's own
+        signing key (then it is pinned on first use).
+
+        Raises:
+            NotFound: no store there.
+            AuthenticationError: the store is not trusted here, or its config
+                was edited or swapped.
+        """
+        storage = open_storage(url or default_store_url(), **storage_options)
+        doc = _read_config(storage)
+        store_id, root = doc.get("id"), doc.get("root")
+        pins = _load_pins()
+        known_id = pins["urls"].get(storage.url)
+        if known_id is not None and known_id != store_id:
+            raise AuthenticationError(
+                f"the store at {storage.url} was {known_id} and is now {store_id}: "
+                "refusing a swapped store"
+            )
+        pinned = pins["stores"].get(store_id)
+        mine = _own_signing_key(signer)
+        if pinned is None:
+            if root is None or root != mine:
+                raise AuthenticationError(
+                    f"store {storage.url} is not trusted on this machine: check its root key "
+                    f"with its owner and run: sealstore store trust {storage.url} --root {root}"
+                )
+            pinned = root
+        if root != pinned:
+            raise AuthenticationError(
+                f"store {storage.url} now claims root key {root}, but {pinned} is pinned"
+            )
+        body = _verify_config(doc, pinned, storage.url)
+        if pins["stores"].get(store_id) is None or known_id is None:
+            _save_pin(str(store_id), pinned, storage.url)
+        return cls(storage, body, signer)
+
+    # -- facts ------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return str(self._config["id"])
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    @property
+    def root_key(self) -> str:
+        return str(self._config["root"])
+
+    @property
+    def signers(self) -> list[str]:
+        """The key ids whose manifests and tags this store accepts."""
+        return list(self._config["signers"])
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, id={self.id!r})"
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            self._signer = default_signer()
+        if self._signer.signing_key_id not in self.signers:
+            raise AuthenticationError(
+                f"signing key {self._signer.signing_key_id} is not a signer of store {self.url} "
+                f"(its root can add it: sealstore store add-signer KEY)"
+            )
+        return self._signer
+
+    def add_signer(self, key_id: str) -> None:
+        """Trust manifests signed by *key_id* (the root key must sign this change).
+
+        Raises:
+            AuthenticationError: this machine's signing key is not the store's root.
+        """
+        public_key_bytes(key_id)
+        signer = self._signer or default_signer()
+        if signer.signing_key_id != self.root_key:
+            raise AuthenticationError("only the store's root key can add signers")
+        if key_id in self.signers:
+            return
+        body = {k: v for k, v in self._config.items() if k not in ("signer",)}
+        body["signers"] = [*self.signers, key_id]
+        self.storage.put(CONFIG, dumps(sign_document("store", body, signer)))
+        self._config = dict(body, signer=signer.signing_key_id)
+
+    # -- paths ----------------------------------------------------------------------
+
+    @staticmethod
+    def version_dir(tenant: str, name: str, version: str) -> str:
+        return f"tenants/{tenant}/artifacts/{name}/{version}"
+
+    @staticmethod
+    def object_path(tenant: str, obj: str) -> str:
+        return f"objects/{tenant}/{obj}"
+
+    # -- reading ------------------------------------------------------------------
+
+    def artifacts(self, *, tenant: str | None = None) -> list[str]:
+        """Names of the tenant's artifacts that have at least one version."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        names = self.storage.list(f"tenants/{tenant}/artifacts")
+        return [n for n in names if self.versions(n, tenant=tenant)]
+
+    def versions(self, name: str, *, tenant: str | None = None) -> list[str]:
+        """The artifact's versions (those with a manifest), oldest first."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        check_name(name, "artifact name")
+        base = f"tenants/{tenant}/artifacts/{name}"
+        found = [
+            rel.split("/")[-2]
+            for rel in self.storage.walk(base)
+            if rel.endswith("/manifest.json") and rel.count("/") == base.count("/") + 2
+        ]
+        return sorted(set(found), key=_version_key)
+
+    def tags(self, name: str, *, tenant: str | None = None) -> dict[str, str]:
+        """Tag -> version for an artifact (every tag's signature verified)."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        out = {}
+        for tag in self.storage.list(f"tenants/{tenant}/refs/{name}"):
+            out[tag] = self._read_tag(tenant, name, tag)[0]
+        return out
+
+    def _read_tag(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
+        try:
+            data = self.storage.read(f"tenants/{tenant}/refs/{name}/{tag}")
+        except NotFound:
+            raise NotFound(f"{name}@{tag} not found in tenant {tenant}") from None
+        return verify_tag(data, self.signers, store=self.id, tenant=tenant, name=name, tag=tag)
+
+    def resolve(self, ref: str | Ref, *, tenant: str | None = None) -> tuple[str, str]:
+        """(name, version) a reference names: a version, a tag, or the newest version."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        r = parse_ref(ref) if isinstance(ref, str) else ref
+        if r.version:
+            return r.name, r.version
+        if r.tag:
+            return r.name, self._read_tag(tenant, r.name, r.tag)[0]
+        if self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest"):
+            return r.name, self._read_tag(tenant, r.name, "latest")[0]
+        versions = self.versions(r.name, tenant=tenant)
+        if not versions:
+            raise NotFound(f"artifact {r.name} not found in tenant {tenant}")
+        return r.name, versions[-1]
+
+    def manifest_bytes(self, name: str, version: str, *, tenant: str) -> bytes:
+        try:
+            return self.storage.read(f"{self.version_dir(tenant, name, version)}/manifest.json")
+        except NotFound:
+            raise NotFound(f"{name}:{version} not found in tenant {tenant}") from None
+
+    def manifest(self, ref: str | Ref, *, tenant: str | None = None) -> Manifest:
+        """The verified manifest of a version.
+
+        Raises:
+            NotFound: no such artifact, version or tag.
+            AuthenticationError: a bad signature, an untrusted signer, a manifest
+                moved from elsewhere, or a tag pointing at a replaced manifest.
+        """
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        r = parse_ref(ref) if isinstance(ref, str) else ref
+        name, version = self.resolve(r, tenant=tenant)
+        data = self.manifest_bytes(name, version, tenant=tenant)
+        if r.tag:
+            digest = self._read_tag(tenant, name, r.tag)[1]
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise AuthenticationError(
+                    f"{name}@{r.tag}: the manifest of {name}:{version} is not the one tagged"
+                )
+        return Manifest.verify(
+            data, self.signers, store=self.id, tenant=tenant, name=name, version=version
+        )
+
+    def bom(self, ref: str | Ref, *, tenant: str | None = None) -> bytes:
+        """The version's CycloneDX BoM, checked against the hash in its signed manifest."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        m = self.manifest(ref, tenant=tenant)
+        if not m.bom_sha256:
+            raise NotFound(f"{m.name}:{m.version} has no BoM")
+        data = self.storage.read(self.bom_path(tenant, m.name, m.version, m.bom_sha256))
+        if hashlib.sha256(data).hexdigest() != m.bom_sha256:
+            raise AuthenticationError(
+                f"the BoM of {m.name}:{m.version} does not match its manifest"
+            )
+        return data
+
+    def bom_path(self, tenant: str, name: str, version: str, digest: str) -> str:
+        return f"{self.version_dir(tenant, name, version)}/bom.{digest}.cdx.json"
+
+    # -- writing ------------------------------------------------------------------
+
+    def tag(self, ref: str | Ref, tag: str, *, tenant: str | None = None) -> str:
+        """Point *tag* at a version (replacing where it pointed). Returns the version."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        check_name(tag, "tag")
+        m = self.manifest(ref, tenant=tenant)
+        if m.shredded:
+            raise ValueError(f"{m.name}:{m.version} was crypto-shredded; it cannot be tagged")
+        digest = hashlib.sha256(self.manifest_bytes(m.name, m.version, tenant=tenant)).hexdigest()
+        data = sign_tag(
+            self.signer,
+            store=self.id,
+            tenant=tenant,
+            name=m.name,
+            tag=tag,
+            version=m.version,
+            digest=digest,
+        )
+        self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
+        return m.version
+
+    def untag(self, name: str, tag: str, *, tenant: str | None = None) -> None:
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        check_name(name, "artifact name")
+        self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
+
+    # Push, pull, verify, shred and rotate live in their own modules.
+
+    def push(self, src: str | os.PathLike[str], ref: str, **kwargs: Any) -> Manifest:
+        """See :func:`sealstore.vault.push.push`."""
+        from sealstore.vault.push import push
+
+        return push(self, src, ref, **kwargs)
+
+    def pull(self, ref: str, dest: str | os.PathLike[str], **kwargs: Any) -> Manifest:
+        """See :func:`sealstore.vault.pull.pull`."""
+        from sealstore.vault.pull import pull
+
+        return pull(self, ref, dest, **kwargs)
+
+    def verify(self, ref: str | None = None, **kwargs: Any) -> list[Any]:
+        """See :func:`sealstore.vault.pull.verify`."""
+        from sealstore.vault.pull import verify
+
+        return verify(self, ref, **kwargs)
+
+    def shred(self, ref: str, **kwargs: Any) -> Manifest:
+        """See :func:`sealstore.vault.lifecycle.shred`."""
+        from sealstore.vault.lifecycle import shred
+
+        return shred(self, ref, **kwargs)
+
+    def rotate(self, ref: str, to: Sequence[str], **kwargs: Any) -> Manifest:
+        """See :func:`sealstore.vault.lifecycle.rotate`."""
+        from sealstore.vault.lifecycle import rotate
+
+        return rotate(self, ref, to, **kwargs)
+
+
+def _own_signing_key(signer: Signer | None) -> str | None:
+    if signer is not None:
+        return signer.signing_key_id
+    try:
+        from sealstore.kms.local import LocalKeyring
+
+        return LocalKeyring.open(default_keyring_path()).signing_key_id
+    except Exception:
+        return None
+
+
+def _version_key(v: str) -> tuple[int, int, str]:
+    return (0, int(v), "") if re.fullmatch(r"[0-9]{1,18}", v) else (1, 0, v)
