@@ -36,6 +36,8 @@ def sealstore_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("SEALSTORE_HOME", str(home))
     monkeypatch.setenv("SEALSTORE_PASSPHRASE", PASSPHRASE)
     monkeypatch.delenv("SEALSTORE_KEYRING", raising=False)
+    monkeypatch.delenv("SEALSTORE_STORE", raising=False)
+    monkeypatch.delenv("SEALSTORE_TENANT", raising=False)
     # LocalKeyring caches opened (and unlocked) keyrings per path for the life
     # of the process; a stale entry would leak one test's KEKs into the next.
     LocalKeyring._cache.clear()

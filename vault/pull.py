@@ -177,18 +177,21 @@ def _decrypt_entry(
         _check_preamble(m, entry, pre, size)
         if dek is None:
             dek = unwrap_version_key(m, pre, identities)
-        reader = SealReader(fp, dek, preamble=pre, threads=threads)  # type: ignore[arg-type]
         plain = hashlib.sha256()
         total = 0
-        with reader:
-            for chunk in reader.iter_chunks():
-                if check_plaintext:
-                    plain.update(chunk)
-                if out is not None:
-                    out.write(chunk)
-                total += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+        try:
+            reader = SealReader(fp, dek, preamble=pre, threads=threads)  # type: ignore[arg-type]
+            with reader:
+                for chunk in reader.iter_chunks():
+                    if check_plaintext:
+                        plain.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
+                    total += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"{_where(m, entry)}: {exc}") from None
         if isinstance(fp, _Hashing):
             # Streamed: anything after the final chunk was never read; read it to hash it.
             while fp.read(1 << 20):

@@ -210,7 +210,10 @@ class FsspecStorage(Storage):
         self._lock = threading.Lock()
 
     def _p(self, path: str) -> str:
-        return f"{self.root}/{_check_rel(path)}" if path else self.root
+        return f"{self.root}/{_check_rel(path)}"
+
+    def _dir(self, path: str) -> str:
+        return self._p(path) if path else self.root
 
     def _fail(self, what: str, path: str, exc: BaseException) -> BackendError:
         return BackendError(f"cannot {what} {path} in {self.url}: {type(exc).__name__}: {exc}")
@@ -255,17 +258,17 @@ class FsspecStorage(Storage):
 
     def list(self, path: str) -> list[str]:
         try:
-            entries = self.fs.ls(self._p(path), detail=False, refresh=True)
+            entries = self.fs.ls(self._dir(path), detail=False, refresh=True)
         except FileNotFoundError:
             return []
         except TypeError:
-            entries = self.fs.ls(self._p(path), detail=False)
+            entries = self.fs.ls(self._dir(path), detail=False)
         except OSError as exc:
             raise self._fail("list", path, exc) from exc
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
     def walk(self, path: str) -> dict[str, int]:
-        base = self._p(path)
+        base = self._dir(path)
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
@@ -322,6 +325,8 @@ class S3Storage(FsspecStorage):
         try:
             # If-None-Match: * -- S3 (and SeaweedFS, moto) refuse with 412 when the key exists.
             self.fs.pipe_file(self._p(path), data, mode="create")
+        except FileExistsError:
+            raise FileExistsError(path) from None
         except OSError as exc:
             if _precondition_failed(exc):
                 raise FileExistsError(path) from None
@@ -350,16 +355,18 @@ class S3Storage(FsspecStorage):
             # a truncated object. discard() aborts the multipart upload.
             with contextlib.suppress(Exception):  # already failing: the original error wins
                 fp.discard()
+            # And never let the file's __del__ call close() later either.
+            fp.closed = True
             raise
         finally:
             self.fs.invalidate_cache(self._p(path))
 
     def list(self, path: str) -> list[str]:
-        self.fs.invalidate_cache(self._p(path))
+        self.fs.invalidate_cache(self._dir(path))
         return super().list(path)
 
     def walk(self, path: str) -> dict[str, int]:
-        self.fs.invalidate_cache(self._p(path))
+        self.fs.invalidate_cache(self._dir(path))
         return super().walk(path)
 
     def exists(self, path: str) -> bool:
@@ -378,10 +385,10 @@ class S3Storage(FsspecStorage):
 
 
 def _precondition_failed(exc: OSError) -> bool:
-    text = str(exc)
-    return (exc.errno == errno.EINVAL and ("Precondition" in text or "412" in text)) or (
-        "PreconditionFailed" in text
-    )
+    # s3fs maps HTTP 412 to FileExistsError on some servers and to
+    # OSError(EINVAL, "...pre-conditions...") on others (SeaweedFS).
+    text = str(exc).lower()
+    return "precondition" in text or "pre-condition" in text or "412" in text
 
 
 class _Uploader:
