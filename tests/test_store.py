@@ -304,7 +304,9 @@ def test_rotation_rewrites_only_the_manifest(store: Store, tmp_path: Path) -> No
     src = model_dir(tmp_path)
     m = store.push(src, "bert", keys=["local:"])
     store.tag("bert:1", "known-good")
-    objects = {f.object: store.storage.read(store.object_path("default", f.object)) for f in m.files}
+    objects = {
+        f.object: store.storage.read(store.object_path("default", f.object)) for f in m.files
+    }
     new_ring = make_keyring(tmp_path / "new.json")
     default_uri = m.slots[0].key_id
     r = store.rotate("bert:1", [f"local:{new_ring.path}"], remove=[default_uri])
@@ -388,9 +390,10 @@ def test_bom(store: Store, tmp_path: Path) -> None:
     comp = doc["metadata"]["component"]
     assert comp["type"] == "machine-learning-model" and comp["version"] == "1"
     hashes = {c["name"]: c["hashes"][0]["content"] for c in comp["components"]}
-    assert hashes["model.safetensors"] == hashlib.sha256(
-        (src / "model.safetensors").read_bytes()
-    ).hexdigest()
+    assert (
+        hashes["model.safetensors"]
+        == hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    )
     card = comp["modelCard"]
     assert card["modelParameters"]["datasets"] == [{"ref": "dataset:corpus:1"}]
     assert {p["name"]: p["value"] for p in card["properties"]} == {
@@ -398,9 +401,12 @@ def test_bom(store: Store, tmp_path: Path) -> None:
         "sealstore:training:learning_rate": "2e-05",
     }
     assert [c["name"] for c in doc["components"]] == ["corpus"]
-    assert json.loads(store.bom("bert:2"))["metadata"]["component"]["pedigree"]["ancestors"][0][
-        "version"
-    ] == "1"
+    assert (
+        json.loads(store.bom("bert:2"))["metadata"]["component"]["pedigree"]["ancestors"][0][
+            "version"
+        ]
+        == "1"
+    )
     assert m2.parent == "bert:1"
     # The BoM is bound to the signed manifest.
     path = store.bom_path("default", "bert", "1", store.manifest("bert:1").bom_sha256 or "")

@@ -117,7 +117,9 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
 def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[str]:
     """Delete objects no manifest of the tenant references, older than *grace* seconds.
 
-    What an interrupted push left behind. The grace period protects pushes in
+    What an interrupted push left behind: finished objects with no manifest,
+    and unfinished uploads (S3 multipart uploads a killed writer could not
+    abort, local temporary files). The grace period protects pushes in
     flight, whose objects are not referenced until their manifest lands.
 
     Returns:
@@ -131,7 +133,7 @@ def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[
         for v in store.versions(name, tenant=tenant):
             referenced |= {e.object for e in store.manifest(f"{name}:{v}", tenant=tenant).files}
     cutoff = time.time() - grace
-    deleted = []
+    deleted = [f"(upload) {p}" for p in store.storage.abort_stale_uploads(cutoff)]
     for rel in store.storage.walk(f"objects/{tenant}"):
         obj = rel.rsplit("/", 1)[-1]
         if obj in referenced:

@@ -17,7 +17,6 @@ Backends register by URL protocol (fsspec's pattern) and every one runs
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import queue
 import tempfile
@@ -84,6 +83,15 @@ class Storage:
     def modified(self, path: str) -> float:
         """Last modification time (POSIX seconds). Raises NotFound."""
         raise NotImplementedError
+
+    def abort_stale_uploads(self, older_than: float) -> list[str]:
+        """Abort unfinished uploads begun before *older_than* (POSIX seconds); their paths.
+
+        A killed writer cannot abort its own S3 multipart upload: the parts
+        stay (invisible, but stored) until this runs. Local temporaries of a
+        killed writer are dot-files removed the same way.
+        """
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -198,6 +206,18 @@ class LocalStorage(Storage):
             return self._p(path).stat().st_mtime
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
+
+    def abort_stale_uploads(self, older_than: float) -> list[str]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    full = Path(dirpath) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        if full.stat().st_mtime < older_than:
+                            full.unlink()
+                            out.append(full.relative_to(self.root).as_posix())
+        return out
 
 
 class FsspecStorage(Storage):
@@ -364,6 +384,27 @@ class S3Storage(FsspecStorage):
     def list(self, path: str) -> list[str]:
         self.fs.invalidate_cache(self._dir(path))
         return super().list(path)
+
+    def abort_stale_uploads(self, older_than: float) -> list[str]:
+        bucket, _, prefix = self.root.partition("/")
+        try:
+            uploads = self.fs.list_multipart_uploads(bucket)
+        except OSError as exc:
+            raise self._fail("list uploads in", bucket, exc) from exc
+        out = []
+        for up in uploads:
+            key = up.get("Key", "")
+            started = up.get("Initiated")
+            if not key.startswith(prefix + "/" if prefix else ""):
+                continue
+            if started is not None and started.timestamp() >= older_than:
+                continue
+            try:
+                self.fs.abort_mpu(bucket, key, up["UploadId"])
+            except OSError as exc:
+                raise self._fail("abort upload of", key, exc) from exc
+            out.append(key[len(prefix) + 1 :] if prefix else key)
+        return out
 
     def walk(self, path: str) -> dict[str, int]:
         self.fs.invalidate_cache(self._dir(path))

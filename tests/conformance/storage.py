@@ -81,11 +81,15 @@ class StorageConformance:
 
     def test_failed_write_leaves_nothing(self, storage: Storage) -> None:
         block = os.urandom(1 << 20)
-        with pytest.raises(RuntimeError, match="producer failed"):  # noqa: PT012
+
+        def produce() -> None:
             with storage.open_write("objects/torn") as fp:
                 for _ in range(self.big >> 20):
                     fp.write(block)
                 raise RuntimeError("producer failed")
+
+        with pytest.raises(RuntimeError, match="producer failed"):
+            produce()
         assert not storage.exists("objects/torn")
         assert storage.walk("objects") == {}
 

@@ -43,7 +43,7 @@ class _S3(StorageConformance):
         return open_storage(f"s3://{self.bucket}/root", **s3_endpoint)
 
     def test_failed_upload_is_aborted(self, storage: Storage) -> None:
-        with pytest.raises(RuntimeError), storage.open_write("objects/o") as fp:  # noqa: PT012
+        with pytest.raises(RuntimeError), storage.open_write("objects/o") as fp:
             for _ in range(3):
                 fp.write(b"x" * (17 << 20))
             raise RuntimeError
