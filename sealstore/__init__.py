@@ -43,6 +43,7 @@ _LAZY = {
     "generate_identity": "sealstore.kms.x25519",
     "load_identity": "sealstore.kms.registry",
     "wrapper_for": "sealstore.kms.registry",
+    "Store": "sealstore.vault.store",
 }
 
 __all__ = [

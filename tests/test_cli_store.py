@@ -1,4 +1,4 @@
-"""The store commands as a user runs them: store init, push, pull, ls, show, tag, rm, bom, verify."""
+"""The store commands as a user runs them: init, push, pull, ls, show, tag, rm, bom, verify."""
 
 from __future__ import annotations
 
