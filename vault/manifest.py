@@ -244,6 +244,12 @@ class Manifest:
             raise FormatError(f"{where} is malformed: {exc}") from None
         if len({f.path for f in files}) != len(files):
             raise FormatError(f"{where} lists a file twice")
+        bom = body.get("bom_sha256")
+        if bom is not None and not (isinstance(bom, str) and re.fullmatch(r"[0-9a-f]{64}", bom)):
+            raise FormatError(f"{where} has a bad bom_sha256")
+        for key in ("parent", "shredded", "created"):
+            if body.get(key) is not None and not isinstance(body.get(key), str):
+                raise FormatError(f"{where} has a bad {key}")
         return cls(
             store=store,
             tenant=tenant,

@@ -30,7 +30,7 @@ from sealstore.kms.envelope import IdentitySpec, _identities
 from sealstore.kms.registry import unwrappers_for
 from sealstore.stream import SealReader
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
-from sealstore.vault.storage import LocalStorage
+from sealstore.vault.storage import LocalStorage, preallocate
 
 __all__ = ["VerifyResult", "open_file", "pull", "unwrap_version_key", "verify"]
 
@@ -248,6 +248,8 @@ def pull(
             raise NotFound(f"{m.name}:{m.version} has no file {sorted(missing)[0]}")
         entries = [e for e in entries if e.path in wanted]
     target = Path(dest)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
     try:
@@ -259,6 +261,7 @@ def pull(
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(out_path, "wb") as out:
                     os.fchmod(out.fileno(), 0o600)
+                    preallocate(out.fileno(), entry.size)
                     dek = _decrypt_entry(
                         store,
                         m,

@@ -113,7 +113,9 @@ def _seal_one(
     plain = hashlib.sha256()
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
-    with open(path, "rb") as src, storage.open_write(obj_path) as out:
+    chunks = max(1, -(-size // chunk_size))
+    hint = size + chunks * 16 + 8192  # payload, tags, and room for the preamble
+    with open(path, "rb") as src, storage.open_write(obj_path, size_hint=hint) as out:
         sink = _HashingWriter(out)
         writer = SealWriter(
             sink,  # type: ignore[arg-type]

@@ -368,14 +368,21 @@ class Store:
         """
         tenant = check_name(tenant or default_tenant(), "tenant")
         r = parse_ref(ref) if isinstance(ref, str) else ref
-        name, version = self.resolve(r, tenant=tenant)
+        tag = r.tag
+        if r.version is None and tag is None and self.storage.exists(
+            f"tenants/{tenant}/refs/{r.name}/latest"
+        ):
+            tag = "latest"  # a bare NAME means NAME@latest when that tag exists
+        if tag is not None:
+            name = r.name
+            version, digest = self._read_tag(tenant, name, tag)
+        else:
+            name, version = self.resolve(r, tenant=tenant)
         data = self.manifest_bytes(name, version, tenant=tenant)
-        if r.tag:
-            digest = self._read_tag(tenant, name, r.tag)[1]
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise AuthenticationError(
-                    f"{name}@{r.tag}: the manifest of {name}:{version} is not the one tagged"
-                )
+        if tag is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise AuthenticationError(
+                f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
+            )
         return Manifest.verify(
             data, self.signers, store=self.id, tenant=tenant, name=name, version=version
         )

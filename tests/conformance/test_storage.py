@@ -39,8 +39,8 @@ class _S3(StorageConformance):
     @pytest.fixture
     def storage(self, s3_endpoint: dict[str, Any]) -> Storage:
         self.options = s3_endpoint
-        self.bucket = new_bucket(s3_endpoint)
-        return open_storage(f"s3://{self.bucket}/root", **s3_endpoint)
+        self.location = new_bucket(s3_endpoint)
+        return open_storage(f"s3://{self.location}", **s3_endpoint)
 
     def test_failed_upload_is_aborted(self, storage: Storage) -> None:
         with pytest.raises(RuntimeError), storage.open_write("objects/o") as fp:
@@ -48,7 +48,7 @@ class _S3(StorageConformance):
                 fp.write(b"x" * (17 << 20))
             raise RuntimeError
         assert not storage.exists("objects/o")
-        assert incomplete_uploads(self.options, self.bucket) == []
+        assert incomplete_uploads(self.options, self.location) == []
 
 
 class TestSeaweedFS(_S3):
