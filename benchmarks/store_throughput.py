@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import parse_size  # noqa: E402
+from benchmarks.format_throughput import parse_size
 
 
 def make_model(root: Path, size: int, shard: int) -> int:
@@ -115,7 +115,9 @@ def bench_backend(
         lambda: fs.put(str(model) + "/", root, recursive=True), repeat, clear_out
     )
     fs.put(str(model) + "/", root, recursive=True)
-    res["plain_get_s"] = timed(lambda: fs.get(root + "/", str(out), recursive=True), repeat, clear_out)
+    res["plain_get_s"] = timed(
+        lambda: fs.get(root + "/", str(out), recursive=True), repeat, clear_out
+    )
     clear_plain()
     # Each push makes a new version; the previous ones are shredded between samples.
     res["push_s"] = timed(
@@ -176,13 +178,24 @@ def main() -> int:
         backends = args.backends.split(",")
         if "file" in backends:
             results.append(
-                bench_backend("file", f"file://{tmp}/store", f"file://{tmp}/plain", {}, model,
-                              nbytes, tmp, args.repeat, args.threads)  # fmt: skip
+                bench_backend(
+                    "file",
+                    f"file://{tmp}/store",
+                    f"file://{tmp}/plain",
+                    {},
+                    model,
+                    nbytes,
+                    tmp,
+                    args.repeat,
+                    args.threads,
+                )
             )
         if "s3" in backends:
             if not (args.s3_url and args.s3_key and args.s3_secret):
-                print("no S3 endpoint given (--s3-url/--s3-key/--s3-secret): skipping s3",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    "no S3 endpoint given (--s3-url/--s3-key/--s3-secret): skipping s3",
+                    file=sys.stderr,
+                )
             else:
                 import boto3
 
@@ -196,15 +209,26 @@ def main() -> int:
                 ).create_bucket(Bucket=bucket)
                 opts = {"endpoint_url": args.s3_url, "key": args.s3_key, "secret": args.s3_secret}
                 results.append(
-                    bench_backend("seaweedfs-s3", f"s3://{bucket}/store", f"s3://{bucket}/plain",
-                                  opts, model, nbytes, tmp, args.repeat, args.threads)  # fmt: skip
+                    bench_backend(
+                        "seaweedfs-s3",
+                        f"s3://{bucket}/store",
+                        f"s3://{bucket}/plain",
+                        opts,
+                        model,
+                        nbytes,
+                        tmp,
+                        args.repeat,
+                        args.threads,
+                    )
                 )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nmodel: {nbytes / 2**30:.2f} GiB, median of {args.repeat}, {args.threads} threads")
-    print(f"{'backend':14} {'plain put':>10} {'push':>8} {'ratio':>6}   "
-          f"{'plain get':>10} {'pull':>8} {'ratio':>6}   (GB/s)")  # fmt: skip
+    print(
+        f"{'backend':14} {'plain put':>10} {'push':>8} {'ratio':>6}   "
+        f"{'plain get':>10} {'pull':>8} {'ratio':>6}   (GB/s)"
+    )
     for r in results:
         print(
             f"{r['backend']:14} {r['plain_put_GBps']:10.2f} {r['push_GBps']:8.2f} "
@@ -216,8 +240,11 @@ def main() -> int:
         "bytes": nbytes,
         "repeat": args.repeat,
         "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "target": "push and pull >= 0.8x the plain fsspec copy, both ways",
         "results": results,
     }

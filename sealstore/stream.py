@@ -129,18 +129,25 @@ class SealWriter(io.BufferedIOBase):
             raise ValueError("write to a closed SealWriter")
         view = memoryview(data).cast("B")
         n, pos, batch = len(view), 0, self._batch
+        declared = self.header.plaintext_size
         while pos < n:
             if self._fill == batch:
                 # More input exists, so no chunk of the buffered batch is the last one.
                 self._seal(memoryview(self._inbuf), last=False)
                 self._fill = 0
-            if self._fill == 0 and n - pos > batch:
-                # Whole chunks with input after them: seal them straight from the
-                # caller's buffer, all in one go (lanes start once, not per batch).
-                take = (n - pos - 1) // self._cs * self._cs
-                self._seal(view[pos : pos + take], last=False)
-                pos += take
-                continue
+            if self._fill == 0:
+                # Whole chunks known to have input after them -- because this
+                # write goes on past them, or because the declared size does --
+                # are sealed straight from the caller's buffer, all in one go
+                # (lanes start once, not per batch; no copy into the batch buffer).
+                after = n - pos - 1
+                if declared is not None:
+                    after = max(after, declared - (self._total + pos) - 1)
+                take = min(after, n - pos) // self._cs * self._cs
+                if take and (n - pos > batch or declared is not None):
+                    self._seal(view[pos : pos + take], last=False)
+                    pos += take
+                    continue
             if not self._inbuf:
                 self._inbuf = bytearray(batch)
             take = min(batch - self._fill, n - pos)

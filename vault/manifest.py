@@ -18,6 +18,7 @@ from typing import Any
 from sealstore.errors import AuthenticationError, FormatError
 from sealstore.keys import KeySlot
 from sealstore.signing import Signer, sign_document, verify_document
+from sealstore.vault.digest import check_digest_text
 
 __all__ = [
     "FileEntry",
@@ -130,7 +131,8 @@ class FileEntry:
         sha256: hex SHA-256 of the plaintext (also in the Model BoM).
         object: the object's name under ``objects/TENANT/``.
         object_size: ciphertext bytes.
-        object_sha256: hex SHA-256 of the whole sealed object (checked without a key).
+        object_digest: ``blake3:HEX`` of the whole sealed object (checked without a
+            key; see ``sealstore.vault.digest``).
         header_sha256: hex SHA-256 of the object's header bytes.
     """
 
@@ -139,7 +141,7 @@ class FileEntry:
     sha256: str
     object: str
     object_size: int
-    object_sha256: str
+    object_digest: str
     header_sha256: str
 
     def to_json(self) -> dict[str, Any]:
@@ -152,7 +154,9 @@ class FileEntry:
         except (KeyError, TypeError):
             raise FormatError("manifest file entry is malformed") from None
         check_file_path(entry.path)
-        for f in ("sha256", "object_sha256", "header_sha256"):
+        if not check_digest_text(entry.object_digest):
+            raise FormatError("manifest file entry has a bad object_digest")
+        for f in ("sha256", "header_sha256"):
             if not re.fullmatch(r"[0-9a-f]{64}", str(getattr(entry, f))):
                 raise FormatError(f"manifest file entry has a bad {f}")
         if not re.fullmatch(r"[0-9a-f]{16,128}", str(entry.object)):

@@ -29,8 +29,9 @@ from sealstore.keys import DataKey, unwrap_first
 from sealstore.kms.envelope import IdentitySpec, _identities
 from sealstore.kms.registry import unwrappers_for
 from sealstore.stream import SealReader
+from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
-from sealstore.vault.storage import LocalStorage, preallocate
+from sealstore.vault.storage import LocalStorage
 
 __all__ = ["VerifyResult", "open_file", "pull", "unwrap_version_key", "verify"]
 
@@ -82,32 +83,32 @@ def unwrap_version_key(
 class _Hashing:
     """A read-only file wrapper that hashes what passes through (not seekable: streamed)."""
 
-    def __init__(self, fp: BinaryIO) -> None:
+    def __init__(self, fp: BinaryIO, alg: str) -> None:
         self._fp = fp
-        self.sha256 = hashlib.sha256()
+        self.digest = ObjectHasher(alg)
 
     def read(self, n: int = -1) -> bytes:
         data = self._fp.read(n)
-        self.sha256.update(data)
+        self.digest.update(data)
         return data
 
     def readinto(self, b: Any) -> int:
         data = self._fp.read(len(b))
         n = len(data)
         memoryview(b).cast("B")[:n] = data
-        self.sha256.update(data)
+        self.digest.update(data)
         return n
 
 
-def _hash_file(path: str, out: list[str], errors: list[BaseException]) -> None:
+def _hash_file(path: str, alg: str, out: list[str], errors: list[BaseException]) -> None:
     try:
-        h = hashlib.sha256()
+        h = ObjectHasher(alg)
         with open(path, "rb") as fp:
             buf = bytearray(_HASH_BLOCK)
             view = memoryview(buf)
             while n := fp.readinto(buf):
                 h.update(view[:n])
-        out.append(h.hexdigest())
+        out.append(h.text())
     except BaseException as exc:
         errors.append(exc)
 
@@ -118,6 +119,7 @@ def _object(
 ) -> Iterator[tuple[BinaryIO, Callable[[], str]]]:
     """The object opened for streaming, and a function giving its SHA-256 once read."""
     path = store.object_path(m.tenant, entry.object)
+    alg = entry.object_digest.partition(":")[0]
     try:
         fp = store.storage.open_read(path)
     except NotFound:
@@ -128,7 +130,9 @@ def _object(
             # hash runs beside it on its own thread over the page cache.
             digests: list[str] = []
             errors: list[BaseException] = []
-            t = threading.Thread(target=_hash_file, args=(fp.name, digests, errors), daemon=True)
+            t = threading.Thread(
+                target=_hash_file, args=(fp.name, alg, digests, errors), daemon=True
+            )
             t.start()
 
             def local_digest() -> str:
@@ -140,8 +144,8 @@ def _object(
             yield fp, local_digest
             t.join()
         else:
-            wrapped = _Hashing(fp)
-            yield wrapped, lambda: wrapped.sha256.hexdigest()  # type: ignore[misc]
+            wrapped = _Hashing(fp, alg)
+            yield wrapped, wrapped.digest.text  # type: ignore[misc]
     finally:
         fp.close()
 
@@ -197,7 +201,7 @@ def _decrypt_entry(
             while fp.read(1 << 20):
                 pass
         where = _where(m, entry)
-        if not hmac.compare_digest(digest(), entry.object_sha256):
+        if not digests_equal(digest(), entry.object_digest):
             raise AuthenticationError(f"{where}: object hash does not match the manifest")
         if total != entry.size or (
             check_plaintext and not hmac.compare_digest(plain.hexdigest(), entry.sha256)
@@ -261,7 +265,6 @@ def pull(
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(out_path, "wb") as out:
                     os.fchmod(out.fileno(), 0o600)
-                    preallocate(out.fileno(), entry.size)
                     dek = _decrypt_entry(
                         store,
                         m,
@@ -382,7 +385,7 @@ def _check_keyless(store: Any, m: Manifest, entry: FileEntry) -> None:
         if isinstance(fp, _Hashing):
             while fp.read(_HASH_BLOCK):
                 pass
-        if not hmac.compare_digest(digest(), entry.object_sha256):
+        if not digests_equal(digest(), entry.object_digest):
             raise AuthenticationError(
                 f"{_where(m, entry)}: object hash does not match the manifest"
             )

@@ -26,6 +26,7 @@ from sealstore.kms.envelope import KeySpec, make_slots
 from sealstore.kms.registry import wrapper_for
 from sealstore.stream import SealWriter
 from sealstore.vault.bom import BomSpec, DatasetRef, build_bom, load_bom_spec
+from sealstore.vault.digest import ObjectHasher
 from sealstore.vault.manifest import (
     FileEntry,
     Manifest,
@@ -74,15 +75,15 @@ def collect_files(src: str | os.PathLike[str]) -> list[tuple[str, Path, int]]:
 
 
 class _HashingWriter:
-    """Passes writes through and hashes them (the object's ciphertext SHA-256)."""
+    """Passes writes through and hashes them (the object digest)."""
 
     def __init__(self, fp: IO[bytes]) -> None:
         self._fp = fp
-        self.sha256 = hashlib.sha256()
+        self.digest = ObjectHasher()
         self.size = 0
 
     def write(self, data: Any) -> int:
-        self.sha256.update(data)
+        self.digest.update(data)
         n = self._fp.write(data)
         self.size += len(memoryview(data))
         return n if n is not None else len(memoryview(data))
@@ -108,14 +109,12 @@ def _seal_one(
     """Seal one file into *obj_path*.
 
     Returns:
-        (plaintext sha256, object sha256, object size, header sha256).
+        (plaintext sha256, object digest, object size, header sha256).
     """
     plain = hashlib.sha256()
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
-    chunks = max(1, -(-size // chunk_size))
-    hint = size + chunks * 16 + 8192  # payload, tags, and room for the preamble
-    with open(path, "rb") as src, storage.open_write(obj_path, size_hint=hint) as out:
+    with open(path, "rb") as src, storage.open_write(obj_path) as out:
         sink = _HashingWriter(out)
         writer = SealWriter(
             sink,  # type: ignore[arg-type]
@@ -147,7 +146,7 @@ def _seal_one(
                 if fut is not None:
                     fut.result()
     header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
-    return plain.hexdigest(), sink.sha256.hexdigest(), sink.size, header_sha
+    return plain.hexdigest(), sink.digest.text(), sink.size, header_sha
 
 
 def _next_version(versions: Sequence[str]) -> str:
@@ -307,7 +306,7 @@ def _push_version(
         for rel, path, size in files:
             obj = new_object_name()
             made.append(obj)
-            plain, obj_sha, obj_size, header_sha = _seal_one(
+            plain, obj_digest, obj_size, header_sha = _seal_one(
                 store.storage,
                 store.object_path(tenant, obj),
                 path,
@@ -320,7 +319,7 @@ def _push_version(
                 progress=progress,
                 hasher=hasher,
             )
-            entries.append(FileEntry(rel, size, plain, obj, obj_size, obj_sha, header_sha))
+            entries.append(FileEntry(rel, size, plain, obj, obj_size, obj_digest, header_sha))
     bom = build_bom(
         tenant=tenant,
         name=name,
@@ -348,6 +347,7 @@ def _push_version(
         bom_sha256=bom_sha,
         signer=signer.signing_key_id,
     )
+    store.storage.sync()  # every object durable before a manifest names it
     # The commit point: visible now, or (FileExistsError) another push won.
     store.storage.put_new(f"{store.version_dir(tenant, name, version)}/manifest.json",
                           manifest.sign(signer))  # fmt: skip

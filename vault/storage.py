@@ -53,12 +53,8 @@ class Storage:
         """Create or replace *path* atomically."""
         raise NotImplementedError
 
-    def open_write(self, path: str, size_hint: int | None = None) -> Any:
-        """A context manager yielding a writable binary file; visible only on success.
-
-        *size_hint*: the expected size, if known (a local file is preallocated:
-        measured ~2.5x faster writes into fresh pages on ext4 in these VMs).
-        """
+    def open_write(self, path: str) -> Any:
+        """A context manager yielding a writable binary file; visible only on success."""
         raise NotImplementedError
 
     def open_read(self, path: str) -> BinaryIO:
@@ -88,6 +84,9 @@ class Storage:
         """Last modification time (POSIX seconds). Raises NotFound."""
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Make every object written through :meth:`open_write` durable (before a commit)."""
+
     def abort_stale_uploads(self, older_than: float) -> list[str]:
         """Abort unfinished uploads begun before *older_than* (POSIX seconds); their paths.
 
@@ -101,15 +100,17 @@ class Storage:
         return f"{type(self).__name__}({self.url!r})"
 
 
-def preallocate(fd: int, size: int) -> None:
-    """Reserve *size* bytes for a file about to be written (best effort).
-
-    ext4's delayed allocation makes writes into a fresh file slow in these
-    VMs (~0.4-0.7 GB/s measured); reserving the extents first gave ~1.8 GB/s.
-    """
-    if size > 0 and hasattr(os, "posix_fallocate"):
-        with contextlib.suppress(OSError):
-            os.posix_fallocate(fd, 0, size)
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the rename that made it appear
+    finally:
+        os.close(dfd)
 
 
 def _check_rel(path: str) -> str:
@@ -125,6 +126,9 @@ class LocalStorage(Storage):
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = "file://" + str(self.root)
+        self._syncs: list[Any] = []
+        self._sync_lock = threading.Lock()
+        self._executor: Any = None
 
     def _p(self, path: str) -> Path:
         return self.root / _check_rel(path)
@@ -171,15 +175,33 @@ class LocalStorage(Storage):
             os.replace(tmp, self._p(path))
 
     @contextmanager
-    def open_write(self, path: str, size_hint: int | None = None) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
         with self._temp(path) as (fp, tmp):
-            if size_hint:
-                preallocate(fp.fileno(), size_hint)
             yield fp
             fp.flush()
-            fp.truncate(fp.tell())  # drop any preallocation past the end
-            self._fsync(fp)
             os.replace(tmp, self._p(path))
+        # An object needs to be durable only before a manifest names it, so its
+        # fsync runs in the background while the next file is sealed, and
+        # sync() -- called before every manifest write -- waits for them all.
+        # (Measured: fsync was 25% of a 1 GiB push when it ran inline.)
+        target = str(self._p(path))
+        with self._sync_lock:
+            self._syncs.append(self._syncer().submit(_fsync_path, target))
+
+    def _syncer(self) -> Any:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sealstore-fsync")
+        return self._executor
+
+    def sync(self) -> None:
+        with self._sync_lock:
+            pending, self._syncs = self._syncs, []
+        errors = [f.exception() for f in pending]
+        for exc in errors:
+            if exc is not None:
+                raise BackendError(f"cannot make an object durable in {self.url}: {exc}") from exc
 
     def open_read(self, path: str) -> BinaryIO:
         try:
@@ -279,7 +301,7 @@ class FsspecStorage(Storage):
             raise self._fail("write", path, exc) from exc
 
     @contextmanager
-    def open_write(self, path: str, size_hint: int | None = None) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
         import io
 
         # memory:// only: buffer, then publish in one step.
@@ -378,7 +400,7 @@ class S3Storage(FsspecStorage):
         self.fs.invalidate_cache(self._p(path))
 
     @contextmanager
-    def open_write(self, path: str, size_hint: int | None = None) -> Iterator[IO[bytes]]:
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
         try:
             fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=True)
         except OSError as exc:

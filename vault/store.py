@@ -229,8 +229,9 @@ class Store:
         if pinned is None:
             if root is None or root != mine:
                 raise AuthenticationError(
-                    f"store {storage.url} is not trusted on this machine: check its root key "
-                    f"with its owner and run: sealstore store trust {storage.url} --root {root}"
+                    f"store {storage.url} is not trusted on this machine (its config names root "
+                    f"key {root}: confirm that with the store's owner, then run: sealstore store "
+                    f"trust {storage.url} --root KEY)"
                 )
             pinned = root
         if root != pinned:
@@ -369,8 +370,10 @@ class Store:
         tenant = check_name(tenant or default_tenant(), "tenant")
         r = parse_ref(ref) if isinstance(ref, str) else ref
         tag = r.tag
-        if r.version is None and tag is None and self.storage.exists(
-            f"tenants/{tenant}/refs/{r.name}/latest"
+        if (
+            r.version is None
+            and tag is None
+            and self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest")
         ):
             tag = "latest"  # a bare NAME means NAME@latest when that tag exists
         if tag is not None:
