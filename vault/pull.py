@@ -28,6 +28,7 @@ from sealstore.format import Preamble, open_payload_key, read_preamble
 from sealstore.keys import DataKey, unwrap_first
 from sealstore.kms.envelope import IdentitySpec, _identities
 from sealstore.kms.registry import unwrappers_for
+from sealstore.source import map_regular_file
 from sealstore.stream import SealReader
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
@@ -104,10 +105,20 @@ def _hash_file(path: str, alg: str, out: list[str], errors: list[BaseException])
     try:
         h = ObjectHasher(alg)
         with open(path, "rb") as fp:
-            buf = bytearray(_HASH_BLOCK)
-            view = memoryview(buf)
-            while n := fp.readinto(buf):
-                h.update(view[:n])
+            # Hash straight out of the page cache (the reader maps the same
+            # file): no read() copy, which was a sixth of a pull's CPU time.
+            mapped = map_regular_file(fp)
+            if mapped is None:
+                buf = bytearray(_HASH_BLOCK)
+                view = memoryview(buf)
+                while n := fp.readinto(buf):
+                    h.update(view[:n])
+            else:
+                with mapped:
+                    whole = memoryview(mapped)
+                    for pos in range(0, len(whole), _HASH_BLOCK):
+                        h.update(whole[pos : pos + _HASH_BLOCK])
+                    whole.release()
         out.append(h.text())
     except BaseException as exc:
         errors.append(exc)
@@ -120,12 +131,13 @@ def _object(
     """The object opened for streaming, and a function giving its SHA-256 once read."""
     path = store.object_path(m.tenant, entry.object)
     alg = entry.object_digest.partition(":")[0]
+    local = isinstance(store.storage, LocalStorage)
     try:
-        fp = store.storage.open_read(path)
+        fp = store.storage.open_read(path) if local else store.storage.open_stream(path)
     except NotFound:
         raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
     try:
-        if isinstance(store.storage, LocalStorage):
+        if local:
             # A local object: the reader maps it and decrypts in parallel; the
             # hash runs beside it on its own thread over the page cache.
             digests: list[str] = []

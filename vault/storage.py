@@ -17,6 +17,7 @@ Backends register by URL protocol (fsspec's pattern) and every one runs
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import queue
 import tempfile
@@ -60,6 +61,10 @@ class Storage:
     def open_read(self, path: str) -> BinaryIO:
         """A seekable binary file. Raises NotFound."""
         raise NotImplementedError
+
+    def open_stream(self, path: str) -> BinaryIO:
+        """A file for one sequential pass over an object (prefetched where that helps)."""
+        return self.open_read(path)
 
     def list(self, path: str) -> list[str]:
         """Names of the entries directly under *path* (empty if none)."""
@@ -302,8 +307,6 @@ class FsspecStorage(Storage):
 
     @contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
-        import io
-
         # memory:// only: buffer, then publish in one step.
         buf = io.BytesIO()
         yield buf
@@ -455,6 +458,15 @@ class S3Storage(FsspecStorage):
         self.fs.invalidate_cache(self._p(path))
         return super().exists(path)
 
+    def open_stream(self, path: str) -> BinaryIO:
+        try:
+            fp = self.fs.open(self._p(path), "rb", block_size=self.PART, cache_type="none")
+        except FileNotFoundError:
+            raise NotFound(f"{path} not found in {self.url}") from None
+        except OSError as exc:
+            raise self._fail("open", path, exc) from exc
+        return io.BufferedReader(_Prefetch(fp, 8 << 20), buffer_size=1 << 20)  # type: ignore[return-value]
+
     def open_read(self, path: str) -> BinaryIO:
         try:
             return self.fs.open(  # type: ignore[no-any-return]
@@ -464,6 +476,69 @@ class S3Storage(FsspecStorage):
             raise NotFound(f"{path} not found in {self.url}") from None
         except OSError as exc:
             raise self._fail("open", path, exc) from exc
+
+
+class _Prefetch(io.RawIOBase):
+    """Sequential reads served from a thread that fetches ahead (bounded: *depth* blocks).
+
+    s3fs fetches a block inside ``read``; with this the next blocks download
+    while the caller decrypts and writes the current one.
+    """
+
+    def __init__(self, fp: Any, block: int, depth: int = 3) -> None:
+        super().__init__()
+        self._fp = fp
+        self._block = block
+        self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._cur = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="sealstore-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._fp.read(self._block)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        while not self._cur and not self._eof:
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                raise BackendError(f"download failed: {type(item).__name__}: {item}") from item
+            if not item:
+                self._eof = True
+            self._cur = memoryview(item)
+        n = min(len(view), len(self._cur))
+        view[:n] = self._cur[:n]
+        self._cur = self._cur[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+        self._thread.join(timeout=30)
+        self._fp.close()
+        super().close()
 
 
 def _precondition_failed(exc: OSError) -> bool:
