@@ -57,6 +57,8 @@ vectors: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/format_throughput.py
+	scripts/services.sh install && scripts/services.sh start
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/store_throughput.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -388,7 +388,8 @@ def verify_store(args: argparse.Namespace) -> int:
         else:
             bad += 1
             for p in r.problems:
-                print(f"sealstore: error: {r.ref}: {p}", file=sys.stderr)
+                where = "" if p.startswith(r.ref.split(" ")[0]) else f"{r.ref}: "
+                print(f"sealstore: error: {where}{p}", file=sys.stderr)
     took = time.perf_counter() - start
     _say(args, f"verified {len(results)} version(s) in {took:.2f} s: {bad} damaged")
     if not results:
