@@ -225,7 +225,7 @@ def _is_store_target(args: argparse.Namespace) -> bool:
         return True
     return (
         args.file != "-"
-        and not Path(args.file).exists()
+        and not Path(args.file).is_file()
         and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*([:@][A-Za-z0-9][A-Za-z0-9._-]*)?", args.file)
         is not None
     )

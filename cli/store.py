@@ -243,7 +243,7 @@ def _pull(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with Progress("pull", total, enabled=not args.no_progress and not args.quiet) as bar:
         m = store.pull(
-            f"{m.name}:{m.version}",
+            args.ref,  # resolved again inside, with the tag's manifest-hash check
             args.output,
             tenant=args.tenant,
             identities=args.identity,
@@ -323,8 +323,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _tag(args: argparse.Namespace) -> int:
+    from sealstore.vault.manifest import parse_ref
+
     version = _open(args).tag(args.ref, args.tag, tenant=args.tenant)
-    _say(args, f"tagged {args.ref.split(':')[0]}:{version} as {args.tag}")
+    _say(args, f"tagged {parse_ref(args.ref).name}:{version} as {args.tag}")
     return 0
 
 
@@ -394,6 +396,10 @@ def verify_store(args: argparse.Namespace) -> int:
     _say(args, f"verified {len(results)} version(s) in {took:.2f} s: {bad} damaged")
     if not results:
         raise ValueError("nothing to verify: the tenant has no artifacts")
+    if any(r.no_key for r in results):
+        from sealstore.errors import KeyUnavailable
+
+        raise KeyUnavailable(f"{bad} of {len(results)} version(s) could not be opened to verify")
     if bad:
         from sealstore.errors import AuthenticationError
 

@@ -131,3 +131,14 @@ def test_store_rotate_and_gc(
     assert "1 slot(s)" in err
     ok(run("pull", "m", "-o", tmp_path / "o", "-i", tmp_path / "id.txt", env=store_env))
     assert "0 unreferenced" in ok(run("store", "gc", env=store_env)).stderr.decode()
+
+
+def test_verify_without_the_key_is_exit_4(
+    store_env: dict[str, str], tmp_path: Path, keyring: LocalKeyring
+) -> None:
+    src = model_dir(tmp_path, {"w.bin": 100})
+    ok(run("push", src, "m", "-k", "local:", env=store_env))
+    (tmp_path / "m").mkdir()  # a folder named like the artifact does not make it a file
+    env = dict(store_env, SEALSTORE_PASSPHRASE="wrong")
+    proc = run("verify", "m", env=env)
+    assert proc.returncode == 4, proc.stderr.decode()

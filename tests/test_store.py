@@ -554,3 +554,149 @@ def test_push_and_pull_run_in_constant_memory(
             p.unlink()
     # Ten times the data, (almost) the same peak: buffers, not the model, set it.
     assert peaks[640] < peaks[64] + 48, peaks
+
+
+# -- from the review of the first version ------------------------------------------------
+
+
+def test_object_digest_is_of_the_file_decrypted(
+    file_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest is taken through the reader's descriptor, never by name again."""
+    from sealstore.vault.storage import LocalStorage
+
+    store = file_store
+    src = model_dir(tmp_path, {"w.bin": 3 << 20})
+    m = store.push(src, "w", keys=["local:"])
+    obj = Path(store.url[len("file://") :]) / "objects" / "default" / m.files[0].object
+    damaged = bytearray(obj.read_bytes())
+    damaged[-100] ^= 1
+    real_open = LocalStorage.open_read
+
+    def open_then_swap(self: LocalStorage, path: str) -> Any:
+        fp = real_open(self, path)
+        swap = obj.with_name(".swap")
+        swap.write_bytes(bytes(damaged))
+        os.replace(swap, obj)  # the name now holds other bytes; the reader holds the old
+        return fp
+
+    monkeypatch.setattr(LocalStorage, "open_read", open_then_swap)
+    store.pull("w", tmp_path / "out")  # hashes what it decrypted: the genuine object
+    assert same_tree(src, tmp_path / "out")
+
+
+def test_trust_cannot_reroot_a_pinned_store(
+    file_store: Store, tmp_path: Path, keyring_path: Path
+) -> None:
+    """A config copying a pinned store's id under another root is refused by `trust`."""
+    from sealstore.signing import sign_document
+    from sealstore.vault.manifest import dumps
+
+    other = make_keyring(tmp_path / "attacker.json")
+    fake = {k: v for k, v in json.loads(file_store.storage.read("sealstore.json")).items()
+            if k not in ("signer", "signature")}  # fmt: skip
+    fake["root"] = fake["signers"][0] = other.signing_key_id
+    theirs = Store.init(f"file://{tmp_path}/theirs")
+    theirs.storage.put("sealstore.json", dumps(sign_document("store", fake, other)))
+    with pytest.raises(AuthenticationError, match="already pinned"):
+        trust_store(theirs.url, str(other.signing_key_id))
+    assert Store.open(file_store.url).root_key == file_store.root_key
+
+
+def test_rotate_never_resurrects_shredded_slots(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sealstore.vault.lifecycle as lifecycle
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 1000)
+    store.push(f, "w", keys=["local:"])
+    new_ring = make_keyring(tmp_path / "new.json")
+    real = lifecycle.rotate_slots
+
+    def slow_rotate(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        store.shred("w:1")  # lands between the rotation's read and its write
+        return out
+
+    monkeypatch.setattr(lifecycle, "rotate_slots", slow_rotate)
+    with pytest.raises(FileExistsError, match="changed while"):
+        store.rotate("w:1", [f"local:{new_ring.path}"])
+    m = store.manifest("w:1")
+    assert m.shredded and m.slots == ()
+
+
+def test_interrupted_shred_finishes_on_retry(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = model_dir(tmp_path, {"a": 10, "b": 10, "c": 10})
+    m = store.push(src, "w", keys=["local:"])
+    real_delete = type(store.storage).delete
+    calls = {"n": 0}
+
+    def flaky(self: Any, path: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk hiccup")
+        real_delete(self, path)
+
+    monkeypatch.setattr(type(store.storage), "delete", flaky)
+    with pytest.raises(OSError, match="hiccup"):
+        store.shred("w:1")
+    monkeypatch.setattr(type(store.storage), "delete", real_delete)
+    assert store.manifest("w:1").shredded
+    store.shred("w:1")  # finishes the deletions
+    assert not any(store.storage.exists(store.object_path("default", e.object)) for e in m.files)
+    assert store.tags("w") == {}
+
+
+def test_failed_push_removes_its_objects(store: Store, tmp_path: Path) -> None:
+    src = model_dir(tmp_path, {"a.bin": 1 << 20, "b.bin": 20 << 20})
+    seen = {"n": 0}
+
+    def boom(n: int) -> None:
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise RuntimeError("reader died")
+
+    with pytest.raises(RuntimeError, match="reader died"):
+        store.push(src, "w", keys=["local:"], progress=boom, threads=1)
+    assert store.storage.walk("objects") == {}
+    assert store.storage.walk("tenants") == {}
+
+
+def test_pull_into_an_existing_directory(store: Store, tmp_path: Path) -> None:
+    src = model_dir(tmp_path, {"a.txt": 10, "sub/b.txt": 20})
+    store.push(src, "w", keys=["local:"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    store.pull("w", dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+    assert (dest / "sub" / "b.txt").read_bytes() == (src / "sub" / "b.txt").read_bytes()
+    assert [p.name for p in dest.iterdir() if p.name.startswith(".")] == []
+    (dest / "a.txt").unlink()
+    (dest / "a.txt").mkdir()  # a folder in the way: refused before anything is written
+    (dest / "sub" / "b.txt").unlink()
+    with pytest.raises(IsADirectoryError):
+        store.pull("w", dest)
+    assert not (dest / "sub" / "b.txt").exists()
+
+
+def test_prefetch_keeps_failing_after_an_error() -> None:
+    from sealstore.errors import BackendError
+    from sealstore.vault.storage import _Prefetch
+
+    class Broken:
+        def read(self, n: int) -> bytes:
+            raise OSError("server went away")
+
+        def close(self) -> None:
+            pass
+
+    r = _Prefetch(Broken(), 1024)
+    buf = bytearray(10)
+    for _ in range(2):  # the second read raises too, instead of waiting forever
+        with pytest.raises(BackendError, match="server went away"):
+            r.readinto(buf)
+    r.close()

@@ -59,10 +59,9 @@ def rotate(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.manifest(ref, tenant=tenant)
+    m, old = store.manifest_with_bytes(ref, tenant=tenant)
     if m.shredded:
         raise ValueError(f"{m.name}:{m.version} was crypto-shredded; nothing to rotate")
-    old = store.manifest_bytes(m.name, m.version, tenant=tenant)
     with store.storage.open_read(store.object_path(tenant, m.files[0].object)) as fp:
         pre = read_preamble(fp)
     slots = rotate_slots(
@@ -71,8 +70,7 @@ def rotate(
     signer = store.signer
     new = dataclasses.replace(m, slots=tuple(slots), signer=signer.signing_key_id)
     tags = _retag(store, m, hashlib.sha256(old).hexdigest(), tenant)
-    store.storage.put(f"{store.version_dir(tenant, m.name, m.version)}/manifest.json",
-                      new.sign(signer))  # fmt: skip
+    store.replace_manifest(m, old, new.sign(signer))
     for tag in tags:
         store.tag(f"{m.name}:{m.version}", tag, tenant=tenant)
     return new
@@ -81,20 +79,21 @@ def rotate(
 def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     """Crypto-shred a version: destroy its key slots, delete its objects and its tags.
 
+    Idempotent: run again after an interruption, it finishes the deletions.
+
     Returns:
         The signed tombstone manifest now stored for the version.
     """
     from sealstore.vault.store import _version_key, default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.manifest(ref, tenant=tenant)
-    if m.shredded:
-        return m
-    signer = store.signer
-    tomb = dataclasses.replace(m, slots=(), shredded=now(), signer=signer.signing_key_id)
-    # The tombstone replaces the manifest first: from this write on no slot exists.
-    store.storage.put(f"{store.version_dir(tenant, m.name, m.version)}/manifest.json",
-                      tomb.sign(signer))  # fmt: skip
+    m, raw = store.manifest_with_bytes(ref, tenant=tenant)
+    tomb = m
+    if not m.shredded:
+        signer = store.signer
+        tomb = dataclasses.replace(m, slots=(), shredded=now(), signer=signer.signing_key_id)
+        # The tombstone replaces the manifest first: from this write on no slot exists.
+        store.replace_manifest(m, raw, tomb.sign(signer))
     for entry in m.files:
         store.storage.delete(store.object_path(tenant, entry.object))
     latest_moved = False
@@ -129,11 +128,23 @@ def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[
 
     tenant = check_name(tenant or default_tenant(), "tenant")
     referenced = set()
+    boms = set()
     for name in store.storage.list(f"tenants/{tenant}/artifacts"):
         for v in store.versions(name, tenant=tenant):
-            referenced |= {e.object for e in store.manifest(f"{name}:{v}", tenant=tenant).files}
+            m = store.manifest(f"{name}:{v}", tenant=tenant)
+            if m.bom_sha256:
+                boms.add(store.bom_path(tenant, name, v, m.bom_sha256))
+            if not m.shredded:  # a tombstone's objects are garbage (an interrupted rm)
+                referenced |= {e.object for e in m.files}
     cutoff = time.time() - grace
-    deleted = [f"(upload) {p}" for p in store.storage.abort_stale_uploads(cutoff)]
+    deleted = [
+        f"(upload) {p}" for p in store.storage.abort_stale_uploads(cutoff, f"objects/{tenant}/")
+    ]
+    for rel in store.storage.walk(f"tenants/{tenant}/artifacts"):
+        # BoMs of pushes that lost a race or died before their manifest.
+        if rel.endswith(".cdx.json") and rel not in boms and store.storage.modified(rel) < cutoff:
+            store.storage.delete(rel)
+            deleted.append(rel)
     for rel in store.storage.walk(f"objects/{tenant}"):
         obj = rel.rsplit("/", 1)[-1]
         if obj in referenced:

@@ -11,8 +11,10 @@ the version has passed, so a failure leaves no output at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import mmap
 import os
 import shutil
 import tempfile
@@ -23,12 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sealstore.errors import AuthenticationError, KeyUnavailable, NotFound, SealstoreError
+from sealstore.errors import (
+    AuthenticationError,
+    BackendError,
+    KeyUnavailable,
+    NotFound,
+    SealstoreError,
+)
 from sealstore.format import Preamble, open_payload_key, read_preamble
 from sealstore.keys import DataKey, unwrap_first
 from sealstore.kms.envelope import IdentitySpec, _identities
 from sealstore.kms.registry import unwrappers_for
-from sealstore.source import map_regular_file
 from sealstore.stream import SealReader
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
@@ -101,24 +108,36 @@ class _Hashing:
         return n
 
 
-def _hash_file(path: str, alg: str, out: list[str], errors: list[BaseException]) -> None:
+def _hash_fd(fd: int, alg: str, out: list[str], errors: list[BaseException]) -> None:
+    """Hash the object through the reader's own descriptor.
+
+    Never by name: a file renamed into place after the reader opened its
+    own would otherwise be hashed instead of the one decrypted.
+    """
     try:
         h = ObjectHasher(alg)
-        with open(path, "rb") as fp:
-            # Hash straight out of the page cache (the reader maps the same
-            # file): no read() copy, which was a sixth of a pull's CPU time.
-            mapped = map_regular_file(fp)
-            if mapped is None:
-                buf = bytearray(_HASH_BLOCK)
-                view = memoryview(buf)
-                while n := fp.readinto(buf):
-                    h.update(view[:n])
-            else:
-                with mapped:
-                    whole = memoryview(mapped)
-                    for pos in range(0, len(whole), _HASH_BLOCK):
-                        h.update(whole[pos : pos + _HASH_BLOCK])
-                    whole.release()
+        size = os.fstat(fd).st_size
+        mapped = None
+        if size:
+            with contextlib.suppress(OSError, ValueError):
+                mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        if mapped is None:
+            buf = bytearray(_HASH_BLOCK)
+            pos = 0
+            while pos < size:
+                n = os.preadv(fd, [buf], pos)
+                if not n:
+                    break
+                h.update(memoryview(buf)[:n])
+                pos += n
+        else:
+            # Straight out of the page cache (the reader maps the same file):
+            # no read() copy, which was a sixth of a pull's CPU time.
+            with mapped:
+                whole = memoryview(mapped)
+                for pos in range(0, len(whole), _HASH_BLOCK):
+                    h.update(whole[pos : pos + _HASH_BLOCK])
+                whole.release()
         out.append(h.text())
     except BaseException as exc:
         errors.append(exc)
@@ -143,18 +162,21 @@ def _object(
             digests: list[str] = []
             errors: list[BaseException] = []
             t = threading.Thread(
-                target=_hash_file, args=(fp.name, alg, digests, errors), daemon=True
+                target=_hash_fd, args=(fp.fileno(), alg, digests, errors), daemon=True
             )
             t.start()
 
             def local_digest() -> str:
                 t.join()
                 if errors:
-                    raise errors[0]
+                    exc = errors[0]
+                    raise BackendError(f"{_where(m, entry)}: cannot read the object: {exc}")
                 return digests[0]
 
-            yield fp, local_digest
-            t.join()
+            try:
+                yield fp, local_digest
+            finally:
+                t.join()  # never leave the thread reading after we return
         else:
             wrapped = _Hashing(fp, alg)
             yield wrapped, wrapped.digest.text  # type: ignore[misc]
@@ -167,6 +189,14 @@ def _object_size(store: Any, m: Manifest, entry: FileEntry) -> int:
         return int(store.storage.size(store.object_path(m.tenant, entry.object)))
     except NotFound:
         raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
+
+
+def _opened_size(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> int:
+    """The size of the object as opened (fstat locally: the file being read, not a name)."""
+    fileno = getattr(fp, "fileno", None)
+    if isinstance(store.storage, LocalStorage) and fileno is not None:
+        return os.fstat(fileno()).st_size
+    return _object_size(store, m, entry)
 
 
 def _decrypt_entry(
@@ -187,8 +217,8 @@ def _decrypt_entry(
     chunk tag have passed, so only ``verify`` asks for it (it also proves the
     BoM's hashes).
     """
-    size = _object_size(store, m, entry)
     with _object(store, m, entry) as (fp, digest):
+        size = _opened_size(store, m, entry, fp)
         pre = read_preamble(fp)
         _check_preamble(m, entry, pre, size)
         if dek is None:
@@ -264,10 +294,20 @@ def pull(
             raise NotFound(f"{m.name}:{m.version} has no file {sorted(missing)[0]}")
         entries = [e for e in entries if e.path in wanted]
     target = Path(dest)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+    if target.exists():
+        if not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a directory")
+        for entry in entries:  # conflicts are found before anything is decrypted
+            dst = target / entry.path
+            if dst.is_dir() or any(p.exists() and not p.is_dir() for p in dst.parents
+                                   if target in p.parents):  # fmt: skip
+                raise IsADirectoryError(f"{dst} is in the way of {entry.path}")
+        # Inside the destination: the final renames stay on its filesystem
+        # (a mount point such as a container volume), never across one.
+        tmp = Path(tempfile.mkdtemp(prefix=".sealstore-pull-", dir=target))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
     try:
         os.chmod(tmp, 0o700)
         dek: DataKey | None = None
@@ -316,6 +356,7 @@ class VerifyResult:
     files: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    no_key: bool = False  # a problem was that no key slot opened here
 
     @property
     def ok(self) -> bool:
@@ -383,6 +424,7 @@ def verify(
                     res.problems.append(str(exc))
         except KeyUnavailable as exc:
             res.problems.append(str(exc))
+            res.no_key = True
         finally:
             if dek is not None:
                 dek.close()
@@ -390,8 +432,8 @@ def verify(
 
 
 def _check_keyless(store: Any, m: Manifest, entry: FileEntry) -> None:
-    size = _object_size(store, m, entry)
     with _object(store, m, entry) as (fp, digest):
+        size = _opened_size(store, m, entry, fp)
         pre = read_preamble(fp)
         _check_preamble(m, entry, pre, size)
         if isinstance(fp, _Hashing):
@@ -410,12 +452,21 @@ def open_file(
     *,
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
+    check_digest: bool = True,
 ) -> tuple[Manifest, FileEntry, BinaryIO, Preamble, DataKey]:
     """Open one file of a version for random access (the loaders' entry point).
 
     The manifest's signature, the object's size, header hash and context are
     checked and the DEK unwrapped; chunks are authenticated as they are read
     (``sealstore.stream.SealedFile``). The caller closes the file and the key.
+
+    Args:
+        check_digest: also hash the whole object (through the file returned)
+            against the manifest before returning. Chunk tags alone prove the
+            bytes were sealed with this version's key; the digest also proves
+            the signer published them -- a holder of the key could otherwise
+            seal other content under the same header. Turning it off makes
+            access lazy (only the chunks read are fetched) at that cost.
     """
     from sealstore.vault.store import default_tenant
 
@@ -424,13 +475,38 @@ def open_file(
     entry = next((e for e in m.files if e.path == path), None)
     if entry is None:
         raise NotFound(f"{m.name}:{m.version} has no file {path}")
-    size = _object_size(store, m, entry)
-    fp = store.storage.open_read(store.object_path(m.tenant, entry.object))
+    try:
+        fp = store.storage.open_read(store.object_path(m.tenant, entry.object))
+    except NotFound:
+        raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
     try:
         pre = read_preamble(fp)
-        _check_preamble(m, entry, pre, size)
+        _check_preamble(m, entry, pre, _opened_size(store, m, entry, fp))
+        if check_digest:
+            got = _digest_through(store, fp, entry.object_digest.partition(":")[0])
+            if not digests_equal(got, entry.object_digest):
+                raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
         dek = unwrap_version_key(m, pre, identities)
     except BaseException:
         fp.close()
         raise
     return m, entry, fp, pre, dek
+
+
+def _digest_through(store: Any, fp: Any, alg: str) -> str:
+    """The digest of an open object, read through that same file; its position is kept."""
+    if isinstance(store.storage, LocalStorage):
+        digests: list[str] = []
+        errors: list[BaseException] = []
+        _hash_fd(fp.fileno(), alg, digests, errors)
+        if errors:
+            raise BackendError(f"cannot read the object: {errors[0]}")
+        return digests[0]
+    # s3fs pins the ETag it opened, so every range comes from the same object.
+    pos = fp.tell()
+    fp.seek(0)
+    h = ObjectHasher(alg)
+    while block := fp.read(_HASH_BLOCK):
+        h.update(block)
+    fp.seek(pos)
+    return h.text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -21,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from sealstore.errors import BackendError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.envelope import KeySpec, make_slots
@@ -39,6 +41,8 @@ from sealstore.vault.manifest import (
 from sealstore.vault.storage import new_object_name
 
 __all__ = ["collect_files", "push"]
+
+log = logging.getLogger(__name__)
 
 _BLOCK = 8 << 20
 _AUTO_VERSION_TRIES = 20
@@ -242,19 +246,36 @@ def push(
                 total=total,
             )
         except FileExistsError:
-            # Lost the race for this version: our objects are orphans, remove them.
-            for obj in made:
-                store.storage.delete(store.object_path(tenant, obj))
+            # Lost the race for this version: our objects and BoM are orphans.
+            _discard(store, tenant, made)
             if r.version:
                 raise FileExistsError(
                     f"{r.name}:{version} was pushed concurrently by another writer"
                 ) from None
             existing = store.versions(r.name, tenant=tenant)
             continue
+        except BaseException:
+            # Nothing was committed: remove what was uploaded (best effort;
+            # `store gc` gets whatever a killed process leaves).
+            _discard(store, tenant, made)
+            raise
         if tag_latest:
-            _tag_latest(store, r.name, version, tenant)
+            try:
+                _tag_latest(store, r.name, version, tenant)
+            except SealstoreError as exc:
+                # The version is committed; a retry would push another one.
+                log.warning("pushed %s:%s but could not move its latest tag: %s",
+                            r.name, version, exc)  # fmt: skip
         return manifest
     raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
+
+
+def _discard(store: Any, tenant: str, made: list[str]) -> None:
+    """Delete a failed push's objects (and its BoM: entries ``bom:PATH``)."""
+    for item in made:
+        path = item[4:] if item.startswith("bom:") else store.object_path(tenant, item)
+        with contextlib.suppress(Exception):
+            store.storage.delete(path)
 
 
 def _parent(
@@ -354,8 +375,10 @@ def _push_version(
     bom_sha = hashlib.sha256(bom).hexdigest()
     # Named by its hash: a racing push of the same version cannot overwrite it
     # (an existing file there holds the same bytes).
+    bom_path = store.bom_path(tenant, name, version, bom_sha)
     with contextlib.suppress(FileExistsError):
-        store.storage.put_new(store.bom_path(tenant, name, version, bom_sha), bom)
+        store.storage.put_new(bom_path, bom)
+    made.append("bom:" + bom_path)
     manifest = Manifest(
         store=store.id,
         tenant=tenant,
@@ -368,7 +391,12 @@ def _push_version(
         bom_sha256=bom_sha,
         signer=signer.signing_key_id,
     )
-    store.storage.sync()  # every object durable before a manifest names it
+    # Every object durable -- and still there (a gc with too short a grace
+    # period could have taken it) -- before a manifest names it.
+    store.storage.sync([store.object_path(tenant, e.object) for e in entries])
+    for e in entries:
+        if not store.storage.exists(store.object_path(tenant, e.object)):
+            raise BackendError(f"object of {e.path} vanished before the commit (a gc?)")
     # The commit point: visible now, or (FileExistsError) another push won.
     store.storage.put_new(f"{store.version_dir(tenant, name, version)}/manifest.json",
                           manifest.sign(signer))  # fmt: skip

@@ -23,7 +23,7 @@ import queue
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -89,11 +89,11 @@ class Storage:
         """Last modification time (POSIX seconds). Raises NotFound."""
         raise NotImplementedError
 
-    def sync(self) -> None:
-        """Make every object written through :meth:`open_write` durable (before a commit)."""
+    def sync(self, paths: Iterable[str]) -> None:
+        """Make these objects written through :meth:`open_write` durable (before a commit)."""
 
-    def abort_stale_uploads(self, older_than: float) -> list[str]:
-        """Abort unfinished uploads begun before *older_than* (POSIX seconds); their paths.
+    def abort_stale_uploads(self, older_than: float, prefix: str = "") -> list[str]:
+        """Abort unfinished uploads under *prefix* begun before *older_than*; their paths.
 
         A killed writer cannot abort its own S3 multipart upload: the parts
         stay (invisible, but stored) until this runs. Local temporaries of a
@@ -131,7 +131,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         self.url = "file://" + str(self.root)
-        self._syncs: list[Any] = []
+        self._syncs: dict[str, Any] = {}
         self._sync_lock = threading.Lock()
         self._executor: Any = None
 
@@ -191,7 +191,7 @@ class LocalStorage(Storage):
         # (Measured: fsync was 25% of a 1 GiB push when it ran inline.)
         target = str(self._p(path))
         with self._sync_lock:
-            self._syncs.append(self._syncer().submit(_fsync_path, target))
+            self._syncs[path] = self._syncer().submit(_fsync_path, target)
 
     def _syncer(self) -> Any:
         if self._executor is None:
@@ -200,9 +200,9 @@ class LocalStorage(Storage):
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sealstore-fsync")
         return self._executor
 
-    def sync(self) -> None:
+    def sync(self, paths: Iterable[str]) -> None:
         with self._sync_lock:
-            pending, self._syncs = self._syncs, []
+            pending = [self._syncs.pop(p) for p in paths if p in self._syncs]
         errors = [f.exception() for f in pending]
         for exc in errors:
             if exc is not None:
@@ -253,9 +253,10 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
 
-    def abort_stale_uploads(self, older_than: float) -> list[str]:
+    def abort_stale_uploads(self, older_than: float, prefix: str = "") -> list[str]:
         out = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        for dirpath, _dirs, files in os.walk(base):
             for name in files:
                 if name.startswith(".") and name.endswith(".tmp"):
                     full = Path(dirpath) / name
@@ -429,8 +430,10 @@ class S3Storage(FsspecStorage):
         self.fs.invalidate_cache(self._dir(path))
         return super().list(path)
 
-    def abort_stale_uploads(self, older_than: float) -> list[str]:
-        bucket, _, prefix = self.root.partition("/")
+    def abort_stale_uploads(self, older_than: float, prefix: str = "") -> list[str]:
+        bucket, _, root_prefix = self.root.partition("/")
+        prefix = f"{root_prefix}/{prefix}" if root_prefix else prefix
+        prefix = prefix.rstrip("/")
         try:
             uploads = self.fs.list_multipart_uploads(bucket)
         except OSError as exc:
@@ -439,7 +442,7 @@ class S3Storage(FsspecStorage):
         for up in uploads:
             key = up.get("Key", "")
             started = up.get("Initiated")
-            if not key.startswith(prefix + "/" if prefix else ""):
+            if prefix and not key.startswith(prefix + "/"):
                 continue
             if started is not None and started.timestamp() >= older_than:
                 continue
@@ -447,7 +450,7 @@ class S3Storage(FsspecStorage):
                 self.fs.abort_mpu(bucket, key, up["UploadId"])
             except OSError as exc:
                 raise self._fail("abort upload of", key, exc) from exc
-            out.append(key[len(prefix) + 1 :] if prefix else key)
+            out.append(key[len(root_prefix) + 1 :] if root_prefix else key)
         return out
 
     def walk(self, path: str) -> dict[str, int]:
@@ -493,6 +496,7 @@ class _Prefetch(io.RawIOBase):
         self._stop = threading.Event()
         self._cur = memoryview(b"")
         self._eof = False
+        self._error: BackendError | None = None
         self._thread = threading.Thread(target=self._run, name="sealstore-fetch", daemon=True)
         self._thread.start()
 
@@ -520,9 +524,12 @@ class _Prefetch(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         while not self._cur and not self._eof:
+            if self._error is not None:
+                raise self._error
             item = self._q.get()
             if isinstance(item, BaseException):
-                raise BackendError(f"download failed: {type(item).__name__}: {item}") from item
+                self._error = BackendError(f"download failed: {type(item).__name__}: {item}")
+                raise self._error from item
             if not item:
                 self._eof = True
             self._cur = memoryview(item)

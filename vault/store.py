@@ -118,6 +118,14 @@ def trust_store(url: str | os.PathLike[str], root: str, **storage_options: Any) 
     public_key_bytes(root)
     storage = open_storage(url, **storage_options)
     doc = _read_config(storage)
+    pinned = _load_pins()["stores"].get(doc.get("id"))
+    if pinned is not None and pinned != root:
+        # Another store's id with a different root: trusting it would re-root
+        # the store already pinned under that id.
+        raise AuthenticationError(
+            f"store id {doc.get('id')} is already pinned here to root key {pinned}; "
+            "refusing to re-root it"
+        )
     if doc.get("root") != root:
         raise AuthenticationError(f"store {storage.url} has root key {doc.get('root')}, not {root}")
     _verify_config(doc, root, storage.url)
@@ -360,6 +368,11 @@ class Store:
             raise NotFound(f"{name}:{version} not found in tenant {tenant}") from None
 
     def manifest(self, ref: str | Ref, *, tenant: str | None = None) -> Manifest:
+        return self.manifest_with_bytes(ref, tenant=tenant)[0]
+
+    def manifest_with_bytes(
+        self, ref: str | Ref, *, tenant: str | None = None
+    ) -> tuple[Manifest, bytes]:
         """The verified manifest of a version.
 
         Raises:
@@ -386,9 +399,10 @@ class Store:
             raise AuthenticationError(
                 f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
             )
-        return Manifest.verify(
+        manifest = Manifest.verify(
             data, self.signers, store=self.id, tenant=tenant, name=name, version=version
         )
+        return manifest, data
 
     def bom(self, ref: str | Ref, *, tenant: str | None = None) -> bytes:
         """The version's CycloneDX BoM, checked against the hash in its signed manifest."""
@@ -412,10 +426,10 @@ class Store:
         """Point *tag* at a version (replacing where it pointed). Returns the version."""
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(tag, "tag")
-        m = self.manifest(ref, tenant=tenant)
+        m, raw = self.manifest_with_bytes(ref, tenant=tenant)
         if m.shredded:
             raise ValueError(f"{m.name}:{m.version} was crypto-shredded; it cannot be tagged")
-        digest = hashlib.sha256(self.manifest_bytes(m.name, m.version, tenant=tenant)).hexdigest()
+        digest = hashlib.sha256(raw).hexdigest()  # the bytes verified, not a second read
         data = sign_tag(
             self.signer,
             store=self.id,
@@ -432,6 +446,25 @@ class Store:
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(name, "artifact name")
         self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
+
+    def replace_manifest(self, m: Manifest, expected: bytes, new: bytes) -> None:
+        """Replace a version's manifest, if it is still *expected* (rotate, shred).
+
+        The storage has no compare-and-swap on every backend, so this re-reads
+        just before the write: a concurrent change in between is refused
+        instead of overwritten (a rotation must never resurrect the slots a
+        shred destroyed). The window left is the time of one write.
+
+        Raises:
+            FileExistsError: the manifest changed since it was read; retry.
+        """
+        path = f"{self.version_dir(m.tenant, m.name, m.version)}/manifest.json"
+        if self.storage.read(path) != expected:
+            raise FileExistsError(
+                f"{m.name}:{m.version} changed while this operation ran (a concurrent rotate "
+                "or rm); nothing was written, run it again"
+            )
+        self.storage.put(path, new)
 
     # Push, pull, verify, shred and rotate live in their own modules.
 
