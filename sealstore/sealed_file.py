@@ -37,13 +37,22 @@ class SealedFile:
         src: a path, a bytes-like object, or a seekable binary file.
         dek: the data key (see ``sealstore.kms.open_sealed`` to use slots).
         preamble: a preamble already parsed from *src*.
+        close_src: close the file object *src* when this closes.
 
     Raises:
         FormatError, UnsupportedVersion: a malformed preamble.
         AuthenticationError: wrong key, or an impossible payload length.
     """
 
-    def __init__(self, src: Any, dek: DataKey, *, preamble: Preamble | None = None) -> None:
+    def __init__(
+        self,
+        src: Any,
+        dek: DataKey,
+        *,
+        preamble: Preamble | None = None,
+        close_src: bool = False,
+    ) -> None:
+        self._owned = src if close_src else None
         self._src = Source(src)
         try:
             if preamble is None:
@@ -271,6 +280,9 @@ class SealedFile:
 
     def close(self) -> None:
         self._src.close()
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
 
     def __enter__(self) -> SealedFile:
         return self

@@ -57,8 +57,16 @@ class Source:
             self._mem = memoryview(src).cast("B")
             self.size = len(self._mem)
         elif hasattr(src, "seek") and hasattr(src, "read"):
-            self._fp = src
-            self.size = src.seek(0, io.SEEK_END)
+            # An open regular file is mapped through its own descriptor (never
+            # reopened by name: the bytes read are those of the file opened).
+            mapped = map_regular_file(src)
+            if mapped is not None:
+                self._map = mapped
+                self._mem = memoryview(mapped)
+                self.size = len(mapped)
+            else:
+                self._fp = src
+                self.size = src.seek(0, io.SEEK_END)
         else:
             raise TypeError("source must be a path, a bytes-like object or a seekable binary file")
 

