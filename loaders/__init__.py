@@ -1,10 +1,23 @@
 """torch loaders for sealed artifacts: the safetensors API over sealed files and store references.
 
 ``load_file``, ``safe_open``, ``save_file`` and ``load_state_dict`` work on a
-sealed file path or URL, or a store reference (``sealstore+URL#NAME[:VERSION|@TAG]``).
-torch is imported only when one of them is used.
+sealed file path or URL, or a store reference (``sealstore+URL#NAME[:VERSION|@TAG]``);
+``from_pretrained`` / ``load_tokenizer`` build transformers objects from a pushed
+Hugging Face directory; ``torch_save`` / ``torch_load`` seal ``.pt`` payloads
+(loaded with ``weights_only=True``). torch is imported only when one is used.
 """
 
+from sealstore.loaders.hf import from_pretrained, load_tokenizer
 from sealstore.loaders.safetensors import load_file, load_state_dict, safe_open, save_file
+from sealstore.loaders.torch_io import torch_load, torch_save
 
-__all__ = ["load_file", "load_state_dict", "safe_open", "save_file"]
+__all__ = [
+    "from_pretrained",
+    "load_file",
+    "load_state_dict",
+    "load_tokenizer",
+    "safe_open",
+    "save_file",
+    "torch_load",
+    "torch_save",
+]

