@@ -4,9 +4,11 @@
 sealed file path or URL, or a store reference (``sealstore+URL#NAME[:VERSION|@TAG]``);
 ``from_pretrained`` / ``load_tokenizer`` build transformers objects from a pushed
 Hugging Face directory; ``torch_save`` / ``torch_load`` seal ``.pt`` payloads
-(loaded with ``weights_only=True``). torch is imported only when one is used.
+(loaded with ``weights_only=True``); ``save_checkpoint`` / ``load_latest_checkpoint``
+keep encrypted training checkpoints. torch is imported only when one is used.
 """
 
+from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.hf import from_pretrained, load_tokenizer
 from sealstore.loaders.safetensors import load_file, load_state_dict, safe_open, save_file
 from sealstore.loaders.torch_io import torch_load, torch_save
@@ -14,9 +16,11 @@ from sealstore.loaders.torch_io import torch_load, torch_save
 __all__ = [
     "from_pretrained",
     "load_file",
+    "load_latest_checkpoint",
     "load_state_dict",
     "load_tokenizer",
     "safe_open",
+    "save_checkpoint",
     "save_file",
     "torch_load",
     "torch_save",

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +34,7 @@ from sealstore.vault.digest import ObjectHasher
 from sealstore.vault.manifest import (
     FileEntry,
     Manifest,
+    check_file_path,
     check_name,
     now,
     parse_ref,
@@ -100,7 +102,7 @@ class _HashingWriter:
 def _seal_one(
     storage: Any,
     obj_path: str,
-    path: Path,
+    path: Path | bytes | memoryview,
     size: int,
     dek: DataKey,
     context: dict[str, str],
@@ -119,7 +121,8 @@ def _seal_one(
     plain = hashlib.sha256()
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
-    with open(path, "rb") as src, storage.open_write(obj_path) as out:
+    opened = io.BytesIO(path) if isinstance(path, (bytes, memoryview)) else open(path, "rb")  # noqa: SIM115
+    with opened as src, storage.open_write(obj_path) as out:
         sink = _HashingWriter(out)
         writer = SealWriter(
             sink,  # type: ignore[arg-type]
@@ -154,6 +157,18 @@ def _seal_one(
     return plain.hexdigest(), sink.digest.text(), sink.size, header_sha
 
 
+def _in_memory(src: Mapping[str, Any]) -> list[tuple[str, Any, int]]:
+    """Files given as {artifact path: bytes}: sealed straight from memory, never written plain."""
+    out = []
+    for rel, data in sorted(src.items()):
+        check_file_path(rel)
+        view = memoryview(data).cast("B")
+        out.append((rel, view, len(view)))
+    if not out:
+        raise ValueError("nothing to push: no files given")
+    return out
+
+
 def _next_version(versions: Sequence[str]) -> str:
     numbers = [int(v) for v in versions if v.isdigit()]
     return str(max(numbers, default=0) + 1)
@@ -161,7 +176,7 @@ def _next_version(versions: Sequence[str]) -> str:
 
 def push(
     store: Any,
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | Mapping[str, Any],
     ref: str,
     *,
     tenant: str | None = None,
@@ -179,7 +194,8 @@ def push(
 
     Args:
         store: the :class:`~sealstore.vault.store.Store`.
-        src: a file, or a directory (every regular file under it, recursively).
+        src: a file, a directory (every regular file under it, recursively), or
+            ``{artifact path: bytes}`` sealed straight from memory.
         ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
         tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
         keys: key URIs to wrap the version's DEK to (one slot each).
@@ -206,7 +222,7 @@ def push(
         raise ValueError(f"push to NAME or NAME:VERSION, not a tag ({ref})")
     if not keys and dek_from is None:
         raise ValueError("at least one key (-k URI) is needed to push")
-    files = collect_files(src)
+    files = _in_memory(src) if isinstance(src, Mapping) else collect_files(src)
     signer = store.signer  # fail before uploading anything if we cannot sign
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
     datasets = []
@@ -292,7 +308,7 @@ def _parent(
 
 def _push_version(
     store: Any,
-    files: list[tuple[str, Path, int]],
+    files: list[tuple[str, Any, int]],
     tenant: str,
     name: str,
     version: str,
@@ -333,7 +349,7 @@ def _push_version(
             with lock:
                 progress(n)
 
-    def one(item: tuple[str, Path, int]) -> FileEntry:
+    def one(item: tuple[str, Any, int]) -> FileEntry:
         rel, path, size = item
         obj = new_object_name()
         with lock:

@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -468,7 +468,9 @@ class Store:
 
     # Push, pull, verify, shred and rotate live in their own modules.
 
-    def push(self, src: str | os.PathLike[str], ref: str, **kwargs: Any) -> Manifest:
+    def push(
+        self, src: str | os.PathLike[str] | Mapping[str, Any], ref: str, **kwargs: Any
+    ) -> Manifest:
         """See :func:`sealstore.vault.push.push`."""
         from sealstore.vault.push import push
 
