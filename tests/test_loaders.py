@@ -237,3 +237,37 @@ def test_torch_load_never_unpickles_code(ring: LocalKeyring, tmp_path: Path) -> 
     torch_save({"x": _Evil()}, tmp_path / "evil.pt.seal", keys=["local:"])
     with pytest.raises(pickle.UnpicklingError):
         torch_load(tmp_path / "evil.pt.seal")
+
+
+def test_files_over_4_gib(ring: LocalKeyring, tmp_path: Path) -> None:
+    """Offsets past 2**32: a 4 GiB tensor, then a small one after it, both exact."""
+    import json
+    import struct
+
+    big = (4 << 30) + 4096
+    tail = torch.arange(1000, dtype=torch.float32)
+    header = {
+        "big": {"dtype": "U8", "shape": [big], "data_offsets": [0, big]},
+        "tail": {"dtype": "F32", "shape": [1000], "data_offsets": [big, big + 4000]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    plain = tmp_path / "big.safetensors"
+    with open(plain, "wb") as fp:
+        fp.write(struct.pack("<Q", len(raw)) + raw)
+        fp.seek(8 + len(raw) + big)  # the big tensor is a hole: zeros, no disk
+        fp.write(tail.numpy().tobytes())
+    sealed = tmp_path / "big.seal"
+    try:
+        seal_file(plain, sealed, ["local:"], chunk_size=64 << 20, threads=2)
+        plain.unlink()
+        with safe_open(sealed) as f:
+            assert torch.equal(f.get_tensor("tail"), tail)  # only the last chunk(s)
+        got = load_file(sealed)
+        assert torch.equal(got["tail"], tail)
+        assert got["big"].shape == (big,) and int(got["big"][-4096:].sum()) == 0
+        assert int(torch.count_nonzero(got["big"])) == 0
+        del got
+    finally:
+        plain.unlink(missing_ok=True)
+        sealed.unlink(missing_ok=True)
