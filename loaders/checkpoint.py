@@ -71,8 +71,6 @@ def load_latest_checkpoint(
         NotFound: no checkpoint of *name* verifies (or none exists).
         KeyUnavailable: the keys are missing -- never a reason to fall back.
     """
-    import pickle
-
     from sealstore.loaders.torch_io import torch_load
 
     steps = sorted((int(v) for v in store.versions(name, tenant=tenant) if v.isdigit()),
@@ -85,7 +83,10 @@ def load_latest_checkpoint(
                 continue
             state = torch_load(f"{name}:{step}/{FILE}", store=store, tenant=tenant,
                                identities=identities, map_location=map_location)  # fmt: skip
-        except (AuthenticationError, FormatError, NotFound, pickle.UnpicklingError) as exc:
+        # An UnpicklingError is not caught: every byte was authenticated by then,
+        # so a refusal means the payload holds more than weights (or the
+        # allow-list is wrong) -- falling back would silently lose training.
+        except (AuthenticationError, FormatError, NotFound) as exc:
             failures.append(f"{step}: {exc}")
             warnings.warn(
                 f"checkpoint {name}:{step} failed verification ({exc}); trying an older one",

@@ -86,15 +86,15 @@ def from_pretrained(
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
     weights: str | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     **config_overrides: Any,
 ) -> Any:
     """A transformers model built from a sealed artifact's config and weights.
 
     Args:
         src: ``sealstore+URL#NAME[:VERSION|@TAG]``, or ``NAME[...]`` with *store*.
-        cls: the model class (default ``transformers.AutoModel``); any class
-            with ``from_config``.
+        cls: the model class (default ``transformers.AutoModel``): an Auto
+            class or a concrete model class.
         weights: the weights file in the artifact (default: its one
             ``.safetensors`` file, or ``model.safetensors``).
         config_overrides: set on the config before the model is built.
@@ -115,7 +115,10 @@ def from_pretrained(
         raise FormatError(f"{m.name}:{m.version}/config.json names no model_type")
     conf.update(config_overrides)
     config = AutoConfig.for_model(model_type, **conf)
-    model = (cls or AutoModel).from_config(config)
+    cls = cls or AutoModel
+    # Auto classes build from a config with from_config; concrete model classes
+    # (GPT2LMHeadModel, BertModel...) take the config in their constructor.
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     path = weights or _pick_file(m, ".safetensors")
     state = load_file(
         f"{m.name}:{m.version}/{path}",
@@ -146,7 +149,24 @@ def _load(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
         candidates.append({k[len(cut) :] if k.startswith(cut) else k: v for k, v in state.items()})
     best = max(candidates, key=lambda c: len(wanted & set(c)))
     result = model.load_state_dict(best, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    missing = list(result.missing_keys)
+    if missing:
+        # Tied weights (an LM head sharing the embeddings) are stored once:
+        # tie them, then a "missing" tensor that shares storage with a loaded
+        # one is not missing. transformers' own ignore patterns apply too.
+        import re
+
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        current = model.state_dict()
+        loaded = {current[k].data_ptr() for k in current if k not in set(missing)}
+        patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+        missing = [
+            k
+            for k in missing
+            if current[k].data_ptr() not in loaded and not any(re.search(p, k) for p in patterns)
+        ]
+    return missing, list(result.unexpected_keys)
 
 
 def load_tokenizer(

@@ -118,7 +118,9 @@ def _from_store(
         store = Store.open(store, **(storage_options or {}))
     ref, path = split_store_ref(fragment)
     if path is None:
-        path = _pick_file(store.manifest(ref, tenant=tenant), suffix)
+        m = store.manifest(ref, tenant=tenant)
+        path = _pick_file(m, suffix)
+        ref = f"{m.name}:{m.version}"  # resolved once: the file and its version match
     _m, _entry, fp, pre, dek = open_file(
         store, ref, path, tenant=tenant, identities=identities, check_digest=check_digest
     )

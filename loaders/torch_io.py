@@ -56,7 +56,14 @@ def torch_load(
     """
     import torch
 
-    with open_source(src, store=store, tenant=tenant, identities=identities, suffix=".pt") as sf:
+    sf = open_source(src, store=store, tenant=tenant, identities=identities, suffix=".pt")
+    try:
         buf = bytearray(sf.size)
         sf.read_into(0, buf, threads=threads)  # every chunk authenticated before unpickling
-    return torch.load(io.BytesIO(buf), map_location=map_location, weights_only=True)
+    finally:
+        if sf is not src:
+            sf.close()
+    try:
+        return torch.load(io.BytesIO(buf), map_location=map_location, weights_only=True)
+    finally:
+        buf[:] = bytes(len(buf))  # the serialised plaintext is not left to the collector

@@ -94,7 +94,8 @@ def _unb64(value: Any, name: str, size: int) -> bytes:
     return raw
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook`` that refuses a key given twice (FormatError)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -109,7 +110,7 @@ def _loads(data: bytes, what: str) -> Any:
     except UnicodeDecodeError as exc:
         raise FormatError(f"{what} is not valid UTF-8") from exc
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constant)
     except FormatError:
         raise
     except (ValueError, RecursionError) as exc:

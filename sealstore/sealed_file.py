@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -68,6 +68,8 @@ class SealedFile:
             )
         except BaseException:
             self._src.close()
+            if self._owned is not None:
+                self._owned.close()
             raise
         self._local = threading.local()
         # Nothing -- not even "this file is empty" -- is returned before the final
@@ -218,6 +220,67 @@ class SealedFile:
             out[dst : dst + hi - lo] = memoryview(tmp)[lo:hi]
             zero(memoryview(tmp))
         return end - offset
+
+    def read_scatter(
+        self,
+        pieces: Sequence[tuple[int, Any]],
+        *,
+        threads: int = 1,
+        progress: Progress | None = None,
+    ) -> None:
+        """Decrypt several plaintext ranges, each into its own buffer, in one parallel pass.
+
+        *pieces* are ``(offset, buffer)`` pairs (ranges must not overlap). Each
+        chunk is decrypted once: straight into a buffer when one range covers
+        it whole, else into scratch copied to every range it touches. On any
+        failure every buffer is zeroed.
+
+        Raises:
+            ValueError: overlapping ranges, a negative offset or a range past the end.
+            AuthenticationError: a chunk a range covers failed.
+        """
+        cs = self.layout.chunk_size
+        outs = []
+        for offset, buf in sorted(pieces, key=lambda p: p[0]):
+            out = memoryview(buf).cast("B")
+            if offset < 0 or offset + len(out) > self.size:
+                raise ValueError("a range lies outside the plaintext")
+            if outs and outs[-1][0] + len(outs[-1][1]) > offset:
+                raise ValueError("ranges overlap")
+            if len(out):
+                outs.append((offset, out))
+        direct: dict[int, memoryview] = {}
+        shared: dict[int, list[tuple[memoryview, int, int]]] = {}
+        for offset, out in outs:
+            end = offset + len(out)
+            for i in range(offset // cs, (end - 1) // cs + 1):
+                start, n = i * cs, self.layout.plain_len(i)
+                if start >= offset and start + n <= end:
+                    direct[i] = out[start - offset : start - offset + n]
+                else:
+                    lo, hi = max(offset, start), min(end, start + n)
+                    shared.setdefault(i, []).append(
+                        (out[lo - offset : hi - offset], lo - start, hi - start)
+                    )
+        scratch = {i: bytearray(self.layout.plain_len(i)) for i in shared}
+        jobs = [*direct.items(), *((i, memoryview(b)) for i, b in scratch.items())]
+        jobs.sort(key=lambda j: j[0])
+        try:
+            if jobs:
+                self._run(jobs, threads, progress)
+            else:
+                self._verify_end()
+        except BaseException:
+            for _, out in outs:
+                zero(out)
+            for b in scratch.values():
+                zero(memoryview(b))
+            raise
+        for i, targets in shared.items():
+            src = memoryview(scratch[i])
+            for dst, lo, hi in targets:
+                dst[:] = src[lo:hi]
+            zero(src)
 
     def read_range(self, offset: int, n: int, *, threads: int = 1) -> bytes:
         """The plaintext bytes ``[offset, offset + n)``, shorter at the end of the file."""

@@ -16,6 +16,10 @@ __all__ = ["Source", "map_regular_file"]
 
 def map_regular_file(fp: Any) -> mmap.mmap | None:
     """A read-only map of *fp* if it is a regular file, else None (pipes, sockets, memory)."""
+    # Only a real file object: gzip/bz2/lzma files pass fileno() through to the
+    # compressed file underneath, whose bytes are not the ones read().
+    if not isinstance(getattr(fp, "raw", fp), io.FileIO):
+        return None
     try:
         fd = fp.fileno()
         fp.tell()

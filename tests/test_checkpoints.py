@@ -100,3 +100,17 @@ def test_save_killed_midway(store: Store, tmp_path: Path) -> None:
     assert step == 5 and state["step"] == 5
     save_checkpoint({"step": 6}, store, "run", 6, keys=["local:"])  # the retry lands
     assert load_latest_checkpoint(store, "run")[0] == 6
+
+
+class _NotWeights:
+    pass
+
+
+def test_a_refused_pickle_is_not_a_reason_to_fall_back(store: Store) -> None:
+    """Every byte authenticated, but more than weights: an error, never a silent rollback."""
+    import pickle
+
+    save_checkpoint({"step": 1}, store, "run", 1, keys=["local:"])
+    save_checkpoint({"step": 2, "extra": _NotWeights()}, store, "run", 2, keys=["local:"])
+    with pytest.raises(pickle.UnpicklingError):
+        load_latest_checkpoint(store, "run")

@@ -271,3 +271,104 @@ def test_files_over_4_gib(ring: LocalKeyring, tmp_path: Path) -> None:
     finally:
         plain.unlink(missing_ok=True)
         sealed.unlink(missing_ok=True)
+
+
+# -- from the review of the first version ------------------------------------------------
+
+
+def test_each_tensor_has_its_own_storage(ring: LocalKeyring, tmp_path: Path) -> None:
+    """Saving or keeping one tensor must not carry the rest of the decrypted model."""
+    import io
+
+    tensors = {"small": torch.arange(10.0), "big": torch.randn(1000, 1000)}
+    _, sealed = sealed_copy(tmp_path, tensors)
+    got = load_file(sealed)
+    assert got["small"].untyped_storage().nbytes() == 40
+    buf = io.BytesIO()
+    torch.save({"small": got["small"]}, buf)
+    assert len(buf.getvalue()) < 4000
+    got["small"].add_(1)  # no aliasing into another tensor
+    assert torch.equal(got["big"], tensors["big"])
+
+
+def _sealed_header(tmp_path: Path, header: str, data: bytes) -> Path:
+    import struct
+
+    raw = header.encode()
+    plain = tmp_path / "h.safetensors"
+    plain.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    seal_file(plain, tmp_path / "h.seal", ["local:"])
+    return tmp_path / "h.seal"
+
+
+@pytest.mark.parametrize(
+    ("header", "data"),
+    [
+        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+         '"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}', b"\0" * 6),  # overlap
+        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', b"\0" * 6),  # trailing bytes
+        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}', b"\0" * 6),  # a gap
+        ('{"a":{"dtype":"U8","shape":[2.0,2],"data_offsets":[0,4]}}', b"\0" * 4),
+        ('{"a":{"dtype":"U8","shape":[true,4],"data_offsets":[0,4]}}', b"\0" * 4),
+        ('{"a":{"dtype":"U8","shape":"4","data_offsets":[0,4]}}', b"\0" * 4),
+        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":["0",4]}}', b"\0" * 4),
+        ('{"a":{"dtype":"U8","shape":[Infinity],"data_offsets":[0,4]}}', b"\0" * 4),
+        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+         '"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4),  # duplicate
+        ('{"__metadata__":{"k":1}}', b""),
+        ('{"a":{"dtype":"X9","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4),
+        ("[" * 100000 + "]" * 100000, b""),
+    ],
+)  # fmt: skip
+def test_bad_headers_are_format_errors(
+    ring: LocalKeyring, tmp_path: Path, header: str, data: bytes
+) -> None:
+    sealed = _sealed_header(tmp_path, header, data)
+    with pytest.raises(FormatError):
+        load_file(sealed)
+    with pytest.raises(FormatError):
+        safe_open(sealed)
+
+
+def test_from_pretrained_ties_weights(ring: LocalKeyring, tmp_path: Path) -> None:
+    """A model with tied embeddings (its LM head is not stored) loads and matches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sealstore.loaders import from_pretrained
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101)).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(tmp_path / "gpt2", "tiny-gpt2", keys=["local:"])
+    loaded = from_pretrained(f"sealstore+{store.url}#tiny-gpt2", cls=GPT2LMHeadModel)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_read_scatter_decrypts_each_chunk_once(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+    import os
+
+    from sealstore.kms.envelope import open_sealed
+
+    data = os.urandom(5 * CS + 123)
+    (tmp_path / "p").write_bytes(data)
+    seal_file(tmp_path / "p", tmp_path / "p.seal", ["local:"], chunk_size=CS)
+    seen: list[int] = []
+    real = SealedFile._decrypt_chunk
+
+    def counting(self: SealedFile, i: int, buf: Any) -> int:
+        seen.append(i)
+        return real(self, i, buf)
+
+    monkeypatch.setattr(SealedFile, "_decrypt_chunk", counting)
+    cuts = [0, 100, CS + 7, CS + 9, 3 * CS, len(data)]
+    bufs = [bytearray(b - a) for a, b in itertools.pairwise(cuts)]
+    with open_sealed(tmp_path / "p.seal") as sf:
+        sf.read_scatter(list(zip(cuts, bufs, strict=False)), threads=2)
+    assert b"".join(bufs) == data
+    assert sorted(seen) == list(range(6))  # every chunk exactly once

@@ -831,3 +831,19 @@ def test_file_backed_reader_rejects_damage(damage: str, threads: int, tmp_path: 
         assert len(got) % CS == 0 and len(got) <= 2 * CS and data.startswith(got)
     else:
         assert got == b""  # the mapped path proves the end before releasing anything
+
+
+def test_compressed_file_objects_are_read_not_mapped(tmp_path: Path) -> None:
+    """gzip passes fileno() through to the compressed file: it must not be memory-mapped."""
+    import gzip
+
+    from sealstore.stream import SealedFile
+
+    dek = DataKey.generate()
+    buf = io.BytesIO()
+    with SealWriter(buf, dek, chunk_size=CS) as w:
+        w.write(b"hello" * 1000)
+    with gzip.open(tmp_path / "x.gz", "wb") as g:
+        g.write(buf.getvalue())
+    with gzip.open(tmp_path / "x.gz", "rb") as g, SealedFile(g, dek) as sf:
+        assert sf.read_range(0, 5000) == b"hello" * 1000
