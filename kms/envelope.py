@@ -34,6 +34,7 @@ from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
 __all__ = [
     "atomic_output",
     "make_slots",
+    "new_data_key",
     "open_reader",
     "open_sealed",
     "seal_file",
@@ -59,6 +60,41 @@ def make_slots(dek: DataKey, keys: Sequence[KeySpec], context: Mapping[str, str]
         raise ValueError("at least one key (-k URI) is needed to seal")
     wrappers = [wrapper_for(k) if isinstance(k, str) else k for k in keys]
     return [w.wrap(dek, context) for w in wrappers]
+
+
+def new_data_key(
+    keys: Sequence[KeySpec],
+    context: Mapping[str, str],
+    *,
+    dek_from: KeySpec | None = None,
+) -> tuple[DataKey, list[KeySlot]]:
+    """A fresh DEK and its slots: one per key in *keys*, bound to *context*.
+
+    Args:
+        dek_from: a key whose service makes the DEK (Vault ``datakey/wrapped``,
+            KMS ``GenerateDataKey``) and gives the first slot; that key is not
+            wrapped to again if it is also in *keys*. Default: the OS CSPRNG.
+
+    Raises:
+        ValueError: no key at all, or *dek_from* cannot generate keys.
+        ``SealstoreError`` from a provider (the DEK is closed first).
+    """
+    first: list[KeySlot] = []
+    if dek_from is None:
+        dek = DataKey.generate()
+    else:
+        maker = wrapper_for(dek_from) if isinstance(dek_from, str) else dek_from
+        if not hasattr(maker, "generate"):
+            raise ValueError(f"{maker.key_id} cannot generate data keys (use -k instead)")
+        dek, slot = maker.generate(context)
+        first = [slot]
+        keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
+    try:
+        # make_slots refuses an empty key list: without dek_from, no key at all.
+        return dek, first + (make_slots(dek, keys, context) if keys or not first else [])
+    except BaseException:
+        dek.close()
+        raise
 
 
 def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
@@ -161,19 +197,8 @@ def seal_stream(
         ``SealstoreError`` from a provider.
     """
     context = dict(context or {})
-    first: list[KeySlot] = []
-    if dek_from is None:
-        dek = DataKey.generate()
-    else:
-        maker = wrapper_for(dek_from) if isinstance(dek_from, str) else dek_from
-        if not hasattr(maker, "generate"):
-            raise ValueError(f"{maker.key_id} cannot generate data keys (use -k instead)")
-        dek, slot = maker.generate(context)
-        first = [slot]
-        keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
+    dek, slots = new_data_key(keys, context, dek_from=dek_from)
     with dek:
-        # make_slots refuses an empty key list: without dek_from, no key at all.
-        slots = first + (make_slots(dek, keys, context) if keys or not first else [])
         writer = SealWriter(
             dst,
             dek,

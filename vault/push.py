@@ -25,9 +25,8 @@ from typing import IO, Any
 
 from sealstore.errors import BackendError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
-from sealstore.keys import DataKey, KeySlot
-from sealstore.kms.envelope import KeySpec, make_slots
-from sealstore.kms.registry import wrapper_for
+from sealstore.keys import DataKey
+from sealstore.kms.envelope import KeySpec, new_data_key
 from sealstore.stream import SealWriter
 from sealstore.vault.bom import BomSpec, DatasetRef, build_bom, load_bom_spec
 from sealstore.vault.digest import ObjectHasher
@@ -232,7 +231,6 @@ def push(
         datasets.append(DatasetRef(m.name, m.version, digest))
     existing = store.versions(r.name, tenant=tenant)
     parent_ref = _parent(store, r.name, parent, existing, tenant)
-    total = sum(size for _, _, size in files)
 
     for _attempt in range(_AUTO_VERSION_TRIES):
         version = r.version or _next_version(existing)
@@ -259,7 +257,6 @@ def push(
                 progress=progress,
                 made=made,
                 signer=signer,
-                total=total,
             )
         except FileExistsError:
             # Lost the race for this version: our objects and BoM are orphans.
@@ -325,18 +322,9 @@ def _push_version(
     progress: Progress | None,
     made: list[str],
     signer: Any,
-    total: int,
 ) -> Manifest:
-    first: list[KeySlot] = []
-    if dek_from is None:
-        dek = DataKey.generate()
-    else:
-        maker = wrapper_for(dek_from) if isinstance(dek_from, str) else dek_from
-        if not hasattr(maker, "generate"):
-            raise ValueError(f"{maker.key_id} cannot generate data keys (use -k instead)")
-        dek, slot = maker.generate(context)
-        first = [slot]
-        keys = [k for k in keys if (k if isinstance(k, str) else k.key_id) != maker.key_id]
+    # Slots first: a key that cannot wrap fails before any upload.
+    dek, slots = new_data_key(keys, context, dek_from=dek_from)
     # A file's SHA-256 (for the BoM) is sequential and, at ~1.6 GB/s, the
     # slowest step: with several files, up to *threads* of them are sealed at
     # once, each with its own hashing thread, so the hashes run side by side.
@@ -371,8 +359,6 @@ def _push_version(
         return FileEntry(rel, size, plain, obj, obj_size, obj_digest, header_sha)
 
     with dek:
-        # Slots first: a key that cannot wrap fails before any upload.
-        slots = first + (make_slots(dek, keys, context) if keys else [])
         if workers == 1:
             entries = [one(item) for item in files]
         else:
