@@ -242,10 +242,12 @@ class SafeOpen:
         store: Any = None,
         tenant: str | None = None,
         check_digest: bool = False,
+        threads: int | None = None,
     ) -> None:
         if framework not in ("pt", "torch"):
             raise ValueError(f"framework {framework!r} is not supported (only 'pt')")
         self._device = device
+        self._threads = threads or default_threads()
         self._sf = open_source(
             src, store=store, tenant=tenant, identities=identities, check_digest=check_digest
         )
@@ -267,7 +269,7 @@ class SafeOpen:
 
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
-            self._sf.read_into(self._layout.data_start + start, buf.numpy())
+            self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
         t = buf.view(dtype).reshape(shape)
         return t if self._device == "cpu" else t.to(self._device)
 
@@ -307,7 +309,8 @@ def safe_open(
     Only the chunks a requested tensor covers are read and decrypted. For a
     store reference the manifest and object header are checked on open; the
     whole-object digest is skipped by default to keep access lazy (pass
-    ``check_digest=True`` to hash the object first).
+    ``check_digest=True`` to hash the object first). ``threads`` decrypt the
+    chunks of one tensor in parallel (default: the CPU count, at most 8).
     """
     return SafeOpen(src, framework, device, **kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from sealstore.errors import AuthenticationError, FormatError
 from sealstore.format import TAG_SIZE, Header
 
-__all__ = ["MAX_CHUNKS", "ChunkLayout", "Progress", "chunk_nonce", "new_aead", "zero"]
+__all__ = ["MAX_CHUNKS", "ChunkLayout", "Progress", "chunk_nonce", "copy_into", "new_aead", "zero"]
 
 _IDX = struct.Struct(">I")
 MAX_CHUNKS = 1 << 32
@@ -70,3 +71,25 @@ class ChunkLayout:
 def zero(buf: memoryview) -> None:
     """Overwrite *buf*: what a failed decryption wrote there is never left behind."""
     buf[:] = bytes(len(buf))
+
+
+_GIL_FREE_COPY = 1 << 16
+
+
+def copy_into(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` for writable byte views of one length, without holding the GIL.
+
+    ``ctypes.memmove`` drops the GIL (a slice assignment keeps it), so lanes
+    scattering decrypted chunks run side by side. Small copies stay slices.
+    """
+    n = len(src)
+    if len(dst) != n:
+        raise ValueError("copy_into: lengths differ")
+    if n < _GIL_FREE_COPY or dst.readonly or src.readonly:
+        dst[:] = src
+        return
+    ctypes.memmove(
+        ctypes.addressof(ctypes.c_char.from_buffer(dst)),
+        ctypes.addressof(ctypes.c_char.from_buffer(src)),
+        n,
+    )

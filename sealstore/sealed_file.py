@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
-from sealstore.chunks import ChunkLayout, Progress, chunk_nonce, new_aead, zero
+from sealstore.chunks import ChunkLayout, Progress, chunk_nonce, copy_into, new_aead, zero
 from sealstore.errors import AuthenticationError, FormatError
 from sealstore.format import (
     TAG_SIZE,
@@ -22,6 +23,42 @@ from sealstore.parallel import Lanes, ordered_parallel, ring_slots
 from sealstore.source import Source
 
 __all__ = ["SealedFile", "peek_preamble"]
+
+_LANE_RUN = 4 << 20  # bytes of adjacent chunks a lane takes at a time
+_SHARED, _UNUSED = -1, -2
+
+
+class _Plan:
+    """Which buffer each chunk of a scatter read goes to, without an object per chunk.
+
+    ``owner[i - first]`` is the index in *outs* of the range that covers chunk
+    *i* whole, ``_SHARED`` for a chunk split between ranges (or only partly
+    read; its pieces are in ``shared[i]``), ``_UNUSED`` for a chunk no range
+    touches. A plain int array: a load of thousands of chunks allocates no
+    per-chunk Python objects, which would set off the cyclic garbage
+    collector mid-load (a full collection took 100 ms with torch imported).
+    """
+
+    def __init__(self, outs: list[tuple[int, memoryview]], layout: ChunkLayout) -> None:
+        cs = layout.chunk_size
+        self.outs = outs
+        self.first = outs[0][0] // cs
+        span = (outs[-1][0] + len(outs[-1][1]) - 1) // cs + 1 - self.first
+        self.owner = array("q", [_UNUSED]) * span
+        self.shared: dict[int, list[tuple[memoryview, int, int]]] = {}
+        for k, (offset, out) in enumerate(outs):
+            end = offset + len(out)
+            a, b = offset // cs, (end - 1) // cs  # chunks the range touches
+            whole_a = a if a * cs >= offset else a + 1
+            whole_b = b if b * cs + layout.plain_len(b) <= end else b - 1
+            if whole_a <= whole_b:
+                n = whole_b - whole_a + 1
+                self.owner[whole_a - self.first : whole_b + 1 - self.first] = array("q", [k]) * n
+            for i in {a, b} - set(range(whole_a, whole_b + 1)):
+                lo, hi = max(offset, i * cs), min(end, i * cs + layout.plain_len(i))
+                self.owner[i - self.first] = _SHARED
+                part = (out[lo - offset : hi - offset], lo - i * cs, hi - i * cs)
+                self.shared.setdefault(i, []).append(part)
 
 
 class SealedFile:
@@ -144,30 +181,61 @@ class SealedFile:
             zero(memoryview(scratch))
             self._end_verified = True
 
-    def _run(
-        self, jobs: list[tuple[int, memoryview]], threads: int, progress: Progress | None
-    ) -> None:
-        last = self.layout.count - 1
-        if all(i != last for i, _ in jobs):
-            self._verify_end()
-        k = min(threads, len(jobs))
-        if k <= 1:
-            for job in jobs:
-                self._decrypt_chunk(*job)
-                if progress is not None:
-                    progress(len(job[1]))
-        else:
-            # One lane per thread, each taking every k-th chunk: a future per chunk
-            # costs more Python time under the GIL than it is worth (measured).
-            stop = threading.Event()
+    def _plain_scratch(self) -> memoryview:
+        buf = getattr(self._local, "plain", None)
+        if buf is None:
+            buf = self._local.plain = memoryview(bytearray(self.layout.chunk_size))
+        return buf
 
-            def lane(start: int) -> None:
-                for job in jobs[start::k]:
-                    if stop.is_set():
-                        return
-                    self._decrypt_chunk(*job)
-                    if progress is not None:
-                        progress(len(job[1]))
+    def _do_chunk(self, plan: _Plan, i: int) -> int:
+        k = plan.owner[i - plan.first]
+        if k >= 0:  # one range covers chunk i whole: decrypt straight into it
+            offset, out = plan.outs[k]
+            start = i * self.layout.chunk_size - offset
+            return self._decrypt_chunk(i, out[start : start + self.layout.plain_len(i)])
+        if k == _UNUSED:
+            return 0
+        # Ranges share chunk i or cover only part of it: decrypted (and so
+        # authenticated) into this lane's scratch, copied out, then wiped.
+        tmp = self._plain_scratch()
+        n = self._decrypt_chunk(i, tmp)
+        try:
+            for out, lo, hi in plan.shared[i]:
+                copy_into(out, tmp[lo:hi])
+        finally:
+            zero(tmp[:n])
+        return sum(hi - lo for _, lo, hi in plan.shared[i])
+
+    def _run(self, plan: _Plan, threads: int, progress: Progress | None) -> None:
+        last = self.layout.count - 1
+        if not plan.first <= last < plan.first + len(plan.owner):
+            self._verify_end()
+        span = len(plan.owner)
+        k = min(threads, span)
+        if k <= 1:
+            for i in range(plan.first, plan.first + span):
+                n = self._do_chunk(plan, i)
+                if progress is not None and n:
+                    progress(n)
+        else:
+            # One lane per thread, not a future per chunk (a future costs more
+            # Python time under the GIL than it is worth, measured). Lanes take
+            # runs of adjacent chunks (~4 MiB) from a shared counter: two lanes
+            # writing into one 2 MiB page-table range contend on its lock while
+            # faulting in fresh pages, which is most of a load's time.
+            stop = threading.Event()
+            run = max(1, _LANE_RUN // self.layout.chunk_size)
+            end = plan.first + span
+            starts = iter(range(plan.first, end, run))
+
+            def lane(_: int) -> None:
+                for first in starts:  # next() on a shared iterator is atomic
+                    for i in range(first, min(first + run, end)):
+                        if stop.is_set():
+                            return
+                        n = self._do_chunk(plan, i)
+                        if progress is not None and n:
+                            progress(n)
 
             Lanes(k, lane, stop).join()
         self._end_verified = True
@@ -189,37 +257,16 @@ class SealedFile:
         if offset < 0:
             raise ValueError("offset must be non-negative")
         out = memoryview(buf).cast("B")
-        end = min(offset + len(out), self.size)
-        if end <= offset:
+        n = max(0, min(len(out), self.size - offset))
+        if n == 0:
             self._verify_end()
             return 0
-        cs = self.layout.chunk_size
-        first, last = offset // cs, (end - 1) // cs
-        jobs: list[tuple[int, memoryview]] = []
-        edges: list[tuple[int, bytearray, int, int]] = []
-        for i in range(first, last + 1):
-            start = i * cs
-            n = self.layout.plain_len(i)
-            if start >= offset and start + n <= end:
-                jobs.append((i, out[start - offset : start - offset + n]))
-            else:
-                # A chunk the range only partly covers goes through a scratch buffer.
-                tmp = bytearray(n)
-                lo, hi = max(offset, start), min(end, start + n)
-                edges.append((i, tmp, lo - start, hi - start))
-                jobs.append((i, memoryview(tmp)))
         try:
-            self._run(jobs, threads, progress)
+            self.read_scatter([(offset, out[:n])], threads=threads, progress=progress)
         except BaseException:
             zero(out)
-            for _, tmp, _, _ in edges:
-                zero(memoryview(tmp))
             raise
-        for i, tmp, lo, hi in edges:
-            dst = i * cs + lo - offset
-            out[dst : dst + hi - lo] = memoryview(tmp)[lo:hi]
-            zero(memoryview(tmp))
-        return end - offset
+        return n
 
     def read_scatter(
         self,
@@ -232,14 +279,13 @@ class SealedFile:
 
         *pieces* are ``(offset, buffer)`` pairs (ranges must not overlap). Each
         chunk is decrypted once: straight into a buffer when one range covers
-        it whole, else into scratch copied to every range it touches. On any
-        failure every buffer is zeroed.
+        it whole, else into a lane's scratch copied to every range it touches.
+        On any failure every buffer is zeroed.
 
         Raises:
             ValueError: overlapping ranges, a negative offset or a range past the end.
             AuthenticationError: a chunk a range covers failed.
         """
-        cs = self.layout.chunk_size
         outs = []
         for offset, buf in sorted(pieces, key=lambda p: p[0]):
             out = memoryview(buf).cast("B")
@@ -249,38 +295,15 @@ class SealedFile:
                 raise ValueError("ranges overlap")
             if len(out):
                 outs.append((offset, out))
-        direct: dict[int, memoryview] = {}
-        shared: dict[int, list[tuple[memoryview, int, int]]] = {}
-        for offset, out in outs:
-            end = offset + len(out)
-            for i in range(offset // cs, (end - 1) // cs + 1):
-                start, n = i * cs, self.layout.plain_len(i)
-                if start >= offset and start + n <= end:
-                    direct[i] = out[start - offset : start - offset + n]
-                else:
-                    lo, hi = max(offset, start), min(end, start + n)
-                    shared.setdefault(i, []).append(
-                        (out[lo - offset : hi - offset], lo - start, hi - start)
-                    )
-        scratch = {i: bytearray(self.layout.plain_len(i)) for i in shared}
-        jobs = [*direct.items(), *((i, memoryview(b)) for i, b in scratch.items())]
-        jobs.sort(key=lambda j: j[0])
         try:
-            if jobs:
-                self._run(jobs, threads, progress)
+            if outs:
+                self._run(_Plan(outs, self.layout), threads, progress)
             else:
                 self._verify_end()
         except BaseException:
             for _, out in outs:
                 zero(out)
-            for b in scratch.values():
-                zero(memoryview(b))
             raise
-        for i, targets in shared.items():
-            src = memoryview(scratch[i])
-            for dst, lo, hi in targets:
-                dst[:] = src[lo:hi]
-            zero(src)
 
     def read_range(self, offset: int, n: int, *, threads: int = 1) -> bytes:
         """The plaintext bytes ``[offset, offset + n)``, shorter at the end of the file."""

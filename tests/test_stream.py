@@ -254,6 +254,42 @@ def test_read_range(offset: int, n: int, threads: int, declared: bool) -> None:
     assert buf[got:] == b"\xee" * (n - got)  # past the end: untouched
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(  # chunk edges and their neighbours, and anywhere
+            st.sampled_from([x for k in range(6) for x in (k * CS - 1, k * CS, k * CS + 1)][1:]),
+            st.integers(min_value=0, max_value=RA_SIZE),
+        ),
+        min_size=2, max_size=12, unique=True,
+    ),  # fmt: skip
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.sampled_from([1, 2, 3]),
+)
+def test_read_scatter(cuts: list[int], keep: list[bool], threads: int) -> None:
+    """Ranges with gaps, several in one chunk, empty ones: each gets exactly its bytes."""
+    data, sf = ra_file(True)
+    cuts.sort()
+    pieces = [
+        (a, bytearray(b"\xee" * (b - a)))
+        for (a, b), k in zip(zip(cuts, cuts[1:], strict=False), keep, strict=False)
+        if k
+    ]
+    sf.read_scatter(pieces[::-1], threads=threads)  # any order
+    for a, buf in pieces:
+        assert buf == data[a : a + len(buf)]
+
+
+def test_read_scatter_refuses_bad_ranges() -> None:
+    _, sf = ra_file(True)
+    with pytest.raises(ValueError, match="overlap"):
+        sf.read_scatter([(0, bytearray(10)), (5, bytearray(10))])
+    with pytest.raises(ValueError, match="outside"):
+        sf.read_scatter([(RA_SIZE - 1, bytearray(2))])
+    with pytest.raises(ValueError, match="outside"):
+        sf.read_scatter([(-1, bytearray(1))])
+
+
 def test_read_range_edges() -> None:
     data, sf = ra_file(False)
     for offset in (0, CS - 1, CS, RA_SIZE - 1):
