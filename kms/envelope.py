@@ -39,6 +39,7 @@ __all__ = [
     "open_sealed",
     "seal_file",
     "seal_stream",
+    "seal_writer",
     "unseal_file",
     "unwrap_dek",
     "verify_file",
@@ -169,6 +170,37 @@ def unwrap_dek(
     )
 
 
+def seal_writer(
+    dst: BinaryIO,
+    keys: Sequence[KeySpec],
+    *,
+    context: Mapping[str, str] | None = None,
+    suite: str = DEFAULT_SUITE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    plaintext_size: int | None = None,
+    threads: int = 1,
+    dek_from: KeySpec | None = None,
+) -> SealWriter:
+    """A ``SealWriter`` into *dst* under a fresh DEK wrapped for *keys*; use it as a context.
+
+    For producers that write their plaintext piece by piece (``save_file``
+    streams tensors). Arguments as for :func:`seal_stream`.
+    """
+    context = dict(context or {})
+    dek, slots = new_data_key(keys, context, dek_from=dek_from)
+    with dek:
+        return SealWriter(
+            dst,
+            dek,
+            slots=slots,
+            suite=suite,
+            chunk_size=chunk_size,
+            context=context,
+            plaintext_size=plaintext_size,
+            threads=threads,
+        )
+
+
 def seal_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -196,19 +228,10 @@ def seal_stream(
         ValueError: bad parameters, or *dek_from* cannot generate keys.
         ``SealstoreError`` from a provider.
     """
-    context = dict(context or {})
-    dek, slots = new_data_key(keys, context, dek_from=dek_from)
-    with dek:
-        writer = SealWriter(
-            dst,
-            dek,
-            slots=slots,
-            suite=suite,
-            chunk_size=chunk_size,
-            context=context,
-            plaintext_size=plaintext_size,
-            threads=threads,
-        )
+    writer = seal_writer(
+        dst, keys, context=context, suite=suite, chunk_size=chunk_size,
+        plaintext_size=plaintext_size, threads=threads, dek_from=dek_from,
+    )  # fmt: skip
     with writer:
         while True:
             block = src.read(_COPY)

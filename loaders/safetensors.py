@@ -13,7 +13,7 @@ torch is imported here and nowhere below this floor.
 from __future__ import annotations
 
 import contextlib
-import io
+import itertools
 import json
 import math
 import os
@@ -23,7 +23,7 @@ from typing import Any
 
 from sealstore.errors import FormatError
 from sealstore.format import reject_duplicate_keys
-from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_stream
+from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_writer
 from sealstore.loaders.sources import open_source
 from sealstore.progress import Progress as ProgressBar
 from sealstore.stream import SealedFile
@@ -58,6 +58,14 @@ def _dtypes() -> dict[str, Any]:
         "U16": torch.uint16,
         "F8_E8M0": torch.float8_e8m0fnu,
     }
+
+
+# safetensors' write order (its Dtype enum, descending), checked against
+# ``safetensors.torch.save`` by tests/test_loaders.py.
+_SAVE_ORDER = [
+    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+    "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL",
+]  # fmt: skip
 
 
 def _reject_constant(name: str) -> Any:
@@ -315,6 +323,56 @@ def safe_open(
     return SafeOpen(src, framework, device, **kwargs)
 
 
+def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> tuple[bytes, list]:
+    """The safetensors header for *tensors*, and the tensors in file order.
+
+    Byte for byte what safetensors writes: tensors ordered by dtype as its
+    ``Dtype`` enum sorts them, descending (so larger elements come first and
+    every tensor starts aligned), then by name; the JSON compact, padded with
+    spaces to a multiple of 8 bytes.
+    """
+    import torch
+
+    names = {v: k for k, v in _dtypes().items()}
+    shared: dict[tuple[Any, int], list[tuple[int, int, str]]] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings, not {type(name).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name!r} is not a torch.Tensor but {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name!r} is a sparse tensor; make it dense first")
+        if not t.is_contiguous():
+            raise ValueError(f"{name!r} is not contiguous; call .contiguous() before saving")
+        if t.dtype not in names:
+            raise ValueError(f"{name!r} has a dtype safetensors cannot store: {t.dtype}")
+        if t.numel():
+            lo = t.storage_offset() * t.element_size()
+            key = (t.device, t.untyped_storage().data_ptr())
+            shared.setdefault(key, []).append((lo, lo + t.numel() * t.element_size(), name))
+    for ranges in shared.values():
+        ranges.sort()
+        for (_, end, a), (start, _, b) in itertools.pairwise(ranges):
+            if start < end:
+                raise ValueError(f"tensors {a!r} and {b!r} share memory; save one of them")
+    rank = {dt: _SAVE_ORDER.index(name) for dt, name in names.items()}
+    order = sorted(tensors.items(), key=lambda kv: (rank[kv[1].dtype], kv[0]))
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    for name, t in order:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + n]}  # fmt: skip
+        pos += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
 def save_file(
     tensors: Mapping[str, Any],
     dst: str | os.PathLike[str],
@@ -325,14 +383,29 @@ def save_file(
     dek_from: KeySpec | None = None,
     threads: int = 2,
 ) -> None:
-    """Serialise *tensors* as safetensors and seal the result into *dst* (atomically).
+    """Write *tensors* as a safetensors file sealed into *dst*, atomically.
 
-    The safetensors bytes are built in memory (safetensors' ``save``), then
-    sealed as they are written out: peak memory is about the model's size.
+    Streamed: the header, then each tensor's bytes, sealed as they are
+    written. Nothing is serialised in memory beyond one tensor at a time (a
+    CUDA tensor is copied to the CPU just before it is written). The plaintext
+    is what ``safetensors.torch.save_file`` writes; the same tensors are refused
+    (not contiguous, sparse, sharing memory).
+
+    Raises:
+        ValueError: a tensor safetensors cannot store (nothing is written).
     """
-    from safetensors.torch import save
+    import torch
 
-    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
-    with atomic_output(dst) as out:
-        seal_stream(io.BytesIO(data), out, keys, context=context, plaintext_size=len(data),
-                    threads=threads, dek_from=dek_from)  # fmt: skip
+    head, order = _header(tensors, metadata)
+    total = len(head) + sum(t.numel() * t.element_size() for _, t in order)
+    with (
+        atomic_output(dst) as out,
+        seal_writer(
+            out, keys, context=context, plaintext_size=total, threads=threads, dek_from=dek_from
+        ) as writer,
+    ):
+        writer.write(head)
+        for _, t in order:
+            if t.numel():
+                data = t.detach().to("cpu").reshape(-1).view(torch.uint8)
+                writer.write(data.numpy())

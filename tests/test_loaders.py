@@ -85,6 +85,88 @@ def test_save_file_round_trip(ring: LocalKeyring, tmp_path: Path) -> None:
         assert f.metadata() == {"step": "7"}
 
 
+def test_save_file_plaintext_is_what_safetensors_writes(ring: LocalKeyring, tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    from sealstore.kms.envelope import unseal_file
+
+    tensors = every_dtype()
+    tensors["f8_e8m0"] = torch.ones(3).to(torch.float8_e8m0fnu)
+    tensors["f8_e4m3fnuz"] = torch.ones(3).to(torch.float8_e4m3fnuz)
+    tensors["f8_e5m2fnuz"] = torch.ones(3).to(torch.float8_e5m2fnuz)
+    save_file(tensors, tmp_path / "w.seal", keys=["local:"], metadata={"a": "b"})
+    unseal_file(tmp_path / "w.seal", tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == save(tensors, metadata={"a": "b"})
+
+
+def test_save_file_streams_one_tensor_at_a_time(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No write is larger than one tensor: the file is never serialised whole in memory."""
+    from sealstore.stream import SealWriter
+
+    writes: list[int] = []
+    real = SealWriter.write
+
+    def counting(self: SealWriter, data: Any) -> int:
+        writes.append(memoryview(data).nbytes)
+        return real(self, data)
+
+    monkeypatch.setattr(SealWriter, "write", counting)
+    tensors = {f"w{i}": torch.randn(64, 1024) for i in range(8)}  # 256 KiB each
+    save_file(tensors, tmp_path / "w.seal", keys=["local:"])
+    assert max(writes) == 256 * 1024 and len(writes) == 9  # the header, then each tensor
+    assert same(load_file(tmp_path / "w.seal"), tensors)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "problem"),
+    [
+        ({"t": torch.randn(4, 4).t()}, "not contiguous"),
+        ({"t": torch.randn(4, 4).to_sparse()}, "sparse"),
+        ({"t": [1, 2]}, "not a torch.Tensor"),
+        ({"t": torch.randn(2), 3: torch.randn(2)}, "names must be strings"),
+    ],
+)
+def test_save_file_refuses_what_safetensors_refuses(
+    ring: LocalKeyring, tmp_path: Path, tensors: dict[Any, Any], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        save_file(tensors, tmp_path / "w.seal", keys=["local:"])
+    assert not list(tmp_path.glob("w*"))
+
+
+def test_save_file_refuses_overlapping_views_only(ring: LocalKeyring, tmp_path: Path) -> None:
+    base = torch.arange(10.0)
+    with pytest.raises(ValueError, match="share memory"):
+        save_file({"a": base[:6], "b": base[4:]}, tmp_path / "w.seal", keys=["local:"])
+    assert not list(tmp_path.glob("w*"))
+    save_file({"a": base[:5], "b": base[5:]}, tmp_path / "w.seal", keys=["local:"])
+    got = load_file(tmp_path / "w.seal")
+    assert torch.equal(got["a"], base[:5]) and torch.equal(got["b"], base[5:])
+
+
+def test_save_file_failing_midway_leaves_nothing(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "w.seal").write_bytes(b"the previous version")
+    calls = []
+    tensors = {f"w{i}": torch.randn(64, 1024) for i in range(4)}
+    real = torch.Tensor.detach
+
+    def detach(self: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "detach", detach)
+    with pytest.raises(RuntimeError, match="device lost"):
+        save_file(tensors, tmp_path / "w.seal", keys=["local:"])
+    assert (tmp_path / "w.seal").read_bytes() == b"the previous version"
+    assert [p.name for p in tmp_path.glob("*w.seal*")] == ["w.seal"]  # no temp file left
+
+
 def test_safe_open_decrypts_only_what_a_tensor_covers(
     ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
