@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import io
+import itertools
 import pickle
 import random
 import struct
@@ -261,8 +262,10 @@ def test_read_range(offset: int, n: int, threads: int, declared: bool) -> None:
             st.sampled_from([x for k in range(6) for x in (k * CS - 1, k * CS, k * CS + 1)][1:]),
             st.integers(min_value=0, max_value=RA_SIZE),
         ),
-        min_size=2, max_size=12, unique=True,
-    ),  # fmt: skip
+        min_size=2,
+        max_size=12,
+        unique=True,
+    ),
     st.lists(st.booleans(), min_size=12, max_size=12),
     st.sampled_from([1, 2, 3]),
 )
@@ -272,7 +275,7 @@ def test_read_scatter(cuts: list[int], keep: list[bool], threads: int) -> None:
     cuts.sort()
     pieces = [
         (a, bytearray(b"\xee" * (b - a)))
-        for (a, b), k in zip(zip(cuts, cuts[1:], strict=False), keep, strict=False)
+        for (a, b), k in zip(itertools.pairwise(cuts), keep, strict=False)
         if k
     ]
     sf.read_scatter(pieces[::-1], threads=threads)  # any order
