@@ -224,7 +224,8 @@ class SealedFile:
             # writing into one 2 MiB page-table range contend on its lock while
             # faulting in fresh pages, which is most of a load's time.
             stop = threading.Event()
-            run = max(1, _LANE_RUN // self.layout.chunk_size)
+            # ... but at least four runs a lane, so small reads still spread out.
+            run = max(1, min(_LANE_RUN // self.layout.chunk_size, span // (4 * k)))
             end = plan.first + span
             starts = iter(range(plan.first, end, run))
 
