@@ -13,6 +13,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# CUDA kernels run in numba's simulator unless SEALSTORE_CUDA=device (a GPU
+# machine). numba reads this when it is first imported, so it is set here,
+# before any test module imports it.
+if os.environ.get("SEALSTORE_CUDA") != "device":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
 import pytest
 from nacl import pwhash
 

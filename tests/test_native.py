@@ -103,7 +103,7 @@ def test_poly1305_reduction_edges() -> None:
 @given(
     st.binary(min_size=32, max_size=32),
     st.binary(min_size=12, max_size=12),
-    st.integers(min_value=0, max_value=2**32 - 64),
+    st.integers(min_value=0, max_value=2**32 - 80),  # 5000 bytes = 79 blocks, no wrap
     st.integers(min_value=0, max_value=5000),
 )
 def test_chacha20_matches_openssl(key: bytes, nonce: bytes, counter: int, n: int) -> None:

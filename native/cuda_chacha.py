@@ -1,0 +1,314 @@
+"""ChaCha20-Poly1305 chunks authenticated and decrypted on a CUDA device (numba.cuda).
+
+Two kernels over a batch of sealed chunks that sit in device memory as they
+sit in the file (chunk c at ``c * (chunk_size + 16)``: ciphertext, then tag):
+
+1. ``_tag_kernel``: one CUDA block per chunk. Its threads split the chunk's
+   Poly1305 input (AAD, padding, ciphertext, padding, lengths) into equal
+   segments of consecutive 16-byte blocks -- the sequence virtually
+   left-padded with zero blocks so every segment has the same length L --
+   and run Horner over their segment with r. Thread 0 joins the segments
+   with r^L (H = H * r^L + h_t), adds s, and compares with the stored tag:
+   ``ok[c]`` is 1 only for a chunk whose tag matched.
+2. ``_xor_kernel``: one thread per 64-byte ChaCha20 block. It writes
+   plaintext only for chunks with ``ok[c] == 1`` and zeros for the others,
+   so plaintext of a chunk that failed never exists, not even on the device.
+
+Arithmetic is done in 64-bit integers and masked to 32 bits (LLVM narrows
+it back to 32-bit instructions), which also keeps the CUDA simulator free of
+numpy overflow warnings. Poly1305 uses five 26-bit limbs, as the CPU kernel.
+The simulator (``NUMBA_ENABLE_CUDASIM=1``) runs these kernels in tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda, uint64
+
+__all__ = ["TAG_THREADS", "decrypt_chunks"]
+
+TAG_THREADS = 128  # Poly1305 segments per chunk (threads of one CUDA block)
+XOR_THREADS = 256
+
+_M32 = np.uint64(0xFFFFFFFF)
+_M26 = np.uint64(0x3FFFFFF)
+_U = np.uint64
+
+
+@cuda.jit(device=True, inline=True)
+def _rotl(v, c):  # type: ignore[no-untyped-def]
+    return ((v << c) | (v >> (_U(32) - c))) & _M32
+
+
+@cuda.jit(device=True, inline=True)
+def _qr(x, a, b, c, d):  # type: ignore[no-untyped-def]
+    x[a] = (x[a] + x[b]) & _M32
+    x[d] = _rotl(x[d] ^ x[a], _U(16))
+    x[c] = (x[c] + x[d]) & _M32
+    x[b] = _rotl(x[b] ^ x[c], _U(12))
+    x[a] = (x[a] + x[b]) & _M32
+    x[d] = _rotl(x[d] ^ x[a], _U(8))
+    x[c] = (x[c] + x[d]) & _M32
+    x[b] = _rotl(x[b] ^ x[c], _U(7))
+
+
+@cuda.jit(device=True)
+def _block(key, n0, n1, n2, counter, x):  # type: ignore[no-untyped-def]
+    """ChaCha20 block *counter* (RFC 8439 2.3) into x[0..15] (uint64 words < 2^32)."""
+    init = cuda.local.array(16, uint64)
+    init[0] = _U(0x61707865)
+    init[1] = _U(0x3320646E)
+    init[2] = _U(0x79622D32)
+    init[3] = _U(0x6B206574)
+    for i in range(8):
+        init[4 + i] = _U(key[i])
+    init[12] = _U(counter) & _M32
+    init[13] = n0
+    init[14] = n1
+    init[15] = n2
+    for i in range(16):
+        x[i] = init[i]
+    for _ in range(10):
+        _qr(x, 0, 4, 8, 12)
+        _qr(x, 1, 5, 9, 13)
+        _qr(x, 2, 6, 10, 14)
+        _qr(x, 3, 7, 11, 15)
+        _qr(x, 0, 5, 10, 15)
+        _qr(x, 1, 6, 11, 12)
+        _qr(x, 2, 7, 8, 13)
+        _qr(x, 3, 4, 9, 14)
+    for i in range(16):
+        x[i] = (x[i] + init[i]) & _M32
+        init[i] = _U(0)
+
+
+@cuda.jit(device=True, inline=True)
+def _mulmod(h, r):  # type: ignore[no-untyped-def]
+    """h *= r mod 2^130-5 (five 26-bit limbs in local arrays)."""
+    five = _U(5)
+    s26 = _U(26)
+    s1 = r[1] * five
+    s2 = r[2] * five
+    s3 = r[3] * five
+    s4 = r[4] * five
+    d0 = h[0] * r[0] + h[1] * s4 + h[2] * s3 + h[3] * s2 + h[4] * s1
+    d1 = h[0] * r[1] + h[1] * r[0] + h[2] * s4 + h[3] * s3 + h[4] * s2
+    d2 = h[0] * r[2] + h[1] * r[1] + h[2] * r[0] + h[3] * s4 + h[4] * s3
+    d3 = h[0] * r[3] + h[1] * r[2] + h[2] * r[1] + h[3] * r[0] + h[4] * s4
+    d4 = h[0] * r[4] + h[1] * r[3] + h[2] * r[2] + h[3] * r[1] + h[4] * r[0]
+    d1 += d0 >> s26
+    d2 += d1 >> s26
+    d3 += d2 >> s26
+    d4 += d3 >> s26
+    c = d4 >> s26
+    e0 = (d0 & _M26) + c * five
+    h[0] = e0 & _M26
+    h[1] = (d1 & _M26) + (e0 >> s26)
+    h[2] = d2 & _M26
+    h[3] = d3 & _M26
+    h[4] = d4 & _M26
+
+
+@cuda.jit(device=True, inline=True)
+def _byte(buf, base, j, limit):  # type: ignore[no-untyped-def]
+    """buf[base + j] as uint64, or 0 past *limit* bytes (the AEAD's zero padding)."""
+    if j < limit:
+        return _U(buf[base + j])
+    return _U(0)
+
+
+@cuda.jit(device=True)
+def _load_block(v, z, aad, aad_len, ct, base, n, m):  # type: ignore[no-untyped-def]
+    """Virtual block v of a chunk's Poly1305 input as limbs into m; False for front padding."""
+    j = v - z
+    if j < 0:
+        return False
+    na = (aad_len + 15) // 16
+    nc = (n + 15) // 16
+    w = cuda.local.array(4, uint64)
+    for k in range(4):
+        w[k] = _U(0)
+    if j < na:
+        for b in range(16):
+            w[b // 4] |= _byte(aad, 16 * j, b, aad_len - 16 * j) << _U(8 * (b % 4))
+    elif j < na + nc:
+        off = 16 * (j - na)
+        for b in range(16):
+            w[b // 4] |= _byte(ct, base + off, b, n - off) << _U(8 * (b % 4))
+    else:
+        w[0] = _U(aad_len) & _M32
+        w[1] = _U(aad_len) >> _U(32)
+        w[2] = _U(n) & _M32
+        w[3] = _U(n) >> _U(32)
+    m[0] = w[0] & _M26
+    m[1] = ((w[0] >> _U(26)) | (w[1] << _U(6))) & _M26
+    m[2] = ((w[1] >> _U(20)) | (w[2] << _U(12))) & _M26
+    m[3] = ((w[2] >> _U(14)) | (w[3] << _U(18))) & _M26
+    m[4] = (w[3] >> _U(8)) | (_U(1) << _U(24))
+    return True
+
+
+@cuda.jit
+def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    count = nonces.shape[0]
+    n = last_len if c == count - 1 else chunk_size
+    base = c * (chunk_size + 16)
+    aad_len = aad.shape[0]
+    total = (aad_len + 15) // 16 + (n + 15) // 16 + 1
+    seg = (total + nt - 1) // nt  # L: blocks per segment
+    z = seg * nt - total  # virtual zero blocks in front
+
+    x = cuda.local.array(16, uint64)
+    _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), 0, x)
+    r = cuda.local.array(5, uint64)
+    lo = cuda.local.array(4, uint64)
+    lo[0] = x[0] & _U(0x0FFFFFFF)
+    lo[1] = x[1] & _U(0x0FFFFFFC)
+    lo[2] = x[2] & _U(0x0FFFFFFC)
+    lo[3] = x[3] & _U(0x0FFFFFFC)
+    r[0] = lo[0] & _M26
+    r[1] = ((lo[0] >> _U(26)) | (lo[1] << _U(6))) & _M26
+    r[2] = ((lo[1] >> _U(20)) | (lo[2] << _U(12))) & _M26
+    r[3] = ((lo[2] >> _U(14)) | (lo[3] << _U(18))) & _M26
+    r[4] = lo[3] >> _U(8)
+
+    h = cuda.local.array(5, uint64)
+    m = cuda.local.array(5, uint64)
+    for k in range(5):
+        h[k] = _U(0)
+    for v in range(t * seg, (t + 1) * seg):
+        if _load_block(v, z, aad, aad_len, ct, base, n, m):
+            for k in range(5):
+                h[k] += m[k]
+            _mulmod(h, r)
+    parts = cuda.shared.array((TAG_THREADS, 5), uint64)
+    for k in range(5):
+        parts[t, k] = h[k]
+    cuda.syncthreads()
+    if t == 0:
+        rl = cuda.local.array(5, uint64)  # r^L by square-and-multiply on the limbs
+        acc = cuda.local.array(5, uint64)
+        for k in range(5):
+            rl[k] = r[k]
+            acc[k] = _U(0)
+        acc[0] = _U(1)
+        e = seg
+        while e > 0:
+            if e & 1:
+                _mulmod(acc, rl)
+            _mulmod(rl, rl)
+            e >>= 1
+        for k in range(5):
+            h[k] = _U(0)
+        for s in range(nt):  # H = H * r^L + h_s
+            _mulmod(h, acc)
+            for k in range(5):
+                h[k] += parts[s, k]
+        # Full reduction mod 2^130-5, then + s mod 2^128 (as the CPU kernel).
+        s26 = _U(26)
+        for _ in range(2):
+            for k in range(4):
+                h[k + 1] += h[k] >> s26
+                h[k] &= _M26
+            h[0] += (h[4] >> s26) * _U(5)
+            h[4] &= _M26
+        for k in range(4):
+            h[k + 1] += h[k] >> s26
+            h[k] &= _M26
+        g = cuda.local.array(5, uint64)
+        carry = _U(5)
+        for k in range(4):
+            g[k] = h[k] + carry
+            carry = g[k] >> s26
+            g[k] &= _M26
+        g[4] = h[4] + carry
+        if g[4] >= (_U(1) << s26):  # h >= p: take h - p
+            g[4] -= _U(1) << s26
+            for k in range(5):
+                h[k] = g[k]
+        w0 = (h[0] | (h[1] << _U(26))) & _M32
+        w1 = ((h[1] >> _U(6)) | (h[2] << _U(20))) & _M32
+        w2 = ((h[2] >> _U(12)) | (h[3] << _U(14))) & _M32
+        w3 = ((h[3] >> _U(18)) | (h[4] << _U(8))) & _M32
+        f = w0 + x[4]
+        diff = _U(0)
+        tag = base + n
+        for i in range(4):
+            if i == 1:
+                f = w1 + x[5] + (f >> _U(32))
+            elif i == 2:
+                f = w2 + x[6] + (f >> _U(32))
+            elif i == 3:
+                f = w3 + x[7] + (f >> _U(32))
+            for b in range(4):
+                diff |= ((f >> _U(8 * b)) & _U(255)) ^ _U(ct[tag + 4 * i + b])
+        ok[c] = 1 if diff == 0 else 0
+    for k in range(16):
+        x[k] = _U(0)
+
+
+@cuda.jit
+def _xor_kernel(key, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
+    g = cuda.grid(1)
+    per = (chunk_size + 63) // 64
+    count = nonces.shape[0]
+    c = g // per
+    if c >= count:
+        return
+    b = g - c * per
+    n = last_len if c == count - 1 else chunk_size
+    start = 64 * b
+    if start >= n:
+        return
+    end = min(start + 64, n)
+    dst = c * chunk_size
+    if ok[c] != 1:
+        for i in range(start, end):
+            out[dst + i] = 0
+        return
+    x = cuda.local.array(16, uint64)
+    _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), b + 1, x)
+    src = c * (chunk_size + 16)
+    for i in range(start, end):
+        k = (x[(i - start) // 4] >> _U(8 * ((i - start) % 4))) & _U(255)
+        out[dst + i] = np.uint8(_U(ct[src + i]) ^ k)
+    for i in range(16):
+        x[i] = _U(0)
+
+
+def decrypt_chunks(
+    key: object,
+    nonces: object,
+    aad: object,
+    ct: object,
+    chunk_size: int,
+    last_len: int,
+    out: object,
+    ok: object,
+    stream: object = 0,
+    tag_threads: int = TAG_THREADS,
+) -> None:
+    """Authenticate and decrypt a batch of chunks, all in device memory.
+
+    Args:
+        key: device uint32[8], the payload key's words.
+        nonces: device uint32[count, 3], each chunk's nonce as words.
+        aad: device uint8[], the associated data every chunk is sealed with.
+        ct: device uint8[], the chunks as in the file (ciphertext + tag each).
+        chunk_size: plaintext bytes of every chunk but the last.
+        last_len: plaintext bytes of the last chunk of the batch.
+        out: device uint8[], plaintext: chunk c at ``c * chunk_size``.
+        ok: device uint8[count]: 1 where the tag matched; failed chunks'
+            output is zeros.
+        tag_threads: Poly1305 segments per chunk (at most ``TAG_THREADS``).
+    """
+    if not 1 <= tag_threads <= TAG_THREADS:
+        raise ValueError(f"tag_threads must be 1..{TAG_THREADS}")
+    count = nonces.shape[0]  # type: ignore[attr-defined]
+    _tag_kernel[count, tag_threads, stream](key, nonces, aad, ct, chunk_size, last_len, ok)
+    blocks = count * ((chunk_size + 63) // 64)
+    grid = (blocks + XOR_THREADS - 1) // XOR_THREADS
+    _xor_kernel[grid, XOR_THREADS, stream](key, nonces, ct, chunk_size, last_len, ok, out)
