@@ -99,7 +99,11 @@ class SealedFile:
             header = preamble.header
             self.preamble = preamble
             self._aad = preamble.aad
-            self._aead = new_aead(header.suite, open_payload_key(header, dek))
+            payload_key = open_payload_key(header, dek)
+            self._aead = new_aead(header.suite, payload_key)
+            # Kept (wiped on close) only for decrypting on a GPU, whose kernels
+            # need the key itself; nothing on the CPU path reads it.
+            self._payload_key = bytearray(payload_key)
             self.layout = ChunkLayout(
                 header, preamble.payload_offset, self._src.size - preamble.payload_offset
             )
@@ -365,7 +369,46 @@ class SealedFile:
             zero(view)
         self._end_verified = True
 
+    def chunk_nonce(self, i: int) -> bytes:
+        """The 12-byte nonce chunk *i* is sealed under."""
+        return chunk_nonce(self.header.nonce_prefix, i, i == self.layout.count - 1)
+
+    def read_raw_chunks(self, first: int, count: int, buf: Any) -> int:
+        """Copy the sealed bytes (ciphertext + tag) of chunks first..first+count-1 into *buf*.
+
+        For decrypting elsewhere (the GPU path stages these in pinned memory).
+        Nothing is decrypted or authenticated here. Returns the bytes copied.
+        """
+        if not (first >= 0 and count >= 0 and first + count <= self.layout.count):
+            raise IndexError("chunk range out of bounds")
+        if count == 0:
+            return 0
+        start = self.layout.offset(first)
+        end = self.layout.offset(first + count - 1) + self.layout.plain_len(first + count - 1)
+        n = end + TAG_SIZE - start
+        out = memoryview(buf).cast("B")[:n]
+        if len(out) < n:
+            raise ValueError("buffer too small for the chunks")
+        if self._src.in_memory:
+            copy_into(out, self._src.view(start, n))
+        else:
+            self._src.view(start, n, out)  # read straight into the caller's buffer
+        return n
+
+    def device_key(self) -> bytearray:
+        """A copy of the payload key, for a GPU kernel; the caller wipes it after use.
+
+        Raises:
+            ValueError: the file is closed.
+        """
+        if not any(self._payload_key):
+            raise ValueError("the sealed file is closed")
+        return bytearray(self._payload_key)
+
     def close(self) -> None:
+        key = getattr(self, "_payload_key", None)
+        if key is not None:
+            key[:] = bytes(len(key))
         self._src.close()
         if self._owned is not None:
             self._owned.close()

@@ -78,8 +78,8 @@ class Source:
     def in_memory(self) -> bool:
         return self._mem is not None
 
-    def view(self, offset: int, n: int, scratch: bytearray | None = None) -> memoryview:
-        """Bytes [offset, offset+n): zero-copy for memory, else read into *scratch*."""
+    def view(self, offset: int, n: int, scratch: Any = None) -> memoryview:
+        """Bytes [offset, offset+n): zero-copy for memory, else read into *scratch* (writable)."""
         if self._mem is not None:
             return self._mem[offset : offset + n]
         buf = memoryview(scratch if scratch is not None else bytearray(n))[:n]

@@ -454,3 +454,17 @@ def test_read_scatter_decrypts_each_chunk_once(
         sf.read_scatter(list(zip(cuts, bufs, strict=False)), threads=2)
     assert b"".join(bufs) == data
     assert sorted(seen) == list(range(6))  # every chunk exactly once
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(ring: LocalKeyring, tmp_path: Path) -> None:
+    """This machine's torch is a CPU build: both CUDA paths refuse up front, naming the fix."""
+    from sealstore.loaders import DeviceUnavailable
+
+    _plain, sealed = sealed_copy(tmp_path, {"w": torch.ones(4)})
+    for prefer in ("gpu-direct", "cpu-decrypt"):
+        with pytest.raises(DeviceUnavailable, match=r"no CUDA device.*device='cpu'"):
+            load_file(sealed, device="cuda:0", prefer=prefer)
+    with pytest.raises(DeviceUnavailable, match="'cuda'"):
+        safe_open(sealed, device="cuda")
+    with pytest.raises(ValueError, match="prefer"):
+        load_file(sealed, prefer="fastest")

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from numba import cuda
 
+from sealstore.errors import AuthenticationError
+from sealstore.keys import DataKey
+from sealstore.loaders.gpu import decrypt_to_device
 from sealstore.native import cuda_chacha
+from sealstore.stream import SealedFile
+from tests.conftest import CS, seal_bytes
 
 
 def sealed_batch(key: bytes, aad: bytes, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +86,88 @@ def test_too_many_tag_threads_is_refused() -> None:
     with pytest.raises(ValueError, match="tag_threads"):
         run(os.urandom(32), b"", *sealed_batch(os.urandom(32), b"", [b"x" * 64]), 64, 64,
             cuda_chacha.TAG_THREADS + 1)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the GPU-direct path
+
+
+def sealed_file(
+    tmp_path: Path, data: bytes, suite: str = "CHACHA20-POLY1305"
+) -> tuple[Path, DataKey]:
+    dek = DataKey.generate()
+    path = tmp_path / "f.seal"
+    path.write_bytes(seal_bytes(data, dek, suite=suite))
+    return path, dek
+
+
+def test_decrypt_to_device_stages_only_ciphertext(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plaintext lands in device memory only: pinned staging holds the file's bytes, no more."""
+    data = os.urandom(2 * CS + 1000)
+    path, dek = sealed_file(tmp_path, data)
+    sealed = path.read_bytes()
+    staged: list[np.ndarray] = []
+    fills: list[int] = []
+    real_pinned, real_read = cuda.pinned_array, SealedFile.read_raw_chunks
+
+    def pinned(*args: Any, **kwargs: Any) -> np.ndarray:
+        staged.append(real_pinned(*args, **kwargs))
+        return staged[-1]
+
+    def read(self: SealedFile, first: int, count: int, buf: Any) -> int:
+        n = real_read(self, first, count, buf)
+        start = self.layout.offset(first)
+        assert bytes(buf[:n]) == sealed[start : start + n]  # exactly the sealed bytes
+        fills.append(first)
+        return n
+
+    monkeypatch.setattr(cuda, "pinned_array", pinned)
+    monkeypatch.setattr(SealedFile, "read_raw_chunks", read)
+    with SealedFile(path, dek) as sf:
+        out = cuda.device_array(len(data), dtype=np.uint8)
+        decrypt_to_device(sf, 0, sf.chunk_count - 1, out, batch_bytes=CS)  # 3 batches, 2 slots
+    assert out.copy_to_host().tobytes() == data
+    assert fills == [0, 1, 2] and len(staged) == 2
+    for buf in staged:  # nothing was ever copied back into them
+        held = buf.tobytes()
+        assert all(data[k : k + 32] not in held for k in range(0, len(data), 512))
+
+
+def test_decrypt_to_device_fails_closed(tmp_path: Path) -> None:
+    data = os.urandom(2 * CS + 10)
+    path, dek = sealed_file(tmp_path, data)
+    bad = bytearray(path.read_bytes())
+    with SealedFile(path, dek) as sf:
+        bad[sf.layout.offset(1) + 100] ^= 1
+    path.write_bytes(bad)
+    out = cuda.to_device(np.full(len(data), 0x77, dtype=np.uint8))
+    with SealedFile(path, dek) as sf, pytest.raises(AuthenticationError, match="chunk 1"):
+        decrypt_to_device(sf, 0, sf.chunk_count - 1, out, batch_bytes=CS)
+    assert not out.copy_to_host().any()  # the whole output wiped, good chunks too
+
+
+def test_decrypt_to_device_checks_the_final_chunk_for_partial_ranges(tmp_path: Path) -> None:
+    data = os.urandom(2 * CS + 10)
+    path, dek = sealed_file(tmp_path, data)
+    bad = bytearray(path.read_bytes())
+    bad[-3] ^= 1  # the final chunk's tag: truncation and tampering show only there
+    path.write_bytes(bad)
+    out = cuda.device_array(CS, dtype=np.uint8)
+    with SealedFile(path, dek) as sf, pytest.raises(AuthenticationError):
+        decrypt_to_device(sf, 1, 1, out)
+
+
+def test_decrypt_to_device_partial_range(tmp_path: Path) -> None:
+    data = os.urandom(3 * CS + 10)
+    path, dek = sealed_file(tmp_path, data)
+    out = cuda.device_array(2 * CS, dtype=np.uint8)
+    with SealedFile(path, dek) as sf:
+        decrypt_to_device(sf, 1, 2, out)
+    assert out.copy_to_host().tobytes() == data[CS : 3 * CS]
+
+
+def test_decrypt_to_device_refuses_aes_for_now(tmp_path: Path) -> None:
+    path, dek = sealed_file(tmp_path, b"x" * 100, suite="AES-256-GCM")
+    with SealedFile(path, dek) as sf, pytest.raises(ValueError, match="cpu-decrypt"):
+        decrypt_to_device(sf, 0, 0, cuda.device_array(100, dtype=np.uint8))

@@ -1,0 +1,185 @@
+"""GPU-direct decryption: ciphertext to the device, plaintext only ever in device memory.
+
+The path (``decrypt_to_device``): the sealed bytes of a batch of chunks are
+read from the file into a pinned host staging buffer (a ring of two), copied
+to the device asynchronously on that slot's CUDA stream, and the kernels of
+``sealstore.native.cuda_chacha`` authenticate and decrypt them there,
+straight into the output buffer. While the device works on one slot, the
+host reads the next batch into the other. Host memory only ever holds
+ciphertext; a chunk whose tag fails is zeroed on the device, and then the
+whole output is wiped and the load fails.
+
+Only ChaCha20-Poly1305 files decrypt on the GPU so far (the AES-256-GCM
+kernels are not written yet); ``load_file(..., prefer="cpu-decrypt")``
+decrypts on the CPU and copies, for any suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sealstore.errors import AuthenticationError, SealstoreError
+from sealstore.stream import SealedFile
+
+__all__ = ["GPU_SUITES", "DeviceUnavailable", "decrypt_to_device"]
+
+GPU_SUITES = ("CHACHA20-POLY1305",)
+BATCH_BYTES = 64 << 20  # plaintext per staging slot
+
+
+class DeviceUnavailable(SealstoreError):
+    """A CUDA device was asked for and cannot be used."""
+
+
+def _cuda() -> Any:
+    try:
+        from numba import cuda
+    except ImportError as exc:  # pragma: no cover - numba is a core dependency
+        raise DeviceUnavailable(f"numba.cuda cannot be imported: {exc}") from None
+    if not cuda.is_available():
+        raise DeviceUnavailable(
+            "no CUDA device is available to numba (pass prefer='cpu-decrypt' to decrypt "
+            "on the CPU and copy)"
+        )
+    return cuda
+
+
+def decrypt_to_device(
+    sf: SealedFile,
+    first: int,
+    last: int,
+    out: Any,
+    *,
+    batch_bytes: int = BATCH_BYTES,
+    slots: int = 2,
+) -> None:
+    """Decrypt chunks first..last of *sf* into the device array *out* (uint8).
+
+    Chunk i lands at ``out[(i - first) * chunk_size]``. Every chunk is
+    authenticated on the device; on any failure *out* is zeroed and
+    ``AuthenticationError`` raised.
+
+    Raises:
+        DeviceUnavailable: no CUDA device (or simulator).
+        ValueError: a suite the GPU kernels do not implement, or *out* too small.
+        AuthenticationError: a chunk failed (out is wiped).
+    """
+    cuda = _cuda()
+    from sealstore.native.cuda_chacha import decrypt_chunks
+
+    suite = sf.header.suite
+    if suite not in GPU_SUITES:
+        raise ValueError(
+            f"GPU-direct decryption of {suite} is not implemented yet (only "
+            f"{', '.join(GPU_SUITES)}); pass prefer='cpu-decrypt'"
+        )
+    layout = sf.layout
+    cs = layout.chunk_size
+    if not 0 <= first <= last < layout.count:
+        raise IndexError("chunk range out of bounds")
+    need = (last - first) * cs + layout.plain_len(last)
+    if out.shape[0] < need:
+        raise ValueError(f"device buffer of {out.shape[0]} bytes is too small ({need} needed)")
+    per = max(1, min(batch_bytes // cs, last - first + 1))
+    key = sf.device_key()
+    try:
+        key_words = np.frombuffer(key, dtype="<u4").astype(np.uint32)
+        d_key = cuda.to_device(key_words)
+        key_words[:] = 0
+        d_aad = cuda.to_device(np.frombuffer(sf.preamble.aad, dtype=np.uint8).copy())
+        streams = [cuda.stream() for _ in range(slots)]
+        staging = [cuda.pinned_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
+        d_ct = [cuda.device_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
+        d_nonces = [cuda.device_array((per, 3), dtype=np.uint32) for _ in range(slots)]
+        jobs = [(start, min(per, last + 1 - start), out, (start - first) * cs)
+                for start in range(first, last + 1, per)]  # fmt: skip
+        if last != layout.count - 1:
+            # Truncation shows only in the final chunk: authenticate it too,
+            # on the device, into scratch that is wiped afterwards.
+            final = layout.count - 1
+            jobs.append((final, 1, cuda.device_array(layout.plain_len(final) or 1, np.uint8), 0))
+        d_ok = cuda.device_array(len(jobs) * per, dtype=np.uint8)
+        for k, (start, count, dest, dst) in enumerate(jobs):
+            slot, stream = k % slots, streams[k % slots]
+            stream.synchronize()  # the slot's previous batch has been consumed
+            n = sf.read_raw_chunks(start, count, staging[slot])
+            nonces = np.frombuffer(
+                b"".join(sf.chunk_nonce(i) for i in range(start, start + count)), dtype="<u4"
+            ).astype(np.uint32).reshape(count, 3)  # fmt: skip
+            d_nonces[slot][:count].copy_to_device(nonces, stream=stream)
+            ct = d_ct[slot][:n]
+            ct.copy_to_device(staging[slot][:n], stream=stream)
+            last_len = layout.plain_len(start + count - 1)
+            size = (count - 1) * cs + last_len
+            ok = d_ok[k * per : k * per + count]
+            decrypt_chunks(d_key, d_nonces[slot][:count], d_aad, ct, cs, last_len,
+                           dest[dst : dst + size], ok, stream=stream)  # fmt: skip
+        cuda.synchronize()
+        flags = d_ok.copy_to_host()
+        for k, (start, count, _, _) in enumerate(jobs):
+            bad = np.flatnonzero(flags[k * per : k * per + count] != 1)
+            if bad.size:
+                raise AuthenticationError(
+                    f"chunk {start + int(bad[0])} failed authentication on the device"
+                )
+        if last != layout.count - 1:
+            _wipe(cuda, jobs[-1][2])
+    except BaseException:
+        _wipe(cuda, out)
+        raise
+    finally:
+        key[:] = bytes(len(key))
+
+
+def _wipe(cuda: Any, out: Any) -> None:
+    zeros = cuda.to_device(np.zeros(min(out.shape[0], BATCH_BYTES), dtype=np.uint8))
+    for i in range(0, out.shape[0], zeros.shape[0]):
+        n = min(zeros.shape[0], out.shape[0] - i)
+        out[i : i + n].copy_to_device(zeros[:n])
+    cuda.synchronize()
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA *device* torch cannot use, with a message that says what to do.
+
+    Raises:
+        DeviceUnavailable: torch has no CUDA (a CPU build, or no GPU visible).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA "
+            "device; load with device='cpu'"
+        )
+
+
+def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, device: str) -> dict:
+    """The tensors of a sealed safetensors file, decrypted on the GPU (see module doc).
+
+    One device buffer holds the decrypted chunks; the tensors are views into
+    it (a GPU load keeps its weights together; a CPU load gives each tensor
+    its own storage).
+    """
+    import torch
+
+    check_device(device)
+    cuda = _cuda()
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    layout = sf.layout
+    if not entries:
+        return {}
+    cs = layout.chunk_size
+    first, last = data_start // cs, layout.count - 1
+    buf = torch.empty((last - first) * cs + layout.plain_len(last), dtype=torch.uint8,
+                      device=torch.device("cuda", index))  # fmt: skip
+    with cuda.gpus[index]:
+        decrypt_to_device(sf, first, last, cuda.as_cuda_array(buf))
+    base = data_start - first * cs
+    return {
+        name: buf[base + start : base + end].view(dtype).reshape(shape)
+        for name, (dtype, shape, start, end) in entries.items()
+    }
