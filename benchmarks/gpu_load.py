@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Loading a sealed state dict onto a CUDA device, one run on one device.
+
+* ``plaintext``     -- ``safetensors.torch.load_file(path, device="cuda")`` of the plaintext;
+* ``gpu_direct``    -- ``sealstore.loaders.load_file(sealed, device="cuda")``: ciphertext
+  staged in pinned memory, authenticated and decrypted on the device;
+* ``cpu_decrypt``   -- the same with ``prefer="cpu-decrypt"``: decrypted on the CPU, copied;
+* ``kernel``        -- the ChaCha20-Poly1305 kernels alone, device memory to device
+  memory (GB/s of plaintext), ``--kernel-mib`` of chunks.
+
+The sealed file uses ChaCha20-Poly1305 (the suite the GPU kernels implement).
+Loads are interleaved in rounds, ``torch.cuda.synchronize()`` before every
+clock read; medians. Targets (issue 6, on an H100): the kernel >= 200 GB/s;
+GPU-direct end to end >= 0.9x the plaintext load. Needs a CUDA GPU with torch
+and numba-cuda; without one it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.format_throughput import parse_size
+from benchmarks.load_cpu import make_state
+
+
+def kernel_rate(mib: int, rounds: int) -> list[float]:
+    """GB/s of the tag + XOR kernels over *mib* MiB of 1 MiB chunks already on the device."""
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from numba import cuda
+
+    from sealstore.native.cuda_chacha import decrypt_chunks
+
+    cs, count = 1 << 20, mib
+    key, aad = os.urandom(32), os.urandom(32)
+    nonces = [os.urandom(12) for _ in range(count)]
+    chunk = os.urandom(cs)
+    aead = ChaCha20Poly1305(key)
+    ct = b"".join(aead.encrypt(n, chunk, aad) for n in nonces)
+    d_ct = cuda.to_device(np.frombuffer(ct, dtype=np.uint8))
+    d_key = cuda.to_device(np.frombuffer(key, dtype="<u4").astype(np.uint32))
+    d_nonces = cuda.to_device(
+        np.frombuffer(b"".join(nonces), dtype="<u4").astype(np.uint32).reshape(count, 3)
+    )
+    d_aad = cuda.to_device(np.frombuffer(aad, dtype=np.uint8))
+    out = cuda.device_array(count * cs, dtype=np.uint8)
+    ok = cuda.device_array(count, dtype=np.uint8)
+    decrypt_chunks(d_key, d_nonces, d_aad, d_ct, cs, cs, out, ok)  # compile, warm
+    cuda.synchronize()
+    assert (ok.copy_to_host() == 1).all()
+    assert out[:cs].copy_to_host().tobytes() == chunk
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        decrypt_chunks(d_key, d_nonces, d_aad, d_ct, cs, cs, out, ok)
+        cuda.synchronize()
+        rates.append(count * cs / (time.perf_counter() - t) / 1e9)
+    return rates
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kernel-mib", type=int, default=1024)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", default="benchmarks/results/gpu_load.json")
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_load: torch sees no CUDA device; the GPU figures need a GPU machine")
+        return 2
+    from nacl import pwhash
+    from safetensors.torch import load_file as st_load
+    from safetensors.torch import save_file as st_save
+
+    from sealstore.kms.envelope import seal_file
+    from sealstore.kms.local import create_keyring
+    from sealstore.loaders import load_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="sealstore-gpu-"))
+    os.environ["SEALSTORE_HOME"] = str(tmp / "home")
+    os.environ.setdefault("SEALSTORE_PASSPHRASE", "benchmark")
+    create_keyring(
+        tmp / "home" / "keyring.json",
+        opslimit=pwhash.argon2id.OPSLIMIT_MIN,
+        memlimit=pwhash.argon2id.MEMLIMIT_MIN,
+    )
+    dev = args.device
+    samples: dict[str, list[float]] = {"plaintext": [], "gpu_direct": [], "cpu_decrypt": []}
+    try:
+        state = make_state(parse_size(args.size))
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        plain, sealed = tmp / "m.safetensors", tmp / "m.safetensors.seal"
+        st_save(state, plain)
+        seal_file(plain, sealed, ["local:"], suite="CHACHA20-POLY1305", threads=4)
+        del state
+        loads = {
+            "plaintext": lambda: st_load(plain, device=dev),
+            "gpu_direct": lambda: load_file(sealed, device=dev),
+            "cpu_decrypt": lambda: load_file(sealed, device=dev, prefer="cpu-decrypt"),
+        }
+        ref, got = st_load(plain, device=dev), load_file(sealed, device=dev)
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+        del ref, got
+        for _ in range(args.repeat):
+            for name, fn in loads.items():
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                result = fn()
+                torch.cuda.synchronize()
+                samples[name].append(time.perf_counter() - t)
+                del result
+                torch.cuda.empty_cache()
+        kernel = kernel_rate(args.kernel_mib, args.repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    report: dict[str, Any] = {
+        "benchmark": "gpu_load",
+        "device": torch.cuda.get_device_name(torch.device(dev)),
+        "bytes": nbytes,
+        "repeat": args.repeat,
+        "median_s": med,
+        "GBps": {k: nbytes / v / 1e9 for k, v in med.items()},
+        "kernel_GBps_median": statistics.median(kernel),
+        "gpu_direct_vs_plaintext_speed": med["plaintext"] / med["gpu_direct"],
+        "targets": "kernel >= 200 GB/s; gpu_direct >= 0.9x plaintext (H100)",
+        "raw": {**samples, "kernel_GBps": kernel},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    for k, v in med.items():
+        print(f"{k:12} {v * 1e3:9.1f} ms  {nbytes / v / 1e9:6.2f} GB/s")
+    print(f"kernel       {report['kernel_GBps_median']:9.1f} GB/s (target >= 200)")
+    print(f"GPU-direct speed / plaintext: {report['gpu_direct_vs_plaintext_speed']:.2f} (>= 0.9)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
