@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM as OpenSSLAesGcm
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305 as OpenSSLChaCha
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sealstore.native import chacha
-from sealstore.native.aead import ChaCha20Poly1305
+from sealstore.native.aead import AESGCM, ChaCha20Poly1305
 
 # The project's public test data lives beside the checkout (../shared/data).
 DATA = Path(
@@ -177,3 +178,53 @@ def test_no_key_in_repr() -> None:
     assert key.hex() not in repr(aead) and "native" in repr(aead)
     aead.close()
     assert not aead._key.any()
+
+
+# --------------------------------------------------------------------------- AES-GCM
+
+
+@pytest.mark.parametrize(
+    ("group", "case"),
+    wycheproof("aes_gcm_test.json"),
+    ids=lambda x: str(x.get("tcId", "")) if isinstance(x, dict) and "tcId" in x else "",
+)
+def test_wycheproof_aes_gcm(group: dict, case: dict) -> None:
+    key, iv, aad = (bytes.fromhex(case[k]) for k in ("key", "iv", "aad"))
+    msg, ct, tag = (bytes.fromhex(case[k]) for k in ("msg", "ct", "tag"))
+    aead = AESGCM(key)
+    if len(iv) != 12:  # the sealed format's nonces are 96 bits; other sizes are refused
+        with pytest.raises(ValueError, match="96-bit"):
+            aead.decrypt(iv, ct + tag, aad)
+        return
+    if case["result"] == "valid":
+        assert aead.encrypt(iv, msg, aad) == ct + tag
+        assert aead.decrypt(iv, ct + tag, aad) == msg
+    else:
+        out = bytearray(b"\x55" * len(ct))
+        with pytest.raises(InvalidTag):
+            aead.decrypt_into(iv, ct + tag, aad, out)
+        assert out == b"\x55" * len(ct)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([16, 24, 32]),
+    st.binary(min_size=12, max_size=12),
+    st.binary(max_size=70),
+    st.integers(min_value=0, max_value=3000),
+)
+def test_aes_gcm_matches_openssl(key_len: int, nonce: bytes, aad: bytes, n: int) -> None:
+    key, data = os.urandom(key_len), os.urandom(n)
+    sealed = AESGCM(key).encrypt(nonce, data, aad)
+    assert sealed == OpenSSLAesGcm(key).encrypt(nonce, data, aad)
+    assert AESGCM(key).decrypt(nonce, sealed, aad) == data
+
+
+def test_aes_matches_fips197() -> None:
+    """FIPS 197 appendix C.3: AES-256 of 00112233...eeff under 000102...1f."""
+    from sealstore.native import aes
+
+    rk = aes.expand_key(np.arange(32, dtype=np.uint8))
+    out = np.empty(16, dtype=np.uint8)
+    aes._encrypt_block(rk, u8(bytes.fromhex("00112233445566778899aabbccddeeff")), out)
+    assert out.tobytes().hex() == "8ea2b7ca516745bfeafc49904b496089"
