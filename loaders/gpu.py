@@ -9,9 +9,9 @@ host reads the next batch into the other. Host memory only ever holds
 ciphertext; a chunk whose tag fails is zeroed on the device, and then the
 whole output is wiped and the load fails.
 
-Only ChaCha20-Poly1305 files decrypt on the GPU so far (the AES-256-GCM
-kernels are not written yet); ``load_file(..., prefer="cpu-decrypt")``
-decrypts on the CPU and copies, for any suite.
+Both suites decrypt on the GPU (``sealstore.native.cuda_chacha`` and
+``cuda_aes``); ``load_file(..., prefer="cpu-decrypt")`` decrypts on the CPU
+and copies instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sealstore.stream import SealedFile
 
 __all__ = ["GPU_SUITES", "DeviceUnavailable", "decrypt_to_device"]
 
-GPU_SUITES = ("CHACHA20-POLY1305",)
+GPU_SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
 BATCH_BYTES = 64 << 20  # plaintext per staging slot
 
 
@@ -67,12 +67,10 @@ def decrypt_to_device(
         AuthenticationError: a chunk failed (out is wiped).
     """
     cuda = _cuda()
-    from sealstore.native.cuda_chacha import decrypt_chunks
-
     suite = sf.header.suite
     if suite not in GPU_SUITES:
         raise ValueError(
-            f"GPU-direct decryption of {suite} is not implemented yet (only "
+            f"GPU-direct decryption of {suite} is not implemented (only "
             f"{', '.join(GPU_SUITES)}); pass prefer='cpu-decrypt'"
         )
     layout = sf.layout
@@ -85,9 +83,7 @@ def decrypt_to_device(
     per = max(1, min(batch_bytes // cs, last - first + 1))
     key = sf.device_key()
     try:
-        key_words = np.frombuffer(key, dtype="<u4").astype(np.uint32)
-        d_key = cuda.to_device(key_words)
-        key_words[:] = 0
+        decrypt_chunks, nonce_order = _kernels(cuda, suite, key)
         d_aad = cuda.to_device(np.frombuffer(sf.preamble.aad, dtype=np.uint8).copy())
         streams = [cuda.stream() for _ in range(slots)]
         staging = [cuda.pinned_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
@@ -106,7 +102,7 @@ def decrypt_to_device(
             stream.synchronize()  # the slot's previous batch has been consumed
             n = sf.read_raw_chunks(start, count, staging[slot])
             nonces = np.frombuffer(
-                b"".join(sf.chunk_nonce(i) for i in range(start, start + count)), dtype="<u4"
+                b"".join(sf.chunk_nonce(i) for i in range(start, start + count)), dtype=nonce_order
             ).astype(np.uint32).reshape(count, 3)  # fmt: skip
             d_nonces[slot][:count].copy_to_device(nonces, stream=stream)
             ct = d_ct[slot][:n]
@@ -114,7 +110,7 @@ def decrypt_to_device(
             last_len = layout.plain_len(start + count - 1)
             size = (count - 1) * cs + last_len
             ok = d_ok[k * per : k * per + count]
-            decrypt_chunks(d_key, d_nonces[slot][:count], d_aad, ct, cs, last_len,
+            decrypt_chunks(d_nonces[slot][:count], d_aad, ct, cs, last_len,
                            dest[dst : dst + size], ok, stream=stream)  # fmt: skip
         cuda.synchronize()
         flags = d_ok.copy_to_host()
@@ -131,6 +127,37 @@ def decrypt_to_device(
         raise
     finally:
         key[:] = bytes(len(key))
+
+
+def _kernels(cuda: Any, suite: str, key: bytearray) -> tuple[Any, str]:
+    """The suite's batch decryptor with the key (and its derived tables) on the device.
+
+    Returns ``(decrypt, nonce_dtype)``: ``decrypt(nonces, aad, ct, cs, last_len,
+    out, ok, stream=)``, and how nonces are read as words (ChaCha20: little-endian,
+    AES-GCM's counter block: big-endian).
+    """
+    if suite == "CHACHA20-POLY1305":
+        from sealstore.native import cuda_chacha
+
+        words = np.frombuffer(key, dtype="<u4").astype(np.uint32)
+        d_key = cuda.to_device(words)
+        words[:] = 0
+
+        def chacha(*args: Any, **kw: Any) -> None:
+            cuda_chacha.decrypt_chunks(d_key, *args, **kw)
+
+        return chacha, "<u4"
+    from sealstore.native import aes, cuda_aes
+
+    rk = aes.expand_key(np.frombuffer(key, dtype=np.uint8))
+    d_rk, d_h = cuda.to_device(rk), cuda.to_device(cuda_aes.h_tables(rk))
+    rk[:] = 0
+    tables = cuda_aes.device_tables()
+
+    def gcm(*args: Any, **kw: Any) -> None:
+        cuda_aes.decrypt_chunks(d_rk, d_h, tables, *args, **kw)
+
+    return gcm, ">u4"
 
 
 def _wipe(cuda: Any, out: Any) -> None:

@@ -134,9 +134,10 @@ def test_decrypt_to_device_stages_only_ciphertext(
         assert all(data[k : k + 32] not in held for k in range(0, len(data), 512))
 
 
-def test_decrypt_to_device_fails_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suite", ["CHACHA20-POLY1305", "AES-256-GCM"])
+def test_decrypt_to_device_fails_closed(tmp_path: Path, suite: str) -> None:
     data = os.urandom(2 * CS + 10)
-    path, dek = sealed_file(tmp_path, data)
+    path, dek = sealed_file(tmp_path, data, suite)
     bad = bytearray(path.read_bytes())
     with SealedFile(path, dek) as sf:
         bad[sf.layout.offset(1) + 100] ^= 1
@@ -158,16 +159,74 @@ def test_decrypt_to_device_checks_the_final_chunk_for_partial_ranges(tmp_path: P
         decrypt_to_device(sf, 1, 1, out)
 
 
-def test_decrypt_to_device_partial_range(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suite", ["CHACHA20-POLY1305", "AES-256-GCM"])
+def test_decrypt_to_device_partial_range(tmp_path: Path, suite: str) -> None:
     data = os.urandom(3 * CS + 10)
-    path, dek = sealed_file(tmp_path, data)
+    path, dek = sealed_file(tmp_path, data, suite)
     out = cuda.device_array(2 * CS, dtype=np.uint8)
     with SealedFile(path, dek) as sf:
         decrypt_to_device(sf, 1, 2, out)
     assert out.copy_to_host().tobytes() == data[CS : 3 * CS]
 
 
-def test_decrypt_to_device_refuses_aes_for_now(tmp_path: Path) -> None:
-    path, dek = sealed_file(tmp_path, b"x" * 100, suite="AES-256-GCM")
+def test_decrypt_to_device_refuses_an_unknown_suite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.loaders import gpu
+
+    path, dek = sealed_file(tmp_path, b"x" * 100)
+    monkeypatch.setattr(gpu, "GPU_SUITES", ("AES-256-GCM",))
     with SealedFile(path, dek) as sf, pytest.raises(ValueError, match="cpu-decrypt"):
         decrypt_to_device(sf, 0, 0, cuda.device_array(100, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- AES-GCM kernels
+
+
+def run_aes(
+    key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    from sealstore.native import aes, cuda_aes
+
+    count = len(nonces)
+    rk = aes.expand_key(np.frombuffer(key, dtype=np.uint8))
+    out = cuda.device_array((count - 1) * cs + last, dtype=np.uint8)
+    ok = cuda.device_array(count, dtype=np.uint8)
+    words = np.frombuffer(b"".join(nonces), dtype=">u4").astype(np.uint32).reshape(-1, 3)
+    cuda_aes.decrypt_chunks(
+        cuda.to_device(rk),
+        cuda.to_device(cuda_aes.h_tables(rk)),
+        cuda_aes.device_tables(),
+        cuda.to_device(words),
+        cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy()),
+        cuda.to_device(ct),
+        cs,
+        last,
+        out,
+        ok,
+        tag_threads=threads,
+    )
+    return out.copy_to_host(), ok.copy_to_host()
+
+
+@pytest.mark.parametrize(
+    ("cs", "last", "aad_len", "threads"),
+    [(128, 128, 0, 1), (200, 77, 37, 4), (64, 1, 16, 3), (160, 0, 5, 8), (96, 50, 300, 2)],
+)
+def test_aes_kernels_decrypt_what_openssl_sealed(
+    cs: int, last: int, aad_len: int, threads: int
+) -> None:
+    """Chunk and AAD lengths off every block size; GHASH split over 1-8 segments."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, aad = os.urandom(32), os.urandom(aad_len)
+    chunks = [os.urandom(cs), os.urandom(cs), os.urandom(last)]
+    nonces = [os.urandom(12) for _ in chunks]
+    ct = b"".join(AESGCM(key).encrypt(n, c, aad) for n, c in zip(nonces, chunks, strict=True))
+    arr = np.frombuffer(ct, dtype=np.uint8).copy()
+    out, ok = run_aes(key, aad, arr, nonces, cs, last, threads)
+    assert ok.tolist() == [1, 1, 1]
+    assert out.tobytes() == b"".join(chunks)
+    arr[cs + 16 + 3] ^= 1  # chunk 1
+    out, ok = run_aes(key, aad, arr, nonces, cs, last, threads)
+    assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
