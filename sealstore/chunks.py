@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from collections.abc import Callable
 
@@ -21,7 +22,19 @@ Progress = Callable[[int], None]  # called with each chunk's byte count
 
 
 def new_aead(suite: str, key: bytes) -> Aead:
-    """The AEAD of a v1 suite (the suite name was validated with the header)."""
+    """The AEAD of a v1 suite (the suite name was validated with the header).
+
+    OpenSSL's, through cryptography; ``SEALSTORE_AEAD=native`` selects the
+    numba kernels of ``sealstore.native`` instead (same interface and errors;
+    for machines without a usable OpenSSL, and to cross-check the kernels).
+    """
+    engine = os.environ.get("SEALSTORE_AEAD", "openssl")
+    if engine == "native":
+        from sealstore.native import aead
+
+        return aead.AESGCM(key) if suite == "AES-256-GCM" else aead.ChaCha20Poly1305(key)  # type: ignore[return-value]
+    if engine != "openssl":
+        raise ValueError(f"SEALSTORE_AEAD must be 'openssl' or 'native', not {engine!r}")
     return AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sealstore.errors import AuthenticationError
 from sealstore.native import chacha
 from sealstore.native.aead import AESGCM, ChaCha20Poly1305
 
@@ -228,3 +229,28 @@ def test_aes_matches_fips197() -> None:
     out = np.empty(16, dtype=np.uint8)
     aes._encrypt_block(rk, u8(bytes.fromhex("00112233445566778899aabbccddeeff")), out)
     assert out.tobytes().hex() == "8ea2b7ca516745bfeafc49904b496089"
+
+
+@pytest.mark.parametrize("suite", ["AES-256-GCM", "CHACHA20-POLY1305"])
+def test_the_stream_on_the_native_engine(suite: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SEALSTORE_AEAD=native: sealed files made by either engine open with the other."""
+    from sealstore.keys import DataKey
+    from sealstore.stream import SealedFile
+    from tests.conftest import CS, seal_bytes
+
+    dek = DataKey.generate()
+    data = os.urandom(3 * CS + 777)
+    by_openssl = seal_bytes(data, dek, suite=suite)
+    monkeypatch.setenv("SEALSTORE_AEAD", "native")
+    by_native = seal_bytes(data, dek, suite=suite)
+    for sealed in (by_openssl, by_native):
+        assert SealedFile(sealed, dek).read_range(0, len(data), threads=2) == data
+    bad = bytearray(by_openssl)
+    bad[-40] ^= 1
+    with pytest.raises(AuthenticationError):
+        SealedFile(bytes(bad), dek).read_range(0, len(data))
+    monkeypatch.setenv("SEALSTORE_AEAD", "openssl")
+    assert SealedFile(by_native, dek).read_range(0, len(data)) == data
+    monkeypatch.setenv("SEALSTORE_AEAD", "fast")
+    with pytest.raises(ValueError, match="SEALSTORE_AEAD"):
+        SealedFile(by_native, dek)
