@@ -82,8 +82,10 @@ def decrypt_to_device(
         raise ValueError(f"device buffer of {out.shape[0]} bytes is too small ({need} needed)")
     per = max(1, min(batch_bytes // cs, last - first + 1))
     key = sf.device_key()
+    secrets: list[Any] = []  # device arrays holding key material, wiped at the end
+    scratch = None
     try:
-        decrypt_chunks, nonce_order = _kernels(cuda, suite, key)
+        decrypt_chunks, nonce_order = _kernels(cuda, suite, key, secrets)
         d_aad = cuda.to_device(np.frombuffer(sf.preamble.aad, dtype=np.uint8).copy())
         streams = [cuda.stream() for _ in range(slots)]
         staging = [cuda.pinned_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
@@ -95,7 +97,8 @@ def decrypt_to_device(
             # Truncation shows only in the final chunk: authenticate it too,
             # on the device, into scratch that is wiped afterwards.
             final = layout.count - 1
-            jobs.append((final, 1, cuda.device_array(layout.plain_len(final) or 1, np.uint8), 0))
+            scratch = cuda.device_array(layout.plain_len(final) or 1, np.uint8)
+            jobs.append((final, 1, scratch, 0))
         d_ok = cuda.device_array(len(jobs) * per, dtype=np.uint8)
         for k, (start, count, dest, dst) in enumerate(jobs):
             slot, stream = k % slots, streams[k % slots]
@@ -120,21 +123,23 @@ def decrypt_to_device(
                 raise AuthenticationError(
                     f"chunk {start + int(bad[0])} failed authentication on the device"
                 )
-        if last != layout.count - 1:
-            _wipe(cuda, jobs[-1][2])
     except BaseException:
         _wipe(cuda, out)
         raise
     finally:
         key[:] = bytes(len(key))
+        for buf in [scratch, *secrets]:
+            if buf is not None:
+                _wipe(cuda, buf)
 
 
-def _kernels(cuda: Any, suite: str, key: bytearray) -> tuple[Any, str]:
+def _kernels(cuda: Any, suite: str, key: bytearray, secrets: list[Any]) -> tuple[Any, str]:
     """The suite's batch decryptor with the key (and its derived tables) on the device.
 
     Returns ``(decrypt, nonce_dtype)``: ``decrypt(nonces, aad, ct, cs, last_len,
     out, ok, stream=)``, and how nonces are read as words (ChaCha20: little-endian,
-    AES-GCM's counter block: big-endian).
+    AES-GCM's counter block: big-endian). The device arrays holding key
+    material are appended to *secrets* for the caller to wipe.
     """
     if suite == "CHACHA20-POLY1305":
         from sealstore.native import cuda_chacha
@@ -142,6 +147,7 @@ def _kernels(cuda: Any, suite: str, key: bytearray) -> tuple[Any, str]:
         words = np.frombuffer(key, dtype="<u4").astype(np.uint32)
         d_key = cuda.to_device(words)
         words[:] = 0
+        secrets.append(d_key)
 
         def chacha(*args: Any, **kw: Any) -> None:
             cuda_chacha.decrypt_chunks(d_key, *args, **kw)
@@ -150,8 +156,11 @@ def _kernels(cuda: Any, suite: str, key: bytearray) -> tuple[Any, str]:
     from sealstore.native import aes, cuda_aes
 
     rk = aes.expand_key(np.frombuffer(key, dtype=np.uint8))
-    d_rk, d_h = cuda.to_device(rk), cuda.to_device(cuda_aes.h_tables(rk))
+    h_tab = cuda_aes.h_tables(rk)
+    d_rk, d_h = cuda.to_device(rk), cuda.to_device(h_tab)
     rk[:] = 0
+    h_tab[:] = 0
+    secrets.extend([d_rk, d_h])
     tables = cuda_aes.device_tables()
 
     def gcm(*args: Any, **kw: Any) -> None:
@@ -160,11 +169,15 @@ def _kernels(cuda: Any, suite: str, key: bytearray) -> tuple[Any, str]:
     return gcm, ">u4"
 
 
-def _wipe(cuda: Any, out: Any) -> None:
-    zeros = cuda.to_device(np.zeros(min(out.shape[0], BATCH_BYTES), dtype=np.uint8))
-    for i in range(0, out.shape[0], zeros.shape[0]):
-        n = min(zeros.shape[0], out.shape[0] - i)
-        out[i : i + n].copy_to_device(zeros[:n])
+def _wipe(cuda: Any, arr: Any) -> None:
+    """Zero a device array: small key arrays whole, byte buffers in BATCH_BYTES pieces."""
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        arr.copy_to_device(np.zeros(arr.shape, dtype=arr.dtype))
+    else:
+        zeros = cuda.to_device(np.zeros(max(1, min(arr.shape[0], BATCH_BYTES)), dtype=np.uint8))
+        for i in range(0, arr.shape[0], zeros.shape[0]):
+            n = min(zeros.shape[0], arr.shape[0] - i)
+            arr[i : i + n].copy_to_device(zeros[:n])
     cuda.synchronize()
 
 
@@ -199,6 +212,9 @@ def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, devic
     layout = sf.layout
     if not entries:
         return {}
+    if data_start >= layout.plaintext_size:  # only empty tensors
+        return {name: torch.empty(shape, dtype=dtype, device=dev)
+                for name, (dtype, shape, _, _) in entries.items()}  # fmt: skip
     cs = layout.chunk_size
     first, last = data_start // cs, layout.count - 1
     buf = torch.empty((last - first) * cs + layout.plain_len(last), dtype=torch.uint8,
@@ -206,7 +222,10 @@ def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, devic
     with cuda.gpus[index]:
         decrypt_to_device(sf, first, last, cuda.as_cuda_array(buf))
     base = data_start - first * cs
-    return {
-        name: buf[base + start : base + end].view(dtype).reshape(shape)
-        for name, (dtype, shape, start, end) in entries.items()
-    }
+    out = {}
+    for name, (dtype, shape, start, end) in entries.items():
+        part = buf[base + start : base + end]
+        if (base + start) % dtype.itemsize:
+            part = part.clone()  # a header length that leaves the tensor unaligned
+        out[name] = part.view(dtype).reshape(shape)
+    return out

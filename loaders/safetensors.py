@@ -165,7 +165,8 @@ def load_file(
             or ``NAME[:VERSION|@TAG][/FILE]`` with *store*); see ``sealstore.loaders.sources``.
         device: where the tensors go. ``"cuda[:N]"`` decrypts on the GPU: the
             ciphertext is staged in pinned memory and the plaintext exists only
-            in device memory (ChaCha20-Poly1305 files; see ``loaders/gpu.py``).
+            in device memory (both suites; see ``loaders/gpu.py``). The tensors
+            are then views of one device buffer.
         prefer: ``"cpu-decrypt"`` decrypts on the CPU and copies the tensors to
             *device* (any suite; for comparison).
         threads: chunks decrypted in parallel (default: the CPU count, at most 8;
@@ -389,7 +390,7 @@ def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> t
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
                         "data_offsets": [pos, pos + n]}  # fmt: skip
         pos += n
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, order
 

@@ -156,7 +156,7 @@ def _load(v, z, aad, aad_len, ct, base, n, w):  # type: ignore[no-untyped-def]
     return True
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _tag_kernel(rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -231,7 +231,7 @@ def _tag_kernel(rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len,
             ek[k] = _U(0)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _xor_kernel(rk, te_g, sb_g, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
     te = cuda.shared.array((4, 256), uint64)
     sb = cuda.shared.array(256, uint64)

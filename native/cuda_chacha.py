@@ -148,7 +148,7 @@ def _load_block(v, z, aad, aad_len, ct, base, n, m):  # type: ignore[no-untyped-
     return True
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -250,7 +250,7 @@ def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore
         x[k] = _U(0)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _xor_kernel(key, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
     g = cuda.grid(1)
     per = (chunk_size + 63) // 64

@@ -54,7 +54,9 @@ class _Plan:
             if whole_a <= whole_b:
                 n = whole_b - whole_a + 1
                 self.owner[whole_a - self.first : whole_b + 1 - self.first] = array("q", [k]) * n
-            for i in {a, b} - set(range(whole_a, whole_b + 1)):
+            for i in {a, b}:
+                if whole_a <= i <= whole_b:
+                    continue
                 lo, hi = max(offset, i * cs), min(end, i * cs + layout.plain_len(i))
                 self.owner[i - self.first] = _SHARED
                 part = (out[lo - offset : hi - offset], lo - i * cs, hi - i * cs)
@@ -405,10 +407,19 @@ class SealedFile:
             raise ValueError("the sealed file is closed")
         return bytearray(self._payload_key)
 
-    def close(self) -> None:
+    def _wipe_key(self) -> None:
         key = getattr(self, "_payload_key", None)
         if key is not None:
             key[:] = bytes(len(key))
+        close = getattr(getattr(self, "_aead", None), "close", None)
+        if close is not None:  # the native engine's key schedule
+            close()
+
+    def __del__(self) -> None:
+        self._wipe_key()
+
+    def close(self) -> None:
+        self._wipe_key()
         self._src.close()
         if self._owned is not None:
             self._owned.close()

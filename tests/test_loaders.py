@@ -97,6 +97,10 @@ def test_save_file_plaintext_is_what_safetensors_writes(ring: LocalKeyring, tmp_
     save_file(tensors, tmp_path / "w.seal", keys=["local:"], metadata={"a": "b"})
     unseal_file(tmp_path / "w.seal", tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").read_bytes() == save(tensors, metadata={"a": "b"})
+    named = {"größe.ñ": torch.ones(2), "名前": torch.zeros(3)}  # raw UTF-8, as safetensors
+    save_file(named, tmp_path / "u.seal", keys=["local:"], metadata={"ü": "ß"})
+    unseal_file(tmp_path / "u.seal", tmp_path / "u.safetensors")
+    assert (tmp_path / "u.safetensors").read_bytes() == save(named, metadata={"ü": "ß"})
 
 
 def test_save_file_streams_one_tensor_at_a_time(
@@ -456,8 +460,9 @@ def test_read_scatter_decrypts_each_chunk_once(
     assert sorted(seen) == list(range(6))  # every chunk exactly once
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine: CUDA is available")
 def test_cuda_without_a_gpu_is_a_clear_error(ring: LocalKeyring, tmp_path: Path) -> None:
-    """This machine's torch is a CPU build: both CUDA paths refuse up front, naming the fix."""
+    """A CPU build of torch (CI's): both CUDA paths refuse up front, naming the fix."""
     from sealstore.loaders import DeviceUnavailable
 
     _plain, sealed = sealed_copy(tmp_path, {"w": torch.ones(4)})

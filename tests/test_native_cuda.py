@@ -148,15 +148,30 @@ def test_decrypt_to_device_fails_closed(tmp_path: Path, suite: str) -> None:
     assert not out.copy_to_host().any()  # the whole output wiped, good chunks too
 
 
-def test_decrypt_to_device_checks_the_final_chunk_for_partial_ranges(tmp_path: Path) -> None:
+def test_decrypt_to_device_checks_the_final_chunk_for_partial_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.loaders import gpu
+
     data = os.urandom(2 * CS + 10)
     path, dek = sealed_file(tmp_path, data)
     bad = bytearray(path.read_bytes())
     bad[-3] ^= 1  # the final chunk's tag: truncation and tampering show only there
     path.write_bytes(bad)
-    out = cuda.device_array(CS, dtype=np.uint8)
-    with SealedFile(path, dek) as sf, pytest.raises(AuthenticationError):
+    wiped: list[int] = []
+    real = gpu._wipe
+
+    def recording(cuda_: Any, arr: Any) -> None:
+        wiped.append(arr.size)
+        real(cuda_, arr)
+
+    monkeypatch.setattr(gpu, "_wipe", recording)
+    out = cuda.to_device(np.full(CS, 0x77, dtype=np.uint8))
+    with SealedFile(path, dek) as sf, pytest.raises(AuthenticationError, match="chunk 2"):
         decrypt_to_device(sf, 1, 1, out)
+    assert not out.copy_to_host().any()  # chunk 1 was good, and is wiped all the same
+    assert 10 in wiped  # the final chunk's scratch (10 bytes) too, not only the output
+    assert 8 in wiped  # and the key words on the device
 
 
 @pytest.mark.parametrize("suite", ["CHACHA20-POLY1305", "AES-256-GCM"])

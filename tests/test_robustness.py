@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import _thread
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +38,12 @@ def test_interrupt_during_threaded_read_leaves_the_buffer_zeroed() -> None:
         # then waiting for the lanes: the interrupt must stop them before the
         # buffer is wiped, or they would keep writing plaintext into it.
         if not calls:
-            _thread.interrupt_main()
+            # A real SIGINT: it wakes the main thread out of its join at once
+            # (interrupt_main() only sets a flag the main thread sees when it
+            # next runs Python code, which a blocked join does not).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         calls.append(n)
-        # Slow lanes (sleep drops the GIL): however busy the machine, the main
-        # thread handles the interrupt long before they could finish.
-        time.sleep(0.005)
+        time.sleep(0.005)  # slow lanes, so "stopped early" is not a race
 
     with pytest.raises(KeyboardInterrupt):
         sf.read_into(0, buf, threads=4, progress=progress)
