@@ -88,6 +88,14 @@ TARGET_RA_SCALING = 1.7
 TARGET_VS_PEER = 2.0
 
 
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report (creating its folder) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:

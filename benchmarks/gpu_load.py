@@ -18,7 +18,6 @@ and numba-cuda; without one it says so and exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import parse_size
+from benchmarks.format_throughput import parse_size, write_report
 from benchmarks.load_cpu import make_state
 
 
@@ -148,10 +147,7 @@ def main() -> int:
         print(f"{k:12} {v * 1e3:9.1f} ms  {nbytes / v / 1e9:6.2f} GB/s")
     print(f"kernel       {report['kernel_GBps_median']:9.1f} GB/s (target >= 200)")
     print(f"GPU-direct speed / plaintext: {report['gpu_direct_vs_plaintext_speed']:.2f} (>= 0.9)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

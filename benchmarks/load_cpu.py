@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import parse_size
+from benchmarks.format_throughput import parse_size, write_report
 
 LOADERS = ("safetensors", "sealstore", "sealstore_opened", "tensorizer", "tensorizer_enc", "touch")
 
@@ -300,10 +300,7 @@ def main() -> int:
             "  the same, time above the memory floor (touch): "
             f"{report['above_touch_tensorizer_enc_vs_sealstore']:.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

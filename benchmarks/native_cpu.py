@@ -14,7 +14,6 @@ thread. The first call compiles (or loads numba's cache); it is not timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.format_throughput import write_report
 
 
 def rate(fn: Callable[[], Any], nbytes: int, reps: int) -> float:
@@ -100,10 +101,7 @@ def main() -> int:
         print(f"{k:18} {v:6.2f} GB/s")
     for k, v in ratios.items():
         print(f"{k:9} native / OpenSSL: {v:.2f}")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(args.out, report)
     return 0
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import parse_size
+from benchmarks.format_throughput import parse_size, write_report
 
 
 def make_model(root: Path, size: int, shard: int) -> int:
@@ -248,10 +248,7 @@ def main() -> int:
         "target": "push and pull >= 0.8x the plain fsspec copy, both ways",
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 
