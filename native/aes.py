@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from sealstore.native.common import tags_equal
+
 __all__ = ["expand_key", "gcm_decrypt", "gcm_encrypt"]
 
 
@@ -280,10 +282,7 @@ def gcm_decrypt(
         return False
     tag = np.empty(16, dtype=np.uint8)
     _tag(rk, nonce, aad, src[:n], tag)
-    diff = 0
-    for i in range(16):
-        diff |= tag[i] ^ src[n + i]
-    if diff != 0:
+    if not tags_equal(tag, src[n:]):
         return False
     _ctr(rk, nonce, src[:n], dst[:n])
     return True

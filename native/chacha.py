@@ -23,6 +23,8 @@ import sys
 import numpy as np
 from numba import njit
 
+from sealstore.native.common import tags_equal
+
 __all__ = ["LANES", "aead_decrypt", "aead_encrypt", "chacha20_block", "chacha20_xor", "poly1305"]
 
 if sys.byteorder != "little":  # keystream words are read as little-endian bytes
@@ -409,10 +411,7 @@ def aead_decrypt(
         return False
     tag = np.empty(16, dtype=np.uint8)
     _aead_tag(key, nonce, aad, src[:n], tag)
-    diff = 0
-    for i in range(16):
-        diff |= tag[i] ^ src[n + i]
-    if diff != 0:
+    if not tags_equal(tag, src[n:]):
         return False
     chacha20_xor(key, nonce, 1, src[:n], dst[:n])
     return True
