@@ -132,10 +132,12 @@ class SealedFile:
     def chunk_count(self) -> int:
         return self.layout.count
 
-    def _scratch(self) -> bytearray:
-        buf = getattr(self._local, "buf", None)
+    def _lane_buffer(self, name: str, size: int) -> memoryview:
+        """This thread's reusable buffer *name* (ciphertext or plaintext scratch)."""
+        buf = getattr(self._local, name, None)
         if buf is None:
-            buf = self._local.buf = bytearray(self.layout.chunk_size + TAG_SIZE)
+            buf = memoryview(bytearray(size))
+            setattr(self._local, name, buf)
         return buf
 
     def decrypt_chunk_into(self, i: int, buf: Any) -> int:
@@ -169,7 +171,9 @@ class SealedFile:
         if len(out) < n:
             raise ValueError(f"buffer of {len(out)} bytes is too small for chunk {i} ({n} bytes)")
         dst = out[:n]
-        scratch = None if self._src.in_memory else self._scratch()
+        scratch = None
+        if not self._src.in_memory:
+            scratch = self._lane_buffer("sealed", self.layout.chunk_size + TAG_SIZE)
         ct = self._src.view(layout.offset(i), n + TAG_SIZE, scratch)
         nonce = chunk_nonce(self.header.nonce_prefix, i, i == layout.count - 1)
         try:
@@ -187,12 +191,6 @@ class SealedFile:
             zero(memoryview(scratch))
             self._end_verified = True
 
-    def _plain_scratch(self) -> memoryview:
-        buf = getattr(self._local, "plain", None)
-        if buf is None:
-            buf = self._local.plain = memoryview(bytearray(self.layout.chunk_size))
-        return buf
-
     def _do_chunk(self, plan: _Plan, i: int) -> int:
         k = plan.owner[i - plan.first]
         if k >= 0:  # one range covers chunk i whole: decrypt straight into it
@@ -203,7 +201,7 @@ class SealedFile:
             return 0
         # Ranges share chunk i or cover only part of it: decrypted (and so
         # authenticated) into this lane's scratch, copied out, then wiped.
-        tmp = self._plain_scratch()
+        tmp = self._lane_buffer("plain", self.layout.chunk_size)
         n = self._decrypt_chunk(i, tmp)
         try:
             for out, lo, hi in plan.shared[i]:
