@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
+from sealstore.native.cuda_common import check_tag_threads, piece, segments, xor_grid
+
 __all__ = ["TAG_THREADS", "decrypt_chunks", "device_tables"]
 
 TAG_THREADS = 128
@@ -161,13 +163,8 @@ def _tag_kernel(rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len,
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    count = nonces.shape[0]
-    n = last_len if c == count - 1 else chunk_size
-    base = c * (chunk_size + 16)
     aad_len = aad.shape[0]
-    total = (aad_len + 15) // 16 + (n + 15) // 16 + 1
-    seg = (total + nt - 1) // nt
-    z = seg * nt - total
+    n, base, seg, z = segments(c, nt, nonces.shape[0], chunk_size, last_len, aad_len)
 
     hh = cuda.shared.array(16, uint64)
     hl = cuda.shared.array(16, uint64)
@@ -241,23 +238,10 @@ def _xor_kernel(rk, te_g, sb_g, nonces, ct, chunk_size, last_len, ok, out):  # t
         for k in range(4):
             te[k, i] = te_g[k, i]
     cuda.syncthreads()
-    g = cuda.grid(1)
-    per = (chunk_size + 15) // 16
-    count = nonces.shape[0]
-    c = g // per
-    if c >= count:
+    c, b, start, end = piece(cuda.grid(1), 16, nonces.shape[0], chunk_size, last_len, ok, out)
+    if c < 0:
         return
-    b = g - c * per
-    n = last_len if c == count - 1 else chunk_size
-    start = 16 * b
-    if start >= n:
-        return
-    end = min(start + 16, n)
     dst = c * chunk_size
-    if ok[c] != 1:
-        for i in range(start, end):
-            out[dst + i] = 0
-        return
     ks = cuda.local.array(4, uint64)
     ctr = (_U(b) + _U(2)) & _M32
     _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), ctr, ks)
@@ -293,15 +277,13 @@ def decrypt_chunks(
         nonces: device uint32[count, 3], each chunk's nonce as *big-endian* words.
         Others as ``cuda_chacha.decrypt_chunks``.
     """
-    if not 1 <= tag_threads <= TAG_THREADS:
-        raise ValueError(f"tag_threads must be 1..{TAG_THREADS}")
+    check_tag_threads(tag_threads, TAG_THREADS)
     te, sb, last4 = tables
     count = nonces.shape[0]  # type: ignore[attr-defined]
     _tag_kernel[count, tag_threads, stream](
         rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len, ok
     )
-    blocks = count * ((chunk_size + 15) // 16)
-    grid = (blocks + XOR_THREADS - 1) // XOR_THREADS
+    grid = xor_grid(count, chunk_size, 16, XOR_THREADS)
     _xor_kernel[grid, XOR_THREADS, stream](rk, te, sb, nonces, ct, chunk_size, last_len, ok, out)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
+from sealstore.native.cuda_common import check_tag_threads, piece, segments, xor_grid
+
 __all__ = ["TAG_THREADS", "decrypt_chunks"]
 
 TAG_THREADS = 128  # Poly1305 segments per chunk (threads of one CUDA block)
@@ -153,13 +155,8 @@ def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    count = nonces.shape[0]
-    n = last_len if c == count - 1 else chunk_size
-    base = c * (chunk_size + 16)
     aad_len = aad.shape[0]
-    total = (aad_len + 15) // 16 + (n + 15) // 16 + 1
-    seg = (total + nt - 1) // nt  # L: blocks per segment
-    z = seg * nt - total  # virtual zero blocks in front
+    n, base, seg, z = segments(c, nt, nonces.shape[0], chunk_size, last_len, aad_len)
 
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), 0, x)
@@ -252,23 +249,10 @@ def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore
 
 @cuda.jit(cache=True)
 def _xor_kernel(key, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
-    g = cuda.grid(1)
-    per = (chunk_size + 63) // 64
-    count = nonces.shape[0]
-    c = g // per
-    if c >= count:
+    c, b, start, end = piece(cuda.grid(1), 64, nonces.shape[0], chunk_size, last_len, ok, out)
+    if c < 0:
         return
-    b = g - c * per
-    n = last_len if c == count - 1 else chunk_size
-    start = 64 * b
-    if start >= n:
-        return
-    end = min(start + 64, n)
     dst = c * chunk_size
-    if ok[c] != 1:
-        for i in range(start, end):
-            out[dst + i] = 0
-        return
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), b + 1, x)
     src = c * (chunk_size + 16)
@@ -305,10 +289,8 @@ def decrypt_chunks(
             output is zeros.
         tag_threads: Poly1305 segments per chunk (at most ``TAG_THREADS``).
     """
-    if not 1 <= tag_threads <= TAG_THREADS:
-        raise ValueError(f"tag_threads must be 1..{TAG_THREADS}")
+    check_tag_threads(tag_threads, TAG_THREADS)
     count = nonces.shape[0]  # type: ignore[attr-defined]
     _tag_kernel[count, tag_threads, stream](key, nonces, aad, ct, chunk_size, last_len, ok)
-    blocks = count * ((chunk_size + 63) // 64)
-    grid = (blocks + XOR_THREADS - 1) // XOR_THREADS
+    grid = xor_grid(count, chunk_size, 64, XOR_THREADS)
     _xor_kernel[grid, XOR_THREADS, stream](key, nonces, ct, chunk_size, last_len, ok, out)

@@ -1,0 +1,64 @@
+"""What the CUDA ChaCha20-Poly1305 and AES-GCM kernels share: how a batch of chunks is cut up.
+
+Both take chunks laid out as in the file (chunk c's ciphertext at
+``c * (chunk_size + 16)``, its tag after it, its plaintext going to
+``c * chunk_size``); both run a tag kernel (one CUDA block per chunk, the
+16-byte blocks of the MAC input split into equal segments) and then a
+keystream kernel (one thread per keystream block of *width* bytes).
+"""
+
+from __future__ import annotations
+
+from numba import cuda
+
+__all__ = ["check_tag_threads", "piece", "segments", "xor_grid"]
+
+
+def check_tag_threads(tag_threads: int, most: int) -> None:
+    if not 1 <= tag_threads <= most:
+        raise ValueError(f"tag_threads must be 1..{most}")
+
+
+def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:
+    """CUDA blocks of *threads* for one thread per *width*-byte piece of every chunk."""
+    pieces = count * ((chunk_size + width - 1) // width)
+    return (pieces + threads - 1) // threads
+
+
+@cuda.jit(device=True)
+def segments(c, nt, count, chunk_size, last_len, aad_len):  # type: ignore[no-untyped-def]
+    """Chunk c's (length, offset in the batch, segment length L, virtual zero blocks in front).
+
+    Its MAC input (AAD, padding, ciphertext, padding, lengths) is cut into
+    *nt* segments of L 16-byte blocks each, after z zero blocks that make
+    the count a multiple of *nt* (a zero block changes nothing).
+    """
+    n = last_len if c == count - 1 else chunk_size
+    total = (aad_len + 15) // 16 + (n + 15) // 16 + 1
+    seg = (total + nt - 1) // nt
+    return n, c * (chunk_size + 16), seg, seg * nt - total
+
+
+@cuda.jit(device=True)
+def piece(g, width, count, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
+    """Thread g's piece: (chunk, block index, start, end) within the chunk, or chunk -1.
+
+    -1 means nothing to decrypt: g is past the batch or the chunk's end, or
+    the chunk failed its tag -- then this thread has zeroed its piece of the
+    output instead, so a failed chunk's plaintext never exists.
+    """
+    per = (chunk_size + width - 1) // width
+    c = g // per
+    if c >= count:
+        return -1, 0, 0, 0
+    b = g - c * per
+    n = last_len if c == count - 1 else chunk_size
+    start = width * b
+    if start >= n:
+        return -1, 0, 0, 0
+    end = min(start + width, n)
+    if ok[c] != 1:
+        for i in range(start, end):
+            out[c * chunk_size + i] = 0
+        return -1, 0, 0, 0
+    return c, b, start, end
