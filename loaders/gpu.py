@@ -23,7 +23,7 @@ import numpy as np
 from sealstore.errors import AuthenticationError, SealstoreError
 from sealstore.stream import SealedFile
 
-__all__ = ["GPU_SUITES", "DeviceUnavailable", "decrypt_to_device"]
+__all__ = ["GPU_SUITES", "DeviceUnavailable", "chunk_span", "decrypt_to_device", "read_to_cuda"]
 
 GPU_SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
 BATCH_BYTES = 64 << 20  # plaintext per staging slot
@@ -196,6 +196,47 @@ def check_device(device: str) -> None:
         )
 
 
+def chunk_span(layout: Any, start: int, end: int) -> tuple[int, int, int, int]:
+    """The chunks plaintext bytes [start, end) lie in: ``(first, last, nbytes, base)``.
+
+    Decrypting chunks first..last gives *nbytes* bytes, in which byte *start*
+    sits at *base*. An empty range still names one chunk (the one *start* is
+    in, or the last), so the caller always has something to authenticate.
+    """
+    if not 0 <= start <= end <= layout.plaintext_size:
+        raise IndexError(f"plaintext range [{start}, {end}) out of bounds")
+    cs = layout.chunk_size
+    first = min(start // cs, layout.count - 1)
+    last = max(first, (end - 1) // cs)
+    return first, last, (last - first) * cs + layout.plain_len(last), start - first * cs
+
+
+def read_to_cuda(sf: SealedFile, start: int, end: int, device: str) -> Any:
+    """Plaintext bytes [start, end) of *sf* as a uint8 tensor on *device*, decrypted there.
+
+    Only the chunks the range covers (and the final chunk, for truncation)
+    are read. The result is a view into a buffer of whole chunks.
+    """
+    import torch
+
+    check_device(device)
+    cuda = _cuda()
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    first, last, nbytes, base = chunk_span(sf.layout, start, end)
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", index))
+    with cuda.gpus[index]:
+        decrypt_to_device(sf, first, last, cuda.as_cuda_array(buf))
+    return buf[base : base + end - start]
+
+
+def as_tensor(raw: Any, dtype: Any, shape: list[int]) -> Any:
+    """View the uint8 tensor *raw* as *dtype* / *shape*, cloning it first if it is unaligned."""
+    if raw.data_ptr() % dtype.itemsize:
+        raw = raw.clone()  # a header length that leaves the tensor unaligned
+    return raw.view(dtype).reshape(shape)
+
+
 def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, device: str) -> dict:
     """The tensors of a sealed safetensors file, decrypted on the GPU (see module doc).
 
@@ -206,26 +247,11 @@ def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, devic
     import torch
 
     check_device(device)
-    cuda = _cuda()
-    dev = torch.device(device)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    layout = sf.layout
     if not entries:
         return {}
-    if data_start >= layout.plaintext_size:  # only empty tensors
-        return {name: torch.empty(shape, dtype=dtype, device=dev)
+    if data_start >= sf.layout.plaintext_size:  # only empty tensors
+        return {name: torch.empty(shape, dtype=dtype, device=torch.device(device))
                 for name, (dtype, shape, _, _) in entries.items()}  # fmt: skip
-    cs = layout.chunk_size
-    first, last = data_start // cs, layout.count - 1
-    buf = torch.empty((last - first) * cs + layout.plain_len(last), dtype=torch.uint8,
-                      device=torch.device("cuda", index))  # fmt: skip
-    with cuda.gpus[index]:
-        decrypt_to_device(sf, first, last, cuda.as_cuda_array(buf))
-    base = data_start - first * cs
-    out = {}
-    for name, (dtype, shape, start, end) in entries.items():
-        part = buf[base + start : base + end]
-        if (base + start) % dtype.itemsize:
-            part = part.clone()  # a header length that leaves the tensor unaligned
-        out[name] = part.view(dtype).reshape(shape)
-    return out
+    data = read_to_cuda(sf, data_start, sf.layout.plaintext_size, device)
+    return {name: as_tensor(data[start:end], dtype, shape)
+            for name, (dtype, shape, start, end) in entries.items()}  # fmt: skip

@@ -147,6 +147,11 @@ def _progress(progress: bool | Progress, total: int) -> Progress | None:
     return progress or None
 
 
+def _check_prefer(prefer: str) -> None:
+    if prefer not in ("gpu-direct", "cpu-decrypt"):
+        raise ValueError(f"prefer must be 'gpu-direct' or 'cpu-decrypt', not {prefer!r}")
+
+
 def load_file(
     src: Any,
     device: str = "cpu",
@@ -185,8 +190,7 @@ def load_file(
     """
     import torch
 
-    if prefer not in ("gpu-direct", "cpu-decrypt"):
-        raise ValueError(f"prefer must be 'gpu-direct' or 'cpu-decrypt', not {prefer!r}")
+    _check_prefer(prefer)
     cuda_device = str(device).startswith("cuda")
     if cuda_device:
         from sealstore.loaders.gpu import check_device
@@ -269,9 +273,12 @@ class SafeOpen:
         tenant: str | None = None,
         check_digest: bool = False,
         threads: int | None = None,
+        prefer: str = "gpu-direct",
     ) -> None:
         if framework not in ("pt", "torch"):
             raise ValueError(f"framework {framework!r} is not supported (only 'pt')")
+        _check_prefer(prefer)
+        self._gpu_direct = str(device).startswith("cuda") and prefer == "gpu-direct"
         if str(device).startswith("cuda"):
             from sealstore.loaders.gpu import check_device
 
@@ -297,6 +304,11 @@ class SafeOpen:
     def _read(self, start: int, end: int, dtype: Any, shape: list[int]) -> Any:
         import torch
 
+        if self._gpu_direct:
+            from sealstore.loaders.gpu import as_tensor, read_to_cuda
+
+            start, end = self._layout.data_start + start, self._layout.data_start + end
+            return as_tensor(read_to_cuda(self._sf, start, end, str(self._device)), dtype, shape)
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
@@ -341,6 +353,10 @@ def safe_open(
     whole-object digest is skipped by default to keep access lazy (pass
     ``check_digest=True`` to hash the object first). ``threads`` decrypt the
     chunks of one tensor in parallel (default: the CPU count, at most 8).
+
+    With ``device="cuda[:N]"`` each requested tensor's chunks are decrypted on
+    the GPU (as ``load_file`` does; the tensor is a view of a buffer of whole
+    chunks); ``prefer="cpu-decrypt"`` decrypts on the CPU and copies.
     """
     return SafeOpen(src, framework, device, **kwargs)
 

@@ -473,3 +473,5 @@ def test_cuda_without_a_gpu_is_a_clear_error(ring: LocalKeyring, tmp_path: Path)
         safe_open(sealed, device="cuda")
     with pytest.raises(ValueError, match="prefer"):
         load_file(sealed, prefer="fastest")
+    with pytest.raises(ValueError, match="prefer"):
+        safe_open(sealed, prefer="fastest")
