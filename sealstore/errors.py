@@ -65,7 +65,17 @@ class KeyReleaseDenied(SealstoreError):
 
 
 class AttestationError(SealstoreError):
-    """Attestation evidence could not be collected or did not verify."""
+    """Attestation evidence could not be collected or did not verify.
+
+    Attributes:
+        code: a short stable name of the check that failed (``snp-signature``,
+            ``tpm-pcr-mismatch``...): what a broker may tell the caller, while
+            the message, with the detail, goes only to its log.
+    """
+
+    def __init__(self, message: str, code: str = "evidence-invalid") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class BackendError(SealstoreError):

@@ -85,6 +85,19 @@ def identity(identity_path: Path) -> X25519Identity:
     return X25519Identity.from_text(identity_path.read_text(), source=str(identity_path))
 
 
+def shared_data() -> Path:
+    """The public test data beside the checkout (../shared/data), or $SEALSTORE_SHARED_DATA.
+
+    Raises:
+        FileNotFoundError: it is missing -- a test without its data must fail, not pass.
+    """
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(os.environ.get("SEALSTORE_SHARED_DATA", default))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing (set SEALSTORE_SHARED_DATA)")
+    return path
+
+
 def seal_bytes(data: bytes, dek: DataKey, **options: object) -> bytes:
     """Seal *data* in memory with SealWriter (64 KiB chunks unless told)."""
     options.setdefault("chunk_size", CS)

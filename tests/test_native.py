@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,9 @@ from hypothesis import strategies as st
 from sealstore.errors import AuthenticationError
 from sealstore.native import chacha
 from sealstore.native.aead import AESGCM, ChaCha20Poly1305
+from tests.conftest import shared_data
 
-# The project's public test data lives beside the checkout (../shared/data).
-DATA = Path(
-    os.environ.get("SEALSTORE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+DATA = shared_data()
 
 
 def u8(b: bytes) -> np.ndarray:
