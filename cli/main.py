@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import files, keys, store
+    from sealstore.cli import files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub)
     files.register(sub)
     store.register(sub)
+    tpm.register(sub)
     return parser
 
 

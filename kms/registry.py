@@ -31,6 +31,9 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
         'pip install "sealstore[vault]"',
     ),
     "aws-kms": ("sealstore.kms.aws_kms:AwsKmsKey", 'pip install "sealstore[aws]"'),
+    # Providers that need attestation live on the enclave/ floor; named here by
+    # path only, so kms/ never imports them.
+    "tpm": ("sealstore.enclave.tpm_kek:TpmKek", 'pip install "sealstore[tpm]"'),
 }
 _loaded: dict[str, type] = {}
 

@@ -1,0 +1,94 @@
+"""``sealstore tpm ...``: KEKs sealed to the TPM under PCR policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+_TCTI_HELP = "the TPM (default: $SEALSTORE_TPM_TCTI, else device:/dev/tpmrm0)"
+
+
+def register(sub: Any) -> None:
+    tpm = sub.add_parser("tpm", help="keys sealed to this machine's TPM (PCR policies)")
+    tsub = tpm.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
+
+    seal = tsub.add_parser(
+        "seal",
+        help="make a KEK sealed to the TPM; prints its key URI (tpm:FILE)",
+        description="Generate a fresh KEK and seal it under TPM2_PolicyPCR: it unseals only "
+        "while the PCRs hold the current values, or those in --expect. Use the printed "
+        "tpm:FILE URI with -k / --key like any other key.",
+    )
+    seal.add_argument("--pcrs", required=True, help="PCR list, e.g. 7,16 or sha256:0,2,4,7")
+    seal.add_argument(
+        "--expect",
+        type=Path,
+        metavar="FILE",
+        help='JSON {"PCR": "hex value"}: seal for these values (e.g. after an update) '
+        "instead of the current ones",
+    )
+    seal.add_argument("--tcti", help=_TCTI_HELP)
+    seal.add_argument("--force", action="store_true", help="overwrite an existing KEK file")
+    seal.add_argument("output", type=Path, help="the KEK file to write")
+    seal.set_defaults(func=_seal)
+
+    pol = tsub.add_parser(
+        "policy",
+        help="print the PolicyPCR digest for the current or expected PCR values",
+    )
+    pol.add_argument("--pcrs", required=True)
+    pol.add_argument("--expect", type=Path, metavar="FILE")
+    pol.add_argument("--tcti", help=_TCTI_HELP)
+    pol.set_defaults(func=_policy)
+
+    pcrs = tsub.add_parser("pcrs", help="print PCR values as JSON (the --expect format)")
+    pcrs.add_argument("--pcrs", required=True)
+    pcrs.add_argument("--tcti", help=_TCTI_HELP)
+    pcrs.set_defaults(func=_pcrs)
+
+
+def _expected(path: Path | None) -> dict[int, bytes] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): bytes.fromhex(v) for k, v in doc.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f'{path}: expected JSON {{"PCR": "hex value"}} ({exc})') from None
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from sealstore.enclave.tpm import PcrPolicy
+    from sealstore.enclave.tpm_kek import seal_kek
+
+    policy = PcrPolicy.parse(args.pcrs)
+    kek = seal_kek(args.output, policy, expect=_expected(args.expect), tcti=args.tcti,
+                   overwrite=args.force)  # fmt: skip
+    print(kek.key_id)
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from sealstore.enclave import tpm
+
+    policy = tpm.PcrPolicy.parse(args.pcrs)
+    values = _expected(args.expect)
+    if values is None:
+        with tpm.connect(args.tcti) as ectx:
+            values = tpm.read_pcrs(ectx, policy)
+    print(policy.digest(values).hex())
+    return 0
+
+
+def _pcrs(args: argparse.Namespace) -> int:
+    from sealstore.enclave import tpm
+
+    policy = tpm.PcrPolicy.parse(args.pcrs)
+    with tpm.connect(args.tcti) as ectx:
+        values = tpm.read_pcrs(ectx, policy)
+    print(json.dumps({str(k): v.hex() for k, v in values.items()}, indent=2))
+    return 0
