@@ -25,7 +25,7 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,9 +282,3 @@ def reset(ectx: Any, pcr: int) -> None:
     from tpm2_pytss import ESYS_TR
 
     ectx.pcr_reset(ESYS_TR.parse(f"pcr{pcr}"))
-
-
-def flush_all(ectx: Any, handles: Sequence[Any]) -> None:  # pragma: no cover - tooling
-    for h in handles:
-        with contextlib.suppress(Exception):
-            ectx.flush_context(h)

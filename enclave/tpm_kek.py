@@ -35,6 +35,7 @@ __all__ = ["TpmKek", "seal_kek"]
 
 _TYPE = "sealstore-tpm-kek"
 _AAD = b"sealstore/v1/slot/tpm\x00"
+_MAX_FILE = 64 * 1024
 
 
 def _b64(raw: bytes) -> str:
@@ -107,6 +108,10 @@ class TpmKek:
             FormatError: not a sealstore TPM KEK file.
         """
         p = Path(path).absolute()
+        # A slot's key_id is not authenticated and may name any path: only a
+        # small regular file is ever read (never a FIFO or a device).
+        if p.exists() and (not p.is_file() or p.stat().st_size > _MAX_FILE):
+            raise FormatError(f"{p} is not a sealstore TPM KEK file")
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:

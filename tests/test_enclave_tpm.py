@@ -119,6 +119,10 @@ def test_kek_file_errors(tcti: str, tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         TpmKek.open(tmp_path / "absent.json")
     (tmp_path / "bad.json").write_text('{"type": "something else"}')
+    os.mkfifo(tmp_path / "fifo")  # a slot naming a FIFO must not hang the reader
+    for bad in ("fifo", "bad.json"):
+        with pytest.raises(FormatError, match="not a sealstore TPM KEK file"):
+            TpmKek.open(tmp_path / bad)
     with pytest.raises(FormatError, match="not a sealstore TPM KEK file"):
         TpmKek.open(tmp_path / "bad.json")
     path = seal_kek(tmp_path / "kek.json", POLICY).path
@@ -196,5 +200,4 @@ def test_cli_policy_and_pcrs(tcti: str, tmp_path: Path) -> None:
                      tmp_path / "k.json"), 2)  # fmt: skip
     assert "expected JSON" in line
     assert fails(run("tpm", "seal", "--pcrs", "99", tmp_path / "k.json"), 2)
-    assert os.listdir(tmp_path) == ["expect.json", "bad.json"] or sorted(os.listdir(tmp_path)) == [
-        "bad.json", "expect.json", "sealstore-home"]  # fmt: skip
+    assert not (tmp_path / "k.json").exists()
