@@ -45,6 +45,13 @@ def register(sub: Any) -> None:
     pol.add_argument("--tcti", help=_TCTI_HELP)
     pol.set_defaults(func=_policy)
 
+    ak = tsub.add_parser(
+        "ak",
+        help="print the attestation key's public key (PEM), to register with a verifier",
+    )
+    ak.add_argument("--tcti", help=_TCTI_HELP)
+    ak.set_defaults(func=_ak)
+
     pcrs = tsub.add_parser("pcrs", help="print PCR values as JSON (the --expect format)")
     pcrs.add_argument("--pcrs", required=True)
     pcrs.add_argument("--tcti", help=_TCTI_HELP)
@@ -91,4 +98,13 @@ def _pcrs(args: argparse.Namespace) -> int:
     with tpm.connect(args.tcti) as ectx:
         values = tpm.read_pcrs(ectx, policy)
     print(json.dumps({str(k): v.hex() for k, v in values.items()}, indent=2))
+    return 0
+
+
+def _ak(args: argparse.Namespace) -> int:
+    import sys
+
+    from sealstore.enclave.tpm_quote import ak_public
+
+    sys.stdout.write(ak_public(args.tcti).decode())
     return 0

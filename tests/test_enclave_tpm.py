@@ -201,3 +201,58 @@ def test_cli_policy_and_pcrs(tcti: str, tmp_path: Path) -> None:
     assert "expected JSON" in line
     assert fails(run("tpm", "seal", "--pcrs", "99", tmp_path / "k.json"), 2)
     assert not (tmp_path / "k.json").exists()
+
+
+# ------------------------------------------------------------------ quotes
+
+
+def test_a_quote_verifies_against_the_registered_ak(tcti: str) -> None:
+    from sealstore.enclave.tpm_quote import ak_public, quote, verify_quote
+
+    ak = ak_public()
+    assert ak == ak_public()  # a primary: the same key every time, nothing persisted
+    policy = tpm.PcrPolicy.parse("0,7,16")
+    nonce = os.urandom(32)
+    q = quote(nonce, policy)
+    info = verify_quote(q, ak, nonce, policy, reference=q.pcrs)
+    assert sorted(info.pcrs) == [0, 7, 16] and info.reset_count >= 0
+    # The CLI prints the same AK for registration.
+    assert ok(run("tpm", "ak")).stdout == ak
+
+
+def test_quote_negatives(tcti: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sealstore.enclave.tpm_quote import TpmQuote, ak_public, quote, verify_quote
+    from sealstore.errors import AttestationError
+
+    ak = ak_public()
+    policy = tpm.PcrPolicy.parse("7,16")
+    nonce = os.urandom(32)
+    q = quote(nonce, policy)
+    reference = dict(q.pcrs)
+    other_ak = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    flipped = bytearray(q.attest)
+    flipped[-5] ^= 1
+    lied = {**q.pcrs, 16: b"\x01" * 32}
+    cases = {
+        "tpm-signature": [(q, other_ak, nonce, policy), (TpmQuote(bytes(flipped), q.signature,
+                          q.pcrs), ak, nonce, policy)],
+        "tpm-nonce": [(q, ak, os.urandom(32), policy)],  # a replayed quote for a new challenge
+        "tpm-selection": [(q, ak, nonce, tpm.PcrPolicy.parse("7"))],
+        "tpm-pcr-digest": [(TpmQuote(q.attest, q.signature, lied), ak, nonce, policy)],
+    }  # fmt: skip
+    for code, calls in cases.items():
+        for args in calls:
+            with pytest.raises(AttestationError) as err:
+                verify_quote(*args)
+            assert err.value.code == code
+    _extend16()  # the machine changed: a fresh quote no longer matches the reference
+    nonce = os.urandom(32)
+    with pytest.raises(AttestationError, match="PCR 16 is not its reference value"):
+        verify_quote(quote(nonce, policy), ak, nonce, policy, reference)
