@@ -1,4 +1,4 @@
-"""The CUDA ChaCha20-Poly1305 kernels: numba's simulator, or a GPU with SEALSTORE_CUDA=device."""
+"""The CUDA AEAD kernels (both suites): numba's simulator, or a GPU with SEALSTORE_CUDA=device."""
 
 from __future__ import annotations
 
@@ -8,35 +8,43 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from numba import cuda
 
 from sealstore.errors import AuthenticationError
 from sealstore.keys import DataKey
+from sealstore.loaders import gpu
 from sealstore.loaders.gpu import decrypt_to_device
 from sealstore.native import cuda_chacha
 from sealstore.stream import SealedFile
 from tests.conftest import CS, seal_bytes
 
+CHACHA = "CHACHA20-POLY1305"
+OPENSSL = {CHACHA: ChaCha20Poly1305, "AES-256-GCM": AESGCM}
 
-def sealed_batch(key: bytes, aad: bytes, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Chunks sealed by OpenSSL, laid out as in a sealed file, and their nonces as words."""
+
+def sealed_batch(
+    key: bytes, aad: bytes, chunks: list[bytes], suite: str = CHACHA
+) -> tuple[np.ndarray, list[bytes]]:
+    """Chunks sealed by OpenSSL, laid out as in a sealed file, and their nonces."""
     nonces = [os.urandom(12) for _ in chunks]
-    aead = ChaCha20Poly1305(key)
+    aead = OPENSSL[suite](key)
     ct = b"".join(aead.encrypt(n, c, aad) for n, c in zip(nonces, chunks, strict=True))
-    words = np.frombuffer(b"".join(nonces), dtype="<u4").astype(np.uint32).reshape(-1, 3)
-    return np.frombuffer(ct, dtype=np.uint8).copy(), words
+    return np.frombuffer(ct, dtype=np.uint8).copy(), nonces
 
 
 def run(
-    key: bytes, aad: bytes, ct: np.ndarray, nonces: np.ndarray, cs: int, last: int, threads: int
-) -> tuple[np.ndarray, np.ndarray]:
-    count = nonces.shape[0]
+    key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int,
+    threads: int, suite: str = CHACHA,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Decrypt a batch with the suite's kernels, keyed as the GPU-direct loader keys them."""
+    decrypt, nonce_order = gpu._kernels(cuda, suite, bytearray(key), [])
+    count = len(nonces)
     out = cuda.device_array((count - 1) * cs + last, dtype=np.uint8)
     ok = cuda.device_array(count, dtype=np.uint8)
-    cuda_chacha.decrypt_chunks(
-        cuda.to_device(np.frombuffer(key, dtype="<u4").astype(np.uint32)),
-        cuda.to_device(nonces),
+    words = np.frombuffer(b"".join(nonces), dtype=nonce_order).astype(np.uint32).reshape(-1, 3)
+    decrypt(
+        cuda.to_device(words),
         cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy()),
         cuda.to_device(ct),
         cs,
@@ -48,20 +56,24 @@ def run(
     return out.copy_to_host(), ok.copy_to_host()
 
 
+@pytest.mark.parametrize("suite", sorted(OPENSSL))
 @pytest.mark.parametrize(
     ("cs", "last", "aad_len", "threads"),
     [(128, 128, 0, 1), (200, 77, 37, 4), (64, 1, 16, 3), (160, 0, 5, 8), (96, 50, 300, 2)],
 )
 def test_kernels_decrypt_what_openssl_sealed(
-    cs: int, last: int, aad_len: int, threads: int
+    suite: str, cs: int, last: int, aad_len: int, threads: int
 ) -> None:
-    """Chunk and AAD lengths off every block size; Poly1305 split over 1-8 segments."""
+    """Chunk and AAD lengths off every block size; Poly1305 / GHASH split over 1-8 segments."""
     key, aad = os.urandom(32), os.urandom(aad_len)
     chunks = [os.urandom(cs), os.urandom(cs), os.urandom(last)]
-    ct, nonces = sealed_batch(key, aad, chunks)
-    out, ok = run(key, aad, ct, nonces, cs, last, threads)
+    ct, nonces = sealed_batch(key, aad, chunks, suite)
+    out, ok = run(key, aad, ct, nonces, cs, last, threads, suite)
     assert ok.tolist() == [1, 1, 1]
     assert out.tobytes() == b"".join(chunks)
+    ct[cs + 16 + 3] ^= 1  # chunk 1
+    out, ok = run(key, aad, ct, nonces, cs, last, threads, suite)
+    assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
 
 
 def test_a_failed_chunk_is_zeroed_and_flagged() -> None:
@@ -232,55 +244,3 @@ def test_decrypt_to_device_refuses_an_unknown_suite(
     monkeypatch.setattr(gpu, "GPU_SUITES", ("AES-256-GCM",))
     with SealedFile(path, dek) as sf, pytest.raises(ValueError, match="cpu-decrypt"):
         decrypt_to_device(sf, 0, 0, cuda.device_array(100, dtype=np.uint8))
-
-
-# --------------------------------------------------------------------------- AES-GCM kernels
-
-
-def run_aes(
-    key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int, threads: int
-) -> tuple[np.ndarray, np.ndarray]:
-    from sealstore.native import aes, cuda_aes
-
-    count = len(nonces)
-    rk = aes.expand_key(np.frombuffer(key, dtype=np.uint8))
-    out = cuda.device_array((count - 1) * cs + last, dtype=np.uint8)
-    ok = cuda.device_array(count, dtype=np.uint8)
-    words = np.frombuffer(b"".join(nonces), dtype=">u4").astype(np.uint32).reshape(-1, 3)
-    cuda_aes.decrypt_chunks(
-        cuda.to_device(rk),
-        cuda.to_device(cuda_aes.h_tables(rk)),
-        cuda_aes.device_tables(),
-        cuda.to_device(words),
-        cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy()),
-        cuda.to_device(ct),
-        cs,
-        last,
-        out,
-        ok,
-        tag_threads=threads,
-    )
-    return out.copy_to_host(), ok.copy_to_host()
-
-
-@pytest.mark.parametrize(
-    ("cs", "last", "aad_len", "threads"),
-    [(128, 128, 0, 1), (200, 77, 37, 4), (64, 1, 16, 3), (160, 0, 5, 8), (96, 50, 300, 2)],
-)
-def test_aes_kernels_decrypt_what_openssl_sealed(
-    cs: int, last: int, aad_len: int, threads: int
-) -> None:
-    """Chunk and AAD lengths off every block size; GHASH split over 1-8 segments."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    key, aad = os.urandom(32), os.urandom(aad_len)
-    chunks = [os.urandom(cs), os.urandom(cs), os.urandom(last)]
-    nonces = [os.urandom(12) for _ in chunks]
-    ct = b"".join(AESGCM(key).encrypt(n, c, aad) for n, c in zip(nonces, chunks, strict=True))
-    arr = np.frombuffer(ct, dtype=np.uint8).copy()
-    out, ok = run_aes(key, aad, arr, nonces, cs, last, threads)
-    assert ok.tolist() == [1, 1, 1]
-    assert out.tobytes() == b"".join(chunks)
-    arr[cs + 16 + 3] ^= 1  # chunk 1
-    out, ok = run_aes(key, aad, arr, nonces, cs, last, threads)
-    assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
