@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import files, keys, store, tpm
+    from sealstore.cli import broker, files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.register(sub)
     store.register(sub)
     tpm.register(sub)
+    broker.register(sub)
     return parser
 
 

@@ -34,6 +34,7 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     # Providers that need attestation live on the enclave/ floor; named here by
     # path only, so kms/ never imports them.
     "tpm": ("sealstore.enclave.tpm_kek:TpmKek", 'pip install "sealstore[tpm]"'),
+    "broker+https": ("sealstore.enclave.broker_client:BrokerKey", None),
 }
 _loaded: dict[str, type] = {}
 

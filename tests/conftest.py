@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ if os.environ.get("SEALSTORE_CUDA") != "device":
 import pytest
 from nacl import pwhash
 
+from sealstore.enclave import tpm
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import configure_cache
 from sealstore.kms.local import LocalKeyring, create_keyring
@@ -110,3 +112,37 @@ def seal_bytes(data: bytes, dek: DataKey, **options: object) -> bytes:
 def listing(directory: Path) -> list[str]:
     """The names in *directory*, sorted: a check that no temporary file was left behind."""
     return sorted(p.name for p in directory.iterdir())
+
+
+# -- the TPM (swtpm, started by tests/services.py) ---------------------------------
+
+
+def _leftovers(tcti: str) -> str:
+    """The transient objects and sessions loaded in the TPM (tpm2_getcap)."""
+    out = []
+    for what in ("handles-transient", "handles-loaded-session"):
+        proc = subprocess.run(["tpm2_getcap", what, "-T", tcti], capture_output=True, timeout=30)
+        out.append(proc.stdout.decode().strip())
+    return "".join(out)
+
+
+@pytest.fixture
+def tcti(tpm_tcti: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The swtpm, PCR 16 reset before and after; fails if a test leaks a TPM handle.
+
+    PCR 16 is the debug PCR: resettable at locality 0, so tests extend and
+    reset it without disturbing anything else.
+    """
+    monkeypatch.setenv("SEALSTORE_TPM_TCTI", tpm_tcti)
+    with tpm.connect() as ectx:
+        tpm.reset(ectx, 16)
+    yield tpm_tcti
+    with tpm.connect() as ectx:
+        tpm.reset(ectx, 16)
+    assert _leftovers(tpm_tcti) == "", "a TPM handle was left loaded"
+
+
+def extend_pcr16(data: bytes = b"an unexpected boot component") -> None:
+    """Change PCR 16, as a changed boot component would."""
+    with tpm.connect() as ectx:
+        tpm.extend(ectx, 16, data)

@@ -178,8 +178,7 @@ def _cert(
     return b.sign(signer, hashes.SHA384(), rsa_padding=pss)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def own_chain() -> dict:
+def make_own_chain() -> dict:
     """An ARK / ASK / VCEK of our own named like Milan's, to reach the checks past the chain."""
     ark_key = rsa.generate_private_key(65537, 2048)
     ask_key = rsa.generate_private_key(65537, 2048)
@@ -194,6 +193,11 @@ def own_chain() -> dict:
     vcek = _cert("SEV-VCEK", "SEV-Milan", vcek_key.public_key(), ask_key, exts)
     return {"ark": ark, "ask": ask, "vcek": vcek, "key": vcek_key, "chip": chip,
             "roots": {"Milan": spki_sha256(ark)}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_chain() -> dict:
+    return make_own_chain()
 
 
 def _signed_report(key: ec.EllipticCurvePrivateKey, chip: bytes, tcb: bytes) -> bytes:

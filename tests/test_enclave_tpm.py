@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,34 +18,10 @@ from sealstore.enclave.tpm_kek import TpmKek, seal_kek
 from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, NotFound
 from sealstore.keys import DataKey
 from tests.conformance.providers import CONTEXT, ProviderConformance
+from tests.conftest import extend_pcr16 as _extend16
 from tests.test_cli import fails, ok, run
 
 POLICY = tpm.PcrPolicy.parse("7,16")
-
-
-def _leftovers(tcti: str) -> str:
-    out = []
-    for what in ("handles-transient", "handles-loaded-session"):
-        proc = subprocess.run(["tpm2_getcap", what, "-T", tcti], capture_output=True, timeout=30)
-        out.append(proc.stdout.decode().strip())
-    return "".join(out)
-
-
-@pytest.fixture
-def tcti(tpm_tcti: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The swtpm, PCR 16 reset before and after; fails if a test leaks a TPM handle."""
-    monkeypatch.setenv("SEALSTORE_TPM_TCTI", tpm_tcti)
-    with tpm.connect() as ectx:
-        tpm.reset(ectx, 16)
-    yield tpm_tcti
-    with tpm.connect() as ectx:
-        tpm.reset(ectx, 16)
-    assert _leftovers(tpm_tcti) == "", "a TPM handle was left loaded"
-
-
-def _extend16(data: bytes = b"an unexpected boot component") -> None:
-    with tpm.connect() as ectx:
-        tpm.extend(ectx, 16, data)
 
 
 def test_policy_digest_matches_the_tpms(tcti: str) -> None:

@@ -1,0 +1,312 @@
+"""``broker+https://HOST:PORT/TENANT/ARTIFACT`` -- keys the broker releases after attestation.
+
+Wrapping needs no broker: ``?key=URI`` names one of the tenant's keys (the
+same URI as in the broker's ``keys:`` list), the DEK is wrapped by that key
+under the encryption context plus the release scope, and the slot records
+the broker, tenant and artifact. The publisher needs only the right to wrap
+(Vault ``encrypt``, KMS ``Encrypt``, the keyring).
+
+Unwrapping is the protocol in ``release``: a challenge, evidence bound to
+the nonce and a fresh X25519 key, the DEK back in a sealed box. The evidence
+is the first kind the broker accepts that this machine can give (or
+``evidence=`` / ``SEALSTORE_EVIDENCE``): a TPM quote (``SEALSTORE_TPM_TCTI``,
+else /dev/tpmrm0), an SEV-SNP report or TDX quote (configfs-tsm).
+
+Credentials never sit in the URI or the file: a bearer token from ``token=``,
+``SEALSTORE_BROKER_TOKEN`` or the file named by ``SEALSTORE_BROKER_TOKEN_FILE``;
+a client certificate from ``SEALSTORE_BROKER_CERT`` / ``SEALSTORE_BROKER_KEY``;
+the broker's CA from ``SEALSTORE_BROKER_CACERT`` (else the system's). A slot
+is not authenticated, so opening a file by its slot only talks to a broker
+the user named in ``SEALSTORE_BROKERS`` (comma-separated ``https://HOST:PORT``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import nacl.exceptions
+import nacl.public
+
+from sealstore.enclave import release
+from sealstore.errors import (
+    AttestationError,
+    BackendError,
+    FormatError,
+    KeyReleaseDenied,
+    KeyUnavailable,
+)
+from sealstore.format import canonical_json
+from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
+
+__all__ = ["BrokerKey"]
+
+_TIMEOUT = 30
+
+
+class BrokerKey:
+    """One artifact's key at one broker: a wrapper (through a tenant key) and an unwrapper.
+
+    Raises (from ``unwrap``):
+        KeyReleaseDenied: the broker refused; the message carries its code
+            (``tpm-pcr-mismatch``, ``challenge-unknown``, ``not-permitted``, ...).
+        AttestationError: this machine could not produce the evidence asked for.
+        BackendError: the broker is unreachable, its TLS certificate does not
+            verify, or it failed.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        key: str | None = None,
+        token: str | None = None,
+        cert: str | None = None,
+        client_key: str | None = None,
+        cacert: str | None = None,
+        evidence: str | None = None,
+        tcti: str | None = None,
+        tsm_root: str | None = None,
+    ) -> None:
+        parts = urlsplit(uri)
+        segs = parts.path.strip("/").split("/")
+        if parts.scheme != release.SLOT_KIND or not parts.hostname or len(segs) != 2:
+            raise ValueError(
+                f"not a broker key URI (broker+https://HOST[:PORT]/TENANT/ARTIFACT): {uri!r}"
+            )
+        self.tenant = release.check_name(segs[0], "the URI's tenant")
+        self.artifact = release.check_name(segs[1], "the URI's artifact")
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self.origin = f"https://{self.host}:{self.port}"
+        self.key_id = f"{release.SLOT_KIND}://{self.host}:{self.port}/{self.tenant}/{self.artifact}"
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"key", "evidence"})
+        if unknown:
+            raise ValueError(f"{uri!r}: unknown option {unknown[0]!r} (known: key, evidence)")
+        self._inner = key or (query.get("key") or [None])[0]
+        self._evidence = evidence or (query.get("evidence") or [None])[0]
+        self._evidence = self._evidence or os.environ.get("SEALSTORE_EVIDENCE") or None
+        if self._evidence is not None and self._evidence not in release.EVIDENCE_KINDS:
+            raise ValueError(f"evidence must be one of tpm, snp, tdx, not {self._evidence!r}")
+        self._token = token
+        self._cert = cert or os.environ.get("SEALSTORE_BROKER_CERT")
+        self._client_key = client_key or os.environ.get("SEALSTORE_BROKER_KEY")
+        self._cacert = cacert or os.environ.get("SEALSTORE_BROKER_CACERT")
+        self._tcti = tcti
+        self._tsm_root = tsm_root
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> BrokerKey:
+        return cls(uri, **options)
+
+    @classmethod
+    def unwrapper_for_slot(cls, slot: KeySlot) -> BrokerKey | Refusal:
+        """The broker a slot names -- only if the user named it in ``SEALSTORE_BROKERS``."""
+        try:
+            key = cls(slot.key_id)
+        except ValueError as exc:
+            return Refusal(f"malformed broker slot: {exc}")
+        trusted = {
+            o.strip().rstrip("/") for o in os.environ.get("SEALSTORE_BROKERS", "").split(",")
+        }
+        if key.origin not in trusted:
+            return Refusal(
+                f"{slot.key_id}: {key.origin} is not in SEALSTORE_BROKERS; "
+                "not sending credentials and evidence to a broker the file names"
+            )
+        return key
+
+    def __repr__(self) -> str:
+        return f"BrokerKey({self.key_id!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("broker keys cannot be pickled (they carry credentials)")
+
+    # -- wrap ---------------------------------------------------------------
+    def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
+        """Wrap *dek* with the tenant key named by ``?key=``, scoped to this artifact."""
+        from sealstore.kms.registry import wrapper_for
+
+        if not self._inner:
+            raise ValueError(
+                f"{self.key_id}: name the tenant key the broker unwraps with: "
+                f"{self.key_id}?key=URI (one of the tenant's keys in the broker config)"
+            )
+        if self._inner.startswith(release.SLOT_KIND):
+            raise ValueError("a broker key cannot wrap through another broker key")
+        inner = wrapper_for(self._inner).wrap(
+            dek, release.scoped_context(context, self.tenant, self.artifact)
+        )
+        return KeySlot(
+            release.SLOT_KIND,
+            self.key_id,
+            canonical_json(inner.to_json()),
+            {"tenant": self.tenant, "artifact": self.artifact},
+        )
+
+    # -- unwrap -------------------------------------------------------------
+    def can_unwrap(self, slot: KeySlot) -> bool:
+        return slot.kind == release.SLOT_KIND and slot.key_id == self.key_id
+
+    def unwrap(self, slot: KeySlot, context: Mapping[str, str]) -> DataKey:
+        """Have the broker release the DEK of *slot* to this machine (see the module doc)."""
+        if not self.can_unwrap(slot):
+            raise KeyUnavailable(f"slot was not made for {self.key_id}")
+        try:
+            inner = json.loads(slot.blob)
+        except (ValueError, UnicodeDecodeError):
+            raise KeyUnavailable(f"{self.key_id}: the slot's wrapped key is damaged") from None
+        ch = self._post("/v1/challenge", {"tenant": self.tenant, "artifact": self.artifact})
+        nonce = release.b64d(ch.get("nonce"), "the broker's nonce")
+        offered = ch.get("evidence")
+        if not isinstance(offered, list):
+            raise BackendError(f"broker {self.origin} sent a malformed challenge")
+        kind = self._pick(offered)
+        secret = nacl.public.PrivateKey.generate()
+        public = bytes(secret.public_key)
+        evidence = self._collect(kind, release.binding(nonce, public, kind), ch)
+        out = self._post(
+            "/v1/release",
+            {
+                "tenant": self.tenant,
+                "artifact": self.artifact,
+                "nonce": ch["nonce"],
+                "public_key": release.b64e(public),
+                "evidence": evidence,
+                "slot": inner,
+                "context": dict(context),
+            },
+        )
+        try:
+            raw = nacl.public.SealedBox(secret).decrypt(release.b64d(out.get("sealed"), "sealed"))
+        except (nacl.exceptions.CryptoError, FormatError):
+            raise BackendError(f"broker {self.origin} sent a key that does not open") from None
+        if len(raw) != DEK_SIZE:
+            raise KeyUnavailable(f"broker {self.origin} released a key of the wrong size")
+        return DataKey(raw)
+
+    def _pick(self, offered: list[Any]) -> str:
+        if self._evidence is not None:
+            if self._evidence not in offered:
+                raise KeyReleaseDenied(
+                    f"{self.key_id}: the broker does not accept {self._evidence} evidence "
+                    f"(it accepts: {', '.join(map(str, offered))})"
+                )
+            return self._evidence
+        for kind in offered:
+            if kind == "tpm" and (
+                self._tcti or os.environ.get("SEALSTORE_TPM_TCTI") or Path("/dev/tpmrm0").exists()
+            ):
+                return kind
+            if kind in ("snp", "tdx"):
+                from sealstore.enclave import tsm
+
+                root = self._tsm_root or os.environ.get("SEALSTORE_TSM_ROOT") or tsm.TSM_ROOT
+                if Path(root).is_dir():
+                    return kind
+        raise AttestationError(
+            f"{self.key_id}: the broker accepts {', '.join(map(str, offered))} evidence, "
+            "and this machine has none of them (no TPM, no configfs-tsm)",
+            "evidence-unavailable",
+        )
+
+    def _collect(self, kind: str, bound: bytes, ch: Mapping[str, Any]) -> dict[str, Any]:
+        if kind == "tpm":
+            from sealstore.enclave import tpm, tpm_quote
+
+            spec = ch.get("tpm_pcrs")
+            if not isinstance(spec, str):
+                raise BackendError(f"broker {self.origin} asked for a TPM quote without PCRs")
+            q = tpm_quote.quote(bound, tpm.PcrPolicy.parse(spec), self._tcti)
+            return {
+                "kind": "tpm",
+                "attest": release.b64e(q.attest),
+                "signature": release.b64e(q.signature),
+                "pcrs": {str(k): v.hex() for k, v in q.pcrs.items()},
+            }
+        from sealstore.enclave import tsm
+
+        ev = tsm.collect(bound, root=self._tsm_root)
+        if ev.kind != kind:
+            raise AttestationError(f"configfs-tsm gave {ev.kind} evidence, not {kind}",
+                                   "tsm-format")  # fmt: skip
+        if kind == "tdx":
+            return {"kind": "tdx", "quote": release.b64e(ev.blob)}
+        if not ev.certs:
+            raise AttestationError(
+                "the SEV-SNP report came without its certificates (no auxblob)", "cert-chain"
+            )
+        certs = {k: release.b64e(v) for k, v in ev.certs.items()}
+        return {"kind": "snp", "report": release.b64e(ev.blob), "certs": certs}
+
+    def _token_value(self) -> str | None:
+        if self._token:
+            return self._token
+        env = os.environ.get("SEALSTORE_BROKER_TOKEN")
+        if env:
+            return env
+        path = os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
+        if path:
+            try:
+                return Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise KeyUnavailable(
+                    f"cannot read SEALSTORE_BROKER_TOKEN_FILE {path}: {exc.strerror}"
+                ) from None
+        return None
+
+    def _context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self._cacert)
+        if self._cert:
+            try:
+                ctx.load_cert_chain(self._cert, self._client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise KeyUnavailable(
+                    f"cannot load the client certificate {self._cert}: {exc}"
+                ) from None
+        return ctx
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        token = self._token_value()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = http.client.HTTPSConnection(
+            self.host, self.port, context=self._context(), timeout=_TIMEOUT
+        )
+        try:
+            conn.request("POST", path, body=canonical_json(body), headers=headers)
+            resp = conn.getresponse()
+            data = resp.read(1 << 20)
+        except ssl.SSLCertVerificationError as exc:
+            raise BackendError(
+                f"broker {self.origin}: its TLS certificate does not verify ({exc.verify_message})"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise BackendError(
+                f"broker {self.origin} is unreachable ({exc.__class__.__name__}: {exc})"
+            ) from None
+        finally:
+            conn.close()
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            obj = None
+        if resp.status == 200 and isinstance(obj, dict):
+            return obj
+        code = obj.get("error") if isinstance(obj, dict) else None
+        if resp.status in (401, 403) and isinstance(code, str):
+            raise KeyReleaseDenied(
+                f"broker {self.origin} refused to release {self.tenant}/{self.artifact}: {code}"
+            )
+        raise BackendError(
+            f"broker {self.origin} answered {resp.status} to {path}"
+            + (f" ({code})" if isinstance(code, str) else "")
+        )

@@ -1,0 +1,352 @@
+"""The broker's configuration file (YAML): TLS, identities, and policy per tenant and artifact.
+
+Every field is checked when the file is loaded, and an unknown field is an
+error: a misspelt policy key must not silently widen what is released. The
+defaults are fail-closed: reference values are required for every evidence
+kind a rule accepts, and an artifact that no rule names is released to nobody.
+Relative paths are read from the config file's folder. The format is in
+docs/BROKER.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+from sealstore.enclave import release, snp, tdx
+from sealstore.enclave.tpm import PcrPolicy
+from sealstore.errors import FormatError
+
+__all__ = ["ArtifactRule", "BrokerConfig", "Identity", "TenantPolicy", "TpmRule"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A workload: how it authenticates, and (for TPM evidence) its registered AK."""
+
+    name: str
+    token_sha256: bytes | None = field(default=None, repr=False)
+    mtls_spki_sha256: bytes | None = None
+    mtls_cn: str | None = None
+    tpm_ak: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class TpmRule:
+    policy: PcrPolicy
+    reference: dict[int, bytes]
+
+
+@dataclass(frozen=True)
+class ArtifactRule:
+    identities: frozenset[str]
+    evidence: tuple[str, ...]
+    tpm: TpmRule | None = None
+    snp: snp.SnpReference | None = None
+    tdx: tdx.TdxReference | None = None
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    name: str
+    keys: tuple[str, ...]
+    artifacts: dict[str, ArtifactRule]
+
+    def rule(self, artifact: str) -> ArtifactRule | None:
+        """The artifact's own rule, else the tenant's ``"*"`` rule, else None."""
+        return self.artifacts.get(artifact) or self.artifacts.get("*")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    path: Path
+    host: str
+    port: int
+    tls_cert: Path
+    tls_key: Path
+    client_ca: Path | None
+    require_client_cert: bool
+    challenge_ttl: float
+    max_challenges: int
+    identities: dict[str, Identity]
+    tenants: dict[str, TenantPolicy]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BrokerConfig:
+        """Read and check a broker config file.
+
+        Raises:
+            FormatError: the file is missing, not YAML, or a field is wrong (the
+                message names the file and the field's path).
+        """
+        p = Path(path).absolute()
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FormatError(f"broker config {p} does not exist") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise FormatError(f"cannot read broker config {p}: {exc}") from None
+        try:
+            return _Parser(p).config(doc)
+        except _Bad as exc:
+            raise FormatError(f"broker config {p}: {exc}") from None
+
+
+class _Bad(Exception):
+    pass
+
+
+class _Parser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # -- helpers ------------------------------------------------------------
+    def _map(self, obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()):
+        if not isinstance(obj, dict):
+            raise _Bad(f"{where}: expected a mapping")
+        unknown = sorted(str(k) for k in obj if k not in allowed)
+        if unknown:
+            known = ", ".join(sorted(allowed))
+            raise _Bad(f"{where}: unknown field {unknown[0]!r} (known: {known})")
+        missing = sorted(required - set(obj))
+        if missing:
+            raise _Bad(f"{where}: missing field {missing[0]!r}")
+        return obj
+
+    def _file(self, value: Any, where: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise _Bad(f"{where}: expected a file path")
+        p = Path(value)
+        p = p if p.is_absolute() else self.path.parent / p
+        if not p.is_file():
+            raise _Bad(f"{where}: {p} is not a file")
+        return p
+
+    def _hex(self, value: Any, where: str, size: int | None = None) -> bytes:
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            raw = None
+        if raw is None or (size is not None and len(raw) != size):
+            what = f"{size}-byte " if size else ""
+            raise _Bad(f"{where}: expected a {what}hex string")
+        return raw
+
+    def _hex_list(self, value: Any, where: str, size: int) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise _Bad(f"{where}: expected a non-empty list of hex values")
+        return tuple(self._hex(v, f"{where}[{i}]", size).hex() for i, v in enumerate(value))
+
+    def _int(self, value: Any, where: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _Bad(f"{where}: expected an integer from {lo} to {hi}")
+        return value
+
+    # -- sections -----------------------------------------------------------
+    def config(self, doc: Any) -> BrokerConfig:
+        top = self._map(doc, "top level",
+                        {"server", "challenge_ttl", "max_challenges", "identities", "tenants"},
+                        {"server", "identities", "tenants"})  # fmt: skip
+        server = self._map(top["server"], "server",
+                           {"host", "port", "tls_cert", "tls_key", "client_ca",
+                            "require_client_cert"},
+                           {"tls_cert", "tls_key"})  # fmt: skip
+        client_ca = server.get("client_ca")
+        require = server.get("require_client_cert", False)
+        if not isinstance(require, bool):
+            raise _Bad("server.require_client_cert: expected true or false")
+        if require and client_ca is None:
+            raise _Bad("server.require_client_cert: needs server.client_ca")
+        ttl = top.get("challenge_ttl", 60)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= 3600:
+            raise _Bad("challenge_ttl: expected seconds from 1 to 3600")
+        host = server.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise _Bad("server.host: expected a host name or address")
+        ids = top["identities"]
+        if not isinstance(ids, dict):
+            raise _Bad("identities: expected a mapping of name -> identity")
+        identities = {self._name(n, "identities"): self.identity(n, v) for n, v in ids.items()}
+        tenants = top["tenants"]
+        if not isinstance(tenants, dict) or not tenants:
+            raise _Bad("tenants: expected a mapping of tenant -> policy")
+        parsed = {
+            self._name(n, "tenants"): self.tenant(n, v, identities) for n, v in tenants.items()
+        }
+        return BrokerConfig(
+            path=self.path,
+            host=host,
+            port=self._int(server.get("port", 8443), "server.port", 0, 65535),
+            tls_cert=self._file(server["tls_cert"], "server.tls_cert"),
+            tls_key=self._file(server["tls_key"], "server.tls_key"),
+            client_ca=None if client_ca is None else self._file(client_ca, "server.client_ca"),
+            require_client_cert=require,
+            challenge_ttl=float(ttl),
+            max_challenges=self._int(
+                top.get("max_challenges", 100_000), "max_challenges", 1, 10_000_000
+            ),
+            identities=identities,
+            tenants=parsed,
+        )
+
+    def _name(self, name: Any, where: str) -> str:
+        try:
+            return release.check_name(name, f"{where}: name {name!r}")
+        except ValueError as exc:
+            raise _Bad(str(exc)) from None
+
+    def identity(self, name: str, obj: Any) -> Identity:
+        where = f"identities.{name}"
+        d = self._map(obj, where, {"token_sha256", "mtls_spki_sha256", "mtls_cn", "tpm_ak"})
+        token = d.get("token_sha256")
+        spki = d.get("mtls_spki_sha256")
+        cn = d.get("mtls_cn")
+        if token is None and spki is None and cn is None:
+            raise _Bad(f"{where}: needs token_sha256, mtls_spki_sha256 or mtls_cn")
+        if cn is not None and (not isinstance(cn, str) or not cn):
+            raise _Bad(f"{where}.mtls_cn: expected a common name")
+        ak = None
+        if "tpm_ak" in d:
+            ak_path = self._file(d["tpm_ak"], f"{where}.tpm_ak")
+            ak = ak_path.read_bytes()
+            try:
+                serialization.load_pem_public_key(ak)
+            except ValueError:
+                raise _Bad(f"{where}.tpm_ak: {ak_path} is not a PEM public key") from None
+        return Identity(
+            name=name,
+            token_sha256=None if token is None else self._hex(token, f"{where}.token_sha256", 32),
+            mtls_spki_sha256=(
+                None if spki is None else self._hex(spki, f"{where}.mtls_spki_sha256", 32)
+            ),
+            mtls_cn=cn,
+            tpm_ak=ak,
+        )
+
+    def tenant(self, name: str, obj: Any, identities: dict[str, Identity]) -> TenantPolicy:
+        where = f"tenants.{name}"
+        d = self._map(obj, where, {"keys", "artifacts"}, {"keys", "artifacts"})
+        keys = d["keys"]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise _Bad(f"{where}.keys: expected a non-empty list of key URIs")
+        arts = d["artifacts"]
+        if not isinstance(arts, dict) or not arts:
+            raise _Bad(f"{where}.artifacts: expected a mapping of artifact -> rule")
+        rules = {}
+        for art, rule in arts.items():
+            if art != "*":
+                self._name(art, f"{where}.artifacts")
+            rules[art] = self.rule(f"{where}.artifacts.{art}", rule, identities)
+        return TenantPolicy(name, tuple(keys), rules)
+
+    def rule(self, where: str, obj: Any, identities: dict[str, Identity]) -> ArtifactRule:
+        d = self._map(obj, where, {"identities", "evidence", "tpm", "snp", "tdx"},
+                      {"identities", "evidence"})  # fmt: skip
+        who = d["identities"]
+        if not isinstance(who, list) or not who:
+            raise _Bad(f"{where}.identities: expected a non-empty list of identity names")
+        for n in who:
+            if n not in identities:
+                raise _Bad(f"{where}.identities: {n!r} is not defined under identities")
+        kinds = d["evidence"]
+        if not isinstance(kinds, list) or not kinds:
+            raise _Bad(f"{where}.evidence: expected a non-empty list of tpm, snp, tdx")
+        for k in kinds:
+            if k not in release.EVIDENCE_KINDS:
+                raise _Bad(f"{where}.evidence: unknown kind {k!r} (known: tpm, snp, tdx)")
+            if k not in d:
+                raise _Bad(f"{where}: evidence {k!r} needs its reference values under {k}:")
+        extra = sorted(k for k in release.EVIDENCE_KINDS if k in d and k not in kinds)
+        if extra:
+            raise _Bad(f"{where}.{extra[0]}: reference values for a kind not in evidence")
+        if "tpm" in kinds:
+            for n in who:
+                if identities[n].tpm_ak is None:
+                    raise _Bad(f"{where}: identity {n!r} sends TPM evidence but has no tpm_ak")
+        return ArtifactRule(
+            identities=frozenset(who),
+            evidence=tuple(kinds),
+            tpm=self.tpm(f"{where}.tpm", d["tpm"]) if "tpm" in d else None,
+            snp=self.snp(f"{where}.snp", d["snp"]) if "snp" in d else None,
+            tdx=self.tdx(f"{where}.tdx", d["tdx"]) if "tdx" in d else None,
+        )
+
+    def tpm(self, where: str, obj: Any) -> TpmRule:
+        d = self._map(obj, where, {"pcrs", "reference", "reference_file"}, {"pcrs"})
+        try:
+            policy = PcrPolicy.parse(str(d["pcrs"]))
+        except ValueError as exc:
+            raise _Bad(f"{where}.pcrs: {exc}") from None
+        if ("reference" in d) == ("reference_file" in d):
+            raise _Bad(f"{where}: give exactly one of reference and reference_file")
+        if "reference" in d:
+            ref, rwhere = d["reference"], f"{where}.reference"
+        else:
+            f = self._file(d["reference_file"], f"{where}.reference_file")
+            rwhere = f"{where}.reference_file ({f})"
+            try:
+                ref = json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise _Bad(f"{rwhere}: not JSON") from None
+        if not isinstance(ref, dict):
+            raise _Bad(f"{rwhere}: expected PCR -> hex value")
+        size = hashlib.new(policy.bank).digest_size
+        values = {}
+        for k, v in ref.items():
+            try:
+                index = int(k)
+            except ValueError:
+                raise _Bad(f"{rwhere}: {k!r} is not a PCR number") from None
+            values[index] = self._hex(v, f"{rwhere}.{k}", size)
+        if sorted(values) != list(policy.pcrs):
+            raise _Bad(f"{rwhere}: needs a value for each of PCRs {policy.spec} and no other")
+        return TpmRule(policy, values)
+
+    def snp(self, where: str, obj: Any) -> snp.SnpReference:
+        d = self._map(obj, where, {"measurements", "min_tcb", "allow_debug", "max_vmpl",
+                                   "host_data"}, {"measurements"})  # fmt: skip
+        tcb = None
+        if "min_tcb" in d:
+            t = self._map(d["min_tcb"], f"{where}.min_tcb",
+                          {"bootloader", "tee", "snp", "microcode", "fmc"},
+                          {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
+            vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
+            tcb = snp.Tcb(**vals)
+        debug = d.get("allow_debug", False)
+        if not isinstance(debug, bool):
+            raise _Bad(f"{where}.allow_debug: expected true or false")
+        host_data = d.get("host_data", "")
+        return snp.SnpReference(
+            measurements=self._hex_list(d["measurements"], f"{where}.measurements", 48),
+            min_tcb=tcb,
+            allow_debug=debug,
+            max_vmpl=self._int(d.get("max_vmpl", 0), f"{where}.max_vmpl", 0, 3),
+            host_data=self._hex(host_data, f"{where}.host_data", 32).hex() if host_data else "",
+        )
+
+    def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
+        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug"}, {"mrtd"})
+        rtmrs = {}
+        raw = d.get("rtmrs", {})
+        if not isinstance(raw, dict):
+            raise _Bad(f"{where}.rtmrs: expected RTMR index -> list of hex values")
+        for k, v in raw.items():
+            index = self._int(k, f"{where}.rtmrs", 0, 3)
+            rtmrs[index] = self._hex_list(v, f"{where}.rtmrs.{k}", 48)
+        debug = d.get("allow_debug", False)
+        if not isinstance(debug, bool):
+            raise _Bad(f"{where}.allow_debug: expected true or false")
+        cfg = d.get("mrconfigid", "")
+        return tdx.TdxReference(
+            mrtd=self._hex_list(d["mrtd"], f"{where}.mrtd", 48),
+            rtmrs=rtmrs,
+            mrconfigid=self._hex(cfg, f"{where}.mrconfigid", 48).hex() if cfg else "",
+            allow_debug=debug,
+        )

