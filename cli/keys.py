@@ -42,6 +42,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="store the keyring unprotected (throwaway use only)",
     )
+    init.add_argument(
+        "--tpm-pcrs",
+        metavar="LIST",
+        help="no passphrase: seal the keyring to this machine's TPM under these PCRs "
+        "(e.g. 7,16); it then opens only here, in this measured boot state",
+    )
+    init.add_argument("--tcti", help="the TPM for --tpm-pcrs (default: $SEALSTORE_TPM_TCTI)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
 
@@ -91,7 +98,11 @@ def _init(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once above, not twice
         ring = create_keyring(
-            path, insecure_no_passphrase=args.insecure_no_passphrase, overwrite=args.force
+            path,
+            insecure_no_passphrase=args.insecure_no_passphrase,
+            overwrite=args.force,
+            tpm_pcrs=args.tpm_pcrs,
+            tcti=args.tcti,
         )
     print(f"created keyring {ring.path} (id {ring.id})", file=sys.stderr)
     print(f"signing key {ring.signing_key_id}", file=sys.stderr)

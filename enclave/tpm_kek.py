@@ -31,7 +31,7 @@ from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
-__all__ = ["TpmKek", "seal_kek"]
+__all__ = ["TpmKek", "seal_kek", "seal_secret", "unseal_secret"]
 
 _TYPE = "sealstore-tpm-kek"
 _AAD = b"sealstore/v1/slot/tpm\x00"
@@ -84,6 +84,45 @@ def seal_kek(
     with atomic_file(p, mode=0o644) as fp:
         fp.write(json.dumps(doc, indent=2).encode() + b"\n")
     return TpmKek.open(p)
+
+
+def seal_secret(secret: bytes, pcrs: str, tcti: str | None = None) -> dict[str, str]:
+    """Seal *secret* to the TPM under the current values of *pcrs*; the fields to store.
+
+    What a local keyring keeps as its ``kdf`` when its sealing key lives in the
+    TPM instead of coming from a passphrase (``sealstore keys init --tpm-pcrs``).
+
+    Raises:
+        BackendError: no TPM, or it refused.
+        ValueError: a malformed PCR list.
+    """
+    policy = tpm.PcrPolicy.parse(pcrs)
+    with tpm.connect(tcti) as ectx:
+        digest = policy.digest(tpm.read_pcrs(ectx, policy))
+        public, private = tpm.seal(ectx, secret, digest)
+    doc = {"pcrs": policy.spec, "policy": digest.hex(), "public": _b64(public),
+           "private": _b64(private)}  # fmt: skip
+    if tcti:
+        doc["tcti"] = tcti
+    return doc
+
+
+def unseal_secret(doc: Mapping[str, Any], what: str) -> bytearray:
+    """Unseal what :func:`seal_secret` sealed; the caller wipes the result.
+
+    Raises:
+        KeyReleaseDenied: the PCRs no longer match (the message names *what* and the policy).
+        BackendError: no TPM, or the blobs belong to another TPM.
+        FormatError: the fields are damaged.
+    """
+    try:
+        policy = tpm.PcrPolicy.parse(str(doc["pcrs"]))
+        public = base64.b64decode(str(doc["public"]), validate=True)
+        private = base64.b64decode(str(doc["private"]), validate=True)
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"{what}: damaged TPM sealing fields ({exc})") from None
+    with tpm.connect(doc.get("tcti")) as ectx:
+        return tpm.unseal(ectx, public, private, policy, what=what)
 
 
 class TpmKek:

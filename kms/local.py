@@ -5,7 +5,10 @@ clear so ``keys list`` needs no passphrase; the KEKs themselves are sealed
 with AES-256-GCM under a key stretched from the passphrase with Argon2id
 (PyNaCl / libsodium), and the public part is the AAD, so editing it breaks
 the seal. ``--insecure-no-passphrase`` keyrings use an all-zero sealing key:
-same format, no protection, a warning on every open.
+same format, no protection, a warning on every open. A keyring made with
+``tpm_pcrs`` (``sealstore keys init --tpm-pcrs 7,16``) has a random sealing
+key sealed to the TPM under those PCRs instead: no passphrase, and it opens
+only on this machine in its measured boot state.
 
 A slot made here is ``AES-256-GCM(KEK, nonce, DEK, aad)`` with the AAD naming
 the keyring, the KEK and the encryption context, so a slot only opens under
@@ -69,6 +72,22 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
+# The TPM code lives on the enclave/ floor: named here by path only, as the
+# registry names key providers, so kms/ never imports it.
+_TPM_SEALER = "sealstore.enclave.tpm_kek"
+
+
+def _tpm_sealer() -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(_TPM_SEALER)
+    except ImportError as exc:
+        raise KeyUnavailable(
+            f'a TPM-sealed keyring needs TPM support ({exc}): pip install "sealstore[tpm]"'
+        ) from None
+
+
 def _argon2id(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
     from nacl import pwhash
 
@@ -101,6 +120,8 @@ def create_keyring(
     overwrite: bool = False,
     opslimit: int | None = None,
     memlimit: int | None = None,
+    tpm_pcrs: str | None = None,
+    tcti: str | None = None,
 ) -> LocalKeyring:
     """Create a keyring file holding one fresh KEK.
 
@@ -111,6 +132,9 @@ def create_keyring(
         insecure_no_passphrase: store the KEKs unprotected (throwaway use; warns).
         overwrite: replace an existing file.
         opslimit, memlimit: Argon2id cost (default libsodium's "interactive").
+        tpm_pcrs: seal the keyring's sealing key to the TPM under these PCRs
+            (e.g. ``"7,16"``) instead of deriving it from a passphrase.
+        tcti: the TPM for *tpm_pcrs* (default ``$SEALSTORE_TPM_TCTI``).
 
     Raises:
         FileExistsError: *path* exists and *overwrite* is false.
@@ -120,10 +144,15 @@ def create_keyring(
     p = Path(path)
     if p.exists() and not overwrite:
         raise FileExistsError(f"keyring {p} already exists")
+    if insecure_no_passphrase and tpm_pcrs:
+        raise ValueError("a keyring is either TPM-sealed or unprotected, not both")
     if insecure_no_passphrase:
         warnings.warn(f"keyring {p} is not protected by a passphrase", stacklevel=2)
         kdf: dict[str, Any] = {"alg": "none"}
         seal_key = _ZERO_KEY
+    elif tpm_pcrs:
+        seal_key = os.urandom(32)
+        kdf = {"alg": "tpm", **_tpm_sealer().seal_secret(seal_key, tpm_pcrs, tcti)}
     else:
         if passphrase is None:
             passphrase = _prompt(p, confirm=True)
@@ -170,8 +199,12 @@ def _check_document(doc: dict[str, Any]) -> str | None:
     kdf = doc.get("kdf")
     if not isinstance(doc.get("id"), str):
         return "'id' must be a string"
-    if not isinstance(kdf, dict) or kdf.get("alg") not in ("none", "argon2id"):
-        return "'kdf' must name argon2id or none"
+    if not isinstance(kdf, dict) or kdf.get("alg") not in ("none", "argon2id", "tpm"):
+        return "'kdf' must name argon2id, tpm or none"
+    if kdf["alg"] == "tpm" and not all(
+        isinstance(kdf.get(f), str) for f in ("pcrs", "policy", "public", "private")
+    ):
+        return "bad TPM sealing fields"
     if kdf["alg"] == "argon2id":
         salt = _unb64(kdf.get("salt"))
         if salt is None or len(salt) != pwhash.argon2id.SALTBYTES:
@@ -384,6 +417,10 @@ class LocalKeyring:
                     int(kdf["opslimit"]),
                     int(kdf["memlimit"]),
                 )
+            elif kdf.get("alg") == "tpm":
+                unsealed = _tpm_sealer().unseal_secret(kdf, f"keyring {self.path}")
+                seal_key = bytes(unsealed)
+                unsealed[:] = bytes(len(unsealed))
             else:
                 raise FormatError(f"keyring {self.path}: unknown KDF {kdf.get('alg')!r}")
             sealed = base64.b64decode(self._sealed)

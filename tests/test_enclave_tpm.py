@@ -230,3 +230,31 @@ def test_quote_negatives(tcti: str) -> None:
     nonce = os.urandom(32)
     with pytest.raises(AttestationError, match="PCR 16 is not its reference value"):
         verify_quote(quote(nonce, policy), ak, nonce, policy, reference)
+
+
+def test_a_keyring_sealed_to_the_tpm(tcti: str, tmp_path: Path) -> None:
+    """keys init --tpm-pcrs: no passphrase; opens while the PCRs match, refused after an extend."""
+    from sealstore.kms.local import LocalKeyring
+
+    ring_path = tmp_path / "ring.json"
+    env = {"SEALSTORE_PASSPHRASE": ""}  # present but empty: the TPM, not a passphrase, opens it
+    ok(run("keys", "init", "--keyring", ring_path, "--tpm-pcrs", "7,16", env=env))
+    doc = json.loads(ring_path.read_text())
+    assert doc["kdf"]["alg"] == "tpm" and doc["kdf"]["pcrs"] == "sha256:7,16"
+    src = tmp_path / "plain.bin"
+    src.write_bytes(os.urandom(200_000))
+    ok(run("encrypt", "-k", f"local:{ring_path}", "-o", tmp_path / "x.seal", src, env=env))
+    ok(run("decrypt", "-o", tmp_path / "back.bin", tmp_path / "x.seal", env=env))
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    _extend16()
+    line = fails(run("decrypt", "-o", tmp_path / "again.bin", tmp_path / "x.seal", env=env), 4)
+    assert f"keyring {ring_path}" in line and "sha256:7,16" in line
+    assert not (tmp_path / "again.bin").exists()
+    LocalKeyring._cache.clear()
+    with pytest.raises(KeyReleaseDenied):
+        LocalKeyring.open(ring_path).wrap(DataKey.generate(), CONTEXT)
+    doc["kdf"]["public"] = 5
+    ring_path.write_text(json.dumps(doc))
+    LocalKeyring._cache.clear()
+    with pytest.raises(FormatError, match="bad TPM sealing fields"):
+        LocalKeyring.open(ring_path)
