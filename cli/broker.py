@@ -57,6 +57,8 @@ def _check(args: argparse.Namespace) -> int:
     mtls = "client certificates" + (" (required)" if config.require_client_cert else "")
     print(f"{config.path}: ok; https://{config.host}:{config.port}, "
           f"{mtls if config.client_ca else 'bearer tokens only'}")  # fmt: skip
+    for warning in config.warnings:
+        print(f"  warning: {warning}")
     for tenant in config.tenants.values():
         for name, rule in sorted(tenant.artifacts.items()):
             who = ", ".join(sorted(rule.identities))

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import nacl.exceptions
 import nacl.public
 
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
@@ -46,6 +47,19 @@ from sealstore.keys import DataKey, KeySlot
 __all__ = ["Broker", "Refused"]
 
 log = logging.getLogger("sealstore.broker")
+
+
+def _valid_x25519(public: bytes) -> bool:
+    """32 bytes and not a low-order point (libsodium refuses those in scalar multiplication)."""
+    from nacl.bindings import crypto_scalarmult
+
+    if len(public) != nacl.public.PublicKey.SIZE:
+        return False
+    try:
+        crypto_scalarmult(secrets.token_bytes(32), public)
+    except (nacl.exceptions.CryptoError, RuntimeError):
+        return False
+    return True
 
 
 class Refused(Exception):
@@ -86,7 +100,10 @@ class Broker:
         self._clock = clock
         self._snp_roots = snp_roots
         self._lock = threading.Lock()
+        # Insertion order is expiry order (one TTL for all): purging pops from the front.
         self._challenges: dict[bytes, _Challenge] = {}
+        self._outstanding: dict[str, int] = {}
+        self._keys_lock = threading.Lock()
         self._by_token = {
             i.token_sha256: i for i in config.identities.values() if i.token_sha256 is not None
         }
@@ -127,12 +144,16 @@ class Broker:
         spki = bytes.fromhex(certs.spki_sha256(cert))
         cn = certs.common_name(cert)
         for ident in self.config.identities.values():
-            if ident.mtls_spki_sha256 is not None and hmac.compare_digest(
+            if ident.mtls_spki_sha256 is None and ident.mtls_cn is None:
+                continue
+            # Both given: both must match (a pinned key narrows the name).
+            if ident.mtls_spki_sha256 is not None and not hmac.compare_digest(
                 ident.mtls_spki_sha256, spki
             ):
-                return ident
-            if ident.mtls_cn is not None and ident.mtls_cn == cn:
-                return ident
+                continue
+            if ident.mtls_cn is not None and ident.mtls_cn != cn:
+                continue
+            return ident
         return None
 
     # -- the protocol -------------------------------------------------------
@@ -157,11 +178,13 @@ class Broker:
         nonce = secrets.token_bytes(release.NONCE_SIZE)
         expires = now + self.config.challenge_ttl
         with self._lock:
-            if len(self._challenges) >= self.config.max_challenges:
-                self._challenges = {n: c for n, c in self._challenges.items() if c.expires > now}
+            self._purge(now)
             if len(self._challenges) >= self.config.max_challenges:
                 raise Refused("busy", "too many challenges outstanding", 503)
+            if self._outstanding.get(ident.name, 0) >= self.config.max_challenges_per_identity:
+                raise Refused("busy", f"{ident.name} has too many challenges outstanding", 429)
             self._challenges[nonce] = _Challenge(ident.name, tenant, artifact, expires)
+            self._outstanding[ident.name] = self._outstanding.get(ident.name, 0) + 1
         out: dict[str, Any] = {
             "nonce": release.b64e(nonce),
             "expires": expires,
@@ -170,6 +193,23 @@ class Broker:
         if rule.tpm is not None:
             out["tpm_pcrs"] = rule.tpm.policy.spec
         return out
+
+    def _purge(self, now: float) -> None:
+        """Drop expired challenges (the caller holds the lock)."""
+        while self._challenges:
+            nonce, ch = next(iter(self._challenges.items()))
+            if ch.expires > now:
+                return
+            self._take(nonce)
+
+    def _take(self, nonce: bytes) -> _Challenge:
+        ch = self._challenges.pop(nonce)
+        left = self._outstanding[ch.identity] - 1
+        if left:
+            self._outstanding[ch.identity] = left
+        else:
+            del self._outstanding[ch.identity]
+        return ch
 
     def release(self, ident: Identity, req: Mapping[str, Any]) -> dict[str, Any]:
         """Verify one release request and return the DEK sealed to its ephemeral key."""
@@ -180,19 +220,23 @@ class Broker:
         except FormatError as exc:
             raise Refused("bad-request", str(exc), 400) from None
         with self._lock:
-            ch = self._challenges.pop(nonce, None)  # single use, whatever happens next
+            ch = self._challenges.get(nonce)
+            # Another identity's attempt does not use up the challenge; the
+            # owner's first attempt does, whatever happens next.
+            if ch is not None and ch.identity == ident.name:
+                self._take(nonce)
         if ch is None:
             raise Refused("challenge-unknown", "nonce never issued, already used, or purged")
-        if ch.expires <= self._clock():
-            raise Refused("challenge-expired", "the challenge expired")
-        if (ch.identity, ch.tenant, ch.artifact) != (ident.name, tenant, artifact):
+        if ch.identity != ident.name or (ch.tenant, ch.artifact) != (tenant, artifact):
             raise Refused(
                 "challenge-mismatch",
                 f"challenge issued to {ch.identity} for {ch.tenant}/{ch.artifact}",
             )
+        if ch.expires <= self._clock():
+            raise Refused("challenge-expired", "the challenge expired")
         rule = self._rule(ident, tenant, artifact)
-        if len(public) != nacl.public.PublicKey.SIZE:
-            raise Refused("bad-request", "public_key is not an X25519 public key", 400)
+        if not _valid_x25519(public):
+            raise Refused("bad-request", "public_key is not a usable X25519 public key", 400)
         evidence = req.get("evidence")
         kind = evidence.get("kind") if isinstance(evidence, dict) else None
         if kind not in rule.evidence:
@@ -248,7 +292,9 @@ class Broker:
     def _keys(self, tenant: str) -> list[Any]:
         from sealstore.kms.registry import wrapper_for
 
-        with self._lock:
+        # Its own lock: setting a key up may log in to Vault, and must not
+        # hold up challenges meanwhile.
+        with self._keys_lock:
             if tenant not in self._providers:
                 self._providers[tenant] = [
                     wrapper_for(uri) for uri in self.config.tenants[tenant].keys

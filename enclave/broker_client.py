@@ -29,7 +29,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import nacl.exceptions
 import nacl.public
@@ -48,6 +48,24 @@ from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 __all__ = ["BrokerKey"]
 
 _TIMEOUT = 30
+
+
+def _split_key(query: str) -> tuple[str, str | None]:
+    """``"evidence=tpm&key=URI"`` -> ``("evidence=tpm", "URI")``; the key's URI is taken whole."""
+    if query.startswith("key="):
+        return "", query[4:]
+    options, sep, inner = query.partition("&key=")
+    return options, (inner if sep else None)
+
+
+def _origin(url: str) -> str:
+    """``https://HOST:PORT``, normalised (default port 443, IPv6 in brackets, lower case)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", release.SLOT_KIND) or not parts.hostname:
+        raise ValueError(f"not an https origin: {url!r}")
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"https://{host}:{parts.port or 443}"
 
 
 class BrokerKey:
@@ -84,13 +102,16 @@ class BrokerKey:
         self.artifact = release.check_name(segs[1], "the URI's artifact")
         self.host = parts.hostname
         self.port = parts.port or 443
-        self.origin = f"https://{self.host}:{self.port}"
-        self.key_id = f"{release.SLOT_KIND}://{self.host}:{self.port}/{self.tenant}/{self.artifact}"
-        query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = sorted(set(query) - {"key", "evidence"})
+        self.origin = _origin(f"https://{parts.netloc}")
+        self.key_id = f"{release.SLOT_KIND}://{parts.netloc}/{self.tenant}/{self.artifact}"
+        # key= comes last and takes the rest verbatim: a key URI has its own
+        # query (?tls=false&namespace=NS) that must not be split here.
+        options, inner_q = _split_key(parts.query)
+        query = parse_qs(options, keep_blank_values=True)
+        unknown = sorted(set(query) - {"evidence"})
         if unknown:
-            raise ValueError(f"{uri!r}: unknown option {unknown[0]!r} (known: key, evidence)")
-        self._inner = key or (query.get("key") or [None])[0]
+            raise ValueError(f"{uri!r}: unknown option {unknown[0]!r} (known: evidence, key)")
+        self._inner = key or (unquote(inner_q) if inner_q else None)
         self._evidence = evidence or (query.get("evidence") or [None])[0]
         self._evidence = self._evidence or os.environ.get("SEALSTORE_EVIDENCE") or None
         if self._evidence is not None and self._evidence not in release.EVIDENCE_KINDS:
@@ -113,9 +134,12 @@ class BrokerKey:
             key = cls(slot.key_id)
         except ValueError as exc:
             return Refusal(f"malformed broker slot: {exc}")
-        trusted = {
-            o.strip().rstrip("/") for o in os.environ.get("SEALSTORE_BROKERS", "").split(",")
-        }
+        trusted = set()
+        for entry in os.environ.get("SEALSTORE_BROKERS", "").split(","):
+            try:
+                trusted.add(_origin(entry.strip().rstrip("/")))
+            except ValueError:
+                continue
         if key.origin not in trusted:
             return Refusal(
                 f"{slot.key_id}: {key.origin} is not in SEALSTORE_BROKERS; "
@@ -224,7 +248,11 @@ class BrokerKey:
             spec = ch.get("tpm_pcrs")
             if not isinstance(spec, str):
                 raise BackendError(f"broker {self.origin} asked for a TPM quote without PCRs")
-            q = tpm_quote.quote(bound, tpm.PcrPolicy.parse(spec), self._tcti)
+            try:
+                policy = tpm.PcrPolicy.parse(spec)
+            except ValueError:
+                raise BackendError(f"broker {self.origin} asked for PCRs {spec!r}") from None
+            q = tpm_quote.quote(bound, policy, self._tcti)
             return {
                 "kind": "tpm",
                 "attest": release.b64e(q.attest),
@@ -247,20 +275,18 @@ class BrokerKey:
         return {"kind": "snp", "report": release.b64e(ev.blob), "certs": certs}
 
     def _token_value(self) -> str | None:
-        if self._token:
-            return self._token
-        env = os.environ.get("SEALSTORE_BROKER_TOKEN")
-        if env:
-            return env
+        token = self._token or os.environ.get("SEALSTORE_BROKER_TOKEN")
         path = os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
-        if path:
+        if not token and path:
             try:
-                return Path(path).read_text(encoding="utf-8").strip()
-            except OSError as exc:
+                token = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
                 raise KeyUnavailable(
-                    f"cannot read SEALSTORE_BROKER_TOKEN_FILE {path}: {exc.strerror}"
+                    f"cannot read SEALSTORE_BROKER_TOKEN_FILE {path}: {exc.__class__.__name__}"
                 ) from None
-        return None
+        if token and not (token.isascii() and token.isprintable() and " " not in token):
+            raise KeyUnavailable("the broker token has characters a bearer token cannot carry")
+        return token or None
 
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self._cacert)

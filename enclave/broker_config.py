@@ -75,8 +75,10 @@ class BrokerConfig:
     require_client_cert: bool
     challenge_ttl: float
     max_challenges: int
+    max_challenges_per_identity: int
     identities: dict[str, Identity]
     tenants: dict[str, TenantPolicy]
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BrokerConfig:
@@ -88,7 +90,7 @@ class BrokerConfig:
         """
         p = Path(path).absolute()
         try:
-            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+            doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
         except FileNotFoundError:
             raise FormatError(f"broker config {p} does not exist") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -103,9 +105,25 @@ class _Bad(Exception):
     pass
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 class _Parser:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.warnings: list[str] = []
 
     # -- helpers ------------------------------------------------------------
     def _map(self, obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()):
@@ -152,7 +170,8 @@ class _Parser:
     # -- sections -----------------------------------------------------------
     def config(self, doc: Any) -> BrokerConfig:
         top = self._map(doc, "top level",
-                        {"server", "challenge_ttl", "max_challenges", "identities", "tenants"},
+                        {"server", "challenge_ttl", "max_challenges",
+                         "max_challenges_per_identity", "identities", "tenants"},
                         {"server", "identities", "tenants"})  # fmt: skip
         server = self._map(top["server"], "server",
                            {"host", "port", "tls_cert", "tls_key", "client_ca",
@@ -174,6 +193,7 @@ class _Parser:
         if not isinstance(ids, dict):
             raise _Bad("identities: expected a mapping of name -> identity")
         identities = {self._name(n, "identities"): self.identity(n, v) for n, v in ids.items()}
+        self._unique(identities, client_ca is not None)
         tenants = top["tenants"]
         if not isinstance(tenants, dict) or not tenants:
             raise _Bad("tenants: expected a mapping of tenant -> policy")
@@ -192,9 +212,26 @@ class _Parser:
             max_challenges=self._int(
                 top.get("max_challenges", 100_000), "max_challenges", 1, 10_000_000
             ),
+            max_challenges_per_identity=self._int(
+                top.get("max_challenges_per_identity", 64), "max_challenges_per_identity", 1, 10**6
+            ),
             identities=identities,
             tenants=parsed,
+            warnings=tuple(self.warnings),
         )
+
+    def _unique(self, identities: dict[str, Identity], mtls: bool) -> None:
+        seen: dict[tuple[str, object], str] = {}
+        for ident in identities.values():
+            if (ident.mtls_cn or ident.mtls_spki_sha256) and not mtls:
+                raise _Bad(f"identities.{ident.name}: a client certificate needs server.client_ca")
+            for what in ("token_sha256", "mtls_spki_sha256", "mtls_cn"):
+                value = getattr(ident, what)
+                if value is None:
+                    continue
+                other = seen.setdefault((what, value), ident.name)
+                if other != ident.name:
+                    raise _Bad(f"identities.{ident.name}.{what}: the same as {other}'s")
 
     def _name(self, name: Any, where: str) -> str:
         try:
@@ -236,6 +273,8 @@ class _Parser:
         keys = d["keys"]
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
             raise _Bad(f"{where}.keys: expected a non-empty list of key URIs")
+        for i, uri in enumerate(keys):
+            self._key_uri(uri, f"{where}.keys[{i}]")
         arts = d["artifacts"]
         if not isinstance(arts, dict) or not arts:
             raise _Bad(f"{where}.artifacts: expected a mapping of artifact -> rule")
@@ -245,6 +284,18 @@ class _Parser:
                 self._name(art, f"{where}.artifacts")
             rules[art] = self.rule(f"{where}.artifacts.{art}", rule, identities)
         return TenantPolicy(name, tuple(keys), rules)
+
+    def _key_uri(self, uri: str, where: str) -> None:
+        from sealstore.kms.registry import get_provider_class
+
+        scheme, _, rest = uri.partition(":")
+        if scheme in (release.SLOT_KIND, "x25519") or not rest:
+            raise _Bad(f"{where}: {uri!r} cannot be a tenant key (local:, vault-transit:, "
+                       "aws-kms: or tpm:)")  # fmt: skip
+        try:
+            get_provider_class(scheme)
+        except (ValueError, ImportError) as exc:
+            raise _Bad(f"{where}: {exc}") from None
 
     def rule(self, where: str, obj: Any, identities: dict[str, Identity]) -> ArtifactRule:
         d = self._map(obj, where, {"identities", "evidence", "tpm", "snp", "tdx"},
@@ -300,42 +351,55 @@ class _Parser:
         size = hashlib.new(policy.bank).digest_size
         values = {}
         for k, v in ref.items():
-            try:
+            if isinstance(k, int) and not isinstance(k, bool):
+                index = k
+            elif isinstance(k, str) and k.isdigit():
                 index = int(k)
-            except ValueError:
-                raise _Bad(f"{rwhere}: {k!r} is not a PCR number") from None
+            else:
+                raise _Bad(f"{rwhere}: {k!r} is not a PCR number")
             values[index] = self._hex(v, f"{rwhere}.{k}", size)
         if sorted(values) != list(policy.pcrs):
             raise _Bad(f"{rwhere}: needs a value for each of PCRs {policy.spec} and no other")
+        soft = [p for p in policy.pcrs if p in (16, 23)]
+        if soft:
+            self.warnings.append(
+                f"{where}.pcrs: PCR {soft[0]} can be reset by software at locality 0; "
+                "it proves nothing about the boot (use it in tests only)"
+            )
         return TpmRule(policy, values)
 
     def snp(self, where: str, obj: Any) -> snp.SnpReference:
+        # A minimum TCB is required: without it a platform with known-bad
+        # firmware (whose VCEK still verifies) would be accepted.
         d = self._map(obj, where, {"measurements", "min_tcb", "allow_debug", "max_vmpl",
-                                   "host_data"}, {"measurements"})  # fmt: skip
-        tcb = None
-        if "min_tcb" in d:
-            t = self._map(d["min_tcb"], f"{where}.min_tcb",
-                          {"bootloader", "tee", "snp", "microcode", "fmc"},
-                          {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
-            vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
-            tcb = snp.Tcb(**vals)
+                                   "host_data"}, {"measurements", "min_tcb"})  # fmt: skip
+        t = self._map(d["min_tcb"], f"{where}.min_tcb",
+                      {"bootloader", "tee", "snp", "microcode", "fmc"},
+                      {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
+        vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
+        tcb = snp.Tcb(**vals)
         debug = d.get("allow_debug", False)
         if not isinstance(debug, bool):
             raise _Bad(f"{where}.allow_debug: expected true or false")
-        host_data = d.get("host_data", "")
+        host_data = ""
+        if "host_data" in d:
+            host_data = self._hex(d["host_data"], f"{where}.host_data", 32).hex()
         return snp.SnpReference(
             measurements=self._hex_list(d["measurements"], f"{where}.measurements", 48),
             min_tcb=tcb,
             allow_debug=debug,
             max_vmpl=self._int(d.get("max_vmpl", 0), f"{where}.max_vmpl", 0, 3),
-            host_data=self._hex(host_data, f"{where}.host_data", 32).hex() if host_data else "",
+            host_data=host_data,
         )
 
     def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
-        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug"}, {"mrtd"})
+        # MRTD measures the TD's firmware only; the RTMRs carry the kernel,
+        # initrd and command line, so a rule must name at least one.
+        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug"},
+                      {"mrtd", "rtmrs"})  # fmt: skip
         rtmrs = {}
-        raw = d.get("rtmrs", {})
-        if not isinstance(raw, dict):
+        raw = d["rtmrs"]
+        if not isinstance(raw, dict) or not raw:
             raise _Bad(f"{where}.rtmrs: expected RTMR index -> list of hex values")
         for k, v in raw.items():
             index = self._int(k, f"{where}.rtmrs", 0, 3)
@@ -343,10 +407,12 @@ class _Parser:
         debug = d.get("allow_debug", False)
         if not isinstance(debug, bool):
             raise _Bad(f"{where}.allow_debug: expected true or false")
-        cfg = d.get("mrconfigid", "")
+        cfg = ""
+        if "mrconfigid" in d:
+            cfg = self._hex(d["mrconfigid"], f"{where}.mrconfigid", 48).hex()
         return tdx.TdxReference(
             mrtd=self._hex_list(d["mrtd"], f"{where}.mrtd", 48),
             rtmrs=rtmrs,
-            mrconfigid=self._hex(cfg, f"{where}.mrconfigid", 48).hex() if cfg else "",
+            mrconfigid=cfg,
             allow_debug=debug,
         )

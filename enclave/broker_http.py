@@ -8,6 +8,7 @@ when the config has ``client_ca`` and verified by the TLS layer against it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -22,7 +23,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sealstore.enclave.broker import Broker, Refused, log
 from sealstore.enclave.broker_config import BrokerConfig, Identity
 
-__all__ = ["create_app", "serve"]
+__all__ = ["MAX_BODY", "create_app", "serve"]
+
+MAX_BODY = 256 * 1024
 
 
 def _peer_h11_protocol() -> type:
@@ -67,9 +70,18 @@ def create_app(broker: Broker) -> Any:
         return broker.authenticate(bearer, getattr(request.state, "tls_peer_cert", None))
 
     async def body(request: Request) -> dict[str, Any]:
+        # A release request is a few KiB (an SNP report and its chain ~6 KiB).
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            raise Refused("too-large", f"a body of {_clean(size)} bytes", 413)
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise Refused("too-large", f"a body over {MAX_BODY} bytes", 413)
         try:
-            obj = await request.json()
-        except ValueError:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
             raise Refused("bad-request", "the body is not JSON", 400) from None
         if not isinstance(obj, dict):
             raise Refused("bad-request", "the body is not a JSON object", 400)
@@ -88,6 +100,11 @@ def create_app(broker: Broker) -> Any:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def internal(request: Request, exc: Exception, ident: Identity | None, what: dict) -> Any:
+        # Fail closed, and tell the caller nothing: the class name goes to the log.
+        failed = Refused("internal", f"{exc.__class__.__name__} (a bug in the broker)", 500)
+        return refuse(request, failed, ident, what)
+
     @app.post("/v1/challenge")
     async def challenge(request: Request) -> Any:
         ident, req = None, {}
@@ -97,6 +114,8 @@ def create_app(broker: Broker) -> Any:
             return broker.challenge(ident, req.get("tenant"), req.get("artifact"))
         except Refused as exc:
             return refuse(request, exc, ident, req)
+        except Exception as exc:
+            return internal(request, exc, ident, req)
 
     @app.post("/v1/release")
     async def release_key(request: Request) -> Any:
@@ -108,6 +127,8 @@ def create_app(broker: Broker) -> Any:
             out = await anyio.to_thread.run_sync(broker.release, ident, req)
         except Refused as exc:
             return refuse(request, exc, ident, req)
+        except Exception as exc:
+            return internal(request, exc, ident, req)
         log.info("released: identity=%s tenant=%s artifact=%s kind=%s", ident.name,
                  req.get("tenant"), req.get("artifact"), req["evidence"]["kind"])  # fmt: skip
         return out
@@ -122,6 +143,8 @@ def serve(config: BrokerConfig, *, log_level: str = "info") -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     reqs = ssl.CERT_NONE
     if config.client_ca is not None:
         reqs = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL

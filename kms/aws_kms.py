@@ -316,14 +316,20 @@ class AwsKmsKey:
             raise KeyUnavailable(f"slot was not wrapped by aws-kms key {self.key_id}")
         if not slot.blob:
             raise KeyUnavailable(f"aws-kms key {self.key_id}: slot has an empty ciphertext")
-        arn = slot.params.get("arn")
         # Naming the key makes KMS refuse a ciphertext of any other key
         # (IncorrectKeyException) instead of decrypting with whatever key the
-        # unauthenticated slot's blob points at.
-        params: dict[str, Any] = {
-            "CiphertextBlob": slot.blob,
-            "KeyId": arn if isinstance(arn, str) and arn else self._spec,
-        }
+        # unauthenticated slot's blob points at. The slot's ARN is used only
+        # when it is this key's: a slot must not steer the call to another key
+        # the caller's credentials happen to reach.
+        key = self._spec
+        arn = slot.params.get("arn")
+        if isinstance(arn, str) and arn and arn != key:
+            try:
+                if arn == self._key_arn():
+                    key = arn
+            except SealstoreError:
+                pass
+        params: dict[str, Any] = {"CiphertextBlob": slot.blob, "KeyId": key}
         if context:
             params["EncryptionContext"] = dict(context)
         out = self._call("decrypt", **params)

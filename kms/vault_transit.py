@@ -251,7 +251,10 @@ class VaultTransitKey:
             ciphertext = slot.blob.decode("ascii")
         except UnicodeDecodeError:
             raise KeyUnavailable(f"{self.key_id}: slot is not a Transit ciphertext") from None
-        body = {"ciphertext": ciphertext, **self._binding(context, bool(slot.params.get("ad")))}
+        # The slot's "ad" flag is not authenticated: it may add associated data
+        # but never drop it. Only a derived key binds the context without it.
+        associated = bool(slot.params.get("ad")) or not self._derived()
+        body = {"ciphertext": ciphertext, **self._binding(context, associated)}
         data = self._post("unwrap the data key", "decrypt", body)
         try:
             dek = base64.b64decode(data["plaintext"], validate=True)

@@ -38,6 +38,7 @@ from sealstore.enclave.broker_client import BrokerKey
 from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.enclave.tpm_quote import ak_public
 from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, KeyUnavailable
+from sealstore.format import canonical_json
 from sealstore.keys import DataKey
 from tests.conftest import PASSPHRASE, extend_pcr16, make_keyring
 from tests.test_cli import fails, ok, run
@@ -119,10 +120,14 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tpm_tcti: str) -> Setup:
-    """Tenant acme: minilm for trainer and node-7 (TPM PCRs 7,16 as they are after a reset)."""
+    """acme: minilm for trainer and node-7, notes for intern; globex: anything for globex-bot.
+
+    Every rule wants a TPM quote over PCRs 7,16 as they are after a reset of 16.
+    """
     d = tmp_path_factory.mktemp("broker")
     keyring = d / "acme-keyring.json"
     make_keyring(keyring, passphrase=PASSPHRASE)
+    make_keyring(d / "globex-keyring.json", passphrase=PASSPHRASE)
     (d / "ak.pem").write_bytes(ak_public(tpm_tcti))
     with tpm.connect(tpm_tcti) as ectx:
         tpm.reset(ectx, 16)
@@ -140,6 +145,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tpm_tcti: str) -> 
             "trainer": {"token_sha256": _sha(TOKENS["trainer"]), "tpm_ak": "ak.pem"},
             "intern": {"token_sha256": _sha(TOKENS["intern"]), "tpm_ak": "ak.pem"},
             "node-7": {"mtls_cn": "node-7", "tpm_ak": "ak.pem"},
+            "globex-bot": {"token_sha256": _sha("globex"), "tpm_ak": "ak.pem"},
         },
         "tenants": {
             "acme": {
@@ -156,7 +162,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tpm_tcti: str) -> 
                         "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"},
                     },
                 },
-            }
+            },
+            "globex": {
+                "keys": [f"local:{d / 'globex-keyring.json'}"],
+                "artifacts": {
+                    "*": {
+                        "identities": ["globex-bot"],
+                        "evidence": ["tpm"],
+                        "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"},
+                    },
+                },
+            },
         },
     }
     (d / "broker.yaml").write_text(yaml.safe_dump(doc))
@@ -306,7 +322,9 @@ def test_a_replayed_challenge_is_refused(workload: Running) -> None:
         key._post("/v1/release", body)
     # Evidence made for one ephemeral key is useless with another.
     body, _ = _request(key, slot.blob)
-    body["public_key"] = release.b64e(bytes(32))
+    import nacl.public
+
+    body["public_key"] = release.b64e(bytes(nacl.public.PrivateKey.generate().public_key))
     with pytest.raises(KeyReleaseDenied, match="tpm-nonce"):
         key._post("/v1/release", body)
 
@@ -324,6 +342,8 @@ def test_identities_tokens_and_client_certificates(
     key = BrokerKey(workload.uri(), cert=str(pki.rogue_cert), client_key=str(pki.rogue_key))
     with pytest.raises(BackendError, match="unreachable"):
         key.unwrap(slot, CONTEXT)
+    key = BrokerKey(workload.uri(), cert=str(pki.client_cert), client_key=str(pki.client_key))
+    assert key.unwrap(slot, CONTEXT).material() == dek.material()  # the broker is still up
     with pytest.raises(KeyReleaseDenied, match="unauthenticated"):
         BrokerKey(workload.uri()).unwrap(slot, CONTEXT)  # no credentials at all
     with pytest.raises(KeyReleaseDenied, match="unauthenticated"):
@@ -408,7 +428,8 @@ def test_challenges_expire_and_are_bound(setup: Setup, tcti: str) -> None:
     clock.now += 31
     assert _code(b, "trainer", req) == "challenge-expired"
     req = _tpm_request(b, "trainer", slot.blob)
-    assert _code(b, "node-7", req) == "challenge-mismatch"  # issued to trainer
+    req["context"] = "not a mapping"
+    assert _code(b, "trainer", req) == "bad-request"
     assert _code(b, "trainer", req) == "challenge-unknown"  # used up by the failed attempt
     req = _tpm_request(b, "trainer", slot.blob)
     req["evidence"]["kind"] = "snp"
@@ -534,6 +555,15 @@ def test_vault_transit_as_the_tenant_key(
 
 # -- the config file ----------------------------------------------------------------
 
+TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
+
+
+def _only(doc: dict, kind: str, reference: dict) -> None:
+    """minilm's rule, accepting *kind* evidence alone with these reference values."""
+    rule = doc["tenants"]["acme"]["artifacts"]["minilm"]
+    rule.pop("tpm")
+    rule.update({"evidence": [kind], kind: reference})
+
 
 @pytest.mark.parametrize(
     ("change", "message"),
@@ -548,13 +578,24 @@ def test_vault_transit_as_the_tenant_key(
         (lambda d: d["identities"]["trainer"].pop("tpm_ak"), "has no tpm_ak"),
         (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].update(pcrs="7"),
          "needs a value for each of PCRs sha256:7"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(snp={"measurements": []}),
+        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(
+            snp={"measurements": ["00" * 48], "min_tcb": TCB}),
          "reference values for a kind not in evidence"),
+        (lambda d: _only(d, "snp", {"measurements": [], "min_tcb": TCB}),
+         "measurements: expected a non-empty list"),
+        (lambda d: _only(d, "snp", {"measurements": ["00" * 48]}), "missing field 'min_tcb'"),
+        (lambda d: _only(d, "tdx", {"mrtd": ["00" * 48]}), "missing field 'rtmrs'"),
+        (lambda d: d["server"].pop("client_ca"), "a client certificate needs server.client_ca"),
+        (lambda d: d["identities"]["intern"].update(token_sha256=_sha(TOKENS["trainer"])),
+         "the same as (trainer|intern).s"),
+        (lambda d: d["tenants"]["acme"].update(keys=["x25519:abc"]), "cannot be a tenant key"),
+        (lambda d: d["tenants"]["acme"].update(keys=["nope:abc"]), "unknown key provider"),
         (lambda d: d["identities"]["trainer"].update(token_sha256="abc"), "32-byte hex"),
         (lambda d: d["server"].update(require_client_cert="yes"), "expected true or false"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_field(setup: Setup, tmp_path: Path, change, message) -> None:
+    """Each mistake is refused at load with the field's path; none widens the policy."""
     doc = yaml.safe_load(setup.config.read_text())
     change(doc)
     for name in ("ak.pem", "pcrs.json"):
@@ -567,8 +608,184 @@ def test_config_errors_name_the_field(setup: Setup, tmp_path: Path, change, mess
     assert "broker config" in line
 
 
+def test_a_key_given_twice_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently; a policy file must not."""
+    text = setup.config.read_text()
+    (tmp_path / "b.yaml").write_text(text + "challenge_ttl: 5\n")
+    with pytest.raises(FormatError, match="'challenge_ttl' is given twice"):
+        BrokerConfig.load(tmp_path / "b.yaml")
+
+
 def test_cli_check_and_token(setup: Setup) -> None:
     out = ok(run("broker", "check", "--config", setup.config)).stdout.decode()
     assert "acme/minilm: to node-7, trainer on tpm evidence" in out
+    assert "warning: tenants.acme.artifacts.minilm.tpm.pcrs: PCR 16 can be reset" in out
     token, line = ok(run("broker", "token")).stdout.decode().splitlines()
     assert line == f"token_sha256: {_sha(token)}" and len(token) >= 40
+
+
+# -- attacks on the decisions -------------------------------------------------------
+
+
+def test_another_tenants_slot_does_not_open(setup: Setup, tcti: str) -> None:
+    """globex-bot may have any globex key; acme's slot presented as globex's does not open."""
+    b = Broker(BrokerConfig.load(setup.config))
+    acme = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}")
+    stolen = acme.wrap(DataKey.generate(), CONTEXT)
+    ring = setup.folder / "globex-keyring.json"
+    own = BrokerKey(f"broker+https://127.0.0.1:1/globex/minilm?key=local:{ring}").wrap(
+        DataKey.generate(), CONTEXT
+    )
+    bot = b.config.identities["globex-bot"]
+
+    def request(blob: bytes) -> dict:
+        ch = b.challenge(bot, "globex", "minilm")
+        import nacl.public
+
+        public = bytes(nacl.public.PrivateKey.generate().public_key)
+        key = BrokerKey("broker+https://127.0.0.1:1/globex/minilm")
+        bound = release.binding(base64.b64decode(ch["nonce"]), public, "tpm")
+        return {"tenant": "globex", "artifact": "minilm", "nonce": ch["nonce"],
+                "public_key": release.b64e(public), "evidence": key._collect("tpm", bound, ch),
+                "slot": json.loads(blob), "context": CONTEXT}  # fmt: skip
+
+    with pytest.raises(Refused) as err:
+        b.release(bot, request(stolen.blob))
+    assert err.value.code == "key-unavailable"
+    assert "sealed" in b.release(bot, request(own.blob))
+    with pytest.raises(Refused) as err:  # and globex-bot has no acme rule at all
+        b.challenge(bot, "acme", "minilm")
+    assert err.value.code == "not-permitted"
+
+
+def test_requests_bent_out_of_shape(setup: Setup, tcti: str) -> None:
+    """A low-order key, another artifact's or identity's challenge: refused before any unwrap."""
+    b = Broker(BrokerConfig.load(setup.config))
+    uri = f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}"
+    slot = BrokerKey(uri).wrap(DataKey.generate(), CONTEXT)
+    req = _tpm_request(b, "trainer", slot.blob)
+    req["public_key"] = release.b64e(bytes(32))  # all zeros: every shared secret is zero
+    assert _code(b, "trainer", req) == "bad-request"
+    req = _tpm_request(b, "trainer", slot.blob)
+    req["artifact"] = "notes"
+    assert _code(b, "trainer", req) == "challenge-mismatch"
+    req = _tpm_request(b, "trainer", slot.blob)
+    assert _code(b, "intern", req) == "challenge-mismatch"
+    # Someone else's attempt did not use the challenge up; its owner still can.
+    assert "sealed" in b.release(b.config.identities["trainer"], req)
+
+
+def test_challenges_per_identity_are_bounded(setup: Setup, tmp_path: Path) -> None:
+    doc = yaml.safe_load(setup.config.read_text())
+    doc["max_challenges_per_identity"] = 3
+    doc["challenge_ttl"] = 10
+    for name in ("ak.pem", "pcrs.json"):
+        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    clock = _Clock()
+    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"), clock=clock)
+    trainer, intern = b.config.identities["trainer"], b.config.identities["intern"]
+    for _ in range(3):
+        b.challenge(trainer, "acme", "minilm")
+    with pytest.raises(Refused) as err:
+        b.challenge(trainer, "acme", "minilm")
+    assert err.value.code == "busy" and err.value.status == 429
+    b.challenge(intern, "acme", "notes")  # one identity cannot starve another
+    clock.now += 11
+    b.challenge(trainer, "acme", "minilm")  # expired ones no longer count
+    assert len(b._challenges) == 1
+
+
+def test_a_vault_slot_cannot_drop_its_associated_data(
+    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A slot saying ad=false must not make a non-derived Transit key ignore the scope.
+
+    Another application encrypted 32 bytes under the same key without any
+    context; offered as a slot with ad=false, it would open for any artifact.
+    """
+    addr, token = services["vault_addr"], services["vault_token"]
+    client = hvac.Client(url=addr, token=token)
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    client.sys.enable_secrets_engine("transit", path=mount)
+    client.secrets.transit.create_key("acme", mount_point=mount)
+    vault_uri = f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false"
+    monkeypatch.setenv("VAULT_ADDR", addr)
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    b = _with_keys(setup, tmp_path, [vault_uri])
+    foreign = client.secrets.transit.encrypt_data(
+        "acme", base64.b64encode(os.urandom(32)).decode(), mount_point=mount
+    )["data"]["ciphertext"]
+    slot = {"kind": "vault-transit", "key_id": vault_uri, "version": 1, "ad": False,
+            "blob": base64.b64encode(foreign.encode()).decode()}  # fmt: skip
+    req = _tpm_request(b, "trainer", canonical_json(slot))
+    assert _code(b, "trainer", req) == "key-unavailable"
+
+
+def test_an_aws_slot_cannot_steer_to_another_kms_key(
+    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A slot naming the tenant's key but carrying another key's ARN and ciphertext is refused.
+
+    The broker's KMS credentials reach both keys (moto allows everything), so
+    only pinning the call to the configured key stops the release.
+    """
+    import boto3
+
+    moto = services["moto_url"]
+    for name, value in {"AWS_ENDPOINT_URL_KMS": moto, "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    kms = boto3.client("kms", endpoint_url=moto, region_name="us-east-1")
+    tenant_key = kms.create_key()["KeyMetadata"]["KeyId"]
+    other = kms.create_key()["KeyMetadata"]
+    b = _with_keys(setup, tmp_path, [f"aws-kms://{tenant_key}"])
+    honest = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key=aws-kms://{tenant_key}")
+    slot = honest.wrap(DataKey.generate(), CONTEXT)
+    assert "sealed" in b.release(
+        b.config.identities["trainer"], _tpm_request(b, "trainer", slot.blob)
+    )
+    scope = release.scoped_context(CONTEXT, "acme", "minilm")
+    blob = kms.encrypt(KeyId=other["KeyId"], Plaintext=os.urandom(32),
+                       EncryptionContext=scope)["CiphertextBlob"]  # fmt: skip
+    bent = dict(json.loads(slot.blob), arn=other["Arn"], blob=base64.b64encode(blob).decode())
+    req = _tpm_request(b, "trainer", canonical_json(bent))
+    assert _code(b, "trainer", req) == "key-unavailable"
+
+
+def _with_keys(setup: Setup, folder: Path, keys: list[str]) -> Broker:
+    doc = yaml.safe_load(setup.config.read_text())
+    doc["tenants"]["acme"]["keys"] = keys
+    for name in ("ak.pem", "pcrs.json"):
+        (folder / name).write_bytes((setup.folder / name).read_bytes())
+    (folder / "b.yaml").write_text(yaml.safe_dump(doc))
+    return Broker(BrokerConfig.load(folder / "b.yaml"))
+
+
+def test_malformed_bodies_over_the_wire(workload: Running, pki: Pki) -> None:
+    """Too large, not JSON, nested past the parser: a code each, and the broker stays up."""
+    import http.client
+
+    def post(body: bytes) -> tuple[int, dict]:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        host, port = workload.url.removeprefix("https://").split(":")
+        conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+        try:
+            conn.request("POST", "/v1/release", body=body,
+                         headers={"Authorization": f"Bearer {TOKENS['trainer']}"})  # fmt: skip
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    assert post(b"{" + b" " * (300 * 1024) + b"}") == (413, {"error": "too-large"})
+    assert post(b"not json") == (400, {"error": "bad-request"})
+    assert post(b"[" * 100_000 + b"]" * 100_000) == (400, {"error": "bad-request"})
+    assert post(b'{"nonce": 5}') == (400, {"error": "bad-request"})
+    assert post(b'{"nonce": "' + base64.b64encode(os.urandom(32)) + b'", "public_key": ""}') == (
+        403,
+        {"error": "challenge-unknown"},
+    )
