@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/native_cpu.py
 	scripts/services.sh install && scripts/services.sh start
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/store_throughput.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/release_latency.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
