@@ -378,18 +378,12 @@ class _Parser:
                       {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
         vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
         tcb = snp.Tcb(**vals)
-        debug = d.get("allow_debug", False)
-        if not isinstance(debug, bool):
-            raise _Bad(f"{where}.allow_debug: expected true or false")
-        host_data = ""
-        if "host_data" in d:
-            host_data = self._hex(d["host_data"], f"{where}.host_data", 32).hex()
         return snp.SnpReference(
             measurements=self._hex_list(d["measurements"], f"{where}.measurements", 48),
             min_tcb=tcb,
-            allow_debug=debug,
+            allow_debug=self._debug(d, where),
             max_vmpl=self._int(d.get("max_vmpl", 0), f"{where}.max_vmpl", 0, 3),
-            host_data=host_data,
+            host_data=self._optional_hex(d, "host_data", where, 32),
         )
 
     def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
@@ -404,15 +398,19 @@ class _Parser:
         for k, v in raw.items():
             index = self._int(k, f"{where}.rtmrs", 0, 3)
             rtmrs[index] = self._hex_list(v, f"{where}.rtmrs.{k}", 48)
-        debug = d.get("allow_debug", False)
-        if not isinstance(debug, bool):
-            raise _Bad(f"{where}.allow_debug: expected true or false")
-        cfg = ""
-        if "mrconfigid" in d:
-            cfg = self._hex(d["mrconfigid"], f"{where}.mrconfigid", 48).hex()
         return tdx.TdxReference(
             mrtd=self._hex_list(d["mrtd"], f"{where}.mrtd", 48),
             rtmrs=rtmrs,
-            mrconfigid=cfg,
-            allow_debug=debug,
+            mrconfigid=self._optional_hex(d, "mrconfigid", where, 48),
+            allow_debug=self._debug(d, where),
         )
+
+    def _debug(self, d: dict[str, Any], where: str) -> bool:
+        debug = d.get("allow_debug", False)
+        if not isinstance(debug, bool):
+            raise _Bad(f"{where}.allow_debug: expected true or false")
+        return debug
+
+    def _optional_hex(self, d: dict[str, Any], key: str, where: str, size: int) -> str:
+        """The hex value of an optional field ("" when absent: any value accepted)."""
+        return self._hex(d[key], f"{where}.{key}", size).hex() if key in d else ""

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from tests.test_cli import fails, ok, run
 from tests.test_enclave_evidence import _signed_report, make_own_chain
 
 CONTEXT = {"purpose": "broker test"}
+TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}  # the own_chain VCEK's
 
 
 # -- a small PKI: one CA for the broker and the workloads, one stranger's CA --------
@@ -177,6 +178,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: Pki, tpm_tcti: str) -> 
     }
     (d / "broker.yaml").write_text(yaml.safe_dump(doc))
     return Setup(d, keyring, d / "broker.yaml", values)
+
+
+def _variant(setup: Setup, folder: Path, change: Callable[[dict], object]) -> Path:
+    """A copy of the broker config in *folder* (with the files it names), changed by *change*."""
+    doc = yaml.safe_load(setup.config.read_text())
+    change(doc)
+    for name in ("ak.pem", "pcrs.json"):
+        (folder / name).write_bytes((setup.folder / name).read_bytes())
+    (folder / "b.yaml").write_text(yaml.safe_dump(doc))
+    return folder / "b.yaml"
 
 
 def _free_port() -> int:
@@ -461,17 +472,16 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
     import nacl.public
 
     own_chain = make_own_chain()
-    doc = yaml.safe_load(setup.config.read_text())
-    doc["identities"]["cvm"] = {"token_sha256": _sha("cvm")}
-    doc["tenants"]["acme"]["artifacts"]["minilm"] = {
-        "identities": ["cvm"], "evidence": ["snp"],
-        "snp": {"measurements": ["00" * 48], "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8,
-                                                          "microcode": 115}},
-    }  # fmt: skip
-    for name in ("ak.pem", "pcrs.json"):
-        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
-    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"), snp_roots=own_chain["roots"])
+
+    def cvm(doc: dict) -> None:
+        doc["identities"]["cvm"] = {"token_sha256": _sha("cvm")}
+        doc["tenants"]["acme"]["artifacts"]["minilm"] = {
+            "identities": ["cvm"], "evidence": ["snp"],
+            "snp": {"measurements": ["00" * 48], "min_tcb": TCB},
+        }  # fmt: skip
+
+    config = _variant(setup, tmp_path, cvm)
+    b = Broker(BrokerConfig.load(config), snp_roots=own_chain["roots"])
     who = b.config.identities["cvm"]
     uri = f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}"
     slot = BrokerKey(uri).wrap(dek := DataKey.generate(), CONTEXT)
@@ -502,7 +512,7 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
         b.release(who, req)
     assert err.value.code == "snp-report-data"
     # With AMD's own roots (the default) our chain is not trusted.
-    strict = Broker(BrokerConfig.load(tmp_path / "b.yaml"))
+    strict = Broker(BrokerConfig.load(config))
     req = request()
     req.pop("_secret")
     req["nonce"] = strict.challenge(who, "acme", "minilm")["nonce"]
@@ -521,25 +531,32 @@ def _resign(report: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
     return bytes(raw)
 
 
-def test_vault_transit_as_the_tenant_key(
-    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    """The broker unwraps with real OpenBao; the workload never holds a Vault token."""
+@dataclass
+class Transit:
+    client: hvac.Client
+    mount: str
+    uri: str
+
+
+@pytest.fixture
+def transit(services: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Transit:
+    """A fresh non-derived Transit key "acme" on OpenBao; VAULT_ADDR/TOKEN set for the broker."""
     addr, token = services["vault_addr"], services["vault_token"]
     client = hvac.Client(url=addr, token=token)
     mount = f"transit-{uuid.uuid4().hex[:8]}"
     client.sys.enable_secrets_engine("transit", path=mount)
     client.secrets.transit.create_key("acme", mount_point=mount)
-    vault_uri = f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false"
     monkeypatch.setenv("VAULT_ADDR", addr)
     monkeypatch.setenv("VAULT_TOKEN", token)
-    doc = yaml.safe_load(setup.config.read_text())
-    doc["tenants"]["acme"]["keys"] = [vault_uri]
-    for name in ("ak.pem", "pcrs.json"):
-        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
-    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"))
+    return Transit(client, mount, f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false")
+
+
+def test_vault_transit_as_the_tenant_key(
+    setup: Setup, tcti: str, transit: Transit, tmp_path: Path
+) -> None:
+    """The broker unwraps with real OpenBao; the workload never holds a Vault token."""
+    vault_uri = transit.uri
+    b = _with_keys(setup, tmp_path, [vault_uri])
     slot = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key={vault_uri}").wrap(
         DataKey.generate(), CONTEXT
     )
@@ -554,8 +571,6 @@ def test_vault_transit_as_the_tenant_key(
 
 
 # -- the config file ----------------------------------------------------------------
-
-TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
 
 
 def _only(doc: dict, kind: str, reference: dict) -> None:
@@ -596,13 +611,9 @@ def _only(doc: dict, kind: str, reference: dict) -> None:
 )  # fmt: skip
 def test_config_errors_name_the_field(setup: Setup, tmp_path: Path, change, message) -> None:
     """Each mistake is refused at load with the field's path; none widens the policy."""
-    doc = yaml.safe_load(setup.config.read_text())
-    change(doc)
-    for name in ("ak.pem", "pcrs.json"):
-        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    config = _variant(setup, tmp_path, change)
     with pytest.raises(FormatError, match=message) as err:
-        BrokerConfig.load(tmp_path / "b.yaml")
+        BrokerConfig.load(config)
     assert str(tmp_path / "b.yaml") in str(err.value)
     line = fails(run("broker", "check", "--config", tmp_path / "b.yaml"), 3)
     assert "broker config" in line
@@ -676,14 +687,11 @@ def test_requests_bent_out_of_shape(setup: Setup, tcti: str) -> None:
 
 
 def test_challenges_per_identity_are_bounded(setup: Setup, tmp_path: Path) -> None:
-    doc = yaml.safe_load(setup.config.read_text())
-    doc["max_challenges_per_identity"] = 3
-    doc["challenge_ttl"] = 10
-    for name in ("ak.pem", "pcrs.json"):
-        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
+    config = _variant(
+        setup, tmp_path, lambda d: d.update(max_challenges_per_identity=3, challenge_ttl=10)
+    )
     clock = _Clock()
-    b = Broker(BrokerConfig.load(tmp_path / "b.yaml"), clock=clock)
+    b = Broker(BrokerConfig.load(config), clock=clock)
     trainer, intern = b.config.identities["trainer"], b.config.identities["intern"]
     for _ in range(3):
         b.challenge(trainer, "acme", "minilm")
@@ -697,27 +705,18 @@ def test_challenges_per_identity_are_bounded(setup: Setup, tmp_path: Path) -> No
 
 
 def test_a_vault_slot_cannot_drop_its_associated_data(
-    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    setup: Setup, tcti: str, transit: Transit, tmp_path: Path
+) -> None:
     """A slot saying ad=false must not make a non-derived Transit key ignore the scope.
 
     Another application encrypted 32 bytes under the same key without any
     context; offered as a slot with ad=false, it would open for any artifact.
     """
-    addr, token = services["vault_addr"], services["vault_token"]
-    client = hvac.Client(url=addr, token=token)
-    mount = f"transit-{uuid.uuid4().hex[:8]}"
-    client.sys.enable_secrets_engine("transit", path=mount)
-    client.secrets.transit.create_key("acme", mount_point=mount)
-    vault_uri = f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false"
-    monkeypatch.setenv("VAULT_ADDR", addr)
-    monkeypatch.setenv("VAULT_TOKEN", token)
-    b = _with_keys(setup, tmp_path, [vault_uri])
-    foreign = client.secrets.transit.encrypt_data(
-        "acme", base64.b64encode(os.urandom(32)).decode(), mount_point=mount
+    b = _with_keys(setup, tmp_path, [transit.uri])
+    foreign = transit.client.secrets.transit.encrypt_data(
+        "acme", base64.b64encode(os.urandom(32)).decode(), mount_point=transit.mount
     )["data"]["ciphertext"]
-    slot = {"kind": "vault-transit", "key_id": vault_uri, "version": 1, "ad": False,
+    slot = {"kind": "vault-transit", "key_id": transit.uri, "version": 1, "ad": False,
             "blob": base64.b64encode(foreign.encode()).decode()}  # fmt: skip
     req = _tpm_request(b, "trainer", canonical_json(slot))
     assert _code(b, "trainer", req) == "key-unavailable"
@@ -757,12 +756,8 @@ def test_an_aws_slot_cannot_steer_to_another_kms_key(
 
 
 def _with_keys(setup: Setup, folder: Path, keys: list[str]) -> Broker:
-    doc = yaml.safe_load(setup.config.read_text())
-    doc["tenants"]["acme"]["keys"] = keys
-    for name in ("ak.pem", "pcrs.json"):
-        (folder / name).write_bytes((setup.folder / name).read_bytes())
-    (folder / "b.yaml").write_text(yaml.safe_dump(doc))
-    return Broker(BrokerConfig.load(folder / "b.yaml"))
+    config = _variant(setup, folder, lambda d: d["tenants"]["acme"].update(keys=keys))
+    return Broker(BrokerConfig.load(config))
 
 
 def test_malformed_bodies_over_the_wire(workload: Running, pki: Pki) -> None:
