@@ -42,7 +42,7 @@ import nacl.public
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
 from sealstore.errors import AttestationError, FormatError, SealstoreError
-from sealstore.keys import DataKey, KeySlot
+from sealstore.keys import DataKey, KeySlot, unwrap_first
 
 __all__ = ["Broker", "Refused"]
 
@@ -313,16 +313,16 @@ class Broker:
             raise Refused("bad-request", str(exc), 400) from None
         # Only the tenant's own keys are tried: the slot's key_id names a key
         # service, and a caller must not be able to point the broker anywhere.
-        why = []
         try:
             keys = self._keys(tenant)
         except (SealstoreError, ValueError, ImportError) as exc:
             raise Refused("backend-unavailable", f"tenant key: {exc}", 502) from None
-        for key in keys:
-            if not getattr(key, "can_unwrap", lambda s: True)(slot):
-                continue
-            try:
-                return key.unwrap(slot, ctx)
-            except SealstoreError as exc:
-                why.append(f"{key.key_id}: {exc}")
-        raise Refused("key-unavailable", "; ".join(why) or "no tenant key matches the slot")
+
+        def tenant_keys(s: KeySlot) -> list[Any]:
+            return [k for k in keys if getattr(k, "can_unwrap", lambda _: True)(s)]
+
+        try:
+            # No header to commit to here: the caller's file checks the DEK.
+            return unwrap_first([slot], tenant_keys, ctx, accept=lambda _dek: None)
+        except SealstoreError as exc:
+            raise Refused("key-unavailable", str(exc)) from None

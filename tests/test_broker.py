@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hvac
 import pytest
@@ -309,19 +310,35 @@ def test_push_and_pull_through_the_broker(
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == _minilm().read_bytes()
 
 
-def _request(key: BrokerKey, slot_blob: bytes, kind: str = "tpm") -> tuple[dict, bytes]:
-    """One challenge and a release request for it, built as the client builds them."""
+def _body(
+    ch: dict, tenant: str, artifact: str, slot_blob: bytes, kind: str = "tpm",
+    evidence: Callable[[bytes], dict] | None = None,
+) -> tuple[dict, Any]:  # fmt: skip
+    """A release request for challenge *ch*, built as the client builds it; and its secret key.
+
+    The evidence is a swtpm quote made by the client's own code, unless
+    *evidence* makes it from the binding.
+    """
     import nacl.public
 
-    ch = key._post("/v1/challenge", {"tenant": key.tenant, "artifact": key.artifact})
     secret = nacl.public.PrivateKey.generate()
     public = bytes(secret.public_key)
-    nonce = base64.b64decode(ch["nonce"])
-    evidence = key._collect(kind, release.binding(nonce, public, kind), ch)
-    body = {"tenant": key.tenant, "artifact": key.artifact, "nonce": ch["nonce"],
-            "public_key": release.b64e(public), "evidence": evidence,
+    bound = release.binding(base64.b64decode(ch["nonce"]), public, kind)
+    if evidence is None:
+        client = BrokerKey(f"broker+https://127.0.0.1:1/{tenant}/{artifact}")
+        ev = client._collect(kind, bound, ch)
+    else:
+        ev = evidence(bound)
+    body = {"tenant": tenant, "artifact": artifact, "nonce": ch["nonce"],
+            "public_key": release.b64e(public), "evidence": ev,
             "slot": json.loads(slot_blob), "context": CONTEXT}  # fmt: skip
-    return body, bytes(secret)
+    return body, secret
+
+
+def _request(key: BrokerKey, slot_blob: bytes) -> tuple[dict, Any]:
+    """A challenge from the running broker, and a release request for it."""
+    ch = key._post("/v1/challenge", {"tenant": key.tenant, "artifact": key.artifact})
+    return _body(ch, key.tenant, key.artifact, slot_blob)
 
 
 def test_a_replayed_challenge_is_refused(workload: Running) -> None:
@@ -411,17 +428,9 @@ class _Clock:
 
 
 def _tpm_request(broker: Broker, ident: str, slot_blob: bytes, artifact: str = "minilm") -> dict:
-    import nacl.public
-
-    who = broker.config.identities[ident]
-    ch = broker.challenge(who, "acme", artifact)
-    public = bytes(nacl.public.PrivateKey.generate().public_key)
-    nonce = base64.b64decode(ch["nonce"])
-    key = BrokerKey(f"broker+https://127.0.0.1:1/acme/{artifact}")
-    evidence = key._collect("tpm", release.binding(nonce, public, "tpm"), ch)
-    return {"tenant": "acme", "artifact": artifact, "nonce": ch["nonce"],
-            "public_key": release.b64e(public), "evidence": evidence,
-            "slot": json.loads(slot_blob), "context": CONTEXT}  # fmt: skip
+    """A challenge from *broker* for *ident* (tenant acme), and a release request for it."""
+    ch = broker.challenge(broker.config.identities[ident], "acme", artifact)
+    return _body(ch, "acme", artifact, slot_blob)[0]
 
 
 def _code(broker: Broker, ident: str, req: dict) -> str:
@@ -486,35 +495,29 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
     uri = f"broker+https://127.0.0.1:1/acme/minilm?key=local:{setup.keyring}"
     slot = BrokerKey(uri).wrap(dek := DataKey.generate(), CONTEXT)
 
-    def request(report_data: bytes | None = None) -> dict:
-        ch = b.challenge(who, "acme", "minilm")
-        secret = nacl.public.PrivateKey.generate()
-        public = bytes(secret.public_key)
-        bound = release.binding(base64.b64decode(ch["nonce"]), public, "snp")
-        report = bytearray(_signed_report(own_chain["key"], own_chain["chip"],
-                                          bytes([3, 0, 0, 0, 0, 0, 8, 0x73])))  # fmt: skip
-        report[0x50:0x90] = report_data if report_data is not None else bound
-        resigned = _resign(bytes(report), own_chain["key"])
-        der = {k: release.b64e(own_chain[k].public_bytes(serialization.Encoding.DER))
-               for k in ("vcek", "ask", "ark")}  # fmt: skip
-        return {"tenant": "acme", "artifact": "minilm", "nonce": ch["nonce"],
-                "public_key": release.b64e(public),
-                "evidence": {"kind": "snp", "report": release.b64e(resigned), "certs": der},
-                "slot": json.loads(slot.blob), "context": CONTEXT, "_secret": secret}  # fmt: skip
+    def request(report_data: bytes | None = None) -> tuple[dict, Any]:
+        def snp_evidence(bound: bytes) -> dict:
+            report = bytearray(_signed_report(own_chain["key"], own_chain["chip"],
+                                              bytes([3, 0, 0, 0, 0, 0, 8, 0x73])))  # fmt: skip
+            report[0x50:0x90] = report_data if report_data is not None else bound
+            resigned = _resign(bytes(report), own_chain["key"])
+            der = {k: release.b64e(own_chain[k].public_bytes(serialization.Encoding.DER))
+                   for k in ("vcek", "ask", "ark")}  # fmt: skip
+            return {"kind": "snp", "report": release.b64e(resigned), "certs": der}
 
-    req = request()
-    secret = req.pop("_secret")
+        ch = b.challenge(who, "acme", "minilm")
+        return _body(ch, "acme", "minilm", slot.blob, "snp", snp_evidence)
+
+    req, secret = request()
     out = b.release(who, req)
     assert nacl.public.SealedBox(secret).decrypt(base64.b64decode(out["sealed"])) == dek.material()
-    req = request(report_data=bytes(64))
-    req.pop("_secret")
+    req, _ = request(report_data=bytes(64))
     with pytest.raises(Refused) as err:
         b.release(who, req)
     assert err.value.code == "snp-report-data"
     # With AMD's own roots (the default) our chain is not trusted.
     strict = Broker(BrokerConfig.load(config))
-    req = request()
-    req.pop("_secret")
+    req, _ = request()
     req["nonce"] = strict.challenge(who, "acme", "minilm")["nonce"]
     with pytest.raises(Refused) as err:
         strict.release(who, req)
@@ -650,15 +653,7 @@ def test_another_tenants_slot_does_not_open(setup: Setup, tcti: str) -> None:
     bot = b.config.identities["globex-bot"]
 
     def request(blob: bytes) -> dict:
-        ch = b.challenge(bot, "globex", "minilm")
-        import nacl.public
-
-        public = bytes(nacl.public.PrivateKey.generate().public_key)
-        key = BrokerKey("broker+https://127.0.0.1:1/globex/minilm")
-        bound = release.binding(base64.b64decode(ch["nonce"]), public, "tpm")
-        return {"tenant": "globex", "artifact": "minilm", "nonce": ch["nonce"],
-                "public_key": release.b64e(public), "evidence": key._collect("tpm", bound, ch),
-                "slot": json.loads(blob), "context": CONTEXT}  # fmt: skip
+        return _body(b.challenge(bot, "globex", "minilm"), "globex", "minilm", blob)[0]
 
     with pytest.raises(Refused) as err:
         b.release(bot, request(stolen.blob))
