@@ -38,21 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _services import services, stop  # noqa: E402 -- benchmarks/, the script's folder
+
 CONTEXT = {"tenant": "bench", "artifact": "model", "version": "1"}
 PASSPHRASE = "bench passphrase"  # noqa: S105 -- a throwaway keyring
-
-
-def _tpm_tcti() -> tuple[str, bool]:
-    if os.environ.get("SEALSTORE_TEST_TPM"):
-        return os.environ["SEALSTORE_TEST_TPM"], False
-    script = ROOT / "scripts" / "services.sh"
-    subprocess.run([str(script), "start"], check=True)
-    out = subprocess.run([str(script), "env"], check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        name, _, value = line.removeprefix("export ").partition("=")
-        if name == "SEALSTORE_TEST_TPM":
-            return value.strip("'\""), True
-    raise SystemExit("scripts/services.sh env printed no SEALSTORE_TEST_TPM")
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -103,7 +92,8 @@ def main() -> None:
     from sealstore.keys import DataKey, KeySlot
     from sealstore.kms.local import create_keyring
 
-    tcti, started = _tpm_tcti()
+    env, started = services("SEALSTORE_TEST_TPM")
+    tcti = env["SEALSTORE_TEST_TPM"]
     os.environ["SEALSTORE_TPM_TCTI"] = tcti
     os.environ["SEALSTORE_PASSPHRASE"] = PASSPHRASE
     policy = tpm.PcrPolicy.parse("7,16")
@@ -170,7 +160,7 @@ def main() -> None:
             proc.wait(10)
             log.close()
             if started:
-                subprocess.run([str(ROOT / "scripts" / "services.sh"), "stop"], check=False)
+                stop()
 
     base = results["local unwrap"]["p50_ms"]
     local_tpm = results["tpm: unwrap"]["p50_ms"]

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,24 +32,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _services import services, stop  # noqa: E402 -- benchmarks/, the script's folder
+
 from sealstore.dekcache import DekCache  # noqa: E402
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper  # noqa: E402
 
 CONTEXT = {"tenant": "bench", "artifact": "model", "version": "1"}
-
-
-def _services() -> tuple[dict[str, str], bool]:
-    """The service endpoints; starts the services if they are not up."""
-    if os.environ.get("SEALSTORE_TEST_VAULT_ADDR"):
-        return dict(os.environ), False
-    script = ROOT / "scripts" / "services.sh"
-    subprocess.run([str(script), "start"], check=True)
-    env_lines = subprocess.run([str(script), "env"], check=True, capture_output=True, text=True)
-    env = dict(os.environ)
-    for line in env_lines.stdout.splitlines():
-        name, _, value = line.removeprefix("export ").partition("=")
-        env[name] = value.strip("'\"")
-    return env, True
 
 
 def _providers(env: dict[str, str], tmp: Path) -> dict[str, tuple[Wrapper, Unwrapper]]:
@@ -138,7 +125,7 @@ def main() -> int:
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "unwrap_latency.json"
     )
     args = ap.parse_args()
-    env, started = _services()
+    env, started = services("SEALSTORE_TEST_VAULT_ADDR")
     results: dict[str, Any] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +139,7 @@ def main() -> int:
                 }
     finally:
         if started:
-            subprocess.run([str(ROOT / "scripts" / "services.sh"), "stop"], check=False)
+            stop()
     print(f"unwrap latency: {args.calls} calls per cell, throughput with {args.threads} threads")
     print(
         f"{'provider':<22}{'p50 ms':>9}{'p95 ms':>9}{'unwraps/s':>12}"
