@@ -43,6 +43,7 @@ from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
 from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
+from sealstore.vault.manifest import check_name
 
 __all__ = ["Broker", "Refused"]
 
@@ -159,8 +160,8 @@ class Broker:
     # -- the protocol -------------------------------------------------------
     def _rule(self, ident: Identity, tenant: Any, artifact: Any) -> ArtifactRule:
         try:
-            release.check_name(tenant, "tenant")
-            release.check_name(artifact, "artifact")
+            check_name(tenant, "tenant")
+            check_name(artifact, "artifact")
         except ValueError as exc:
             raise Refused("bad-request", str(exc), 400) from None
         pol = self.config.tenants.get(tenant)

@@ -44,6 +44,7 @@ from sealstore.errors import (
 )
 from sealstore.format import canonical_json
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
+from sealstore.vault.manifest import check_name
 
 __all__ = ["BrokerKey"]
 
@@ -98,8 +99,8 @@ class BrokerKey:
             raise ValueError(
                 f"not a broker key URI (broker+https://HOST[:PORT]/TENANT/ARTIFACT): {uri!r}"
             )
-        self.tenant = release.check_name(segs[0], "the URI's tenant")
-        self.artifact = release.check_name(segs[1], "the URI's artifact")
+        self.tenant = check_name(segs[0], "the URI's tenant")
+        self.artifact = check_name(segs[1], "the URI's artifact")
         self.host = parts.hostname
         self.port = parts.port or 443
         self.origin = _origin(f"https://{parts.netloc}")

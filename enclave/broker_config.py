@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from sealstore.enclave import release, snp, tdx
 from sealstore.enclave.tpm import PcrPolicy
 from sealstore.errors import FormatError
+from sealstore.vault.manifest import check_name
 
 __all__ = ["ArtifactRule", "BrokerConfig", "Identity", "TenantPolicy", "TpmRule"]
 
@@ -235,7 +236,7 @@ class _Parser:
 
     def _name(self, name: Any, where: str) -> str:
         try:
-            return release.check_name(name, f"{where}: name {name!r}")
+            return check_name(name, f"name under {where}")
         except ValueError as exc:
             raise _Bad(str(exc)) from None
 

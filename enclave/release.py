@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +37,6 @@ __all__ = [
     "b64d",
     "b64e",
     "binding",
-    "check_name",
     "scoped_context",
 ]
 
@@ -47,14 +45,6 @@ SLOT_KIND = "broker+https"
 CONTEXT_KEY = "sealstore.release"
 EVIDENCE_KINDS = ("tpm", "snp", "tdx")
 NONCE_SIZE = 32
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_name(value: Any, what: str) -> str:
-    """A tenant or artifact name (the store's rule: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``)."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(f"{what} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}")
-    return value
 
 
 def binding(nonce: bytes, public_key: bytes, kind: str) -> bytes:
