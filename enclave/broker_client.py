@@ -22,6 +22,7 @@ the user named in ``SEALSTORE_BROKERS`` (comma-separated ``https://HOST:PORT``).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -289,7 +290,9 @@ class BrokerKey:
             raise KeyUnavailable("the broker token has characters a bearer token cannot carry")
         return token or None
 
-    def _context(self) -> ssl.SSLContext:
+    @functools.cached_property
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context, made once: its CA and client certificate are fixed at construction."""
         ctx = ssl.create_default_context(cafile=self._cacert)
         if self._cert:
             try:
@@ -306,7 +309,7 @@ class BrokerKey:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         conn = http.client.HTTPSConnection(
-            self.host, self.port, context=self._context(), timeout=_TIMEOUT
+            self.host, self.port, context=self._tls, timeout=_TIMEOUT
         )
         try:
             conn.request("POST", path, body=canonical_json(body), headers=headers)
