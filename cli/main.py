@@ -10,6 +10,7 @@ Exit codes (also in docs/CLI.md):
   5  not found, or an I/O error on a named file
   6  a storage or key backend failed
   7  attestation failed
+  8  refused by policy: the store is in safe mode and the version is not known-good
   10 any other sealstore error, or an internal error (SEALSTORE_DEBUG=1 shows the traceback)
   130 interrupted
   141 the output pipe closed before the end (e.g. ``| head``)
@@ -39,6 +40,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.NotFound, 5),
     (errors.BackendError, 6),
     (errors.AttestationError, 7),
+    (errors.Refused, 8),
     (errors.SealstoreError, 10),
     (FileNotFoundError, 5),
     (FileExistsError, 5),
@@ -58,15 +60,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import broker, files, keys, store, tpm
+    from sealstore.cli import backup, broker, files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
         description="Sealed model artifacts: encrypt and decrypt files; push, pull and "
         "manage versions in a signed, tenant-separated store.",
         epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "
-        "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 10 other, 130 interrupted, "
-        "141 output pipe closed early.",
+        "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 8 refused (safe mode), "
+        "10 other, 130 interrupted, 141 output pipe closed early.",
     )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.register(sub)
     tpm.register(sub)
     broker.register(sub)
+    backup.register(sub)
     return parser
 
 

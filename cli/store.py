@@ -238,7 +238,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
     store = _open(args)
-    m = store.manifest(args.ref, tenant=args.tenant)
+    m = store.serving_manifest(args.ref, tenant=args.tenant)
     total = sum(f.size for f in m.files if not args.file or f.path in args.file)
     start = time.perf_counter()
     with Progress("pull", total, enabled=not args.no_progress and not args.quiet) as bar:

@@ -42,7 +42,7 @@ def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
             store = Store.open(store)
     if "/" in ref:
         raise ValueError("from_pretrained takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
-    return store, store.manifest(ref, tenant=tenant)
+    return store, store.serving_manifest(ref, tenant=tenant)
 
 
 def read_artifact_file(

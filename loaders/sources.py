@@ -118,7 +118,7 @@ def _from_store(
         store = Store.open(store, **(storage_options or {}))
     ref, path = split_store_ref(fragment)
     if path is None:
-        m = store.manifest(ref, tenant=tenant)
+        m = store.serving_manifest(ref, tenant=tenant)
         path = _pick_file(m, suffix)
         ref = f"{m.name}:{m.version}"  # resolved once: the file and its version match
     _m, _entry, fp, pre, dek = open_file(

@@ -18,6 +18,7 @@ __all__ = [
     "KeyReleaseDenied",
     "KeyUnavailable",
     "NotFound",
+    "Refused",
     "SealstoreError",
     "UnsupportedVersion",
 ]
@@ -84,3 +85,7 @@ class BackendError(SealstoreError):
 
 class NotFound(SealstoreError):
     """A named file, artifact, version or key does not exist."""
+
+
+class Refused(SealstoreError):
+    """The store refuses to serve by policy: safe mode (only ``known-good`` versions)."""

@@ -283,7 +283,7 @@ def pull(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.manifest(ref, tenant=tenant)
+    m = store.serving_manifest(ref, tenant=tenant)
     if m.shredded:
         unwrap_version_key(m, None)  # raises the shredded error
     entries = list(m.files)
@@ -471,7 +471,7 @@ def open_file(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.manifest(ref, tenant=tenant)
+    m = store.serving_manifest(ref, tenant=tenant)
     entry = next((e for e in m.files if e.path == path), None)
     if entry is None:
         raise NotFound(f"{m.name}:{m.version} has no file {path}")

@@ -44,7 +44,7 @@ from sealstore.vault.manifest import (
 )
 from sealstore.vault.storage import Storage, open_storage
 
-__all__ = ["Store", "default_store_url", "default_tenant", "trust_store"]
+__all__ = ["Store", "default_store_url", "default_tenant", "pinned_root", "trust_store"]
 
 CONFIG = "sealstore.json"
 TENANT_ENV = "SEALSTORE_TENANT"
@@ -94,17 +94,44 @@ def _load_pins() -> dict[str, Any]:
     return doc
 
 
-def _save_pin(store_id: str, root: str, url: str) -> None:
+def _write_pins(pins: dict[str, Any]) -> None:
     from sealstore.fsutil import atomic_file
 
+    path = _pins_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as fp:
+        fp.write(json.dumps(pins, indent=1, sort_keys=True).encode() + b"\n")
+
+
+def _save_pin(store_id: str, root: str, url: str) -> None:
     with _pins_lock:
         pins = _load_pins()
         pins["stores"][store_id] = root
         pins["urls"][url] = store_id
-        path = _pins_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as fp:
-            fp.write(json.dumps(pins, indent=1, sort_keys=True).encode() + b"\n")
+        _write_pins(pins)
+
+
+def pinned_root(store_id: str) -> str | None:
+    """The root key pinned on this machine for the store *store_id*, if any."""
+    root = _load_pins()["stores"].get(store_id)
+    return root if isinstance(root, str) else None
+
+
+def pinned_counter(store_id: str, name: str) -> int:
+    """The highest value of the store's monotonic counter *name* seen on this machine."""
+    value = _load_pins().get("counters", {}).get(store_id, {}).get(name, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def pin_counter(store_id: str, name: str, value: int) -> None:
+    """Remember *value* for the counter (never lowers it): a later lower value is a rollback."""
+    with _pins_lock:
+        pins = _load_pins()
+        counters = pins.setdefault("counters", {}).setdefault(store_id, {})
+        if value <= counters.get(name, 0):
+            return
+        counters[name] = value
+        _write_pins(pins)
 
 
 def trust_store(url: str | os.PathLike[str], root: str, **storage_options: Any) -> Store:
@@ -403,6 +430,20 @@ class Store:
             data, self.signers, store=self.id, tenant=tenant, name=name, version=version
         )
         return manifest, data
+
+    def serving_manifest(self, ref: str | Ref, *, tenant: str | None = None) -> Manifest:
+        """The verified manifest of a version that may be served (decrypted) now.
+
+        Outside safe mode, :meth:`manifest`. In safe mode only the version the
+        artifact's signed ``known-good`` tag names is served, and a bare NAME
+        means that version (see ``sealstore.vault.safemode``).
+
+        Raises:
+            Refused: safe mode, and *ref* is not the known-good version.
+        """
+        from sealstore.vault.safemode import serving_manifest
+
+        return serving_manifest(self, ref, tenant=tenant)
 
     def bom(self, ref: str | Ref, *, tenant: str | None = None) -> bytes:
         """The version's CycloneDX BoM, checked against the hash in its signed manifest."""
