@@ -32,10 +32,10 @@ import hmac
 import secrets
 import threading
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sealstore.errors import (
@@ -318,7 +318,9 @@ def _lock(dest: Storage, mine: str, other: str, force: bool = False) -> Any:
     try:
         yield
     finally:
-        with contextlib.suppress(SealstoreError):
+        # Best effort: when the location has gone away, the error that says so wins;
+        # a lock left behind only makes the other operation ask for a re-run or --force.
+        with contextlib.suppress(Exception):
             dest.delete(f"locks/{mine}")
 
 
@@ -681,8 +683,13 @@ def create(
         for blob, exc in zip(blobs, outcomes, strict=True):
             if exc is None:
                 continue
+            if isinstance(exc, BackendError):
+                raise BackendError(
+                    f"backup to {dest.url} stopped: {exc} (what was copied stays; "
+                    "run it again to resume)"
+                ) from exc
             if not isinstance(exc, (AuthenticationError, NotFound)):
-                raise exc  # the backup location or the store is failing: stop, re-run later
+                raise exc
             failed[id(todo[blob][1])] = str(exc)
         final: list[_Planned] = []
         for p in planned:
@@ -1077,6 +1084,11 @@ def restore(
     failed: set[str] = set()
     for (rec, _), exc in zip(jobs, outcomes, strict=True):
         if exc is not None:
+            if isinstance(exc, BackendError):
+                raise BackendError(
+                    f"restore into {store.url} stopped: {exc} (nothing unverified was "
+                    "published; run it again to resume)"
+                ) from exc
             if not isinstance(exc, (AuthenticationError, NotFound)):
                 raise exc
             report.problems.append(f"{rec.ref}: {exc}")

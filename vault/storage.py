@@ -20,6 +20,7 @@ import contextlib
 import io
 import os
 import queue
+import sys
 import tempfile
 import threading
 import uuid
@@ -275,6 +276,8 @@ class FsspecStorage(Storage):
         self.root = root.rstrip("/")
         self.url = url
         self._lock = threading.Lock()
+        # What the filesystem raises when it fails; each becomes a BackendError.
+        self._errors: tuple[type[BaseException], ...] = (OSError,)
 
     def _p(self, path: str) -> str:
         return f"{self.root}/{_check_rel(path)}"
@@ -290,7 +293,7 @@ class FsspecStorage(Storage):
             return bytes(self.fs.cat_file(self._p(path)))
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("read", path, exc) from exc
 
     def put_new(self, path: str, data: bytes) -> None:
@@ -303,7 +306,7 @@ class FsspecStorage(Storage):
     def put(self, path: str, data: bytes) -> None:
         try:
             self.fs.pipe_file(self._p(path), data)
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("write", path, exc) from exc
 
     @contextmanager
@@ -318,7 +321,7 @@ class FsspecStorage(Storage):
             return self.fs.open(self._p(path), "rb")  # type: ignore[no-any-return]
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("open", path, exc) from exc
 
     def list(self, path: str) -> list[str]:
@@ -328,7 +331,7 @@ class FsspecStorage(Storage):
             return []
         except TypeError:
             entries = self.fs.ls(self._dir(path), detail=False)
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("list", path, exc) from exc
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
@@ -338,7 +341,7 @@ class FsspecStorage(Storage):
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("list", path, exc) from exc
         prefix = self.root.lstrip("/") + "/"
         out: dict[str, int] = {}
@@ -353,13 +356,13 @@ class FsspecStorage(Storage):
             self.fs.rm_file(self._p(path))
         except FileNotFoundError:
             pass
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("delete", path, exc) from exc
 
     def exists(self, path: str) -> bool:
         try:
             return bool(self.fs.isfile(self._p(path)))
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("stat", path, exc) from exc
 
     def size(self, path: str) -> int:
@@ -367,7 +370,7 @@ class FsspecStorage(Storage):
             return int(self.fs.size(self._p(path)))
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("stat", path, exc) from exc
 
     def modified(self, path: str) -> float:
@@ -375,7 +378,7 @@ class FsspecStorage(Storage):
             return float(self.fs.modified(self._p(path)).timestamp())
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("stat", path, exc) from exc
 
 
@@ -386,13 +389,21 @@ class S3Storage(FsspecStorage):
     # (two parts in flight at most, see _Uploader) whatever the object's size.
     PART = 16 << 20
 
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        super().__init__(fs, root, url)
+        # s3fs turns S3's answers into OSError, but not a server that cannot be
+        # reached: botocore's connection errors come through as they are.
+        from botocore.exceptions import BotoCoreError
+
+        self._errors = (OSError, BotoCoreError)
+
     def put_new(self, path: str, data: bytes) -> None:
         try:
             # If-None-Match: * -- S3 (and SeaweedFS, moto) refuse with 412 when the key exists.
             self.fs.pipe_file(self._p(path), data, mode="create")
         except FileExistsError:
             raise FileExistsError(path) from None
-        except OSError as exc:
+        except self._errors as exc:
             if _precondition_failed(exc):
                 raise FileExistsError(path) from None
             raise self._fail("write", path, exc) from exc
@@ -407,7 +418,7 @@ class S3Storage(FsspecStorage):
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
         try:
             fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=True)
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("write", path, exc) from exc
         up = _Uploader(fp, self.PART)
         try:
@@ -422,6 +433,9 @@ class S3Storage(FsspecStorage):
                 fp.discard()
             # And never let the file's __del__ call close() later either.
             fp.closed = True
+            exc = sys.exc_info()[1]
+            if isinstance(exc, self._errors) and not isinstance(exc, BackendError):
+                raise self._fail("write", path, exc) from exc
             raise
         finally:
             self.fs.invalidate_cache(self._p(path))
@@ -436,7 +450,7 @@ class S3Storage(FsspecStorage):
         prefix = prefix.rstrip("/")
         try:
             uploads = self.fs.list_multipart_uploads(bucket)
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("list uploads in", bucket, exc) from exc
         out = []
         for up in uploads:
@@ -448,7 +462,7 @@ class S3Storage(FsspecStorage):
                 continue
             try:
                 self.fs.abort_mpu(bucket, key, up["UploadId"])
-            except OSError as exc:
+            except self._errors as exc:
                 raise self._fail("abort upload of", key, exc) from exc
             out.append(key[len(root_prefix) + 1 :] if root_prefix else key)
         return out
@@ -466,7 +480,7 @@ class S3Storage(FsspecStorage):
             fp = self.fs.open(self._p(path), "rb", block_size=self.PART, cache_type="none")
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("open", path, exc) from exc
         return io.BufferedReader(_Prefetch(fp, 8 << 20), buffer_size=1 << 20)  # type: ignore[return-value]
 
@@ -477,7 +491,7 @@ class S3Storage(FsspecStorage):
             )
         except FileNotFoundError:
             raise NotFound(f"{path} not found in {self.url}") from None
-        except OSError as exc:
+        except self._errors as exc:
             raise self._fail("open", path, exc) from exc
 
 
