@@ -62,6 +62,7 @@ bench: $(STAMP)
 	scripts/services.sh install && scripts/services.sh start
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/store_throughput.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/release_latency.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/backup_throughput.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
