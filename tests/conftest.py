@@ -12,7 +12,9 @@ import io
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # CUDA kernels run in numba's simulator unless SEALSTORE_CUDA=device (a GPU
 # machine). numba reads this when it is first imported, so it is set here,
@@ -146,3 +148,31 @@ def extend_pcr16(data: bytes = b"an unexpected boot component") -> None:
     """Change PCR 16, as a changed boot component would."""
     with tpm.connect() as ectx:
         tpm.extend(ectx, 16, data)
+
+
+@dataclass
+class Transit:
+    """A fresh Transit key on the OpenBao test service: its client, mount and key URI."""
+
+    client: Any
+    mount: str
+    uri: str
+
+
+def new_transit_key(
+    services: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str, *, derived: bool = False
+) -> Transit:
+    """Mount Transit at a fresh path, create key *name*, and set VAULT_ADDR/VAULT_TOKEN."""
+    import uuid
+
+    import hvac
+
+    addr, token = services["vault_addr"], services["vault_token"]
+    client = hvac.Client(url=addr, token=token)
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    client.sys.enable_secrets_engine("transit", path=mount)
+    client.secrets.transit.create_key(name, mount_point=mount, derived=derived)
+    monkeypatch.setenv("VAULT_ADDR", addr)
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    host = addr.split("://")[1]
+    return Transit(client, mount, f"vault-transit://{host}/{mount}/{name}?tls=false")

@@ -11,12 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hvac
 import pytest
 
 from sealstore.errors import (
@@ -30,7 +28,7 @@ from sealstore.kms.local import LocalKeyring
 from sealstore.kms.x25519 import X25519Identity
 from sealstore.vault import backup, safemode
 from sealstore.vault.store import Store
-from tests.conftest import make_keyring
+from tests.conftest import make_keyring, new_transit_key
 from tests.s3util import new_bucket, s3_options
 from tests.test_store import model_dir, same_tree
 
@@ -539,14 +537,8 @@ def test_escrow_survives_a_deleted_vault_key(
 
     from sealstore.loaders import load_file
 
-    addr, token = services["vault_addr"], services["vault_token"]
-    client = hvac.Client(url=addr, token=token)
-    mount = f"transit-{uuid.uuid4().hex[:8]}"
-    client.sys.enable_secrets_engine("transit", path=mount)
-    client.secrets.transit.create_key("models", mount_point=mount, derived=True)
-    monkeypatch.setenv("VAULT_ADDR", addr)
-    monkeypatch.setenv("VAULT_TOKEN", token)
-    uri = f"vault-transit://{addr.split('://')[1]}/{mount}/models?tls=false"
+    transit = new_transit_key(services, monkeypatch, "models", derived=True)
+    client, mount, uri = transit.client, transit.mount, transit.uri
     store = Store.init(f"file://{tmp_path}/store")
     src = _minilm()
     m = store.push(src, "minilm", tenant="search", dek_from=uri)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hvac
 import pytest
 import yaml
 from cryptography import x509
@@ -41,7 +40,7 @@ from sealstore.enclave.tpm_quote import ak_public
 from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, KeyUnavailable
 from sealstore.format import canonical_json
 from sealstore.keys import DataKey
-from tests.conftest import PASSPHRASE, extend_pcr16, make_keyring
+from tests.conftest import PASSPHRASE, Transit, extend_pcr16, make_keyring, new_transit_key
 from tests.test_cli import fails, ok, run
 from tests.test_enclave_evidence import _signed_report, make_own_chain
 
@@ -534,24 +533,10 @@ def _resign(report: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
     return bytes(raw)
 
 
-@dataclass
-class Transit:
-    client: hvac.Client
-    mount: str
-    uri: str
-
-
 @pytest.fixture
 def transit(services: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Transit:
     """A fresh non-derived Transit key "acme" on OpenBao; VAULT_ADDR/TOKEN set for the broker."""
-    addr, token = services["vault_addr"], services["vault_token"]
-    client = hvac.Client(url=addr, token=token)
-    mount = f"transit-{uuid.uuid4().hex[:8]}"
-    client.sys.enable_secrets_engine("transit", path=mount)
-    client.secrets.transit.create_key("acme", mount_point=mount)
-    monkeypatch.setenv("VAULT_ADDR", addr)
-    monkeypatch.setenv("VAULT_TOKEN", token)
-    return Transit(client, mount, f"vault-transit://{addr.split('://')[1]}/{mount}/acme?tls=false")
+    return new_transit_key(services, monkeypatch, "acme")
 
 
 def test_vault_transit_as_the_tenant_key(

@@ -510,6 +510,24 @@ def _run_copies(jobs: list[Callable[[], None]], threads: int) -> list[BaseExcept
     return results
 
 
+def _damage(outcomes: list[BaseException | None], stopped: str, kept: str) -> dict[int, Exception]:
+    """The copies that found damage (missing, corrupt), by index.
+
+    A failing backend (a server gone, a full disk) stops the whole operation
+    instead: nothing after it could succeed, and a re-run resumes.
+    """
+    out: dict[int, Exception] = {}
+    for i, exc in enumerate(outcomes):
+        if exc is None:
+            continue
+        if isinstance(exc, BackendError):
+            raise BackendError(f"{stopped}: {exc} ({kept}; run it again to resume)") from exc
+        if not isinstance(exc, (AuthenticationError, NotFound)):
+            raise exc
+        out[i] = exc
+    return out
+
+
 # -- backup create -------------------------------------------------------------------------
 
 
@@ -679,18 +697,8 @@ def create(
 
         blobs = list(todo)
         outcomes = _run_copies([job(b, *todo[b]) for b in blobs], threads)
-        failed: dict[int, str] = {}
-        for blob, exc in zip(blobs, outcomes, strict=True):
-            if exc is None:
-                continue
-            if isinstance(exc, BackendError):
-                raise BackendError(
-                    f"backup to {dest.url} stopped: {exc} (what was copied stays; "
-                    "run it again to resume)"
-                ) from exc
-            if not isinstance(exc, (AuthenticationError, NotFound)):
-                raise exc
-            failed[id(todo[blob][1])] = str(exc)
+        damage = _damage(outcomes, f"backup to {dest.url} stopped", "what was copied stays")
+        failed = {id(todo[blobs[i]][1]): str(exc) for i, exc in damage.items()}
         final: list[_Planned] = []
         for p in planned:
             why = failed.get(id(p))
@@ -1082,17 +1090,10 @@ def restore(
         [_restore_job(dest, store, rec, e, stats, report, progress) for rec, e in jobs], threads
     )
     failed: set[str] = set()
-    for (rec, _), exc in zip(jobs, outcomes, strict=True):
-        if exc is not None:
-            if isinstance(exc, BackendError):
-                raise BackendError(
-                    f"restore into {store.url} stopped: {exc} (nothing unverified was "
-                    "published; run it again to resume)"
-                ) from exc
-            if not isinstance(exc, (AuthenticationError, NotFound)):
-                raise exc
-            report.problems.append(f"{rec.ref}: {exc}")
-            failed.add(rec.ref)
+    stopped = f"restore into {store.url} stopped"
+    for i, exc in _damage(outcomes, stopped, "nothing unverified was published").items():
+        report.problems.append(f"{jobs[i][0].ref}: {exc}")
+        failed.add(jobs[i][0].ref)
     store.storage.sync(store.object_path(rec.tenant, e.object) for rec, e in jobs)
     for rec, m, write in writes:
         if rec.ref in failed:
