@@ -111,6 +111,10 @@ def register(sub: Any) -> None:
     pr.add_argument("--keep", type=int, required=True, metavar="N")
     pr.add_argument("--root", metavar="KEY", help="the store's root key, if not pinned here")
     pr.add_argument("--force", action="store_true", help="run even if a backup is recorded")
+    pr.add_argument(
+        "--grace", type=float, default=3600.0, metavar="SECONDS",
+        help="spare unreferenced blobs younger than this (a running backup's; default 3600)",
+    )  # fmt: skip
     pr.set_defaults(func=_prune)
 
     top = sub.add_parser(
@@ -168,6 +172,8 @@ def _create(args: argparse.Namespace) -> int:
     from sealstore.vault.backup import create
 
     url = _need_location(args)
+    if args.tenant:
+        raise ValueError("a backup covers every tenant of the store; --tenant does not apply")
     store = _open(args)
     bars = _Bars(args)
     try:
@@ -280,7 +286,7 @@ def _prune(args: argparse.Namespace) -> int:
     from sealstore.vault.backup import prune
 
     report = prune(_need_location(args), args.keep, root=args.root, force=args.force,
-                   **_options(args))  # fmt: skip
+                   grace=args.grace, **_options(args))  # fmt: skip
     freed = human_bytes(report.bytes_freed)
     _say(args, f"kept {len(report.kept)} snapshot(s), removed {len(report.removed)}; "
                f"{report.blobs_removed} blob(s), {freed} freed")  # fmt: skip

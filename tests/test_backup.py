@@ -325,6 +325,14 @@ def test_restore_never_resurrects_a_shredded_version(store: Store, tmp_path: Pat
     snap, _ = backup.create(store, url)
     assert [v.shredded for v in snap.versions] == [True]
     assert backup.verify(url).ok
+    # Even with the tombstone deleted from the store, the older snapshot does not
+    # bring the version back: a newer snapshot here recorded the shred.
+    (_store_dir(store) / "tenants/default/artifacts/a/1/manifest.json").unlink()
+    first = backup.list_snapshots(url)[0]["id"]
+    report = backup.restore(url, first, store=store)
+    assert report.skipped and not report.restored
+    with pytest.raises((NotFound, KeyUnavailable)):
+        store.pull("a:1", tmp_path / "out2")
 
 
 # -- killed, concurrent, and a server stopped mid-copy -----------------------------------------
@@ -615,7 +623,9 @@ def test_prune_keeps_what_kept_snapshots_need(store: Store, tmp_path: Path) -> N
     (tmp_path / "bk" / "objects" / "blake3-junk").write_bytes(b"left by a killed backup")
     report = backup.prune(url, keep=1)
     assert report.removed == [first.id] and report.kept == [second.id]
-    assert report.blobs_removed >= 2  # a's object, the junk, a's BoM
+    assert report.blobs_removed == 0  # young blobs may be a running backup's: spared
+    report = backup.prune(url, keep=1, grace=-1)
+    assert report.removed == [] and report.blobs_removed >= 3  # a's object and BoM, the junk
     assert _blobs(tmp_path / "bk") == sorted(second.objects)
     assert backup.verify(url).ok
     with pytest.raises(ValueError, match="at least 1"):
@@ -627,7 +637,7 @@ def test_prune_keeps_what_kept_snapshots_need(store: Store, tmp_path: Path) -> N
     path.write_text(json.dumps(doc))
     before = sorted(p.name for p in (tmp_path / "bk").rglob("*"))
     with pytest.raises(AuthenticationError, match="refusing to prune"):
-        backup.prune(url, keep=1)
+        backup.prune(url, keep=1, grace=-1)
     assert sorted(p.name for p in (tmp_path / "bk").rglob("*")) == before
 
 
@@ -743,3 +753,56 @@ def test_cli_backup_summary_list_and_errors(store: Store, tmp_path: Path) -> Non
     assert neg.returncode == 2 and neg.stderr.count("\n") == 1
     out = sealstore("backup", "prune", "--keep", "1", env=env)
     assert out.returncode == 0 and "kept 1 snapshot" in out.stderr
+
+
+def test_deleted_manifest_is_damage_not_silence(store: Store, tmp_path: Path) -> None:
+    src = model_dir(tmp_path)
+    store.push(src, "a", keys=["local:"])
+    url = f"file://{tmp_path}/bk"
+    backup.create(store, url)
+    (_store_dir(store) / "tenants/default/artifacts/a/1/manifest.json").unlink()
+    snap, _ = backup.create(store, url)
+    assert [v.ref for v in snap.versions] == ["default/a:1"]
+    assert any("manifest is missing" in d for d in snap.damaged)
+    # Junk in snapshots/ is ignored by every command.
+    (tmp_path / "bk" / "snapshots" / "z~junk.json").write_text("[]")
+    assert [r["id"] for r in backup.list_snapshots(url)][-1] == snap.id
+    backup.restore(url, store=store)
+    store.pull("a", tmp_path / "out")
+    assert same_tree(src, tmp_path / "out")
+
+
+def test_escrow_with_a_damaged_object_and_later_tags(
+    store: Store, tmp_path: Path, identity: X25519Identity, identity_path: Path
+) -> None:
+    store.push(model_dir(tmp_path / "a"), "a", keys=["local:"])
+    url = f"file://{tmp_path}/bk"
+    backup.create(store, url, recovery_recipients=[identity.recipient])
+    # A new version with a damaged object does not stop an escrowed backup: it is named.
+    store.push(model_dir(tmp_path / "b"), "b", keys=["local:"])
+    first = store.manifest("b:1").files[0].object
+    (_store_dir(store) / "objects" / "default" / first).unlink()
+    snap, _ = backup.create(store, url, recovery_recipients=[identity.recipient])
+    assert [d.split(":")[0] for d in snap.damaged] == ["default/b"]
+    assert [v.ref for v in snap.versions] == ["default/a:1"] and snap.versions[0].escrow
+    # A tag made after the snapshot still names the manifest once escrow slots are added.
+    store.tag("a:1", "prod")
+    report = backup.restore(url, store=store, artifacts=["a"], identities=[identity_path])
+    assert not report.problems, report.problems
+    assert store.manifest("a@prod").slots[-1].kind == "x25519"
+    assert store.manifest("a@latest").slots[-1].kind == "x25519"
+
+
+def test_safe_mode_serial_floor_from_a_damaged_state(store: Store) -> None:
+    safemode.enter(store)
+    safemode.enter(store)
+    state = _store_dir(store) / "safe-mode.json"
+    doc = json.loads(state.read_text())
+    doc["reason"] = "edited"
+    state.write_text(json.dumps(doc))
+    # A machine that never saw serial 2 (its pins forgotten) writes the next state:
+    trust = Path(os.environ["SEALSTORE_HOME"]) / "trust.json"
+    pins = json.loads(trust.read_text())
+    pins.pop("counters")
+    trust.write_text(json.dumps(pins))
+    assert safemode.exit_safe_mode(store).serial == 3  # above the damaged state's 2

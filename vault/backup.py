@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -82,6 +83,7 @@ SNAPSHOT_FORMAT = "sealstore-snapshot-v1"
 CONFIG = "sealstore.json"
 LOCK_MAX_AGE = 24 * 3600.0  # a lock older than this is a killed process's
 _BLOCK = 8 << 20
+_SNAPSHOT_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}(\.[0-9a-f]{4})*")
 
 ProgressFor = Callable[[str, int], Callable[[int], None]]
 
@@ -303,19 +305,23 @@ def _check_repo(dest: Storage, store_id: str | None = None) -> str:
 
 @contextlib.contextmanager
 def _lock(dest: Storage, mine: str, other: str, force: bool = False) -> Any:
-    """Hold ``locks/MINE`` while refusing to start during a recent ``locks/OTHER``."""
-    if not force:
-        try:
-            age = time.time() - dest.modified(f"locks/{other}")
-        except NotFound:
-            age = None
-        if age is not None and age < LOCK_MAX_AGE:
-            raise BackendError(
-                f"a backup {other} on {dest.url} is running or was killed "
-                f"{age / 60:.0f} minutes ago; re-run it to completion, or use --force"
-            )
+    """Hold ``locks/MINE`` while refusing to start during a recent ``locks/OTHER``.
+
+    Mine is written first and the other's checked after: two that start together
+    both see each other and both refuse, rather than both running.
+    """
     dest.put(f"locks/{mine}", dumps({"started": now()}))
     try:
+        if not force:
+            try:
+                age = time.time() - dest.modified(f"locks/{other}")
+            except NotFound:
+                age = None
+            if age is not None and age < LOCK_MAX_AGE:
+                raise BackendError(
+                    f"a backup {other} on {dest.url} is running or was killed "
+                    f"{age / 60:.0f} minutes ago; re-run it to completion, or use --force"
+                )
         yield
     finally:
         # Best effort: when the location has gone away, the error that says so wins;
@@ -337,7 +343,9 @@ def _new_id(existing: Sequence[str]) -> str:
 
 
 def snapshot_ids(dest: Storage) -> list[str]:
-    return sorted(n[: -len(".json")] for n in dest.list("snapshots") if n.endswith(".json"))
+    """The ids of the snapshots at *dest*, oldest first (files not named like one are ignored)."""
+    names = [n[: -len(".json")] for n in dest.list("snapshots") if n.endswith(".json")]
+    return sorted(n for n in names if _SNAPSHOT_ID.fullmatch(n))
 
 
 def _read_doc(dest: Storage, sha: str, what: str) -> bytes:
@@ -446,8 +454,8 @@ def list_snapshots(url: str, **storage_options: Any) -> list[dict[str, Any]]:
                     "damaged": len(doc.get("damaged") or []),
                 }
             )
-        except (SealstoreError, ValueError, TypeError) as exc:
-            out.append({"id": sid, "error": str(exc)})
+        except (SealstoreError, ValueError, TypeError, AttributeError) as exc:
+            out.append({"id": sid, "error": f"{type(exc).__name__}: {exc}"})
     return out
 
 
@@ -543,7 +551,7 @@ def _previous(dest: Storage, store: Any) -> Snapshot | None:
     for sid in reversed(snapshot_ids(dest)):
         try:
             return load_snapshot(dest, sid, root=store.root_key)[0]
-        except SealstoreError:
+        except (SealstoreError, ValueError):
             continue
     return None
 
@@ -620,6 +628,7 @@ def create(
         wrapper_for(r)  # malformed recipients fail before any work
     t0 = time.monotonic()
     stats = Stats()
+    signer = store.signer  # a snapshot must be signed: find out before copying anything
     dest = open_backup(to, **storage_options)
     _claim(dest, store.id)
     with _lock(dest, "backup", "prune", force=force):
@@ -654,9 +663,15 @@ def create(
                         continue
                     escrow: tuple[KeySlot, ...] = ()
                     if recovery_recipients and not m.shredded:
-                        escrow = _escrow(
-                            store, m, recovery_recipients, identities, prev_versions.get(ref)
-                        )
+                        try:
+                            escrow = _escrow(
+                                store, m, recovery_recipients, identities, prev_versions.get(ref)
+                            )
+                        except (AuthenticationError, FormatError, NotFound) as exc:
+                            # A damaged first object; no key is no damage (KeyUnavailable).
+                            if (c := carried(ref, f"cannot escrow: {exc}")) is not None:
+                                planned.append(c)
+                            continue
                     rec = VersionRecord(
                         tenant, name, version, hashlib.sha256(raw).hexdigest(), bom,
                         bool(m.shredded), escrow,
@@ -677,6 +692,13 @@ def create(
                     tags.append(
                         (TagRecord(tenant, name, tag, tv, hashlib.sha256(raw).hexdigest()), raw)
                     )
+
+        # A version the previous snapshot had, whose manifest is gone from the store,
+        # is damage too (Store.versions lists only versions with a manifest).
+        listed = {p.record.ref for p in planned} | {d.split(": ", 1)[0] for d in damaged}
+        for ref in sorted(set(prev_versions) - listed):
+            if (c := carried(ref, "its manifest is missing from the store")) is not None:
+                planned.append(c)
 
         # Objects: the location's listing once; copy only digests it lacks.
         have = dest.walk("objects")
@@ -758,7 +780,15 @@ def create(
             recipients=tuple(recovery_recipients),
             damaged=tuple(damaged),
         )
-        signer = store.signer
+        # Every blob the snapshot names must be there now: a prune that ran
+        # meanwhile despite the locks must not leave a snapshot naming missing blobs.
+        present = dest.walk("objects")
+        gone = [b for b, n in objects.items() if present.get(f"objects/{b}") != n]
+        if gone:
+            raise BackendError(
+                f"backup to {dest.url}: {len(gone)} object(s) vanished from the location while "
+                "it ran (a concurrent prune?); run it again"
+            )
         doc = sign_document("snapshot", snap.body(), signer)
         dest.put_new(f"snapshots/{snap.id}.json", dumps(doc))  # the commit point
         snap = dataclasses.replace(snap, signer=signer.signing_key_id)
@@ -838,6 +868,8 @@ def verify(
             continue
         if bool(m.shredded) != rec.shredded:
             res.problems.append(f"{rec.ref}: the snapshot and the manifest disagree on shredding")
+        if rec.bom != (None if m.shredded else m.bom_sha256):
+            res.problems.append(f"{rec.ref}: the snapshot and the manifest disagree on the BoM")
         if rec.bom:
             try:
                 _read_doc(dest, rec.bom, f"the BoM of {rec.ref}")
@@ -1035,6 +1067,7 @@ def restore(
     versions, tags = _select(snap, artifacts, tenant, known_good)
     signers = config["signers"]
     stats = report.stats
+    shredded = _shredded_anywhere(dest, snap.store, config["root"])
     writes: list[tuple[VersionRecord, Manifest, bytes | None]] = []
     jobs: list[tuple[VersionRecord, FileEntry]] = []
     for rec in sorted(versions, key=lambda v: v.ref):
@@ -1056,7 +1089,9 @@ def restore(
                 current = Manifest.verify(current_raw, store.signers, store=store.id,
                                           tenant=rec.tenant, name=rec.name,
                                           version=rec.version)  # fmt: skip
-        if current is not None and current.shredded and not m.shredded:
+        if not m.shredded and ((current is not None and current.shredded) or rec.ref in shredded):
+            # Never un-shred: not when the store says so, nor when any snapshot here
+            # recorded the tombstone (the store's copy may have been deleted since).
             report.skipped.append(f"{rec.ref}: crypto-shredded since the snapshot; not restored")
             continue
         if current is not None and current.files != m.files:
@@ -1118,6 +1153,19 @@ def restore(
     return report
 
 
+def _shredded_anywhere(dest: Storage, store_id: str, root: str) -> set[str]:
+    """The versions any verifiable snapshot at *dest* records as crypto-shredded."""
+    out = set()
+    for sid in snapshot_ids(dest):
+        try:
+            snap = load_snapshot(dest, sid, root=root)[0]
+        except (SealstoreError, ValueError):
+            continue
+        if snap.store == store_id:
+            out |= {v.ref for v in snap.versions if v.shredded}
+    return out
+
+
 def _restore_job(
     dest: Storage,
     store: Any,
@@ -1175,8 +1223,13 @@ def _add_escrow(store: Any, rec: VersionRecord, identities: Sequence[IdentitySpe
     with unwrap_first(missing, lambda s: unwrappers_for(s, idents), m.context, accept):
         pass
     signer = store.signer
+    from sealstore.vault.lifecycle import _retag
+
     new = dataclasses.replace(m, slots=(*m.slots, *missing), signer=signer.signing_key_id)
+    tags = _retag(store, m, hashlib.sha256(raw).hexdigest(), rec.tenant)
     store.replace_manifest(m, raw, new.sign(signer))
+    for tag in tags:  # every tag that named the old manifest, made after the snapshot too
+        store.tag(f"{m.name}:{m.version}", tag, tenant=rec.tenant)
     return True
 
 
@@ -1309,10 +1362,12 @@ def prune(
         for sid in drop:
             dest.delete(f"snapshots/{sid}.json")
         report = PruneReport(kept, drop)
+        cutoff = time.time() - grace
         for path, size in {**dest.walk("objects"), **dest.walk("docs")}.items():
-            if path not in needed:
+            # Young blobs may be a running backup's (the lock is advisory): spared.
+            if path not in needed and dest.modified(path) < cutoff:
                 dest.delete(path)
                 report.blobs_removed += 1
                 report.bytes_freed += size
-        dest.abort_stale_uploads(time.time() - grace, "objects/")
+        dest.abort_stale_uploads(cutoff, "objects/")
     return report

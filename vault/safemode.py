@@ -21,7 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sealstore.errors import AuthenticationError, NotFound, Refused
+from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused
 from sealstore.signing import sign_document, verify_document
 from sealstore.vault.manifest import Manifest, Ref, check_name, dumps, loads, now, parse_ref
 
@@ -94,7 +94,9 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
     try:
         current = status(store)
     except AuthenticationError:
-        current = SafeModeState(enabled=False)  # a signer may overwrite a damaged state
+        # A signer may overwrite a damaged or rolled-back state. Its serial, unverified,
+        # is still a floor: machines that saw it must accept what is written now.
+        current = SafeModeState(enabled=False, serial=_unverified_serial(store))
     serial = max(current.serial, pinned_counter(store.id, _COUNTER)) + 1
     signer = store.signer
     body = {
@@ -108,6 +110,14 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
     store.storage.put(PATH, dumps(sign_document("safe-mode", body, signer)))
     pin_counter(store.id, _COUNTER, serial)
     return SafeModeState(enabled, serial, body["since"], reason, signer.signing_key_id)
+
+
+def _unverified_serial(store: Any) -> int:
+    try:
+        serial = loads(store.storage.read(PATH), PATH).get("serial")
+    except (NotFound, FormatError):
+        return 0
+    return serial if isinstance(serial, int) and not isinstance(serial, bool) else 0
 
 
 def enter(store: Any, reason: str = "") -> SafeModeState:
