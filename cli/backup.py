@@ -33,6 +33,10 @@ def _location(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="KEY", help="the store's root key, if not pinned here")
+
+
 def _restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (default: latest)")
     _location(p, "--from")
@@ -54,7 +58,7 @@ def _restore_options(p: argparse.ArgumentParser) -> None:
         help="x25519 identity of the recovery recipient: adds the escrow slots to the "
         "restored manifests, so they open with it when the KMS/Vault key is gone",
     )
-    p.add_argument("--root", metavar="KEY", help="the store's root key, if not pinned here")
+    _root(p)
     _where(p)
     p.set_defaults(func=_restore)
 
@@ -96,7 +100,7 @@ def register(sub: Any) -> None:
     )
     ver.add_argument("snapshot", nargs="?", default="latest")
     _location(ver, "--from")
-    ver.add_argument("--root", metavar="KEY", help="the store's root key, if not pinned here")
+    _root(ver)
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=_verify)
 
@@ -109,7 +113,7 @@ def register(sub: Any) -> None:
     pr = bsub.add_parser("prune", help="keep the newest N snapshots; delete what only others need")
     _location(pr, "--from")
     pr.add_argument("--keep", type=int, required=True, metavar="N")
-    pr.add_argument("--root", metavar="KEY", help="the store's root key, if not pinned here")
+    _root(pr)
     pr.add_argument("--force", action="store_true", help="run even if a backup is recorded")
     pr.add_argument(
         "--grace", type=float, default=3600.0, metavar="SECONDS",

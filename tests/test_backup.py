@@ -30,6 +30,7 @@ from sealstore.vault import backup, safemode
 from sealstore.vault.store import Store
 from tests.conftest import make_keyring, new_transit_key
 from tests.s3util import new_bucket, s3_options
+from tests.test_cli import run
 from tests.test_store import model_dir, same_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +43,9 @@ def _minilm() -> Path:
 
 
 def sealstore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sealstore.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env or os.environ.copy(),
-        timeout=300,
-        check=False,
-    )
+    """``tests.test_cli.run`` (the console script), its output decoded."""
+    p = run(*args, env=env)
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
 
 
 @pytest.fixture

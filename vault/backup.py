@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,9 +47,9 @@ from sealstore.errors import (
     NotFound,
     SealstoreError,
 )
-from sealstore.format import open_payload_key, read_preamble
-from sealstore.keys import KeySlot, unwrap_first
-from sealstore.kms.envelope import IdentitySpec, _identities
+from sealstore.format import Preamble, read_preamble
+from sealstore.keys import KeySlot
+from sealstore.kms.envelope import IdentitySpec
 from sealstore.signing import sign_document, verify_document
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import (
@@ -143,8 +143,13 @@ class TagRecord:
     version: str
     doc: str  # SHA-256 of the signed tag file
 
+    @property
+    def ref(self) -> str:
+        """The version the tag names, as ``TENANT/NAME:VERSION`` (like ``VersionRecord.ref``)."""
+        return f"{self.tenant}/{self.name}:{self.version}"
+
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: getattr(self, k) for k in ("tenant", "name", "tag", "version", "doc")}
 
     @classmethod
     def from_json(cls, d: Any) -> TagRecord:
@@ -253,7 +258,6 @@ class Stats:
     read_bytes: int = 0
     docs_written: int = 0
     seconds: float = 0.0
-    problems: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, *, read: int = 0, copied: int = 0, copied_bytes: int = 0) -> None:
@@ -274,10 +278,6 @@ class Stats:
 
 
 # -- the location ------------------------------------------------------------------------
-
-
-def open_backup(url: str, **storage_options: Any) -> Storage:
-    return open_storage(url, **storage_options)
 
 
 def _claim(dest: Storage, store_id: str) -> None:
@@ -434,7 +434,7 @@ def load_snapshot(
 
 def list_snapshots(url: str, **storage_options: Any) -> list[dict[str, Any]]:
     """Each snapshot's id, time, counts and size (read, not verified: see :func:`verify`)."""
-    dest = open_backup(url, **storage_options)
+    dest = open_storage(url, **storage_options)
     _check_repo(dest)
     out = []
     for sid in snapshot_ids(dest):
@@ -546,14 +546,21 @@ class _Planned:
     docs: dict[str, bytes]
 
 
-def _previous(dest: Storage, store: Any) -> Snapshot | None:
-    """The newest snapshot that verifies under the store's current signers, if any."""
+def _verified_snapshots(dest: Storage, root: str) -> Iterator[Snapshot]:
+    """The snapshots at *dest* that verify under *root*, newest first (the others skipped)."""
     for sid in reversed(snapshot_ids(dest)):
         try:
-            return load_snapshot(dest, sid, root=store.root_key)[0]
+            yield load_snapshot(dest, sid, root=root)[0]
         except (SealstoreError, ValueError):
             continue
-    return None
+
+
+def _first_preamble(store: Any, m: Manifest) -> Preamble | None:
+    """The preamble of the version's first object: what its DEK must commit to."""
+    if not m.files:
+        return None
+    with store.storage.open_read(store.object_path(m.tenant, m.files[0].object)) as fp:
+        return read_preamble(fp)
 
 
 def _escrow(
@@ -571,12 +578,8 @@ def _escrow(
     todo = [r for r in recipients if r not in have]
     slots = [have[r] for r in recipients if r in have]
     if todo:
-        pre = None
-        if m.files:
-            with store.storage.open_read(store.object_path(m.tenant, m.files[0].object)) as fp:
-                pre = read_preamble(fp)
         try:
-            dek = unwrap_version_key(m, pre, identities)
+            dek = unwrap_version_key(m, _first_preamble(store, m), identities)
         except KeyUnavailable as exc:
             raise KeyUnavailable(
                 f"cannot escrow {m.tenant}/{m.name}:{m.version} to the recovery key: {exc}"
@@ -607,7 +610,7 @@ def create(
     manifest fails verification, or whose new objects are missing or
     corrupt, is carried over from the previous snapshot if that one had it,
     and otherwise left out. Either way it is named in ``Snapshot.damaged``
-    (and ``Stats.problems``) and the CLI exits non-zero.
+    and the CLI exits non-zero.
 
     Args:
         recovery_recipients: ``x25519:`` recipients; each version's DEK is
@@ -629,10 +632,10 @@ def create(
     t0 = time.monotonic()
     stats = Stats()
     signer = store.signer  # a snapshot must be signed: find out before copying anything
-    dest = open_backup(to, **storage_options)
+    dest = open_storage(to, **storage_options)
     _claim(dest, store.id)
     with _lock(dest, "backup", "prune", force=force):
-        prev = _previous(dest, store)
+        prev = next(_verified_snapshots(dest, store.root_key), None)
         prev_versions = {v.ref: v for v in prev.versions} if prev else {}
         prev_tags = {(t.tenant, t.name, t.tag): t for t in prev.tags} if prev else {}
         config_raw = store.storage.read(CONFIG)
@@ -652,7 +655,8 @@ def create(
                     ref = f"{tenant}/{name}:{version}"
                     try:
                         m, raw = store.manifest_with_bytes(f"{name}:{version}", tenant=tenant)
-                        docs = {hashlib.sha256(raw).hexdigest(): raw}
+                        sha = hashlib.sha256(raw).hexdigest()
+                        docs = {sha: raw}
                         bom = None
                         if m.bom_sha256 and not m.shredded:
                             bom = m.bom_sha256
@@ -673,7 +677,7 @@ def create(
                                 planned.append(c)
                             continue
                     rec = VersionRecord(
-                        tenant, name, version, hashlib.sha256(raw).hexdigest(), bom,
+                        tenant, name, version, sha, bom,
                         bool(m.shredded), escrow,
                     )  # fmt: skip
                     planned.append(_Planned(rec, m, docs))
@@ -749,7 +753,7 @@ def create(
         kept_versions = {p.record.ref for p in final}
         tag_records = []
         for t, raw in tags:
-            if f"{t.tenant}/{t.name}:{t.version}" not in kept_versions:
+            if t.ref not in kept_versions:
                 continue
             tag_records.append(t)
             if raw:
@@ -794,7 +798,6 @@ def create(
         snap = dataclasses.replace(snap, signer=signer.signing_key_id)
     stats.versions = len(snap.versions)
     stats.objects = len(snap.objects)
-    stats.problems = list(damaged)
     stats.seconds = time.monotonic() - t0
     return snap, stats
 
@@ -853,7 +856,7 @@ def verify(
             signature (or its store config's) does not verify -- then nothing
             in it can be trusted enough to check further.
     """
-    dest = open_backup(url, **storage_options)
+    dest = open_storage(url, **storage_options)
     snap, config = load_snapshot(dest, snapshot_id, root=root)
     res = BackupVerifyResult(snap.id, versions=len(snap.versions), objects=len(snap.objects),
                              bytes=snap.size)  # fmt: skip
@@ -877,7 +880,7 @@ def verify(
                 res.problems.append(str(exc))
         if any(s.kind != "x25519" for s in rec.escrow):
             res.problems.append(f"{rec.ref}: an escrow slot is not an x25519 slot")
-        digests[f"{rec.tenant}/{rec.name}:{rec.version}"] = rec.manifest
+        digests[rec.ref] = rec.manifest
         if m.shredded:
             continue
         for e in m.files:
@@ -894,7 +897,7 @@ def verify(
         except SealstoreError as exc:
             res.problems.append(str(exc))
             continue
-        if version != t.version or digest != digests.get(f"{t.tenant}/{t.name}:{version}"):
+        if version != t.version or digest != digests.get(t.ref):
             res.problems.append(f"{where} does not name a manifest of the snapshot")
     have = dest.walk("objects")
     todo = []
@@ -949,8 +952,6 @@ def _target_store(
     url: str, snap: Snapshot, config_raw: bytes, config: dict[str, Any], opts: dict[str, Any]
 ) -> tuple[Any, list[str]]:
     """The store to restore into: the snapshot's store, created there from it if absent."""
-    from pathlib import Path
-
     from sealstore.vault.store import Store, _save_pin, _verify_config
 
     storage = open_storage(url, **opts)
@@ -974,9 +975,7 @@ def _target_store(
                 _verify_config(doc, config["root"], storage.url)
                 keep = True  # the store's own config, valid (signers added since, say)
         if not keep:
-            if storage.url.startswith("file://"):
-                Path(storage.url[len("file://") :]).mkdir(parents=True, exist_ok=True)
-            storage.put(CONFIG, config_raw)
+            storage.put(CONFIG, config_raw)  # a local root's folders are made by put
             repaired.append(f"store config ({'missing' if current is None else 'damaged'})")
     _save_pin(snap.store, config["root"], storage.url)
     return Store.open(url, **opts), repaired
@@ -1052,7 +1051,7 @@ def restore(
     """
     from sealstore.vault.store import default_store_url
 
-    dest = open_backup(url, **storage_options)
+    dest = open_storage(url, **storage_options)
     snap, config = load_snapshot(dest, snapshot_id, root=root)
     config_raw = _read_doc(dest, snap.config, "the store config")
     report = RestoreReport(snap.id, "")
@@ -1067,7 +1066,9 @@ def restore(
     versions, tags = _select(snap, artifacts, tenant, known_good)
     signers = config["signers"]
     stats = report.stats
-    shredded = _shredded_anywhere(dest, snap.store, config["root"])
+    # Versions any snapshot here records as shredded (load_snapshot checks the store id).
+    shredded = {v.ref for sn in _verified_snapshots(dest, config["root"])
+                for v in sn.versions if v.shredded}  # fmt: skip
     writes: list[tuple[VersionRecord, Manifest, bytes | None]] = []
     jobs: list[tuple[VersionRecord, FileEntry]] = []
     for rec in sorted(versions, key=lambda v: v.ref):
@@ -1145,25 +1146,12 @@ def restore(
                     report.repaired.append(f"escrow slots added to {rec.ref}")
             except SealstoreError as exc:
                 report.problems.append(f"{rec.ref}: escrow: {exc}")
-    restored = {rec.ref for rec, _, _ in writes} - failed
+    restored = [rec for rec, _, _ in writes if rec.ref not in failed]
     _restore_tags(dest, store, snap, signers, tags, restored, known_good, report)
     stats.versions = report.versions
     stats.objects = sum(len(m.files) for _, m, _ in writes if not m.shredded)
     stats.seconds = time.monotonic() - t0
     return report
-
-
-def _shredded_anywhere(dest: Storage, store_id: str, root: str) -> set[str]:
-    """The versions any verifiable snapshot at *dest* records as crypto-shredded."""
-    out = set()
-    for sid in snapshot_ids(dest):
-        try:
-            snap = load_snapshot(dest, sid, root=root)[0]
-        except (SealstoreError, ValueError):
-            continue
-        if snap.store == store_id:
-            out |= {v.ref for v in snap.versions if v.shredded}
-    return out
 
 
 def _restore_job(
@@ -1202,29 +1190,19 @@ def _restore_job(
 
 def _add_escrow(store: Any, rec: VersionRecord, identities: Sequence[IdentitySpec]) -> bool:
     """Add the snapshot's escrow slots to the version's manifest, once they prove to open it."""
-    from sealstore.kms.registry import unwrappers_for
+    from sealstore.vault.lifecycle import _retag
+    from sealstore.vault.pull import unwrap_version_key
 
     m, raw = store.manifest_with_bytes(f"{rec.name}:{rec.version}", tenant=rec.tenant)
     present = [s.to_json() for s in m.slots]
     missing = [s for s in rec.escrow if s.to_json() not in present]
     if not missing:
         return False
-    pre = None
-    if m.files:
-        with store.storage.open_read(store.object_path(rec.tenant, m.files[0].object)) as fp:
-            pre = read_preamble(fp)
-    idents = _identities(identities)
-
-    def accept(dek: Any) -> None:
-        if pre is not None:
-            open_payload_key(pre.header, dek)
-
     # Proof first: the escrow opens, to the key the objects commit to.
-    with unwrap_first(missing, lambda s: unwrappers_for(s, idents), m.context, accept):
+    escrow_only = dataclasses.replace(m, slots=tuple(missing))
+    with unwrap_version_key(escrow_only, _first_preamble(store, m), identities):
         pass
     signer = store.signer
-    from sealstore.vault.lifecycle import _retag
-
     new = dataclasses.replace(m, slots=(*m.slots, *missing), signer=signer.signing_key_id)
     tags = _retag(store, m, hashlib.sha256(raw).hexdigest(), rec.tenant)
     store.replace_manifest(m, raw, new.sign(signer))
@@ -1239,32 +1217,27 @@ def _restore_tags(
     snap: Snapshot,
     signers: Iterable[str],
     tags: Sequence[TagRecord],
-    restored: set[str],
+    restored: Sequence[VersionRecord],
     known_good: bool,
     report: RestoreReport,
 ) -> None:
+    refs = {rec.ref for rec in restored}
     for t in tags:
-        ref = f"{t.tenant}/{t.name}:{t.version}"
-        if ref not in restored:
-            continue
-        _set_tag(dest, store, t, signers, snap, report)
+        if t.ref in refs:
+            _set_tag(dest, store, t, signers, snap, report)
     if not known_good:
         return
     from sealstore.vault.safemode import KNOWN_GOOD
 
-    for rec_ref in sorted(restored):
-        t_name, _, rest = rec_ref.partition("/")
-        name, _, version = rest.partition(":")
+    for rec in sorted(restored, key=lambda r: r.ref):
         # latest -> the known-good version; every other tag of the artifact goes.
-        keep = {t.tag for t in tags if (t.tenant, t.name) == (t_name, name)} | {
-            "latest",
-            KNOWN_GOOD,
-        }
-        _point(store, t_name, name, version, "latest", report)
-        for tag in store.storage.list(f"tenants/{t_name}/refs/{name}"):
+        keep = {t.tag for t in tags if (t.tenant, t.name) == (rec.tenant, rec.name)}
+        keep |= {"latest", KNOWN_GOOD}
+        _point(store, rec.tenant, rec.name, rec.version, "latest", report)
+        for tag in store.storage.list(f"tenants/{rec.tenant}/refs/{rec.name}"):
             if tag not in keep:
-                store.untag(name, tag, tenant=t_name)
-                report.untagged.append(f"{t_name}/{name}@{tag}")
+                store.untag(rec.name, tag, tenant=rec.tenant)
+                report.untagged.append(f"{rec.tenant}/{rec.name}@{tag}")
 
 
 def _set_tag(
@@ -1346,7 +1319,7 @@ def prune(
     """
     if keep < 1:
         raise ValueError("--keep must be at least 1")
-    dest = open_backup(url, **storage_options)
+    dest = open_storage(url, **storage_options)
     _check_repo(dest)
     with _lock(dest, "prune", "backup", force=force):
         ids = snapshot_ids(dest)

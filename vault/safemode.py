@@ -78,7 +78,8 @@ def status(store: Any) -> SafeModeState:
         raise AuthenticationError(
             f"{where} has serial {serial}, older than {seen} seen here: refusing a rollback"
         )
-    pin_counter(store.id, _COUNTER, serial)
+    if serial > seen:  # the trust file is written only when the floor rises
+        pin_counter(store.id, _COUNTER, serial)
     return SafeModeState(
         enabled=body["enabled"],
         serial=serial,
