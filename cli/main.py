@@ -60,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import backup, broker, files, keys, store, tpm
+    from sealstore.cli import audit, backup, broker, files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tpm.register(sub)
     broker.register(sub)
     backup.register(sub)
+    audit.register(sub)
     return parser
 
 

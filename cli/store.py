@@ -56,7 +56,24 @@ def register(sub: Any) -> None:
     add = ssub.add_parser("add-signer", help="trust another signing key (root only)")
     add.add_argument("key", metavar="KEY")
     _where(add)
+    add.add_argument("--role", choices=("reader", "publisher", "admin"), default="publisher",
+                     help="its role (default: publisher)")  # fmt: skip
     add.set_defaults(func=_add_signer)
+    grant = ssub.add_parser(
+        "grant",
+        help="give a signing key a role in a tenant (root only)",
+        description="Roles per tenant: reader < publisher (push, tag) < admin (rotate, rm, "
+        "safe mode). A manifest or tag is accepted only if a publisher of its tenant signed "
+        "it; a shred only if an admin did. --tenant '*' grants it in every tenant.",
+    )
+    grant.add_argument("key", metavar="KEY")
+    grant.add_argument("role", choices=("reader", "publisher", "admin"))
+    _where(grant)
+    grant.set_defaults(func=_grant)
+    revoke = ssub.add_parser("revoke", help="take a signing key's role in a tenant away")
+    revoke.add_argument("key", metavar="KEY")
+    _where(revoke)
+    revoke.set_defaults(func=_grant, role=None)
     rot = ssub.add_parser(
         "rotate",
         help="re-wrap a version's key to other keys; rewrites only its manifest",
@@ -172,19 +189,29 @@ def _trust(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     store = _open(args)
-    info = {"url": store.url, "id": store.id, "root": store.root_key, "signers": store.signers}
+    info = {"url": store.url, "id": store.id, "root": store.root_key, "signers": store.signers,
+            "roles": store.roles}  # fmt: skip
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"store    {info['url']}\nid       {info['id']}\nroot     {info['root']}")
     for s in info["signers"]:
-        print(f"signer   {s}")
+        roles = ", ".join(f"{t}={r}" for t, r in sorted(info["roles"].get(s, {}).items()))
+        print(f"signer   {s}  {roles}")
     return 0
 
 
 def _add_signer(args: argparse.Namespace) -> int:
-    _open(args).add_signer(args.key)
-    _say(args, f"added signer {args.key}")
+    _open(args).add_signer(args.key, tenant=args.tenant or "*", role=args.role)
+    _say(args, f"added signer {args.key} ({args.role} in {args.tenant or 'every tenant'})")
+    return 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    tenant = args.tenant or "*"
+    _open(args).grant(args.key, args.role, tenant=tenant)
+    where = "every tenant" if tenant == "*" else f"tenant {tenant}"
+    _say(args, f"{args.key}: {args.role or 'no role'} in {where}")
     return 0
 
 
@@ -238,7 +265,10 @@ def _pull(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
     store = _open(args)
-    m = store.serving_manifest(args.ref, tenant=args.tenant)
+    from sealstore.vault.pull import served
+    from sealstore.vault.store import default_tenant
+
+    m = served(store, args.ref, args.tenant or default_tenant(), "pull", granted=False)
     total = sum(f.size for f in m.files if not args.file or f.path in args.file)
     start = time.perf_counter()
     with Progress("pull", total, enabled=not args.no_progress and not args.quiet) as bar:

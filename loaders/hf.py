@@ -42,7 +42,10 @@ def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
             store = Store.open(store)
     if "/" in ref:
         raise ValueError("from_pretrained takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
-    return store, store.serving_manifest(ref, tenant=tenant)
+    from sealstore.vault.pull import served
+    from sealstore.vault.store import default_tenant
+
+    return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
 
 
 def read_artifact_file(

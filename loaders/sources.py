@@ -111,14 +111,14 @@ def _from_store(
     check_digest: bool,
     storage_options: dict[str, Any] | None,
 ) -> SealedFile:
-    from sealstore.vault.pull import open_file
-    from sealstore.vault.store import Store
+    from sealstore.vault.pull import open_file, served
+    from sealstore.vault.store import Store, default_tenant
 
     if not isinstance(store, Store):
         store = Store.open(store, **(storage_options or {}))
     ref, path = split_store_ref(fragment)
     if path is None:
-        m = store.serving_manifest(ref, tenant=tenant)
+        m = served(store, ref, tenant or default_tenant(), "load", granted=False)
         path = _pick_file(m, suffix)
         ref = f"{m.name}:{m.version}"  # resolved once: the file and its version match
     _m, _entry, fp, pre, dek = open_file(

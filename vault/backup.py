@@ -51,6 +51,7 @@ from sealstore.format import Preamble, read_preamble
 from sealstore.keys import KeySlot
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.signing import sign_document, verify_document
+from sealstore.vault.auditing import record
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import (
     FileEntry,
@@ -799,6 +800,9 @@ def create(
     stats.versions = len(snap.versions)
     stats.objects = len(snap.objects)
     stats.seconds = time.monotonic() - t0
+    record(store, "backup", decision="failed" if snap.damaged else "ok",
+           detail={"to": dest.url, "snapshot": snap.id, "versions": stats.versions,
+                   "copied": stats.copied, "damaged": len(snap.damaged)})  # fmt: skip
     return snap, stats
 
 
@@ -1151,6 +1155,10 @@ def restore(
     stats.versions = report.versions
     stats.objects = sum(len(m.files) for _, m, _ in writes if not m.shredded)
     stats.seconds = time.monotonic() - t0
+    record(store, "restore", tenant=tenant, decision="failed" if report.problems else "ok",
+           detail={"from": dest.url, "snapshot": snap.id, "versions": report.versions,
+                   "repaired": len(report.repaired), "known_good": bool(known_good),
+                   "problems": len(report.problems)})  # fmt: skip
     return report
 
 
@@ -1202,7 +1210,7 @@ def _add_escrow(store: Any, rec: VersionRecord, identities: Sequence[IdentitySpe
     escrow_only = dataclasses.replace(m, slots=tuple(missing))
     with unwrap_version_key(escrow_only, _first_preamble(store, m), identities):
         pass
-    signer = store.signer
+    signer = store.require("admin", rec.tenant)
     new = dataclasses.replace(m, slots=(*m.slots, *missing), signer=signer.signing_key_id)
     tags = _retag(store, m, hashlib.sha256(raw).hexdigest(), rec.tenant)
     store.replace_manifest(m, raw, new.sign(signer))

@@ -18,6 +18,7 @@ from typing import Any
 from sealstore.format import read_preamble
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.kms.rotate import rotate_slots
+from sealstore.vault.auditing import record
 from sealstore.vault.manifest import Manifest, check_name, now
 
 __all__ = ["gc", "rotate", "shred"]
@@ -67,12 +68,14 @@ def rotate(
     slots = rotate_slots(
         pre, to, remove=remove, identities=identities, slots=m.slots, context=m.context
     )
-    signer = store.signer
+    signer = store.require("admin", tenant)
     new = dataclasses.replace(m, slots=tuple(slots), signer=signer.signing_key_id)
     tags = _retag(store, m, hashlib.sha256(old).hexdigest(), tenant)
     store.replace_manifest(m, old, new.sign(signer))
     for tag in tags:
         store.tag(f"{m.name}:{m.version}", tag, tenant=tenant)
+    record(store, "rotate", tenant=tenant, artifact=m.name, version=m.version,
+           detail={"signer": signer.signing_key_id, "keys": [s.key_id for s in slots]})  # fmt: skip
     return new
 
 
@@ -90,7 +93,7 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     m, raw = store.manifest_with_bytes(ref, tenant=tenant)
     tomb = m
     if not m.shredded:
-        signer = store.signer
+        signer = store.require("admin", tenant)
         tomb = dataclasses.replace(m, slots=(), shredded=now(), signer=signer.signing_key_id)
         # The tombstone replaces the manifest first: from this write on no slot exists.
         store.replace_manifest(m, raw, tomb.sign(signer))
@@ -110,6 +113,8 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
             if not store.manifest(f"{m.name}:{v}", tenant=tenant).shredded:
                 store.tag(f"{m.name}:{v}", "latest", tenant=tenant)
                 break
+    record(store, "shred", tenant=tenant, artifact=m.name, version=m.version,
+           detail={"signer": tomb.signer, "shredded": tomb.shredded})  # fmt: skip
     return tomb
 
 

@@ -30,6 +30,7 @@ from sealstore.errors import (
     BackendError,
     KeyUnavailable,
     NotFound,
+    Refused,
     SealstoreError,
 )
 from sealstore.format import Preamble, open_payload_key, read_preamble
@@ -45,6 +46,39 @@ __all__ = ["VerifyResult", "open_file", "pull", "unwrap_version_key", "verify"]
 
 Progress = Callable[[int], None]
 _HASH_BLOCK = 8 << 20
+
+
+def served(
+    store: Any,
+    ref: str,
+    tenant: str,
+    action: str,
+    *,
+    path: str | None = None,
+    granted: bool = True,
+) -> Manifest:
+    """``store.serving_manifest``, with the decision audited (before any key is asked for).
+
+    A refusal is always recorded; a grant only if *granted* (a caller that
+    only looks before it pulls leaves the grant to the pull).
+
+    Raises:
+        Refused, AuthenticationError, NotFound: as ``serving_manifest`` (audited as denied).
+    """
+    from sealstore.vault.auditing import record
+
+    what = {"ref": str(ref), **({"path": path} if path else {})}
+    try:
+        m = store.serving_manifest(ref, tenant=tenant)
+    except (Refused, AuthenticationError) as exc:
+        code = "safe-mode" if isinstance(exc, Refused) else "integrity"
+        record(store, action, tenant=tenant, decision="denied", code=code, reason=str(exc),
+               detail=what)  # fmt: skip
+        raise
+    if granted:
+        record(store, action, tenant=tenant, artifact=m.name, version=m.version,
+               decision="granted", detail=what)  # fmt: skip
+    return m
 
 
 def _where(m: Manifest, entry: FileEntry) -> str:
@@ -283,7 +317,7 @@ def pull(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.serving_manifest(ref, tenant=tenant)
+    m = served(store, ref, tenant, "pull")
     if m.shredded:
         unwrap_version_key(m, None)  # raises the shredded error
     entries = list(m.files)
@@ -471,7 +505,7 @@ def open_file(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    m = store.serving_manifest(ref, tenant=tenant)
+    m = served(store, ref, tenant, "load", path=path)
     entry = next((e for e in m.files if e.path == path), None)
     if entry is None:
         raise NotFound(f"{m.name}:{m.version} has no file {path}")

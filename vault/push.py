@@ -222,7 +222,7 @@ def push(
     if not keys and dek_from is None:
         raise ValueError("at least one key (-k URI) is needed to push")
     files = _in_memory(src) if isinstance(src, Mapping) else collect_files(src)
-    signer = store.signer  # fail before uploading anything if we cannot sign
+    signer = store.require("publisher", tenant)  # fail before uploading anything
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
     datasets = []
     for ds in spec.datasets:
@@ -279,6 +279,11 @@ def push(
                 # The version is committed; a retry would push another one.
                 log.warning("pushed %s:%s but could not move its latest tag: %s",
                             r.name, version, exc)  # fmt: skip
+        from sealstore.vault.auditing import record
+
+        record(store, "push", tenant=tenant, artifact=r.name, version=version,
+               detail={"signer": signer.signing_key_id, "files": len(manifest.files),
+                       "bytes": manifest.size})  # fmt: skip
         return manifest
     raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
 

@@ -64,7 +64,9 @@ def status(store: Any) -> SafeModeState:
             ) from None
         return SafeModeState(enabled=False)
     where = f"safe-mode state of {store.url}"
-    body = verify_document("safe-mode", loads(data, where), store.signers, what=where)
+    body = verify_document(
+        "safe-mode", loads(data, where), store.signers_for("*", "admin"), what=where
+    )
     serial = body.get("serial")
     if (
         body.get("format") != FORMAT
@@ -99,7 +101,7 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
         # is still a floor: machines that saw it must accept what is written now.
         current = SafeModeState(enabled=False, serial=_unverified_serial(store))
     serial = max(current.serial, pinned_counter(store.id, _COUNTER)) + 1
-    signer = store.signer
+    signer = store.require("admin", "*")
     body = {
         "format": FORMAT,
         "store": store.id,
@@ -110,6 +112,10 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
     }
     store.storage.put(PATH, dumps(sign_document("safe-mode", body, signer)))
     pin_counter(store.id, _COUNTER, serial)
+    from sealstore.vault.auditing import record
+
+    record(store, "safe-mode.enter" if enabled else "safe-mode.exit", reason=reason or None,
+           detail={"serial": serial, "signer": signer.signing_key_id})  # fmt: skip
     return SafeModeState(enabled, serial, body["since"], reason, signer.signing_key_id)
 
 
@@ -162,7 +168,12 @@ def serving_manifest(store: Any, ref: str | Ref, *, tenant: str | None = None) -
             f"the one tagged {KNOWN_GOOD}"
         )
     m = Manifest.verify(
-        data, store.signers, store=store.id, tenant=tenant, name=r.name, version=version
+        data,
+        store.signers_for(tenant, "publisher"),
+        store=store.id,
+        tenant=tenant,
+        name=r.name,
+        version=version,
     )
     if m.shredded:
         raise Refused(f"{r.name}@{KNOWN_GOOD} ({r.name}:{version}) was crypto-shredded")

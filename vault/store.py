@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sealstore.errors import AuthenticationError, FormatError, NotFound
+from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused
 from sealstore.kms.registry import default_keyring_path, sealstore_home
 from sealstore.signing import Signer, public_key_bytes, sign_document, verify_document
+from sealstore.vault import access
 from sealstore.vault.manifest import (
     STORE_FORMAT,
     Manifest,
@@ -180,6 +181,7 @@ def _verify_config(doc: dict[str, Any], root: str, url: str) -> dict[str, Any]:
         raise FormatError(f"store config of {url} is malformed")
     if not isinstance(body.get("id"), str):
         raise FormatError(f"store config of {url} is malformed")
+    access.check_access(body, f"store config of {url}")
     return body
 
 
@@ -221,6 +223,7 @@ class Store:
             "created": now(),
             "root": signer.signing_key_id,
             "signers": [signer.signing_key_id],
+            "access": {},  # roles on from the start: the root is admin, nobody else anything
         }
         doc = sign_document("store", body, signer)
         try:
@@ -311,22 +314,64 @@ class Store:
             )
         return self._signer
 
-    def add_signer(self, key_id: str) -> None:
-        """Trust manifests signed by *key_id* (the root key must sign this change).
+    @property
+    def roles(self) -> dict[str, dict[str, str]]:
+        """Signing key -> {tenant or ``"*"`` -> role}."""
+        return access.roles_by_key(self._config)
+
+    def role(self, key_id: str, tenant: str) -> str | None:
+        """The role (reader, publisher, admin) of the signing key *key_id* in *tenant*."""
+        return access.role_of(self._config, key_id, tenant)
+
+    def signers_for(self, tenant: str, role: str) -> list[str]:
+        """The signing keys whose documents of *tenant* need *role* (``"*"``: every tenant)."""
+        return access.keys_with(self._config, tenant, role)
+
+    def require(self, role: str, tenant: str) -> Signer:
+        """This machine's signer, if it has *role* in *tenant*.
+
+        Raises:
+            Refused: it has not (readers of every other role's documents would
+                refuse what it signed).
+        """
+        signer = self.signer
+        if self._rank(self.role(signer.signing_key_id, tenant)) < self._rank(role):
+            where = "every tenant" if tenant == access.WILDCARD else f"tenant {tenant}"
+            raise Refused(
+                f"signing key {signer.signing_key_id} needs the {role} role in {where} "
+                f"of store {self.url} (an admin can grant it: sealstore store grant)"
+            )
+        return signer
+
+    @staticmethod
+    def _rank(role: str | None) -> int:
+        return access.ROLES.index(role) + 1 if role in access.ROLES else 0
+
+    def grant(self, key_id: str, role: str | None, *, tenant: str = access.WILDCARD) -> None:
+        """Give *key_id* *role* in *tenant* (None revokes it); the root key signs the change.
 
         Raises:
             AuthenticationError: this machine's signing key is not the store's root.
+            ValueError: a bad key id, tenant or role, or the root's own role.
         """
-        public_key_bytes(key_id)
         signer = self._signer or default_signer()
         if signer.signing_key_id != self.root_key:
-            raise AuthenticationError("only the store's root key can add signers")
-        if key_id in self.signers:
-            return
-        body = {k: v for k, v in self._config.items() if k not in ("signer",)}
-        body["signers"] = [*self.signers, key_id]
+            raise AuthenticationError("only the store's root key can change roles")
+        body = access.with_grant(self._config, key_id, tenant, role)
         self.storage.put(CONFIG, dumps(sign_document("store", body, signer)))
         self._config = dict(body, signer=signer.signing_key_id)
+        from sealstore.vault.auditing import record
+
+        record(self, "policy.grant" if role else "policy.revoke", tenant=tenant,
+               detail={"key": key_id, "role": role})  # fmt: skip
+
+    def add_signer(
+        self, key_id: str, *, tenant: str = access.WILDCARD, role: str = "publisher"
+    ) -> None:
+        """Trust documents signed by *key_id*, as *role* in *tenant* (see :meth:`grant`)."""
+        if self.role(key_id, tenant) == role:
+            return
+        self.grant(key_id, role, tenant=tenant)
 
     # -- paths ----------------------------------------------------------------------
 
@@ -371,7 +416,8 @@ class Store:
             data = self.storage.read(f"tenants/{tenant}/refs/{name}/{tag}")
         except NotFound:
             raise NotFound(f"{name}@{tag} not found in tenant {tenant}") from None
-        return verify_tag(data, self.signers, store=self.id, tenant=tenant, name=name, tag=tag)
+        trusted = self.signers_for(tenant, "publisher")
+        return verify_tag(data, trusted, store=self.id, tenant=tenant, name=name, tag=tag)
 
     def resolve(self, ref: str | Ref, *, tenant: str | None = None) -> tuple[str, str]:
         """(name, version) a reference names: a version, a tag, or the newest version."""
@@ -427,8 +473,17 @@ class Store:
                 f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
             )
         manifest = Manifest.verify(
-            data, self.signers, store=self.id, tenant=tenant, name=name, version=version
+            data,
+            self.signers_for(tenant, "publisher"),
+            store=self.id,
+            tenant=tenant,
+            name=name,
+            version=version,
         )
+        if manifest.shredded and manifest.signer not in self.signers_for(tenant, "admin"):
+            raise AuthenticationError(
+                f"{name}:{version}: a crypto-shred signed by {manifest.signer}, not by an admin"
+            )
         return manifest, data
 
     def serving_manifest(self, ref: str | Ref, *, tenant: str | None = None) -> Manifest:
@@ -472,7 +527,7 @@ class Store:
             raise ValueError(f"{m.name}:{m.version} was crypto-shredded; it cannot be tagged")
         digest = hashlib.sha256(raw).hexdigest()  # the bytes verified, not a second read
         data = sign_tag(
-            self.signer,
+            self.require("publisher", tenant),
             store=self.id,
             tenant=tenant,
             name=m.name,
@@ -486,6 +541,7 @@ class Store:
     def untag(self, name: str, tag: str, *, tenant: str | None = None) -> None:
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(name, "artifact name")
+        self.require("publisher", tenant)
         self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
 
     def replace_manifest(self, m: Manifest, expected: bytes, new: bytes) -> None:
