@@ -20,8 +20,20 @@ A release, in order (each step refuses with a code):
    context (``key-unavailable``) -- only now is a key service asked anything;
 6. the DEK goes back sealed to the caller's ephemeral key.
 
+Before step 2 (and again before step 5) the caller is checked against the
+incident-response state: a lockdown of its tenant or of all tenants
+(``locked-down``), a lockout of the identity after repeated attestation
+failures (``locked-out``), a throttle after a release rate far above its
+usual one (``throttled``), and its role in the tenant (``not-permitted``).
+That state -- with the challenges -- lives in ``broker_state``: in this
+process for one replica, in Redis for several.
+
+Every decision on a release, granted or denied, is a record in the audit log
+(``sealstore.audit``) and a count in the metrics. A granted key leaves only
+after its record is durable: no audit, no key.
+
 The caller gets the code only; the reason, with who asked for what, goes to
-the ``sealstore.broker`` logger. Neither carries key material.
+the ``sealstore.broker`` logger and the audit log. None carries key material.
 """
 
 from __future__ import annotations
@@ -30,17 +42,20 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import nacl.exceptions
 import nacl.public
 
+from sealstore.audit import AuditKey, AuditLog, stream_name
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
+from sealstore.enclave.broker_state import State, StateFull, open_state
+from sealstore.enclave.broker_watch import Alerts, Metrics
 from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
 from sealstore.vault.manifest import check_name
@@ -73,21 +88,27 @@ class Refused(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class _Challenge:
-    identity: str
-    tenant: str
-    artifact: str
-    expires: float
+# Refusals that are attestation failures: they count towards a lockout.
+_ATTESTATION_CODES = ("evidence-kind", "evidence-format")
+# Verifier codes that mean the evidence was authentic but measured something
+# else: its measurements are the machine's, and a change is worth an alert.
+_REFERENCE_CODES = frozenset({
+    "tpm-pcr-mismatch", "snp-measurement", "snp-host-data", "snp-tcb-too-low", "snp-debug",
+    "snp-vmpl", "tdx-mrtd", "tdx-rtmr", "tdx-mrconfigid", "tdx-debug",
+})  # fmt: skip
+LOCAL_PEERS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class Broker:
-    """The release decisions of one broker process (nonces live in its memory).
+    """The release decisions of one broker replica.
 
     Args:
         config: the checked config file.
         clock: seconds since the epoch (tests move time forward).
         snp_roots: the AMD roots to pin (default: AMD's, in ``snp``).
+        state: the shared state (default: from the config; in-process memory
+            unless ``state.url`` names a Redis server).
+        audit: the audit log (default: from the config).
     """
 
     def __init__(
@@ -96,14 +117,21 @@ class Broker:
         *,
         clock: Callable[[], float] = time.time,
         snp_roots: dict[str, str] | None = None,
+        state: State | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._snp_roots = snp_roots
-        self._lock = threading.Lock()
-        # Insertion order is expiry order (one TTL for all): purging pops from the front.
-        self._challenges: dict[bytes, _Challenge] = {}
-        self._outstanding: dict[str, int] = {}
+        self.state = state or open_state(config.state_url, prefix=config.state_prefix,
+                                         clock=clock)  # fmt: skip
+        self.audit = audit or _open_audit(config)
+        self.metrics = Metrics()
+        self.alerts = Alerts(config.webhook, self.metrics, source=self.audit.stream)
+        self.metrics.gauge("sealstore_broker_lockouts", "Identities locked out now.",
+                           lambda: len(self.state.lockouts()))  # fmt: skip
+        self.metrics.gauge("sealstore_broker_lockdowns", "Lockdowns in force (* or a tenant).",
+                           lambda: len(self.state.lockdowns()))  # fmt: skip
         self._keys_lock = threading.Lock()
         self._by_token = {
             i.token_sha256: i for i in config.identities.values() if i.token_sha256 is not None
@@ -172,20 +200,50 @@ class Broker:
             raise Refused("not-permitted", f"no rule releases {tenant}/{artifact} to {ident.name}")
         return rule
 
+    def _gate(self, ident: Identity, tenant: Any) -> None:
+        """Refuse an identity that incident response has stopped, or with no role here."""
+        downs = self.state.lockdowns()
+        scope = "*" if "*" in downs else tenant if tenant in downs else None
+        if scope is not None:
+            raise Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
+        reason = self.state.lockout(ident.name)
+        if reason is not None:
+            raise Refused("locked-out", f"{ident.name} is locked out: {reason}")
+        reason = self.state.throttled(ident.name)
+        if reason is not None:
+            raise Refused("throttled", f"{ident.name} is throttled: {reason}", 429)
+        if not isinstance(tenant, str) or not ident.may("reader", tenant):
+            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+
     def challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
         """Issue a nonce for one release of *tenant*/*artifact* to *ident*."""
+        try:
+            out = self._challenge(ident, tenant, artifact)
+        except Refused as exc:
+            self.metrics.inc("sealstore_broker_challenges_total",
+                             {"result": "denied", "code": exc.code})  # fmt: skip
+            self._record("challenge", ident.name, tenant, artifact, "denied", exc.code,
+                         exc.reason)  # fmt: skip
+            raise
+        self.metrics.inc("sealstore_broker_challenges_total", {"result": "issued", "code": ""})
+        return out
+
+    def _challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
+        self._gate(ident, tenant)
         rule = self._rule(ident, tenant, artifact)
-        now = self._clock()
         nonce = secrets.token_bytes(release.NONCE_SIZE)
-        expires = now + self.config.challenge_ttl
-        with self._lock:
-            self._purge(now)
-            if len(self._challenges) >= self.config.max_challenges:
-                raise Refused("busy", "too many challenges outstanding", 503)
-            if self._outstanding.get(ident.name, 0) >= self.config.max_challenges_per_identity:
-                raise Refused("busy", f"{ident.name} has too many challenges outstanding", 429)
-            self._challenges[nonce] = _Challenge(ident.name, tenant, artifact, expires)
-            self._outstanding[ident.name] = self._outstanding.get(ident.name, 0) + 1
+        expires = self._clock() + self.config.challenge_ttl
+        try:
+            self.state.add_challenge(
+                nonce, ident.name, {"tenant": tenant, "artifact": artifact}, expires,
+                max_total=self.config.max_challenges,
+                max_per_identity=self.config.max_challenges_per_identity,
+            )  # fmt: skip
+        except StateFull as exc:
+            if exc.scope == "total":
+                raise Refused("busy", "too many challenges outstanding", 503) from None
+            why = f"{ident.name} has too many challenges outstanding"
+            raise Refused("busy", why, 429) from None
         out: dict[str, Any] = {
             "nonce": release.b64e(nonce),
             "expires": expires,
@@ -195,59 +253,80 @@ class Broker:
             out["tpm_pcrs"] = rule.tpm.policy.spec
         return out
 
-    def _purge(self, now: float) -> None:
-        """Drop expired challenges (the caller holds the lock)."""
-        while self._challenges:
-            nonce, ch = next(iter(self._challenges.items()))
-            if ch.expires > now:
-                return
-            self._take(nonce)
-
-    def _take(self, nonce: bytes) -> _Challenge:
-        ch = self._challenges.pop(nonce)
-        left = self._outstanding[ch.identity] - 1
-        if left:
-            self._outstanding[ch.identity] = left
-        else:
-            del self._outstanding[ch.identity]
-        return ch
-
     def release(self, ident: Identity, req: Mapping[str, Any]) -> dict[str, Any]:
-        """Verify one release request and return the DEK sealed to its ephemeral key."""
+        """Verify one release request and return the DEK sealed to its ephemeral key.
+
+        Raises:
+            Refused: with the code the caller gets; the decision is audited
+                and fed to the detectors either way.
+        """
+        t0 = time.monotonic()
         tenant, artifact = req.get("tenant"), req.get("artifact")
+        evidence = req.get("evidence")
+        kind = evidence.get("kind") if isinstance(evidence, dict) else None
+        try:
+            out = self._release(ident, req, tenant, artifact, kind)
+            try:
+                self._record("release", ident.name, tenant, artifact, "granted", None, None,
+                             kind=kind)  # fmt: skip
+            except Exception as exc:
+                # Fail closed: a release nobody can account for is not made.
+                self.metrics.inc("sealstore_broker_audit_failures_total")
+                raise Refused("audit-unavailable", f"audit log: {exc}", 503) from None
+        except Refused as exc:
+            self.metrics.inc("sealstore_broker_releases_total",
+                             {"result": "denied", "code": exc.code})  # fmt: skip
+            self.metrics.observe(time.monotonic() - t0)
+            if exc.code != "audit-unavailable":
+                self._record("release", ident.name, tenant, artifact, "denied", exc.code,
+                             exc.reason, kind=kind)  # fmt: skip
+            raise
+        self.metrics.inc("sealstore_broker_releases_total", {"result": "granted", "code": ""})
+        self.metrics.observe(time.monotonic() - t0)
+        return out
+
+    def _release(
+        self, ident: Identity, req: Mapping[str, Any], tenant: Any, artifact: Any, kind: Any
+    ) -> dict[str, Any]:
         try:
             nonce = release.b64d(req.get("nonce"), "nonce")
             public = release.b64d(req.get("public_key"), "public_key")
         except FormatError as exc:
             raise Refused("bad-request", str(exc), 400) from None
-        with self._lock:
-            ch = self._challenges.get(nonce)
-            # Another identity's attempt does not use up the challenge; the
-            # owner's first attempt does, whatever happens next.
-            if ch is not None and ch.identity == ident.name:
-                self._take(nonce)
+        # Another identity's attempt does not use up the challenge; the
+        # owner's first attempt does, whatever happens next.
+        ch = self.state.take_challenge(nonce, ident.name)
         if ch is None:
-            raise Refused("challenge-unknown", "nonce never issued, already used, or purged")
-        if ch.identity != ident.name or (ch.tenant, ch.artifact) != (tenant, artifact):
+            raise Refused("challenge-unknown", "nonce never issued, already used, or expired")
+        if ch["identity"] != ident.name or (ch["tenant"], ch["artifact"]) != (tenant, artifact):
             raise Refused(
                 "challenge-mismatch",
-                f"challenge issued to {ch.identity} for {ch.tenant}/{ch.artifact}",
+                f"challenge issued to {ch['identity']} for {ch['tenant']}/{ch['artifact']}",
             )
-        if ch.expires <= self._clock():
+        if ch["expires"] <= self._clock():
             raise Refused("challenge-expired", "the challenge expired")
+        # Checked again: a lockdown declared since the challenge stops this release.
+        self._gate(ident, tenant)
         rule = self._rule(ident, tenant, artifact)
         if not _valid_x25519(public):
             raise Refused("bad-request", "public_key is not a usable X25519 public key", 400)
         evidence = req.get("evidence")
-        kind = evidence.get("kind") if isinstance(evidence, dict) else None
         if kind not in rule.evidence:
+            self._attestation_failed(ident, "evidence-kind")
             raise Refused("evidence-kind", f"evidence kind {kind!r} is not accepted here")
+        seen: list[tuple[str, str]] = []
         try:
-            self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind))
+            self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind), seen)
         except AttestationError as exc:
+            if exc.code in _REFERENCE_CODES:
+                self._evidence_seen(ident, kind, seen)
+            self._attestation_failed(ident, exc.code)
             raise Refused(exc.code, str(exc)) from None
         except (FormatError, ValueError, KeyError, TypeError) as exc:
+            self._attestation_failed(ident, "evidence-format")
             raise Refused("evidence-format", f"malformed {kind} evidence: {exc}") from None
+        self._evidence_seen(ident, kind, seen)
+        self._rate(ident, tenant)
         dek = self._unwrap(tenant, artifact, req.get("slot"), req.get("context"))
         try:
             sealed = nacl.public.SealedBox(nacl.public.PublicKey(public)).encrypt(dek.material())
@@ -255,9 +334,130 @@ class Broker:
             dek.close()
         return {"sealed": release.b64e(sealed)}
 
-    def _verify(
-        self, ident: Identity, rule: ArtifactRule, kind: str, ev: Mapping[str, Any], bound: bytes
+    # -- incident response ----------------------------------------------------
+
+    def _attestation_failed(self, ident: Identity, code: str) -> None:
+        d = self.config.detectors
+        count = self.state.add_failure(ident.name, self._clock(), d.failure_window)
+        if count < d.failures:
+            return
+        reason = f"{count} attestation failures in {d.failure_window:g} s (last: {code})"
+        if self.state.lock_out(ident.name, d.lockout, reason):
+            self._alert("lockout", identity=ident.name, reason=reason, seconds=d.lockout)
+
+    def _rate(self, ident: Identity, tenant: str) -> None:
+        d = self.config.detectors
+        now, usual = self.state.count_release(ident.name, self._clock(), d.rate_bucket,
+                                              d.rate_history)  # fmt: skip
+        limit = max(d.rate_factor * usual, d.rate_floor)
+        if now <= limit:
+            return
+        reason = (f"{now} releases in {d.rate_bucket:g} s, usual {usual:.1f} "
+                  f"(limit {limit:.0f})")  # fmt: skip
+        if self.state.throttle(ident.name, d.throttle, reason):
+            self._alert("throttle", identity=ident.name, tenant=tenant, reason=reason,
+                        seconds=d.throttle)  # fmt: skip
+        raise Refused("throttled", f"{ident.name}: {reason}", 429)
+
+    def _evidence_seen(self, ident: Identity, kind: str, seen: list[tuple[str, str]]) -> None:
+        if not seen or not self.config.detectors.evidence_change:
+            return
+        machine, fp = seen[0]
+        before = self.state.swap_evidence(machine, fp)
+        if before is not None and before != fp:
+            self._alert("evidence-changed", identity=ident.name, machine=machine, evidence=kind,
+                        before=before, now=fp)  # fmt: skip
+
+    def _alert(self, kind: str, **fields: Any) -> None:
+        self.alerts.fire(kind, **fields)
+        try:
+            self._record(f"alert.{kind}", fields.get("identity", "-"), fields.get("tenant"),
+                         None, "ok", kind, fields.get("reason"),
+                         **{k: v for k, v in fields.items()
+                            if k in ("machine", "before", "now", "seconds")})  # fmt: skip
+        except Exception:
+            self.metrics.inc("sealstore_broker_audit_failures_total")
+            log.exception("alert %s not written to the audit log", kind)
+
+    def _record(
+        self,
+        action: str,
+        who: str,
+        tenant: Any,
+        artifact: Any,
+        decision: str,
+        code: str | None,
+        reason: str | None,
+        **detail: Any,
     ) -> None:
+        """One audit record (denials best effort: a refusal stands without it)."""
+        kept = {k: v for k, v in detail.items() if v is not None}
+        fields = dict(who=who, action=action, decision=decision, code=code, reason=reason,
+                      tenant=tenant if isinstance(tenant, str) else None,
+                      artifact=artifact if isinstance(artifact, str) else None,
+                      detail=kept or None)  # fmt: skip
+        if decision == "granted":
+            self.audit.append(**fields)
+            return
+        try:
+            self.audit.append(**fields)
+        except Exception:
+            self.metrics.inc("sealstore_broker_audit_failures_total")
+            log.exception("audit record of a %s %s not written", decision, action)
+
+    # -- administration ---------------------------------------------------------
+
+    def _admin(self, ident: Identity, scope: str) -> None:
+        if scope != "*" and scope not in self.config.tenants:
+            raise Refused("bad-request", f"no tenant {scope!r} in this broker's config", 400)
+        if not ident.may("admin", scope):
+            where = "every tenant" if scope == "*" else f"tenant {scope}"
+            raise Refused("not-permitted", f"{ident.name} is not an admin of {where}")
+
+    def lockdown(self, ident: Identity, scope: str, reason: str = "") -> dict[str, Any]:
+        """Refuse every release in tenant *scope* (``"*"``: all tenants) until lifted."""
+        self._admin(ident, scope)
+        why = reason or f"lockdown by {ident.name}"
+        self.state.set_lockdown(scope, why[:300])
+        self._record("lockdown", ident.name, None if scope == "*" else scope, None, "ok", None,
+                     why, scope=scope)  # fmt: skip
+        self._alert("lockdown", identity=ident.name, scope=scope, reason=why)
+        return self.status(ident, check=False)
+
+    def lift(
+        self, ident: Identity, scope: str | None = None, *, identity: str | None = None
+    ) -> dict[str, Any]:
+        """End a lockdown of *scope*, or an identity's lockout and throttle."""
+        if identity is not None:
+            self._admin(ident, "*")
+            lifted = self.state.lift_lockout(identity) | self.state.lift_throttle(identity)
+            self._record("lockout.lift", ident.name, None, None, "ok", None, None,
+                         identity=identity, lifted=lifted)  # fmt: skip
+        else:
+            assert scope is not None
+            self._admin(ident, scope)
+            lifted = self.state.lift_lockdown(scope)
+            self._record("lockdown.lift", ident.name, None if scope == "*" else scope, None,
+                         "ok", None, None, scope=scope, lifted=lifted)  # fmt: skip
+        return {**self.status(ident, check=False), "lifted": lifted}
+
+    def status(self, ident: Identity, *, check: bool = True) -> dict[str, Any]:
+        """Lockdowns and lockouts in force (admins of every tenant only)."""
+        if check:
+            self._admin(ident, "*")
+        return {"lockdowns": self.state.lockdowns(), "lockouts": self.state.lockouts()}
+
+    def _verify(
+        self,
+        ident: Identity,
+        rule: ArtifactRule,
+        kind: str,
+        ev: Mapping[str, Any],
+        bound: bytes,
+        seen: list[tuple[str, str]],
+    ) -> None:
+        """Verify *ev*; append (machine, fingerprint of its measurements) to *seen* once
+        the evidence is known to be authentic (before its values are judged)."""
         if kind == "tpm":
             assert rule.tpm is not None and ident.tpm_ak is not None  # the config ensures both
             pcrs = ev["pcrs"]
@@ -269,6 +469,10 @@ class Broker:
                 pcrs={int(k): bytes.fromhex(v) for k, v in pcrs.items()},
                 bank=rule.tpm.policy.bank,
             )
+            # The AK is registered to the identity: the identity is the machine. The
+            # PCRs are authentic if the quote verifies or fails only on their values.
+            seen.append((f"tpm:{ident.name}", _fingerprint(*(quote.pcrs[k] for k in
+                                                             sorted(quote.pcrs)))))  # fmt: skip
             tpm_quote.verify_quote(quote, ident.tpm_ak, bound, rule.tpm.policy, rule.tpm.reference)
         elif kind == "snp":
             assert rule.snp is not None
@@ -284,10 +488,13 @@ class Broker:
             report, product = snp.verify_report(
                 release.b64d(ev["report"], "report"), key_cert, parsed, roots=self._snp_roots
             )
+            seen.append((f"snp:{report.chip_id.hex()[:32]}",
+                         _fingerprint(report.measurement, report.host_data)))  # fmt: skip
             rule.snp.check(report, product, bound)
         else:
             assert rule.tdx is not None
             quote = tdx.verify_quote(release.b64d(ev["quote"], "quote"))
+            seen.append((f"tdx:{ident.name}", _fingerprint(quote.mrtd, *quote.rtmrs)))
             rule.tdx.check(quote, bound)
 
     def _keys(self, tenant: str) -> list[Any]:
@@ -327,3 +534,20 @@ class Broker:
             return unwrap_first([slot], tenant_keys, ctx, accept=lambda _dek: None)
         except SealstoreError as exc:
             raise Refused("key-unavailable", str(exc)) from None
+
+
+def _fingerprint(*values: bytes) -> str:
+    """A short hash of measurements (what alerts and the state keep, not the values)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(len(v).to_bytes(4, "big") + v)
+    return h.hexdigest()[:32]
+
+
+def _open_audit(config: BrokerConfig) -> AuditLog:
+    from sealstore.vault.storage import open_storage
+
+    assert config.audit_key is not None
+    stream = config.audit_stream or stream_name("broker", socket.gethostname(), str(config.port))
+    return AuditLog(open_storage(config.audit_log), AuditKey.load_or_create(config.audit_key),
+                    stream=stream)  # fmt: skip

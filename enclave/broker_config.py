@@ -10,6 +10,7 @@ docs/BROKER.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,10 @@ from sealstore.enclave.tpm import PcrPolicy
 from sealstore.errors import FormatError
 from sealstore.vault.manifest import check_name
 
-__all__ = ["ArtifactRule", "BrokerConfig", "Identity", "TenantPolicy", "TpmRule"]
+__all__ = ["ROLES", "ArtifactRule", "BrokerConfig", "Detectors", "Identity", "TenantPolicy",
+           "TpmRule"]  # fmt: skip
+
+STATE_SCHEMES = ("memory:", "redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,36 @@ class Identity:
     mtls_spki_sha256: bytes | None = None
     mtls_cn: str | None = None
     tpm_ak: bytes | None = field(default=None, repr=False)
+    # tenant (or "*") -> reader | publisher | admin; by default reader in the
+    # tenants whose rules name the identity, and nothing else.
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def role(self, tenant: str) -> str | None:
+        """The identity's role in *tenant* (the higher of its own and its ``"*"`` one)."""
+        ranks = [ROLES.index(r) for r in (self.roles.get(tenant), self.roles.get("*")) if r]
+        return ROLES[max(ranks)] if ranks else None
+
+    def may(self, role: str, tenant: str) -> bool:
+        have = self.role(tenant)
+        return have is not None and ROLES.index(have) >= ROLES.index(role)
+
+
+ROLES = ("reader", "publisher", "admin")
+
+
+@dataclass(frozen=True)
+class Detectors:
+    """Incident response: when an identity is locked out or throttled (docs/BROKER.md)."""
+
+    failures: int = 5  # attestation failures ...
+    failure_window: float = 300.0  # ... within this many seconds ...
+    lockout: float = 900.0  # ... lock the identity out for this long
+    rate_bucket: float = 60.0  # releases are counted per bucket of this many seconds
+    rate_history: int = 60  # the usual rate: the mean over this many buckets before
+    rate_factor: float = 10.0  # throttle above factor x usual ...
+    rate_floor: int = 30  # ... but never below this many per bucket
+    throttle: float = 300.0  # how long a throttle lasts
+    evidence_change: bool = True  # alert when a known machine's measurements change
 
 
 @dataclass(frozen=True)
@@ -80,6 +114,15 @@ class BrokerConfig:
     identities: dict[str, Identity]
     tenants: dict[str, TenantPolicy]
     warnings: tuple[str, ...] = ()
+    state_url: str | None = None  # None: in-process (one replica); redis://... shared
+    state_prefix: str = "sealstore:"
+    audit_log: str = ""  # a path or URL; "" means the folder "audit" beside the config
+    audit_key: Path | None = None
+    audit_stream: str = ""
+    admin_remote: bool = False
+    metrics_remote: bool = False
+    webhook: str | None = None
+    detectors: Detectors = field(default_factory=Detectors)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BrokerConfig:
@@ -172,7 +215,8 @@ class _Parser:
     def config(self, doc: Any) -> BrokerConfig:
         top = self._map(doc, "top level",
                         {"server", "challenge_ttl", "max_challenges",
-                         "max_challenges_per_identity", "identities", "tenants"},
+                         "max_challenges_per_identity", "identities", "tenants", "state",
+                         "audit", "admin", "metrics", "alerts", "detectors"},
                         {"server", "identities", "tenants"})  # fmt: skip
         server = self._map(top["server"], "server",
                            {"host", "port", "tls_cert", "tls_key", "client_ca",
@@ -201,6 +245,37 @@ class _Parser:
         parsed = {
             self._name(n, "tenants"): self.tenant(n, v, identities) for n, v in tenants.items()
         }
+        identities = self._default_roles(identities, parsed)
+        state = self._map(top.get("state", {}), "state", {"url", "prefix"})
+        state_url = state.get("url")
+        if state_url is not None and (
+            not isinstance(state_url, str) or not state_url.startswith(STATE_SCHEMES)
+        ):
+            raise _Bad("state.url: expected memory:, redis://, rediss:// or unix://")
+        prefix = state.get("prefix", "sealstore:")
+        if not isinstance(prefix, str) or not prefix:
+            raise _Bad("state.prefix: expected a non-empty string")
+        audit = self._map(top.get("audit", {}), "audit", {"log", "key", "stream"})
+        log_at = audit.get("log", "")
+        if not isinstance(log_at, str):
+            raise _Bad("audit.log: expected a path or URL")
+        if log_at and "://" not in log_at and not Path(log_at).is_absolute():
+            log_at = str(self.path.parent / log_at)
+        key = audit.get("key", "audit.key")
+        if not isinstance(key, str) or not key:
+            raise _Bad("audit.key: expected a file path (created on first start)")
+        key_path = Path(key) if Path(key).is_absolute() else self.path.parent / key
+        stream = audit.get("stream", "")
+        if not isinstance(stream, str):
+            raise _Bad("audit.stream: expected a name")
+        admin = self._map(top.get("admin", {}), "admin", {"remote"})
+        metrics = self._map(top.get("metrics", {}), "metrics", {"remote"})
+        alerts = self._map(top.get("alerts", {}), "alerts", {"webhook"})
+        webhook = alerts.get("webhook")
+        if webhook is not None and (
+            not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))
+        ):
+            raise _Bad("alerts.webhook: expected an http:// or https:// URL")
         return BrokerConfig(
             path=self.path,
             host=host,
@@ -219,7 +294,68 @@ class _Parser:
             identities=identities,
             tenants=parsed,
             warnings=tuple(self.warnings),
+            state_url=None if state_url in (None, "memory:") else state_url,
+            state_prefix=prefix,
+            audit_log=log_at or str(self.path.parent / "audit"),
+            audit_key=key_path,
+            audit_stream=stream,
+            admin_remote=self._bool(admin, "remote", "admin"),
+            metrics_remote=self._bool(metrics, "remote", "metrics"),
+            webhook=webhook,
+            detectors=self.detectors(top.get("detectors", {})),
         )
+
+    def _bool(self, d: dict[str, Any], key: str, where: str) -> bool:
+        value = d.get(key, False)
+        if not isinstance(value, bool):
+            raise _Bad(f"{where}.{key}: expected true or false")
+        return value
+
+    def _seconds(self, d: dict[str, Any], key: str, where: str, default: float) -> float:
+        value = d.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e7:
+            raise _Bad(f"{where}.{key}: expected a positive number of seconds")
+        return float(value)
+
+    def detectors(self, obj: Any) -> Detectors:
+        d = self._map(obj, "detectors", {"attestation_failures", "release_rate",
+                                         "evidence_change"})  # fmt: skip
+        dflt = Detectors()
+        w = "detectors.attestation_failures"
+        f = self._map(d.get("attestation_failures", {}), w, {"max", "window", "lockout"})
+        r = self._map(d.get("release_rate", {}), "detectors.release_rate",
+                      {"bucket", "history", "factor", "floor", "throttle"})  # fmt: skip
+        rw = "detectors.release_rate"
+        return Detectors(
+            failures=self._int(f.get("max", dflt.failures), f"{w}.max", 1, 10**6),
+            failure_window=self._seconds(f, "window", w, dflt.failure_window),
+            lockout=self._seconds(f, "lockout", w, dflt.lockout),
+            rate_bucket=self._seconds(r, "bucket", rw, dflt.rate_bucket),
+            rate_history=self._int(r.get("history", dflt.rate_history), f"{rw}.history", 1, 9999),
+            rate_factor=self._seconds(r, "factor", rw, dflt.rate_factor),
+            rate_floor=self._int(r.get("floor", dflt.rate_floor), f"{rw}.floor", 1, 10**9),
+            throttle=self._seconds(r, "throttle", rw, dflt.throttle),
+            evidence_change=self._bool(d, "evidence_change", "detectors")
+            if "evidence_change" in d
+            else True,
+        )
+
+    def _default_roles(
+        self, identities: dict[str, Identity], tenants: dict[str, TenantPolicy]
+    ) -> dict[str, Identity]:
+        """Least privilege: an identity without ``roles`` is a reader where a rule names it."""
+        out = {}
+        for name, ident in identities.items():
+            if not ident.roles:
+                named = {t.name: "reader" for t in tenants.values()
+                         for rule in t.artifacts.values() if name in rule.identities}  # fmt: skip
+                ident = dataclasses.replace(ident, roles=named)
+            out[name] = ident
+        for name, ident in out.items():
+            for t in ident.roles:
+                if t != "*" and t not in tenants:
+                    raise _Bad(f"identities.{name}.roles: tenant {t!r} is not under tenants")
+        return out
 
     def _unique(self, identities: dict[str, Identity], mtls: bool) -> None:
         seen: dict[tuple[str, object], str] = {}
@@ -242,7 +378,13 @@ class _Parser:
 
     def identity(self, name: str, obj: Any) -> Identity:
         where = f"identities.{name}"
-        d = self._map(obj, where, {"token_sha256", "mtls_spki_sha256", "mtls_cn", "tpm_ak"})
+        d = self._map(obj, where, {"token_sha256", "mtls_spki_sha256", "mtls_cn", "tpm_ak",
+                                   "roles"})  # fmt: skip
+        roles = d.get("roles", {})
+        if not isinstance(roles, dict) or not all(
+            isinstance(t, str) and r in ROLES for t, r in roles.items()
+        ):
+            raise _Bad(f"{where}.roles: expected tenant (or '*') -> reader, publisher or admin")
         token = d.get("token_sha256")
         spki = d.get("mtls_spki_sha256")
         cn = d.get("mtls_cn")
@@ -266,6 +408,7 @@ class _Parser:
             ),
             mtls_cn=cn,
             tpm_ak=ak,
+            roles=dict(roles),
         )
 
     def tenant(self, name: str, obj: Any, identities: dict[str, Identity]) -> TenantPolicy:

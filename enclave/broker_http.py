@@ -1,9 +1,15 @@
 """The broker on the wire: FastAPI routes over ``broker.Broker``, run by uvicorn.
 
-Two routes (``POST /v1/challenge``, ``POST /v1/release``) and a health check;
+Two routes (``POST /v1/challenge``, ``POST /v1/release``), a health check,
+``GET /metrics`` (Prometheus), and the admin routes (``POST
+/v1/admin/lockdown``, ``POST /v1/admin/lift``, ``GET /v1/admin/status``);
 no OpenAPI pages. A refusal answers ``{"error": CODE}`` with 400, 401, 403,
-502 or 503, and logs the reason. TLS always; client certificates are asked for
-when the config has ``client_ca`` and verified by the TLS layer against it.
+429, 502 or 503, and logs the reason. TLS always; client certificates are
+asked for when the config has ``client_ca`` and verified by the TLS layer.
+
+No remote root: the admin routes and the metrics answer only callers on this
+host (loopback) unless the config's ``admin.remote`` / ``metrics.remote``
+allow more, and the admin routes also need an identity with the admin role.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from typing import Any
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sealstore.enclave.broker import Broker, Refused, log
+from sealstore.enclave.broker import LOCAL_PEERS, Broker, Refused, log
 from sealstore.enclave.broker_config import BrokerConfig, Identity
 
 __all__ = ["MAX_BODY", "create_app", "serve"]
@@ -94,7 +100,64 @@ def create_app(broker: Broker) -> Any:
             _clean(what.get("artifact")), exc.code, _clean(exc.reason),
             request.client.host if request.client else "-",
         )  # fmt: skip
+        if ident is None and request.url.path in ("/v1/challenge", "/v1/release"):
+            # Unauthenticated attempts are audited too (who: "-").
+            broker._record(request.url.path.rsplit("/", 1)[-1], "-", what.get("tenant"),
+                           what.get("artifact"), "denied", exc.code, exc.reason)  # fmt: skip
         return JSONResponse({"error": exc.code}, status_code=exc.status)
+
+    def local_only(request: Request, allowed: bool, what: str) -> None:
+        peer = request.client.host if request.client else None
+        if not allowed and peer not in LOCAL_PEERS:
+            raise Refused("remote-disabled", f"{what} from {_clean(peer)}: not enabled in the "
+                          "config for callers on other hosts")  # fmt: skip
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Any:
+        try:
+            local_only(request, broker.config.metrics_remote, "metrics")
+        except Refused as exc:
+            return refuse(request, exc, None, {})
+        return PlainTextResponse(broker.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def admin(request: Request, action: str) -> Any:
+        ident, req = None, {}
+        try:
+            local_only(request, broker.config.admin_remote, "admin")
+            ident = who(request)
+            req = await body(request) if request.method == "POST" else {}
+            scope = "*" if req.get("all") is True else req.get("tenant")
+            reason = req.get("reason") if isinstance(req.get("reason"), str) else ""
+            if action == "status":
+                out = broker.status(ident)
+            elif action == "lift" and isinstance(req.get("identity"), str):
+                out = await anyio.to_thread.run_sync(
+                    lambda: broker.lift(ident, identity=req["identity"])
+                )
+            elif not isinstance(scope, str):
+                raise Refused("bad-request", "name a tenant or all: true", 400)
+            elif action == "lockdown":
+                out = await anyio.to_thread.run_sync(broker.lockdown, ident, scope, reason)
+            else:
+                out = await anyio.to_thread.run_sync(broker.lift, ident, scope)
+        except Refused as exc:
+            return refuse(request, exc, ident, req)
+        except Exception as exc:
+            return internal(request, exc, ident, req)
+        log.warning("admin %s by %s: %s", action, ident.name, _clean(req))
+        return out
+
+    @app.post("/v1/admin/lockdown")
+    async def admin_lockdown(request: Request) -> Any:
+        return await admin(request, "lockdown")
+
+    @app.post("/v1/admin/lift")
+    async def admin_lift(request: Request) -> Any:
+        return await admin(request, "lift")
+
+    @app.get("/v1/admin/status")
+    async def admin_status(request: Request) -> Any:
+        return await admin(request, "status")
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -103,6 +166,7 @@ def create_app(broker: Broker) -> Any:
     def internal(request: Request, exc: Exception, ident: Identity | None, what: dict) -> Any:
         # Fail closed, and tell the caller nothing: the class name goes to the log.
         failed = Refused("internal", f"{exc.__class__.__name__} (a bug in the broker)", 500)
+        log.error("internal error on %s", request.url.path, exc_info=exc)
         return refuse(request, failed, ident, what)
 
     @app.post("/v1/challenge")
@@ -111,7 +175,10 @@ def create_app(broker: Broker) -> Any:
         try:
             ident = who(request)
             req = await body(request)
-            return broker.challenge(ident, req.get("tenant"), req.get("artifact"))
+            # The shared state may be a Redis round trip: off the event loop.
+            return await anyio.to_thread.run_sync(
+                broker.challenge, ident, req.get("tenant"), req.get("artifact")
+            )
         except Refused as exc:
             return refuse(request, exc, ident, req)
         except Exception as exc:

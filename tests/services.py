@@ -1,4 +1,4 @@
-"""Pytest plugin: the real services (OpenBao, moto, SeaweedFS, swtpm) as fixtures.
+"""Pytest plugin: the real services (OpenBao, moto, SeaweedFS, swtpm, Redis) as fixtures.
 
 Load it with ``-p tests.services`` (or ``pytest_plugins = ["tests.services"]``).
 
@@ -41,9 +41,10 @@ ENV_VARS = {
     "s3_key": "SEALSTORE_TEST_S3_KEY",
     "s3_secret": "SEALSTORE_TEST_S3_SECRET",
     "tpm": "SEALSTORE_TEST_TPM",
+    "redis_url": "SEALSTORE_TEST_REDIS_URL",
 }
-LOG_NAMES = ("bao", "bao-tls", "moto", "seaweedfs", "swtpm")
-START_TIMEOUT = 240  # the script waits at most ~30 s for each of five services
+LOG_NAMES = ("bao", "bao-tls", "moto", "seaweedfs", "swtpm", "redis")
+START_TIMEOUT = 240  # the script waits at most ~30 s for each of six services
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,20 @@ def _tcp_answers(tcti: str) -> str | None:
         return f"{tcti}: {exc!r}"
 
 
+def _redis_answers(url: str) -> str | None:
+    """``redis://H:P/N`` -> None if the server there answers PING with PONG."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError as exc:
+        return f"{url}: {exc!r}"
+    # A port held by something else, or a server wanting AUTH, answers otherwise.
+    return None if reply.startswith(b"+PONG") else f"{url}: PING answered {reply!r}"
+
+
 def check_endpoints(ep: dict[str, str]) -> list[str]:
     """Every problem found contacting each service (empty when all answer)."""
     problems = [
@@ -154,6 +169,7 @@ def check_endpoints(ep: dict[str, str]) -> list[str]:
         _http_answers(ep["moto_url"], "/moto-api/"),
         _http_answers(ep["s3_url"], "/healthz"),
         _tcp_answers(ep["tpm"]),
+        _redis_answers(ep["redis_url"]),
     ]
     if not Path(ep["vault_cacert"]).is_file():
         problems.append(f"vault CA certificate {ep['vault_cacert']} does not exist")
@@ -235,3 +251,9 @@ def s3(services: dict[str, str]) -> S3:
 @pytest.fixture(scope="session")
 def tpm_tcti(services: dict[str, str]) -> str:
     return services["tpm"]
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: dict[str, str]) -> str:
+    """``redis://127.0.0.1:PORT/0``: an empty, unpersisted server shared by the session."""
+    return services["redis_url"]
