@@ -1,10 +1,13 @@
-"""``sealstore broker ...``: the key-release broker."""
+"""``sealstore broker ...`` and ``sealstore lockdown``: the broker and its kill switch."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
+import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,31 @@ def register(sub: Any) -> None:
     )
     token.set_defaults(func=_token)
 
+    lock = sub.add_parser(
+        "lockdown",
+        help="kill switch: refuse every key release of a tenant (or all) at once",
+        description="sealstore lockdown --tenant T | --all  stops every release at once, on "
+        "every replica; 'lockdown lift' ends it (or an identity's lockout: --identity NAME); "
+        "'lockdown status' lists what is in force. Through a broker's admin API (--broker URL, "
+        "an admin's token; callers on the broker's host unless admin.remote is on) or "
+        "straight to the replicas' shared Redis state (--config FILE, on an operator's host).",
+    )
+    lock.add_argument("action", nargs="?", choices=("lift", "status"),
+                      help="lift or status (none: declare a lockdown)")  # fmt: skip
+    scope = lock.add_mutually_exclusive_group()
+    scope.add_argument("--tenant", metavar="T", help="this tenant")
+    scope.add_argument("--all", action="store_true", help="every tenant")
+    scope.add_argument("--identity", metavar="NAME", help="(lift) end this identity's lockout")
+    lock.add_argument("--reason", default="", help="why (goes to the audit log and alerts)")
+    where = lock.add_mutually_exclusive_group(required=True)
+    where.add_argument("--broker", metavar="URL", help="https://HOST:PORT of a broker")
+    where.add_argument("--config", type=Path, metavar="FILE", help="the brokers' config file "
+                       "(its state.url must be the shared Redis)")  # fmt: skip
+    lock.add_argument("--token-file", type=Path, metavar="FILE",
+                      help="an admin identity's bearer token (default: $SEALSTORE_BROKER_TOKEN "
+                      "or $SEALSTORE_BROKER_TOKEN_FILE)")  # fmt: skip
+    lock.set_defaults(func=_lockdown)
+
 
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
@@ -63,6 +91,12 @@ def _check(args: argparse.Namespace) -> int:
         for name, rule in sorted(tenant.artifacts.items()):
             who = ", ".join(sorted(rule.identities))
             print(f"  {tenant.name}/{name}: to {who} on {', '.join(rule.evidence)} evidence")
+    for ident in config.identities.values():
+        roles = ", ".join(f"{t}={r}" for t, r in sorted(ident.roles.items())) or "none"
+        print(f"  identity {ident.name}: {roles}")
+    print(f"  state: {config.state_url or 'in-process (one replica)'}; audit log: "
+          f"{config.audit_log}; admin API: {'remote' if config.admin_remote else 'local only'}"
+          f"; alerts: {config.webhook or 'log and metrics only'}")  # fmt: skip
     return 0
 
 
@@ -71,3 +105,84 @@ def _token(_args: argparse.Namespace) -> int:
     print(value)
     print(f"token_sha256: {hashlib.sha256(value.encode()).hexdigest()}")
     return 0
+
+
+def _lockdown(args: argparse.Namespace) -> int:
+    action = args.action or "lockdown"
+    scope = "*" if args.all else args.tenant
+    if args.identity is not None and action != "lift":
+        raise ValueError("--identity goes with 'lockdown lift'")
+    if action != "status" and scope is None and args.identity is None:
+        raise ValueError("name --tenant T or --all" + (" or --identity NAME" if action == "lift"
+                                                          else ""))  # fmt: skip
+    out = _by_config(args, action, scope) if args.config else _by_api(args, action, scope)
+    downs, outs = out.get("lockdowns", {}), out.get("lockouts", {})
+    for what, reason in sorted(downs.items()):
+        print(f"lockdown {'all tenants' if what == '*' else what}: {reason}")
+    for who, reason in sorted(outs.items()):
+        print(f"locked out {who}: {reason}")
+    if not downs and not outs:
+        print("no lockdown or lockout in force")
+    return 0
+
+
+def _by_config(args: argparse.Namespace, action: str, scope: str | None) -> dict[str, Any]:
+    """Straight to the shared state: the operator on this host acts as an admin of all."""
+    import dataclasses
+
+    from sealstore.enclave.broker import Broker
+    from sealstore.enclave.broker_config import BrokerConfig, Identity
+
+    config = BrokerConfig.load(args.config)
+    if config.state_url is None:
+        raise ValueError(
+            f"{args.config}: the broker keeps its state in its own process (no state.url); "
+            "use --broker URL"
+        )
+    me = f"operator:{getpass.getuser()}@{socket.gethostname()}"
+    stream = f"admin-{socket.gethostname()}"
+    broker = Broker(dataclasses.replace(config, audit_stream=stream))
+    ident = Identity(name=me, token_sha256=None, roles={"*": "admin"})
+    broker.state.ping()
+    if action == "status":
+        return broker.status(ident)
+    if action == "lift":
+        return broker.lift(ident, scope, identity=args.identity)
+    return broker.lockdown(ident, scope, args.reason)
+
+
+def _by_api(args: argparse.Namespace, action: str, scope: str | None) -> dict[str, Any]:
+    import ssl
+    from urllib.parse import urlsplit
+
+    from sealstore.enclave.broker_client import https_json
+    from sealstore.errors import BackendError, KeyReleaseDenied
+
+    parts = urlsplit(args.broker)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"--broker {args.broker!r}: expected https://HOST:PORT")
+    token = os.environ.get("SEALSTORE_BROKER_TOKEN")
+    token_file = args.token_file or os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
+    if token_file:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    ctx = ssl.create_default_context(cafile=os.environ.get("SEALSTORE_BROKER_CACERT"))
+    if os.environ.get("SEALSTORE_BROKER_CERT"):
+        ctx.load_cert_chain(os.environ["SEALSTORE_BROKER_CERT"],
+                            os.environ.get("SEALSTORE_BROKER_KEY"))  # fmt: skip
+    body: dict[str, Any] | None = None
+    if action != "status":
+        body = {"identity": args.identity} if args.identity else (
+            {"all": True} if scope == "*" else {"tenant": scope})  # fmt: skip
+        if args.reason:
+            body["reason"] = args.reason
+    path = {"lockdown": "/v1/admin/lockdown", "lift": "/v1/admin/lift",
+            "status": "/v1/admin/status"}[action]  # fmt: skip
+    status, obj = https_json(parts.hostname, parts.port or 443, ctx,
+                             "GET" if body is None else "POST", path, body, token)  # fmt: skip
+    if status == 200 and isinstance(obj, dict):
+        return obj
+    code = obj.get("error") if isinstance(obj, dict) else None
+    if status in (401, 403) and code:
+        raise KeyReleaseDenied(f"broker {args.broker} refused {action}: {code}")
+    raise BackendError(f"broker {args.broker} answered {status} to {path}"
+                       + (f" ({code})" if code else ""))  # fmt: skip

@@ -304,39 +304,59 @@ class BrokerKey:
         return ctx
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        token = self._token_value()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, context=self._tls, timeout=_TIMEOUT
-        )
-        try:
-            conn.request("POST", path, body=canonical_json(body), headers=headers)
-            resp = conn.getresponse()
-            data = resp.read(1 << 20)
-        except ssl.SSLCertVerificationError as exc:
-            raise BackendError(
-                f"broker {self.origin}: its TLS certificate does not verify ({exc.verify_message})"
-            ) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise BackendError(
-                f"broker {self.origin} is unreachable ({exc.__class__.__name__}: {exc})"
-            ) from None
-        finally:
-            conn.close()
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            obj = None
-        if resp.status == 200 and isinstance(obj, dict):
+        status, obj = https_json(self.host, self.port, self._tls, "POST", path, body,
+                                 self._token_value())  # fmt: skip
+        if status == 200 and isinstance(obj, dict):
             return obj
         code = obj.get("error") if isinstance(obj, dict) else None
-        if resp.status in (401, 403) and isinstance(code, str):
+        # 429: throttled (or too many challenges) -- a refusal, not an outage.
+        if status in (401, 403, 429) and isinstance(code, str):
             raise KeyReleaseDenied(
                 f"broker {self.origin} refused to release {self.tenant}/{self.artifact}: {code}"
             )
         raise BackendError(
-            f"broker {self.origin} answered {resp.status} to {path}"
+            f"broker {self.origin} answered {status} to {path}"
             + (f" ({code})" if isinstance(code, str) else "")
         )
+
+
+def https_json(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    token: str | None,
+) -> tuple[int, Any]:
+    """One JSON request to the broker: (HTTP status, the decoded body or None).
+
+    Raises:
+        BackendError: the broker cannot be reached, or its certificate does not verify.
+    """
+    origin = f"https://{host}:{port}"
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=_TIMEOUT)
+    try:
+        data = None if body is None else canonical_json(body)
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read(1 << 20)
+    except ssl.SSLCertVerificationError as exc:
+        raise BackendError(
+            f"broker {origin}: its TLS certificate does not verify ({exc.verify_message})"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise BackendError(
+            f"broker {origin} is unreachable ({exc.__class__.__name__}: {exc})"
+        ) from None
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return resp.status, None

@@ -215,8 +215,13 @@ def serve(config: BrokerConfig, *, log_level: str = "info") -> None:
     reqs = ssl.CERT_NONE
     if config.client_ca is not None:
         reqs = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL
+    broker = Broker(config)
+    broker.state.ping()  # a shared state that is down: fail at start, loudly
+    log.info("state: %s; audit log: %s (stream %s, key %s)",
+             config.state_url or "in-process", config.audit_log, broker.audit.stream,
+             broker.audit.signer.signing_key_id)  # fmt: skip
     uvicorn.run(
-        create_app(Broker(config)),
+        create_app(broker),
         host=config.host,
         port=config.port,
         http=_peer_h11_protocol(),
