@@ -63,6 +63,7 @@ bench: $(STAMP)
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/store_throughput.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/release_latency.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/backup_throughput.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/broker_load.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
