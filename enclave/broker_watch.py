@@ -63,10 +63,6 @@ class Metrics:
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + value
 
-    def value(self, name: str, labels: Mapping[str, str] | None = None) -> float:
-        with self._lock:
-            return self._counters.get((name, tuple(sorted((labels or {}).items()))), 0)
-
     def observe(self, seconds: float) -> None:
         with self._lock:
             i = next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))

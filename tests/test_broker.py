@@ -209,19 +209,16 @@ class Running:
         return self.log.read_text()
 
 
-@pytest.fixture(scope="module")
-def broker(setup: Setup, pki: Pki) -> Iterator[Running]:
-    """`sealstore broker serve` on a free port; fails loudly if it does not come up."""
-    port = _free_port()
-    log = setup.folder / "broker.log"
+def start_broker(config: Path, port: int, log: Path, ca: Path) -> subprocess.Popen:
+    """`sealstore broker serve` on *port*, once it answers TLS; fails loudly if it does not."""
     env = dict(os.environ, SEALSTORE_PASSPHRASE=PASSPHRASE)
     exe = Path(sys.executable).with_name("sealstore")
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(exe), "broker", "serve", "--config", str(setup.config), "--port", str(port)],
+            [str(exe), "broker", "serve", "--config", str(config), "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -229,12 +226,20 @@ def broker(setup: Setup, pki: Pki) -> Iterator[Running]:
                 socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
                 ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
             ):
-                break
+                return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"the broker did not start:\n{log.read_text()}", pytrace=False)
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def broker(setup: Setup, pki: Pki) -> Iterator[Running]:
+    """`sealstore broker serve` on a free port; fails loudly if it does not come up."""
+    port = _free_port()
+    log = setup.folder / "broker.log"
+    proc = start_broker(setup.config, port, log, pki.ca)
     try:
         yield Running(f"https://127.0.0.1:{port}", log, setup)
     finally:

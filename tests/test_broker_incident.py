@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import os
 import ssl
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -37,7 +35,7 @@ from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.errors import KeyReleaseDenied
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage
-from tests.conftest import PASSPHRASE, extend_pcr16
+from tests.conftest import extend_pcr16
 from tests.test_broker import (  # noqa: F401 (fixtures)
     CONTEXT,
     TOKENS,
@@ -51,6 +49,7 @@ from tests.test_broker import (  # noqa: F401 (fixtures)
     _tpm_request,
     pki,
     setup,
+    start_broker,
 )
 from tests.test_cli import fails, ok, run
 
@@ -275,36 +274,6 @@ class Replicas:
         return https_json("127.0.0.1", port, self.ctx(), method, path, body, token)
 
 
-def _serve(config: Path, port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, SEALSTORE_PASSPHRASE=PASSPHRASE)
-    exe = Path(sys.executable).with_name("sealstore")
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [str(exe), "broker", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def _wait_up(proc: subprocess.Popen, port: int, ctx: ssl.SSLContext, log: Path) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with (
-                socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
-                ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
-            ):
-                return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"a broker replica did not start:\n{log.read_text()}", pytrace=False)
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def replicas(
     setup: Setup, pki: Pki, tmp_path: Path, redis_url: str, webhook: Webhook
@@ -321,12 +290,11 @@ def replicas(
             "release_rate": {"floor": 100_000},
         },
     )
-    ctx = ssl.create_default_context(cafile=str(pki.ca))
     ports = [_free_port(), _free_port()]
-    procs = [_serve(cfg, p, tmp_path / f"replica{i}.log") for i, p in enumerate(ports)]
+    procs: list[subprocess.Popen] = []
     try:
-        for i, (proc, port) in enumerate(zip(procs, ports, strict=True)):
-            _wait_up(proc, port, ctx, tmp_path / f"replica{i}.log")
+        for i, port in enumerate(ports):
+            procs.append(start_broker(cfg, port, tmp_path / f"replica{i}.log", pki.ca))
         yield Replicas([f"https://127.0.0.1:{p}" for p in ports], cfg, tmp_path, procs, pki)
     finally:
         for proc in procs:
