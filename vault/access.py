@@ -115,7 +115,10 @@ def with_grant(
 
     A granted key joins the signers; a key left with no role anywhere leaves them.
     """
-    public_key_bytes(key_id)
+    try:
+        public_key_bytes(key_id)
+    except FormatError as exc:
+        raise ValueError(str(exc)) from None
     if tenant != WILDCARD:
         check_name(tenant, "tenant")
     if role is not None:

@@ -60,6 +60,7 @@ def rotate(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
+    signer = store.require("admin", tenant)  # before any key service is asked for the key
     m, old = store.manifest_with_bytes(ref, tenant=tenant)
     if m.shredded:
         raise ValueError(f"{m.name}:{m.version} was crypto-shredded; nothing to rotate")
@@ -68,12 +69,11 @@ def rotate(
     slots = rotate_slots(
         pre, to, remove=remove, identities=identities, slots=m.slots, context=m.context
     )
-    signer = store.require("admin", tenant)
     new = dataclasses.replace(m, slots=tuple(slots), signer=signer.signing_key_id)
     tags = _retag(store, m, hashlib.sha256(old).hexdigest(), tenant)
     store.replace_manifest(m, old, new.sign(signer))
     for tag in tags:
-        store.tag(f"{m.name}:{m.version}", tag, tenant=tenant)
+        store.tag(f"{m.name}:{m.version}", tag, tenant=tenant, audit=False)
     record(store, "rotate", tenant=tenant, artifact=m.name, version=m.version,
            detail={"signer": signer.signing_key_id, "keys": [s.key_id for s in slots]})  # fmt: skip
     return new
@@ -111,7 +111,7 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     if latest_moved:
         for v in sorted(store.versions(m.name, tenant=tenant), key=_version_key, reverse=True):
             if not store.manifest(f"{m.name}:{v}", tenant=tenant).shredded:
-                store.tag(f"{m.name}:{v}", "latest", tenant=tenant)
+                store.tag(f"{m.name}:{v}", "latest", tenant=tenant, audit=False)
                 break
     record(store, "shred", tenant=tenant, artifact=m.name, version=m.version,
            detail={"signer": tomb.signer, "shredded": tomb.shredded})  # fmt: skip

@@ -472,6 +472,15 @@ class Store:
             raise AuthenticationError(
                 f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
             )
+        return self.check_manifest(data, tenant, name, version), data
+
+    def check_manifest(self, data: bytes, tenant: str, name: str, version: str) -> Manifest:
+        """Verify manifest bytes of *tenant*/*name*:*version* with the roles: a publisher
+        of the tenant signed it, and an admin if it is a crypto-shred tombstone.
+
+        Raises:
+            AuthenticationError: any signature or role check fails.
+        """
         manifest = Manifest.verify(
             data,
             self.signers_for(tenant, "publisher"),
@@ -484,7 +493,7 @@ class Store:
             raise AuthenticationError(
                 f"{name}:{version}: a crypto-shred signed by {manifest.signer}, not by an admin"
             )
-        return manifest, data
+        return manifest
 
     def serving_manifest(self, ref: str | Ref, *, tenant: str | None = None) -> Manifest:
         """The verified manifest of a version that may be served (decrypted) now.
@@ -518,8 +527,15 @@ class Store:
 
     # -- writing ------------------------------------------------------------------
 
-    def tag(self, ref: str | Ref, tag: str, *, tenant: str | None = None) -> str:
-        """Point *tag* at a version (replacing where it pointed). Returns the version."""
+    def tag(
+        self, ref: str | Ref, tag: str, *, tenant: str | None = None, audit: bool = True
+    ) -> str:
+        """Point *tag* at a version (replacing where it pointed). Returns the version.
+
+        *audit* False: part of an operation with its own record (push, rotate, restore).
+        """
+        from sealstore.vault.auditing import record
+
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(tag, "tag")
         m, raw = self.manifest_with_bytes(ref, tenant=tenant)
@@ -536,6 +552,9 @@ class Store:
             digest=digest,
         )
         self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
+        if audit:
+            record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
+                   detail={"tag": tag})  # fmt: skip
         return m.version
 
     def untag(self, name: str, tag: str, *, tenant: str | None = None) -> None:
@@ -543,6 +562,9 @@ class Store:
         check_name(name, "artifact name")
         self.require("publisher", tenant)
         self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
+        from sealstore.vault.auditing import record
+
+        record(self, "untag", tenant=tenant, artifact=name, detail={"tag": tag})
 
     def replace_manifest(self, m: Manifest, expected: bytes, new: bytes) -> None:
         """Replace a version's manifest, if it is still *expected* (rotate, shred).
