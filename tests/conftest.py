@@ -77,6 +77,20 @@ def keyring(keyring_path: Path) -> LocalKeyring:
 
 
 @pytest.fixture
+def ring(keyring: LocalKeyring) -> LocalKeyring:
+    """The keyring, under the name the store tests use for it."""
+    return keyring
+
+
+@pytest.fixture
+def store(tmp_path: Path, ring: LocalKeyring) -> Any:
+    """A fresh file:// store whose root is *ring*'s signing key (modules may override it)."""
+    from sealstore.vault.store import Store
+
+    return Store.init(f"file://{tmp_path}/store")
+
+
+@pytest.fixture
 def identity_path(tmp_path: Path) -> Path:
     """An x25519 identity file (mode 0600)."""
     path = tmp_path / "identity.txt"

@@ -24,16 +24,6 @@ from tests.test_store import model_dir
 
 
 @pytest.fixture
-def ring(keyring_path: Path) -> LocalKeyring:
-    return make_keyring(keyring_path)
-
-
-@pytest.fixture
-def store(tmp_path: Path, ring: LocalKeyring) -> Store:
-    return Store.init(f"file://{tmp_path}/store")
-
-
-@pytest.fixture
 def pub(tmp_path: Path) -> LocalKeyring:
     """A second machine's keyring (same home, so the store is pinned for it too)."""
     return make_keyring(tmp_path / "pub.json")

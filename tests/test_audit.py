@@ -27,7 +27,6 @@ from sealstore.audit import (
 )
 from sealstore.errors import AuthenticationError, FormatError, Refused
 from sealstore.format import canonical_json
-from sealstore.kms.local import LocalKeyring
 from sealstore.signing import sign_document
 from sealstore.vault import backup, safemode
 from sealstore.vault.storage import Storage, open_storage
@@ -470,16 +469,6 @@ def test_audit_key_created_once_by_racing_threads(tmp_path: Path) -> None:
 
 
 # -- the store writes records ------------------------------------------------------------
-
-
-@pytest.fixture
-def ring(keyring_path: Path) -> LocalKeyring:
-    return make_keyring(keyring_path)
-
-
-@pytest.fixture
-def store(tmp_path: Path, ring: LocalKeyring) -> Store:
-    return Store.init(f"file://{tmp_path}/store")
 
 
 def _root(store: Store) -> Path:

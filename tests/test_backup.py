@@ -28,7 +28,7 @@ from sealstore.kms.local import LocalKeyring
 from sealstore.kms.x25519 import X25519Identity
 from sealstore.vault import backup, safemode
 from sealstore.vault.store import Store
-from tests.conftest import make_keyring, new_transit_key
+from tests.conftest import new_transit_key
 from tests.s3util import new_bucket, s3_options
 from tests.test_cli import run
 from tests.test_store import model_dir, same_tree
@@ -46,16 +46,6 @@ def sealstore(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     """``tests.test_cli.run`` (the console script), its output decoded."""
     p = run(*args, env=env)
     return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
-
-
-@pytest.fixture
-def ring(keyring_path: Path) -> LocalKeyring:
-    return make_keyring(keyring_path)
-
-
-@pytest.fixture
-def store(tmp_path: Path, ring: LocalKeyring) -> Store:
-    return Store.init(f"file://{tmp_path}/store")
 
 
 @pytest.fixture
