@@ -88,8 +88,6 @@ class Refused(Exception):
         self.status = status
 
 
-# Refusals that are attestation failures: they count towards a lockout.
-_ATTESTATION_CODES = ("evidence-kind", "evidence-format")
 # Verifier codes that mean the evidence was authentic but measured something
 # else: its measurements are the machine's, and a change is worth an alert.
 _REFERENCE_CODES = frozenset({
@@ -202,6 +200,8 @@ class Broker:
 
     def _gate(self, ident: Identity, tenant: Any) -> None:
         """Refuse an identity that incident response has stopped, or with no role here."""
+        if not isinstance(tenant, str):
+            raise Refused("bad-request", "tenant must be a string", 400)
         downs = self.state.lockdowns()
         scope = "*" if "*" in downs else tenant if tenant in downs else None
         if scope is not None:
@@ -212,7 +212,7 @@ class Broker:
         reason = self.state.throttled(ident.name)
         if reason is not None:
             raise Refused("throttled", f"{ident.name} is throttled: {reason}", 429)
-        if not isinstance(tenant, str) or not ident.may("reader", tenant):
+        if not ident.may("reader", tenant):
             raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
 
     def challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
