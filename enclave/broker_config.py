@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from sealstore.enclave import release, snp, tdx
 from sealstore.enclave.tpm import PcrPolicy
 from sealstore.errors import FormatError
+from sealstore.vault import access
+from sealstore.vault.access import ROLES
 from sealstore.vault.manifest import check_name
 
 __all__ = ["ROLES", "ArtifactRule", "BrokerConfig", "Detectors", "Identity", "TenantPolicy",
@@ -47,15 +49,10 @@ class Identity:
 
     def role(self, tenant: str) -> str | None:
         """The identity's role in *tenant* (the higher of its own and its ``"*"`` one)."""
-        ranks = [ROLES.index(r) for r in (self.roles.get(tenant), self.roles.get("*")) if r]
-        return ROLES[max(ranks)] if ranks else None
+        return access.higher(self.roles.get(tenant), self.roles.get("*"))
 
     def may(self, role: str, tenant: str) -> bool:
-        have = self.role(tenant)
-        return have is not None and ROLES.index(have) >= ROLES.index(role)
-
-
-ROLES = ("reader", "publisher", "admin")
+        return access.covers(self.role(tenant), role)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ __all__ = [
     "ROLES",
     "WILDCARD",
     "check_access",
+    "covers",
+    "higher",
     "keys_with",
     "role_of",
     "roles_by_key",
@@ -46,6 +48,17 @@ WILDCARD = "*"
 
 def _rank(role: str | None) -> int:
     return ROLES.index(role) + 1 if role in ROLES else 0
+
+
+def higher(a: str | None, b: str | None) -> str | None:
+    """The higher of two roles (None: no role)."""
+    best = max(a, b, key=_rank)
+    return best if _rank(best) else None
+
+
+def covers(have: str | None, need: str) -> bool:
+    """Whether the role *have* includes *need*."""
+    return _rank(have) >= _rank(check_role(need))
 
 
 def check_role(role: str) -> str:
@@ -84,8 +97,7 @@ def role_of(config: Mapping[str, Any], key_id: str, tenant: str) -> str | None:
         return "admin"  # a store from before roles: every signer could do everything
     here = access.get(tenant, {}).get(key_id) if tenant != WILDCARD else None
     everywhere = access.get(WILDCARD, {}).get(key_id)
-    best = max(here, everywhere, key=_rank)
-    return best if _rank(best) else None
+    return higher(here, everywhere)
 
 
 def roles_by_key(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
@@ -104,8 +116,7 @@ def roles_by_key(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 
 def keys_with(config: Mapping[str, Any], tenant: str, role: str) -> list[str]:
     """The signing keys with at least *role* in *tenant* (for ``"*"``: in every tenant)."""
-    need = _rank(check_role(role))
-    return [k for k in config.get("signers", ()) if _rank(role_of(config, k, tenant)) >= need]
+    return [k for k in config.get("signers", ()) if covers(role_of(config, k, tenant), role)]
 
 
 def with_grant(

@@ -335,17 +335,13 @@ class Store:
                 refuse what it signed).
         """
         signer = self.signer
-        if self._rank(self.role(signer.signing_key_id, tenant)) < self._rank(role):
+        if not access.covers(self.role(signer.signing_key_id, tenant), role):
             where = "every tenant" if tenant == access.WILDCARD else f"tenant {tenant}"
             raise Refused(
                 f"signing key {signer.signing_key_id} needs the {role} role in {where} "
                 f"of store {self.url} (an admin can grant it: sealstore store grant)"
             )
         return signer
-
-    @staticmethod
-    def _rank(role: str | None) -> int:
-        return access.ROLES.index(role) + 1 if role in access.ROLES else 0
 
     def grant(self, key_id: str, role: str | None, *, tenant: str = access.WILDCARD) -> None:
         """Give *key_id* *role* in *tenant* (None revokes it); the root key signs the change.
