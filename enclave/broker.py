@@ -202,16 +202,14 @@ class Broker:
         """Refuse an identity that incident response has stopped, or with no role here."""
         if not isinstance(tenant, str):
             raise Refused("bad-request", "tenant must be a string", 400)
-        downs = self.state.lockdowns()
+        downs, locked, throttled = self.state.standing(ident.name)
         scope = "*" if "*" in downs else tenant if tenant in downs else None
         if scope is not None:
             raise Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
-        reason = self.state.lockout(ident.name)
-        if reason is not None:
-            raise Refused("locked-out", f"{ident.name} is locked out: {reason}")
-        reason = self.state.throttled(ident.name)
-        if reason is not None:
-            raise Refused("throttled", f"{ident.name} is throttled: {reason}", 429)
+        if locked is not None:
+            raise Refused("locked-out", f"{ident.name} is locked out: {locked}")
+        if throttled is not None:
+            raise Refused("throttled", f"{ident.name} is throttled: {throttled}", 429)
         if not ident.may("reader", tenant):
             raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
 

@@ -119,6 +119,12 @@ class State(Protocol):
     def lockdowns(self) -> dict[str, str]:
         """Every lockdown in force: scope -> reason."""
 
+    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+        """``(lockdowns(), lockout(identity), throttled(identity))`` in one read.
+
+        Every challenge and release asks all three: one round trip, not three.
+        """
+
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
         """Remember *fingerprint* for *machine*; return the one before (None at first)."""
 
@@ -133,6 +139,12 @@ def _positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be positive, not {value!r}")
+
+
+def _check_rate(bucket: float, history: int) -> None:
+    _positive(bucket=bucket)
+    if history < 0:
+        raise ValueError(f"history must not be negative, not {history!r}")
 
 
 def _with_owner(record: dict[str, Any], identity: str, expires: float) -> str:
@@ -253,9 +265,7 @@ class MemoryState:
     def count_release(
         self, identity: str, now: float, bucket: float, history: int
     ) -> tuple[int, float]:
-        _positive(bucket=bucket)
-        if history < 0:
-            raise ValueError(f"history must not be negative, not {history!r}")
+        _check_rate(bucket, history)
         current = int(now // bucket)
         with self._lock:
             counts = self._releases.setdefault(identity, {})
@@ -287,6 +297,9 @@ class MemoryState:
     def lockdowns(self) -> dict[str, str]:
         with self._lock:
             return dict(self._lockdowns)
+
+    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+        return self.lockdowns(), self.lockout(identity), self.throttled(identity)
 
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
         with self._lock:
@@ -477,9 +490,7 @@ class RedisState:
     def count_release(
         self, identity: str, now: float, bucket: float, history: int
     ) -> tuple[int, float]:
-        _positive(bucket=bucket)
-        if history < 0:
-            raise ValueError(f"history must not be negative, not {history!r}")
+        _check_rate(bucket, history)
         current = int(now // bucket)
         keys = [self._k("rel", str(current - i), identity) for i in range(history + 1)]
         with self._talk("count_release"):
@@ -512,6 +523,14 @@ class RedisState:
     def lockdowns(self) -> dict[str, str]:
         with self._talk("lockdowns"):
             return self._r.hgetall(self._k("lockdown"))  # type: ignore[return-value]
+
+    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+        with self._talk("standing"), self._r.pipeline(transaction=False) as p:
+            p.hgetall(self._k("lockdown"))
+            p.get(self._k("lock", identity))
+            p.get(self._k("throttle", identity))
+            downs, locked, throttled = p.execute()
+        return downs, locked, throttled
 
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
         with self._talk("swap_evidence"):

@@ -282,6 +282,18 @@ def test_lockdowns(backend: Backend) -> None:
     assert s.lockdowns() == {"acme": "key rotation, day 2"}
 
 
+def test_standing_reads_lockdowns_lockout_and_throttle_at_once(backend: Backend) -> None:
+    s = backend.state
+    assert s.standing("alice") == ({}, None, None)
+    s.set_lockdown("acme", "drill")
+    s.lock_out("alice", 60, "failures")
+    s.throttle("alice", TTL, "spike")
+    assert s.standing("alice") == ({"acme": "drill"}, "failures", "spike")
+    assert s.standing("bob") == ({"acme": "drill"}, None, None)
+    backend.wait(TTL + 0.05)
+    assert s.standing("alice") == ({"acme": "drill"}, "failures", None)
+
+
 def test_swap_evidence(backend: Backend) -> None:
     s = backend.state
     assert s.swap_evidence("node-1", "fp-a") is None
