@@ -19,6 +19,7 @@ import getpass
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from sealstore.audit import AuditKey, AuditLog
@@ -30,6 +31,8 @@ __all__ = ["AUDIT_ENV", "log_for", "machine_key", "principal", "record"]
 AUDIT_ENV = "SEALSTORE_AUDIT"
 
 _lock = threading.Lock()
+# Every record is signed with it: read the file once, not on each pull and load.
+_keys: dict[Path, AuditKey] = {}
 
 
 def principal() -> str:
@@ -42,8 +45,13 @@ def principal() -> str:
 
 
 def machine_key() -> AuditKey:
-    """This machine's audit key (created on first use)."""
-    return AuditKey.load_or_create(sealstore_home() / "audit.key")
+    """This machine's audit key (created on first use; read once per process and path)."""
+    path = sealstore_home() / "audit.key"
+    with _lock:
+        key = _keys.get(path)
+        if key is None:
+            key = _keys[path] = AuditKey.load_or_create(path)
+        return key
 
 
 def log_for(store: Any) -> AuditLog:
