@@ -152,23 +152,20 @@ def _by_config(args: argparse.Namespace, action: str, scope: str | None) -> dict
 
 
 def _by_api(args: argparse.Namespace, action: str, scope: str | None) -> dict[str, Any]:
-    import ssl
     from urllib.parse import urlsplit
 
-    from sealstore.enclave.broker_client import https_json
+    from sealstore.enclave.broker_client import bearer_token, client_context, https_json
     from sealstore.errors import BackendError, KeyReleaseDenied
 
     parts = urlsplit(args.broker)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"--broker {args.broker!r}: expected https://HOST:PORT")
-    token = os.environ.get("SEALSTORE_BROKER_TOKEN")
-    token_file = args.token_file or os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
-    if token_file:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
-    ctx = ssl.create_default_context(cafile=os.environ.get("SEALSTORE_BROKER_CACERT"))
-    if os.environ.get("SEALSTORE_BROKER_CERT"):
-        ctx.load_cert_chain(os.environ["SEALSTORE_BROKER_CERT"],
-                            os.environ.get("SEALSTORE_BROKER_KEY"))  # fmt: skip
+    # The same credentials as a workload's broker+https: keys, or --token-file.
+    given = args.token_file.read_text(encoding="utf-8").strip() if args.token_file else None
+    token = bearer_token(given)
+    env = os.environ.get
+    ctx = client_context(env("SEALSTORE_BROKER_CACERT"), env("SEALSTORE_BROKER_CERT"),
+                         env("SEALSTORE_BROKER_KEY"))  # fmt: skip
     body: dict[str, Any] | None = None
     if action != "status":
         body = {"identity": args.identity} if args.identity else (

@@ -277,31 +277,12 @@ class BrokerKey:
         return {"kind": "snp", "report": release.b64e(ev.blob), "certs": certs}
 
     def _token_value(self) -> str | None:
-        token = self._token or os.environ.get("SEALSTORE_BROKER_TOKEN")
-        path = os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
-        if not token and path:
-            try:
-                token = Path(path).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise KeyUnavailable(
-                    f"cannot read SEALSTORE_BROKER_TOKEN_FILE {path}: {exc.__class__.__name__}"
-                ) from None
-        if token and not (token.isascii() and token.isprintable() and " " not in token):
-            raise KeyUnavailable("the broker token has characters a bearer token cannot carry")
-        return token or None
+        return bearer_token(self._token)
 
     @functools.cached_property
     def _tls(self) -> ssl.SSLContext:
         """The TLS context, made once: its CA and client certificate are fixed at construction."""
-        ctx = ssl.create_default_context(cafile=self._cacert)
-        if self._cert:
-            try:
-                ctx.load_cert_chain(self._cert, self._client_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise KeyUnavailable(
-                    f"cannot load the client certificate {self._cert}: {exc}"
-                ) from None
-        return ctx
+        return client_context(self._cacert, self._cert, self._client_key)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, obj = https_json(self.host, self.port, self._tls, "POST", path, body,
@@ -318,6 +299,41 @@ class BrokerKey:
             f"broker {self.origin} answered {status} to {path}"
             + (f" ({code})" if isinstance(code, str) else "")
         )
+
+
+def bearer_token(token: str | None = None) -> str | None:
+    """*token*, else ``$SEALSTORE_BROKER_TOKEN``, else the file ``$SEALSTORE_BROKER_TOKEN_FILE``.
+
+    Raises:
+        KeyUnavailable: the file is unreadable, or the token could not be a bearer token.
+    """
+    token = token or os.environ.get("SEALSTORE_BROKER_TOKEN")
+    path = os.environ.get("SEALSTORE_BROKER_TOKEN_FILE")
+    if not token and path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyUnavailable(
+                f"cannot read SEALSTORE_BROKER_TOKEN_FILE {path}: {exc.__class__.__name__}"
+            ) from None
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise KeyUnavailable("the broker token has characters a bearer token cannot carry")
+    return token or None
+
+
+def client_context(cacert: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    """A TLS context trusting *cacert* (else the system's), with a client certificate if given.
+
+    Raises:
+        KeyUnavailable: the client certificate or its key cannot be loaded.
+    """
+    ctx = ssl.create_default_context(cafile=cacert)
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise KeyUnavailable(f"cannot load the client certificate {cert}: {exc}") from None
+    return ctx
 
 
 def https_json(

@@ -129,7 +129,7 @@ def create_app(broker: Broker) -> Any:
             scope = "*" if req.get("all") is True else req.get("tenant")
             reason = req.get("reason") if isinstance(req.get("reason"), str) else ""
             if action == "status":
-                out = broker.status(ident)
+                out = await anyio.to_thread.run_sync(broker.status, ident)
             elif action == "lift" and isinstance(req.get("identity"), str):
                 out = await anyio.to_thread.run_sync(
                     lambda: broker.lift(ident, identity=req["identity"])
