@@ -55,7 +55,7 @@ from sealstore.audit import AuditKey, AuditLog, stream_name
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
 from sealstore.enclave.broker_state import State, StateFull, open_state
-from sealstore.enclave.broker_watch import Alerts, Metrics
+from sealstore.enclave.broker_watch import Alerts, broker_metrics
 from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
 from sealstore.vault.manifest import check_name
@@ -124,8 +124,10 @@ class Broker:
         self.state = state or open_state(config.state_url, prefix=config.state_prefix,
                                          clock=clock)  # fmt: skip
         self.audit = audit or _open_audit(config)
-        self.metrics = Metrics()
-        self.alerts = Alerts(config.webhook, self.metrics, source=self.audit.stream)
+        self.metrics = broker_metrics()
+        self.alerts = Alerts(
+            config.webhook, self.metrics, source=self.audit.stream, prefix="sealstore_broker"
+        )
         self.metrics.gauge("sealstore_broker_lockouts", "Identities locked out now.",
                            lambda: len(self.state.lockouts()))  # fmt: skip
         self.metrics.gauge("sealstore_broker_lockdowns", "Lockdowns in force (* or a tenant).",
@@ -402,6 +404,30 @@ class Broker:
         except Exception:
             self.metrics.inc("sealstore_broker_audit_failures_total")
             log.exception("audit record of a %s %s not written", decision, action)
+
+    def standing(self, ident: Identity, tenant: Any) -> dict[str, Any]:
+        """Whether incident response has stopped *ident* in *tenant*: for a process that
+        holds a released key and keeps serving (the inference guard polls it).
+
+        Lockdowns and lockouts are answered (200, not a refusal): the caller stops
+        serving. A throttle limits new releases only. Not audited (polled every
+        few seconds); a caller with no role in *tenant* is refused.
+        """
+        if not isinstance(tenant, str):
+            raise Refused("bad-request", "tenant must be a string", 400)
+        try:
+            check_name(tenant, "tenant")
+        except ValueError as exc:
+            raise Refused("bad-request", str(exc), 400) from None
+        if not ident.may("reader", tenant):
+            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+        downs, locked, _throttled = self.state.standing(ident.name)
+        scope = "*" if "*" in downs else tenant if tenant in downs else None
+        if scope is not None:
+            return {"standing": "locked-down", "reason": f"lockdown of {scope}: {downs[scope]}"}
+        if locked is not None:
+            return {"standing": "locked-out", "reason": f"{ident.name} is locked out: {locked}"}
+        return {"standing": "ok", "reason": ""}
 
     # -- administration ---------------------------------------------------------
 

@@ -276,6 +276,21 @@ class BrokerKey:
         certs = {k: release.b64e(v) for k, v in ev.certs.items()}
         return {"kind": "snp", "report": release.b64e(ev.blob), "certs": certs}
 
+    # -- standing -----------------------------------------------------------
+    def standing(self) -> tuple[str, str]:
+        """``("ok", "")``, or ``("locked-down" | "locked-out", reason)``: whether incident
+        response at the broker has stopped this identity in this tenant.
+
+        Raises:
+            KeyReleaseDenied: the broker refused to answer (no role in the tenant).
+            BackendError: the broker is unreachable or failed.
+        """
+        out = self._post("/v1/standing", {"tenant": self.tenant})
+        state, reason = out.get("standing"), out.get("reason")
+        if not isinstance(state, str) or not isinstance(reason, str):
+            raise BackendError(f"broker {self.origin} gave a malformed standing answer")
+        return state, reason
+
     def _token_value(self) -> str | None:
         return bearer_token(self._token)
 

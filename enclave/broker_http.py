@@ -1,6 +1,8 @@
 """The broker on the wire: FastAPI routes over ``broker.Broker``, run by uvicorn.
 
-Two routes (``POST /v1/challenge``, ``POST /v1/release``), a health check,
+Two routes (``POST /v1/challenge``, ``POST /v1/release``), ``POST
+/v1/standing`` (is this identity locked down or out in a tenant: polled by
+processes that keep serving after their release), a health check,
 ``GET /metrics`` (Prometheus), and the admin routes (``POST
 /v1/admin/lockdown``, ``POST /v1/admin/lift``, ``GET /v1/admin/status``);
 no OpenAPI pages. A refusal answers ``{"error": CODE}`` with 400, 401, 403,
@@ -179,6 +181,18 @@ def create_app(broker: Broker) -> Any:
             return await anyio.to_thread.run_sync(
                 broker.challenge, ident, req.get("tenant"), req.get("artifact")
             )
+        except Refused as exc:
+            return refuse(request, exc, ident, req)
+        except Exception as exc:
+            return internal(request, exc, ident, req)
+
+    @app.post("/v1/standing")
+    async def standing(request: Request) -> Any:
+        ident, req = None, {}
+        try:
+            ident = who(request)
+            req = await body(request)
+            return await anyio.to_thread.run_sync(broker.standing, ident, req.get("tenant"))
         except Refused as exc:
             return refuse(request, exc, ident, req)
         except Exception as exc:

@@ -67,7 +67,7 @@ DOMAIN = "audit-checkpoint"
 # The fields a caller may set; the log adds v, stream, seq, prev and time.
 FIELDS = ("who", "action", "tenant", "artifact", "version", "decision", "code", "reason",
           "detail")  # fmt: skip
-DECISIONS = ("ok", "granted", "denied", "failed")
+DECISIONS = ("ok", "granted", "denied", "failed", "flagged")
 _MAX_TEXT = 500
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT = re.compile(r"^(\d{16})\.jsonl$")

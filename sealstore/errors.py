@@ -15,6 +15,7 @@ __all__ = [
     "AuthenticationError",
     "BackendError",
     "FormatError",
+    "InferenceRefused",
     "KeyReleaseDenied",
     "KeyUnavailable",
     "NotFound",
@@ -89,3 +90,21 @@ class NotFound(SealstoreError):
 
 class Refused(SealstoreError):
     """The store refuses to serve by policy: safe mode (only ``known-good`` versions)."""
+
+
+class InferenceRefused(Refused):
+    """The inference guard refuses a call to a guarded model.
+
+    Attributes:
+        code: ``refused`` or ``throttled`` (a detector's finding about this
+            caller), ``locked-down`` / ``locked-out`` (incident response at the
+            broker), ``standing-unknown`` (the broker has not answered for too
+            long), ``audit-unavailable`` (a finding could not be recorded),
+            ``no-caller`` (the policy requires one).
+        caller: the caller the call was attributed to.
+    """
+
+    def __init__(self, message: str, code: str, caller: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.caller = caller
