@@ -5,18 +5,24 @@ sealed file path or URL, or a store reference (``sealstore+URL#NAME[:VERSION|@TA
 ``from_pretrained`` / ``load_tokenizer`` build transformers objects from a pushed
 Hugging Face directory; ``torch_save`` / ``torch_load`` seal ``.pt`` payloads
 (loaded with ``weights_only=True``); ``save_checkpoint`` / ``load_latest_checkpoint``
-keep encrypted training checkpoints. torch is imported only when one is used.
+keep encrypted training checkpoints; ``guard`` watches a loaded model's callers
+for extraction and abuse (``guard=`` on ``load_file`` / ``from_pretrained`` too).
+torch is imported only when one is used.
 """
 
 from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.gpu import DeviceUnavailable
+from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
 from sealstore.loaders.hf import from_pretrained, load_tokenizer
 from sealstore.loaders.safetensors import load_file, load_state_dict, safe_open, save_file
 from sealstore.loaders.torch_io import torch_load, torch_save
 
 __all__ = [
     "DeviceUnavailable",
+    "GuardPolicy",
+    "as_caller",
     "from_pretrained",
+    "guard",
     "load_file",
     "load_latest_checkpoint",
     "load_state_dict",

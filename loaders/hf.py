@@ -90,6 +90,7 @@ def from_pretrained(
     identities: Sequence[IdentitySpec] = (),
     weights: str | None = None,
     threads: int | None = None,
+    guard: Any = None,
     **config_overrides: Any,
 ) -> Any:
     """A transformers model built from a sealed artifact's config and weights.
@@ -101,9 +102,13 @@ def from_pretrained(
         weights: the weights file in the artifact (default: its one
             ``.safetensors`` file, or ``model.safetensors``).
         config_overrides: set on the config before the model is built.
+        guard: a ``GuardPolicy`` (or its mapping, or True): put the inference
+            guard on the model (``sealstore.loaders.inference_guard``), its findings
+            recorded in this store's audit log against this version, stopped
+            by a lockdown at the broker that released the key.
 
     Returns:
-        The model, in eval mode.
+        The model, in eval mode (guarded, with *guard*).
 
     Raises:
         ValueError: the weights do not fit the model (missing parameters).
@@ -138,7 +143,12 @@ def from_pretrained(
         )
     if unexpected:
         log.info("ignored %d unused tensor(s) of %s, e.g. %s", len(unexpected), path, unexpected[0])
-    return model.eval()
+    model.eval()
+    if guard is None or guard is False:
+        return model
+    from sealstore.loaders.inference_guard import guard_loaded
+
+    return guard_loaded(model, guard, manifest=m, store=store, identities=identities)
 
 
 def _load(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -162,7 +162,9 @@ def load_file(
     tenant: str | None = None,
     progress: bool | Progress = False,
     prefer: str = "gpu-direct",
-) -> dict[str, Any]:
+    guard: Any = None,
+    module: Any = None,
+) -> Any:
     """Load a sealed safetensors file: the same dict ``safetensors.torch.load_file`` gives.
 
     Args:
@@ -178,27 +180,56 @@ def load_file(
             on 2 cores 1 GiB took 330 ms with 2 threads, 418-478 ms with 3-6).
         progress: ``True`` for a progress bar on stderr (a terminal, loads over
             half a second), or a callable given each decrypted byte count.
+        guard: a ``GuardPolicy`` (or its mapping, or True for the default):
+            load the tensors into *module* (strictly) and return the module with
+            the inference guard on it (``sealstore.loaders.inference_guard``), its findings
+            recorded against this artifact, stopped by a lockdown at the broker
+            that released the key.
+        module: the torch module to load into; needed with *guard*.
 
     Returns:
         name -> tensor, each with its own storage (as safetensors gives), filled
-        by decryption directly -- no other copy of the plaintext is made.
+        by decryption directly -- no other copy of the plaintext is made. With
+        *guard*: *module*, guarded.
 
     Raises:
         AuthenticationError: any chunk, signature or hash fails (nothing is returned).
         DeviceUnavailable: a CUDA device was asked for and torch has none.
         KeyUnavailable, NotFound, FormatError.
     """
-    import torch
-
+    if guard is not None and guard is not False and module is None:
+        raise TypeError(
+            "load_file(guard=...) needs module=: the guard watches the torch module the "
+            "tensors are loaded into"
+        )
     _check_prefer(prefer)
-    cuda_device = str(device).startswith("cuda")
-    if cuda_device:
+    if str(device).startswith("cuda"):
         from sealstore.loaders.gpu import check_device
 
-        check_device(str(device))
-    threads = threads or default_threads()
+        check_device(str(device))  # before any key is asked for
     opened = open_source(src, store=store, tenant=tenant, identities=identities)
-    own = opened is not src  # a SealedFile the caller passed stays open
+    tensors = _read(opened, opened is not src, device, threads, progress, prefer)
+    if guard is None or guard is False:
+        return tensors
+    from sealstore.loaders.inference_guard import guard_loaded
+
+    module.load_state_dict(tensors)
+    return guard_loaded(module, guard, opened, identities=identities)
+
+
+def _read(
+    opened: SealedFile,
+    own: bool,
+    device: str,
+    threads: int | None,
+    progress: bool | Progress,
+    prefer: str,
+) -> dict[str, Any]:
+    import torch
+
+    cuda_device = str(device).startswith("cuda")
+    threads = threads or default_threads()
+    # own: a SealedFile the caller passed stays open
     with opened if own else contextlib.nullcontext(opened) as sf:
         layout = _Layout(sf)
         if cuda_device and prefer == "gpu-direct":
@@ -225,8 +256,18 @@ def load_file(
     return tensors
 
 
-def load_state_dict(module: Any, src: Any, *, strict: bool = True, **kwargs: Any) -> Any:
-    """``module.load_state_dict(load_file(src, ...), strict=strict)``; returns its result."""
+def load_state_dict(
+    module: Any, src: Any, *, strict: bool = True, guard: Any = None, **kwargs: Any
+) -> Any:
+    """``module.load_state_dict(load_file(src, ...), strict=strict)``; returns its result.
+
+    With *guard* (a ``GuardPolicy``): loads strictly and returns *module*, guarded
+    (``load_file(src, guard=..., module=module)``).
+    """
+    if guard is not None and guard is not False:
+        if not strict:
+            raise ValueError("a guarded load is strict: every parameter comes from the artifact")
+        return load_file(src, guard=guard, module=module, **kwargs)
     return module.load_state_dict(load_file(src, **kwargs), strict=strict)
 
 

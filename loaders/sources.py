@@ -126,7 +126,10 @@ def _from_store(
     )
     try:
         with dek:
-            return SealedFile(fp, dek, preamble=pre, close_src=True)
+            sealed = SealedFile(fp, dek, preamble=pre, close_src=True)
     except BaseException:
         fp.close()
         raise
+    # What the inference guard records findings against (loaders/inference_guard.py).
+    sealed.source_store, sealed.source_manifest = store, _m
+    return sealed

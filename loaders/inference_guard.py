@@ -894,13 +894,71 @@ def guard(
     Raises:
         ValueError: a bad policy, or a module that is guarded already.
     """
-    if policy is None:
-        policy = GuardPolicy()
-    elif isinstance(policy, Mapping):
-        policy = GuardPolicy.from_mapping(policy)
+    policy = GuardPolicy() if policy is None else _policy(policy)
     if getattr(model, "sealstore_guard", None) is not None:
         raise ValueError("this module is guarded already (model.sealstore_guard.remove() first)")
     sources = standing_sources(policy, standing)
     g = Guard(model, policy, target=target, standing=sources, clock=clock)
     model.sealstore_guard = g
     return model
+
+
+def _policy(spec: Any) -> GuardPolicy:
+    if spec is True:
+        return GuardPolicy()
+    if isinstance(spec, GuardPolicy):
+        return spec
+    if isinstance(spec, Mapping):
+        return GuardPolicy.from_mapping(spec)
+    raise TypeError(f"guard= takes a GuardPolicy, a mapping or True, not {type(spec).__name__}")
+
+
+def brokers_for(slots: Sequence[Any], identities: Sequence[Any] = ()) -> list[Any]:
+    """The key-release brokers among *slots* this process may ask (the identities given,
+    or the slot's broker if ``SEALSTORE_BROKERS`` trusts it): the lockdown sources."""
+    from sealstore.kms.registry import unwrappers_for
+
+    objs = [i for i in identities if hasattr(i, "unwrap")]
+    out: list[Any] = []
+    for slot in slots:
+        if not str(slot.kind).startswith("broker+"):
+            continue
+        for u in unwrappers_for(slot, objs):
+            if callable(getattr(u, "standing", None)):
+                out.append(u)
+                break
+    return out
+
+
+def guard_loaded(
+    module: Any,
+    spec: Any,
+    sealed: Any = None,
+    *,
+    manifest: Any = None,
+    store: Any = None,
+    identities: Sequence[Any] = (),
+) -> Any:
+    """Guard *module*, just loaded from *sealed* (a SealedFile) or a store *manifest*:
+    findings are recorded against that artifact (in its store's audit log), and
+    ``lockdown="auto"`` watches the brokers its key slots name."""
+    policy = _policy(spec)
+    manifest = manifest or getattr(sealed, "source_manifest", None)
+    store = store or getattr(sealed, "source_store", None)
+    if manifest is not None:
+        ctx = dict(manifest.context)
+        slots = manifest.slots
+    else:
+        ctx = dict(sealed.header.context) if sealed is not None else {}
+        slots = sealed.preamble.slots if sealed is not None else ()
+        store = None
+    artifact, version = ctx.get("artifact"), ctx.get("version")
+    name = policy.name or (f"{artifact}:{version}" if artifact and version else artifact)
+    target = Target(
+        name or type(module).__name__,
+        tenant=ctx.get("tenant"),
+        artifact=artifact,
+        version=version,
+        store=store,
+    )
+    return guard(module, policy=policy, target=target, standing=brokers_for(slots, identities))
