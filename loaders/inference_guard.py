@@ -283,8 +283,8 @@ def default_features(model: Any) -> Callable[[tuple, dict], Any]:
                     mask = args[1]
                 if mask is None:
                     return e.mean(1).cpu()
-                m = mask.reshape(ids.shape).to(e.dtype).unsqueeze(-1)
-                return ((e * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+                m = mask.reshape(ids.shape).to(e.dtype).unsqueeze(1)  # [B, 1, L]
+                return (torch.bmm(m, e).squeeze(1) / m.sum(2).clamp(min=1)).cpu()
             x = kwargs.get("inputs_embeds")
             if x is None:
                 x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
@@ -319,6 +319,7 @@ class Reference:
     norm_hi: float
     nn_max: float
     points: Any  # torch [N, D]
+    points_sq: Any  # torch [N]: squared norms
 
     @classmethod
     def of(cls, feats: Any, ood: OodPolicy) -> Reference:
@@ -342,7 +343,13 @@ class Reference:
             norm_hi=float(hi),
             nn_max=float(np.quantile(nn, ood.nn_quantile)),
             points=feats,
+            points_sq=(feats * feats).sum(1),
         )
+
+    def nearest(self, feats: Any) -> Any:
+        """Each row's distance to its nearest reference point (one matrix product)."""
+        d2 = (feats * feats).sum(1)[:, None] + self.points_sq[None, :] - 2 * feats @ self.points.T
+        return d2.min(1).values.clamp(min=0).sqrt()
 
 
 # -- per-caller state -----------------------------------------------------------------------
@@ -481,6 +488,7 @@ class Guard:
             raise ValueError("the extraction test 'ks' needs a reference sample (policy.reference)")
         self._history = ext.history or (self.reference.size if self.reference else 1000)
         self._audit_log: Any = None
+        self.recent: deque[Finding] = deque(maxlen=1000)  # the latest findings, oldest first
         # Incident response at the broker: a poller keeps the latest answer.
         self._sources = [_standing_source(s) for s in standing]
         self._stopped: tuple[str, str] | None = None
@@ -529,6 +537,15 @@ class Guard:
         self.metrics.observe(time.perf_counter() - start)
         self.metrics.inc("sealstore_guard_calls_total", {"result": "ok"})
         return args, kwargs
+
+    def screen(self, *args: Any, **kwargs: Any) -> None:
+        """What the hook does for a forward call with these arguments (``caller=`` too),
+        without the forward: for a server that screens a request before queueing it.
+
+        Raises:
+            InferenceRefused: the caller may not make this call now.
+        """
+        self._hook(None, args, dict(kwargs))
 
     def observe(self, caller: str, feats: Any, *, rows: int | None = None) -> list[Finding]:
         """Account one call of *caller* (its rows' features, or None), run the detectors,
@@ -612,13 +629,11 @@ class Guard:
         return []
 
     def _ood(self, c: _Caller, caller: str, feats: Any) -> list[Finding]:
-        import torch
-
         pol, ref = self.policy.ood, self.reference
         if not pol.enabled or ref is None:
             return []
         norms = feats.norm(dim=1)
-        nn = torch.cdist(feats, ref.points).min(1).values
+        nn = ref.nearest(feats)
         out = (norms < ref.norm_lo) | (norms > ref.norm_hi) | (nn > ref.nn_max)
         c.ood.extend(out.tolist())
         if len(c.ood) < pol.min_queries:
@@ -642,6 +657,7 @@ class Guard:
 
     def _answer(self, c: _Caller, f: Finding, now: float) -> None:
         response = self.policy.response_for(f.detector)
+        self.recent.append(f)
         self.metrics.inc("sealstore_guard_findings_total",
                          {"detector": f.detector, "response": response})  # fmt: skip
         log.warning("guard %s: %s finding for caller %s: %s -> %s", self.target.name,
