@@ -207,7 +207,7 @@ class GuardPolicy:
     lockdown_poll: float = 5.0
     lockdown_grace: float = 60.0
     name: str | None = None
-    max_callers: int = 10_000
+    max_callers: int = 10_000  # the longest-idle caller without a penalty is forgotten beyond
 
     def __post_init__(self) -> None:
         for det, resp in {"*": self.response, **dict(self.responses)}.items():
@@ -428,10 +428,17 @@ class _Caller:
             inner = sq[:, None] + sq[None, :] - 2 * feats @ feats.T
             inner = inner.masked_fill(~torch.ones(b, b, dtype=torch.bool).tril(-1), float("inf"))
             best = torch.minimum(best, inner.min(1).values)
-        if self.hist is None:
-            self.hist = torch.empty(self.history, dim)
-            self.hist_sq = torch.empty(self.history)
         rows = feats[-self.history :]
+        # The ring grows by doubling up to *history* rows: a caller with a few
+        # queries costs a few rows, not the whole window.
+        cap = 0 if self.hist is None else self.hist.shape[0]
+        need = min(self.history, self.count + rows.shape[0])
+        if need > cap:
+            grown = min(self.history, max(2 * cap, need, 64))
+            hist, hist_sq = torch.empty(grown, dim), torch.empty(grown)
+            if cap:
+                hist[:cap], hist_sq[:cap] = self.hist, self.hist_sq
+            self.hist, self.hist_sq = hist, hist_sq
         idx = (self.pos + torch.arange(rows.shape[0])) % self.history
         self.hist[idx] = rows
         self.hist_sq[idx] = sq[-self.history :]
