@@ -12,8 +12,8 @@ torch is imported only when one is used.
 
 from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.gpu import DeviceUnavailable
-from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
 from sealstore.loaders.hf import from_pretrained, load_tokenizer
+from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
 from sealstore.loaders.safetensors import load_file, load_state_dict, safe_open, save_file
 from sealstore.loaders.torch_io import torch_load, torch_save
 

@@ -49,7 +49,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from sealstore.errors import InferenceRefused, KeyReleaseDenied, SealstoreError
+from sealstore.errors import InferenceRefused, KeyReleaseDenied
 from sealstore.watch import Alerts, Metrics, serve_metrics
 
 __all__ = [
@@ -410,6 +410,14 @@ class _Caller:
         self.fired: dict[str, float] = {}  # detector -> when it last fired
         self.last_seen = 0.0
 
+    def clear(self) -> None:
+        """Forget the detector windows and which detectors fired: after a lift or when a
+        penalty ends, the caller starts over (its refused calls were never observed)."""
+        self.dmins.clear()
+        self.ood.clear()
+        self.since_test = 0
+        self.fired.clear()
+
     def remember(self, feats: Any) -> Any:
         """Each row's distance to the nearest earlier query (this batch's earlier rows too),
         then store the rows; returns a float tensor [B] (inf for the very first query)."""
@@ -679,9 +687,10 @@ class Guard:
                         "statistic": round(f.statistic, 4),
                         "threshold": round(float(f.threshold), 4)},
             )  # fmt: skip
-        except (SealstoreError, OSError) as exc:
+        except Exception as exc:  # whatever the cause, fail closed: no unrecorded finding
             self.metrics.inc("sealstore_guard_audit_failures_total")
-            log.error("guard %s: finding not recorded: %s", self.target.name, exc)
+            log.error("guard %s: finding not recorded: %s: %s", self.target.name,
+                      type(exc).__name__, exc)  # fmt: skip
             with self._lock:
                 c.fired.pop(f.detector, None)  # detected again on the next call
             self.metrics.inc("sealstore_guard_calls_total", {"result": "audit-unavailable"})
@@ -713,6 +722,7 @@ class Guard:
         response, until, detector = c.penalty
         if until is not None and now >= until:
             c.penalty = None
+            c.clear()
             return
         if response == "refuse":
             self._refuse(caller, "refused", f"caller {caller!r} is refused after a {detector} "
@@ -760,7 +770,7 @@ class Guard:
                 c = self._callers.get(name)
                 if c is not None and c.penalty is not None:
                     c.penalty = None
-                    c.fired.clear()
+                    c.clear()
                     lifted.append(name)
         if lifted:
             self._record("guard.lift", decision="ok", detail={"callers": lifted[:64]})
@@ -839,8 +849,9 @@ class Guard:
                     break
         except KeyReleaseDenied as exc:  # no role in the tenant any more: stop
             stopped = ("locked-out", str(exc))
-        except SealstoreError as exc:  # an outage stops the model once the grace is over
-            log.warning("guard %s: standing check failed: %s", self.target.name, exc)
+        except Exception as exc:  # an outage stops the model once the grace is over
+            log.warning("guard %s: standing check failed: %s: %s", self.target.name,
+                        type(exc).__name__, exc)  # fmt: skip
             return
         self._answered = time.monotonic()
         self._stopped = stopped
@@ -850,9 +861,10 @@ class Guard:
             try:
                 self._record("guard.stopped", decision="denied", code=stopped[0],
                              reason=stopped[1])  # fmt: skip
-            except (SealstoreError, OSError) as exc:
+            except Exception as exc:  # the stop holds whether or not it is recorded
                 self.metrics.inc("sealstore_guard_audit_failures_total")
-                log.error("guard %s: stop not recorded: %s", self.target.name, exc)
+                log.error("guard %s: stop not recorded: %s: %s", self.target.name,
+                          type(exc).__name__, exc)  # fmt: skip
         self._recorded_stop = stopped
 
 

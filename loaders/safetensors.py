@@ -181,7 +181,8 @@ def load_file(
         progress: ``True`` for a progress bar on stderr (a terminal, loads over
             half a second), or a callable given each decrypted byte count.
         guard: a ``GuardPolicy`` (or its mapping, or True for the default):
-            load the tensors into *module* (strictly) and return the module with
+            load the tensors into *module* (every one of its parameters must be in
+            the file; extra tensors are left out) and return the module with
             the inference guard on it (``sealstore.loaders.inference_guard``), its findings
             recorded against this artifact, stopped by a lockdown at the broker
             that released the key.
@@ -213,7 +214,14 @@ def load_file(
         return tensors
     from sealstore.loaders.inference_guard import guard_loaded
 
-    module.load_state_dict(tensors)
+    # Every parameter and saved buffer of the module comes from the file; tensors the
+    # module does not have (a legacy position_ids buffer) are left out.
+    result = module.load_state_dict(tensors, strict=False)
+    if result.missing_keys:
+        raise ValueError(
+            f"{src} lacks {len(result.missing_keys)} tensor(s) of {type(module).__name__}, "
+            f"e.g. {result.missing_keys[0]}"
+        )
     return guard_loaded(module, guard, opened, identities=identities)
 
 
@@ -261,7 +269,7 @@ def load_state_dict(
 ) -> Any:
     """``module.load_state_dict(load_file(src, ...), strict=strict)``; returns its result.
 
-    With *guard* (a ``GuardPolicy``): loads strictly and returns *module*, guarded
+    With *guard* (a ``GuardPolicy``): every parameter from *src*; returns *module*, guarded
     (``load_file(src, guard=..., module=module)``).
     """
     if guard is not None and guard is not False:
