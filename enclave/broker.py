@@ -204,16 +204,24 @@ class Broker:
         """Refuse an identity that incident response has stopped, or with no role here."""
         if not isinstance(tenant, str):
             raise Refused("bad-request", "tenant must be a string", 400)
+        stop = self._stopped(ident, tenant)
+        if stop is not None:
+            raise stop
+        if not ident.may("reader", tenant):
+            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+
+    def _stopped(self, ident: Identity, tenant: str) -> Refused | None:
+        """What incident response says of *ident* in *tenant* (one state round trip):
+        a lockdown of the tenant or of all, a lockout, a throttle, or nothing."""
         downs, locked, throttled = self.state.standing(ident.name)
         scope = "*" if "*" in downs else tenant if tenant in downs else None
         if scope is not None:
-            raise Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
+            return Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
         if locked is not None:
-            raise Refused("locked-out", f"{ident.name} is locked out: {locked}")
+            return Refused("locked-out", f"{ident.name} is locked out: {locked}")
         if throttled is not None:
-            raise Refused("throttled", f"{ident.name} is throttled: {throttled}", 429)
-        if not ident.may("reader", tenant):
-            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+            return Refused("throttled", f"{ident.name} is throttled: {throttled}", 429)
+        return None
 
     def challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
         """Issue a nonce for one release of *tenant*/*artifact* to *ident*."""
@@ -421,13 +429,10 @@ class Broker:
             raise Refused("bad-request", str(exc), 400) from None
         if not ident.may("reader", tenant):
             raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
-        downs, locked, _throttled = self.state.standing(ident.name)
-        scope = "*" if "*" in downs else tenant if tenant in downs else None
-        if scope is not None:
-            return {"standing": "locked-down", "reason": f"lockdown of {scope}: {downs[scope]}"}
-        if locked is not None:
-            return {"standing": "locked-out", "reason": f"{ident.name} is locked out: {locked}"}
-        return {"standing": "ok", "reason": ""}
+        stop = self._stopped(ident, tenant)
+        if stop is None or stop.code == "throttled":
+            return {"standing": "ok", "reason": ""}
+        return {"standing": stop.code, "reason": stop.reason}
 
     # -- administration ---------------------------------------------------------
 

@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -348,7 +347,7 @@ class Reference:
 
     def nearest(self, feats: Any) -> Any:
         """Each row's distance to its nearest reference point (one matrix product)."""
-        d2 = (feats * feats).sum(1)[:, None] + self.points_sq[None, :] - 2 * feats @ self.points.T
+        d2 = _sq_dist(feats, (feats * feats).sum(1), self.points, self.points_sq)
         return d2.min(1).values.clamp(min=0).sqrt()
 
 
@@ -430,11 +429,11 @@ class _Caller:
         best = torch.full((b,), float("inf"))
         if self.count:
             h, hs = self.hist[: self.count], self.hist_sq[: self.count]
-            d2 = sq[:, None] + hs[None, :] - 2 * feats @ h.T
-            best = d2.min(1).values
+            best = _sq_dist(feats, sq, h, hs).min(1).values
         if b > 1:
-            inner = sq[:, None] + sq[None, :] - 2 * feats @ feats.T
-            inner = inner.masked_fill(~torch.ones(b, b, dtype=torch.bool).tril(-1), float("inf"))
+            inner = _sq_dist(feats, sq, feats, sq).masked_fill(
+                ~torch.ones(b, b, dtype=torch.bool).tril(-1), float("inf")
+            )
             best = torch.minimum(best, inner.min(1).values)
         rows = feats[-self.history :]
         # The ring grows by doubling up to *history* rows: a caller with a few
@@ -815,13 +814,9 @@ class Guard:
 
     def _log(self) -> Any:
         if self._audit_log is None:
-            from sealstore.audit import AuditLog
-            from sealstore.kms.registry import sealstore_home
-            from sealstore.vault.auditing import AUDIT_ENV, machine_key
-            from sealstore.vault.storage import open_storage
+            from sealstore.vault.auditing import machine_log
 
-            dest = self.policy.audit or os.environ.get(AUDIT_ENV) or str(sealstore_home() / "audit")
-            self._audit_log = AuditLog(open_storage(dest), machine_key())
+            self._audit_log = machine_log(self.policy.audit)
         return self._audit_log
 
     # -- lockdown -------------------------------------------------------------------------
@@ -878,6 +873,12 @@ def ks_below(sample: Sequence[float], reference_sorted: Any) -> float:
     ref = np.searchsorted(reference_sorted, w, side="right") / len(reference_sorted)
     # F_sample jumps to i/n at w[i-1]; compare just after each jump.
     return float(np.max(np.arange(1, n + 1) / n - ref))
+
+
+def _sq_dist(a: Any, a_sq: Any, b: Any, b_sq: Any) -> Any:
+    """Squared distances between the rows of *a* and of *b* (with their squared norms):
+    one matrix product, not an [A, B, dim] difference."""
+    return a_sq[:, None] + b_sq[None, :] - 2 * a @ b.T
 
 
 def _rows(args: tuple, kwargs: dict, feats: Any) -> int:

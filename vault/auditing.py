@@ -26,7 +26,7 @@ from sealstore.audit import AuditKey, AuditLog
 from sealstore.kms.registry import sealstore_home
 from sealstore.vault.storage import open_storage
 
-__all__ = ["AUDIT_ENV", "log_for", "machine_key", "principal", "record"]
+__all__ = ["AUDIT_ENV", "log_for", "machine_key", "machine_log", "principal", "record"]
 
 AUDIT_ENV = "SEALSTORE_AUDIT"
 
@@ -52,6 +52,14 @@ def machine_key() -> AuditKey:
         if key is None:
             key = _keys[path] = AuditKey.load_or_create(path)
         return key
+
+
+def machine_log(dest: str | None = None) -> AuditLog:
+    """This machine's stream of the log at *dest*, else ``$SEALSTORE_AUDIT``, else
+    ``$SEALSTORE_HOME/audit``: for records that belong to no store (a guarded model
+    loaded from a file)."""
+    dest = dest or os.environ.get(AUDIT_ENV) or str(sealstore_home() / "audit")
+    return AuditLog(open_storage(dest), machine_key())
 
 
 def log_for(store: Any) -> AuditLog:
