@@ -111,6 +111,12 @@ def register(sub: Any) -> None:
         "--parent", metavar="VERSION", help="the version this one derives from (default: newest)"
     )
     parent.add_argument("--no-parent", action="store_true")
+    push.add_argument(
+        "--follow-outside-links",
+        action="store_true",
+        help="also follow symlinks that point outside PATH (e.g. a Hugging Face cache "
+        "snapshot, whose files link to ../../blobs); refused by default",
+    )
     push.add_argument("--threads", type=int, default=2)
     push.add_argument("--no-progress", action="store_true")
     _where(push)
@@ -240,7 +246,8 @@ def _push(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
     store = _open(args)
-    total = sum(size for _, _, size in collect_files(args.path))
+    outside = args.follow_outside_links
+    total = sum(size for _, _, size in collect_files(args.path, follow_outside_links=outside))
     start = time.perf_counter()
     with Progress("push", total, enabled=not args.no_progress and not args.quiet) as bar:
         m = store.push(
@@ -253,6 +260,7 @@ def _push(args: argparse.Namespace) -> int:
             bom=args.bom,
             threads=args.threads,
             progress=bar,
+            follow_outside_links=outside,
         )
     took = time.perf_counter() - start
     _say(args, f"pushed {m.name}:{m.version} ({m.tenant}): {len(m.files)} file(s), "

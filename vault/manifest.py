@@ -134,6 +134,10 @@ class FileEntry:
         object_digest: ``blake3:HEX`` of the whole sealed object (checked without a
             key; see ``sealstore.vault.digest``).
         header_sha256: hex SHA-256 of the object's header bytes.
+        mode: the file's permission bits (``0o777`` at most) when it was
+            pushed from disk; None for files pushed from memory and in
+            manifests written before modes were recorded. ``pull`` does not
+            apply it as is: see :attr:`plaintext_mode`.
     """
 
     path: str
@@ -143,16 +147,47 @@ class FileEntry:
     object_size: int
     object_digest: str
     header_sha256: str
+    mode: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        # Absent, not null, when unknown: a manifest signed before modes were
+        # recorded keeps exactly its body when it is re-signed (rotate, shred,
+        # restore).
+        if d["mode"] is None:
+            del d["mode"]
+        return d
+
+    @property
+    def plaintext_mode(self) -> int:
+        """The permission bits ``pull`` gives this file's plaintext.
+
+        Owner read and write always; owner execute if the file had any execute
+        bit when it was pushed; nothing for group or others, whatever was
+        recorded: decrypted model weights stay private to the user who pulled
+        them (``chmod`` them afterwards to share). Set with ``fchmod``, so the
+        umask neither widens nor narrows it.
+        """
+        return 0o700 if self.mode is not None and self.mode & 0o111 else 0o600
 
     @classmethod
     def from_json(cls, d: Any) -> FileEntry:
+        optional = ("mode",)
+        if not isinstance(d, dict):
+            raise FormatError("manifest file entry is malformed")
         try:
-            entry = cls(**{k: d[k] for k in cls.__dataclass_fields__})
+            entry = cls(
+                **{k: d[k] for k in cls.__dataclass_fields__ if k not in optional},
+                **{k: d[k] for k in optional if k in d},
+            )
         except (KeyError, TypeError):
             raise FormatError("manifest file entry is malformed") from None
+        if "mode" in d and (
+            not isinstance(entry.mode, int)
+            or isinstance(entry.mode, bool)
+            or not 0 <= entry.mode <= 0o777
+        ):
+            raise FormatError("manifest file entry has a bad mode")
         check_file_path(entry.path)
         if not check_digest_text(entry.object_digest):
             raise FormatError("manifest file entry has a bad object_digest")

@@ -350,7 +350,7 @@ def pull(
                 out_path = tmp / entry.path
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(out_path, "wb") as out:
-                    os.fchmod(out.fileno(), 0o600)
+                    os.fchmod(out.fileno(), entry.plaintext_mode)
                     dek = _decrypt_entry(
                         store,
                         m,

@@ -12,6 +12,7 @@ the signed manifest last and only if absent: that write is the commit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -23,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from sealstore.errors import BackendError, SealstoreError
+from sealstore.errors import BackendError, FormatError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import KeySpec, new_data_key
@@ -50,34 +51,102 @@ _AUTO_VERSION_TRIES = 20
 Progress = Callable[[int], None]
 
 
-def collect_files(src: str | os.PathLike[str]) -> list[tuple[str, Path, int]]:
+def collect_files(
+    src: str | os.PathLike[str], *, follow_outside_links: bool = False
+) -> list[tuple[str, Path, int]]:
     """(artifact path, file, size) for a file or every regular file under a directory.
 
-    Symlinks to regular files are followed (Hugging Face caches use them);
-    sockets, FIFOs and devices are refused.
+    Nothing under a directory is skipped: every entry is stored or the whole
+    push is refused before anything is read. Symlinks whose target lies
+    inside the directory are followed, to files and to folders alike, and
+    what they lead to is stored under the link's path too (a file reached by
+    two paths is stored at both). A *src* that is itself a symlink is
+    followed: it was named on purpose.
+
+    Args:
+        src: a file or a directory.
+        follow_outside_links: also follow symlinks whose target lies outside
+            *src* (a Hugging Face cache snapshot, whose files link to
+            ``../../blobs``). Off by default: a downloaded tree holding a
+            link to ``~/.ssh`` must not push that.
 
     Raises:
         FileNotFoundError: *src* does not exist.
-        ValueError: a special file, or an empty directory.
+        PermissionError, OSError: a folder or file under *src* cannot be read.
+        ValueError: a symlink that points outside *src* (unless allowed), a
+            dangling symlink, a symlink loop, a socket, FIFO or device, or a
+            directory with no files.
     """
     root = Path(src)
-    st = root.stat()
+    st = _stat_entry(root)
     if stat.S_ISREG(st.st_mode):
-        return [(root.name, root, st.st_size)]
+        return [(_storable(root.name, root), root, st.st_size)]
     if not stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{root} is not a regular file or a directory")
-    out = []
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            full = Path(dirpath) / name
-            fst = full.stat()
-            if not stat.S_ISREG(fst.st_mode):
-                raise ValueError(f"{full} is not a regular file")
-            out.append((full.relative_to(root).as_posix(), full, fst.st_size))
+    top = Path(os.path.realpath(root))
+    out: list[tuple[str, Path, int]] = []
+    # Depth first with an explicit stack (a deep tree must not hit the
+    # recursion limit). Each folder carries the (device, inode) of the
+    # folders above it: a folder met again among its own ancestors is a loop.
+    stack: list[tuple[Path, str, tuple[tuple[int, int], ...]]] = [
+        (root, "", ((st.st_dev, st.st_ino),))
+    ]
+    while stack:
+        folder, prefix, above = stack.pop()
+        # os.walk would skip an unreadable folder silently; scandir raises.
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            full = folder / name
+            rel = prefix + name
+            fst = _stat_entry(full)
+            if full.is_symlink() and not follow_outside_links:
+                real = Path(os.path.realpath(full))
+                if real != top and top not in real.parents:
+                    raise ValueError(
+                        f"{full} is a symlink to {os.readlink(full)}, outside {root}: "
+                        "refusing to push it (copy the file in, or allow links that "
+                        "leave the folder with --follow-outside-links)"
+                    )
+            if stat.S_ISDIR(fst.st_mode):
+                here = (fst.st_dev, fst.st_ino)
+                if here in above:
+                    raise ValueError(f"{full} leads back to a folder above it (a symlink loop)")
+                stack.append((full, rel + "/", (*above, here)))
+            elif stat.S_ISREG(fst.st_mode):
+                out.append((_storable(rel, full), full, fst.st_size))
+            else:
+                raise ValueError(
+                    f"{full} is not a regular file or a folder (a socket, FIFO or device): "
+                    "refusing to push"
+                )
     if not out:
         raise ValueError(f"{root} holds no files")
     return sorted(out)
+
+
+def _storable(rel: str, full: Path) -> str:
+    """*rel*, refused now if a manifest naming it could never be read back (a backslash)."""
+    try:
+        return check_file_path(rel)
+    except FormatError:
+        raise ValueError(f"{full}: a file name the store cannot hold") from None
+
+
+def _stat_entry(full: Path) -> os.stat_result:
+    """``stat`` through symlinks, with a dangling link or a link loop named as such."""
+    try:
+        return full.stat()
+    except OSError as exc:
+        if not full.is_symlink():
+            raise
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{full} is a symlink loop") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ValueError(
+                f"{full} is a dangling symlink (to {os.readlink(full)}, which does not exist)"
+            ) from None
+        raise
 
 
 class _HashingWriter:
@@ -111,17 +180,22 @@ def _seal_one(
     threads: int,
     progress: Progress | None,
     hasher: ThreadPoolExecutor,
-) -> tuple[str, str, int, str]:
+) -> tuple[str, str, int, str, int | None]:
     """Seal one file into *obj_path*.
 
     Returns:
-        (plaintext sha256, object digest, object size, header sha256).
+        (plaintext sha256, object digest, object size, header sha256, the
+        file's permission bits or None for bytes from memory).
     """
     plain = hashlib.sha256()
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
-    opened = io.BytesIO(path) if isinstance(path, (bytes, memoryview)) else open(path, "rb")  # noqa: SIM115
+    in_memory = isinstance(path, (bytes, memoryview))
+    opened = io.BytesIO(path) if in_memory else open(path, "rb")  # noqa: SIM115
     with opened as src, storage.open_write(obj_path) as out:
+        # The mode of the file actually read (through any symlink), not of a
+        # name looked up again. Set-id and sticky bits are never recorded.
+        mode = None if in_memory else stat.S_IMODE(os.fstat(src.fileno()).st_mode) & 0o777
         sink = _HashingWriter(out)
         writer = SealWriter(
             sink,  # type: ignore[arg-type]
@@ -153,7 +227,7 @@ def _seal_one(
                 if fut is not None:
                     fut.result()
     header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
-    return plain.hexdigest(), sink.digest.text(), sink.size, header_sha
+    return plain.hexdigest(), sink.digest.text(), sink.size, header_sha, mode
 
 
 def _in_memory(src: Mapping[str, Any]) -> list[tuple[str, Any, int]]:
@@ -188,12 +262,13 @@ def push(
     threads: int = 2,
     progress: Progress | None = None,
     tag_latest: bool = True,
+    follow_outside_links: bool = False,
 ) -> Manifest:
     """Push a file or a directory as a new version of an artifact.
 
     Args:
         store: the :class:`~sealstore.vault.store.Store`.
-        src: a file, a directory (every regular file under it, recursively), or
+        src: a file, a directory (every file under it, recursively), or
             ``{artifact path: bytes}`` sealed straight from memory.
         ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
         tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
@@ -204,13 +279,16 @@ def push(
         bom: a :class:`BomSpec` or the path of a YAML file (datasets, training parameters).
         threads: chunks sealed in parallel per file.
         tag_latest: point the ``latest`` tag at this version.
+        follow_outside_links: also follow symlinks that leave the directory
+            (see :func:`collect_files`).
 
     Returns:
         The committed manifest.
 
     Raises:
         FileExistsError: the version exists (or another push of it won a race).
-        ValueError: no keys, a bad name, or a BoM spec problem.
+        ValueError: no keys, a bad name, a BoM spec problem, or something
+            in the directory that cannot be pushed (see :func:`collect_files`).
         KeyUnavailable, BackendError: from the key providers and the storage.
     """
     from sealstore.vault.store import default_tenant
@@ -221,7 +299,10 @@ def push(
         raise ValueError(f"push to NAME or NAME:VERSION, not a tag ({ref})")
     if not keys and dek_from is None:
         raise ValueError("at least one key (-k URI) is needed to push")
-    files = _in_memory(src) if isinstance(src, Mapping) else collect_files(src)
+    if isinstance(src, Mapping):
+        files = _in_memory(src)
+    else:
+        files = collect_files(src, follow_outside_links=follow_outside_links)
     signer = store.require("publisher", tenant)  # fail before uploading anything
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
     datasets = []
@@ -348,7 +429,7 @@ def _push_version(
         with lock:
             made.append(obj)
         with ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash") as hasher:
-            plain, obj_digest, obj_size, header_sha = _seal_one(
+            plain, obj_digest, obj_size, header_sha, mode = _seal_one(
                 store.storage,
                 store.object_path(tenant, obj),
                 path,
@@ -361,7 +442,7 @@ def _push_version(
                 progress=report,
                 hasher=hasher,
             )
-        return FileEntry(rel, size, plain, obj, obj_size, obj_digest, header_sha)
+        return FileEntry(rel, size, plain, obj, obj_size, obj_digest, header_sha, mode)
 
     with dek:
         if workers == 1:
