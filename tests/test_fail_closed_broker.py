@@ -24,6 +24,7 @@ import redis
 
 from sealstore.audit import read_records
 from sealstore.enclave.broker_client import BrokerKey
+from sealstore.enclave.broker_state import StateReset
 from sealstore.errors import BackendError
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage
@@ -48,6 +49,7 @@ from tests.test_broker_incident import (  # noqa: F401 (fixtures)
     _slot,
     webhook,
 )
+from tests.test_broker_state import Backend, backend, redis_prefix  # noqa: F401 (fixtures)
 
 REDIS_SERVER = "/usr/bin/redis-server"
 
@@ -183,6 +185,26 @@ def _globex_body(rep: Replicas, i: int, setup: Setup) -> dict:
 
 
 # -- a restart or a reset of Redis does not lift a lockdown ---------------------------
+
+
+def test_item04_state_epoch_and_reassert(backend: Backend) -> None:
+    """A reset state says so (no epoch); the record goes back in once, atomically."""
+    s = backend.state
+    assert s.epoch() is None
+    assert s.standing("alice") == ({}, None, None)
+    with pytest.raises(StateReset):
+        s.standing("alice", require_epoch=True)
+    now = backend.now()
+    outs = {"alice": (now + 60, "failures"), "bob": (now - 1, "over")}
+    assert s.reassert({"acme": "theft", "*": "drill"}, outs, "e1") is True
+    assert s.epoch() == "e1"
+    assert s.standing("alice", require_epoch=True) == (
+        {"acme": "theft", "*": "drill"}, "failures", None,
+    )  # fmt: skip
+    assert s.lockouts() == {"alice": "failures"}  # bob's had ended
+    # A second replica finding it done changes nothing.
+    assert s.reassert({"globex": "x"}, {}, "e2") is False
+    assert s.epoch() == "e1" and s.lockdowns() == {"acme": "theft", "*": "drill"}
 
 
 def test_item04_test_redis_keeps_its_data(redis_url: str) -> None:
