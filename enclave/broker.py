@@ -587,8 +587,8 @@ class Broker:
         """
         self._admin(ident, scope)
         why = reason or f"lockdown by {ident.name}"
+        # No reconciling first: the kill switch works even on a state being reset.
         with self._state_guard():
-            self._ensure_epoch()
             self.state.set_lockdown(scope, why[:300])
         try:
             self._record("lockdown", ident.name, None if scope == "*" else scope, None, "ok",
@@ -645,10 +645,10 @@ class Broker:
 
     def status(self, ident: Identity, *, check: bool = True) -> dict[str, Any]:
         """Lockdowns and lockouts in force (admins of every tenant only)."""
-        if check:
-            self._admin(ident, "*")
         with self._state_guard():
-            self._ensure_epoch()
+            if check:  # an operator's question: what the record says, reconciled first
+                self._admin(ident, "*")
+                self._ensure_epoch()
             return {"lockdowns": self.state.lockdowns(), "lockouts": self.state.lockouts()}
 
     def _verify(
