@@ -26,7 +26,13 @@ incident-response state: a lockdown of its tenant or of all tenants
 failures (``locked-out``), a throttle after a release rate far above its
 usual one (``throttled``), and its role in the tenant (``not-permitted``).
 That state -- with the challenges -- lives in ``broker_state``: in this
-process for one replica, in Redis for several.
+process for one replica, in Redis for several. It is a cache: the lockdowns,
+their lifts and the lockouts are records in the audit log, and a state that
+lost them (Redis came back empty, or this process just started) gets them
+back from there before any release is decided (``state-reset`` alert). A
+state that cannot be reached refuses everything (``state-unavailable``, 503,
+audited and alerted), as does one that was reset while the audit log cannot
+be read: if the broker cannot tell, it refuses.
 
 Every decision on a release, granted or denied, is a record in the audit log
 (``sealstore.audit``) and a count in the metrics. A granted key leaves only
@@ -45,16 +51,23 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import nacl.exceptions
 import nacl.public
 
-from sealstore.audit import AuditKey, AuditLog, stream_name
+from sealstore.audit import AuditKey, AuditLog, read_records, stream_name
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
-from sealstore.enclave.broker_state import State, StateFull, open_state
+from sealstore.enclave.broker_state import (
+    State,
+    StateFull,
+    StateReset,
+    StateUnavailable,
+    open_state,
+)
 from sealstore.enclave.broker_watch import Alerts, broker_metrics
 from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
@@ -137,6 +150,107 @@ class Broker:
             i.token_sha256: i for i in config.identities.values() if i.token_sha256 is not None
         }
         self._providers: dict[str, list[Any]] = {}
+        self._reconcile_lock = threading.Lock()
+        self._flag_lock = threading.Lock()
+        self._state_down = False  # alert once per outage, not once per refusal
+        self._epoch: str | None = None  # the state's epoch as last seen here
+        # At start: this process's memory is empty, and a Redis may have come back
+        # empty while no replica ran. Failing here is not fatal: every decision
+        # checks the epoch and tries again (refusing until it succeeds).
+        try:
+            with self._state_guard():
+                self._ensure_epoch()
+        except Refused as exc:
+            log.error("state not reconciled at start: %s", exc.reason)
+
+    # -- the shared state ---------------------------------------------------
+
+    @contextmanager
+    def _state_guard(self) -> Iterator[None]:
+        """Turn a state outage into a refusal (503 ``state-unavailable``), alerting once."""
+        try:
+            yield
+        except StateUnavailable as exc:
+            self._outage(str(exc))
+            raise Refused("state-unavailable", str(exc), 503) from None
+
+    def _outage(self, reason: str) -> None:
+        """Alert ``state-unavailable``, once until the state answers again."""
+        with self._flag_lock:
+            first, self._state_down = not self._state_down, True
+        if first:
+            self._alert("state-unavailable", reason=reason)
+
+    def _ensure_epoch(self) -> None:
+        epoch = self.state.epoch()
+        if epoch is None:
+            self._reconcile()
+        else:
+            self._epoch = epoch
+
+    def _reconcile(self) -> None:
+        """Put the lockdowns and lockouts the audit log records back into a reset state.
+
+        Each epoch is recorded before it is set. A replica that saw an epoch
+        requires the log it reads to hold that epoch's record: a log that does
+        not (unreadable, moved, cut short) cannot tell a lockdown from none.
+
+        Raises:
+            Refused: ``state-unavailable`` if the audit log cannot be read or
+                lacks the record of the epoch last seen (fail closed).
+            StateUnavailable: the state cannot be reached.
+        """
+        with self._reconcile_lock:  # one reader of the log per process
+            seen = self.state.epoch()
+            if seen is not None:
+                self._epoch = seen  # another replica (or thread) has just done it
+                return
+            epoch = f"{int(self._clock())}-{secrets.token_hex(8)}"
+            try:
+                downs, outs, epochs = self._recorded()
+                if self._epoch is not None and self._epoch not in epochs:
+                    raise ValueError(f"it lacks the record of epoch {self._epoch}")
+                self._record("state.epoch", "-", None, None, "ok", None, None, required=True,
+                             epoch=epoch)  # fmt: skip
+            except Exception as exc:
+                why = (f"the shared state was reset and the audit log, which records the "
+                       f"lockdowns, cannot be read or written: {exc}")  # fmt: skip
+                self._outage(why)
+                raise Refused("state-unavailable", why, 503) from None
+            if not self.state.reassert(downs, outs, epoch):
+                self._epoch = self.state.epoch()
+                return
+            self._epoch = epoch
+        log.warning("state %s: epoch %s; re-asserted %d lockdown(s), %d lockout(s) from "
+                    "the audit log", self.config.state_url or "in-process", epoch,
+                    len(downs), len(outs))  # fmt: skip
+        if downs or outs:
+            self._alert("state-reset", reason=(
+                "the shared state had lost its lockdowns and lockouts; re-asserted from the "
+                f"audit log: lockdowns {sorted(downs)}, lockouts {sorted(outs)}"))  # fmt: skip
+
+    def _recorded(self) -> tuple[dict[str, str], dict[str, tuple[float, str]], set[str]]:
+        """The lockdowns (scope -> reason) and unexpired lockouts (identity -> (end,
+        reason)) in force by the audit log's lockdown, lift and lockout records; and
+        the state epochs it records."""
+        downs: dict[str, str] = {}
+        outs: dict[str, tuple[float, str]] = {}
+        epochs: set[str] = set()
+        for r in read_records(self.audit.storage):
+            action, d = r.get("action"), r.get("detail")
+            d = d if isinstance(d, dict) else {}
+            if action == "state.epoch" and isinstance(d.get("epoch"), str):
+                epochs.add(d["epoch"])
+            elif action == "lockdown" and isinstance(d.get("scope"), str):
+                downs[d["scope"]] = str(r.get("reason") or "lockdown")[:300]
+            elif action == "lockdown.lift" and isinstance(d.get("scope"), str):
+                downs.pop(d["scope"], None)
+            elif action == "alert.lockout" and isinstance(d.get("until"), int | float):
+                outs[str(r.get("who"))] = (float(d["until"]), str(r.get("reason") or ""))
+            elif action == "lockout.lift" and isinstance(d.get("identity"), str):
+                outs.pop(d["identity"], None)
+        now = self._clock()
+        return downs, {i: v for i, v in outs.items() if v[0] > now}, epochs
 
     # -- authentication -----------------------------------------------------
     def authenticate(self, bearer: str | None, peer_cert: bytes | None) -> Identity:
@@ -213,7 +327,14 @@ class Broker:
     def _stopped(self, ident: Identity, tenant: str) -> Refused | None:
         """What incident response says of *ident* in *tenant* (one state round trip):
         a lockdown of the tenant or of all, a lockout, a throttle, or nothing."""
-        downs, locked, throttled = self.state.standing(ident.name)
+        try:
+            downs, locked, throttled = self.state.standing(ident.name, require_epoch=True)
+        except StateReset:
+            self._reconcile()
+            downs, locked, throttled = self.state.standing(ident.name, require_epoch=True)
+        if self._state_down:
+            self._state_down = False
+            log.warning("state %s answers again", self.config.state_url or "in-process")
         scope = "*" if "*" in downs else tenant if tenant in downs else None
         if scope is not None:
             return Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
@@ -226,7 +347,8 @@ class Broker:
     def challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
         """Issue a nonce for one release of *tenant*/*artifact* to *ident*."""
         try:
-            out = self._challenge(ident, tenant, artifact)
+            with self._state_guard():
+                out = self._challenge(ident, tenant, artifact)
         except Refused as exc:
             self.metrics.inc("sealstore_broker_challenges_total",
                              {"result": "denied", "code": exc.code})  # fmt: skip
@@ -273,7 +395,8 @@ class Broker:
         evidence = req.get("evidence")
         kind = evidence.get("kind") if isinstance(evidence, dict) else None
         try:
-            out = self._release(ident, req, tenant, artifact, kind)
+            with self._state_guard():
+                out = self._release(ident, req, tenant, artifact, kind)
             try:
                 self._record("release", ident.name, tenant, artifact, "granted", None, None,
                              kind=kind)  # fmt: skip
@@ -351,7 +474,9 @@ class Broker:
             return
         reason = f"{count} attestation failures in {d.failure_window:g} s (last: {code})"
         if self.state.lock_out(ident.name, d.lockout, reason):
-            self._alert("lockout", identity=ident.name, reason=reason, seconds=d.lockout)
+            # The end goes into the record: a reset state gets the lockout back from it.
+            self._alert("lockout", identity=ident.name, reason=reason, seconds=d.lockout,
+                        until=self._clock() + d.lockout)  # fmt: skip
 
     def _rate(self, ident: Identity, tenant: str) -> None:
         d = self.config.detectors
@@ -382,7 +507,7 @@ class Broker:
             self._record(f"alert.{kind}", fields.get("identity", "-"), fields.get("tenant"),
                          None, "ok", kind, fields.get("reason"),
                          **{k: v for k, v in fields.items()
-                            if k in ("machine", "before", "now", "seconds")})  # fmt: skip
+                            if k in ("machine", "before", "now", "seconds", "until")})  # fmt: skip
         except Exception:
             self.metrics.inc("sealstore_broker_audit_failures_total")
             log.exception("alert %s not written to the audit log", kind)
@@ -396,15 +521,21 @@ class Broker:
         decision: str,
         code: str | None,
         reason: str | None,
+        required: bool = False,
         **detail: Any,
     ) -> None:
-        """One audit record (denials best effort: a refusal stands without it)."""
+        """One audit record (denials best effort: a refusal stands without it).
+
+        Raises:
+            BackendError, AuthenticationError: a grant's or a *required* record
+                was not written.
+        """
         kept = {k: v for k, v in detail.items() if v is not None}
         fields = dict(who=who, action=action, decision=decision, code=code, reason=reason,
                       tenant=tenant if isinstance(tenant, str) else None,
                       artifact=artifact if isinstance(artifact, str) else None,
                       detail=kept or None)  # fmt: skip
-        if decision == "granted":
+        if decision == "granted" or required:
             self.audit.append(**fields)
             return
         try:
@@ -429,7 +560,8 @@ class Broker:
             raise Refused("bad-request", str(exc), 400) from None
         if not ident.may("reader", tenant):
             raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
-        stop = self._stopped(ident, tenant)
+        with self._state_guard():
+            stop = self._stopped(ident, tenant)
         if stop is None or stop.code == "throttled":
             return {"standing": "ok", "reason": ""}
         return {"standing": stop.code, "reason": stop.reason}
@@ -444,37 +576,80 @@ class Broker:
             raise Refused("not-permitted", f"{ident.name} is not an admin of {where}")
 
     def lockdown(self, ident: Identity, scope: str, reason: str = "") -> dict[str, Any]:
-        """Refuse every release in tenant *scope* (``"*"``: all tenants) until lifted."""
+        """Refuse every release in tenant *scope* (``"*"``: all tenants) until lifted.
+
+        In force in the state first (at once, on every replica), then recorded
+        in the audit log, which is what brings it back after a reset of the state.
+
+        Raises:
+            Refused: not an admin of *scope*; ``state-unavailable``; or
+                ``audit-unavailable`` (503): in force, but not recorded.
+        """
         self._admin(ident, scope)
         why = reason or f"lockdown by {ident.name}"
-        self.state.set_lockdown(scope, why[:300])
-        self._record("lockdown", ident.name, None if scope == "*" else scope, None, "ok", None,
-                     why, scope=scope)  # fmt: skip
+        # No reconciling first: the kill switch works even on a state being reset.
+        with self._state_guard():
+            self.state.set_lockdown(scope, why[:300])
+        try:
+            self._record("lockdown", ident.name, None if scope == "*" else scope, None, "ok",
+                         None, why, required=True, scope=scope)  # fmt: skip
+        except Exception as exc:
+            self.metrics.inc("sealstore_broker_audit_failures_total")
+            raise Refused("audit-unavailable", f"lockdown of {scope} is in force but not "
+                          f"recorded (a reset of the state would lose it): {exc}",
+                          503) from None  # fmt: skip
         self._alert("lockdown", identity=ident.name, scope=scope, reason=why)
         return self.status(ident, check=False)
 
     def lift(
         self, ident: Identity, scope: str | None = None, *, identity: str | None = None
     ) -> dict[str, Any]:
-        """End a lockdown of *scope*, or an identity's lockout and throttle."""
-        if identity is not None:
-            self._admin(ident, "*")
-            lifted = self.state.lift_lockout(identity) | self.state.lift_throttle(identity)
-            self._record("lockout.lift", ident.name, None, None, "ok", None, None,
-                         identity=identity, lifted=lifted)  # fmt: skip
-        else:
-            assert scope is not None
-            self._admin(ident, scope)
-            lifted = self.state.lift_lockdown(scope)
-            self._record("lockdown.lift", ident.name, None if scope == "*" else scope, None,
-                         "ok", None, None, scope=scope, lifted=lifted)  # fmt: skip
+        """End a lockdown of *scope*, or an identity's lockout and throttle.
+
+        Recorded first: a lift that the audit log does not hold is not made, or
+        a reset of the state would bring back what it ended, or keep ended
+        what it should bring back.
+
+        Raises:
+            Refused: not an admin; ``state-unavailable``; ``audit-unavailable``
+                (503, nothing lifted).
+        """
+        self._admin(ident, "*" if identity is not None else scope or "*")
+        try:
+            with self._state_guard():
+                self._ensure_epoch()
+                if identity is not None:
+                    was = self.state.lockout(identity) or self.state.throttled(identity)
+                else:
+                    was = scope in self.state.lockdowns()
+            if identity is not None:
+                self._record("lockout.lift", ident.name, None, None, "ok", None, None,
+                             required=True, identity=identity, lifted=bool(was))  # fmt: skip
+            else:
+                self._record("lockdown.lift", ident.name, None if scope == "*" else scope,
+                             None, "ok", None, None, required=True, scope=scope,
+                             lifted=bool(was))  # fmt: skip
+        except Refused:
+            raise
+        except Exception as exc:
+            self.metrics.inc("sealstore_broker_audit_failures_total")
+            raise Refused("audit-unavailable", f"lift not recorded, so not made: {exc}",
+                          503) from None  # fmt: skip
+        with self._state_guard():
+            if identity is not None:
+                lifted = self.state.lift_lockout(identity) | self.state.lift_throttle(identity)
+            else:
+                assert scope is not None
+                lifted = self.state.lift_lockdown(scope)
         return {**self.status(ident, check=False), "lifted": lifted}
 
     def status(self, ident: Identity, *, check: bool = True) -> dict[str, Any]:
         """Lockdowns and lockouts in force (admins of every tenant only)."""
-        if check:
-            self._admin(ident, "*")
-        return {"lockdowns": self.state.lockdowns(), "lockouts": self.state.lockouts()}
+        with self._state_guard():
+            if check:  # an operator's question: what the record says, reconciled first
+                self._admin(ident, "*")
+                self._ensure_epoch()
+            return {"lockdowns": self.state.lockdowns(), "lockouts": self.state.lockouts()}
 
     def _verify(
         self,

@@ -78,7 +78,9 @@ class BrokerKey:
             (``tpm-pcr-mismatch``, ``challenge-unknown``, ``not-permitted``, ...).
         AttestationError: this machine could not produce the evidence asked for.
         BackendError: the broker is unreachable, its TLS certificate does not
-            verify, or it failed.
+            verify, or it failed; or it cannot decide now (503:
+            ``state-unavailable``, ``audit-unavailable``, ``busy``), the code
+            in the message.
     """
 
     def __init__(
@@ -309,6 +311,14 @@ class BrokerKey:
         if status in (401, 403, 429) and isinstance(code, str):
             raise KeyReleaseDenied(
                 f"broker {self.origin} refused to release {self.tenant}/{self.artifact}: {code}"
+            )
+        if status == 503 and isinstance(code, str):
+            # The broker is up but cannot decide (its state or audit log is down):
+            # a refusal for now, not a verdict on this machine; another broker
+            # or a later try may answer.
+            raise BackendError(
+                f"broker {self.origin} cannot decide on {self.tenant}/{self.artifact} now: "
+                f"{code} (a service the broker depends on is down; nothing was released)"
             )
         raise BackendError(
             f"broker {self.origin} answered {status} to {path}"

@@ -9,6 +9,12 @@ lockdown, and on the failure and release counts the limits are computed from.
 done atomically there (a Lua script), so two replicas racing for one nonce give
 it to exactly one caller.
 
+The state is a cache of what the audit log records, not the record itself:
+the state's *epoch* marker, set when the broker put the recorded lockdowns
+and lockouts into it, is missing from a state that was reset (a Redis that
+came back empty, a new server, this process's memory at start). A broker
+that finds it missing refuses until it has put them back (:meth:`reassert`).
+
 Limitations: one Redis primary, not Redis Cluster (a script's keys span slots).
 Replication to a Redis replica is asynchronous: after a failover a nonce taken
 just before it may be taken again, and a fresh lockout may be gone. Expiry is
@@ -30,7 +36,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from sealstore.errors import BackendError
 
-__all__ = ["MemoryState", "RedisState", "State", "StateFull", "open_state"]
+__all__ = [
+    "MemoryState",
+    "RedisState",
+    "State",
+    "StateFull",
+    "StateReset",
+    "StateUnavailable",
+    "open_state",
+]
 
 Clock = Callable[[], float]
 
@@ -41,6 +55,15 @@ class StateFull(Exception):
     def __init__(self, scope: str) -> None:
         super().__init__(f"too many challenges outstanding ({scope})")
         self.scope = scope
+
+
+class StateUnavailable(BackendError):
+    """The shared state cannot be reached or failed (Redis down, a timeout)."""
+
+
+class StateReset(Exception):
+    """The state has no epoch: it was reset (or is new) and the recorded
+    lockdowns and lockouts have not been put back into it yet."""
 
 
 class State(Protocol):
@@ -119,10 +142,34 @@ class State(Protocol):
     def lockdowns(self) -> dict[str, str]:
         """Every lockdown in force: scope -> reason."""
 
-    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+    def standing(
+        self, identity: str, *, require_epoch: bool = False
+    ) -> tuple[dict[str, str], str | None, str | None]:
         """``(lockdowns(), lockout(identity), throttled(identity))`` in one read.
 
         Every challenge and release asks all three: one round trip, not three.
+
+        Raises:
+            StateReset: *require_epoch* and the state has no epoch (checked in
+                the same read).
+        """
+
+    def epoch(self) -> str | None:
+        """The marker :meth:`reassert` set, or None in a state that was reset."""
+
+    def reassert(
+        self, lockdowns: dict[str, str], lockouts: dict[str, tuple[float, str]], epoch: str
+    ) -> bool:
+        """Put recorded incident-response state back into a state that has no epoch.
+
+        Args:
+            lockdowns: scope -> reason.
+            lockouts: identity -> (end, epoch seconds; reason); ended ones are skipped.
+            epoch: the state's new epoch, set with them.
+
+        Returns:
+            False (and nothing changed) if the state has an epoch already:
+            another replica got there first.
         """
 
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
@@ -174,6 +221,7 @@ class MemoryState:
         self._releases: dict[str, dict[int, int]] = {}
         self._lockdowns: dict[str, str] = {}
         self._evidence: dict[str, str] = {}
+        self._epoch: str | None = None
 
     def _drop(self, nonce: bytes) -> None:
         identity = self._challenges.pop(nonce)[0]
@@ -298,8 +346,29 @@ class MemoryState:
         with self._lock:
             return dict(self._lockdowns)
 
-    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+    def standing(
+        self, identity: str, *, require_epoch: bool = False
+    ) -> tuple[dict[str, str], str | None, str | None]:
+        if require_epoch and self._epoch is None:
+            raise StateReset
         return self.lockdowns(), self.lockout(identity), self.throttled(identity)
+
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    def reassert(
+        self, lockdowns: dict[str, str], lockouts: dict[str, tuple[float, str]], epoch: str
+    ) -> bool:
+        with self._lock:
+            if self._epoch is not None:
+                return False
+            now = self._clock()
+            self._lockdowns.update(lockdowns)
+            for identity, (until, why) in lockouts.items():
+                if until > now:
+                    self._lockouts[identity] = (until, why)
+            self._epoch = epoch
+            return True
 
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
         with self._lock:
@@ -365,6 +434,28 @@ return 1
 """
 
 
+# One script, so two replicas that both find the epoch missing put the record
+# back once, and no reader sees the epoch before the lockdowns it vouches for.
+# KEYS: epoch, lockdown hash, lockout index, then one lockout key per lockout;
+# ARGV: epoch, n lockdowns, n (scope, reason) pairs, then per lockout
+# (reason, ms left, identity, end).
+_REASSERT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('HSET', KEYS[2], ARGV[1 + 2 * i], ARGV[2 + 2 * i])
+end
+local j = 3 + 2 * n
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[j], 'PX', ARGV[j + 1])
+  redis.call('ZADD', KEYS[3], ARGV[j + 3], ARGV[j + 2])
+  j = j + 4
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -377,7 +468,8 @@ class RedisState:
         prefix: the start of every key, so one server can hold several brokers.
         clock: seconds since the epoch, for the expiries it compares.
 
-    Every method raises :class:`BackendError` if Redis fails or cannot be reached.
+    Every method raises :class:`StateUnavailable` (a :class:`BackendError`) if
+    Redis fails or cannot be reached.
     """
 
     def __init__(self, url: str, *, prefix: str = "sealstore:", clock: Clock = time.time) -> None:
@@ -402,8 +494,8 @@ class RedisState:
             url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0
         )
         self._error = redis.exceptions.RedisError
-        self._add, self._take, self._fail, self._count, self._set_lock = (
-            self._r.register_script(s) for s in (_ADD, _TAKE, _FAIL, _COUNT, _LOCK)
+        self._add, self._take, self._fail, self._count, self._set_lock, self._reassert = (
+            self._r.register_script(s) for s in (_ADD, _TAKE, _FAIL, _COUNT, _LOCK, _REASSERT)
         )
 
     def __repr__(self) -> str:
@@ -422,7 +514,7 @@ class RedisState:
             for secret in filter(None, self._secrets):
                 text = text.replace(secret, "***")
             name = type(exc).__name__
-            raise BackendError(f"redis at {self.url}: {what} failed: {name}: {text}") from exc
+            raise StateUnavailable(f"redis at {self.url}: {what} failed: {name}: {text}") from exc
 
     def add_challenge(
         self,
@@ -524,13 +616,37 @@ class RedisState:
         with self._talk("lockdowns"):
             return self._r.hgetall(self._k("lockdown"))  # type: ignore[return-value]
 
-    def standing(self, identity: str) -> tuple[dict[str, str], str | None, str | None]:
+    def standing(
+        self, identity: str, *, require_epoch: bool = False
+    ) -> tuple[dict[str, str], str | None, str | None]:
         with self._talk("standing"), self._r.pipeline(transaction=False) as p:
             p.hgetall(self._k("lockdown"))
             p.get(self._k("lock", identity))
             p.get(self._k("throttle", identity))
-            downs, locked, throttled = p.execute()
+            p.exists(self._k("epoch"))
+            downs, locked, throttled, has_epoch = p.execute()
+        if require_epoch and not has_epoch:
+            raise StateReset
         return downs, locked, throttled
+
+    def epoch(self) -> str | None:
+        with self._talk("epoch"):
+            return self._r.get(self._k("epoch"))  # type: ignore[return-value]
+
+    def reassert(
+        self, lockdowns: dict[str, str], lockouts: dict[str, tuple[float, str]], epoch: str
+    ) -> bool:
+        now = self._clock()
+        live = {i: (until, why) for i, (until, why) in lockouts.items() if until > now}
+        keys = [self._k("epoch"), self._k("lockdown"), self._k("lock-index")]
+        keys += [self._k("lock", i) for i in live]
+        args: list[Any] = [epoch, len(lockdowns)]
+        for scope, why in lockdowns.items():
+            args += [scope, why]
+        for identity, (until, why) in live.items():
+            args += [why, _ms(until - now), identity, repr(until)]
+        with self._talk("reassert"):
+            return bool(self._reassert(keys=keys, args=args))
 
     def swap_evidence(self, machine: str, fingerprint: str) -> str | None:
         with self._talk("swap_evidence"):

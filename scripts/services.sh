@@ -240,10 +240,13 @@ EOF
         local d="$RUN_DIR/redis"
         rm -rf "$d"
         mkdir -p "$d"
-        # Nothing persisted: each start is an empty server, like the others.
+        # Each start is an empty server, like the others; within a run it keeps
+        # its data as production must (the broker's lockdowns): AOF, fsync each
+        # second, in $d, so a restart of this server comes back with it.
         # Foreground (--daemonize no) so the recorded PID is redis-server itself.
         launch redis /usr/bin/redis-server --port "$REDIS_PORT" --bind "$HOST" \
-            --save "" --appendonly no --protected-mode yes --daemonize no --dir "$d"
+            --save "" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+            --protected-mode yes --daemonize no --dir "$d"
         ;;
     esac
     wait_ready "$name"
