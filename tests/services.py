@@ -255,5 +255,5 @@ def tpm_tcti(services: dict[str, str]) -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(services: dict[str, str]) -> str:
-    """``redis://127.0.0.1:PORT/0``: an empty, unpersisted server shared by the session."""
+    """``redis://127.0.0.1:PORT/0``: shared by the session, empty at start, AOF on (everysec)."""
     return services["redis_url"]
