@@ -437,7 +437,9 @@ def check_destination(
     if not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
     sweep_pull_folders(target)
-    if not force and any(not e.name.startswith(_INSIDE) for e in os.scandir(target)):
+    with os.scandir(target) as entries:
+        mine = not any(not e.name.startswith(_INSIDE) for e in entries)
+    if not force and not mine:
         raise FileExistsError(
             f"{target} is not empty: pull into a new or empty folder, or pass --force "
             "to replace files of the same name"
