@@ -79,14 +79,17 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, what: str) -> Non
         time.sleep(0.02)
 
 
-def writes_into(pid: int, folder: Path) -> bool:
-    """Whether process *pid* has a file of *folder* open (named or O_TMPFILE alike)."""
+def writes_into(pid: int, folder: Path, besides: Path) -> bool:
+    """Whether process *pid* has a file of *folder* other than *besides* open.
+
+    Named or ``O_TMPFILE`` alike: /proc shows the latter as ``FOLDER/#INODE (deleted)``.
+    """
     fds = Path(f"/proc/{pid}/fd")
     try:
         links = [os.readlink(fds / n) for n in os.listdir(fds)]
     except OSError:
         return False
-    return any(link.startswith(f"{folder}/") and "f.seal" not in link for link in links)
+    return any(link.startswith(f"{folder}/") and link != str(besides) for link in links)
 
 
 # -- -o onto something that is not a regular file ---------------------------------
@@ -183,7 +186,7 @@ def slow_decrypt(sealed: Path, out_dir: Path) -> tuple[subprocess.Popen, object]
     data = sealed.read_bytes()
     feed.write(data[: len(data) // 2])
     feed.flush()
-    wait_for(lambda: writes_into(proc.pid, out_dir), proc, "the output was opened")
+    wait_for(lambda: writes_into(proc.pid, out_dir, fifo), proc, "the output was opened")
     return proc, feed
 
 
