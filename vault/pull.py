@@ -366,9 +366,10 @@ def pull(
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_BESIDE}", dir=target.parent))
-    # Held until we are done: a later pull's sweep sees a live folder and leaves it.
-    lock = _lock_folder(tmp)
+    lock: int | None = None
     try:
+        # Held until we are done: a later pull's sweep sees a live folder and leaves it.
+        lock = _lock_folder(tmp)
         os.chmod(tmp, 0o700)
         dek: DataKey | None = None
         try:
@@ -393,7 +394,8 @@ def pull(
         _publish(tmp, target, [e.path for e in entries])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
     return m
 
 
