@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except errors.Terminated as exc:
-        print(f"sealstore: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"sealstore: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("sealstore: interrupted", file=sys.stderr)
