@@ -142,6 +142,12 @@ def test_item01_symlinks_are_followed_or_refused_never_replaced(
     ok(run("decrypt", "-o", link, sealed))
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.read_bytes() == DATA
+    # A link to a device: written through; link and device stay what they were.
+    dev = char_device(tmp_path / "null")
+    to_dev = tmp_path / "dev-link"
+    to_dev.symlink_to(dev)
+    ok(run("decrypt", "-o", to_dev, sealed))
+    assert to_dev.is_symlink() and stat.S_ISCHR(dev.lstat().st_mode)
     # A link to nothing: refused; nothing created at either end.
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
