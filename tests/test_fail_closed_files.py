@@ -353,3 +353,27 @@ def test_item07_pull_into_a_non_empty_folder_needs_force(
     assert sorted(p.name for p in dest.iterdir()) == ["cfg.json", "w.bin"]
     ok(run("pull", "m", "-o", dest, "--force", env=store_env))
     assert same_tree(src, dest)
+
+
+def test_item02_without_o_tmpfile_the_named_temporary_is_locked_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore import fsutil
+
+    monkeypatch.setattr(fsutil, "_O_TMPFILE", 0)  # a system without O_TMPFILE
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / "out.bin"
+    with pytest.raises(KeyboardInterrupt), fsutil.atomic_file(target) as fp:
+        fp.write(b"secret")
+        tmp = next(folder.glob(".out.bin.*.tmp"))
+        # Locked while written: a sweep by someone else leaves it alone.
+        with open(tmp, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert fsutil.sweep_temporaries(target) == []
+        raise KeyboardInterrupt
+    assert list(folder.iterdir()) == []
+    with fsutil.atomic_file(target) as fp:
+        fp.write(b"done")
+    assert [p.name for p in folder.iterdir()] == ["out.bin"]
+    assert target.read_bytes() == b"done"
