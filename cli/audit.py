@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
     export = asub.add_parser("export", help="records as JSON lines (for a SIEM)")
     _log_options(export)
     _filters(export)
-    export.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
+    export.add_argument("-o", "--output", metavar="FILE", help="default (or -): stdout")
     export.set_defaults(func=_export)
     verify = asub.add_parser(
         "verify",
@@ -127,12 +127,14 @@ def _export(args: argparse.Namespace) -> int:
     from sealstore.audit import export_lines
 
     lines = export_lines(_selected(args))
-    if args.output is None:
+    if args.output in (None, "-"):
         for line in lines:
             sys.stdout.buffer.write(line)
         return 0
     from sealstore.fsutil import atomic_file
 
+    # A regular file is replaced atomically; a device, FIFO or /dev/fd/N is
+    # written through, never renamed over.
     with atomic_file(args.output, mode=0o644) as fp:
         for line in lines:
             fp.write(line)

@@ -12,8 +12,10 @@ Exit codes (also in docs/CLI.md):
   7  attestation failed
   8  refused by policy: the store is in safe mode and the version is not known-good
   10 any other sealstore error, or an internal error (SEALSTORE_DEBUG=1 shows the traceback)
+  129 terminated by SIGHUP (cleaned up as for Ctrl-C)
   130 interrupted
   141 the output pipe closed before the end (e.g. ``| head``)
+  143 terminated by SIGTERM (``docker stop``, Kubernetes, ``timeout``; cleaned up as for Ctrl-C)
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from sealstore import errors
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manage versions in a signed, tenant-separated store.",
         epilog="Exit codes: 0 ok, 1 authentication failed, 2 usage, 3 malformed input, "
         "4 no key, 5 not found / I/O, 6 backend, 7 attestation, 8 refused (safe mode), "
-        "10 other, 130 interrupted, 141 output pipe closed early.",
+        "10 other, 130 interrupted, 141 output pipe closed early, 143/129 SIGTERM/SIGHUP.",
     )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
@@ -115,8 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_cache(None)  # one command, one unwrap per file: no key material kept around
     warnings.simplefilter("default")
+    restore = _catch_termination()
     try:
         return int(args.func(args) or 0)
+    except errors.Terminated as exc:
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"sealstore: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("sealstore: interrupted", file=sys.stderr)
         return 130
@@ -140,6 +149,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 10
         print(f"sealstore: error: {_describe(exc)}", file=sys.stderr)
         return code
+    finally:
+        restore()
+
+
+def _catch_termination() -> Callable[[], None]:
+    """SIGTERM and SIGHUP raise ``Terminated`` in the main thread, so they clean up like Ctrl-C.
+
+    By default they kill the process on the spot, leaving temporary
+    plaintext behind. Only the first signal raises: a second one (a
+    supervisor that repeats itself) must not cut the cleanup of the first
+    short. A signal the parent set to be ignored (``nohup``) stays ignored.
+
+    Returns:
+        A function that puts the previous handlers back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise errors.Terminated(signum)
+
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+    return restore
 
 
 def _silence_stdout() -> None:

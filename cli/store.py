@@ -101,7 +101,7 @@ def register(sub: Any) -> None:
         description="Seal PATH (a file, or every file under a directory) as NAME:VERSION "
         "(default: the next number). Nothing is visible until the signed manifest is written.",
     )
-    push.add_argument("path")
+    push.add_argument("path", help="a file or a folder (not - : push reads no stdin)")
     push.add_argument("ref", metavar="NAME[:VERSION]")
     push.add_argument("-k", "--key", dest="keys", action="append", default=[], metavar="URI")
     push.add_argument("--dek-from", metavar="URI", help="let this key service generate the DEK")
@@ -122,9 +122,19 @@ def register(sub: Any) -> None:
     _where(push)
     push.set_defaults(func=_push)
 
-    pull = sub.add_parser("pull", help="decrypt a version into a directory, all verified first")
+    pull = sub.add_parser(
+        "pull",
+        help="decrypt a version into a directory, all verified first",
+        description="Decrypt a version into DIR (new or empty; --force to replace files of "
+        "the same name in a folder that has some). Files appear only after every file passed "
+        "every check. With one --file PATH, -o - (stdout), a device, FIFO or /dev/fd/N "
+        "receives that file as each chunk authenticates.",
+    )
     pull.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     pull.add_argument("-o", "--output", required=True, metavar="DIR")
+    pull.add_argument(
+        "--force", action="store_true", help="pull into a non-empty DIR, replacing files"
+    )
     pull.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
     pull.add_argument("--file", action="append", metavar="PATH", help="only this file (repeatable)")
     pull.add_argument("--threads", type=int, default=2)
@@ -241,6 +251,10 @@ def _gc(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from sealstore.vault.push import collect_files
 
+    if args.path == "-":
+        # A version's files need names and sizes up front; stdin has neither.
+        # Never fall back to a folder that happens to be called "-".
+        raise ValueError("push does not read stdin: name a file or folder (./- for one named -)")
     if not args.keys and not args.dek_from:
         raise ValueError("push needs at least one key: -k URI (e.g. -k local:)")
     if args.threads < 1:
@@ -272,8 +286,11 @@ def _push(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
+    from sealstore.vault.pull import check_destination, served
+
+    # Before the store is even opened: a refused destination costs nothing.
+    check_destination(args.output, files=args.file, force=args.force)
     store = _open(args)
-    from sealstore.vault.pull import served
     from sealstore.vault.store import default_tenant
 
     m = served(store, args.ref, args.tenant or default_tenant(), "pull", granted=False)
@@ -288,9 +305,11 @@ def _pull(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
             files=args.file,
+            force=args.force,
         )
     took = time.perf_counter() - start
-    _say(args, f"pulled {m.name}:{m.version} into {args.output}: "
+    where = "stdout" if args.output == "-" else args.output
+    _say(args, f"pulled {m.name}:{m.version} into {where}: "
                f"{human_bytes(total)} in {took:.2f} s, every file verified")  # fmt: skip
     return 0
 
@@ -402,6 +421,8 @@ def _bom_export(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
+    # A regular file is replaced atomically; a device, FIFO or /dev/fd/N is
+    # written through, never renamed over.
     with atomic_file(args.output, mode=0o644) as fp:
         fp.write(data)
     _say(args, f"wrote {args.output}")

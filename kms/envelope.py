@@ -2,9 +2,12 @@
 
 This is the high-level file API the CLI and the facade use. It joins the
 stream (which takes a DEK) with the providers (which make and open slots).
-Writes are atomic: output goes to a temporary file beside the destination
-and is renamed into place only after the last chunk is written or
-authenticated, so a failure leaves no output file.
+Writes to a regular (or new) file are atomic: output goes to an anonymous
+temporary file in the destination's folder and is renamed into place only
+after the last chunk is written or authenticated, so a failure -- Ctrl-C,
+SIGTERM and SIGHUP included -- leaves no output file. A device, FIFO or
+``/dev/fd/N`` destination is written through as chunks authenticate, like
+``-`` (standard output); it is never replaced by a regular file.
 """
 
 from __future__ import annotations
@@ -247,7 +250,9 @@ def seal_stream(
 def atomic_output(dst: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """A binary file that appears at *dst* only if the block completes.
 
-    ``-`` means standard output (written as it goes; nothing to roll back).
+    ``-`` means standard output, and a device, FIFO or ``/dev/fd/N`` path is
+    written through likewise (as it goes; nothing to roll back): see
+    :func:`sealstore.fsutil.atomic_file`.
     """
     if str(dst) == "-":
         yield sys.stdout.buffer

@@ -8,6 +8,7 @@ built-in ``ValueError`` / ``TypeError`` instead.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "NotFound",
     "Refused",
     "SealstoreError",
+    "Terminated",
     "UnsupportedVersion",
 ]
 
@@ -108,3 +110,20 @@ class InferenceRefused(Refused):
         super().__init__(message)
         self.code = code
         self.caller = caller
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by a signal it can catch (SIGTERM, SIGHUP).
+
+    A ``KeyboardInterrupt`` on purpose: every place that cleans up after
+    Ctrl-C (temporary files, parallel lanes, half-made pulls) then cleans up
+    after ``docker stop``, Kubernetes and ``timeout`` the same way. Not a
+    :class:`SealstoreError`: nothing went wrong with the data.
+
+    Attributes:
+        signum: the signal's number (the CLI exits with 128 + signum).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")

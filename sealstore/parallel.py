@@ -31,6 +31,10 @@ class Lanes:
     Daemon threads, not a thread pool: a reader left open when the interpreter
     exits must not keep it waiting for lanes blocked on its ring. On any
     exception a lane sets :attr:`stop` so the others quit at their next chunk.
+    Signals reach only the main thread: Ctrl-C, and the CLI's ``Terminated``
+    for SIGTERM/SIGHUP (a ``KeyboardInterrupt``), raise in :meth:`join` or in
+    the consumer, which set :attr:`stop` and wait for every lane before the
+    caller's cleanup removes buffers and temporary files.
     """
 
     def __init__(self, n: int, lane: Callable[[int], None], stop: threading.Event) -> None:

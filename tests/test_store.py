@@ -671,7 +671,7 @@ def test_pull_into_an_existing_directory(store: Store, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
-    store.pull("w", dest)
+    store.pull("w", dest, force=True)  # a non-empty folder needs force
     assert (dest / "keep.txt").read_text() == "mine"
     assert (dest / "sub" / "b.txt").read_bytes() == (src / "sub" / "b.txt").read_bytes()
     assert [p.name for p in dest.iterdir() if p.name.startswith(".")] == []
@@ -679,7 +679,7 @@ def test_pull_into_an_existing_directory(store: Store, tmp_path: Path) -> None:
     (dest / "a.txt").mkdir()  # a folder in the way: refused before anything is written
     (dest / "sub" / "b.txt").unlink()
     with pytest.raises(IsADirectoryError):
-        store.pull("w", dest)
+        store.pull("w", dest, force=True)
     assert not (dest / "sub" / "b.txt").exists()
 
 

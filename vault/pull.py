@@ -12,6 +12,8 @@ the version has passed, so a failure leaves no output at all.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import hmac
 import mmap
@@ -34,15 +36,24 @@ from sealstore.errors import (
     SealstoreError,
 )
 from sealstore.format import Preamble, open_payload_key, read_preamble
+from sealstore.fsutil import is_stream_target
 from sealstore.keys import DataKey, unwrap_first
-from sealstore.kms.envelope import IdentitySpec, _identities
+from sealstore.kms.envelope import IdentitySpec, _identities, atomic_output
 from sealstore.kms.registry import unwrappers_for
 from sealstore.stream import SealReader
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
 from sealstore.vault.storage import LocalStorage
 
-__all__ = ["VerifyResult", "open_file", "pull", "unwrap_version_key", "verify"]
+__all__ = [
+    "VerifyResult",
+    "check_destination",
+    "open_file",
+    "pull",
+    "sweep_pull_folders",
+    "unwrap_version_key",
+    "verify",
+]
 
 Progress = Callable[[int], None]
 _HASH_BLOCK = 8 << 20
@@ -296,26 +307,37 @@ def pull(
     threads: int = 2,
     progress: Progress | None = None,
     files: Sequence[str] | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Decrypt a version into the directory *dest*, every byte verified first.
 
     Files appear in *dest* only after every file of the version has been
-    authenticated (a temporary directory beside *dest* holds them meanwhile).
-    Existing files of the same name in *dest* are replaced.
+    authenticated (a temporary directory beside *dest*, or inside it if it
+    exists, holds them meanwhile; it is removed on any failure, Ctrl-C and
+    SIGTERM included, and a later pull to the same place removes one left by
+    a killed process). *dest* must be new or empty unless *force*.
+
+    A single file (*files* naming one path) may instead go to ``-`` (standard
+    output) or to a device, FIFO or ``/dev/fd/N`` path: written as each chunk
+    authenticates, like ``decrypt -o -``.
 
     Args:
         files: only these paths of the artifact (default: all).
+        force: pull into a non-empty *dest*, replacing files of the same name.
 
     Returns:
         The verified manifest.
 
     Raises:
+        ValueError: ``-`` or a stream *dest* for more than one file.
+        FileExistsError: *dest* is not empty and not *force*.
         NotFound: no such version, tag or object.
         AuthenticationError: any signature, hash or tag fails.
         KeyUnavailable: no key slot opens (or the version was shredded).
     """
     from sealstore.vault.store import default_tenant
 
+    check_destination(dest, files=files, force=force)
     tenant = check_name(tenant or default_tenant(), "tenant")
     m = served(store, ref, tenant, "pull")
     if m.shredded:
@@ -327,10 +349,12 @@ def pull(
         if missing:
             raise NotFound(f"{m.name}:{m.version} has no file {sorted(missing)[0]}")
         entries = [e for e in entries if e.path in wanted]
+    if _is_stream(dest):
+        _pull_one(store, m, entries[0], dest, identities=identities, threads=threads,
+                  progress=progress)  # fmt: skip
+        return m
     target = Path(dest)
     if target.exists():
-        if not target.is_dir():
-            raise NotADirectoryError(f"{target} exists and is not a directory")
         for entry in entries:  # conflicts are found before anything is decrypted
             dst = target / entry.path
             if dst.is_dir() or any(p.exists() and not p.is_dir() for p in dst.parents
@@ -338,11 +362,14 @@ def pull(
                 raise IsADirectoryError(f"{dst} is in the way of {entry.path}")
         # Inside the destination: the final renames stay on its filesystem
         # (a mount point such as a container volume), never across one.
-        tmp = Path(tempfile.mkdtemp(prefix=".sealstore-pull-", dir=target))
+        tmp = Path(tempfile.mkdtemp(prefix=_INSIDE, dir=target))
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_BESIDE}", dir=target.parent))
+    lock: int | None = None
     try:
+        # Held until we are done: a later pull's sweep sees a live folder and leaves it.
+        lock = _lock_folder(tmp)
         os.chmod(tmp, 0o700)
         dek: DataKey | None = None
         try:
@@ -367,7 +394,120 @@ def pull(
         _publish(tmp, target, [e.path for e in entries])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return m
+
+
+# The temporary folders of a pull: inside an existing destination, or beside a new one.
+_INSIDE = ".sealstore-pull-"
+_BESIDE = ".pull-"
+
+
+def _is_stream(dest: str | os.PathLike[str]) -> bool:
+    return str(dest) == "-" or is_stream_target(dest)
+
+
+def check_destination(
+    dest: str | os.PathLike[str], *, files: Sequence[str] | None = None, force: bool = False
+) -> None:
+    """Refuse a pull destination before anything is fetched or decrypted.
+
+    Also removes the temporary folders that pulls killed outright (SIGKILL,
+    power loss) left in or beside *dest*.
+
+    Raises:
+        ValueError: ``-`` (or a device, FIFO, ``/dev/fd/N``) for anything but one file.
+        NotADirectoryError: *dest* is a regular file.
+        FileNotFoundError: *dest* is a symlink to nothing (never replaced).
+        FileExistsError: *dest* is a non-empty folder and not *force*.
+    """
+    if _is_stream(dest):
+        if files is None or len(set(files)) != 1:
+            raise ValueError(
+                f"-o {dest} takes one file (--file PATH); a whole version needs a folder"
+            )
+        return
+    target = Path(dest)
+    if os.path.islink(target) and not target.exists():
+        raise FileNotFoundError(
+            errno.ENOENT, "a symlink to nothing (neither followed nor replaced)", str(target)
+        )
+    if not target.exists():
+        sweep_pull_folders(target)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    sweep_pull_folders(target)
+    with os.scandir(target) as entries:
+        mine = not any(not e.name.startswith(_INSIDE) for e in entries)
+    if not force and not mine:
+        raise FileExistsError(
+            f"{target} is not empty: pull into a new or empty folder, or pass --force "
+            "to replace files of the same name"
+        )
+
+
+def _lock_folder(folder: Path) -> int:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_pull_folders(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary pull folders in or beside *dest* whose pull is gone.
+
+    A pull holds an exclusive ``flock`` on its folder until it ends; a folder
+    whose lock can be taken was left by a process killed outright.
+
+    Returns:
+        The folders removed.
+    """
+    target = Path(dest)
+    found: list[Path] = []
+    with contextlib.suppress(OSError):
+        if target.is_dir():
+            found += [Path(e.path) for e in os.scandir(target) if e.name.startswith(_INSIDE)]
+    with contextlib.suppress(OSError):
+        prefix = f".{target.name}{_BESIDE}"
+        found += [Path(e.path) for e in os.scandir(target.parent or ".")
+                  if e.name.startswith(prefix)]  # fmt: skip
+    gone = []
+    for folder in found:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a pull in progress
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        gone.append(folder)
+    return gone
+
+
+def _pull_one(
+    store: Any,
+    m: Manifest,
+    entry: FileEntry,
+    dest: str | os.PathLike[str],
+    *,
+    identities: Sequence[IdentitySpec],
+    threads: int,
+    progress: Progress | None,
+) -> None:
+    """One file to standard output or a device, FIFO or ``/dev/fd/N``: chunk by chunk."""
+    dek: DataKey | None = None
+    try:
+        with atomic_output(dest) as out:
+            dek = _decrypt_entry(store, m, entry, None, out, identities=identities,
+                                 threads=threads, progress=progress)  # fmt: skip
+    finally:
+        if dek is not None:
+            dek.close()
 
 
 def _publish(tmp: Path, target: Path, paths: list[str]) -> None:
