@@ -25,6 +25,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from sealstore.errors import FormatError, KeyUnavailable
 from sealstore.format import canonical_json
+from sealstore.fsutil import atomic_file, is_stream_target
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
 __all__ = ["X25519Identity", "X25519Recipient", "generate_identity"]
@@ -165,12 +166,20 @@ def generate_identity(
     ident = X25519Identity(bytes(PrivateKey.generate()))
     if path is not None:
         p = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        if overwrite:
+            # A secret key goes to a regular file only: never written through a
+            # device, FIFO or /dev/fd path, and replaced atomically.
+            if is_stream_target(p):
+                raise ValueError(f"{p} is not a regular file: an identity is not written there")
+            with atomic_file(p, mode=0o600) as out:
+                out.write(ident.to_text().encode())
+            return ident
         try:
-            fd = os.open(p, flags, 0o600)
+            # O_EXCL: an existing path, a symlink included, is never written through.
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise FileExistsError(f"identity file {p} already exists") from None
-        os.fchmod(fd, 0o600)  # O_TRUNC keeps an existing file's mode
+        os.fchmod(fd, 0o600)  # whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8") as fp:
             fp.write(ident.to_text())
     return ident

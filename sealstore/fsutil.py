@@ -104,10 +104,8 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
         st = os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise FileNotFoundError(
-                errno.ENOENT, "a symlink to a missing file (neither followed nor replaced)",
-                str(path),
-            ) from None  # fmt: skip
+            reason = "a symlink to a missing file (neither followed nor replaced)"
+            raise FileNotFoundError(errno.ENOENT, reason, str(path)) from None
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))

@@ -43,10 +43,16 @@ def store_env(ring: LocalKeyring, tmp_path: Path) -> dict[str, str]:
 
 def run_in(cwd: Path, *args: str | os.PathLike[str], **kw: object) -> subprocess.CompletedProcess:
     """``run``, from the folder *cwd* (where a ``-`` folder would appear)."""
+    env = dict(os.environ, **kw.get("env", {}))  # type: ignore[arg-type]
     return subprocess.run(
-        [str(SEALSTORE), *map(str, args)], cwd=cwd, capture_output=True, timeout=60,
-        stdin=subprocess.DEVNULL, env=dict(os.environ, **kw.get("env", {})), check=False,  # type: ignore[arg-type]
-    )  # fmt: skip
+        [str(SEALSTORE), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        check=False,
+    )
 
 
 def char_device(path: Path) -> Path:
@@ -153,6 +159,27 @@ def test_item01_symlinks_are_followed_or_refused_never_replaced(
     dangling.symlink_to(tmp_path / "nowhere")
     assert "symlink" in fails(run("decrypt", "-o", dangling, sealed), 5)
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_item01_identity_file_is_never_written_through_a_device(tmp_path: Path) -> None:
+    """An identity is a secret: ``keys init --identity`` writes a regular file or refuses."""
+    dev = char_device(tmp_path / "null")
+    link = tmp_path / "id.key"
+    link.symlink_to(dev)
+    r = run("keys", "init", "--identity", link)
+    fails(r, 5)
+    r = run("keys", "init", "--identity", link, "--force")
+    assert "not a regular file" in fails(r, 2)
+    assert link.is_symlink() and stat.S_ISCHR(dev.lstat().st_mode)
+    # A link to a regular identity is followed and its target replaced; the link stays.
+    real = tmp_path / "real.key"
+    ok(run("keys", "init", "--identity", real))
+    before = real.read_bytes()
+    link.unlink()
+    link.symlink_to(real)
+    ok(run("keys", "init", "--identity", link, "--force"))
+    assert link.is_symlink() and real.read_bytes() != before
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
 
 
 def test_item01_pull_bom_and_audit_export_write_through_a_device(
