@@ -35,7 +35,13 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstore.errors import FormatError, KeyUnavailable, NotFound, SealstoreError
+from sealstore.errors import (
+    AuthenticationError,
+    FormatError,
+    KeyUnavailable,
+    NotFound,
+    SealstoreError,
+)
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
@@ -468,8 +474,11 @@ class LocalKeyring:
         """Recover the DEK from a slot this keyring made.
 
         Raises:
-            KeyUnavailable: another keyring's slot, an unknown KEK, a wrong
-                passphrase, or the slot does not open under *context*.
+            KeyUnavailable: another keyring's slot, an unknown KEK or a wrong passphrase.
+            AuthenticationError: the slot names this keyring and one of its KEKs
+                but does not open under *context*: the slot or the context was
+                changed after sealing (an honest slot always opens under the
+                context it was made for).
         """
         if not self.can_unwrap(slot):
             raise KeyUnavailable(f"slot was not made by keyring {self.path}")
@@ -481,8 +490,9 @@ class LocalKeyring:
         try:
             dek = AESGCM(keks[kek_id]).decrypt(blob[:12], blob[12:], self._aad(kek_id, context))
         except (InvalidTag, ValueError):
-            raise KeyUnavailable(
-                f"slot does not open with keyring {self.path} under this encryption context"
+            raise AuthenticationError(
+                f"slot of keyring {self.path} does not open under this encryption context "
+                "(the context or the slot was changed after sealing)"
             ) from None
         if len(dek) != DEK_SIZE:
             raise KeyUnavailable("slot holds a key of the wrong size")
