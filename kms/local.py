@@ -314,10 +314,40 @@ class LocalKeyring:
     @classmethod
     def from_uri(cls, uri: str) -> LocalKeyring:
         """``local:PATH``; ``local:`` alone is the default keyring."""
+        return cls.open(cls.uri_path(uri))
+
+    @staticmethod
+    def uri_path(uri: str) -> Path:
+        """The keyring file a ``local:`` URI names (``local:`` alone: the default keyring)."""
         from sealstore.kms.registry import default_keyring_path
 
         path = uri.partition(":")[2]
-        return cls.open(Path(path) if path else default_keyring_path())
+        return Path(path).expanduser() if path else default_keyring_path()
+
+    @classmethod
+    def names_slot(cls, uri: str, slot: KeySlot) -> bool:
+        """Whether the key *uri* names is the keyring that made *slot*.
+
+        ``local:``, ``local:~/ring.json`` and ``local:/home/me/ring.json`` can
+        all name one keyring; the slot records the path it was made with and
+        the keyring's id. Same file (after resolving), or a keyring at *uri*
+        whose id is the slot's: it is that keyring.
+        """
+        if slot.kind != "local":
+            return False
+        target = cls.uri_path(uri)
+        recorded = slot.key_id.partition(":")[2]
+        try:
+            if recorded and Path(recorded).expanduser().resolve() == target.resolve():
+                return True
+        except (OSError, RuntimeError):
+            pass
+        if not _plausible_keyring(target):
+            return False
+        try:
+            return cls.open(target).id == slot.params.get("keyring")
+        except SealstoreError:
+            return False
 
     @classmethod
     def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | Refusal | None:
@@ -330,8 +360,13 @@ class LocalKeyring:
         want = slot.params.get("keyring")
         path = slot.key_id.partition(":")[2]
         problem = None
+        missing: list[str] = []
         for candidate in (Path(path) if path else None, default_keyring_path()):
-            if candidate is None or not _plausible_keyring(candidate):
+            if candidate is None:
+                continue
+            if not _plausible_keyring(candidate):
+                if not candidate.exists() and str(candidate) not in missing:
+                    missing.append(str(candidate))
                 continue
             try:
                 ring = cls.open(candidate)
@@ -340,7 +375,13 @@ class LocalKeyring:
                 continue
             if ring.id == want:
                 return ring
-        return Refusal(problem) if problem else None
+        if problem:
+            return Refusal(problem)
+        if missing:
+            # Say which file was looked for: "no provider" would hide a typo'd
+            # SEALSTORE_KEYRING or a keyring left on another machine.
+            return Refusal(f"keyring {' nor '.join(missing)} does not exist")
+        return None
 
     # -- public metadata -----------------------------------------------------------
 

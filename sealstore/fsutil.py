@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,10 @@ from pathlib import Path
 from typing import IO
 
 __all__ = ["atomic_file"]
+
+# Errors of writing the output itself (the device or the quota is full, the
+# file too large), never of whatever the caller was reading from.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 @contextmanager
@@ -31,6 +36,12 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
             fp.flush()
             os.fsync(fp.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno in _FULL:
+            # write() and fsync() name no file: say which output filled the disk.
+            raise type(exc)(exc.errno, exc.strerror, str(target)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
