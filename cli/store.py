@@ -378,28 +378,30 @@ def _tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _confirm_shred(store: Any, args: argparse.Namespace) -> None:
+def _confirm_shred(store: Any, args: argparse.Namespace) -> str:
     """Ask before an irreversible shred; refuse without a terminal unless --yes.
+
+    Returns:
+        What else goes with the version (its tags), for the final message.
 
     Raises:
         ValueError: no terminal and no --yes, or the answer was not yes.
     """
+    from sealstore.errors import SealstoreError
     from sealstore.vault.safemode import KNOWN_GOOD
 
     m = store.manifest(args.ref, tenant=args.tenant)  # NotFound before asking anything
     name, version = m.name, m.version
     try:
         tags = sorted(t for t, v in store.tags(name, tenant=args.tenant).items() if v == version)
-    except Exception:  # a tag that does not verify: the shred removes it all the same
+    except SealstoreError:  # a tag that does not verify: the shred removes it all the same
         tags = []
     goes = f"; its tags go too: {', '.join(tags)}" if tags else ""
     if KNOWN_GOOD in tags:
         goes += f" (safe mode will have no {KNOWN_GOOD} version of {name} to serve)"
     what = f"{name}:{version}"
     if args.yes:
-        if tags:
-            _say(args, f"shredding {what}{goes}")
-        return
+        return goes
     if not sys.stdin.isatty():
         raise ValueError(
             f"rm destroys {what}'s keys for good{goes}: pass --yes to confirm "
@@ -413,16 +415,17 @@ def _confirm_shred(store: Any, args: argparse.Namespace) -> None:
     print("Type yes to shred: ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() != "yes":
         raise ValueError(f"not confirmed: {what} was not shredded")
+    return goes
 
 
 def _rm(args: argparse.Namespace) -> int:
     store = _open(args)
-    _confirm_shred(store, args)
+    goes = _confirm_shred(store, args)
     tomb = store.shred(args.ref, tenant=args.tenant)
     _say(
         args,
         f"shredded {tomb.name}:{tomb.version}: key slots destroyed, {len(tomb.files)} "
-        "object(s) deleted; the data can no longer be decrypted",
+        f"object(s) deleted{goes}; the data can no longer be decrypted",
     )
     return 0
 
