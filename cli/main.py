@@ -135,6 +135,19 @@ def printable(text: object) -> str:
     return "".join(_escape(ch) for ch in s)
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Warnings as one escaped line: they can quote paths and key ids from files."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+def _warning_handler() -> logging.Handler:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("sealstore: warning: %(message)s"))
+    return handler
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         text = f"{exc.filename}: {exc.strerror or exc.__class__.__name__}"
@@ -147,8 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.WARNING,
-        format="sealstore: warning: %(message)s",
+        level=logging.ERROR if args.quiet else logging.WARNING, handlers=[_warning_handler()]
     )
     logging.captureWarnings(True)
     from sealstore.kms.envelope import configure_cache

@@ -176,6 +176,16 @@ def test_item16_inspect_and_errors_escape_control_characters(
     assert info["slots"][0]["key_id"] == evil.key_id
 
 
+def test_item16_warnings_are_escaped(work: Path) -> None:
+    # A slot's key id names the keyring file; its path reaches the warning line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ring = make_keyring(work / "k\x1b[31m.json", insecure_no_passphrase=True)
+    sealed = _seal(work, "s.seal", "-k", f"local:{ring.path}")
+    proc = ok(run("decrypt", "-o", "-", sealed))
+    assert b"\x1b" not in proc.stderr and b"k\\x1b[31m.json is not protected" in proc.stderr
+
+
 def test_item16_printable_keeps_text_and_spaces() -> None:
     from sealstore.cli.main import printable
 
