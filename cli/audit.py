@@ -95,11 +95,12 @@ def _since(text: str | None) -> str | None:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _selected(args: argparse.Namespace) -> Any:
+def _selected(args: argparse.Namespace, records: Any = None) -> Any:
+    """The records (default: the log's) that --since, --artifact, --tenant, --action keep."""
     from sealstore.audit import read_records
 
     since = _since(args.since)
-    for r in read_records(_storage(args)):
+    for r in read_records(_storage(args)) if records is None else records:
         if since and r["time"] < since:
             continue
         if args.artifact and r.get("artifact") != args.artifact:
@@ -111,15 +112,70 @@ def _selected(args: argparse.Namespace) -> Any:
         yield r
 
 
+_UNVERIFIED = "UNVERIFIED "
+
+
+def _vouched(
+    args: argparse.Namespace, records: list[dict[str, Any]]
+) -> tuple[list[bool], set[str]]:
+    """Which records a verified stream vouches for, and the streams that fail.
+
+    ``show`` reads records without checking them. A record is vouched for when
+    the stream it names verifies (chain, checkpoints, this machine's anchors),
+    its seq lies within that stream's last verified checkpoint, and no other
+    record claims the same stream and seq (a copy planted in another stream's
+    folder would otherwise borrow a clean stream's name).
+    """
+    from collections import Counter
+
+    from sealstore.audit import verify_log
+
+    storage = _storage(args)
+    anchors = _read_json(_anchors_file(), "audit anchors file").get(str(storage.url), {})
+    reports = verify_log(storage, anchors=anchors)
+    bad = {r.stream for r in reports if r.problems}
+    last = {r.stream: r.seq for r in reports if not r.problems}
+    claims = Counter((r.get("stream"), r.get("seq")) for r in records)
+    ok = []
+    for r in records:
+        stream, seq = r.get("stream"), r.get("seq")
+        ok.append(
+            isinstance(stream, str)
+            and stream in last
+            and isinstance(seq, int)
+            and 0 <= seq <= last[stream]
+            and claims[(stream, seq)] == 1
+        )
+    return ok, bad
+
+
 def _show(args: argparse.Namespace) -> int:
-    for r in _selected(args):
+    from sealstore.audit import read_records
+    from sealstore.cli.main import printable
+
+    records = list(read_records(_storage(args)))
+    vouched, bad = _vouched(args, records)
+    if not all(vouched):
+        streams = f" ({printable(', '.join(sorted(bad)))})" if bad else ""
+        print(
+            f"sealstore: warning: {len(bad)} stream(s) do not verify{streams}; records no "
+            f"verified stream vouches for are marked {_UNVERIFIED.strip()} (run sealstore "
+            "audit verify)",
+            file=sys.stderr,
+        )
+    flags = {id(r): good for r, good in zip(records, vouched, strict=True)}
+    for r in _selected(args, records):
         what = "/".join(str(r[k]) for k in ("tenant", "artifact") if r.get(k))
         if r.get("version"):
             what += f":{r['version']}"
         code = f" {r['code']}" if r.get("code") else ""
         reason = f" ({r['reason']})" if r.get("reason") else ""
-        print(f"{r['time']} {r.get('action')} {r.get('decision', 'ok')}{code} "
-              f"{what or '-'} by {r.get('who', '-')}{reason}")  # fmt: skip
+        line = (
+            f"{r['time']} {r.get('action')} {r.get('decision', 'ok')}{code} "
+            f"{what or '-'} by {r.get('who', '-')}{reason}"
+        )
+        # Every field comes from the log's files: escaped before it reaches a terminal.
+        print(("" if flags[id(r)] else _UNVERIFIED) + printable(line))
     return 0
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from sealstore.cli.progress import Progress, human_bytes
+from sealstore.cli.progress import Progress, counted, human_bytes
 from sealstore.cli.store import _open, _say, _where
 
 __all__ = ["register"]
@@ -220,7 +220,8 @@ def _list(args: argparse.Namespace) -> int:
             continue
         extra = f"  escrow to {len(r['recipients'])} recipient(s)" if r["recipients"] else ""
         extra += f"  {r['damaged']} damaged" if r["damaged"] else ""
-        print(f"{r['id']}  {r['created']}  {r['versions']} versions  {r['objects']} objects  "
+        print(f"{r['id']}  {r['created']}  {counted(r['versions'], 'version')}  "
+              f"{counted(r['objects'], 'object')}  "
               f"{human_bytes(r['bytes'])}{extra}")  # fmt: skip
     return 0
 
@@ -240,7 +241,8 @@ def _verify(args: argparse.Namespace) -> int:
         for p in res.problems:
             print(f"FAIL  {p}")
         state = "ok" if res.ok else f"{len(res.problems)} problem(s)"
-        print(f"snapshot {res.snapshot}: {res.versions} versions, {res.objects} objects, "
+        print(f"snapshot {res.snapshot}: {counted(res.versions, 'version')}, "
+              f"{counted(res.objects, 'object')}, "
               f"{human_bytes(res.bytes)}: {state}")  # fmt: skip
     return 0 if res.ok else 1
 
@@ -275,7 +277,9 @@ def _restore(args: argparse.Namespace) -> int:
     for line in report.problems:
         print(f"sealstore: problem: {line}", file=sys.stderr)
     what = (
-        "nothing to change" if not report.changed else f"{len(report.restored)} version(s) written"
+        "nothing to change"
+        if not report.changed
+        else f"{counted(len(report.restored), 'version')} written"
     )
     _say(args, report.stats.summary(f"restore {report.snapshot} into {report.store}")
          + f"; {what}")  # fmt: skip

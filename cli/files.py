@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.main import printable
 from sealstore.cli.progress import Progress, human_bytes
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE, SUITES
 from sealstore.inspect import inspect_file
@@ -35,8 +36,21 @@ def _context(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--context takes KEY=VALUE, not {item!r}")
+        if key in ctx and ctx[key] != value:
+            raise ValueError(f"--context {key} is given twice with different values")
         ctx[key] = value
     return ctx
+
+
+def _expect_context(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="require this encryption context entry in the file (repeatable): a file sealed "
+        "for anything else (a renamed or copied file) is refused before any key is asked for",
+    )
 
 
 def _threads(text: str) -> int:
@@ -113,11 +127,12 @@ def register(sub: Any) -> None:
     )
     dec.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     dec.add_argument("input", help="sealed file, or - for stdin")
+    _expect_context(dec)
     _common(dec)
     dec.set_defaults(func=_decrypt)
 
     ins = sub.add_parser("inspect", help="show a sealed file's header and slots (no key needed)")
-    ins.add_argument("file")
+    ins.add_argument("file", help="sealed file, or - for stdin")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
 
@@ -137,6 +152,7 @@ def register(sub: Any) -> None:
     ver.add_argument(
         "--keyless", action="store_true", help="store: signatures and object hashes only, no key"
     )
+    _expect_context(ver)
     _common(ver)
     ver.set_defaults(func=_verify)
 
@@ -189,13 +205,20 @@ def _decrypt(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     total = _size_of(args.input)
     with Progress("decrypt", total, enabled=not args.no_progress) as bar:
-        n = unseal_file(args.input, args.output, args.identity, threads=args.threads, progress=bar)
+        n = unseal_file(
+            args.input,
+            args.output,
+            args.identity,
+            threads=args.threads,
+            progress=bar,
+            expect_context=_context(args.context),
+        )
     _report(args, "decrypted", n, start)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = inspect_file(args.file)
+    info = inspect_file(sys.stdin.buffer if args.file == "-" else args.file)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 1 if "layout_error" in info else 0
@@ -208,14 +231,16 @@ def _inspect(args: argparse.Namespace) -> int:
         ("file", f"{info['file_size']} bytes"),
         ("context", ", ".join(f"{k}={v}" for k, v in sorted(info["context"].items())) or "-"),
     ]
+    # Everything below comes from the file, unauthenticated: escaped for the terminal.
     for key, value in rows:
-        print(f"{key:<11}{value}")
+        print(f"{key:<11}{printable(value)}")
     if info["slots_detached"]:
         print("slots      detached (held in a store manifest)")
+    width = max((len(printable(slot["kind"])) for slot in info["slots"]), default=0)
     for i, slot in enumerate(info["slots"]):
-        print(f"slot {i:<6}{slot['kind']:<8}{slot['key_id']}")
+        print(f"slot {i:<6}{printable(slot['kind']):<{width}}  {printable(slot['key_id'])}")
     if "layout_error" in info:
-        print(f"warning    {info['layout_error']}")
+        print(f"warning    {printable(info['layout_error'])}")
         return 1
     return 0
 
@@ -233,13 +258,19 @@ def _is_store_target(args: argparse.Namespace) -> bool:
 
 def _verify(args: argparse.Namespace) -> int:
     if _is_store_target(args):
+        if args.context:
+            # A store version's context is in its signed manifest; not checked here.
+            raise ValueError("--context applies to a sealed FILE, not to a store version")
         from sealstore.cli.store import verify_store
 
         return verify_store(args)
     start = time.perf_counter()
+    expect = _context(args.context)
     with Progress("verify", _size_of(args.file), enabled=not args.no_progress) as bar:
-        verify_file(args.file, args.identity, threads=args.threads, progress=bar)
+        verify_file(
+            args.file, args.identity, threads=args.threads, progress=bar, expect_context=expect
+        )
     if not args.quiet:
-        print(f"{args.file}: OK", file=sys.stderr)
+        print(f"{printable(args.file)}: OK", file=sys.stderr)
     _report(args, "verified", bar.done, start)
     return 0

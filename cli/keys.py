@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.main import printable
 from sealstore.kms.local import LocalKeyring, create_keyring
 from sealstore.kms.registry import default_keyring_path, load_identity
 from sealstore.kms.x25519 import X25519Identity, generate_identity
@@ -49,7 +50,13 @@ def register(sub: Any) -> None:
         "(e.g. 7,16); it then opens only here, in this measured boot state",
     )
     init.add_argument("--tcti", help="the TPM for --tpm-pcrs (default: $SEALSTORE_TPM_TCTI)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing file; the old one is kept beside it as FILE.TIME.bak "
+        "(a keyring holds the store's root signing key and every KEK: deleting the backup "
+        "loses them)",
+    )
     init.set_defaults(func=_init)
 
     lst = ksub.add_parser("list", help="show a keyring's public facts (no passphrase needed)")
@@ -82,8 +89,34 @@ def register(sub: Any) -> None:
     rot.set_defaults(func=_rotate)
 
 
+def _backup(path: Path, what: str) -> None:
+    """Keep a copy of *path* beside it before --force replaces it (mode 0600).
+
+    A keyring holds the KEKs of every file sealed to it and the store's root
+    signing key; an identity, the key of every escrow slot. Replacing one by
+    mistake must not lose them.
+    """
+    if not path.is_file():
+        return  # nothing to keep (and create_keyring refuses what is not a file)
+    from datetime import UTC, datetime
+
+    from sealstore.fsutil import atomic_file
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = path.with_name(f"{path.name}.{stamp}.bak")
+    n = 1
+    while backup.exists():  # two --force runs in one second: never overwrite a backup
+        n += 1
+        backup = path.with_name(f"{path.name}.{stamp}-{n}.bak")
+    with atomic_file(backup, mode=0o600) as fp:
+        fp.write(path.read_bytes())
+    print(f"kept the {what} it replaces as {printable(backup)}", file=sys.stderr)
+
+
 def _init(args: argparse.Namespace) -> int:
     if args.identity is not None:
+        if args.force:
+            _backup(args.identity, "identity")
         ident = generate_identity(args.identity, overwrite=args.force)
         print(f"created identity {args.identity} (keep it secret and offline)", file=sys.stderr)
         print(ident.recipient)
@@ -95,6 +128,8 @@ def _init(args: argparse.Namespace) -> int:
         )
     import warnings
 
+    if args.force:
+        _backup(path, "keyring")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once above, not twice
         ring = create_keyring(
@@ -134,7 +169,7 @@ def _rotate(args: argparse.Namespace) -> int:
         slots = rotate_file(path, args.to, remove=args.remove, identities=args.identity)
         if not args.quiet:
             kinds = ", ".join(slot.key_id for slot in slots)
-            print(f"{path}: {len(slots)} slot(s): {kinds}", file=sys.stderr)
+            print(printable(f"{path}: {len(slots)} slot(s): {kinds}"), file=sys.stderr)
     return 0
 
 

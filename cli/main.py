@@ -28,13 +28,14 @@ import signal
 import sys
 import threading
 import traceback
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from sealstore import errors
 
-__all__ = ["EXIT_CODES", "main"]
+__all__ = ["EXIT_CODES", "main", "printable"]
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.AuthenticationError, 1),
@@ -60,7 +61,11 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error (exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"sealstore: error: {self.prog}: {message} (see --help)\n")
+        # prog is "sealstore" or "sealstore keys init": the line already starts
+        # with "sealstore:", so name only the subcommand, and where --help is.
+        sub = self.prog.partition(" ")[2]
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"sealstore: error: {where}{printable(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,19 +105,66 @@ def _exit_code(exc: BaseException) -> int:
     return 10
 
 
+# Unicode's bidirectional controls reorder what a terminal shows (the "Trojan
+# Source" trick): escaped with the C0/C1 controls, though they are format
+# characters, not controls.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _escape(ch: str) -> str:
+    if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI:
+        code = ord(ch)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return ch
+
+
+def printable(text: object) -> str:
+    """*text* safe to write to a terminal: every control character escaped.
+
+    Slot key ids, contexts, file names and audit records come from files and
+    servers nobody authenticated yet; written raw, an escape sequence in one
+    could retitle the terminal, hide lines or fake output. C0 and C1 controls,
+    DEL, line/paragraph separators and bidirectional overrides become
+    ``\\xNN`` / ``\\uNNNN``; plain spaces and printable text are left alone.
+
+    Args:
+        text: anything; it is converted with ``str()``.
+
+    Returns:
+        The escaped text.
+    """
+    s = str(text)
+    if s.isprintable():  # the common case: nothing to escape
+        return s
+    return "".join(_escape(ch) for ch in s)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Warnings as one escaped line: they can quote paths and key ids from files."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+def _warning_handler() -> logging.Handler:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("sealstore: warning: %(message)s"))
+    return handler
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or exc.__class__.__name__}"
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text
+        text = f"{exc.filename}: {exc.strerror or exc.__class__.__name__}"
+    else:
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return printable(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.WARNING,
-        format="sealstore: warning: %(message)s",
+        level=logging.ERROR if args.quiet else logging.WARNING, handlers=[_warning_handler()]
     )
     logging.captureWarnings(True)
     from sealstore.kms.envelope import configure_cache

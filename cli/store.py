@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from sealstore.cli.main import printable
 from sealstore.cli.progress import Progress, human_bytes
 
 __all__ = ["register", "verify_store"]
@@ -103,7 +104,16 @@ def register(sub: Any) -> None:
     )
     push.add_argument("path", help="a file or a folder (not - : push reads no stdin)")
     push.add_argument("ref", metavar="NAME[:VERSION]")
-    push.add_argument("-k", "--key", dest="keys", action="append", default=[], metavar="URI")
+    push.add_argument(
+        "-k",
+        "--key",
+        dest="keys",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="key to wrap the version's data key with: local:PATH (local: alone is your "
+        "keyring), x25519:RECIPIENT, vault-transit://..., aws-kms://KEY (repeatable; at least one)",
+    )
     push.add_argument("--dek-from", metavar="URI", help="let this key service generate the DEK")
     push.add_argument("--bom", metavar="FILE.yaml", help="datasets and training parameters")
     parent = push.add_mutually_exclusive_group()
@@ -162,9 +172,17 @@ def register(sub: Any) -> None:
 
     rm = sub.add_parser(
         "rm",
-        help="crypto-shred a version: destroy its key slots and delete its objects",
+        help="crypto-shred a version: destroy its key slots and delete its objects (irreversible)",
+        description="Crypto-shred NAME:VERSION: its key slots are destroyed and its objects "
+        "deleted, and every tag naming it (known-good included) is removed. This cannot be "
+        "undone: the store keeps no wrapped copy of the version's key (only a backup "
+        "snapshot taken before the shred still holds one). Asks for confirmation on a "
+        "terminal; without one, --yes is required.",
     )
     rm.add_argument("ref", metavar="NAME:VERSION")
+    rm.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask: shred (needed without a terminal)"
+    )
     _where(rm)
     rm.set_defaults(func=_rm)
 
@@ -387,12 +405,54 @@ def _tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm_shred(store: Any, args: argparse.Namespace) -> str:
+    """Ask before an irreversible shred; refuse without a terminal unless --yes.
+
+    Returns:
+        What else goes with the version (its tags), for the final message.
+
+    Raises:
+        ValueError: no terminal and no --yes, or the answer was not yes.
+    """
+    from sealstore.errors import SealstoreError
+    from sealstore.vault.safemode import KNOWN_GOOD
+
+    m = store.manifest(args.ref, tenant=args.tenant)  # NotFound before asking anything
+    name, version = m.name, m.version
+    try:
+        tags = sorted(t for t, v in store.tags(name, tenant=args.tenant).items() if v == version)
+    except SealstoreError:  # a tag that does not verify: the shred removes it all the same
+        tags = []
+    goes = f"; its tags go too: {', '.join(tags)}" if tags else ""
+    if KNOWN_GOOD in tags:
+        goes += f" (safe mode will have no {KNOWN_GOOD} version of {name} to serve)"
+    what = f"{name}:{version}"
+    if args.yes:
+        return goes
+    if not sys.stdin.isatty():
+        raise ValueError(
+            f"rm destroys {what}'s keys for good{goes}: pass --yes to confirm "
+            "(no terminal to ask on)"
+        )
+    print(
+        f"Shred {printable(what)}: destroy its key slots and delete its objects{printable(goes)}."
+        " This cannot be undone.",
+        file=sys.stderr,
+    )
+    print("Type yes to shred: ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() != "yes":
+        raise ValueError(f"not confirmed: {what} was not shredded")
+    return goes
+
+
 def _rm(args: argparse.Namespace) -> int:
-    tomb = _open(args).shred(args.ref, tenant=args.tenant)
+    store = _open(args)
+    goes = _confirm_shred(store, args)
+    tomb = store.shred(args.ref, tenant=args.tenant)
     _say(
         args,
         f"shredded {tomb.name}:{tomb.version}: key slots destroyed, {len(tomb.files)} "
-        "object(s) deleted; the data can no longer be decrypted",
+        f"object(s) deleted{goes}; the data can no longer be decrypted",
     )
     return 0
 

@@ -30,12 +30,13 @@ from sealstore.format import (
     read_preamble,
 )
 from sealstore.fsutil import atomic_file
-from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper, unwrap_first
+from sealstore.keys import DataKey, KeySlot, Refusal, Unwrapper, Wrapper, unwrap_first
 from sealstore.kms.registry import load_identity, unwrappers_for, wrapper_for
 from sealstore.stream import SealedFile, SealReader, SealWriter, peek_preamble
 
 __all__ = [
     "atomic_output",
+    "check_context",
     "make_slots",
     "new_data_key",
     "open_reader",
@@ -105,6 +106,60 @@ def _identities(identities: Sequence[IdentitySpec]) -> list[Unwrapper]:
     return [i if hasattr(i, "unwrap") else load_identity(i) for i in identities]  # type: ignore[misc]
 
 
+def _ident_name(ident: Unwrapper) -> str:
+    for attr in ("source", "path", "key_id"):
+        value = getattr(ident, attr, None)
+        if value is not None:
+            return str(value)
+    return type(ident).__name__
+
+
+def _unwrappers(idents: Sequence[Unwrapper]) -> Callable[[KeySlot], list[Unwrapper]]:
+    """Per slot: the unwrappers to try, with a cause that knows which identities were given."""
+
+    def for_slot(slot: KeySlot) -> list[Unwrapper]:
+        found = list(unwrappers_for(slot, idents))
+        if (
+            idents
+            and not any(u in idents for u in found)
+            and all(isinstance(u, Refusal) for u in found)
+        ):
+            # The provider's own cause ("needs an identity file: -i FILE") would
+            # tell the caller to do what they did; say which ones were tried.
+            names = ", ".join(_ident_name(i) for i in idents)
+            return [Refusal(f"none of the identities given ({names}) is for this slot")]
+        return found
+
+    return for_slot
+
+
+def check_context(context: Mapping[str, str], expect: Mapping[str, str] | None) -> None:
+    """Refuse a file whose encryption context lacks any pair of *expect*.
+
+    The header's context is authenticated (it is in every chunk's associated
+    data, and the slots are bound to it), so a file that passes this check and
+    then decrypts really was sealed for *expect*. A copy or a rename of
+    another artifact's file fails here, before any key service is asked.
+
+    Args:
+        context: the file's (or the version's) encryption context.
+        expect: the pairs it must contain; None or empty: no requirement.
+
+    Raises:
+        AuthenticationError: a pair is missing or has another value.
+    """
+    for key, want in (expect or {}).items():
+        if key not in context:
+            raise AuthenticationError(
+                f"encryption context mismatch: expected {key}={want}, the file has no {key}"
+            )
+        if context[key] != want:  # the context is public: no constant-time compare needed
+            raise AuthenticationError(
+                f"encryption context mismatch: expected {key}={want}, the file has "
+                f"{key}={context[key]}"
+            )
+
+
 _default_cache: DekCache | None = None
 
 
@@ -132,6 +187,7 @@ def unwrap_dek(
     slots: Sequence[KeySlot] | None = None,
     cache: DekCache | None = _DEFAULT,
     context: Mapping[str, str] | None = None,
+    expect_context: Mapping[str, str] | None = None,
 ) -> DataKey:
     """Recover a file's DEK from its slots (or *slots* held elsewhere, e.g. a manifest).
 
@@ -140,13 +196,21 @@ def unwrap_dek(
     A DEK is taken from *cache* (default: the process-wide one) only if it
     passes this header's key commitment; a fresh unwrap is stored there.
 
+    Args:
+        expect_context: pairs the context must hold (see :func:`check_context`);
+            checked before any slot is tried.
+
     Raises:
         KeyUnavailable: no slot could be unwrapped (each slot's cause listed).
-        AuthenticationError: a slot unwrapped to a key the header does not commit to.
+        AuthenticationError: a slot unwrapped to a key the header does not commit
+            to, a slot the caller holds the key of does not open under this
+            context (the context or the slot changed after sealing), or the
+            context lacks a pair of *expect_context*.
     """
-    idents = _identities(identities)
     header = preamble.header
     ctx = header.context if context is None else dict(context)
+    check_context(ctx, expect_context)
+    idents = _identities(identities)
 
     def accept(dek: DataKey) -> None:
         open_payload_key(header, dek)  # raises AuthenticationError on a commitment mismatch
@@ -166,7 +230,7 @@ def unwrap_dek(
             return cached
     return unwrap_first(
         candidates,
-        lambda slot: unwrappers_for(slot, idents),
+        _unwrappers(idents),
         ctx,
         accept,
         None if store is None else lambda slot, dek: store.put(slot, ctx, dek),
@@ -297,6 +361,7 @@ def open_sealed(
     slots: Sequence[KeySlot] | None = None,
     dek: DataKey | None = None,
     cache: DekCache | None = _DEFAULT,
+    expect_context: Mapping[str, str] | None = None,
 ) -> SealedFile:
     """Open a sealed file for random access, unwrapping its DEK from the slots.
 
@@ -305,11 +370,24 @@ def open_sealed(
         identities: identity files or unwrapper objects to try first.
         slots: slots held outside the file (a store manifest).
         dek: the data key, if the caller already has it.
+        expect_context: pairs the file's encryption context must hold.
+
+    Raises:
+        AuthenticationError: as :func:`unwrap_dek`, or the context lacks a pair
+            of *expect_context*.
     """
     if dek is not None:
-        return SealedFile(src, dek)
+        sealed = SealedFile(src, dek)
+        try:
+            check_context(sealed.header.context, expect_context)
+        except BaseException:
+            sealed.close()
+            raise
+        return sealed
     preamble = peek_preamble(src)
-    with unwrap_dek(preamble, identities, slots=slots, cache=cache) as key:
+    with unwrap_dek(
+        preamble, identities, slots=slots, cache=cache, expect_context=expect_context
+    ) as key:
         return SealedFile(src, key, preamble=preamble)
 
 
@@ -320,10 +398,17 @@ def open_reader(
     slots: Sequence[KeySlot] | None = None,
     threads: int = 1,
     cache: DekCache | None = _DEFAULT,
+    expect_context: Mapping[str, str] | None = None,
 ) -> SealReader:
-    """A streaming reader over *fp*, its DEK unwrapped from the slots (or *cache*)."""
+    """A streaming reader over *fp*, its DEK unwrapped from the slots (or *cache*).
+
+    Raises:
+        AuthenticationError: as :func:`unwrap_dek` (*expect_context* included).
+    """
     preamble = read_preamble(fp)
-    with unwrap_dek(preamble, identities, slots=slots, cache=cache) as key:
+    with unwrap_dek(
+        preamble, identities, slots=slots, cache=cache, expect_context=expect_context
+    ) as key:
         return SealReader(fp, key, preamble=preamble, threads=threads)
 
 
@@ -334,17 +419,27 @@ def unseal_file(
     *,
     threads: int = 1,
     progress: Progress | None = None,
+    expect_context: Mapping[str, str] | None = None,
 ) -> int:
     """Decrypt *src* (``-`` = stdin) to *dst* (``-`` = stdout).
 
     A file destination appears only after every chunk authenticated.
 
+    Args:
+        expect_context: pairs the file's encryption context must hold (e.g.
+            ``{"artifact": "bert"}``); a file sealed for anything else is
+            refused before any key is unwrapped and nothing is written.
+
     Returns:
         The plaintext size.
+
+    Raises:
+        AuthenticationError: tampering, the wrong key, or a context mismatch.
+        KeyUnavailable: no slot could be unwrapped.
     """
     with (
         _input(src) as fin,
-        open_reader(fin, identities, threads=threads) as reader,
+        open_reader(fin, identities, threads=threads, expect_context=expect_context) as reader,
         atomic_output(dst) as fout,
     ):
         return reader.copy_to(fout, progress)
@@ -356,18 +451,26 @@ def verify_file(
     *,
     threads: int = 1,
     progress: Progress | None = None,
+    expect_context: Mapping[str, str] | None = None,
 ) -> Header:
     """Authenticate every chunk of *src*, keeping no plaintext.
 
+    Args:
+        expect_context: pairs the file's encryption context must hold.
+
     Raises:
-        AuthenticationError: the first failure; ``KeyUnavailable`` if no slot opens.
+        AuthenticationError: the first failure, or a context mismatch;
+            ``KeyUnavailable`` if no slot opens.
     """
     if str(src) == "-":
-        with open_reader(sys.stdin.buffer, identities, threads=threads) as reader:
+        reader = open_reader(
+            sys.stdin.buffer, identities, threads=threads, expect_context=expect_context
+        )
+        with reader:
             for view in reader.iter_chunks():
                 if progress is not None:
                     progress(len(view))
             return reader.header
-    with open_sealed(src, identities) as sealed:
+    with open_sealed(src, identities, expect_context=expect_context) as sealed:
         sealed.verify(threads=threads, progress=progress)
         return sealed.header

@@ -35,7 +35,13 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstore.errors import FormatError, KeyUnavailable, NotFound, SealstoreError
+from sealstore.errors import (
+    AuthenticationError,
+    FormatError,
+    KeyUnavailable,
+    NotFound,
+    SealstoreError,
+)
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
@@ -308,10 +314,40 @@ class LocalKeyring:
     @classmethod
     def from_uri(cls, uri: str) -> LocalKeyring:
         """``local:PATH``; ``local:`` alone is the default keyring."""
+        return cls.open(cls.uri_path(uri))
+
+    @staticmethod
+    def uri_path(uri: str) -> Path:
+        """The keyring file a ``local:`` URI names (``local:`` alone: the default keyring)."""
         from sealstore.kms.registry import default_keyring_path
 
         path = uri.partition(":")[2]
-        return cls.open(Path(path) if path else default_keyring_path())
+        return Path(path).expanduser() if path else default_keyring_path()
+
+    @classmethod
+    def names_slot(cls, uri: str, slot: KeySlot) -> bool:
+        """Whether the key *uri* names is the keyring that made *slot*.
+
+        ``local:``, ``local:~/ring.json`` and ``local:/home/me/ring.json`` can
+        all name one keyring; the slot records the path it was made with and
+        the keyring's id. Same file (after resolving), or a keyring at *uri*
+        whose id is the slot's: it is that keyring.
+        """
+        if slot.kind != "local":
+            return False
+        target = cls.uri_path(uri)
+        recorded = slot.key_id.partition(":")[2]
+        try:
+            if recorded and Path(recorded).expanduser().resolve() == target.resolve():
+                return True
+        except (OSError, RuntimeError):
+            pass
+        if not _plausible_keyring(target):
+            return False
+        try:
+            return cls.open(target).id == slot.params.get("keyring")
+        except SealstoreError:
+            return False
 
     @classmethod
     def unwrapper_for_slot(cls, slot: KeySlot) -> LocalKeyring | Refusal | None:
@@ -324,8 +360,13 @@ class LocalKeyring:
         want = slot.params.get("keyring")
         path = slot.key_id.partition(":")[2]
         problem = None
+        missing: list[str] = []
         for candidate in (Path(path) if path else None, default_keyring_path()):
-            if candidate is None or not _plausible_keyring(candidate):
+            if candidate is None:
+                continue
+            if not _plausible_keyring(candidate):
+                if not candidate.exists() and str(candidate) not in missing:
+                    missing.append(str(candidate))
                 continue
             try:
                 ring = cls.open(candidate)
@@ -334,7 +375,13 @@ class LocalKeyring:
                 continue
             if ring.id == want:
                 return ring
-        return Refusal(problem) if problem else None
+        if problem:
+            return Refusal(problem)
+        if missing:
+            # Say which file was looked for: "no provider" would hide a typo'd
+            # SEALSTORE_KEYRING or a keyring left on another machine.
+            return Refusal(f"keyring {' nor '.join(missing)} does not exist")
+        return None
 
     # -- public metadata -----------------------------------------------------------
 
@@ -468,8 +515,11 @@ class LocalKeyring:
         """Recover the DEK from a slot this keyring made.
 
         Raises:
-            KeyUnavailable: another keyring's slot, an unknown KEK, a wrong
-                passphrase, or the slot does not open under *context*.
+            KeyUnavailable: another keyring's slot, an unknown KEK or a wrong passphrase.
+            AuthenticationError: the slot names this keyring and one of its KEKs
+                but does not open under *context*: the slot or the context was
+                changed after sealing (an honest slot always opens under the
+                context it was made for).
         """
         if not self.can_unwrap(slot):
             raise KeyUnavailable(f"slot was not made by keyring {self.path}")
@@ -481,8 +531,9 @@ class LocalKeyring:
         try:
             dek = AESGCM(keks[kek_id]).decrypt(blob[:12], blob[12:], self._aad(kek_id, context))
         except (InvalidTag, ValueError):
-            raise KeyUnavailable(
-                f"slot does not open with keyring {self.path} under this encryption context"
+            raise AuthenticationError(
+                f"slot of keyring {self.path} does not open under this encryption context "
+                "(the context or the slot was changed after sealing)"
             ) from None
         if len(dek) != DEK_SIZE:
             raise KeyUnavailable("slot holds a key of the wrong size")

@@ -22,9 +22,28 @@ from sealstore.format import Preamble, read_preamble
 from sealstore.fsutil import atomic_file
 from sealstore.keys import KeySlot
 from sealstore.kms.envelope import IdentitySpec, unwrap_dek
-from sealstore.kms.registry import unwrappers_for, wrapper_for
+from sealstore.kms.registry import get_provider_class, unwrappers_for, wrapper_for
 
 __all__ = ["rotate_file", "rotate_slots"]
+
+
+def _names(uri: str, slot: KeySlot) -> bool:
+    """Whether key *uri* is the key of *slot*: the same URI, or one the provider equates.
+
+    ``local:`` and ``local:~/k.json`` name the keyring a slot recorded as
+    ``local:/home/me/k.json``; a plain string compare would add a second slot
+    for it, or fail to find the one to remove.
+    """
+    if slot.key_id == uri:
+        return True
+    scheme = uri.partition(":")[0]
+    if scheme != slot.kind:
+        return False
+    try:
+        names = getattr(get_provider_class(scheme), "names_slot", None)
+    except (ValueError, ImportError):
+        return False
+    return bool(names is not None and names(uri, slot))
 
 
 def rotate_slots(
@@ -56,15 +75,15 @@ def rotate_slots(
         raise ValueError("nothing to rotate: give --to and/or --remove")
     current = list(preamble.slots if slots is None else slots)
     context = preamble.header.context if context is None else dict(context)
-    unmatched = [uri for uri in remove if all(slot.key_id != uri for slot in current)]
+    unmatched = [uri for uri in remove if not any(_names(uri, slot) for slot in current)]
     if unmatched:
         # A typo here would otherwise leave the key one meant to revoke in place.
         raise ValueError(f"no key slot to remove for: {', '.join(unmatched)}")
     # Rotation proves access to the current slots: never from a cache.
     with unwrap_dek(preamble, identities, slots=current, cache=None, context=context) as dek:
-        result = [slot for slot in current if slot.key_id not in set(remove)]
+        result = [slot for slot in current if not any(_names(uri, slot) for uri in remove)]
         for uri in to:
-            existing = [i for i, slot in enumerate(result) if slot.key_id == uri]
+            existing = [i for i, slot in enumerate(result) if _names(uri, slot)]
             if not existing:
                 result.append(wrapper_for(uri).wrap(dek, context))
                 continue

@@ -23,7 +23,7 @@ from nacl.bindings import crypto_scalarmult
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
-from sealstore.errors import FormatError, KeyUnavailable
+from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file, is_stream_target
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
@@ -137,19 +137,26 @@ class X25519Identity:
         """Open a slot sealed to this identity's recipient.
 
         Raises:
-            KeyUnavailable: another recipient's slot, a corrupt slot, or a
-                different encryption context.
+            KeyUnavailable: another recipient's slot.
+            AuthenticationError: a slot that names this recipient but does not
+                open, or was sealed under another encryption context: the slot
+                or the context was changed after sealing.
         """
         if not self.can_unwrap(slot):
             raise KeyUnavailable(f"slot is not sealed to {self.source}")
         try:
             payload = SealedBox(self._sk).decrypt(slot.blob)
         except CryptoError:
-            raise KeyUnavailable(f"slot does not open with {self.source}") from None
+            raise AuthenticationError(
+                f"slot names {self.source}'s recipient but does not open with it (altered)"
+            ) from None
         if len(payload) != DEK_SIZE + 32 or not hmac.compare_digest(
             payload[DEK_SIZE:], _context_hash(context)
         ):
-            raise KeyUnavailable("slot was sealed under a different encryption context")
+            raise AuthenticationError(
+                "slot was sealed under another encryption context "
+                "(the context or the slot was changed after sealing)"
+            )
         return DataKey(payload[:DEK_SIZE])
 
     def __repr__(self) -> str:

@@ -1016,6 +1016,9 @@ def _version_vectors() -> list[Vector]:
 
 def _key_vectors() -> list[Vector]:
     K = "KeyUnavailable"
+    # A slot that names a key the reader holds yet does not open under the
+    # header's context was altered, or the context was: tampering (FORMAT.md 10.1).
+    A = "AuthenticationError"
     out: list[Vector] = []
     pt = text("keys", 100)
     out.append(
@@ -1034,9 +1037,9 @@ def _key_vectors() -> list[Vector]:
     out.append(
         bad(
             "slot_does_not_open",
-            K,
+            A,
             "The slot names the identity's recipient, but its sealed box was made for another "
-            "key: it does not open.",
+            "key: it does not open, so the slot was altered.",
             make_file(
                 "slot_does_not_open",
                 pt,
@@ -1049,7 +1052,7 @@ def _key_vectors() -> list[Vector]:
     out.append(
         bad(
             "slot_other_context",
-            K,
+            A,
             'The x25519 slot was sealed under the context {"tenant": "globex"}; the header '
             'says {"tenant": "acme"}.',
             make_file(
@@ -1064,7 +1067,7 @@ def _key_vectors() -> list[Vector]:
     out.append(
         bad(
             "local_slot_other_context",
-            K,
+            A,
             'The local slot\'s AAD names the context {"tenant": "globex"}; the header says '
             '{"tenant": "acme"}.',
             make_file(

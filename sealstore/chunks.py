@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import warnings
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -24,17 +25,35 @@ Progress = Callable[[int], None]  # called with each chunk's byte count
 def new_aead(suite: str, key: bytes) -> Aead:
     """The AEAD of a v1 suite (the suite name was validated with the header).
 
-    OpenSSL's, through cryptography; ``SEALSTORE_AEAD=native`` selects the
-    numba kernels of ``sealstore.native`` instead (same interface and errors;
-    for machines without a usable OpenSSL, and to cross-check the kernels).
+    OpenSSL's, through cryptography. ``SEALSTORE_AEAD=native`` selects the
+    numba ChaCha20-Poly1305 of ``sealstore.native`` for that suite only, with
+    a warning: it is constant-time, but slower and far less reviewed than
+    OpenSSL. AES-256-GCM always stays on OpenSSL: the numba AES is
+    table-driven (its timing depends on the key through the cache) and slow,
+    a reference and test oracle that no production path may use.
+
+    Raises:
+        ValueError: ``SEALSTORE_AEAD`` is neither ``openssl`` nor ``native``.
     """
     engine = os.environ.get("SEALSTORE_AEAD", "openssl")
-    if engine == "native":
-        from sealstore.native import aead
-
-        return aead.AESGCM(key) if suite == "AES-256-GCM" else aead.ChaCha20Poly1305(key)  # type: ignore[return-value]
-    if engine != "openssl":
+    if engine not in ("openssl", "native"):
         raise ValueError(f"SEALSTORE_AEAD must be 'openssl' or 'native', not {engine!r}")
+    if engine == "native":
+        if suite == "AES-256-GCM":
+            warnings.warn(
+                "SEALSTORE_AEAD=native: AES-256-GCM stays on OpenSSL (the native AES is a "
+                "table-driven reference, not constant-time)",
+                stacklevel=2,
+            )
+        else:
+            warnings.warn(
+                "SEALSTORE_AEAD=native: ChaCha20-Poly1305 runs on sealstore's numba kernels "
+                "instead of OpenSSL",
+                stacklevel=2,
+            )
+            from sealstore.native import aead
+
+            return aead.ChaCha20Poly1305(key)  # type: ignore[return-value]
     return AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
 
 

@@ -42,6 +42,9 @@ _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 # The random part: 8 characters, as ours and tempfile.mkstemp's (older releases) make.
 _TMP_TAIL = re.compile(r"[A-Za-z0-9_]{8}\.tmp")
 _FD_FOLDER = re.compile(r"/proc/(self|thread-self|\d+)(/task/\d+)?/fd")
+# Errors of writing the output itself (the device or the quota is full, the
+# file too large), never of whatever the caller was reading from.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def _via_fd_link(path: str | os.PathLike[str]) -> bool:
@@ -109,14 +112,20 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    if st is not None and (not stat.S_ISREG(st.st_mode) or _via_fd_link(path)):
-        with _write_through(path, truncate=stat.S_ISREG(st.st_mode)) as fp:
+    try:
+        if st is not None and (not stat.S_ISREG(st.st_mode) or _via_fd_link(path)):
+            with _write_through(path, truncate=stat.S_ISREG(st.st_mode)) as fp:
+                yield fp
+            return
+        # Replace the link's target, never the link (a rename onto the link would).
+        target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+        with _replacing(target, mode) as fp:
             yield fp
-        return
-    # Replace the link's target, never the link (a rename onto the link would).
-    target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    with _replacing(target, mode) as fp:
-        yield fp
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _FULL:
+            # write() and fsync() name no file: say which output filled the disk.
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 @contextmanager

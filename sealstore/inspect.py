@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 from sealstore.errors import AuthenticationError
-from sealstore.format import TAG_SIZE, read_preamble_from
+from sealstore.format import TAG_SIZE, Preamble, read_preamble, read_preamble_from
 from sealstore.source import Source
 from sealstore.stream import ChunkLayout
 
 __all__ = ["inspect_file"]
 
 
-def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
+_BLOCK = 1 << 20
+
+
+def _from_stream(fp: BinaryIO) -> tuple[Preamble, int]:
+    """The preamble and total length of a sealed stream read once (a pipe: no seek, no size)."""
+    preamble = read_preamble(fp)
+    size = preamble.payload_offset
+    while block := fp.read(_BLOCK):  # only counted: the payload is never kept
+        size += len(block)
+    return preamble, size
+
+
+def inspect_file(src: str | os.PathLike[str] | bytes | BinaryIO) -> dict[str, Any]:
     """The public facts of a sealed file. Authenticates nothing.
+
+    Args:
+        src: a path, the file's bytes, or a binary stream such as standard
+            input (read to its end to learn the length; nothing is kept).
 
     Returns:
         A JSON-ready dict: version, suite, chunk size and count, sizes, context,
@@ -23,12 +39,15 @@ def inspect_file(src: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     Raises:
         FormatError, UnsupportedVersion: the preamble is malformed.
     """
-    source = Source(src)  # one open gives both the preamble and the size
-    try:
-        preamble = read_preamble_from(source.head)
-        size = source.size
-    finally:
-        source.close()
+    if hasattr(src, "read"):
+        preamble, size = _from_stream(src)  # type: ignore[arg-type]
+    else:
+        source = Source(src)  # one open gives both the preamble and the size
+        try:
+            preamble = read_preamble_from(source.head)
+            size = source.size
+        finally:
+            source.close()
     header = preamble.header
     info: dict[str, Any] = {
         "version": header.v,

@@ -168,8 +168,12 @@ class Unwrapper(Protocol):
         """Unwrap *slot* under *context*.
 
         Raises:
-            KeyUnavailable: this unwrapper does not hold the slot's key, or the
-                slot does not open under *context*.
+            KeyUnavailable: this unwrapper does not hold the slot's key, or it
+                cannot tell a missing key from a slot that does not open under
+                *context* (a key service's answer).
+            AuthenticationError: it holds the slot's key and can tell that the
+                slot does not open under *context*: the slot or the context
+                changed after sealing.
             KeyReleaseDenied, BackendError: the key service refused or failed.
         """
         ...
@@ -209,7 +213,9 @@ def unwrap_first(
 
     Raises:
         AuthenticationError: a slot unwrapped, but to a key the header does not
-            commit to -- the slots were swapped or tampered with -- and no other
+            commit to -- the slots were swapped or tampered with -- or an
+            unwrapper that holds a slot's key found the slot altered or bound to
+            another context (it raised ``AuthenticationError``), and no other
             slot gave the right key.
         KeyReleaseDenied: no slot opened and a key service refused one.
         BackendError: no slot opened and a key service failed for one.
@@ -219,6 +225,7 @@ def unwrap_first(
         raise KeyUnavailable("the file has no key slots (they are held in a store manifest)")
     causes: list[tuple[str, str]] = []
     mismatched = False
+    tampered: str | None = None  # the first slot whose own key says it was altered
     # If no slot opens, the error says the strongest reason any slot gave: a
     # refusal, else a failing backend, else plain unavailability.
     strongest: type[SealstoreError] = KeyUnavailable
@@ -232,6 +239,13 @@ def unwrap_first(
         for unwrapper in candidates:
             try:
                 dek = unwrapper.unwrap(slot, context)
+            except AuthenticationError as exc:
+                # The unwrapper holds this slot's key, yet the slot does not open
+                # under this context: it or the context changed after sealing.
+                cause = str(exc)
+                if tampered is None:
+                    tampered = f"key slot {len(causes)} ({slot.key_id}): {exc}"
+                continue
             except SealstoreError as exc:
                 cause = str(exc)
                 for kind in (KeyReleaseDenied, BackendError):
@@ -249,6 +263,8 @@ def unwrap_first(
                 on_success(slot, dek)
             return dek
         causes.append((slot.key_id, cause))
+    if tampered is not None:
+        raise AuthenticationError(tampered)
     if mismatched:
         raise AuthenticationError(
             "no key slot holds the key this file was sealed with (slots swapped or tampered)"

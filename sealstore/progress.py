@@ -7,7 +7,12 @@ import threading
 import time
 from typing import TextIO
 
-__all__ = ["Progress", "human_bytes"]
+__all__ = ["Progress", "counted", "human_bytes"]
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 version``, ``2 versions``, ``0 copies`` (*plural* when adding "s" is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def human_bytes(n: float) -> str:

@@ -202,7 +202,7 @@ def test_roles_from_the_cli(
     Store.open(store.url, signer=pub).push(src, "m", tenant="a", keys=["local:"])
     line = fails(run("push", src, "m", "--tenant", "b", "-k", "local:", env=as_pub), 8)
     assert "needs the publisher role in tenant b" in line
-    line = fails(run("rm", "m:1", "--tenant", "a", env=as_pub), 8)
+    line = fails(run("rm", "m:1", "--yes", "--tenant", "a", env=as_pub), 8)
     assert "needs the admin role in tenant a" in line
     line = fails(run("store", "grant", kid(pub), "admin", env=as_pub), 1)
     assert "only the store's root key" in line

@@ -725,7 +725,7 @@ def test_cli_backup_summary_list_and_errors(store: Store, tmp_path: Path) -> Non
     out = sealstore("backup", "create", env=env)
     assert out.returncode == 0, out.stderr
     snap_id = out.stdout.strip()
-    assert "1 versions, 4 objects, 4 copied" in out.stderr and "documents written" in out.stderr
+    assert "1 version, 4 objects, 4 copied" in out.stderr and "documents written" in out.stderr
     out = sealstore("backup", "list", env=env)
     assert snap_id in out.stdout and "4 objects" in out.stdout
     rows = json.loads(sealstore("backup", "list", "--json", env=env).stdout)

@@ -39,7 +39,7 @@ def test_push_pull_ls_show_tag_rm(store_env: dict[str, str], tmp_path: Path) -> 
     err = ok(run("verify", "bert:1", env=e)).stderr.decode()
     assert "bert:1: OK" in err
     ok(run("verify", "--keyless", env=e))
-    rm = ok(run("rm", "bert:1", env=e)).stderr.decode()
+    rm = ok(run("rm", "bert:1", "--yes", env=e)).stderr.decode()
     assert "key slots destroyed" in rm
     line = fails(run("pull", "bert:1", "-o", tmp_path / "again", env=e), 4)
     assert "crypto-shredded" in line

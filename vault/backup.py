@@ -268,13 +268,13 @@ class Stats:
             self.copied_bytes += copied_bytes
 
     def summary(self, what: str) -> str:
-        from sealstore.progress import human_bytes
+        from sealstore.progress import counted, human_bytes
 
         rate = self.copied_bytes / self.seconds if self.seconds > 0 else 0.0
         return (
-            f"{what}: {self.versions} versions, {self.objects} objects, {self.copied} copied "
-            f"({human_bytes(self.copied_bytes)}, {human_bytes(rate)}/s), "
-            f"{self.docs_written} documents written, {self.seconds:.1f} s"
+            f"{what}: {counted(self.versions, 'version')}, {counted(self.objects, 'object')}, "
+            f"{self.copied} copied ({human_bytes(self.copied_bytes)}, {human_bytes(rate)}/s), "
+            f"{counted(self.docs_written, 'document')} written, {self.seconds:.1f} s"
         )
 
 

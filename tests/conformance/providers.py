@@ -27,6 +27,15 @@ CONTEXT = {"tenant": "t1", "artifact": "model", "path": "weights.safetensors"}
 
 class ProviderConformance:
     kind: str = ""
+    # A provider that holds the slot's key and checks the slot itself (a local
+    # keyring, an x25519 identity) tells "this slot or its context changed"
+    # (AuthenticationError) from "no key here" (KeyUnavailable); a key service's
+    # answer does not tell them apart, so those read as KeyUnavailable.
+    tells_tampering: bool = False
+
+    @property
+    def altered(self) -> type[Exception]:
+        return AuthenticationError if self.tells_tampering else KeyUnavailable
 
     def test_protocols(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
         assert isinstance(wrapper, Wrapper)
@@ -72,7 +81,7 @@ class ProviderConformance:
     )
     def test_context_is_bound(self, wrapper: Wrapper, unwrapper: Unwrapper, context: dict) -> None:
         slot = wrapper.wrap(DataKey.generate(), CONTEXT)
-        with pytest.raises(KeyUnavailable):
+        with pytest.raises(self.altered):
             unwrapper.unwrap(slot, context)
 
     def test_other_key_cannot_unwrap(self, wrapper: Wrapper, other_unwrapper: Unwrapper) -> None:
@@ -81,12 +90,23 @@ class ProviderConformance:
             other_unwrapper.unwrap(slot, CONTEXT)
         assert str(info.value)
 
-    def test_corrupt_blob_is_key_unavailable(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
+    def test_corrupt_blob_is_refused(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
         slot = wrapper.wrap(DataKey.generate(), CONTEXT)
         for blob in (slot.blob[:-1], bytes([slot.blob[0] ^ 1]) + slot.blob[1:], b""):
             bad = KeySlot(slot.kind, slot.key_id, blob, slot.params)
-            with pytest.raises(KeyUnavailable):
+            with pytest.raises(self.altered):
                 unwrapper.unwrap(bad, CONTEXT)
+
+    def test_changed_header_context(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
+        # The header's context edited after sealing: never a key, never plaintext;
+        # tampering (exit 1) where the provider can tell, else "no key".
+        out = io.BytesIO()
+        seal_stream(io.BytesIO(b"x" * 100), out, [wrapper], context=CONTEXT)
+        hb = parse_preamble(out.getvalue()).header_bytes
+        edited = hb.replace(b'"tenant":"t1"', b'"tenant":"t2"')
+        assert edited != hb
+        with pytest.raises(self.altered):
+            open_sealed(out.getvalue().replace(hb, edited), [unwrapper]).close()
 
     def test_concurrent_unwraps(self, wrapper: Wrapper, unwrapper: Unwrapper) -> None:
         deks = [DataKey.generate() for _ in range(32)]

@@ -23,6 +23,7 @@ def _fresh_keyring_cache():
 
 class TestLocalKeyring(ProviderConformance):
     kind = "local"
+    tells_tampering = True
 
     @pytest.fixture
     def wrapper(self, tmp_path):
@@ -57,6 +58,7 @@ class TestInsecureKeyring(TestLocalKeyring):
 
 class TestX25519(ProviderConformance):
     kind = "x25519"
+    tells_tampering = True
 
     @pytest.fixture
     def identity(self, tmp_path):
