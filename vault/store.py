@@ -399,12 +399,80 @@ class Store:
         ]
         return sorted(set(found), key=_version_key)
 
-    def tags(self, name: str, *, tenant: str | None = None) -> dict[str, str]:
-        """Tag -> version for an artifact (every tag's signature verified)."""
+    def tags(
+        self, name: str, *, tenant: str | None = None, skip_damaged: bool = False
+    ) -> dict[str, str]:
+        """Tag -> version for an artifact (every tag's signature verified).
+
+        Args:
+            skip_damaged: leave out tags that fail to verify instead of raising
+                (listings; :meth:`check_tags` says what is wrong with them).
+
+        Raises:
+            AuthenticationError, FormatError: a tag fails (unless *skip_damaged*).
+        """
+        from sealstore.errors import SealstoreError
+
         tenant = check_name(tenant or default_tenant(), "tenant")
         out = {}
-        for tag in self.storage.list(f"tenants/{tenant}/refs/{name}"):
-            out[tag] = self._read_tag(tenant, name, tag)[0]
+        for tag in self.tag_names(name, tenant=tenant):
+            try:
+                out[tag] = self._read_tag(tenant, name, tag)[0]
+            except SealstoreError:
+                if not skip_damaged:
+                    raise
+        return out
+
+    def tag_names(self, name: str, *, tenant: str | None = None) -> list[str]:
+        """The names of the artifact's tag files (none read or verified)."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        return self.storage.list(f"tenants/{tenant}/refs/{check_name(name, 'artifact name')}")
+
+    def tagged_names(self, *, tenant: str | None = None) -> list[str]:
+        """Names of the tenant's artifacts that have a version or a tag file.
+
+        A superset of :meth:`artifacts`: an artifact whose every manifest was
+        deleted still has its tags, and those are damage to report.
+        """
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        names = set(self.artifacts(tenant=tenant))
+        names |= set(self.storage.list(f"tenants/{tenant}/refs"))
+        return sorted(names)
+
+    def check_tags(self, name: str, *, tenant: str | None = None) -> dict[str, str | None]:
+        """Tag -> problem (None: sound) for every tag of an artifact.
+
+        A tag is sound when its signature verifies and the version it names
+        exists with the very manifest it signs. A tag naming a missing or
+        unreadable version is damage: readers of that tag get nothing.
+        """
+        from sealstore.errors import SealstoreError
+
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        out: dict[str, str | None] = {}
+        for tag in self.tag_names(name, tenant=tenant):
+            try:
+                version, digest = self._read_tag(tenant, name, tag)
+            except SealstoreError as exc:
+                out[tag] = str(exc)
+                continue
+            try:
+                data = self.manifest_bytes(name, version, tenant=tenant)
+            except NotFound:
+                out[tag] = f"{name}@{tag} names {name}:{version}, whose manifest is missing"
+                continue
+            except SealstoreError as exc:
+                out[tag] = f"{name}@{tag} names {name}:{version}, which is unreadable: {exc}"
+                continue
+            if hashlib.sha256(data).hexdigest() != digest:
+                out[tag] = f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
+                continue
+            try:
+                self.check_manifest(data, tenant, name, version)
+            except SealstoreError as exc:
+                out[tag] = f"{name}@{tag} names {name}:{version}, which fails: {exc}"
+                continue
+            out[tag] = None
         return out
 
     def _read_tag(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
