@@ -84,6 +84,24 @@ def register(sub: Any) -> None:
     rot.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
     _where(rot)
     rot.set_defaults(func=_rotate)
+    ref = ssub.add_parser(
+        "refresh",
+        help="re-sign the tenant's sequence with a new expiry (publisher; run before it expires)",
+        description="Every tag and manifest write re-signs the tenant's sequence (the signed "
+        "list of current tags and manifests that readers check for rollback); it expires "
+        "after a week by default, and an expired one is refused. Refresh it where a tenant "
+        "sees no writes for that long (e.g. daily from cron).",
+    )
+    ref.add_argument(
+        "--lifetime", type=float, metavar="DAYS", help="days until it expires (default: a week)"
+    )
+    ref.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="admin: list what the storage holds now (after a rollback with no backup)",
+    )
+    _where(ref)
+    ref.set_defaults(func=_refresh)
     gc = ssub.add_parser("gc", help="delete objects left by interrupted pushes")
     gc.add_argument(
         "--grace",
@@ -221,6 +239,17 @@ def _rotate(args: argparse.Namespace) -> int:
     )
     _say(args, f"{m.name}:{m.version}: {len(m.slots)} slot(s): "
                + ", ".join(s.key_id for s in m.slots))  # fmt: skip
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from sealstore.vault.freshness import refresh
+    from sealstore.vault.store import default_tenant
+
+    tenant = args.tenant or default_tenant()
+    lifetime = None if args.lifetime is None else round(args.lifetime * 86400)
+    seq = refresh(_open(args), tenant, lifetime=lifetime, rebuild=args.rebuild)
+    _say(args, f"tenant {tenant}: sequence {seq.serial}, expires {seq.expires}")
     return 0
 
 
@@ -474,6 +503,10 @@ def verify_store(args: argparse.Namespace) -> int:
         names = store.tagged_names(tenant=tenant)
     elif parse_ref(args.file).version is None:
         names = [parse_ref(args.file).name]
+    if args.file is None or names:
+        problem = store.check_sequence(tenant)
+        if problem is not None:
+            damage.append((f"sequence of tenant {tenant}", problem))
     ntags = 0
     for name in names:
         for tag, problem in store.check_tags(name, tenant=tenant).items():

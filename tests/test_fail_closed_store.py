@@ -168,3 +168,201 @@ def test_item12_ls_of_a_missing_artifact_is_exit_5(
     line = fails(run("ls", "nonexistent", env=env), 5)
     assert "nonexistent not found" in line
     fails(run("show", "nonexistent", env=env), 5)
+
+
+# -- tag rollback and freeze: the signed per-tenant sequence ------------------------------
+
+
+def _seq_files(store: Store, tenant: str = "default") -> dict[str, bytes]:
+    """The tenant's sequence documents as the storage holds them now."""
+    root = _root(store) / "tenants" / tenant
+    files = [root / "sequence.json", *sorted((root / "sequence").glob("*.json"))]
+    return {str(f): f.read_bytes() for f in files}
+
+
+def _put_back(store: Store, saved: dict[str, bytes], tenant: str = "default") -> None:
+    """Roll the tenant's sequence back to *saved* (newer numbered documents deleted)."""
+    for f in (_root(store) / "tenants" / tenant / "sequence").glob("*.json"):
+        f.unlink()
+    for path, data in saved.items():
+        Path(path).write_bytes(data)
+
+
+def _two_versions(store: Store, tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """m:1 and m:2 (different contents); the latest tag file as it was at m:1."""
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    b = model_dir(tmp_path / "b", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    old_tag = (_root(store) / "tenants/default/refs/m/latest").read_bytes()
+    store.push(b, "m", keys=["local:"])
+    return a, b, old_tag
+
+
+def test_item09_a_tag_copied_back_is_not_served_and_is_reported(
+    store: Store, env: dict[str, str], tmp_path: Path
+) -> None:
+    from sealstore.vault import backup
+    from tests.test_store import same_tree
+
+    _, b, old_tag = _two_versions(store, tmp_path)
+    (_root(store) / "tenants/default/refs/m/latest").write_bytes(old_tag)  # validly signed
+    # pull follows the signed sequence, not the tag file put back.
+    assert Store.open(store.url).manifest("m").version == "2"
+    ok(run("pull", "m", "-o", tmp_path / "out", env=env))
+    assert same_tree(b, tmp_path / "out")
+    # verify finds it, and so does a backup (which keeps the tag it had before).
+    proc = run("verify", "--keyless", env=env)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert "m@latest names m:1, but the tenant's signed sequence says m:2" in proc.stderr.decode()
+    snap, _ = backup.create(store, f"file://{tmp_path}/backup")
+    assert any("tag default/m@latest" in d for d in snap.damaged)
+    assert "default" in snap.sequences
+
+
+def test_item09_a_sequence_rolled_back_is_refused(
+    store: Store, env: dict[str, str], tmp_path: Path
+) -> None:
+    from sealstore.errors import AuthenticationError
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    saved = _seq_files(store)
+    old_tag = (_root(store) / "tenants/default/refs/m/latest").read_bytes()
+    store.push(a, "m", keys=["local:"])
+    # Everything put back as it was at m:1: the tag and the sequence.
+    (_root(store) / "tenants/default/refs/m/latest").write_bytes(old_tag)
+    _put_back(store, saved)
+    with pytest.raises(AuthenticationError, match="refusing a rollback"):
+        Store.open(store.url).pull("m", tmp_path / "out")
+    line = fails(run("pull", "m", "-o", tmp_path / "out2", env=env), 1)
+    assert "has serial 2, older than 4 seen here: refusing a rollback" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    assert run("verify", "--keyless", env=env).returncode == 1
+    # Deleting it outright is no way round either.
+    for path in saved:
+        Path(path).unlink()
+    line = fails(run("pull", "m", "-o", tmp_path / "out", env=env), 1)
+    assert "is gone, but this machine has seen serial 4" in line
+
+
+def test_item09_a_manifest_put_back_after_a_shred_is_refused(
+    store: Store, env: dict[str, str], tmp_path: Path
+) -> None:
+    from sealstore.errors import AuthenticationError
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    store.push(a, "m", keys=["local:"])
+    before = _manifest(store, "m", "1").read_bytes()
+    objects = {
+        p: p.read_bytes() for p in (_root(store) / "objects/default").iterdir() if p.is_file()
+    }
+    store.shred("m:1")
+    # The old manifest (with its key slots) and the objects put back.
+    _manifest(store, "m", "1").write_bytes(before)
+    for p, data in objects.items():
+        p.write_bytes(data)
+    with pytest.raises(AuthenticationError, match="not the one the signed sequence"):
+        Store.open(store.url).pull("m:1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_item09_a_frozen_sequence_expires(
+    store: Store, env: dict[str, str], tmp_path: Path
+) -> None:
+    import time
+
+    from sealstore.errors import AuthenticationError
+    from sealstore.vault import freshness
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    freshness.refresh(store, "default", lifetime=1)
+    saved = _seq_files(store)
+    time.sleep(2.5)  # the store is frozen: nothing re-signs the document past its expiry
+    assert _seq_files(store) == saved
+    with pytest.raises(AuthenticationError, match="expired"):
+        Store.open(store.url).manifest("m")
+    line = fails(run("pull", "m", "-o", tmp_path / "out", env=env), 1)
+    assert "expired at" in line and "sealstore store refresh --tenant default" in line
+    # A publisher re-signs it; the lifetime is back to a day here.
+    ok(run("store", "refresh", "--lifetime", "1", env=env))
+    ok(run("pull", "m", "-o", tmp_path / "out", env=env))
+
+
+def test_item09_concurrent_writers_lose_no_tag(
+    store: Store, keyring: LocalKeyring, tmp_path: Path
+) -> None:
+    import threading
+
+    a = model_dir(tmp_path / "a", {"w.bin": 500})
+    store.push(a, "m", keys=["local:"])
+    start = store.sequence("default").serial
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def writer(k: int) -> None:
+        mine = Store.open(store.url, signer=keyring)
+        barrier.wait()
+        try:
+            for i in range(6):
+                mine.tag("m:1", f"t{k}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    fresh = Store.open(store.url)
+    tags = fresh.tags("m")
+    assert {f"t{k}-{i}" for k in range(3) for i in range(6)} <= set(tags)
+    assert fresh.sequence("default").serial == start + 18
+    assert all(p is None for p in fresh.check_tags("m").values())
+
+
+def test_item09_a_store_from_before_the_sequence_keeps_working(
+    store: Store, keyring: LocalKeyring, tmp_path: Path, sealstore_env: Path
+) -> None:
+    from tests.test_store import same_tree
+
+    a, b, _ = _two_versions(store, tmp_path)
+    # As an older release left it: no sequence, and this machine never saw one.
+    for path in _seq_files(store):
+        Path(path).unlink()
+    trust = json.loads((sealstore_env / "trust.json").read_text())
+    trust.pop("counters", None)
+    (sealstore_env / "trust.json").write_text(json.dumps(trust))
+    old = Store.open(store.url)
+    assert old.sequence("default") is None
+    old.pull("m", tmp_path / "o2")
+    assert same_tree(b, tmp_path / "o2")
+    # The first write lists everything there is.
+    old.tag("m:1", "known-good")
+    seq = old.sequence("default")
+    assert seq.serial == 1 and set(seq.versions("m")) == {"1", "2"}
+    assert set(seq.tags("m")) == {"latest", "known-good"}
+    old.pull("m@known-good", tmp_path / "o1")
+    assert same_tree(a, tmp_path / "o1")
+
+
+def test_item09_restore_writes_a_higher_sequence(
+    store: Store, env: dict[str, str], tmp_path: Path
+) -> None:
+    from sealstore.vault import backup
+    from tests.test_store import same_tree
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    url = f"file://{tmp_path}/backup"
+    snap, _ = backup.create(store, url)
+    assert set(snap.sequences) == {"default"}
+    store.push(model_dir(tmp_path / "b", {"w.bin": 2000}), "m", keys=["local:"])
+    before = store.sequence("default").serial
+    backup.restore(url, store=store)  # latest goes back to m:1, on purpose
+    assert Store.open(store.url).sequence("default").serial > before
+    ok(run("pull", "m", "-o", tmp_path / "out", env=env))
+    assert same_tree(a, tmp_path / "out")
+    ok(run("verify", "--keyless", env=env))

@@ -405,8 +405,7 @@ def _push_version(
         if not store.storage.exists(store.object_path(tenant, e.object)):
             raise BackendError(f"object of {e.path} vanished before the commit (a gc?)")
     # The commit point: visible now, or (FileExistsError) another push won.
-    store.storage.put_new(f"{store.version_dir(tenant, name, version)}/manifest.json",
-                          manifest.sign(signer))  # fmt: skip
+    store.commit_manifest(tenant, name, version, manifest.sign(signer))
     return manifest
 
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused
+from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused, SealstoreError
 from sealstore.kms.registry import default_keyring_path, sealstore_home
 from sealstore.signing import Signer, public_key_bytes, sign_document, verify_document
 from sealstore.vault import access
@@ -414,6 +414,9 @@ class Store:
         from sealstore.errors import SealstoreError
 
         tenant = check_name(tenant or default_tenant(), "tenant")
+        seq = self.sequence(tenant)
+        if seq is not None:
+            return {t: v for t, (v, _) in sorted(seq.tags(name).items())}
         out = {}
         for tag in self.tag_names(name, tenant=tenant):
             try:
@@ -427,6 +430,26 @@ class Store:
         """The names of the artifact's tag files (none read or verified)."""
         tenant = check_name(tenant or default_tenant(), "tenant")
         return self.storage.list(f"tenants/{tenant}/refs/{check_name(name, 'artifact name')}")
+
+    def sequence(self, tenant: str) -> Any:
+        """The tenant's verified sequence (:mod:`sealstore.vault.freshness`); None before one.
+
+        Raises:
+            AuthenticationError: rolled back, expired, damaged or gone.
+        """
+        from sealstore.vault import freshness
+
+        return freshness.current(self, tenant)
+
+    def check_sequence(self, tenant: str) -> str | None:
+        """What is wrong with the tenant's sequence document, or None."""
+        from sealstore.errors import SealstoreError
+
+        try:
+            self.sequence(tenant)
+        except SealstoreError as exc:
+            return str(exc)
+        return None
 
     def tagged_names(self, *, tenant: str | None = None) -> list[str]:
         """Names of the tenant's artifacts that have a version or a tag file.
@@ -450,11 +473,25 @@ class Store:
 
         tenant = check_name(tenant or default_tenant(), "tenant")
         out: dict[str, str | None] = {}
-        for tag in self.tag_names(name, tenant=tenant):
+        try:
+            seq = self.sequence(tenant)
+        except SealstoreError:
+            seq = None  # reported once by check_sequence; the files are still checked
+        listed = seq.tags(name) if seq is not None else {}
+        for tag in sorted(set(self.tag_names(name, tenant=tenant)) | set(listed)):
             try:
-                version, digest = self._read_tag(tenant, name, tag)
+                version, digest = self._read_tag_file(tenant, name, tag)
             except SealstoreError as exc:
                 out[tag] = str(exc)
+                continue
+            if seq is not None and listed.get(tag) != (version, digest):
+                said = listed.get(tag)
+                out[tag] = (
+                    f"{name}@{tag} names {name}:{version}, but the tenant's signed sequence "
+                    + (f"says {name}:{said[0]}" if said else "does not list it")
+                    + " (a tag file rolled back or left by an interrupted write; readers follow "
+                    "the sequence)"
+                )
                 continue
             try:
                 data = self.manifest_bytes(name, version, tenant=tenant)
@@ -475,7 +512,21 @@ class Store:
             out[tag] = None
         return out
 
-    def _read_tag(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
+    def _read_tag(self, tenant: str, name: str, tag: str, seq: Any = False) -> tuple[str, str]:
+        """(version, manifest sha256) of a tag as readers see it: from the tenant's
+        signed sequence when it has one (*seq*: one already read), else its tag file."""
+        if seq is False:
+            seq = self.sequence(tenant)
+        if seq is None:
+            return self._read_tag_file(tenant, name, tag)
+        from sealstore.vault.freshness import fresher
+
+        entry = seq.tag(name, tag) or fresher(self, tenant, seq).tag(name, tag)
+        if entry is None:
+            raise NotFound(f"{name}@{tag} not found in tenant {tenant}")
+        return entry
+
+    def _read_tag_file(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
         try:
             data = self.storage.read(f"tenants/{tenant}/refs/{name}/{tag}")
         except NotFound:
@@ -489,14 +540,27 @@ class Store:
         r = parse_ref(ref) if isinstance(ref, str) else ref
         if r.version:
             return r.name, r.version
+        seq = self.sequence(tenant)
         if r.tag:
-            return r.name, self._read_tag(tenant, r.name, r.tag)[0]
-        if self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest"):
-            return r.name, self._read_tag(tenant, r.name, "latest")[0]
-        versions = self.versions(r.name, tenant=tenant)
+            return r.name, self._read_tag(tenant, r.name, r.tag, seq)[0]
+        return r.name, self._bare(tenant, r.name, seq)[0]
+
+    def _bare(self, tenant: str, name: str, seq: Any) -> tuple[str, str | None]:
+        """(version, tagged manifest sha256 or None) a bare NAME means: NAME@latest if
+        that tag exists, else the newest version."""
+        if seq is not None:
+            entry = seq.tag(name, "latest")
+            if entry is not None:
+                return entry
+            listed = sorted(seq.versions(name), key=_version_key)
+            if listed:
+                return listed[-1], None
+        elif self.storage.exists(f"tenants/{tenant}/refs/{name}/latest"):
+            return self._read_tag_file(tenant, name, "latest")
+        versions = self.versions(name, tenant=tenant)
         if not versions:
-            raise NotFound(f"artifact {r.name} not found in tenant {tenant}")
-        return r.name, versions[-1]
+            raise NotFound(f"artifact {name} not found in tenant {tenant}")
+        return versions[-1], None
 
     def manifest_bytes(self, name: str, version: str, *, tenant: str) -> bytes:
         try:
@@ -519,24 +583,44 @@ class Store:
         """
         tenant = check_name(tenant or default_tenant(), "tenant")
         r = parse_ref(ref) if isinstance(ref, str) else ref
-        tag = r.tag
-        if (
-            r.version is None
-            and tag is None
-            and self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest")
-        ):
-            tag = "latest"  # a bare NAME means NAME@latest when that tag exists
-        if tag is not None:
-            name = r.name
-            version, digest = self._read_tag(tenant, name, tag)
+        seq = self.sequence(tenant)  # one small read: the tag and the manifest's hash
+        name, tag, digest = r.name, r.tag, None
+        if r.version is not None:
+            version = r.version
+        elif tag is not None:
+            version, digest = self._read_tag(tenant, name, tag, seq)
         else:
-            name, version = self.resolve(r, tenant=tenant)
+            version, digest = self._bare(tenant, name, seq)
+            tag = "latest" if digest is not None else None
         data = self.manifest_bytes(name, version, tenant=tenant)
-        if tag is not None and hashlib.sha256(data).hexdigest() != digest:
+        sha = hashlib.sha256(data).hexdigest()
+        if tag is not None and sha != digest:
             raise AuthenticationError(
                 f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
             )
-        return self.check_manifest(data, tenant, name, version), data
+        m = self.check_manifest(data, tenant, name, version)
+        if seq is not None and seq.manifest(name, version) != sha:
+            self._check_listed(tenant, name, version, sha, seq)
+        return m, data
+
+    def _check_listed(self, tenant: str, name: str, version: str, sha: str, seq: Any) -> None:
+        """Refuse a manifest the tenant's sequence does not list (after one look for a
+        newer sequence: a writer may have committed between the two reads)."""
+        from sealstore.vault.freshness import fresher
+
+        listed = fresher(self, tenant, seq).manifest(name, version)
+        if listed == sha:
+            return
+        if listed is None:
+            raise AuthenticationError(
+                f"{name}:{version} is not in the signed sequence of tenant {tenant} (a push "
+                "still committing, or one interrupted: an admin lists it with sealstore "
+                f"store refresh --tenant {tenant} --rebuild)"
+            )
+        raise AuthenticationError(
+            f"the manifest of {name}:{version} is not the one the signed sequence of tenant "
+            f"{tenant} lists (an older manifest put back?)"
+        )
 
     def check_manifest(self, data: bytes, tenant: str, name: str, version: str) -> Manifest:
         """Verify manifest bytes of *tenant*/*name*:*version* with the roles: a publisher
@@ -616,6 +700,8 @@ class Store:
             digest=digest,
         )
         self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
+        self._commit(tenant, versions={(m.name, m.version): digest},
+                     tags={(m.name, tag): (m.version, digest)})  # fmt: skip
         if audit:
             record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
                    detail={"tag": tag})  # fmt: skip
@@ -626,6 +712,7 @@ class Store:
         check_name(name, "artifact name")
         self.require("publisher", tenant)
         self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
+        self._commit(tenant, tags={(name, tag): None})
         from sealstore.vault.auditing import record
 
         record(self, "untag", tenant=tenant, artifact=name, detail={"tag": tag})
@@ -648,6 +735,50 @@ class Store:
                 "or rm); nothing was written, run it again"
             )
         self.storage.put(path, new)
+        self._commit(m.tenant, versions={(m.name, m.version): hashlib.sha256(new).hexdigest()})
+
+    def commit_manifest(self, tenant: str, name: str, version: str, data: bytes) -> None:
+        """Create a version's manifest if absent (a push's commit point) and list it.
+
+        Raises:
+            FileExistsError: the version exists (another push won).
+        """
+        self.storage.put_new(f"{self.version_dir(tenant, name, version)}/manifest.json", data)
+        self._commit(tenant, versions={(name, version): hashlib.sha256(data).hexdigest()})
+
+    def _commit(
+        self,
+        tenant: str,
+        *,
+        versions: Mapping[tuple[str, str], str] | None = None,
+        tags: Mapping[tuple[str, str], tuple[str, str] | None] | None = None,
+    ) -> None:
+        """Record written tags and manifests in the tenant's signed sequence.
+
+        Then the tag files are made to agree with it: of two writers moving one
+        tag at once, the one whose file landed last may not be the one the
+        sequence kept; the sequence wins and the file is re-signed to match.
+        """
+        from sealstore.vault import freshness
+
+        seq = freshness.commit(self, tenant, versions=versions, tags=tags)
+        if tags:
+            seq = freshness.fresher(self, tenant, seq)  # the newest, whoever wrote it
+        for name, tag in tags or {}:
+            entry = seq.tag(name, tag)
+            path = f"tenants/{tenant}/refs/{name}/{tag}"
+            try:
+                now_file = self._read_tag_file(tenant, name, tag)
+            except SealstoreError:
+                now_file = None
+            if entry == now_file:
+                continue
+            if entry is None:
+                self.storage.delete(path)
+            else:
+                self.storage.put(path, sign_tag(self.require("publisher", tenant), store=self.id,
+                                                tenant=tenant, name=name, tag=tag,
+                                                version=entry[0], digest=entry[1]))  # fmt: skip
 
     # Push, pull, verify, shred and rotate live in their own modules.
 
