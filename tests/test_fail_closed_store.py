@@ -288,6 +288,11 @@ def test_item09_a_frozen_sequence_expires(
     # A publisher re-signs it; the lifetime is back to a day here.
     ok(run("store", "refresh", "--lifetime", "1", env=env))
     ok(run("pull", "m", "-o", tmp_path / "out", env=env))
+    # Any write re-signs it too: a tag after the expiry is not refused.
+    freshness.refresh(store, "default", lifetime=1)
+    time.sleep(2.5)
+    ok(run("tag", "m:1", "known-good", env=env))
+    assert Store.open(store.url).manifest("m@known-good").version == "1"
 
 
 def test_item09_concurrent_writers_lose_no_tag(

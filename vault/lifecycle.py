@@ -66,6 +66,7 @@ def rotate(
 
     tenant = check_name(tenant or default_tenant(), "tenant")
     signer = store.require("admin", tenant)  # before any key service is asked for the key
+    store.renew(tenant)
     m, old = store.manifest_with_bytes(ref, tenant=tenant)
     if m.shredded:
         raise ValueError(f"{m.name}:{m.version} was crypto-shredded; nothing to rotate")
@@ -95,6 +96,7 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     from sealstore.vault.store import _version_key, default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
+    store.renew(tenant)
     m, raw = store.manifest_with_bytes(ref, tenant=tenant)
     tomb = m
     if not m.shredded:

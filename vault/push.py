@@ -223,6 +223,7 @@ def push(
         raise ValueError("at least one key (-k URI) is needed to push")
     files = _in_memory(src) if isinstance(src, Mapping) else collect_files(src)
     signer = store.require("publisher", tenant)  # fail before uploading anything
+    store.renew(tenant)  # this push re-signs the sequence anyway
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
     datasets = []
     for ds in spec.datasets:

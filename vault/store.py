@@ -441,6 +441,21 @@ class Store:
 
         return freshness.current(self, tenant)
 
+    def renew(self, tenant: str) -> None:
+        """Before a write: re-sign the tenant's sequence if it has expired.
+
+        A writer is a publisher about to sign a new sequence anyway; an expired
+        one must not stop it from reading what it is about to tag or rotate.
+
+        Raises:
+            AuthenticationError: the sequence is rolled back or damaged.
+        """
+        from sealstore.vault import freshness
+
+        seq = freshness.current(self, tenant, allow_expired=True)
+        if seq is not None and seq.expired:
+            freshness.commit(self, tenant)
+
     def check_sequence(self, tenant: str) -> str | None:
         """What is wrong with the tenant's sequence document, or None."""
         from sealstore.errors import SealstoreError
@@ -686,6 +701,7 @@ class Store:
 
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(tag, "tag")
+        self.renew(tenant)
         m, raw = self.manifest_with_bytes(ref, tenant=tenant)
         if m.shredded:
             raise ValueError(f"{m.name}:{m.version} was crypto-shredded; it cannot be tagged")
