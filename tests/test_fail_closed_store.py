@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,19 +296,17 @@ def test_item09_a_frozen_sequence_expires(
     assert Store.open(store.url).manifest("m@known-good").version == "1"
 
 
-def test_item09_concurrent_writers_lose_no_tag(
-    store: Store, keyring: LocalKeyring, tmp_path: Path
-) -> None:
+def _race_tags(store: Store, keyring: LocalKeyring, tmp_path: Path, **opts: Any) -> None:
+    """Three writers (each its own Store) tag one version six times each, all at once."""
     import threading
 
-    a = model_dir(tmp_path / "a", {"w.bin": 500})
-    store.push(a, "m", keys=["local:"])
+    store.push({"w.bin": b"x" * 500}, "m", keys=["local:"])
     start = store.sequence("default").serial
     errors: list[BaseException] = []
     barrier = threading.Barrier(3)
 
     def writer(k: int) -> None:
-        mine = Store.open(store.url, signer=keyring)
+        mine = Store.open(store.url, signer=keyring, **opts)
         barrier.wait()
         try:
             for i in range(6):
@@ -321,11 +320,26 @@ def test_item09_concurrent_writers_lose_no_tag(
     for t in threads:
         t.join()
     assert not errors, errors
-    fresh = Store.open(store.url)
-    tags = fresh.tags("m")
-    assert {f"t{k}-{i}" for k in range(3) for i in range(6)} <= set(tags)
+    fresh = Store.open(store.url, **opts)
+    assert {f"t{k}-{i}" for k in range(3) for i in range(6)} <= set(fresh.tags("m"))
     assert fresh.sequence("default").serial == start + 18
     assert all(p is None for p in fresh.check_tags("m").values())
+
+
+def test_item09_concurrent_writers_lose_no_tag(
+    store: Store, keyring: LocalKeyring, tmp_path: Path
+) -> None:
+    _race_tags(store, keyring, tmp_path)
+
+
+def test_item09_concurrent_writers_lose_no_tag_on_seaweedfs(
+    services: dict[str, str], keyring: LocalKeyring, tmp_path: Path
+) -> None:
+    from tests.s3util import new_bucket, s3_options
+
+    opts = s3_options(services["s3_url"], services["s3_key"], services["s3_secret"])
+    s3 = Store.init(f"s3://{new_bucket(opts)}/models", signer=keyring, **opts)
+    _race_tags(s3, keyring, tmp_path, **opts)
 
 
 def test_item09_a_store_from_before_the_sequence_keeps_working(

@@ -194,7 +194,13 @@ def current(store: Any, tenant: str, *, allow_expired: bool = False) -> Sequence
         seq: Sequence | None = _read(store, tenant, head_path(tenant))
     except NotFound:
         seq = None
-    if seq is None or seq.serial < seen:
+    if seq is None and not seen:
+        # Never had one, or sequence.json alone was deleted: the numbered ones tell
+        # (a listing, not a probe: the oldest may have been pruned).
+        names = store.storage.list(f"tenants/{tenant}/sequence")
+        if names:
+            seq = _read(store, tenant, f"tenants/{tenant}/sequence/{max(names)}")
+    elif seq is None or seq.serial < seen:
         # Behind: a writer's replacement still landing, or a rollback. The
         # numbered documents tell which.
         newer = _newer(store, tenant, max(seen, seq.serial + 1 if seq else 1))
@@ -336,6 +342,16 @@ def commit(
     if lifetime is not None and not 1 <= lifetime <= MAX_LIFETIME:
         raise ValueError("a sequence's lifetime is between a second and a year")
     for _ in range(_TRIES):
+        seen = pinned_counter(store.id, _counter(tenant))
+        if base.serial < seen:
+            # Another writer here committed past our base: build on its document,
+            # never step over it (its change would be lost).
+            newer = _newer(store, tenant, base.serial + 1)
+            if newer is None and not (rebase or rebuild):
+                newer = current(store, tenant, allow_expired=True)  # or raises the rollback
+            if newer is not None and newer.serial > base.serial:
+                base = newer
+                continue
         arts = copy.deepcopy(base.artifacts)
         for (name, version), sha in (versions or {}).items():
             art = arts.setdefault(name, {"versions": {}, "tags": {}})
@@ -347,16 +363,6 @@ def commit(
             else:
                 art["tags"][tag] = [entry[0], entry[1]]
         arts = {n: a for n, a in sorted(arts.items()) if a["versions"] or a["tags"]}
-        seen = pinned_counter(store.id, _counter(tenant))
-        if base.serial < seen:
-            # Another writer here committed past our base: merge onto its document,
-            # never step over it (its change would be lost).
-            newer = _newer(store, tenant, base.serial + 1)
-            if newer is not None:
-                base = newer
-                continue
-            if not (rebase or rebuild):
-                current(store, tenant, allow_expired=True)  # raises the rollback
         serial = max(base.serial, seen) + 1  # above seen only for a rebase
         life = lifetime or base.lifetime
         issued = datetime.now(UTC)
@@ -375,7 +381,12 @@ def commit(
             store.storage.put_new(numbered_path(tenant, serial), data)  # the commit point
         except FileExistsError:
             # Another writer took this serial: build on its document instead.
-            base = _newer(store, tenant, serial) or base
+            try:
+                base = _newer(store, tenant, serial) or base
+            except SealstoreError:
+                if not (rebase or rebuild):
+                    raise
+                # A damaged document holds the serial: a restore steps over it.
             if base.serial < serial:  # it vanished again (pruned): step over it
                 base = Sequence(tenant, serial, base.expires, base.lifetime, base.artifacts)
             continue

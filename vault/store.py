@@ -411,8 +411,6 @@ class Store:
         Raises:
             AuthenticationError, FormatError: a tag fails (unless *skip_damaged*).
         """
-        from sealstore.errors import SealstoreError
-
         tenant = check_name(tenant or default_tenant(), "tenant")
         seq = self.sequence(tenant)
         if seq is not None:
@@ -458,8 +456,6 @@ class Store:
 
     def check_sequence(self, tenant: str) -> str | None:
         """What is wrong with the tenant's sequence document, or None."""
-        from sealstore.errors import SealstoreError
-
         try:
             self.sequence(tenant)
         except SealstoreError as exc:
@@ -484,8 +480,6 @@ class Store:
         exists with the very manifest it signs. A tag naming a missing or
         unreadable version is damage: readers of that tag get nothing.
         """
-        from sealstore.errors import SealstoreError
-
         tenant = check_name(tenant or default_tenant(), "tenant")
         out: dict[str, str | None] = {}
         try:
@@ -716,8 +710,9 @@ class Store:
             digest=digest,
         )
         self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
-        self._commit(tenant, versions={(m.name, m.version): digest},
-                     tags={(m.name, tag): (m.version, digest)})  # fmt: skip
+        # Only the tag: the version is listed already (manifest_with_bytes checked),
+        # and re-listing the digest read here could undo a rotation committed since.
+        self._commit(tenant, tags={(m.name, tag): (m.version, digest)})
         if audit:
             record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
                    detail={"tag": tag})  # fmt: skip
