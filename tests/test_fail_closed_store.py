@@ -385,3 +385,27 @@ def test_item09_restore_writes_a_higher_sequence(
     ok(run("pull", "m", "-o", tmp_path / "out", env=env))
     assert same_tree(a, tmp_path / "out")
     ok(run("verify", "--keyless", env=env))
+
+
+def test_item09_ways_out_of_a_rollback(store: Store, env: dict[str, str], tmp_path: Path) -> None:
+    from sealstore.vault import backup
+    from tests.test_store import same_tree
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    saved = _seq_files(store)
+    url = f"file://{tmp_path}/backup"
+    backup.create(store, url)
+    store.push(model_dir(tmp_path / "b", {"w.bin": 2000}), "m", keys=["local:"])
+    _put_back(store, saved)
+    fails(run("pull", "m", "-o", tmp_path / "out", env=env), 1)
+    # A restore writes a sequence above anything seen: served again, as the snapshot had it.
+    ok(run("backup", "restore", "--from", url, env=env))
+    ok(run("pull", "m", "-o", tmp_path / "out", env=env))
+    assert same_tree(a, tmp_path / "out")
+    # Or, with no backup, an admin accepts what the storage holds now.
+    _put_back(store, saved)
+    fails(run("pull", "m", "-o", tmp_path / "out2", env=env), 1)
+    ok(run("store", "refresh", "--rebuild", env=env))
+    ok(run("pull", "m:2", "-o", tmp_path / "out2", env=env))
+    ok(run("verify", "--keyless", env=env))
