@@ -378,6 +378,7 @@ def test_item09_restore_writes_a_higher_sequence(
     url = f"file://{tmp_path}/backup"
     snap, _ = backup.create(store, url)
     assert set(snap.sequences) == {"default"}
+    assert backup.verify(url).ok
     store.push(model_dir(tmp_path / "b", {"w.bin": 2000}), "m", keys=["local:"])
     before = store.sequence("default").serial
     backup.restore(url, store=store)  # latest goes back to m:1, on purpose

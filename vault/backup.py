@@ -923,6 +923,15 @@ def verify(
             users.setdefault(blob, []).append(f"{rec.tenant}/{m.name}:{m.version}/{e.path}")
             if snap.objects.get(blob) != e.object_size:
                 res.problems.append(f"{rec.ref}: object {blob} is not listed in the snapshot")
+    for tenant, sha in sorted(snap.sequences.items()):
+        where = f"sequence of tenant {tenant}"
+        try:
+            seq = loads(_read_doc(dest, sha, where), where)
+            verify_document("sequence", seq, signers, what=where)
+            if (seq.get("store"), seq.get("tenant")) != (snap.store, tenant):
+                raise AuthenticationError(f"{where} belongs to another store or tenant")
+        except SealstoreError as exc:
+            res.problems.append(str(exc))
     for t in snap.tags:
         where = f"tag {t.tenant}/{t.name}@{t.tag}"
         try:
