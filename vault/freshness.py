@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -55,8 +56,11 @@ from sealstore.vault.manifest import check_name, dumps, loads, verify_tag
 __all__ = [
     "DEFAULT_LIFETIME",
     "Sequence",
+    "bootstrap",
     "commit",
     "current",
+    "document",
+    "fresher",
     "refresh",
 ]
 
@@ -66,16 +70,19 @@ MAX_LIFETIME = 366 * 24 * 3600
 KEEP = 32  # numbered documents kept behind the newest (a lagging writer's window)
 _TRIES = 64
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Changes a writer applies: (name, version) -> manifest sha256, (name, tag) -> entry or None.
 TagEntry = tuple[str, str]  # (version, manifest sha256)
 
 
 def head_path(tenant: str) -> str:
+    """Where readers find the tenant's current document."""
     return f"tenants/{tenant}/sequence.json"
 
 
 def numbered_path(tenant: str, serial: int) -> str:
+    """Where the document of *serial* is committed (zero-padded: names sort by serial)."""
     return f"tenants/{tenant}/sequence/{serial:012d}.json"
 
 
@@ -147,12 +154,12 @@ def _parse(store: Any, tenant: str, data: bytes, where: str) -> Sequence:
             check_name(name, "artifact name")
             for v, sha in art["versions"].items():
                 check_name(v, "version")
-                if not isinstance(sha, str) or len(sha) != 64:
+                if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
                     raise ValueError(sha)
             for t, entry in art["tags"].items():
                 check_name(t, "tag")
                 check_name(entry[0], "version")
-                if not isinstance(entry[1], str) or len(entry) != 2:
+                if len(entry) != 2 or not _SHA256.fullmatch(str(entry[1])):
                     raise ValueError(entry)
     except (KeyError, TypeError, ValueError, IndexError):
         raise FormatError(f"{where} is malformed") from None
