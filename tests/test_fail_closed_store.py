@@ -410,3 +410,29 @@ def test_item09_ways_out_of_a_rollback(store: Store, env: dict[str, str], tmp_pa
     ok(run("store", "refresh", "--rebuild", env=env))
     ok(run("pull", "m:2", "-o", tmp_path / "out2", env=env))
     ok(run("verify", "--keyless", env=env))
+
+
+def test_item09_a_pull_reads_one_small_object_at_most_beyond_the_manifest(
+    store: Store, tmp_path: Path
+) -> None:
+    store.push({"w.bin": b"x" * 500}, "m", keys=["local:"])
+    reader = Store.open(store.url)
+    seen: list[str] = []
+    real_read, real_exists = reader.storage.read, reader.storage.exists
+
+    def read(path: str) -> bytes:
+        seen.append(path)
+        return real_read(path)
+
+    def exists(path: str) -> bool:
+        seen.append(path)
+        return real_exists(path)
+
+    reader.storage.read = read  # type: ignore[method-assign]
+    reader.storage.exists = exists  # type: ignore[method-assign]
+    for ref in ("m", "m@latest", "m:1"):
+        seen.clear()
+        reader.manifest(ref)
+        # The sequence (which also resolves the tag) and the manifest: nothing else.
+        wanted = ["tenants/default/sequence.json", "tenants/default/artifacts/m/1/manifest.json"]
+        assert seen == wanted, ref
