@@ -520,8 +520,11 @@ def verify_store(args: argparse.Namespace) -> int:
         print(f"sealstore: not checked: {ref}: {p}", file=sys.stderr)
     took = time.perf_counter() - start
     bad = len({ref for ref, _ in damage})
-    _say(args, f"verified {len(results)} version(s) and {ntags} tag(s) in {took:.2f} s: "
-               f"{bad} damaged, {len(unchecked)} not checked")  # fmt: skip
+    _say(
+        args,
+        f"verified {len(results)} version(s) and {ntags} tag(s) in {took:.2f} s: "
+        f"{bad} damaged, {len(unchecked)} not checked",
+    )
     if not results and not ntags:
         raise ValueError("nothing to verify: the tenant has no artifacts")
     if damage:

@@ -1291,8 +1291,8 @@ def _restore_tags(
         keep = {t.tag for t in tags if (t.tenant, t.name) == (rec.tenant, rec.name)}
         keep |= {"latest", KNOWN_GOOD}
         _point(store, rec.tenant, rec.name, rec.version, "latest", report)
-        for tag in sorted(set(store.tag_names(rec.name, tenant=rec.tenant))
-                          | set(store.tags(rec.name, tenant=rec.tenant))):  # fmt: skip
+        named = set(store.tag_names(rec.name, tenant=rec.tenant))
+        for tag in sorted(named | set(store.tags(rec.name, tenant=rec.tenant))):
             if tag not in keep:
                 store.untag(rec.name, tag, tenant=rec.tenant)
                 report.untagged.append(f"{rec.tenant}/{rec.name}@{tag}")

@@ -344,8 +344,9 @@ def commit(
         base = current(store, tenant, allow_expired=True)
     if base is None or rebuild:
         arts = bootstrap(store, tenant)
-        base = Sequence(tenant, base.serial if base else 0, "", base.lifetime if base else
-                        DEFAULT_LIFETIME, arts)  # fmt: skip
+        serial = base.serial if base else 0
+        life = base.lifetime if base else DEFAULT_LIFETIME
+        base = Sequence(tenant, serial, "", life, arts)
     if lifetime is not None and not 1 <= lifetime <= MAX_LIFETIME:
         raise ValueError("a sequence's lifetime is between a second and a year")
     for _ in range(_TRIES):

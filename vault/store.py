@@ -787,9 +787,17 @@ class Store:
             if entry is None:
                 self.storage.delete(path)
             else:
-                self.storage.put(path, sign_tag(self.require("publisher", tenant), store=self.id,
-                                                tenant=tenant, name=name, tag=tag,
-                                                version=entry[0], digest=entry[1]))  # fmt: skip
+                signer = self.require("publisher", tenant)
+                data = sign_tag(
+                    signer,
+                    store=self.id,
+                    tenant=tenant,
+                    name=name,
+                    tag=tag,
+                    version=entry[0],
+                    digest=entry[1],
+                )
+                self.storage.put(path, data)
 
     # Push, pull, verify, shred and rotate live in their own modules.
 
