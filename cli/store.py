@@ -85,6 +85,24 @@ def register(sub: Any) -> None:
     rot.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
     _where(rot)
     rot.set_defaults(func=_rotate)
+    ref = ssub.add_parser(
+        "refresh",
+        help="re-sign the tenant's sequence with a new expiry (publisher; run before it expires)",
+        description="Every tag and manifest write re-signs the tenant's sequence (the signed "
+        "list of current tags and manifests that readers check for rollback); it expires "
+        "after a week by default, and an expired one is refused. Refresh it where a tenant "
+        "sees no writes for that long (e.g. daily from cron).",
+    )
+    ref.add_argument(
+        "--lifetime", type=float, metavar="DAYS", help="days until it expires (default: a week)"
+    )
+    ref.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="admin: list what the storage holds now (after a rollback with no backup)",
+    )
+    _where(ref)
+    ref.set_defaults(func=_refresh)
     gc = ssub.add_parser("gc", help="delete objects left by interrupted pushes")
     gc.add_argument(
         "--grace",
@@ -258,6 +276,17 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    from sealstore.vault.freshness import refresh
+    from sealstore.vault.store import default_tenant
+
+    tenant = args.tenant or default_tenant()
+    lifetime = None if args.lifetime is None else round(args.lifetime * 86400)
+    seq = refresh(_open(args), tenant, lifetime=lifetime, rebuild=args.rebuild)
+    _say(args, f"tenant {tenant}: sequence {seq.serial}, expires {seq.expires}")
+    return 0
+
+
 def _gc(args: argparse.Namespace) -> int:
     from sealstore.vault.lifecycle import gc
 
@@ -333,6 +362,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from sealstore.errors import AuthenticationError, NotFound, SealstoreError
     from sealstore.vault.store import default_tenant
 
     store = _open(args)
@@ -341,35 +371,62 @@ def _ls(args: argparse.Namespace) -> int:
         rows = []
         for name in store.artifacts(tenant=tenant):
             versions = store.versions(name, tenant=tenant)
-            rows.append(
-                {"name": name, "versions": versions, "tags": store.tags(name, tenant=tenant)}
-            )
+            checked = store.check_tags(name, tenant=tenant)
+            tags = store.tags(name, tenant=tenant, skip_damaged=True)
+            rows.append({
+                "name": name,
+                "versions": versions,
+                "tags": {t: v for t, v in tags.items() if checked.get(t) is None},
+                "damaged_tags": sorted(t for t, p in checked.items() if p is not None),
+            })  # fmt: skip
         if args.json:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
             tags = " ".join(f"{t}={v}" for t, v in sorted(row["tags"].items()))
-            print(f"{row['name']}\t{len(row['versions'])} version(s)\t{tags}")
+            tags += "".join(f" {t}=DAMAGED" for t in row["damaged_tags"])
+            print(f"{row['name']}\t{len(row['versions'])} version(s)\t{tags}".rstrip())
         return 0
-    tags = store.tags(args.name, tenant=tenant)
-    out = []
-    for v in store.versions(args.name, tenant=tenant):
-        m = store.manifest(f"{args.name}:{v}", tenant=tenant)
-        out.append({
+    versions = store.versions(args.name, tenant=tenant)
+    problems = store.check_tags(args.name, tenant=tenant)
+    if not versions and not problems:
+        raise NotFound(f"artifact {args.name} not found in tenant {tenant}")
+    tags = store.tags(args.name, tenant=tenant, skip_damaged=True)
+    out: list[dict[str, Any]] = []
+    for v in versions:
+        row: dict[str, Any] = {
             "version": v,
-            "created": m.created,
-            "files": len(m.files),
-            "size": m.size,
-            "tags": sorted(t for t, tv in tags.items() if tv == v),
-            "shredded": m.shredded,
-        })  # fmt: skip
+            "tags": sorted(t for t, tv in tags.items() if tv == v and problems.get(t) is None),
+        }
+        try:
+            m = store.manifest(f"{args.name}:{v}", tenant=tenant)
+        except SealstoreError as exc:
+            # One bad manifest is marked, never a reason to hide the good ones.
+            out.append(dict(row, damaged=str(exc)))
+            continue
+        row.update(created=m.created, files=len(m.files), size=m.size, shredded=m.shredded)
+        out.append(row)
+    # Tags whose version is missing or unreadable: damage, shown where they point.
+    for tag, problem in sorted(problems.items()):
+        if problem is not None:
+            out.append({"tag": tag, "version": tags.get(tag), "damaged": problem})
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
-    for row in out:
-        state = f"SHREDDED {row['shredded']}" if row["shredded"] else human_bytes(row["size"])
-        tagtext = " ".join(row["tags"])
-        print(f"{args.name}:{row['version']}\t{row['created']}\t{row['files']} file(s)\t"
-              f"{state}\t{tagtext}".rstrip())  # fmt: skip
+    for row in [] if args.json else out:
+        if "tag" in row:
+            print(f"{args.name}@{row['tag']}\tDAMAGED\t{row['damaged']}")
+        elif "damaged" in row:
+            print(f"{args.name}:{row['version']}\tDAMAGED\t{row['damaged']}")
+        else:
+            state = f"SHREDDED {row['shredded']}" if row["shredded"] else human_bytes(row["size"])
+            tagtext = " ".join(row["tags"])
+            print(f"{args.name}:{row['version']}\t{row['created']}\t{row['files']} file(s)\t"
+                  f"{state}\t{tagtext}".rstrip())  # fmt: skip
+    bad = [r for r in out if "damaged" in r]
+    if bad:
+        raise AuthenticationError(
+            f"{args.name}: {len(bad)} damaged entr{'y' if len(bad) == 1 else 'ies'} "
+            f"(details: sealstore verify {args.name})"
+        )
     return 0
 
 
@@ -490,37 +547,82 @@ def _bom_export(args: argparse.Namespace) -> int:
 
 
 def verify_store(args: argparse.Namespace) -> int:
-    """``sealstore verify [NAME[:VERSION]] --store URL``: every signature, hash and chunk."""
+    """``sealstore verify [NAME[:VERSION]] --store URL``: every signature, hash and chunk.
+
+    Every problem is reported, not only the first. Damage wins the exit code:
+    1 if anything is damaged (a version, or a tag naming a missing or
+    unreadable version), else 4 if some versions could not be opened with
+    this machine's keys (listed separately as not checked), else 0.
+    """
+    from sealstore.errors import AuthenticationError, KeyUnavailable
+    from sealstore.vault.manifest import parse_ref
+    from sealstore.vault.store import default_tenant
+
     store = _open(args)
+    tenant = args.tenant or default_tenant()
     start = time.perf_counter()
     with Progress("verify", None, enabled=not args.no_progress and not args.quiet) as bar:
         results = store.verify(
             args.file,
-            tenant=args.tenant,
+            tenant=tenant,
             identities=args.identity,
             threads=args.threads,
             decrypt=not args.keyless,
             progress=bar,
         )
-    bad = 0
+        # A version no key opens here is still checked without one: its
+        # signatures and object hashes can show damage all the same.
+        keyless = {
+            r.ref: store.verify(r.ref, tenant=tenant, decrypt=False)[0] for r in results if r.no_key
+        }
+    damage: list[tuple[str, str]] = []
+    unchecked: list[tuple[str, str]] = []
     for r in results:
+        problems = list(r.problems)
+        if r.no_key:
+            # verify() stops a version at the first slot failure, so that one
+            # is the last problem; any before it is damage.
+            unchecked.append((r.ref, problems.pop()))
+            problems += [p for p in keyless[r.ref].problems if p not in problems]
+        damage += [(r.ref, p) for p in problems]
         if r.ok:
             _say(args, f"{r.ref}: OK ({r.files} file(s), {human_bytes(r.bytes)})")
-        else:
-            bad += 1
-            for p in r.problems:
-                where = "" if p.startswith(r.ref.split(" ")[0]) else f"{r.ref}: "
-                print(f"sealstore: error: {where}{p}", file=sys.stderr)
+    names: list[str] = []
+    if args.file is None:
+        names = store.tagged_names(tenant=tenant)
+    elif parse_ref(args.file).version is None:
+        names = [parse_ref(args.file).name]
+    if args.file is None or names:
+        problem = store.check_sequence(tenant)
+        if problem is not None:
+            damage.append((f"sequence of tenant {tenant}", problem))
+    ntags = 0
+    for name in names:
+        for tag, problem in store.check_tags(name, tenant=tenant).items():
+            ntags += 1
+            if problem is not None:
+                damage.append((f"{name}@{tag}", problem))
+    for ref, p in damage:
+        where = "" if p.startswith(ref.split(" ")[0].split("@")[0]) else f"{ref}: "
+        print(f"sealstore: error: {where}{p}", file=sys.stderr)
+    for ref, p in unchecked:
+        print(f"sealstore: not checked: {ref}: {p}", file=sys.stderr)
     took = time.perf_counter() - start
-    _say(args, f"verified {len(results)} version(s) in {took:.2f} s: {bad} damaged")
-    if not results:
+    bad = len({ref for ref, _ in damage})
+    _say(
+        args,
+        f"verified {len(results)} version(s) and {ntags} tag(s) in {took:.2f} s: "
+        f"{bad} damaged, {len(unchecked)} not checked",
+    )
+    if not results and not ntags:
         raise ValueError("nothing to verify: the tenant has no artifacts")
-    if any(r.no_key for r in results):
-        from sealstore.errors import KeyUnavailable
-
-        raise KeyUnavailable(f"{bad} of {len(results)} version(s) could not be opened to verify")
-    if bad:
-        from sealstore.errors import AuthenticationError
-
-        raise AuthenticationError(f"{bad} of {len(results)} version(s) failed verification")
+    if damage:
+        also = f" ({len(unchecked)} more could not be checked here)" if unchecked else ""
+        raise AuthenticationError(
+            f"{bad} of {len(results) + ntags} version(s) and tag(s) failed verification{also}"
+        )
+    if unchecked:
+        raise KeyUnavailable(
+            f"{len(unchecked)} of {len(results)} version(s) could not be opened to verify"
+        )
     return 0

@@ -95,10 +95,14 @@ def test_documents_signed_without_the_role_are_refused(
     for tenant in ("a", "b"):
         store.push(small(tmp_path), "w", tenant=tenant, keys=["local:"])
         store.push(small(tmp_path), "x", tenant=tenant, keys=["local:"])
-    # A publisher of a re-signs manifests (a well-formed signature each).
-    for tenant in ("a", "b"):
-        m = store.manifest("w:1", tenant=tenant)
-        store.storage.put(manifest_path(tenant, "w", "1"), m.sign(pub))
+    # A publisher of a re-signs manifests (a well-formed signature each): in a
+    # as a store write (listed in a's signed sequence), in b straight into the bucket.
+    m = store.manifest("w:1", tenant="a")
+    Store.open(store.url, signer=pub).replace_manifest(
+        m, store.manifest_bytes("w", "1", tenant="a"), m.sign(pub)
+    )
+    m = store.manifest("w:1", tenant="b")
+    store.storage.put(manifest_path("b", "w", "1"), m.sign(pub))
     reader = Store.open(store.url)
     assert reader.manifest("w:1", tenant="a").signer == kid(pub)
     with pytest.raises(AuthenticationError, match="untrusted key"):
@@ -106,14 +110,19 @@ def test_documents_signed_without_the_role_are_refused(
     with pytest.raises(AuthenticationError, match="untrusted key"):
         reader.pull("w:1", tmp_path / "out", tenant="b")
     assert not (tmp_path / "out").exists()
-    # A tag of b signed by it.
+    # A tag of b signed by it -- and the sequence of b that readers resolve tags with.
     raw = store.manifest_bytes("x", "1", tenant="b")
     digest = hashlib.sha256(raw).hexdigest()
     forged = sign_tag(pub, store=store.id, tenant="b", name="x", tag="latest", version="1",
                       digest=digest)  # fmt: skip
     store.storage.put("tenants/b/refs/x/latest", forged)
+    seq = json.loads(store.storage.read("tenants/b/sequence.json"))
+    body = {k: v for k, v in seq.items() if k not in ("signer", "signature")}
+    body["serial"] += 1
+    store.storage.put("tenants/b/sequence.json", dumps(sign_document("sequence", body, pub)))
     with pytest.raises(AuthenticationError, match="untrusted key"):
         reader.manifest("x@latest", tenant="b")
+    store.storage.put("tenants/b/sequence.json", dumps(seq))
     # A crypto-shred tombstone in its own tenant: a publisher cannot destroy a version.
     m = store.manifest("x:1", tenant="a")
     tomb = dataclasses.replace(m, slots=(), shredded=now(), signer=kid(pub))
@@ -126,7 +135,10 @@ def test_documents_signed_without_the_role_are_refused(
     done = as_admin.shred("w:1", tenant="a")
     assert done.shredded and done.signer == kid(pub)
     assert Store.open(store.url).manifest("w:1", tenant="a").shredded == done.shredded
-    assert Store.open(store.url).manifest("x:1", tenant="a").shredded == tomb.shredded
+    # The tombstone put into the bucket earlier is a valid signature now, but no
+    # store write listed it in a's signed sequence: still refused.
+    with pytest.raises(AuthenticationError, match="signed sequence"):
+        Store.open(store.url).manifest("x:1", tenant="a")
     with pytest.raises(Refused, match="needs the admin role in tenant b"):
         as_admin.shred("x:1", tenant="b")
 

@@ -171,8 +171,14 @@ def test_manifest_signed_by_an_unknown_key_is_refused(
         store.manifest("w:1")
     with pytest.raises(AuthenticationError, match="untrusted key"):
         store.pull("w:1", tmp_path / "out")
-    # Once the root adds that signer, its manifests are accepted.
+    # Once the root adds that signer, its manifests are accepted -- those it
+    # writes, not bytes put in the bucket, which the tenant's signed sequence
+    # does not list.
     store.add_signer(str(other.signing_key_id))
+    with pytest.raises(AuthenticationError, match="signed sequence"):
+        Store.open(store.url).manifest("w:1")
+    theirs = Store.open(store.url, signer=other)
+    theirs.replace_manifest(m, store.storage.read(path), m.sign(other))
     assert Store.open(store.url).manifest("w:1").signer == other.signing_key_id
 
 

@@ -7,8 +7,10 @@ under ``"*"``. The root key is admin everywhere.
 
 Every write to a store is a signed document, so the roles are enforced where
 it counts -- on reading: a manifest or tag of tenant T is accepted only if
-its signer is at least a publisher of T, a crypto-shred tombstone, a rotated
-manifest or a safe-mode state only if an admin signed it. A key with the
+its signer is at least a publisher of T, and so is T's signed sequence (the
+freshness record every tag and manifest write re-signs,
+``sealstore.vault.freshness``); a crypto-shred tombstone, a rotated manifest
+or a safe-mode state only if an admin signed it. A key with the
 wrong role can write bytes into the bucket, but every reader refuses them.
 Writers also check their own role first, to fail before uploading anything.
 

@@ -51,6 +51,7 @@ from sealstore.format import Preamble, read_preamble
 from sealstore.keys import KeySlot
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.signing import sign_document, verify_document
+from sealstore.vault import freshness
 from sealstore.vault.auditing import record
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import (
@@ -181,6 +182,8 @@ class Snapshot:
     recipients: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()
     signer: str | None = None
+    # tenant -> SHA-256 of its signed sequence document (sealstore.vault.freshness)
+    sequences: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -193,6 +196,7 @@ class Snapshot:
             if v.bom:
                 out.add(v.bom)
         out |= {t.doc for t in self.tags}
+        out |= set(self.sequences.values())
         return out
 
     def blobs(self) -> set[str]:
@@ -212,6 +216,7 @@ class Snapshot:
             "objects": dict(sorted(self.objects.items())),
             "recipients": list(self.recipients),
             "damaged": list(self.damaged),
+            "sequences": dict(sorted(self.sequences.items())),
         }
 
 
@@ -427,6 +432,10 @@ def load_snapshot(
             recipients=tuple(str(r) for r in body.get("recipients", [])),
             damaged=tuple(str(d) for d in body.get("damaged", [])),
             signer=body.get("signer"),
+            sequences={
+                check_name(t, "tenant"): _hex(h)
+                for t, h in dict(body.get("sequences") or {}).items()
+            },
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(f"{where} is malformed: {exc}") from None
@@ -651,8 +660,20 @@ def create(
             damaged.append(f"{ref}: {why}" + ("; kept from the previous snapshot" if old else ""))
             return _Planned(old, None, {}) if old is not None else None
 
+        sequences: dict[str, bytes] = {}
         for tenant in store.storage.list("tenants"):
-            for name in store.storage.list(f"tenants/{tenant}/artifacts"):
+            # The tenant's signed sequence: recorded, and every tag file checked
+            # against it (an older tag copied back is damage, not the tag).
+            try:
+                seq = store.sequence(tenant)
+            except SealstoreError as exc:
+                damaged.append(f"sequence of tenant {tenant}: {exc}")
+                seq = None
+            if seq is not None:
+                sequences[tenant] = freshness.document(store, tenant, seq)
+            names = set(store.storage.list(f"tenants/{tenant}/artifacts"))
+            names |= set(store.storage.list(f"tenants/{tenant}/refs"))
+            for name in sorted(names):
                 for version in store.versions(name, tenant=tenant):
                     ref = f"{tenant}/{name}:{version}"
                     try:
@@ -690,6 +711,11 @@ def create(
                         tv, _ = verify_tag(raw, store.signers_for(tenant, "publisher"),
                                            store=store.id, tenant=tenant, name=name,
                                            tag=tag)  # fmt: skip
+                        if seq is not None and seq.tag(name, tag) != (tv, _):
+                            raise AuthenticationError(
+                                f"names {name}:{tv}, not what the tenant's signed sequence says "
+                                "(rolled back?)"
+                            )
                     except (AuthenticationError, FormatError, NotFound, ValueError) as exc:
                         damaged.append(f"tag {tenant}/{name}@{tag}: {exc}")
                         old_tag = prev_tags.get((tenant, name, tag))
@@ -761,6 +787,8 @@ def create(
             tag_records.append(t)
             if raw:
                 docs[t.doc] = raw
+        for data in sequences.values():
+            docs[hashlib.sha256(data).hexdigest()] = data
         for sha, data in docs.items():
             if f"sha256-{sha}" not in have_docs:
                 dest.put(_doc_path(sha), data)
@@ -786,6 +814,7 @@ def create(
             objects=objects,
             recipients=tuple(recovery_recipients),
             damaged=tuple(damaged),
+            sequences={t: hashlib.sha256(d).hexdigest() for t, d in sequences.items()},
         )
         # Every blob the snapshot names must be there now: a prune that ran
         # meanwhile despite the locks must not leave a snapshot naming missing blobs.
@@ -894,6 +923,15 @@ def verify(
             users.setdefault(blob, []).append(f"{rec.tenant}/{m.name}:{m.version}/{e.path}")
             if snap.objects.get(blob) != e.object_size:
                 res.problems.append(f"{rec.ref}: object {blob} is not listed in the snapshot")
+    for tenant, sha in sorted(snap.sequences.items()):
+        where = f"sequence of tenant {tenant}"
+        try:
+            seq = loads(_read_doc(dest, sha, where), where)
+            verify_document("sequence", seq, signers, what=where)
+            if (seq.get("store"), seq.get("tenant")) != (snap.store, tenant):
+                raise AuthenticationError(f"{where} belongs to another store or tenant")
+        except SealstoreError as exc:
+            res.problems.append(str(exc))
     for t in snap.tags:
         where = f"tag {t.tenant}/{t.name}@{t.tag}"
         try:
@@ -1136,15 +1174,25 @@ def restore(
         report.problems.append(f"{jobs[i][0].ref}: {exc}")
         failed.add(jobs[i][0].ref)
     store.storage.sync(store.object_path(rec.tenant, e.object) for rec, e in jobs)
-    for rec, m, write in writes:
+    listed: dict[str, dict[tuple[str, str], str]] = {t.tenant: {} for t in tags}
+    for rec, _m, write in writes:
         if rec.ref in failed:
             continue
+        path = f"{store.version_dir(rec.tenant, rec.name, rec.version)}/manifest.json"
         if write is not None:
-            store.storage.put(
-                f"{store.version_dir(rec.tenant, rec.name, rec.version)}/manifest.json", write
-            )
+            store.storage.put(path, write)
             report.restored.append(rec.ref)
             stats.docs_written += 1
+        sha = hashlib.sha256(write if write is not None else store.storage.read(path))
+        listed.setdefault(rec.tenant, {})[(rec.name, rec.version)] = sha.hexdigest()
+    # A restore moves tags and manifests back on purpose: it writes a new sequence
+    # with a serial above any seen (never a rollback), built on the newest one
+    # that verifies, or on what the store holds now if none does.
+    for t_name, versions_now in sorted(listed.items()):
+        freshness.commit(store, t_name, versions=versions_now, rebase=True)
+    for rec, m, _write in writes:
+        if rec.ref in failed:
+            continue
         if identities and rec.escrow and not m.shredded:
             try:
                 if _add_escrow(store, rec, identities):
@@ -1243,7 +1291,8 @@ def _restore_tags(
         keep = {t.tag for t in tags if (t.tenant, t.name) == (rec.tenant, rec.name)}
         keep |= {"latest", KNOWN_GOOD}
         _point(store, rec.tenant, rec.name, rec.version, "latest", report)
-        for tag in store.storage.list(f"tenants/{rec.tenant}/refs/{rec.name}"):
+        named = set(store.tag_names(rec.name, tenant=rec.tenant))
+        for tag in sorted(named | set(store.tags(rec.name, tenant=rec.tenant))):
             if tag not in keep:
                 store.untag(rec.name, tag, tenant=rec.tenant)
                 report.untagged.append(f"{rec.tenant}/{rec.name}@{tag}")
@@ -1275,6 +1324,12 @@ def _set_tag(
         if current != raw:
             store.storage.put(path, raw)
             report.tags.append(f"{where} -> {t.version}")
+        try:
+            served = store._read_tag(t.tenant, t.name, t.tag)
+        except SealstoreError:
+            served = None
+        if served != (t.version, digest):
+            store._commit(t.tenant, tags={(t.name, t.tag): (t.version, digest)})
         return
     # The manifest changed since (escrow added, a rotation): the old tag no longer names it.
     _point(store, t.tenant, t.name, t.version, t.tag, report)

@@ -29,7 +29,7 @@ def _retag(store: Any, m: Manifest, old_digest: str, tenant: str) -> list[str]:
     from sealstore.errors import SealstoreError
 
     moved = []
-    for tag in store.storage.list(f"tenants/{tenant}/refs/{m.name}"):
+    for tag in _all_tags(store, tenant, m.name):
         try:
             version, digest = store._read_tag(tenant, m.name, tag)
         except SealstoreError:
@@ -37,6 +37,11 @@ def _retag(store: Any, m: Manifest, old_digest: str, tenant: str) -> list[str]:
         if version == m.version and digest == old_digest:
             moved.append(tag)
     return moved
+
+
+def _all_tags(store: Any, tenant: str, name: str) -> list[str]:
+    """Tags of the artifact: its tag files and those its tenant's sequence lists."""
+    return sorted(set(store.tag_names(name, tenant=tenant)) | set(store.tags(name, tenant=tenant)))
 
 
 def rotate(
@@ -61,6 +66,7 @@ def rotate(
 
     tenant = check_name(tenant or default_tenant(), "tenant")
     signer = store.require("admin", tenant)  # before any key service is asked for the key
+    store.renew(tenant)
     m, old = store.manifest_with_bytes(ref, tenant=tenant)
     if m.shredded:
         raise ValueError(f"{m.name}:{m.version} was crypto-shredded; nothing to rotate")
@@ -90,6 +96,7 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     from sealstore.vault.store import _version_key, default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
+    store.renew(tenant)
     m, raw = store.manifest_with_bytes(ref, tenant=tenant)
     tomb = m
     if not m.shredded:
@@ -100,14 +107,18 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
     for entry in m.files:
         store.storage.delete(store.object_path(tenant, entry.object))
     latest_moved = False
-    for tag in store.storage.list(f"tenants/{tenant}/refs/{m.name}"):
+    dropped: dict[tuple[str, str], None] = {}
+    for tag in _all_tags(store, tenant, m.name):
         try:
             version, _ = store._read_tag(tenant, m.name, tag)
         except Exception:
             version = m.version
         if version == m.version:
             store.storage.delete(f"tenants/{tenant}/refs/{m.name}/{tag}")
+            dropped[(m.name, tag)] = None
             latest_moved |= tag == "latest"
+    if dropped:
+        store._commit(tenant, tags=dropped)
     if latest_moved:
         for v in sorted(store.versions(m.name, tenant=tenant), key=_version_key, reverse=True):
             if not store.manifest(f"{m.name}:{v}", tenant=tenant).shredded:

@@ -304,6 +304,7 @@ def push(
     else:
         files = collect_files(src, follow_outside_links=follow_outside_links)
     signer = store.require("publisher", tenant)  # fail before uploading anything
+    store.renew(tenant)  # this push re-signs the sequence anyway
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
     datasets = []
     for ds in spec.datasets:
@@ -486,8 +487,7 @@ def _push_version(
         if not store.storage.exists(store.object_path(tenant, e.object)):
             raise BackendError(f"object of {e.path} vanished before the commit (a gc?)")
     # The commit point: visible now, or (FileExistsError) another push won.
-    store.storage.put_new(f"{store.version_dir(tenant, name, version)}/manifest.json",
-                          manifest.sign(signer))  # fmt: skip
+    store.commit_manifest(tenant, name, version, manifest.sign(signer))
     return manifest
 
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused
+from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused, SealstoreError
 from sealstore.kms.registry import default_keyring_path, sealstore_home
 from sealstore.signing import Signer, public_key_bytes, sign_document, verify_document
 from sealstore.vault import access
@@ -399,15 +399,143 @@ class Store:
         ]
         return sorted(set(found), key=_version_key)
 
-    def tags(self, name: str, *, tenant: str | None = None) -> dict[str, str]:
-        """Tag -> version for an artifact (every tag's signature verified)."""
+    def tags(
+        self, name: str, *, tenant: str | None = None, skip_damaged: bool = False
+    ) -> dict[str, str]:
+        """Tag -> version for an artifact (every tag's signature verified).
+
+        Args:
+            skip_damaged: leave out tags that fail to verify instead of raising
+                (listings; :meth:`check_tags` says what is wrong with them).
+
+        Raises:
+            AuthenticationError, FormatError: a tag fails (unless *skip_damaged*).
+        """
         tenant = check_name(tenant or default_tenant(), "tenant")
+        seq = self.sequence(tenant)
+        if seq is not None:
+            return {t: v for t, (v, _) in sorted(seq.tags(name).items())}
         out = {}
-        for tag in self.storage.list(f"tenants/{tenant}/refs/{name}"):
-            out[tag] = self._read_tag(tenant, name, tag)[0]
+        for tag in self.tag_names(name, tenant=tenant):
+            try:
+                out[tag] = self._read_tag(tenant, name, tag)[0]
+            except SealstoreError:
+                if not skip_damaged:
+                    raise
         return out
 
-    def _read_tag(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
+    def tag_names(self, name: str, *, tenant: str | None = None) -> list[str]:
+        """The names of the artifact's tag files (none read or verified)."""
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        return self.storage.list(f"tenants/{tenant}/refs/{check_name(name, 'artifact name')}")
+
+    def sequence(self, tenant: str) -> Any:
+        """The tenant's verified sequence (:mod:`sealstore.vault.freshness`); None before one.
+
+        Raises:
+            AuthenticationError: rolled back, expired, damaged or gone.
+        """
+        from sealstore.vault import freshness
+
+        return freshness.current(self, tenant)
+
+    def renew(self, tenant: str) -> None:
+        """Before a write: re-sign the tenant's sequence if it has expired.
+
+        A writer is a publisher about to sign a new sequence anyway; an expired
+        one must not stop it from reading what it is about to tag or rotate.
+
+        Raises:
+            AuthenticationError: the sequence is rolled back or damaged.
+        """
+        from sealstore.vault import freshness
+
+        seq = freshness.current(self, tenant, allow_expired=True)
+        if seq is not None and seq.expired:
+            freshness.commit(self, tenant)
+
+    def check_sequence(self, tenant: str) -> str | None:
+        """What is wrong with the tenant's sequence document, or None."""
+        try:
+            self.sequence(tenant)
+        except SealstoreError as exc:
+            return str(exc)
+        return None
+
+    def tagged_names(self, *, tenant: str | None = None) -> list[str]:
+        """Names of the tenant's artifacts that have a version or a tag file.
+
+        A superset of :meth:`artifacts`: an artifact whose every manifest was
+        deleted still has its tags, and those are damage to report.
+        """
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        names = set(self.artifacts(tenant=tenant))
+        names |= set(self.storage.list(f"tenants/{tenant}/refs"))
+        return sorted(names)
+
+    def check_tags(self, name: str, *, tenant: str | None = None) -> dict[str, str | None]:
+        """Tag -> problem (None: sound) for every tag of an artifact.
+
+        A tag is sound when its signature verifies and the version it names
+        exists with the very manifest it signs. A tag naming a missing or
+        unreadable version is damage: readers of that tag get nothing.
+        """
+        tenant = check_name(tenant or default_tenant(), "tenant")
+        out: dict[str, str | None] = {}
+        try:
+            seq = self.sequence(tenant)
+        except SealstoreError:
+            seq = None  # reported once by check_sequence; the files are still checked
+        listed = seq.tags(name) if seq is not None else {}
+        for tag in sorted(set(self.tag_names(name, tenant=tenant)) | set(listed)):
+            try:
+                version, digest = self._read_tag_file(tenant, name, tag)
+            except SealstoreError as exc:
+                out[tag] = str(exc)
+                continue
+            if seq is not None and listed.get(tag) != (version, digest):
+                said = listed.get(tag)
+                out[tag] = (
+                    f"{name}@{tag} names {name}:{version}, but the tenant's signed sequence "
+                    + (f"says {name}:{said[0]}" if said else "does not list it")
+                    + " (a tag file rolled back or left by an interrupted write; readers follow "
+                    "the sequence)"
+                )
+                continue
+            try:
+                data = self.manifest_bytes(name, version, tenant=tenant)
+            except NotFound:
+                out[tag] = f"{name}@{tag} names {name}:{version}, whose manifest is missing"
+                continue
+            except SealstoreError as exc:
+                out[tag] = f"{name}@{tag} names {name}:{version}, which is unreadable: {exc}"
+                continue
+            if hashlib.sha256(data).hexdigest() != digest:
+                out[tag] = f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
+                continue
+            try:
+                self.check_manifest(data, tenant, name, version)
+            except SealstoreError as exc:
+                out[tag] = f"{name}@{tag} names {name}:{version}, which fails: {exc}"
+                continue
+            out[tag] = None
+        return out
+
+    def _read_tag(self, tenant: str, name: str, tag: str, seq: Any = False) -> tuple[str, str]:
+        """(version, manifest sha256) of a tag as readers see it: from the tenant's
+        signed sequence when it has one (*seq*: one already read), else its tag file."""
+        if seq is False:
+            seq = self.sequence(tenant)
+        if seq is None:
+            return self._read_tag_file(tenant, name, tag)
+        from sealstore.vault.freshness import fresher
+
+        entry = seq.tag(name, tag) or fresher(self, tenant, seq).tag(name, tag)
+        if entry is None:
+            raise NotFound(f"{name}@{tag} not found in tenant {tenant}")
+        return entry
+
+    def _read_tag_file(self, tenant: str, name: str, tag: str) -> tuple[str, str]:
         try:
             data = self.storage.read(f"tenants/{tenant}/refs/{name}/{tag}")
         except NotFound:
@@ -421,14 +549,27 @@ class Store:
         r = parse_ref(ref) if isinstance(ref, str) else ref
         if r.version:
             return r.name, r.version
+        seq = self.sequence(tenant)
         if r.tag:
-            return r.name, self._read_tag(tenant, r.name, r.tag)[0]
-        if self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest"):
-            return r.name, self._read_tag(tenant, r.name, "latest")[0]
-        versions = self.versions(r.name, tenant=tenant)
+            return r.name, self._read_tag(tenant, r.name, r.tag, seq)[0]
+        return r.name, self._bare(tenant, r.name, seq)[0]
+
+    def _bare(self, tenant: str, name: str, seq: Any) -> tuple[str, str | None]:
+        """(version, tagged manifest sha256 or None) a bare NAME means: NAME@latest if
+        that tag exists, else the newest version."""
+        if seq is not None:
+            entry = seq.tag(name, "latest")
+            if entry is not None:
+                return entry
+            listed = sorted(seq.versions(name), key=_version_key)
+            if listed:
+                return listed[-1], None
+        elif self.storage.exists(f"tenants/{tenant}/refs/{name}/latest"):
+            return self._read_tag_file(tenant, name, "latest")
+        versions = self.versions(name, tenant=tenant)
         if not versions:
-            raise NotFound(f"artifact {r.name} not found in tenant {tenant}")
-        return r.name, versions[-1]
+            raise NotFound(f"artifact {name} not found in tenant {tenant}")
+        return versions[-1], None
 
     def manifest_bytes(self, name: str, version: str, *, tenant: str) -> bytes:
         try:
@@ -451,24 +592,44 @@ class Store:
         """
         tenant = check_name(tenant or default_tenant(), "tenant")
         r = parse_ref(ref) if isinstance(ref, str) else ref
-        tag = r.tag
-        if (
-            r.version is None
-            and tag is None
-            and self.storage.exists(f"tenants/{tenant}/refs/{r.name}/latest")
-        ):
-            tag = "latest"  # a bare NAME means NAME@latest when that tag exists
-        if tag is not None:
-            name = r.name
-            version, digest = self._read_tag(tenant, name, tag)
+        seq = self.sequence(tenant)  # one small read: the tag and the manifest's hash
+        name, tag, digest = r.name, r.tag, None
+        if r.version is not None:
+            version = r.version
+        elif tag is not None:
+            version, digest = self._read_tag(tenant, name, tag, seq)
         else:
-            name, version = self.resolve(r, tenant=tenant)
+            version, digest = self._bare(tenant, name, seq)
+            tag = "latest" if digest is not None else None
         data = self.manifest_bytes(name, version, tenant=tenant)
-        if tag is not None and hashlib.sha256(data).hexdigest() != digest:
+        sha = hashlib.sha256(data).hexdigest()
+        if tag is not None and sha != digest:
             raise AuthenticationError(
                 f"{name}@{tag}: the manifest of {name}:{version} is not the one tagged"
             )
-        return self.check_manifest(data, tenant, name, version), data
+        m = self.check_manifest(data, tenant, name, version)
+        if seq is not None and seq.manifest(name, version) != sha:
+            self._check_listed(tenant, name, version, sha, seq)
+        return m, data
+
+    def _check_listed(self, tenant: str, name: str, version: str, sha: str, seq: Any) -> None:
+        """Refuse a manifest the tenant's sequence does not list (after one look for a
+        newer sequence: a writer may have committed between the two reads)."""
+        from sealstore.vault.freshness import fresher
+
+        listed = fresher(self, tenant, seq).manifest(name, version)
+        if listed == sha:
+            return
+        if listed is None:
+            raise AuthenticationError(
+                f"{name}:{version} is not in the signed sequence of tenant {tenant} (a push "
+                "still committing, or one interrupted: an admin lists it with sealstore "
+                f"store refresh --tenant {tenant} --rebuild)"
+            )
+        raise AuthenticationError(
+            f"the manifest of {name}:{version} is not the one the signed sequence of tenant "
+            f"{tenant} lists (an older manifest put back?)"
+        )
 
     def check_manifest(self, data: bytes, tenant: str, name: str, version: str) -> Manifest:
         """Verify manifest bytes of *tenant*/*name*:*version* with the roles: a publisher
@@ -534,6 +695,7 @@ class Store:
 
         tenant = check_name(tenant or default_tenant(), "tenant")
         check_name(tag, "tag")
+        self.renew(tenant)
         m, raw = self.manifest_with_bytes(ref, tenant=tenant)
         if m.shredded:
             raise ValueError(f"{m.name}:{m.version} was crypto-shredded; it cannot be tagged")
@@ -548,6 +710,9 @@ class Store:
             digest=digest,
         )
         self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
+        # Only the tag: the version is listed already (manifest_with_bytes checked),
+        # and re-listing the digest read here could undo a rotation committed since.
+        self._commit(tenant, tags={(m.name, tag): (m.version, digest)})
         if audit:
             record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
                    detail={"tag": tag})  # fmt: skip
@@ -558,6 +723,7 @@ class Store:
         check_name(name, "artifact name")
         self.require("publisher", tenant)
         self.storage.delete(f"tenants/{tenant}/refs/{name}/{check_name(tag, 'tag')}")
+        self._commit(tenant, tags={(name, tag): None})
         from sealstore.vault.auditing import record
 
         record(self, "untag", tenant=tenant, artifact=name, detail={"tag": tag})
@@ -580,6 +746,58 @@ class Store:
                 "or rm); nothing was written, run it again"
             )
         self.storage.put(path, new)
+        self._commit(m.tenant, versions={(m.name, m.version): hashlib.sha256(new).hexdigest()})
+
+    def commit_manifest(self, tenant: str, name: str, version: str, data: bytes) -> None:
+        """Create a version's manifest if absent (a push's commit point) and list it.
+
+        Raises:
+            FileExistsError: the version exists (another push won).
+        """
+        self.storage.put_new(f"{self.version_dir(tenant, name, version)}/manifest.json", data)
+        self._commit(tenant, versions={(name, version): hashlib.sha256(data).hexdigest()})
+
+    def _commit(
+        self,
+        tenant: str,
+        *,
+        versions: Mapping[tuple[str, str], str] | None = None,
+        tags: Mapping[tuple[str, str], tuple[str, str] | None] | None = None,
+    ) -> None:
+        """Record written tags and manifests in the tenant's signed sequence.
+
+        Then the tag files are made to agree with it: of two writers moving one
+        tag at once, the one whose file landed last may not be the one the
+        sequence kept; the sequence wins and the file is re-signed to match.
+        """
+        from sealstore.vault import freshness
+
+        seq = freshness.commit(self, tenant, versions=versions, tags=tags)
+        if tags:
+            seq = freshness.fresher(self, tenant, seq)  # the newest, whoever wrote it
+        for name, tag in tags or {}:
+            entry = seq.tag(name, tag)
+            path = f"tenants/{tenant}/refs/{name}/{tag}"
+            try:
+                now_file = self._read_tag_file(tenant, name, tag)
+            except SealstoreError:
+                now_file = None
+            if entry == now_file:
+                continue
+            if entry is None:
+                self.storage.delete(path)
+            else:
+                signer = self.require("publisher", tenant)
+                data = sign_tag(
+                    signer,
+                    store=self.id,
+                    tenant=tenant,
+                    name=name,
+                    tag=tag,
+                    version=entry[0],
+                    digest=entry[1],
+                )
+                self.storage.put(path, data)
 
     # Push, pull, verify, shred and rotate live in their own modules.
 
