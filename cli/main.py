@@ -30,8 +30,8 @@ import threading
 import traceback
 import unicodedata
 import warnings
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 from sealstore import errors
 
@@ -139,6 +139,37 @@ def printable(text: object) -> str:
     return "".join(_escape(ch) for ch in s)
 
 
+class _EscapingStream:
+    """A text stream that escapes every control character written to it.
+
+    Installed over ``sys.stdout`` and ``sys.stderr`` for the life of a
+    command, so no table, list or message can pass a file's or a server's
+    escape sequence to the terminal, whichever ``print`` forgot to call
+    :func:`printable`. Line ends and tabs (the tables' separators) pass;
+    binary output goes through ``.buffer``, untouched; a progress bar's
+    ``\\r`` goes through :meth:`write_control`.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        lines = ("\t".join(map(printable, line.split("\t"))) for line in text.split("\n"))
+        self._inner.write("\n".join(lines))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def write_control(self, text: str) -> int:
+        """Write *text* as it is: our own control characters (a progress bar's ``\\r``)."""
+        return self._inner.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class _EscapingFormatter(logging.Formatter):
     """Warnings as one escaped line: they can quote paths and key ids from files."""
 
@@ -172,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_cache(None)  # one command, one unwrap per file: no key material kept around
     warnings.simplefilter("default")
     restore = _catch_termination()
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _EscapingStream(out), _EscapingStream(err)  # type: ignore[assignment]
     try:
         return int(args.func(args) or 0)
     except errors.Terminated as exc:
@@ -202,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sealstore: error: {_describe(exc)}", file=sys.stderr)
         return code
     finally:
+        sys.stdout, sys.stderr = out, err
         restore()
 
 

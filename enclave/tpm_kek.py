@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealstore.enclave import tpm
-from sealstore.errors import FormatError, KeyUnavailable, NotFound
+from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable, NotFound
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
@@ -213,7 +213,11 @@ class TpmKek:
         """Recover a DEK this KEK wrapped.
 
         Raises:
-            KeyUnavailable: another KEK's slot, or it does not open under *context*.
+            KeyUnavailable: another KEK's slot.
+            AuthenticationError: the slot names this KEK but does not open
+                under *context*: the slot or the context was changed after
+                sealing (an honest slot always opens under its own context;
+                the PCR policy was met, so this is no question of the key).
             KeyReleaseDenied: the PCRs do not match the policy.
             BackendError: no TPM, or this file was sealed on another one.
         """
@@ -223,8 +227,9 @@ class TpmKek:
         try:
             dek = AESGCM(bytes(kek)).decrypt(slot.blob[:12], slot.blob[12:], self._aad(context))
         except (InvalidTag, ValueError):
-            raise KeyUnavailable(
-                f"slot does not open with TPM KEK {self.path} under this encryption context"
+            raise AuthenticationError(
+                f"slot of TPM KEK {self.path} does not open under this encryption context "
+                "(the context or the slot was changed after sealing)"
             ) from None
         finally:
             kek[:] = bytes(len(kek))

@@ -71,7 +71,9 @@ class Progress:
             text = f"\r{self.label} [{bar:<30}] {frac:4.0%} {human_bytes(rate)}/s"
         else:
             text = f"\r{self.label} {human_bytes(self.done)} {human_bytes(rate)}/s"
-        self.stream.write(text)
+        # The CLI's stdout and stderr escape control characters; a bar's own
+        # carriage return goes through write_control where the stream has it.
+        getattr(self.stream, "write_control", self.stream.write)(text)
         self.stream.flush()
         self._drawn = True
 

@@ -118,6 +118,7 @@ def test_no_tpm_is_a_clear_error(tmp_path: Path) -> None:
 
 class TestTpmKek(ProviderConformance):
     kind = "tpm"
+    tells_tampering = True
 
     @pytest.fixture
     def wrapper(self, tcti: str, tmp_path: Path) -> TpmKek:

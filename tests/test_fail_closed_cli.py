@@ -186,6 +186,25 @@ def test_item16_warnings_are_escaped(work: Path) -> None:
     assert b"\x1b" not in proc.stderr and b"k\\x1b[31m.json is not protected" in proc.stderr
 
 
+def test_item16_store_listings_escape_what_they_print(store: Any, work: Path) -> None:
+    """``show``, ``ls`` and ``verify`` print slot key ids and file names from manifests."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ring = make_keyring(work / f"k{ESC}.json", insecure_no_passphrase=True)
+    tree = work / "tree"
+    tree.mkdir()
+    (tree / f"w{ESC}.bin").write_bytes(b"weights")
+    store.push(tree, "m", keys=[f"local:{ring.path}"])
+    env = {"SEALSTORE_STORE": store.url}
+    for args in (("show", "m"), ("ls", "m"), ("ls",), ("verify", "m"), ("store", "info")):
+        proc = run(*args, env=env)
+        text = proc.stdout + proc.stderr
+        for raw in (b"\x1b", b"\x07"):
+            assert raw not in text, (args, text)
+    shown = ok(run("show", "m", env=env)).stdout.decode()
+    assert "k\\x1b]0;owned\\x07" in shown and "w\\x1b]0;owned" in shown
+
+
 def test_item16_printable_keeps_text_and_spaces() -> None:
     from sealstore.cli.main import printable
 

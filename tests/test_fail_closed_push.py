@@ -289,3 +289,20 @@ def test_item07_modes_bad_mode_is_refused(
     with pytest.raises(FormatError, match="bad mode"):
         store.pull("m:1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_item08_a_file_swapped_for_a_fifo_after_the_listing_is_refused(
+    store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree is listed first, then read: a name that became a FIFO in between
+    is refused at once (opening a FIFO to read would block the push forever)."""
+    from sealstore.vault import push as push_module
+
+    src = tree(tmp_path, {"a.bin": b"a", "w.bin": b"w"})
+    listed = push_module.collect_files(src)
+    (src / "w.bin").unlink()
+    os.mkfifo(src / "w.bin")
+    monkeypatch.setattr(push_module, "collect_files", lambda *a, **kw: listed)
+    with pytest.raises(ValueError, match="no longer a regular file"):
+        store.push(src, "m", keys=["local:"])
+    assert store.storage.walk("tenants") == {}

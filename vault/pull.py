@@ -388,6 +388,9 @@ def pull(
                         threads=threads,
                         progress=progress,
                     )
+                    # Durable before it is named: a power loss just after the
+                    # pull must not leave an empty or short file at the path.
+                    os.fsync(out.fileno())
         finally:
             if dek is not None:
                 dek.close()

@@ -149,6 +149,24 @@ def _stat_entry(full: Path) -> os.stat_result:
         raise
 
 
+def _open_regular(path: Path) -> IO[bytes]:
+    """*path* opened for reading, refused unless it is (still) a regular file.
+
+    The tree was listed before; a name swapped for a FIFO or a device since
+    must be refused, not read (a FIFO would block the push on open).
+    O_NONBLOCK makes the open itself return at once whatever the name is now.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is no longer a regular file: refusing to push it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _HashingWriter:
     """Passes writes through and hashes them (the object digest)."""
 
@@ -191,7 +209,7 @@ def _seal_one(
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
     in_memory = isinstance(path, (bytes, memoryview))
-    opened = io.BytesIO(path) if in_memory else open(path, "rb")  # noqa: SIM115
+    opened = io.BytesIO(path) if in_memory else _open_regular(path)
     with opened as src, storage.open_write(obj_path) as out:
         # The mode of the file actually read (through any symlink), not of a
         # name looked up again. Set-id and sticky bits are never recorded.
