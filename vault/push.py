@@ -39,6 +39,7 @@ from sealstore.vault.manifest import (
     parse_ref,
     version_context,
 )
+from sealstore.vault.s3limits import timed_out
 from sealstore.vault.storage import new_object_name
 
 __all__ = ["collect_files", "push"]
@@ -267,10 +268,13 @@ def push(
                 ) from None
             existing = store.versions(r.name, tenant=tenant)
             continue
-        except BaseException:
+        except BaseException as exc:
             # Nothing was committed: remove what was uploaded (best effort;
-            # `store gc` gets whatever a killed process leaves).
-            _discard(store, tenant, made)
+            # `store gc` gets whatever a killed process leaves) -- but not when
+            # interrupted or the backend stopped answering: each delete would
+            # wait for it again, holding Ctrl-C up to the backend's deadline.
+            if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
+                _discard(store, tenant, made)
             raise
         if tag_latest:
             try:
