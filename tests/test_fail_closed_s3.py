@@ -168,12 +168,13 @@ def _ends(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str, floa
     return proc.returncode, err.decode(), time.monotonic() - start
 
 
-def _model(tmp_path: Path) -> Path:
+def _model(tmp_path: Path, files: int = 1) -> Path:
     src = tmp_path / "model"
     src.mkdir()
-    with open(src / "weights.bin", "wb") as fp:
-        # Random-looking is not needed: the sealed object is what travels.
-        fp.truncate(SIZE)
+    for i in range(files):
+        with open(src / f"weights-{i}.bin", "wb") as fp:
+            # Random-looking is not needed: the sealed object is what travels.
+            fp.truncate(SIZE)
     return src
 
 
@@ -269,15 +270,16 @@ def test_item03_pull_from_a_hung_s3_fails_within_the_deadline(
     assert _staged(out) == [] and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["push", "pull"])
+@pytest.mark.parametrize("command", ["push", "push-files", "pull"])
 def test_item03_sigint_ends_a_command_blocked_on_a_hung_s3(
     weed: Weed, env: dict[str, str], tmp_path: Path, command: str
 ) -> None:
     # A deadline far away: only the interrupt can end the command in time.
     env = dict(env, SEALSTORE_S3_READ_TIMEOUT="300", SEALSTORE_S3_DEADLINE="600")
-    src = _model(tmp_path)
+    # push-files: several files sealed and uploaded side by side, on threads.
+    src = _model(tmp_path, files=3 if command == "push-files" else 1)
     out = tmp_path / "out"
-    if command == "push":
+    if command.startswith("push"):
         proc = _sealstore(env, "push", src, "m", "-k", "local:")
         _when_uploading(env, proc)
     else:

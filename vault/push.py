@@ -12,6 +12,7 @@ the signed manifest last and only if absent: that write is the commit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -27,6 +28,7 @@ from sealstore.errors import BackendError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import KeySpec, new_data_key
+from sealstore.parallel import run_jobs
 from sealstore.stream import SealWriter
 from sealstore.vault.bom import BomSpec, DatasetRef, build_bom, load_bom_spec
 from sealstore.vault.digest import ObjectHasher
@@ -371,8 +373,9 @@ def _push_version(
         if workers == 1:
             entries = [one(item) for item in files]
         else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="sealstore-file") as pool:
-                entries = list(pool.map(one, files))
+            # On threads that an interrupt does not wait for (see run_jobs):
+            # the files in flight are abandoned, `store gc` removes them.
+            entries = run_jobs([functools.partial(one, item) for item in files], workers)
     bom = build_bom(
         tenant=tenant,
         name=name,
