@@ -270,6 +270,25 @@ def test_item03_pull_from_a_hung_s3_fails_within_the_deadline(
     assert _staged(out) == [] and not out.exists()
 
 
+def test_item03_backup_to_a_hung_s3_fails_within_the_deadline(
+    weed: Weed, env: dict[str, str], tmp_path: Path
+) -> None:
+    local = dict(env, SEALSTORE_STORE=str(tmp_path / "store"))
+    _ok(_sealstore(local, "store", "init"))
+    _ok(_sealstore(local, "push", _model(tmp_path, files=2), "m", "-k", "local:"))
+    proc = _sealstore(local, "backup", "create", "--to", env["SEALSTORE_STORE"] + "-backup")
+    _when_uploading(env, proc)
+    weed.freeze()
+    try:
+        code, err, took = _ends(proc, timeout=3 * DEADLINE)
+    finally:
+        weed.thaw()
+    line = _one_error_line(err)
+    assert code == 6, err
+    assert weed.url in line and "timed out" in line, line
+    assert took < 2 * DEADLINE + 10, line
+
+
 @pytest.mark.parametrize("command", ["push", "push-files", "pull"])
 def test_item03_sigint_ends_a_command_blocked_on_a_hung_s3(
     weed: Weed, env: dict[str, str], tmp_path: Path, command: str
