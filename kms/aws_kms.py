@@ -91,7 +91,14 @@ def _client_for(
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            config = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"})
+            # Explicit, finite limits per attempt (botocore's defaults are 60 s
+            # each): a KMS call is small, so an endpoint silent for this long is
+            # down, and the retries above bound the rest.
+            config = Config(
+                connect_timeout=10,
+                read_timeout=30,
+                retries={"max_attempts": max_attempts, "mode": "adaptive"},
+            )
             session = boto3.session.Session(profile_name=profile)
             client = session.client(
                 "kms", region_name=region, endpoint_url=endpoint_url, config=config

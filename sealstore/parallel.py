@@ -9,9 +9,12 @@ small ring of chunk buffers when results must come out in order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
-__all__ = ["Lanes", "ordered_parallel", "ring_slots"]
+__all__ = ["Lanes", "ordered_parallel", "ring_slots", "run_jobs"]
+
+T = TypeVar("T")
 
 
 def ring_slots(threads: int, chunk_size: int) -> int:
@@ -142,3 +145,51 @@ def ordered_parallel(
         for ev in free:
             ev.set()
         lanes.join()
+
+
+def run_jobs(jobs: Sequence[Callable[[], T]], threads: int) -> list[T]:
+    """Run *jobs* on *threads* daemon threads; their results, in order.
+
+    Daemon threads, not a ``ThreadPoolExecutor``: leaving an executor's block
+    -- and the interpreter's exit, which joins its threads -- waits for every
+    job in flight, and a job blocked on a server that stopped answering would
+    hold Ctrl-C up to that server's deadline. Here an interrupt is raised in
+    the caller at once, and the jobs in flight are abandoned: they must leave
+    nothing the caller relies on (uploads left half done, never published).
+
+    Raises:
+        BaseException: the first job's exception (once the jobs running then
+            are done; no other job starts after it), or the caller's interrupt.
+    """
+    results: list[T | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    todo = iter(range(len(jobs)))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = jobs[i]()
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+    workers = [
+        threading.Thread(target=run, name=f"sealstore-job-{k}", daemon=True)
+        for k in range(max(1, min(threads, len(jobs))))
+    ]
+    try:
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+    finally:
+        stop.set()  # interrupted: no thread starts another job
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]

@@ -34,7 +34,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +49,7 @@ from sealstore.errors import (
 from sealstore.format import Preamble, read_preamble
 from sealstore.keys import KeySlot
 from sealstore.kms.envelope import IdentitySpec
+from sealstore.parallel import run_jobs
 from sealstore.signing import sign_document, verify_document
 from sealstore.vault import freshness
 from sealstore.vault.auditing import record
@@ -64,6 +64,7 @@ from sealstore.vault.manifest import (
     parse_ref,
     verify_tag,
 )
+from sealstore.vault.s3limits import timed_out
 from sealstore.vault.storage import Storage, open_storage
 
 __all__ = [
@@ -508,24 +509,24 @@ def _run_copies(jobs: list[Callable[[], None]], threads: int) -> list[BaseExcept
     """Run copy jobs on *threads* workers; each job's exception (or None), in order.
 
     A BaseException that is not an Exception (an interrupt) stops everything
-    and is raised: what was copied stays, and a re-run copies the rest.
+    and is raised at once, as is a backend that stopped answering (a timeout:
+    every later job would wait for it again): what was copied stays, and a
+    re-run copies the rest.
     """
-    if not jobs:
-        return []
-    results: list[BaseException | None] = [None] * len(jobs)
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sealstore-copy") as pool:
-        futures = [pool.submit(job) for job in jobs]
-        try:
-            for i, fut in enumerate(futures):
-                exc = fut.exception()
-                if exc is not None and not isinstance(exc, Exception):
-                    raise exc
-                results[i] = exc
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-    return results
+
+    def outcome(job: Callable[[], None]) -> Callable[[], BaseException | None]:
+        def run() -> BaseException | None:
+            try:
+                job()
+            except Exception as exc:
+                if timed_out(exc):
+                    raise
+                return exc
+            return None
+
+        return run
+
+    return run_jobs([outcome(job) for job in jobs], threads)
 
 
 def _damage(outcomes: list[BaseException | None], stopped: str, kept: str) -> dict[int, Exception]:

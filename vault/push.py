@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -28,6 +29,7 @@ from sealstore.errors import BackendError, FormatError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import KeySpec, new_data_key
+from sealstore.parallel import run_jobs
 from sealstore.stream import SealWriter
 from sealstore.vault.bom import BomSpec, DatasetRef, build_bom, load_bom_spec
 from sealstore.vault.digest import ObjectHasher
@@ -40,6 +42,7 @@ from sealstore.vault.manifest import (
     parse_ref,
     version_context,
 )
+from sealstore.vault.s3limits import timed_out
 from sealstore.vault.storage import new_object_name
 
 __all__ = ["collect_files", "push"]
@@ -367,10 +370,13 @@ def push(
                 ) from None
             existing = store.versions(r.name, tenant=tenant)
             continue
-        except BaseException:
+        except BaseException as exc:
             # Nothing was committed: remove what was uploaded (best effort;
-            # `store gc` gets whatever a killed process leaves).
-            _discard(store, tenant, made)
+            # `store gc` gets whatever a killed process leaves) -- but not when
+            # interrupted or the backend stopped answering: each delete would
+            # wait for it again, holding Ctrl-C up to the backend's deadline.
+            if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
+                _discard(store, tenant, made)
             raise
         if tag_latest:
             try:
@@ -467,8 +473,9 @@ def _push_version(
         if workers == 1:
             entries = [one(item) for item in files]
         else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="sealstore-file") as pool:
-                entries = list(pool.map(one, files))
+            # On threads that an interrupt does not wait for (see run_jobs):
+            # the files in flight are abandoned, `store gc` removes them.
+            entries = run_jobs([functools.partial(one, item) for item in files], workers)
     bom = build_bom(
         tenant=tenant,
         name=name,

@@ -20,11 +20,10 @@ import contextlib
 import io
 import os
 import queue
-import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -397,6 +396,11 @@ class S3Storage(FsspecStorage):
 
         self._errors = (OSError, BotoCoreError)
 
+    def _fail(self, what: str, path: str, exc: BaseException) -> BackendError:
+        from sealstore.vault.s3limits import describe
+
+        return BackendError(f"cannot {what} {path} in {self.url}: {describe(exc)}")
+
     def put_new(self, path: str, data: bytes) -> None:
         try:
             # If-None-Match: * -- S3 (and SeaweedFS, moto) refuse with 412 when the key exists.
@@ -420,20 +424,27 @@ class S3Storage(FsspecStorage):
             fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=True)
         except self._errors as exc:
             raise self._fail("write", path, exc) from exc
-        up = _Uploader(fp, self.PART)
+        up = _Uploader(fp, self.PART, lambda exc: self._fail("write", path, exc))
         try:
             yield up  # type: ignore[misc]
             up.finish()
             fp.close()  # completes the multipart upload: the object appears now
-        except BaseException:
-            up.stop()
-            # Never close() on failure: it would complete the upload and publish
-            # a truncated object. discard() aborts the multipart upload.
-            with contextlib.suppress(Exception):  # already failing: the original error wins
-                fp.discard()
+        except BaseException as exc:
+            from sealstore.vault.s3limits import timed_out
+
+            # Interrupted, or the server stopped answering: return at once and
+            # leave the unfinished upload to `store gc` -- waiting on the part
+            # in flight, or for an abort the server will not answer either,
+            # would hold Ctrl-C up to the deadline.
+            hung = isinstance(exc, KeyboardInterrupt) or timed_out(exc)
+            up.stop(wait=not hung)
+            if not hung:
+                # Never close() on failure: it would complete the upload and
+                # publish a truncated object. discard() aborts the multipart upload.
+                with contextlib.suppress(Exception):  # already failing: the original error wins
+                    fp.discard()
             # And never let the file's __del__ call close() later either.
             fp.closed = True
-            exc = sys.exc_info()[1]
             if isinstance(exc, self._errors) and not isinstance(exc, BackendError):
                 raise self._fail("write", path, exc) from exc
             raise
@@ -482,7 +493,8 @@ class S3Storage(FsspecStorage):
             raise NotFound(f"{path} not found in {self.url}") from None
         except self._errors as exc:
             raise self._fail("open", path, exc) from exc
-        return io.BufferedReader(_Prefetch(fp, 8 << 20), buffer_size=1 << 20)  # type: ignore[return-value]
+        fetch = _Prefetch(fp, 8 << 20, lambda exc: self._fail("read", path, exc))
+        return io.BufferedReader(fetch, buffer_size=1 << 20)  # type: ignore[return-value]
 
     def open_read(self, path: str) -> BinaryIO:
         try:
@@ -502,9 +514,18 @@ class _Prefetch(io.RawIOBase):
     while the caller decrypts and writes the current one.
     """
 
-    def __init__(self, fp: Any, block: int, depth: int = 3) -> None:
+    def __init__(
+        self,
+        fp: Any,
+        block: int,
+        fail: Callable[[BaseException], BackendError] | None = None,
+        depth: int = 3,
+    ) -> None:
         super().__init__()
         self._fp = fp
+        # How an error of the file becomes the reader's: S3Storage names the
+        # object and store (and a timeout's endpoint).
+        self._fail = fail or (lambda exc: BackendError(f"download failed: {_name(exc)}"))
         self._block = block
         self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -523,6 +544,12 @@ class _Prefetch(io.RawIOBase):
                     return
         except BaseException as exc:
             self._put(exc)
+        finally:
+            if self._stop.is_set():
+                # Closed while this thread was still fetching: close() did not
+                # wait for it (see there), so the file is closed here.
+                with contextlib.suppress(Exception):
+                    self._fp.close()
 
     def _put(self, item: bytes | BaseException) -> None:
         while not self._stop.is_set():
@@ -542,7 +569,7 @@ class _Prefetch(io.RawIOBase):
                 raise self._error
             item = self._q.get()
             if isinstance(item, BaseException):
-                self._error = BackendError(f"download failed: {type(item).__name__}: {item}")
+                self._error = self._fail(item)
                 raise self._error from item
             if not item:
                 self._eof = True
@@ -557,9 +584,17 @@ class _Prefetch(io.RawIOBase):
         with contextlib.suppress(queue.Empty):
             while True:
                 self._q.get_nowait()
-        self._thread.join(timeout=30)
-        self._fp.close()
+        # A fetch in flight returns only when the server answers, or at the
+        # deadline: after an error or an interrupt nobody waits for it (the
+        # thread is a daemon and closes the file itself once it returns).
+        self._thread.join(timeout=0.1)
+        if not self._thread.is_alive():
+            self._fp.close()
         super().close()
+
+
+def _name(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _precondition_failed(exc: OSError) -> bool:
@@ -577,8 +612,11 @@ class _Uploader:
     memory stays bounded. Writes are copied (the sealer reuses its buffers).
     """
 
-    def __init__(self, fp: Any, part: int) -> None:
+    def __init__(
+        self, fp: Any, part: int, fail: Callable[[BaseException], BackendError] | None = None
+    ) -> None:
         self._fp = fp
+        self._fail = fail or (lambda exc: BackendError(f"upload failed: {_name(exc)}"))
         self._part = part
         self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
         self._pending = bytearray()
@@ -602,7 +640,7 @@ class _Uploader:
     def _put(self, block: bytes | None) -> None:
         while True:
             if self._error is not None:
-                raise BackendError(f"upload failed: {type(self._error).__name__}: {self._error}")
+                raise self._fail(self._error) from self._error
             try:
                 self._q.put(block, timeout=0.2)
                 return
@@ -627,13 +665,15 @@ class _Uploader:
         self._put(None)
         self._thread.join()
         if self._error is not None:
-            raise BackendError(f"upload failed: {type(self._error).__name__}: {self._error}")
+            raise self._fail(self._error) from self._error
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the thread; with *wait*, until the part it is uploading is done."""
         self._stopped.set()
         with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
-        self._thread.join(timeout=30)
+        if wait:
+            self._thread.join()
 
 
 def open_storage(url: str | os.PathLike[str], **storage_options: Any) -> Storage:
@@ -671,7 +711,23 @@ def open_storage(url: str | os.PathLike[str], **storage_options: Any) -> Storage
         if endpoint:
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
         options.setdefault("use_listings_cache", False)
-        fs = s3fs.S3FileSystem(**options)
+        from sealstore.vault.s3limits import S3Limits, deadline_filesystem
+
+        limits = S3Limits.from_env()
+        config = options.setdefault("config_kwargs", {})
+        config.setdefault("connect_timeout", limits.connect_timeout)
+        config.setdefault("read_timeout", limits.read_timeout)
+        if "retries" not in config and not os.environ.get("AWS_RETRY_MODE"):
+            # botocore's standard mode: connection errors, timeouts, throttling
+            # and 5xx retried with jittered exponential backoff; the number of
+            # attempts from AWS_MAX_ATTEMPTS (botocore's own variable), else 3.
+            config["retries"] = {"mode": "standard"}
+        fs = deadline_filesystem(s3fs.S3FileSystem)(**options)
+        fs.deadline = limits.deadline
+        # s3fs wraps every call in a retry loop of its own (5 tries, on any
+        # error): on top of botocore's that would multiply the attempts, and
+        # the time a dead endpoint takes to be declared dead.
+        fs.retries = 1
         root = rest.strip("/")
         if not root:
             raise ValueError("an s3:// store URL names a bucket: s3://BUCKET[/PREFIX]")
