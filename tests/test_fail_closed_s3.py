@@ -299,9 +299,20 @@ def test_item03_backup_to_a_hung_s3_fails_within_the_deadline(
     assert took < 2 * DEADLINE + 10, line
 
 
-@pytest.mark.parametrize("command", ["push", "push-files", "pull", "ls"])
-def test_item03_sigint_ends_a_command_blocked_on_a_hung_s3(
-    weed: Weed, env: dict[str, str], tmp_path: Path, command: str
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [
+        ("push", signal.SIGINT),
+        ("push-files", signal.SIGINT),
+        ("pull", signal.SIGINT),
+        ("ls", signal.SIGINT),
+        # What docker stop, Kubernetes and timeout send: handled like Ctrl-C.
+        ("push", signal.SIGTERM),
+        ("pull", signal.SIGTERM),
+    ],
+)
+def test_item03_sigint_or_sigterm_ends_a_command_blocked_on_a_hung_s3(
+    weed: Weed, env: dict[str, str], tmp_path: Path, command: str, sig: signal.Signals
 ) -> None:
     # A deadline far away: only the interrupt can end the command in time.
     env = dict(env, SEALSTORE_S3_READ_TIMEOUT="300", SEALSTORE_S3_DEADLINE="600")
@@ -323,13 +334,14 @@ def test_item03_sigint_ends_a_command_blocked_on_a_hung_s3(
     try:
         time.sleep(blocked)
         assert proc.poll() is None, proc.communicate()[1].decode()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         code, err, took = _ends(proc, timeout=60)
     finally:
         weed.thaw()
-    assert code == 130, err
-    assert took < 3, f"{took:.1f} s after SIGINT: {err}"
-    assert "interrupted" in err and "Traceback" not in err, err
+    assert code == (130 if sig == signal.SIGINT else 128 + sig), err
+    assert took < 3, f"{took:.1f} s after {sig.name}: {err}"
+    said = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert said in err and "Traceback" not in err, err
     if command == "pull":
         assert _staged(out) == [] and not out.exists()
     elif command.startswith("push"):
