@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,11 +275,11 @@ class Replicas:
         return https_json("127.0.0.1", port, self.ctx(), method, path, body, token)
 
 
-@pytest.fixture
-def replicas(
-    setup: Setup, pki: Pki, tmp_path: Path, redis_url: str, webhook: Webhook
+@contextmanager
+def two_replicas(
+    setup: Setup, pki: Pki, tmp_path: Path, redis_url: str, webhook: Webhook, prefix: str
 ) -> Iterator[Replicas]:
-    prefix = f"t-{uuid.uuid4().hex}:"
+    """Two ``sealstore broker serve`` replicas sharing the Redis at *redis_url*."""
     cfg = _config(
         setup,
         tmp_path,
@@ -304,6 +305,17 @@ def replicas(
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture
+def replicas(
+    setup: Setup, pki: Pki, tmp_path: Path, redis_url: str, webhook: Webhook
+) -> Iterator[Replicas]:
+    prefix = f"t-{uuid.uuid4().hex}:"
+    try:
+        with two_replicas(setup, pki, tmp_path, redis_url, webhook, prefix) as rep:
+            yield rep
+    finally:
         import redis
 
         r = redis.Redis.from_url(redis_url)

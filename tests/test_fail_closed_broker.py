@@ -47,6 +47,7 @@ from tests.test_broker_incident import (  # noqa: F401 (fixtures)
     _config,
     _release_body,
     _slot,
+    two_replicas,
     webhook,
 )
 from tests.test_broker_state import Backend, backend, redis_prefix  # noqa: F401 (fixtures)
@@ -118,31 +119,9 @@ def replicas(
     setup: Setup, pki: Pki, tmp_path: Path, own_redis: OwnRedis, webhook: Webhook
 ) -> Iterator[Replicas]:
     """Two broker replicas on the test's own Redis."""
-    cfg = _config(
-        setup,
-        tmp_path,
-        state={"url": own_redis.url, "prefix": f"t-{uuid.uuid4().hex}:"},
-        max_challenges_per_identity=1000,
-        alerts={"webhook": webhook.url},
-        detectors={
-            "attestation_failures": {"max": 3, "window": 60, "lockout": 600},
-            "release_rate": {"floor": 100_000},
-        },
-    )
-    ports = [_free_port(), _free_port()]
-    procs: list[subprocess.Popen] = []
-    try:
-        for i, port in enumerate(ports):
-            procs.append(start_broker(cfg, port, tmp_path / f"replica{i}.log", pki.ca))
-        yield Replicas([f"https://127.0.0.1:{p}" for p in ports], cfg, tmp_path, procs, pki)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    prefix = f"t-{uuid.uuid4().hex}:"
+    with two_replicas(setup, pki, tmp_path, own_redis.url, webhook, prefix) as rep:
+        yield rep
 
 
 def _admin(rep: Replicas, i: int, path: str, body: dict | None) -> tuple[int, Any]:

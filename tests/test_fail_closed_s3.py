@@ -363,3 +363,20 @@ def test_item03_s3_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SEALSTORE_S3_DEADLINE", "soon")
     with pytest.raises(ValueError, match="SEALSTORE_S3_DEADLINE"):
         open_storage("s3://bucket/prefix")
+
+
+def test_item03_a_timeout_s3fs_rewraps_still_names_the_endpoint() -> None:
+    """A body read that times out reaches s3fs as a bare ``TimeoutError()``; s3fs's
+    own error check then fails on its empty ``args`` (an ``IndexError``). The line
+    must still say what happened and where."""
+    from sealstore.vault.s3limits import describe
+
+    try:
+        try:
+            raise TimeoutError()
+        except OSError as ex:
+            ex.args[0]  # what s3fs's S3File._fetch_range does
+    except IndexError as exc:
+        line = describe(exc, "GetObject", endpoint="http://127.0.0.1:1")
+    assert line.startswith("http://127.0.0.1:1 timed out: no answer to GetObject"), line
+    assert "SEALSTORE_S3_READ_TIMEOUT" in line

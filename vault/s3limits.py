@@ -140,12 +140,15 @@ def timed_out(exc: BaseException | None) -> bool:
     return False
 
 
-def describe(exc: BaseException, operation: str = "") -> str:
+def describe(exc: BaseException, operation: str = "", *, endpoint: str = "") -> str:
     """One line for an error of the S3 client; timeouts name the endpoint and the limit.
 
     Args:
         exc: the error.
         operation: the S3 operation that failed (``GetObject``), when known.
+        endpoint: the store's endpoint, named when a timeout further down the
+            chain surfaced as another error (s3fs turns a bare ``TimeoutError``
+            of a body read into an ``IndexError`` on its way out).
 
     Returns:
         The line, without the object or store (the caller adds those).
@@ -161,6 +164,9 @@ def describe(exc: BaseException, operation: str = "") -> str:
     if isinstance(exc, ConnectTimeoutError):
         url = _base(exc.kwargs.get("endpoint_url", "the S3 endpoint"))
         return f"{url} timed out: no connection within the connect timeout ({ENV_CONNECT})"
+    if timed_out(exc):
+        where = endpoint or "the S3 endpoint"
+        return f"{where} timed out: no answer{to} within the read timeout ({ENV_READ})"
     return f"{type(exc).__name__}: {exc}"
 
 

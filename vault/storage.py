@@ -399,7 +399,10 @@ class S3Storage(FsspecStorage):
     def _fail(self, what: str, path: str, exc: BaseException) -> BackendError:
         from sealstore.vault.s3limits import describe
 
-        return BackendError(f"cannot {what} {path} in {self.url}: {describe(exc)}")
+        endpoint = getattr(self.fs, "_endpoint", lambda: "")()
+        return BackendError(
+            f"cannot {what} {path} in {self.url}: {describe(exc, endpoint=endpoint)}"
+        )
 
     def put_new(self, path: str, data: bytes) -> None:
         try:
