@@ -1,0 +1,343 @@
+"""sentence-transformers models straight from a sealed store artifact.
+
+``load_sentence_transformer("sealstore+URL#NAME[:VERSION|@TAG]")`` builds a
+``SentenceTransformer`` from one pushed sentence-transformers directory
+(``modules.json``, ``config_sentence_transformers.json``, the modules' configs,
+the tokenizer and the weights). The reference is resolved to one version
+first, so every file comes from the same version.
+
+sentence-transformers and transformers read configs and tokenizers only from a
+directory, so the small non-weight files are decrypted into a private folder on
+a memory-backed file system (``/dev/shm``, mode 0700), held locked while the
+model is built and removed as soon as it is (a ``finally``, at interpreter exit,
+and by the next load if this process was killed). The weights never reach a
+file: each module class that reads weights is subclassed for the load so that
+it takes them from ``load_file`` (decrypted in memory, every chunk
+authenticated) -- the ``Transformer`` through transformers' own
+``from_pretrained(state_dict=...)``, a ``Dense`` and the like through
+``load_torch_weights`` -- and is set back to its own class afterwards, so the
+model saves, pickles and reloads like one loaded from a folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sealstore.errors import FormatError, NotFound
+from sealstore.kms.envelope import IdentitySpec
+from sealstore.loaders.hf import read_artifact_file
+from sealstore.loaders.safetensors import load_file
+from sealstore.loaders.sources import PREFIX
+
+__all__ = ["load_sentence_transformer"]
+
+# Weights and exported graphs: never written to the scratch folder.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
+                   ".gguf", ".xml")  # fmt: skip
+_SCRATCH_PREFIX = "sealstore-st-"
+_live: set[str] = set()  # scratch folders of loads in progress, removed at exit if still there
+
+
+def _remove_live() -> None:
+    for folder in list(_live):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+atexit.register(_remove_live)
+
+
+def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
+    """(Store, verified manifest) of ``sealstore+URL#REF``, or of ``REF`` with *store*."""
+    from sealstore.vault.pull import served
+    from sealstore.vault.store import Store, default_tenant
+
+    src = os.fspath(src)
+    if src.startswith(PREFIX):
+        url, sep, ref = src[len(PREFIX) :].partition("#")
+        if not sep or not ref:
+            raise ValueError(f"a store reference names the artifact after '#': {src!r}")
+        store = Store.open(url)
+    elif store is None:
+        raise ValueError(
+            "load_sentence_transformer needs a store reference (sealstore+URL#NAME) or store="
+        )
+    else:
+        ref = src
+        if not isinstance(store, Store):
+            store = Store.open(store)
+    if "/" in ref:
+        raise ValueError("load_sentence_transformer takes a whole artifact (NAME[:VERSION|@TAG])")
+    return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
+
+
+def _sweep(scratch: Path) -> None:
+    """Remove scratch folders left by loads whose process is gone (their lock is free)."""
+    with contextlib.suppress(OSError), os.scandir(scratch) as entries:
+        stale = [e.path for e in entries if e.name.startswith(_SCRATCH_PREFIX)]
+    for folder in stale:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # another user's, or gone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a load in progress
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _scratch_root(scratch_dir: str | os.PathLike[str] | None) -> Path:
+    # /dev/shm on purpose: memory-backed; each load makes its own 0700 folder with mkdtemp.
+    root = Path(scratch_dir) if scratch_dir is not None else Path("/dev/shm")  # noqa: S108
+    if not (root.is_dir() and os.access(root, os.W_OK | os.X_OK)):
+        raise ValueError(
+            f"{root} is not a writable directory: load_sentence_transformer decrypts the "
+            "configs and tokenizer into a memory-backed folder; pass scratch_dir= (a tmpfs)"
+        )
+    return root
+
+
+def _write_private(folder: Path, rel: str, data: bytes) -> None:
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise FormatError(f"artifact file {rel!r} is not a relative path")
+    path = folder.joinpath(*parts)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _is_weight(path: str) -> bool:
+    return path.endswith(WEIGHT_SUFFIXES)
+
+
+class _Weights:
+    """Decrypts a module's safetensors weights from the artifact, in memory."""
+
+    def __init__(self, store: Any, m: Any, identities: Sequence[IdentitySpec], threads: Any):
+        self.store, self.m, self.identities, self.threads = store, m, identities, threads
+        self.paths = {f.path for f in m.files}
+
+    def load(self, subfolder: str) -> dict[str, Any]:
+        """The state dict of the module in *subfolder* (``""``: the artifact's root).
+
+        Raises:
+            NotFound: no ``model.safetensors`` (or sharded safetensors index) there.
+        """
+        base = subfolder.strip("/")
+        join = (lambda name: f"{base}/{name}") if base else (lambda name: name)
+        index = join("model.safetensors.index.json")
+        if join("model.safetensors") in self.paths:
+            files = [join("model.safetensors")]
+        elif index in self.paths:
+            try:
+                doc = json.loads(read_artifact_file(self.store, self.m, index,
+                                                    identities=self.identities))  # fmt: skip
+                files = sorted({join(v) for v in doc["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise FormatError(f"{self._name(index)} is not a safetensors index") from None
+        else:
+            other = [
+                p
+                for p in self.paths
+                if _is_weight(p) and PurePosixPath(p).parent == PurePosixPath(base or ".")
+            ]
+            hint = f" (it has {other[0]}: only safetensors weights are loaded)" if other else ""
+            raise NotFound(f"{self._name(join('model.safetensors'))} is missing{hint}")
+        state: dict[str, Any] = {}
+        for path in files:
+            state.update(
+                load_file(f"{self.m.name}:{self.m.version}/{path}", store=self.store,
+                          tenant=self.m.tenant, identities=self.identities, threads=self.threads)
+            )  # fmt: skip
+        return state
+
+    def _name(self, path: str) -> str:
+        return f"{self.m.name}:{self.m.version}/{path}"
+
+
+def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[str, type]:
+    """``modules.json`` type -> a subclass of it that reads its weights from *weights*."""
+    from sentence_transformers.base.modules.module import Module
+    from sentence_transformers.base.modules.transformer import (
+        TRANSFORMER_TASK_TO_AUTO_MODEL,
+        Transformer,
+    )
+    from sentence_transformers.util import import_from_string
+
+    out: dict[str, type] = {}
+    for entry in modules:
+        ref = entry.get("type") if isinstance(entry, dict) else None
+        # Anything outside sentence_transformers is left to sentence-transformers,
+        # which refuses it without trust_remote_code.
+        if not isinstance(ref, str) or not ref.startswith("sentence_transformers.") or ref in out:
+            continue
+        try:
+            base = import_from_string(ref)
+        except ImportError:
+            continue  # sentence-transformers names the problem itself
+        if not (isinstance(base, type) and issubclass(base, Module)):
+            continue
+        subfolder = entry.get("path") or ""
+        attrs: dict[str, Any] = {"__module__": base.__module__, "__qualname__": base.__qualname__}
+        if issubclass(base, Transformer):
+
+            def _load_model(
+                self: Any,
+                model_name_or_path: str,
+                transformer_task: str,
+                config: Any,
+                backend: str,
+                is_peft_model: bool,
+                _subfolder: str = subfolder,
+                **model_kwargs: Any,
+            ) -> Any:
+                if backend != "torch" or is_peft_model:
+                    raise ValueError(
+                        "a sealed sentence-transformers model loads with torch, no adapter"
+                    )
+                auto = TRANSFORMER_TASK_TO_AUTO_MODEL[transformer_task]
+                model_cls = auto._model_mapping[type(config)]
+                # transformers builds the model on the meta device and loads this
+                # state dict into it: the weights come from memory, not a file.
+                model, info = model_cls.from_pretrained(
+                    None, config=config, state_dict=weights.load(_subfolder),
+                    output_loading_info=True, **model_kwargs,
+                )  # fmt: skip
+                missing = sorted(info.get("missing_keys") or ())
+                bad = sorted(info.get("mismatched_keys") or ())
+                if missing or bad:
+                    raise ValueError(
+                        f"{weights._name(_subfolder or 'model.safetensors')} does not fit "
+                        f"{model_cls.__name__}: {len(missing)} missing, {len(bad)} mismatched, "
+                        f"e.g. {(missing or bad)[0]}"
+                    )
+                return model
+
+            attrs["_load_model"] = _load_model
+        else:
+
+            def load_torch_weights(
+                cls: Any, model_name_or_path: str, subfolder: str = "", *a: Any,
+                model: Any = None, **k: Any,
+            ) -> Any:  # fmt: skip
+                state = weights.load(subfolder)
+                if model is None:
+                    return state
+                model.load_state_dict(state, strict=True)
+                return model
+
+            attrs["load_torch_weights"] = classmethod(load_torch_weights)
+        out[ref] = type(base.__name__, (base,), attrs)
+    return out
+
+
+def load_sentence_transformer(
+    src: str | os.PathLike[str],
+    *,
+    store: Any = None,
+    tenant: str | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    threads: int | None = None,
+    guard: Any = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """A ``SentenceTransformer`` built from a sealed store artifact.
+
+    Args:
+        src: ``sealstore+URL#NAME[:VERSION|@TAG]``, or ``NAME[...]`` with *store*
+            (a ``Store`` or its URL). The artifact is a pushed sentence-transformers
+            directory (with ``modules.json``).
+        device: where the model runs (``"cpu"``, ``"cuda[:N]"``; default: what
+            sentence-transformers picks). Weights are decrypted on the CPU, then moved.
+        trust_remote_code: must stay False: code named by the artifact is never run.
+        threads: chunks decrypted in parallel (as for ``load_file``).
+        guard: a ``GuardPolicy`` (or its mapping, or True): put the inference guard
+            on the model, its findings recorded against this version (GUARD.md).
+        scratch_dir: a memory-backed directory for the decrypted configs and
+            tokenizer files (default ``/dev/shm``); never the weights.
+
+    Returns:
+        The model, in eval mode (guarded, with *guard*).
+
+    Raises:
+        ValueError: ``trust_remote_code=True``; no usable scratch directory; the
+            weights do not fit the model.
+        NotFound: the artifact has no ``modules.json`` or no safetensors weights.
+        DeviceUnavailable: a CUDA device was asked for and torch has none.
+        AuthenticationError, KeyUnavailable, FormatError: as for ``load_file``.
+    """
+    if trust_remote_code:
+        raise ValueError(
+            "trust_remote_code=True is refused: a sealed model never runs code it names"
+        )
+    if device is not None and str(device).startswith("cuda"):
+        from sealstore.loaders.gpu import check_device
+
+        check_device(str(device))  # before any key is asked for
+    root = _scratch_root(scratch_dir)
+    from sentence_transformers import SentenceTransformer
+
+    store, m = _artifact(src, store, tenant)
+    paths = [f.path for f in m.files]
+    if "modules.json" not in paths:
+        raise NotFound(
+            f"{m.name}:{m.version} has no modules.json (not a sentence-transformers model)"
+        )
+    try:
+        modules = json.loads(read_artifact_file(store, m, "modules.json", identities=identities))
+    except ValueError:
+        raise FormatError(f"{m.name}:{m.version}/modules.json is not valid JSON") from None
+    if not isinstance(modules, list):
+        raise FormatError(f"{m.name}:{m.version}/modules.json is not a list of modules")
+    weights = _Weights(store, m, identities, threads)
+    classes = _sealed_classes(modules, weights)
+    _sweep(root)
+    folder = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=root))  # mode 0700
+    _live.add(str(folder))
+    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # Held until the folder is gone: a later load's sweep leaves a live one alone.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for path in paths:
+            # README.md is the model card: not needed to build the model.
+            if not _is_weight(path) and path != "README.md":
+                _write_private(folder, path, read_artifact_file(store, m, path,
+                                                                identities=identities))  # fmt: skip
+        model = SentenceTransformer._load_with_module_classes(
+            str(folder),
+            classes,
+            device=device,
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+        _live.discard(str(folder))
+    # The load-time subclasses only changed where weights come from: give each
+    # module its own class back, so the model saves and reloads as usual.
+    sealed = set(classes.values())
+    for module in model.modules():
+        if type(module) in sealed:
+            module.__class__ = type(module).__bases__[0]
+    model.eval()
+    if guard is None or guard is False:
+        return model
+    from sealstore.loaders.inference_guard import guard_loaded
+
+    return guard_loaded(model, guard, manifest=m, store=store, identities=identities)
