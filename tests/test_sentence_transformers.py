@@ -165,3 +165,16 @@ def test_cuda_without_a_gpu_fails_before_any_key(ring: LocalKeyring, tmp_path: P
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(DeviceUnavailable):
         load_sentence_transformer("minilm", store=f"file://{tmp_path}/none", device="cuda")
+
+
+def test_guard_is_put_on_the_loaded_model(ring: LocalKeyring, tmp_path: Path, minilm: Path) -> None:
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(minilm, "minilm", keys=["local:"])
+    model = load_sentence_transformer("minilm", store=store, device="cpu", guard=True)
+    g = model.sealstore_guard
+    try:
+        assert (g.target.name, g.target.artifact, g.target.version) == ("minilm:1", "minilm", "1")
+        got = model.encode(SENTENCES, convert_to_tensor=True)
+        assert torch.allclose(got, plain_embeddings(minilm), atol=1e-6)
+    finally:
+        g.remove()
