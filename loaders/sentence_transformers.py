@@ -41,8 +41,18 @@ from sealstore.loaders.sources import PREFIX
 __all__ = ["load_sentence_transformer"]
 
 # Weights and exported graphs: never written to the scratch folder.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
-                   ".gguf", ".xml")  # fmt: skip
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".onnx",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".xml",
+)
 _SCRATCH_PREFIX = "sealstore-st-"
 _live: set[str] = set()  # scratch folders of loads in progress, removed at exit if still there
 
@@ -143,8 +153,9 @@ class _Weights:
             files = [join("model.safetensors")]
         elif index in self.paths:
             try:
-                doc = json.loads(read_artifact_file(self.store, self.m, index,
-                                                    identities=self.identities))  # fmt: skip
+                doc = json.loads(
+                    read_artifact_file(self.store, self.m, index, identities=self.identities)
+                )
                 files = sorted({join(v) for v in doc["weight_map"].values()})
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise FormatError(f"{self._name(index)} is not a safetensors index") from None
@@ -159,9 +170,14 @@ class _Weights:
         state: dict[str, Any] = {}
         for path in files:
             state.update(
-                load_file(f"{self.m.name}:{self.m.version}/{path}", store=self.store,
-                          tenant=self.m.tenant, identities=self.identities, threads=self.threads)
-            )  # fmt: skip
+                load_file(
+                    f"{self.m.name}:{self.m.version}/{path}",
+                    store=self.store,
+                    tenant=self.m.tenant,
+                    identities=self.identities,
+                    threads=self.threads,
+                )
+            )
         return state
 
     def _name(self, path: str) -> str:
@@ -171,6 +187,7 @@ class _Weights:
 def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[str, type]:
     """``modules.json`` type -> a subclass of it that reads its weights from *weights*."""
     from sentence_transformers.base.modules.module import Module
+    from sentence_transformers.base.modules.router import Router
     from sentence_transformers.base.modules.transformer import (
         TRANSFORMER_TASK_TO_AUTO_MODEL,
         Transformer,
@@ -190,7 +207,9 @@ def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[st
             continue  # sentence-transformers names the problem itself
         if not (isinstance(base, type) and issubclass(base, Module)):
             continue
-        subfolder = entry.get("path") or ""
+        if issubclass(base, Router):
+            # Its inner modules are listed in its own config, out of this map's reach.
+            raise ValueError(f"{weights._name('modules.json')}: a Router model is not supported")
         attrs: dict[str, Any] = {"__module__": base.__module__, "__qualname__": base.__qualname__}
         if issubclass(base, Transformer):
 
@@ -201,27 +220,32 @@ def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[st
                 config: Any,
                 backend: str,
                 is_peft_model: bool,
-                _subfolder: str = subfolder,
                 **model_kwargs: Any,
             ) -> Any:
                 if backend != "torch" or is_peft_model:
                     raise ValueError(
                         "a sealed sentence-transformers model loads with torch, no adapter"
                     )
-                auto = TRANSFORMER_TASK_TO_AUTO_MODEL[transformer_task]
-                model_cls = auto._model_mapping[type(config)]
-                # transformers builds the model on the meta device and loads this
-                # state dict into it: the weights come from memory, not a file.
-                model, info = model_cls.from_pretrained(
-                    None, config=config, state_dict=weights.load(_subfolder),
-                    output_loading_info=True, **model_kwargs,
-                )  # fmt: skip
+                # No path and a state_dict: transformers builds the model on the meta
+                # device and loads these tensors into it -- from memory, not a file.
+                state = weights.load(model_kwargs.pop("subfolder", ""))
+                kw = {**model_kwargs, "state_dict": state, "output_loading_info": True}
+                loaded = None
+                if transformer_task == "feature-extraction":
+                    # sentence-transformers' own pick of an encoder-only class (T5...).
+                    loaded = self._load_encoder_only_model(None, config, **kw)
+                if loaded is None:
+                    auto = TRANSFORMER_TASK_TO_AUTO_MODEL[transformer_task]
+                    loaded = auto._model_mapping[type(config)].from_pretrained(
+                        None, config=config, **kw
+                    )
+                model, info = loaded
                 missing = sorted(info.get("missing_keys") or ())
                 bad = sorted(info.get("mismatched_keys") or ())
                 if missing or bad:
                     raise ValueError(
-                        f"{weights._name(_subfolder or 'model.safetensors')} does not fit "
-                        f"{model_cls.__name__}: {len(missing)} missing, {len(bad)} mismatched, "
+                        f"{weights._name('model.safetensors')} does not fit "
+                        f"{type(model).__name__}: {len(missing)} missing, {len(bad)} mismatched, "
                         f"e.g. {(missing or bad)[0]}"
                     )
                 return model
@@ -230,9 +254,13 @@ def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[st
         else:
 
             def load_torch_weights(
-                cls: Any, model_name_or_path: str, subfolder: str = "", *a: Any,
-                model: Any = None, **k: Any,
-            ) -> Any:  # fmt: skip
+                cls: Any,
+                model_name_or_path: str,
+                subfolder: str = "",
+                *a: Any,
+                model: Any = None,
+                **k: Any,
+            ) -> Any:
                 state = weights.load(subfolder)
                 if model is None:
                     return state
@@ -316,8 +344,9 @@ def load_sentence_transformer(
         for path in paths:
             # README.md is the model card: not needed to build the model.
             if not _is_weight(path) and path != "README.md":
-                _write_private(folder, path, read_artifact_file(store, m, path,
-                                                                identities=identities))  # fmt: skip
+                _write_private(
+                    folder, path, read_artifact_file(store, m, path, identities=identities)
+                )
         model = SentenceTransformer._load_with_module_classes(
             str(folder),
             classes,

@@ -107,8 +107,9 @@ def test_loaded_model_saves_and_reloads_like_a_plain_one(
     plain.save(str(tmp_path / "with-dense"))
     store = Store.init(f"file://{tmp_path}/store")
     store.push(tmp_path / "with-dense", "dense", keys=["local:"])
-    model = load_sentence_transformer(f"sealstore+{store.url}#dense", device="cpu",
-                                      scratch_dir=tmp_path)  # fmt: skip
+    model = load_sentence_transformer(
+        f"sealstore+{store.url}#dense", device="cpu", scratch_dir=tmp_path
+    )
     got = model.encode(SENTENCES, convert_to_tensor=True)
     assert got.shape == (3, 32)
     assert torch.allclose(got, plain.encode(SENTENCES, convert_to_tensor=True), atol=1e-6)
@@ -134,8 +135,9 @@ def test_tampered_weights_fail_and_leave_nothing(
     scratch.mkdir()
     model = None
     with pytest.raises(AuthenticationError):
-        model = load_sentence_transformer(f"sealstore+{store.url}#minilm", device="cpu",
-                                          scratch_dir=scratch)  # fmt: skip
+        model = load_sentence_transformer(
+            f"sealstore+{store.url}#minilm", device="cpu", scratch_dir=scratch
+        )
     assert model is None
     assert list(scratch.iterdir()) == []
 
@@ -178,3 +180,49 @@ def test_guard_is_put_on_the_loaded_model(ring: LocalKeyring, tmp_path: Path, mi
         assert torch.allclose(got, plain_embeddings(minilm), atol=1e-6)
     finally:
         g.remove()
+
+
+def test_an_encoder_only_t5_model_loads_as_sentence_transformers_picks_it(
+    ring: LocalKeyring, tmp_path: Path, minilm: Path
+) -> None:
+    """T5: sentence-transformers builds a T5EncoderModel, not the AutoModel (encoder-decoder)."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    hf = tmp_path / "t5"
+    T5EncoderModel(config).save_pretrained(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm / name, hf / name)
+    plain = SentenceTransformer(modules=[Transformer(str(hf)), Pooling(32, "mean")], device="cpu")
+    plain.save(str(tmp_path / "t5-st"))
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(tmp_path / "t5-st", "t5", keys=["local:"])
+    model = load_sentence_transformer("t5", store=store, device="cpu", scratch_dir=tmp_path)
+    assert type(model[0].auto_model) is T5EncoderModel
+    got = model.encode(SENTENCES, convert_to_tensor=True)
+    assert torch.allclose(got, plain.encode(SENTENCES, convert_to_tensor=True), atol=1e-6)
+
+
+def test_a_loaded_model_fine_tunes(ring: LocalKeyring, tmp_path: Path, minilm: Path) -> None:
+    """Its parameters are ordinary trainable ones: a step of training moves the embeddings."""
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(minilm, "minilm", keys=["local:"])
+    model = load_sentence_transformer("minilm", store=store, device="cpu", scratch_dir=tmp_path)
+    before = model.encode(SENTENCES, convert_to_tensor=True)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    features = model.preprocess(SENTENCES)
+    embeddings = model(features)["sentence_embedding"]
+    loss = -(embeddings[0] @ embeddings[1])  # pull the first two sentences together
+    loss.backward()
+    assert all(p.grad is not None for p in model[0].auto_model.encoder.parameters())
+    optimizer.step()
+    model.eval()
+    after = model.encode(SENTENCES, convert_to_tensor=True)
+    assert (after[0] @ after[1]) > (before[0] @ before[1])
