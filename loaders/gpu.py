@@ -204,6 +204,7 @@ def normalize_device(device: Any) -> str:
         if device < 0:
             raise ValueError(f"device index must be >= 0, not {device}")
         return f"cuda:{device}"
+    # torch.device by its type name: this module must not import torch to route a str.
     if isinstance(device, str) or type(device).__name__ == "device":
         return str(device)
     raise TypeError(f"device must be a string or a CUDA index, not {type(device).__name__}")
