@@ -1,7 +1,10 @@
 """torch loaders for sealed artifacts: the safetensors API over sealed files and store references.
 
-``load_file``, ``safe_open``, ``save_file`` and ``load_state_dict`` work on a
-sealed file path or URL, or a store reference (``sealstore+URL#NAME[:VERSION|@TAG]``);
+``load_file``, ``safe_open``, ``save_file``, ``load`` / ``save`` (bytes),
+``save_model`` / ``load_model`` (tied weights) and ``load_state_dict`` mirror
+``safetensors.torch`` on a sealed file path or URL, or a store reference
+(``sealstore+URL#NAME[:VERSION|@TAG]``); ``sealstore.loaders.safetensors_np``
+mirrors ``safetensors.numpy`` without importing torch;
 ``from_pretrained`` / ``load_tokenizer`` build transformers objects from a pushed
 Hugging Face directory; ``torch_save`` / ``torch_load`` seal ``.pt`` payloads
 (loaded with ``weights_only=True``); ``save_checkpoint`` / ``load_latest_checkpoint``
@@ -16,24 +19,41 @@ from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.gpu import DeviceUnavailable
 from sealstore.loaders.hf import from_pretrained, load_tokenizer
 from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
-from sealstore.loaders.safetensors import load_file, load_state_dict, safe_open, save_file
+from sealstore.loaders.safetensors import (
+    SharedTensors,
+    load,
+    load_file,
+    load_model,
+    load_state_dict,
+    safe_open,
+    save,
+    save_file,
+    save_model,
+)
 from sealstore.loaders.sentence_transformers import load_sentence_transformer
+from sealstore.loaders.st_header import TensorNotFound
 from sealstore.loaders.torch_io import torch_load, torch_save
 
 __all__ = [
     "DeviceUnavailable",
     "GuardPolicy",
+    "SharedTensors",
+    "TensorNotFound",
     "as_caller",
     "from_pretrained",
     "guard",
+    "load",
     "load_file",
     "load_latest_checkpoint",
+    "load_model",
     "load_sentence_transformer",
     "load_state_dict",
     "load_tokenizer",
     "safe_open",
+    "save",
     "save_checkpoint",
     "save_file",
+    "save_model",
     "torch_load",
     "torch_save",
 ]

@@ -23,7 +23,14 @@ import numpy as np
 from sealstore.errors import AuthenticationError, SealstoreError
 from sealstore.stream import SealedFile
 
-__all__ = ["GPU_SUITES", "DeviceUnavailable", "chunk_span", "decrypt_to_device", "read_to_cuda"]
+__all__ = [
+    "GPU_SUITES",
+    "DeviceUnavailable",
+    "chunk_span",
+    "decrypt_to_device",
+    "normalize_device",
+    "read_to_cuda",
+]
 
 GPU_SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
 BATCH_BYTES = 64 << 20  # plaintext per staging slot
@@ -179,6 +186,28 @@ def _wipe(cuda: Any, arr: Any) -> None:
             n = min(zeros.shape[0], arr.shape[0] - i)
             arr[i : i + n].copy_to_device(zeros[:n])
     cuda.synchronize()
+
+
+def normalize_device(device: Any) -> str:
+    """*device* as a string: the int ``N`` means ``"cuda:N"``, as in safetensors and torch.
+
+    So ``device=0`` takes the GPU path (and its checks) like ``"cuda:0"``,
+    never a silent CPU decryption. A ``torch.device`` is accepted too.
+
+    Raises:
+        TypeError: not a str, int or torch.device (a bool is refused).
+        ValueError: a negative device index.
+    """
+    if isinstance(device, bool):
+        raise TypeError(f"device must be a string or a CUDA index, not {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device index must be >= 0, not {device}")
+        return f"cuda:{device}"
+    # torch.device by its type name: this module must not import torch to route a str.
+    if isinstance(device, str) or type(device).__name__ == "device":
+        return str(device)
+    raise TypeError(f"device must be a string or a CUDA index, not {type(device).__name__}")
 
 
 def check_device(device: str) -> None:

@@ -13,25 +13,32 @@ torch is imported here and nowhere below this floor.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
-import json
-import math
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sealstore.errors import FormatError
-from sealstore.format import reject_duplicate_keys
-from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_writer
+from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, open_sealed, seal_writer
 from sealstore.loaders.sources import open_source
+from sealstore.loaders.st_header import Layout, header_bytes
 from sealstore.progress import Progress as ProgressBar
 from sealstore.stream import SealedFile
 
-__all__ = ["load_file", "load_state_dict", "safe_open", "save_file"]
+__all__ = [
+    "load",
+    "load_file",
+    "load_model",
+    "load_state_dict",
+    "safe_open",
+    "save",
+    "save_file",
+    "save_model",
+]
 
-_MAX_HEADER = 100_000_000  # safetensors' own limit
 Progress = Callable[[int], None]
+_FRAMEWORKS = {"pt": "pt", "torch": "pt", "np": "np", "numpy": "np"}
 
 
 def _dtypes() -> dict[str, Any]:
@@ -57,84 +64,40 @@ def _dtypes() -> dict[str, Any]:
         "U32": torch.uint32,
         "U16": torch.uint16,
         "F8_E8M0": torch.float8_e8m0fnu,
+        "F4": torch.float4_e2m1fn_x2,
     }
 
 
-# safetensors' write order (its Dtype enum, descending), checked against
-# ``safetensors.torch.save`` by tests/test_loaders.py.
-_SAVE_ORDER = [
-    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
-    "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL",
-]  # fmt: skip
+def _torch_entry(name: str, code: str, shape: Sequence[int]) -> tuple[Any, list[int]]:
+    """torch's dtype and shape for a header entry.
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _is_uint(x: Any) -> bool:
-    return type(x) is int and 0 <= x < (1 << 63)
-
-
-class _Layout:
-    """The safetensors header of a sealed file, validated as strictly as safetensors does.
-
-    Integer fields must be JSON integers (not floats, strings or booleans);
-    tensors must tile the data region exactly -- sorted by offset, no gap, no
-    overlap, nothing left over -- so no two tensors can alias; metadata is a
-    string-to-string map.
+    F4 packs two values per byte: torch's ``float4_e2m1fn_x2`` counts bytes,
+    so its last dimension is half the header's (as safetensors loads it).
     """
+    shape = list(shape)
+    if code == "F4":
+        if not shape or shape[-1] % 2:
+            raise FormatError(
+                f"safetensors entry {name!r}: F4 needs an even last dimension in torch, "
+                f"not shape {shape}"
+            )
+        shape[-1] //= 2
+    return _dtypes()[code], shape
 
-    def __init__(self, sf: SealedFile) -> None:
-        head = sf.read_range(0, 8)
-        if len(head) < 8:
-            raise FormatError("not a safetensors file: shorter than 8 bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > sf.size:
-            raise FormatError(f"not a safetensors file: header length {n}")
-        try:
-            header = json.loads(sf.read_range(8, n), parse_constant=_reject_constant,
-                                object_pairs_hook=reject_duplicate_keys)  # fmt: skip
-        except FormatError:
-            raise
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise FormatError(f"safetensors header is not valid: {exc}") from None
-        if not isinstance(header, dict):
-            raise FormatError("safetensors header is not a JSON object")
-        meta = header.pop("__metadata__", None)
-        if meta is not None and not (
-            isinstance(meta, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-        ):
-            raise FormatError("safetensors __metadata__ must map strings to strings")
-        self.metadata: dict[str, str] | None = meta
-        self.data_start = 8 + n
-        self.data_size = sf.size - self.data_start
-        dtypes = _dtypes()
-        self.entries: dict[str, tuple[Any, list[int], int, int]] = {}
-        for name, spec in header.items():
-            if not isinstance(spec, dict) or spec.get("dtype") not in dtypes:
-                what = spec.get("dtype") if isinstance(spec, dict) else spec
-                raise FormatError(f"safetensors entry {name!r}: unknown dtype {str(what)[:40]!r}")
-            dtype = dtypes[spec["dtype"]]
-            shape, offsets = spec.get("shape"), spec.get("data_offsets")
-            if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
-                raise FormatError(f"safetensors entry {name!r} has a bad shape")
-            if not (isinstance(offsets, list) and len(offsets) == 2
-                    and all(_is_uint(x) for x in offsets)):  # fmt: skip
-                raise FormatError(f"safetensors entry {name!r} has bad data_offsets")
-            start, end = offsets
-            count = math.prod(shape)
-            if count >= (1 << 63) or not start <= end or (end - start) != count * dtype.itemsize:
-                raise FormatError(f"safetensors entry {name!r}: shape and offsets disagree")
-            self.entries[name] = (dtype, shape, start, end)
-        pos = 0
-        for name, (_, _, start, end) in sorted(self.entries.items(), key=lambda e: e[1][2:]):
-            if start != pos:
-                raise FormatError(f"safetensors entry {name!r} overlaps or leaves a gap")
-            pos = end
-        if pos != self.data_size:
-            raise FormatError("safetensors data region does not match its tensors")
+
+def _torch_entries(layout: Layout) -> dict[str, tuple[Any, list[int], int, int]]:
+    """name -> (torch dtype, torch shape, start, end), in file order."""
+    out = {}
+    for name in layout.offset_keys():
+        code, shape, start, end = layout.entries[name]
+        out[name] = (*_torch_entry(name, code, shape), start, end)
+    return out
+
+
+def _device(device: Any) -> str:
+    from sealstore.loaders.gpu import normalize_device
+
+    return normalize_device(device)
 
 
 def default_threads() -> int:
@@ -154,7 +117,7 @@ def _check_prefer(prefer: str) -> None:
 
 def load_file(
     src: Any,
-    device: str = "cpu",
+    device: str | int = "cpu",
     *,
     threads: int | None = None,
     identities: Sequence[IdentitySpec] = (),
@@ -170,10 +133,10 @@ def load_file(
     Args:
         src: a sealed file path or URL, or a store reference (``sealstore+URL#NAME...``
             or ``NAME[:VERSION|@TAG][/FILE]`` with *store*); see ``sealstore.loaders.sources``.
-        device: where the tensors go. ``"cuda[:N]"`` decrypts on the GPU: the
-            ciphertext is staged in pinned memory and the plaintext exists only
-            in device memory (both suites; see ``loaders/gpu.py``). The tensors
-            are then views of one device buffer.
+        device: where the tensors go. ``"cuda[:N]"`` (or the int ``N``, as in
+            safetensors) decrypts on the GPU: the ciphertext is staged in pinned
+            memory and the plaintext exists only in device memory (both suites;
+            see ``loaders/gpu.py``). The tensors are then views of one device buffer.
         prefer: ``"cpu-decrypt"`` decrypts on the CPU and copies the tensors to
             *device* (any suite; for comparison).
         threads: chunks decrypted in parallel (default: the CPU count, at most 8;
@@ -204,10 +167,11 @@ def load_file(
             "tensors are loaded into"
         )
     _check_prefer(prefer)
-    if str(device).startswith("cuda"):
+    device = _device(device)
+    if device.startswith("cuda"):
         from sealstore.loaders.gpu import check_device
 
-        check_device(str(device))  # before any key is asked for
+        check_device(device)  # before any key is asked for
     opened = open_source(src, store=store, tenant=tenant, identities=identities)
     tensors = _read(opened, opened is not src, device, threads, progress, prefer)
     if guard is None or guard is False:
@@ -233,35 +197,66 @@ def _read(
     progress: bool | Progress,
     prefer: str,
 ) -> dict[str, Any]:
-    import torch
-
-    cuda_device = str(device).startswith("cuda")
-    threads = threads or default_threads()
     # own: a SealedFile the caller passed stays open
     with opened if own else contextlib.nullcontext(opened) as sf:
-        layout = _Layout(sf)
-        if cuda_device and prefer == "gpu-direct":
-            from sealstore.loaders.gpu import load_to_cuda
+        return _read_all(sf, Layout(sf), device, threads, progress, prefer)
 
-            return load_to_cuda(sf, layout.entries, layout.data_start, str(device))
-        # One buffer per tensor, like safetensors: saving, pickling or keeping
-        # one tensor must never carry the rest of the decrypted model with it.
-        # read_scatter still decrypts every chunk once, straight into them.
-        out, pieces = {}, []
-        for name, (dtype, shape, start, end) in layout.entries.items():
-            buf = torch.empty(end - start, dtype=torch.uint8)
-            pieces.append((layout.data_start + start, buf.numpy()))
-            out[name] = (buf, dtype, shape)
-        bar = _progress(progress, layout.data_size)
-        try:
-            sf.read_scatter(pieces, threads=threads, progress=bar)
-        finally:
-            if isinstance(bar, ProgressBar):
-                bar.close()
+
+def _read_all(
+    sf: SealedFile,
+    layout: Layout,
+    device: str,
+    threads: int | None,
+    progress: bool | Progress,
+    prefer: str,
+) -> dict[str, Any]:
+    """Every tensor of *sf*, in file order (as ``safetensors`` returns them)."""
+    import torch
+
+    entries = _torch_entries(layout)
+    if device.startswith("cuda") and prefer == "gpu-direct":
+        from sealstore.loaders.gpu import load_to_cuda
+
+        return load_to_cuda(sf, entries, layout.data_start, device)
+    # One buffer per tensor, like safetensors: saving, pickling or keeping
+    # one tensor must never carry the rest of the decrypted model with it.
+    # read_scatter still decrypts every chunk once, straight into them.
+    out, pieces = {}, []
+    for name, (dtype, shape, start, end) in entries.items():
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        pieces.append((layout.data_start + start, buf.numpy()))
+        out[name] = (buf, dtype, shape)
+    bar = _progress(progress, layout.data_size)
+    try:
+        sf.read_scatter(pieces, threads=threads or default_threads(), progress=bar)
+    finally:
+        if isinstance(bar, ProgressBar):
+            bar.close()
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors
+
+
+def load(data: bytes | bytearray | memoryview, *, identities: Sequence[IdentitySpec] = (),
+         threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Load sealed safetensors bytes (what :func:`save` returns), as ``safetensors.torch.load``.
+
+    Args:
+        data: the sealed file's bytes.
+        identities: identity files or unwrappers to try first.
+        threads: chunks decrypted in parallel.
+
+    Returns:
+        name -> CPU tensor, each with its own storage, in file order.
+
+    Raises:
+        TypeError: *data* is not bytes-like.
+        AuthenticationError, KeyUnavailable, FormatError.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load() takes the sealed bytes, not {type(data).__name__}")
+    return _read(open_sealed(data, identities), True, "cpu", threads, False, "cpu-decrypt")
 
 
 def load_state_dict(
@@ -285,23 +280,27 @@ class _Slice:
     def __init__(self, owner: SafeOpen, name: str) -> None:
         self._owner = owner
         self._name = name
-        self._dtype, self._shape, self._start, self._end = owner._layout.entries[name]
+        self._code, self._shape, self._start, self._end = owner._layout.entry(name)
 
     def get_shape(self) -> list[int]:
+        """The header's shape (for F4, twice torch's last dimension, as safetensors says)."""
         return list(self._shape)
 
     def get_dtype(self) -> str:
-        return next(k for k, v in _dtypes().items() if v == self._dtype)
+        """The safetensors dtype code (``"F32"``, ``"BF16"``...)."""
+        return self._code
 
     def __getitem__(self, index: Any) -> Any:
         first = index[0] if isinstance(index, tuple) and index else index
         rest = index[1:] if isinstance(index, tuple) else ()
-        if isinstance(first, slice) and first.step in (None, 1) and self._shape:
+        # Rows are whole bytes except for a 1-D F4 tensor: that one is read whole.
+        rows = len(self._shape) > (1 if self._code == "F4" else 0)
+        if isinstance(first, slice) and first.step in (None, 1) and rows:
             lo, hi, _ = first.indices(self._shape[0])
             hi = max(lo, hi)
-            row = math.prod(self._shape[1:]) * self._dtype.itemsize
+            row = (self._end - self._start) // self._shape[0] if self._shape[0] else 0
             part = self._owner._read(
-                self._start + lo * row, self._start + hi * row, self._dtype,
+                self._name, self._start + lo * row, self._start + hi * row, self._code,
                 [hi - lo, *self._shape[1:]],
             )  # fmt: skip
             return part[(slice(None), *rest)] if rest else part
@@ -315,7 +314,7 @@ class SafeOpen:
         self,
         src: Any,
         framework: str = "pt",
-        device: str = "cpu",
+        device: str | int = "cpu",
         *,
         identities: Sequence[IdentitySpec] = (),
         store: Any = None,
@@ -324,14 +323,21 @@ class SafeOpen:
         threads: int | None = None,
         prefer: str = "gpu-direct",
     ) -> None:
-        if framework not in ("pt", "torch"):
-            raise ValueError(f"framework {framework!r} is not supported (only 'pt')")
+        if framework not in _FRAMEWORKS:
+            raise ValueError(
+                f"framework {framework!r} is not supported (only 'pt' / 'torch', 'np' / 'numpy')"
+            )
+        self._framework = _FRAMEWORKS[framework]
         _check_prefer(prefer)
-        self._gpu_direct = str(device).startswith("cuda") and prefer == "gpu-direct"
-        if str(device).startswith("cuda"):
+        device = _device(device)
+        if self._framework == "np" and device != "cpu":
+            raise ValueError(f"device {device!r} is not supported for framework numpy")
+        self._gpu_direct = device.startswith("cuda") and prefer == "gpu-direct"
+        self._prefer = prefer
+        if device.startswith("cuda"):
             from sealstore.loaders.gpu import check_device
 
-            check_device(str(device))
+            check_device(device)
         self._device = device
         self._threads = threads or default_threads()
         self._sf = open_source(
@@ -339,25 +345,36 @@ class SafeOpen:
         )
         self._own = self._sf is not src  # a SealedFile the caller passed stays open
         try:
-            self._layout = _Layout(self._sf)
+            self._layout = Layout(self._sf)
         except BaseException:
             self.close()
             raise
 
     def keys(self) -> list[str]:
+        """The tensor names, sorted."""
         return sorted(self._layout.entries)
 
+    def offset_keys(self) -> list[str]:
+        """The tensor names in file order (by offset)."""
+        return self._layout.offset_keys()
+
     def metadata(self) -> dict[str, str] | None:
+        """``__metadata__``: ``{}`` when the file has an empty one, None when it has none."""
         return self._layout.metadata
 
-    def _read(self, start: int, end: int, dtype: Any, shape: list[int]) -> Any:
+    def _read(self, name: str, start: int, end: int, code: str, shape: list[int]) -> Any:
+        if self._framework == "np":
+            from sealstore.loaders.safetensors_np import read_array
+
+            return read_array(self._sf, self._layout, name, start, end, code, shape, self._threads)
         import torch
 
+        dtype, shape = _torch_entry(name, code, shape)
         if self._gpu_direct:
             from sealstore.loaders.gpu import as_tensor, read_to_cuda
 
             start, end = self._layout.data_start + start, self._layout.data_start + end
-            return as_tensor(read_to_cuda(self._sf, start, end, str(self._device)), dtype, shape)
+            return as_tensor(read_to_cuda(self._sf, start, end, self._device), dtype, shape)
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
@@ -368,17 +385,34 @@ class SafeOpen:
         """Decrypt only the chunks this tensor covers.
 
         Raises:
-            KeyError: no such tensor.
+            TensorNotFound: no such tensor (a ``KeyError`` and safetensors'
+                ``SafetensorError``).
         """
-        dtype, shape, start, end = self._layout.entries[name]
-        return self._read(start, end, dtype, shape)
+        code, shape, start, end = self._layout.entry(name)
+        return self._read(name, start, end, code, shape)
+
+    def get_tensors(self) -> dict[str, Any]:
+        """Every tensor, in file order: what ``load_file`` gives, in one decrypting pass.
+
+        Raises:
+            AuthenticationError: any chunk fails (nothing is returned).
+        """
+        if self._framework == "np":
+            from sealstore.loaders.safetensors_np import read_arrays
+
+            return read_arrays(self._sf, self._layout, self._threads)
+        return _read_all(self._sf, self._layout, self._device, self._threads, False, self._prefer)
 
     def get_slice(self, name: str) -> _Slice:
-        if name not in self._layout.entries:
-            raise KeyError(name)
+        """Shape and dtype without decrypting; index it to decrypt only those rows.
+
+        Raises:
+            TensorNotFound: no such tensor.
+        """
         return _Slice(self, name)
 
     def close(self) -> None:
+        """Close the file (one the caller passed in as a ``SealedFile`` stays open)."""
         if self._own:
             self._sf.close()
 
@@ -392,36 +426,51 @@ class SafeOpen:
 def safe_open(
     src: Any,
     framework: str = "pt",
-    device: str = "cpu",
+    device: str | int = "cpu",
     **kwargs: Any,
 ) -> SafeOpen:
-    """Open a sealed safetensors file lazily: ``keys``, ``get_tensor``, ``get_slice``, ``metadata``.
+    """Open a sealed safetensors file lazily, as ``safetensors.safe_open``.
 
-    Only the chunks a requested tensor covers are read and decrypted. For a
-    store reference the manifest and object header are checked on open; the
-    whole-object digest is skipped by default to keep access lazy (pass
-    ``check_digest=True`` to hash the object first). ``threads`` decrypt the
-    chunks of one tensor in parallel (default: the CPU count, at most 8).
+    ``keys``, ``offset_keys``, ``get_tensor``, ``get_tensors``, ``get_slice``,
+    ``metadata``. Only the chunks a requested tensor covers are read and
+    decrypted. For a store reference the manifest and object header are
+    checked on open; the whole-object digest is skipped by default to keep
+    access lazy (pass ``check_digest=True`` to hash the object first).
+    ``threads`` decrypt the chunks of one tensor in parallel (default: the CPU
+    count, at most 8).
 
-    With ``device="cuda[:N]"`` each requested tensor's chunks are decrypted on
-    the GPU (as ``load_file`` does; the tensor is a view of a buffer of whole
-    chunks); ``prefer="cpu-decrypt"`` decrypts on the CPU and copies.
+    *framework* is ``"pt"`` (or ``"torch"``) for torch tensors, ``"np"`` (or
+    ``"numpy"``) for numpy arrays (CPU only; torch is not imported).
+
+    With ``device="cuda[:N]"`` (or the int ``N``) each requested tensor's chunks
+    are decrypted on the GPU (as ``load_file`` does; the tensor is a view of a
+    buffer of whole chunks); ``prefer="cpu-decrypt"`` decrypts on the CPU and copies.
+
+    Raises:
+        ValueError: an unsupported framework, or numpy with a device other than the CPU.
+        DeviceUnavailable: a CUDA device was asked for and torch has none.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError.
     """
     return SafeOpen(src, framework, device, **kwargs)
 
 
-def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> tuple[bytes, list]:
-    """The safetensors header for *tensors*, and the tensors in file order.
+class SharedTensors(ValueError, RuntimeError):
+    """Tensors passed to ``save_file`` overlap in memory (tied weights: use ``save_model``).
 
-    Byte for byte what safetensors writes: tensors ordered by dtype as its
-    ``Dtype`` enum sorts them, descending (so larger elements come first and
-    every tensor starts aligned), then by name; the JSON compact, padded with
-    spaces to a multiple of 8 bytes.
+    A ``ValueError`` (sealstore's misuse) and a ``RuntimeError`` (what
+    ``safetensors.torch.save_file`` raises), so code written for either catches it.
     """
+
+
+def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> tuple[bytes, list]:
+    """The safetensors header for *tensors*, and the tensors in file order (``header_bytes``)."""
     import torch
 
-    names = {v: k for k, v in _dtypes().items()}
+    if not isinstance(tensors, Mapping):
+        raise ValueError(f"expected a dict of str -> torch.Tensor, not {type(tensors).__name__}")
+    codes = {v: k for k, v in _dtypes().items()}
     shared: dict[tuple[Any, int], list[tuple[int, int, str]]] = {}
+    items, values = [], []
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise ValueError(f"tensor names must be strings, not {type(name).__name__}")
@@ -431,33 +480,51 @@ def _header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> t
             raise ValueError(f"{name!r} is a sparse tensor; make it dense first")
         if not t.is_contiguous():
             raise ValueError(f"{name!r} is not contiguous; call .contiguous() before saving")
-        if t.dtype not in names:
+        if t.dtype not in codes:
             raise ValueError(f"{name!r} has a dtype safetensors cannot store: {t.dtype}")
+        shape = list(t.shape)
+        if codes[t.dtype] == "F4":
+            if not shape:
+                raise ValueError(f"{name!r}: a 0-d F4 tensor does not end on a byte boundary")
+            shape[-1] *= 2  # the header counts 4-bit values, torch counts bytes
         if t.numel():
             lo = t.storage_offset() * t.element_size()
             key = (t.device, t.untyped_storage().data_ptr())
             shared.setdefault(key, []).append((lo, lo + t.numel() * t.element_size(), name))
+        items.append((name, codes[t.dtype], shape, t.numel() * t.element_size()))
+        values.append(t)
     for ranges in shared.values():
         ranges.sort()
         for (_, end, a), (start, _, b) in itertools.pairwise(ranges):
             if start < end:
-                raise ValueError(f"tensors {a!r} and {b!r} share memory; save one of them")
-    rank = {dt: _SAVE_ORDER.index(name) for dt, name in names.items()}
-    order = sorted(tensors.items(), key=lambda kv: (rank[kv[1].dtype], kv[0]))
-    header: dict[str, Any] = {}
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError("metadata must map strings to strings")
-        header["__metadata__"] = dict(metadata)
-    pos = 0
-    for name, t in order:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + n]}  # fmt: skip
-        pos += n
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, order
+                raise SharedTensors(
+                    f"tensors {a!r} and {b!r} share memory; save one of them, or the model "
+                    "with save_model (tied weights)"
+                )
+    head, order = header_bytes(items, metadata)
+    return head, [(items[i][0], values[i]) for i in order]
+
+
+def _seal(
+    head: bytes,
+    order: list,
+    out: Any,
+    keys: Sequence[KeySpec],
+    context: Mapping[str, str] | None,
+    dek_from: KeySpec | None,
+    threads: int,
+) -> None:
+    import torch
+
+    total = len(head) + sum(t.numel() * t.element_size() for _, t in order)
+    with seal_writer(
+        out, keys, context=context, plaintext_size=total, threads=threads, dek_from=dek_from
+    ) as writer:
+        writer.write(head)
+        for _, t in order:
+            if t.numel():
+                data = t.detach().to("cpu").reshape(-1).view(torch.uint8)
+                writer.write(data.numpy())
 
 
 def save_file(
@@ -478,21 +545,139 @@ def save_file(
     is what ``safetensors.torch.save_file`` writes; the same tensors are refused
     (not contiguous, sparse, sharing memory).
 
+    Args:
+        tensors: name -> contiguous, dense tensor.
+        dst: the sealed file to write.
+        keys: the key specs the data key is wrapped for.
+        metadata: the ``__metadata__`` string map (``{}`` is written as ``{}``).
+        context: the encryption context.
+        dek_from: reuse this key's data key (see ``seal_writer``).
+        threads: chunks sealed in parallel.
+
     Raises:
         ValueError: a tensor safetensors cannot store (nothing is written).
+        SharedTensors: two tensors overlap in memory (also a ``RuntimeError``).
     """
-    import torch
-
     head, order = _header(tensors, metadata)
-    total = len(head) + sum(t.numel() * t.element_size() for _, t in order)
-    with (
-        atomic_output(dst) as out,
-        seal_writer(
-            out, keys, context=context, plaintext_size=total, threads=threads, dek_from=dek_from
-        ) as writer,
-    ):
-        writer.write(head)
-        for _, t in order:
-            if t.numel():
-                data = t.detach().to("cpu").reshape(-1).view(torch.uint8)
-                writer.write(data.numpy())
+    with atomic_output(dst) as out:
+        _seal(head, order, out, keys, context, dek_from, threads)
+
+
+def save(
+    tensors: Mapping[str, Any],
+    *,
+    keys: Sequence[KeySpec],
+    metadata: Mapping[str, str] | None = None,
+    context: Mapping[str, str] | None = None,
+    dek_from: KeySpec | None = None,
+    threads: int = 2,
+) -> bytes:
+    """``save_file`` into memory: the sealed bytes, as ``safetensors.torch.save`` returns its own.
+
+    Only ciphertext is held in memory; the plaintext is never assembled.
+
+    Raises:
+        ValueError, SharedTensors: as :func:`save_file`.
+    """
+    head, order = _header(tensors, metadata)
+    out = io.BytesIO()
+    _seal(head, order, out, keys, context, dek_from, threads)
+    return out.getvalue()
+
+
+def save_model(
+    model: Any,
+    dst: str | os.PathLike[str],
+    *,
+    keys: Sequence[KeySpec],
+    metadata: Mapping[str, str] | None = None,
+    force_contiguous: bool = True,
+    **options: Any,
+) -> None:
+    """Seal a torch module's state dict, tied weights included, as ``safetensors.torch.save_model``.
+
+    Of each group of tensors sharing memory (tied embeddings) one name is kept
+    -- the name safetensors keeps, chosen by its own code -- and each dropped
+    name is recorded in the metadata as ``dropped -> kept`` (unless the caller's
+    metadata already has that key), so the plaintext is byte for byte what
+    ``save_model`` writes. :func:`load_model` restores the ties.
+
+    Args:
+        model: the ``torch.nn.Module``.
+        dst: the sealed file to write.
+        keys, metadata, options: as :func:`save_file` (*metadata* is not modified).
+        force_contiguous: save non-contiguous tensors as contiguous copies.
+
+    Raises:
+        ValueError: a tensor that cannot be stored.
+        RuntimeError: a group of shared tensors none of which covers its whole storage.
+    """
+    # safetensors' private helper, so the kept names match its by construction;
+    # tests/test_loaders_parity.py compares the plaintext with save_model's.
+    from safetensors.torch import _remove_duplicate_names
+
+    state_dict = model.state_dict()
+    meta = dict(metadata) if metadata is not None else None
+    for kept, dropped in _remove_duplicate_names(state_dict).items():
+        for name in dropped:
+            meta = {} if meta is None else meta
+            meta.setdefault(name, kept)
+            del state_dict[name]
+    if force_contiguous:
+        state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    try:
+        save_file(state_dict, dst, keys=keys, metadata=meta, **options)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or use save_model(..., force_contiguous=True)") from None
+
+
+def load_model(
+    model: Any,
+    src: Any,
+    *,
+    strict: bool = True,
+    device: str | int = "cpu",
+    **kwargs: Any,
+) -> tuple[list[str], list[str]]:
+    """Load a sealed file into *model*, restoring tied weights, as ``safetensors.torch.load_model``.
+
+    Args:
+        model: the ``torch.nn.Module`` to load into.
+        src: as :func:`load_file`.
+        strict: raise if a parameter is missing or a tensor unexpected.
+        device: as :func:`load_file`.
+        kwargs: the other options of :func:`load_file`.
+
+    Returns:
+        ``(missing, unexpected)``: names of *model* the file did not fill (a
+        tied name whose partner was loaded does not count), and tensors of the
+        file the model has no place for.
+
+    Raises:
+        RuntimeError: *strict* and something missing or unexpected (safetensors' message).
+        AuthenticationError, KeyUnavailable, NotFound, FormatError, DeviceUnavailable.
+    """
+    from safetensors.torch import _remove_duplicate_names
+
+    state_dict = load_file(src, device, **kwargs)
+    to_removes = _remove_duplicate_names(model.state_dict(), preferred_names=state_dict.keys())
+    missing_keys, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = set(missing_keys)
+    for group in to_removes.values():
+        for name in group:
+            if name not in missing:
+                unexpected.append(name)
+            else:
+                missing.remove(name)
+    if strict and (missing or unexpected):
+        error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
+        if missing:
+            error += "\n    Missing key(s) in state_dict: " + ", ".join(
+                f'"{k}"' for k in sorted(missing)
+            )
+        if unexpected:
+            error += "\n    Unexpected key(s) in state_dict: " + ", ".join(
+                f'"{k}"' for k in sorted(unexpected)
+            )
+        raise RuntimeError(error)
+    return sorted(missing), list(unexpected)
