@@ -101,7 +101,8 @@ def torch_load(
     reader = _PlainReader(sf, threads=threads)
     try:
         with _allowed(safe_globals):
-            return torch.load(reader, map_location=map_location, weights_only=True)
+            # mmap=False: torch cannot map a decrypting file (and a global config may ask it to).
+            return torch.load(reader, map_location=map_location, weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         if reader.error is not None:
             raise reader.error from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
@@ -205,3 +206,27 @@ def test_small_and_large_reads_across_chunk_boundaries(ring: Any, tmp_path: Path
     got = torch_load(tmp_path / "many.pt.seal", threads=3)
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_the_plaintext_buffers_left_are_wiped(ring: Any, tmp_path: Path) -> None:
+    """The reader's cached chunk and the sealing writer's partial batch are zeroed on close."""
+    from sealstore.keys import DataKey
+    from sealstore.kms.envelope import open_sealed
+    from sealstore.loaders.torch_io import _PlainReader
+    from sealstore.stream import SealWriter
+
+    torch_save({"w": torch.full((1000,), 7.0)}, tmp_path / "w.pt.seal", keys=["local:"])
+    with open_sealed(tmp_path / "w.pt.seal", ()) as sf:
+        reader = _PlainReader(sf)
+        assert reader.read(4) == b"PK\x03\x04"
+        cache = reader._cache
+        assert any(cache)
+        reader.close()
+        assert not any(cache)
+
+    writer = SealWriter(io.BytesIO(), DataKey(bytes(32)))
+    writer.write(b"secret" * 100)
+    batch = writer._inbuf
+    assert any(batch)
+    writer.close()
+    assert not any(batch)
