@@ -66,8 +66,7 @@ def _child(mode: str, where: Path, size: int) -> dict[str, float]:
             torch.save(obj, buf)
             data = buf.getbuffer()
             with atomic_output(path) as out:
-                seal_stream(io.BytesIO(data), out, ["local:"], plaintext_size=len(data),
-                            threads=2)  # fmt: skip
+                seal_stream(io.BytesIO(data), out, ["local:"], plaintext_size=len(data), threads=2)
 
     # A state dict of 16 MiB-ish layers, as a model's would be.
     per = 4 << 20  # floats per layer
@@ -79,8 +78,12 @@ def _child(mode: str, where: Path, size: int) -> dict[str, float]:
     save(state, 1)
     seconds = time.perf_counter() - t0
     after = _peak()
-    return {"seconds": seconds, "peak_rss": after, "extra_rss": after - before,
-            "payload": n * per * 4}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "peak_rss": after,
+        "extra_rss": after - before,
+        "payload": n * per * 4,
+    }
 
 
 def _run(mode: str, where: Path, size: int, env: dict[str, str]) -> dict[str, float]:
@@ -108,8 +111,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
         home = Path(tmp)
-        env = dict(os.environ, SEALSTORE_HOME=str(home), SEALSTORE_PASSPHRASE=PASSPHRASE,
-                   PYTHONPATH=str(ROOT))  # fmt: skip
+        env = dict(
+            os.environ,
+            SEALSTORE_HOME=str(home),
+            SEALSTORE_PASSPHRASE=PASSPHRASE,
+            PYTHONPATH=str(ROOT),
+        )
         env.pop("SEALSTORE_KEYRING", None)
         setup = (
             "import sys\n"
@@ -155,8 +162,10 @@ def main() -> None:
         r = results[mode]
         tx = f"{r['time_ratio']:.2f}" if "time_ratio" in r else "1.00"
         px = f"{r['peak_rss_ratio']:.2f}" if "peak_rss_ratio" in r else "1.00"
-        print(f"{mode:16} {r['seconds']:7.2f} {r['peak_rss'] / mib:9.0f} "
-              f"{r['extra_rss'] / mib:10.0f} {tx:>7} {px:>7}")  # fmt: skip
+        print(
+            f"{mode:16} {r['seconds']:7.2f} {r['peak_rss'] / mib:9.0f} "
+            f"{r['extra_rss'] / mib:10.0f} {tx:>7} {px:>7}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -109,8 +109,13 @@ def save_checkpoint(
 
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError("step must be a non-negative integer")
-    return store.push({FILE: lambda out: torch.save(state, out)}, f"{name}:{step}", keys=keys,
-                      dek_from=dek_from, tenant=tenant)  # fmt: skip
+    return store.push(
+        {FILE: lambda out: torch.save(state, out)},
+        f"{name}:{step}",
+        keys=keys,
+        dek_from=dek_from,
+        tenant=tenant,
+    )
 
 
 def load_latest_checkpoint(
@@ -150,9 +155,14 @@ def load_latest_checkpoint(
             m = store.manifest(f"{name}:{step}", tenant=tenant)
             if m.shredded:
                 continue
-            state = torch_load(f"{name}:{step}/{FILE}", store=store, tenant=tenant,
-                               identities=identities, map_location=map_location,
-                               safe_globals=_rng_state_globals())  # fmt: skip
+            state = torch_load(
+                f"{name}:{step}/{FILE}",
+                store=store,
+                tenant=tenant,
+                identities=identities,
+                map_location=map_location,
+                safe_globals=_rng_state_globals(),
+            )
         # An UnpicklingError is not caught: the object's digest was checked
         # against the signed manifest and every byte the unpickler read was
         # authenticated, so a refusal means the payload holds more than the

@@ -110,8 +110,13 @@ def test_resume_restores_torch_python_and_numpy_rng_states(store: Store) -> None
         "sfc64": np.random.Generator(np.random.SFC64(7)),
     }
     weights = torch.randn(64, 64)
-    save_checkpoint({"model": {"w": weights}, "rng": _rng_state(gens), "step": 7}, store,
-                    "run", 7, keys=["local:"])  # fmt: skip
+    save_checkpoint(
+        {"model": {"w": weights}, "rng": _rng_state(gens), "step": 7},
+        store,
+        "run",
+        7,
+        keys=["local:"],
+    )
     expected = _draws(gens)
 
     step, state = load_latest_checkpoint(store, "run")
@@ -129,8 +134,13 @@ def test_a_streamed_checkpoint_records_its_true_size_and_digest(
     store: Store, tmp_path: Path
 ) -> None:
     """No size is known before torch.save ends: the manifest still has the exact size and hash."""
-    m = save_checkpoint({"w": torch.arange(300_000, dtype=torch.float32), "step": 1}, store,
-                        "run", 1, keys=["local:"])  # fmt: skip
+    m = save_checkpoint(
+        {"w": torch.arange(300_000, dtype=torch.float32), "step": 1},
+        store,
+        "run",
+        1,
+        keys=["local:"],
+    )
     store.pull("run:1", tmp_path / "out")
     data = (tmp_path / "out" / "checkpoint.pt").read_bytes()
     (entry,) = m.files
@@ -170,8 +180,10 @@ def test_a_plain_torch_load_allows_no_numpy(ring: Any, tmp_path: Path) -> None:
 
 
 def test_the_documented_allowlist_is_the_one_in_force() -> None:
-    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
-             for g in _rng_state_globals()}  # fmt: skip
+    names = {
+        g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+        for g in _rng_state_globals()
+    }
     assert names == set(RNG_STATE_GLOBALS)
 
 

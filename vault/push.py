@@ -191,8 +191,9 @@ class _HashingWriter:
 class _Producing:
     """The file object a producer writes into: hashes the plaintext while it is sealed."""
 
-    def __init__(self, writer: SealWriter, plain: Any, hasher: ThreadPoolExecutor,
-                 progress: Progress | None) -> None:  # fmt: skip
+    def __init__(
+        self, writer: SealWriter, plain: Any, hasher: ThreadPoolExecutor, progress: Progress | None
+    ) -> None:
         self._writer, self._plain, self._hasher, self._progress = writer, plain, hasher, progress
 
     def write(self, data: Any) -> int:
@@ -239,13 +240,25 @@ def _seal_one(
         # header declares none and the signed manifest records it.
         with storage.open_write(obj_path) as out:
             sink = _HashingWriter(out)
-            writer = SealWriter(sink, dek, suite=suite, chunk_size=chunk_size,  # type: ignore[arg-type]
-                                context=context, threads=threads)  # fmt: skip
+            writer = SealWriter(
+                sink,  # type: ignore[arg-type]
+                dek,
+                suite=suite,
+                chunk_size=chunk_size,
+                context=context,
+                threads=threads,
+            )
             with writer:
                 path(_Producing(writer, plain, hasher, progress))  # type: ignore[arg-type]
         header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
-        return (plain.hexdigest(), writer.plaintext_written, sink.digest.text(), sink.size,
-                header_sha, None)  # fmt: skip
+        return (
+            plain.hexdigest(),
+            writer.plaintext_written,
+            sink.digest.text(),
+            sink.size,
+            header_sha,
+            None,
+        )
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
     in_memory = isinstance(path, (bytes, memoryview))
