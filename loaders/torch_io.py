@@ -1,20 +1,36 @@
-"""``torch_save`` / ``torch_load``: sealed ``.pt`` payloads, never arbitrary unpickling.
+"""``torch_save`` / ``torch_load``: sealed ``.pt`` payloads, streamed, never arbitrary unpickling.
 
-``torch_load`` always calls ``torch.load(..., weights_only=True)``: tensors,
-primitive containers and numbers only. A pickle that would run code is
-refused by torch's restricted unpickler, even from a correctly sealed file:
-a sealed file proves who sealed it, not that its pickle is harmless.
+``torch_save`` hands ``torch.save`` the sealing writer itself: torch's zip
+writer only calls ``write`` (with views of each tensor's own storage) and
+``flush``, so every byte is sealed as it is produced -- no plaintext copy of
+the payload in memory, none on disk.
+
+``torch_load`` hands ``torch.load(..., weights_only=True)`` a seekable,
+read-only file over the sealed file's plaintext (:class:`_PlainReader`, by
+hand because no library gives a file object over random-access authenticated
+decryption): torch reads each tensor record with one ``readinto`` straight
+into the tensor's memory, so the plaintext is never held twice either. Only
+tensors, primitive containers and numbers are unpickled, plus the types a
+caller lists in ``safe_globals``; a pickle that would run code is refused by
+torch's restricted unpickler, even from a correctly sealed file: a sealed file
+proves who sealed it, not that its pickle is harmless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Mapping, Sequence
+import pickle
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_stream
+from sealstore.chunks import zero
+from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_writer
 from sealstore.loaders.sources import open_source
+from sealstore.stream import SealedFile
 
 __all__ = ["torch_load", "torch_save"]
 
@@ -28,15 +44,27 @@ def torch_save(
     dek_from: KeySpec | None = None,
     threads: int = 2,
 ) -> None:
-    """``torch.save(obj)`` sealed into *dst* (atomically)."""
+    """``torch.save(obj)`` sealed into *dst* (atomically), streamed as torch writes it.
+
+    Args:
+        obj: what to save (tensors, containers, numbers...).
+        dst: the sealed file to write.
+        keys: key URIs to wrap the data key to.
+        context: the encryption context, authenticated in the header.
+        dek_from: a key whose service generates the data key.
+        threads: chunks sealed in parallel.
+
+    Raises:
+        ValueError: no keys, or bad parameters.
+        SealstoreError: from a key provider.
+    """
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getbuffer()
-    with atomic_output(dst) as out:
-        seal_stream(io.BytesIO(data), out, keys, context=context, plaintext_size=len(data),
-                    threads=threads, dek_from=dek_from)  # fmt: skip
+    with (
+        atomic_output(dst) as out,
+        seal_writer(out, keys, context=context, threads=threads, dek_from=dek_from) as writer,
+    ):
+        torch.save(obj, writer)
 
 
 def torch_load(
@@ -47,23 +75,180 @@ def torch_load(
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
     threads: int = 2,
+    safe_globals: Sequence[Any] = (),
 ) -> Any:
     """``torch.load(..., weights_only=True)`` of a sealed ``.pt`` (file, URL or store reference).
 
+    Args:
+        src: a sealed file, URL or store reference (see ``open_source``).
+        map_location: as for ``torch.load``.
+        store, tenant, identities: where a store reference is resolved, and the keys.
+        threads: chunks decrypted in parallel for large reads.
+        safe_globals: extra types and functions the unpickler may use, as for
+            ``torch.serialization.safe_globals`` (checkpoints pass their
+            RNG-state allowlist); empty by default: weights only.
+
+    Returns:
+        The unpickled object.
+
     Raises:
-        AuthenticationError: any chunk fails (nothing is unpickled).
-        pickle.UnpicklingError: the payload holds more than weights.
+        AuthenticationError: a chunk fails (nothing is returned).
+        pickle.UnpicklingError: the payload holds a type outside the allowlist (named).
     """
     import torch
 
     sf = open_source(src, store=store, tenant=tenant, identities=identities, suffix=".pt")
+    reader = _PlainReader(sf, threads=threads)
     try:
-        buf = bytearray(sf.size)
-        sf.read_into(0, buf, threads=threads)  # every chunk authenticated before unpickling
+        with _allowed(safe_globals):
+            # mmap=False: torch cannot map a decrypting file (and a global config may ask it to).
+            return torch.load(reader, map_location=map_location, weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        if reader.error is not None:
+            raise reader.error from None
+        raise pickle.UnpicklingError(f"{_where(src)}: {_refusal(str(exc))}") from None
+    except BaseException:
+        # torch's C++ reader turns an exception raised in readinto into a
+        # RuntimeError: the reader's own failure (AuthenticationError) is the
+        # one that says what happened.
+        if reader.error is not None:
+            raise reader.error from None
+        raise
     finally:
+        reader.close()
         if sf is not src:
             sf.close()
+
+
+def _where(src: Any) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else "sealed .pt"
+
+
+def _refusal(message: str) -> str:
+    """One line naming what torch's restricted unpickler refused, from its long message."""
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"got <class '([\w.]+)'>", message)
+    if found:
+        return (
+            f"refusing to unpickle {found.group(1)}: it is not a tensor, a plain container "
+            "or number, or an allowlisted type"
+        )
+    detail = message.partition("WeightsUnpickler error:")[2].strip() or message
+    return "refusing to unpickle: " + " ".join(detail.split())[:300]
+
+
+# torch keeps its allowlist in one process-wide set, and its safe_globals
+# context removes on exit whatever it was given -- a type the application had
+# allowed itself, or one that a concurrent load still needs. So: only what is
+# missing is added, once for all concurrent loads, and removed by the last.
+_ALLOW_LOCK = threading.Lock()
+_allow_users: dict[Any, int] = {}
+
+
+@contextlib.contextmanager
+def _allowed(extra: Sequence[Any]) -> Iterator[None]:
+    if not extra:
+        yield
+        return
+    from torch.serialization import add_safe_globals, get_safe_globals, safe_globals
+
+    with _ALLOW_LOCK:
+        have = set(get_safe_globals())
+        for g in extra:
+            if g in _allow_users:
+                _allow_users[g] += 1
+            elif g not in have:
+                _allow_users[g] = 1
+                add_safe_globals([g])
     try:
-        return torch.load(io.BytesIO(buf), map_location=map_location, weights_only=True)
+        yield
     finally:
-        buf[:] = bytes(len(buf))  # the serialised plaintext is not left to the collector
+        with _ALLOW_LOCK:
+            done = []
+            for g in extra:
+                if g in _allow_users:
+                    _allow_users[g] -= 1
+                    if not _allow_users[g]:
+                        done.append(g)
+                        del _allow_users[g]
+            if done:
+                with safe_globals(done):  # its exit removes exactly these
+                    pass
+
+
+class _PlainReader(io.RawIOBase):
+    """A seekable, read-only file over a :class:`SealedFile`'s authenticated plaintext.
+
+    Reads of a chunk or more decrypt straight into the caller's buffer (for
+    ``torch.load``, the new tensor's storage); small reads (zip headers, the
+    pickle) come from one cached chunk, so reading a few bytes at a time does
+    not decrypt a chunk per read. The cache is wiped on close.
+
+    Args:
+        sf: the sealed file.
+        threads: chunks decrypted in parallel for large reads.
+    """
+
+    def __init__(self, sf: SealedFile, *, threads: int = 1) -> None:
+        super().__init__()
+        self._sf = sf
+        self._threads = threads
+        self._pos = 0
+        self._cs = sf.layout.chunk_size
+        self._cache = bytearray()
+        self._cached = -1  # index of the chunk in the cache
+        self.error: BaseException | None = None  # the first failure, kept for the caller
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._sf.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        if self.closed:
+            raise ValueError("read from a closed file")
+        out = memoryview(b).cast("B")
+        n = max(0, min(len(out), self._sf.size - self._pos))
+        try:
+            if n >= self._cs:
+                self._sf.read_into(self._pos, out[:n], threads=self._threads)
+            else:
+                done = 0
+                while done < n:
+                    pos = self._pos + done
+                    chunk = self._chunk(pos // self._cs)
+                    lo = pos % self._cs
+                    take = min(n - done, len(chunk) - lo)
+                    out[done : done + take] = chunk[lo : lo + take]
+                    done += take
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+        self._pos += n
+        return n
+
+    def _chunk(self, i: int) -> memoryview:
+        if not self._cache:
+            self._cache = bytearray(self._cs)
+        if self._cached != i:
+            self._cached = -1
+            self._sf.decrypt_chunk_into(i, self._cache)
+            self._cached = i
+        return memoryview(self._cache)[: self._sf.layout.plain_len(i)]
+
+    def close(self) -> None:
+        if self._cache:
+            zero(memoryview(self._cache))
+        self._cached = -1
+        super().close()

@@ -214,6 +214,8 @@ class SealWriter(io.BufferedIOBase):
 
     def _finish(self) -> None:
         self._done = True
+        # The batch buffer holds plaintext (a partial batch): wiped, not left to the collector.
+        zero(memoryview(self._inbuf))
         self._inbuf = bytearray()
         self._ring = []
         super().close()

@@ -188,11 +188,36 @@ class _HashingWriter:
         self._fp.flush()
 
 
+class _Producing:
+    """The file object a producer writes into: hashes the plaintext while it is sealed."""
+
+    def __init__(
+        self, writer: SealWriter, plain: Any, hasher: ThreadPoolExecutor, progress: Progress | None
+    ) -> None:
+        self._writer, self._plain, self._hasher, self._progress = writer, plain, hasher, progress
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        # Hashed on the hashing thread while this one seals, and waited for
+        # before returning: the producer may reuse its buffer afterwards.
+        done = self._hasher.submit(self._plain.update, view)
+        try:
+            self._writer.write(view)
+        finally:
+            done.result()
+        if self._progress is not None:
+            self._progress(len(view))
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
 def _seal_one(
     storage: Any,
     obj_path: str,
-    path: Path | bytes | memoryview,
-    size: int,
+    path: Path | bytes | memoryview | Callable[[IO[bytes]], object],
+    size: int | None,
     dek: DataKey,
     context: dict[str, str],
     *,
@@ -205,10 +230,35 @@ def _seal_one(
     """Seal one file into *obj_path*.
 
     Returns:
-        (plaintext sha256, object digest, object size, header sha256, the
-        file's permission bits or None for bytes from memory).
+        (plaintext sha256, plaintext size, object digest, object size, header
+        sha256, the file's permission bits or None for bytes from memory).
     """
     plain = hashlib.sha256()
+    if callable(path):
+        # A producer (a checkpoint's torch.save) writes the plaintext straight
+        # into the sealing writer: its length is known only at the end, so the
+        # header declares none and the signed manifest records it.
+        with storage.open_write(obj_path) as out:
+            sink = _HashingWriter(out)
+            writer = SealWriter(
+                sink,  # type: ignore[arg-type]
+                dek,
+                suite=suite,
+                chunk_size=chunk_size,
+                context=context,
+                threads=threads,
+            )
+            with writer:
+                path(_Producing(writer, plain, hasher, progress))  # type: ignore[arg-type]
+        header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
+        return (
+            plain.hexdigest(),
+            writer.plaintext_written,
+            sink.digest.text(),
+            sink.size,
+            header_sha,
+            None,
+        )
     bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
     pending: list[Future[None] | None] = [None, None]
     in_memory = isinstance(path, (bytes, memoryview))
@@ -248,14 +298,21 @@ def _seal_one(
                 if fut is not None:
                     fut.result()
     header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
-    return plain.hexdigest(), sink.digest.text(), sink.size, header_sha, mode
+    return plain.hexdigest(), size, sink.digest.text(), sink.size, header_sha, mode
 
 
-def _in_memory(src: Mapping[str, Any]) -> list[tuple[str, Any, int]]:
-    """Files given as {artifact path: bytes}: sealed straight from memory, never written plain."""
-    out = []
+def _in_memory(src: Mapping[str, Any]) -> list[tuple[str, Any, int | None]]:
+    """Files given as {artifact path: bytes or producer}: sealed from memory, never written plain.
+
+    A producer is a callable that writes the file's bytes into the binary
+    file object it is given (only ``write`` and ``flush``); it is streamed.
+    """
+    out: list[tuple[str, Any, int | None]] = []
     for rel, data in sorted(src.items()):
         check_file_path(rel)
+        if callable(data):
+            out.append((rel, data, None))
+            continue
         view = memoryview(data).cast("B")
         out.append((rel, view, len(view)))
     if not out:
@@ -290,7 +347,9 @@ def push(
     Args:
         store: the :class:`~sealstore.vault.store.Store`.
         src: a file, a directory (every file under it, recursively), or
-            ``{artifact path: bytes}`` sealed straight from memory.
+            ``{artifact path: bytes}`` sealed straight from memory, where a
+            value may also be a callable that writes the file's bytes into
+            the binary file object it is given (streamed as it writes).
         ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
         tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
         keys: key URIs to wrap the version's DEK to (one slot each).
@@ -416,7 +475,7 @@ def _parent(
 
 def _push_version(
     store: Any,
-    files: list[tuple[str, Any, int]],
+    files: list[tuple[str, Any, int | None]],
     tenant: str,
     name: str,
     version: str,
@@ -448,13 +507,13 @@ def _push_version(
             with lock:
                 progress(n)
 
-    def one(item: tuple[str, Any, int]) -> FileEntry:
+    def one(item: tuple[str, Any, int | None]) -> FileEntry:
         rel, path, size = item
         obj = new_object_name()
         with lock:
             made.append(obj)
         with ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash") as hasher:
-            plain, obj_digest, obj_size, header_sha, mode = _seal_one(
+            plain, size, obj_digest, obj_size, header_sha, mode = _seal_one(
                 store.storage,
                 store.object_path(tenant, obj),
                 path,
