@@ -202,6 +202,7 @@ def _placement(device_map: Any) -> tuple[Any, Any]:
     Raises:
         ValueError: a map that offloads to ``"disk"`` (plaintext on disk), or
             one that needs accelerate when it is not installed.
+        DeviceUnavailable: a CUDA device torch cannot use.
     """
     import torch
     from transformers.utils import is_accelerate_available
@@ -230,6 +231,10 @@ def _placement(device_map: Any) -> tuple[Any, Any]:
             "as in transformers"
         )
     device = devices.pop()
+    if device.type == "cuda":
+        from sealstore.loaders.gpu import check_device
+
+        check_device(str(device))  # before any key is asked for
     return None, (None if device == torch.device("cpu") else device)
 
 

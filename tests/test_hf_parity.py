@@ -124,6 +124,18 @@ def test_device_map_onto_one_device_without_accelerate(pushed: str, device_map: 
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_map_onto_a_missing_gpu_is_refused_before_any_key(
+    pushed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.loaders import DeviceUnavailable
+
+    unwraps = count_unwraps(monkeypatch)
+    with pytest.raises(DeviceUnavailable, match="sees no CUDA"):
+        from_pretrained(pushed, device_map="cuda:0")
+    assert unwraps == []
+
+
 def test_device_map_that_leaves_a_module_out_is_refused(pushed: str) -> None:
     with pytest.raises(ValueError, match="does not place pooler"):
         from_pretrained(pushed, device_map={"embeddings": "cpu", "encoder": "cpu"})
