@@ -533,8 +533,12 @@ def load_tokenizer(
     store: Any = None,
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
+    revision: str | None = None,
 ) -> Any:
     """A fast tokenizer from the artifact's ``tokenizer.json`` and ``tokenizer_config.json``.
+
+    Args:
+        revision: the version or tag, as in :func:`from_pretrained`.
 
     Raises:
         NotFound: the artifact has no ``tokenizer.json`` (slow tokenizers need files).
@@ -542,7 +546,7 @@ def load_tokenizer(
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    store, m = _artifact(src, store, tenant)
+    store, m = _artifact(src, store, tenant, revision)
     paths = {f.path for f in m.files}
     if "tokenizer.json" not in paths:
         raise NotFound(f"{m.name}:{m.version} has no tokenizer.json")

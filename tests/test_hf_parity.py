@@ -202,6 +202,12 @@ def test_revision_selects_the_version(store: Store, minilm: Path, tmp_path: Path
     assert hidden(from_pretrained(ref, revision="2")).shape == hidden(_m).shape
     with pytest.raises(ValueError, match="conflicts"):
         from_pretrained(f"{ref}:2", revision="1")
+    from sealstore.errors import NotFound
+    from sealstore.loaders import load_tokenizer
+
+    assert load_tokenizer(ref, revision="1")("a cat")["input_ids"][0] == 101
+    with pytest.raises(NotFound, match=r"minilm:2 has no tokenizer\.json"):
+        load_tokenizer(ref, revision="2")  # the sharded copy has weights only
 
 
 def test_head_class_initialises_the_missing_head_and_warns(
