@@ -124,6 +124,19 @@ def test_device_map_onto_one_device_without_accelerate(pushed: str, device_map: 
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device_map", ["cuda:0", 0, {"": "cuda:0"}])
+def test_device_map_onto_one_gpu_matches_plaintext(
+    pushed: str, minilm: Path, device_map: Any
+) -> None:
+    model = from_pretrained(pushed, device_map=device_map)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    with torch.no_grad():
+        got = model(input_ids=IDS.cuda()).last_hidden_state.cpu()
+    assert torch.allclose(got, hidden(AutoModel.from_pretrained(minilm)), atol=1e-4)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_device_map_onto_a_missing_gpu_is_refused_before_any_key(
     pushed: str, monkeypatch: pytest.MonkeyPatch
