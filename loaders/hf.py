@@ -52,6 +52,7 @@ _PASSED = frozenset(
         "max_memory",
         "offload_buffers",
         "fusion_config",
+        "generation_config",
         "distributed_config",
         "device_mesh",
     }
@@ -110,10 +111,11 @@ def _artifact(
     return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
 
 
-def _with_revision(ref: str, revision: str | None) -> str:
+def _with_revision(ref: str, revision: str | int | None) -> str:
     """*ref* with transformers' ``revision`` as its version (digits) or tag."""
     if revision is None or revision == "main":  # transformers' default: the latest
         return ref
+    revision = str(revision)
     wanted = f":{revision}" if revision.isdigit() else f"@{revision}"
     if ":" in ref or "@" in ref:
         if not ref.endswith(wanted):
@@ -275,7 +277,8 @@ def _split_kwargs(options: dict[str, Any], config: Any, model_class: Any) -> dic
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     init: dict[str, Any] = {}
     for name, value in options.items():
-        if hasattr(config, name):
+        # A config attribute, as transformers sets them -- never a method.
+        if hasattr(config, name) and not callable(getattr(type(config), name, None)):
             setattr(config, name, value)
         elif name in params or takes_any:
             init[name] = value
@@ -423,7 +426,7 @@ def from_pretrained(
     threads: int | None = None,
     guard: Any = None,
     strict: bool = False,
-    revision: str | None = None,
+    revision: str | int | None = None,
     device_map: Any = None,
     trust_remote_code: bool = False,
     output_loading_info: bool = False,
@@ -493,6 +496,14 @@ def from_pretrained(
             config = AutoConfig.for_model(model_type, **conf)
         model_class = _model_class(cls or AutoModel, config)
         init_kwargs = _split_kwargs(kwargs, config, model_class)
+        if "generation_config" not in passed and any(
+            f.path == "generation_config.json" for f in m.files
+        ):
+            # transformers reads it beside the weights; given the tensors, it is handed over.
+            from transformers import GenerationConfig
+
+            gen = _json(store, m, "generation_config.json", identities, cache)
+            passed["generation_config"] = GenerationConfig.from_dict(gen)
         state = _load_weights(store, m, weights, identities, threads, cache)
     finally:
         cache.clear()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sealstore.errors import FormatError
 from sealstore.kms.local import LocalKeyring
@@ -191,6 +191,8 @@ def test_trust_remote_code_is_refused_before_any_key(
 def test_unknown_arguments_are_refused_known_ones_pass(pushed: str) -> None:
     with pytest.raises(ValueError, match="unknown argument 'foo_bar'"):
         from_pretrained(pushed, foo_bar=1)
+    with pytest.raises(ValueError, match="unknown argument 'to_dict'"):
+        from_pretrained(pushed, to_dict=1)  # a config method is not an attribute to set
     with pytest.raises(ValueError, match="nothing is downloaded"):
         from_pretrained(pushed, cache_dir="/tmp/hf")
     model = from_pretrained(
@@ -236,6 +238,25 @@ def test_head_class_initialises_the_missing_head_and_warns(
         assert model(input_ids=IDS).logits.shape == (1, 3)
     with pytest.raises(ValueError, match=r"missing parameter\(s\).*strict=True"):
         from_pretrained(pushed, AutoModelForSequenceClassification, strict=True)
+
+
+def test_generative_model_gets_the_artifacts_generation_config(
+    store: Store, tmp_path: Path
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101))
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained(tmp_path / "gpt2")
+    assert (tmp_path / "gpt2" / "generation_config.json").exists()
+    store.push(tmp_path / "gpt2", "tiny-gpt2", keys=["local:"])
+    loaded = from_pretrained(f"sealstore+{store.url}#tiny-gpt2", AutoModelForCausalLM, strict=True)
+    assert loaded.generation_config.max_new_tokens == 7
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.equal(
+        loaded.generate(ids, do_sample=False), model.eval().generate(ids, do_sample=False)
+    )
 
 
 def test_base_model_loads_strictly(pushed: str, minilm: Path) -> None:
