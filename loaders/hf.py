@@ -6,26 +6,88 @@ through the store -- signatures, digests and chunk tags checked -- into
 memory only: no plaintext file is written anywhere, and no network is used.
 The version is resolved once, so config, tokenizer and weights always come
 from the same version even if a tag moves meanwhile.
+
+The weights (one ``.safetensors`` file, or the shards a
+``model.safetensors.index.json`` names) are decrypted straight into the
+tensors the model keeps: transformers' own ``from_pretrained`` is given them
+as ``state_dict`` and builds the model on the meta device, so nothing is
+randomly initialised and then overwritten, head classes, tied weights,
+``dtype`` and ``attn_implementation`` behave exactly as transformers makes
+them, and the peak memory is the weights once.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
+from sealstore.dekcache import DekCache
 from sealstore.errors import FormatError, NotFound
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.loaders.safetensors import load_file
-from sealstore.loaders.sources import PREFIX, _pick_file
+from sealstore.loaders.sources import PREFIX
 
 __all__ = ["from_pretrained", "load_tokenizer", "read_artifact_file"]
 
 log = logging.getLogger(__name__)
 
+INDEX = "model.safetensors.index.json"
 
-def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
+# Options of transformers' from_pretrained that act on the model being built,
+# not on where its files come from: handed to transformers as given.
+_PASSED = frozenset(
+    {
+        "dtype",
+        "torch_dtype",
+        "attn_implementation",
+        "experts_implementation",
+        "ignore_mismatched_sizes",
+        "key_mapping",
+        "quantization_config",
+        "max_memory",
+        "offload_buffers",
+        "fusion_config",
+        "generation_config",
+        "distributed_config",
+        "device_mesh",
+    }
+)
+# Accepted and true of every sealed load already.
+_NO_OPS = frozenset({"low_cpu_mem_usage", "local_files_only"})
+# Options that only make sense for files on the Hub or on disk, or that would
+# run code or write plaintext: refused with the reason, never ignored.
+_REFUSED = {
+    **dict.fromkeys(
+        ("cache_dir", "force_download", "proxies", "token", "mirror"),
+        "nothing is downloaded or cached for a sealed artifact",
+    ),
+    **dict.fromkeys(
+        ("subfolder", "variant", "gguf_file", "from_tf", "from_flax", "state_dict"),
+        "the weights are the artifact's safetensors files (name one with weights=)",
+    ),
+    **dict.fromkeys(
+        ("offload_folder", "offload_state_dict"),
+        "offloading would write plaintext weights to disk",
+    ),
+    **dict.fromkeys(
+        ("use_kernels", "kernel_config", "allow_all_kernels"),
+        "Hub kernels are code fetched from the network",
+    ),
+    **dict.fromkeys(
+        ("adapter_kwargs", "adapter_name"), "adapters are not loaded from sealed artifacts"
+    ),
+}
+_AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
+
+
+def _artifact(
+    src: str, store: Any, tenant: str | None, revision: str | None = None
+) -> tuple[Any, Any]:
     """(Store, verified manifest) of ``sealstore+URL#REF`` or ``REF`` with *store*."""
     from sealstore.vault.store import Store
 
@@ -42,10 +104,24 @@ def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
             store = Store.open(store)
     if "/" in ref:
         raise ValueError("from_pretrained takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
+    ref = _with_revision(ref, revision)
     from sealstore.vault.pull import served
     from sealstore.vault.store import default_tenant
 
     return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
+
+
+def _with_revision(ref: str, revision: str | int | None) -> str:
+    """*ref* with transformers' ``revision`` as its version (digits) or tag."""
+    if revision is None or revision == "main":  # transformers' default: the latest
+        return ref
+    revision = str(revision)
+    wanted = f":{revision}" if revision.isdigit() else f"@{revision}"
+    if ":" in ref or "@" in ref:
+        if not ref.endswith(wanted):
+            raise ValueError(f"revision={revision!r} conflicts with the reference {ref!r}")
+        return ref
+    return ref + wanted
 
 
 def read_artifact_file(
@@ -54,8 +130,13 @@ def read_artifact_file(
     path: str,
     *,
     identities: Sequence[IdentitySpec] = (),
+    cache: DekCache | None = None,
 ) -> bytes:
     """The plaintext of one (small) file of a verified version, in memory.
+
+    Args:
+        cache: where the version's DEK is taken from or kept (one unwrap for
+            every file of a load).
 
     Raises:
         NotFound: the version has no such file.
@@ -65,20 +146,273 @@ def read_artifact_file(
 
     ref = f"{manifest.name}:{manifest.version}"
     _m, _entry, fp, pre, dek = open_file(
-        store, ref, path, tenant=manifest.tenant, identities=identities
+        store, ref, path, tenant=manifest.tenant, identities=identities, cache=cache
     )
     with dek, SealedFile(fp, dek, preamble=pre, close_src=True) as sf:
         return sf.read_range(0, sf.size)
 
 
-def _json(store: Any, m: Any, path: str, identities: Sequence[IdentitySpec]) -> dict[str, Any]:
+def _json(
+    store: Any,
+    m: Any,
+    path: str,
+    identities: Sequence[IdentitySpec],
+    cache: DekCache | None = None,
+) -> dict[str, Any]:
     try:
-        doc = json.loads(read_artifact_file(store, m, path, identities=identities))
+        doc = json.loads(read_artifact_file(store, m, path, identities=identities, cache=cache))
     except ValueError:
         raise FormatError(f"{m.name}:{m.version}/{path} is not valid JSON") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{m.name}:{m.version}/{path} is not a JSON object")
     return doc
+
+
+def _check_options(options: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:
+    """The options handed to transformers; the rest stay in *options* (config or model args).
+
+    Raises:
+        ValueError: remote code, or an option that fetches, offloads or names other files.
+    """
+    if trust_remote_code:
+        raise ValueError(
+            "trust_remote_code=True is refused: code shipped in a sealed artifact is never "
+            "run; only model types built into transformers load"
+        )
+    for name, why in _REFUSED.items():
+        if name in options:
+            raise ValueError(f"from_pretrained({name}=...) is refused: {why}")
+    if options.get("use_safetensors") is False:
+        raise ValueError("use_safetensors=False is refused: sealed weights are safetensors only")
+    attn = options.get("attn_implementation")
+    if isinstance(attn, str) and "/" in attn:
+        raise ValueError(
+            f"attn_implementation={attn!r} is refused: Hub kernels are code fetched from "
+            "the network"
+        )
+    for name in (*_NO_OPS, "use_safetensors", "weights_only"):
+        options.pop(name, None)
+    return {k: options.pop(k) for k in list(options) if k in _PASSED}
+
+
+def _placement(device_map: Any) -> tuple[Any, Any]:
+    """(device_map for transformers, the one device to move the model to after).
+
+    transformers without accelerate refuses every ``device_map``, ``"cpu"``
+    included; a map onto one device needs no dispatch, so it is placed here.
+
+    Raises:
+        ValueError: a map that offloads to ``"disk"`` (plaintext on disk), or
+            one that needs accelerate when it is not installed.
+        DeviceUnavailable: a CUDA device torch cannot use.
+    """
+    import torch
+    from transformers.utils import is_accelerate_available
+
+    if device_map is None:
+        return None, None
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    if any(str(v) == "disk" for v in values):
+        raise ValueError(
+            "device_map with 'disk' is refused: offloading would write plaintext weights to disk"
+        )
+    if is_accelerate_available():
+        return device_map, None
+    if isinstance(device_map, str) and device_map in _AUTO_MAPS:
+        raise ValueError(
+            f"device_map={device_map!r} needs accelerate (pip install accelerate), as in "
+            "transformers; a map onto one device ('cpu', 'cuda:0') works without it"
+        )
+    try:
+        devices = {_device(v) for v in values}
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device_map names an unknown device: {device_map!r}") from None
+    if len(devices) != 1:
+        raise ValueError(
+            "a device_map over several devices needs accelerate (pip install accelerate), "
+            "as in transformers"
+        )
+    device = devices.pop()
+    if device.type == "cuda":
+        from sealstore.loaders.gpu import check_device
+
+        check_device(str(device))  # before any key is asked for
+    return None, (None if device == torch.device("cpu") else device)
+
+
+def _device(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("negative device index")
+        return torch.device("cuda", value)
+    return torch.device(value)
+
+
+def _model_class(cls: Any, config: Any) -> Any:
+    """The concrete model class: an Auto class resolved through *config*."""
+    from transformers import PreTrainedModel
+
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None:
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        try:
+            return _get_model_class(config, mapping)
+        except KeyError:
+            raise ValueError(f"{cls.__name__} has no model for {type(config).__name__}") from None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise TypeError(f"cls must be a transformers model or Auto class, not {cls!r}")
+    return cls
+
+
+def _split_kwargs(options: dict[str, Any], config: Any, model_class: Any) -> dict[str, Any]:
+    """Set config attributes from *options* (as transformers does); return the model's args.
+
+    Raises:
+        ValueError: an option that is neither a config attribute nor a model argument.
+    """
+    params = inspect.signature(model_class.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    init: dict[str, Any] = {}
+    for name, value in options.items():
+        # A config attribute, as transformers sets them -- never a method.
+        if hasattr(config, name) and not callable(getattr(type(config), name, None)):
+            setattr(config, name, value)
+        elif name in params or takes_any:
+            init[name] = value
+        else:
+            raise ValueError(
+                f"from_pretrained got an unknown argument {name!r}: not a transformers loading "
+                f"option, a {type(config).__name__} attribute or a {model_class.__name__} argument"
+            )
+    return init
+
+
+def _weight_files(m: Any, weights: str | None) -> tuple[str | None, list[str]]:
+    """(index path or None, the safetensors files to load) of a version."""
+    paths = [f.path for f in m.files]
+    where = f"{m.name}:{m.version}"
+    if weights is not None:
+        if weights not in paths:
+            raise NotFound(f"{where} has no file {weights}")
+        return (weights, []) if weights.endswith(".index.json") else (None, [weights])
+    if "model.safetensors" in paths:  # transformers' order: a single file first
+        return None, ["model.safetensors"]
+    if INDEX in paths:
+        return INDEX, []
+    indexes = [p for p in paths if p.endswith(".safetensors.index.json")]
+    singles = [p for p in paths if p.endswith(".safetensors")]
+    if len(indexes) == 1:
+        return indexes[0], []
+    if len(singles) == 1 and not indexes:
+        return None, singles
+    found = ", ".join((indexes or singles)[:5]) or "none"
+    raise NotFound(f"{where} has no single set of weights ({found}): name one with weights=")
+
+
+def _shards(m: Any, index: str, doc: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """(tensor -> shard path, shard paths in order) of a ``*.safetensors.index.json``."""
+    where = f"{m.name}:{m.version}/{index}"
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{where} has no weight_map")
+    paths = {f.path for f in m.files}
+    base = posixpath.dirname(index)
+    by_tensor: dict[str, str] = {}
+    for tensor, name in weight_map.items():
+        if not isinstance(tensor, str) or not isinstance(name, str):
+            raise FormatError(f"{where}: weight_map maps names to file names")
+        path = posixpath.normpath(posixpath.join(base, name))
+        if path.startswith(("/", "../")) or path == ".." or not name.endswith(".safetensors"):
+            raise FormatError(f"{where} names a shard outside the artifact: {name!r}")
+        if path not in paths:
+            raise NotFound(f"{m.name}:{m.version} lacks the shard {path} its index names")
+        by_tensor[tensor] = path
+    return by_tensor, list(dict.fromkeys(by_tensor.values()))
+
+
+class _Unmapped:
+    """A file read by position, never memory-mapped.
+
+    ``SealedFile`` maps a regular file to decrypt straight out of the page
+    cache; the mapped ciphertext then counts in the process's resident set
+    beside the plaintext being filled (measured: +88 MiB peak on MiniLM). A
+    loader that keeps every tensor pays for that, so shards are read
+    chunk-run by chunk-run into the lanes' scratch instead.
+    """
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fp.read(n)
+
+    def readinto(self, buf: Any) -> int:
+        return self._fp.readinto(buf)
+
+    def close(self) -> None:
+        self._fp.close()
+
+
+def _load_weights(
+    store: Any,
+    m: Any,
+    weights: str | None,
+    identities: Sequence[IdentitySpec],
+    threads: int | None,
+    cache: DekCache,
+) -> dict[str, Any]:
+    """Every tensor of the version's weights, each decrypted into its own storage.
+
+    Raises:
+        FormatError: the shards do not hold what the index says (a tensor
+            twice, one missing, one in another shard than indexed).
+    """
+    from sealstore.stream import SealedFile
+    from sealstore.vault.pull import open_file
+
+    index, files = _weight_files(m, weights)
+    by_tensor: dict[str, str] | None = None
+    if index is not None:
+        by_tensor, files = _shards(m, index, _json(store, m, index, identities, cache))
+    state: dict[str, Any] = {}
+    ref = f"{m.name}:{m.version}"
+    for path in files:
+        _m, _entry, fp, pre, dek = open_file(
+            store, ref, path, tenant=m.tenant, identities=identities, cache=cache
+        )
+        try:
+            with dek:
+                sealed = SealedFile(_Unmapped(fp), dek, preamble=pre, close_src=True)
+        except BaseException:
+            fp.close()
+            raise
+        with sealed:
+            part = load_file(sealed, threads=threads)
+        for name in part:
+            if name in state:
+                raise FormatError(f"{ref}: tensor {name} is in two shards")
+            if by_tensor is not None and by_tensor.get(name) != path:
+                raise FormatError(f"{ref}/{path} holds {name}, which its index does not put there")
+        state.update(part)
+    if by_tensor is not None and len(state) != len(by_tensor):
+        lost = next(k for k in by_tensor if k not in state)
+        raise FormatError(f"{ref}: the index names {lost}, which no shard holds")
+    return state
+
+
+def _check_covered(model: Any, device_map: dict[str, Any]) -> None:
+    for name, _ in (*model.named_parameters(), *model.named_buffers()):
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in device_map):
+            raise ValueError(f"device_map does not place {name}")
 
 
 def from_pretrained(
@@ -91,95 +425,117 @@ def from_pretrained(
     weights: str | None = None,
     threads: int | None = None,
     guard: Any = None,
-    **config_overrides: Any,
+    strict: bool = False,
+    revision: str | int | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    output_loading_info: bool = False,
+    **kwargs: Any,
 ) -> Any:
     """A transformers model built from a sealed artifact's config and weights.
+
+    Mirrors ``AutoModel.from_pretrained``: the model is built by transformers
+    on the meta device and takes the decrypted tensors as they are (no random
+    init, no copy). Head classes on a base checkpoint get their missing head
+    initialised with transformers' load report (a warning).
 
     Args:
         src: ``sealstore+URL#NAME[:VERSION|@TAG]``, or ``NAME[...]`` with *store*.
         cls: the model class (default ``transformers.AutoModel``): an Auto
             class or a concrete model class.
-        weights: the weights file in the artifact (default: its one
-            ``.safetensors`` file, or ``model.safetensors``).
-        config_overrides: set on the config before the model is built.
+        weights: the weights in the artifact: a ``.safetensors`` file or a
+            ``*.safetensors.index.json`` (default: ``model.safetensors``, else
+            ``model.safetensors.index.json``, else the one of either).
+        strict: refuse weights that leave parameters of the model missing or
+            mismatched, or hold tensors it has no place for.
+        revision: the version (digits) or tag, as transformers' ``revision``;
+            ``"main"`` is the latest. Conflicts with a version in *src* are refused.
+        device_map: ``"cpu"``, ``"cuda:0"``, an int, a ``torch.device`` or a
+            dict onto one device; ``"auto"`` and maps over several devices go
+            through accelerate (refused without it, as transformers does).
+        trust_remote_code: must be False (remote code is refused).
+        output_loading_info: also return transformers' loading info dict.
         guard: a ``GuardPolicy`` (or its mapping, or True): put the inference
             guard on the model (``sealstore.loaders.inference_guard``), its findings
             recorded in this store's audit log against this version, stopped
             by a lockdown at the broker that released the key.
+        kwargs: transformers' model options (``dtype``/``torch_dtype``,
+            ``attn_implementation``, ``ignore_mismatched_sizes``, ...;
+            ``low_cpu_mem_usage`` is accepted and always true), then config
+            attributes (``num_labels=3``), then arguments of the model class;
+            anything else is refused.
 
     Returns:
-        The model, in eval mode (guarded, with *guard*).
+        The model, in eval mode (guarded, with *guard*); with
+        *output_loading_info*, ``(model, info)``.
 
     Raises:
-        ValueError: the weights do not fit the model (missing parameters).
+        ValueError: an unknown or refused option, or (with *strict*) weights
+            that do not fit the model.
         AuthenticationError, KeyUnavailable, NotFound, FormatError.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-    store, m = _artifact(src, store, tenant)
-    conf = _json(store, m, "config.json", identities)
-    model_type = conf.pop("model_type", None)
-    if not model_type:
-        raise FormatError(f"{m.name}:{m.version}/config.json names no model_type")
-    conf.update(config_overrides)
-    config = AutoConfig.for_model(model_type, **conf)
-    cls = cls or AutoModel
-    # Auto classes build from a config with from_config; concrete model classes
-    # (GPT2LMHeadModel, BertModel...) take the config in their constructor.
-    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    path = weights or _pick_file(m, ".safetensors")
-    state = load_file(
-        f"{m.name}:{m.version}/{path}",
-        store=store,
-        tenant=m.tenant,
-        identities=identities,
-        threads=threads,
+    user_config = kwargs.pop("config", None)
+    if user_config is not None and not isinstance(user_config, PretrainedConfig):
+        raise ValueError("config= takes a PretrainedConfig (the artifact's config.json otherwise)")
+    passed = _check_options(kwargs, trust_remote_code)
+    hf_device_map, move_to = _placement(device_map)
+    store, m = _artifact(src, store, tenant, revision)
+    where = f"{m.name}:{m.version}"
+    # One unwrap for the whole version: config, index and every shard share its DEK.
+    cache = DekCache(ttl=600, max_uses=1 << 20, max_entries=4)
+    try:
+        if user_config is not None:
+            config = copy.deepcopy(user_config)
+        else:
+            conf = _json(store, m, "config.json", identities, cache)
+            model_type = conf.pop("model_type", None)
+            if not model_type:
+                raise FormatError(f"{where}/config.json names no model_type")
+            config = AutoConfig.for_model(model_type, **conf)
+        model_class = _model_class(cls or AutoModel, config)
+        init_kwargs = _split_kwargs(kwargs, config, model_class)
+        if "generation_config" not in passed and any(
+            f.path == "generation_config.json" for f in m.files
+        ):
+            # transformers reads it beside the weights; given the tensors, it is handed over.
+            from transformers import GenerationConfig
+
+            gen = _json(store, m, "generation_config.json", identities, cache)
+            passed["generation_config"] = GenerationConfig.from_dict(gen)
+        state = _load_weights(store, m, weights, identities, threads, cache)
+    finally:
+        cache.clear()
+    model, info = model_class.from_pretrained(
+        None,
+        config=config,
+        state_dict=state,
+        device_map=hf_device_map,
+        output_loading_info=True,
+        **passed,
+        **init_kwargs,
     )
-    missing, unexpected = _load(model, state)
-    if missing:
-        raise ValueError(
-            f"{m.name}:{m.version}/{path} lacks {len(missing)} parameter(s) of "
-            f"{type(model).__name__}, e.g. {missing[0]}"
-        )
-    if unexpected:
-        log.info("ignored %d unused tensor(s) of %s, e.g. %s", len(unexpected), path, unexpected[0])
+    del state  # tensors the model did not take go now
+    if isinstance(device_map, dict) and hf_device_map is None:
+        _check_covered(model, device_map)
+    if strict:
+        for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+            keys = sorted(info.get(kind) or [])
+            if keys:
+                what = kind.replace("_keys", "")
+                raise ValueError(
+                    f"{where}: {len(keys)} {what} parameter(s) for {model_class.__name__} "
+                    f"(strict=True), e.g. {keys[0]}"
+                )
+    if move_to is not None:
+        model.to(move_to)
     model.eval()
-    if guard is None or guard is False:
-        return model
-    from sealstore.loaders.inference_guard import guard_loaded
+    if guard is not None and guard is not False:
+        from sealstore.loaders.inference_guard import guard_loaded
 
-    return guard_loaded(model, guard, manifest=m, store=store, identities=identities)
-
-
-def _load(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Load *state*, adding or removing the base-model prefix when the names need it."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    wanted = set(model.state_dict())
-    candidates = [state]
-    if prefix:
-        candidates.append({f"{prefix}.{k}": v for k, v in state.items()})
-        cut = f"{prefix}."
-        candidates.append({k[len(cut) :] if k.startswith(cut) else k: v for k, v in state.items()})
-    best = max(candidates, key=lambda c: len(wanted & set(c)))
-    result = model.load_state_dict(best, strict=False)
-    missing = list(result.missing_keys)
-    if missing:
-        # Tied weights (an LM head sharing the embeddings) are stored once:
-        # tie them, then a "missing" tensor that shares storage with a loaded
-        # one is not missing. transformers' own ignore patterns apply too.
-        import re
-
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        current = model.state_dict()
-        loaded = {current[k].data_ptr() for k in current if k not in set(missing)}
-        patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
-        missing = [
-            k
-            for k in missing
-            if current[k].data_ptr() not in loaded and not any(re.search(p, k) for p in patterns)
-        ]
-    return missing, list(result.unexpected_keys)
+        model = guard_loaded(model, guard, manifest=m, store=store, identities=identities)
+    return (model, info) if output_loading_info else model
 
 
 def load_tokenizer(
@@ -188,8 +544,12 @@ def load_tokenizer(
     store: Any = None,
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
+    revision: str | None = None,
 ) -> Any:
     """A fast tokenizer from the artifact's ``tokenizer.json`` and ``tokenizer_config.json``.
+
+    Args:
+        revision: the version or tag, as in :func:`from_pretrained`.
 
     Raises:
         NotFound: the artifact has no ``tokenizer.json`` (slow tokenizers need files).
@@ -197,7 +557,7 @@ def load_tokenizer(
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    store, m = _artifact(src, store, tenant)
+    store, m = _artifact(src, store, tenant, revision)
     paths = {f.path for f in m.files}
     if "tokenizer.json" not in paths:
         raise NotFound(f"{m.name}:{m.version} has no tokenizer.json")

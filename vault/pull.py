@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sealstore.dekcache import DekCache
 from sealstore.errors import (
     AuthenticationError,
     BackendError,
@@ -111,9 +112,18 @@ def _check_preamble(m: Manifest, entry: FileEntry, pre: Preamble, size: int) -> 
 
 
 def unwrap_version_key(
-    m: Manifest, first: Preamble | None, identities: Sequence[IdentitySpec] = ()
+    m: Manifest,
+    first: Preamble | None,
+    identities: Sequence[IdentitySpec] = (),
+    *,
+    cache: DekCache | None = None,
 ) -> DataKey:
     """Open the version's DEK from the manifest's slots (bound to the version context).
+
+    Args:
+        cache: take the DEK from here if it passes *first*'s key commitment,
+            and store a fresh unwrap there (a sharded model's loader passes
+            one so its files cost one unwrap, not one each).
 
     Raises:
         KeyUnavailable: no slot opens (each slot's cause listed), or the
@@ -130,7 +140,24 @@ def unwrap_version_key(
         if first is not None:
             open_payload_key(first.header, dek)
 
-    return unwrap_first(m.slots, lambda slot: unwrappers_for(slot, idents), m.context, accept)
+    if cache is not None:
+        for slot in m.slots:
+            cached = cache.get(slot, m.context)
+            if cached is None:
+                continue
+            try:
+                accept(cached)
+            except AuthenticationError:
+                cached.close()
+                continue
+            return cached
+    return unwrap_first(
+        m.slots,
+        lambda slot: unwrappers_for(slot, idents),
+        m.context,
+        accept,
+        None if cache is None else lambda slot, dek: cache.put(slot, m.context, dek),
+    )
 
 
 class _Hashing:
@@ -630,6 +657,7 @@ def open_file(
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
     check_digest: bool = True,
+    cache: DekCache | None = None,
 ) -> tuple[Manifest, FileEntry, BinaryIO, Preamble, DataKey]:
     """Open one file of a version for random access (the loaders' entry point).
 
@@ -644,6 +672,8 @@ def open_file(
             the signer published them -- a holder of the key could otherwise
             seal other content under the same header. Turning it off makes
             access lazy (only the chunks read are fetched) at that cost.
+        cache: a ``DekCache`` the version's DEK is taken from or stored in
+            (see :func:`unwrap_version_key`).
     """
     from sealstore.vault.store import default_tenant
 
@@ -663,7 +693,7 @@ def open_file(
             got = _digest_through(store, fp, entry.object_digest.partition(":")[0])
             if not digests_equal(got, entry.object_digest):
                 raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
-        dek = unwrap_version_key(m, pre, identities)
+        dek = unwrap_version_key(m, pre, identities, cache=cache)
     except BaseException:
         fp.close()
         raise
