@@ -246,6 +246,26 @@ def test_item09_a_sequence_rolled_back_is_refused(
     assert "is gone, but this machine has seen serial 4" in line
 
 
+def test_item09_an_old_document_copied_into_a_higher_slot_is_refused(
+    store: Store, tmp_path: Path
+) -> None:
+    """A numbered document's slot is its serial: an older, validly signed one
+    copied forward is neither served nor built on by the next writer."""
+    from sealstore.errors import AuthenticationError
+
+    a = model_dir(tmp_path / "a", {"w.bin": 2000})
+    store.push(a, "m", keys=["local:"])
+    folder = _root(store) / "tenants/default/sequence"
+    old = max(folder.glob("*.json")).read_bytes()  # latest -> m:1
+    store.push(a, "m", keys=["local:"])
+    top = int(max(folder.glob("*.json")).stem)
+    (folder / f"{top + 1:012d}.json").write_bytes(old)
+    assert Store.open(store.url).manifest("m").version == "2"
+    with pytest.raises(AuthenticationError, match="not its slot's"):
+        Store.open(store.url).push(a, "m", keys=["local:"])
+    assert Store.open(store.url).manifest("m").version == "2"
+
+
 def test_item09_a_manifest_put_back_after_a_shred_is_refused(
     store: Store, env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -166,9 +166,21 @@ def _parse(store: Any, tenant: str, data: bytes, where: str) -> Sequence:
     return Sequence(tenant, serial, body["expires"], lifetime, arts, body.get("signer"))
 
 
+_NUMBERED = re.compile(r"/sequence/(\d+)\.json")
+
+
 def _read(store: Any, tenant: str, path: str) -> Sequence:
     where = f"sequence of tenant {tenant} in {store.url}"
-    return _parse(store, tenant, store.storage.read(path), where)
+    seq = _parse(store, tenant, store.storage.read(path), where)
+    slot = _NUMBERED.search(path)
+    # An old, validly signed document copied into a higher slot would pass
+    # for a newer one (and a writer would build on it): the slot is the serial.
+    if slot is not None and int(slot.group(1)) != seq.serial:
+        raise AuthenticationError(
+            f"{where}: document {path} holds serial {seq.serial}, not its slot's "
+            f"{int(slot.group(1))} (an older document copied forward?)"
+        )
+    return seq
 
 
 def _newer(store: Any, tenant: str, start: int) -> Sequence | None:
@@ -243,7 +255,7 @@ def fresher(store: Any, tenant: str, seq: Sequence) -> Sequence:
     from sealstore.vault.store import pin_counter
 
     newer = _newer(store, tenant, seq.serial + 1)
-    if newer is None or newer.expired:
+    if newer is None or newer.expired or newer.serial <= seq.serial:
         return seq
     pin_counter(store.id, _counter(tenant), newer.serial)
     return newer
