@@ -47,24 +47,39 @@ _FD_FOLDER = re.compile(r"/proc/(self|thread-self|\d+)(/task/\d+)?/fd")
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def _via_fd_link(path: str | os.PathLike[str]) -> bool:
-    """Whether *path*, followed link by link, names an open descriptor (``/dev/fd/N``).
+def _fd_link(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """The (process, descriptor) that *path*, followed link by link, names, if any.
 
-    ``realpath`` cannot tell: it turns ``/proc/self/fd/1`` into ``pipe:[123]``
-    or into the name of whatever file the descriptor has open.
+    ``/dev/stdout`` -> ``/proc/self/fd/1`` -> ``("self", "1")``. ``realpath``
+    cannot tell: it turns ``/proc/self/fd/1`` into ``pipe:[123]`` or into the
+    name of whatever file the descriptor has open.
     """
     p = os.path.abspath(path)
     for _ in range(40):  # the kernel's own limit on a chain of links
         parent, name = os.path.split(p)
         parent = os.path.realpath(parent)
-        if _FD_FOLDER.fullmatch(parent):
-            return True
+        m = _FD_FOLDER.fullmatch(parent)
+        if m:
+            return m.group(1), name
         try:
             link = os.readlink(os.path.join(parent, name))
         except OSError:
-            return False  # not a link: the end of the chain
+            return None  # not a link: the end of the chain
         p = os.path.join(parent, link)
-    return False
+    return None
+
+
+def _via_fd_link(path: str | os.PathLike[str]) -> bool:
+    """Whether *path*, followed link by link, names an open descriptor (``/dev/fd/N``)."""
+    return _fd_link(path) is not None
+
+
+def _own_fd(path: str | os.PathLike[str]) -> int | None:
+    """The descriptor of this process that *path* names (``/dev/stdout``: 1), if any."""
+    link = _fd_link(path)
+    if link is None or link[0] not in ("self", "thread-self", str(os.getpid())):
+        return None
+    return int(link[1]) if link[1].isdigit() else None
 
 
 def is_stream_target(path: str | os.PathLike[str]) -> bool:
@@ -114,7 +129,7 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     try:
         if st is not None and (not stat.S_ISREG(st.st_mode) or _via_fd_link(path)):
-            with _write_through(path, truncate=stat.S_ISREG(st.st_mode)) as fp:
+            with _write_through(path) as fp:
                 yield fp
             return
         # Replace the link's target, never the link (a rename onto the link would).
@@ -129,12 +144,22 @@ def atomic_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[
 
 
 @contextmanager
-def _write_through(path: str | os.PathLike[str], *, truncate: bool) -> Iterator[IO[bytes]]:
-    # No O_CREAT: the thing was there a moment ago; if it is gone, fail rather
-    # than create a regular file in its place. O_NOCTTY: a terminal named as
-    # output must not become our controlling terminal.
-    flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags)
+def _write_through(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    own = _own_fd(path)
+    if own is not None:
+        # One of our own descriptors (/dev/stdout, /dev/fd/N): write through a
+        # duplicate of it, so its position and O_APPEND are the shell's --
+        # `-o /dev/stdout >> log` appends, as `> log` had already truncated.
+        fd = os.dup(own)
+    else:
+        # No O_CREAT: the thing was there a moment ago; if it is gone, fail
+        # rather than create a regular file in its place. O_NOCTTY: a terminal
+        # named as output must not become our controlling terminal. A regular
+        # file behind another process's descriptor is appended to, never
+        # truncated: what that process meant by it is not ours to know.
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_APPEND if regular else 0)
+        fd = os.open(path, flags)
     fp = os.fdopen(fd, "wb")
     try:
         yield fp

@@ -161,6 +161,23 @@ def test_item01_symlinks_are_followed_or_refused_never_replaced(
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
+def test_item01_dev_stdout_keeps_the_shells_append_and_position(
+    sealed: Path, tmp_path: Path
+) -> None:
+    """``-o /dev/stdout >> log`` appends; ``{ echo head; ... -o /dev/stdout; } > out``
+    keeps the head: the command writes through its own descriptor, never reopens
+    the file behind it with O_TRUNC."""
+    log = tmp_path / "log"
+    log.write_bytes(b"keep-me\n")
+    cmd = f"'{SEALSTORE}' -q decrypt -o /dev/stdout '{sealed}' >> '{log}'"
+    subprocess.run(["bash", "-c", cmd], check=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert log.read_bytes() == b"keep-me\n" + DATA
+    out = tmp_path / "out"
+    cmd = f"{{ echo head; '{SEALSTORE}' -q decrypt -o /dev/fd/1 '{sealed}'; }} > '{out}'"
+    subprocess.run(["bash", "-c", cmd], check=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.read_bytes() == b"head\n" + DATA
+
+
 def test_item01_identity_file_is_never_written_through_a_device(tmp_path: Path) -> None:
     """An identity is a secret: ``keys init --identity`` writes a regular file or refuses."""
     dev = char_device(tmp_path / "null")
