@@ -456,3 +456,27 @@ def test_item09_a_pull_reads_one_small_object_at_most_beyond_the_manifest(
         # The sequence (which also resolves the tag) and the manifest: nothing else.
         wanted = ["tenants/default/sequence.json", "tenants/default/artifacts/m/1/manifest.json"]
         assert seen == wanted, ref
+
+
+def test_item09_the_rollback_floor_survives_concurrent_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commands on one machine raise the floor in trust.json at once: none may lose
+    another's update (a floor that goes down lets a rollback through)."""
+    import subprocess
+    import sys
+
+    from sealstore.vault.store import pinned_counter
+
+    code = (
+        "import sys\n"
+        "from sealstore.vault.store import pin_counter\n"
+        "w = sys.argv[1]\n"
+        "for i in range(1, 31):\n"
+        "    pin_counter('s', f'{w}-{i}', i)\n"
+    )
+    monkeypatch.setenv("SEALSTORE_HOME", str(tmp_path / "home"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(w)]) for w in range(6)]
+    assert all(p.wait(120) == 0 for p in procs)
+    lost = [(w, i) for w in range(6) for i in range(1, 31) if pinned_counter("s", f"{w}-{i}") != i]
+    assert lost == []

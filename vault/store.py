@@ -23,7 +23,8 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,28 @@ def _pins_path() -> Path:
     return sealstore_home() / "trust.json"
 
 
+@contextmanager
+def _pins_locked() -> Iterator[None]:
+    """Hold the trust file for a read-modify-write, across threads and processes.
+
+    Two commands on one machine each reading the file and writing it back
+    would lose one's update: a rollback floor could go down, a pin vanish.
+    """
+    import fcntl
+
+    path = _pins_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _pins_lock:
+        fd = os.open(
+            path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
 def _load_pins() -> dict[str, Any]:
     try:
         doc = json.loads(_pins_path().read_text(encoding="utf-8"))
@@ -105,7 +128,7 @@ def _write_pins(pins: dict[str, Any]) -> None:
 
 
 def _save_pin(store_id: str, root: str, url: str) -> None:
-    with _pins_lock:
+    with _pins_locked():
         pins = _load_pins()
         pins["stores"][store_id] = root
         pins["urls"][url] = store_id
@@ -126,7 +149,7 @@ def pinned_counter(store_id: str, name: str) -> int:
 
 def pin_counter(store_id: str, name: str, value: int) -> None:
     """Remember *value* for the counter (never lowers it): a later lower value is a rollback."""
-    with _pins_lock:
+    with _pins_locked():
         pins = _load_pins()
         counters = pins.setdefault("counters", {}).setdefault(store_id, {})
         if value <= counters.get(name, 0):
