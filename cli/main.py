@@ -202,10 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_cache(None)  # one command, one unwrap per file: no key material kept around
     warnings.simplefilter("default")
-    restore = _catch_termination()
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _EscapingStream(out), _EscapingStream(err)  # type: ignore[assignment]
+    restore: Callable[[], None] = lambda: None  # noqa: E731
     try:
+        # Inside the try: a SIGTERM the moment the handler is in place is
+        # answered like any other (exit 143), not with a traceback.
+        restore = _catch_termination()
         return int(args.func(args) or 0)
     except errors.Terminated as exc:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone

@@ -421,3 +421,30 @@ def test_item02_without_o_tmpfile_the_named_temporary_is_locked_and_removed(
         fp.write(b"done")
     assert [p.name for p in folder.iterdir()] == ["out.bin"]
     assert target.read_bytes() == b"done"
+
+
+def test_item02_a_pull_folder_swept_before_its_lock_is_refused(tmp_path: Path) -> None:
+    """A sweep that takes a new pull folder's lock first removes it while holding
+    the lock; the pull, once it gets the lock, must see it gone (not write into a
+    recreated, unlocked folder)."""
+    from sealstore.vault.pull import _lock_folder
+
+    folder = tmp_path / ".out.pull-xyz"
+    folder.mkdir()
+    sweeper = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(sweeper, fcntl.LOCK_EX)
+    got: list[BaseException | int] = []
+
+    def lock() -> None:
+        try:
+            got.append(_lock_folder(folder))
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=lock)
+    t.start()
+    time.sleep(0.3)  # the pull now waits on the sweep's lock
+    folder.rmdir()
+    os.close(sweeper)
+    t.join(10)
+    assert len(got) == 1 and isinstance(got[0], FileNotFoundError), got

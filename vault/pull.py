@@ -479,8 +479,22 @@ def check_destination(
 
 
 def _lock_folder(folder: Path) -> int:
+    """Lock the new temporary *folder*; refuse if a sweep removed it first.
+
+    Between ``mkdtemp`` and the lock another pull's sweep can take the free
+    lock and remove the folder (it holds the lock while it removes): the
+    descriptor then names a deleted folder, and files made "in" it would land
+    in a fresh, unlocked one.
+    """
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        a, b = os.fstat(fd), os.lstat(folder)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise FileNotFoundError(folder)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -509,13 +523,16 @@ def sweep_pull_folders(dest: str | os.PathLike[str]) -> list[Path]:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a pull in progress
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a pull in progress
+            # Removed while the lock is held: a pull that made this folder a
+            # moment ago and waits for its lock finds it gone, never half gone.
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
         finally:
             os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
-        gone.append(folder)
     return gone
 
 
