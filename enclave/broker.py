@@ -58,7 +58,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.public
 
-from sealstore.audit import AuditKey, AuditLog, read_records, stream_name
+from sealstore.audit import AuditKey, AuditLog, read_records, stream_name, verify_log
 from sealstore.enclave import certs, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
 from sealstore.enclave.broker_state import (
@@ -233,6 +233,11 @@ class Broker:
         """The lockdowns (scope -> reason) and unexpired lockouts (identity -> (end,
         reason)) in force by the audit log's lockdown, lift and lockout records; and
         the state epochs it records."""
+        # Only a log that verifies is a record: a line edited, dropped or
+        # slipped in (a forged lift) would otherwise undo a lockdown here.
+        bad = [str(p) for rep in verify_log(self.audit.storage) for p in rep.problems]
+        if bad:
+            raise ValueError(f"the audit log does not verify: {bad[0]}")
         downs: dict[str, str] = {}
         outs: dict[str, tuple[float, str]] = {}
         epochs: set[str] = set()

@@ -10,6 +10,7 @@ swtpm evidence, as in production.
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import shutil
 import subprocess
@@ -316,6 +317,49 @@ def test_item04_reset_state_with_unreadable_record_refuses_everything(
         assert (status, out) == (403, {"error": "locked-down"})
     assert replicas.call(0, "POST", "/v1/challenge", {"tenant": "globex", "artifact": "minilm"},
                          "globex")[0] == 200  # fmt: skip
+
+
+def test_item04_a_forged_lift_in_the_audit_log_is_not_believed(
+    replicas: Replicas, own_redis: OwnRedis
+) -> None:
+    """The lockdowns are rebuilt only from a log that verifies: a lift slipped into
+    it (by whoever can write the audit storage) makes the broker refuse, not lift."""
+    status, _ = _admin(replicas, 0, "/v1/admin/lockdown", {"tenant": "acme"})
+    assert status == 200
+    own_redis.kill9()
+    own_redis.wipe()
+    segments = sorted((replicas.folder / "audit").rglob("*.jsonl"))
+    assert segments, list((replicas.folder / "audit").rglob("*"))
+    seg = segments[-1]
+    before = seg.read_bytes()
+    forged = {
+        "action": "lockdown.lift",
+        "detail": {"scope": "acme"},
+        "time": "9999-01-01T00:00:00Z",
+    }
+    seg.write_bytes(before + json.dumps(forged).encode() + b"\n")
+    own_redis.start()
+    for i in (0, 1):
+        status, out = _settled(
+            lambda i=i: replicas.call(
+                i,
+                "POST",
+                "/v1/challenge",
+                {"tenant": "acme", "artifact": "minilm"},
+                TOKENS["trainer"],
+            )
+        )
+        assert (status, out) == (503, {"error": "state-unavailable"}), (i, status, out)
+    seg.write_bytes(before)
+    for i in (0, 1):
+        status, out = replicas.call(
+            i,
+            "POST",
+            "/v1/challenge",
+            {"tenant": "acme", "artifact": "minilm"},
+            TOKENS["trainer"],
+        )
+        assert (status, out) == (403, {"error": "locked-down"})
 
 
 # -- a state outage is a 503 refusal, audited and alerted, not a bug --------------------
