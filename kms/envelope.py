@@ -218,15 +218,8 @@ def unwrap_dek(
     candidates = preamble.slots if slots is None else slots
     store = _default_cache if cache is _DEFAULT else cache
     if store is not None:
-        for slot in candidates:
-            cached = store.get(slot, ctx)
-            if cached is None:
-                continue
-            try:
-                accept(cached)
-            except AuthenticationError:
-                cached.close()
-                continue
+        cached = store.first(candidates, ctx, accept)
+        if cached is not None:
             return cached
     return unwrap_first(
         candidates,

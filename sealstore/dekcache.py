@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from sealstore.errors import AuthenticationError
 from sealstore.format import canonical_json
 from sealstore.keys import DataKey, KeySlot
 
@@ -78,6 +79,30 @@ class DekCache:
                 self._drop(key)
             self.hits += 1
         return DataKey(material)
+
+    def first(
+        self,
+        slots: Iterable[KeySlot],
+        context: Mapping[str, str],
+        accept: Callable[[DataKey], None],
+    ) -> DataKey | None:
+        """The first cached DEK of *slots* that *accept* takes, or None.
+
+        A cached key that *accept* refuses (``AuthenticationError``: the
+        slot now unwraps to another key, e.g. after a rotation) is closed
+        and the next slot is tried.
+        """
+        for slot in slots:
+            cached = self.get(slot, context)
+            if cached is None:
+                continue
+            try:
+                accept(cached)
+            except AuthenticationError:
+                cached.close()
+                continue
+            return cached
+        return None
 
     def put(self, slot: KeySlot, context: Mapping[str, str], dek: DataKey) -> None:
         """Remember *dek* as what *slot* unwraps to under *context*."""

@@ -141,15 +141,8 @@ def unwrap_version_key(
             open_payload_key(first.header, dek)
 
     if cache is not None:
-        for slot in m.slots:
-            cached = cache.get(slot, m.context)
-            if cached is None:
-                continue
-            try:
-                accept(cached)
-            except AuthenticationError:
-                cached.close()
-                continue
+        cached = cache.first(m.slots, m.context, accept)
+        if cached is not None:
             return cached
     return unwrap_first(
         m.slots,
