@@ -234,20 +234,26 @@ def _seal_one(
         sha256, the file's permission bits or None for bytes from memory).
     """
     plain = hashlib.sha256()
+
+    def sealer(out: IO[bytes], declared: int | None) -> tuple[_HashingWriter, SealWriter]:
+        sink = _HashingWriter(out)
+        writer = SealWriter(
+            sink,  # type: ignore[arg-type]
+            dek,
+            suite=suite,
+            chunk_size=chunk_size,
+            context=context,
+            plaintext_size=declared,
+            threads=threads,
+        )
+        return sink, writer
+
     if callable(path):
         # A producer (a checkpoint's torch.save) writes the plaintext straight
         # into the sealing writer: its length is known only at the end, so the
         # header declares none and the signed manifest records it.
         with storage.open_write(obj_path) as out:
-            sink = _HashingWriter(out)
-            writer = SealWriter(
-                sink,  # type: ignore[arg-type]
-                dek,
-                suite=suite,
-                chunk_size=chunk_size,
-                context=context,
-                threads=threads,
-            )
+            sink, writer = sealer(out, None)
             with writer:
                 path(_Producing(writer, plain, hasher, progress))  # type: ignore[arg-type]
         header_sha = hashlib.sha256(writer.header.encode()).hexdigest()
@@ -267,16 +273,7 @@ def _seal_one(
         # The mode of the file actually read (through any symlink), not of a
         # name looked up again. Set-id and sticky bits are never recorded.
         mode = None if in_memory else stat.S_IMODE(os.fstat(src.fileno()).st_mode) & 0o777
-        sink = _HashingWriter(out)
-        writer = SealWriter(
-            sink,  # type: ignore[arg-type]
-            dek,
-            suite=suite,
-            chunk_size=chunk_size,
-            context=context,
-            plaintext_size=size,
-            threads=threads,
-        )
+        sink, writer = sealer(out, size)
         with writer:
             i = 0
             while True:
