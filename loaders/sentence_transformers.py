@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sealstore.errors import FormatError, NotFound
+from sealstore.fsutil import lock_folder, remove_if_unlocked
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.loaders.hf import read_artifact_file
 from sealstore.loaders.safetensors import load_file
@@ -94,17 +94,7 @@ def _sweep(scratch: Path) -> None:
     with contextlib.suppress(OSError), os.scandir(scratch) as entries:
         stale = [e.path for e in entries if e.name.startswith(_SCRATCH_PREFIX)]
     for folder in stale:
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue  # another user's, or gone
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a load in progress
-        finally:
-            os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_if_unlocked(folder)
 
 
 def _scratch_root(scratch_dir: str | os.PathLike[str] | None) -> Path:
@@ -337,10 +327,10 @@ def load_sentence_transformer(
     _sweep(root)
     folder = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=root))  # mode 0700
     _live.add(str(folder))
-    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock: int | None = None
     try:
         # Held until the folder is gone: a later load's sweep leaves a live one alone.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock = lock_folder(folder)
         for path in paths:
             # README.md is the model card: not needed to build the model.
             if not _is_weight(path) and path != "README.md":
@@ -356,7 +346,8 @@ def load_sentence_transformer(
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
         _live.discard(str(folder))
     # The load-time subclasses only changed where weights come from: give each
     # module its own class back, so the model saves and reloads as usual.

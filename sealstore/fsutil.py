@@ -27,13 +27,20 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_file", "is_stream_target", "sweep_temporaries"]
+__all__ = [
+    "atomic_file",
+    "is_stream_target",
+    "lock_folder",
+    "remove_if_unlocked",
+    "sweep_temporaries",
+]
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 # A file system or kernel without O_TMPFILE answers with one of these.
@@ -295,3 +302,52 @@ def sweep_temporaries(target: str | os.PathLike[str]) -> list[Path]:
         finally:
             os.close(fd)
     return gone
+
+
+def lock_folder(folder: Path) -> int:
+    """Lock the new private *folder* (a pull's or a load's); refuse if a sweep removed it first.
+
+    The folder is held locked (``flock``) for as long as it is in use, so a
+    later run's sweep (:func:`remove_if_unlocked`) tells a live folder from
+    one whose process died. Between ``mkdtemp`` and this lock another run's
+    sweep can take the free lock and remove the folder (it holds the lock
+    while it removes): the descriptor then names a deleted folder, and files
+    made "in" it would land in a fresh, unlocked one.
+
+    Returns:
+        The descriptor holding the lock; close it after removing the folder.
+
+    Raises:
+        FileNotFoundError: the folder was removed before it could be locked.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        a, b = os.fstat(fd), os.lstat(folder)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise FileNotFoundError(folder)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_if_unlocked(folder: str | os.PathLike[str]) -> bool:
+    """Remove *folder* if no process holds its lock (its owner died); True if removed.
+
+    It is removed while the lock is held here: a run that made the folder a
+    moment ago and waits for its lock finds it gone, never half gone.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # another user's, or gone
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # in use
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)

@@ -427,7 +427,7 @@ def test_item02_a_pull_folder_swept_before_its_lock_is_refused(tmp_path: Path) -
     """A sweep that takes a new pull folder's lock first removes it while holding
     the lock; the pull, once it gets the lock, must see it gone (not write into a
     recreated, unlocked folder)."""
-    from sealstore.vault.pull import _lock_folder
+    from sealstore.fsutil import lock_folder
 
     folder = tmp_path / ".out.pull-xyz"
     folder.mkdir()
@@ -437,7 +437,7 @@ def test_item02_a_pull_folder_swept_before_its_lock_is_refused(tmp_path: Path) -
 
     def lock() -> None:
         try:
-            got.append(_lock_folder(folder))
+            got.append(lock_folder(folder))
         except BaseException as exc:
             got.append(exc)
 

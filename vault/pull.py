@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import hmac
 import mmap
@@ -37,7 +36,7 @@ from sealstore.errors import (
     SealstoreError,
 )
 from sealstore.format import Preamble, open_payload_key, read_preamble
-from sealstore.fsutil import is_stream_target
+from sealstore.fsutil import is_stream_target, lock_folder, remove_if_unlocked
 from sealstore.keys import DataKey, unwrap_first
 from sealstore.kms.envelope import IdentitySpec, _identities, atomic_output
 from sealstore.kms.registry import unwrappers_for
@@ -389,7 +388,7 @@ def pull(
     lock: int | None = None
     try:
         # Held until we are done: a later pull's sweep sees a live folder and leaves it.
-        lock = _lock_folder(tmp)
+        lock = lock_folder(tmp)
         os.chmod(tmp, 0o700)
         dek: DataKey | None = None
         try:
@@ -471,26 +470,6 @@ def check_destination(
         )
 
 
-def _lock_folder(folder: Path) -> int:
-    """Lock the new temporary *folder*; refuse if a sweep removed it first.
-
-    Between ``mkdtemp`` and the lock another pull's sweep can take the free
-    lock and remove the folder (it holds the lock while it removes): the
-    descriptor then names a deleted folder, and files made "in" it would land
-    in a fresh, unlocked one.
-    """
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        a, b = os.fstat(fd), os.lstat(folder)
-        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-            raise FileNotFoundError(folder)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def sweep_pull_folders(dest: str | os.PathLike[str]) -> list[Path]:
     """Remove temporary pull folders in or beside *dest* whose pull is gone.
 
@@ -509,24 +488,7 @@ def sweep_pull_folders(dest: str | os.PathLike[str]) -> list[Path]:
         prefix = f".{target.name}{_BESIDE}"
         found += [Path(e.path) for e in os.scandir(target.parent or ".")
                   if e.name.startswith(prefix)]  # fmt: skip
-    gone = []
-    for folder in found:
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a pull in progress
-            # Removed while the lock is held: a pull that made this folder a
-            # moment ago and waits for its lock finds it gone, never half gone.
-            shutil.rmtree(folder, ignore_errors=True)
-            gone.append(folder)
-        finally:
-            os.close(fd)
-    return gone
+    return [folder for folder in found if remove_if_unlocked(folder)]
 
 
 def _pull_one(
