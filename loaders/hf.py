@@ -22,6 +22,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -85,29 +86,40 @@ _REFUSED = {
 _AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 
 
-def _artifact(
-    src: str, store: Any, tenant: str | None, revision: str | None = None
+def resolve_artifact(
+    src: str | os.PathLike[str],
+    store: Any,
+    tenant: str | None,
+    revision: str | None = None,
+    *,
+    caller: str = "from_pretrained",
 ) -> tuple[Any, Any]:
-    """(Store, verified manifest) of ``sealstore+URL#REF`` or ``REF`` with *store*."""
-    from sealstore.vault.store import Store
+    """(Store, verified manifest) of ``sealstore+URL#REF`` or ``REF`` with *store*.
 
+    Args:
+        caller: the loader's name, for the error lines.
+
+    Raises:
+        ValueError: no store, or a reference to one file rather than an artifact.
+    """
+    from sealstore.vault.pull import served
+    from sealstore.vault.store import Store, default_tenant
+
+    src = os.fspath(src)
     if src.startswith(PREFIX):
         url, sep, ref = src[len(PREFIX) :].partition("#")
         if not sep or not ref:
             raise ValueError(f"a store reference names the artifact after '#': {src!r}")
         store = Store.open(url)
     elif store is None:
-        raise ValueError("from_pretrained needs a store reference (sealstore+URL#NAME) or store=")
+        raise ValueError(f"{caller} needs a store reference (sealstore+URL#NAME) or store=")
     else:
         ref = src
         if not isinstance(store, Store):
             store = Store.open(store)
     if "/" in ref:
-        raise ValueError("from_pretrained takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
+        raise ValueError(f"{caller} takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
     ref = _with_revision(ref, revision)
-    from sealstore.vault.pull import served
-    from sealstore.vault.store import default_tenant
-
     return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
 
 
@@ -481,7 +493,7 @@ def from_pretrained(
         raise ValueError("config= takes a PretrainedConfig (the artifact's config.json otherwise)")
     passed = _check_options(kwargs, trust_remote_code)
     hf_device_map, move_to = _placement(device_map)
-    store, m = _artifact(src, store, tenant, revision)
+    store, m = resolve_artifact(src, store, tenant, revision)
     where = f"{m.name}:{m.version}"
     # One unwrap for the whole version: config, index and every shard share its DEK.
     cache = DekCache(ttl=600, max_uses=1 << 20, max_entries=4)
@@ -557,7 +569,7 @@ def load_tokenizer(
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    store, m = _artifact(src, store, tenant, revision)
+    store, m = resolve_artifact(src, store, tenant, revision)
     paths = {f.path for f in m.files}
     if "tokenizer.json" not in paths:
         raise NotFound(f"{m.name}:{m.version} has no tokenizer.json")

@@ -34,9 +34,8 @@ from typing import Any
 from sealstore.errors import FormatError, NotFound
 from sealstore.fsutil import lock_folder, remove_if_unlocked
 from sealstore.kms.envelope import IdentitySpec
-from sealstore.loaders.hf import read_artifact_file
+from sealstore.loaders.hf import read_artifact_file, resolve_artifact
 from sealstore.loaders.safetensors import load_file
-from sealstore.loaders.sources import PREFIX
 
 __all__ = ["load_sentence_transformer"]
 
@@ -63,30 +62,6 @@ def _remove_live() -> None:
 
 
 atexit.register(_remove_live)
-
-
-def _artifact(src: str, store: Any, tenant: str | None) -> tuple[Any, Any]:
-    """(Store, verified manifest) of ``sealstore+URL#REF``, or of ``REF`` with *store*."""
-    from sealstore.vault.pull import served
-    from sealstore.vault.store import Store, default_tenant
-
-    src = os.fspath(src)
-    if src.startswith(PREFIX):
-        url, sep, ref = src[len(PREFIX) :].partition("#")
-        if not sep or not ref:
-            raise ValueError(f"a store reference names the artifact after '#': {src!r}")
-        store = Store.open(url)
-    elif store is None:
-        raise ValueError(
-            "load_sentence_transformer needs a store reference (sealstore+URL#NAME) or store="
-        )
-    else:
-        ref = src
-        if not isinstance(store, Store):
-            store = Store.open(store)
-    if "/" in ref:
-        raise ValueError("load_sentence_transformer takes a whole artifact (NAME[:VERSION|@TAG])")
-    return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
 
 
 def _sweep(scratch: Path) -> None:
@@ -310,7 +285,7 @@ def load_sentence_transformer(
     root = _scratch_root(scratch_dir)
     from sentence_transformers import SentenceTransformer
 
-    store, m = _artifact(src, store, tenant)
+    store, m = resolve_artifact(src, store, tenant, caller="load_sentence_transformer")
     paths = [f.path for f in m.files]
     if "modules.json" not in paths:
         raise NotFound(
