@@ -74,6 +74,27 @@ def read_fifo(path: Path) -> tuple[threading.Thread, list[bytes]]:
     return t, got
 
 
+def spawn(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None, hangup: bool = True
+) -> subprocess.Popen:
+    """The installed command as a background process, its output piped.
+
+    *hangup*: whether the command starts with SIGHUP at its default, as a
+    terminal or a supervisor starts it. The test run's own disposition is
+    not inherited: under ``nohup`` (as CI may run) SIGHUP arrives ignored,
+    and an ignored SIGHUP stays ignored (``test_item02_nohup_keeps_sighup_ignored``).
+    """
+    disposition = signal.SIG_DFL if hangup else signal.SIG_IGN
+    return subprocess.Popen(
+        [str(SEALSTORE), *map(str, args)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, disposition),
+    )
+
+
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
     """Poll *cond* until true; fail if *proc* ends first (it was meant to be stopped)."""
     deadline = time.monotonic() + 60
@@ -220,7 +241,9 @@ def test_item01_pull_bom_and_audit_export_write_through_a_device(
 # -- SIGTERM / SIGHUP / SIGKILL --------------------------------------------------
 
 
-def slow_decrypt(sealed: Path, out_dir: Path) -> tuple[subprocess.Popen, object]:
+def slow_decrypt(
+    sealed: Path, out_dir: Path, *, hangup: bool = True
+) -> tuple[subprocess.Popen, object]:
     """``decrypt`` reading a FIFO that we feed: half the file, then nothing more.
 
     Deterministic: the command has opened its output and holds plaintext
@@ -228,10 +251,7 @@ def slow_decrypt(sealed: Path, out_dir: Path) -> tuple[subprocess.Popen, object]
     """
     fifo = out_dir / "in.fifo"
     os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        [str(SEALSTORE), "decrypt", "-o", out_dir / "out.bin", fifo],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = spawn("decrypt", "-o", out_dir / "out.bin", fifo, hangup=hangup)
     feed = open(fifo, "wb")  # noqa: SIM115 - held open so the command keeps waiting
     data = sealed.read_bytes()
     feed.write(data[: len(data) // 2])
@@ -255,6 +275,24 @@ def test_item02_sigterm_sighup_mid_decrypt_leave_no_plaintext(
     err = proc.stderr.read().decode()  # type: ignore[union-attr]
     assert proc.returncode == code, err
     assert err.strip() == f"sealstore: terminated ({sig.name})"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["in.fifo"]
+
+
+def test_item02_nohup_keeps_sighup_ignored(sealed: Path, tmp_path: Path) -> None:
+    # A command started under nohup chose to outlive its terminal: SIGHUP stays
+    # ignored, and SIGTERM still stops it cleanly.
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc, feed = slow_decrypt(sealed, out_dir, hangup=False)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        feed.close()  # type: ignore[attr-defined]
+    assert proc.returncode == 143, proc.stderr.read().decode()  # type: ignore[union-attr]
     assert sorted(p.name for p in out_dir.iterdir()) == ["in.fifo"]
 
 
@@ -302,10 +340,7 @@ def slow_pull(
     kept = obj.read_bytes()
     obj.unlink()
     os.mkfifo(obj)
-    proc = subprocess.Popen(
-        [str(SEALSTORE), "pull", "m", "-o", dest], env=dict(os.environ, **store_env),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = spawn("pull", "m", "-o", dest, env=dict(os.environ, **store_env))
 
     def first_file_decrypted() -> bool:
         return any(
