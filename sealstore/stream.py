@@ -114,8 +114,7 @@ class SealWriter(io.BufferedIOBase):
         self._batch = chunk_size * (1 if threads == 1 else max(threads, (16 << 20) // chunk_size))
         self._inbuf = bytearray()  # allocated when a write leaves a partial batch
         self._fill = 0
-        slots = 1 if threads == 1 else ring_slots(threads, chunk_size)
-        self._ring = [memoryview(bytearray(chunk_size + TAG_SIZE)) for _ in range(slots)]
+        self._ring: list[memoryview] = []  # made by the first _seal
         self._index = 0
         self._total = 0
         self._done = False
@@ -130,6 +129,11 @@ class SealWriter(io.BufferedIOBase):
         view = memoryview(data).cast("B")
         n, pos, batch = len(view), 0, self._batch
         declared = self.header.plaintext_size
+        if declared is not None and self._total + n > declared:
+            self.abort()  # the output must not authenticate
+            raise ValueError(
+                f"plaintext_size was declared as {declared}, but more bytes were written"
+            )
         while pos < n:
             if self._fill == batch:
                 # More input exists, so no chunk of the buffered batch is the last one.
@@ -149,7 +153,9 @@ class SealWriter(io.BufferedIOBase):
                     pos += take
                     continue
             if not self._inbuf:
-                self._inbuf = bytearray(batch)
+                # Never more than the declared input still to come (checked above).
+                left = batch if declared is None else declared - (self._total + pos)
+                self._inbuf = bytearray(min(batch, max(1, left)))
             take = min(batch - self._fill, n - pos)
             self._inbuf[self._fill : self._fill + take] = view[pos : pos + take]
             self._fill += take
@@ -160,6 +166,14 @@ class SealWriter(io.BufferedIOBase):
     def _seal(self, data: memoryview, last: bool) -> None:
         """Seal *data* as consecutive chunks (the final one flagged if *last*) and write them."""
         cs = self._cs
+        if not self._ring:
+            # A file declared smaller than a chunk gets buffers of its size:
+            # pushing thousands of small dataset shards must not zero
+            # megabytes per file.
+            declared = self.header.plaintext_size
+            one = cs if declared is None else max(1, min(cs, declared))
+            slots = 1 if self._threads == 1 or one < cs else ring_slots(self._threads, cs)
+            self._ring = [memoryview(bytearray(one + TAG_SIZE)) for _ in range(slots)]
         count = max(1, -(-len(data) // cs))
         first, self._index = self._index, self._index + count
         prefix = self.header.nonce_prefix

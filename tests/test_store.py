@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sealstore.errors import AuthenticationError, KeyUnavailable, NotFound
+from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable, NotFound
 from sealstore.kms.local import LocalKeyring
 from sealstore.vault.bom import BomSpec, validate_bom
 from sealstore.vault.lifecycle import gc
@@ -415,6 +415,7 @@ def test_bom(store: Store, tmp_path: Path) -> None:
         == "1"
     )
     assert m2.parent == "bert:1"
+    assert validate_bom(store.bom("bert:2")) is None  # with a pedigree, without a card
     # The BoM is bound to the signed manifest.
     path = store.bom_path("default", "bert", "1", store.manifest("bert:1").bom_sha256 or "")
     store.storage.put(path, raw.replace(b"BertModel", b"EvilModel"))
@@ -424,6 +425,37 @@ def test_bom(store: Store, tmp_path: Path) -> None:
     bad = json.loads(raw)
     bad["metadata"]["component"]["modelCard"]["bogus"] = 1
     assert validate_bom(json.dumps(bad)) is not None
+
+
+def test_bom_of_many_files_is_whole_valid_and_ordered() -> None:
+    # The file components are written as JSON (not through the library's
+    # sorted sets) and only a sample goes through the schema at push time:
+    # the whole document must still validate, one component per file, by name.
+    from sealstore.vault.bom import build_bom
+
+    files = [(f"train/part-{i:04d}.parquet", i, f"{i:064x}") for i in range(300, 0, -1)]
+    raw = build_bom(
+        tenant="default", name="ds", version="1", files=files, parent=None, store_id="s"
+    )
+    assert validate_bom(raw) is None
+    comps = json.loads(raw)["metadata"]["component"]["components"]
+    assert [c["name"] for c in comps] == sorted(f[0] for f in files)
+    assert comps[0] == {
+        "bom-ref": "file:train/part-0001.parquet",
+        "hashes": [{"alg": "SHA-256", "content": f"{1:064x}"}],
+        "name": "train/part-0001.parquet",
+        "properties": [{"name": "sealstore:size", "value": "1"}],
+        "type": "file",
+    }
+    with pytest.raises(FormatError, match="not unique"):
+        build_bom(
+            tenant="default",
+            name="ds",
+            version="1",
+            files=files + files[:1],
+            parent=None,
+            store_id="s",
+        )
 
 
 def test_bom_spec_errors(store: Store, tmp_path: Path) -> None:

@@ -710,10 +710,21 @@ def test_declared_size_mismatch_on_explicit_close() -> None:
     dek = DataKey.generate()
     out = io.BytesIO()
     writer = SealWriter(out, dek, chunk_size=CS, plaintext_size=CS + 1, threads=3)
-    writer.write(plaintext(2 * CS))
+    writer.write(plaintext(CS))
     with pytest.raises(ValueError):
         writer.close()
     writer.close()  # now a no-op
+    with pytest.raises(AuthenticationError):
+        SealReader(io.BytesIO(out.getvalue()), dek).read()
+
+
+def test_writing_past_the_declared_size_fails_at_once() -> None:
+    dek = DataKey.generate()
+    out = io.BytesIO()
+    writer = SealWriter(out, dek, chunk_size=CS, plaintext_size=CS + 1, threads=3)
+    with pytest.raises(ValueError, match="more bytes were written"):
+        writer.write(plaintext(2 * CS))
+    writer.close()  # the writer was aborted: a no-op
     with pytest.raises(AuthenticationError):
         SealReader(io.BytesIO(out.getvalue()), dek).read()
 
@@ -886,3 +897,25 @@ def test_compressed_file_objects_are_read_not_mapped(tmp_path: Path) -> None:
         g.write(buf.getvalue())
     with gzip.open(tmp_path / "x.gz", "rb") as g, SealedFile(g, dek) as sf:
         assert sf.read_range(0, 5000) == b"hello" * 1000
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_small_declared_file_gets_small_buffers(threads: int) -> None:
+    # Pushing thousands of small dataset shards must not zero a chunk-sized
+    # ring and batch buffer per file.
+    import tracemalloc
+
+    dek = DataKey.generate()
+    out = io.BytesIO()
+    tracemalloc.start()
+    try:
+        with SealWriter(
+            out, dek, chunk_size=1 << 20, plaintext_size=100, threads=threads
+        ) as writer:
+            writer.write(plaintext(60))
+            writer.write(plaintext(40))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 10, peak
+    assert SealReader(io.BytesIO(out.getvalue()), dek).read() == plaintext(60) + plaintext(40)

@@ -265,7 +265,11 @@ def _seal_one(
             header_sha,
             None,
         )
-    bufs = [bytearray(_BLOCK), bytearray(_BLOCK)]
+    # Sized to the file when it is small: a dataset of thousands of small
+    # shards must not zero 16 MiB per file. A file grown since it was listed
+    # still reads whole (in more blocks) and fails the declared size.
+    block = _BLOCK if size is None else max(4096, min(_BLOCK, size))
+    bufs = [bytearray(block), bytearray(block)]
     pending: list[Future[None] | None] = [None, None]
     in_memory = isinstance(path, (bytes, memoryview))
     opened = io.BytesIO(path) if in_memory else _open_regular(path)
