@@ -50,6 +50,7 @@ __all__ = ["collect_files", "push"]
 log = logging.getLogger(__name__)
 
 _BLOCK = 8 << 20
+_HASH_APART = 1 << 20  # files this large and larger are hashed on a thread of their own
 _AUTO_VERSION_TRIES = 20
 Progress = Callable[[int], None]
 
@@ -225,7 +226,7 @@ def _seal_one(
     chunk_size: int,
     threads: int,
     progress: Progress | None,
-    hasher: ThreadPoolExecutor,
+    hasher: ThreadPoolExecutor | None,
 ) -> tuple[str, str, int, str, int | None]:
     """Seal one file into *obj_path*.
 
@@ -290,7 +291,10 @@ def _seal_one(
                 view = memoryview(bufs[k])[:n]
                 # The plaintext hash runs on another thread (hashlib drops the GIL)
                 # while this one seals the block; one worker keeps updates in order.
-                pending[k] = hasher.submit(plain.update, view)
+                if hasher is None:
+                    plain.update(view)
+                else:
+                    pending[k] = hasher.submit(plain.update, view)
                 writer.write(view)
                 if progress is not None:
                     progress(n)
@@ -513,7 +517,14 @@ def _push_version(
         obj = new_object_name()
         with lock:
             made.append(obj)
-        with ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash") as hasher:
+        # A small file is hashed in line: handing it to a thread costs more
+        # than hashing it (a dataset of thousands of shards).
+        small = size is not None and size < _HASH_APART
+        with (
+            contextlib.nullcontext()
+            if small
+            else ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash")
+        ) as hasher:
             plain, size, obj_digest, obj_size, header_sha, mode = _seal_one(
                 store.storage,
                 store.object_path(tenant, obj),
