@@ -164,7 +164,12 @@ def register(sub: Any) -> None:
         "--force", action="store_true", help="pull into a non-empty DIR, replacing files"
     )
     pull.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
-    pull.add_argument("--file", action="append", metavar="PATH", help="only this file (repeatable)")
+    pull.add_argument(
+        "--file",
+        action="append",
+        metavar="PATH",
+        help="only this file, folder or glob (train/*.parquet, **/*.json; repeatable)",
+    )
     pull.add_argument("--threads", type=int, default=2)
     pull.add_argument("--no-progress", action="store_true")
     _where(pull)

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -50,6 +51,7 @@ __all__ = [
     "check_destination",
     "open_file",
     "pull",
+    "select_files",
     "sweep_pull_folders",
     "unwrap_version_key",
     "verify",
@@ -341,7 +343,8 @@ def pull(
     authenticates, like ``decrypt -o -``.
 
     Args:
-        files: only these paths of the artifact (default: all).
+        files: only these files of the artifact (default: all): paths,
+            folders or globs, see :func:`select_files`.
         force: pull into a non-empty *dest*, replacing files of the same name.
 
     Returns:
@@ -363,12 +366,12 @@ def pull(
         unwrap_version_key(m, None)  # raises the shredded error
     entries = list(m.files)
     if files is not None:
-        wanted = set(files)
-        missing = wanted - {e.path for e in entries}
-        if missing:
-            raise NotFound(f"{m.name}:{m.version} has no file {sorted(missing)[0]}")
-        entries = [e for e in entries if e.path in wanted]
+        entries = select_files(entries, files, f"{m.name}:{m.version}")
     if _is_stream(dest):
+        if len(entries) != 1:
+            raise ValueError(
+                f"-o {dest} takes one file; {files[0]!r} names {len(entries)}"  # type: ignore[index]
+            )
         _pull_one(store, m, entries[0], dest, identities=identities, threads=threads,
                   progress=progress)  # fmt: skip
         return m
@@ -428,6 +431,39 @@ _BESIDE = ".pull-"
 
 def _is_stream(dest: str | os.PathLike[str]) -> bool:
     return str(dest) == "-" or is_stream_target(dest)
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def select_files(
+    entries: Sequence[FileEntry], patterns: Sequence[str], where: str
+) -> list[FileEntry]:
+    """The files of a version that *patterns* name, in manifest order.
+
+    Each pattern is a file's path, a folder (``train`` or ``train/``: every
+    file under it), or a glob: ``*``, ``?`` and ``[...]`` within one path
+    segment, ``**`` across any number (``train/*.parquet``,
+    ``**/*.json``), as fsspec globs.
+
+    Raises:
+        NotFound: a pattern names no file of *where* (a typo is never a
+            silently smaller pull).
+    """
+    from fsspec.utils import glob_translate
+
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if _GLOB.search(pattern):
+            match = re.compile(glob_translate(pattern)).match
+            hits = {e.path for e in entries if match(e.path)}
+        else:
+            folder = pattern.rstrip("/") + "/"
+            hits = {e.path for e in entries if e.path == pattern or e.path.startswith(folder)}
+        if not hits:
+            raise NotFound(f"{where} has no file {pattern}")
+        chosen |= hits
+    return [e for e in entries if e.path in chosen]
 
 
 def check_destination(

@@ -1,0 +1,95 @@
+"""``pull --file`` with folders and globs: a dataset's shards picked by pattern."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from sealstore.errors import NotFound
+from sealstore.kms.local import LocalKeyring
+from sealstore.vault.store import Store
+from tests.test_cli import fails, ok, run
+
+FILES = {
+    "README.md": 10,
+    "train/part-0.parquet": 100,
+    "train/part-1.parquet": 101,
+    "train/index.json": 5,
+    "train/extra/part-9.parquet": 7,
+    "test/part-0.parquet": 50,
+    "test/meta.json": 3,
+}
+
+
+@pytest.fixture
+def dataset(ring: LocalKeyring, tmp_path: Path) -> tuple[Store, Path]:
+    src = tmp_path / "ds"
+    for rel, n in FILES.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(os.urandom(n))
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(src, "ds", keys=["local:"])
+    return store, src
+
+
+def pulled(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("patterns", "expected"),
+    [
+        (["train/*.parquet"], {"train/part-0.parquet", "train/part-1.parquet"}),
+        (["train/**"], {f for f in FILES if f.startswith("train/")}),
+        (["**/*.json"], {"train/index.json", "test/meta.json"}),
+        (["train", "README.md"], {"README.md"} | {f for f in FILES if f.startswith("train/")}),
+        (["test/"], {"test/part-0.parquet", "test/meta.json"}),
+        (
+            ["*/part-[0-1].parquet"],
+            {"train/part-0.parquet", "train/part-1.parquet", "test/part-0.parquet"},
+        ),
+        (
+            ["train/part-0.parquet", "train/*.parquet"],
+            {"train/part-0.parquet", "train/part-1.parquet"},
+        ),
+    ],
+)
+def test_pull_selects_files_by_path_folder_and_glob(
+    dataset: tuple[Store, Path], tmp_path: Path, patterns: list[str], expected: set[str]
+) -> None:
+    store, src = dataset
+    out = tmp_path / "out"
+    store.pull("ds", out, files=patterns)
+    assert pulled(out) == expected
+    for rel in expected:
+        assert (out / rel).read_bytes() == (src / rel).read_bytes()
+
+
+@pytest.mark.parametrize("pattern", ["train/*.csv", "trai", "train/part-0", "nothing/"])
+def test_a_pattern_naming_nothing_fails_and_pulls_nothing(
+    dataset: tuple[Store, Path], tmp_path: Path, pattern: str
+) -> None:
+    store, _ = dataset
+    out = tmp_path / "out"
+    with pytest.raises(NotFound, match=re.escape(f"ds:1 has no file {pattern}")):
+        store.pull("ds", out, files=["README.md", pattern])
+    assert not out.exists()
+
+
+def test_cli_pull_glob_and_stdout(dataset: tuple[Store, Path], tmp_path: Path) -> None:
+    store, src = dataset
+    env = {"SEALSTORE_STORE": store.url}
+    out = tmp_path / "out"
+    ok(run("pull", "ds", "-o", out, "--file", "test/*", env=env))
+    assert pulled(out) == {"test/part-0.parquet", "test/meta.json"}
+    # A glob naming one file may go to stdout; one naming several may not.
+    got = ok(run("pull", "ds", "-o", "-", "--file", "**/meta.json", env=env)).stdout
+    assert got == (src / "test/meta.json").read_bytes()
+    line = fails(run("pull", "ds", "-o", "-", "--file", "train/*.parquet", env=env), 2)
+    assert "takes one file" in line and "names 2" in line
+    line = fails(run("pull", "ds", "-o", tmp_path / "o2", "--file", "val/*", env=env), 5)
+    assert "has no file val/*" in line
+    assert not (tmp_path / "o2").exists()
