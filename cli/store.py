@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -134,6 +135,11 @@ def register(sub: Any) -> None:
     )
     push.add_argument("--dek-from", metavar="URI", help="let this key service generate the DEK")
     push.add_argument("--bom", metavar="FILE.yaml", help="datasets and training parameters")
+    push.add_argument(
+        "--dataset",
+        action="store_true",
+        help="this version is a dataset: its BoM has a CycloneDX data component (kind: dataset)",
+    )
     parent = push.add_mutually_exclusive_group()
     parent.add_argument(
         "--parent", metavar="VERSION", help="the version this one derives from (default: newest)"
@@ -311,6 +317,12 @@ def _push(args: argparse.Namespace) -> int:
         raise ValueError("push needs at least one key: -k URI (e.g. -k local:)")
     if args.threads < 1:
         raise ValueError("--threads must be at least 1")
+    bom = args.bom
+    if args.dataset:
+        from sealstore.vault.bom import BomSpec, check_spec, load_bom_spec
+
+        bom = dataclasses.replace(load_bom_spec(bom) if bom else BomSpec(), kind="dataset")
+        check_spec(bom, f"BoM spec {args.bom}" if args.bom else "--dataset")
     store = _open(args)
     outside = args.follow_outside_links
     total = sum(size for _, _, size in collect_files(args.path, follow_outside_links=outside))
@@ -323,7 +335,7 @@ def _push(args: argparse.Namespace) -> int:
             keys=args.keys,
             dek_from=args.dek_from,
             parent=None if args.no_parent else (args.parent or "auto"),
-            bom=args.bom,
+            bom=bom,
             threads=args.threads,
             progress=bar,
             follow_outside_links=outside,
@@ -524,7 +536,7 @@ def _bom_show(args: argparse.Namespace) -> int:
 
     data = _open(args).bom(args.ref, tenant=args.tenant)
     s = summarize(json.loads(data))
-    print(f"model     {s['model']}")
+    print(f"{s['kind']:<9} {s['model']}")
     print(f"parent    {', '.join(s['parent']) or '-'}")
     print(f"datasets  {', '.join(s['datasets']) or '-'}")
     print(f"task      {s['task'] or '-'}")

@@ -23,11 +23,14 @@ from typing import Any
 
 from sealstore.errors import FormatError
 
-__all__ = ["BomSpec", "build_bom", "load_bom_spec", "validate_bom"]
+__all__ = ["BomSpec", "build_bom", "check_spec", "load_bom_spec", "validate_bom"]
 
 _APPROACHES = {"supervised", "unsupervised", "reinforcement-learning", "semi-supervised",
                "self-supervised"}  # fmt: skip
+_KINDS = {"model", "dataset"}
+_MODEL_ONLY = ("task", "architecture_family", "model_architecture", "approach", "training")
 _SPEC_KEYS = {
+    "kind",
     "description",
     "task",
     "architecture_family",
@@ -44,10 +47,15 @@ _SPEC_KEYS = {
 class BomSpec:
     """What the user says about a version (``--bom FILE.yaml``); every field optional.
 
-    ``datasets`` are store references (``NAME:VERSION`` or ``NAME@TAG``) in
-    the same tenant; ``training`` is a flat mapping of training parameters.
+    ``kind`` is ``model`` (the default) or ``dataset``: a dataset's BoM has a
+    CycloneDX ``data`` component where a model's has a
+    ``machine-learning-model`` one, and no model card. ``datasets`` are store
+    references (``NAME:VERSION`` or ``NAME@TAG``) in the same tenant: what a
+    model was trained on, or what a dataset was derived from; ``training``
+    is a flat mapping of training parameters.
     """
 
+    kind: str = "model"
     description: str | None = None
     task: str | None = None
     architecture_family: str | None = None
@@ -82,8 +90,8 @@ def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
             f"BoM spec {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
             f"(known: {', '.join(sorted(_SPEC_KEYS))})"
         )
-    for key in ("description", "task", "architecture_family", "model_architecture", "license",
-                "approach"):  # fmt: skip
+    for key in ("kind", "description", "task", "architecture_family", "model_architecture",
+                "license", "approach"):  # fmt: skip
         if key in doc and not isinstance(doc[key], str):
             raise ValueError(f"BoM spec {path}: {key} must be a string")
     if doc.get("approach") is not None and doc["approach"] not in _APPROACHES:
@@ -99,7 +107,8 @@ def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
         isinstance(v, (dict, list)) for v in training.values()
     ):
         raise ValueError(f"BoM spec {path}: training must map names to plain values")
-    return BomSpec(
+    spec = BomSpec(
+        kind=doc.get("kind", "model"),
         description=doc.get("description"),
         task=doc.get("task"),
         architecture_family=doc.get("architecture_family"),
@@ -110,6 +119,22 @@ def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
         license=doc.get("license"),
         authors=list(doc.get("authors", [])),
     )
+    check_spec(spec, f"BoM spec {path}")
+    return spec
+
+
+def check_spec(spec: BomSpec, where: str = "BoM spec") -> None:
+    """Refuse a spec that mixes kinds: a dataset has no task, architecture or training.
+
+    Raises:
+        ValueError: an unknown kind, or model fields on a dataset (named).
+    """
+    if spec.kind not in _KINDS:
+        raise ValueError(f"{where}: kind must be model or dataset")
+    if spec.kind == "dataset":
+        given = [k for k in _MODEL_ONLY if getattr(spec, k)]
+        if given:
+            raise ValueError(f"{where}: a dataset has no {', '.join(given)} (fields of a model)")
 
 
 @dataclass(frozen=True)
@@ -147,18 +172,20 @@ def build_bom(
     from cyclonedx.output.json import JsonV1Dot6
 
     spec = spec or BomSpec()
+    check_spec(spec)
+    dataset = spec.kind == "dataset"
     model = Component(
-        type=ComponentType.MACHINE_LEARNING_MODEL,
+        type=ComponentType.DATA if dataset else ComponentType.MACHINE_LEARNING_MODEL,
         name=name,
         version=version,
-        bom_ref=f"model:{name}:{version}",
+        bom_ref=f"{spec.kind}:{name}:{version}",
         description=spec.description,
     )
     for key, value in (("tenant", tenant), ("store", store_id), ("artifact", name)):
         model.properties.add(Property(name=f"sealstore:{key}", value=value))
     if parent:
         ancestor = Component(
-            type=ComponentType.MACHINE_LEARNING_MODEL,
+            type=model.type,
             name=name,
             version=parent,
             bom_ref=f"parent:{name}:{parent}",
@@ -196,9 +223,16 @@ def build_bom(
             }
             for path, size, digest in sorted(files)
         ]
+    if dataset:
+        # CycloneDX's componentData: what the files of this component are.
+        doc["metadata"]["component"]["data"] = [{"type": "dataset", "name": name}]
     card = _model_card(spec, [f"dataset:{d.name}:{d.version}" for d in datasets])
-    if card:
+    if card and not dataset:
         doc["metadata"]["component"]["modelCard"] = card
+    elif dataset and (spec.license or spec.authors):
+        props = doc["metadata"]["component"].setdefault("properties", [])
+        props += card["properties"]
+        props.sort(key=lambda p: (p["name"], p["value"]))
     refs = [c["bom-ref"] for c in doc["metadata"]["component"].get("components", [])]
     if len(set(refs)) != len(refs):
         raise FormatError("generated BoM does not validate: file components are not unique")
@@ -250,6 +284,7 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
     card = comp.get("modelCard", {})
     params = card.get("modelParameters", {})
     return {
+        "kind": "dataset" if comp.get("type") == "data" else "model",
         "model": f"{comp.get('name')}:{comp.get('version')}",
         "files": [
             (c.get("name"), (c.get("hashes") or [{}])[0].get("content"))

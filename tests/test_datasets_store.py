@@ -1,7 +1,9 @@
-"""``pull --file`` with folders and globs: a dataset's shards picked by pattern."""
+"""Datasets in the store: ``pull --file`` with folders and globs, a dataset's BoM, and a
+model's BoM naming the dataset version it was trained on."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from sealstore.errors import NotFound
 from sealstore.kms.local import LocalKeyring
+from sealstore.vault.bom import BomSpec, validate_bom
 from sealstore.vault.store import Store
 from tests.test_cli import fails, ok, run
 
@@ -93,3 +96,52 @@ def test_cli_pull_glob_and_stdout(dataset: tuple[Store, Path], tmp_path: Path) -
     line = fails(run("pull", "ds", "-o", tmp_path / "o2", "--file", "val/*", env=env), 5)
     assert "has no file val/*" in line
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_dataset_version_has_a_data_bom_and_a_model_names_it(
+    dataset: tuple[Store, Path], tmp_path: Path
+) -> None:
+    store, src = dataset
+    env = {"SEALSTORE_STORE": store.url}
+    spec = tmp_path / "ds.yaml"
+    spec.write_text("description: shards\nlicense: cc-by-4.0\ndatasets: [ds:1]\n")
+    ok(run("push", src, "ds", "-k", "local:", "--dataset", "--bom", spec, "--no-progress", env=env))
+    raw = store.bom("ds:2")
+    assert validate_bom(raw) is None
+    doc = json.loads(raw)
+    comp = doc["metadata"]["component"]
+    assert (comp["type"], comp["bom-ref"], comp["data"]) == (
+        "data",
+        "dataset:ds:2",
+        [{"type": "dataset", "name": "ds"}],
+    )
+    assert "modelCard" not in comp
+    files = {c["name"]: c["hashes"][0]["content"] for c in comp["components"]}
+    assert set(files) == set(FILES)
+    manifest = store.manifest("ds:2")
+    assert files == {e.path: e.sha256 for e in manifest.files}
+    assert {"name": "sealstore:license", "value": "cc-by-4.0"} in comp["properties"]
+    assert ok(run("bom", "show", "ds:2", env=env)).stdout.decode().startswith("dataset   ds:2")
+    # A model trained on it names that version (and its manifest's hash).
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"w")
+    store.push(model, "m", keys=["local:"], bom=BomSpec(task="x", datasets=["ds:2"]))
+    used = json.loads(store.bom("m:1"))["components"]
+    assert [c["bom-ref"] for c in used] == ["dataset:ds:2"]
+    assert used[0]["type"] == "data"
+
+
+def test_a_dataset_spec_with_model_fields_is_refused(
+    dataset: tuple[Store, Path], tmp_path: Path
+) -> None:
+    store, src = dataset
+    env = {"SEALSTORE_STORE": store.url}
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("kind: dataset\ntask: classification\ntraining: {epochs: 3}\n")
+    line = fails(run("push", src, "ds", "-k", "local:", "--bom", spec, env=env), 2)
+    assert "a dataset has no task, training" in line
+    spec.write_text("kind: table\n")
+    line = fails(run("push", src, "ds", "-k", "local:", "--bom", spec, env=env), 2)
+    assert "kind must be model or dataset" in line
+    assert store.versions("ds") == ["1"]
