@@ -224,6 +224,11 @@ def register(sub: Any) -> None:
     bexp = bsub.add_parser("export", help="write the BoM JSON (checked against the manifest)")
     bexp.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     bexp.add_argument("-o", "--output", default="-", metavar="FILE")
+    bexp.add_argument(
+        "--validate",
+        action="store_true",
+        help="also check it against the CycloneDX 1.6 JSON schema (about a second to load)",
+    )
     _where(bexp)
     bexp.set_defaults(func=_bom_export)
 
@@ -551,6 +556,13 @@ def _bom_export(args: argparse.Namespace) -> int:
     from sealstore.fsutil import atomic_file
 
     data = _open(args).bom(args.ref, tenant=args.tenant)
+    if args.validate:
+        from sealstore.errors import FormatError
+        from sealstore.vault.bom import validate_bom
+
+        problem = validate_bom(data)
+        if problem:
+            raise FormatError(f"the BoM of {args.ref} is not valid CycloneDX 1.6: {problem}")
     if args.output == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

@@ -66,6 +66,8 @@ def test_bom_commands(store_env: dict[str, str], tmp_path: Path) -> None:
     assert "fill-mask" in shown and "epochs = 2" in shown
     ok(run("bom", "export", "m", "-o", tmp_path / "bom.json", env=store_env))
     assert validate_bom((tmp_path / "bom.json").read_bytes()) is None
+    validated = ok(run("bom", "export", "m", "--validate", env=store_env)).stdout
+    assert validated == (tmp_path / "bom.json").read_bytes()
     spec.write_text("epochs: 2\n")
     line = fails(run("push", src, "m", "-k", "local:", "--bom", spec, env=store_env), 2)
     assert "unknown field" in line
