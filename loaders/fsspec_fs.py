@@ -41,7 +41,7 @@ from fsspec.implementations.chained import ChainedFileSystem
 from sealstore.chunks import ChunkLayout
 from sealstore.errors import NotFound, SealstoreError
 from sealstore.fileobj import DEFAULT_CACHE_CHUNKS, SealedBufferedReader, named, wrap
-from sealstore.format import read_preamble
+from sealstore.format import read_preamble_from
 from sealstore.kms.envelope import open_sealed
 from sealstore.loaders.fileio import identity_specs
 from sealstore.loaders.sources import PREFIX, open_source, split_store_ref
@@ -177,9 +177,18 @@ class SealedFileSystem(_SealedBase, ChainedFileSystem):
         name, size = info["name"], int(info.get("size") or 0)
         key = (name, size)
         if key not in self._sizes:
+            got = b""
+
+            def head(n: int) -> bytes:
+                # Ranged reads of the preamble only (opening the file could
+                # fetch a whole read-ahead block per file listed).
+                nonlocal got
+                if n > len(got):
+                    got = bytes(self.fs.cat_file(name, start=0, end=max(n, 4096)))
+                return got[:n]
+
             try:
-                with self.fs.open(name, "rb") as fp:
-                    pre = read_preamble(fp)
+                pre = read_preamble_from(head)
                 self._sizes[key] = ChunkLayout(
                     pre.header, pre.payload_offset, size - pre.payload_offset
                 ).plaintext_size

@@ -168,6 +168,17 @@ class SealedIO(io.RawIOBase):
         self._pos += got
         return got
 
+    def read_buffer(self, n: int = -1) -> bytearray:
+        """Like :meth:`read`, in a new ``bytearray`` rather than ``bytes``: pyarrow
+        takes it as its buffer without the copy ``read`` makes."""
+        self._check_open()
+        if n < 0:
+            n = self.size - self._pos
+        buf = bytearray(max(0, min(n, self.size - self._pos)))
+        got = self.readinto(buf) if buf else 0
+        del buf[got:]
+        return buf
+
     def _fetch_range(self, start: int, end: int) -> bytes:
         """The plaintext bytes ``[start, end)`` (fsspec's name for a ranged read)."""
         self._check_open()
@@ -245,6 +256,10 @@ class SealedBufferedReader(io.BufferedReader):
 
     raw: SealedIO
 
+    def __init__(self, raw: SealedIO, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> None:
+        super().__init__(raw, buffer_size)
+        self.buffer_size = buffer_size
+
     def __reduce__(self) -> tuple[Any, ...]:
         raw = self.raw
         return _reopen, (raw._reference(), self.tell(), raw._cache_chunks, raw._threads, True)
@@ -252,6 +267,16 @@ class SealedBufferedReader(io.BufferedReader):
     @property
     def size(self) -> int:
         return self.raw.size
+
+    def read_buffer(self, n: int = -1) -> bytes | bytearray:
+        """``read``, but a read larger than the buffer skips the buffer's copy (pyarrow)."""
+        if 0 <= n <= self.buffer_size:
+            return self.read(n)  # bytes may sit in the buffer already
+        pos = self.tell()
+        self.raw.seek(pos)
+        data = self.raw.read_buffer(n)
+        self.seek(pos + len(data))  # drops the stale buffer
+        return data
 
 
 def wrap(

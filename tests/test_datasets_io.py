@@ -114,7 +114,8 @@ def test_file_object_reads_and_seeks_like_the_plaintext(
                 offset = int(rng.integers(-f.tell(), size - f.tell() + 10))
             assert f.seek(offset, whence) == plain.seek(offset, whence)
             n = int(rng.integers(0, 3 * CS))
-            assert f.read(n) == plain.read(n)
+            read = f.read_buffer if n % 2 else f.read  # read_buffer: what pyarrow calls
+            assert read(n) == plain.read(n)
             assert f.tell() == plain.tell()
         f.seek(0)
         buf = bytearray(size + 7)
