@@ -22,17 +22,22 @@ the manifest before its first read -- False makes reads lazy),
 ``cache_chunks`` and ``threads`` (as ``sealstore.open``); a store URL's other
 options (``endpoint_url``, ``key``, ``secret``) open the store.
 
-Read-only: ``open(..., "wb")`` is refused. ``open`` gives the
+Store URLs are read-only (a store is written by ``push``); a chained URL
+opened ``"wb"`` seals what is written (``keys=[URI, ...]`` required), and the
+file appears only when it is closed without an error. ``open`` gives the
 ``sealstore.fileobj`` file object, which pickles as (file system, path): a
 worker process reopens the file with the identities named here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -41,8 +46,9 @@ from fsspec.implementations.chained import ChainedFileSystem
 from sealstore.chunks import ChunkLayout
 from sealstore.errors import NotFound, SealstoreError
 from sealstore.fileobj import DEFAULT_CACHE_CHUNKS, SealedBufferedReader, named, wrap
-from sealstore.format import read_preamble_from
-from sealstore.kms.envelope import open_sealed
+from sealstore.format import DEFAULT_CHUNK_SIZE, read_preamble_from
+from sealstore.fsutil import atomic_file
+from sealstore.kms.envelope import open_sealed, seal_writer
 from sealstore.loaders.fileio import identity_specs
 from sealstore.loaders.sources import PREFIX, open_source, split_store_ref
 from sealstore.stream import SealedFile
@@ -101,23 +107,111 @@ class _SealedBase(AbstractFileSystem):
         autocommit: bool = True,
         cache_options: Any = None,
         **kwargs: Any,
-    ) -> SealedBufferedReader:
+    ) -> Any:
         if mode != "rb":
-            raise ValueError(f"{self.unstrip_protocol(path)}: sealed files are read-only here")
+            raise ValueError(
+                f"{self.unstrip_protocol(path)}: mode {mode!r} is not supported (read 'rb'; "
+                "write 'wb' through a sealstore:: URL)"
+            )
         path = self._strip_protocol(path)
         ref = _FsRef(self, path)
-        out = wrap(ref.open(), reopener=ref, cache_chunks=self.cache_chunks, threads=self.threads)
-        assert isinstance(out, SealedBufferedReader)
-        return out
+        return wrap(ref.open(), reopener=ref, cache_chunks=self.cache_chunks, threads=self.threads)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise PermissionError("sealed file systems are read-only")
+        raise PermissionError("this file system is read-only (push to a store to write one)")
 
     rm_file = mkdir = makedirs = rmdir = mv = cp_file = put_file = pipe_file = _refuse
 
 
+class _SealingFile(io.BufferedIOBase):
+    """fsspec ``"wb"``: what is written is sealed into the target, which appears only
+    when this closes without an error (*commit*); otherwise *discard* drops it.
+
+    A close while an exception is being handled discards too (fsspec closes its
+    files on the way out of a failed ``with`` block), so close a file you mean
+    to keep outside ``except`` blocks.
+    """
+
+    def __init__(
+        self, writer: Any, commit: Callable[[], Any], discard: Callable[[], Any], name: str
+    ) -> None:
+        super().__init__()
+        self._writer, self._commit, self._discard, self.name = writer, commit, discard, name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return int(self._writer.write(data))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if sys.exc_info()[1] is not None:
+            # Closed while an exception propagates: fsspec's OpenFile closes its
+            # files on the way out of a failed ``with`` block. Sealing the final
+            # chunk now would publish a file that authenticates as a shorter
+            # plaintext; drop it instead.
+            self.discard()
+            return
+        try:
+            self._writer.close()  # the final chunk
+            self._commit()
+        except BaseException:
+            self.discard()
+            raise
+        super().close()
+
+    def discard(self) -> None:
+        """Drop what was written: no file appears."""
+        if self.closed:
+            return
+        self._writer.abort()
+        with contextlib.suppress(Exception):
+            self._discard()
+        super().close()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def __del__(self) -> None:
+        if not self.closed:  # dropped unclosed: never a file that looks complete
+            self.discard()
+
+
+def _target_writer(fs: Any, path: str) -> tuple[Any, Callable[[], Any], Callable[[], Any]]:
+    """``(file, commit, discard)`` for a new file at *path* that appears only on commit."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        # Local disk: sealstore's atomic file (an anonymous temporary in the
+        # destination's folder, renamed into place; fsspec's goes through /tmp).
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        cm = atomic_file(path)
+        fp = cm.__enter__()
+        gone = RuntimeError("discarded")
+        return (
+            fp,
+            lambda: cm.__exit__(None, None, None),
+            lambda: cm.__exit__(RuntimeError, gone, None),
+        )
+    # Elsewhere the file system's own transaction (S3: the upload completes on commit).
+    fp = fs.open(path, "wb", autocommit=False)
+
+    def commit() -> None:
+        fp.close()
+        fp.commit()
+
+    return fp, commit, fp.discard
+
+
 class SealedFileSystem(_SealedBase, ChainedFileSystem):
     """Sealed files on another fsspec file system: ``sealstore::PROTOCOL://PATH``.
+
+    Reads as ``sealstore.open``; ``open(path, "wb")`` seals what is written.
 
     Sizes listed are plaintext sizes (from each file's header). A file that is
     not sealed is listed with ``size`` None and fails to open (``FormatError``).
@@ -126,6 +220,9 @@ class SealedFileSystem(_SealedBase, ChainedFileSystem):
         target_protocol, target_options: the file system holding the sealed files.
         fs: that file system, already made (instead of the two above).
         identities, cache_chunks, threads: as ``sealstore.open``.
+        keys, context, chunk_size: for ``open(path, "wb")``: the key URIs the new
+            file's data key is wrapped to (required), its encryption context,
+            its chunk size. The file appears when it is closed without error.
     """
 
     protocol = "sealstore"
@@ -136,9 +233,15 @@ class SealedFileSystem(_SealedBase, ChainedFileSystem):
         target_options: dict[str, Any] | None = None,
         fs: Any = None,
         fo: str | None = None,
+        keys: Sequence[str] = (),
+        context: dict[str, str] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.keys = list(keys)
+        self.context = dict(context or {})
+        self.chunk_size = chunk_size
         if fs is None:
             import fsspec
 
@@ -157,6 +260,32 @@ class SealedFileSystem(_SealedBase, ChainedFileSystem):
 
     def unstrip_protocol(self, name: str) -> str:
         return "sealstore::" + self.fs.unstrip_protocol(name)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if mode != "wb":
+            return super()._open(path, mode, **kwargs)
+        if not self.keys:
+            raise ValueError(f"{self.unstrip_protocol(path)}: writing seals; give keys=[URI, ...]")
+        path = self._strip_protocol(path)
+        target, commit, discard = _target_writer(self.fs, path)
+        try:
+            writer = seal_writer(
+                target,
+                self.keys,
+                context=self.context,
+                chunk_size=self.chunk_size,
+                threads=self.threads,
+            )
+        except BaseException:
+            discard()
+            raise
+        return _SealingFile(writer, commit, discard, self.unstrip_protocol(path))
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self._strip_protocol(path), exist_ok=exist_ok)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        self.fs.mkdir(self._strip_protocol(path), create_parents=create_parents, **kwargs)
 
     def open_sealed(self, path: str) -> SealedFile:
         fp = self.fs.open(path, "rb")

@@ -265,7 +265,7 @@ def test_store_listing_has_plaintext_sizes_and_pins_the_version(
     assert fs.canonical(path).endswith("#data:1/train")
     with pytest.raises(FileNotFoundError):
         fs.info(path + "/nothing.parquet")
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(ValueError, match="'wb' through a sealstore:: URL"):
         fs.open(path + "/new.parquet", "wb")
 
 
@@ -273,6 +273,32 @@ def test_chained_listing_shows_plaintext_sizes(sealed_dir: Path, plain: Path) ->
     fs, path = fsspec.url_to_fs(f"sealstore::file://{sealed_dir}")
     sizes = {e["name"].rsplit("/", 1)[1]: e["size"] for e in fs.ls(path)}
     assert sizes == {p.name + ".seal": p.stat().st_size for p in plain.iterdir()}
+
+
+def test_writing_through_the_chained_url_seals_and_appears_on_close(
+    tmp_path: Path, keyring: Any, plain: Path
+) -> None:
+    out = tmp_path / "out"
+    url = f"sealstore::file://{out}/sub/part-0.parquet.seal"
+    df = pd.read_parquet(plain / "part-0.parquet")
+    options = {"keys": ["local:"], "context": {"dataset": "corpus"}, "chunk_size": CS}
+    df.to_parquet(url, storage_options=options)
+    sealed = out / "sub" / "part-0.parquet.seal"
+    assert sealed.read_bytes()[:8] == b"\x89SEAL\r\n\x1a" and b"PAR1" not in sealed.read_bytes()
+    with open_sealed(sealed) as f:
+        assert f.header.context == {"dataset": "corpus"}
+    pd.testing.assert_frame_equal(pd.read_parquet(url), df)
+    # A failed producer leaves nothing behind: no file, no temporary.
+    failed = f"sealstore::file://{out}/failed.seal"
+    with (
+        pytest.raises(RuntimeError, match="producer died"),
+        fsspec.open(failed, "wb", keys=["local:"]) as fp,
+    ):
+        fp.write(b"half a shard" * 10_000)
+        raise RuntimeError("producer died")
+    assert sorted(p.name for p in out.iterdir()) == ["sub"]
+    with pytest.raises(ValueError, match="keys="):
+        fsspec.open(failed, "wb").open()
 
 
 # -- pandas --------------------------------------------------------------------------
@@ -430,23 +456,16 @@ def test_store_on_s3_reads_through_the_fsspec_urls(
     pd.testing.assert_frame_equal(got, want)
     fs, path = fsspec.url_to_fs(f"sealstore+s3://{location}/store#data:1/train", **options)
     assert fs.glob(path + "/*.jsonl") == [f"{location}/store#data:1/train/rows.jsonl"]
-    # A plain sealed file on S3, through the chained URL.
-    sealed = seal(plain / "rows.csv", tmp_path / "rows.csv.seal")
-    s3 = fsspec.filesystem(
-        "s3",
-        key=options["key"],
-        secret=options["secret"],
-        client_kwargs={"endpoint_url": options["endpoint_url"]},
-    )
-    s3.put_file(str(sealed), f"{location}/files/rows.csv.seal")
-    chained = pd.read_csv(
-        f"sealstore::s3://{location}/files/rows.csv.seal",
-        storage_options={
-            "s3": {
-                "key": options["key"],
-                "secret": options["secret"],
-                "client_kwargs": {"endpoint_url": options["endpoint_url"]},
-            }
-        },
-    )
-    pd.testing.assert_frame_equal(chained, pd.read_csv(plain / "rows.csv"))
+    # A plain sealed file on S3 through the chained URL: sealed as pandas writes
+    # it (the upload completes on close), then read back.
+    s3 = {
+        "key": options["key"],
+        "secret": options["secret"],
+        "client_kwargs": {"endpoint_url": options["endpoint_url"]},
+    }
+    csv = pd.read_csv(plain / "rows.csv")
+    url = f"sealstore::s3://{location}/files/rows.csv.seal"
+    csv.to_csv(url, index=False, storage_options={"s3": s3, "keys": ["local:"]})
+    raw = fsspec.filesystem("s3", **s3).cat_file(f"{location}/files/rows.csv.seal")
+    assert raw[:5] == b"\x89SEAL" and b"line 1" not in raw
+    pd.testing.assert_frame_equal(pd.read_csv(url, storage_options={"s3": s3}), csv)
