@@ -137,14 +137,8 @@ def open(  # sealstore.open mirrors the builtin on purpose
     if store is not None:
         url = store if isinstance(store, (str, os.PathLike)) else store.url
         text = f"{PREFIX}{os.fspath(url)}#{text}"
+    store_options = dict(storage_options or {})
     specs = identity_specs(identities)
-    ref = SourceRef(
-        text,
-        tenant=tenant,
-        identities=specs or (),
-        storage_options=dict(storage_options or {}),
-        check_digest=check_digest,
-    )
     if specs is None:  # identity objects: opened here, never pickled
         try:
             sealed = open_source(
@@ -153,11 +147,12 @@ def open(  # sealstore.open mirrors the builtin on purpose
                 identities=identities,
                 suffix="",
                 check_digest=check_digest,
-                storage_options=dict(storage_options or {}),
+                storage_options=store_options,
             )
         except SealstoreError as exc:
             raise named(exc, text) from None
         return _buffer(wrap(sealed, name=text, buffered=False, **options), buffering)
+    ref = SourceRef(text, tenant, specs, store_options, check_digest)
     sealed = ref.open()
     ref = _pinned(ref, sealed)
     return _buffer(wrap(sealed, reopener=ref, buffered=False, **options), buffering)

@@ -53,7 +53,12 @@ from sealstore.loaders.fileio import identity_specs
 from sealstore.loaders.sources import PREFIX, open_source, split_store_ref
 from sealstore.stream import SealedFile
 
-__all__ = ["SealedFileSystem", "StoreFileSystem", "StoreS3FileSystem"]
+__all__ = [
+    "SealedFileSystem",
+    "StoreFileSystem",
+    "StoreMemoryFileSystem",
+    "StoreS3FileSystem",
+]
 
 
 class _FsRef:

@@ -53,7 +53,7 @@ def named(exc: SealstoreError, name: str) -> SealstoreError:
     """*exc* with *name* leading its message (once): errors raised inside pyarrow,
     pandas or ``datasets`` say which of many shards failed."""
     if exc.args and isinstance(exc.args[0], str):
-        if not exc.args[0].startswith(f"{name}: "):
+        if name not in exc.args[0]:
             exc.args = (f"{name}: {exc.args[0]}", *exc.args[1:])
     else:
         exc.args = (name, *exc.args)

@@ -8,6 +8,8 @@ import io
 import json
 import multiprocessing
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,17 @@ def test_mode_other_than_rb_is_refused(tmp_path: Path, keyring: Any) -> None:
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(ValueError, match="'rb'"):
         sealstore.open(seal(tmp_path / "f"), "wb")
+
+
+def test_the_file_object_sits_on_the_ground_floor() -> None:
+    """sealstore/fileobj.py imports nothing above the ground; sealstore.open loads lazily."""
+    code = (
+        "import sys, sealstore, sealstore.fileobj\n"
+        "up = ('sealstore.kms', 'sealstore.vault', 'sealstore.loaders', 'fsspec', 'pyarrow')\n"
+        "assert not [m for m in sys.modules if m.startswith(up)], sorted(sys.modules)\n"
+        "assert sealstore.open.__module__ == 'sealstore.loaders.fileio'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- pickling as a reference ---------------------------------------------------------
