@@ -23,6 +23,7 @@ reference, refuses to pickle.
 from __future__ import annotations
 
 import io
+import sys
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -168,16 +169,27 @@ class SealedIO(io.RawIOBase):
         self._pos += got
         return got
 
-    def read_buffer(self, n: int = -1) -> bytearray:
-        """Like :meth:`read`, in a new ``bytearray`` rather than ``bytes``: pyarrow
-        takes it as its buffer without the copy ``read`` makes."""
+    def read_buffer(self, n: int = -1) -> Any:
+        """Like :meth:`read`, into a new writable buffer that pyarrow (which calls
+        this when a file object has it) takes as is, without ``read``'s copy.
+
+        When pyarrow is loaded the buffer comes from its memory pool: reused
+        memory, where a fresh ``bytearray`` of a large read is zero-filled and
+        faulted in page by page first (measured 8x slower for 32 MiB).
+        """
         self._check_open()
         if n < 0:
             n = self.size - self._pos
-        buf = bytearray(max(0, min(n, self.size - self._pos)))
-        got = self.readinto(buf) if buf else 0
-        del buf[got:]
-        return buf
+        k = max(0, min(n, self.size - self._pos))
+        arrow = sys.modules.get("pyarrow")  # only pyarrow calls this: never imported here
+        if arrow is not None and k:
+            buf = arrow.allocate_buffer(k)
+            got = self.readinto(memoryview(buf).cast("B"))
+            return buf if got == k else buf.slice(0, got)
+        out = bytearray(k)
+        got = self.readinto(out) if k else 0
+        del out[got:]
+        return out
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         """The plaintext bytes ``[start, end)`` (fsspec's name for a ranged read)."""
@@ -268,7 +280,7 @@ class SealedBufferedReader(io.BufferedReader):
     def size(self) -> int:
         return self.raw.size
 
-    def read_buffer(self, n: int = -1) -> bytes | bytearray:
+    def read_buffer(self, n: int = -1) -> Any:
         """``read``, but a read larger than the buffer skips the buffer's copy (pyarrow)."""
         if 0 <= n <= self.buffer_size:
             return self.read(n)  # bytes may sit in the buffer already
