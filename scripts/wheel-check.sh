@@ -22,6 +22,10 @@ for name in ["sealstore.native", "sealstore.kms", "sealstore.kms.local", "sealst
              "sealstore.vault", "sealstore.enclave", "sealstore.loaders", "sealstore.cli.main"]:
     mod = importlib.import_module(name)
     assert str(root) in mod.__file__, (name, mod.__file__)
+# The fsspec entry points ship with the wheel (sealed-dataset URLs).
+import fsspec
+for proto in ["sealstore", "sealstore+file", "sealstore+s3"]:
+    assert fsspec.get_filesystem_class(proto).__module__ == "sealstore.loaders.fsspec_fs", proto
 print("wheel ok:", root)
 PY
 "$tmp/venv/bin/sealstore" --version

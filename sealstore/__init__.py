@@ -44,6 +44,7 @@ _LAZY = {
     "load_identity": "sealstore.kms.registry",
     "wrapper_for": "sealstore.kms.registry",
     "Store": "sealstore.vault.store",
+    "open": "sealstore.loaders.fileio",
 }
 
 __all__ = [
@@ -60,7 +61,8 @@ __all__ = [
     "UnsupportedVersion",
     "Unwrapper",
     "Wrapper",
-    *sorted(_LAZY),
+    # Not "open": a star import would shadow the builtin.
+    *sorted(set(_LAZY) - {"open"}),
 ]
 
 
