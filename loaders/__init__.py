@@ -6,7 +6,8 @@
 (``sealstore+URL#NAME[:VERSION|@TAG]``); ``sealstore.loaders.safetensors_np``
 mirrors ``safetensors.numpy`` without importing torch;
 ``from_pretrained`` / ``load_tokenizer`` build transformers objects from a pushed
-Hugging Face directory; ``torch_save`` / ``torch_load`` seal ``.pt`` payloads
+Hugging Face directory or a sealed folder, and ``save_pretrained`` saves one sealed;
+``torch_save`` / ``torch_load`` seal ``.pt`` payloads
 (loaded with ``weights_only=True``); ``save_checkpoint`` / ``load_latest_checkpoint``
 keep encrypted training checkpoints; ``load_sentence_transformer`` builds a
 ``SentenceTransformer`` from a pushed sentence-transformers directory; ``guard``
@@ -18,6 +19,7 @@ torch is imported only when one is used.
 from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.gpu import DeviceUnavailable
 from sealstore.loaders.hf import from_pretrained, load_tokenizer
+from sealstore.loaders.hf_save import save_pretrained
 from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
 from sealstore.loaders.safetensors import (
     SharedTensors,
@@ -54,6 +56,7 @@ __all__ = [
     "save_checkpoint",
     "save_file",
     "save_model",
+    "save_pretrained",
     "torch_load",
     "torch_save",
 ]

@@ -5,7 +5,10 @@ the tokenizer files and the weights of one pushed Hugging Face directory
 through the store -- signatures, digests and chunk tags checked -- into
 memory only: no plaintext file is written anywhere, and no network is used.
 The version is resolved once, so config, tokenizer and weights always come
-from the same version even if a tag moves meanwhile.
+from the same version even if a tag moves meanwhile. A local sealed folder
+(what ``save_pretrained`` writes) loads the same way. A tokenizer without a
+``tokenizer.json`` is built by transformers from its files, which pass
+through a private memory-backed folder (``sealstore.loaders.scratch``).
 
 The weights (one ``.safetensors`` file, or the shards a
 ``model.safetensors.index.json`` names) are decrypted straight into the
@@ -20,24 +23,20 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
-import posixpath
 from collections.abc import Sequence
 from typing import Any
 
 from sealstore.dekcache import DekCache
 from sealstore.errors import FormatError, NotFound
 from sealstore.kms.envelope import IdentitySpec
-from sealstore.loaders.safetensors import load_file
-from sealstore.loaders.sources import PREFIX
+from sealstore.loaders.artifact import WEIGHT_SUFFIXES, load_weights, open_artifact
 
 __all__ = ["from_pretrained", "load_tokenizer", "read_artifact_file"]
 
 log = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
 
 # Options of transformers' from_pretrained that act on the model being built,
 # not on where its files come from: handed to transformers as given.
@@ -86,56 +85,6 @@ _REFUSED = {
 _AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 
 
-def resolve_artifact(
-    src: str | os.PathLike[str],
-    store: Any,
-    tenant: str | None,
-    revision: str | None = None,
-    *,
-    caller: str = "from_pretrained",
-) -> tuple[Any, Any]:
-    """(Store, verified manifest) of ``sealstore+URL#REF`` or ``REF`` with *store*.
-
-    Args:
-        caller: the loader's name, for the error lines.
-
-    Raises:
-        ValueError: no store, or a reference to one file rather than an artifact.
-    """
-    from sealstore.vault.pull import served
-    from sealstore.vault.store import Store, default_tenant
-
-    src = os.fspath(src)
-    if src.startswith(PREFIX):
-        url, sep, ref = src[len(PREFIX) :].partition("#")
-        if not sep or not ref:
-            raise ValueError(f"a store reference names the artifact after '#': {src!r}")
-        store = Store.open(url)
-    elif store is None:
-        raise ValueError(f"{caller} needs a store reference (sealstore+URL#NAME) or store=")
-    else:
-        ref = src
-        if not isinstance(store, Store):
-            store = Store.open(store)
-    if "/" in ref:
-        raise ValueError(f"{caller} takes a whole artifact (NAME[:VERSION|@TAG]), not a file")
-    ref = _with_revision(ref, revision)
-    return store, served(store, ref, tenant or default_tenant(), "load", granted=False)
-
-
-def _with_revision(ref: str, revision: str | int | None) -> str:
-    """*ref* with transformers' ``revision`` as its version (digits) or tag."""
-    if revision is None or revision == "main":  # transformers' default: the latest
-        return ref
-    revision = str(revision)
-    wanted = f":{revision}" if revision.isdigit() else f"@{revision}"
-    if ":" in ref or "@" in ref:
-        if not ref.endswith(wanted):
-            raise ValueError(f"revision={revision!r} conflicts with the reference {ref!r}")
-        return ref
-    return ref + wanted
-
-
 def read_artifact_file(
     store: Any,
     manifest: Any,
@@ -162,22 +111,6 @@ def read_artifact_file(
     )
     with dek, SealedFile(fp, dek, preamble=pre, close_src=True) as sf:
         return sf.read_range(0, sf.size)
-
-
-def _json(
-    store: Any,
-    m: Any,
-    path: str,
-    identities: Sequence[IdentitySpec],
-    cache: DekCache | None = None,
-) -> dict[str, Any]:
-    try:
-        doc = json.loads(read_artifact_file(store, m, path, identities=identities, cache=cache))
-    except ValueError:
-        raise FormatError(f"{m.name}:{m.version}/{path} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{m.name}:{m.version}/{path} is not a JSON object")
-    return doc
 
 
 def _check_options(options: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:
@@ -302,125 +235,6 @@ def _split_kwargs(options: dict[str, Any], config: Any, model_class: Any) -> dic
     return init
 
 
-def _weight_files(m: Any, weights: str | None) -> tuple[str | None, list[str]]:
-    """(index path or None, the safetensors files to load) of a version."""
-    paths = [f.path for f in m.files]
-    where = f"{m.name}:{m.version}"
-    if weights is not None:
-        if weights not in paths:
-            raise NotFound(f"{where} has no file {weights}")
-        return (weights, []) if weights.endswith(".index.json") else (None, [weights])
-    if "model.safetensors" in paths:  # transformers' order: a single file first
-        return None, ["model.safetensors"]
-    if INDEX in paths:
-        return INDEX, []
-    indexes = [p for p in paths if p.endswith(".safetensors.index.json")]
-    singles = [p for p in paths if p.endswith(".safetensors")]
-    if len(indexes) == 1:
-        return indexes[0], []
-    if len(singles) == 1 and not indexes:
-        return None, singles
-    found = ", ".join((indexes or singles)[:5]) or "none"
-    raise NotFound(f"{where} has no single set of weights ({found}): name one with weights=")
-
-
-def _shards(m: Any, index: str, doc: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """(tensor -> shard path, shard paths in order) of a ``*.safetensors.index.json``."""
-    where = f"{m.name}:{m.version}/{index}"
-    weight_map = doc.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise FormatError(f"{where} has no weight_map")
-    paths = {f.path for f in m.files}
-    base = posixpath.dirname(index)
-    by_tensor: dict[str, str] = {}
-    for tensor, name in weight_map.items():
-        if not isinstance(tensor, str) or not isinstance(name, str):
-            raise FormatError(f"{where}: weight_map maps names to file names")
-        path = posixpath.normpath(posixpath.join(base, name))
-        if path.startswith(("/", "../")) or path == ".." or not name.endswith(".safetensors"):
-            raise FormatError(f"{where} names a shard outside the artifact: {name!r}")
-        if path not in paths:
-            raise NotFound(f"{m.name}:{m.version} lacks the shard {path} its index names")
-        by_tensor[tensor] = path
-    return by_tensor, list(dict.fromkeys(by_tensor.values()))
-
-
-class _Unmapped:
-    """A file read by position, never memory-mapped.
-
-    ``SealedFile`` maps a regular file to decrypt straight out of the page
-    cache; the mapped ciphertext then counts in the process's resident set
-    beside the plaintext being filled (measured: +88 MiB peak on MiniLM). A
-    loader that keeps every tensor pays for that, so shards are read
-    chunk-run by chunk-run into the lanes' scratch instead.
-    """
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._fp.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._fp.tell()
-
-    def read(self, n: int = -1) -> bytes:
-        return self._fp.read(n)
-
-    def readinto(self, buf: Any) -> int:
-        return self._fp.readinto(buf)
-
-    def close(self) -> None:
-        self._fp.close()
-
-
-def _load_weights(
-    store: Any,
-    m: Any,
-    weights: str | None,
-    identities: Sequence[IdentitySpec],
-    threads: int | None,
-    cache: DekCache,
-) -> dict[str, Any]:
-    """Every tensor of the version's weights, each decrypted into its own storage.
-
-    Raises:
-        FormatError: the shards do not hold what the index says (a tensor
-            twice, one missing, one in another shard than indexed).
-    """
-    from sealstore.stream import SealedFile
-    from sealstore.vault.pull import open_file
-
-    index, files = _weight_files(m, weights)
-    by_tensor: dict[str, str] | None = None
-    if index is not None:
-        by_tensor, files = _shards(m, index, _json(store, m, index, identities, cache))
-    state: dict[str, Any] = {}
-    ref = f"{m.name}:{m.version}"
-    for path in files:
-        _m, _entry, fp, pre, dek = open_file(
-            store, ref, path, tenant=m.tenant, identities=identities, cache=cache
-        )
-        try:
-            with dek:
-                sealed = SealedFile(_Unmapped(fp), dek, preamble=pre, close_src=True)
-        except BaseException:
-            fp.close()
-            raise
-        with sealed:
-            part = load_file(sealed, threads=threads)
-        for name in part:
-            if name in state:
-                raise FormatError(f"{ref}: tensor {name} is in two shards")
-            if by_tensor is not None and by_tensor.get(name) != path:
-                raise FormatError(f"{ref}/{path} holds {name}, which its index does not put there")
-        state.update(part)
-    if by_tensor is not None and len(state) != len(by_tensor):
-        lost = next(k for k in by_tensor if k not in state)
-        raise FormatError(f"{ref}: the index names {lost}, which no shard holds")
-    return state
-
-
 def _check_covered(model: Any, device_map: dict[str, Any]) -> None:
     for name, _ in (*model.named_parameters(), *model.named_buffers()):
         if not any(k == "" or name == k or name.startswith(k + ".") for k in device_map):
@@ -452,7 +266,8 @@ def from_pretrained(
     initialised with transformers' load report (a warning).
 
     Args:
-        src: ``sealstore+URL#NAME[:VERSION|@TAG]``, or ``NAME[...]`` with *store*.
+        src: ``sealstore+URL#NAME[:VERSION|@TAG]``, ``NAME[...]`` with *store*,
+            or a sealed folder (``save_pretrained``; see ``loaders/artifact.py``).
         cls: the model class (default ``transformers.AutoModel``): an Auto
             class or a concrete model class.
         weights: the weights in the artifact: a ``.safetensors`` file or a
@@ -493,32 +308,26 @@ def from_pretrained(
         raise ValueError("config= takes a PretrainedConfig (the artifact's config.json otherwise)")
     passed = _check_options(kwargs, trust_remote_code)
     hf_device_map, move_to = _placement(device_map)
-    store, m = resolve_artifact(src, store, tenant, revision)
-    where = f"{m.name}:{m.version}"
-    # One unwrap for the whole version: config, index and every shard share its DEK.
-    cache = DekCache(ttl=600, max_uses=1 << 20, max_entries=4)
-    try:
+    # One unwrap for a store version: config, index and every shard share its DEK.
+    with open_artifact(src, store, tenant, revision, identities, caller="from_pretrained") as art:
+        where = art.where
         if user_config is not None:
             config = copy.deepcopy(user_config)
         else:
-            conf = _json(store, m, "config.json", identities, cache)
+            conf = art.json("config.json")
             model_type = conf.pop("model_type", None)
             if not model_type:
                 raise FormatError(f"{where}/config.json names no model_type")
             config = AutoConfig.for_model(model_type, **conf)
         model_class = _model_class(cls or AutoModel, config)
         init_kwargs = _split_kwargs(kwargs, config, model_class)
-        if "generation_config" not in passed and any(
-            f.path == "generation_config.json" for f in m.files
-        ):
+        if "generation_config" not in passed and "generation_config.json" in art.paths:
             # transformers reads it beside the weights; given the tensors, it is handed over.
             from transformers import GenerationConfig
 
-            gen = _json(store, m, "generation_config.json", identities, cache)
+            gen = art.json("generation_config.json")
             passed["generation_config"] = GenerationConfig.from_dict(gen)
-        state = _load_weights(store, m, weights, identities, threads, cache)
-    finally:
-        cache.clear()
+        state = load_weights(art, weights, threads=threads)
     model, info = model_class.from_pretrained(
         None,
         config=config,
@@ -546,42 +355,109 @@ def from_pretrained(
     if guard is not None and guard is not False:
         from sealstore.loaders.inference_guard import guard_loaded
 
-        model = guard_loaded(model, guard, manifest=m, store=store, identities=identities)
+        model = guard_loaded(
+            model, guard, manifest=art.manifest, store=art.store, identities=identities
+        )
     return (model, info) if output_loading_info else model
 
 
+# Files a tokenizer is built from; one of them must be there.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(
-    src: str,
+    src: str | os.PathLike[str],
     *,
     store: Any = None,
     tenant: str | None = None,
     identities: Sequence[IdentitySpec] = (),
     revision: str | None = None,
+    use_fast: bool = True,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> Any:
-    """A fast tokenizer from the artifact's ``tokenizer.json`` and ``tokenizer_config.json``.
+    """The artifact's tokenizer, as ``AutoTokenizer.from_pretrained`` builds it from its files.
+
+    With a ``tokenizer.json`` (and *use_fast*) it is built in memory. Otherwise
+    -- a ``vocab.txt``-only BERT, ``use_fast=False``, a sentencepiece model --
+    transformers builds it from the files, which it reads only from a folder:
+    the tokenizer's files (never weights) are decrypted into a private
+    memory-backed folder (see ``sealstore.loaders.scratch``), removed as soon
+    as the tokenizer is built.
 
     Args:
+        src: a store reference (``sealstore+URL#NAME[:VERSION|@TAG]``, or
+            ``NAME`` with *store*), or a sealed folder (``save_pretrained``).
         revision: the version or tag, as in :func:`from_pretrained`.
+        use_fast: as for ``AutoTokenizer``.
+        scratch_dir: the memory-backed directory for that folder (default ``/dev/shm``).
 
     Raises:
-        NotFound: the artifact has no ``tokenizer.json`` (slow tokenizers need files).
+        NotFound: the artifact has no tokenizer files.
+        ValueError: transformers cannot build a tokenizer from them (one line
+            naming what is missing, e.g. the ``sentencepiece`` package).
     """
+    with open_artifact(src, store, tenant, revision, identities, caller="load_tokenizer") as art:
+        paths = set(art.paths)
+        if not paths & set(_TOKENIZER_FILES) and not any(p.endswith(".model") for p in paths):
+            raise NotFound(
+                f"{art.where} has no tokenizer files (tokenizer.json, vocab.txt, "
+                "vocab.json, or a sentencepiece .model)"
+            )
+        if use_fast and "tokenizer.json" in paths:
+            return _fast_tokenizer(art)
+        return _tokenizer_from_files(art, use_fast, scratch_dir)
+
+
+def _fast_tokenizer(art: Any) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    store, m = resolve_artifact(src, store, tenant, revision)
-    paths = {f.path for f in m.files}
-    if "tokenizer.json" not in paths:
-        raise NotFound(f"{m.name}:{m.version} has no tokenizer.json")
-    tok = Tokenizer.from_str(
-        read_artifact_file(store, m, "tokenizer.json", identities=identities).decode("utf-8")
-    )
+    tok = Tokenizer.from_str(art.read("tokenizer.json").decode("utf-8"))
     kwargs: dict[str, Any] = {}
-    if "tokenizer_config.json" in paths:
-        kwargs = _json(store, m, "tokenizer_config.json", identities)
-    if "special_tokens_map.json" in paths:
-        for k, v in _json(store, m, "special_tokens_map.json", identities).items():
+    if "tokenizer_config.json" in art.paths:
+        kwargs = art.json("tokenizer_config.json")
+    if "special_tokens_map.json" in art.paths:
+        for k, v in art.json("special_tokens_map.json").items():
             kwargs.setdefault(k, v)
     for key in ("tokenizer_class", "name_or_path", "auto_map", "tokenizer_file"):
         kwargs.pop(key, None)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def _tokenizer_from_files(art: Any, use_fast: bool, scratch_dir: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    from sealstore.loaders.scratch import private_folder, scratch_root, write_private
+
+    spm = [p for p in art.paths if p.endswith(".model")]
+    if spm and not (use_fast and "tokenizer.json" in art.paths):
+        import importlib.util
+
+        # transformers would otherwise fall back to other converters and name
+        # the wrong missing package.
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise ValueError(
+                f"{art.where}: its tokenizer is a sentencepiece model ({spm[0]}), which needs "
+                "the sentencepiece package (pip install sentencepiece)"
+            )
+    root = scratch_root(scratch_dir, "load_tokenizer")
+    with private_folder(root) as folder:
+        for path in art.paths:
+            # README.md is the model card; weights never leave memory.
+            if not path.endswith(WEIGHT_SUFFIXES) and path != "README.md":
+                write_private(folder, path, art.read(path))
+        try:
+            return AutoTokenizer.from_pretrained(
+                str(folder), use_fast=use_fast, local_files_only=True, trust_remote_code=False
+            )
+        except (ImportError, OSError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "sentencepiece" in str(exc).lower():
+                raise ValueError(
+                    f"{art.where}: this tokenizer needs the sentencepiece package "
+                    "(pip install sentencepiece)"
+                ) from None
+            raise ValueError(
+                f"{art.where}: transformers cannot build a tokenizer from its files: "
+                + first.replace(str(folder), "<artifact>")
+            ) from None

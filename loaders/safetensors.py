@@ -19,8 +19,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sealstore.errors import FormatError
+from sealstore.errors import FormatError, NotFound
 from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, open_sealed, seal_writer
+from sealstore.loaders.artifact import (
+    SealedFolder,
+    load_weights,
+    shards,
+    weight_files,
+    whole_artifact,
+)
 from sealstore.loaders.sources import open_source
 from sealstore.loaders.st_header import Layout, header_bytes
 from sealstore.progress import Progress as ProgressBar
@@ -172,10 +179,37 @@ def load_file(
         from sealstore.loaders.gpu import check_device
 
         check_device(device)  # before any key is asked for
+    art = whole_artifact(src, store, tenant, identities, caller="load_file")
+    if art is not None:
+        with art:
+            index, files = weight_files(art, None, how=f"as {art.name('FILE')}")
+            if index is not None:
+                # A sharded model named as a whole: its state dict, as the index lays it out.
+                tensors = load_weights(art, index, threads=threads, device=device, prefer=prefer)
+                if guard is None or guard is False:
+                    return tensors
+                return _guarded(src, tensors, module, guard, None, identities, art)
+        if isinstance(art, SealedFolder):
+            opened = art.open(files[0])
+            src = opened  # closed by _read below
+        else:
+            src, store = f"{art.where}/{files[0]}", art.store
     opened = open_source(src, store=store, tenant=tenant, identities=identities)
-    tensors = _read(opened, opened is not src, device, threads, progress, prefer)
+    tensors = _read(opened, opened is not src or art is not None, device, threads, progress, prefer)
     if guard is None or guard is False:
         return tensors
+    return _guarded(src, tensors, module, guard, opened, identities, None)
+
+
+def _guarded(
+    src: Any,
+    tensors: dict[str, Any],
+    module: Any,
+    guard: Any,
+    opened: SealedFile | None,
+    identities: Sequence[IdentitySpec],
+    art: Any,
+) -> Any:
     from sealstore.loaders.inference_guard import guard_loaded
 
     # Every parameter and saved buffer of the module comes from the file; tensors the
@@ -185,6 +219,10 @@ def load_file(
         raise ValueError(
             f"{src} lacks {len(result.missing_keys)} tensor(s) of {type(module).__name__}, "
             f"e.g. {result.missing_keys[0]}"
+        )
+    if art is not None:
+        return guard_loaded(
+            module, guard, manifest=art.manifest, store=art.store, identities=identities
         )
     return guard_loaded(module, guard, opened, identities=identities)
 
@@ -340,10 +378,28 @@ class SafeOpen:
             check_device(device)
         self._device = device
         self._threads = threads or default_threads()
-        self._sf = open_source(
-            src, store=store, tenant=tenant, identities=identities, check_digest=check_digest
-        )
-        self._own = self._sf is not src  # a SealedFile the caller passed stays open
+        art = whole_artifact(src, store, tenant, identities, caller="safe_open")
+        if art is not None:
+            with art:
+                index, files = weight_files(art, None, how=f"as {art.name('FILE')}")
+                if index is not None:
+                    _by_tensor, files = shards(art, index)
+                    raise NotFound(
+                        f"{art.where} is a sharded model: {index} names {len(files)} "
+                        f"shards; safe_open opens one file, e.g. {art.name(min(files))} "
+                        "(load_file or from_pretrained of the whole model loads them all)"
+                    )
+            if isinstance(art, SealedFolder):
+                src = art.open(files[0])
+                self._sf = src
+            else:
+                src, store = f"{art.where}/{files[0]}", art.store
+        if art is None or not isinstance(art, SealedFolder):
+            self._sf = open_source(
+                src, store=store, tenant=tenant, identities=identities, check_digest=check_digest
+            )
+        # A SealedFile the caller passed stays open (one opened here from a folder does not).
+        self._own = self._sf is not src or art is not None
         try:
             self._layout = Layout(self._sf)
         except BaseException:
@@ -514,17 +570,33 @@ def _seal(
     dek_from: KeySpec | None,
     threads: int,
 ) -> None:
-    import torch
 
     total = len(head) + sum(t.numel() * t.element_size() for _, t in order)
     with seal_writer(
         out, keys, context=context, plaintext_size=total, threads=threads, dek_from=dek_from
     ) as writer:
-        writer.write(head)
-        for _, t in order:
-            if t.numel():
-                data = t.detach().to("cpu").reshape(-1).view(torch.uint8)
-                writer.write(data.numpy())
+        write_tensors(writer, head, order)
+
+
+def write_tensors(writer: Any, head: bytes, order: list) -> int:
+    """Write a safetensors file -- *head* and *order* from ``_header`` -- into *writer*.
+
+    Each tensor's bytes go straight from its own memory (a CUDA tensor is
+    copied to the CPU one at a time): nothing is serialised whole.
+
+    Returns:
+        The bytes written.
+    """
+    import torch
+
+    writer.write(head)
+    total = len(head)
+    for _, t in order:
+        if t.numel():
+            data = t.detach().to("cpu").reshape(-1).view(torch.uint8)
+            writer.write(data.numpy())
+            total += data.numel()
+    return total
 
 
 def save_file(
