@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sealstore.dekcache import DekCache
@@ -374,19 +374,30 @@ class _Unmapped:
         self._fp.close()
 
 
-def _load_weights(
+def iter_weight_shards(
     store: Any,
     m: Any,
     weights: str | None,
     identities: Sequence[IdentitySpec],
     threads: int | None,
     cache: DekCache,
-) -> dict[str, Any]:
-    """Every tensor of the version's weights, each decrypted into its own storage.
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(shard path, its tensors)`` for each safetensors file of the version's weights.
+
+    One shard is decrypted at a time (each tensor into its own storage), so a
+    caller that copies the tensors away and drops them holds one shard at most.
+    The index is checked against what the shards hold as they come; the last
+    check (no indexed tensor left out) runs after the last shard.
+
+    Args:
+        weights: the weights file or index to load (default: as
+            :func:`from_pretrained` picks them).
+        cache: where the version's DEK is taken from or kept (one unwrap).
 
     Raises:
         FormatError: the shards do not hold what the index says (a tensor
             twice, one missing, one in another shard than indexed).
+        AuthenticationError, KeyUnavailable, NotFound.
     """
     from sealstore.stream import SealedFile
     from sealstore.vault.pull import open_file
@@ -395,7 +406,7 @@ def _load_weights(
     by_tensor: dict[str, str] | None = None
     if index is not None:
         by_tensor, files = _shards(m, index, _json(store, m, index, identities, cache))
-    state: dict[str, Any] = {}
+    seen: set[str] = set()
     ref = f"{m.name}:{m.version}"
     for path in files:
         _m, _entry, fp, pre, dek = open_file(
@@ -410,14 +421,30 @@ def _load_weights(
         with sealed:
             part = load_file(sealed, threads=threads)
         for name in part:
-            if name in state:
+            if name in seen:
                 raise FormatError(f"{ref}: tensor {name} is in two shards")
             if by_tensor is not None and by_tensor.get(name) != path:
                 raise FormatError(f"{ref}/{path} holds {name}, which its index does not put there")
-        state.update(part)
-    if by_tensor is not None and len(state) != len(by_tensor):
-        lost = next(k for k in by_tensor if k not in state)
+        seen.update(part)
+        yield path, part
+        del part
+    if by_tensor is not None and len(seen) != len(by_tensor):
+        lost = next(k for k in by_tensor if k not in seen)
         raise FormatError(f"{ref}: the index names {lost}, which no shard holds")
+
+
+def _load_weights(
+    store: Any,
+    m: Any,
+    weights: str | None,
+    identities: Sequence[IdentitySpec],
+    threads: int | None,
+    cache: DekCache,
+) -> dict[str, Any]:
+    """Every tensor of the version's weights (see :func:`iter_weight_shards`)."""
+    state: dict[str, Any] = {}
+    for _path, part in iter_weight_shards(store, m, weights, identities, threads, cache):
+        state.update(part)
     return state
 
 

@@ -21,81 +21,21 @@ model saves, pickles and reloads like one loaded from a folder.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from sealstore.errors import FormatError, NotFound
-from sealstore.fsutil import lock_folder, remove_if_unlocked
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.loaders.hf import read_artifact_file, resolve_artifact
 from sealstore.loaders.safetensors import load_file
+from sealstore.loaders.scratch import ScratchFolder, is_weight, scratch_root
 
 __all__ = ["load_sentence_transformer"]
 
-# Weights and exported graphs: never written to the scratch folder.
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".onnx",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".xml",
-)
 _SCRATCH_PREFIX = "sealstore-st-"
-_live: set[str] = set()  # scratch folders of loads in progress, removed at exit if still there
-
-
-def _remove_live() -> None:
-    for folder in list(_live):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-atexit.register(_remove_live)
-
-
-def _sweep(scratch: Path) -> None:
-    """Remove scratch folders left by loads whose process is gone (their lock is free)."""
-    with contextlib.suppress(OSError), os.scandir(scratch) as entries:
-        stale = [e.path for e in entries if e.name.startswith(_SCRATCH_PREFIX)]
-    for folder in stale:
-        remove_if_unlocked(folder)
-
-
-def _scratch_root(scratch_dir: str | os.PathLike[str] | None) -> Path:
-    # /dev/shm on purpose: memory-backed; each load makes its own 0700 folder with mkdtemp.
-    root = Path(scratch_dir) if scratch_dir is not None else Path("/dev/shm")  # noqa: S108
-    if not (root.is_dir() and os.access(root, os.W_OK | os.X_OK)):
-        raise ValueError(
-            f"{root} is not a writable directory: load_sentence_transformer decrypts the "
-            "configs and tokenizer into a memory-backed folder; pass scratch_dir= (a tmpfs)"
-        )
-    return root
-
-
-def _write_private(folder: Path, rel: str, data: bytes) -> None:
-    parts = PurePosixPath(rel).parts
-    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-        raise FormatError(f"artifact file {rel!r} is not a relative path")
-    path = folder.joinpath(*parts)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
-def _is_weight(path: str) -> bool:
-    return path.endswith(WEIGHT_SUFFIXES)
 
 
 class _Weights:
@@ -128,7 +68,7 @@ class _Weights:
             other = [
                 p
                 for p in self.paths
-                if _is_weight(p) and PurePosixPath(p).parent == PurePosixPath(base or ".")
+                if is_weight(p) and PurePosixPath(p).parent == PurePosixPath(base or ".")
             ]
             hint = f" (it has {other[0]}: only safetensors weights are loaded)" if other else ""
             raise NotFound(f"{self._name(join('model.safetensors'))} is missing{hint}")
@@ -282,7 +222,7 @@ def load_sentence_transformer(
         from sealstore.loaders.gpu import check_device
 
         check_device(str(device))  # before any key is asked for
-    root = _scratch_root(scratch_dir)
+    root = scratch_root(scratch_dir, "load_sentence_transformer")  # before any key
     from sentence_transformers import SentenceTransformer
 
     store, m = resolve_artifact(src, store, tenant, caller="load_sentence_transformer")
@@ -299,31 +239,18 @@ def load_sentence_transformer(
         raise FormatError(f"{m.name}:{m.version}/modules.json is not a list of modules")
     weights = _Weights(store, m, identities, threads)
     classes = _sealed_classes(modules, weights)
-    _sweep(root)
-    folder = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=root))  # mode 0700
-    _live.add(str(folder))
-    lock: int | None = None
-    try:
-        # Held until the folder is gone: a later load's sweep leaves a live one alone.
-        lock = lock_folder(folder)
+    with ScratchFolder(root, prefix=_SCRATCH_PREFIX, caller="load_sentence_transformer") as scratch:
         for path in paths:
             # README.md is the model card: not needed to build the model.
-            if not _is_weight(path) and path != "README.md":
-                _write_private(
-                    folder, path, read_artifact_file(store, m, path, identities=identities)
-                )
+            if not is_weight(path) and path != "README.md":
+                scratch.write(path, read_artifact_file(store, m, path, identities=identities))
         model = SentenceTransformer._load_with_module_classes(
-            str(folder),
+            str(scratch.path),
             classes,
             device=device,
             local_files_only=True,
             trust_remote_code=False,
         )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
-        _live.discard(str(folder))
     # The load-time subclasses only changed where weights come from: give each
     # module its own class back, so the model saves and reloads as usual.
     sealed = set(classes.values())
