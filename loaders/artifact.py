@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,10 @@ from sealstore.stream import SealedFile
 __all__ = [
     "INDEX",
     "SUFFIX",
-    "WEIGHT_SUFFIXES",
     "Artifact",
     "SealedFolder",
     "StoreArtifact",
+    "iter_weight_shards",
     "load_weights",
     "open_artifact",
     "resolve_artifact",
@@ -49,19 +49,6 @@ __all__ = [
 
 INDEX = "model.safetensors.index.json"
 SUFFIX = ".seal"
-# Weights and exported graphs: never written to a scratch folder.
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".onnx",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".xml",
-)
 
 
 class _Unmapped:
@@ -363,15 +350,21 @@ def shards(art: Artifact, index: str) -> tuple[dict[str, str], list[str]]:
     return by_tensor, list(dict.fromkeys(by_tensor.values()))
 
 
-def load_weights(
+def iter_weight_shards(
     art: Artifact,
     weights: str | None = None,
     *,
     threads: int | None = None,
     device: str = "cpu",
     prefer: str = "gpu-direct",
-) -> dict[str, Any]:
-    """Every tensor of the artifact's weights, each decrypted into its own storage.
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(shard path, its tensors)`` for each safetensors file of the artifact's weights.
+
+    One shard is decrypted at a time, each tensor into its own storage, so a
+    caller that moves the tensors away (vLLM copies each into its parameter)
+    holds one shard at most. The index is checked against what the shards
+    hold as they come; the last check (no indexed tensor left out) runs
+    after the last shard.
 
     Args:
         device, prefer: as for ``load_file``, shard by shard.
@@ -386,21 +379,38 @@ def load_weights(
     by_tensor: dict[str, str] | None = None
     if index is not None:
         by_tensor, files = shards(art, index)
-    state: dict[str, Any] = {}
+    seen: set[str] = set()
     for path in files:
         with art.open(path) as sealed:
             part = load_file(sealed, device, threads=threads, prefer=prefer)
         for name in part:
-            if name in state:
+            if name in seen:
                 raise FormatError(f"{art.where}: tensor {name} is in two shards")
             if by_tensor is not None and by_tensor.get(name) != path:
                 raise FormatError(
                     f"{art.where}/{path} holds {name}, which its index does not put there"
                 )
-        state.update(part)
-    if by_tensor is not None and len(state) != len(by_tensor):
-        lost = next(k for k in by_tensor if k not in state)
+        seen.update(part)
+        yield path, part
+    if by_tensor is not None and len(seen) != len(by_tensor):
+        lost = next(k for k in by_tensor if k not in seen)
         raise FormatError(f"{art.where}: the index names {lost}, which no shard holds")
+
+
+def load_weights(
+    art: Artifact,
+    weights: str | None = None,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    prefer: str = "gpu-direct",
+) -> dict[str, Any]:
+    """Every tensor of the artifact's weights (see :func:`iter_weight_shards`)."""
+    state: dict[str, Any] = {}
+    for _path, part in iter_weight_shards(
+        art, weights, threads=threads, device=device, prefer=prefer
+    ):
+        state.update(part)
     return state
 
 

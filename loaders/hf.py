@@ -31,7 +31,7 @@ from typing import Any
 from sealstore.dekcache import DekCache
 from sealstore.errors import FormatError, NotFound
 from sealstore.kms.envelope import IdentitySpec
-from sealstore.loaders.artifact import WEIGHT_SUFFIXES, load_weights, open_artifact
+from sealstore.loaders.artifact import load_weights, open_artifact
 
 __all__ = ["from_pretrained", "load_tokenizer", "read_artifact_file"]
 
@@ -427,7 +427,7 @@ def _fast_tokenizer(art: Any) -> Any:
 def _tokenizer_from_files(art: Any, use_fast: bool, scratch_dir: Any) -> Any:
     from transformers import AutoTokenizer
 
-    from sealstore.loaders.scratch import private_folder, scratch_root, write_private
+    from sealstore.loaders.scratch import ScratchFolder, is_weight, scratch_root
 
     spm = [p for p in art.paths if p.endswith(".model")]
     if spm and not (use_fast and "tokenizer.json" in art.paths):
@@ -441,14 +441,14 @@ def _tokenizer_from_files(art: Any, use_fast: bool, scratch_dir: Any) -> Any:
                 "the sentencepiece package (pip install sentencepiece)"
             )
     root = scratch_root(scratch_dir, "load_tokenizer")
-    with private_folder(root) as folder:
+    with ScratchFolder(root, caller="load_tokenizer") as scratch:
         for path in art.paths:
             # README.md is the model card; weights never leave memory.
-            if not path.endswith(WEIGHT_SUFFIXES) and path != "README.md":
-                write_private(folder, path, art.read(path))
+            if not is_weight(path) and path != "README.md":
+                scratch.write(path, art.read(path))
         try:
             return AutoTokenizer.from_pretrained(
-                str(folder), use_fast=use_fast, local_files_only=True, trust_remote_code=False
+                str(scratch.path), use_fast=use_fast, local_files_only=True, trust_remote_code=False
             )
         except (ImportError, OSError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -459,5 +459,5 @@ def _tokenizer_from_files(art: Any, use_fast: bool, scratch_dir: Any) -> Any:
                 ) from None
             raise ValueError(
                 f"{art.where}: transformers cannot build a tokenizer from its files: "
-                + first.replace(str(folder), "<artifact>")
+                + first.replace(str(scratch.path), "<artifact>")
             ) from None

@@ -200,14 +200,15 @@ def _files(
     model: Any, tokenizer: Any, max_shard_size: int | str, scratch_dir: Any
 ) -> dict[str, Producer]:
     """{artifact path: producer} of everything ``model.save_pretrained`` writes."""
-    from sealstore.loaders.scratch import private_folder, scratch_root
+    from sealstore.loaders.scratch import ScratchFolder
 
     model = _check_model(model)
     # As transformers' save_pretrained records them in the config.
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     files: dict[str, Producer] = {}
-    with private_folder(scratch_root(scratch_dir, "save_pretrained")) as folder:
+    with ScratchFolder(scratch_dir, caller="save_pretrained") as scratch:
+        folder = scratch.path
         model.config.save_pretrained(folder)
         if model.can_generate():
             model.generation_config.save_pretrained(folder)

