@@ -44,6 +44,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.chained import ChainedFileSystem
 
 from sealstore.chunks import ChunkLayout
+from sealstore.dekcache import DekCache
 from sealstore.errors import NotFound, SealstoreError
 from sealstore.fileobj import DEFAULT_CACHE_CHUNKS, SealedBufferedReader, named, wrap
 from sealstore.format import DEFAULT_CHUNK_SIZE, read_preamble_from
@@ -377,6 +378,10 @@ class StoreFileSystem(_SealedBase):
         self.store_options = storage_options
         self._stores: dict[str, Any] = {}
         self._manifests: dict[tuple[str, str], tuple[Any, float]] = {}
+        # A dataset's shards share their version's key: one unwrap per version
+        # (per 256 files, per minute), not one per file. Only this instance,
+        # with its own identities and tenant, takes keys from it.
+        self.keys = DekCache(ttl=60.0, max_uses=256)
         self._lock = threading.Lock()
 
     @classmethod
@@ -511,6 +516,7 @@ class StoreFileSystem(_SealedBase):
                 tenant=self.tenant,
                 identities=self.identities,
                 check_digest=self.check_digest,
+                cache=self.keys,
             )
         except SealstoreError as exc:
             raise named(exc, where) from None

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sealstore.dekcache import DekCache
 from sealstore.errors import NotFound
 from sealstore.kms.envelope import IdentitySpec, open_sealed
 from sealstore.stream import SealedFile
@@ -60,6 +61,7 @@ def open_source(
     suffix: str = ".safetensors",
     check_digest: bool = True,
     storage_options: dict[str, Any] | None = None,
+    cache: DekCache | None = None,
 ) -> SealedFile:
     """A :class:`SealedFile` (random access, every chunk authenticated on read) for *src*.
 
@@ -68,6 +70,8 @@ def open_source(
             one file with this suffix (or ``model`` + suffix).
         check_digest: store objects: hash the whole object against the signed
             manifest first (see ``sealstore.vault.pull.open_file``).
+        cache: store objects: a ``DekCache`` the version's key is taken from or
+            stored in (a dataset's shards share one key: one unwrap, not one each).
 
     Raises:
         NotFound, AuthenticationError, KeyUnavailable, FormatError.
@@ -80,10 +84,10 @@ def open_source(
         if not sep or not fragment:
             raise ValueError(f"a store reference names the artifact after '#': {text!r}")
         return _from_store(url, fragment, tenant, identities, suffix, check_digest,
-                           storage_options)  # fmt: skip
+                           storage_options, cache)  # fmt: skip
     if store is not None and text is not None:
         return _from_store(store, text, tenant, identities, suffix, check_digest,
-                           storage_options)  # fmt: skip
+                           storage_options, cache)  # fmt: skip
     if text is not None and "://" in text and not text.startswith("file://"):
         import fsspec
 
@@ -110,6 +114,7 @@ def _from_store(
     suffix: str,
     check_digest: bool,
     storage_options: dict[str, Any] | None,
+    cache: DekCache | None = None,
 ) -> SealedFile:
     from sealstore.vault.pull import open_file, served
     from sealstore.vault.store import Store, default_tenant
@@ -122,7 +127,13 @@ def _from_store(
         path = _pick_file(m, suffix)
         ref = f"{m.name}:{m.version}"  # resolved once: the file and its version match
     _m, _entry, fp, pre, dek = open_file(
-        store, ref, path, tenant=tenant, identities=identities, check_digest=check_digest
+        store,
+        ref,
+        path,
+        tenant=tenant,
+        identities=identities,
+        check_digest=check_digest,
+        cache=cache,
     )
     try:
         with dek:

@@ -259,6 +259,10 @@ def test_pyarrow_reads_a_store_folder_as_a_dataset(data_store: Store, plain: Pat
     got = pads.dataset(parquet, filesystem=fs, format="parquet").to_table()
     want = pa.concat_tables([pq.read_table(plain / f"part-{i}.parquet") for i in (0, 1)])
     assert got.sort_by("c0").equals(want.sort_by("c0"))
+    with sealstore.open(store_url(data_store, "data:1/train/part-0.parquet")) as f:
+        pf = pq.ParquetFile(f)  # what used to fail on a SealedFile
+        assert pf.metadata.num_rows == ROWS and pf.metadata.num_row_groups == 4
+        assert pf.read_row_group(3, columns=["c0"]).num_rows == 10_000
     one = pq.read_table(path + "/part-1.parquet", filesystem=fs, columns=["text"])
     assert one.column("text").to_pylist()[:2] == ["row 0 of shard 1", "row 1 of shard 1"]
 
@@ -276,6 +280,13 @@ def test_store_listing_has_plaintext_sizes_and_pins_the_version(
     found = fs.glob(url + "/*.parquet")
     assert [p.rsplit("/", 1)[1] for p in found] == ["part-0.parquet", "part-1.parquet"]
     assert fs.canonical(path).endswith("#data:1/train")
+    # The shards share the version's key: unwrapped once for both (fsspec
+    # shares the file system between tests: count from here).
+    before = (fs.keys.misses, fs.keys.hits)
+    for name in ("part-0.parquet", "part-1.parquet"):
+        with fs.open(f"{path}/{name}") as f:
+            assert f.read(4) == b"PAR1"
+    assert (fs.keys.misses - before[0], fs.keys.hits - before[1]) == (1, 1)
     with pytest.raises(FileNotFoundError):
         fs.info(path + "/nothing.parquet")
     with pytest.raises(ValueError, match="'wb' through a sealstore:: URL"):
