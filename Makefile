@@ -75,7 +75,7 @@ wheel-check: $(STAMP)
 vectors: $(STAMP)
 	$(PY) scripts/make_vectors.py docs/vectors
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) benchmarks/format_throughput.py
 	$(PY) benchmarks/load_cpu.py
 	$(PY) benchmarks/native_cpu.py
@@ -86,6 +86,7 @@ bench: $(STAMP)
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/broker_load.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/guard_eval.py
+	$(PY) benchmarks/vllm_startup.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

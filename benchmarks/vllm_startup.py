@@ -6,7 +6,8 @@ each sample starts a fresh vLLM OpenAI server (the CPU build, from the vLLM
 venv that ``make vllm-venv`` builds) as an embedding model and times it from
 the process's spawn until ``/health`` answers. Plaintext and sealed starts
 alternate; ``--repeat`` rounds (3 by default: each start is ~50 s on two
-cores), medians reported. Weight loading alone is read from each server's
+cores), medians reported, and the median of each round's sealed/plaintext
+ratio. Weight loading alone is read from each server's
 log: vLLM's own ``Loading weights took`` for the plaintext model, the
 loader's ``decrypted and loaded in`` for the sealed one, plus the sealed
 start's preparation in the API server (object digests checked, configs and
@@ -132,14 +133,19 @@ def main() -> None:
 
     med = {k: {key: _median(v, key) for key in v[0]} for k, v in samples.items()}
     ratio = med["sealed"]["seconds"] / med["plain"]["seconds"]
+    # Each round's two starts ran back to back: their ratio is less exposed to
+    # the load of a shared machine drifting between rounds.
+    paired = statistics.median(
+        s["seconds"] / p["seconds"]
+        for s, p in zip(samples["sealed"], samples["plain"], strict=True)
+    )
     p, s = med["plain"], med["sealed"]
     print(
         f"\nmedian of {args.repeat}: start plain {p['seconds']:.1f} s, sealed {s['seconds']:.1f} s"
     )
-    print(
-        f"ratio {ratio:.3f}; weights plain {p['weights_seconds']} s, sealed {s['weights_seconds']}"
-    )
-    print(f"s (+ {s['prepare_seconds']} s preparing in the API server)")
+    print(f"ratio {ratio:.3f} (median of the rounds' ratios {paired:.3f})")
+    print(f"weights: plaintext {p['weights_seconds']} s, sealed {s['weights_seconds']} s")
+    print(f"sealed, preparing in the API server: {s['prepare_seconds']} s")
     write_report(
         args.out,
         {
@@ -152,10 +158,13 @@ def main() -> None:
             "repeat": args.repeat,
             "note": (
                 "medians of --repeat fresh server starts each, plaintext and sealed "
-                "alternating; a start is ~50 s, so 3 rounds; the machine is shared and "
-                "noisy: compare the ratio"
+                "alternating (a start is ~40-60 s); the machine is shared and noisy "
+                "(load average 3-4 on 2 cores): compare the ratios, and the weights and "
+                "prepare seconds, which are what sealstore adds; the sealstore plugin is "
+                "installed (so imported by vLLM) in both runs"
             ),
             "startup_ratio": ratio,
+            "startup_ratio_paired": paired,
             "median": med,
             "samples": samples,
         },

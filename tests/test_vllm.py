@@ -22,12 +22,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from nacl import pwhash
 
-from sealstore.loaders.vllm_plugin import Options, is_reference
+from sealstore.loaders.vllm_plugin import Options, _redirect, is_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("SEALSTORE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -295,3 +296,44 @@ def test_options_are_checked_without_vllm(tmp_path: Path) -> None:
     assert is_reference("sealstore+file:///srv/store#minilm")
     assert is_reference(f"{tmp_path}#minilm") and is_reference(str(tmp_path))
     assert not is_reference("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def _args(model: str, **kw: object) -> SimpleNamespace:
+    """The EngineArgs fields the plugin reads and sets (vLLM not needed)."""
+    base = {
+        "model": model,
+        "model_loader_extra_config": {},
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "trust_remote_code": False,
+        "served_model_name": None,
+        "tokenizer": None,
+        "model_weights": "",
+    }
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_the_redirect_pins_the_version_and_refuses_what_it_cannot_serve(
+    sealed: Sealed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.kms.local import LocalKeyring
+
+    for name in ("SEALSTORE_HOME", "SEALSTORE_PASSPHRASE"):
+        monkeypatch.setenv(name, sealed.env[name])
+    LocalKeyring._cache.clear()
+    scratch = tmp_path / "shm"
+    scratch.mkdir()
+    extra = {"scratch_dir": str(scratch)}
+    args = _args(sealed.store + "@latest", model_loader_extra_config=extra)
+    _redirect(args)
+    (folder,) = scratch.iterdir()
+    assert (args.model, args.tokenizer) == (str(folder), str(folder))
+    assert args.model_weights == sealed.store + ":1"  # a tag resolved once, for every process
+    assert args.served_model_name == sealed.store + "@latest"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".safetensors")]
+    with pytest.raises(ValueError, match="tensor and pipeline parallelism are not supported"):
+        _redirect(_args(sealed.store, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="--trust-remote-code is refused"):
+        _redirect(_args(sealed.store, trust_remote_code=True))
+    assert len(list(scratch.iterdir())) == 1  # refused before anything was decrypted
