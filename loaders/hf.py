@@ -242,7 +242,7 @@ def _check_covered(model: Any, device_map: dict[str, Any]) -> None:
 
 
 def from_pretrained(
-    src: str,
+    src: str | os.PathLike[str],
     cls: Any = None,
     *,
     store: Any = None,

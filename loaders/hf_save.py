@@ -26,6 +26,7 @@ no version and no folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -136,6 +137,7 @@ def _check_model(model: Any) -> Any:
     from transformers import PreTrainedModel
     from transformers.modeling_utils import unwrap_model
 
+    model = unwrap_model(model)  # DDP, FSDP and the like wrap the model in .module
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"save_pretrained takes a transformers model, not {type(model).__name__}")
     if getattr(model, "hf_quantizer", None) is not None:
@@ -144,7 +146,7 @@ def _check_model(model: Any) -> Any:
         raise ValueError("a model with adapters cannot be saved sealed (merge them first)")
     if model.is_remote_code():
         raise ValueError("a model whose code is not in transformers cannot be saved sealed")
-    return unwrap_model(model)
+    return model
 
 
 def _weights(model: Any, max_shard_size: int | str) -> dict[str, Producer]:
@@ -232,20 +234,30 @@ def _write_folder(
     threads: int,
 ) -> None:
     """Seal every file into a hidden folder beside *dst*, then rename it to *dst*."""
+    from sealstore.parallel import run_jobs
+
     save = secrets.token_hex(8)  # the context's "version": files of one save belong together
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.sealstore-tmp-", dir=dst.parent))
+    # As a push does: several files at once, one lane each (a lane per file
+    # keeps the sealing writer's buffers at a chunk rather than a 16 MiB batch).
+    workers = max(1, min(threads, len(files)))
+    lanes = max(1, threads // workers)
+
+    def one(rel: str, produce: Producer) -> None:
+        path = tmp.joinpath(*rel.split("/")[:-1], rel.split("/")[-1] + SUFFIX)
+        context = {"artifact": dst.name, "version": save, "path": rel}
+        # "x" and no mkdir here: a job abandoned by an interrupt, once tmp is
+        # removed, can only fail -- it never makes the folder again.
+        with open(path, "xb") as out:
+            with seal_writer(out, keys, context=context, threads=lanes, dek_from=dek_from) as w:
+                produce(w)
+            out.flush()
+            os.fsync(out.fileno())
+
     try:
-        for rel, produce in files.items():
-            path = tmp.joinpath(*rel.split("/")).with_name(Path(rel).name + SUFFIX)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            context = {"artifact": dst.name, "version": save, "path": rel}
-            with open(path, "xb") as out:
-                with seal_writer(
-                    out, keys, context=context, threads=threads, dek_from=dek_from
-                ) as writer:
-                    produce(writer)
-                out.flush()
-                os.fsync(out.fileno())
+        for rel in files:
+            tmp.joinpath(*rel.split("/")[:-1]).mkdir(parents=True, exist_ok=True)
+        run_jobs([functools.partial(one, rel, produce) for rel, produce in files.items()], workers)
         _fsync_dir(tmp)
         try:
             # Replaces an empty folder; refused (ENOTEMPTY) if one appeared meanwhile.

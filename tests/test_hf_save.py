@@ -168,6 +168,26 @@ def test_fine_tuned_model_saved_to_a_sealed_folder_reloads_with_an_x25519_key(
     assert (tmp_path / "config.json").read_bytes() == (tmp_path / "plain/config.json").read_bytes()
 
 
+def test_shards_are_streamed_tensor_by_tensor(
+    stepped: tuple[Any, Any], keyring: Any, tmp_path: Path, scratch: Path, monkeypatch: Any
+) -> None:
+    from sealstore.stream import SealWriter
+
+    model, _tok = stepped
+    writes: list[int] = []
+    real = SealWriter.write
+
+    def counting(self: SealWriter, data: Any) -> int:
+        writes.append(memoryview(data).nbytes)
+        return real(self, data)
+
+    monkeypatch.setattr(SealWriter, "write", counting)
+    save_pretrained(model, tmp_path / "out", keys=["local:"], scratch_dir=scratch)
+    biggest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert max(writes) == biggest  # never a serialised shard: one tensor at a time
+    assert len(writes) >= len(model.state_dict())
+
+
 def test_a_file_from_another_save_or_renamed_is_refused(
     stepped: tuple[Any, Any], keyring: Any, tmp_path: Path, scratch: Path
 ) -> None:
@@ -259,6 +279,8 @@ def test_refusals_before_anything_is_written(
         save_pretrained(model, tmp_path / "x", keys=["local:"], safe_serialization=False)
     with pytest.raises(ValueError, match="needs keys"):
         save_pretrained(model, tmp_path / "x")
+    with pytest.raises(TypeError, match="takes a transformers model, not Linear"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x", keys=["local:"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="exists"):
