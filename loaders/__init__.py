@@ -13,28 +13,61 @@ keep encrypted training checkpoints; ``load_sentence_transformer`` builds a
 ``SentenceTransformer`` from a pushed sentence-transformers directory; ``guard``
 watches a loaded model's callers for extraction and abuse (``guard=`` on
 ``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too).
-torch is imported only when one is used.
+Each is imported on first use (PEP 562): torch, transformers and the
+other loaders load only when one is used -- a vLLM process that imports the
+plugin (``sealstore.loaders.vllm_plugin``) pays for nothing else.
 """
 
-from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
-from sealstore.loaders.gpu import DeviceUnavailable
-from sealstore.loaders.hf import from_pretrained, load_tokenizer
-from sealstore.loaders.hf_save import save_pretrained
-from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
-from sealstore.loaders.safetensors import (
-    SharedTensors,
-    load,
-    load_file,
-    load_model,
-    load_state_dict,
-    safe_open,
-    save,
-    save_file,
-    save_model,
-)
-from sealstore.loaders.sentence_transformers import load_sentence_transformer
-from sealstore.loaders.st_header import TensorNotFound
-from sealstore.loaders.torch_io import torch_load, torch_save
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
+    from sealstore.loaders.gpu import DeviceUnavailable
+    from sealstore.loaders.hf import from_pretrained, load_tokenizer
+    from sealstore.loaders.hf_save import save_pretrained
+    from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
+    from sealstore.loaders.safetensors import (
+        SharedTensors,
+        load,
+        load_file,
+        load_model,
+        load_state_dict,
+        safe_open,
+        save,
+        save_file,
+        save_model,
+    )
+    from sealstore.loaders.sentence_transformers import load_sentence_transformer
+    from sealstore.loaders.st_header import TensorNotFound
+    from sealstore.loaders.torch_io import torch_load, torch_save
+
+_LAZY = {
+    "load_latest_checkpoint": "sealstore.loaders.checkpoint",
+    "save_checkpoint": "sealstore.loaders.checkpoint",
+    "DeviceUnavailable": "sealstore.loaders.gpu",
+    "from_pretrained": "sealstore.loaders.hf",
+    "load_tokenizer": "sealstore.loaders.hf",
+    "save_pretrained": "sealstore.loaders.hf_save",
+    "GuardPolicy": "sealstore.loaders.inference_guard",
+    "as_caller": "sealstore.loaders.inference_guard",
+    "guard": "sealstore.loaders.inference_guard",
+    "SharedTensors": "sealstore.loaders.safetensors",
+    "load": "sealstore.loaders.safetensors",
+    "load_file": "sealstore.loaders.safetensors",
+    "load_model": "sealstore.loaders.safetensors",
+    "load_state_dict": "sealstore.loaders.safetensors",
+    "safe_open": "sealstore.loaders.safetensors",
+    "save": "sealstore.loaders.safetensors",
+    "save_file": "sealstore.loaders.safetensors",
+    "save_model": "sealstore.loaders.safetensors",
+    "load_sentence_transformer": "sealstore.loaders.sentence_transformers",
+    "TensorNotFound": "sealstore.loaders.st_header",
+    "torch_load": "sealstore.loaders.torch_io",
+    "torch_save": "sealstore.loaders.torch_io",
+}
 
 __all__ = [
     "DeviceUnavailable",
@@ -60,3 +93,16 @@ __all__ = [
     "torch_load",
     "torch_save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sealstore.loaders' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

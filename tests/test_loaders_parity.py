@@ -446,3 +446,22 @@ def test_numpy_loaders_never_import_torch(ring: LocalKeyring, tmp_path: Path) ->
         [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_loaders_package_imports_each_loader_on_first_use() -> None:
+    # A vLLM process imports the plugin through this package: it must not pay
+    # for transformers, sentence-transformers or the guard.
+    code = (
+        "import sys\n"
+        "import sealstore.loaders as L\n"
+        "heavy = ('transformers', 'sentence_transformers', 'sealstore.loaders.hf',\n"
+        "         'sealstore.loaders.inference_guard', 'sealstore.loaders.checkpoint')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert L.from_pretrained.__module__ == 'sealstore.loaders.hf'\n"
+        "assert set(L.__all__) <= set(dir(L))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr
