@@ -12,9 +12,12 @@ Hugging Face directory or a sealed folder, and ``save_pretrained`` saves one sea
 keep encrypted training checkpoints; ``load_sentence_transformer`` builds a
 ``SentenceTransformer`` from a pushed sentence-transformers directory; ``guard``
 watches a loaded model's callers for extraction and abuse (``guard=`` on
-``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too).
+``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too);
+``SealedShards`` / ``ShardSamples`` are torch datasets over sealed shards.
 torch is imported only when one is used.
 """
+
+from typing import Any
 
 from sealstore.loaders.checkpoint import load_latest_checkpoint, save_checkpoint
 from sealstore.loaders.gpu import DeviceUnavailable
@@ -39,6 +42,8 @@ from sealstore.loaders.torch_io import torch_load, torch_save
 __all__ = [
     "DeviceUnavailable",
     "GuardPolicy",
+    "SealedShards",
+    "ShardSamples",
     "SharedTensors",
     "TensorNotFound",
     "as_caller",
@@ -60,3 +65,12 @@ __all__ = [
     "torch_load",
     "torch_save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The datasets subclass torch's, so torch loads only when one is asked for.
+    if name in ("SealedShards", "ShardSamples"):
+        from sealstore.loaders import shards
+
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
