@@ -118,7 +118,9 @@ class _Shards:
             self.decode, counter = _DECODERS[decode]
         else:
             self.decode, counter = decode, None
-        self.identities = [os.fspath(i) for i in identities]  # paths: they travel to workers
+        if not all(isinstance(i, (str, os.PathLike)) for i in identities):
+            raise TypeError("identities must be file paths: they travel to the workers")
+        self.identities = [os.fspath(i) for i in identities]
         self.tenant = tenant
         self.storage_options = dict(storage_options or {})
         if counts is None:
@@ -131,6 +133,9 @@ class _Shards:
 
     def open_shard(self, i: int) -> BinaryIO:
         """Shard *i* as a binary file object (subclasses may read other storage)."""
+        from sealstore.fileobj import SealedBufferedReader, wrap
+        from sealstore.loaders.fileio import open as sealed_open
+
         src = self.shards[i]
         if src.startswith("sealstore"):
             # fsspec URLs: a store file system keeps the version's key, so a
@@ -142,12 +147,16 @@ class _Shards:
                 options["identities"] = self.identities
             if self.tenant and src.startswith("sealstore+"):
                 options["tenant"] = self.tenant
-            return fsspec.open(src, "rb", **options).open()  # type: ignore[no-any-return]
-        from sealstore.loaders.fileio import open as sealed_open
-
-        return sealed_open(  # type: ignore[return-value]
-            src, identities=self.identities, storage_options=self.storage_options
-        )
+            fs, path = fsspec.url_to_fs(src, **options)
+            raw = wrap(fs.open_sealed(path), name=src, buffered=False)
+        else:
+            raw = sealed_open(
+                src, identities=self.identities, storage_options=self.storage_options, buffering=0
+            )
+        # Read front to back through a buffer of one chunk: each refill is a
+        # whole, aligned chunk decrypted straight into the buffer (no chunk
+        # cache to copy through and wipe).
+        return SealedBufferedReader(raw, raw.sealed.layout.chunk_size)  # type: ignore[union-attr,arg-type]
 
     def read_shard(self, i: int) -> Sequence[Any]:
         """Shard *i*'s samples, decoded (every byte authenticated first).
@@ -191,6 +200,7 @@ class SealedShards(IterableDataset, _Shards):  # type: ignore[type-arg]
 
     Raises:
         ValueError: no shards, an unknown decoder, bad counts or sizes.
+        TypeError: an identity that is not a file path.
         AuthenticationError, KeyUnavailable, NotFound, FormatError: counting a
             shard (the message names it).
     """
