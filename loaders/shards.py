@@ -35,7 +35,6 @@ pickle and never open a shard they do not read.
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import tarfile
@@ -431,7 +430,7 @@ class ShardSamples(Dataset, _Shards):  # type: ignore[type-arg]
             index += self.total
         if not 0 <= index < self.total:
             raise IndexError(f"sample {index} of {self.total}")
-        shard = bisect.bisect_right(self.offsets.tolist(), index) - 1
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         samples = self._decoded.get(shard)
         if samples is None:
             while len(self._decoded) >= self.keep:

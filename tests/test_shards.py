@@ -89,20 +89,35 @@ def test_samples_are_shuffled_across_a_window_of_shards(jsonl_shards: list[str])
     assert len(set(three[:10])) > 1  # a window of three: the first samples mix shards
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_two_dataloader_workers_see_each_sample_once_in_a_fixed_order(
-    jsonl_shards: list[str], context: str
-) -> None:
-    def run() -> list[int]:
-        loader = DataLoader(
-            make(jsonl_shards), batch_size=BATCH, num_workers=2, multiprocessing_context=context
-        )
-        return ids(loader)
+def worker_runs(ds: SealedShards, workers: int, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Each worker's samples, computed in this process (as the worker would)."""
+    runs = []
+    for worker in range(workers):
+        info = types.SimpleNamespace(id=worker, num_workers=workers)
+        monkeypatch.setattr(shards_module, "get_worker_info", lambda info=info: info)
+        runs.append([r["id"] for r in ds])
+    monkeypatch.undo()
+    return runs
 
-    got = run()
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_two_dataloader_workers_hand_over_their_runs_batch_by_batch(
+    jsonl_shards: list[str], context: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make(jsonl_shards)
+    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, multiprocessing_context=context)
+    got = ids(loader)
     assert sorted(got) == ALL
-    assert run() == got
-    assert len(DataLoader(make(jsonl_shards), batch_size=BATCH)) == -(-len(ALL) // BATCH)
+    # What the consumer sees is fixed: batch i is worker i % 2's next batch
+    # (the order resuming relies on).
+    runs = worker_runs(ds, 2, monkeypatch)
+    batches = [[r[i : i + BATCH] for i in range(0, len(r), BATCH)] for r in runs]
+    want: list[int] = []
+    for k in range(max(len(b) for b in batches)):
+        for b in batches:
+            want += b[k] if k < len(b) else []
+    assert got == want
+    assert len(DataLoader(ds, batch_size=BATCH)) == -(-len(ALL) // BATCH)
 
 
 def test_a_worker_opens_only_the_shards_of_its_run(
