@@ -277,9 +277,11 @@ def test_a_tampered_shard_fails_inside_a_worker_naming_the_file(
         make(jsonl_shards)  # counting reads it too
 
 
-def test_a_custom_decoder_reads_the_shard(jsonl_shards: list[str]) -> None:
-    ds = SealedShards(jsonl_shards[:2], decode=_lines, shuffle=False)
+def test_a_custom_decoder_reads_a_path_and_a_chained_url(jsonl_shards: list[str]) -> None:
+    shards = [jsonl_shards[0], f"sealstore::file://{jsonl_shards[1]}"]
+    ds = SealedShards(shards, decode=_lines, shuffle=False)
     assert ds.counts == [5, 8] and next(iter(ds)) == b'{"id": 0}'
+    assert list(ds)[-1] == b'{"id": 1007}'
 
 
 def _lines(f: io.BufferedIOBase) -> list[bytes]:
