@@ -12,7 +12,8 @@ Hugging Face directory or a sealed folder, and ``save_pretrained`` saves one sea
 keep encrypted training checkpoints; ``load_sentence_transformer`` builds a
 ``SentenceTransformer`` from a pushed sentence-transformers directory; ``guard``
 watches a loaded model's callers for extraction and abuse (``guard=`` on
-``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too).
+``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too);
+``SealedShards`` / ``ShardSamples`` are torch datasets over sealed shards.
 Each is imported on first use (PEP 562): torch, transformers and the
 other loaders load only when one is used -- a vLLM process that imports the
 plugin (``sealstore.loaders.vllm_plugin``) pays for nothing else.
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
         save_model,
     )
     from sealstore.loaders.sentence_transformers import load_sentence_transformer
+    from sealstore.loaders.shards import SealedShards, ShardSamples
     from sealstore.loaders.st_header import TensorNotFound
     from sealstore.loaders.torch_io import torch_load, torch_save
 
@@ -64,6 +66,8 @@ _LAZY = {
     "save_file": "sealstore.loaders.safetensors",
     "save_model": "sealstore.loaders.safetensors",
     "load_sentence_transformer": "sealstore.loaders.sentence_transformers",
+    "SealedShards": "sealstore.loaders.shards",
+    "ShardSamples": "sealstore.loaders.shards",
     "TensorNotFound": "sealstore.loaders.st_header",
     "torch_load": "sealstore.loaders.torch_io",
     "torch_save": "sealstore.loaders.torch_io",
@@ -72,6 +76,8 @@ _LAZY = {
 __all__ = [
     "DeviceUnavailable",
     "GuardPolicy",
+    "SealedShards",
+    "ShardSamples",
     "SharedTensors",
     "TensorNotFound",
     "as_caller",
