@@ -345,35 +345,6 @@ def _shards(m: Any, index: str, doc: dict[str, Any]) -> tuple[dict[str, str], li
     return by_tensor, list(dict.fromkeys(by_tensor.values()))
 
 
-class _Unmapped:
-    """A file read by position, never memory-mapped.
-
-    ``SealedFile`` maps a regular file to decrypt straight out of the page
-    cache; the mapped ciphertext then counts in the process's resident set
-    beside the plaintext being filled (measured: +88 MiB peak on MiniLM). A
-    loader that keeps every tensor pays for that, so shards are read
-    chunk-run by chunk-run into the lanes' scratch instead.
-    """
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._fp.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._fp.tell()
-
-    def read(self, n: int = -1) -> bytes:
-        return self._fp.read(n)
-
-    def readinto(self, buf: Any) -> int:
-        return self._fp.readinto(buf)
-
-    def close(self) -> None:
-        self._fp.close()
-
-
 def _load_weights(
     store: Any,
     m: Any,
@@ -389,7 +360,7 @@ def _load_weights(
             twice, one missing, one in another shard than indexed).
     """
     from sealstore.stream import SealedFile
-    from sealstore.vault.pull import open_file
+    from sealstore.vault.pull import hash_beside, open_file
 
     index, files = _weight_files(m, weights)
     by_tensor: dict[str, str] | None = None
@@ -398,15 +369,26 @@ def _load_weights(
     state: dict[str, Any] = {}
     ref = f"{m.name}:{m.version}"
     for path in files:
-        _m, _entry, fp, pre, dek = open_file(
-            store, ref, path, tenant=m.tenant, identities=identities, cache=cache
+        _m, entry, fp, pre, dek = open_file(
+            store,
+            ref,
+            path,
+            tenant=m.tenant,
+            identities=identities,
+            cache=cache,
+            check_digest=False,
         )
         try:
+            # The object digest is hashed beside the decryption, checked before
+            # load_file returns. Read by position, not mapped: mapped ciphertext
+            # would count in the resident set beside the plaintext (+88 MiB on MiniLM).
+            check = hash_beside(store, _m, entry, fp)
             with dek:
-                sealed = SealedFile(_Unmapped(fp), dek, preamble=pre, close_src=True)
+                sealed = SealedFile(fp, dek, preamble=pre, close_src=True, mapped=False)
         except BaseException:
             fp.close()
             raise
+        sealed.check_beside(check)
         with sealed:
             part = load_file(sealed, threads=threads)
         for name in part:
