@@ -379,12 +379,12 @@ def _load_weights(
             check_digest=False,
         )
         try:
-            # The object digest is hashed beside the decryption, checked before
-            # load_file returns. Read by position, not mapped: mapped ciphertext
-            # would count in the resident set beside the plaintext (+88 MiB on MiniLM).
+            # The object digest is hashed beside the decryption and checked
+            # before load_file returns. The shard is mapped; each decrypted run's
+            # ciphertext leaves the resident set as the lanes go (Source.release).
             check = hash_beside(store, _m, entry, fp)
             with dek:
-                sealed = SealedFile(fp, dek, preamble=pre, close_src=True, mapped=False)
+                sealed = SealedFile(fp, dek, preamble=pre, close_src=True)
         except BaseException:
             fp.close()
             raise

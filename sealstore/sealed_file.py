@@ -77,9 +77,6 @@ class SealedFile:
         dek: the data key (see ``sealstore.kms.open_sealed`` to use slots).
         preamble: a preamble already parsed from *src*.
         close_src: close the file object *src* when this closes.
-        mapped: memory-map a path or regular file (the default). ``False``
-            reads an open regular file with ``preadv`` instead, keeping the
-            mapped ciphertext out of the resident set (see ``Source``).
 
     Raises:
         FormatError, UnsupportedVersion: a malformed preamble.
@@ -93,11 +90,10 @@ class SealedFile:
         *,
         preamble: Preamble | None = None,
         close_src: bool = False,
-        mapped: bool = True,
     ) -> None:
         self._owned = src if close_src else None
         self._pending: Callable[[], None] | None = None
-        self._src = Source(src, mapped=mapped)
+        self._src = Source(src)
         try:
             if preamble is None:
                 preamble = read_preamble_from(self._src.head)

@@ -11,11 +11,11 @@ from typing import Any, BinaryIO
 
 from sealstore.errors import AuthenticationError
 
-__all__ = ["Source", "map_regular_file", "regular_fd"]
+__all__ = ["Source", "map_regular_file"]
 
 
-def regular_fd(fp: Any) -> int | None:
-    """The descriptor of *fp* if it is a regular file, else None (pipes, sockets, memory)."""
+def map_regular_file(fp: Any) -> mmap.mmap | None:
+    """A read-only map of *fp* if it is a regular file, else None (pipes, sockets, memory)."""
     # Only a real file object: gzip/bz2/lzma files pass fileno() through to the
     # compressed file underneath, whose bytes are not the ones read().
     if not isinstance(getattr(fp, "raw", fp), io.FileIO):
@@ -23,19 +23,10 @@ def regular_fd(fp: Any) -> int | None:
     try:
         fd = fp.fileno()
         fp.tell()
-        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
-def map_regular_file(fp: Any) -> mmap.mmap | None:
-    """A read-only map of *fp* if it is a regular file, else None (pipes, sockets, memory)."""
-    fd = regular_fd(fp)
-    if fd is None:
-        return None
-    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return None
 
 
@@ -47,16 +38,10 @@ class Source:
     scratch buffer on one thread). The cost: truncating the file in place
     while it is mapped kills the process with SIGBUS -- which fails closed,
     and sealstore's own writers replace files by rename, never in place.
-
-    With ``mapped=False`` an open regular file is read with ``preadv`` on its
-    own descriptor instead: no lock, so parallel lanes read at once, and no
-    mapped ciphertext in the process's resident set (a loader that keeps
-    every plaintext byte counts that against its peak).
     """
 
-    def __init__(self, src: Any, *, mapped: bool = True) -> None:
+    def __init__(self, src: Any) -> None:
         self._fd: int | None = None
-        self._borrowed_fd: int | None = None  # the caller's descriptor: read, never closed
         self._map: mmap.mmap | None = None
         self._mem: memoryview | None = None
         self._fp: BinaryIO | None = None
@@ -78,15 +63,11 @@ class Source:
         elif hasattr(src, "seek") and hasattr(src, "read"):
             # An open regular file is mapped through its own descriptor (never
             # reopened by name: the bytes read are those of the file opened).
-            fd = None if mapped else regular_fd(src)
-            mapping = map_regular_file(src) if mapped else None
-            if mapping is not None:
-                self._map = mapping
-                self._mem = memoryview(mapping)
-                self.size = len(mapping)
-            elif fd is not None:
-                self._borrowed_fd = fd
-                self.size = os.fstat(fd).st_size
+            mapped = map_regular_file(src)
+            if mapped is not None:
+                self._map = mapped
+                self._mem = memoryview(mapped)
+                self.size = len(mapped)
             else:
                 self._fp = src
                 self.size = src.seek(0, io.SEEK_END)
@@ -103,10 +84,9 @@ class Source:
             return self._mem[offset : offset + n]
         buf = memoryview(scratch if scratch is not None else bytearray(n))[:n]
         got = 0
-        fd = self._fd if self._fd is not None else self._borrowed_fd
-        if fd is not None:
+        if self._fd is not None:
             while got < n:
-                k = os.preadv(fd, [buf[got:]], offset + got)
+                k = os.preadv(self._fd, [buf[got:]], offset + got)
                 if k == 0:
                     break
                 got += k
@@ -143,7 +123,6 @@ class Source:
         return bytes(self.view(0, n, bytearray(n)))
 
     def close(self) -> None:
-        self._borrowed_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -1,4 +1,4 @@
-"""The object digest hashed beside decryption, and positional (unmapped) reads.
+"""The object digest hashed beside decryption; decrypted ciphertext leaving the resident set.
 
 A store object whose every chunk authenticates but whose bytes are not the
 ones the manifest signs -- what a holder of the version's key could seal --
@@ -20,7 +20,7 @@ from safetensors.torch import save_file as st_save_file
 from sealstore.chunks import new_aead
 from sealstore.errors import AuthenticationError
 from sealstore.format import open_payload_key, read_preamble
-from sealstore.kms.envelope import open_sealed, seal_file, unwrap_dek
+from sealstore.kms.envelope import open_sealed, seal_file
 from sealstore.kms.local import LocalKeyring
 from sealstore.loaders import from_pretrained, load_file, safe_open
 from sealstore.stream import SealedFile
@@ -129,28 +129,6 @@ def _sealed(ring: LocalKeyring, tmp_path: Path) -> Path:
     sealed = tmp_path / "model.safetensors.seal"
     seal_file(plain, sealed, ["local:"], chunk_size=CS)
     return sealed
-
-
-def _maps_of(path: Path) -> bool:
-    return str(path) in Path("/proc/self/maps").read_text()
-
-
-def test_unmapped_reads_give_the_same_plaintext_without_mapping_the_file(
-    ring: LocalKeyring, tmp_path: Path
-) -> None:
-    sealed = _sealed(ring, tmp_path)
-    want = load_file(sealed)
-    fp = open(sealed, "rb")  # noqa: SIM115 (closed by the SealedFile)
-    pre = read_preamble(fp)
-    dek = unwrap_dek(pre)
-    with SealedFile(fp, dek, preamble=pre, close_src=True, mapped=False) as sf:
-        assert not _maps_of(sealed)
-        got = load_file(sf, threads=2)
-        assert not _maps_of(sealed)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    fp = open(sealed, "rb")  # noqa: SIM115
-    with SealedFile(fp, unwrap_dek(read_preamble(fp)), close_src=True) as sf:
-        assert _maps_of(sealed)  # the default maps it
 
 
 def test_failed_check_beside_wipes_what_was_decrypted_and_keeps_failing(
