@@ -78,6 +78,8 @@ vectors: $(STAMP)
 bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) benchmarks/format_throughput.py
 	$(PY) benchmarks/load_cpu.py
+	$(PY) benchmarks/hf_load.py
+	$(PY) benchmarks/peer_cryptotensors.py
 	$(PY) benchmarks/native_cpu.py
 	scripts/services.sh install && scripts/services.sh start
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/store_throughput.py

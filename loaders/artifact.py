@@ -51,35 +51,6 @@ INDEX = "model.safetensors.index.json"
 SUFFIX = ".seal"
 
 
-class _Unmapped:
-    """A file read by position, never memory-mapped.
-
-    ``SealedFile`` maps a regular file to decrypt straight out of the page
-    cache; the mapped ciphertext then counts in the process's resident set
-    beside the plaintext being filled (measured: +88 MiB peak on MiniLM). A
-    loader that keeps every tensor pays for that, so weights are read
-    chunk-run by chunk-run into the lanes' scratch instead.
-    """
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._fp.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._fp.tell()
-
-    def read(self, n: int = -1) -> bytes:
-        return self._fp.read(n)
-
-    def readinto(self, buf: Any) -> int:
-        return self._fp.readinto(buf)
-
-    def close(self) -> None:
-        self._fp.close()
-
-
 class Artifact:
     """The files of one sealed model directory (see the module docstring).
 
@@ -146,23 +117,30 @@ class StoreArtifact(Artifact):
         self._cache = DekCache(ttl=600, max_uses=1 << 20, max_entries=4)
 
     def open(self, path: str) -> SealedFile:
-        from sealstore.vault.pull import open_file
+        from sealstore.vault.pull import hash_beside, open_file
 
         m = self.manifest
-        _m, _entry, fp, pre, dek = open_file(
+        _m, entry, fp, pre, dek = open_file(
             self.store,
             self.where,
             path,
             tenant=m.tenant,
             identities=self.identities,
             cache=self._cache,
+            check_digest=False,
         )
         try:
+            # The object digest is hashed beside the decryption and checked
+            # before the first read returns anything. The object is mapped; each
+            # decrypted run's ciphertext leaves the resident set as the lanes go.
+            check = hash_beside(self.store, _m, entry, fp)
             with dek:
-                return SealedFile(_Unmapped(fp), dek, preamble=pre, close_src=True)
+                sealed = SealedFile(fp, dek, preamble=pre, close_src=True)
         except BaseException:
             fp.close()
             raise
+        sealed.check_beside(check)
+        return sealed
 
     def close(self) -> None:
         self._cache.clear()
@@ -201,7 +179,7 @@ class SealedFolder(Artifact):
             expect["version"] = self._version
         fp = open(self.root / (path + SUFFIX), "rb")  # noqa: SIM115 (closed with the SealedFile)
         try:
-            sealed = open_sealed(_Unmapped(fp), self.identities, expect_context=expect)
+            sealed = open_sealed(fp, self.identities, expect_context=expect)
         except BaseException:
             fp.close()
             raise

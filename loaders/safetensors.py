@@ -237,7 +237,7 @@ def _read(
 ) -> dict[str, Any]:
     # own: a SealedFile the caller passed stays open
     with opened if own else contextlib.nullcontext(opened) as sf:
-        return _read_all(sf, Layout(sf), device, threads, progress, prefer)
+        return _read_all(sf, Layout.before_full_read(sf), device, threads, progress, prefer)
 
 
 def _read_all(

@@ -103,7 +103,7 @@ def load_file(
     """
     opened = open_source(src, store=store, tenant=tenant, identities=identities)
     with opened if opened is not src else contextlib.nullcontext(opened) as sf:
-        return read_arrays(sf, Layout(sf), _threads(threads))
+        return read_arrays(sf, Layout.before_full_read(sf), _threads(threads))
 
 
 def load(
@@ -121,7 +121,7 @@ def load(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"load() takes the sealed bytes, not {type(data).__name__}")
     with open_sealed(data, identities) as sf:
-        return read_arrays(sf, Layout(sf), _threads(threads))
+        return read_arrays(sf, Layout.before_full_read(sf), _threads(threads))
 
 
 def _plan(

@@ -10,8 +10,10 @@ Every loader takes the same ``src``:
   with ``store=`` given (a :class:`~sealstore.vault.Store` or its URL).
 
 A store reference is opened through ``sealstore.vault.pull.open_file``: the
-store config, manifest and tag signatures, and the object's header, context
-and digest are checked before a single chunk is decrypted.
+store config, manifest and tag signatures, and the object's header and
+context are checked before a single chunk is decrypted, and the object's
+digest -- hashed on its own thread while the first read decrypts -- before
+any plaintext is returned.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def open_source(
         suffix: in a store artifact with several files and none named, the
             one file with this suffix (or ``model`` + suffix).
         check_digest: store objects: hash the whole object against the signed
-            manifest first (see ``sealstore.vault.pull.open_file``).
+            manifest before any plaintext is returned (see
+            ``sealstore.vault.pull.open_file``); the hash runs on its own thread
+            beside the first read's decryption.
         cache: store objects: a ``DekCache`` the version's key is taken from or
             stored in (a dataset's shards share one key: one unwrap, not one each).
 
@@ -116,7 +120,7 @@ def _from_store(
     storage_options: dict[str, Any] | None,
     cache: DekCache | None = None,
 ) -> SealedFile:
-    from sealstore.vault.pull import open_file, served
+    from sealstore.vault.pull import hash_beside, open_file, served
     from sealstore.vault.store import Store, default_tenant
 
     if not isinstance(store, Store):
@@ -132,15 +136,20 @@ def _from_store(
         path,
         tenant=tenant,
         identities=identities,
-        check_digest=check_digest,
+        check_digest=False,
         cache=cache,
     )
     try:
+        # The object's digest is hashed beside the first read's decryption and
+        # checked before that read returns anything.
+        check = hash_beside(store, _m, _entry, fp) if check_digest else None
         with dek:
             sealed = SealedFile(fp, dek, preamble=pre, close_src=True)
     except BaseException:
         fp.close()
         raise
+    if check is not None:
+        sealed.check_beside(check)
     # What the inference guard records findings against (loaders/inference_guard.py).
     sealed.source_store, sealed.source_manifest = store, _m
     return sealed

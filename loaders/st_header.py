@@ -81,6 +81,28 @@ class Layout:
         metadata: ``__metadata__``, or None when the header has none.
     """
 
+    @classmethod
+    def before_full_read(cls, sf: SealedFile) -> Layout:
+        """The layout of *sf*, for a caller that reads every tensor next.
+
+        The header is parsed without waiting for a whole-object check running
+        beside (``SealedFile.check_beside``: the store's object digest); the
+        full read that follows waits for it before returning anything, so the
+        hash overlaps that read's decryption instead of preceding it. A header
+        that does not parse is reported as a failed check if the check fails.
+        """
+        check = sf.detach_check()
+        try:
+            layout = cls(sf)
+        except BaseException:
+            if check is not None:
+                check()  # a substituted object is reported as such
+            raise
+        finally:
+            if check is not None:
+                sf.check_beside(check)
+        return layout
+
     def __init__(self, sf: SealedFile) -> None:
         head = sf.read_range(0, 8)
         if len(head) < 8:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -92,6 +92,7 @@ class SealedFile:
         close_src: bool = False,
     ) -> None:
         self._owned = src if close_src else None
+        self._pending: Callable[[], None] | None = None
         self._src = Source(src)
         try:
             if preamble is None:
@@ -132,6 +133,37 @@ class SealedFile:
     def chunk_count(self) -> int:
         return self.layout.count
 
+    def check_beside(self, check: Callable[[], None]) -> None:
+        """Hold back every plaintext byte until *check* has passed.
+
+        *check* is a whole-object check already running on its own (the
+        store's object digest, hashed on a thread): it is called -- it joins
+        and raises on a mismatch -- before any read returns. A read that
+        decrypts into the caller's buffers (:meth:`read_scatter`,
+        :meth:`read_into`) calls it after decrypting, so the hash overlaps
+        the decryption, and zeroes the buffers if it raises; the other reads
+        call it before they start. It is called again on every read until it
+        passes, so a failed check keeps failing.
+        """
+        self._pending = check
+
+    def detach_check(self) -> Callable[[], None] | None:
+        """Take back the pending check of :meth:`check_beside` (None if there is none).
+
+        For a reader that parses a small part first (a safetensors header)
+        and then decrypts everything: it detaches the check for the parse and
+        puts it back with :meth:`check_beside`, so the full read that follows
+        overlaps the check and nothing leaves the reader unchecked.
+        """
+        check, self._pending = self._pending, None
+        return check
+
+    def _settle(self) -> None:
+        """Run the pending whole-object check, if any (it raises on a mismatch)."""
+        if self._pending is not None:
+            self._pending()
+            self._pending = None
+
     def _lane_buffer(self, name: str, size: int) -> memoryview:
         """This thread's reusable buffer *name* (ciphertext or plaintext scratch)."""
         buf = getattr(self._local, name, None)
@@ -154,6 +186,7 @@ class SealedFile:
             ValueError: *buf* is too small.
             AuthenticationError: the chunk or the final one failed; *buf* is zeroed.
         """
+        self._settle()
         if 0 <= i < self.layout.count and i != self.layout.count - 1:
             try:
                 self._verify_end()
@@ -215,32 +248,41 @@ class SealedFile:
         if not plan.first <= last < plan.first + len(plan.owner):
             self._verify_end()
         span = len(plan.owner)
+        end = plan.first + span
         k = min(threads, span)
-        if k <= 1:
-            for i in range(plan.first, plan.first + span):
+        stop = threading.Event()
+
+        def do_run(first: int, stop_at: int) -> None:
+            for i in range(first, stop_at):
+                if stop.is_set():
+                    return
                 n = self._do_chunk(plan, i)
                 if progress is not None and n:
                     progress(n)
+            # The run's ciphertext leaves the resident set (a mapped file: it
+            # stays in the page cache), so a full load's peak is the plaintext
+            # once, not plaintext and ciphertext.
+            lo, tail = self.layout.offset(first), stop_at - 1
+            hi = self.layout.offset(tail) + self.layout.plain_len(tail) + TAG_SIZE
+            self._src.release(lo, hi - lo)
+
+        if k <= 1:
+            run = max(1, _LANE_RUN // self.layout.chunk_size)
+            for first in range(plan.first, end, run):
+                do_run(first, min(first + run, end))
         else:
             # One lane per thread, not a future per chunk (a future costs more
             # Python time under the GIL than it is worth, measured). Lanes take
             # runs of adjacent chunks (~4 MiB) from a shared counter: two lanes
             # writing into one 2 MiB page-table range contend on its lock while
             # faulting in fresh pages, which is most of a load's time.
-            stop = threading.Event()
             # ... but at least four runs a lane, so small reads still spread out.
             run = max(1, min(_LANE_RUN // self.layout.chunk_size, span // (4 * k)))
-            end = plan.first + span
             starts = iter(range(plan.first, end, run))
 
             def lane(_: int) -> None:
                 for first in starts:  # next() on a shared iterator is atomic
-                    for i in range(first, min(first + run, end)):
-                        if stop.is_set():
-                            return
-                        n = self._do_chunk(plan, i)
-                        if progress is not None and n:
-                            progress(n)
+                    do_run(first, min(first + run, end))
 
             Lanes(k, lane, stop).join()
         self._end_verified = True
@@ -265,6 +307,7 @@ class SealedFile:
         n = max(0, min(len(out), self.size - offset))
         if n == 0:
             self._verify_end()
+            self._settle()
             return 0
         try:
             self.read_scatter([(offset, out[:n])], threads=threads, progress=progress)
@@ -305,6 +348,7 @@ class SealedFile:
                 self._run(_Plan(outs, self.layout), threads, progress)
             else:
                 self._verify_end()
+            self._settle()  # after decrypting: the check ran beside the lanes
         except BaseException:
             for _, out in outs:
                 zero(out)
@@ -333,6 +377,7 @@ class SealedFile:
         Raises:
             AuthenticationError: the first chunk that fails (none is yielded).
         """
+        self._settle()
         self._verify_end()
         return self._iter(threads)
 
@@ -363,6 +408,7 @@ class SealedFile:
             AuthenticationError: the first chunk that fails.
         """
         # Every chunk is checked here, the last one too: no separate end check.
+        self._settle()
         for view in self._iter(threads):
             if progress is not None:
                 progress(len(view))
@@ -381,6 +427,7 @@ class SealedFile:
         """
         if not (first >= 0 and count >= 0 and first + count <= self.layout.count):
             raise IndexError("chunk range out of bounds")
+        self._settle()  # what is decrypted elsewhere is returned there: checked first
         if count == 0:
             return 0
         start = self.layout.offset(first)

@@ -103,6 +103,21 @@ class Source:
             raise AuthenticationError("sealed file changed size while being read")
         return buf
 
+    def release(self, offset: int, n: int) -> None:
+        """Drop the mapped pages wholly inside ``[offset, offset + n)`` from the resident set.
+
+        They stay in the page cache (the map is shared and read-only), so a
+        later read of them only maps them again; a read racing this one on a
+        page at the edge of both ranges just faults it back in. Nothing to do
+        for a source that is not a mapped file.
+        """
+        if self._map is None:
+            return
+        lo = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = min(offset + n, self.size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def head(self, n: int) -> bytes:
         n = min(n, self.size)
         return bytes(self.view(0, n, bytearray(n)))

@@ -49,6 +49,7 @@ from sealstore.vault.storage import LocalStorage
 __all__ = [
     "VerifyResult",
     "check_destination",
+    "hash_beside",
     "open_file",
     "pull",
     "select_files",
@@ -198,11 +199,14 @@ def _hash_fd(fd: int, alg: str, out: list[str], errors: list[BaseException]) -> 
                 pos += n
         else:
             # Straight out of the page cache (the reader maps the same file):
-            # no read() copy, which was a sixth of a pull's CPU time.
+            # no read() copy, which was a sixth of a pull's CPU time. Each block
+            # is unmapped once hashed: a loader hashing beside its decryption
+            # would otherwise carry the whole object in its resident set.
             with mapped:
                 whole = memoryview(mapped)
                 for pos in range(0, len(whole), _HASH_BLOCK):
                     h.update(whole[pos : pos + _HASH_BLOCK])
+                    mapped.madvise(mmap.MADV_DONTNEED, pos, min(_HASH_BLOCK, size - pos))
                 whole.release()
         out.append(h.text())
     except BaseException as exc:
@@ -698,9 +702,7 @@ def open_file(
         pre = read_preamble(fp)
         _check_preamble(m, entry, pre, _opened_size(store, m, entry, fp))
         if check_digest:
-            got = _digest_through(store, fp, entry.object_digest.partition(":")[0])
-            if not digests_equal(got, entry.object_digest):
-                raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+            hash_beside(store, m, entry, fp)()
         dek = unwrap_version_key(m, pre, identities, cache=cache)
     except BaseException:
         fp.close()
@@ -708,20 +710,55 @@ def open_file(
     return m, entry, fp, pre, dek
 
 
-def _digest_through(store: Any, fp: Any, alg: str) -> str:
-    """The digest of an open object, read through that same file; its position is kept."""
+def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[[], None]:
+    """Start checking an opened object against its signed digest; returns the check.
+
+    A local object is hashed on a thread of its own, through a duplicate of
+    *fp*'s descriptor (the bytes hashed are those of the file opened, and
+    closing *fp* meanwhile is safe), so a loader decrypts while it runs and
+    calls the check before it releases any plaintext
+    (``SealedFile.check_beside``). Any other object is hashed here, through
+    *fp* (its position is kept): s3fs pins the ETag it opened, so every range
+    comes from the same object, but one file object cannot serve two readers.
+
+    Returns:
+        The check: waits for the hash, then raises on a mismatch -- on every
+        call, so a failed check keeps failing.
+
+    Raises:
+        (from the check) AuthenticationError: the object is not the one the
+        manifest signs. BackendError: it could not be read.
+    """
+    alg = entry.object_digest.partition(":")[0]
+    digests: list[str] = []
+    errors: list[BaseException] = []
+    thread = None
     if isinstance(store.storage, LocalStorage):
-        digests: list[str] = []
-        errors: list[BaseException] = []
-        _hash_fd(fp.fileno(), alg, digests, errors)
+        fd = os.dup(fp.fileno())
+
+        def run() -> None:
+            try:
+                _hash_fd(fd, alg, digests, errors)
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=run, name="sealstore-digest", daemon=True)
+        thread.start()
+    else:
+        pos = fp.tell()
+        fp.seek(0)
+        h = ObjectHasher(alg)
+        while block := fp.read(_HASH_BLOCK):
+            h.update(block)
+        fp.seek(pos)
+        digests.append(h.text())
+
+    def check() -> None:
+        if thread is not None:
+            thread.join()
         if errors:
-            raise BackendError(f"cannot read the object: {errors[0]}")
-        return digests[0]
-    # s3fs pins the ETag it opened, so every range comes from the same object.
-    pos = fp.tell()
-    fp.seek(0)
-    h = ObjectHasher(alg)
-    while block := fp.read(_HASH_BLOCK):
-        h.update(block)
-    fp.seek(pos)
-    return h.text()
+            raise BackendError(f"{_where(m, entry)}: cannot read the object: {errors[0]}")
+        if not digests_equal(digests[0], entry.object_digest):
+            raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+
+    return check
