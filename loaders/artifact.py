@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sealstore.dekcache import DekCache
-from sealstore.errors import FormatError, NotFound
+from sealstore.errors import FormatError, NotFound, SealstoreError
+from sealstore.fileobj import named
 from sealstore.kms.envelope import IdentitySpec, open_sealed
 from sealstore.loaders.sources import PREFIX
 from sealstore.stream import SealedFile
@@ -360,7 +361,11 @@ def iter_weight_shards(
     seen: set[str] = set()
     for path in files:
         with art.open(path) as sealed:
-            part = load_file(sealed, device, threads=threads, prefer=prefer)
+            try:
+                part = load_file(sealed, device, threads=threads, prefer=prefer)
+            except SealstoreError as exc:
+                # A chunk's error ("chunk 43 failed authentication") names no file.
+                raise named(exc, art.name(path)) from None
         for name in part:
             if name in seen:
                 raise FormatError(f"{art.where}: tensor {name} is in two shards")
