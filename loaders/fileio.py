@@ -53,7 +53,7 @@ class SourceRef:
     src: str
     tenant: str | None = None
     identities: tuple[str, ...] = ()
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # credentials
     check_digest: bool = True
 
     @property

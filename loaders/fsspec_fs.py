@@ -143,6 +143,9 @@ class _SealingFile(io.BufferedIOBase):
     ) -> None:
         super().__init__()
         self._writer, self._commit, self._discard, self.name = writer, commit, discard, name
+        # An exception already being handled where the file was opened (a
+        # fallback write in an ``except`` block) is not a failure of this write.
+        self._handling = sys.exc_info()[1]
 
     def writable(self) -> bool:
         return True
@@ -153,7 +156,8 @@ class _SealingFile(io.BufferedIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        if sys.exc_info()[1] is not None:
+        active = sys.exc_info()[1]
+        if active is not None and active is not self._handling:
             # Closed while an exception propagates: fsspec's OpenFile closes its
             # files on the way out of a failed ``with`` block. Sealing the final
             # chunk now would publish a file that authenticates as a shorter

@@ -36,6 +36,15 @@ WEIGHT_SUFFIXES = (
     ".msgpack",
     ".gguf",
     ".xml",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".joblib",
+    ".keras",
+    ".tflite",
+    ".pdparams",
+    ".ot",
 )
 
 _live: dict[str, int] = {}  # folder -> the pid that made it; removed at exit if still there
@@ -53,8 +62,9 @@ atexit.register(_remove_live)
 
 
 def is_weight(path: str) -> bool:
-    """True for a file that holds weights (by suffix): never written in plaintext."""
-    return path.endswith(WEIGHT_SUFFIXES)
+    """True for a file that holds weights or arrays (by suffix, any case): never
+    written in plaintext."""
+    return path.lower().endswith(WEIGHT_SUFFIXES)
 
 
 def scratch_root(scratch_dir: str | os.PathLike[str] | None, caller: str) -> Path:

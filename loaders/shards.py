@@ -366,7 +366,9 @@ class SealedShards(IterableDataset, _Shards):  # type: ignore[type-arg]
 
         Call it before creating the DataLoader's iterator (workers take a copy
         of the dataset then), with the same world size, ``num_workers`` and
-        ``batch_size`` as the run that saved *state*.
+        ``batch_size`` as the run that saved *state*. The resume point holds
+        until :meth:`set_epoch` moves to another epoch (workers cannot report
+        back that they used it): call ``set_epoch`` before every epoch.
 
         Raises:
             ValueError: *state* is of another dataset, seed, world size or batch size.

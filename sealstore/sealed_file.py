@@ -160,8 +160,9 @@ class SealedFile:
 
     def _settle(self) -> None:
         """Run the pending whole-object check, if any (it raises on a mismatch)."""
-        if self._pending is not None:
-            self._pending()
+        check = self._pending  # read once: another thread may settle it meanwhile
+        if check is not None:
+            check()
             self._pending = None
 
     def _lane_buffer(self, name: str, size: int) -> memoryview:

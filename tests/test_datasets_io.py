@@ -323,6 +323,23 @@ def test_writing_through_the_chained_url_seals_and_appears_on_close(
     assert sorted(p.name for p in out.iterdir()) == ["sub"]
     with pytest.raises(ValueError, match="keys="):
         fsspec.open(failed, "wb").open()
+    # A fallback write made while handling another exception is published:
+    # only an exception raised inside the write's own block discards it.
+    fallback = f"sealstore::file://{out}/fallback.seal"
+    try:
+        raise KeyError("primary source gone")
+    except KeyError:
+        with fsspec.open(fallback, "wb", keys=["local:"]) as fp:
+            fp.write(b"fallback rows")
+        with (
+            pytest.raises(RuntimeError, match="fallback died"),
+            fsspec.open(failed, "wb", keys=["local:"]) as fp,
+        ):
+            fp.write(b"half")
+            raise RuntimeError("fallback died") from None
+    with fsspec.open(fallback, "rb") as fp:
+        assert fp.read() == b"fallback rows"
+    assert sorted(p.name for p in out.iterdir()) == ["fallback.seal", "sub"]
 
 
 # -- pandas --------------------------------------------------------------------------

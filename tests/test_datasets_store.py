@@ -24,6 +24,7 @@ FILES = {
     "train/extra/part-9.parquet": 7,
     "test/part-0.parquet": 50,
     "test/meta.json": 3,
+    "odd/x[1].txt": 4,
 }
 
 
@@ -50,6 +51,7 @@ def pulled(root: Path) -> set[str]:
         (["**/*.json"], {"train/index.json", "test/meta.json"}),
         (["train", "README.md"], {"README.md"} | {f for f in FILES if f.startswith("train/")}),
         (["test/"], {"test/part-0.parquet", "test/meta.json"}),
+        (["odd/x[1].txt"], {"odd/x[1].txt"}),  # a path with a glob character names itself
         (
             ["*/part-[0-1].parquet"],
             {"train/part-0.parquet", "train/part-1.parquet", "test/part-0.parquet"},

@@ -460,7 +460,8 @@ def select_files(
     for pattern in patterns:
         if _GLOB.search(pattern):
             match = re.compile(glob_translate(pattern)).match
-            hits = {e.path for e in entries if match(e.path)}
+            # A file whose name holds a glob character is still named by its path.
+            hits = {e.path for e in entries if e.path == pattern or match(e.path)}
         else:
             folder = pattern.rstrip("/") + "/"
             hits = {e.path for e in entries if e.path == pattern or e.path.startswith(folder)}
