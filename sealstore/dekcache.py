@@ -68,6 +68,7 @@ class DekCache:
         """A new handle on the cached DEK of *slot* under *context*, or None."""
         key = self._key(slot, context)
         with self._lock:
+            self._expire()
             entry = self._entries.get(key)
             if entry is None or entry[1] <= self._clock():
                 self._drop(key)
@@ -108,6 +109,7 @@ class DekCache:
         """Remember *dek* as what *slot* unwraps to under *context*."""
         key = self._key(slot, context)
         with self._lock:
+            self._expire()
             self._drop(key)
             while len(self._entries) >= self.max_entries:
                 self._drop(next(iter(self._entries)))
@@ -116,6 +118,13 @@ class DekCache:
                 self._clock() + self.ttl,
                 self.max_uses,
             ]
+
+    def _expire(self) -> None:
+        """Overwrite every entry past its time, whichever slot is asked for now:
+        a key must not outlive its ttl because nobody asks for it again."""
+        now = self._clock()
+        for key in [k for k, entry in self._entries.items() if entry[1] <= now]:
+            self._drop(key)
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)

@@ -86,6 +86,19 @@ def test_ttl_and_uses_bound_an_entry(keyring: LocalKeyring) -> None:
     assert counter.calls == 3  # expired
 
 
+def test_an_expired_key_is_wiped_when_any_other_key_is_asked_for() -> None:
+    # A key nobody asks for again must not outlive its ttl in memory.
+    clock = Clock()
+    cache = DekCache(ttl=10, clock=clock)
+    a, b = (KeySlot("local", f"k{i}", bytes([i]) * 32) for i in range(2))
+    dek = DataKey.generate()
+    cache.put(a, {}, dek)
+    held = cache._entries[next(iter(cache._entries))][0]
+    clock.now = 11
+    assert cache.get(b, {}) is None
+    assert len(cache) == 0 and held == bytes(len(held))
+
+
 def test_a_cached_key_must_pass_the_commitment(keyring: LocalKeyring) -> None:
     # A cache entry keyed by a slot is only a candidate: a header that does not
     # commit to it (a slot copied into another file) gets no plaintext from it.
