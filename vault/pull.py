@@ -744,7 +744,11 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
                 os.close(fd)
 
         thread = threading.Thread(target=run, name="sealstore-digest", daemon=True)
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            os.close(fd)  # never started: run() will not close it
+            raise
     else:
         pos = fp.tell()
         fp.seek(0)
