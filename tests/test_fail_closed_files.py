@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -276,6 +277,32 @@ def test_item02_sigterm_sighup_mid_decrypt_leave_no_plaintext(
     assert proc.returncode == code, err
     assert err.strip() == f"sealstore: terminated ({sig.name})"
     assert sorted(p.name for p in out_dir.iterdir()) == ["in.fifo"]
+
+
+def test_item02_a_sigterm_landing_beside_a_blocking_read_still_stops_it() -> None:
+    # A signal that another thread takes (or that lands just before the main
+    # thread enters read()) does not interrupt the read: the handler would wait
+    # for input that never comes. The CLI re-sends it to the main thread.
+    code = (
+        "import os, signal, sys, threading, time\n"
+        "from sealstore import errors\n"
+        "from sealstore.cli.main import _catch_termination\n"
+        "restore = _catch_termination()\n"
+        "r, w = os.pipe()\n"
+        "def other():\n"
+        "    time.sleep(0.3)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # taken here\n"
+        "threading.Thread(target=other, daemon=True).start()\n"
+        "try:\n"
+        "    os.read(r, 1)  # blocks: nothing is ever written\n"
+        "except errors.Terminated:\n"
+        "    print('terminated')\n"
+        "restore()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "terminated", done.stderr
 
 
 def test_item02_nohup_keeps_sighup_ignored(sealed: Path, tmp_path: Path) -> None:

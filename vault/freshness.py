@@ -328,6 +328,7 @@ def commit(
     lifetime: int | None = None,
     rebase: bool = False,
     rebuild: bool = False,
+    forward: frozenset[tuple[str, str]] = frozenset(),
 ) -> Sequence:
     """Write the tenant's next sequence document with these changes; returns it.
 
@@ -339,6 +340,9 @@ def commit(
             has seen a newer one (a restore, which moves tags back on purpose),
             with a serial above everything seen.
         rebuild: list what the storage holds now instead of the current document.
+        forward: (name, tag)s of *tags* that only move to a newer version: a
+            racing writer's newer one, already in the document this builds
+            on, is kept (two pushes at once must leave ``latest`` on the newer).
 
     Raises:
         Refused: this machine's key is not a publisher of the tenant.
@@ -346,7 +350,7 @@ def commit(
             gone (not with *rebase*).
     """
     from sealstore.vault.manifest import now
-    from sealstore.vault.store import pin_counter, pinned_counter
+    from sealstore.vault.store import _version_key, pin_counter, pinned_counter
 
     signer = store.require("publisher", tenant)
     base: Sequence | None
@@ -380,8 +384,11 @@ def commit(
             art = arts.setdefault(name, {"versions": {}, "tags": {}})
             if entry is None:
                 art["tags"].pop(tag, None)
-            else:
-                art["tags"][tag] = [entry[0], entry[1]]
+                continue
+            held = art["tags"].get(tag)
+            if (name, tag) in forward and held and _version_key(held[0]) > _version_key(entry[0]):
+                continue
+            art["tags"][tag] = [entry[0], entry[1]]
         arts = {n: a for n, a in sorted(arts.items()) if a["versions"] or a["tags"]}
         serial = max(base.serial, seen) + 1  # above seen only for a rebase
         life = lifetime or base.lifetime

@@ -595,4 +595,4 @@ def _tag_latest(store: Any, name: str, version: str, tenant: str) -> None:
     except Exception:
         current = None
     if current is None or _version_key(version) >= _version_key(current):
-        store.tag(f"{name}:{version}", "latest", tenant=tenant, audit=False)
+        store.tag(f"{name}:{version}", "latest", tenant=tenant, audit=False, forward_only=True)

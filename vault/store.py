@@ -708,11 +708,19 @@ class Store:
     # -- writing ------------------------------------------------------------------
 
     def tag(
-        self, ref: str | Ref, tag: str, *, tenant: str | None = None, audit: bool = True
+        self,
+        ref: str | Ref,
+        tag: str,
+        *,
+        tenant: str | None = None,
+        audit: bool = True,
+        forward_only: bool = False,
     ) -> str:
         """Point *tag* at a version (replacing where it pointed). Returns the version.
 
         *audit* False: part of an operation with its own record (push, rotate, restore).
+        *forward_only*: leave the tag where it is if it names a newer version
+        (decided inside the sequence's commit, so racing writers cannot undo it).
         """
         from sealstore.vault.auditing import record
 
@@ -735,7 +743,11 @@ class Store:
         self.storage.put(f"tenants/{tenant}/refs/{m.name}/{tag}", data)
         # Only the tag: the version is listed already (manifest_with_bytes checked),
         # and re-listing the digest read here could undo a rotation committed since.
-        self._commit(tenant, tags={(m.name, tag): (m.version, digest)})
+        self._commit(
+            tenant,
+            tags={(m.name, tag): (m.version, digest)},
+            forward=frozenset({(m.name, tag)}) if forward_only else frozenset(),
+        )
         if audit:
             record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
                    detail={"tag": tag})  # fmt: skip
@@ -786,6 +798,7 @@ class Store:
         *,
         versions: Mapping[tuple[str, str], str] | None = None,
         tags: Mapping[tuple[str, str], tuple[str, str] | None] | None = None,
+        forward: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         """Record written tags and manifests in the tenant's signed sequence.
 
@@ -795,7 +808,7 @@ class Store:
         """
         from sealstore.vault import freshness
 
-        seq = freshness.commit(self, tenant, versions=versions, tags=tags)
+        seq = freshness.commit(self, tenant, versions=versions, tags=tags, forward=forward)
         if tags:
             seq = freshness.fresher(self, tenant, seq)  # the newest, whoever wrote it
         for name, tag in tags or {}:
