@@ -27,13 +27,14 @@ from tests.test_datasets_io import write_parquet
 FILES = 4
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_home(tmp_path_factory: pytest.TempPathFactory, services: dict[str, str]) -> Iterator[Path]:
-    """One local Ray runtime (2 CPUs) for the session, and the keyring its workers use.
+    """One local Ray runtime (2 CPUs) for this file, and the keyring its workers use.
 
     The workers find the keyring by reference -- ``SEALSTORE_HOME`` and the
     passphrase in their environment -- never by key bytes. The services start
-    first: Ray's workers listen on free ports that a service would want later.
+    first: Ray's workers listen on free ports that a service would want later;
+    the runtime stops after this file, so no later test finds its ports taken.
     """
     home = tmp_path_factory.mktemp("ray-home")
     make_keyring(home / "keyring.json", passphrase=PASSPHRASE)
