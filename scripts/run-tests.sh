@@ -16,4 +16,5 @@ trap 'scripts/services.sh stop' EXIT
 scripts/services.sh start
 eval "$(scripts/services.sh env)"
 echo "== pytest"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# The 15 slowest tests are printed at the end: the suite must stay under 30 minutes.
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
