@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from sealstore.dekcache import DekCache
-from sealstore.errors import NotFound, SealstoreError
+from sealstore.errors import FormatError, NotFound, SealstoreError
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.envelope import IdentitySpec, KeySpec, new_data_key
 from sealstore.vault.manifest import FileEntry, Manifest, check_name, version_context
@@ -103,6 +103,11 @@ class _Stored:
     offset: int
     length: int
     entry: dict[str, Any] | None = None
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared (any dtype: viewed as uint8)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 class _Counting:
@@ -253,7 +258,9 @@ class SealedStorageWriter(StorageWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     stream.write(data.getbuffer())
                 else:
-                    torch.save(data.detach().cpu(), stream)  # type: ignore[arg-type]
+                    # Raw bytes, C order: the metadata holds each chunk's dtype and
+                    # shape, and a load decrypts straight into the target tensor.
+                    stream.write(_raw(data.detach().cpu().contiguous()))
                 stored = _Stored(path, offset, stream.tell() - offset)
                 results.append(WriteResult(item.index, stored.length, stored))
 
@@ -387,6 +394,9 @@ class SealedStorageReader(StorageReader):
             choice binds every rank: a rank that resolved another refuses).
         tenant, identities: the tenant and the keys to open it with.
         threads: chunks decrypted in parallel per item.
+        safe_globals: types the checkpoint's non-tensor values may hold beyond
+            torch's weights-only set, as for ``torch.serialization.safe_globals``;
+            anything else is refused before DCP unpickles it.
 
     Raises:
         (on load) NotFound: no such step. AuthenticationError: a manifest,
@@ -402,6 +412,7 @@ class SealedStorageReader(StorageReader):
         tenant: str | None = None,
         identities: Sequence[IdentitySpec] = (),
         threads: int = 2,
+        safe_globals: Sequence[Any] = (),
     ) -> None:
         from sealstore.vault.store import default_tenant
 
@@ -411,6 +422,8 @@ class SealedStorageReader(StorageReader):
         self.tenant = check_name(tenant or default_tenant(), "tenant")
         self.step = None if step is None else _step(step)
         self.identities, self.threads = tuple(identities), threads
+        self.safe_globals = tuple(safe_globals)
+        self._metadata = Metadata(state_dict_metadata={})
         self._version: str | None = None
         self._storage: dict[Any, tuple[str, int, int]] = {}
         self._cache = DekCache()
@@ -452,6 +465,7 @@ class SealedStorageReader(StorageReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
+        self._metadata = metadata
         self._storage = dict(metadata.storage_data or {})
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -483,20 +497,14 @@ class SealedStorageReader(StorageReader):
                 for req in sorted(reqs, key=lambda r: self._storage[r.storage_index][1]):
                     _, offset, length = self._storage[req.storage_index]
                     # Only the chunks this item covers are read and authenticated.
-                    buf = bytearray(length)
-                    sealed.read_into(offset, buf, threads=self.threads)
                     if req.type == LoadItemType.BYTE_IO:
+                        buf = bytearray(length)
+                        sealed.read_into(offset, buf, threads=self.threads)
+                        self._check_bytes(path, buf)
                         planner.load_bytes(req, io.BytesIO(buf))
                         continue
-                    tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
-                    tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
                     target = planner.resolve_tensor(req).detach()
-                    if target.size() != tensor.size():
-                        raise ValueError(
-                            f"{path}: item {req.storage_index} is {tuple(tensor.size())}, "
-                            f"the state dict wants {tuple(target.size())}"
-                        )
-                    target.copy_(tensor)
+                    self._read_tensor(sealed, req, offset, length, target)
                     planner.commit_tensor(req, target)
         fut: Future[None] = Future()
         fut.set_result(None)
@@ -505,6 +513,53 @@ class SealedStorageReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return False
+
+    def _read_tensor(
+        self, sealed: Any, req: Any, offset: int, length: int, target: torch.Tensor
+    ) -> None:
+        """Decrypt one saved chunk's bytes into *target* (or the part of it DCP asks for)."""
+        md = self._metadata.state_dict_metadata[req.storage_index.fqn]
+        chunks = md.chunks  # type: ignore[union-attr]
+        hint = req.storage_index.index
+        chunk = (
+            chunks[hint]
+            if hint is not None
+            and hint < len(chunks)
+            and chunks[hint].offsets == req.storage_index.offset
+            else next(c for c in chunks if c.offsets == req.storage_index.offset)
+        )
+        dtype = md.properties.dtype  # type: ignore[union-attr]
+        if length != chunk.sizes.numel() * dtype.itemsize:
+            raise FormatError(f"item {req.storage_index.fqn} has {length} bytes, not its shape's")
+        whole = list(req.lengths) == list(chunk.sizes) and not any(req.storage_offsets)
+        if (
+            whole
+            and target.is_contiguous()
+            and target.dtype == dtype
+            and target.device.type == "cpu"
+        ):
+            # The whole chunk into the tensor's own memory: no copy, and on a
+            # failure read_into zeroes it -- no partial plaintext stays there.
+            sealed.read_into(offset, _raw(target), threads=self.threads)
+            return
+        whole_chunk = torch.empty(chunk.sizes, dtype=dtype)
+        sealed.read_into(offset, _raw(whole_chunk), threads=self.threads)
+        part = narrow_tensor_by_index(whole_chunk, req.storage_offsets, req.lengths)
+        if target.size() != part.size():
+            raise ValueError(
+                f"item {req.storage_index.fqn} is {tuple(part.size())}, "
+                f"the state dict wants {tuple(target.size())}"
+            )
+        target.copy_(part)
+
+    def _check_bytes(self, path: str, buf: bytearray) -> None:
+        """Refuse a non-tensor value that would unpickle more than weights-only allows.
+
+        DCP's planner unpickles these with ``weights_only=False``; trying the
+        restricted unpickler first keeps a checkpoint from running code.
+        """
+        with torch.serialization.safe_globals(list(self.safe_globals)):
+            torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
 
     def _newest(self) -> str:
         for v in sorted(

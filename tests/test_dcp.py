@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import pickle
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,19 @@ def test_the_reader_unpickles_metadata_weights_only(store: Store) -> None:
     assert all(isinstance(v, tuple) for v in metadata.storage_data.values())
     with pytest.raises(NotFound):
         SealedStorageReader(store, "run", 9).read_metadata()
+
+
+def test_non_tensor_values_must_unpickle_weights_only(store: Store) -> None:
+    state = {"w": torch.ones(3), "when": datetime.date(2026, 12, 2)}
+    dcp.save(state, storage_writer=_writer(store, "run", 1))
+    target = {"w": torch.zeros(3), "when": None}
+    with pytest.raises(CheckpointException) as err:
+        dcp.load(target, storage_reader=SealedStorageReader(store, "run", 1))
+    assert any(isinstance(e, pickle.UnpicklingError) for e in _failures(err.value))
+    assert target["when"] is None
+    reader = SealedStorageReader(store, "run", 1, safe_globals=[datetime.date])
+    dcp.load(target, storage_reader=reader)
+    assert target["when"] == datetime.date(2026, 12, 2) and torch.equal(target["w"], state["w"])
 
 
 def test_keep_last_shreds_older_steps_but_never_a_tagged_one(store: Store) -> None:
