@@ -221,3 +221,18 @@ def test_only_wrapped_slots_travel_to_the_other_ranks(store: Store) -> None:
         pickle.dumps(writer._dek)
     writer.reset()
     assert writer._dek is None
+
+
+def test_save_and_load_on_a_seaweedfs_s3_store(
+    services: dict[str, str], keyring_path: Path
+) -> None:
+    from tests.s3util import new_bucket, s3_options
+
+    make_keyring(keyring_path)
+    options = s3_options(services["s3_url"], services["s3_key"], services["s3_secret"])
+    s3 = Store.init(f"s3://{new_bucket(options)}/checkpoints", **options)
+    dcp.save(full_state(1), storage_writer=_writer(s3, "run", 1))
+    target = _plain_target(1)
+    dcp.load(target, storage_reader=SealedStorageReader(s3, "run", 1))
+    assert torch.equal(target["w"], full_state(1)["w"]) and target["note"] == "step 1"
+    assert sorted(f.path for f in s3.manifest("run:1").files) == [METADATA, "__0.distcp"]
