@@ -379,9 +379,15 @@ class SealedStorageWriter(StorageWriter):
         return unwrap_version_key(shell, None, self.identities)
 
     def _close_key(self) -> None:
-        if self._dek is not None:
-            self._dek.close()
+        dek = getattr(self, "_dek", None)  # absent when __init__ raised
+        if dek is not None:
+            dek.close()
             self._dek = None
+
+    def __del__(self) -> None:
+        # A save that failed on another rank never reaches finish(): the key
+        # is wiped when the writer goes, not left in freed memory.
+        self._close_key()
 
 
 class SealedStorageReader(StorageReader):

@@ -206,6 +206,8 @@ def test_keep_last_shreds_older_steps_but_never_a_tagged_one(store: Store) -> No
         assert torch.equal(target["w"], full_state(step)["w"])
     # The newest step that is not shredded is what a reader without a step takes.
     assert SealedStorageReader(store, "run")._newest() == "5"
+    with pytest.raises(ValueError):
+        _writer(store, "run", 6, keep_last=0)
 
 
 def test_only_wrapped_slots_travel_to_the_other_ranks(store: Store) -> None:
