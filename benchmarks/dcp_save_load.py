@@ -92,6 +92,69 @@ def one_round(
     return {"save": t1 - t0, "load": t2 - t1}
 
 
+def _rank(rank: int, world: int, tmp: str, args: tuple[int, int, int], out: str) -> None:
+    """One rank of ``--world`` ranks: the state sharded by rows (DTensor ``Shard(0)``)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from sealstore.loaders.dcp import SealedStorageReader, SealedStorageWriter
+    from sealstore.vault.lifecycle import shred
+    from sealstore.vault.store import Store
+
+    warnings.filterwarnings("ignore", "torch.distributed is disabled")
+    size, tensor, repeat = args
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    store = Store.open(f"file://{tmp}/store")
+    local = make_state(size // world, tensor // world)
+    step = local.pop("step")
+
+    def sharded(zero: bool) -> dict[str, Any]:
+        made = {
+            k: DTensor.from_local(torch.zeros_like(v) if zero else v, mesh, [Shard(0)])
+            for k, v in local.items()
+        }
+        return {**made, "step": 0 if zero else step}
+
+    state = sharded(False)
+    times: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    for r in range(repeat + 1):  # round 0 warms up
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            if mode == "plain":
+                writer: Any = dcp.FileSystemWriter(f"{tmp}/plain-{r}")
+                reader: Any = dcp.FileSystemReader(f"{tmp}/plain-{r}")
+            else:
+                writer = SealedStorageWriter(store, "bench", r, keys=["local:"])
+                reader = SealedStorageReader(store, "bench", r)
+            target = sharded(True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            dcp.save(state, storage_writer=writer)
+            dist.barrier()
+            t1 = time.perf_counter()
+            dcp.load(target, storage_reader=reader)
+            dist.barrier()
+            t2 = time.perf_counter()
+            first = next(iter(local))
+            assert torch.equal(target[first].to_local(), local[first])
+            if r:
+                times[mode].append({"save": t1 - t0, "load": t2 - t1})
+            if rank == 0:
+                if mode == "plain":
+                    shutil.rmtree(f"{tmp}/plain-{r}")
+                else:
+                    shred(store, f"bench:{r}")
+            dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=parse_size, default=parse_size("512MiB"))
@@ -99,6 +162,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="docs/perf/dcp_save_load.json")
     ap.add_argument("--tmpdir", default=None)
+    ap.add_argument("--world", type=int, default=1, help="ranks (gloo, DTensor Shard(0))")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", "torch.distributed is disabled")
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as name:
@@ -107,15 +171,26 @@ def main() -> None:
         from sealstore.vault.store import Store
 
         store = Store.init(f"file://{tmp}/store")
-        state = make_state(args.size, args.tensor)
-        # Warm-up (imports, the BoM schema, the keyring unlock), not timed.
-        one_round("plain", state, tmp, store, 0)
-        one_round("sealed", state, tmp, store, 0)
-        samples: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-        for r in range(args.repeat):
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                samples[mode].append(one_round(mode, state, tmp, store, r + 1))
-    size = sum(v.numel() * 4 for v in state.values() if hasattr(v, "numel"))
+        if args.world > 1:
+            import json
+
+            import torch.multiprocessing as mp
+
+            out = tmp / "times.json"
+            task = (args.size, args.tensor, args.repeat)
+            mp.spawn(_rank, args=(args.world, str(tmp), task, str(out)), nprocs=args.world)
+            samples = json.loads(out.read_text())
+            size = (args.size // args.tensor) * (args.tensor // args.world // 4) * 4 * args.world
+        else:
+            state = make_state(args.size, args.tensor)
+            # Warm-up (imports, the BoM schema, the keyring unlock), not timed.
+            one_round("plain", state, tmp, store, 0)
+            one_round("sealed", state, tmp, store, 0)
+            samples = {m: [] for m in MODES}
+            for r in range(args.repeat):
+                for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    samples[mode].append(one_round(mode, state, tmp, store, r + 1))
+            size = sum(v.numel() * 4 for v in state.values() if hasattr(v, "numel"))
     results: dict[str, Any] = {"state_mib": round(size / MIB, 1)}
     for mode, got in samples.items():
         results[mode] = {
@@ -145,9 +220,12 @@ def main() -> None:
         "size_bytes": size,
         "tensor_bytes": args.tensor,
         "repeat": args.repeat,
+        "world": args.world,
         "note": (
             "a shared 2-core machine with other work running: medians of alternating "
-            "rounds in one process, one rank (no process group), page cache warm for loads"
+            "rounds; one rank in one process (no process group), or --world ranks over "
+            "gloo each holding its rows (timed from barrier to barrier); page cache warm "
+            "for loads"
         ),
         "results": results,
     }
