@@ -150,9 +150,8 @@ class SealedStorageWriter(StorageWriter):
     """DCP ``StorageWriter`` that commits a checkpoint as store version ``NAME:STEP``.
 
     Every rank makes its own writer with the same arguments. Works with
-    ``torch.distributed.checkpoint.save`` and ``async_save`` (thread-based:
-    the writer holds a key, which refuses pickling, so process-based async
-    saves fail closed).
+    ``torch.distributed.checkpoint.save`` and ``async_save`` (its default,
+    thread-based checkpointer; the process-based one is not tested).
 
     Args:
         store: the :class:`~sealstore.vault.store.Store` or its URL.
