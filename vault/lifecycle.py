@@ -21,7 +21,7 @@ from sealstore.kms.rotate import rotate_slots
 from sealstore.vault.auditing import record
 from sealstore.vault.manifest import Manifest, check_name, now
 
-__all__ = ["gc", "rotate", "shred"]
+__all__ = ["gc", "prune", "rotate", "shred"]
 
 
 def _retag(store: Any, m: Manifest, old_digest: str, tenant: str) -> list[str]:
@@ -170,3 +170,52 @@ def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[
         store.storage.delete(rel)
         deleted.append(rel)
     return deleted
+
+
+def prune(
+    store: Any,
+    name: str,
+    *,
+    keep_last: int,
+    tenant: str | None = None,
+    keep: Sequence[str] = (),
+) -> list[str]:
+    """Crypto-shred the numbered versions of *name* older than its *keep_last* newest.
+
+    A retention policy for checkpoints. Versions a tag points to (``latest``,
+    ``known-good``...) and those in *keep* are never removed (they still
+    count among the newest); versions already shredded are not counted. Each removal is
+    a :func:`shred` (tombstone manifest, objects deleted, audited).
+
+    Args:
+        store: the :class:`~sealstore.vault.store.Store`.
+        name: the artifact.
+        keep_last: how many of the newest versions to keep (at least 1).
+        tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
+        keep: versions never to remove (the one just written).
+
+    Returns:
+        The versions shredded, oldest first.
+
+    Raises:
+        ValueError: *keep_last* below 1.
+        Refused: this process's signer lacks the admin role shred needs.
+    """
+    from sealstore.vault.store import _version_key, default_tenant
+
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+        raise ValueError("keep_last must be an integer of at least 1")
+    tenant = check_name(tenant or default_tenant(), "tenant")
+    protected = set(keep) | set(store.tags(name, tenant=tenant, skip_damaged=True).values())
+    live = [
+        v
+        for v in sorted(store.versions(name, tenant=tenant), key=_version_key)
+        if v.isdigit() and not store.manifest(f"{name}:{v}", tenant=tenant).shredded
+    ]
+    # The newest keep_last stay; of the older ones, a protected version stays too.
+    older = [v for v in live[: max(0, len(live) - keep_last)] if v not in protected]
+    removed = []
+    for v in older:
+        shred(store, f"{name}:{v}", tenant=tenant)
+        removed.append(v)
+    return removed

@@ -45,7 +45,7 @@ from sealstore.vault.manifest import (
 from sealstore.vault.s3limits import timed_out
 from sealstore.vault.storage import new_object_name
 
-__all__ = ["collect_files", "push"]
+__all__ = ["collect_files", "commit_version", "push", "seal_object"]
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +458,142 @@ def push(
     raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
 
 
+def seal_object(
+    store: Any,
+    tenant: str,
+    name: str,
+    version: str,
+    path: str,
+    producer: Callable[[IO[bytes]], object],
+    dek: DataKey,
+    *,
+    suite: str = DEFAULT_SUITE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int = 2,
+) -> FileEntry:
+    """Seal one file of a version that several writers build, before any manifest exists.
+
+    For versions whose files come from several processes (the ranks of a
+    distributed checkpoint): each seals its own files with the version's DEK,
+    exactly as a push would (own object, per-file salt, header context naming
+    tenant, artifact, version and *path*), and hands the entries to the one
+    that calls :func:`commit_version`. Until then the object is unreferenced:
+    on failure it is deleted here; an object whose version never commits is
+    removed by ``store gc`` after its grace period.
+
+    Args:
+        store: the :class:`~sealstore.vault.store.Store`.
+        tenant, name, version: the version the file belongs to.
+        path: the file's path inside the version.
+        producer: writes the plaintext into the binary file object it is
+            given (only ``write`` and ``flush``); streamed as it writes.
+        dek: the version's data key (the caller keeps and closes it).
+        threads: chunks sealed in parallel.
+
+    Returns:
+        The file's manifest entry.
+
+    Raises:
+        FormatError: a bad path. BackendError: from the storage.
+    """
+    check_file_path(path)
+    obj = new_object_name()
+    target = store.object_path(tenant, obj)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="sealstore-hash") as hasher:
+            plain, size, obj_digest, obj_size, header_sha, mode = _seal_one(
+                store.storage,
+                target,
+                producer,
+                None,
+                dek,
+                dict(version_context(tenant, name, version), path=path),
+                suite=suite,
+                chunk_size=chunk_size,
+                threads=threads,
+                progress=None,
+                hasher=hasher,
+            )
+    except BaseException:
+        _discard(store, tenant, [obj])
+        raise
+    return FileEntry(path, size, plain, obj, obj_size, obj_digest, header_sha, mode)
+
+
+def commit_version(
+    store: Any,
+    tenant: str,
+    name: str,
+    version: str,
+    entries: Sequence[FileEntry],
+    slots: Sequence[Any],
+    *,
+    parent: str | None = "auto",
+    tag_latest: bool = True,
+) -> Manifest:
+    """Commit a version whose files were sealed apart (:func:`seal_object`).
+
+    Writes the BoM and the signed manifest listing *entries*, exactly as a
+    push commits: the manifest write is the commit, refused if the version
+    exists.
+
+    Args:
+        store: the :class:`~sealstore.vault.store.Store`.
+        tenant, name, version: the version.
+        entries: every file of the version.
+        slots: the key slots of the DEK the files were sealed with.
+        parent: as for :func:`push`.
+        tag_latest: point the ``latest`` tag at this version.
+
+    Returns:
+        The committed manifest.
+
+    Raises:
+        FileExistsError: the version exists.
+        ValueError: no entries, or two with one path.
+        Refused: this process's signer may not publish. BackendError: from the storage.
+    """
+    tenant = check_name(tenant, "tenant")
+    check_name(name, "artifact name")
+    paths = [e.path for e in entries]
+    if not paths or len(set(paths)) != len(paths):
+        raise ValueError("a version needs files, each path once")
+    signer = store.require("publisher", tenant)
+    store.renew(tenant)
+    existing = store.versions(name, tenant=tenant)
+    if version in existing:
+        raise FileExistsError(f"{name}:{version} already exists in tenant {tenant}")
+    parent_ref = _parent(store, name, parent, existing, tenant)
+    made: list[str] = []
+    try:
+        manifest = _commit_entries(
+            store,
+            tenant,
+            name,
+            version,
+            sorted(entries, key=lambda e: e.path),
+            slots,
+            signer,
+            parent=parent_ref,
+            spec=BomSpec(),
+            datasets=(),
+            made=made,
+        )
+    except BaseException:
+        _discard(store, tenant, made)  # the BoM; the objects are the caller's
+        raise
+    if tag_latest:
+        try:
+            _tag_latest(store, name, version, tenant)
+        except SealstoreError as exc:
+            log.warning("committed %s:%s but could not move its latest tag: %s", name, version, exc)
+    from sealstore.vault.auditing import record
+
+    detail = {"signer": signer.signing_key_id, "files": len(manifest.files), "bytes": manifest.size}
+    record(store, "push", tenant=tenant, artifact=name, version=version, detail=detail)
+    return manifest
+
+
 def _discard(store: Any, tenant: str, made: list[str]) -> None:
     """Delete a failed push's objects (and its BoM: entries ``bom:PATH``)."""
     for item in made:
@@ -547,13 +683,43 @@ def _push_version(
             # On threads that an interrupt does not wait for (see run_jobs):
             # the files in flight are abandoned, `store gc` removes them.
             entries = run_jobs([functools.partial(one, item) for item in files], workers)
+    return _commit_entries(
+        store,
+        tenant,
+        name,
+        version,
+        entries,
+        slots,
+        signer,
+        parent=parent,
+        spec=spec,
+        datasets=datasets,
+        made=made,
+    )
+
+
+def _commit_entries(
+    store: Any,
+    tenant: str,
+    name: str,
+    version: str,
+    entries: Sequence[FileEntry],
+    slots: Sequence[Any],
+    signer: Any,
+    *,
+    parent: str | None,
+    spec: BomSpec,
+    datasets: Sequence[DatasetRef],
+    made: list[str],
+) -> Manifest:
+    """Write the BoM and the signed manifest of sealed *entries*: the commit."""
     bom = build_bom(
         tenant=tenant,
         name=name,
         version=version,
         files=[(e.path, e.size, e.sha256) for e in entries],
         parent=parent.partition(":")[2] if parent and parent.startswith(name + ":") else parent,
-        datasets=datasets,
+        datasets=list(datasets),
         spec=spec,
         store_id=store.id,
     )
