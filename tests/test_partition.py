@@ -1,0 +1,369 @@
+"""Rank-partitioned loads: ``load_file`` / ``safe_open`` with ``plan=`` (loaders/partition.py).
+
+Each rank's tensors must equal slicing the full load, and a rank must decrypt
+only the chunks its slices cover (counted by wrapping ``SealedFile._decrypt_chunk``,
+which every decrypted chunk goes through). The multi-process tests run real
+torch.distributed (gloo) ranks, one spawn per world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+from sealstore.kms.envelope import seal_file
+from sealstore.kms.local import LocalKeyring
+from sealstore.loaders import (
+    TensorNotFound,
+    TensorSlice,
+    load_file,
+    safe_open,
+    tensor_parallel,
+)
+from sealstore.loaders.st_header import Layout
+from sealstore.stream import SealedFile
+from sealstore.vault.store import Store
+from tests.conftest import CS
+
+H, V, FF, LAYERS = 256, 2048, 1024, 2
+
+# Megatron's split of the synthetic model: qkv and up column-parallel, proj and
+# down row-parallel, the embedding by vocabulary, the norms replicated.
+RULES = {
+    "column": ("*.qkv.*", "*.up.*"),
+    "row": ("*.proj.*", "*.down.*"),
+    "vocab": ("embed.*",),
+}
+# The same for BERT (all-MiniLM-L6-v2): the vocabulary (30522) does not split
+# by 4, so the word embeddings are replicated here.
+BERT_RULES = {
+    "column": ("*.attention.self.*", "*.intermediate.dense.*"),
+    "row": ("*.attention.output.dense.*", "*.output.dense.*"),
+}
+
+
+def synthetic() -> dict[str, torch.Tensor]:
+    """A two-layer transformer-shaped state dict (~8.5 MiB: 136 chunks of 64 KiB)."""
+    g = torch.Generator().manual_seed(7)
+    out = {"embed.weight": torch.randn(V, H, generator=g)}
+    for i in range(LAYERS):
+        p = f"layers.{i}"
+        for name, shape in {
+            "qkv.weight": (3 * H, H),
+            "qkv.bias": (3 * H,),
+            "proj.weight": (H, H),
+            "proj.bias": (H,),
+            "up.weight": (FF, H),
+            "up.bias": (FF,),
+            "down.weight": (H, FF),
+            "down.bias": (H,),
+            "norm.weight": (H,),
+        }.items():
+            out[f"{p}.{name}"] = torch.randn(*shape, generator=g)
+    return out
+
+
+def sealed_synthetic(tmp_path: Path) -> tuple[Path, Path]:
+    """(plaintext file, the same sealed with 64 KiB chunks)."""
+    plain, sealed = tmp_path / "model.safetensors", tmp_path / "model.seal"
+    st_save_file(synthetic(), plain)
+    seal_file(plain, sealed, keys=["local:"], chunk_size=CS)
+    return plain, sealed
+
+
+@contextlib.contextmanager
+def decrypted() -> Iterator[list[int]]:
+    """Sum the plaintext bytes of every chunk decrypted meanwhile (into the list's one item)."""
+    real = SealedFile._decrypt_chunk
+    total = [0]
+
+    def counting(self: SealedFile, i: int, buf: Any) -> int:
+        n = real(self, i, buf)
+        total[0] += n
+        return n
+
+    SealedFile._decrypt_chunk = counting  # type: ignore[method-assign]
+    try:
+        yield total
+    finally:
+        SealedFile._decrypt_chunk = real  # type: ignore[method-assign]
+
+
+def expected(full: dict[str, torch.Tensor], plan: Any) -> dict[str, torch.Tensor]:
+    """What a rank should get: each tensor of the full load narrowed as the plan says."""
+    out = {}
+    for name, t in full.items():
+        part = plan.slice_for(name)
+        if part is None:
+            continue
+        got = part.resolve(name, list(t.shape))
+        out[name] = t if got is None else t.narrow(got[0], got[1], got[2] - got[1])
+    return out
+
+
+def header_cost(sealed: Path) -> int:
+    """Bytes decrypted to parse the safetensors header (read before any tensor)."""
+    from sealstore.kms.envelope import open_sealed
+
+    with open_sealed(sealed) as sf, decrypted() as n:
+        Layout(sf)
+    return n[0]
+
+
+def bound(full: dict[str, torch.Tensor], plan: Any, header: int) -> tuple[int, int]:
+    """(this rank's share of the data, the most it may decrypt).
+
+    A dim-0 slice (or a whole tensor) covers its own bytes and at most one
+    partial chunk at each end; a slice of dim > 0 touches every chunk of its
+    tensor, so the tensor counts whole. Plus the header and the final chunk.
+    """
+    share = limit = 0
+    slices = 0
+    for name, t in full.items():
+        part = plan.slice_for(name)
+        if part is None:
+            continue
+        got = part.resolve(name, list(t.shape))
+        nbytes = t.numel() * t.element_size()
+        if got is None:
+            share += nbytes
+            limit += nbytes
+        else:
+            dim, lo, hi = got
+            share += nbytes * (hi - lo) // t.shape[dim]
+            limit += nbytes * (hi - lo) // t.shape[dim] if dim == 0 else nbytes
+        slices += 1
+    return share, limit + header + (2 * slices + 1) * CS
+
+
+def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_each_rank_gets_the_megatron_slices_of_the_full_load(
+    ring: LocalKeyring, tmp_path: Path
+) -> None:
+    """World sizes 1, 2, 4: column, row, vocab and replicated tensors as slices of the full load."""
+    plain, sealed = sealed_synthetic(tmp_path)
+    full = st_load_file(plain)
+    for world in (1, 2, 4):
+        parts = []
+        for rank in range(world):
+            plan = tensor_parallel(rank, world, **RULES)
+            got = load_file(sealed, plan=plan)
+            assert same(dict(sorted(got.items())), dict(sorted(expected(full, plan).items())))
+            assert all(t.is_contiguous() for t in got.values())
+            parts.append(got)
+        # The ranks' parts put back together are the model.
+        assert torch.equal(
+            torch.cat([p["layers.0.qkv.weight"] for p in parts], 0), full["layers.0.qkv.weight"]
+        )
+        assert torch.equal(
+            torch.cat([p["layers.1.down.weight"] for p in parts], 1), full["layers.1.down.weight"]
+        )
+        assert all(torch.equal(p["layers.0.proj.bias"], full["layers.0.proj.bias"]) for p in parts)
+
+
+def test_a_dim0_rank_decrypts_its_share_plus_one_chunk_per_slice_boundary(
+    ring: LocalKeyring, tmp_path: Path
+) -> None:
+    """Every tensor split along dim 0: each of 4 ranks decrypts about a quarter of the data."""
+    plain, sealed = sealed_synthetic(tmp_path)
+    full = st_load_file(plain)
+    data = sum(t.numel() * t.element_size() for t in full.values())
+    header = header_cost(sealed)
+    for rank in range(4):
+        plan = tensor_parallel(rank, 4, column=("*",))
+        with decrypted() as n:
+            load_file(sealed, plan=plan)
+        share, limit = bound(full, plan, header)
+        assert share == data // 4
+        assert share <= n[0] <= limit
+        assert n[0] < data // 2  # far from the whole file
+
+
+def test_a_dim1_slice_decrypts_every_chunk_of_its_tensor_only(
+    ring: LocalKeyring, tmp_path: Path
+) -> None:
+    """A row-parallel weight's columns lie in every row: its chunks, no others'."""
+    plain, sealed = sealed_synthetic(tmp_path)
+    full = st_load_file(plain)
+    plan = {"layers.1.down.weight": TensorSlice.part(1, 1, 4)}
+    from sealstore.loaders.partition import as_plan
+
+    with decrypted() as n:
+        got = load_file(sealed, plan=plan)
+    want = full["layers.1.down.weight"][:, FF // 4 : FF // 2]
+    assert torch.equal(got["layers.1.down.weight"], want)
+    nbytes = H * FF * 4
+    assert nbytes <= n[0] <= bound(full, as_plan(plan), header_cost(sealed))[1]
+
+
+def test_safe_open_with_a_plan_gives_this_ranks_slices(ring: LocalKeyring, tmp_path: Path) -> None:
+    """keys are the plan's tensors; get_tensor / get_tensors slice; get_slice is unchanged."""
+    plain, sealed = sealed_synthetic(tmp_path)
+    full = st_load_file(plain)
+    plan = tensor_parallel(1, 2, skip=("*.norm.*",), **RULES)
+    with safe_open(sealed, plan=plan) as f:
+        assert "layers.0.norm.weight" not in f.keys()  # noqa: SIM118 (keys() is the API tested)
+        assert len(f.keys()) == len(full) - LAYERS
+        assert torch.equal(
+            f.get_tensor("layers.0.up.weight"), full["layers.0.up.weight"][FF // 2 :]
+        )
+        assert torch.equal(
+            f.get_tensor("layers.0.proj.weight"), full["layers.0.proj.weight"][:, H // 2 :]
+        )
+        assert same(f.get_tensors(), {k: v for k, v in expected(full, as_plan_(plan)).items()})
+        assert torch.equal(f.get_slice("embed.weight")[3:5], full["embed.weight"][3:5])
+        with pytest.raises(TensorNotFound, match="not in this rank's plan"):
+            f.get_tensor("layers.0.norm.weight")
+
+
+def as_plan_(plan: Any) -> Any:
+    from sealstore.loaders.partition import as_plan
+
+    return as_plan(plan)
+
+
+def test_a_plan_the_file_cannot_satisfy_is_refused_in_one_line(
+    ring: LocalKeyring, tmp_path: Path
+) -> None:
+    """A missing tensor, a slice past the end, an uneven split, a bad rank: one clear error."""
+    _plain, sealed = sealed_synthetic(tmp_path)
+    with pytest.raises(TensorNotFound, match=r"plan names tensor lm_head\.weight") as e:
+        load_file(sealed, plan={"lm_head.weight": TensorSlice()})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"slice \[0, 5000\) of dim 0 is outside embed.weight"):
+        load_file(sealed, plan={"embed.weight": TensorSlice(0, 0, 5000)})
+    with pytest.raises(ValueError, match="shape"):
+        safe_open(sealed, plan={"embed.weight": TensorSlice(2, 0, 1)})
+    with pytest.raises(ValueError, match=r"dim 0 of embed\.weight \(size 2048\) into 5 parts"):
+        load_file(sealed, plan=tensor_parallel(0, 5, **RULES))
+    with pytest.raises(ValueError, match="rank 4 is not in range"):
+        tensor_parallel(4, 4)
+    with pytest.raises(TypeError, match="TensorSlice"):
+        load_file(sealed, plan={"embed.weight": (0, 0, 1)})
+
+
+def sharded_minilm(src: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """all-MiniLM-L6-v2 as a Hugging Face folder of 2 shards and an index; its state dict."""
+    import shutil
+
+    full = st_load_file(src / "model.safetensors")
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocab.txt"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    names = list(full)
+    half = len(names) // 2
+    weight_map = {}
+    for k, part in enumerate((names[:half], names[half:])):
+        shard = f"model-{k + 1:05d}-of-00002.safetensors"
+        st_save_file({n: full[n].contiguous() for n in part}, dst / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return full
+
+
+def test_a_rank_of_a_sharded_store_model_opens_only_its_shards(
+    ring: LocalKeyring, tmp_path: Path, minilm: Path
+) -> None:
+    """The real all-MiniLM-L6-v2, pushed as 2 shards: a plan of one shard's tensors opens one."""
+    from sealstore.loaders.artifact import StoreArtifact
+
+    full = sharded_minilm(minilm, tmp_path / "minilm")
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(tmp_path / "minilm", "minilm", keys=["local:"])
+    ref = f"sealstore+{store.url}#minilm:1"
+    layer5 = [n for n in full if n.startswith("encoder.layer.5.")]
+    opened: list[str] = []
+    real = StoreArtifact.open
+
+    def counting(self: StoreArtifact, path: str) -> SealedFile:
+        opened.append(path)
+        return real(self, path)
+
+    StoreArtifact.open = counting  # type: ignore[method-assign]
+    try:
+        plan = tensor_parallel(
+            0, 2, skip=("embeddings.*", "encoder.layer.[0-4].*", "pooler.*"), **BERT_RULES
+        )
+        got = load_file(ref, plan=plan)
+    finally:
+        StoreArtifact.open = real  # type: ignore[method-assign]
+    assert opened == ["model.safetensors.index.json", "model-00002-of-00002.safetensors"]
+    assert sorted(got) == sorted(layer5)
+    assert same(dict(sorted(got.items())), dict(sorted(expected(full, plan).items())))
+    q = "encoder.layer.5.attention.self.query.weight"
+    assert got[q].shape == (192, 384)
+    with pytest.raises(TensorNotFound, match="plan names tensor nope"):
+        load_file(ref, plan={"nope": TensorSlice()})
+
+
+def _rank(rank: int, world: int, workdir: str) -> None:
+    """One gloo rank: load its plan of both models, check it against the full load and the bound."""
+    import torch.distributed as dist
+
+    work = Path(workdir)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{work}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        full = st_load_file(work / "model.safetensors")
+        plan = tensor_parallel(rank, world, **RULES)
+        got = load_file(work / "model.seal", plan=plan)
+        assert same(dict(sorted(got.items())), dict(sorted(expected(full, plan).items())))
+        # All-gather the column-parallel slices: together they are the full tensor.
+        name = "layers.1.up.weight"
+        parts = [torch.empty_like(got[name]) for _ in range(world)]
+        dist.all_gather(parts, got[name].contiguous())
+        assert torch.equal(torch.cat(parts, 0), full[name])
+        # A dim-0 plan: this rank's share of the bytes, plus a chunk per slice boundary.
+        plan0 = tensor_parallel(rank, world, column=("*",))
+        with decrypted() as n:
+            load_file(work / "model.seal", plan=plan0)
+        share, limit = bound(full, plan0, int((work / "header").read_text()))
+        assert share <= n[0] <= limit, (rank, n[0], limit)
+        # The real all-MiniLM-L6-v2, from the store, with BERT's rules.
+        mini = st_load_file(work / "minilm.safetensors")
+        bert = tensor_parallel(rank, world, **BERT_RULES)
+        got = load_file(f"sealstore+file://{work}/store#minilm:1/model.safetensors", plan=bert)
+        assert same(dict(sorted(got.items())), dict(sorted(expected(mini, bert).items())))
+        sizes = [None] * world
+        dist.all_gather_object(sizes, n[0])
+        if rank == 0:
+            (work / "decrypted.json").write_text(json.dumps(sizes))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_ranks_load_their_slices(
+    ring: LocalKeyring, tmp_path: Path, minilm: Path, world: int
+) -> None:
+    """torch.distributed (gloo), 2 and 4 processes: slices equal the full load, bytes bounded."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    plain, sealed = sealed_synthetic(tmp_path)
+    (tmp_path / "header").write_text(str(header_cost(sealed)))
+    shutil.copy(minilm / "model.safetensors", tmp_path / "minilm.safetensors")
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(minilm, "minilm", keys=["local:"])
+    mp.spawn(_rank, args=(world, str(tmp_path)), nprocs=world, join=True)
+    sizes = json.loads((tmp_path / "decrypted.json").read_text())
+    data = sum(t.numel() * t.element_size() for t in st_load_file(plain).values())
+    # Each rank decrypted its share plus a chunk per slice boundary (asserted in its
+    # process): well under the whole file, which a load without a plan decrypts.
+    assert len(sizes) == world
+    assert max(sizes) < data * 3 // 4
