@@ -8,9 +8,7 @@ torch.distributed (gloo) ranks, one spawn per world size.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import torch
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
+from benchmarks._tp_model import RULES, decrypted, synthetic
+from sealstore.errors import AuthenticationError
 from sealstore.kms.envelope import seal_file
 from sealstore.kms.local import LocalKeyring
 from sealstore.loaders import (
@@ -35,66 +35,20 @@ from tests.conftest import CS
 
 H, V, FF, LAYERS = 256, 2048, 1024, 2
 
-# Megatron's split of the synthetic model: qkv and up column-parallel, proj and
-# down row-parallel, the embedding by vocabulary, the norms replicated.
-RULES = {
-    "column": ("*.qkv.*", "*.up.*"),
-    "row": ("*.proj.*", "*.down.*"),
-    "vocab": ("embed.*",),
-}
-# The same for BERT (all-MiniLM-L6-v2): the vocabulary (30522) does not split
-# by 4, so the word embeddings are replicated here.
+# BERT's split (all-MiniLM-L6-v2): its vocabulary (30522) does not divide by 4,
+# so the word embeddings are replicated here.
 BERT_RULES = {
     "column": ("*.attention.self.*", "*.intermediate.dense.*"),
     "row": ("*.attention.output.dense.*", "*.output.dense.*"),
 }
 
 
-def synthetic() -> dict[str, torch.Tensor]:
-    """A two-layer transformer-shaped state dict (~8.5 MiB: 136 chunks of 64 KiB)."""
-    g = torch.Generator().manual_seed(7)
-    out = {"embed.weight": torch.randn(V, H, generator=g)}
-    for i in range(LAYERS):
-        p = f"layers.{i}"
-        for name, shape in {
-            "qkv.weight": (3 * H, H),
-            "qkv.bias": (3 * H,),
-            "proj.weight": (H, H),
-            "proj.bias": (H,),
-            "up.weight": (FF, H),
-            "up.bias": (FF,),
-            "down.weight": (H, FF),
-            "down.bias": (H,),
-            "norm.weight": (H,),
-        }.items():
-            out[f"{p}.{name}"] = torch.randn(*shape, generator=g)
-    return out
-
-
 def sealed_synthetic(tmp_path: Path) -> tuple[Path, Path]:
-    """(plaintext file, the same sealed with 64 KiB chunks)."""
+    """(plaintext file, the same sealed with 64 KiB chunks): ~8.5 MiB, 136 chunks."""
     plain, sealed = tmp_path / "model.safetensors", tmp_path / "model.seal"
-    st_save_file(synthetic(), plain)
+    st_save_file(synthetic(H, FF, V, LAYERS), plain)
     seal_file(plain, sealed, keys=["local:"], chunk_size=CS)
     return plain, sealed
-
-
-@contextlib.contextmanager
-def decrypted() -> Iterator[list[int]]:
-    """Sum the plaintext bytes of every chunk decrypted meanwhile (into the list's one item)."""
-    real = SealedFile._decrypt_chunk
-    total = [0]
-
-    def counting(self: SealedFile, i: int, buf: Any) -> int:
-        n = real(self, i, buf)
-        total[0] += n
-        return n
-
-    SealedFile._decrypt_chunk = counting  # type: ignore[method-assign]
-    try:
-        yield total
-    finally:
-        SealedFile._decrypt_chunk = real  # type: ignore[method-assign]
 
 
 def expected(full: dict[str, torch.Tensor], plan: Any) -> dict[str, torch.Tensor]:
@@ -251,6 +205,26 @@ def test_a_plan_the_file_cannot_satisfy_is_refused_in_one_line(
         tensor_parallel(4, 4)
     with pytest.raises(TypeError, match="TensorSlice"):
         load_file(sealed, plan={"embed.weight": (0, 0, 1)})
+
+
+def test_a_tampered_chunk_under_a_slice_fails_and_one_outside_it_is_not_read(
+    ring: LocalKeyring, tmp_path: Path
+) -> None:
+    """A flipped bit inside a row-parallel weight fails its rank's load; other tensors load."""
+    from sealstore.kms.envelope import open_sealed
+
+    plain, sealed = sealed_synthetic(tmp_path)
+    with open_sealed(sealed) as sf:
+        layout = Layout(sf)
+        start = layout.data_start + layout.entries["layers.1.down.weight"][2]
+        where = sf.layout.offset(start // CS + 1) + 10
+    data = bytearray(sealed.read_bytes())
+    data[where] ^= 1
+    sealed.write_bytes(data)
+    with pytest.raises(AuthenticationError):
+        load_file(sealed, plan={"layers.1.down.weight": TensorSlice.part(1, 0, 2)})
+    got = load_file(sealed, plan={"embed.weight": TensorSlice.part(0, 1, 2)})
+    assert torch.equal(got["embed.weight"], st_load_file(plain)["embed.weight"][V // 2 :])
 
 
 def sharded_minilm(src: Path, dst: Path) -> dict[str, torch.Tensor]:
