@@ -280,6 +280,43 @@ def test_a_rank_of_a_sharded_store_model_opens_only_its_shards(
         load_file(ref, plan={"nope": TensorSlice()})
 
 
+def test_a_rank_of_a_sealed_folder_loads_its_slices_from_the_shards_it_needs(
+    ring: LocalKeyring, tmp_path: Path, minilm: Path
+) -> None:
+    """all-MiniLM-L6-v2 saved by save_pretrained as a sharded sealed folder, loaded by rank."""
+    from transformers import AutoModel
+
+    from sealstore.loaders import save_pretrained
+    from sealstore.loaders.artifact import SealedFolder
+
+    model = AutoModel.from_pretrained(minilm)
+    out = save_pretrained(model, tmp_path / "ft", keys=["local:"], max_shard_size="30MB")
+    full = {k: v.contiguous() for k, v in model.state_dict().items()}
+    opened: list[str] = []
+    real = SealedFolder.open
+
+    def counting(self: SealedFolder, path: str) -> SealedFile:
+        opened.append(path)
+        return real(self, path)
+
+    skip = ("embeddings.*", "encoder.layer.[0-4].*")
+    plan = tensor_parallel(3, 4, skip=skip, **BERT_RULES)
+    SealedFolder.open = counting  # type: ignore[method-assign]
+    try:
+        got = load_file(out, plan=plan)
+    finally:
+        SealedFolder.open = real  # type: ignore[method-assign]
+    want = expected(full, plan)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    weight_map = SealedFolder(out).json("model.safetensors.index.json")["weight_map"]
+    needed = {weight_map[k] for k in want}
+    assert [p for p in opened if p.endswith(".safetensors")] == sorted(needed)
+    assert len(needed) < len(set(weight_map.values()))  # a shard was never opened
+    q = "encoder.layer.5.attention.self.query.weight"
+    assert torch.equal(got[q], full[q][3 * 96 :])
+
+
 def _rank(rank: int, world: int, workdir: str) -> None:
     """One gloo rank: load its plan of both models, check it against the full load and the bound."""
     import torch.distributed as dist
