@@ -55,6 +55,13 @@ class TensorSlice:
     world: int | None = None
     whole_if_1d: bool = False
 
+    def __post_init__(self) -> None:
+        world = self.world
+        if world is not None and not (isinstance(world, int) and world >= 1):
+            raise ValueError(f"world size must be a positive int, not {world!r}")
+        if world is not None and not 0 <= self.rank < world:
+            raise ValueError(f"rank {self.rank} is not in range(world) for world size {world}")
+
     @classmethod
     def part(cls, dim: int, rank: int, world: int) -> TensorSlice:
         """Part *rank* of *world* equal parts of *dim*.
@@ -62,8 +69,6 @@ class TensorSlice:
         Raises:
             ValueError: *rank* is not in ``range(world)``.
         """
-        if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
-            raise ValueError(f"rank {rank} is not in range(world) for world size {world}")
         return cls(dim=dim, rank=rank, world=world)
 
     def resolve(self, name: str, shape: Sequence[int]) -> tuple[int, int, int] | None:
@@ -120,6 +125,11 @@ class PartitionPlan:
         *,
         required: Sequence[str] = (),
     ) -> None:
+        """
+        Args:
+            pick: name -> the tensor's slice, or None when this rank skips it.
+            required: names the file (or the index) must hold.
+        """
         self._pick = pick
         self.required = tuple(required)
 

@@ -283,7 +283,7 @@ def _read_slices(
     Whole tensors and dim-0 slices (one byte range each) are decrypted in one
     ``read_scatter`` pass straight into their own buffers. A slice of dim > 0
     is one segment per row, and ``read_scatter`` pays Python time for every
-    piece (2.6x the whole tensor's load for 8,192 rows, measured): such a
+    piece (2.4x the whole tensor's load for 8,192 rows, measured): such a
     tensor is decrypted whole into a scratch buffer, reused and wiped after
     each, and its slice copied out with one strided copy. It touches every
     chunk of the tensor either way.

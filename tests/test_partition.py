@@ -201,6 +201,8 @@ def test_a_plan_the_file_cannot_satisfy_is_refused_in_one_line(
         load_file(sealed, plan=tensor_parallel(0, 5, **RULES))
     with pytest.raises(ValueError, match="rank 4 is not in range"):
         tensor_parallel(4, 4)
+    with pytest.raises(ValueError, match="rank 3 is not in range"):
+        TensorSlice(0, rank=3, world=2)
     with pytest.raises(TypeError, match="TensorSlice"):
         load_file(sealed, plan={"embed.weight": (0, 0, 1)})
 
