@@ -13,7 +13,9 @@ keep encrypted training checkpoints; ``load_sentence_transformer`` builds a
 ``SentenceTransformer`` from a pushed sentence-transformers directory; ``guard``
 watches a loaded model's callers for extraction and abuse (``guard=`` on
 ``load_file`` / ``from_pretrained`` / ``load_sentence_transformer`` too);
-``SealedShards`` / ``ShardSamples`` are torch datasets over sealed shards.
+``SealedShards`` / ``ShardSamples`` are torch datasets over sealed shards;
+``tensor_parallel`` / ``PartitionPlan`` / ``TensorSlice`` give ``load_file`` and
+``safe_open`` one tensor-parallel rank's slices (``plan=``).
 Each is imported on first use (PEP 562): torch, transformers and the
 other loaders load only when one is used -- a vLLM process that imports the
 plugin (``sealstore.loaders.vllm_plugin``) pays for nothing else.
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from sealstore.loaders.hf import from_pretrained, load_tokenizer
     from sealstore.loaders.hf_save import save_pretrained
     from sealstore.loaders.inference_guard import GuardPolicy, as_caller, guard
+    from sealstore.loaders.partition import PartitionPlan, TensorSlice, tensor_parallel
     from sealstore.loaders.safetensors import (
         SharedTensors,
         load,
@@ -56,6 +59,9 @@ _LAZY = {
     "GuardPolicy": "sealstore.loaders.inference_guard",
     "as_caller": "sealstore.loaders.inference_guard",
     "guard": "sealstore.loaders.inference_guard",
+    "PartitionPlan": "sealstore.loaders.partition",
+    "TensorSlice": "sealstore.loaders.partition",
+    "tensor_parallel": "sealstore.loaders.partition",
     "SharedTensors": "sealstore.loaders.safetensors",
     "load": "sealstore.loaders.safetensors",
     "load_file": "sealstore.loaders.safetensors",
@@ -76,10 +82,12 @@ _LAZY = {
 __all__ = [
     "DeviceUnavailable",
     "GuardPolicy",
+    "PartitionPlan",
     "SealedShards",
     "ShardSamples",
     "SharedTensors",
     "TensorNotFound",
+    "TensorSlice",
     "as_caller",
     "from_pretrained",
     "guard",
@@ -96,6 +104,7 @@ __all__ = [
     "save_file",
     "save_model",
     "save_pretrained",
+    "tensor_parallel",
     "torch_load",
     "torch_save",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "SealedFolder",
     "StoreArtifact",
     "iter_weight_shards",
+    "load_partition",
     "load_weights",
     "open_artifact",
     "resolve_artifact",
@@ -394,6 +395,55 @@ def load_weights(
         art, weights, threads=threads, device=device, prefer=prefer
     ):
         state.update(part)
+    return state
+
+
+def load_partition(
+    art: Artifact,
+    index: str,
+    plan: Any,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """A tensor-parallel rank's part of a sharded model: only the shards holding its tensors.
+
+    Args:
+        plan: a ``PartitionPlan`` (``sealstore.loaders.partition``).
+        threads, device: as for ``load_file``.
+
+    Returns:
+        name -> this rank's slice, shard by shard in index order.
+
+    Raises:
+        TensorNotFound: the plan names a tensor the index lacks, or a shard
+            lacks a tensor its index puts there.
+        ValueError: a plan slice outside its tensor.
+    """
+    from sealstore.loaders.partition import PartitionPlan
+    from sealstore.loaders.safetensors import load_file
+
+    by_tensor, files = shards(art, index)
+    plan.check_names(by_tensor, f"{art.where}/{index}")
+    wanted: dict[str, list[str]] = {}
+    for name, path in by_tensor.items():
+        if plan.slice_for(name) is not None:
+            wanted.setdefault(path, []).append(name)
+    state: dict[str, Any] = {}
+    for path in files:
+        if path not in wanted:
+            continue  # never opened: no key use, no read, no digest
+        names = set(wanted[path])
+        # Only the tensors the index puts in this shard, and every one of them.
+        part = PartitionPlan(
+            lambda n, names=names: plan.slice_for(n) if n in names else None,
+            required=wanted[path],
+        )
+        with art.open(path) as sealed:
+            try:
+                state.update(load_file(sealed, device, threads=threads, plan=part))
+            except SealstoreError as exc:
+                raise named(exc, art.name(path)) from None
     return state
 
 
