@@ -272,13 +272,24 @@ class _Window:
                 if not self._queued or self._stop.is_set():
                     return
                 k, future = self._queued.popleft()
-            try:
-                data = future.result()
-            except _Stopped:
-                return
-            except BaseException:
-                self._stop.set()
-                raise
+            while True:
+                try:
+                    # Polled, not waited on: once another lane has failed,
+                    # this one returns at once instead of waiting out a GET
+                    # to a server that stopped answering.
+                    data = future.result(timeout=0.1)
+                    break
+                except _Stopped:
+                    return
+                except TimeoutError:
+                    if future.done():  # the fetch's own timeout, not the poll's
+                        self._stop.set()
+                        raise
+                    if self._stop.is_set():
+                        return
+                except BaseException:
+                    self._stop.set()
+                    raise
             yield k, data
 
     def done(self, k: int) -> None:
