@@ -1,6 +1,7 @@
 """A ~1 GiB safetensors model from SeaweedFS S3 into CPU tensors: sealstore against its peers.
 
-Compared in one run, on the same server and object size (medians of --repeat):
+Compared in one run, on the same server and object size (medians of --repeat,
+the cases run round-robin):
 
 * ``runai_streamer``: Run:ai Model Streamer (``SafetensorsStreamer().stream_file``)
   of the plaintext file; its tensors are views of its own buffer, not copied
@@ -23,7 +24,7 @@ The machine is small (2 cores) and shared: client, server and decryption
 compete for the same two cores, and other work shows in every figure;
 compare ratios within one run.
 
-    .venv/bin/python benchmarks/s3_load.py            # ~1 GiB, 3 samples each
+    .venv/bin/python benchmarks/s3_load.py            # ~1 GiB, 5 samples each
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def old_path_load(url: str) -> Any:
 
     from sealstore.kms.envelope import open_sealed
 
-    fp = fsspec.open(url, "rb", block_size=16 << 20, cache_type="readahead").open()
+    fs, path = fsspec.core.url_to_fs(url)
+    fp = fs.open(path, "rb", block_size=16 << 20, cache_type="readahead")
     with fp, open_sealed(fp) as sf:
         out = torch.empty(sf.size, dtype=torch.uint8)
         sf.decrypt_into(out.numpy(), threads=2)
@@ -155,7 +157,7 @@ def decrypt_rate(total: int = 256 << 20, chunk: int = 1 << 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="docs/perf/s3_load.json")
     args = ap.parse_args()
 
@@ -215,34 +217,73 @@ def main() -> None:
             del want
 
             r = args.repeat
-            os.environ.pop("SEALSTORE_S3_CONCURRENCY", None)
-            os.environ.pop("SEALSTORE_S3_RANGE_MB", None)
-            loads = {
-                "runai_streamer": lambda: runai_load(f"s3://{bucket}/plain/model.safetensors"),
+
+            def with_env(fn: Callable[[], Any], **env: str) -> Callable[[], Any]:
+                def run() -> Any:
+                    saved = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    try:
+                        return fn()
+                    finally:
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
+
+                return run
+
+            plain_url = f"s3://{bucket}/plain/model.safetensors"
+            cases = {
+                "runai_streamer": lambda: runai_load(plain_url),
+                "runai_streamer_n8": with_env(
+                    lambda: runai_load(plain_url), RUNAI_STREAMER_CONCURRENCY="8"
+                ),
                 "sealstore_url": lambda: load_file(sealed_url, threads=2),
                 "sealstore_store": lambda: load_file("model", store=store, threads=2),
                 "old_file_object": lambda: old_path_load(sealed_url),
                 "pull_then_load": lambda: pull_then_load(store, "model", tmp),
             }
+            sweep_names = {}
+            for n, mib in ((4, 8), (8, 8), (16, 8), (8, 16), (16, 16), (8, 4)):
+                name = f"sealstore_url_n{n}_r{mib}mib"
+                sweep_names[name] = f"n{n}_r{mib}mib"
+                cases[name] = with_env(
+                    lambda: load_file(sealed_url, threads=2),
+                    SEALSTORE_S3_CONCURRENCY=str(n),
+                    SEALSTORE_S3_RANGE_MB=str(mib),
+                )
+            # Round-robin, not one case after another: the machine's load
+            # drifts over minutes, and each case then sees the same drift.
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            for k in range(r):
+                for name, fn in cases.items():
+                    samples[name].append(timed(fn, 1)["samples_s"][0])
+                print(f"round {k + 1}/{r} done", flush=True)
             results = {}
-            for name, fn in loads.items():
-                results[name] = with_gbps(timed(fn, r), size)
-                print(f"{name:18s} {results[name]['gbps']:.3f} GB/s", flush=True)
+            for name, times in samples.items():
+                results[name] = with_gbps(
+                    {
+                        "median_s": statistics.median(times),
+                        "min_s": min(times),
+                        "samples_s": times,
+                    },
+                    size,
+                )
             base = results["runai_streamer"]["gbps"]
-            for res in results.values():
+            for name, res in results.items():
                 res["vs_runai"] = res["gbps"] / base
+                print(
+                    f"{name:32s} {res['gbps']:.3f} GB/s  {res['vs_runai']:.2f}x runai", flush=True
+                )
+            report["sealstore_url_sweep"] = {
+                label: results.pop(name) for name, label in sweep_names.items()
+            }
             report["loads"] = results
-
-            sweep = {}
-            for n, mib in ((4, 8), (8, 8), (16, 8), (8, 16), (8, 4)):
-                os.environ["SEALSTORE_S3_CONCURRENCY"] = str(n)
-                os.environ["SEALSTORE_S3_RANGE_MB"] = str(mib)
-                res = with_gbps(timed(lambda: load_file(sealed_url, threads=2), r), size)
-                sweep[f"n{n}_r{mib}mib"] = res
-                print(f"sweep N={n:2d} R={mib:2d} MiB  {res['gbps']:.3f} GB/s", flush=True)
-            os.environ.pop("SEALSTORE_S3_CONCURRENCY")
-            os.environ.pop("SEALSTORE_S3_RANGE_MB")
-            report["sealstore_url_sweep"] = sweep
+            report["defaults"] = {
+                "sealstore": "SEALSTORE_S3_CONCURRENCY=8, SEALSTORE_S3_RANGE_MB=8, 2 lanes",
+                "runai_streamer": "its defaults (runai_streamer_n8: RUNAI_STREAMER_CONCURRENCY=8)",
+            }
 
             sealed_key = "sealed/model.safetensors.sealed"
             report["get_first_byte_4kib"] = ttfb(client, bucket, sealed_key)

@@ -37,8 +37,9 @@ from sealstore.errors import AuthenticationError
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_RANGE_SIZE", "RangedSource"]
 
 DEFAULT_CONCURRENCY = 8
-# Measured on SeaweedFS over loopback (docs/PERFORMANCE.md): 8 MiB ranges and 8
-# in flight were the fastest of 1-16 in flight; larger ranges gained nothing.
+# Measured on SeaweedFS over loopback (docs/PERFORMANCE.md): 8 in flight were
+# the fastest of 1-16 for bare ranged GETs; in a load, 16 MiB ranges or 16 in
+# flight came out within the machine's noise of 8 x 8 MiB, at twice the memory.
 DEFAULT_RANGE_SIZE = 8 << 20
 _HEAD = 64 << 10  # first fetch: the whole preamble in one request, for most files
 
