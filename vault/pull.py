@@ -731,6 +731,9 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
     (``SealedFile.check_beside``). Any other object is hashed here, through
     *fp* (its position is kept): s3fs pins the ETag it opened, so every range
     comes from the same object, but one file object cannot serve two readers.
+    An object read by ranges (a :class:`~sealstore.ranged.RangedSource`, S3)
+    is hashed from the ranges the load itself fetches, in order, as they
+    arrive; the check fetches only what the load skipped.
 
     Returns:
         The check: waits for the hash, then raises on a mismatch -- on every
@@ -769,7 +772,7 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
             try:
                 finish()
                 digests.append(h.text())
-            except BaseException as exc:
+            except Exception as exc:  # an interrupt propagates; a failure is kept for check
                 errors.append(exc)
 
         pending = [hash_rest]
