@@ -86,6 +86,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/release_latency.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/backup_throughput.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/broker_load.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/s3_load.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/guard_eval.py
 	$(PY) benchmarks/vllm_startup.py

@@ -3,7 +3,8 @@
 Every loader takes the same ``src``:
 
 * a path (``str`` / ``os.PathLike``) or ``file://`` URL of a sealed file;
-* an ``s3://BUCKET/KEY`` (or other fsspec) URL of a sealed file;
+* an ``s3://BUCKET/KEY`` (or other fsspec) URL of a sealed file (on S3: read
+  with many ranged GETs at once, see ``sealstore.ranged``);
 * a store reference: ``sealstore+URL#NAME[:VERSION|@TAG][/FILE]`` -- e.g.
   ``sealstore+file:///srv/store#minilm:3/model.safetensors`` or
   ``sealstore+s3://models/prod#minilm@known-good`` -- or ``NAME[:VERSION|@TAG]``
@@ -92,6 +93,8 @@ def open_source(
     if store is not None and text is not None:
         return _from_store(store, text, tenant, identities, suffix, check_digest,
                            storage_options, cache)  # fmt: skip
+    if text is not None and text.startswith(("s3://", "s3a://")):
+        return _from_s3(text, identities, storage_options)
     if text is not None and "://" in text and not text.startswith("file://"):
         import fsspec
 
@@ -108,6 +111,28 @@ def open_source(
     if text is not None and not Path(text).exists():
         raise NotFound(f"{text} does not exist")
     return open_sealed(text if text is not None else src, identities)
+
+
+def _from_s3(
+    url: str, identities: Sequence[IdentitySpec], storage_options: dict[str, Any] | None
+) -> SealedFile:
+    """A sealed object on S3, read with many ranged GETs at once (``sealstore.ranged``).
+
+    Through the store's S3 backend, so a plain URL gets the same endpoint,
+    credentials, timeouts and retries as a store on S3.
+    """
+    from sealstore.vault.storage import open_storage
+
+    bucket, _, key = url.partition("://")[2].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"an s3:// URL names a bucket and a key: {url!r}")
+    storage = open_storage(f"s3://{bucket}", **(storage_options or {}))
+    src = storage.open_ranged(key)  # type: ignore[attr-defined]
+    try:
+        return open_sealed(src, identities)
+    except BaseException:
+        src.close()
+        raise
 
 
 def _from_store(

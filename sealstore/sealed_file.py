@@ -20,6 +20,7 @@ from sealstore.format import (
 )
 from sealstore.keys import DataKey
 from sealstore.parallel import Lanes, ordered_parallel, ring_slots
+from sealstore.ranged import RangedSource
 from sealstore.source import Source
 
 __all__ = ["SealedFile", "peek_preamble"]
@@ -73,7 +74,9 @@ class SealedFile:
     the first read) so truncation never passes unnoticed.
 
     Args:
-        src: a path, a bytes-like object, or a seekable binary file.
+        src: a path, a bytes-like object, a seekable binary file, or a
+            :class:`~sealstore.ranged.RangedSource` (an object store's object:
+            large reads fetch many ranges at once, see :meth:`read_scatter`).
         dek: the data key (see ``sealstore.kms.open_sealed`` to use slots).
         preamble: a preamble already parsed from *src*.
         close_src: close the file object *src* when this closes.
@@ -93,7 +96,7 @@ class SealedFile:
     ) -> None:
         self._owned = src if close_src else None
         self._pending: Callable[[], None] | None = None
-        self._src = Source(src)
+        self._src: Source | RangedSource = src if isinstance(src, RangedSource) else Source(src)
         try:
             if preamble is None:
                 preamble = read_preamble_from(self._src.head)
@@ -196,7 +199,7 @@ class SealedFile:
                 raise
         return self._decrypt_chunk(i, buf)
 
-    def _decrypt_chunk(self, i: int, buf: Any) -> int:
+    def _decrypt_chunk(self, i: int, buf: Any, sealed: memoryview | None = None) -> int:
         layout = self.layout
         if not 0 <= i < layout.count:
             raise IndexError(f"chunk {i} out of range (0..{layout.count - 1})")
@@ -205,10 +208,13 @@ class SealedFile:
         if len(out) < n:
             raise ValueError(f"buffer of {len(out)} bytes is too small for chunk {i} ({n} bytes)")
         dst = out[:n]
-        scratch = None
-        if not self._src.in_memory:
-            scratch = self._lane_buffer("sealed", self.layout.chunk_size + TAG_SIZE)
-        ct = self._src.view(layout.offset(i), n + TAG_SIZE, scratch)
+        if sealed is not None:  # fetched already (a window of ranged reads)
+            ct = sealed
+        else:
+            scratch = None
+            if not self._src.in_memory:
+                scratch = self._lane_buffer("sealed", self.layout.chunk_size + TAG_SIZE)
+            ct = self._src.view(layout.offset(i), n + TAG_SIZE, scratch)
         nonce = chunk_nonce(self.header.nonce_prefix, i, i == layout.count - 1)
         try:
             self._aead.decrypt_into(nonce, ct, self._aad, dst)
@@ -225,18 +231,26 @@ class SealedFile:
             zero(memoryview(scratch))
             self._end_verified = True
 
-    def _do_chunk(self, plan: _Plan, i: int) -> int:
+    def _decrypt_from(self, i: int, buf: Any, sealed: memoryview | None) -> int:
+        # The plain two-argument call when nothing was fetched ahead: what
+        # wrappers of _decrypt_chunk (tests counting decryptions) expect.
+        if sealed is None:
+            return self._decrypt_chunk(i, buf)
+        return self._decrypt_chunk(i, buf, sealed)
+
+    def _do_chunk(self, plan: _Plan, i: int, sealed: memoryview | None = None) -> int:
         k = plan.owner[i - plan.first]
         if k >= 0:  # one range covers chunk i whole: decrypt straight into it
             offset, out = plan.outs[k]
             start = i * self.layout.chunk_size - offset
-            return self._decrypt_chunk(i, out[start : start + self.layout.plain_len(i)])
+            dst = out[start : start + self.layout.plain_len(i)]
+            return self._decrypt_from(i, dst, sealed)
         if k == _UNUSED:
             return 0
         # Ranges share chunk i or cover only part of it: decrypted (and so
         # authenticated) into this lane's scratch, copied out, then wiped.
         tmp = self._lane_buffer("plain", self.layout.chunk_size)
-        n = self._decrypt_chunk(i, tmp)
+        n = self._decrypt_from(i, tmp, sealed)
         try:
             for out, lo, hi in plan.shared[i]:
                 copy_into(out, tmp[lo:hi])
@@ -252,6 +266,10 @@ class SealedFile:
         end = plan.first + span
         k = min(threads, span)
         stop = threading.Event()
+        if isinstance(self._src, RangedSource):
+            self._run_ranged(plan, self._src, max(1, k), stop, progress)
+            self._end_verified = True
+            return
 
         def do_run(first: int, stop_at: int) -> None:
             for i in range(first, stop_at):
@@ -287,6 +305,51 @@ class SealedFile:
 
             Lanes(k, lane, stop).join()
         self._end_verified = True
+
+    def _run_ranged(
+        self,
+        plan: _Plan,
+        src: RangedSource,
+        lanes: int,
+        stop: threading.Event,
+        progress: Progress | None,
+    ) -> None:
+        """Decrypt the plan's chunks as *src* fetches them: many ranges in flight, bounded.
+
+        Each range is a run of whole chunks (``range_size`` rounded down to
+        whole sealed chunks, at least one), so a lane decrypts straight out
+        of the fetched bytes; ranges whose chunks the plan does not need are
+        not fetched.
+        """
+        layout = self.layout
+        stride = layout.chunk_size + TAG_SIZE
+        per = max(1, src.range_size // stride)
+        end = plan.first + len(plan.owner)
+        runs = [
+            (a, min(a + per, end))
+            for a in range(plan.first, end, per)
+            if any(plan.owner[i - plan.first] != _UNUSED for i in range(a, min(a + per, end)))
+        ]
+
+        def span(a: int, b: int) -> tuple[int, int]:
+            return layout.offset(a), layout.offset(b - 1) + layout.plain_len(b - 1) + TAG_SIZE
+
+        with src.window([span(a, b) for a, b in runs], stop) as ranges:
+
+            def lane(_: int) -> None:
+                for j, data in ranges:  # in order, shared by the lanes
+                    a, b = runs[j]
+                    base = layout.offset(a)
+                    for i in range(a, b):
+                        if stop.is_set():
+                            return
+                        lo = layout.offset(i) - base
+                        n = self._do_chunk(plan, i, data[lo : lo + layout.plain_len(i) + TAG_SIZE])
+                        if progress is not None and n:
+                            progress(n)
+                    ranges.done(j)
+
+            Lanes(lanes, lane, stop).join()
 
     def read_into(
         self, offset: int, buf: Any, *, threads: int = 1, progress: Progress | None = None
@@ -437,10 +500,10 @@ class SealedFile:
         out = memoryview(buf).cast("B")[:n]
         if len(out) < n:
             raise ValueError("buffer too small for the chunks")
-        if self._src.in_memory:
-            copy_into(out, self._src.view(start, n))
-        else:
+        if isinstance(self._src, Source) and not self._src.in_memory:
             self._src.view(start, n, out)  # read straight into the caller's buffer
+        else:
+            copy_into(out, self._src.view(start, n))
         return n
 
     def device_key(self) -> bytearray:
@@ -484,6 +547,8 @@ def peek_preamble(src: Any) -> Preamble:
     Raises:
         FormatError, UnsupportedVersion: as :func:`sealstore.format.parse_preamble`.
     """
+    if isinstance(src, RangedSource):  # the caller's: not closed here
+        return read_preamble_from(src.head)
     source = Source(src)
     try:
         return read_preamble_from(source.head)

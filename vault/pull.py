@@ -36,11 +36,12 @@ from sealstore.errors import (
     Refused,
     SealstoreError,
 )
-from sealstore.format import Preamble, open_payload_key, read_preamble
+from sealstore.format import Preamble, open_payload_key, read_preamble, read_preamble_from
 from sealstore.fsutil import is_stream_target, lock_folder, remove_if_unlocked
 from sealstore.keys import DataKey, unwrap_first
 from sealstore.kms.envelope import IdentitySpec, _identities, atomic_output
 from sealstore.kms.registry import unwrappers_for
+from sealstore.ranged import RangedSource
 from sealstore.stream import SealReader
 from sealstore.vault.digest import ObjectHasher, digests_equal
 from sealstore.vault.manifest import FileEntry, Manifest, check_name
@@ -695,13 +696,22 @@ def open_file(
     entry = next((e for e in m.files if e.path == path), None)
     if entry is None:
         raise NotFound(f"{m.name}:{m.version} has no file {path}")
+    where = store.object_path(m.tenant, entry.object)
     try:
-        fp = store.storage.open_read(store.object_path(m.tenant, entry.object))
+        # An object store's object is read with many ranged GETs at once
+        # (sealstore.ranged); SealedFile takes either.
+        ranged = getattr(store.storage, "open_ranged", None)
+        fp = ranged(where) if ranged is not None else store.storage.open_read(where)
     except NotFound:
         raise NotFound(f"{_where(m, entry)}: object {entry.object} is missing") from None
     try:
-        pre = read_preamble(fp)
-        _check_preamble(m, entry, pre, _opened_size(store, m, entry, fp))
+        if isinstance(fp, RangedSource):
+            pre = read_preamble_from(fp.head)
+            size = fp.size  # of the object opened (its ETag is pinned)
+        else:
+            pre = read_preamble(fp)
+            size = _opened_size(store, m, entry, fp)
+        _check_preamble(m, entry, pre, size)
         if check_digest:
             hash_beside(store, m, entry, fp)()
         dek = unwrap_version_key(m, pre, identities, cache=cache)
@@ -721,6 +731,9 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
     (``SealedFile.check_beside``). Any other object is hashed here, through
     *fp* (its position is kept): s3fs pins the ETag it opened, so every range
     comes from the same object, but one file object cannot serve two readers.
+    An object read by ranges (a :class:`~sealstore.ranged.RangedSource`, S3)
+    is hashed from the ranges the load itself fetches, in order, as they
+    arrive; the check fetches only what the load skipped.
 
     Returns:
         The check: waits for the hash, then raises on a mismatch -- on every
@@ -749,6 +762,32 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
         except BaseException:
             os.close(fd)  # never started: run() will not close it
             raise
+    elif isinstance(fp, RangedSource):
+        # Hashed as the load's own ranged reads fetch it, in order: no second
+        # download. What a load skips is fetched when the check is called.
+        h = ObjectHasher(alg)
+        finish = fp.tap(h.update)
+
+        def hash_rest() -> None:
+            try:
+                finish()
+                digests.append(h.text())
+            except Exception as exc:  # an interrupt propagates; a failure is kept for check
+                errors.append(exc)
+
+        pending = [hash_rest]
+        once = threading.Lock()
+
+        def check() -> None:
+            with once:  # concurrent lazy reads: one of them finishes the hash
+                if pending:
+                    pending.pop()()
+            if errors:
+                raise BackendError(f"{_where(m, entry)}: cannot read the object: {errors[0]}")
+            if not digests_equal(digests[0], entry.object_digest):
+                raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+
+        return check
     else:
         pos = fp.tell()
         fp.seek(0)

@@ -15,6 +15,11 @@ The settings come from the environment (see docs/STORE.md):
 * ``SEALSTORE_S3_READ_TIMEOUT`` -- seconds without a byte from the server (default 60);
 * ``SEALSTORE_S3_DEADLINE`` -- seconds one request may take, retries included (default 300);
 * ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` -- botocore's own (default 3, ``standard``).
+
+Loads read an object with many ranged GETs at once (``sealstore.ranged``):
+
+* ``SEALSTORE_S3_CONCURRENCY`` -- GETs in flight (default 8);
+* ``SEALSTORE_S3_RANGE_MB`` -- MiB a GET asks for (default 8).
 """
 
 from __future__ import annotations
@@ -27,11 +32,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["S3Limits", "S3Timeout", "deadline_filesystem", "describe", "timed_out"]
+__all__ = [
+    "S3Limits",
+    "S3Timeout",
+    "deadline_filesystem",
+    "describe",
+    "ranged_reads",
+    "timed_out",
+]
 
 ENV_CONNECT = "SEALSTORE_S3_CONNECT_TIMEOUT"
 ENV_READ = "SEALSTORE_S3_READ_TIMEOUT"
 ENV_DEADLINE = "SEALSTORE_S3_DEADLINE"
+ENV_CONCURRENCY = "SEALSTORE_S3_CONCURRENCY"
+ENV_RANGE_MB = "SEALSTORE_S3_RANGE_MB"
 
 
 class S3Timeout(OSError):
@@ -75,6 +89,27 @@ class S3Limits:
                 raise ValueError(f"{name}={text!r}: expected a positive number of seconds")
             values[field] = value
         return cls(**values)
+
+
+def ranged_reads(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(GETs in flight, bytes a GET asks for) for loads, from *environ* (default ``os.environ``).
+
+    Raises:
+        ValueError: a variable that is not a positive whole number.
+    """
+    from sealstore.ranged import DEFAULT_CONCURRENCY, DEFAULT_RANGE_SIZE
+
+    env = os.environ if environ is None else environ
+    out = []
+    for name, default in ((ENV_CONCURRENCY, DEFAULT_CONCURRENCY), (ENV_RANGE_MB, None)):
+        text = env.get(name, "").strip()
+        if not text:
+            out.append(default if default is not None else DEFAULT_RANGE_SIZE >> 20)
+            continue
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{name}={text!r}: expected a positive whole number")
+        out.append(int(text))
+    return out[0], out[1] << 20
 
 
 @functools.cache
