@@ -87,6 +87,13 @@ bench: $(STAMP) $(VLLM_STAMP)
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/backup_throughput.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/broker_load.py
 	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/s3_load.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/push_many.py
+	eval "$$(scripts/services.sh env)" && $(PY) benchmarks/ray_read.py
+	$(PY) benchmarks/rank_load.py
+	$(PY) benchmarks/dcp_save_load.py
+	$(PY) benchmarks/hf_save.py
+	$(PY) benchmarks/dataset_read.py
+	$(PY) benchmarks/dataloader_epoch.py
 	$(PY) benchmarks/guard_overhead.py
 	$(PY) benchmarks/guard_eval.py
 	$(PY) benchmarks/vllm_startup.py
