@@ -193,8 +193,10 @@ class SealedStorageWriter(StorageWriter):
         self.tenant = check_name(tenant or default_tenant(), "tenant")
         self.step = None if step is None else _step(step)
         self.keys, self.dek_from, self.identities = tuple(keys), dek_from, tuple(identities)
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError("keep_last must be an integer of at least 1")
+        if keep_last is not None:
+            from sealstore.vault.lifecycle import check_keep_last
+
+            check_keep_last(keep_last)
         self.keep_last, self.threads, self.tag_latest = keep_last, threads, tag_latest
         self.is_coordinator = False
         self.rank = 0
@@ -286,7 +288,7 @@ class SealedStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         from sealstore.vault.lifecycle import prune
-        from sealstore.vault.push import _discard, commit_version, seal_object
+        from sealstore.vault.push import commit_version, seal_object
 
         version = self._version()
         if self._dek is None:
@@ -317,20 +319,19 @@ class SealedStorageWriter(StorageWriter):
                 self._dek,
                 threads=self.threads,
             )
-            slots = [KeySlot.from_json(s) for s in self._slots]
-            try:
-                commit_version(
-                    self.store,
-                    self.tenant,
-                    self.name,
-                    version,
-                    [*entries, meta],
-                    slots,
-                    tag_latest=self.tag_latest,
-                )
-            except BaseException:
-                _discard(self.store, self.tenant, [meta.object])
-                raise
+            # The metadata object goes if nothing is committed -- never after:
+            # a failure past the manifest write (the audit record) leaves a
+            # committed version whose files must all stay.
+            commit_version(
+                self.store,
+                self.tenant,
+                self.name,
+                version,
+                [*entries, meta],
+                [KeySlot.from_json(s) for s in self._slots],
+                tag_latest=self.tag_latest,
+                discard=[meta.object],
+            )
         finally:
             self._close_key()
         if self.keep_last is not None:
@@ -481,8 +482,6 @@ class SealedStorageReader(StorageReader):
         return [dataclasses.replace(p, storage_data=self._version) for p in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        from sealstore.loaders.sources import open_source
-
         if plan.storage_data is not None and plan.storage_data != self._version:
             raise ValueError(
                 f"this rank read {self.name}:{self._version} but the coordinator "
@@ -490,7 +489,37 @@ class SealedStorageReader(StorageReader):
             )
         per_file: dict[str, list[Any]] = {}
         for req in plan.items:
-            per_file.setdefault(self._storage[req.storage_index][0], []).append(req)
+            per_file.setdefault(self._where(req)[0], []).append(req)
+        written: list[torch.Tensor] = []
+        try:
+            self._read_files(per_file, planner, written)
+        except BaseException:
+            # Nothing half-loaded: every tensor this read wrote is zeroed
+            # (the default planner's targets are views of the state dict's).
+            for t in written:
+                t.zero_()
+            raise
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _where(self, req: Any) -> tuple[str, int, int]:
+        try:
+            return self._storage[req.storage_index]
+        except KeyError:
+            raise FormatError(
+                f"{self.name}:{self._version}: the checkpoint's metadata has no storage for "
+                f"{req.storage_index.fqn}"
+            ) from None
+
+    def _read_files(
+        self,
+        per_file: dict[str, list[Any]],
+        planner: LoadPlanner,
+        written: list[torch.Tensor],
+    ) -> None:
+        from sealstore.loaders.sources import open_source
+
         for path, reqs in per_file.items():
             with open_source(
                 f"{self.name}:{self._version}/{path}",
@@ -499,8 +528,8 @@ class SealedStorageReader(StorageReader):
                 identities=self.identities,
                 cache=self._cache,
             ) as sealed:
-                for req in sorted(reqs, key=lambda r: self._storage[r.storage_index][1]):
-                    _, offset, length = self._storage[req.storage_index]
+                for req in sorted(reqs, key=lambda r: self._where(r)[1]):
+                    _, offset, length = self._where(req)
                     # Only the chunks this item covers are read and authenticated.
                     if req.type == LoadItemType.BYTE_IO:
                         buf = bytearray(length)
@@ -509,11 +538,9 @@ class SealedStorageReader(StorageReader):
                         planner.load_bytes(req, io.BytesIO(buf))
                         continue
                     target = planner.resolve_tensor(req).detach()
+                    written.append(target)
                     self._read_tensor(sealed, req, offset, length, target)
                     planner.commit_tensor(req, target)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -525,18 +552,25 @@ class SealedStorageReader(StorageReader):
         """Decrypt one saved chunk's bytes into *target* (or the part of it DCP asks for)."""
         md = self._metadata.state_dict_metadata[req.storage_index.fqn]
         chunks = md.chunks  # type: ignore[union-attr]
-        hint = req.storage_index.index
-        chunk = (
-            chunks[hint]
-            if hint is not None
-            and hint < len(chunks)
-            and chunks[hint].offsets == req.storage_index.offset
-            else next(c for c in chunks if c.offsets == req.storage_index.offset)
-        )
+        hint, at = req.storage_index.index, req.storage_index.offset
+        if hint is not None and hint < len(chunks) and chunks[hint].offsets == at:
+            chunk = chunks[hint]
+        else:
+            found = [c for c in chunks if c.offsets == at]
+            if not found:
+                raise FormatError(
+                    f"item {req.storage_index.fqn}: no saved chunk at offsets {list(at)}"
+                )
+            chunk = found[0]
         dtype = md.properties.dtype  # type: ignore[union-attr]
         if length != chunk.sizes.numel() * dtype.itemsize:
             raise FormatError(f"item {req.storage_index.fqn} has {length} bytes, not its shape's")
         whole = list(req.lengths) == list(chunk.sizes) and not any(req.storage_offsets)
+        if whole and target.numel() != chunk.sizes.numel():
+            raise ValueError(
+                f"item {req.storage_index.fqn} is {tuple(chunk.sizes)}, "
+                f"the state dict wants {tuple(target.size())}"
+            )
         if (
             whole
             and target.is_contiguous()
@@ -548,14 +582,18 @@ class SealedStorageReader(StorageReader):
             sealed.read_into(offset, _raw(target), threads=self.threads)
             return
         whole_chunk = torch.empty(chunk.sizes, dtype=dtype)
-        sealed.read_into(offset, _raw(whole_chunk), threads=self.threads)
-        part = narrow_tensor_by_index(whole_chunk, req.storage_offsets, req.lengths)
-        if target.size() != part.size():
-            raise ValueError(
-                f"item {req.storage_index.fqn} is {tuple(part.size())}, "
-                f"the state dict wants {tuple(target.size())}"
-            )
-        target.copy_(part)
+        try:
+            sealed.read_into(offset, _raw(whole_chunk), threads=self.threads)
+            part = narrow_tensor_by_index(whole_chunk, req.storage_offsets, req.lengths)
+            if target.size() != part.size():
+                raise ValueError(
+                    f"item {req.storage_index.fqn} is {tuple(part.size())}, "
+                    f"the state dict wants {tuple(target.size())}"
+                )
+            target.copy_(part)
+        finally:
+            # The rows other ranks load stay nowhere in this one's freed memory.
+            whole_chunk.zero_()
 
     def _check_bytes(self, path: str, buf: bytearray) -> None:
         """Refuse a non-tensor value that would unpickle more than weights-only allows.

@@ -8,8 +8,8 @@ fetched by *concurrency* threads at once, in order, and handed to the
 decrypting lanes as they arrive. A span is fetched only when one of the
 window's *concurrency* slots is free, and a slot frees only once the lanes are
 done with its span, so at most ``concurrency * range_size`` bytes of
-ciphertext are held whatever the size of the object, its tensors or its
-chunks.
+ciphertext are fetched ahead whatever the size of the object, its tensors or
+its chunks (plus the span each lane is still decrypting).
 
 The fetch itself is the caller's (``fetch(start, end) -> bytes``): this floor
 knows no S3 client. Retrying a failed fetch is the client's job too (botocore's
@@ -25,14 +25,16 @@ with in-order hand-out.
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any
 
-from sealstore.errors import AuthenticationError
+from sealstore.errors import AuthenticationError, BackendError
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_RANGE_SIZE", "RangedSource"]
 
@@ -57,6 +59,10 @@ class RangedSource:
         concurrency: fetches in flight at once (at least 1).
         range_size: bytes a window fetch asks for at a time (at least 1).
         fail: turns a fetch's exception into the one raised (default: as is).
+        deadline: seconds a fetch may take, retries included, before the read
+            fails with ``BackendError`` (None: only the client's own timeouts).
+            The fetch itself cannot be interrupted: it is abandoned, and ends
+            on its client's timeouts in a daemon thread.
 
     Raises:
         ValueError: a concurrency or range size below 1.
@@ -73,6 +79,7 @@ class RangedSource:
         concurrency: int = DEFAULT_CONCURRENCY,
         range_size: int = DEFAULT_RANGE_SIZE,
         fail: Callable[[BaseException], BaseException] | None = None,
+        deadline: float | None = None,
     ) -> None:
         if concurrency < 1 or range_size < 1:
             raise ValueError("concurrency and range_size must be at least 1")
@@ -82,9 +89,10 @@ class RangedSource:
         self.concurrency = concurrency
         self.range_size = range_size
         self._fail = fail or (lambda exc: exc)
+        self.deadline = deadline
         self._head: bytes | None = None
         self._tap: _Tap | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Pool | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -111,17 +119,51 @@ class RangedSource:
             raise AuthenticationError(f"{self.name} changed size while being read")
         return view
 
+    def _pool_started(self) -> _Pool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = _Pool(self.concurrency)
+            return self._pool
+
+    def wait(self, future: Future[memoryview], stop: threading.Event | None = None) -> Any:
+        """*future*'s bytes; None once *stop* is set first.
+
+        Polled, not waited on: once another lane has failed, this one returns
+        at once instead of waiting out a GET to a server that stopped
+        answering; a fetch running past the deadline fails the read.
+
+        Raises:
+            Whatever the fetch raised; ``BackendError`` past the deadline.
+        """
+        started = time.monotonic()
+        while True:
+            done, _ = wait([future], timeout=0.1)
+            if done:
+                return future.result()
+            if stop is not None and stop.is_set():
+                return None
+            if self.deadline is not None and time.monotonic() - started > self.deadline:
+                future.cancel()
+                raise BackendError(
+                    f"cannot read {self.name}: no answer within the {self.deadline:g} s deadline"
+                )
+
     def view(self, offset: int, n: int, scratch: Any = None) -> memoryview:
         """Bytes ``[offset, offset + n)``: one fetch, or the cached head of the object."""
         if self._head is not None and offset + n <= len(self._head):
             return memoryview(self._head)[offset : offset + n]
-        return self.fetch(offset, offset + n)
+        return self._fetch_now(offset, offset + n)
+
+    def _fetch_now(self, start: int, end: int) -> memoryview:
+        """One fetch on a fetch thread, waited for here (under the deadline)."""
+        data: memoryview = self.wait(self._pool_started().submit(self.fetch, start, end))
+        return data
 
     def head(self, n: int) -> bytes:
         """The first *n* bytes (fewer at the end of the object); the first call fetches 64 KiB."""
         n = min(n, self.size)
         if self._head is None or len(self._head) < n:
-            self._head = bytes(self.fetch(0, min(self.size, max(n, _HEAD))))
+            self._head = bytes(self._fetch_now(0, min(self.size, max(n, _HEAD))))
         return self._head[:n]
 
     def release(self, offset: int, n: int) -> None:
@@ -163,10 +205,7 @@ class RangedSource:
         block cancels the fetches not started; those in flight finish on
         their own (bounded by the client's timeouts) and are dropped.
         """
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, "sealstore-range")
-        win = _Window(self, spans, self._pool, stop or threading.Event())
+        win = _Window(self, spans, self._pool_started(), stop or threading.Event())
         try:
             yield win
         finally:
@@ -183,8 +222,47 @@ class RangedSource:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
         self._head = None
+
+
+class _Pool:
+    """Fetch threads that never hold the process up at exit.
+
+    ``ThreadPoolExecutor``'s threads are joined when the interpreter exits,
+    so a GET to a frozen server would keep a failed command alive for its
+    client's timeouts; these are daemons: an abandoned fetch dies with the
+    process.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name="sealstore-range", daemon=True)
+            for _ in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Let the threads end once their current fetch has (queued ones still run)."""
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class _Tap:
@@ -219,7 +297,7 @@ class _Window:
         self,
         src: RangedSource,
         spans: Sequence[tuple[int, int]],
-        pool: ThreadPoolExecutor,
+        pool: _Pool,
         stop: threading.Event,
     ) -> None:
         self._src = src
@@ -273,24 +351,15 @@ class _Window:
                 if not self._queued or self._stop.is_set():
                     return
                 k, future = self._queued.popleft()
-            while True:
-                try:
-                    # Polled, not waited on: once another lane has failed,
-                    # this one returns at once instead of waiting out a GET
-                    # to a server that stopped answering.
-                    data = future.result(timeout=0.1)
-                    break
-                except _Stopped:
-                    return
-                except TimeoutError:
-                    if future.done():  # the fetch's own timeout, not the poll's
-                        self._stop.set()
-                        raise
-                    if self._stop.is_set():
-                        return
-                except BaseException:
-                    self._stop.set()
-                    raise
+            try:
+                data = self._src.wait(future, self._stop)
+            except _Stopped:
+                return
+            except BaseException:
+                self._stop.set()
+                raise
+            if data is None:  # another lane failed, or the read ended
+                return
             yield k, data
 
     def done(self, k: int) -> None:

@@ -238,3 +238,75 @@ def test_save_and_load_on_a_seaweedfs_s3_store(
     dcp.load(target, storage_reader=SealedStorageReader(s3, "run", 1))
     assert torch.equal(target["w"], full_state(1)["w"]) and target["note"] == "step 1"
     assert sorted(f.path for f in s3.manifest("run:1").files) == [METADATA, "__0.distcp"]
+
+
+def test_a_failure_after_the_commit_keeps_every_file_of_the_version(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.errors import BackendError
+    from sealstore.vault import auditing
+
+    def audit_down(*args: Any, **kwargs: Any) -> None:
+        raise BackendError("audit log unreachable")
+
+    monkeypatch.setattr(auditing, "record", audit_down)
+    with pytest.raises(CheckpointException):
+        dcp.save(full_state(1), storage_writer=_writer(store, "run", 1))
+    monkeypatch.undo()
+    # The manifest was written before the audit record failed: the version is
+    # committed, and its metadata object was not discarded under it.
+    assert store.versions("run") == ["1"]
+    target = _plain_target(1)
+    dcp.load(target, storage_reader=SealedStorageReader(store, "run", 1))
+    assert torch.equal(target["w"], full_state(1)["w"])
+
+
+def test_keep_last_shreds_nothing_when_a_tag_cannot_be_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sealstore.errors import BackendError
+
+    for step in (1, 2):
+        dcp.save(full_state(step), storage_writer=_writer(store, "run", step))
+    store.tag("run:1", "known-good")
+    tags = Store.tags
+
+    def blip(self: Store, name: str, **kwargs: Any) -> dict[str, str]:
+        # The read of known-good fails (an S3 blip): a listing may skip it,
+        # a destructive caller must not.
+        if kwargs.get("skip_damaged"):
+            return {t: v for t, v in tags(self, name, **kwargs).items() if t != "known-good"}
+        raise BackendError("cannot read refs/run/known-good: connection reset")
+
+    monkeypatch.setattr(Store, "tags", blip)
+    writer = SealedStorageWriter(store, "run", 3, keys=["local:"], keep_last=1)
+    dcp.save(full_state(3), storage_writer=writer)  # committed; retention only warns
+    monkeypatch.undo()
+    assert not any(store.manifest(f"run:{v}").shredded for v in store.versions("run"))
+    assert "older steps not removed" in caplog.text
+    with pytest.raises(ValueError, match="whole number"):
+        _writer(store, "run", 4, keep_last=True)
+
+
+def test_a_load_that_fails_midway_leaves_no_tensor_half_loaded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {"a": torch.randn(64, 64), "b": torch.randn(64, 64), "c": torch.randn(64, 64)}
+    dcp.save(state, storage_writer=_writer(store, "run", 1))
+    calls = [0]
+    read = SealedStorageReader._read_tensor
+
+    def fails_third(self: Any, *args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise AuthenticationError("chunk 7 failed authentication")
+        read(self, *args)
+
+    monkeypatch.setattr(SealedStorageReader, "_read_tensor", fails_third)
+    target = {k: torch.full_like(v, 5.0) for k, v in state.items()}
+    with pytest.raises(CheckpointException):
+        dcp.load(target, storage_reader=SealedStorageReader(store, "run", 1))
+    assert calls[0] == 3  # two tensors were loaded before the failure
+    # The two tensors loaded before the failure are zeroed, and so is the one it
+    # failed in (which a failing read may have half written).
+    assert not [k for k in target if torch.any(target[k])]

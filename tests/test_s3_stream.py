@@ -378,3 +378,72 @@ def test_ranged_reads_match_the_file_at_chunk_and_range_boundaries(
             assert sf.read_range(lo, hi - lo, threads=2) == plain.read_bytes()[lo:hi]
         finish()
     assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_an_object_replaced_mid_load_is_one_clear_error(
+    endpoint: dict[str, Any], ring: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, sealed = _sealed_on_s3(tmp_path, endpoint, _state_dict(8))
+    _use_endpoint(monkeypatch, endpoint)
+    with open_source(url) as sf:
+        # Replaced after it was opened (same bytes even): its ETag changes.
+        bucket, _, key = url[len("s3://") :].partition("/")
+        data = bytearray(sealed.read_bytes())
+        data[-1] ^= 1
+        _client(endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data))
+        buf = bytearray(b"\xaa" * sf.size)
+        with pytest.raises(BackendError, match="changed while being read") as err:
+            sf.read_into(0, buf, threads=2)
+    assert "\n" not in str(err.value)
+    assert not any(buf)
+
+
+def test_a_fetch_past_the_deadline_fails_the_read_and_never_holds_the_process() -> None:
+    # A GET that never answers: the read fails at the deadline with one line,
+    # and the process exits at once after it (the fetch threads are daemons).
+    code = """
+import threading, time
+from sealstore.errors import BackendError
+from sealstore.ranged import RangedSource
+
+def frozen(start, end):
+    time.sleep(600)
+
+def window():
+    with src.window([(0, 10), (10, 20)]) as ranges:
+        return list(ranges)
+
+src = RangedSource(frozen, 1 << 20, name="o in s3://b", concurrency=2, deadline=0.5)
+for read in (lambda: src.view(0, 10), window):
+    try:
+        print("returned:", read())
+    except BackendError as exc:
+        print("refused:", exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert lines == ["refused: cannot read o in s3://b: no answer within the 0.5 s deadline"] * 2
+
+
+def test_the_digest_check_carries_on_after_an_interrupt(
+    endpoint: dict[str, Any], ring: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.init(f"s3://{new_bucket(endpoint)}/models", **endpoint)
+    blob = os.urandom(5 << 20)
+    store.push({"model.safetensors": blob}, "m", keys=["local:"])
+    fetch, calls = ranged.RangedSource.fetch, [0]
+
+    def interrupted_once(src: Any, start: int, end: int) -> memoryview:
+        calls[0] += 1
+        if calls[0] == 4:  # a range the digest check fetches after the lazy read
+            raise KeyboardInterrupt
+        return fetch(src, start, end)
+
+    monkeypatch.setattr(ranged.RangedSource, "fetch", interrupted_once)
+    with open_source("m:1/model.safetensors", store=store) as sf:
+        with pytest.raises(KeyboardInterrupt):
+            sf.read_range(0, 100)
+        # The next read finishes the hash from where it stopped, and passes.
+        assert sf.read_range(0, 100) == blob[:100]

@@ -21,7 +21,7 @@ from sealstore.kms.rotate import rotate_slots
 from sealstore.vault.auditing import record
 from sealstore.vault.manifest import Manifest, check_name, now
 
-__all__ = ["gc", "prune", "rotate", "shred"]
+__all__ = ["check_keep_last", "gc", "prune", "rotate", "shred"]
 
 
 def _retag(store: Any, m: Manifest, old_digest: str, tenant: str) -> list[str]:
@@ -172,6 +172,17 @@ def gc(store: Any, *, tenant: str | None = None, grace: float = 3600.0) -> list[
     return deleted
 
 
+def check_keep_last(keep_last: Any) -> int:
+    """*keep_last*, checked: a whole number of at least 1 (not a bool).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+        raise ValueError(f"keep_last must be a whole number of at least 1, not {keep_last!r}")
+    return keep_last
+
+
 def prune(
     store: Any,
     name: str,
@@ -203,10 +214,11 @@ def prune(
     """
     from sealstore.vault.store import _version_key, default_tenant
 
-    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-        raise ValueError("keep_last must be an integer of at least 1")
+    check_keep_last(keep_last)
     tenant = check_name(tenant or default_tenant(), "tenant")
-    protected = set(keep) | set(store.tags(name, tenant=tenant, skip_damaged=True).values())
+    # Every tag must be read: one that fails (a damaged file, a backend error)
+    # could be protecting a version, and shredding cannot be undone.
+    protected = set(keep) | set(store.tags(name, tenant=tenant, skip_damaged=False).values())
     live = [
         v
         for v in sorted(store.versions(name, tenant=tenant), key=_version_key)

@@ -747,6 +747,13 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
     digests: list[str] = []
     errors: list[BaseException] = []
     thread = None
+
+    def verdict() -> None:
+        if errors:
+            raise BackendError(f"{_where(m, entry)}: cannot read the object: {errors[0]}")
+        if not digests_equal(digests[0], entry.object_digest):
+            raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+
     if isinstance(store.storage, LocalStorage):
         fd = os.dup(fp.fileno())
 
@@ -767,27 +774,24 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
         # download. What a load skips is fetched when the check is called.
         h = ObjectHasher(alg)
         finish = fp.tap(h.update)
-
-        def hash_rest() -> None:
-            try:
-                finish()
-                digests.append(h.text())
-            except Exception as exc:  # an interrupt propagates; a failure is kept for check
-                errors.append(exc)
-
-        pending = [hash_rest]
         once = threading.Lock()
 
-        def check() -> None:
+        def settle() -> None:
             with once:  # concurrent lazy reads: one of them finishes the hash
-                if pending:
-                    pending.pop()()
-            if errors:
-                raise BackendError(f"{_where(m, entry)}: cannot read the object: {errors[0]}")
-            if not digests_equal(digests[0], entry.object_digest):
-                raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+                if digests or errors:
+                    return
+                try:
+                    finish()
+                except Exception as exc:  # kept for check; an interrupt propagates
+                    errors.append(exc)  # and the next call carries on from where it stopped
+                else:
+                    digests.append(h.text())
 
-        return check
+        def ranged_check() -> None:
+            settle()
+            verdict()
+
+        return ranged_check
     else:
         pos = fp.tell()
         fp.seek(0)
@@ -800,9 +804,6 @@ def hash_beside(store: Any, m: Manifest, entry: FileEntry, fp: Any) -> Callable[
     def check() -> None:
         if thread is not None:
             thread.join()
-        if errors:
-            raise BackendError(f"{_where(m, entry)}: cannot read the object: {errors[0]}")
-        if not digests_equal(digests[0], entry.object_digest):
-            raise AuthenticationError(f"{_where(m, entry)}: object hash does not match")
+        verdict()
 
     return check

@@ -530,6 +530,7 @@ def commit_version(
     *,
     parent: str | None = "auto",
     tag_latest: bool = True,
+    discard: Sequence[str] = (),
 ) -> Manifest:
     """Commit a version whose files were sealed apart (:func:`seal_object`).
 
@@ -544,6 +545,8 @@ def commit_version(
         slots: the key slots of the DEK the files were sealed with.
         parent: as for :func:`push`.
         tag_latest: point the ``latest`` tag at this version.
+        discard: objects (names) of *entries* to delete if nothing was
+            committed, with the BoM; never once the manifest is written.
 
     Returns:
         The committed manifest.
@@ -564,7 +567,7 @@ def commit_version(
     if version in existing:
         raise FileExistsError(f"{name}:{version} already exists in tenant {tenant}")
     parent_ref = _parent(store, name, parent, existing, tenant)
-    made: list[str] = []
+    made: list[str] = list(discard)
     try:
         manifest = _commit_entries(
             store,
@@ -579,8 +582,11 @@ def commit_version(
             datasets=(),
             made=made,
         )
-    except BaseException:
-        _discard(store, tenant, made)  # the BoM; the objects are the caller's
+    except BaseException as exc:
+        # Not when interrupted or timed out: the manifest may have been written
+        # (then nothing it names may go), and each delete would wait again.
+        if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
+            _discard(store, tenant, made)
         raise
     if tag_latest:
         try:

@@ -100,16 +100,19 @@ def ranged_reads(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     from sealstore.ranged import DEFAULT_CONCURRENCY, DEFAULT_RANGE_SIZE
 
     env = os.environ if environ is None else environ
-    out = []
-    for name, default in ((ENV_CONCURRENCY, DEFAULT_CONCURRENCY), (ENV_RANGE_MB, None)):
+
+    def number(name: str, default: int) -> int:
         text = env.get(name, "").strip()
         if not text:
-            out.append(default if default is not None else DEFAULT_RANGE_SIZE >> 20)
-            continue
+            return default
         if not text.isdigit() or int(text) < 1:
             raise ValueError(f"{name}={text!r}: expected a positive whole number")
-        out.append(int(text))
-    return out[0], out[1] << 20
+        return int(text)
+
+    return (
+        number(ENV_CONCURRENCY, DEFAULT_CONCURRENCY),
+        number(ENV_RANGE_MB, DEFAULT_RANGE_SIZE >> 20) << 20,
+    )
 
 
 @functools.cache

@@ -521,7 +521,7 @@ class S3Storage(FsspecStorage):
             NotFound: no object at *path*.
             BackendError: the server failed or could not be reached.
         """
-        from sealstore.vault.s3limits import ranged_reads
+        from sealstore.vault.s3limits import S3Limits, ranged_reads
 
         n, size = ranged_reads()
         n, size = concurrency or n, range_size or size
@@ -538,11 +538,24 @@ class S3Storage(FsspecStorage):
         etag = head["ETag"]
 
         def fetch(start: int, end: int) -> bytes:
-            got = client.get_object(
-                Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
-            )
+            try:
+                got = client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+                )
+            except ClientError as exc:
+                if _status(exc) == 412:  # If-Match failed: another object under the name
+                    raise _ObjectChanged from exc
+                raise
             with contextlib.closing(got["Body"]):
                 return got["Body"].read()  # type: ignore[no-any-return]
+
+        def fail(exc: BaseException) -> BackendError:
+            if isinstance(exc, _ObjectChanged):
+                return BackendError(
+                    f"{path} in {self.url} changed while being read (its ETag no longer "
+                    "matches): nothing was returned; load it again"
+                )
+            return self._fail("read", path, exc)
 
         return RangedSource(
             fetch,
@@ -550,7 +563,8 @@ class S3Storage(FsspecStorage):
             name=f"{path} in {self.url}",
             concurrency=n,
             range_size=size,
-            fail=lambda exc: self._fail("read", path, exc),
+            fail=fail,
+            deadline=S3Limits.from_env().deadline,
         )
 
     def _range_client(self, concurrency: int) -> Any:
@@ -594,6 +608,10 @@ class S3Storage(FsspecStorage):
             raise NotFound(f"{path} not found in {self.url}") from None
         except self._errors as exc:
             raise self._fail("open", path, exc) from exc
+
+
+class _ObjectChanged(Exception):
+    """A ranged GET's If-Match failed: the object was replaced mid-read."""
 
 
 class _Prefetch(io.RawIOBase):
