@@ -447,3 +447,36 @@ def test_the_digest_check_carries_on_after_an_interrupt(
             sf.read_range(0, 100)
         # The next read finishes the hash from where it stopped, and passes.
         assert sf.read_range(0, 100) == blob[:100]
+
+
+def test_an_object_a_key_holder_substituted_fails_the_digest_though_every_chunk_authenticates(
+    endpoint: dict[str, Any], ring: Any
+) -> None:
+    """The threat the object digest is for: someone holding the version's key
+    seals other bytes under the same header. Every chunk then authenticates;
+    only the digest, hashed from the ranges the load fetched, can refuse it."""
+    from sealstore.chunks import ChunkLayout, chunk_nonce, new_aead
+    from sealstore.format import open_payload_key
+    from sealstore.vault.pull import open_file
+
+    store = Store.init(f"s3://{new_bucket(endpoint)}/models", **endpoint)
+    size = (3 << 20) + 123
+    m = store.push({"model.safetensors": os.urandom(size)}, "m", keys=["local:"])
+    _m, _entry, fp, pre, dek = open_file(store, "m:1", "model.safetensors", check_digest=False)
+    fp.close()
+    obj = store.object_path(m.tenant, m.files[0].object)
+    original = store.storage.read(obj)
+    layout = ChunkLayout(pre.header, pre.payload_offset, len(original) - pre.payload_offset)
+    with dek:
+        aead = new_aead(pre.header.suite, open_payload_key(pre.header, dek))
+    forged, other = bytearray(original[: pre.payload_offset]), os.urandom(size)
+    for i in range(layout.count):
+        nonce = chunk_nonce(pre.header.nonce_prefix, i, i == layout.count - 1)
+        lo = i * layout.chunk_size
+        forged += aead.encrypt(nonce, other[lo : lo + layout.plain_len(i)], pre.aad)
+    store.storage.put(obj, bytes(forged))
+    with open_source("m:1/model.safetensors", store=store) as sf:
+        buf = bytearray(b"\xaa" * sf.size)
+        with pytest.raises(AuthenticationError, match="object hash does not match"):
+            sf.read_into(0, buf, threads=2)
+    assert not any(buf)
