@@ -3,16 +3,19 @@
 Two kernels over a batch of sealed chunks that sit in device memory as they
 sit in the file (chunk c at ``c * (chunk_size + 16)``: ciphertext, then tag):
 
-1. ``_tag_kernel``: one CUDA block per chunk. Its threads split the chunk's
-   Poly1305 input (AAD, padding, ciphertext, padding, lengths) into equal
-   segments of consecutive 16-byte blocks -- the sequence virtually
-   left-padded with zero blocks so every segment has the same length L --
-   and run Horner over their segment with r. Thread 0 joins the segments
-   with r^L (H = H * r^L + h_t), adds s, and compares with the stored tag:
-   ``ok[c]`` is 1 only for a chunk whose tag matched.
-2. ``_xor_kernel``: one thread per 64-byte ChaCha20 block. It writes
-   plaintext only for chunks with ``ok[c] == 1`` and zeros for the others,
-   so plaintext of a chunk that failed never exists, not even on the device.
+1. ``_tag_kernel``: one CUDA block per chunk, every chunk of the batch in
+   one launch. Its threads are lanes of the chunk's Poly1305 input (AAD,
+   padding, ciphertext, padding, lengths -- virtually left-padded with zero
+   blocks to a multiple of the lane count nt): lane t takes 16-byte blocks
+   t, t + nt, t + 2 nt, ..., so a warp reads consecutive blocks (coalesced,
+   as 32-bit words where aligned), and runs Horner with r^nt, the last row
+   with r^(nt - t). The lanes are summed in a shared-memory tree; thread 0
+   adds s and compares with the stored tag: ``ok[c]`` is 1 only for a chunk
+   whose tag matched.
+2. ``_xor_kernel``: one thread per 64-byte ChaCha20 block, XOR word-wise
+   where source and destination are 4-byte aligned. It writes plaintext only
+   for chunks with ``ok[c] == 1`` and zeros for the others, so plaintext of
+   a chunk that failed never exists, not even on the device.
 
 Arithmetic is done in 64-bit integers and masked to 32 bits (LLVM narrows
 it back to 32-bit instructions), which also keeps the CUDA simulator free of
@@ -25,11 +28,11 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
-from sealstore.native.cuda_common import check_tag_threads, piece, segments, xor_grid
+from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
 
 __all__ = ["TAG_THREADS", "decrypt_chunks"]
 
-TAG_THREADS = 128  # Poly1305 segments per chunk (threads of one CUDA block)
+TAG_THREADS = 256  # Poly1305 lanes per chunk (threads of one CUDA block)
 XOR_THREADS = 256
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -120,8 +123,13 @@ def _byte(buf, base, j, limit):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def _load_block(v, z, aad, aad_len, ct, base, n, m):  # type: ignore[no-untyped-def]
-    """Virtual block v of a chunk's Poly1305 input as limbs into m; False for front padding."""
+def _load_block(v, z, aad, aad_len, ct, ct32, base, n, m):  # type: ignore[no-untyped-def]
+    """Virtual block v of a chunk's Poly1305 input as limbs into m; False for front padding.
+
+    A whole ciphertext block at a 4-byte-aligned offset is read as four
+    32-bit words through *ct32* (``ct`` viewed as uint32); other blocks
+    (the AAD, a chunk's partial last block, unaligned layouts) byte by byte.
+    """
     j = v - z
     if j < 0:
         return False
@@ -135,8 +143,13 @@ def _load_block(v, z, aad, aad_len, ct, base, n, m):  # type: ignore[no-untyped-
             w[b // 4] |= _byte(aad, 16 * j, b, aad_len - 16 * j) << _U(8 * (b % 4))
     elif j < na + nc:
         off = 16 * (j - na)
-        for b in range(16):
-            w[b // 4] |= _byte(ct, base + off, b, n - off) << _U(8 * (b % 4))
+        at = base + off
+        if off + 16 <= n and at % 4 == 0 and at // 4 + 4 <= ct32.shape[0]:
+            for k in range(4):
+                w[k] = _U(ct32[at // 4 + k])
+        else:
+            for b in range(16):
+                w[b // 4] |= _byte(ct, at, b, n - off) << _U(8 * (b % 4))
     else:
         w[0] = _U(aad_len) & _M32
         w[1] = _U(aad_len) >> _U(32)
@@ -150,13 +163,29 @@ def _load_block(v, z, aad, aad_len, ct, base, n, m):  # type: ignore[no-untyped-
     return True
 
 
+@cuda.jit(device=True)
+def _power(r, e, out):  # type: ignore[no-untyped-def]
+    """out = r^e mod 2^130-5 (e >= 0) by square-and-multiply on the limbs."""
+    sq = cuda.local.array(5, uint64)
+    for k in range(5):
+        sq[k] = r[k]
+        out[k] = _U(0)
+    out[0] = _U(1)
+    while e > 0:
+        if e & 1:
+            _mulmod(out, sq)
+        e >>= 1
+        if e > 0:
+            _mulmod(sq, sq)
+
+
 @cuda.jit(cache=True)
-def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
+def _tag_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
     aad_len = aad.shape[0]
-    n, base, seg, z = segments(c, nt, nonces.shape[0], chunk_size, last_len, aad_len)
+    n, base, rows, z = segments(c, nt, nonces.shape[0], chunk_size, last_len, aad_len)
 
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), 0, x)
@@ -172,38 +201,39 @@ def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore
     r[3] = ((lo[2] >> _U(14)) | (lo[3] << _U(18))) & _M26
     r[4] = lo[3] >> _U(8)
 
+    # Lane t takes virtual blocks t, t + nt, t + 2 nt, ...: a warp reads consecutive
+    # 16-byte blocks (coalesced). Each row multiplies by r^nt, the last row by
+    # r^(nt - t) instead, so block v ends up weighted by r^(N - v) as the
+    # sequential definition says (N = rows * nt; the front z blocks are zeros).
+    step = cuda.local.array(5, uint64)
+    last = cuda.local.array(5, uint64)
+    _power(r, nt, step)
+    _power(r, nt - t, last)
     h = cuda.local.array(5, uint64)
     m = cuda.local.array(5, uint64)
     for k in range(5):
         h[k] = _U(0)
-    for v in range(t * seg, (t + 1) * seg):
-        if _load_block(v, z, aad, aad_len, ct, base, n, m):
+    for i in range(rows):
+        if _load_block(i * nt + t, z, aad, aad_len, ct, ct32, base, n, m):
             for k in range(5):
                 h[k] += m[k]
-            _mulmod(h, r)
+        _mulmod(h, last if i == rows - 1 else step)
+    # The lanes' sum: a tree in shared memory (limbs grow by one bit a level, far from
+    # 64), then the full reduction below.
     parts = cuda.shared.array((TAG_THREADS, 5), uint64)
     for k in range(5):
         parts[t, k] = h[k]
     cuda.syncthreads()
-    if t == 0:
-        rl = cuda.local.array(5, uint64)  # r^L by square-and-multiply on the limbs
-        acc = cuda.local.array(5, uint64)
-        for k in range(5):
-            rl[k] = r[k]
-            acc[k] = _U(0)
-        acc[0] = _U(1)
-        e = seg
-        while e > 0:
-            if e & 1:
-                _mulmod(acc, rl)
-            _mulmod(rl, rl)
-            e >>= 1
-        for k in range(5):
-            h[k] = _U(0)
-        for s in range(nt):  # H = H * r^L + h_s
-            _mulmod(h, acc)
+    span = 1
+    while span < nt:
+        if t % (2 * span) == 0 and t + span < nt:
             for k in range(5):
-                h[k] += parts[s, k]
+                parts[t, k] += parts[t + span, k]
+        cuda.syncthreads()
+        span *= 2
+    if t == 0:
+        for k in range(5):
+            h[k] = parts[0, k]
         # Full reduction mod 2^130-5, then + s mod 2^128 (as the CPU kernel).
         s26 = _U(26)
         for _ in range(2):
@@ -248,16 +278,21 @@ def _tag_kernel(key, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore
 
 
 @cuda.jit(cache=True)
-def _xor_kernel(key, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
+def _xor_kernel(key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32):  # type: ignore[no-untyped-def]
     c, b, start, end = piece(cuda.grid(1), 64, nonces.shape[0], chunk_size, last_len, ok, out)
     if c < 0:
         return
-    dst = c * chunk_size
+    dst = c * chunk_size + start
+    src = c * (chunk_size + 16) + start
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), b + 1, x)
-    src = c * (chunk_size + 16)
-    for i in range(start, end):
-        k = (x[(i - start) // 4] >> _U(8 * ((i - start) % 4))) & _U(255)
+    done = 0
+    if src % 4 == 0 and dst % 4 == 0:  # word-wise where both sides are aligned
+        done = 4 * ((end - start) // 4)
+        for k in range(done // 4):
+            out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ x[k]) & _M32)
+    for i in range(done, end - start):
+        k = (x[i // 4] >> _U(8 * (i % 4))) & _U(255)
         out[dst + i] = np.uint8(_U(ct[src + i]) ^ k)
     for i in range(16):
         x[i] = _U(0)
@@ -287,10 +322,13 @@ def decrypt_chunks(
         out: device uint8[], plaintext: chunk c at ``c * chunk_size``.
         ok: device uint8[count]: 1 where the tag matched; failed chunks'
             output is zeros.
-        tag_threads: Poly1305 segments per chunk (at most ``TAG_THREADS``).
+        tag_threads: Poly1305 lanes per chunk (at most ``TAG_THREADS``).
     """
     check_tag_threads(tag_threads, TAG_THREADS)
     count = nonces.shape[0]  # type: ignore[attr-defined]
-    _tag_kernel[count, tag_threads, stream](key, nonces, aad, ct, chunk_size, last_len, ok)
+    ct32, out32 = words(ct), words(out)
+    _tag_kernel[count, tag_threads, stream](key, nonces, aad, ct, ct32, chunk_size, last_len, ok)
     grid = xor_grid(count, chunk_size, 64, XOR_THREADS)
-    _xor_kernel[grid, XOR_THREADS, stream](key, nonces, ct, chunk_size, last_len, ok, out)
+    _xor_kernel[grid, XOR_THREADS, stream](
+        key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32
+    )

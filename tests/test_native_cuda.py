@@ -59,12 +59,24 @@ def run(
 @pytest.mark.parametrize("suite", sorted(OPENSSL))
 @pytest.mark.parametrize(
     ("cs", "last", "aad_len", "threads"),
-    [(128, 128, 0, 1), (200, 77, 37, 4), (64, 1, 16, 3), (160, 0, 5, 8), (96, 50, 300, 2)],
+    [
+        (128, 128, 0, 1),
+        (200, 77, 37, 4),
+        (64, 1, 16, 3),
+        (160, 0, 5, 8),
+        (96, 50, 300, 2),
+        (70, 33, 7, 5),
+        (1024, 1000, 13, 24),
+    ],
 )
 def test_kernels_decrypt_what_openssl_sealed(
     suite: str, cs: int, last: int, aad_len: int, threads: int
 ) -> None:
-    """Chunk and AAD lengths off every block size; Poly1305 / GHASH split over 1-8 segments."""
+    """Chunk and AAD lengths off every block size; Poly1305 / GHASH split over 1-24 lanes.
+
+    Chunk size 70 puts chunk 1 at an unaligned offset (the kernels' byte path);
+    the others are 4-byte aligned (word loads and stores) with partial tails.
+    """
     key, aad = os.urandom(32), os.urandom(aad_len)
     chunks = [os.urandom(cs), os.urandom(cs), os.urandom(last)]
     ct, nonces = sealed_batch(key, aad, chunks, suite)
