@@ -35,7 +35,7 @@ def sealed_batch(
 
 def run(
     key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int,
-    threads: int, suite: str = CHACHA,
+    threads: int, suite: str = CHACHA, groups: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Decrypt a batch with the suite's kernels, keyed as the GPU-direct loader keys them."""
     decrypt, nonce_order = gpu._kernels(cuda, suite, bytearray(key), [])
@@ -52,6 +52,7 @@ def run(
         out,
         ok,
         tag_threads=threads,
+        **({"tag_groups": groups} if groups else {}),
     )
     return out.copy_to_host(), ok.copy_to_host()
 
@@ -86,6 +87,35 @@ def test_kernels_decrypt_what_openssl_sealed(
     ct[cs + 16 + 3] ^= 1  # chunk 1
     out, ok = run(key, aad, ct, nonces, cs, last, threads, suite)
     assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
+
+
+@pytest.mark.parametrize(("threads", "groups"), [(3, 2), (4, 3), (2, 7)])
+def test_poly1305_split_over_several_cuda_blocks_per_chunk(threads: int, groups: int) -> None:
+    """Lanes spread over *groups* CUDA blocks a chunk (more lanes than blocks, too: 2 x 7)."""
+    key, aad, cs = os.urandom(32), os.urandom(21), 300
+    chunks = [os.urandom(cs), os.urandom(cs), os.urandom(45)]
+    ct, nonces = sealed_batch(key, aad, chunks)
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    assert ok.tolist() == [1, 1, 1] and out.tobytes() == b"".join(chunks)
+    ct[2 * (cs + 16) + 44] ^= 0x80  # chunk 2's last ciphertext byte
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    assert ok.tolist() == [1, 1, 0] and not out[2 * cs :].any()
+
+
+def test_lane_groups_fill_the_device_for_large_chunks_only() -> None:
+    assert cuda_chacha.lane_groups(1 << 20, 0) == 16  # 64 MiB batch: 1024 CUDA blocks
+    assert cuda_chacha.lane_groups(1 << 30, 0) == cuda_chacha.MAX_GROUPS
+    assert cuda_chacha.lane_groups(4096, 32) == 1
+    with pytest.raises(ValueError, match="tag_groups"):
+        run(
+            os.urandom(32),
+            b"",
+            *sealed_batch(os.urandom(32), b"", [b"x" * 64]),
+            64,
+            64,
+            2,
+            groups=cuda_chacha.MAX_GROUPS + 1,
+        )
 
 
 def test_a_failed_chunk_is_zeroed_and_flagged() -> None:
