@@ -373,7 +373,12 @@ def _xor_kernel(key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32):  #
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), b + 1, x)
     done = 0
-    if src % 4 == 0 and dst % 4 == 0:  # word-wise where both sides are aligned
+    if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
+        src % 4 == 0
+        and dst % 4 == 0
+        and (src + end - start) // 4 <= ct32.shape[0]
+        and (dst + end - start) // 4 <= out32.shape[0]
+    ):
         done = 4 * ((end - start) // 4)
         for k in range(done // 4):
             out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ x[k]) & _M32)

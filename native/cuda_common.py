@@ -25,10 +25,25 @@ def words(arr: object) -> object:
 
     The kernels read and write through it where an offset is 4-byte aligned
     (one load instead of four; the bytes past the last whole word, and any
-    unaligned layout, go byte by byte through the uint8 array).
+    unaligned layout, go byte by byte through the uint8 array). An array
+    that starts at an unaligned address gets an empty view.
     """
     n = arr.shape[0]  # type: ignore[attr-defined]
+    if _address(arr) % 4:
+        # A view at an unaligned address would fault on the device (a sticky CUDA
+        # error): no words at all, so every access takes the byte path.
+        return arr[:0].view(np.uint32)  # type: ignore[index]
     return arr[: n - n % 4].view(np.uint32)  # type: ignore[index]
+
+
+def _address(arr: object) -> int:
+    """The array's first byte's address (the simulator's arrays are numpy's); 1 if unknown."""
+    for name in ("__cuda_array_interface__", "__array_interface__"):
+        try:
+            return int(getattr(arr, name)["data"][0])
+        except AttributeError:
+            continue
+    return 1
 
 
 def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:

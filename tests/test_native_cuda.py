@@ -16,6 +16,7 @@ from sealstore.keys import DataKey
 from sealstore.loaders import gpu
 from sealstore.loaders.gpu import decrypt_to_device
 from sealstore.native import cuda_chacha
+from sealstore.native.cuda_common import words as words_view
 from sealstore.stream import SealedFile
 from tests.conftest import CS, seal_bytes
 
@@ -100,6 +101,23 @@ def test_poly1305_split_over_several_cuda_blocks_per_chunk(threads: int, groups:
     ct[2 * (cs + 16) + 44] ^= 0x80  # chunk 2's last ciphertext byte
     out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
     assert ok.tolist() == [1, 1, 0] and not out[2 * cs :].any()
+
+
+def test_buffers_at_unaligned_addresses_take_the_byte_path() -> None:
+    """Output and ciphertext one byte into their allocations: no word access, same result."""
+    key, aad, cs = os.urandom(32), b"aad", 128
+    chunks = [os.urandom(cs), os.urandom(40)]
+    ct, nonces = sealed_batch(key, aad, chunks)
+    decrypt, order = gpu._kernels(cuda, CHACHA, bytearray(key), [])
+    words = np.frombuffer(b"".join(nonces), dtype=order).astype(np.uint32).reshape(-1, 3)
+    d_ct = cuda.to_device(np.concatenate([np.zeros(1, np.uint8), ct]))[1:]
+    out = cuda.device_array(cs + 41, dtype=np.uint8)[1:]
+    assert words_view(d_ct).shape[0] == 0 and words_view(out).shape[0] == 0
+    ok = cuda.device_array(2, dtype=np.uint8)
+    aad_d = cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy())
+    decrypt(cuda.to_device(words), aad_d, d_ct, cs, 40, out, ok, tag_threads=4)
+    assert ok.copy_to_host().tolist() == [1, 1]
+    assert out.copy_to_host().tobytes() == b"".join(chunks)
 
 
 def test_lane_groups_fill_the_device_for_large_chunks_only() -> None:
