@@ -13,7 +13,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean
+.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ format: $(STAMP)
 # mapping works outside an editable install.
 wheel-check: $(STAMP)
 	scripts/wheel-check.sh
+
+# On a CUDA machine: its own venv (torch's CUDA build, the gpu extra), the kernel and
+# GPU loader tests on the device, benchmarks/gpu_load.py; figures to $$OUT or docs/perf.
+gpu-check:
+	scripts/gpu-check.sh
 
 vectors: $(STAMP)
 	$(PY) scripts/make_vectors.py docs/vectors

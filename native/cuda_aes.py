@@ -5,8 +5,8 @@ one CUDA block per chunk, whose threads split the GHASH input into equal
 segments (virtually left-padded with zero blocks) and run Horner with H over
 their segment; thread 0 joins them with H^L (Shoup 4-bit tables of H and of
 H^L in shared memory) and compares E_K(J0) xor GHASH with the stored tag.
-Then one thread per 16-byte counter block writes plaintext only for chunks
-whose tag matched, zeros for the others.
+Then one thread per 16-byte counter block writes plaintext (word-wise where
+aligned) only for chunks whose tag matched, zeros for the others.
 
 AES is table-driven (the round tables are staged in shared memory per CUDA
 block); GHASH uses Shoup's tables. 128-bit values are (hi, lo) uint64 pairs
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
-from sealstore.native.cuda_common import check_tag_threads, piece, segments, xor_grid
+from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
 
 __all__ = ["TAG_THREADS", "decrypt_chunks", "device_tables"]
 
@@ -229,7 +229,7 @@ def _tag_kernel(rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len,
 
 
 @cuda.jit(cache=True)
-def _xor_kernel(rk, te_g, sb_g, nonces, ct, chunk_size, last_len, ok, out):  # type: ignore[no-untyped-def]
+def _xor_kernel(rk, te_g, sb_g, nonces, ct, ct32, chunk_size, last_len, ok, out, out32):  # type: ignore[no-untyped-def]
     te = cuda.shared.array((4, 256), uint64)
     sb = cuda.shared.array(256, uint64)
     tid = cuda.threadIdx.x
@@ -241,15 +241,31 @@ def _xor_kernel(rk, te_g, sb_g, nonces, ct, chunk_size, last_len, ok, out):  # t
     c, b, start, end = piece(cuda.grid(1), 16, nonces.shape[0], chunk_size, last_len, ok, out)
     if c < 0:
         return
-    dst = c * chunk_size
+    dst = c * chunk_size + start
+    src = c * (chunk_size + 16) + start
     ks = cuda.local.array(4, uint64)
     ctr = (_U(b) + _U(2)) & _M32
     _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), ctr, ks)
-    src = c * (chunk_size + 16)
-    for i in range(start, end):
-        k = i - start
+    done = 0
+    if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
+        src % 4 == 0
+        and dst % 4 == 0
+        and (src + end - start) // 4 <= ct32.shape[0]
+        and (dst + end - start) // 4 <= out32.shape[0]
+    ):
+        done = 4 * ((end - start) // 4)
+        for k in range(done // 4):
+            w = ks[k]  # big-endian keystream word, byte-swapped to the load's order
+            le = (
+                ((w >> _U(24)) & _M8)
+                | ((w >> _U(8)) & _U(0xFF00))
+                | ((w << _U(8)) & _U(0xFF0000))
+                | ((w << _U(24)) & _U(0xFF000000))
+            )
+            out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ le) & _M32)
+    for k in range(done, end - start):
         byte = (ks[k // 4] >> _U(24 - 8 * (k % 4))) & _M8
-        out[dst + i] = np.uint8(_U(ct[src + i]) ^ byte)
+        out[dst + k] = np.uint8(_U(ct[src + k]) ^ byte)
     for k in range(4):
         ks[k] = _U(0)
 
@@ -284,7 +300,9 @@ def decrypt_chunks(
         rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len, ok
     )
     grid = xor_grid(count, chunk_size, 16, XOR_THREADS)
-    _xor_kernel[grid, XOR_THREADS, stream](rk, te, sb, nonces, ct, chunk_size, last_len, ok, out)
+    _xor_kernel[grid, XOR_THREADS, stream](
+        rk, te, sb, nonces, ct, words(ct), chunk_size, last_len, ok, out, words(out)
+    )
 
 
 def h_tables(rk_host: np.ndarray) -> np.ndarray:

@@ -3,20 +3,47 @@
 Both take chunks laid out as in the file (chunk c's ciphertext at
 ``c * (chunk_size + 16)``, its tag after it, its plaintext going to
 ``c * chunk_size``); both run a tag kernel (one CUDA block per chunk, the
-16-byte blocks of the MAC input split into equal segments) and then a
+16-byte blocks of the MAC input spread over its threads) and then a
 keystream kernel (one thread per keystream block of *width* bytes).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import cuda
 
-__all__ = ["check_tag_threads", "piece", "segments", "xor_grid"]
+__all__ = ["check_tag_threads", "piece", "segments", "words", "xor_grid"]
 
 
 def check_tag_threads(tag_threads: int, most: int) -> None:
     if not 1 <= tag_threads <= most:
         raise ValueError(f"tag_threads must be 1..{most}")
+
+
+def words(arr: object) -> object:
+    """A uint8 device array's whole 32-bit words as a uint32 view (same memory, no copy).
+
+    The kernels read and write through it where an offset is 4-byte aligned
+    (one load instead of four; the bytes past the last whole word, and any
+    unaligned layout, go byte by byte through the uint8 array). An array
+    that starts at an unaligned address gets an empty view.
+    """
+    n = arr.shape[0]  # type: ignore[attr-defined]
+    if _address(arr) % 4:
+        # A view at an unaligned address would fault on the device (a sticky CUDA
+        # error): no words at all, so every access takes the byte path.
+        return arr[:0].view(np.uint32)  # type: ignore[index]
+    return arr[: n - n % 4].view(np.uint32)  # type: ignore[index]
+
+
+def _address(arr: object) -> int:
+    """The array's first byte's address (the simulator's arrays are numpy's); 1 if unknown."""
+    for name in ("__cuda_array_interface__", "__array_interface__"):
+        try:
+            return int(getattr(arr, name)["data"][0])
+        except AttributeError:
+            continue
+    return 1
 
 
 def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:
@@ -27,11 +54,13 @@ def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:
 
 @cuda.jit(device=True)
 def segments(c, nt, count, chunk_size, last_len, aad_len):  # type: ignore[no-untyped-def]
-    """Chunk c's (length, offset in the batch, segment length L, virtual zero blocks in front).
+    """Chunk c's (length, offset in the batch, L, virtual zero blocks in front).
 
-    Its MAC input (AAD, padding, ciphertext, padding, lengths) is cut into
-    *nt* segments of L 16-byte blocks each, after z zero blocks that make
-    the count a multiple of *nt* (a zero block changes nothing).
+    Its MAC input (AAD, padding, ciphertext, padding, lengths), after z
+    zero blocks that make the count a multiple of *nt* (a zero block changes
+    nothing), is L rows of *nt* 16-byte blocks: the AES kernel cuts it into
+    *nt* segments of L consecutive blocks, the ChaCha20 kernel into *nt*
+    interleaved lanes of L blocks.
     """
     n = last_len if c == count - 1 else chunk_size
     total = (aad_len + 15) // 16 + (n + 15) // 16 + 1

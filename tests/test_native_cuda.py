@@ -16,6 +16,7 @@ from sealstore.keys import DataKey
 from sealstore.loaders import gpu
 from sealstore.loaders.gpu import decrypt_to_device
 from sealstore.native import cuda_chacha
+from sealstore.native.cuda_common import words as words_view
 from sealstore.stream import SealedFile
 from tests.conftest import CS, seal_bytes
 
@@ -35,7 +36,7 @@ def sealed_batch(
 
 def run(
     key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int,
-    threads: int, suite: str = CHACHA,
+    threads: int, suite: str = CHACHA, groups: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Decrypt a batch with the suite's kernels, keyed as the GPU-direct loader keys them."""
     decrypt, nonce_order = gpu._kernels(cuda, suite, bytearray(key), [])
@@ -52,6 +53,7 @@ def run(
         out,
         ok,
         tag_threads=threads,
+        **({"tag_groups": groups} if groups else {}),
     )
     return out.copy_to_host(), ok.copy_to_host()
 
@@ -59,12 +61,24 @@ def run(
 @pytest.mark.parametrize("suite", sorted(OPENSSL))
 @pytest.mark.parametrize(
     ("cs", "last", "aad_len", "threads"),
-    [(128, 128, 0, 1), (200, 77, 37, 4), (64, 1, 16, 3), (160, 0, 5, 8), (96, 50, 300, 2)],
+    [
+        (128, 128, 0, 1),
+        (200, 77, 37, 4),
+        (64, 1, 16, 3),
+        (160, 0, 5, 8),
+        (96, 50, 300, 2),
+        (70, 33, 7, 5),
+        (1024, 1000, 13, 24),
+    ],
 )
 def test_kernels_decrypt_what_openssl_sealed(
     suite: str, cs: int, last: int, aad_len: int, threads: int
 ) -> None:
-    """Chunk and AAD lengths off every block size; Poly1305 / GHASH split over 1-8 segments."""
+    """Chunk and AAD lengths off every block size; Poly1305 / GHASH split over 1-24 lanes.
+
+    Chunk size 70 puts chunk 1 at an unaligned offset (the kernels' byte path);
+    the others are 4-byte aligned (word loads and stores) with partial tails.
+    """
     key, aad = os.urandom(32), os.urandom(aad_len)
     chunks = [os.urandom(cs), os.urandom(cs), os.urandom(last)]
     ct, nonces = sealed_batch(key, aad, chunks, suite)
@@ -74,6 +88,52 @@ def test_kernels_decrypt_what_openssl_sealed(
     ct[cs + 16 + 3] ^= 1  # chunk 1
     out, ok = run(key, aad, ct, nonces, cs, last, threads, suite)
     assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
+
+
+@pytest.mark.parametrize(("threads", "groups"), [(3, 2), (4, 3), (2, 7)])
+def test_poly1305_split_over_several_cuda_blocks_per_chunk(threads: int, groups: int) -> None:
+    """Lanes spread over *groups* CUDA blocks a chunk (more lanes than blocks, too: 2 x 7)."""
+    key, aad, cs = os.urandom(32), os.urandom(21), 300
+    chunks = [os.urandom(cs), os.urandom(cs), os.urandom(45)]
+    ct, nonces = sealed_batch(key, aad, chunks)
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    assert ok.tolist() == [1, 1, 1] and out.tobytes() == b"".join(chunks)
+    ct[2 * (cs + 16) + 44] ^= 0x80  # chunk 2's last ciphertext byte
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    assert ok.tolist() == [1, 1, 0] and not out[2 * cs :].any()
+
+
+def test_buffers_at_unaligned_addresses_take_the_byte_path() -> None:
+    """Output and ciphertext one byte into their allocations: no word access, same result."""
+    key, aad, cs = os.urandom(32), b"aad", 128
+    chunks = [os.urandom(cs), os.urandom(40)]
+    ct, nonces = sealed_batch(key, aad, chunks)
+    decrypt, order = gpu._kernels(cuda, CHACHA, bytearray(key), [])
+    words = np.frombuffer(b"".join(nonces), dtype=order).astype(np.uint32).reshape(-1, 3)
+    d_ct = cuda.to_device(np.concatenate([np.zeros(1, np.uint8), ct]))[1:]
+    out = cuda.device_array(cs + 41, dtype=np.uint8)[1:]
+    assert words_view(d_ct).shape[0] == 0 and words_view(out).shape[0] == 0
+    ok = cuda.device_array(2, dtype=np.uint8)
+    aad_d = cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy())
+    decrypt(cuda.to_device(words), aad_d, d_ct, cs, 40, out, ok, tag_threads=4)
+    assert ok.copy_to_host().tolist() == [1, 1]
+    assert out.copy_to_host().tobytes() == b"".join(chunks)
+
+
+def test_lane_groups_fill_the_device_for_large_chunks_only() -> None:
+    assert cuda_chacha.lane_groups(1 << 20, 0) == 16  # 64 MiB batch: 1024 CUDA blocks
+    assert cuda_chacha.lane_groups(1 << 30, 0) == cuda_chacha.MAX_GROUPS
+    assert cuda_chacha.lane_groups(4096, 32) == 1
+    with pytest.raises(ValueError, match="tag_groups"):
+        run(
+            os.urandom(32),
+            b"",
+            *sealed_batch(os.urandom(32), b"", [b"x" * 64]),
+            64,
+            64,
+            2,
+            groups=cuda_chacha.MAX_GROUPS + 1,
+        )
 
 
 def test_a_failed_chunk_is_zeroed_and_flagged() -> None:
