@@ -50,28 +50,41 @@ class TorchMemory:
         self.torch_device = torch.device("cuda", self.index)
         self._stream = torch.cuda.current_stream(self.torch_device)
         self.stream = self.cuda.external_stream(self._stream.cuda_stream)
-        self._tensors: dict[int, Any] = {}  # id(numba view) -> the torch tensor behind it
+        # id(numba array) -> (that array, the torch tensor behind it): the
+        # decryptor's own buffers, alive until release().
+        self._buffers: dict[int, tuple[Any, Any]] = {}
         self._pinned: list[Any] = []
 
     def tensor(self, nbytes: int) -> tuple[Any, Any]:
-        """A new uint8 tensor on the device, and a numba view of it (valid while it lives)."""
+        """A new uint8 tensor on the device, and a numba view of it (None when empty)."""
         import torch
 
         t = torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
-        # sync=False: the tensor is used on the very stream it was made on.
-        arr = self.cuda.as_cuda_array(t, sync=False)
-        self._tensors[id(arr)] = t
-        return t, arr
+        if not nbytes:
+            return t, None
+        # sync=False: the tensor is used on the very stream it was made on. Not
+        # kept in self._buffers: the caller's tensor must not outlive its use.
+        return t, self.cuda.as_cuda_array(t, sync=False)
 
     def empty(self, shape: Any, dtype: Any = np.uint8) -> Any:
-        """An uninitialised device array from torch's allocator."""
+        """An uninitialised device array from torch's allocator.
+
+        Allocated as bytes and viewed as *dtype* by numba: torch's CUDA array
+        interface does not export every unsigned type the kernels take.
+        """
+        import math
+
         import torch
 
-        dt = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uint32,
-              np.dtype(np.uint64): torch.uint64}[np.dtype(dtype)]  # fmt: skip
-        t = torch.empty(shape, dtype=dt, device=self.torch_device)
-        arr = self.cuda.as_cuda_array(t, sync=False)
-        self._tensors[id(arr)] = t
+        dt = np.dtype(dtype)
+        count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
+        t = torch.empty(max(1, count * dt.itemsize), dtype=torch.uint8, device=self.torch_device)
+        arr = self.cuda.as_cuda_array(t, sync=False)[: count * dt.itemsize]
+        if dt != np.uint8:
+            arr = arr.view(dt)
+        if isinstance(shape, tuple):
+            arr = arr.reshape(shape)
+        self._buffers[id(arr)] = (arr, t)
         return arr
 
     def pinned(self, n: int) -> np.ndarray:
@@ -84,9 +97,9 @@ class TorchMemory:
 
     def wipe(self, arr: Any) -> None:
         """Zero *arr* on torch's stream: ``zero_`` of its tensor, or a memset of a view."""
-        t = self._tensors.get(id(arr))
-        if t is not None:
-            t.zero_()
+        held = self._buffers.get(id(arr))
+        if held is not None and held[0] is arr:
+            held[1].zero_()
             return
         from sealstore.loaders.gpu import _wipe
 
@@ -98,7 +111,7 @@ class TorchMemory:
 
     def release(self) -> None:
         """Hand every buffer back to torch's caches."""
-        self._tensors.clear()
+        self._buffers.clear()
         self._pinned.clear()
 
 
