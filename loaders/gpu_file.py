@@ -33,8 +33,9 @@ class TorchMemory:
     numba launches on ``cuda.external_stream`` of torch's current stream, so
     a kernel writing a tensor is ordered after ``torch.empty`` made it, and
     torch's next use of the tensor is ordered after the kernel -- no event
-    and no device-wide synchronize. Wipes are memsets (``zero_``), which
-    allocate nothing, so an OOM cannot stop one.
+    and no device-wide synchronize. (The stream is the one current when the
+    file is opened; see :meth:`handoff`.) Wipes are memsets (``zero_``),
+    which allocate nothing, so an OOM cannot stop one.
 
     Args:
         device: ``"cuda[:N]"``.
@@ -59,7 +60,8 @@ class TorchMemory:
         """A new uint8 tensor on the device, and a numba view of it (None when empty)."""
         import torch
 
-        t = torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
+        with torch.cuda.stream(self._stream):  # made on the stream that will write it
+            t = torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
         if not nbytes:
             return t, None
         # sync=False: the tensor is used on the very stream it was made on. Not
@@ -104,6 +106,22 @@ class TorchMemory:
         from sealstore.loaders.gpu import _wipe
 
         _wipe(self.cuda, arr, self.stream)
+
+    def handoff(self, tensors: list[Any]) -> None:
+        """Order the stream current now after the decryption of *tensors* (an event, no sync).
+
+        The file's work stays on the stream that was current at open (its
+        staging and scratch were allocated there); a caller that has since
+        switched streams waits for it on the device, and its stream is
+        recorded on each tensor so the allocator does not reuse one early.
+        """
+        import torch
+
+        current = torch.cuda.current_stream(self.torch_device)
+        if current != self._stream:
+            current.wait_stream(self._stream)
+            for t in tensors:
+                t.record_stream(current)
 
     def device(self) -> Any:
         """numba's context for this device (torch's primary context)."""
@@ -166,7 +184,13 @@ class GpuFile:
         t, arr = self.memory.tensor(end - start)
         cs = self.sf.layout.chunk_size
         self._dec.decrypt(start // cs, (end - 1) // cs, [(start, arr)])
+        self._handoff([t])
         return t
+
+    def _handoff(self, tensors: list[Any]) -> None:
+        handoff = getattr(self.memory, "handoff", None)
+        if handoff is not None:
+            handoff(tensors)
 
     def _header(self) -> bytes:
         """The safetensors header (length prefix included), decrypted on the device.
@@ -237,6 +261,7 @@ class GpuFile:
             first = dests[0][0] // cs
             last = (dests[-1][0] + dests[-1][1].shape[0] - 1) // cs
             self._dec.decrypt(first, last, dests)
+        self._handoff([t for t, _, _ in out.values()])
         return {name: t.view(dtype).reshape(shape) for name, (t, dtype, shape) in out.items()}
 
     def close(self) -> None:
