@@ -16,20 +16,26 @@ and copies instead.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 from typing import Any
 
 import numpy as np
 
 from sealstore.errors import AuthenticationError, SealstoreError
+from sealstore.format import TAG_SIZE as TAG
 from sealstore.stream import SealedFile
 
 __all__ = [
     "GPU_SUITES",
+    "DeviceDecryptor",
     "DeviceUnavailable",
+    "NumbaMemory",
+    "check_device",
+    "check_suite",
     "chunk_span",
     "decrypt_to_device",
     "normalize_device",
-    "read_to_cuda",
 ]
 
 GPU_SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
@@ -53,6 +59,253 @@ def _cuda() -> Any:
     return cuda
 
 
+class NumbaMemory:
+    """Device buffers from numba, on one numba stream: the primitive's (and the simulator's) memory.
+
+    A loader uses ``sealstore.loaders.gpu_file.TorchMemory`` instead, which
+    takes every buffer from torch's caching allocator and runs on torch's
+    current stream. Both give the same small interface, so
+    :class:`DeviceDecryptor` never allocates behind the caller's allocator.
+    """
+
+    def __init__(self, cuda: Any) -> None:
+        self.cuda = cuda
+        self.stream = cuda.stream()
+
+    def empty(self, shape: Any, dtype: Any = np.uint8) -> Any:
+        """An uninitialised device array."""
+        return self.cuda.device_array(shape, dtype=dtype)
+
+    def pinned(self, n: int) -> np.ndarray:
+        """A page-locked host buffer of *n* bytes (it only ever holds ciphertext)."""
+        return self.cuda.pinned_array(n, dtype=np.uint8)
+
+    def wipe(self, arr: Any) -> None:
+        """Zero *arr*, allocating nothing (see :func:`_wipe`).
+
+        On the default stream, which numba's (blocking) stream is ordered with.
+        """
+        _wipe(self.cuda, arr)
+
+    def device(self) -> Any:
+        """The context to launch in (numba's current device)."""
+        return contextlib.nullcontext()
+
+
+class DeviceDecryptor:
+    """One sealed file's device state: key, staging ring and scratch, kept until :meth:`close`.
+
+    Everything a decryption needs on the device -- the key (and AES's derived
+    tables), the AAD, the pinned staging ring, the device copies of the
+    ciphertext, the nonces, the per-chunk flags and a scratch buffer -- is
+    allocated once, from *memory*, and reused by every :meth:`decrypt`; a
+    lazy ``safe_open`` pays for it once per file, not per tensor. All work is
+    queued on ``memory.stream`` in order, so no device-wide synchronize is
+    needed: the host waits on one event per staging slot (to refill it) and
+    on the stream once per call (for the flags).
+
+    Args:
+        sf: the open sealed file (its key is copied to the device and wiped on the host).
+        memory: where buffers come from (:class:`NumbaMemory`, or torch's).
+        batch_bytes: plaintext per staging slot.
+        slots: staging slots (the host reads one while the device works on another).
+
+    Raises:
+        ValueError: a suite the GPU kernels do not implement.
+    """
+
+    def __init__(
+        self, sf: SealedFile, memory: Any, *, batch_bytes: int = BATCH_BYTES, slots: int = 2
+    ) -> None:
+        suite = sf.header.suite
+        if suite not in GPU_SUITES:
+            raise ValueError(
+                f"GPU-direct decryption of {suite} is not implemented (only "
+                f"{', '.join(GPU_SUITES)}); pass prefer='cpu-decrypt'"
+            )
+        self.sf, self.memory, self.layout = sf, memory, sf.layout
+        cs = self.layout.chunk_size
+        self.per = max(1, min(batch_bytes // cs, self.layout.count))
+        cuda = memory.cuda
+        self._secrets: list[Any] = []  # device arrays holding key material
+        self._closed = False
+        key = sf.device_key()
+        try:
+            with memory.device():
+                self._decrypt, self._order = _kernels(cuda, suite, key, self._secrets, memory)
+                aad = np.frombuffer(sf.preamble.aad, dtype=np.uint8)
+                self._aad = memory.empty(max(1, aad.size))[: aad.size]
+                if aad.size:
+                    self._aad.copy_to_device(aad, stream=memory.stream)
+                self._staging = [memory.pinned(self.per * (cs + TAG)) for _ in range(slots)]
+                self._events = [cuda.event() for _ in range(slots)]
+                self._d_ct = [memory.empty(self.per * (cs + TAG)) for _ in range(slots)]
+                self._d_nonces = [memory.empty((self.per, 3), np.uint32) for _ in range(slots)]
+                self._ok = memory.empty(self.layout.count)
+                self._scratch = memory.empty(self.per * cs)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            key[:] = bytes(len(key))
+
+    def _jobs(self, first: int, last: int, dests: list[tuple[int, Any]]) -> list[tuple]:
+        """Batches ``(start, count, target, at)``: *target* a dest array, or None for scratch.
+
+        A run of chunks that lies wholly inside one destination is decrypted
+        straight into it; a chunk a destination starts or ends in (or one no
+        destination wants, like the final chunk checked for truncation) goes
+        through the scratch buffer, and only the bytes a destination asks
+        for are copied on.
+        """
+        layout, cs = self.layout, self.layout.chunk_size
+        starts = [off for off, _ in dests]
+        where = []  # per chunk: (dest index, offset in it) when it lies wholly inside one
+        for i in range(first, last + 1):
+            lo, hi = i * cs, i * cs + layout.plain_len(i)
+            k = bisect.bisect_right(starts, lo) - 1  # the last destination starting at or before
+            inside = k >= 0 and hi <= starts[k] + dests[k][1].shape[0]
+            where.append((k, lo - starts[k]) if inside else None)
+        jobs: list[tuple] = []
+        for i, spot in zip(range(first, last + 1), where, strict=True):
+            if jobs:
+                start, count, target, at = jobs[-1]
+                prev = where[i - 1 - first]
+                same = (spot is None and prev is None) or (
+                    spot is not None and prev is not None and spot[0] == prev[0]
+                )
+                if same and count < self.per:
+                    jobs[-1] = (start, count + 1, target, at)
+                    continue
+            if spot is None:
+                jobs.append((i, 1, None, 0))
+            else:
+                jobs.append((i, 1, dests[spot[0]][1], spot[1]))
+        if last != layout.count - 1:
+            # Truncation shows only in the final chunk: authenticate it too, on the device.
+            jobs.append((layout.count - 1, 1, None, 0))
+        return jobs
+
+    def decrypt(self, first: int, last: int, dests: list[tuple[int, Any]]) -> None:
+        """Decrypt chunks first..last; deliver plaintext ranges to *dests* on the device.
+
+        Args:
+            first: the first chunk; last: the last one (the final chunk is
+                always authenticated too).
+            dests: ``(plaintext offset, device uint8 array)`` pairs, each
+                lying inside chunks first..last, not overlapping.
+
+        Raises:
+            IndexError: a chunk range or a destination out of bounds.
+            AuthenticationError: a chunk failed; every destination is wiped.
+            DeviceUnavailable: the device failed and could not even be wiped.
+        """
+        layout, cs = self.layout, self.layout.chunk_size
+        if self._closed:
+            raise ValueError("the device decryptor is closed")
+        if not 0 <= first <= last < layout.count:
+            raise IndexError("chunk range out of bounds")
+        end = last * cs + layout.plain_len(last)
+        for off, arr in dests:
+            if not first * cs <= off <= off + arr.shape[0] <= end:
+                raise IndexError("a destination lies outside the chunks decrypted")
+        stream, used = self.memory.stream, 0
+        dests = sorted(((off, arr) for off, arr in dests if arr.shape[0]), key=lambda d: d[0])
+        jobs = self._jobs(first, last, dests)
+        try:
+            with self.memory.device():
+                for k, (start, count, target, at) in enumerate(jobs):
+                    slot = k % len(self._staging)
+                    self._events[slot].synchronize()  # the slot's last copy has been read
+                    n = self.sf.read_raw_chunks(start, count, self._staging[slot])
+                    nonces = np.frombuffer(
+                        b"".join(self.sf.chunk_nonce(i) for i in range(start, start + count)),
+                        dtype=self._order,
+                    ).astype(np.uint32).reshape(count, 3)  # fmt: skip
+                    self._d_nonces[slot][:count].copy_to_device(nonces, stream=stream)
+                    ct = self._d_ct[slot][:n]
+                    ct.copy_to_device(self._staging[slot][:n], stream=stream)
+                    self._events[slot].record(stream)
+                    last_len = layout.plain_len(start + count - 1)
+                    size = (count - 1) * cs + last_len
+                    out = self._scratch if target is None else target
+                    at = 0 if target is None else at
+                    self._decrypt(self._d_nonces[slot][:count], self._aad, ct, cs, last_len,
+                                  out[at : at + size], self._ok[start : start + count],
+                                  stream=stream)  # fmt: skip
+                    if target is None:
+                        used = max(used, size)
+                        self._deliver(start * cs, size, dests, stream)
+                flags = self._ok.copy_to_host(stream=stream)
+                stream.synchronize()  # this stream only: torch's other work goes on
+            for start, count, _, _ in jobs:
+                bad = np.flatnonzero(flags[start : start + count] != 1)
+                if bad.size:
+                    raise AuthenticationError(
+                        f"chunk {start + int(bad[0])} failed authentication on the device"
+                    )
+        except BaseException as exc:
+            failed = self._wipe_all([arr for _, arr in dests] + [self._scratch[: max(used, 1)]])
+            if failed is not None:
+                raise _fault(failed) from exc
+            raise
+        if used:
+            failed = self._wipe_all([self._scratch[:used]])
+            if failed is not None:
+                raise _fault(failed)
+
+    def _deliver(self, base: int, size: int, dests: list[tuple[int, Any]], stream: Any) -> None:
+        """Copy the scratch bytes (plaintext [base, base + size)) each destination wants."""
+        for off, arr in dests:
+            lo, hi = max(base, off), min(base + size, off + arr.shape[0])
+            if lo < hi:
+                arr[lo - off : hi - off].copy_to_device(
+                    self._scratch[lo - base : hi - base], stream=stream
+                )
+
+    def _wipe_all(self, arrays: list[Any]) -> BaseException | None:
+        """Wipe every array, going on past a failure; the first failure, or None."""
+        failed = None
+        for arr in arrays:
+            try:
+                self.memory.wipe(arr)
+            except Exception as exc:  # a sticky CUDA error fails every later call
+                failed = failed or exc
+        return failed
+
+    def close(self) -> None:
+        """Wipe the device key material and scratch, and drop every buffer.
+
+        Raises:
+            DeviceUnavailable: the device failed and its key could not be wiped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        arrays = list(self._secrets)
+        if getattr(self, "_scratch", None) is not None:
+            arrays.append(self._scratch)
+        failed = self._wipe_all(arrays)
+        self._secrets.clear()
+        self._staging = []
+        if failed is not None:
+            raise _fault(failed)
+
+    def __enter__(self) -> DeviceDecryptor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fault(exc: BaseException) -> DeviceUnavailable:
+    """The one error a failed device gives: what failed, and that its memory was not wiped."""
+    return DeviceUnavailable(
+        f"the CUDA device failed ({type(exc).__name__}) and its buffers, the key among them, "
+        "could not be wiped: the CUDA context is unusable, end this process to release them"
+    )
+
+
 def decrypt_to_device(
     sf: SealedFile,
     first: int,
@@ -66,95 +319,59 @@ def decrypt_to_device(
 
     Chunk i lands at ``out[(i - first) * chunk_size]``. Every chunk is
     authenticated on the device; on any failure *out* is zeroed and
-    ``AuthenticationError`` raised.
+    ``AuthenticationError`` raised. Buffers come from numba (a loader keeps a
+    :class:`DeviceDecryptor` on torch's allocator instead). This primitive
+    applies no suite policy: the loaders refuse table-based AES by default
+    (:func:`check_suite`).
 
     Raises:
-        DeviceUnavailable: no CUDA device (or simulator).
+        DeviceUnavailable: no CUDA device (or simulator), or one that failed.
         ValueError: a suite the GPU kernels do not implement, or *out* too small.
         AuthenticationError: a chunk failed (out is wiped).
     """
     cuda = _cuda()
-    suite = sf.header.suite
-    if suite not in GPU_SUITES:
-        raise ValueError(
-            f"GPU-direct decryption of {suite} is not implemented (only "
-            f"{', '.join(GPU_SUITES)}); pass prefer='cpu-decrypt'"
-        )
     layout = sf.layout
-    cs = layout.chunk_size
     if not 0 <= first <= last < layout.count:
         raise IndexError("chunk range out of bounds")
-    need = (last - first) * cs + layout.plain_len(last)
+    need = (last - first) * layout.chunk_size + layout.plain_len(last)
     if out.shape[0] < need:
         raise ValueError(f"device buffer of {out.shape[0]} bytes is too small ({need} needed)")
-    per = max(1, min(batch_bytes // cs, last - first + 1))
-    key = sf.device_key()
-    secrets: list[Any] = []  # device arrays holding key material, wiped at the end
-    scratch = None
-    try:
-        decrypt_chunks, nonce_order = _kernels(cuda, suite, key, secrets)
-        d_aad = cuda.to_device(np.frombuffer(sf.preamble.aad, dtype=np.uint8).copy())
-        streams = [cuda.stream() for _ in range(slots)]
-        staging = [cuda.pinned_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
-        d_ct = [cuda.device_array(per * (cs + 16), dtype=np.uint8) for _ in range(slots)]
-        d_nonces = [cuda.device_array((per, 3), dtype=np.uint32) for _ in range(slots)]
-        jobs = [(start, min(per, last + 1 - start), out, (start - first) * cs)
-                for start in range(first, last + 1, per)]  # fmt: skip
-        if last != layout.count - 1:
-            # Truncation shows only in the final chunk: authenticate it too,
-            # on the device, into scratch that is wiped afterwards.
-            final = layout.count - 1
-            scratch = cuda.device_array(layout.plain_len(final) or 1, np.uint8)
-            jobs.append((final, 1, scratch, 0))
-        d_ok = cuda.device_array(len(jobs) * per, dtype=np.uint8)
-        for k, (start, count, dest, dst) in enumerate(jobs):
-            slot, stream = k % slots, streams[k % slots]
-            stream.synchronize()  # the slot's previous batch has been consumed
-            n = sf.read_raw_chunks(start, count, staging[slot])
-            nonces = np.frombuffer(
-                b"".join(sf.chunk_nonce(i) for i in range(start, start + count)), dtype=nonce_order
-            ).astype(np.uint32).reshape(count, 3)  # fmt: skip
-            d_nonces[slot][:count].copy_to_device(nonces, stream=stream)
-            ct = d_ct[slot][:n]
-            ct.copy_to_device(staging[slot][:n], stream=stream)
-            last_len = layout.plain_len(start + count - 1)
-            size = (count - 1) * cs + last_len
-            ok = d_ok[k * per : k * per + count]
-            decrypt_chunks(d_nonces[slot][:count], d_aad, ct, cs, last_len,
-                           dest[dst : dst + size], ok, stream=stream)  # fmt: skip
-        cuda.synchronize()
-        flags = d_ok.copy_to_host()
-        for k, (start, count, _, _) in enumerate(jobs):
-            bad = np.flatnonzero(flags[k * per : k * per + count] != 1)
-            if bad.size:
-                raise AuthenticationError(
-                    f"chunk {start + int(bad[0])} failed authentication on the device"
-                )
-    except BaseException:
-        _wipe(cuda, out)
-        raise
-    finally:
-        key[:] = bytes(len(key))
-        for buf in [scratch, *secrets]:
-            if buf is not None:
-                _wipe(cuda, buf)
+    memory = NumbaMemory(cuda)
+    with DeviceDecryptor(sf, memory, batch_bytes=batch_bytes, slots=slots) as dec:
+        dec.decrypt(first, last, [(first * layout.chunk_size, out[:need])])
 
 
-def _kernels(cuda: Any, suite: str, key: bytearray, secrets: list[Any]) -> tuple[Any, str]:
+def _kernels(
+    cuda: Any, suite: str, key: bytearray, secrets: list[Any], memory: Any = None
+) -> tuple[Any, str]:
     """The suite's batch decryptor with the key (and its derived tables) on the device.
 
     Returns ``(decrypt, nonce_dtype)``: ``decrypt(nonces, aad, ct, cs, last_len,
     out, ok, stream=)``, and how nonces are read as words (ChaCha20: little-endian,
     AES-GCM's counter block: big-endian). The device arrays holding key
-    material are appended to *secrets* for the caller to wipe.
+    material come from *memory* (numba's allocator when None) and are
+    appended to *secrets* for the caller to wipe.
     """
+
+    def upload(host: np.ndarray) -> Any:
+        if memory is None:
+            dev = cuda.to_device(host)
+        else:
+            dev = memory.empty(host.shape, host.dtype)
+            dev.copy_to_device(host, stream=memory.stream)
+        secrets.append(dev)
+        return dev
+
     if suite == "CHACHA20-POLY1305":
         from sealstore.native import cuda_chacha
 
         words = np.frombuffer(key, dtype="<u4").astype(np.uint32)
-        d_key = cuda.to_device(words)
-        words[:] = 0
-        secrets.append(d_key)
+        try:
+            d_key = upload(words)
+            if memory is not None:
+                memory.stream.synchronize()  # the copy has read *words*: now they can go
+        finally:
+            words[:] = 0
 
         def chacha(*args: Any, **kw: Any) -> None:
             cuda_chacha.decrypt_chunks(d_key, *args, **kw)
@@ -164,10 +381,13 @@ def _kernels(cuda: Any, suite: str, key: bytearray, secrets: list[Any]) -> tuple
 
     rk = aes.expand_key(np.frombuffer(key, dtype=np.uint8))
     h_tab = cuda_aes.h_tables(rk)
-    d_rk, d_h = cuda.to_device(rk), cuda.to_device(h_tab)
-    rk[:] = 0
-    h_tab[:] = 0
-    secrets.extend([d_rk, d_h])
+    try:
+        d_rk, d_h = upload(rk), upload(h_tab)
+        if memory is not None:
+            memory.stream.synchronize()
+    finally:
+        rk[:] = 0
+        h_tab[:] = 0
     tables = cuda_aes.device_tables()
 
     def gcm(*args: Any, **kw: Any) -> None:
@@ -176,16 +396,40 @@ def _kernels(cuda: Any, suite: str, key: bytearray, secrets: list[Any]) -> tuple
     return gcm, ">u4"
 
 
-def _wipe(cuda: Any, arr: Any) -> None:
-    """Zero a device array: small key arrays whole, byte buffers in BATCH_BYTES pieces."""
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        arr.copy_to_device(np.zeros(arr.shape, dtype=arr.dtype))
-    else:
-        zeros = cuda.to_device(np.zeros(max(1, min(arr.shape[0], BATCH_BYTES)), dtype=np.uint8))
-        for i in range(0, arr.shape[0], zeros.shape[0]):
-            n = min(zeros.shape[0], arr.shape[0] - i)
-            arr[i : i + n].copy_to_device(zeros[:n])
-    cuda.synchronize()
+def _wipe(cuda: Any, arr: Any, stream: Any = 0) -> None:
+    """Zero a device array with a memset on *stream*: no allocation, so it works at an OOM.
+
+    The simulator's arrays are host arrays, zeroed in place.
+    """
+    if arr.size == 0:
+        return
+    from numba import config
+
+    if config.ENABLE_CUDASIM or not hasattr(arr, "device_ctypes_pointer"):
+        arr[...] = 0
+        return
+    from numba.cuda.cudadrv.driver import device_memset
+
+    device_memset(arr, 0, arr.size * arr.dtype.itemsize, stream=stream)
+
+
+def check_suite(suite: str, allow_table_aes: bool) -> None:
+    """Refuse GPU-direct AES-256-GCM unless *allow_table_aes*: the one place that policy lives.
+
+    The device AES kernel looks its rounds up in tables in shared memory;
+    which entries a block touches depends on key and data, and another
+    tenant's kernel on the same GPU can time that (a cache-timing side
+    channel). ChaCha20-Poly1305 is add-rotate-xor only: constant time.
+
+    Raises:
+        ValueError: AES-256-GCM without *allow_table_aes*.
+    """
+    if suite == "AES-256-GCM" and not allow_table_aes:
+        raise ValueError(
+            "GPU-direct AES-256-GCM uses table lookups a process sharing the GPU can time; "
+            "seal with CHACHA20-POLY1305 for GPU loads, pass prefer='cpu-decrypt', or "
+            "allow_table_aes=True to accept it"
+        )
 
 
 def normalize_device(device: Any) -> str:
@@ -238,49 +482,3 @@ def chunk_span(layout: Any, start: int, end: int) -> tuple[int, int, int, int]:
     first = min(start // cs, layout.count - 1)
     last = max(first, (end - 1) // cs)
     return first, last, (last - first) * cs + layout.plain_len(last), start - first * cs
-
-
-def read_to_cuda(sf: SealedFile, start: int, end: int, device: str) -> Any:
-    """Plaintext bytes [start, end) of *sf* as a uint8 tensor on *device*, decrypted there.
-
-    Only the chunks the range covers (and the final chunk, for truncation)
-    are read. The result is a view into a buffer of whole chunks.
-    """
-    import torch
-
-    check_device(device)
-    cuda = _cuda()
-    dev = torch.device(device)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    first, last, nbytes, base = chunk_span(sf.layout, start, end)
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", index))
-    with cuda.gpus[index]:
-        decrypt_to_device(sf, first, last, cuda.as_cuda_array(buf))
-    return buf[base : base + end - start]
-
-
-def as_tensor(raw: Any, dtype: Any, shape: list[int]) -> Any:
-    """View the uint8 tensor *raw* as *dtype* / *shape*, cloning it first if it is unaligned."""
-    if raw.data_ptr() % dtype.itemsize:
-        raw = raw.clone()  # a header length that leaves the tensor unaligned
-    return raw.view(dtype).reshape(shape)
-
-
-def load_to_cuda(sf: SealedFile, entries: dict[str, Any], data_start: int, device: str) -> dict:
-    """The tensors of a sealed safetensors file, decrypted on the GPU (see module doc).
-
-    One device buffer holds the decrypted chunks; the tensors are views into
-    it (a GPU load keeps its weights together; a CPU load gives each tensor
-    its own storage).
-    """
-    import torch
-
-    check_device(device)
-    if not entries:
-        return {}
-    if data_start >= sf.layout.plaintext_size:  # only empty tensors
-        return {name: torch.empty(shape, dtype=dtype, device=torch.device(device))
-                for name, (dtype, shape, _, _) in entries.items()}  # fmt: skip
-    data = read_to_cuda(sf, data_start, sf.layout.plaintext_size, device)
-    return {name: as_tensor(data[start:end], dtype, shape)
-            for name, (dtype, shape, start, end) in entries.items()}  # fmt: skip

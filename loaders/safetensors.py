@@ -134,6 +134,7 @@ def load_file(
     tenant: str | None = None,
     progress: bool | Progress = False,
     prefer: str = "gpu-direct",
+    allow_table_aes: bool = False,
     guard: Any = None,
     module: Any = None,
     plan: Any = None,
@@ -144,11 +145,15 @@ def load_file(
         src: a sealed file path or URL, or a store reference (``sealstore+URL#NAME...``
             or ``NAME[:VERSION|@TAG][/FILE]`` with *store*); see ``sealstore.loaders.sources``.
         device: where the tensors go. ``"cuda[:N]"`` (or the int ``N``, as in
-            safetensors) decrypts on the GPU: the ciphertext is staged in pinned
-            memory and the plaintext exists only in device memory (both suites;
-            see ``loaders/gpu.py``). The tensors are then views of one device buffer.
+            safetensors, or a ``torch.device``) decrypts on the GPU: the ciphertext
+            is staged in pinned memory and the plaintext -- the header's chunks
+            too -- exists only in device memory, each tensor in its own storage
+            (see ``loaders/gpu_file.py``).
         prefer: ``"cpu-decrypt"`` decrypts on the CPU and copies the tensors to
             *device* (any suite; for comparison).
+        allow_table_aes: decrypt an AES-256-GCM file on the GPU all the same
+            (refused by default: the device AES kernel uses lookup tables, a
+            timing side channel on a shared GPU; see docs/SECURITY.md).
         threads: chunks decrypted in parallel (default: the CPU count, at most 8;
             on 2 cores 1 GiB took 330 ms with 2 threads, 418-478 ms with 3-6).
         progress: ``True`` for a progress bar on stderr (a terminal, loads over
@@ -174,6 +179,7 @@ def load_file(
     Raises:
         AuthenticationError: any chunk, signature or hash fails (nothing is returned).
         DeviceUnavailable: a CUDA device was asked for and torch has none.
+        ValueError: a GPU-direct load of an AES-256-GCM file without *allow_table_aes*.
         TensorNotFound: *plan* names a tensor the file (or the index) lacks.
         ValueError: a *plan* slice outside its tensor, or a split that does not divide evenly.
         KeyUnavailable, NotFound, FormatError.
@@ -215,7 +221,7 @@ def load_file(
     if plan is not None:
         where = art.name(files[0]) if art is not None else _where(src)
         return _read(opened, own, device, threads, progress, prefer, (plan, where))
-    tensors = _read(opened, own, device, threads, progress, prefer)
+    tensors = _read(opened, own, device, threads, progress, prefer, allow_table_aes=allow_table_aes)
     if guard is None or guard is False:
         return tensors
     return _guarded(src, tensors, module, guard, opened, identities, None)
@@ -260,9 +266,17 @@ def _read(
     progress: bool | Progress,
     prefer: str,
     plan: tuple[PartitionPlan, str] | None = None,
+    *,
+    allow_table_aes: bool = False,
 ) -> dict[str, Any]:
     # own: a SealedFile the caller passed stays open
     with opened if own else contextlib.nullcontext(opened) as sf:
+        if plan is None and device.startswith("cuda") and prefer == "gpu-direct":
+            from sealstore.loaders.gpu_file import opened as gpu_opened
+
+            # The header too is decrypted on the device: no plaintext byte on the host.
+            with gpu_opened(sf, device, allow_table_aes) as gpu:
+                return gpu.tensors(_torch_entries(gpu.layout))
         layout = Layout.before_full_read(sf)
         if plan is not None:
             slices = plan[0].resolve(layout.entries, plan[1], strict=True)
@@ -354,10 +368,6 @@ def _read_all(
     import torch
 
     entries = _torch_entries(layout)
-    if device.startswith("cuda") and prefer == "gpu-direct":
-        from sealstore.loaders.gpu import load_to_cuda
-
-        return load_to_cuda(sf, entries, layout.data_start, device)
     # One buffer per tensor, like safetensors: saving, pickling or keeping
     # one tensor must never carry the rest of the decrypted model with it.
     # read_scatter still decrypts every chunk once, straight into them.
@@ -457,8 +467,10 @@ class SafeOpen:
         check_digest: bool = False,
         threads: int | None = None,
         prefer: str = "gpu-direct",
+        allow_table_aes: bool = False,
         plan: Any = None,
     ) -> None:
+        self._gpu: Any = None
         if framework not in _FRAMEWORKS:
             raise ValueError(
                 f"framework {framework!r} is not supported (only 'pt' / 'torch', 'np' / 'numpy')"
@@ -502,7 +514,14 @@ class SafeOpen:
         # A SealedFile the caller passed stays open (one opened here from a folder does not).
         self._own = self._sf is not src or art is not None
         try:
-            self._layout = Layout(self._sf)
+            if self._gpu_direct:
+                from sealstore.loaders.gpu_file import GpuFile
+
+                # Kept until close: key, staging and scratch are set up once per file.
+                self._gpu = GpuFile(self._sf, device, allow_table_aes=allow_table_aes)
+                self._layout = self._gpu.layout
+            else:
+                self._layout = Layout(self._sf)
             # name -> (dim, start, stop) or None (whole): this rank's part, or every tensor whole.
             self._slices: dict[str, tuple[int, int, int] | None] = (
                 dict.fromkeys(self._layout.entries)
@@ -533,11 +552,8 @@ class SafeOpen:
         import torch
 
         dtype, shape = _torch_entry(name, code, shape)
-        if self._gpu_direct:
-            from sealstore.loaders.gpu import as_tensor, read_to_cuda
-
-            start, end = self._layout.data_start + start, self._layout.data_start + end
-            return as_tensor(read_to_cuda(self._sf, start, end, self._device), dtype, shape)
+        if self._gpu is not None:
+            return self._gpu.tensor(start, end, dtype, shape)
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
@@ -589,6 +605,8 @@ class SafeOpen:
             from sealstore.loaders.safetensors_np import read_arrays
 
             return read_arrays(self._sf, self._layout, self._threads)
+        if self._gpu is not None:
+            return self._gpu.tensors(_torch_entries(self._layout))
         return _read_all(self._sf, self._layout, self._device, self._threads, False, self._prefer)
 
     def get_slice(self, name: str) -> _Slice:
@@ -600,9 +618,17 @@ class SafeOpen:
         return _Slice(self, name)
 
     def close(self) -> None:
-        """Close the file (one the caller passed in as a ``SealedFile`` stays open)."""
-        if self._own:
-            self._sf.close()
+        """Close the file (one the caller passed in as a ``SealedFile`` stays open).
+
+        A GPU-direct file's device key and scratch are wiped and its buffers released.
+        """
+        gpu, self._gpu = self._gpu, None
+        try:
+            if gpu is not None:
+                gpu.close()
+        finally:
+            if self._own:
+                self._sf.close()
 
     def __enter__(self) -> SafeOpen:
         return self
@@ -630,9 +656,12 @@ def safe_open(
     *framework* is ``"pt"`` (or ``"torch"``) for torch tensors, ``"np"`` (or
     ``"numpy"``) for numpy arrays (CPU only; torch is not imported).
 
-    With ``device="cuda[:N]"`` (or the int ``N``) each requested tensor's chunks
-    are decrypted on the GPU (as ``load_file`` does; the tensor is a view of a
-    buffer of whole chunks); ``prefer="cpu-decrypt"`` decrypts on the CPU and copies.
+    With ``device="cuda[:N]"`` (or the int ``N``, or a ``torch.device``) the
+    header and each requested tensor's chunks are decrypted on the GPU (as
+    ``load_file`` does; each tensor in its own storage); the device key,
+    staging and scratch are set up once on open and wiped at close.
+    ``prefer="cpu-decrypt"`` decrypts on the CPU and copies. An AES-256-GCM
+    file needs ``allow_table_aes=True`` on the GPU (see ``load_file``).
 
     ``plan=`` (as for ``load_file``): ``keys`` lists the tensors the plan loads,
     ``get_tensor`` returns this rank's slice, ``get_tensors`` all of them in one

@@ -1,0 +1,261 @@
+"""The GPU-direct loader (loaders/gpu_file.py) end to end, under numba's CUDA simulator.
+
+torch here has no CUDA, so the loader's device memory is swapped for
+``SimMemory``: torch CPU tensors seen by the simulator's kernels as device
+arrays. Everything else -- the header read on the device, the per-tensor
+destinations, scratch and its wipes, the suite policy, the per-file state --
+is the code a GPU runs. What only a GPU shows (torch's stream and caching
+allocator) is in ``TorchMemory`` and is not exercised here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from numba import cuda
+from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+from safetensors.torch import save as st_save
+
+from sealstore.errors import AuthenticationError
+from sealstore.keys import DataKey
+from sealstore.loaders import DeviceUnavailable, gpu, gpu_file, load_file, safe_open
+from sealstore.stream import SealedFile
+from tests.conftest import CS, seal_bytes
+
+CHACHA, AES = "CHACHA20-POLY1305", "AES-256-GCM"
+HOST_DECRYPTS = ("_decrypt_chunk", "decrypt_chunk_into", "read_into", "read_scatter",
+                 "read_range", "iter_chunks", "_verify_end")  # fmt: skip
+
+
+class SimMemory(gpu.NumbaMemory):
+    """The simulator's device memory, with output tensors as torch CPU tensors."""
+
+    made: list[SimMemory] = []
+
+    def __init__(self, device: str = "cuda:0") -> None:
+        super().__init__(cuda)
+        self.staged: list[np.ndarray] = []
+        self.released = False
+        SimMemory.made.append(self)
+
+    def tensor(self, nbytes: int) -> tuple[Any, Any]:
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        return t, FakeCUDAArray(t.numpy())
+
+    def pinned(self, n: int) -> np.ndarray:
+        self.staged.append(super().pinned(n))
+        return self.staged[-1]
+
+    def release(self) -> None:
+        self.released = True
+
+
+@pytest.fixture
+def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[SimMemory]]:
+    """GPU-direct loads run on the simulator (torch's CUDA check passes)."""
+    SimMemory.made = []
+    monkeypatch.setattr(gpu, "check_device", lambda device: None)
+    monkeypatch.setattr(gpu_file, "TorchMemory", SimMemory)
+    yield SimMemory
+
+
+def tensors(big: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors sharing a chunk with the header and each other, and an empty one.
+
+    *big*: one tensor runs across the boundary of chunk 0 into the final
+    chunk. (The simulator takes seconds a chunk: the rest stay within one.)
+    """
+    g = torch.Generator().manual_seed(7)
+    return {
+        "a.small": torch.randn(5, generator=g),  # shares chunk 0 with the header
+        "b.big": torch.randn(CS // 4 + 37 if big else 300, generator=g),
+        "c.empty": torch.zeros(0, dtype=torch.float16),
+        "d.ints": torch.randint(0, 1 << 30, (43,), generator=g, dtype=torch.int64),
+        "e.bytes": torch.randint(0, 255, (1001,), generator=g, dtype=torch.uint8),
+    }
+
+
+def sealed(tmp_path: Path, suite: str = CHACHA, big: bool = False) -> tuple[Path, DataKey, bytes]:
+    plain = st_save(tensors(big), metadata={"format": "pt"})
+    dek = DataKey.generate()
+    path = tmp_path / "m.seal"
+    path.write_bytes(seal_bytes(plain, dek, suite=suite))
+    return path, dek, plain
+
+
+def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+@pytest.fixture
+def no_host_decrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way SealedFile decrypts on the CPU fails the test if it is called."""
+    for name in HOST_DECRYPTS:
+
+        def refuse(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+            raise AssertionError(f"SealedFile.{_name} decrypted on the host")
+
+        monkeypatch.setattr(SealedFile, name, refuse)
+
+
+@pytest.mark.parametrize("device", [0, "cuda", torch.device("cuda", 0)])
+def test_every_spelling_of_a_cuda_device_decrypts_on_the_device(
+    sim: type[SimMemory], no_host_decrypt: None, tmp_path: Path, device: Any
+) -> None:
+    """``device=0`` and ``torch.device("cuda", 0)`` take the GPU path, never a CPU decrypt."""
+    path, dek, _ = sealed(tmp_path)
+    with SealedFile(path, dek) as sf:
+        same(load_file(sf, device=device), tensors())
+        with safe_open(sf, device=device) as f:
+            assert torch.equal(f.get_tensor("d.ints"), tensors()["d.ints"])
+            same(f.get_tensors(), tensors())
+    assert sim.made  # the device memory was used
+
+
+def test_no_plaintext_tensor_byte_reaches_a_host_buffer_and_each_tensor_has_its_own_storage(
+    sim: type[SimMemory], no_host_decrypt: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging holds ciphertext only; the one device-to-host copy is the header's bytes."""
+    path, dek, plain = sealed(tmp_path, big=True)
+    ciphertext = path.read_bytes()
+    data_start = 8 + int.from_bytes(plain[:8], "little")
+    to_host: list[bytes] = []
+    real = gpu_file.GpuFile._to_host
+
+    def recording(t: Any) -> Any:
+        to_host.append(bytes(real(t)))
+        return to_host[-1]
+
+    monkeypatch.setattr(gpu_file.GpuFile, "_to_host", staticmethod(recording))
+    with SealedFile(path, dek) as sf:
+        assert sf.chunk_count == 2
+        got = load_file(sf, device=0)
+    same(got, tensors(big=True))
+    assert to_host == [plain[:8], plain[:data_start]]  # the length prefix, then the header
+    staged = [buf.tobytes() for m in sim.made for buf in m.staged]
+    assert staged
+    tensor_bytes = plain[data_start:]
+    for held in staged:
+        for k in range(0, len(tensor_bytes) - 32, 997):  # no 32-byte run of plaintext
+            assert tensor_bytes[k : k + 32] not in held
+        assert held.strip(b"\0") == b"" or held.rstrip(b"\0")[:64] in ciphertext
+    # Not views of one whole-file buffer: keeping one tensor keeps only its bytes.
+    for t in got.values():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    ptrs = {t.untyped_storage().data_ptr() for t in got.values() if t.numel()}
+    assert len(ptrs) == sum(1 for t in got.values() if t.numel())
+
+
+def test_safe_open_sets_up_the_device_once_per_file_and_wipes_it_at_close(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, dek, _ = sealed(tmp_path)
+    keys: list[int] = []
+    real = SealedFile.device_key
+
+    def counting(self: SealedFile) -> bytearray:
+        keys.append(1)
+        return real(self)
+
+    monkeypatch.setattr(SealedFile, "device_key", counting)
+    with SealedFile(path, dek) as sf:
+        f = safe_open(sf, device=0)
+        for name in ["a.small", "b.big", "d.ints", "e.bytes", "c.empty", "b.big"]:
+            assert torch.equal(f.get_tensor(name), tensors()[name])
+        memory = sim.made[-1]
+        assert len(sim.made) == 1 and len(keys) == 1 and len(memory.staged) == 2
+        secrets = list(f._gpu._dec._secrets)
+        scratch = f._gpu._dec._scratch
+        f.close()
+        assert memory.released
+        assert all(not np.asarray(a._ary).any() for a in [*secrets, scratch])
+        assert f._gpu is None
+
+
+@pytest.mark.parametrize("how", ["load_file", "safe_open"])
+def test_aes_on_the_device_is_refused_unless_allowed(
+    sim: type[SimMemory], tmp_path: Path, how: str
+) -> None:
+    """Table AES is a timing side channel on a shared GPU: opt-in only; ChaCha20 needs nothing."""
+    path, dek, _ = sealed(tmp_path, AES)
+    with SealedFile(path, dek) as sf:
+        with pytest.raises(ValueError, match="allow_table_aes=True"):
+            load_file(sf, device=0) if how == "load_file" else safe_open(sf, device=0)
+        assert not sim.made  # refused before the key went to the device
+        if how == "load_file":
+            same(load_file(sf, device=0, allow_table_aes=True), tensors())
+        else:
+            with safe_open(sf, device=0, allow_table_aes=True) as f:
+                assert torch.equal(f.get_tensor("e.bytes"), tensors()["e.bytes"])
+
+
+def test_a_chunk_that_fails_on_the_device_wipes_every_tensor(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file changes under an open safe_open: the tensors already decrypted are wiped too."""
+    path, dek, _ = sealed(tmp_path, big=True)
+    made: list[torch.Tensor] = []
+    real_tensor, real_read = SimMemory.tensor, SealedFile.read_raw_chunks
+
+    def keeping(self: SimMemory, n: int) -> tuple[Any, Any]:
+        t, arr = real_tensor(self, n)
+        made.append(t)
+        return t, arr
+
+    def flipping(self: SealedFile, first: int, count: int, buf: Any) -> int:
+        n = real_read(self, first, count, buf)
+        if first + count - 1 == 1:  # the final chunk's ciphertext, as read now
+            buf[n - 20] ^= 1
+        return n
+
+    with SealedFile(path, dek) as sf:
+        f = safe_open(sf, device=0)
+        monkeypatch.setattr(SimMemory, "tensor", keeping)
+        monkeypatch.setattr(SealedFile, "read_raw_chunks", flipping)
+        with pytest.raises(AuthenticationError, match="chunk 1"):
+            f.get_tensors()
+        assert len(made) == 5 and all(not t.any() for t in made)
+        # The scratch the shared chunks went through (uninitialised memory, not zeros).
+        scratch = np.asarray(f._gpu._dec._scratch._ary).tobytes()
+        plain = st_save(tensors(big=True))
+        assert all(plain[k : k + 32] not in scratch for k in range(0, len(plain) - 32, 331))
+        f.close()
+
+
+def test_a_device_fault_wipes_what_it_can_and_says_so(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sticky CUDA error fails every later call, the wipes too: one clear error, not two."""
+    path, dek, _ = sealed(tmp_path)
+    calls = {"n": 0}
+    real_wipe = SimMemory.wipe
+
+    def kernel_fault(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    def sticky_wipe(self: SimMemory, arr: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+        real_wipe(self, arr)
+
+    from sealstore.native import cuda_chacha
+
+    with SealedFile(path, dek) as sf:
+        f = safe_open(sf, device=0)
+        monkeypatch.setattr(cuda_chacha, "decrypt_chunks", kernel_fault)
+        monkeypatch.setattr(SimMemory, "wipe", sticky_wipe)
+        with pytest.raises(DeviceUnavailable, match=r"could not be wiped.*end this process"):
+            f.get_tensor("d.ints")
+        with pytest.raises(DeviceUnavailable, match="key among them"):
+            f.close()
+        assert f._gpu is None  # closed all the same: nothing left to retry against a dead context
+        assert calls["n"] >= 3  # every buffer was tried, not only the first
