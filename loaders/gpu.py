@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sealstore.errors import AuthenticationError, SealstoreError
+from sealstore.errors import AuthenticationError, DeviceUnavailable
 from sealstore.format import TAG_SIZE as TAG
 from sealstore.stream import SealedFile
 
@@ -42,21 +42,20 @@ GPU_SUITES = ("AES-256-GCM", "CHACHA20-POLY1305")
 BATCH_BYTES = 64 << 20  # plaintext per staging slot
 
 
-class DeviceUnavailable(SealstoreError):
-    """A CUDA device was asked for and cannot be used."""
-
-
 def _cuda() -> Any:
+    """``numba.cuda``, once the toolchain check finds the driver, device, NVVM and libdevice.
+
+    Raises:
+        CudaToolchainError (a DeviceUnavailable): one line naming what is missing.
+    """
+    from sealstore.native.cuda_toolchain import CudaToolchainError, require
+
     try:
-        from numba import cuda
-    except ImportError as exc:  # pragma: no cover - numba is a core dependency
-        raise DeviceUnavailable(f"numba.cuda cannot be imported: {exc}") from None
-    if not cuda.is_available():
-        raise DeviceUnavailable(
-            "no CUDA device is available to numba (pass prefer='cpu-decrypt' to decrypt "
-            "on the CPU and copy)"
-        )
-    return cuda
+        return require()
+    except CudaToolchainError as exc:
+        raise CudaToolchainError(
+            f"{exc} (or pass prefer='cpu-decrypt' to decrypt on the CPU and copy)"
+        ) from None
 
 
 class NumbaMemory:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from sealstore.errors import SealstoreError
+from sealstore.errors import DeviceUnavailable
 
 __all__ = ["CudaToolchainError", "describe", "problem", "require"]
 
 INSTALL = "pip install 'sealstore[gpu]' (CUDA 13 drivers, >= 580) or 'sealstore[gpu-cu12]'"
 
 
-class CudaToolchainError(SealstoreError):
+class CudaToolchainError(DeviceUnavailable):
     """The CUDA kernels cannot run here: a driver, device, NVVM or libdevice is missing."""
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "AttestationError",
     "AuthenticationError",
     "BackendError",
+    "DeviceUnavailable",
     "FormatError",
     "InferenceRefused",
     "KeyReleaseDenied",
@@ -88,6 +89,10 @@ class BackendError(SealstoreError):
 
 class NotFound(SealstoreError):
     """A named file, artifact, version or key does not exist."""
+
+
+class DeviceUnavailable(SealstoreError):
+    """A CUDA device was asked for and cannot be used (no device, driver or toolchain)."""
 
 
 class Refused(SealstoreError):
