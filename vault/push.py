@@ -435,12 +435,7 @@ def push(
             existing = store.versions(r.name, tenant=tenant)
             continue
         except BaseException as exc:
-            # Nothing was committed: remove what was uploaded (best effort;
-            # `store gc` gets whatever a killed process leaves) -- but not when
-            # interrupted or the backend stopped answering: each delete would
-            # wait for it again, holding Ctrl-C up to the backend's deadline.
-            if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
-                _discard(store, tenant, made)
+            _discard_after(exc, store, tenant, made)
             raise
         if tag_latest:
             try:
@@ -583,10 +578,7 @@ def commit_version(
             made=made,
         )
     except BaseException as exc:
-        # Not when interrupted or timed out: the manifest may have been written
-        # (then nothing it names may go), and each delete would wait again.
-        if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
-            _discard(store, tenant, made)
+        _discard_after(exc, store, tenant, made)
         raise
     if tag_latest:
         try:
@@ -598,6 +590,16 @@ def commit_version(
     detail = {"signer": signer.signing_key_id, "files": len(manifest.files), "bytes": manifest.size}
     record(store, "push", tenant=tenant, artifact=name, version=version, detail=detail)
     return manifest
+
+
+def _discard_after(exc: BaseException, store: Any, tenant: str, made: list[str]) -> None:
+    """After a failed commit, remove what was uploaded (best effort; ``store gc``
+    gets whatever a killed process leaves) -- but not when interrupted or the
+    backend stopped answering: the manifest write may have landed (then nothing
+    it names may go), and each delete would wait for the backend again, holding
+    Ctrl-C up to its deadline."""
+    if not (isinstance(exc, KeyboardInterrupt) or timed_out(exc)):
+        _discard(store, tenant, made)
 
 
 def _discard(store: Any, tenant: str, made: list[str]) -> None:
