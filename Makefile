@@ -13,7 +13,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check
+.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,11 @@ wheel-check: $(STAMP)
 # GPU loader tests on the device, benchmarks/gpu_load.py; figures to $$OUT or docs/perf.
 gpu-check:
 	scripts/gpu-check.sh
+
+# Here, where pip reaches an index: .whl/ for gpu-check on an offline GPU image
+# (sealstore's wheel and the dependencies such an image lacks; docs/NATIVE.md).
+gpu-wheels:
+	scripts/gpu-wheels.sh
 
 vectors: $(STAMP)
 	$(PY) scripts/make_vectors.py docs/vectors
