@@ -72,8 +72,9 @@ format: $(STAMP)
 wheel-check: $(STAMP)
 	scripts/wheel-check.sh
 
-# On a CUDA machine: its own venv (torch's CUDA build, the gpu extra), the kernel and
-# GPU loader tests on the device, benchmarks/gpu_load.py; figures to $$OUT or docs/perf.
+# On a CUDA machine: .venv-gpu (torch's CUDA build, the gpu extra), or offline the
+# image's python3 with .whl's wheels; the kernel and GPU loader tests on the device,
+# benchmarks/gpu_load.py; figures to $$OUT or docs/perf (docs/NATIVE.md).
 gpu-check:
 	scripts/gpu-check.sh
 
