@@ -47,7 +47,7 @@ rm -rf build
 
 ls -l "$DEST"
 kib=$(du -sk "$DEST" | cut -f1)
-echo "gpu-wheels: $(find "$DEST" -name '*.whl' | wc -l) wheels, $((kib / 1024)) MiB ($kib KiB) in $DEST"
+echo "gpu-wheels: $(find "$DEST" -type f -name '*.whl' | wc -l) wheels, $((kib / 1024)) MiB ($kib KiB) in $DEST"
 if [ "$kib" -gt $((MAX_MIB * 1024)) ]; then
     echo "gpu-wheels: $DEST is over $MAX_MIB MiB: it would not travel with the tree" >&2
     exit 1
