@@ -162,6 +162,22 @@ if [ "$MODE" = offline ]; then
     step wheels "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" "${WHEELS[@]}"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    # An image may hold NVVM and libdevice only in its system toolkit (nvcc's), not as
+    # wheels (nvidia-nvvm is ~60 MiB, too big to carry): numba-cuda looks there
+    # through CUDA_HOME, after the wheels.
+    if [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ]; then
+        NVCC_HOME=""
+        if command -v nvcc >/dev/null 2>&1; then
+            NVCC_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        fi
+        for home in "$NVCC_HOME" /usr/local/cuda; do
+            if [ -n "$home" ] && [ -d "$home/nvvm" ]; then
+                export CUDA_HOME=$home
+                log "CUDA_HOME=$CUDA_HOME (the image's toolkit, after the wheels)"
+                break
+            fi
+        done
+    fi
     # The tree's sealstore/ lacks its mapped subpackages (native/, loaders/, ...: see
     # pyproject's package-dir) and would shadow the installed wheel from the repository
     # root: tests and benchmarks run from a copy beside pyproject.toml instead.
