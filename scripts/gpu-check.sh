@@ -6,7 +6,8 @@
 #      online  -- .venv-gpu (never the project's .venv) with torch 2.13.0's CUDA build and
 #                 the `gpu` extra (numba-cuda and its CUDA wheels) -- CUDA 13 for drivers
 #                 >= 580, else CUDA 12 (torch's cu126 build, the `gpu-cu12` extra);
-#      offline -- no network (or GPU_CHECK_OFFLINE=1): the image's own python3 with its
+#      offline -- no network (or GPU_CHECK_OFFLINE=1; =0 forces online, for a pip that
+#                 reaches PyPI through a proxy): the image's own python3 with its
 #                 torch, numba-cuda and CUDA toolkit, and no venv; the wheels in .whl/
 #                 (scripts/gpu-wheels.sh makes them where pip reaches an index: sealstore
 #                 itself and the dependencies such an image lacks) go to /tmp/site
