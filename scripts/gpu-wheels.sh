@@ -9,8 +9,8 @@
 # exact call is in docs/NATIVE.md, "gpu-check"). It fails when the folder would be
 # over GPU_WHEELS_MAX_MIB (default 48: the carry limit is 64 MiB with the working tree).
 #
-# GPU_WHEELS_EXTRA: more NAME==VERSION to fetch (e.g. nvidia-nvvm==13.0.88 for an image
-# whose toolkit has no NVVM).
+# GPU_WHEELS_EXTRA: more NAME==VERSION to fetch (not nvidia-nvvm: ~60 MiB, over the
+# limit; gpu-check points CUDA_HOME at the image's toolkit instead).
 set -euo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
