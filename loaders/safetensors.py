@@ -300,7 +300,8 @@ def _read_slices(
     piece (2.4x the whole tensor's load for 8,192 rows, measured): such a
     tensor is decrypted whole into a scratch buffer, reused and wiped after
     each, and its slice copied out with one strided copy. It touches every
-    chunk of the tensor either way.
+    chunk of the tensor either way. For a *device* other than the CPU the
+    slices are decrypted on the host, copied, and the host buffers wiped.
     """
     import numpy as np
     import torch
@@ -352,7 +353,13 @@ def _read_slices(
             bar.close()
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+        try:
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        finally:
+            # A blocking copy has read the host buffer when .to returns: the
+            # plaintext stays on the host no longer than the copy.
+            for buf, *_ in out.values():
+                buf.zero_()
     return tensors
 
 
@@ -384,7 +391,13 @@ def _read_all(
             bar.close()
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+        try:
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        finally:
+            # A blocking copy has read the host buffer when .to returns: the
+            # plaintext stays on the host no longer than the copy.
+            for buf, *_ in out.values():
+                buf.zero_()
     return tensors
 
 
@@ -558,7 +571,12 @@ class SafeOpen:
         if end > start:
             self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
         t = buf.view(dtype).reshape(shape)
-        return t if self._device == "cpu" else t.to(self._device)
+        if self._device == "cpu":
+            return t
+        try:
+            return t.to(self._device)
+        finally:
+            buf.zero_()  # decrypted on the host (prefer="cpu-decrypt"): wiped once copied
 
     def _read_part(self, name: str, part: tuple[int, int, int] | None) -> Any:
         """Tensor *name*, whole (*part* None) or its ``(dim, start, stop)`` slice."""

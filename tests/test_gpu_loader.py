@@ -350,3 +350,38 @@ def test_two_threads_get_tensors_of_one_file_in_turn(
     assert inside["most"] == 1
     for name, ts in got.items():
         assert len(ts) == 2 and all(torch.equal(t, want[name]) for t in ts), name
+
+
+def test_slices_decrypted_on_the_host_for_a_device_leave_zeroed_host_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dim > 0 slice (and a plan's) goes host -> device: the host copy is wiped after.
+
+    ``meta`` stands in for a CUDA device (torch here is a CPU build): any
+    device but the CPU takes the copy-and-wipe path.
+    """
+    from sealstore.loaders import safetensors as st
+    from sealstore.loaders.st_header import Layout
+
+    want = torch.arange(1, 61, dtype=torch.float32).reshape(6, 10)
+    dek = DataKey.generate()
+    path = tmp_path / "m.seal"
+    path.write_bytes(seal_bytes(st_save({"w": want, "v": want[0].clone()}), dek))
+    made: list[torch.Tensor] = []
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with SealedFile(path, dek) as sf:
+        layout = Layout(sf)  # type: ignore[arg-type]
+        got = st._read_slices(sf, layout, {"w": (1, 2, 5), "v": None}, "meta", 1, False)
+        assert got["w"].device.type == "meta" and list(got["w"].shape) == [6, 3]
+        assert list(got["v"].shape) == [10]
+        host = [t for t in made if t.numel()]  # the buffers and scratch of the device load
+        cpu = st._read_slices(sf, layout, {"w": (1, 2, 5)}, "cpu", 1, False)
+    assert torch.equal(cpu["w"], want[:, 2:5])  # the same path decrypts the right bytes
+    assert len(host) >= 3 and all(not t.any() for t in host)
