@@ -580,6 +580,7 @@ class SafeOpen:
 
     def _read_part(self, name: str, part: tuple[int, int, int] | None) -> Any:
         """Tensor *name*, whole (*part* None) or its ``(dim, start, stop)`` slice."""
+        self._check_open()
         code, shape, start, end = self._layout.entry(name)
         if part is None:
             return self._read(name, start, end, code, shape)
@@ -598,6 +599,7 @@ class SafeOpen:
         Raises:
             TensorNotFound: no such tensor (a ``KeyError`` and safetensors'
                 ``SafetensorError``), or one the plan does not load.
+            ValueError: a GPU-direct ``safe_open`` used after close.
         """
         if name not in self._slices:
             if name in self._layout.entries:
@@ -612,7 +614,9 @@ class SafeOpen:
 
         Raises:
             AuthenticationError: any chunk fails (nothing is returned).
+            ValueError: a GPU-direct ``safe_open`` used after close.
         """
+        self._check_open()
         if self._plan is not None:
             if self._framework == "np":
                 return {k: self._read_part(k, v) for k, v in self._slices.items()}
@@ -626,6 +630,15 @@ class SafeOpen:
         if self._gpu is not None:
             return self._gpu.tensors(_torch_entries(self._layout))
         return _read_all(self._sf, self._layout, self._device, self._threads, False, self._prefer)
+
+    def _check_open(self) -> None:
+        """Refuse a GPU-direct file after close: never fall back to decrypting on the host.
+
+        Raises:
+            ValueError: this GPU-direct ``safe_open`` is closed.
+        """
+        if self._gpu_direct and self._gpu is None:
+            raise ValueError("this GPU-direct safe_open is closed")
 
     def get_slice(self, name: str) -> _Slice:
         """Shape and dtype without decrypting; index it to decrypt only those rows.

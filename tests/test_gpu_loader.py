@@ -385,3 +385,16 @@ def test_slices_decrypted_on_the_host_for_a_device_leave_zeroed_host_buffers(
         cpu = st._read_slices(sf, layout, {"w": (1, 2, 5)}, "cpu", 1, False)
     assert torch.equal(cpu["w"], want[:, 2:5])  # the same path decrypts the right bytes
     assert len(host) >= 3 and all(not t.any() for t in host)
+
+
+def test_a_closed_gpu_direct_safe_open_refuses_rather_than_decrypting_on_the_host(
+    sim: type[SimMemory], tmp_path: Path, no_host_decrypt: None
+) -> None:
+    path, dek, _ = sealed(tmp_path)
+    with SealedFile(path, dek) as sf:  # the caller's file stays open after close
+        f = safe_open(sf, device=0)
+        f.close()
+        with pytest.raises(ValueError, match="closed"):
+            f.get_tensor("d.ints")
+        with pytest.raises(ValueError, match="closed"):
+            f.get_tensors()
