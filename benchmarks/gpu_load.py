@@ -6,7 +6,8 @@
   staged in pinned memory, authenticated and decrypted on the device;
 * ``cpu_decrypt``   -- the same with ``prefer="cpu-decrypt"``: decrypted on the CPU, copied;
 * ``kernel``        -- the ChaCha20-Poly1305 kernels alone, device memory to device
-  memory (GB/s of plaintext), ``--kernel-mib`` of chunks.
+  memory (GB/s of plaintext), ``--kernel-mib`` of chunks, launched as the loader
+  launches them (per 64 MiB batch, lane sums from torch's allocator once).
 
 The sealed file uses ChaCha20-Poly1305 (``--suite`` to change; the GPU has
 kernels for both suites). Loads are interleaved in rounds, ``torch.cuda.synchronize()`` before every
@@ -34,40 +35,63 @@ from benchmarks.format_throughput import parse_size, write_report
 from benchmarks.load_cpu import make_state
 
 
-def kernel_rate(mib: int, rounds: int) -> list[float]:
-    """GB/s of the tag + XOR kernels over *mib* MiB of 1 MiB chunks already on the device."""
+def kernel_rate(
+    mib: int, rounds: int, memory: Any, chunk_size: int = 1 << 20, batch_bytes: int | None = None
+) -> list[float]:
+    """GB/s of the ChaCha20-Poly1305 kernels over *mib* MiB of chunks already on the device.
+
+    Called as the loader calls them: ``gpu._kernels`` with the loader's
+    *memory* (``TorchMemory``: the key and the lane sums from torch's
+    allocator, once), one launch sequence per batch of ``BATCH_BYTES`` of
+    chunks, each passing its view of the one lane-sum buffer. Only the
+    file reads and the staging copies are left out.
+    """
     import numpy as np
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    from numba import cuda
 
-    from sealstore.native.cuda_chacha import decrypt_chunks, lane_groups
+    from sealstore.loaders import gpu
 
-    cs, count = 1 << 20, mib
+    cuda, cs = memory.cuda, chunk_size
+    count = max(1, (mib << 20) // cs)
+    per = max(1, min((batch_bytes or gpu.BATCH_BYTES) // cs, count))
     key, aad = os.urandom(32), os.urandom(32)
     nonces = [os.urandom(12) for _ in range(count)]
     chunk = os.urandom(cs)
     aead = ChaCha20Poly1305(key)
     ct = b"".join(aead.encrypt(n, chunk, aad) for n in nonces)
-    d_ct = cuda.to_device(np.frombuffer(ct, dtype=np.uint8))
-    d_key = cuda.to_device(np.frombuffer(key, dtype="<u4").astype(np.uint32))
-    d_nonces = cuda.to_device(
-        np.frombuffer(b"".join(nonces), dtype="<u4").astype(np.uint32).reshape(count, 3)
-    )
-    d_aad = cuda.to_device(np.frombuffer(aad, dtype=np.uint8))
-    out = cuda.device_array(count * cs, dtype=np.uint8)
-    ok = cuda.device_array(count, dtype=np.uint8)
-    # The lane sums' scratch allocated once, as a loader does: the kernels alone are timed.
-    sums = cuda.device_array((count, lane_groups(cs, len(aad)), 5), dtype=np.uint64)
-    decrypt_chunks(d_key, d_nonces, d_aad, d_ct, cs, cs, out, ok, sums=sums)  # compile, warm
-    cuda.synchronize()
+    secrets: list[Any] = []
+    with memory.device():
+        decrypt, order = gpu._kernels(
+            cuda, "CHACHA20-POLY1305", bytearray(key), secrets, memory, per, cs, len(aad)
+        )
+        d_ct = cuda.to_device(np.frombuffer(ct, dtype=np.uint8))
+        d_nonces = cuda.to_device(
+            np.frombuffer(b"".join(nonces), dtype=order).astype(np.uint32).reshape(count, 3)
+        )
+        d_aad = cuda.to_device(np.frombuffer(aad, dtype=np.uint8))
+        out = cuda.device_array(count * cs, dtype=np.uint8)
+        ok = cuda.device_array(count, dtype=np.uint8)
+    stream = memory.stream
+
+    def batches() -> None:
+        with memory.device():
+            for s in range(0, count, per):
+                n = min(per, count - s)
+                src = d_ct[s * (cs + 16) : (s + n) * (cs + 16)]
+                dst = out[s * cs : (s + n) * cs]
+                decrypt(d_nonces[s : s + n], d_aad, src, cs, cs, dst, ok[s : s + n], stream=stream)
+            stream.synchronize()
+
+    batches()  # compile, warm
     assert (ok.copy_to_host() == 1).all()
     assert out[:cs].copy_to_host().tobytes() == chunk
     rates = []
     for _ in range(rounds):
         t = time.perf_counter()
-        decrypt_chunks(d_key, d_nonces, d_aad, d_ct, cs, cs, out, ok, sums=sums)
-        cuda.synchronize()
+        batches()
         rates.append(count * cs / (time.perf_counter() - t) / 1e9)
+    for arr in secrets:
+        memory.wipe(arr)
     return rates
 
 
@@ -128,7 +152,9 @@ def main() -> int:
                 samples[name].append(time.perf_counter() - t)
                 del result
                 torch.cuda.empty_cache()
-        kernel = kernel_rate(args.kernel_mib, args.repeat)
+        from sealstore.loaders.gpu_file import TorchMemory
+
+        kernel = kernel_rate(args.kernel_mib, args.repeat, TorchMemory(dev))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -101,7 +102,10 @@ class DeviceDecryptor:
     lazy ``safe_open`` pays for it once per file, not per tensor. All work is
     queued on ``memory.stream`` in order, so no device-wide synchronize is
     needed: the host waits on one event per staging slot (to refill it) and
-    on the stream once per call (for the flags).
+    on the stream once per call (for the flags). One lock serialises
+    :meth:`decrypt` and :meth:`close`: the staging ring, events, scratch and
+    flags are shared by every call, so two threads (a parallel
+    ``load_state_dict``, say) take turns rather than mix their batches.
 
     Args:
         sf: the open sealed file (its key is copied to the device and wiped on the host).
@@ -128,10 +132,13 @@ class DeviceDecryptor:
         cuda = memory.cuda
         self._secrets: list[Any] = []  # device arrays holding key material
         self._closed = False
+        self._lock = threading.Lock()
         key = sf.device_key()
         try:
             with memory.device():
-                self._decrypt, self._order = _kernels(cuda, suite, key, self._secrets, memory)
+                self._decrypt, self._order = _kernels(
+                    cuda, suite, key, self._secrets, memory, self.per, cs, len(sf.preamble.aad)
+                )
                 aad = np.frombuffer(sf.preamble.aad, dtype=np.uint8)
                 self._aad = memory.empty(max(1, aad.size))[: aad.size]
                 if aad.size:
@@ -199,6 +206,11 @@ class DeviceDecryptor:
             AuthenticationError: a chunk failed; every destination is wiped.
             DeviceUnavailable: the device failed and could not even be wiped.
         """
+        with self._lock:
+            self._decrypt_locked(first, last, dests)
+
+    def _decrypt_locked(self, first: int, last: int, dests: list[tuple[int, Any]]) -> None:
+        """:meth:`decrypt`, with the lock held."""
         layout, cs = self.layout, self.layout.chunk_size
         if self._closed:
             raise ValueError("the device decryptor is closed")
@@ -278,6 +290,11 @@ class DeviceDecryptor:
         Raises:
             DeviceUnavailable: the device failed and its key could not be wiped.
         """
+        with self._lock:  # never while another thread's batch still uses the key
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        """:meth:`close`, with the lock held."""
         if self._closed:
             return
         self._closed = True
@@ -341,23 +358,35 @@ def decrypt_to_device(
 
 
 def _kernels(
-    cuda: Any, suite: str, key: bytearray, secrets: list[Any], memory: Any = None
+    cuda: Any,
+    suite: str,
+    key: bytearray,
+    secrets: list[Any],
+    memory: Any = None,
+    per: int = 1,
+    chunk_size: int = 1,
+    aad_len: int = 0,
 ) -> tuple[Any, str]:
     """The suite's batch decryptor with the key (and its derived tables) on the device.
 
     Returns ``(decrypt, nonce_dtype)``: ``decrypt(nonces, aad, ct, cs, last_len,
     out, ok, stream=)``, and how nonces are read as words (ChaCha20: little-endian,
-    AES-GCM's counter block: big-endian). The device arrays holding key
-    material come from *memory* (numba's allocator when None) and are
-    appended to *secrets* for the caller to wipe.
+    AES-GCM's counter block: big-endian). Every device array -- the key
+    material, AES's tables, ChaCha's lane-sum scratch for batches of up to
+    *per* chunks of *chunk_size* bytes with *aad_len* bytes of AAD -- comes from *memory* (numba's
+    allocator when None), once: a batch allocates nothing. The arrays holding
+    key material (and MAC state) are appended to *secrets* for the caller to wipe.
     """
 
-    def upload(host: np.ndarray) -> Any:
+    def place(host: np.ndarray) -> Any:
         if memory is None:
-            dev = cuda.to_device(host)
-        else:
-            dev = memory.empty(host.shape, host.dtype)
-            dev.copy_to_device(host, stream=memory.stream)
+            return cuda.to_device(host)
+        dev = memory.empty(host.shape, host.dtype)
+        dev.copy_to_device(host, stream=memory.stream)
+        return dev
+
+    def upload(host: np.ndarray) -> Any:
+        dev = place(host)
         secrets.append(dev)
         return dev
 
@@ -371,9 +400,17 @@ def _kernels(
                 memory.stream.synchronize()  # the copy has read *words*: now they can go
         finally:
             words[:] = 0
+        if memory is None:
+            sums = None  # decrypt_chunks allocates per batch: the one-shot primitive's way
+        else:
+            # The lane groups' sums, for the largest batch, from *memory* once: each
+            # batch passes a view. MAC state, so wiped at close like the key.
+            sums = memory.empty((per, cuda_chacha.lane_groups(chunk_size, aad_len), 5), np.uint64)
+            secrets.append(sums)
 
-        def chacha(*args: Any, **kw: Any) -> None:
-            cuda_chacha.decrypt_chunks(d_key, *args, **kw)
+        def chacha(nonces: Any, *args: Any, **kw: Any) -> None:
+            view = None if sums is None else sums[: nonces.shape[0]]
+            cuda_chacha.decrypt_chunks(d_key, nonces, *args, sums=view, **kw)
 
         return chacha, "<u4"
     from sealstore.native import aes, cuda_aes
@@ -382,12 +419,12 @@ def _kernels(
     h_tab = cuda_aes.h_tables(rk)
     try:
         d_rk, d_h = upload(rk), upload(h_tab)
+        tables = tuple(place(t) for t in cuda_aes.host_tables())
         if memory is not None:
-            memory.stream.synchronize()
+            memory.stream.synchronize()  # the copies have read the host arrays
     finally:
         rk[:] = 0
         h_tab[:] = 0
-    tables = cuda_aes.device_tables()
 
     def gcm(*args: Any, **kw: Any) -> None:
         cuda_aes.decrypt_chunks(d_rk, d_h, tables, *args, **kw)

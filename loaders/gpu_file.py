@@ -9,12 +9,14 @@ device and are wiped). Every tensor is decrypted into its own storage, so
 ``load_state_dict`` of the result never holds the model twice.
 
 On a CUDA machine the memory is :class:`TorchMemory`: every buffer from
-torch's caching allocator, every kernel and copy on torch's current stream.
+torch's caching allocator, every kernel, copy and wipe on the stream current
+when the file was opened. Calls from several threads take turns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,8 +36,12 @@ class TorchMemory:
     a kernel writing a tensor is ordered after ``torch.empty`` made it, and
     torch's next use of the tensor is ordered after the kernel -- no event
     and no device-wide synchronize. (The stream is the one current when the
-    file is opened; see :meth:`handoff`.) Wipes are memsets (``zero_``),
-    which allocate nothing, so an OOM cannot stop one.
+    file is opened; see :meth:`handoff`.) Wipes are memsets (``zero_``) on
+    that same stream, never the caller's current one: they allocate nothing,
+    so an OOM cannot stop one, and a buffer goes back to the allocator only
+    after its wipe is queued where its last use was. numba's views and the
+    stream are made in this device's context, so ``cuda:N`` with N > 0 is
+    not run in device 0's.
 
     Args:
         device: ``"cuda[:N]"``.
@@ -50,7 +56,8 @@ class TorchMemory:
         self.index = dev.index if dev.index is not None else torch.cuda.current_device()
         self.torch_device = torch.device("cuda", self.index)
         self._stream = torch.cuda.current_stream(self.torch_device)
-        self.stream = self.cuda.external_stream(self._stream.cuda_stream)
+        with self.device():  # numba's stream belongs to this device's context, not device 0's
+            self.stream = self.cuda.external_stream(self._stream.cuda_stream)
         # id(numba array) -> (that array, the torch tensor behind it): the
         # decryptor's own buffers, alive until release().
         self._buffers: dict[int, tuple[Any, Any]] = {}
@@ -66,7 +73,8 @@ class TorchMemory:
             return t, None
         # sync=False: the tensor is used on the very stream it was made on. Not
         # kept in self._buffers: the caller's tensor must not outlive its use.
-        return t, self.cuda.as_cuda_array(t, sync=False)
+        with self.device():
+            return t, self.cuda.as_cuda_array(t, sync=False)
 
     def empty(self, shape: Any, dtype: Any = np.uint8) -> Any:
         """An uninitialised device array from torch's allocator.
@@ -80,8 +88,11 @@ class TorchMemory:
 
         dt = np.dtype(dtype)
         count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
-        t = torch.empty(max(1, count * dt.itemsize), dtype=torch.uint8, device=self.torch_device)
-        arr = self.cuda.as_cuda_array(t, sync=False)[: count * dt.itemsize]
+        nbytes = max(1, count * dt.itemsize)
+        with torch.cuda.stream(self._stream):  # its first and last use is on the file's stream
+            t = torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
+        with self.device():
+            arr = self.cuda.as_cuda_array(t, sync=False)[: count * dt.itemsize]
         if dt != np.uint8:
             arr = arr.view(dt)
         if isinstance(shape, tuple):
@@ -98,14 +109,23 @@ class TorchMemory:
         return t.numpy()
 
     def wipe(self, arr: Any) -> None:
-        """Zero *arr* on torch's stream: ``zero_`` of its tensor, or a memset of a view."""
+        """Zero *arr* on the file's stream: ``zero_`` of its tensor, or a memset of a view.
+
+        Not on torch's current stream: after a switch (see :meth:`handoff`)
+        that one is not ordered with the file's work, so a zeroing there could
+        run late, into memory the allocator has given to a new tensor.
+        """
+        import torch
+
         held = self._buffers.get(id(arr))
         if held is not None and held[0] is arr:
-            held[1].zero_()
+            with torch.cuda.stream(self._stream):
+                held[1].zero_()
             return
         from sealstore.loaders.gpu import _wipe
 
-        _wipe(self.cuda, arr, self.stream)
+        with self.device():
+            _wipe(self.cuda, arr, self.stream)
 
     def handoff(self, tensors: list[Any]) -> None:
         """Order the stream current now after the decryption of *tensors* (an event, no sync).
@@ -170,6 +190,9 @@ class GpuFile:
     ) -> None:
         check_suite(sf.header.suite, allow_table_aes)  # before the key goes anywhere
         self.sf = sf
+        # One call at a time: a tensor's decryption and its handoff stay together,
+        # and close waits for a load in flight (the decryptor has its own lock too).
+        self._lock = threading.Lock()
         self.memory = memory if memory is not None else TorchMemory(device)
         kw = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
         self._dec = DeviceDecryptor(sf, self.memory, **kw)
@@ -181,10 +204,11 @@ class GpuFile:
 
     def _bytes(self, start: int, end: int) -> Any:
         """Plaintext [start, end) decrypted into a new device tensor (start < end)."""
-        t, arr = self.memory.tensor(end - start)
         cs = self.sf.layout.chunk_size
-        self._dec.decrypt(start // cs, (end - 1) // cs, [(start, arr)])
-        self._handoff([t])
+        with self._lock:
+            t, arr = self.memory.tensor(end - start)
+            self._dec.decrypt(start // cs, (end - 1) // cs, [(start, arr)])
+            self._handoff([t])
         return t
 
     def _handoff(self, tensors: list[Any]) -> None:
@@ -252,16 +276,17 @@ class GpuFile:
         """
         base, cs = self.layout.data_start, self.sf.layout.chunk_size
         out, dests = {}, []
-        for name, (dtype, shape, start, end) in entries.items():
-            t, arr = self.memory.tensor(end - start)
-            out[name] = (t, dtype, shape)
-            if end > start:
-                dests.append((base + start, arr))
-        if dests:
-            first = dests[0][0] // cs
-            last = (dests[-1][0] + dests[-1][1].shape[0] - 1) // cs
-            self._dec.decrypt(first, last, dests)
-        self._handoff([t for t, _, _ in out.values()])
+        with self._lock:
+            for name, (dtype, shape, start, end) in entries.items():
+                t, arr = self.memory.tensor(end - start)
+                out[name] = (t, dtype, shape)
+                if end > start:
+                    dests.append((base + start, arr))
+            if dests:
+                first = dests[0][0] // cs
+                last = (dests[-1][0] + dests[-1][1].shape[0] - 1) // cs
+                self._dec.decrypt(first, last, dests)
+            self._handoff([t for t, _, _ in out.values()])
         return {name: t.view(dtype).reshape(shape) for name, (t, dtype, shape) in out.items()}
 
     def close(self) -> None:
@@ -271,7 +296,9 @@ class GpuFile:
             DeviceUnavailable: the device failed and its key could not be wiped.
         """
         dec = getattr(self, "_dec", None)
-        if dec is not None:
+        if dec is None:
+            return
+        with self._lock:  # after any load in flight, so its buffers are not released under it
             try:
                 dec.close()
             finally:

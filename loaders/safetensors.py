@@ -300,7 +300,8 @@ def _read_slices(
     piece (2.4x the whole tensor's load for 8,192 rows, measured): such a
     tensor is decrypted whole into a scratch buffer, reused and wiped after
     each, and its slice copied out with one strided copy. It touches every
-    chunk of the tensor either way.
+    chunk of the tensor either way. For a *device* other than the CPU the
+    slices are decrypted on the host, copied, and the host buffers wiped.
     """
     import numpy as np
     import torch
@@ -352,7 +353,13 @@ def _read_slices(
             bar.close()
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+        try:
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        finally:
+            # A blocking copy has read the host buffer when .to returns: the
+            # plaintext stays on the host no longer than the copy.
+            for buf, *_ in out.values():
+                buf.zero_()
     return tensors
 
 
@@ -384,7 +391,13 @@ def _read_all(
             bar.close()
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+        try:
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        finally:
+            # A blocking copy has read the host buffer when .to returns: the
+            # plaintext stays on the host no longer than the copy.
+            for buf, *_ in out.values():
+                buf.zero_()
     return tensors
 
 
@@ -558,10 +571,16 @@ class SafeOpen:
         if end > start:
             self._sf.read_into(self._layout.data_start + start, buf.numpy(), threads=self._threads)
         t = buf.view(dtype).reshape(shape)
-        return t if self._device == "cpu" else t.to(self._device)
+        if self._device == "cpu":
+            return t
+        try:
+            return t.to(self._device)
+        finally:
+            buf.zero_()  # decrypted on the host (prefer="cpu-decrypt"): wiped once copied
 
     def _read_part(self, name: str, part: tuple[int, int, int] | None) -> Any:
         """Tensor *name*, whole (*part* None) or its ``(dim, start, stop)`` slice."""
+        self._check_open()
         code, shape, start, end = self._layout.entry(name)
         if part is None:
             return self._read(name, start, end, code, shape)
@@ -580,6 +599,7 @@ class SafeOpen:
         Raises:
             TensorNotFound: no such tensor (a ``KeyError`` and safetensors'
                 ``SafetensorError``), or one the plan does not load.
+            ValueError: a GPU-direct ``safe_open`` used after close.
         """
         if name not in self._slices:
             if name in self._layout.entries:
@@ -594,7 +614,9 @@ class SafeOpen:
 
         Raises:
             AuthenticationError: any chunk fails (nothing is returned).
+            ValueError: a GPU-direct ``safe_open`` used after close.
         """
+        self._check_open()
         if self._plan is not None:
             if self._framework == "np":
                 return {k: self._read_part(k, v) for k, v in self._slices.items()}
@@ -608,6 +630,15 @@ class SafeOpen:
         if self._gpu is not None:
             return self._gpu.tensors(_torch_entries(self._layout))
         return _read_all(self._sf, self._layout, self._device, self._threads, False, self._prefer)
+
+    def _check_open(self) -> None:
+        """Refuse a GPU-direct file after close: never fall back to decrypting on the host.
+
+        Raises:
+            ValueError: this GPU-direct ``safe_open`` is closed.
+        """
+        if self._gpu_direct and self._gpu is None:
+            raise ValueError("this GPU-direct safe_open is closed")
 
     def get_slice(self, name: str) -> _Slice:
         """Shape and dtype without decrypting; index it to decrypt only those rows.

@@ -21,7 +21,7 @@ from numba import cuda, uint64
 
 from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
 
-__all__ = ["TAG_THREADS", "decrypt_chunks", "device_tables"]
+__all__ = ["TAG_THREADS", "decrypt_chunks", "device_tables", "host_tables"]
 
 TAG_THREADS = 128
 XOR_THREADS = 256
@@ -31,15 +31,25 @@ _M8 = np.uint64(0xFF)
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def device_tables() -> tuple[object, object, object]:
-    """The round tables (4 x 256), S-box and GHASH reduction table on the device."""
+def host_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The round tables (4 x 256), S-box and GHASH reduction table, as the kernels take them.
+
+    A loader copies these into buffers from its own allocator (torch's);
+    :func:`device_tables` puts them in numba's.
+    """
     from sealstore.native import aes
 
     return (
-        cuda.to_device(aes._TE.astype(np.uint64)),
-        cuda.to_device(aes._S.astype(np.uint64)),
-        cuda.to_device(aes._LAST4.astype(np.uint64)),
+        aes._TE.astype(np.uint64),
+        aes._S.astype(np.uint64),
+        aes._LAST4.astype(np.uint64),
     )
+
+
+def device_tables() -> tuple[object, object, object]:
+    """:func:`host_tables` on the device, in buffers numba allocates."""
+    te, sb, last4 = host_tables()
+    return cuda.to_device(te), cuda.to_device(sb), cuda.to_device(last4)
 
 
 @cuda.jit(device=True)

@@ -185,6 +185,8 @@ def _power(r, e, out):  # type: ignore[no-untyped-def]
         e >>= 1
         if e > 0:
             _mulmod(sq, sq)
+    for k in range(5):
+        sq[k] = _U(0)  # a power of r
 
 
 @cuda.jit(device=True)
@@ -216,6 +218,8 @@ def _mul_rows(dst, a, ia, b, ib):  # type: ignore[no-untyped-def]
     _mulmod(u, v)
     for k in range(5):
         dst[k] = u[k]
+        u[k] = _U(0)  # powers of r
+        v[k] = _U(0)
 
 
 @cuda.jit(cache=True)
@@ -264,6 +268,7 @@ def _lanes_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, sums):  # ty
         _power(rn, groups - 1 - g, row)
         for k in range(5):
             common[1, k] = row[k]
+            rn[k] = _U(0)
     cuda.syncthreads()
 
     # Lane l takes virtual blocks l, l + lanes, l + 2 lanes, ... (a warp reads
@@ -298,6 +303,20 @@ def _lanes_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, sums):  # ty
     if t == 0:
         for k in range(5):
             sums[c, g, k] = pw[0, k]
+    # r, its powers and the partial sums, local and shared, are not left behind
+    # (as the tag kernel zeroes its copies); the sums go on in *sums* only.
+    cuda.syncthreads()  # thread 0 has read the tree's root
+    for k in range(5):
+        pw[t, k] = _U(0)
+        r[k] = _U(0)
+        row[k] = _U(0)
+        step[k] = _U(0)
+        h[k] = _U(0)
+        m[k] = _U(0)
+    if t == 0:
+        for k in range(5):
+            common[0, k] = _U(0)
+            common[1, k] = _U(0)
 
 
 @cuda.jit(cache=True)

@@ -4,8 +4,10 @@ The CUDA kernels need, beyond a GPU: the NVIDIA-maintained ``numba-cuda``
 (numba's own built-in ``numba.cuda`` is deprecated, and installing
 ``numba-cuda`` makes ``import numba.cuda`` resolve to it), a CUDA driver
 that answers with at least one device, NVVM (``libnvvm.so``, which turns
-numba's IR into PTX) and libdevice (``libdevice.10.bc``, the math library
-NVVM links). A pip-only image gets the last two only from the ``gpu`` extra
+numba's IR into PTX), libdevice (``libdevice.10.bc``, the math library
+NVVM links) and NVRTC (``libnvrtc.so``, which numba-cuda asks for the
+architectures it may compile for on every compile). A pip-only image gets
+the last three only from the ``gpu`` extra
 (``numba-cuda[cu13]`` and its CUDA wheels; ``gpu-cu12`` for drivers older
 than CUDA 13). Without this check the first kernel launch fails deep inside
 numba with a multi-line trace; :func:`require` says in one line which piece
@@ -24,11 +26,18 @@ from sealstore.errors import DeviceUnavailable
 
 __all__ = ["CudaToolchainError", "describe", "problem", "require"]
 
+# numba-cuda's getter and the name said when it is missing, in the order checked.
+_LIBRARIES = (
+    ("_get_nvvm_path", "NVVM"),
+    ("_get_libdevice_path", "libdevice"),
+    ("_get_nvrtc_path", "NVRTC"),
+)
+
 INSTALL = "pip install 'sealstore[gpu]' (CUDA 13 drivers, >= 580) or 'sealstore[gpu-cu12]'"
 
 
 class CudaToolchainError(DeviceUnavailable):
-    """The CUDA kernels cannot run here: a driver, device, NVVM or libdevice is missing."""
+    """The CUDA kernels cannot run here: a driver, device, NVVM, libdevice or NVRTC is missing."""
 
 
 def _simulator() -> bool:
@@ -68,9 +77,9 @@ def _located(paths: Any, getter: str, what: str) -> tuple[str | None, str | None
     """(path, None) where numba-cuda finds *what*, else (None, the one-line problem).
 
     *paths* is ``numba.cuda.cuda_paths``; its per-component getters are
-    private but the only way to ask for one piece without the others
-    (``get_cuda_paths()`` raises on the first missing one, NVRTC, which the
-    kernels do not need). numba-cuda is pinned in the ``gpu`` extra.
+    private but the only way to ask for one piece and name it when it is
+    missing (``get_cuda_paths()`` raises on the first one, with a
+    multi-line text). numba-cuda is pinned in the ``gpu`` extra.
     """
     find = getattr(paths, getter, None)
     if find is None:
@@ -89,7 +98,7 @@ def problem() -> str | None:
     """What keeps the CUDA kernels from running on a device here, in one line; None if nothing.
 
     Checked in order, stopping at the first missing piece: numba-cuda, the
-    driver and a device, NVVM, libdevice. Under numba's CUDA simulator
+    driver and a device, NVVM, libdevice, NVRTC. Under numba's CUDA simulator
     (``NUMBA_ENABLE_CUDASIM=1``) nothing is needed and this is None.
 
     Returns:
@@ -105,7 +114,7 @@ def problem() -> str | None:
         found = check()
         if found:
             return found
-    for getter, what in (("_get_nvvm_path", "NVVM"), ("_get_libdevice_path", "libdevice")):
+    for getter, what in _LIBRARIES:
         found = _located(cuda_paths, getter, what)[1]
         if found:
             return found
@@ -120,7 +129,7 @@ def require() -> Any:
 
     Raises:
         CudaToolchainError: one line naming what is missing (numba-cuda, the
-            driver, a device, NVVM or libdevice).
+            driver, a device, NVVM, libdevice or NVRTC).
     """
     found = problem()
     if found:
@@ -131,7 +140,7 @@ def require() -> Any:
 
 
 def describe() -> dict[str, str]:
-    """The toolchain :func:`require` found: device, driver version, NVVM and libdevice paths.
+    """The toolchain :func:`require` found: device, driver version, NVVM, libdevice and NVRTC paths.
 
     Returns:
         A dict of strings, for logs and benchmark reports (no key material here).
@@ -153,8 +162,9 @@ def describe() -> dict[str, str]:
         "device": name,
         "compute_capability": ".".join(str(v) for v in dev.compute_capability),
         "driver_cuda": f"{major}.{minor}",
-        "nvvm": _located(cuda_paths, "_get_nvvm_path", "NVVM")[0] or "",
-        "libdevice": _located(cuda_paths, "_get_libdevice_path", "libdevice")[0] or "",
+        **{
+            what.lower(): _located(cuda_paths, getter, what)[0] or "" for getter, what in _LIBRARIES
+        },
     }
 
 

@@ -69,14 +69,19 @@ def _not_found(what: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("getter", "what"), [("_get_nvvm_path", "NVVM"), ("_get_libdevice_path", "libdevice")]
+    ("getter", "what"),
+    [
+        ("_get_nvvm_path", "NVVM"),
+        ("_get_libdevice_path", "libdevice"),
+        ("_get_nvrtc_path", "NVRTC"),
+    ],
 )
-def test_a_missing_nvvm_or_libdevice_is_named_in_one_line(
+def test_a_missing_nvvm_libdevice_or_nvrtc_is_named_in_one_line(
     monkeypatch: pytest.MonkeyPatch, getter: str, what: str
 ) -> None:
     """Simulated absence, each way numba-cuda reports it: an exception, no path, no getter."""
     found = SimpleNamespace(info="/opt/cuda/x", by="wheel")
-    others = {g: (lambda: found) for g in ("_get_nvvm_path", "_get_libdevice_path")}
+    others = {g: (lambda: found) for g, _ in cuda_toolchain._LIBRARIES}
     monkeypatch.setattr(cuda_toolchain, "_simulator", lambda: False)
     monkeypatch.setattr(cuda_toolchain, "_implementation", lambda _cuda: None)
     monkeypatch.setattr(cuda_toolchain, "_driver", lambda: None)

@@ -259,3 +259,142 @@ def test_a_device_fault_wipes_what_it_can_and_says_so(
             f.close()
         assert f._gpu is None  # closed all the same: nothing left to retry against a dead context
         assert calls["n"] >= 3  # every buffer was tried, not only the first
+
+
+@pytest.mark.parametrize("suite", [CHACHA, AES])
+def test_every_device_buffer_comes_from_the_files_memory_once(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suite: str
+) -> None:
+    """Key, AES tables, lane sums: all from the memory object at open; a batch allocates nothing.
+
+    (On a GPU the memory is torch's caching allocator: numba's own would
+    fight it for the card and free with a device-wide synchronize.)
+    """
+    path, dek, _ = sealed(tmp_path, suite)
+    calls = {"empty": 0, "numba": 0}
+    real_empty, real_array, real_to_device = SimMemory.empty, cuda.device_array, cuda.to_device
+
+    def empty(self: SimMemory, *args: Any, **kwargs: Any) -> Any:
+        calls["empty"] += 1
+        return real_empty(self, *args, **kwargs)
+
+    def counted(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls["numba"] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(SimMemory, "empty", empty)
+    monkeypatch.setattr(cuda, "device_array", counted(real_array))
+    monkeypatch.setattr(cuda, "to_device", counted(real_to_device))
+    sums: list[Any] = []
+    from sealstore.native import cuda_chacha
+
+    real_decrypt = cuda_chacha.decrypt_chunks
+
+    def seeing(key: Any, nonces: Any, *args: Any, **kwargs: Any) -> None:
+        sums.append(kwargs.get("sums"))
+        real_decrypt(key, nonces, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_chacha, "decrypt_chunks", seeing)
+    with SealedFile(path, dek) as sf, safe_open(sf, device=0, allow_table_aes=True) as f:
+        at_open = dict(calls)
+        assert at_open["numba"] == at_open["empty"]  # each one a memory.empty, nothing else
+        assert torch.equal(f.get_tensor("d.ints"), tensors()["d.ints"])
+        assert calls == at_open  # the batches allocated nothing
+        if suite == CHACHA:
+            whole = f._gpu._dec._secrets[-1]
+            assert sums and all(s is not None and s.shape[1:] == whole.shape[1:] for s in sums)
+            assert all(np.shares_memory(np.asarray(s._ary), np.asarray(whole._ary)) for s in sums)
+
+
+def test_two_threads_get_tensors_of_one_file_in_turn(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's staging ring and scratch are shared: two threads' batches never interleave."""
+    import threading
+    import time
+
+    path, dek, _ = sealed(tmp_path)
+    inside = {"now": 0, "most": 0}
+    real_read = SealedFile.read_raw_chunks
+
+    def slow_read(self: SealedFile, first: int, count: int, buf: Any) -> int:
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
+        time.sleep(0.05)  # another thread, were it let in, would be here too
+        try:
+            return real_read(self, first, count, buf)
+        finally:
+            inside["now"] -= 1
+
+    monkeypatch.setattr(SealedFile, "read_raw_chunks", slow_read)
+    want = tensors()
+    got: dict[str, list[torch.Tensor]] = {"b.big": [], "e.bytes": []}
+    errors: list[BaseException] = []
+    with SealedFile(path, dek) as sf, safe_open(sf, device=0) as f:
+
+        def load(name: str) -> None:
+            try:
+                got[name].extend(f.get_tensor(name) for _ in range(2))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert inside["most"] == 1
+    for name, ts in got.items():
+        assert len(ts) == 2 and all(torch.equal(t, want[name]) for t in ts), name
+
+
+def test_slices_decrypted_on_the_host_for_a_device_leave_zeroed_host_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dim > 0 slice (and a plan's) goes host -> device: the host copy is wiped after.
+
+    ``meta`` stands in for a CUDA device (torch here is a CPU build): any
+    device but the CPU takes the copy-and-wipe path.
+    """
+    from sealstore.loaders import safetensors as st
+    from sealstore.loaders.st_header import Layout
+
+    want = torch.arange(1, 61, dtype=torch.float32).reshape(6, 10)
+    dek = DataKey.generate()
+    path = tmp_path / "m.seal"
+    path.write_bytes(seal_bytes(st_save({"w": want, "v": want[0].clone()}), dek))
+    made: list[torch.Tensor] = []
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t = real_empty(*args, **kwargs)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with SealedFile(path, dek) as sf:
+        layout = Layout(sf)  # type: ignore[arg-type]
+        got = st._read_slices(sf, layout, {"w": (1, 2, 5), "v": None}, "meta", 1, False)
+        assert got["w"].device.type == "meta" and list(got["w"].shape) == [6, 3]
+        assert list(got["v"].shape) == [10]
+        host = [t for t in made if t.numel()]  # the buffers and scratch of the device load
+        cpu = st._read_slices(sf, layout, {"w": (1, 2, 5)}, "cpu", 1, False)
+    assert torch.equal(cpu["w"], want[:, 2:5])  # the same path decrypts the right bytes
+    assert len(host) >= 3 and all(not t.any() for t in host)
+
+
+def test_a_closed_gpu_direct_safe_open_refuses_rather_than_decrypting_on_the_host(
+    sim: type[SimMemory], tmp_path: Path, no_host_decrypt: None
+) -> None:
+    path, dek, _ = sealed(tmp_path)
+    with SealedFile(path, dek) as sf:  # the caller's file stays open after close
+        f = safe_open(sf, device=0)
+        f.close()
+        with pytest.raises(ValueError, match="closed"):
+            f.get_tensor("d.ints")
+        with pytest.raises(ValueError, match="closed"):
+            f.get_tensors()

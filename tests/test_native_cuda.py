@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +305,43 @@ def test_decrypt_to_device_refuses_an_unknown_suite(
     monkeypatch.setattr(gpu, "GPU_SUITES", ("AES-256-GCM",))
     with SealedFile(path, dek) as sf, pytest.raises(ValueError, match="cpu-decrypt"):
         decrypt_to_device(sf, 0, 0, cuda.device_array(100, dtype=np.uint8))
+
+
+def test_the_poly1305_lanes_kernel_leaves_no_r_power_or_sum_in_local_or_shared_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every local and shared array the lanes kernel fills is zero when it exits.
+
+    The simulator's arrays are recorded as they are made; only the block
+    loader's (AAD, ciphertext and lengths: public) may keep its contents.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    made: list[tuple[str, np.ndarray]] = []
+    local, shared = kernelapi.FakeCUDALocal.array, kernelapi.FakeCUDAShared.array
+
+    def recording(real: Any) -> Any:
+        def array(self: Any, shape: Any, dtype: Any) -> np.ndarray:
+            arr = real(self, shape, dtype)
+            if all(arr is not seen for _, seen in made):  # a block's threads share one
+                arr[...] = 0  # uninitialised here: only what the kernel writes counts
+                made.append((sys._getframe(1).f_code.co_name, arr))
+            return arr
+
+        return array
+
+    monkeypatch.setattr(kernelapi.FakeCUDALocal, "array", recording(local))
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "array", recording(shared))
+    key, aad, cs = os.urandom(32), b"aad", 96
+    ct, nonces = sealed_batch(key, aad, [os.urandom(cs), os.urandom(cs)])
+    words = np.frombuffer(b"".join(nonces), dtype="<u4").astype(np.uint32).reshape(-1, 3)
+    d_ct = cuda.to_device(ct)
+    sums = cuda.to_device(np.zeros((2, 2, 5), np.uint64))
+    d_key = cuda.to_device(np.frombuffer(key, dtype="<u4").astype(np.uint32))
+    aad_d = cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy())
+    args = (d_key, cuda.to_device(words), aad_d, d_ct, words_view(d_ct), cs, cs, sums)
+    cuda_chacha._lanes_kernel[(2, 2), 4](*args)
+    assert sums.copy_to_host().any()  # it ran, and its sums went out
+    kept = [name for name, arr in made if name != "_load_block" and arr.any()]
+    assert {name for name, _ in made} >= {"_lanes_kernel", "_power", "_mul_rows", "_poly_key"}
+    assert kept == []
