@@ -105,6 +105,10 @@ def _rank_main(rank: int, world: int, rendezvous: str, store_url: str, task: str
                     assert target[k].to_local().shape[0] < want[k].shape[0]
                     assert torch.equal(target[k].full_tensor(), want[k]), (rank, step, k)
                 assert target["step"] == step and target["note"] == f"step {step}"
+        # Every rank done before any tears gloo down: a rank that destroys its
+        # group while a peer still talks to it can abort in gloo's C++ teardown
+        # ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
