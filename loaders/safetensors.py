@@ -351,13 +351,21 @@ def _read_slices(
     finally:
         if isinstance(bar, ProgressBar):
             bar.close()
+    return _typed_on(out, device)
+
+
+def _typed_on(out: dict[str, Any], device: str) -> dict[str, Any]:
+    """name -> tensor from *out*'s ``(uint8 buffer, dtype, shape)``, moved to *device*.
+
+    For another device the host buffers are zeroed once the copies have read
+    them: the plaintext stays on the host no longer than the copy.
+    """
     tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
     if device != "cpu":
         try:
             tensors = {k: v.to(device) for k, v in tensors.items()}
         finally:
-            # A blocking copy has read the host buffer when .to returns: the
-            # plaintext stays on the host no longer than the copy.
+            # A blocking copy has read the host buffer when .to returns.
             for buf, *_ in out.values():
                 buf.zero_()
     return tensors
@@ -389,16 +397,7 @@ def _read_all(
     finally:
         if isinstance(bar, ProgressBar):
             bar.close()
-    tensors = {name: buf.view(dtype).reshape(shape) for name, (buf, dtype, shape) in out.items()}
-    if device != "cpu":
-        try:
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        finally:
-            # A blocking copy has read the host buffer when .to returns: the
-            # plaintext stays on the host no longer than the copy.
-            for buf, *_ in out.values():
-                buf.zero_()
-    return tensors
+    return _typed_on(out, device)
 
 
 def load(data: bytes | bytearray | memoryview, *, identities: Sequence[IdentitySpec] = (),
