@@ -266,9 +266,25 @@ def _catch_termination() -> Callable[[], None]:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, handler)
-    stop_nudging = _nudge_main_thread(fired, set(previous))
+    stop_nudging, renudge = _nudge_main_thread(fired, set(previous))
+    hook = sys.unraisablehook
+
+    def swallowed(unraisable: Any) -> None:
+        # The handler ran inside a __del__ (a SealedFile dropped between two
+        # files of a pull): Python prints the Terminated and carries on, and the
+        # main thread then blocks on the next read for ever -- the signal was
+        # spent. Arm it again: the watcher re-sends it to the main thread.
+        if isinstance(unraisable.exc_value, errors.Terminated) and fired:
+            renudge(fired.pop())
+        else:
+            hook(unraisable)
+
+    if previous:
+        sys.unraisablehook = swallowed
 
     def restore() -> None:
+        if sys.unraisablehook is swallowed:
+            sys.unraisablehook = hook
         stop_nudging()
         for sig, old in previous.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
@@ -279,7 +295,9 @@ def _catch_termination() -> Callable[[], None]:
 _NUDGE_EVERY = 0.2  # seconds
 
 
-def _nudge_main_thread(fired: list[int], watched: set[int]) -> Callable[[], None]:
+def _nudge_main_thread(
+    fired: list[int], watched: set[int]
+) -> tuple[Callable[[], None], Callable[[int], None]]:
     """Make sure a caught SIGTERM/SIGHUP reaches its Python handler promptly.
 
     Python runs a handler in the main thread at its next bytecode. A signal
@@ -293,10 +311,12 @@ def _nudge_main_thread(fired: list[int], watched: set[int]) -> Callable[[], None
     repeat that arrives after it is harmless.
 
     Returns:
-        A function that stops the watcher and puts the previous wakeup fd back.
+        A function that stops the watcher and puts the previous wakeup fd back,
+        and one that has the watcher send a signal again (a handler whose
+        exception was swallowed: it must run once more).
     """
     if not watched:
-        return lambda: None
+        return (lambda: None), (lambda signum: None)
     r, w = os.pipe()
     os.set_blocking(w, False)
     try:
@@ -304,7 +324,7 @@ def _nudge_main_thread(fired: list[int], watched: set[int]) -> Callable[[], None
     except (ValueError, OSError):
         os.close(r)
         os.close(w)
-        return lambda: None
+        return (lambda: None), (lambda signum: None)
     main = threading.main_thread().ident
     done = threading.Event()
 
@@ -329,7 +349,13 @@ def _nudge_main_thread(fired: list[int], watched: set[int]) -> Callable[[], None
             signal.set_wakeup_fd(old)
         os.close(w)  # ends the watcher's read
 
-    return stop
+    def again(signum: int) -> None:
+        if done.is_set():
+            return  # stopped: w is closed (and its number may be another file's now)
+        with contextlib.suppress(OSError):  # stopped, or the pipe is full of it already
+            os.write(w, bytes([signum]))
+
+    return stop, again
 
 
 def _silence_stdout() -> None:

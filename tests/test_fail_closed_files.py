@@ -305,6 +305,37 @@ def test_item02_a_sigterm_landing_beside_a_blocking_read_still_stops_it() -> Non
     assert done.stdout.strip() == "terminated", done.stderr
 
 
+def test_item02_a_signal_whose_handler_ran_inside_a_finalizer_still_stops_the_command() -> None:
+    # The handler can run inside a __del__ (a SealedFile dropped between two
+    # files of a pull): Python prints the exception there and goes on, and the
+    # next blocking read would then wait for ever (a pull blocked on a FIFO
+    # did not stop on SIGHUP, once in CI). The CLI arms the signal again.
+    code = (
+        "import os, signal\n"
+        "from sealstore import errors\n"
+        "from sealstore.cli.main import _catch_termination\n"
+        "restore = _catch_termination()\n"
+        "class Dropped:\n"
+        "    def __del__(self):\n"
+        "        signal.raise_signal(signal.SIGHUP)\n"
+        "        for _ in range(1000):  # the handler runs here, inside __del__\n"
+        "            pass\n"
+        "r, w = os.pipe()\n"
+        "try:\n"
+        "    Dropped()\n"
+        "    print('past the finalizer', flush=True)\n"
+        "    os.read(r, 1)  # blocks: nothing is ever written\n"
+        "except errors.Terminated:\n"
+        "    print('terminated')\n"
+        "restore()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.split() == ["past", "the", "finalizer", "terminated"], done.stderr
+    assert "Exception ignored" not in done.stderr
+
+
 def test_item02_nohup_keeps_sighup_ignored(sealed: Path, tmp_path: Path) -> None:
     # A command started under nohup chose to outlive its terminal: SIGHUP stays
     # ignored, and SIGTERM still stops it cleanly.
