@@ -6,9 +6,12 @@ the encryption context as KMS's own ``EncryptionContext``, so KMS refuses to
 decrypt a slot under any other context. Decrypting needs no identity file:
 the slot names its key, and the caller's AWS credentials decide.
 
-The client is boto3's, built on first use from the options or the usual AWS
-variables (``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
-``AWS_PROFILE``), with botocore's adaptive retries for throttling.
+The client is boto3's, built on first use, with botocore's adaptive retries
+for throttling. The region and endpoint are the options' (or the key ARN's
+region, or ``AWS_REGION``); otherwise botocore resolves them as the AWS CLI
+does: ``AWS_DEFAULT_REGION``, the profile's ``region`` in ``~/.aws/config``,
+``AWS_ENDPOINT_URL_KMS`` before ``AWS_ENDPOINT_URL``, a profile's ``services``
+section; us-east-1 when nothing names a region.
 """
 
 from __future__ import annotations
@@ -68,7 +71,20 @@ _SERVICE = {
     "LimitExceededException",
 }
 
-_clients: dict[tuple[str, str | None, str | None, int], BaseClient] = {}
+_clients: dict[tuple[Any, ...], BaseClient] = {}
+# What botocore reads from the environment to pick a region and an endpoint
+# (and whose credentials): a client built under other values is not reused.
+_RESOLVED_FROM = (
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_KMS",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_ACCESS_KEY_ID",
+)
 _clients_lock = threading.Lock()
 
 
@@ -81,13 +97,19 @@ def _region_of(spec: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _session_region(profile: str | None) -> str:
+    """The region botocore resolves for *profile* (environment, config file), else the default."""
+    return boto3.session.Session(profile_name=profile).region_name or _DEFAULT_REGION
+
+
 def _client_for(
-    region: str, profile: str | None, endpoint_url: str | None, max_attempts: int
+    region: str | None, profile: str | None, endpoint_url: str | None, max_attempts: int
 ) -> BaseClient:
     # boto3 clients are thread-safe but expensive to build (~tens of ms), and
     # every slot of a store would otherwise build its own; sessions are not
     # thread-safe, hence the lock around construction.
-    key = (region, profile, endpoint_url, max_attempts)
+    env = tuple(os.environ.get(name) for name in _RESOLVED_FROM)
+    key = (region, profile, endpoint_url, max_attempts, env)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -101,7 +123,10 @@ def _client_for(
             )
             session = boto3.session.Session(profile_name=profile)
             client = session.client(
-                "kms", region_name=region, endpoint_url=endpoint_url, config=config
+                "kms",
+                region_name=region or session.region_name or _DEFAULT_REGION,
+                endpoint_url=endpoint_url,  # None: botocore's own resolution
+                config=config,
             )
             _clients[key] = client
         return client
@@ -124,15 +149,11 @@ class AwsKmsKey:
             raise ValueError(f"aws-kms key URI {_PREFIX}{spec!r} names no key")
         self.key_id = _PREFIX + spec
         self._spec = spec
-        self._region = (
-            region
-            or _region_of(spec)
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or _DEFAULT_REGION
-        )
+        # Pinned by the caller or the ARN (or AWS_REGION, which the AWS SDKs read
+        # and botocore does not); None leaves it to botocore (see above).
+        self._region = region or _region_of(spec) or os.environ.get("AWS_REGION") or None
         self._profile = profile or os.environ.get("AWS_PROFILE") or None
-        self._endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self._endpoint_url = endpoint_url or None
         self._max_attempts = max_attempts
         self._client = client
         self._arn: str | None = spec if _ARN.fullmatch(spec) and ":key/" in spec else None
@@ -176,14 +197,24 @@ class AwsKmsKey:
     # -- public metadata -----------------------------------------------------------
 
     @property
+    def region(self) -> str:
+        """The region this key's KMS calls go to."""
+        if self._client is not None:
+            return str(self._client.meta.region_name)
+        if self._region:
+            return self._region
+        try:
+            return _session_region(self._profile)
+        except ProfileNotFound:
+            return _DEFAULT_REGION  # the first call says the profile is missing
+
+    @property
     def endpoint(self) -> str:
         """The KMS endpoint URL this key talks to."""
-        if self._client is not None:
-            return str(self._client.meta.endpoint_url)
-        return self._endpoint_url or f"https://kms.{self._region}.amazonaws.com"
+        return str(self._kms().meta.endpoint_url)
 
     def __repr__(self) -> str:
-        return f"AwsKmsKey({self.key_id!r}, region={self._region!r})"
+        return f"AwsKmsKey({self.key_id!r}, region={self.region!r})"
 
     def __reduce__(self) -> Any:
         raise TypeError("KMS key handles cannot be pickled")

@@ -187,14 +187,46 @@ def test_bad_uris() -> None:
 
 def test_region_from_options_arn_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
-    assert AwsKmsKey.from_uri("aws-kms://k")._region == "us-east-1"
+    assert AwsKmsKey.from_uri("aws-kms://k").region == "us-east-1"
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    assert AwsKmsKey.from_uri("aws-kms://k")._region == "eu-west-1"
+    assert AwsKmsKey.from_uri("aws-kms://k").region == "eu-west-1"
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
-    assert AwsKmsKey.from_uri("aws-kms://k")._region == "eu-central-1"
+    assert AwsKmsKey.from_uri("aws-kms://k").region == "eu-central-1"
     arn = "arn:aws:kms:ap-south-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    assert AwsKmsKey.from_uri(f"aws-kms://{arn}")._region == "ap-south-1"
-    assert AwsKmsKey.from_uri("aws-kms://k", region="us-west-2")._region == "us-west-2"
+    assert AwsKmsKey.from_uri(f"aws-kms://{arn}").region == "ap-south-1"
+    assert AwsKmsKey.from_uri("aws-kms://k", region="us-west-2").region == "us-west-2"
+
+
+def test_the_profiles_region_and_the_kms_endpoint_variable_are_honoured(
+    moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resolved by botocore as the AWS CLI does: a profile's region in the config
+    # file, AWS_ENDPOINT_URL_KMS before the global AWS_ENDPOINT_URL.
+    region = "eu-west-3"
+    made = boto3.client("kms", endpoint_url=moto_url, region_name=region).create_key()
+    key_id = made["KeyMetadata"]["KeyId"]
+    config = tmp_path / "config"
+    config.write_text(f"[profile sealtest]\nregion = {region}\n")
+    creds = tmp_path / "credentials"  # a named profile takes its keys from here, not the env
+    creds.write_text("[sealtest]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "sealtest")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_url)
+    kek = AwsKmsKey.from_uri(f"aws-kms://{key_id}", max_attempts=1)
+    assert kek.region == region
+    dek = DataKey.generate()
+    slot = kek.wrap(dek, CONTEXT)
+    assert f":{region}:" in slot.params["arn"]
+    assert kek.endpoint == moto_url
+    with AwsKmsKey.unwrapper_for_slot(slot).unwrap(slot, CONTEXT) as back:  # type: ignore[union-attr]
+        assert back.material() == dek.material()
+    # The key lives in eu-west-3 only: the default region does not know it.
+    monkeypatch.delenv("AWS_PROFILE")
+    with pytest.raises(KeyUnavailable, match="not found"):
+        AwsKmsKey.from_uri(f"aws-kms://{key_id}", max_attempts=1).wrap(dek, CONTEXT)
 
 
 def test_repr_and_pickling(key: dict[str, Any]) -> None:
