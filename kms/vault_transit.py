@@ -32,6 +32,8 @@ from urllib.parse import parse_qs, urlsplit
 import hvac
 import hvac.exceptions
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from sealstore.errors import BackendError, KeyReleaseDenied, KeyUnavailable
 from sealstore.format import canonical_json
@@ -42,6 +44,34 @@ __all__ = ["VaultTransitKey"]
 SCHEME = "vault-transit"
 _NO_CLIENT: Any = object()  # parse the URI only; talk to nobody
 _TIMEOUT = 10
+
+
+def _session(verify: bool | str) -> requests.Session:
+    """hvac's HTTP session, retrying what a moment later may succeed.
+
+    A connection refused or dropped, a 502/504 from a proxy, a 503 (a sealed
+    or standby node, mid-failover) and a 429 (a rate-limit quota, whose
+    Retry-After is obeyed) are retried, four times at most, with exponential
+    backoff (up to 2 s); every Transit call is safe to repeat (encrypting again makes another
+    valid ciphertext). Other answers are Vault's verdict and come back at once.
+    """
+    retry = Retry(
+        total=4,
+        connect=4,
+        read=2,
+        status=4,
+        backoff_factor=0.25,
+        status_forcelist=(429, 502, 503, 504),
+        allowed_methods=None,  # POST too: see above
+        raise_on_status=False,  # the last answer goes to hvac, which names the error
+        respect_retry_after_header=True,
+    )
+    session = requests.Session()
+    session.verify = verify  # hvac takes the session's over its own verify=
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _b64(data: bytes) -> str:
@@ -98,12 +128,14 @@ class VaultTransitKey:
             self._is_derived = None
             return
         if client is None:
+            verify = (cacert or os.environ.get("VAULT_CACERT") or True) if tls else False
             client = hvac.Client(
                 url=self.url,
                 token=token or os.environ.get("VAULT_TOKEN"),
-                verify=(cacert or os.environ.get("VAULT_CACERT") or True) if tls else False,
+                verify=verify,
                 namespace=namespace or query.get("namespace") or os.environ.get("VAULT_NAMESPACE"),
                 timeout=_TIMEOUT,
+                session=_session(verify),
             )
             role_id = role_id or os.environ.get("VAULT_ROLE_ID")
             secret_id = secret_id or os.environ.get("VAULT_SECRET_ID")

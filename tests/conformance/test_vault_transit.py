@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import socket
+import struct
+import threading
 import uuid
 from typing import Any
 
@@ -176,6 +180,72 @@ def test_unreachable_vault_is_backend_error() -> None:
     transit = VaultTransitKey("vault-transit://127.0.0.1:9/transit/k?tls=false", token="t")
     with pytest.raises(BackendError, match=r"127\.0\.0\.1:9"):
         transit.wrap(DataKey.generate(), CONTEXT)
+
+
+class _Flaky:
+    """A TCP forwarder to a real OpenBao that drops the first *drops* connections."""
+
+    def __init__(self, target: str, drops: int) -> None:
+        host, port = target.split("://", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.drops = drops
+        self.accepted = 0
+        self.live: list[socket.socket] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.drops:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # a reset: the node went away mid-request
+                continue
+            upstream = socket.create_connection(self.target)
+            self.live += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+
+def test_dropped_connections_are_retried_with_backoff(
+    vault_servers: dict[str, dict[str, str]],
+) -> None:
+    server = vault_servers["http"]
+    mount, key = _transit(server, derived=True)
+    flaky = _Flaky(server["addr"], drops=2)
+    try:
+        transit = VaultTransitKey(
+            f"vault-transit://127.0.0.1:{flaky.port}/{mount}/{key}?tls=false",
+            token=server["token"],
+        )
+        dek = DataKey.generate()
+        slot = transit.wrap(dek, CONTEXT)  # the first two attempts are reset
+        assert flaky.accepted >= 3
+        with transit.unwrap(slot, CONTEXT) as back:
+            assert back.material() == dek.material()
+        flaky.drops = 10**6  # down for good: a bounded number of tries, then the error
+        for conn in flaky.live:  # including the connection the client keeps alive
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        before = flaky.accepted
+        with pytest.raises(BackendError, match="unreachable"):
+            transit.wrap(dek, CONTEXT)
+        assert 2 <= flaky.accepted - before <= 5
+    finally:
+        flaky.sock.close()
 
 
 def test_no_key_material_in_errors(vault_env: dict[str, str]) -> None:
