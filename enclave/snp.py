@@ -433,7 +433,7 @@ class SnpReference:
     allow_debug: bool = False
     max_vmpl: int = 3
     host_data: str = ""
-    revocation: SnpRevocation | None = field(default=None, compare=False, repr=False)
+    revocation: SnpRevocation | None = field(default=None, hash=False, repr=False)
 
     def check(self, rep: SnpReport, product: str, report_data: bytes | None = None) -> None:
         """Refuse a report outside these values.
