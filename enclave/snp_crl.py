@@ -166,11 +166,15 @@ class SnpRevocation:
     grace: dt.timedelta = dt.timedelta(0)
     cache_dir: Path | None = None
     timeout: float = 10.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _read: dict[Path, tuple[float, x509.CertificateRevocationList]] = field(
-        default_factory=dict, repr=False, compare=False
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
     )
-    _fetched: dict[str, _Cached] = field(default_factory=dict, repr=False, compare=False)
+    _read: dict[Path, tuple[float, x509.CertificateRevocationList]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _fetched: dict[str, _Cached] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if bool(self.files) == (self.url is not None):
