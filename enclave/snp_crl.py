@@ -139,7 +139,6 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
 class _Cached:
     der: bytes
     crl: x509.CertificateRevocationList
-    next_try: float = 0.0
 
 
 @dataclass
@@ -173,6 +172,9 @@ class SnpRevocation:
         default_factory=dict, init=False, repr=False, compare=False
     )
     _fetched: dict[str, _Cached] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _down: dict[str, tuple[float, AttestationError]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -270,31 +272,35 @@ class SnpRevocation:
             if cached is not None:
                 try:
                     check_crl(cached.crl, ark, at, dt.timedelta(0), f"the CRL from {url}")
+                    self._fetched[slot] = cached
                     return cached.crl  # before its nextUpdate: no need to ask again
                 except AttestationError as exc:
                     if exc.code != "snp-crl-stale":
                         cached = None  # a cache file that does not verify is no cache
-            problem = None
-            if cached is None or time.monotonic() >= cached.next_try:
+            problem = self._down.get(slot)
+            if problem is None or time.monotonic() >= problem[0]:
                 try:
                     got = self._fetch(url, ark, at)
                 except AttestationError as exc:
-                    problem = exc
+                    # Remembered a while: with the server down, each request would
+                    # otherwise wait out the timeout again, holding the others.
+                    problem = (time.monotonic() + _RETRY_S, exc)
+                    self._down[slot] = problem
                 else:
+                    problem = None
+                    self._down.pop(slot, None)
                     if cached is None or _crl_number(got.crl) >= _crl_number(cached.crl):
                         cached = got  # never step back to an older list a server replays
                         self._store_cache(slot, got.der)
             if cached is None:
                 assert problem is not None
-                raise problem
-            if problem is not None:
-                cached.next_try = time.monotonic() + _RETRY_S
+                raise problem[1]
             self._fetched[slot] = cached
         # The cached list may be past nextUpdate; within the grace it still
         # counts, past it check_crl refuses (snp-crl-stale).
         check_crl(cached.crl, ark, at, self.grace, f"the CRL from {url}")
         if problem is not None:
-            log.warning("using the cached SEV-SNP CRL for %s: %s", slot, problem)
+            log.warning("using the cached SEV-SNP CRL for %s: %s", slot, problem[1])
         return cached.crl
 
     def _fetch(self, url: str, ark: x509.Certificate, at: dt.datetime) -> _Cached:
