@@ -695,7 +695,11 @@ class Broker:
                 raise AttestationError("the evidence lacks its VCEK/VLEK chain", "cert-chain")
             parsed = [certs.load_certificates(c)[0] for c in chain]
             report, product = snp.verify_report(
-                release.b64d(ev["report"], "report"), key_cert, parsed, roots=self._snp_roots
+                release.b64d(ev["report"], "report"),
+                key_cert,
+                parsed,
+                roots=self._snp_roots,
+                revocation=rule.snp.revocation,
             )
             seen.append((f"snp:{report.chip_id.hex()[:32]}",
                          _fingerprint(report.measurement, report.host_data)))  # fmt: skip

@@ -11,6 +11,7 @@ docs/BROKER.md.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -22,8 +23,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from sealstore.enclave import release, snp, tdx
+from sealstore.enclave.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
 from sealstore.enclave.tpm import PcrPolicy
-from sealstore.errors import FormatError
+from sealstore.errors import AttestationError, FormatError
 from sealstore.vault import access
 from sealstore.vault.access import ROLES
 from sealstore.vault.manifest import check_name
@@ -513,7 +515,8 @@ class _Parser:
         # A minimum TCB is required: without it a platform with known-bad
         # firmware (whose VCEK still verifies) would be accepted.
         d = self._map(obj, where, {"measurements", "min_tcb", "allow_debug", "max_vmpl",
-                                   "host_data"}, {"measurements", "min_tcb"})  # fmt: skip
+                                   "host_data", "crl_file", "crl_url", "crl_grace",
+                                   "crl_cache"}, {"measurements", "min_tcb"})  # fmt: skip
         t = self._map(d["min_tcb"], f"{where}.min_tcb",
                       {"bootloader", "tee", "snp", "microcode", "fmc"},
                       {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
@@ -525,6 +528,52 @@ class _Parser:
             allow_debug=self._debug(d, where),
             max_vmpl=self._int(d.get("max_vmpl", 0), f"{where}.max_vmpl", 0, 3),
             host_data=self._optional_hex(d, "host_data", where, 32),
+            revocation=self._snp_crl(d, where),
+        )
+
+    def _snp_crl(self, d: dict[str, Any], where: str) -> SnpRevocation | None:
+        """AMD's CRLs: offline files or a URL template; None when neither is configured."""
+        if "crl_file" in d and "crl_url" in d:
+            raise _Bad(f"{where}: give crl_file or crl_url, not both")
+        if "crl_file" not in d and "crl_url" not in d:
+            for k in ("crl_grace", "crl_cache"):
+                if k in d:
+                    raise _Bad(f"{where}.{k}: needs crl_file or crl_url")
+            return None
+        files: tuple[Path, ...] = ()
+        if "crl_file" in d:
+            raw = d["crl_file"] if isinstance(d["crl_file"], list) else [d["crl_file"]]
+            files = tuple(self._file(f, f"{where}.crl_file") for f in raw)
+            if not files:
+                raise _Bad(f"{where}.crl_file: expected a file path or a list of them")
+            for f in files:  # its signature is checked against the ARK of each evidence
+                try:
+                    load_crl(f.read_bytes(), str(f))
+                except AttestationError as exc:
+                    raise _Bad(f"{where}.crl_file: {exc}") from None
+            if "crl_cache" in d:
+                raise _Bad(f"{where}.crl_cache: only for crl_url")
+        url = d.get("crl_url")
+        if url is not None:
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                raise _Bad(f"{where}.crl_url: expected an http(s) URL, e.g. {KDS_CRL_URL}")
+            try:
+                url.format(product="Milan", key="vcek")
+            except (KeyError, IndexError, ValueError):
+                raise _Bad(
+                    f"{where}.crl_url: only {{product}} and {{key}} may be filled in"
+                ) from None
+        cache = d.get("crl_cache")
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise _Bad(f"{where}.crl_cache: expected a directory path")
+        grace = d.get("crl_grace", 0)
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 1e7:
+            raise _Bad(f"{where}.crl_grace: expected seconds from 0 to 10000000")
+        return SnpRevocation(
+            files=files,
+            url=url,
+            grace=dt.timedelta(seconds=grace),
+            cache_dir=None if cache is None else self.path.parent / cache,
         )
 
     def tdx(self, where: str, obj: Any) -> tdx.TdxReference:

@@ -8,8 +8,11 @@ the ARK is AMD's root for one product line and is pinned here by the hash
 of its public key, so a chain that merely *claims* to be AMD's is refused.
 
 ``verify_report`` checks what the chip and AMD vouch for: the chain, the
-signature, and that the certificate is for this chip (hwID = chip_id) at
-this TCB. What the verifier *wants* -- the measurement, minimum TCB, debug
+signature, that the certificate is for this chip (its hwID against the
+report's chip_id, as the product line lays it out) at this TCB, that the
+report, the certificate and the root agree on the product line, and, when
+a revocation source is given (``snp_crl``), that AMD has not revoked a key
+in the chain. What the verifier *wants* -- the measurement, minimum TCB, debug
 off, the nonce in report_data -- is ``SnpReference.check``, so a policy can
 hold reference values without touching the cryptography.
 
@@ -38,6 +41,7 @@ from sealstore.enclave.certs import (
     load_certificates,
     spki_sha256,
 )
+from sealstore.enclave.snp_crl import SnpRevocation
 from sealstore.errors import AttestationError
 
 __all__ = [
@@ -45,6 +49,7 @@ __all__ = [
     "REPORT_SIZE",
     "SnpReference",
     "SnpReport",
+    "SnpRevocation",
     "Tcb",
     "verify_report",
 ]
@@ -71,6 +76,22 @@ POLICY_SINGLE_SOCKET = 1 << 20
 
 _SIGNING_KEYS = {0: "vcek", 1: "vlek", 7: "none"}
 _OID = "1.3.6.1.4.1.3704.1."
+_PRODUCT_NAME_OID = _OID + "2"
+_HWID_OID = _OID + "4"
+# The VCEK's hwID per product line (AMD's VCEK certificate spec): Milan and
+# Genoa certify the chip's 64-byte ID; from Turin on the hwID is 8 bytes and
+# the report's CHIP_ID holds those 8 bytes followed by 56 zero bytes.
+_HWID_SIZE = {"Milan": 64, "Genoa": 64, "Turin": 8}
+# The product line of a CPUID family / model (report version 3 on; the ABI
+# spec's CPUID_FAM_ID and CPUID_MOD_ID, extended and base fields combined).
+_CPUID_PRODUCTS = (
+    (0x19, range(0x00, 0x10), "Milan"),
+    (0x19, range(0x10, 0x20), "Genoa"),
+    (0x19, range(0xA0, 0xB0), "Genoa"),  # Siena: Genoa's keys
+    (0x1A, range(0x00, 0x12), "Turin"),
+)
+# The VCEK/VLEK productName extension ("Milan-B0", "Genoa", "Turin") by its stem.
+_PRODUCT_NAMES = {"Milan": "Milan", "Genoa": "Genoa", "Siena": "Genoa", "Turin": "Turin"}
 # The VCEK/VLEK certificate's TCB extensions (AMD's VCEK spec), by TCB field.
 _TCB_OIDS = {
     "bootloader": _OID + "3.1",
@@ -215,11 +236,62 @@ def _ext_int(cert: x509.Certificate, oid: str) -> int | None:
 
 
 def _hwid(cert: x509.Certificate) -> bytes | None:
-    der = _ext(cert, _OID + "4")
-    # Older VCEKs carry the 64 raw bytes; newer ones wrap them in an OCTET STRING.
-    if der is not None and len(der) == 66 and der[:2] == b"\x04\x40":
+    der = _ext(cert, _HWID_OID)
+    # AMD's KDS stores the raw bytes (64, or 8 from Turin on); other issuers
+    # wrap them in an OCTET STRING. The sizes keep the two apart.
+    if der is not None and len(der) in (66, 10) and der[:2] in (b"\x04\x40", b"\x04\x08"):
         return der[2:]
     return der
+
+
+def cpuid_product(family: int, model: int) -> str | None:
+    """The product line of a report's CPUID family and model, or None if unknown."""
+    return next((p for f, models, p in _CPUID_PRODUCTS if f == family and model in models), None)
+
+
+def _check_product(cert: x509.Certificate, rep: SnpReport, product: str, what: str) -> None:
+    """The root decides the product line; the certificate and the report must agree."""
+    der = _ext(cert, _PRODUCT_NAME_OID)
+    if der is not None:
+        if len(der) < 2 or der[0] != 0x16 or der[1] != len(der) - 2:
+            raise AttestationError(
+                f"the {what}'s productName is not a DER IA5String", "cert-format"
+            )
+        name = der[2:].decode("ascii", "replace")
+        if _PRODUCT_NAMES.get(name.split("-")[0]) != product:
+            raise AttestationError(
+                f"the {what} is for product {name!r}, its root for {product}",
+                "snp-product-mismatch",
+            )
+    if rep.version >= 3:
+        family, model, _ = rep.cpuid
+        seen = cpuid_product(family, model)
+        if seen != product:
+            raise AttestationError(
+                f"the report's CPUID (family {family:#x}, model {model:#x}) is "
+                f"{seen or 'no known SEV-SNP product'}, its root is for {product}",
+                "snp-product-mismatch",
+            )
+
+
+def _check_chip(cert: x509.Certificate, rep: SnpReport, product: str) -> None:
+    """The VCEK is derived for one chip: its hwID must be the report's chip_id."""
+    hwid = _hwid(cert)
+    size = _HWID_SIZE.get(product)
+    if hwid is None or size is None:
+        raise AttestationError(
+            f"the VCEK carries no hwID for {product} to bind it to the chip", "snp-chip-mismatch"
+        )
+    if len(hwid) != size:
+        raise AttestationError(
+            f"a {product} VCEK's hwID is {size} bytes, this one has {len(hwid)}",
+            "snp-chip-mismatch",
+        )
+    if hwid.ljust(len(rep.chip_id), b"\0") != rep.chip_id:
+        raise AttestationError(
+            "the VCEK certificate is for another chip (hwID differs from the report's chip_id)",
+            "snp-chip-mismatch",
+        )
 
 
 def _chain(
@@ -228,8 +300,8 @@ def _chain(
     signing_key: str,
     at: dt.datetime,
     roots: dict[str, str],
-) -> str:
-    """Check VCEK/VLEK -> ASK/ASVK -> ARK; return the product line ("Milan"...)."""
+) -> tuple[str, x509.Certificate, x509.Certificate]:
+    """Check VCEK/VLEK -> ASK/ASVK -> ARK; return the product line ("Milan"...), ASK, ARK."""
     ask = next((c for c in chain if c.subject == key_cert.issuer), None)
     if ask is None:
         raise AttestationError(
@@ -258,7 +330,7 @@ def _chain(
     issued_by(key_cert, ask, signing_key.upper())
     for cert, what in ((ark, "ARK"), (ask, "ASK"), (key_cert, signing_key.upper())):
         check_validity(cert, at, what)
-    return product
+    return product, ask, ark
 
 
 def verify_report(
@@ -268,6 +340,7 @@ def verify_report(
     *,
     at: dt.datetime | None = None,
     roots: dict[str, str] | None = None,
+    revocation: SnpRevocation | None = None,
 ) -> tuple[SnpReport, str]:
     """Verify an SEV-SNP report against AMD's certificate chain.
 
@@ -277,6 +350,7 @@ def verify_report(
         chain: the ASK (or ASVK) and ARK certificates (PEM bytes or certificates).
         at: the time the certificates must be valid at (default: now, UTC).
         roots: product -> pinned ARK key hash (default ``AMD_ARK_SPKI_SHA256``).
+        revocation: where AMD's CRLs come from; None skips revocation.
 
     Returns:
         ``(report, product)``; the product line ("Milan", "Genoa", "Turin")
@@ -285,7 +359,9 @@ def verify_report(
     Raises:
         AttestationError: with ``code`` naming the failed check: snp-format,
             cert-format, cert-chain, cert-untrusted-root, cert-expired,
-            snp-signature, snp-tcb-mismatch, snp-chip-mismatch.
+            snp-signature, snp-product-mismatch, snp-tcb-mismatch,
+            snp-chip-mismatch, snp-revoked; with *revocation*, also
+            snp-crl-missing, snp-crl-unavailable, snp-crl-invalid, snp-crl-stale.
     """
     rep = report if isinstance(report, SnpReport) else SnpReport.parse(report)
     if rep.signing_key == "none":
@@ -293,7 +369,7 @@ def verify_report(
     cert = key_cert if isinstance(key_cert, x509.Certificate) else load_certificates(key_cert)[0]
     certs = load_certificates(chain) if isinstance(chain, bytes) else list(chain)
     at = (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-    product = _chain(cert, certs, rep.signing_key, at, roots or AMD_ARK_SPKI_SHA256)
+    product, ask, ark = _chain(cert, certs, rep.signing_key, at, roots or AMD_ARK_SPKI_SHA256)
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp384r1":
         raise AttestationError(
@@ -306,6 +382,9 @@ def verify_report(
             f"the SEV-SNP report's signature does not verify with this {rep.signing_key.upper()}",
             "snp-signature",
         ) from None
+    # The product line decides how the TCB and the chip ID are laid out, so the
+    # report and the certificate must be for the line the root is.
+    _check_product(cert, rep, product, rep.signing_key.upper())
     # The VCEK is derived for one chip at one TCB: its certificate must say so.
     tcb = rep.tcb("reported", product)
     for name, oid in _TCB_OIDS.items():
@@ -313,18 +392,24 @@ def verify_report(
         if want is None:
             continue
         got = _ext_int(cert, oid)
-        if got is not None and got != want:
+        if got is None:
+            raise AttestationError(
+                f"the certificate carries no {name} SPL to compare with the report's TCB",
+                "snp-tcb-mismatch",
+            )
+        if got != want:
             raise AttestationError(
                 f"the certificate is for {name} SPL {got}, the report's reported TCB has {want}",
                 "snp-tcb-mismatch",
             )
+    # With MASK_CHIP_ID the chip_id is zeros by the host's choice: the VCEK's
+    # signature still binds the chip, the hwID has nothing to compare with.
     if rep.signing_key == "vcek" and not rep.mask_chip_id:
-        hwid = _hwid(cert)
-        if hwid is not None and hwid != rep.chip_id:
-            raise AttestationError(
-                "the VCEK certificate is for another chip (hwID differs from the report's chip_id)",
-                "snp-chip-mismatch",
-            )
+        _check_chip(cert, rep, product)
+    if revocation is not None:
+        what = "ASVK" if rep.signing_key == "vlek" else "ASK"
+        links = [(ask, ark, what), (cert, ask, rep.signing_key.upper())]
+        revocation.check(product, rep.signing_key, links, at)
     return rep, product
 
 
@@ -339,6 +424,8 @@ class SnpReference:
             the host can then read and change guest memory).
         max_vmpl: the highest VMPL that may have requested the report.
         host_data: hex host_data required (empty: any).
+        revocation: where AMD's CRLs come from (None: revocation not checked);
+            passed to ``verify_report`` by whoever verifies for this policy.
     """
 
     measurements: tuple[str, ...] = ()
@@ -346,6 +433,7 @@ class SnpReference:
     allow_debug: bool = False
     max_vmpl: int = 3
     host_data: str = ""
+    revocation: SnpRevocation | None = field(default=None, hash=False, repr=False)
 
     def check(self, rep: SnpReport, product: str, report_data: bytes | None = None) -> None:
         """Refuse a report outside these values.
