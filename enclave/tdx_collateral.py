@@ -267,8 +267,13 @@ def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
         raise AttestationError(f"the {what} is not a CRL", "tdx-collateral-format") from None
 
 
-def _fresh(what: str, issued: dt.datetime, next_update: dt.datetime | None, at: dt.datetime,
-           grace: dt.timedelta) -> None:  # fmt: skip
+def _fresh(
+    what: str,
+    issued: dt.datetime,
+    next_update: dt.datetime | None,
+    at: dt.datetime,
+    grace: dt.timedelta,
+) -> None:
     if issued > at:
         raise AttestationError(
             f"the {what} was issued {issued:%Y-%m-%d %H:%M}, after the verification time "
@@ -326,8 +331,13 @@ def _verify_p256(cert: x509.Certificate, sig: bytes, data: bytes, what: str) -> 
         ) from None
 
 
-def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, what: str,
-               at: dt.datetime, grace: dt.timedelta) -> None:  # fmt: skip
+def _check_crl(
+    crl: x509.CertificateRevocationList,
+    issuer: x509.Certificate,
+    what: str,
+    at: dt.datetime,
+    grace: dt.timedelta,
+) -> None:
     if crl.issuer != issuer.subject:
         raise AttestationError(
             f"the {what} is issued by {crl.issuer.rfc4514_string()!r}, not by "
@@ -397,26 +407,54 @@ def appraise(
     for inter in pck_chain[1:-1]:
         _not_revoked(root_crl, inter, "Root CA CRL")
 
-    tcb_info = _signed_item(collateral.tcb_info, collateral.tcb_info_chain, "tcbInfo",
-                            "TCB info", root_crl, at, root, policy)  # fmt: skip
-    qe_id = _signed_item(collateral.qe_identity, collateral.qe_identity_chain, "enclaveIdentity",
-                         "QE identity", root_crl, at, root, policy)  # fmt: skip
+    tcb_info = _signed_item(
+        collateral.tcb_info,
+        collateral.tcb_info_chain,
+        "tcbInfo",
+        "TCB info",
+        root_crl,
+        at,
+        root,
+        policy,
+    )
+    qe_id = _signed_item(
+        collateral.qe_identity,
+        collateral.qe_identity_chain,
+        "enclaveIdentity",
+        "QE identity",
+        root_crl,
+        at,
+        root,
+        policy,
+    )
 
     qe_status, qe_advisories = _qe_identity(quote.qe_report, qe_id)
     platform = pck_tcb(pck)
     return _tcb_level(quote, platform, tcb_info, qe_status, qe_advisories, policy)
 
 
-def _signed_item(raw: bytes, chain_pem: bytes, key: str, what: str,
-                 root_crl: x509.CertificateRevocationList, at: dt.datetime, root: str,
-                 policy: TcbPolicy) -> dict[str, Any]:  # fmt: skip
+def _signed_item(
+    raw: bytes,
+    chain_pem: bytes,
+    key: str,
+    what: str,
+    root_crl: x509.CertificateRevocationList,
+    at: dt.datetime,
+    root: str,
+    policy: TcbPolicy,
+) -> dict[str, Any]:
     obj, body, sig = _signed_json(raw, key, what)
     chain = _root_of(chain_pem, at, root, what)
     for cert in chain[:-1]:
         _not_revoked(root_crl, cert, "Root CA CRL")
     _verify_p256(chain[0], sig, body, what)
-    _fresh(what, _time(obj.get("issueDate"), f"{what} issueDate"),
-           _time(obj.get("nextUpdate"), f"{what} nextUpdate"), at, policy.grace)  # fmt: skip
+    _fresh(
+        what,
+        _time(obj.get("issueDate"), f"{what} issueDate"),
+        _time(obj.get("nextUpdate"), f"{what} nextUpdate"),
+        at,
+        policy.grace,
+    )
     evaluation = obj.get("tcbEvaluationDataNumber")
     if not isinstance(evaluation, int) or evaluation < policy.min_evaluation:
         raise AttestationError(
@@ -513,8 +551,14 @@ def _fold(status: str, other: str) -> str:
     return status
 
 
-def _tcb_level(quote: TdxQuote, platform: PckTcb, info: dict[str, Any], qe_status: str,
-               qe_advisories: tuple[str, ...], policy: TcbPolicy) -> TcbResult:  # fmt: skip
+def _tcb_level(
+    quote: TdxQuote,
+    platform: PckTcb,
+    info: dict[str, Any],
+    qe_status: str,
+    qe_advisories: tuple[str, ...],
+    policy: TcbPolicy,
+) -> TcbResult:
     fmspc = _hex(info, "fmspc", "TCB info")
     if info.get("id") != "TDX" or info.get("version") != 3:
         raise AttestationError(

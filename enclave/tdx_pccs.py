@@ -107,8 +107,9 @@ class Pccs:
         timeout: seconds per request.
     """
 
-    def __init__(self, url: str, *, ca_file: str | os.PathLike[str] | None = None,
-                 timeout: float = _TIMEOUT) -> None:  # fmt: skip
+    def __init__(
+        self, url: str, *, ca_file: str | os.PathLike[str] | None = None, timeout: float = _TIMEOUT
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"a PCCS URL must be http(s)://HOST[:PORT][/PATH], not {url!r}")
@@ -121,8 +122,9 @@ class Pccs:
     def __repr__(self) -> str:
         return f"Pccs({self.url!r})"
 
-    def _get(self, path: str, chain_header: str | None, at: dt.datetime,
-             next_update: _NextUpdate) -> tuple[bytes, bytes]:  # fmt: skip
+    def _get(
+        self, path: str, chain_header: str | None, at: dt.datetime, next_update: _NextUpdate
+    ) -> tuple[bytes, bytes]:
         with self._lock:
             hit = self._cache.get(path)
         if hit is not None and at < hit[2]:
@@ -168,13 +170,21 @@ class Pccs:
                 issuer chain).
         """
         fmspc = fmspc.lower()
-        tcb, tcb_chain = self._get(f"/tdx/certification/v4/tcb?fmspc={fmspc}",
-                                   "TCB-Info-Issuer-Chain", at, _json_next("tcbInfo"))  # fmt: skip
-        qe, qe_chain = self._get("/tdx/certification/v4/qe/identity",
-                                 "SGX-Enclave-Identity-Issuer-Chain", at,
-                                 _json_next("enclaveIdentity"))  # fmt: skip
-        pck_crl, _ = self._get(f"/sgx/certification/v4/pckcrl?ca={_ca(ca)}&encoding=der",
-                               None, at, _crl_next)  # fmt: skip
+        tcb, tcb_chain = self._get(
+            f"/tdx/certification/v4/tcb?fmspc={fmspc}",
+            "TCB-Info-Issuer-Chain",
+            at,
+            _json_next("tcbInfo"),
+        )
+        qe, qe_chain = self._get(
+            "/tdx/certification/v4/qe/identity",
+            "SGX-Enclave-Identity-Issuer-Chain",
+            at,
+            _json_next("enclaveIdentity"),
+        )
+        pck_crl, _ = self._get(
+            f"/sgx/certification/v4/pckcrl?ca={_ca(ca)}&encoding=der", None, at, _crl_next
+        )
         root_crl, _ = self._get("/sgx/certification/v4/rootcacrl", None, at, _crl_next)
         return Collateral(tcb, tcb_chain, qe, qe_chain, pck_crl, root_crl)
 
