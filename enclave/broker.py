@@ -702,7 +702,8 @@ class Broker:
             rule.snp.check(report, product, bound)
         else:
             assert rule.tdx is not None
-            quote = tdx.verify_quote(release.b64d(ev["quote"], "quote"))
+            raw = release.b64d(ev["quote"], "quote")
+            quote = tdx.verify_quote(raw, collateral=rule.tdx.collateral, policy=rule.tdx.policy)
             seen.append((f"tdx:{ident.name}", _fingerprint(quote.mrtd, *quote.rtmrs)))
             rule.tdx.check(quote, bound)
 

@@ -288,12 +288,16 @@ class TdxReference:
         rtmrs: per RTMR index, the accepted values.
         mrconfigid: required MRCONFIGID.
         allow_debug: accept a TD with the DEBUG attribute (never in production).
+        collateral: where Intel's collateral comes from (None: the quote alone).
+        policy: the accepted TCB statuses and grace, with collateral.
     """
 
     mrtd: tuple[str, ...] = ()
     rtmrs: dict[int, tuple[str, ...]] = field(default_factory=dict)
     mrconfigid: str = ""
     allow_debug: bool = False
+    collateral: tdx_pccs.CollateralSource | None = field(default=None, compare=False)
+    policy: tdx_collateral.TcbPolicy = field(default_factory=tdx_collateral.TcbPolicy)
 
     def check(self, q: TdxQuote, report_data: bytes | None = None) -> None:
         """Refuse a quote outside these values.
