@@ -454,6 +454,11 @@ class Broker:
         try:
             self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind), seen)
         except AttestationError as exc:
+            if exc.code.startswith("tdx-collateral-"):
+                # The broker's own copy of Intel's collateral is missing, stale or
+                # bad: the quote was genuine up to its PCK, so not the caller's
+                # failure, and no lockout for it.
+                raise Refused(exc.code, str(exc), 503) from None
             if exc.code in _REFERENCE_CODES:
                 self._evidence_seen(ident, kind, seen)
             self._attestation_failed(ident, exc.code)

@@ -21,10 +21,12 @@ V5 = DATA / "quotes" / "go-tdx-guest_quote_v5_sample.dat"
 
 
 def _config(tmp_path: Path, collateral: Any) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("tls.pem", "tls.key"):
         (tmp_path / name).write_text("not read at load\n")
     shutil.copytree(DATA / "dcap-qvl-2026", tmp_path / "tdx-collateral", dirs_exist_ok=True)
-    rule: dict[str, Any] = {"mrtd": ["00" * 48], "rtmrs": {2: ["00" * 48]}}
+    q = tdx.TdxQuote.parse(V5.read_bytes())  # the sample's own values: only report_data differs
+    rule: dict[str, Any] = {"mrtd": [q.mrtd.hex()], "rtmrs": {2: [q.rtmrs[2].hex()]}}
     if collateral is not None:
         rule["collateral"] = collateral
     doc = {
@@ -92,3 +94,47 @@ def test_pccs_url(tmp_path: Path) -> None:
 def test_collateral_config_errors(tmp_path: Path, collateral: Any, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         BrokerConfig.load(_config(tmp_path, collateral))
+
+
+def test_broker_refusals_with_collateral(tmp_path: Path) -> None:
+    """Stale collateral is the broker's problem (503, no lockout); a bad quote is the caller's."""
+    import nacl.public
+
+    from sealstore.enclave import release
+    from sealstore.enclave.broker import Broker, Refused
+
+    def attempt(b: Broker) -> Refused:
+        who = b.config.identities["cvm"]
+        ch = b.challenge(who, "acme", "llama")
+        public = bytes(nacl.public.PrivateKey.generate().public_key)
+        req = {
+            "tenant": "acme",
+            "artifact": "llama",
+            "nonce": ch["nonce"],
+            "public_key": release.b64e(public),
+            "evidence": {"kind": "tdx", "quote": release.b64e(V5.read_bytes())},
+            "slot": {},
+            "context": {},
+        }
+        with pytest.raises(Refused) as err:
+            b.release(who, req)
+        return err.value
+
+    def broker(folder: Path, collateral: dict[str, Any]) -> Broker:
+        path = _config(folder, collateral)
+        doc = yaml.safe_load(path.read_text())
+        doc["detectors"] = {"attestation_failures": {"max": 1}}
+        path.write_text(yaml.safe_dump(doc))
+        return Broker(BrokerConfig.load(path))
+
+    stale = broker(tmp_path / "stale", {"dir": "tdx-collateral"})
+    for _ in range(2):  # not locked out after the first
+        refused = attempt(stale)
+        assert (refused.code, refused.status) == ("tdx-collateral-stale", 503)
+    fresh = broker(tmp_path / "fresh", {"dir": "tdx-collateral", "grace_hours": 24 * 365 * 20})
+    # Collateral passes; the sample quote's report_data does not bind this challenge.
+    refused = attempt(fresh)
+    assert (refused.code, refused.status) == ("tdx-report-data", 403)
+    with pytest.raises(Refused) as err:  # that one counted: max 1, locked out
+        fresh.challenge(fresh.config.identities["cvm"], "acme", "llama")
+    assert err.value.code == "locked-out"
