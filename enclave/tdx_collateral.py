@@ -228,26 +228,47 @@ def _time(value: Any, what: str) -> dt.datetime:
         ) from None
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is given twice")
+    return dict(pairs)
+
+
+def _strict_json(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
 def _signed_json(raw: bytes, key: str, what: str) -> tuple[dict[str, Any], bytes, bytes]:
-    """(the object under *key*, the exact bytes Intel signed, the raw r||s signature)."""
-    # Intel signs the bytes of the inner object as served: they must be cut
-    # out of the document, not re-serialised.
+    """(the object Intel signed, its exact bytes, the raw r||s signature).
+
+    Intel signs the bytes of the inner object as served, so they are cut out
+    of the document, not re-serialised; and the object judged is the one
+    parsed from those very bytes. The document must be exactly
+    ``{key: {...}, "signature": "hex"}`` without a repeated key, so no second
+    copy (nested or repeated) can be judged while another is verified.
+    """
     try:
         text = raw.decode("utf-8")
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or not isinstance(doc.get(key), dict):
-            raise ValueError(f"no {key!r} object")
+        doc = _strict_json(text)
+        if not isinstance(doc, dict) or set(doc) != {key, "signature"}:
+            raise ValueError(f"not {{{key!r}, 'signature'}}")
         sig = bytes.fromhex(doc["signature"])
+        # The only other member is a hex string: the first '"key"' is the member's name.
         start = text.index(":", text.index(f'"{key}"')) + 1
         start += len(text[start:]) - len(text[start:].lstrip())
         _, end = json.JSONDecoder().raw_decode(text, start)
+        body = text[start:end]
+        obj = _strict_json(body)
+        if not isinstance(obj, dict) or obj != doc[key]:
+            raise ValueError("the signed bytes are not the document's object")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise AttestationError(
             f"the {what} is not PCS JSON with a signature", "tdx-collateral-format"
         ) from None
     if len(sig) != 64:
         raise AttestationError(f"the {what}'s signature is not 64 bytes", "tdx-collateral-format")
-    return doc[key], text[start:end].encode("utf-8"), sig
+    return obj, body.encode("utf-8"), sig
 
 
 def load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sealstore.enclave.certs import load_certificates, spki_sha256
 from sealstore.enclave.tdx import TdxQuote, verify_quote
@@ -489,3 +491,77 @@ def test_revocation(pki4: Pki, tmp_path: Path) -> None:
     for form in (pem, der.hex().encode()):
         (folder / "pck-crl-platform.crl").write_bytes(form)
         assert pki4.code(folder, AT_2023) == "tdx-revoked"
+
+
+# -- the parsers, on hostile input ---------------------------------------------------
+
+REAL_TCB = (DATA / "go-tdx-guest-2023" / "tcb-info-50806f000000.json").read_bytes()
+
+
+def test_a_second_copy_cannot_ride_along(tmp_path: Path) -> None:
+    """The object judged is the one whose bytes were verified, never a neighbour."""
+    doc = json.loads(REAL_TCB)
+    start = REAL_TCB.index(b":") + 1
+    signed = REAL_TCB[start : REAL_TCB.rindex(b',"signature"')]
+    evil = dict(doc["tcbInfo"], tcbLevels=[])
+    sig = b'"signature":"' + doc["signature"].encode() + b'"'
+    forged = [
+        b'{"tcbInfo":' + signed + b',"tcbInfo":' + json.dumps(evil).encode() + b"," + sig + b"}",
+        b'{"x":{"tcbInfo":' + signed + b'},"tcbInfo":' + json.dumps(evil).encode() + b","
+        + sig + b"}",
+        b'{"tcbInfo":' + signed + b"," + sig + b',"tcbLevels":[]}',
+    ]  # fmt: skip
+    for i, body in enumerate(forged):
+        folder = _copy("go-tdx-guest-2023", tmp_path / str(i))
+        (folder / "tcb-info-50806f000000.json").write_bytes(body)
+        assert code_of(Q4.read_bytes(), folder, AT_2023) == "tdx-collateral-format", i
+    # Whitespace around the signed object is fine: only its own bytes are signed.
+    folder = _copy("go-tdx-guest-2023", tmp_path / "spaced")
+    spaced = (
+        b'{ "tcbInfo" : ' + signed + b' ,\n "signature": "' + doc["signature"].encode() + b'" }'
+    )
+    (folder / "tcb-info-50806f000000.json").write_bytes(spaced)
+    assert verify_quote(Q4.read_bytes(), at=AT_2023, collateral=CollateralDir(folder)).tcb
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_crl_loader_refuses_junk(data: bytes) -> None:
+    from sealstore.enclave.tdx_collateral import load_crl
+
+    try:
+        load_crl(data, "CRL")
+    except AttestationError as exc:
+        assert exc.code == "tdx-collateral-format"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(REAL_TCB) - 1), st.integers(1, 255))
+def test_signed_json_survives_any_byte_change(at: int, flip: int) -> None:
+    from sealstore.enclave.tdx_collateral import _signed_json
+
+    raw = bytearray(REAL_TCB)
+    raw[at] ^= flip
+    try:
+        obj, body, sig = _signed_json(bytes(raw), "tcbInfo", "TCB info")
+    except AttestationError as exc:
+        assert exc.code == "tdx-collateral-format"
+        return
+    # Parsed: what comes back is exactly the object of the bytes that are verified.
+    assert json.loads(body) == obj and len(sig) == 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=120))
+def test_sgx_extension_parser_refuses_junk(value: bytes) -> None:
+    from sealstore.enclave.tdx_collateral import pck_tcb
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.840.113741.1.13.1"), value)
+    cert = _cert("Intel SGX PCK Certificate", key, "x", key, ext)
+    try:
+        tcb = pck_tcb(cert)
+    except AttestationError as exc:
+        assert exc.code == "cert-format"
+        return
+    assert len(tcb.sgx_svns) == 16
