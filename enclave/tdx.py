@@ -108,6 +108,7 @@ class TdxQuote:
     mrownerconfig: bytes
     rtmrs: tuple[bytes, bytes, bytes, bytes]
     report_data: bytes
+    tee_tcb_svn2: bytes  # TDX 1.5 bodies: the module running now (b"" for TDX 1.0)
     signed: bytes = field(repr=False)  # header + body: what the attestation key signs
     signature: bytes = field(repr=False)
     attestation_key: bytes = field(repr=False)
@@ -171,7 +172,8 @@ class TdxQuote:
             td_attributes=body[120:128], xfam=body[128:136], mrtd=body[136:184],
             mrconfigid=body[184:232], mrowner=body[232:280], mrownerconfig=body[280:328],
             rtmrs=(body[328:376], body[376:424], body[424:472], body[472:520]),
-            report_data=body[520:584], signed=q[:end], signature=sig[:64],
+            report_data=body[520:584], tee_tcb_svn2=body[584:600], signed=q[:end],
+            signature=sig[:64],
             attestation_key=sig[64:128], qe_report=cert[:_QE_REPORT],
             qe_report_signature=cert[_QE_REPORT : _QE_REPORT + 64], qe_auth_data=auth,
             pck_chain=_take(cert, inner + 6, pck_len, "PCK chain").rstrip(b"\0"),

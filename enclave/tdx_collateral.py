@@ -19,8 +19,7 @@ PCCS), each piece signed under the same pinned Intel SGX Root CA:
 
 The order and the status arithmetic follow Intel's Quote Verification
 Library (QVL: ``QuoteVerifier.cpp``, ``TcbLevelCheck.cpp``,
-``TdxModuleCheck.cpp``, ``EnclaveReportVerifier.cpp``). Not done: the TD
-relaunch advice QVL adds for TDX 1.5 reports (``TDRelaunchAdvised``).
+``TdxModuleCheck.cpp``, ``TDRelaunchCheck.cpp``, ``EnclaveReportVerifier.cpp``).
 
 The PCK certificate's SGX extension is read with a few lines of DER parsing
 here: cryptography exposes unknown extensions only as bytes, and the
@@ -59,8 +58,12 @@ STATUSES = (
     "ConfigurationAndSWHardeningNeeded",
     "OutOfDate",
     "OutOfDateConfigurationNeeded",
+    "TDRelaunchAdvised",
+    "TDRelaunchAdvisedConfigurationNeeded",
     "Revoked",
 )
+# What a TCB level itself may say; the relaunch advice is computed (TDX 1.5).
+_LEVEL_STATUSES = tuple(s for s in STATUSES if not s.startswith("TDRelaunch"))
 _SGX_EXT = "1.2.840.113741.1.13.1"
 
 
@@ -600,7 +603,7 @@ def _tcb_level(
     levels = info.get("tcbLevels")
     if not isinstance(levels, list):
         raise AttestationError("the TCB info has no tcbLevels", "tdx-collateral-format")
-    chosen = None
+    chosen = sgx_level = None
     for level in levels:
         tcb = level.get("tcb") if isinstance(level, dict) else None
         if not isinstance(tcb, dict):
@@ -610,6 +613,7 @@ def _tcb_level(
             continue
         if platform.pcesvn < tcb.get("pcesvn", 1 << 16):
             continue
+        sgx_level = sgx_level or level
         tdx = _svns(tcb.get("tdxtcbcomponents"), "tdxtcbcomponents")
         if all(tee[i] >= tdx[i] for i in range(first, 16)):
             chosen = level
@@ -621,10 +625,13 @@ def _tcb_level(
             f"{tee[:4].hex()}): not supported",
             "tdx-tcb-unsupported",
         )
-    status = str(chosen.get("tcbStatus"))
-    if status not in STATUSES:
+    status, sgx_status = str(chosen.get("tcbStatus")), str(sgx_level.get("tcbStatus"))
+    if status not in _LEVEL_STATUSES or sgx_status not in _LEVEL_STATUSES:
         raise AttestationError(f"unknown TCB status {status!r}", "tdx-collateral-format")
-    status = _fold(_fold(status, module_status), qe_status)
+    status = _fold(status, module_status)
+    if quote.tee_tcb_svn2 and qe_status == "UpToDate":
+        status = _relaunch(quote.tee_tcb_svn2, info, sgx_status, status, module_status)
+    status = _fold(status, qe_status)
     advisories = tuple(sorted({*chosen.get("advisoryIDs", ()), *module_advisories, *qe_advisories}))
     result = TcbResult(
         status=status,
@@ -642,18 +649,51 @@ def _tcb_level(
     return result
 
 
+def _relaunch(svn2: bytes, info: dict[str, Any], sgx: str, tdx: str, module: str) -> str:
+    """QVL's TD relaunch advice (TDX 1.5): *tdx* unless a relaunch would make it current.
+
+    TEE_TCB_SVN2 is the TDX module the platform runs now; TEE_TCB_SVN the
+    one the TD was launched under. A TD out of date only because of its
+    launch-time module, on a platform that is current, is told to relaunch.
+    """
+    if sgx not in ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                   "ConfigurationAndSWHardeningNeeded"):  # fmt: skip
+        return tdx
+    if tdx not in ("OutOfDate", "OutOfDateConfigurationNeeded") or module != "OutOfDate":
+        return tdx
+    latest = _svns(info["tcbLevels"][0]["tcb"].get("tdxtcbcomponents"), "tdxtcbcomponents")
+    if svn2[1] == 0:
+        module_now = latest[0]
+    else:
+        levels = _module_identity(info, svn2[1]).get("tcbLevels")
+        if not isinstance(levels, list) or not levels:
+            raise AttestationError(
+                "the TDX module identity has no TCB level", "tdx-tcb-unsupported"
+            )
+        module_now = max(int(lv["tcb"]["isvsvn"]) for lv in levels)
+    if svn2[0] < module_now or svn2[2] < latest[2]:
+        return tdx
+    config = any("Configuration" in st for st in (sgx, tdx))
+    return "TDRelaunchAdvisedConfigurationNeeded" if config else "TDRelaunchAdvised"
+
+
+def _module_identity(info: dict[str, Any], version: int) -> dict[str, Any]:
+    wanted = f"TDX_{version:02X}"
+    ids = info.get("tdxModuleIdentities")
+    ident = next((m for m in ids or () if str(m.get("id", "")).upper() == wanted), None)
+    if not isinstance(ident, dict):
+        raise AttestationError(
+            f"the TCB info has no identity {wanted} for this TDX module", "tdx-module"
+        )
+    return ident
+
+
 def _tdx_module(quote: TdxQuote, info: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
     """Check the TDX module's signer and attributes; its status from tdxModuleIdentities."""
     svn, version = quote.tee_tcb_svn[0], quote.tee_tcb_svn[1]
     ident: dict[str, Any] | None = info.get("tdxModule")
     if version > 0:
-        wanted = f"TDX_{version:02X}"
-        ids = info.get("tdxModuleIdentities")
-        ident = next((m for m in ids or () if str(m.get("id", "")).upper() == wanted), None)
-        if ident is None:
-            raise AttestationError(
-                f"the TCB info has no identity {wanted} for this TDX module", "tdx-module"
-            )
+        ident = _module_identity(info, version)
     if not isinstance(ident, dict):
         raise AttestationError("the TCB info has no tdxModule", "tdx-collateral-format")
     if quote.mrsignerseam != _hex(ident, "mrsigner", "TDX module identity"):
@@ -669,7 +709,7 @@ def _tdx_module(quote: TdxQuote, info: dict[str, Any]) -> tuple[str, tuple[str, 
     found = _levels_status(ident.get("tcbLevels"), svn, "TDX module identity")
     if found is None:
         raise AttestationError(
-            f"the TDX module {wanted} SVN {svn} has no TCB level: not supported",
+            f"the TDX module TDX_{version:02X} SVN {svn} has no TCB level: not supported",
             "tdx-tcb-unsupported",
         )
     return found

@@ -352,6 +352,9 @@ def test_tcb_level_status_and_policy(pki4: Pki, tmp_path: Path, status: str) -> 
     if status == "Revoked":
         assert pki4.code(folder, AT_2023) == "tdx-tcb-status"
         return
+    if status.startswith("TDRelaunch"):  # computed, never a level's own status
+        assert pki4.code(folder, AT_2023) == "tdx-collateral-format"
+        return
     result = pki4.verify(folder, AT_2023)
     assert result.status == status
     assert result.advisory_ids == ("INTEL-SA-00615", "INTEL-SA-00837")
@@ -424,9 +427,11 @@ def test_tdx_module_identity(tmp_path: Path) -> None:
     module = next(m for m in ids if m["id"] == "TDX_01")
     cases = [
         (
+            # SVN 11 reaches only the OutOfDate level; the module it runs now
+            # (13) is behind too, so no relaunch advice (that test is below).
             [
-                dict(lv, tcbStatus="OutOfDate", advisoryIDs=["INTEL-SA-01111"])
-                for lv in module["tcbLevels"]
+                {"tcb": {"isvsvn": 14}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
+                dict(module["tcbLevels"][0], tcbStatus="OutOfDate", advisoryIDs=["INTEL-SA-01111"]),
             ],
             "OutOfDate",
         ),
@@ -565,3 +570,34 @@ def test_sgx_extension_parser_refuses_junk(value: bytes) -> None:
         assert exc.code == "cert-format"
         return
     assert len(tcb.sgx_svns) == 16
+
+
+def test_td_relaunch_advice(tmp_path: Path) -> None:
+    """go-tdx-guest's v5 sample was launched under module SVN 11 and runs 13 now."""
+    pki = Pki((QUOTES / "go-tdx-guest_quote_v5_sample.dat").read_bytes())
+    q = TdxQuote.parse(pki.quote)
+    assert (q.tee_tcb_svn[:3].hex(), q.tee_tcb_svn2[:3].hex()) == ("0b0104", "0d0104")
+    tcb = _real("dcap-qvl-2026", "tcbInfo")
+    module = next(m for m in tcb["tdxModuleIdentities"] if m["id"] == "TDX_01")
+
+    def with_module(newest: int, first_status: str = "UpToDate") -> dict[str, Any]:
+        levels = [
+            {"tcb": {"isvsvn": newest}, "tcbDate": "2025-01-01T00:00:00Z", "tcbStatus": "UpToDate"},
+            {"tcb": {"isvsvn": 6}, "tcbDate": "2024-11-13T00:00:00Z", "tcbStatus": "OutOfDate"},
+        ]
+        edited = json.loads(json.dumps(tcb))
+        edited["tdxModuleIdentities"] = [dict(module, tcbLevels=levels)]
+        edited["tcbLevels"][0]["tcbStatus"] = first_status
+        return edited
+
+    cases = [
+        (with_module(13), "TDRelaunchAdvised"),  # the module now is the newest: relaunch
+        (with_module(13, "ConfigurationNeeded"), "TDRelaunchAdvisedConfigurationNeeded"),
+        (with_module(14), "OutOfDate"),  # even the module now is behind: no advice
+    ]
+    for i, (edited, want) in enumerate(cases):
+        folder = pki.write("dcap-qvl-2026", tmp_path / str(i), tcb=edited)
+        assert pki.verify(folder, AT_2026).status == want
+        assert pki.code(folder, AT_2026, TcbPolicy()) == "tdx-tcb-status"
+    # TD 1.0 bodies carry no TEE_TCB_SVN2 and get no advice.
+    assert TdxQuote.parse(Q4.read_bytes()).tee_tcb_svn2 == b""
