@@ -91,6 +91,25 @@ def test_real_quotes_below_every_level_are_unsupported(
     assert code_of(raw, DATA / folder, at, policy=ANY) == "tdx-tcb-unsupported"
 
 
+def test_real_out_of_date_platform() -> None:
+    """trustee's quote 6 with trustee's own TCB info: PCESVN 11 < 13, OutOfDate."""
+    raw, folder = (TRUSTEE / "tdx_quote_6.dat").read_bytes(), DATA / "trustee-2025"
+    at = dt.datetime(2025, 11, 1, tzinfo=dt.UTC)
+    # This set's PCK CRL is June 2025's: stale by November without a grace ...
+    assert code_of(raw, folder, at) == "tdx-collateral-stale"
+    grace = dt.timedelta(days=120)
+    # ... and then the platform is OutOfDate, which the default refuses.
+    assert code_of(raw, folder, at, policy=TcbPolicy(grace=grace)) == "tdx-tcb-status"
+    accept = TcbPolicy(grace=grace, accept=frozenset({"UpToDate", "OutOfDate"}))
+    q = verify_quote(raw, at=at, collateral=CollateralDir(folder), policy=accept)
+    assert q.tcb is not None
+    assert (q.tcb.status, q.tcb.fmspc, q.tcb.tcb_date) == (
+        "OutOfDate",
+        "00a06d080000",
+        "2018-01-04T00:00:00Z",
+    )
+
+
 def test_trailing_bytes() -> None:
     # go-tdx-guest appends text after its sample's signature data: refused,
     # while the same quote without it verifies up to its TCB check.
