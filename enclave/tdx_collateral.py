@@ -712,4 +712,8 @@ def _tdx_module(quote: TdxQuote, info: dict[str, Any]) -> tuple[str, tuple[str, 
             f"the TDX module TDX_{version:02X} SVN {svn} has no TCB level: not supported",
             "tdx-tcb-unsupported",
         )
+    if found[0] not in ("UpToDate", "OutOfDate", "Revoked"):
+        raise AttestationError(
+            f"unknown TDX module TCB status {found[0]!r}", "tdx-collateral-format"
+        )
     return found
