@@ -543,11 +543,13 @@ def _qe_identity(report: bytes, ident: dict[str, Any]) -> tuple[str, tuple[str, 
             "tdx-qe-identity",
         )
     found = _levels_status(ident.get("tcbLevels"), isvsvn, what)
-    if found is None or found[0] not in ("UpToDate", "OutOfDate", "Revoked"):
+    if found is None:
         raise AttestationError(
             f"the QE's ISVSVN {isvsvn} has no TCB level in Intel's TD_QE identity",
             "tdx-qe-identity",
         )
+    if found[0] not in ("UpToDate", "OutOfDate", "Revoked"):
+        raise AttestationError(f"unknown QE TCB status {found[0]!r}", "tdx-collateral-format")
     return found
 
 
