@@ -454,6 +454,11 @@ class Broker:
         try:
             self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind), seen)
         except AttestationError as exc:
+            if exc.code.startswith("tdx-collateral-"):
+                # The broker's own copy of Intel's collateral is missing, stale or
+                # bad: the quote was genuine up to its PCK, so not the caller's
+                # failure, and no lockout for it.
+                raise Refused(exc.code, str(exc), 503) from None
             if exc.code in _REFERENCE_CODES:
                 self._evidence_seen(ident, kind, seen)
             self._attestation_failed(ident, exc.code)
@@ -706,7 +711,8 @@ class Broker:
             rule.snp.check(report, product, bound)
         else:
             assert rule.tdx is not None
-            quote = tdx.verify_quote(release.b64d(ev["quote"], "quote"))
+            raw = release.b64d(ev["quote"], "quote")
+            quote = tdx.verify_quote(raw, collateral=rule.tdx.collateral, policy=rule.tdx.policy)
             seen.append((f"tdx:{ident.name}", _fingerprint(quote.mrtd, *quote.rtmrs)))
             rule.tdx.check(quote, bound)
 

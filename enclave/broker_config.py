@@ -579,7 +579,7 @@ class _Parser:
     def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
         # MRTD measures the TD's firmware only; the RTMRs carry the kernel,
         # initrd and command line, so a rule must name at least one.
-        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug"},
+        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug", "collateral"},
                       {"mrtd", "rtmrs"})  # fmt: skip
         rtmrs = {}
         raw = d["rtmrs"]
@@ -593,7 +593,50 @@ class _Parser:
             rtmrs=rtmrs,
             mrconfigid=self._optional_hex(d, "mrconfigid", where, 48),
             allow_debug=self._debug(d, where),
+            **self.tdx_collateral(f"{where}.collateral", d.get("collateral")),
         )
+
+    def tdx_collateral(self, where: str, obj: Any) -> dict[str, Any]:
+        # Required, as SNP's min_tcb is: without Intel's collateral a revoked
+        # or out-of-date platform, or a QE that is not Intel's, is accepted.
+        from sealstore.enclave import tdx_collateral, tdx_pccs
+
+        if obj is None:
+            raise _Bad(f"{where}: missing (dir: FOLDER or pccs_url: URL, see docs/BROKER.md)")
+        d = self._map(obj, where, {"dir", "pccs_url", "pccs_ca", "accept", "grace_hours",
+                                   "min_evaluation"})  # fmt: skip
+        if ("dir" in d) == ("pccs_url" in d):
+            raise _Bad(f"{where}: give exactly one of dir and pccs_url")
+        source: tdx_pccs.CollateralSource
+        if "dir" in d:
+            folder = Path(d["dir"]) if isinstance(d["dir"], str) and d["dir"] else None
+            folder = folder if folder is None or folder.is_absolute() else self.path.parent / folder
+            if folder is None or not folder.is_dir():
+                raise _Bad(f"{where}.dir: expected an existing folder")
+            source = tdx_pccs.CollateralDir(folder)
+        else:
+            ca = self._file(d["pccs_ca"], f"{where}.pccs_ca") if "pccs_ca" in d else None
+            try:
+                source = tdx_pccs.Pccs(str(d["pccs_url"]), ca_file=ca)
+            except (ValueError, OSError) as exc:
+                raise _Bad(f"{where}.pccs_url: {exc}") from None
+        accept = d.get("accept", ["UpToDate"])
+        if not isinstance(accept, list) or not all(isinstance(a, str) for a in accept):
+            raise _Bad(f"{where}.accept: expected a list of TCB statuses")
+        grace = d.get("grace_hours", 0)
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+            raise _Bad(f"{where}.grace_hours: expected a number of hours, 0 or more")
+        try:
+            policy = tdx_collateral.TcbPolicy(
+                accept=frozenset(accept),
+                grace=dt.timedelta(hours=grace),
+                min_evaluation=self._int(
+                    d.get("min_evaluation", 0), f"{where}.min_evaluation", 0, 1 << 31
+                ),
+            )
+        except ValueError as exc:
+            raise _Bad(f"{where}.accept: {exc}") from None
+        return {"collateral": source, "policy": policy}
 
     def _debug(self, d: dict[str, Any], where: str) -> bool:
         debug = d.get("allow_debug", False)

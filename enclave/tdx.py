@@ -15,15 +15,25 @@ data)), and the PCK certificate chain up to Intel's SGX root.
 4. the PCK chain (PCK -> platform/processor CA -> Intel SGX Root CA), with
    the root pinned by its public key hash, at a pinnable time.
 
-Not verified offline -- these need Intel's collateral from the PCS or a
-PCCS: the PCK CRLs (a revoked platform), TCB info (whether this platform's
-TCB level is up to date, ``tee_tcb_svn`` against Intel's levels), and the QE
-identity (the QE's MRSIGNER / ISV SVN against Intel's). docs/ATTESTATION.md
-says what that means for a policy.
+Given a collateral source (``tdx_pccs``: files or a PCCS), it then checks
+what only Intel's collateral can say (``tdx_collateral``): the PCK and root
+CRLs, the QE against Intel's TD_QE identity, and the platform's TCB level
+(SGX components, PCESVN, TEE_TCB_SVN, the TDX module) against the TCB info
+for its FMSPC, each piece signed under the same pinned root and fresh. The
+status found (and its advisories) is in ``TdxQuote.tcb``; a status the
+policy does not accept is refused.
+
+Bytes after the signature data: zeros are accepted (quotes come in
+fixed-size buffers, e.g. 8000 bytes from the TDX quoting library); anything
+else is refused (``tdx-format``). Intel's QVL and go-tdx-guest ignore
+trailing bytes of any value; nothing signs them and no real flow we know of
+fills them, so the stricter choice costs nothing and leaves no room to
+smuggle data alongside a verified quote.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import struct
@@ -35,6 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from sealstore.enclave import tdx_collateral, tdx_pccs
 from sealstore.enclave.certs import (
     check_validity,
     common_name,
@@ -87,6 +98,8 @@ class TdxQuote:
     version: int
     tee_tcb_svn: bytes
     mrseam: bytes
+    mrsignerseam: bytes
+    seam_attributes: bytes
     td_attributes: bytes
     xfam: bytes
     mrtd: bytes
@@ -95,6 +108,7 @@ class TdxQuote:
     mrownerconfig: bytes
     rtmrs: tuple[bytes, bytes, bytes, bytes]
     report_data: bytes
+    tee_tcb_svn2: bytes  # TDX 1.5 bodies: the module running now (b"" for TDX 1.0)
     signed: bytes = field(repr=False)  # header + body: what the attestation key signs
     signature: bytes = field(repr=False)
     attestation_key: bytes = field(repr=False)
@@ -102,6 +116,9 @@ class TdxQuote:
     qe_report_signature: bytes = field(repr=False)
     qe_auth_data: bytes = field(repr=False)
     pck_chain: bytes = field(repr=False)  # PEM
+    # What Intel's collateral says of the platform: set by verify_quote when
+    # given collateral, else None.
+    tcb: tdx_collateral.TcbResult | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> TdxQuote:
@@ -151,10 +168,12 @@ class TdxQuote:
             )
         return cls(
             raw=q, version=version, tee_tcb_svn=body[0:16], mrseam=body[16:64],
+            mrsignerseam=body[64:112], seam_attributes=body[112:120],
             td_attributes=body[120:128], xfam=body[128:136], mrtd=body[136:184],
             mrconfigid=body[184:232], mrowner=body[232:280], mrownerconfig=body[280:328],
             rtmrs=(body[328:376], body[376:424], body[424:472], body[472:520]),
-            report_data=body[520:584], signed=q[:end], signature=sig[:64],
+            report_data=body[520:584], tee_tcb_svn2=body[584:600], signed=q[:end],
+            signature=sig[:64],
             attestation_key=sig[64:128], qe_report=cert[:_QE_REPORT],
             qe_report_signature=cert[_QE_REPORT : _QE_REPORT + 64], qe_auth_data=auth,
             pck_chain=_take(cert, inner + 6, pck_len, "PCK chain").rstrip(b"\0"),
@@ -166,17 +185,33 @@ class TdxQuote:
 
 
 def verify_quote(
-    quote: bytes | TdxQuote, *, at: dt.datetime | None = None, root: str | None = None
+    quote: bytes | TdxQuote,
+    *,
+    at: dt.datetime | None = None,
+    root: str | None = None,
+    collateral: tdx_pccs.CollateralSource | None = None,
+    policy: tdx_collateral.TcbPolicy | None = None,
 ) -> TdxQuote:
-    """Verify a TDX quote's signatures and PCK chain (see the module doc for what is not).
+    """Verify a TDX quote's signatures and PCK chain, and with *collateral* its TCB.
 
     Args:
-        at: when the PCK chain must be valid (default: now, UTC).
+        at: the verification time: the PCK chain's validity and, with
+            collateral, the CRLs' and collateral's freshness (default: now, UTC).
         root: the pinned root key hash (default ``INTEL_SGX_ROOT_SPKI_SHA256``).
+        collateral: where Intel's collateral for the platform comes from
+            (``tdx_pccs.CollateralDir`` or ``tdx_pccs.Pccs``); None checks only
+            what the quote carries (see the module doc).
+        policy: accepted TCB statuses and the grace for stale collateral
+            (default: only UpToDate, no grace).
+
+    Returns:
+        The parsed quote; with collateral, ``.tcb`` holds the platform's status.
 
     Raises:
         AttestationError: code tdx-format, tdx-signature, tdx-qe-binding,
-            tdx-qe-signature, cert-chain, cert-untrusted-root or cert-expired.
+            tdx-qe-signature, cert-chain, cert-untrusted-root or cert-expired;
+            with collateral also those of ``tdx_collateral.appraise`` and
+            tdx-collateral-unavailable.
     """
     q = quote if isinstance(quote, TdxQuote) else TdxQuote.parse(quote)
     try:
@@ -194,7 +229,8 @@ def verify_quote(
     certs = load_certificates(q.pck_chain)
     pck = certs[0]
     at = (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-    _pck_chain(pck, certs, at, root or INTEL_SGX_ROOT_SPKI_SHA256)
+    root = root or INTEL_SGX_ROOT_SPKI_SHA256
+    chain = _pck_chain(pck, certs, at, root)
     public = pck.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise AttestationError("the PCK key is not ECDSA", "cert-format")
@@ -204,12 +240,28 @@ def verify_quote(
         raise AttestationError(
             "the QE report's signature does not verify with the PCK certificate", "tdx-qe-signature"
         ) from None
-    return q
+    if collateral is None:
+        return q
+    ca = _PCK_CAS.get(common_name(chain[1]))
+    if ca is None or len(chain) != 3:
+        raise AttestationError(
+            f"the PCK is issued by {common_name(chain[1])!r}, not Intel's platform or processor CA",
+            "cert-chain",
+        )
+    fmspc = tdx_collateral.pck_tcb(pck).fmspc.hex()
+    items = collateral.collateral(fmspc, ca, at)
+    result = tdx_collateral.appraise(
+        q, chain, items, at=at, root=root, policy=policy or tdx_collateral.TcbPolicy()
+    )
+    return dataclasses.replace(q, tcb=result)
+
+
+_PCK_CAS = {"Intel SGX PCK Platform CA": "platform", "Intel SGX PCK Processor CA": "processor"}
 
 
 def _pck_chain(
     pck: x509.Certificate, certs: list[x509.Certificate], at: dt.datetime, root: str
-) -> None:
+) -> list[x509.Certificate]:
     chain = [pck]
     while chain[-1].issuer != chain[-1].subject:
         issuer = next((c for c in certs if c.subject == chain[-1].issuer), None)
@@ -226,6 +278,7 @@ def _pck_chain(
     for cert, issuer in zip(chain, chain[1:] + chain[-1:], strict=True):
         issued_by(cert, issuer, common_name(cert) or "PCK chain")
         check_validity(cert, at, common_name(cert) or "PCK chain")
+    return chain
 
 
 @dataclass(frozen=True)
@@ -237,12 +290,16 @@ class TdxReference:
         rtmrs: per RTMR index, the accepted values.
         mrconfigid: required MRCONFIGID.
         allow_debug: accept a TD with the DEBUG attribute (never in production).
+        collateral: where Intel's collateral comes from (None: the quote alone).
+        policy: the accepted TCB statuses and grace, with collateral.
     """
 
     mrtd: tuple[str, ...] = ()
     rtmrs: dict[int, tuple[str, ...]] = field(default_factory=dict)
     mrconfigid: str = ""
     allow_debug: bool = False
+    collateral: tdx_pccs.CollateralSource | None = field(default=None, compare=False)
+    policy: tdx_collateral.TcbPolicy = field(default_factory=tdx_collateral.TcbPolicy)
 
     def check(self, q: TdxQuote, report_data: bytes | None = None) -> None:
         """Refuse a quote outside these values.
