@@ -454,10 +454,11 @@ class Broker:
         try:
             self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind), seen)
         except AttestationError as exc:
-            if exc.code.startswith("tdx-collateral-"):
-                # The broker's own copy of Intel's collateral is missing, stale or
-                # bad: the quote was genuine up to its PCK, so not the caller's
-                # failure, and no lockout for it.
+            if exc.code.startswith(("tdx-collateral-", "snp-crl-")):
+                # The broker's own copy of Intel's collateral or AMD's CRL is
+                # missing, stale or bad (a PCCS or KDS outage): the evidence was
+                # genuine up to its chain, so not the caller's failure, and no
+                # lockout for it.
                 raise Refused(exc.code, str(exc), 503) from None
             if exc.code in _REFERENCE_CODES:
                 self._evidence_seen(ident, kind, seen)

@@ -406,10 +406,11 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     write(make_crl(c.ark, c.ark_key, (0x1234, 0x010077), number=2, **window), 2)
     with pytest.raises(Refused) as err:
         attempt()
-    assert err.value.code == "snp-revoked"
+    assert (err.value.code, err.value.status) == ("snp-revoked", 403)  # the caller's failure
     stale = make_crl(c.ark, c.ark_key, number=3, this_update=today - 9 * DAY,
                      next_update=today - DAY)  # fmt: skip
     write(stale, 3)
     with pytest.raises(Refused) as err:
         attempt()
-    assert err.value.code == "snp-crl-stale"
+    # The broker's own list is stale: a 503, not counted against the caller.
+    assert (err.value.code, err.value.status) == ("snp-crl-stale", 503)
