@@ -275,9 +275,6 @@ def verify_chain(
     if not certs:
         raise AttestationError(f"the {what} chain has no certificate below the root",
                                "cert-chain")  # fmt: skip
-    if len(certs) >= MAX_CHAIN:
-        raise AttestationError(f"the {what} chain has {len(certs) + 1} certificates (at most "
-                               f"{MAX_CHAIN})", "cert-chain")  # fmt: skip
     top = certs[-1]
     if top.issuer != root.subject:
         raise AttestationError(
@@ -285,6 +282,9 @@ def verify_chain(
             f"root {common_name(root)!r}",
             "cert-untrusted-root",
         )
+    if len(certs) >= MAX_CHAIN:
+        raise AttestationError(f"the {what} chain has {len(certs) + 1} certificates (at most "
+                               f"{MAX_CHAIN})", "cert-chain")  # fmt: skip
     links = [*certs, root]
     for cert, issuer in itertools.pairwise(links):
         try:
