@@ -13,7 +13,7 @@ up to the signature.
 
 The key that signs is the GPU's attestation key. Its certificate (from
 ``nvmlDeviceGetConfComputeGpuCertificate``) chains to NVIDIA's Device Identity
-CA, which ships with sealstore (``nvidia/device_identity_root.pem``) and is
+CA, which ships with sealstore (``nvidia-roots/device_identity_root.pem``) and is
 pinned by the hash of its public key, so a chain that only claims to be
 NVIDIA's is refused.
 
@@ -75,7 +75,7 @@ SIGNATURE_SIZE = 96  # ECDSA P-384: r || s, 48 bytes each
 MAX_CHAIN = 5  # leaf, BROM, provisioner ICA, product identity, Device Identity CA
 
 # SHA-256 of the SubjectPublicKeyInfo of NVIDIA's Device Identity CA (the
-# root of every GPU's attestation certificate; the PEM is nvidia/ here).
+# root of every GPU's attestation certificate; the PEM is nvidia-roots/ here).
 DEVICE_ROOT_SPKI_SHA256 = "a90c4eb5acfd3e3d03a25db6a26b84f720ad0503196c627c21ddd48dd85b06a4"
 
 _GET_MEASUREMENTS = 0xE0
@@ -251,10 +251,10 @@ def device_root() -> x509.Certificate:
 
 
 def _packaged(name: str, spki: str) -> x509.Certificate:
-    pem = importlib.resources.files("sealstore.enclave").joinpath(f"nvidia/{name}")
+    pem = importlib.resources.files("sealstore.enclave").joinpath(f"nvidia-roots/{name}")
     cert = load_certificates(pem.read_bytes())[0]
     if spki_sha256(cert) != spki:
-        raise AttestationError(f"the packaged nvidia/{name} is not NVIDIA's pinned root",
+        raise AttestationError(f"the packaged nvidia-roots/{name} is not NVIDIA's pinned root",
                                "cert-untrusted-root")  # fmt: skip
     return cert
 

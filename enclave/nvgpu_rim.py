@@ -9,7 +9,7 @@ compared), ``alternatives`` (how many values are acceptable) and the values
 The file is signed with XML-DSig (enveloped, ECDSA P-384, exclusive-free
 C14N 1.1) by an NVIDIA RIM signer whose certificate chain, carried in the
 signature's KeyInfo, ends in NVIDIA's CoRIM signing Root CA; that root ships
-with sealstore (``nvidia/rim_signing_root.pem``) and is pinned by its key
+with sealstore (``nvidia-roots/rim_signing_root.pem``) and is pinned by its key
 hash. The signature is checked with signxml (the XML canonicalisation and
 reference processing are its work); the chain with the same checks as the
 GPU's own. Measurements are read from the XML that signxml says was signed,
