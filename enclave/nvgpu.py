@@ -78,6 +78,7 @@ MAX_CHAIN = 5  # leaf, BROM, provisioner ICA, product identity, Device Identity 
 # root of every GPU's attestation certificate; the PEM is nvidia-roots/ here).
 DEVICE_ROOT_SPKI_SHA256 = "a90c4eb5acfd3e3d03a25db6a26b84f720ad0503196c627c21ddd48dd85b06a4"
 
+_SPDM_1_1 = 0x11
 _GET_MEASUREMENTS = 0xE0
 _MEASUREMENTS = 0x60
 _DMTF_SPEC = 0x01
@@ -127,6 +128,11 @@ class GpuReport:
         if len(raw) < REQUEST_SIZE + 8 + NONCE_SIZE + 2 + SIGNATURE_SIZE:
             raise _bad(f"{len(raw)} bytes is too short")
         version, code, param1, _param2 = raw[0], raw[1], raw[2], raw[3]
+        # Hopper and Blackwell speak SPDM 1.1; later versions lay the response
+        # out differently (1.3 adds a requester context), so they are refused
+        # until a sample shows their layout.
+        if version != _SPDM_1_1:
+            raise _bad(f"SPDM version {version >> 4}.{version & 0xF} is not supported (1.1 is)")
         if code != _GET_MEASUREMENTS:
             raise _bad(f"request code {code:#04x} is not GET_MEASUREMENTS")
         if not param1 & 1:

@@ -122,7 +122,9 @@ def load_rim(
     try:
         signed = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config).signed_xml
     except (InvalidSignature, InvalidInput) as exc:
-        raise _bad(name, f"the signature does not verify: {exc}", "nvgpu-rim-signature") from None
+        why = str(exc).strip().rstrip(":").strip()
+        raise _bad(name, f"the signature does not verify ({why or type(exc).__name__})",
+                   "nvgpu-rim-signature") from None  # fmt: skip
     if signed is None or signed.tag != f"{_SWID}SoftwareIdentity":
         raise _bad(name, "the signed element is not a SWID tag", "nvgpu-rim-signature")
     meta = signed.find(f"{_SWID}Meta")

@@ -150,6 +150,22 @@ def test_a_truncated_report_is_a_format_error() -> None:
     assert err.value.code == "nvgpu-format"
 
 
+def test_fields_that_must_hold_their_values() -> None:
+    report, _ = sample("hopper-2023")
+    for at, value, message in [
+        (0, 0x12, "SPDM version 1.2 is not supported"),
+        (1, 0xE1, "is not GET_MEASUREMENTS"),
+        (2, 0x00, "did not ask for a signature"),
+        (38, 0x61, "do not answer the request"),
+        (37 + 4, 63, "announces 63 measurement blocks and holds 64"),
+    ]:
+        raw = bytearray(report)
+        raw[at] = value
+        with pytest.raises(AttestationError, match=message) as err:
+            GpuReport.parse(bytes(raw))
+        assert err.value.code == "nvgpu-format"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600), st.integers(min_value=0, max_value=4200))
 def test_the_parser_refuses_garbage_cleanly(junk: bytes, cut: int) -> None:
