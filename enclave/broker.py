@@ -16,6 +16,8 @@ A release, in order (each step refuses with a code):
    (``not-permitted``, ``evidence-kind``);
 4. the evidence verifies and carries ``binding(nonce, public key)``
    (the verifier's own codes: ``tpm-nonce``, ``snp-measurement``, ...);
+   for a kind joined with ``+nvidia-gpu``, then every GPU's report too
+   (``nvgpu-nonce``, ``nvgpu-measurement``, ...);
 5. the slot opens with one of the tenant's keys under the artifact's scoped
    context (``key-unavailable``) -- only now is a key service asked anything;
 6. the DEK goes back sealed to the caller's ephemeral key.
