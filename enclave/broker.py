@@ -16,6 +16,8 @@ A release, in order (each step refuses with a code):
    (``not-permitted``, ``evidence-kind``);
 4. the evidence verifies and carries ``binding(nonce, public key)``
    (the verifier's own codes: ``tpm-nonce``, ``snp-measurement``, ...);
+   for a kind joined with ``+nvidia-gpu``, then every GPU's report too
+   (``nvgpu-nonce``, ``nvgpu-measurement``, ...);
 5. the slot opens with one of the tenant's keys under the artifact's scoped
    context (``key-unavailable``) -- only now is a key service asked anything;
 6. the DEK goes back sealed to the caller's ephemeral key.
@@ -57,9 +59,10 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.public
+from cryptography import x509
 
 from sealstore.audit import AuditKey, AuditLog, read_records, stream_name, verify_log
-from sealstore.enclave import certs, release, snp, tdx, tpm_quote
+from sealstore.enclave import certs, nvgpu, release, snp, tdx, tpm_quote
 from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
 from sealstore.enclave.broker_state import (
     State,
@@ -106,6 +109,7 @@ class Refused(Exception):
 _REFERENCE_CODES = frozenset({
     "tpm-pcr-mismatch", "snp-measurement", "snp-host-data", "snp-tcb-too-low", "snp-debug",
     "snp-vmpl", "tdx-mrtd", "tdx-rtmr", "tdx-mrconfigid", "tdx-debug",
+    "nvgpu-measurement", "nvgpu-driver-version", "nvgpu-vbios-version", "nvgpu-mode",
 })  # fmt: skip
 LOCAL_PEERS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -120,6 +124,10 @@ class Broker:
         state: the shared state (default: from the config; in-process memory
             unless ``state.url`` names a Redis server).
         audit: the audit log (default: from the config).
+        nonces: makes each challenge's nonce (default: 32 random bytes). A test
+            seam only: recorded GPU reports carry a fixed nonce, and a test that
+            runs one through the whole protocol must issue that nonce.
+        gpu_root: the GPU attestation trust anchor (default: NVIDIA's, pinned).
     """
 
     def __init__(
@@ -130,10 +138,14 @@ class Broker:
         snp_roots: dict[str, str] | None = None,
         state: State | None = None,
         audit: AuditLog | None = None,
+        nonces: Callable[[], bytes] | None = None,
+        gpu_root: x509.Certificate | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._snp_roots = snp_roots
+        self._nonces = nonces or (lambda: secrets.token_bytes(release.NONCE_SIZE))
+        self._gpu_root = gpu_root
         self.state = state or open_state(config.state_url, prefix=config.state_prefix,
                                          clock=clock)  # fmt: skip
         self.audit = audit or _open_audit(config)
@@ -366,7 +378,9 @@ class Broker:
     def _challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
         self._gate(ident, tenant)
         rule = self._rule(ident, tenant, artifact)
-        nonce = secrets.token_bytes(release.NONCE_SIZE)
+        nonce = self._nonces()
+        if len(nonce) != release.NONCE_SIZE:
+            raise ValueError("a challenge nonce is 32 bytes")
         expires = self._clock() + self.config.challenge_ttl
         try:
             self.state.add_challenge(
@@ -451,8 +465,12 @@ class Broker:
             self._attestation_failed(ident, "evidence-kind")
             raise Refused("evidence-kind", f"evidence kind {kind!r} is not accepted here")
         seen: list[tuple[str, str]] = []
+        cpu, gpu = release.parse_kind(kind)
         try:
-            self._verify(ident, rule, kind, evidence, release.binding(nonce, public, kind), seen)
+            self._verify(ident, rule, cpu, evidence, release.binding(nonce, public, cpu), seen)
+            if gpu:
+                bound = release.binding(nonce, public, release.GPU_KIND)
+                self._verify_gpus(rule, evidence, bound)
         except AttestationError as exc:
             if exc.code.startswith(("tdx-collateral-", "snp-crl-")):
                 # The broker's own copy of Intel's collateral or AMD's CRL is
@@ -716,6 +734,35 @@ class Broker:
             quote = tdx.verify_quote(raw, collateral=rule.tdx.collateral, policy=rule.tdx.policy)
             seen.append((f"tdx:{ident.name}", _fingerprint(quote.mrtd, *quote.rtmrs)))
             rule.tdx.check(quote, bound)
+
+    def _verify_gpus(self, rule: ArtifactRule, ev: Mapping[str, Any], bound: bytes) -> None:
+        """Verify every GPU's report in *ev* (after its CPU evidence): each must pass,
+        and there must be as many as the rule wants."""
+        ref = rule.nvgpu
+        assert ref is not None  # the config ensures it for a kind joined with +nvidia-gpu
+        gpus = ev[release.GPU_KIND]
+        if not isinstance(gpus, list) or not gpus or len(gpus) > 64:
+            raise FormatError(f"{release.GPU_KIND} must list 1 to 64 GPU reports")
+        if len(gpus) < ref.gpus:
+            raise AttestationError(
+                f"{len(gpus)} GPU report(s); the policy wants {ref.gpus}", "nvgpu-count"
+            )
+        devices: set[str] = set()
+        for i, item in enumerate(gpus):
+            if not isinstance(item, dict):
+                raise FormatError(f"{release.GPU_KIND}[{i}] must be an object")
+            chain = release.b64d(item["certs"], f"{release.GPU_KIND}[{i}].certs")
+            # One report per GPU: the same device twice does not make two.
+            device = certs.spki_sha256(certs.load_certificates(chain)[0])
+            if device in devices:
+                raise AttestationError(f"{release.GPU_KIND}[{i}] is a GPU already counted",
+                                       "nvgpu-count")  # fmt: skip
+            devices.add(device)
+            report = nvgpu.verify_report(
+                release.b64d(item["report"], f"{release.GPU_KIND}[{i}].report"), chain,
+                root=self._gpu_root,
+            )  # fmt: skip
+            ref.check(report, bound)
 
     def _keys(self, tenant: str) -> list[Any]:
         from sealstore.kms.registry import wrapper_for

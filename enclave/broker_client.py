@@ -10,7 +10,11 @@ Unwrapping is the protocol in ``release``: a challenge, evidence bound to
 the nonce and a fresh X25519 key, the DEK back in a sealed box. The evidence
 is the first kind the broker accepts that this machine can give (or
 ``evidence=`` / ``SEALSTORE_EVIDENCE``): a TPM quote (``SEALSTORE_TPM_TCTI``,
-else /dev/tpmrm0), an SEV-SNP report or TDX quote (configfs-tsm).
+else /dev/tpmrm0), an SEV-SNP report or TDX quote (configfs-tsm). A kind
+joined with ``+nvidia-gpu`` adds every GPU's attestation report, from
+``gpu_evidence=`` (a collector: nonce -> reports) or the JSON file named by
+``SEALSTORE_GPU_EVIDENCE``, else from NVML (the ``nvgpu`` extra, on a machine
+whose GPUs are in confidential-computing mode).
 
 Credentials never sit in the URI or the file: a bearer token from ``token=``,
 ``SEALSTORE_BROKER_TOKEN`` or the file named by ``SEALSTORE_BROKER_TOKEN_FILE``;
@@ -27,7 +31,7 @@ import http.client
 import json
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -95,6 +99,7 @@ class BrokerKey:
         evidence: str | None = None,
         tcti: str | None = None,
         tsm_root: str | None = None,
+        gpu_evidence: str | Callable[[bytes], list[dict[str, Any]]] | None = None,
     ) -> None:
         parts = urlsplit(uri)
         segs = parts.path.strip("/").split("/")
@@ -118,8 +123,9 @@ class BrokerKey:
         self._inner = key or (unquote(inner_q) if inner_q else None)
         self._evidence = evidence or (query.get("evidence") or [None])[0]
         self._evidence = self._evidence or os.environ.get("SEALSTORE_EVIDENCE") or None
-        if self._evidence is not None and self._evidence not in release.EVIDENCE_KINDS:
-            raise ValueError(f"evidence must be one of tpm, snp, tdx, not {self._evidence!r}")
+        if self._evidence is not None:
+            release.parse_kind(self._evidence)  # ValueError naming the kinds
+        self._gpu_evidence = gpu_evidence or os.environ.get("SEALSTORE_GPU_EVIDENCE") or None
         self._token = token
         self._cert = cert or os.environ.get("SEALSTORE_BROKER_CERT")
         self._client_key = client_key or os.environ.get("SEALSTORE_BROKER_KEY")
@@ -199,7 +205,11 @@ class BrokerKey:
         kind = self._pick(offered)
         secret = nacl.public.PrivateKey.generate()
         public = bytes(secret.public_key)
-        evidence = self._collect(kind, release.binding(nonce, public, kind), ch)
+        cpu, gpu = release.parse_kind(kind)
+        evidence = self._collect(cpu, release.binding(nonce, public, cpu), ch)
+        if gpu:
+            gpus = self._collect_gpus(release.binding(nonce, public, release.GPU_KIND))
+            evidence = {**evidence, "kind": kind, release.GPU_KIND: gpus}
         out = self._post(
             "/v1/release",
             {
@@ -229,11 +239,17 @@ class BrokerKey:
                 )
             return self._evidence
         for kind in offered:
-            if kind == "tpm" and (
+            try:
+                cpu, gpu = release.parse_kind(kind)
+            except ValueError:
+                continue  # a kind this client does not know
+            if gpu and not self._has_gpu_evidence():
+                continue
+            if cpu == "tpm" and (
                 self._tcti or os.environ.get("SEALSTORE_TPM_TCTI") or Path("/dev/tpmrm0").exists()
             ):
                 return kind
-            if kind in ("snp", "tdx"):
+            if cpu in ("snp", "tdx"):
                 from sealstore.enclave import tsm
 
                 root = self._tsm_root or os.environ.get("SEALSTORE_TSM_ROOT") or tsm.TSM_ROOT
@@ -241,9 +257,36 @@ class BrokerKey:
                     return kind
         raise AttestationError(
             f"{self.key_id}: the broker accepts {', '.join(map(str, offered))} evidence, "
-            "and this machine has none of them (no TPM, no configfs-tsm)",
+            "and this machine has none of them (no TPM, no configfs-tsm, no GPU evidence)",
             "evidence-unavailable",
         )
+
+    def _has_gpu_evidence(self) -> bool:
+        if self._gpu_evidence is not None:
+            return True
+        import importlib.util
+
+        return importlib.util.find_spec("pynvml") is not None
+
+    def _collect_gpus(self, nonce: bytes) -> list[dict[str, str]]:
+        """Every GPU's report for *nonce* with its chain, base64, as the broker takes them."""
+        from sealstore.enclave import nvgpu
+
+        source = self._gpu_evidence
+        if callable(source):
+            collect = source
+        elif isinstance(source, str):
+            collect = nvgpu.file_collector(source)
+        else:
+            collect = nvgpu.collect_nvml
+        out = []
+        for item in collect(nonce):
+            out.append(
+                {"report": release.b64e(item["report"]), "certs": release.b64e(item["certs"])}
+            )
+        if not out:
+            raise AttestationError("no GPU gave an attestation report", "evidence-unavailable")
+        return out
 
     def _collect(self, kind: str, bound: bytes, ch: Mapping[str, Any]) -> dict[str, Any]:
         if kind == "tpm":

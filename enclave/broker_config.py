@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave import release, snp, tdx
+from sealstore.enclave import nvgpu, nvgpu_rim, release, snp, tdx
 from sealstore.enclave.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
 from sealstore.enclave.tpm import PcrPolicy
 from sealstore.errors import AttestationError, FormatError
@@ -85,6 +85,7 @@ class ArtifactRule:
     tpm: TpmRule | None = None
     snp: snp.SnpReference | None = None
     tdx: tdx.TdxReference | None = None
+    nvgpu: nvgpu.GpuReference | None = None  # for kinds joined with +nvidia-gpu
 
 
 @dataclass(frozen=True)
@@ -441,8 +442,8 @@ class _Parser:
             raise _Bad(f"{where}: {exc}") from None
 
     def rule(self, where: str, obj: Any, identities: dict[str, Identity]) -> ArtifactRule:
-        d = self._map(obj, where, {"identities", "evidence", "tpm", "snp", "tdx"},
-                      {"identities", "evidence"})  # fmt: skip
+        d = self._map(obj, where, {"identities", "evidence", "tpm", "snp", "tdx",
+                                   release.GPU_KIND}, {"identities", "evidence"})  # fmt: skip
         who = d["identities"]
         if not isinstance(who, list) or not who:
             raise _Bad(f"{where}.identities: expected a non-empty list of identity names")
@@ -452,24 +453,35 @@ class _Parser:
         kinds = d["evidence"]
         if not isinstance(kinds, list) or not kinds:
             raise _Bad(f"{where}.evidence: expected a non-empty list of tpm, snp, tdx")
+        used = set()
         for k in kinds:
-            if k not in release.EVIDENCE_KINDS:
-                raise _Bad(f"{where}.evidence: unknown kind {k!r} (known: tpm, snp, tdx)")
-            if k not in d:
-                raise _Bad(f"{where}: evidence {k!r} needs its reference values under {k}:")
-        extra = sorted(k for k in release.EVIDENCE_KINDS if k in d and k not in kinds)
+            try:
+                cpu, gpu = release.parse_kind(k)
+            except ValueError as exc:
+                raise _Bad(f"{where}.evidence: {exc}") from None
+            for part in (cpu, release.GPU_KIND) if gpu else (cpu,):
+                if part not in d:
+                    raise _Bad(f"{where}: evidence {k!r} needs its reference values under {part}:")
+                used.add(part)
+        extra = sorted(k for k in (*release.EVIDENCE_KINDS, release.GPU_KIND)
+                       if k in d and k not in used)  # fmt: skip
         if extra:
             raise _Bad(f"{where}.{extra[0]}: reference values for a kind not in evidence")
+        kinds = [release.parse_kind(k)[0] for k in kinds]  # the CPU kinds, for the checks below
         if "tpm" in kinds:
             for n in who:
                 if identities[n].tpm_ak is None:
                     raise _Bad(f"{where}: identity {n!r} sends TPM evidence but has no tpm_ak")
+        gpu_where = f"{where}.{release.GPU_KIND}"
         return ArtifactRule(
             identities=frozenset(who),
-            evidence=tuple(kinds),
+            evidence=tuple(d["evidence"]),
             tpm=self.tpm(f"{where}.tpm", d["tpm"]) if "tpm" in d else None,
             snp=self.snp(f"{where}.snp", d["snp"]) if "snp" in d else None,
             tdx=self.tdx(f"{where}.tdx", d["tdx"]) if "tdx" in d else None,
+            nvgpu=self.nvidia_gpu(gpu_where, d[release.GPU_KIND])
+            if release.GPU_KIND in d
+            else None,
         )
 
     def tpm(self, where: str, obj: Any) -> TpmRule:
@@ -637,6 +649,61 @@ class _Parser:
         except ValueError as exc:
             raise _Bad(f"{where}.accept: {exc}") from None
         return {"collateral": source, "policy": policy}
+
+    def nvidia_gpu(self, where: str, obj: Any) -> nvgpu.GpuReference:
+        # Minimum versions are required for the reason min_tcb is: a GPU on
+        # known-bad firmware still signs genuine reports.
+        d = self._map(obj, where, {"driver_rims", "vbios_rims", "min_driver", "min_vbios",
+                                   "modes", "gpus", "rims_valid_at"},
+                      {"driver_rims", "vbios_rims", "min_driver", "min_vbios"})  # fmt: skip
+        at = d.get("rims_valid_at")
+        if at is not None:
+            try:
+                at = at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(str(at))
+            except ValueError:
+                raise _Bad(f"{where}.rims_valid_at: expected a date and time (ISO 8601)") from None
+            at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+            self.warnings.append(f"{where}.rims_valid_at: the RIM signers' certificates are "
+                                 f"checked as of {at:%Y-%m-%d %H:%M} UTC, not now")  # fmt: skip
+        rims = {}
+        for key in ("driver_rims", "vbios_rims"):
+            files = d[key]
+            if not isinstance(files, list) or not files:
+                raise _Bad(f"{where}.{key}: expected a non-empty list of RIM files")
+            loaded = []
+            for i, f in enumerate(files):
+                path = self._file(f, f"{where}.{key}[{i}]")
+                try:
+                    loaded.append(nvgpu_rim.load_rim(path.read_bytes(), path.name, at=at))
+                except AttestationError as exc:
+                    raise _Bad(f"{where}.{key}[{i}]: {exc}") from None
+            rims[key] = tuple(loaded)
+        for drv in rims["driver_rims"]:
+            for vb in rims["vbios_rims"]:
+                try:
+                    nvgpu.golden(drv, vb)
+                except ValueError as exc:
+                    raise _Bad(f"{where}: {exc}") from None
+        versions = {}
+        for key, hexadecimal in (("min_driver", False), ("min_vbios", True)):
+            value = d[key]
+            try:
+                nvgpu.parse_version(str(value), hexadecimal=hexadecimal)
+            except ValueError as exc:
+                raise _Bad(f"{where}.{key}: {exc}") from None
+            versions[key] = str(value).lower()
+        modes = d.get("modes", [])
+        known = {"spt", "mpt", "ppcie"}
+        if not isinstance(modes, list) or not set(modes) <= known:
+            raise _Bad(f"{where}.modes: expected a list of spt, mpt, ppcie")
+        return nvgpu.GpuReference(
+            driver_rims=rims["driver_rims"],
+            vbios_rims=rims["vbios_rims"],
+            min_driver=versions["min_driver"],
+            min_vbios=versions["min_vbios"],
+            modes=frozenset(modes),
+            gpus=self._int(d.get("gpus", 1), f"{where}.gpus", 1, 64),
+        )
 
     def _debug(self, d: dict[str, Any], where: str) -> bool:
         debug = d.get("allow_debug", False)

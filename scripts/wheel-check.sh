@@ -26,6 +26,11 @@ for name in ["sealstore.native", "sealstore.kms", "sealstore.kms.local", "sealst
 import fsspec
 for proto in ["sealstore", "sealstore+file", "sealstore+s3"]:
     assert fsspec.get_filesystem_class(proto).__module__ == "sealstore.loaders.fsspec_fs", proto
+# NVIDIA's pinned GPU attestation roots are package data.
+from sealstore.enclave import nvgpu, nvgpu_rim
+from sealstore.enclave.certs import spki_sha256
+assert spki_sha256(nvgpu.device_root()) == nvgpu.DEVICE_ROOT_SPKI_SHA256
+assert spki_sha256(nvgpu_rim.rim_root()) == nvgpu_rim.RIM_ROOT_SPKI_SHA256
 print("wheel ok:", root)
 PY
 "$tmp/venv/bin/sealstore" --version
