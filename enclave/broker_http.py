@@ -272,23 +272,26 @@ def serve(
              broker.audit.signer.signing_key_id)  # fmt: skip
     reloader = Reloader(broker, load or (lambda: BrokerConfig.load(config.path)))
     reloader.record_start()
-    reloader.install_sighup()
+    restore = reloader.install_sighup()
     reloader.start()
     log.info("config %s (digest %s%s); reload on SIGHUP%s", config.path, config.digest[:16],
              f", signed bundle serial {config.bundle_serial}" if config.bundle_serial else "",
              f" and every {config.reload_interval:g} s a file changed" if config.reload_watch
              else "")  # fmt: skip
-    uvicorn.run(
-        create_app(broker),
-        host=config.host,
-        port=config.port,
-        http=_peer_h11_protocol(),
-        ssl_certfile=os.fspath(config.tls_cert),
-        ssl_keyfile=os.fspath(config.tls_key),
-        ssl_ca_certs=None if config.client_ca is None else os.fspath(config.client_ca),
-        ssl_cert_reqs=reqs,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-    )
-    reloader.stop()
+    try:
+        uvicorn.run(
+            create_app(broker),
+            host=config.host,
+            port=config.port,
+            http=_peer_h11_protocol(),
+            ssl_certfile=os.fspath(config.tls_cert),
+            ssl_keyfile=os.fspath(config.tls_key),
+            ssl_ca_certs=None if config.client_ca is None else os.fspath(config.client_ca),
+            ssl_cert_reqs=reqs,
+            log_level=log_level,
+            access_log=False,
+            server_header=False,
+        )
+    finally:
+        reloader.stop()
+        restore()

@@ -45,6 +45,15 @@ _RELOADABLE = ("challenge_ttl", "max_challenges", "max_challenges_per_identity",
                "metrics_remote", "detectors", "reload_watch", "reload_interval")  # fmt: skip
 
 
+_MAX_ITEMS = 60  # an audit record's lists and maps hold 64 at most
+
+
+def _bounded(items: list[str]) -> list[str]:
+    if len(items) <= _MAX_ITEMS:
+        return items
+    return [*items[: _MAX_ITEMS - 1], f"... and {len(items) - _MAX_ITEMS + 1} more"]
+
+
 def _digests(paths: list[Path]) -> dict[str, str | None]:
     from sealstore.enclave.broker_config import _digest_of
 
@@ -125,8 +134,8 @@ class Reloader:
                 "old": old.digest,
                 "new": new.digest,
                 "serial": new.bundle_serial,
-                "changed": changes(old, new),
-                "files": self._files(old, new),
+                "changed": _bounded(changes(old, new)),
+                **self._files(old, new),
             }
             try:
                 self.broker._record("config.reload", "-", None, None, "ok", None, None,
@@ -176,11 +185,13 @@ class Reloader:
                   old.digest[:16], why)  # fmt: skip
         if record:
             now = _digests(old.watched())
-            files = {self._name(old, p): {"old": d, "new": now.get(p)}
-                     for p, d in self._in_force.items() if now.get(p) != d}  # fmt: skip
+            moved = [p for p, d in self._in_force.items() if now.get(p) != d][:_MAX_ITEMS]
             self.broker._record("config.reload", "-", None, None, "denied", "config-refused",
                                 why[:500], trigger=trigger, outcome="refused", old=old.digest,
-                                new=new.digest if new else None, files=files or None)  # fmt: skip
+                                new=new.digest if new else None,
+                                old_files={self._name(old, p): self._in_force[p] for p in moved},
+                                new_files={self._name(old, p): now.get(p) for p in moved}
+                                )  # fmt: skip
         return "refused"
 
     @staticmethod
@@ -190,10 +201,14 @@ class Reloader:
         return path.relative_to(base).as_posix() if path.is_relative_to(base) else p
 
     def _files(self, old: BrokerConfig, new: BrokerConfig) -> dict[str, dict[str, str | None]]:
-        """Each source file whose digest changed: name -> {old, new}."""
-        return {self._name(new, p): {"old": old.sources.get(p), "new": new.sources.get(p)}
-                for p in sorted(old.sources.keys() | new.sources.keys())
-                if old.sources.get(p) != new.sources.get(p)}  # fmt: skip
+        """The source files whose digest changed: ``old_files`` and ``new_files``, name ->
+        SHA-256 (None: not a source on that side)."""
+        moved = [p for p in sorted(old.sources.keys() | new.sources.keys())
+                 if old.sources.get(p) != new.sources.get(p)][:_MAX_ITEMS]  # fmt: skip
+        return {
+            "old_files": {self._name(new, p): old.sources.get(p) for p in moved},
+            "new_files": {self._name(new, p): new.sources.get(p) for p in moved},
+        }
 
     def _count(self, trigger: str, outcome: str) -> None:
         self.broker.metrics.inc("sealstore_broker_config_reloads_total",
@@ -221,9 +236,24 @@ class Reloader:
         self._thread = threading.Thread(target=self._run, name="broker-reload", daemon=True)
         self._thread.start()
 
-    def install_sighup(self) -> None:
-        """SIGHUP asks for a reload (main thread only; uvicorn leaves SIGHUP alone)."""
-        signal.signal(signal.SIGHUP, lambda _sig, _frame: self.request())
+    def install_sighup(self) -> Callable[[], None]:
+        """SIGHUP asks for a reload (main thread only; uvicorn leaves SIGHUP alone).
+
+        Returns:
+            A function that puts the previous handler and wakeup fd back.
+        """
+        old = signal.signal(signal.SIGHUP, lambda _sig, _frame: self.request())
+        # The CLI's termination guard (cli/main.py) watches a wakeup fd and sends a
+        # caught SIGHUP again until *its* handler has run, which here it never
+        # does: a reload every 0.2 s. A server's main thread sits in the event
+        # loop's select, which a signal interrupts anyway; the guard is not needed.
+        fd = signal.set_wakeup_fd(-1)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(fd)
+            signal.signal(signal.SIGHUP, old)
+
+        return restore
 
     def stop(self) -> None:
         self._stop.set()
