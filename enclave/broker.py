@@ -212,9 +212,11 @@ class Broker:
     @property
     def config(self) -> BrokerConfig:
         """The config of the request being decided (pinned at its start), else the one in force."""
+        return self._policy_now().config
+
+    def _policy_now(self) -> _Policy:
         pinned = _PINNED.get()
-        return pinned.config if pinned is not None and pinned.broker is self else (
-            self._policy.config)  # fmt: skip
+        return pinned if pinned is not None and pinned.broker is self else self._policy
 
     @contextmanager
     def pinned(self) -> Iterator[BrokerConfig]:
@@ -372,10 +374,6 @@ class Broker:
                 401,
             )
         return found[0]
-
-    def _policy_now(self) -> _Policy:
-        pinned = _PINNED.get()
-        return pinned if pinned is not None and pinned.broker is self else self._policy
 
     def _token_expired(self, ident: Identity, token: Token) -> None:
         assert token.not_after is not None

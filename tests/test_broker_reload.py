@@ -564,3 +564,27 @@ def test_token_lists_are_checked(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(Refused) as err:
         b.authenticate("a", None)
     assert (err.value.code, err.value.status) == ("token-expired", 401)
+
+
+def test_sign_refuses_what_is_not_an_ed25519_private_key(
+    setup: Setup, pki: Pki, tmp_path: Path
+) -> None:
+    doc = yaml.safe_load(setup.config.read_text())
+    for name in ("ak.pem", "pcrs.json"):
+        (tmp_path / name).write_bytes((setup.folder / name).read_bytes())
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    encrypted = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase"))  # fmt: skip
+    (tmp_path / "enc.key").write_bytes(encrypted)
+    for key, message in [(tmp_path / "ak.pem", "not a PEM private key"),
+                         (tmp_path / "enc.key", "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE"),
+                         (pki.server_key, "not an Ed25519 key")]:  # fmt: skip
+        assert message in fails(run("broker", "sign", "--config", cfg, "--key", key), 2)
+    assert not cfg.with_name("b.yaml.sig").exists()
+    ok(run("broker", "sign", "--config", cfg, "--key", tmp_path / "enc.key",
+           env={"SEALSTORE_BUNDLE_PASSPHRASE": "pass phrase"}))  # fmt: skip
+    sig = json.loads(cfg.with_name("b.yaml.sig").read_text())
+    assert sig["serial"] == 1 and set(sig["files"]) == {"b.yaml", "ak.pem", "pcrs.json"}
+    assert "pass phrase" not in json.dumps(sig)
