@@ -13,8 +13,9 @@ assignment (``Broker.replace_config``). Anything wrong and the old config
 stays in force, untouched. Every attempt that is not a no-op is a record in
 the audit log (``config.reload``: the trigger, the outcome, the old and new
 digests, what changed, or why it was refused) and a count in
-``sealstore_broker_config_reloads_total``. An applied change is recorded
-before it is in force: a change the audit log cannot hold is refused.
+``sealstore_broker_config_reloads_total``; a refused one is also an alert
+(``config-refused``). An applied change is recorded before it is in force: a
+change the audit log cannot hold is refused.
 
 The files are polled (every ``reload.interval`` seconds, the SHA-256 of each:
 they are a few KiB, and a digest cannot be fooled by an mtime kept or a size
@@ -183,6 +184,11 @@ class Reloader:
         self._count(trigger, "refused")
         log.error("config reload (%s) refused; %s stays in force: %s", trigger,
                   old.digest[:16], why)  # fmt: skip
+        # An alert too: whoever rolled the change believes it is in force, and a
+        # badly signed bundle may be someone else's. (Not _alert: the record
+        # below is the audit record.)
+        self.broker.alerts.fire("config-refused", trigger=trigger, reason=why[:500],
+                                in_force=old.digest)  # fmt: skip
         if record:
             now = _digests(old.watched())
             moved = [p for p, d in self._in_force.items() if now.get(p) != d][:_MAX_ITEMS]

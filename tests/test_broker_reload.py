@@ -230,6 +230,7 @@ def test_sighup_reloads_reference_values_and_refuses_a_bad_config(
     metrics = b.metrics()
     assert 'sealstore_broker_config_reloads_total{outcome="applied",trigger="sighup"} 1' in metrics
     assert 'sealstore_broker_config_reloads_total{outcome="refused",trigger="sighup"} 3' in metrics
+    assert 'sealstore_broker_alerts_total{kind="config-refused"} 3' in metrics
     assert "refused; " in b.log.read_text() and "stays in force" in b.log.read_text()
     storage = open_storage(str(tmp_path / "audit"))
     assert all(not rep.problems for rep in verify_log(storage))
