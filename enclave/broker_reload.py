@@ -55,6 +55,15 @@ def _bounded(items: list[str]) -> list[str]:
     return [*items[: _MAX_ITEMS - 1], f"... and {len(items) - _MAX_ITEMS + 1} more"]
 
 
+def _key_id(config: BrokerConfig) -> str | None:
+    """The pinned signing key's id (what serials are counted per), or None if unsigned."""
+    if config.signing_key is None:
+        return None
+    from sealstore.enclave.broker_bundle import key_id
+
+    return key_id(config.signing_key)
+
+
 def _digests(paths: list[Path]) -> dict[str, str | None]:
     from sealstore.enclave.broker_config import _digest_of
 
@@ -135,6 +144,7 @@ class Reloader:
                 "old": old.digest,
                 "new": new.digest,
                 "serial": new.bundle_serial,
+                "key": _key_id(new),
                 "changed": _bounded(changes(old, new)),
                 **self._files(old, new),
             }
@@ -282,8 +292,39 @@ class Reloader:
                 log.exception("config reload failed; the config in force stays")
 
     def record_start(self) -> None:
-        """The config a broker starts with, in the audit log (best effort)."""
+        """Check the starting bundle's serial against the audit log, then record the start.
+
+        A signed bundle whose serial is below one this key's bundles already
+        had in force (on any replica writing to this audit log) is an older
+        bundle put back: refused here as a reload refuses it.
+
+        Raises:
+            FormatError: that serial is below the highest recorded.
+        """
         c = self.broker.config
+        if c.bundle_serial is not None:
+            highest = self._highest_serial(_key_id(c))
+            if highest is not None and c.bundle_serial < highest:
+                raise FormatError(
+                    f"bundle signature {c.signature_path}: serial {c.bundle_serial} is below "
+                    f"{highest}, already in force by the audit log (an older bundle put back?)"
+                )
         self.broker._record("config.load", "-", None, None, "ok", None, None, digest=c.digest,
-                            serial=c.bundle_serial,
+                            serial=c.bundle_serial, key=_key_id(c),
                             signed=c.signing_key is not None)  # fmt: skip
+
+    def _highest_serial(self, key: str | None) -> int | None:
+        """The highest bundle serial of *key* the audit log records in force, if any."""
+        from sealstore.audit import read_records
+
+        best = None
+        for r in read_records(self.broker.audit.storage):
+            d = r.get("detail")
+            if r.get("action") not in ("config.load", "config.reload") or not isinstance(d, dict):
+                continue
+            if d.get("key") != key or d.get("outcome", "applied") != "applied":
+                continue
+            serial = d.get("serial")
+            if isinstance(serial, int) and not isinstance(serial, bool):
+                best = serial if best is None else max(best, serial)
+        return best

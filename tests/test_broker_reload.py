@@ -487,6 +487,13 @@ def test_a_signed_bundle_is_required_at_start_and_on_every_reload(
     assert b.release(token, blob) == (403, {"error": "tpm-pcr-mismatch"})
     assert "sealstore_broker_config_serial 4" in b.metrics()
 
+    # Nor does a restart take it back: the audit log holds serial 4.
+    proc = subprocess.run([str(Path(sys.executable).with_name("sealstore")), "broker",
+                           "serve", "--config", str(cfg), "--port", str(_free_port())],
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert b"serial 3 is below 4, already in force by the audit log" in proc.stderr
+
 
 # -- bearer tokens ------------------------------------------------------------------------
 
