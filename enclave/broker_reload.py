@@ -272,6 +272,7 @@ class Reloader:
         return restore
 
     def stop(self) -> None:
+        """Stop the watcher thread (waits up to 10 s for a reload under way)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
