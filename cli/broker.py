@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ def register(sub: Any) -> None:
     check = bsub.add_parser("check", help="check a config file and print what it releases")
     check.add_argument("--config", required=True, type=Path, metavar="FILE")
     check.set_defaults(func=_check)
+
+    sign = bsub.add_parser(
+        "sign",
+        help="sign a config and the files it names (FILE.sig) with an Ed25519 key",
+        description="Write FILE.sig beside the config: one Ed25519 signature over the "
+        "SHA-256 of the config and of every file it names outside server: (reference files, "
+        "AKs). A broker that pins the public key (signing.public_key) loads or reloads only "
+        "a bundle signed so, with a serial above the one it runs. The key: a PEM PKCS#8 "
+        "Ed25519 private key (openssl genpkey -algorithm ed25519); if encrypted, its "
+        "passphrase in $SEALSTORE_BUNDLE_PASSPHRASE.",
+    )
+    sign.add_argument("--config", required=True, type=Path, metavar="FILE")
+    sign.add_argument("--key", required=True, type=Path, metavar="KEY", help="private key PEM")
+    sign.add_argument(
+        "--serial", type=int, metavar="N", help="its serial (default: the last one's + 1, or 1)"
+    )
+    sign.set_defaults(func=_sign)
 
     token = bsub.add_parser(
         "token",
@@ -71,10 +89,11 @@ def _serve(args: argparse.Namespace) -> int:
     from sealstore.enclave.broker_config import BrokerConfig
     from sealstore.enclave.broker_http import serve
 
-    config = BrokerConfig.load(args.config)
-    if args.port is not None:
-        config = dataclasses.replace(config, port=args.port)
-    serve(config)
+    def load() -> BrokerConfig:  # at start, and again on every reload
+        config = BrokerConfig.load(args.config)
+        return config if args.port is None else dataclasses.replace(config, port=args.port)
+
+    serve(load(), load=load)
     return 0
 
 
@@ -93,10 +112,55 @@ def _check(args: argparse.Namespace) -> int:
             print(f"  {tenant.name}/{name}: to {who} on {', '.join(rule.evidence)} evidence")
     for ident in config.identities.values():
         roles = ", ".join(f"{t}={r}" for t, r in sorted(ident.roles.items())) or "none"
-        print(f"  identity {ident.name}: {roles}")
+        ends = sorted(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.not_after))
+                      for t in ident.tokens if t.not_after is not None)  # fmt: skip
+        never = sum(t.not_after is None for t in ident.tokens)
+        toks = [f"token until {e}" for e in ends] + ["token with no end"] * never
+        print(f"  identity {ident.name}: {roles}" + (f"; {', '.join(toks)}" if toks else ""))
+    signed = (f"signed bundle, serial {config.bundle_serial}" if config.bundle_serial
+              else "unsigned")  # fmt: skip
+    print(f"  policy: {len(config.sources)} file(s), digest {config.digest[:16]}, {signed}; "
+          f"reload on SIGHUP" + (f" and on a change (every {config.reload_interval:g} s)"
+                                 if config.reload_watch else ""))  # fmt: skip
     print(f"  state: {config.state_url or 'in-process (one replica)'}; audit log: "
           f"{config.audit_log}; admin API: {'remote' if config.admin_remote else 'local only'}"
           f"; alerts: {config.webhook or 'log and metrics only'}")  # fmt: skip
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sealstore.enclave.broker_bundle import key_id, read_serial, sign_bundle
+    from sealstore.enclave.broker_config import BrokerConfig
+
+    secret = os.environ.get("SEALSTORE_BUNDLE_PASSPHRASE")
+    try:
+        key = serialization.load_pem_private_key(
+            args.key.read_bytes(), None if secret is None else secret.encode()
+        )
+    except (TypeError, ValueError) as exc:
+        # Not the exception's text: it could quote the key file.
+        why = "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE" if "encrypted" in str(exc) else (
+            "not a PEM private key, or a wrong passphrase")  # fmt: skip
+        raise ValueError(f"--key {args.key}: {why}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"--key {args.key}: not an Ed25519 key")
+    config = BrokerConfig.load(args.config, verify=False)
+    previous = read_serial(config.signature_path)
+    serial = args.serial if args.serial is not None else (previous or 0) + 1
+    signed = sign_bundle(config, key, serial)
+    tmp = config.signature_path.with_name(config.signature_path.name + ".tmp")
+    tmp.write_bytes(signed)
+    os.replace(tmp, config.signature_path)  # a watching broker never sees half a signature
+    public = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                           serialization.PublicFormat.Raw)  # fmt: skip
+    print(f"{config.signature_path}: serial {serial}, {len(config.sources)} file(s), "
+          f"key {key_id(public)[:16]}")  # fmt: skip
+    if config.signing_key is not None and config.signing_key != public:
+        print("  warning: signing.public_key in this config is another key: brokers will "
+              "refuse this signature")  # fmt: skip
     return 0
 
 

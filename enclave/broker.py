@@ -8,7 +8,8 @@ HTTP; ``broker_http`` puts it on the wire and runs it.
 A release, in order (each step refuses with a code):
 
 1. the caller is authenticated: a bearer token (stored hashed) or a client
-   certificate verified against ``client_ca`` (``unauthenticated``);
+   certificate verified against ``client_ca`` (``unauthenticated``; a token
+   past its ``not_after``: ``token-expired``);
 2. its challenge is taken out of the store -- used once whatever follows --
    and must be unexpired and issued to this identity for this artifact
    (``challenge-unknown``, ``challenge-expired``, ``challenge-mismatch``);
@@ -42,10 +43,16 @@ after its record is durable: no audit, no key.
 
 The caller gets the code only; the reason, with who asked for what, goes to
 the ``sealstore.broker`` logger and the audit log. None carries key material.
+
+The config (identities, tokens, rules, reference values) can be replaced while
+the broker runs (``broker_reload``). It is swapped as one object, and each
+request is pinned to the one in force when it began (a context variable, which
+follows the request into its worker thread): no decision mixes two configs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -55,7 +62,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import nacl.exceptions
 import nacl.public
@@ -63,7 +72,7 @@ from cryptography import x509
 
 from sealstore.audit import AuditKey, AuditLog, read_records, stream_name, verify_log
 from sealstore.enclave import certs, nvgpu, release, snp, tdx, tpm_quote
-from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity
+from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity, Token
 from sealstore.enclave.broker_state import (
     State,
     StateFull,
@@ -114,6 +123,36 @@ _REFERENCE_CODES = frozenset({
 LOCAL_PEERS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+@dataclass(frozen=True)
+class _Policy:
+    """One config in force, with what is derived from it: replaced whole by a reload."""
+
+    broker: Broker
+    config: BrokerConfig
+    by_token: dict[bytes, tuple[Identity, Token]] = field(repr=False)
+
+    @classmethod
+    def of(cls, broker: Broker, config: BrokerConfig) -> _Policy:
+        index = {t.sha256: (i, t) for i in config.identities.values() for t in i.tokens}
+        return cls(broker, config, index)
+
+
+# The policy a request is pinned to (see the module docstring).
+_PINNED: ContextVar[_Policy | None] = ContextVar("sealstore_broker_policy", default=None)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _pinned(method: _F) -> _F:
+    """Run *method* under one policy: the caller's pinned one, else the one in force now."""
+
+    @functools.wraps(method)
+    def wrapper(self: Broker, *args: Any, **kwargs: Any) -> Any:
+        with self.pinned():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Broker:
     """The release decisions of one broker replica.
 
@@ -141,7 +180,7 @@ class Broker:
         nonces: Callable[[], bytes] | None = None,
         gpu_root: x509.Certificate | None = None,
     ) -> None:
-        self.config = config
+        self._policy = _Policy.of(self, config)
         self._clock = clock
         self._snp_roots = snp_roots
         self._nonces = nonces or (lambda: secrets.token_bytes(release.NONCE_SIZE))
@@ -157,11 +196,16 @@ class Broker:
                            lambda: len(self.state.lockouts()))  # fmt: skip
         self.metrics.gauge("sealstore_broker_lockdowns", "Lockdowns in force (* or a tenant).",
                            lambda: len(self.state.lockdowns()))  # fmt: skip
+        self.metrics.gauge("sealstore_broker_config_serial", "The signed bundle's serial in "
+                           "force (0: unsigned).",
+                           lambda: self._policy.config.bundle_serial or 0)  # fmt: skip
+        self.metrics.gauge("sealstore_broker_token_next_expiry", "When the next bearer token "
+                           "expires (seconds since the epoch; 0: none will).",
+                           self._next_expiry)  # fmt: skip
         self._keys_lock = threading.Lock()
-        self._by_token = {
-            i.token_sha256: i for i in config.identities.values() if i.token_sha256 is not None
-        }
-        self._providers: dict[str, list[Any]] = {}
+        # tenant -> (its key URIs, their wrappers): a reload that changes the URIs
+        # makes new wrappers; one that does not keeps the logged-in ones.
+        self._providers: dict[str, tuple[tuple[str, ...], list[Any]]] = {}
         self._reconcile_lock = threading.Lock()
         self._flag_lock = threading.Lock()
         self._state_down = False  # alert once per outage, not once per refusal
@@ -174,6 +218,45 @@ class Broker:
                 self._ensure_epoch()
         except Refused as exc:
             log.error("state not reconciled at start: %s", exc.reason)
+
+    # -- the config in force --------------------------------------------------
+
+    @property
+    def config(self) -> BrokerConfig:
+        """The config of the request being decided (pinned at its start), else the one in force."""
+        return self._policy_now().config
+
+    def _policy_now(self) -> _Policy:
+        pinned = _PINNED.get()
+        return pinned if pinned is not None and pinned.broker is self else self._policy
+
+    @contextmanager
+    def pinned(self) -> Iterator[BrokerConfig]:
+        """Decide everything inside under one config (the one in force on entry)."""
+        current = _PINNED.get()
+        if current is not None and current.broker is self:
+            yield current.config
+            return
+        policy = self._policy  # one read: the swap in replace_config is one assignment
+        token = _PINNED.set(policy)
+        try:
+            yield policy.config
+        finally:
+            _PINNED.reset(token)
+
+    def replace_config(self, config: BrokerConfig) -> None:
+        """Put *config* in force for every request that starts from now on.
+
+        The caller (``broker_reload``) has checked it, and that what needs a
+        restart is unchanged; requests already under way finish under the old one.
+        """
+        self._policy = _Policy.of(self, config)
+
+    def _next_expiry(self) -> float:
+        now = self._clock()
+        ends = [t.not_after for _, t in self._policy.by_token.values()
+                if t.not_after is not None and t.not_after > now]  # fmt: skip
+        return min(ends, default=0.0)
 
     # -- the shared state ---------------------------------------------------
 
@@ -270,16 +353,24 @@ class Broker:
         return downs, {i: v for i, v in outs.items() if v[0] > now}, epochs
 
     # -- authentication -----------------------------------------------------
+    @_pinned
     def authenticate(self, bearer: str | None, peer_cert: bytes | None) -> Identity:
         """The identity behind a bearer token and/or a verified client certificate.
 
         Both may be given only if they name the same identity.
+
+        Raises:
+            Refused: ``unauthenticated`` (401); ``token-expired`` (401, audited):
+                a known token past its ``not_after``.
         """
         found: list[Identity] = []
         if bearer is not None:
-            ident = self._by_token.get(hashlib.sha256(bearer.encode()).digest())
-            if ident is None:
+            hit = self._policy_now().by_token.get(hashlib.sha256(bearer.encode()).digest())
+            if hit is None:
                 raise Refused("unauthenticated", "unknown bearer token", 401)
+            ident, token = hit
+            if token.not_after is not None and self._clock() >= token.not_after:
+                self._token_expired(ident, token)
             found.append(ident)
         if peer_cert is not None:
             ident = self._by_certificate(peer_cert)
@@ -295,6 +386,15 @@ class Broker:
                 401,
             )
         return found[0]
+
+    def _token_expired(self, ident: Identity, token: Token) -> None:
+        assert token.not_after is not None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.not_after))
+        reason = f"a bearer token of {ident.name} expired at {when}"
+        self.metrics.inc("sealstore_broker_token_refusals_total", {"code": "token-expired"})
+        self._record("authenticate", ident.name, None, None, "denied", "token-expired", reason,
+                     not_after=when)  # fmt: skip
+        raise Refused("token-expired", reason, 401)
 
     def _by_certificate(self, der: bytes) -> Identity | None:
         try:
@@ -361,6 +461,7 @@ class Broker:
             return Refused("throttled", f"{ident.name} is throttled: {throttled}", 429)
         return None
 
+    @_pinned
     def challenge(self, ident: Identity, tenant: Any, artifact: Any) -> dict[str, Any]:
         """Issue a nonce for one release of *tenant*/*artifact* to *ident*."""
         try:
@@ -402,6 +503,7 @@ class Broker:
             out["tpm_pcrs"] = rule.tpm.policy.spec
         return out
 
+    @_pinned
     def release(self, ident: Identity, req: Mapping[str, Any]) -> dict[str, Any]:
         """Verify one release request and return the DEK sealed to its ephemeral key.
 
@@ -573,6 +675,7 @@ class Broker:
             self.metrics.inc("sealstore_broker_audit_failures_total")
             log.exception("audit record of a %s %s not written", decision, action)
 
+    @_pinned
     def standing(self, ident: Identity, tenant: Any) -> dict[str, Any]:
         """Whether incident response has stopped *ident* in *tenant*: for a process that
         holds a released key and keeps serving (the inference guard polls it).
@@ -604,6 +707,7 @@ class Broker:
             where = "every tenant" if scope == "*" else f"tenant {scope}"
             raise Refused("not-permitted", f"{ident.name} is not an admin of {where}")
 
+    @_pinned
     def lockdown(self, ident: Identity, scope: str, reason: str = "") -> dict[str, Any]:
         """Refuse every release in tenant *scope* (``"*"``: all tenants) until lifted.
 
@@ -630,6 +734,7 @@ class Broker:
         self._alert("lockdown", identity=ident.name, scope=scope, reason=why)
         return self.status(ident, check=False)
 
+    @_pinned
     def lift(
         self, ident: Identity, scope: str | None = None, *, identity: str | None = None
     ) -> dict[str, Any]:
@@ -672,6 +777,7 @@ class Broker:
                 lifted = self.state.lift_lockdown(scope)
         return {**self.status(ident, check=False), "lifted": lifted}
 
+    @_pinned
     def status(self, ident: Identity, *, check: bool = True) -> dict[str, Any]:
         """Lockdowns and lockouts in force (admins of every tenant only)."""
         with self._state_guard():
@@ -769,12 +875,12 @@ class Broker:
 
         # Its own lock: setting a key up may log in to Vault, and must not
         # hold up challenges meanwhile.
+        uris = self.config.tenants[tenant].keys
         with self._keys_lock:
-            if tenant not in self._providers:
-                self._providers[tenant] = [
-                    wrapper_for(uri) for uri in self.config.tenants[tenant].keys
-                ]
-            return self._providers[tenant]
+            held = self._providers.get(tenant)
+            if held is None or held[0] != uris:
+                held = self._providers[tenant] = (uris, [wrapper_for(uri) for uri in uris])
+            return held[1]
 
     def _unwrap(self, tenant: str, artifact: str, slot_obj: Any, context: Any) -> DataKey:
         if not isinstance(context, dict) or not all(

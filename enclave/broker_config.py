@@ -30,10 +30,26 @@ from sealstore.vault import access
 from sealstore.vault.access import ROLES
 from sealstore.vault.manifest import check_name
 
-__all__ = ["ROLES", "ArtifactRule", "BrokerConfig", "Detectors", "Identity", "TenantPolicy",
-           "TpmRule"]  # fmt: skip
+__all__ = ["RESTART_ONLY", "ROLES", "ArtifactRule", "BrokerConfig", "Detectors", "Identity",
+           "TenantPolicy", "Token", "TpmRule"]  # fmt: skip
 
 STATE_SCHEMES = ("memory:", "redis://", "rediss://", "unix://")
+SIGNATURE_SUFFIX = ".sig"  # the bundle's detached signature: beside the config file
+
+# What a running broker cannot take from a reload (sockets, TLS, where the state
+# and the audit log are, the pinned signing key): a reload that changes one is
+# refused whole, and the field names the restart it needs.
+RESTART_ONLY = ("host", "port", "tls_cert", "tls_key", "client_ca", "require_client_cert",
+                "state_url", "state_prefix", "audit_log", "audit_key", "audit_stream",
+                "webhook", "signing_key")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Token:
+    """One accepted bearer token: its SHA-256, and when it stops being accepted."""
+
+    sha256: bytes = field(repr=False)
+    not_after: float | None = None  # seconds since the epoch; None: never expires
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,9 @@ class Identity:
 
     name: str
     token_sha256: bytes | None = field(default=None, repr=False)
+    # Every token accepted (token_sha256's included, with no end): several during a
+    # rotation, the old one with a not_after that ends the overlap.
+    tokens: tuple[Token, ...] = field(default=(), repr=False)
     mtls_spki_sha256: bytes | None = None
     mtls_cn: str | None = None
     tpm_ak: bytes | None = field(default=None, repr=False)
@@ -123,26 +142,76 @@ class BrokerConfig:
     metrics_remote: bool = False
     webhook: str | None = None
     detectors: Detectors = field(default_factory=Detectors)
+    # The policy's files as loaded: path -> SHA-256 (hex) of the bytes read: the
+    # config itself and every file it names outside server: (reference files,
+    # AKs, ...). What a reload watches and what a bundle signature covers.
+    sources: dict[str, str] = field(default_factory=dict)
+    reload_watch: bool = True  # reload when a source (or the signature) changes
+    reload_interval: float = 2.0  # how often the files are looked at (seconds)
+    signing_key: bytes | None = field(default=None, repr=False)  # raw Ed25519; None: unsigned
+    bundle_serial: int | None = None  # the verified signature's serial (signing only)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> BrokerConfig:
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> BrokerConfig:
         """Read and check a broker config file.
+
+        Args:
+            path: the YAML file.
+            verify: check the bundle signature when ``signing.public_key`` is set
+                (only ``sealstore broker sign`` loads without it, to make one).
 
         Raises:
             FormatError: the file is missing, not YAML, or a field is wrong (the
-                message names the file and the field's path).
+                message names the file and the field's path); or, with signing
+                configured, the bundle is unsigned, badly signed, or its files
+                are not the ones signed.
         """
         p = Path(path).absolute()
         try:
-            doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+            raw = p.read_bytes()
+            doc = yaml.load(raw.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506
         except FileNotFoundError:
             raise FormatError(f"broker config {p} does not exist") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise FormatError(f"cannot read broker config {p}: {exc}") from None
+        parser = _Parser(p)
+        parser.sources[str(p)] = hashlib.sha256(raw).hexdigest()
         try:
-            return _Parser(p).config(doc)
+            config = parser.config(doc)
         except _Bad as exc:
             raise FormatError(f"broker config {p}: {exc}") from None
+        # A file rewritten while it was parsed: what was read may be neither version.
+        for name, digest in config.sources.items():
+            if _digest_of(Path(name)) != digest:
+                raise FormatError(f"broker config {p}: {name} changed while it was read")
+        if verify and config.signing_key is not None:
+            from sealstore.enclave.broker_bundle import verify_bundle
+
+            config = dataclasses.replace(config, bundle_serial=verify_bundle(config))
+        return config
+
+    @property
+    def digest(self) -> str:
+        """One SHA-256 (hex) over every source file's: changes when any of them does."""
+        return hashlib.sha256(json.dumps(sorted(self.sources.items())).encode()).hexdigest()
+
+    @property
+    def signature_path(self) -> Path:
+        """Where the bundle's detached signature is (``FILE.sig`` beside the config)."""
+        return self.path.with_name(self.path.name + SIGNATURE_SUFFIX)
+
+    def watched(self) -> list[Path]:
+        """The files whose change means a reload: the sources, and the signature if signed."""
+        out = [Path(p) for p in self.sources]
+        return [*out, self.signature_path] if self.signing_key is not None else out
+
+
+def _digest_of(path: Path) -> str | None:
+    """The SHA-256 (hex) of *path*'s bytes, or None if it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class _Bad(Exception):
@@ -168,6 +237,8 @@ class _Parser:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.warnings: list[str] = []
+        self.sources: dict[str, str] = {}  # path -> SHA-256 of the bytes read
+        self._read: dict[Path, bytes] = {}
 
     # -- helpers ------------------------------------------------------------
     def _map(self, obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()):
@@ -182,14 +253,30 @@ class _Parser:
             raise _Bad(f"{where}: missing field {missing[0]!r}")
         return obj
 
-    def _file(self, value: Any, where: str) -> Path:
+    def _file(self, value: Any, where: str, *, source: bool = True) -> Path:
+        """The path *value* names (relative: to the config's folder), an existing file.
+
+        A *source* (every file but the server's TLS files and the signing key)
+        is read here, once: :meth:`_bytes` gives what was read, and its digest
+        goes into ``sources``, which a reload watches and a signature covers.
+        """
         if not isinstance(value, str) or not value:
             raise _Bad(f"{where}: expected a file path")
         p = Path(value)
         p = p if p.is_absolute() else self.path.parent / p
         if not p.is_file():
             raise _Bad(f"{where}: {p} is not a file")
+        if source and p not in self._read:
+            try:
+                self._read[p] = p.read_bytes()
+            except OSError as exc:
+                raise _Bad(f"{where}: cannot read {p}: {exc.strerror}") from None
+            self.sources[str(p)] = hashlib.sha256(self._read[p]).hexdigest()
         return p
+
+    def _bytes(self, p: Path) -> bytes:
+        """The bytes of source *p* as :meth:`_file` read them (never read twice)."""
+        return self._read[p] if p in self._read else p.read_bytes()
 
     def _hex(self, value: Any, where: str, size: int | None = None) -> bytes:
         try:
@@ -216,7 +303,8 @@ class _Parser:
         top = self._map(doc, "top level",
                         {"server", "challenge_ttl", "max_challenges",
                          "max_challenges_per_identity", "identities", "tenants", "state",
-                         "audit", "admin", "metrics", "alerts", "detectors"},
+                         "audit", "admin", "metrics", "alerts", "detectors", "reload",
+                         "signing"},
                         {"server", "identities", "tenants"})  # fmt: skip
         server = self._map(top["server"], "server",
                            {"host", "port", "tls_cert", "tls_key", "client_ca",
@@ -276,13 +364,23 @@ class _Parser:
             not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))
         ):
             raise _Bad("alerts.webhook: expected an http:// or https:// URL")
+        reload = self._map(top.get("reload", {}), "reload", {"watch", "interval"})
+        signing = (
+            self._map(top["signing"], "signing", {"public_key"}, {"public_key"})
+            if "signing" in top
+            else None
+        )
         return BrokerConfig(
             path=self.path,
             host=host,
             port=self._int(server.get("port", 8443), "server.port", 0, 65535),
-            tls_cert=self._file(server["tls_cert"], "server.tls_cert"),
-            tls_key=self._file(server["tls_key"], "server.tls_key"),
-            client_ca=None if client_ca is None else self._file(client_ca, "server.client_ca"),
+            tls_cert=self._file(server["tls_cert"], "server.tls_cert", source=False),
+            tls_key=self._file(server["tls_key"], "server.tls_key", source=False),
+            client_ca=(
+                None
+                if client_ca is None
+                else self._file(client_ca, "server.client_ca", source=False)
+            ),
             require_client_cert=require,
             challenge_ttl=float(ttl),
             max_challenges=self._int(
@@ -303,7 +401,26 @@ class _Parser:
             metrics_remote=self._bool(metrics, "remote", "metrics"),
             webhook=webhook,
             detectors=self.detectors(top.get("detectors", {})),
+            sources=dict(self.sources),
+            reload_watch=self._bool(reload, "watch", "reload") if "watch" in reload else True,
+            reload_interval=self._seconds(reload, "interval", "reload", 2.0),
+            signing_key=None if signing is None else self.signing_key(signing),
         )
+
+    def signing_key(self, signing: dict[str, Any]) -> bytes:
+        """The pinned Ed25519 public key (raw 32 bytes) that must sign the bundle."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        where = "signing.public_key"
+        # Not a source: the key a bundle is checked with is not part of what it signs.
+        p = self._file(signing["public_key"], where, source=False)
+        try:
+            key = serialization.load_pem_public_key(p.read_bytes())
+        except ValueError:
+            key = None
+        if not isinstance(key, Ed25519PublicKey):
+            raise _Bad(f"{where}: {p} is not a PEM Ed25519 public key")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def _bool(self, d: dict[str, Any], key: str, where: str) -> bool:
         value = d.get(key, False)
@@ -362,7 +479,14 @@ class _Parser:
         for ident in identities.values():
             if (ident.mtls_cn or ident.mtls_spki_sha256) and not mtls:
                 raise _Bad(f"identities.{ident.name}: a client certificate needs server.client_ca")
-            for what in ("token_sha256", "mtls_spki_sha256", "mtls_cn"):
+            hashes = [t.sha256 for t in ident.tokens]
+            if len(set(hashes)) != len(hashes):
+                raise _Bad(f"identities.{ident.name}.tokens: a token given twice")
+            for h in hashes:
+                other = seen.setdefault(("token", h), ident.name)
+                if other != ident.name:
+                    raise _Bad(f"identities.{ident.name}.token_sha256: the same as {other}'s")
+            for what in ("mtls_spki_sha256", "mtls_cn"):
                 value = getattr(ident, what)
                 if value is None:
                     continue
@@ -378,8 +502,8 @@ class _Parser:
 
     def identity(self, name: str, obj: Any) -> Identity:
         where = f"identities.{name}"
-        d = self._map(obj, where, {"token_sha256", "mtls_spki_sha256", "mtls_cn", "tpm_ak",
-                                   "roles"})  # fmt: skip
+        d = self._map(obj, where, {"token_sha256", "tokens", "mtls_spki_sha256", "mtls_cn",
+                                   "tpm_ak", "roles"})  # fmt: skip
         roles = d.get("roles", {})
         if not isinstance(roles, dict) or not all(
             isinstance(t, str) and r in ROLES for t, r in roles.items()
@@ -388,21 +512,26 @@ class _Parser:
         token = d.get("token_sha256")
         spki = d.get("mtls_spki_sha256")
         cn = d.get("mtls_cn")
-        if token is None and spki is None and cn is None:
-            raise _Bad(f"{where}: needs token_sha256, mtls_spki_sha256 or mtls_cn")
+        tokens = self.tokens(d["tokens"], f"{where}.tokens") if "tokens" in d else ()
+        if token is None and not tokens and spki is None and cn is None:
+            raise _Bad(f"{where}: needs tokens, token_sha256, mtls_spki_sha256 or mtls_cn")
         if cn is not None and (not isinstance(cn, str) or not cn):
             raise _Bad(f"{where}.mtls_cn: expected a common name")
         ak = None
         if "tpm_ak" in d:
             ak_path = self._file(d["tpm_ak"], f"{where}.tpm_ak")
-            ak = ak_path.read_bytes()
+            ak = self._bytes(ak_path)
             try:
                 serialization.load_pem_public_key(ak)
             except ValueError:
                 raise _Bad(f"{where}.tpm_ak: {ak_path} is not a PEM public key") from None
+        token_hash = None if token is None else self._hex(token, f"{where}.token_sha256", 32)
+        if token_hash is not None:
+            tokens = (Token(token_hash), *tokens)
         return Identity(
             name=name,
-            token_sha256=None if token is None else self._hex(token, f"{where}.token_sha256", 32),
+            token_sha256=token_hash,
+            tokens=tokens,
             mtls_spki_sha256=(
                 None if spki is None else self._hex(spki, f"{where}.mtls_spki_sha256", 32)
             ),
@@ -410,6 +539,31 @@ class _Parser:
             tpm_ak=ak,
             roles=dict(roles),
         )
+
+    def tokens(self, obj: Any, where: str) -> tuple[Token, ...]:
+        """``[{sha256: HEX, not_after: TIME}, ...]``: TIME an ISO 8601 time with its zone."""
+        if not isinstance(obj, list) or not obj:
+            raise _Bad(f"{where}: expected a non-empty list of {{sha256, not_after}}")
+        out = []
+        for i, item in enumerate(obj):
+            w = f"{where}[{i}]"
+            t = self._map(item, w, {"sha256", "not_after"}, {"sha256", "not_after"})
+            out.append(Token(self._hex(t["sha256"], f"{w}.sha256", 32),
+                             self._time(t["not_after"], f"{w}.not_after")))  # fmt: skip
+        return tuple(out)
+
+    def _time(self, value: Any, where: str) -> float:
+        # YAML reads an unquoted 2026-03-01T00:00:00Z as a datetime, a quoted one as a str.
+        when = value
+        if isinstance(value, str):
+            try:
+                when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                when = None
+        if not isinstance(when, dt.datetime) or when.tzinfo is None:
+            raise _Bad(f"{where}: expected an ISO 8601 time with its zone, "
+                       "e.g. 2026-03-01T00:00:00Z")  # fmt: skip
+        return when.timestamp()
 
     def tenant(self, name: str, obj: Any, identities: dict[str, Identity]) -> TenantPolicy:
         where = f"tenants.{name}"
@@ -498,7 +652,7 @@ class _Parser:
             f = self._file(d["reference_file"], f"{where}.reference_file")
             rwhere = f"{where}.reference_file ({f})"
             try:
-                ref = json.loads(f.read_text(encoding="utf-8"))
+                ref = json.loads(self._bytes(f).decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
                 raise _Bad(f"{rwhere}: not JSON") from None
         if not isinstance(ref, dict):

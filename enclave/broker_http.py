@@ -12,6 +12,10 @@ asked for when the config has ``client_ca`` and verified by the TLS layer.
 No remote root: the admin routes and the metrics answer only callers on this
 host (loopback) unless the config's ``admin.remote`` / ``metrics.remote``
 allow more, and the admin routes also need an identity with the admin role.
+
+Each request is decided under one config, the one in force when it arrived
+(``Broker.pinned``): a reload (SIGHUP, or a watched file changing: see
+``broker_reload``) takes effect for the requests that start after it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
@@ -67,6 +72,21 @@ def create_app(broker: Broker) -> Any:
     app = FastAPI(title="sealstore key-release broker", docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
 
+    class OneConfig:
+        """Pins each request, in its own task, to the config in force when it arrived:
+        the worker threads that decide it get a copy of this context, so the
+        authentication and the decision see one config even if a reload lands
+        between them. (Plain ASGI: BaseHTTPMiddleware would wrap every body.)"""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            with broker.pinned():
+                await self.app(scope, receive, send)
+
+    app.add_middleware(OneConfig)
+
     def who(request: Request) -> Identity:
         auth = request.headers.get("authorization")
         bearer = None
@@ -102,7 +122,9 @@ def create_app(broker: Broker) -> Any:
             _clean(what.get("artifact")), exc.code, _clean(exc.reason),
             request.client.host if request.client else "-",
         )  # fmt: skip
-        if ident is None and request.url.path in ("/v1/challenge", "/v1/release"):
+        # (An expired token is audited by the broker itself, under its identity.)
+        if (ident is None and exc.code != "token-expired"
+                and request.url.path in ("/v1/challenge", "/v1/release")):  # fmt: skip
             # Unauthenticated attempts are audited too (who: "-").
             broker._record(request.url.path.rsplit("/", 1)[-1], "-", what.get("tenant"),
                            what.get("artifact"), "denied", exc.code, exc.reason)  # fmt: skip
@@ -217,8 +239,22 @@ def create_app(broker: Broker) -> Any:
     return app
 
 
-def serve(config: BrokerConfig, *, log_level: str = "info") -> None:
-    """Run the broker until interrupted (TLS always; client certificates if ``client_ca``)."""
+def serve(
+    config: BrokerConfig,
+    *,
+    log_level: str = "info",
+    load: Callable[[], BrokerConfig] | None = None,
+) -> None:
+    """Run the broker until interrupted (TLS always; client certificates if ``client_ca``).
+
+    Args:
+        config: the config to start with.
+        log_level: uvicorn's.
+        load: how to read the config again on SIGHUP or a change of its files
+            (default: ``BrokerConfig.load`` of the same file).
+    """
+    from sealstore.enclave.broker_reload import Reloader
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -234,16 +270,28 @@ def serve(config: BrokerConfig, *, log_level: str = "info") -> None:
     log.info("state: %s; audit log: %s (stream %s, key %s)",
              config.state_url or "in-process", config.audit_log, broker.audit.stream,
              broker.audit.signer.signing_key_id)  # fmt: skip
-    uvicorn.run(
-        create_app(broker),
-        host=config.host,
-        port=config.port,
-        http=_peer_h11_protocol(),
-        ssl_certfile=os.fspath(config.tls_cert),
-        ssl_keyfile=os.fspath(config.tls_key),
-        ssl_ca_certs=None if config.client_ca is None else os.fspath(config.client_ca),
-        ssl_cert_reqs=reqs,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-    )
+    reloader = Reloader(broker, load or (lambda: BrokerConfig.load(config.path)))
+    reloader.record_start()
+    restore = reloader.install_sighup()
+    reloader.start()
+    log.info("config %s (digest %s%s); reload on SIGHUP%s", config.path, config.digest[:16],
+             f", signed bundle serial {config.bundle_serial}" if config.bundle_serial else "",
+             f" and every {config.reload_interval:g} s a file changed" if config.reload_watch
+             else "")  # fmt: skip
+    try:
+        uvicorn.run(
+            create_app(broker),
+            host=config.host,
+            port=config.port,
+            http=_peer_h11_protocol(),
+            ssl_certfile=os.fspath(config.tls_cert),
+            ssl_keyfile=os.fspath(config.tls_key),
+            ssl_ca_certs=None if config.client_ca is None else os.fspath(config.client_ca),
+            ssl_cert_reqs=reqs,
+            log_level=log_level,
+            access_log=False,
+            server_header=False,
+        )
+    finally:
+        reloader.stop()
+        restore()
