@@ -43,6 +43,13 @@ HELP = {
     "sealstore_guard_audit_failures_total": ("counter", "Findings not written to the audit log."),
     "sealstore_guard_observe_seconds": ("histogram", "Time the guard adds to a forward call."),
 }
+LABELS = {
+    "sealstore_guard_calls_total": ("result",),
+    "sealstore_guard_queries_total": (),
+    "sealstore_guard_findings_total": ("detector", "response"),
+    "sealstore_guard_alerts_total": ("kind",),
+    "sealstore_guard_audit_failures_total": (),
+}
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -83,7 +90,7 @@ class Guard:
         self._features = policy.features or default_features(model)
         self._lock = threading.Lock()
         self._callers: dict[str, _Caller] = {}
-        self.metrics = Metrics(HELP, buckets=_BUCKETS)
+        self.metrics = Metrics(HELP, buckets=_BUCKETS, labels=LABELS)
         self.alerts = Alerts(policy.webhook, self.metrics, source=self.target.name,
                              prefix="sealstore_guard")  # fmt: skip
         self.metrics.gauge("sealstore_guard_callers", "Callers tracked.",
