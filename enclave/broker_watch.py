@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sealstore.watch import Alerts, Metrics
 
-__all__ = ["HELP", "Alerts", "Metrics", "broker_metrics"]
+__all__ = ["HELP", "LABELS", "Alerts", "Metrics", "broker_metrics"]
 
 HELP = {
     "sealstore_broker_releases_total": ("counter", "Key release decisions by result/code."),
@@ -28,5 +28,16 @@ HELP = {
 }
 
 
+# The counters' label names (sealstore.watch.Metrics: declared, they are exposed from the start).
+LABELS = {
+    "sealstore_broker_releases_total": ("result", "code"),
+    "sealstore_broker_challenges_total": ("result", "code"),
+    "sealstore_broker_alerts_total": ("kind",),
+    "sealstore_broker_audit_failures_total": (),
+    "sealstore_broker_config_reloads_total": ("trigger", "outcome"),
+    "sealstore_broker_token_refusals_total": ("code",),
+}
+
+
 def broker_metrics() -> Metrics:
-    return Metrics(HELP)
+    return Metrics(HELP, labels=LABELS)

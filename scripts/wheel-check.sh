@@ -19,7 +19,8 @@ import sealstore
 root = pathlib.Path(sealstore.__file__).parent
 assert "site-packages" in str(root), root
 for name in ["sealstore.native", "sealstore.kms", "sealstore.kms.local", "sealstore.kms.x25519",
-             "sealstore.vault", "sealstore.enclave", "sealstore.loaders", "sealstore.cli.main"]:
+             "sealstore.vault", "sealstore.vault.backup", "sealstore.enclave", "sealstore.loaders",
+             "sealstore.loaders.inference_guard", "sealstore.cli.main"]:
     mod = importlib.import_module(name)
     assert str(root) in mod.__file__, (name, mod.__file__)
 # The fsspec entry points ship with the wheel (sealed-dataset URLs).

@@ -1,9 +1,23 @@
 """What a running service tells its operators: Prometheus metrics and alerts (webhook + log).
 
 The incident-response path shared by the key-release broker and the
-inference guard. Metrics are the process's own counters, rendered in the
-Prometheus text format (``render()``; ``serve_metrics`` answers
-``GET /metrics`` for a process that has no HTTP server of its own).
+inference guard. Metrics are prometheus_client's counters, histogram and
+gauges in a registry of the service's own (each broker, each guarded model:
+several live in one process), rendered in the Prometheus text format by
+``render()``; ``serve_metrics`` answers ``GET /metrics`` for a process that
+has no HTTP server of its own.
+
+prometheus_client is an extra (``sealstore[broker]``, ``sealstore[guard]``),
+not a dependency of the core: it is imported when a ``Metrics`` is made, so
+``import sealstore.watch`` (and everything that imports it) stays light, and
+a service made without it fails at start with the install line.
+
+One process, one registry: the broker runs one uvicorn process per replica
+and each replica is scraped (a query sums them). A deployment that runs one
+replica under several worker processes needs prometheus_client's
+multiprocess mode instead (``PROMETHEUS_MULTIPROC_DIR`` set before the
+workers start, a ``MultiProcessCollector`` at ``/metrics``); the scrape-time
+gauges read the shared state, so any worker's value is the replica's.
 
 An alert is a JSON object POSTed to the configured webhook by a background
 thread -- a slow or dead receiver must not hold up a key release or an
@@ -21,7 +35,7 @@ import queue
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = ["Alerts", "Metrics", "serve_metrics"]
@@ -30,14 +44,42 @@ __all__ = ["Alerts", "Metrics", "serve_metrics"]
 log = logging.getLogger("sealstore.watch")
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+INSTALL = "pip install 'sealstore[broker]' (the broker) or 'sealstore[guard]' (the guard)"
 
 
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-           for k, v in labels.items()}  # fmt: skip
-    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(esc.items())) + "}"
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise ImportError(f"metrics need prometheus_client ({exc}): {INSTALL}") from None
+    return prometheus_client
+
+
+class _Computed:
+    """prometheus_client collector of gauges computed at scrape time.
+
+    A custom collector rather than ``Gauge.set_function``: a gauge whose
+    source is down (the broker's Redis) is left out of the scrape with a
+    warning, instead of failing the whole ``/metrics`` answer.
+    """
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def describe(self) -> list[Any]:
+        return []  # registered before any gauge: nothing to check for clashes
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, (text, fn) in sorted(self.gauges.items()):
+            try:
+                value = float(fn())
+            except Exception as exc:  # a state backend that is down: the gauge is left out
+                log.warning("metric %s: %s", name, exc)
+                continue
+            yield GaugeMetricFamily(name, text, value=value)
 
 
 class Metrics:
@@ -45,70 +87,77 @@ class Metrics:
 
     Args:
         help: metric name -> (type, help text); the histogram is the one of type
-            ``"histogram"`` (at most one), counters named here are rendered even at 0.
+            ``"histogram"`` (at most one). Counters end in ``_total``.
         buckets: the histogram's upper bounds (seconds).
+        labels: counter name -> its label names. A counter named here is exposed
+            from the start (an unlabelled one at 0); any other is made on its
+            first ``inc``, with the label names that call gives.
+
+    Raises:
+        ImportError: prometheus_client is not installed (the message says how).
     """
 
     def __init__(
-        self, help: Mapping[str, tuple[str, str]], *, buckets: tuple[float, ...] = BUCKETS
+        self,
+        help: Mapping[str, tuple[str, str]],
+        *,
+        buckets: tuple[float, ...] = BUCKETS,
+        labels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        prom = _prometheus()
         self.HELP = dict(help)
         hists = [n for n, (kind, _) in self.HELP.items() if kind == "histogram"]
         if len(hists) > 1:
             raise ValueError(f"one histogram per Metrics, not {hists}")
-        self._hist_name = hists[0] if hists else None
-        self._buckets = buckets
+        self.registry = prom.CollectorRegistry()
         self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._hist = [0] * (len(buckets) + 1)
-        self._hist_sum = 0.0
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._counters: dict[str, Any] = {}
+        self._hist: Any = None
+        if hists:
+            self._hist = prom.Histogram(
+                hists[0], self.HELP[hists[0]][1], buckets=buckets, registry=self.registry
+            )
+        self._computed = _Computed()
+        self.registry.register(self._computed)
+        for name, names in (labels or {}).items():
+            self._counter(name, names)
+
+    def _counter(self, name: str, label_names: Sequence[str]) -> Any:
+        with self._lock:
+            counter = self._counters.get(name)
+            if counter is None:
+                if not name.endswith("_total"):
+                    raise ValueError(f"a counter's name ends in _total, not {name!r}")
+                kind, text = self.HELP.get(name, ("counter", name))
+                if kind != "counter":
+                    raise ValueError(f"{name} is a {kind}, not a counter")
+                from prometheus_client import Counter
+
+                counter = self._counters[name] = Counter(
+                    name, text, sorted(label_names), registry=self.registry
+                )
+            return counter
 
     def inc(self, name: str, labels: Mapping[str, str] | None = None, value: float = 1) -> None:
-        key = (name, tuple(sorted((labels or {}).items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + value
+        counter = self._counters.get(name) or self._counter(name, list(labels or ()))
+        if labels:
+            counter = counter.labels(**{k: str(v) for k, v in labels.items()})
+        counter.inc(value)
 
     def observe(self, seconds: float) -> None:
-        with self._lock:
-            n = len(self._buckets)
-            i = next((i for i, b in enumerate(self._buckets) if seconds <= b), n)
-            self._hist[i] += 1
-            self._hist_sum += seconds
+        if self._hist is None:
+            raise ValueError("these metrics have no histogram")
+        self._hist.observe(seconds)
 
     def gauge(self, name: str, help_text: str, fn: Callable[[], float]) -> None:
-        self._gauges[name] = (help_text, fn)
+        """Expose ``fn()`` as the gauge *name*, computed at each scrape."""
+        self._computed.gauges[name] = (help_text, fn)
 
     def render(self) -> str:
-        with self._lock:
-            counters = dict(self._counters)
-            hist, total = list(self._hist), self._hist_sum
-        out: list[str] = []
-        hist_name = self._hist_name
-        names = sorted(({n for n, _ in counters} | set(self.HELP)) - {hist_name})
-        for name in names:
-            kind, text = self.HELP.get(name, ("counter", name))
-            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            for (n, labels), v in sorted(counters.items()):
-                if n == name:
-                    out.append(f"{name}{_labels(dict(labels))} {v:g}")
-        if hist_name is not None:
-            name = hist_name
-            out += [f"# HELP {name} {self.HELP[name][1]}", f"# TYPE {name} histogram"]
-            running = 0
-            for b, c in zip((*self._buckets, float("inf")), hist, strict=True):
-                running += c
-                le = "+Inf" if b == float("inf") else f"{b:g}"
-                out.append(f'{name}_bucket{{le="{le}"}} {running}')
-            out += [f"{name}_sum {total:.6f}", f"{name}_count {running}"]
-        for gname, (text, fn) in sorted(self._gauges.items()):
-            try:
-                v = float(fn())
-            except Exception as exc:  # a state backend that is down: the gauge is left out
-                log.warning("metric %s: %s", gname, exc)
-                continue
-            out += [f"# HELP {gname} {text}", f"# TYPE {gname} gauge", f"{gname} {v:g}"]
-        return "\n".join(out) + "\n"
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
 
 
 class Alerts:
@@ -204,7 +253,10 @@ def serve_metrics(
     render: Callable[[], str], host: str = "127.0.0.1", port: int = 0
 ) -> http.server.ThreadingHTTPServer:
     """Answer ``GET /metrics`` with ``render()`` from a daemon thread; returns the server
-    (``server_address`` has the port; ``shutdown()`` stops it). Loopback by default."""
+    (``server_address`` has the port; ``shutdown()`` stops it). Loopback by default.
+
+    Not prometheus_client's ``start_http_server``: that answers the metrics on
+    every path, and takes a registry where this takes any ``render``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -213,7 +265,7 @@ def serve_metrics(
                 return
             data = render().encode()
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -136,8 +136,8 @@ def test_attestation_failures_lock_out_then_clear(
     )
     assert b.alerts.flush() and webhook.kinds() == ["lockout"]
     assert webhook.alerts[0]["identity"] == "trainer"
-    assert 'sealstore_broker_alerts_total{kind="lockout"} 1' in b.metrics.render()
-    assert "sealstore_broker_lockouts 1" in b.metrics.render()
+    assert 'sealstore_broker_alerts_total{kind="lockout"} 1.0' in b.metrics.render().splitlines()
+    assert "sealstore_broker_lockouts 1.0" in b.metrics.render().splitlines()
     clock.now += 121  # the lockout ends by itself
     assert "sealed" in b.release(b.config.identities["trainer"], _tpm_request(b, "trainer", blob))
     # Failures outside the window do not add up.
@@ -185,9 +185,9 @@ def test_release_rate_far_above_usual_is_throttled_then_clears(
     assert "usual 2.0" in webhook.alerts[0]["reason"]
     clock.now += 31  # the throttle ends; the spike's bucket is over
     assert "sealed" in b.release(trainer, _tpm_request(b, "trainer", blob))
-    text = b.metrics.render()
-    assert 'sealstore_broker_releases_total{code="throttled",result="denied"} 1' in text
-    assert 'sealstore_broker_alerts_total{kind="throttle"} 1' in text
+    text = b.metrics.render().splitlines()
+    assert 'sealstore_broker_releases_total{code="throttled",result="denied"} 1.0' in text
+    assert 'sealstore_broker_alerts_total{kind="throttle"} 1.0' in text
 
 
 def test_changed_evidence_for_a_known_machine_alerts(
@@ -253,7 +253,7 @@ def test_a_release_is_not_made_without_its_audit_record(
     (tmp_path / "blocked" / "audit").write_text("not a folder")
     b.audit._head = None
     assert _code(b, "trainer", req) == "audit-unavailable"
-    assert "sealstore_broker_audit_failures_total 1" in b.metrics.render()
+    assert "sealstore_broker_audit_failures_total 1.0" in b.metrics.render().splitlines()
 
 
 # -- over the wire: two replicas on one Redis -----------------------------------------
@@ -377,9 +377,9 @@ def test_two_replicas_share_nonces_and_lockouts(
 
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=replicas.ctx())
     conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    assert 'sealstore_broker_releases_total{code="tpm-signature",result="denied"} 2' in text
-    assert "sealstore_broker_lockouts 0" in text
+    text = conn.getresponse().read().decode().splitlines()
+    assert 'sealstore_broker_releases_total{code="tpm-signature",result="denied"} 2.0' in text
+    assert "sealstore_broker_lockouts 0.0" in text
     # From another address (127.0.0.2 is not this host's loopback address 127.0.0.1 to
     # the broker's check) the admin API and the metrics are refused: no remote root.
     conn = http.client.HTTPSConnection(

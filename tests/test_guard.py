@@ -213,11 +213,13 @@ def test_outputs_unchanged_and_callers_attributed(mini: Mini, attach: Any) -> No
     fwd(model, batch)  # neither: anonymous
     assert {k: c.queries for k, c in g._callers.items()} == {"a": 4, "b": 3, "-": 3}
     assert g.status() == {"model": "BertModel", "callers": 3, "penalized": {}, "stopped": None}
-    assert metric_lines(g, "sealstore_guard_queries_total") == ["sealstore_guard_queries_total 10"]
-    assert metric_lines(g, "sealstore_guard_calls_total") == [
-        'sealstore_guard_calls_total{result="ok"} 4'
+    assert metric_lines(g, "sealstore_guard_queries_total") == [
+        "sealstore_guard_queries_total 10.0"
     ]
-    assert "sealstore_guard_callers 3" in g.metrics.render()
+    assert metric_lines(g, "sealstore_guard_calls_total") == [
+        'sealstore_guard_calls_total{result="ok"} 4.0'
+    ]
+    assert "sealstore_guard_callers 3.0" in g.metrics.render().splitlines()
     # Bad caller ids are refused before the model runs, and not counted.
     for bad in ("", "x" * 129, "tab\there", "new\nline", "\x00", 42):
         with pytest.raises(ValueError, match="caller id"):
@@ -228,7 +230,7 @@ def test_outputs_unchanged_and_callers_attributed(mini: Mini, attach: Any) -> No
     fwd(model, ids_batch([101, 102]), caller="x" * 128)  # the longest allowed
     assert g._callers["x" * 128].queries == 1
     assert metric_lines(g, "sealstore_guard_calls_total") == [
-        'sealstore_guard_calls_total{result="ok"} 5'
+        'sealstore_guard_calls_total{result="ok"} 5.0'
     ]
     before.clear()
     g.screen(**batch, caller="s")  # the hook's work without the forward: for a server
@@ -247,7 +249,7 @@ def test_outputs_unchanged_and_callers_attributed(mini: Mini, attach: Any) -> No
         assert torch.equal(fwd(model, batch).last_hidden_state, plain.last_hidden_state)
     assert torch.equal(fwd(model, batch, caller="d").pooler_output, plain.pooler_output)
     assert sorted(g._callers) == ["c", "d"]
-    assert 'sealstore_guard_calls_total{result="no-caller"} 1' in g.metrics.render()
+    assert 'sealstore_guard_calls_total{result="no-caller"} 1.0' in g.metrics.render().splitlines()
 
 
 # -- 2. natural traffic -------------------------------------------------------------------
@@ -273,7 +275,7 @@ def test_benign_traffic_is_not_flagged(mini: Mini, attach: Any) -> None:
     assert sum(c.ood) / len(c.ood) <= 0.5
     assert g.status()["penalized"] == {}
     assert metric_lines(g, "sealstore_guard_findings_total{") == []
-    assert 'sealstore_guard_calls_total{result="ok"} 30' in g.metrics.render()
+    assert 'sealstore_guard_calls_total{result="ok"} 30.0' in g.metrics.render().splitlines()
     assert records(Path(mini_home()) / "audit") == []
 
 
@@ -301,15 +303,15 @@ def test_random_token_attack_is_refused_by_ood(mini: Mini, attach: Any) -> None:
     fwd(mini.model, natural, caller="alice")
     assert g._callers["alice"].penalty is None
     assert metric_lines(g, "sealstore_guard_findings_total{") == [
-        'sealstore_guard_findings_total{detector="ood",response="refuse"} 1'
+        'sealstore_guard_findings_total{detector="ood",response="refuse"} 1.0'
     ]
-    assert 'sealstore_guard_calls_total{result="refused"} 2' in g.metrics.render()
-    assert "sealstore_guard_penalized 1" in g.metrics.render()
+    assert 'sealstore_guard_calls_total{result="refused"} 2.0' in g.metrics.render().splitlines()
+    assert "sealstore_guard_penalized 1.0" in g.metrics.render().splitlines()
     # The operator lifts it.
     assert g.lift("nobody") == []
     assert g.lift("mallory") == ["mallory"]
     assert g.status()["penalized"] == {}
-    assert "sealstore_guard_penalized 0" in g.metrics.render()
+    assert "sealstore_guard_penalized 0.0" in g.metrics.render().splitlines()
     assert [r["detail"]["callers"] for r in records(Path(mini_home()) / "audit")
             if r["action"] == "guard.lift"] == [["mallory"]]  # fmt: skip
 
@@ -356,7 +358,7 @@ def test_augmentation_attack_is_throttled_by_the_ks_test(mini: Mini, attach: Any
         "seconds_left": 600.0,
     }
     assert metric_lines(g, "sealstore_guard_findings_total{") == [
-        'sealstore_guard_findings_total{detector="extraction",response="throttle"} 1'
+        'sealstore_guard_findings_total{detector="extraction",response="throttle"} 1.0'
     ]
     (finding,) = findings_in(Path(mini_home()) / "audit")
     assert finding["code"] == "extraction" and finding["reason"].startswith("KS D+ ")
@@ -375,7 +377,7 @@ def test_augmentation_attack_is_throttled_by_the_ks_test(mini: Mini, attach: Any
     clock.now += 0.5
     fwd(mini.model, nxt, caller="eve")
     fwd(mini.model, nxt, caller="someone-else")  # not throttled
-    assert 'sealstore_guard_calls_total{result="throttled"} 2' in g.metrics.render()
+    assert 'sealstore_guard_calls_total{result="throttled"} 2.0' in g.metrics.render().splitlines()
     assert len(findings_in(Path(mini_home()) / "audit")) == 1  # one finding, no storm
 
 
@@ -508,8 +510,8 @@ def test_rate_detector_usual_rate_floor_caps_expiry_and_lift(tmp_path: Path) -> 
     assert findings_in(audit)[-1]["code"] == "volume"
     assert findings_in(audit)[-1]["reason"] == "9 queries in 3600 s, over the cap of 8"
     assert metric_lines(g, "sealstore_guard_findings_total{") == [
-        'sealstore_guard_findings_total{detector="rate",response="log"} 1',
-        'sealstore_guard_findings_total{detector="volume",response="log"} 1',
+        'sealstore_guard_findings_total{detector="rate",response="log"} 1.0',
+        'sealstore_guard_findings_total{detector="volume",response="log"} 1.0',
     ]
     assert [(f.caller, f.detector) for f in g.recent] == [("capped", "rate"), ("capped", "volume")]
     assert g.status()["penalized"] == {}
@@ -625,10 +627,9 @@ def test_an_unrecordable_finding_refuses_the_call(tmp_path: Path) -> None:
         with pytest.raises(InferenceRefused) as err:
             net(x, caller="c")
         assert (err.value.code, err.value.caller) == ("audit-unavailable", "c")
-        assert f"sealstore_guard_audit_failures_total {failures}" in g.metrics.render()
-        assert f'sealstore_guard_calls_total{{result="audit-unavailable"}} {failures}' in (
-            g.metrics.render()
-        )
+        lines = g.metrics.render().splitlines()
+        assert f"sealstore_guard_audit_failures_total {failures}.0" in lines
+        assert f'sealstore_guard_calls_total{{result="audit-unavailable"}} {failures}.0' in lines
     assert g.status()["penalized"] == {}  # response "log": nothing else held against c
     net(x, caller="other")
     g.remove()
@@ -682,11 +683,11 @@ def test_alerts_reach_the_webhook_and_metrics_are_served(tmp_path: Path, webhook
     finally:
         server.shutdown()
     lines = text.splitlines()
-    assert 'sealstore_guard_findings_total{detector="rate",response="throttle"} 1' in lines
-    assert 'sealstore_guard_alerts_total{kind="guard.rate"} 1' in lines
-    assert "sealstore_guard_penalized 1" in lines and "sealstore_guard_callers 1" in lines
-    assert "sealstore_guard_queries_total 3" in lines
-    assert "sealstore_guard_observe_seconds_count 1" in lines
+    assert 'sealstore_guard_findings_total{detector="rate",response="throttle"} 1.0' in lines
+    assert 'sealstore_guard_alerts_total{kind="guard.rate"} 1.0' in lines
+    assert "sealstore_guard_penalized 1.0" in lines and "sealstore_guard_callers 1.0" in lines
+    assert "sealstore_guard_queries_total 3.0" in lines
+    assert "sealstore_guard_observe_seconds_count 1.0" in lines
     assert "# TYPE sealstore_guard_audit_failures_total counter" in lines
     g.remove()
 
@@ -846,7 +847,7 @@ def test_a_lockdown_at_the_broker_stops_the_guarded_model(
             "code": "locked-down",
             "reason": "lockdown of acme: guard drill",
         }
-        assert "sealstore_guard_locked 1" in g.metrics.render()
+        assert "sealstore_guard_locked 1.0" in g.metrics.render().splitlines()
         assert key.standing() == ("locked-down", "lockdown of acme: guard drill")
         ok(run("lockdown", "lift", "--tenant", "acme", "--broker", replicas.urls[0], env=env))
         _wait(lambda: g.status()["stopped"] is None, 5)
@@ -857,7 +858,10 @@ def test_a_lockdown_at_the_broker_stops_the_guarded_model(
         assert "guard.stopped" in webhook.kinds()
         stopped = [r for r in records(audit) if r["action"] == "guard.stopped"]
         assert [(r["decision"], r["code"]) for r in stopped] == [("denied", "locked-down")]
-        assert 'sealstore_guard_calls_total{result="locked-down"} 1' in g.metrics.render()
+        assert (
+            'sealstore_guard_calls_total{result="locked-down"} 1.0'
+            in g.metrics.render().splitlines()
+        )
     finally:
         model.sealstore_guard.remove()
 

@@ -1,0 +1,329 @@
+"""The detectors: the features of a query, the per-caller windows, and the three tests.
+
+Rate / volume (sliding windows against caps and the caller's usual rate),
+extraction (PRADA: nearest-query distances, KS against a reference sample or
+Shapiro-Wilk) and out-of-distribution (norms and nearest reference point).
+Each detector takes the caller's state and returns its findings; the hook
+(``hook.py``) decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sealstore.loaders.inference_guard.policy import ExtractionPolicy, OodPolicy, RatePolicy
+
+_EPS = 1e-6  # a distance below this is the same query again: it teaches nothing new
+
+
+# -- features ---------------------------------------------------------------------------
+
+
+def default_features(model: Any) -> Callable[[tuple, dict], Any]:
+    """Mean-pooled input embeddings (token ids), else the rows of a float input."""
+    import torch
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+
+    def features(args: tuple, kwargs: dict) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point():
+            ids = args[0]
+        with torch.no_grad():
+            if ids is not None and emb is not None:
+                ids = ids if ids.dim() == 2 else ids.reshape(1, -1)
+                e = emb(ids).float()
+                mask = kwargs.get("attention_mask")
+                if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
+                    mask = args[1]
+                if mask is None:
+                    return e.mean(1).cpu()
+                m = mask.reshape(ids.shape).to(e.dtype).unsqueeze(1)  # [B, 1, L]
+                return (torch.bmm(m, e).squeeze(1) / m.sum(2).clamp(min=1)).cpu()
+            x = kwargs.get("inputs_embeds")
+            if x is None:
+                x = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+            if x is None:
+                return None
+            x = x.float()
+            if x.dim() == 3:
+                return x.mean(1).cpu()
+            return x.reshape(x.shape[0], -1).cpu() if x.dim() > 1 else x.reshape(1, -1).cpu()
+
+    return features
+
+
+def _reference_batches(reference: Any) -> list[tuple[tuple, dict]]:
+    items = reference if isinstance(reference, list | tuple) else [reference]
+    out = []
+    for item in items:
+        if isinstance(item, Mapping):
+            out.append(((), dict(item)))
+        else:
+            out.append(((item,), {}))
+    return out
+
+
+@dataclass
+class Reference:
+    """Statistics of the reference sample, computed once at attach time."""
+
+    size: int
+    nn_sorted: Any  # float64 numpy: each reference point's distance to its nearest other one
+    norm_lo: float
+    norm_hi: float
+    nn_max: float
+    points: Any  # torch [N, D]
+    points_sq: Any  # torch [N]: squared norms
+
+    @classmethod
+    def of(cls, feats: Any, ood: OodPolicy) -> Reference:
+        import numpy as np
+        import torch
+
+        if feats is None or feats.dim() != 2 or feats.shape[0] < 20:
+            raise ValueError("a guard reference sample needs at least 20 inputs")
+        nn = torch.empty(feats.shape[0])
+        for i in range(0, feats.shape[0], 1024):  # bounded memory for big samples
+            d = torch.cdist(feats[i : i + 1024], feats)
+            d[:, i : i + 1024].fill_diagonal_(float("inf"))
+            nn[i : i + 1024] = d.min(1).values
+        nn = nn.double().numpy()
+        norms = feats.norm(dim=1).double().numpy()
+        lo, hi = np.quantile(norms, [ood.norm_quantile, 1 - ood.norm_quantile])
+        return cls(
+            size=int(feats.shape[0]),
+            nn_sorted=np.sort(nn),
+            norm_lo=float(lo),
+            norm_hi=float(hi),
+            nn_max=float(np.quantile(nn, ood.nn_quantile)),
+            points=feats,
+            points_sq=(feats * feats).sum(1),
+        )
+
+    def nearest(self, feats: Any) -> Any:
+        """Each row's distance to its nearest reference point (one matrix product)."""
+        d2 = _sq_dist(feats, (feats * feats).sum(1), self.points, self.points_sq)
+        return d2.min(1).values.clamp(min=0).sqrt()
+
+
+# -- per-caller state -----------------------------------------------------------------------
+
+
+class _Window:
+    """A sliding count in 60 buckets, and an EWMA of past windows' counts (the baseline)."""
+
+    ALPHA = 0.3
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.bucket = seconds / 60
+        self.buckets: deque[list[float]] = deque()
+        self.total = 0
+        self.baseline: float | None = None
+        self.period_start: float | None = None
+        self.period = 0
+
+    def add(self, now: float, n: int) -> int:
+        if self.period_start is None:
+            self.period_start = now
+        elapsed = now - self.period_start
+        if elapsed >= self.seconds:
+            done = int(elapsed // self.seconds)
+            b = self.period if self.baseline is None else self.baseline
+            b = self.ALPHA * self.period + (1 - self.ALPHA) * b
+            self.baseline = b * (1 - self.ALPHA) ** (done - 1)  # idle windows count as 0
+            self.period, self.period_start = 0, self.period_start + done * self.seconds
+        self.period += n
+        idx = math.floor(now / self.bucket)
+        while self.buckets and self.buckets[0][0] <= idx - 60:
+            self.total -= int(self.buckets.popleft()[1])
+        if self.buckets and self.buckets[-1][0] == idx:
+            self.buckets[-1][1] += n
+        else:
+            self.buckets.append([idx, n])
+        self.total += n
+        return self.total
+
+
+class _Caller:
+    def __init__(self, rate: RatePolicy, history: int, ext: ExtractionPolicy, ood: OodPolicy):
+        self.short = _Window(rate.window)
+        self.long = _Window(rate.volume_window)
+        self.history = history
+        self.hist: Any = None  # torch [history, D] ring
+        self.hist_sq: Any = None
+        self.count = 0  # rows stored (<= history)
+        self.pos = 0
+        self.dmins: deque[float] = deque(maxlen=ext.window)
+        self.since_test = 0
+        self.ood: deque[bool] = deque(maxlen=ood.window)
+        self.queries = 0
+        self.penalty: tuple[str, float | None, str] | None = None  # (response, until, detector)
+        self.tokens = 1.0
+        self.token_time = 0.0
+        self.fired: dict[str, float] = {}  # detector -> when it last fired
+        self.last_seen = 0.0
+
+    def clear(self) -> None:
+        """Forget the detector windows and which detectors fired: after a lift or when a
+        penalty ends, the caller starts over (its refused calls were never observed)."""
+        self.dmins.clear()
+        self.ood.clear()
+        self.since_test = 0
+        self.fired.clear()
+
+    def remember(self, feats: Any) -> Any:
+        """Each row's distance to the nearest earlier query (this batch's earlier rows too),
+        then store the rows; returns a float tensor [B] (inf for the very first query)."""
+        import torch
+
+        b, dim = feats.shape
+        if self.hist is not None and self.hist.shape[1] != dim:
+            self.hist, self.count, self.pos = None, 0, 0  # inputs of another shape: start over
+        sq = (feats * feats).sum(1)
+        best = torch.full((b,), float("inf"))
+        if self.count:
+            h, hs = self.hist[: self.count], self.hist_sq[: self.count]
+            best = _sq_dist(feats, sq, h, hs).min(1).values
+        if b > 1:
+            inner = _sq_dist(feats, sq, feats, sq).masked_fill(
+                ~torch.ones(b, b, dtype=torch.bool).tril(-1), float("inf")
+            )
+            best = torch.minimum(best, inner.min(1).values)
+        rows = feats[-self.history :]
+        # The ring grows by doubling up to *history* rows: a caller with a few
+        # queries costs a few rows, not the whole window.
+        cap = 0 if self.hist is None else self.hist.shape[0]
+        need = min(self.history, self.count + rows.shape[0])
+        if need > cap:
+            grown = min(self.history, max(2 * cap, need, 64))
+            hist, hist_sq = torch.empty(grown, dim), torch.empty(grown)
+            if cap:
+                hist[:cap], hist_sq[:cap] = self.hist, self.hist_sq
+            self.hist, self.hist_sq = hist, hist_sq
+        idx = (self.pos + torch.arange(rows.shape[0])) % self.history
+        self.hist[idx] = rows
+        self.hist_sq[idx] = sq[-self.history :]
+        self.pos = int((self.pos + rows.shape[0]) % self.history)
+        self.count = min(self.history, self.count + rows.shape[0])
+        return best.clamp(min=0).sqrt()
+
+
+@dataclass
+class Finding:
+    caller: str
+    detector: str
+    statistic: float
+    threshold: float
+    detail: str
+
+
+# -- the detectors ----------------------------------------------------------------------
+
+
+def rate_findings(pol: RatePolicy, c: _Caller, caller: str, now: float, n: int) -> list[Finding]:
+    """The rate and volume detectors: one call of *n* rows by *caller* at *now*."""
+    if not pol.enabled:
+        return []
+    out = []
+    for det, win, cap, floor in (
+        ("rate", c.short, pol.max_queries, pol.floor),
+        ("volume", c.long, pol.max_volume, pol.volume_floor),
+    ):
+        total = win.add(now, n)
+        usual = pol.factor * win.baseline if win.baseline is not None else 0.0
+        if cap is not None and total > cap:
+            out.append(Finding(caller, det, total, cap, f"{total} queries in "
+                               f"{win.seconds:g} s, over the cap of {cap}"))  # fmt: skip
+        elif total > max(floor, usual):
+            why = (f"{pol.factor:g}x the caller's usual {win.baseline:.0f}" if usual > floor
+                   else f"the floor of {floor} (no usual rate above it)")  # fmt: skip
+            text = f"{total} queries in {win.seconds:g} s, over {why}"
+            out.append(Finding(caller, det, total, max(floor, usual), text))
+    return out
+
+
+def extraction_findings(
+    ext: ExtractionPolicy,
+    test: str,
+    reference: Reference | None,
+    c: _Caller,
+    caller: str,
+    feats: Any,
+) -> list[Finding]:
+    """The extraction detector (PRADA): *test* is ``"ks"`` (against *reference*) or
+    ``"shapiro"``."""
+    if not ext.enabled:
+        return []
+    d = c.remember(feats)
+    for v in d.tolist():
+        if _EPS < v < float("inf"):
+            c.dmins.append(v)
+            c.since_test += 1
+    if len(c.dmins) < ext.min_queries or c.since_test < ext.every:
+        return []
+    c.since_test = 0
+    window = list(c.dmins)
+    if test == "ks":
+        assert reference is not None
+        stat = ks_below(window, reference.nn_sorted)
+        if stat > ext.ks_threshold:
+            return [Finding(caller, "extraction", stat, ext.ks_threshold,
+                            f"KS D+ {stat:.3f} over {len(window)} nearest-query distances: "
+                            "the caller's queries sit far closer together than natural "
+                            "traffic's")]  # fmt: skip
+        return []
+    from scipy import stats
+
+    w = float(stats.shapiro(window).statistic)
+    if w < ext.shapiro_threshold:
+        return [Finding(caller, "extraction", w, ext.shapiro_threshold,
+                        f"Shapiro-Wilk W {w:.3f} over {len(window)} nearest-query "
+                        "distances: not the normal shape of natural traffic")]  # fmt: skip
+    return []
+
+
+def ood_findings(
+    pol: OodPolicy, ref: Reference | None, c: _Caller, caller: str, feats: Any
+) -> list[Finding]:
+    """The out-of-distribution detector: the share of the caller's recent queries outside
+    the reference's norms or nearest-neighbour distances (*ref*)."""
+    if not pol.enabled or ref is None:
+        return []
+    norms = feats.norm(dim=1)
+    nn = ref.nearest(feats)
+    out = (norms < ref.norm_lo) | (norms > ref.norm_hi) | (nn > ref.nn_max)
+    c.ood.extend(out.tolist())
+    if len(c.ood) < pol.min_queries:
+        return []
+    share = sum(c.ood) / len(c.ood)
+    if share > pol.max_fraction:
+        return [Finding(caller, "ood", share, pol.max_fraction,
+                        f"{share:.0%} of the last {len(c.ood)} queries are out of the "
+                        "reference distribution")]  # fmt: skip
+    return []
+
+
+def ks_below(sample: Sequence[float], reference_sorted: Any) -> float:
+    """One-sided two-sample Kolmogorov-Smirnov statistic D+ = sup(F_sample - F_reference):
+    how much of *sample* lies below values where the reference has less mass."""
+    import numpy as np
+
+    w = np.sort(np.asarray(sample, dtype=np.float64))
+    n = len(w)
+    ref = np.searchsorted(reference_sorted, w, side="right") / len(reference_sorted)
+    # F_sample jumps to i/n at w[i-1]; compare just after each jump.
+    return float(np.max(np.arange(1, n + 1) / n - ref))
+
+
+def _sq_dist(a: Any, a_sq: Any, b: Any, b_sq: Any) -> Any:
+    """Squared distances between the rows of *a* and of *b* (with their squared norms):
+    one matrix product, not an [A, B, dim] difference."""
+    return a_sq[:, None] + b_sq[None, :] - 2 * a @ b.T

@@ -1,0 +1,468 @@
+"""The hook: the guard on one module, attributing each forward call and answering findings."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+from sealstore.errors import InferenceRefused, KeyReleaseDenied
+from sealstore.loaders.inference_guard.detectors import (
+    Finding,
+    Reference,
+    _Caller,
+    _reference_batches,
+    default_features,
+    extraction_findings,
+    ood_findings,
+    rate_findings,
+)
+from sealstore.loaders.inference_guard.policy import GuardPolicy, Target, _policy
+from sealstore.loaders.inference_guard.standing import (
+    _standing_source,
+    brokers_for,
+    standing_sources,
+)
+from sealstore.watch import Alerts, Metrics, serve_metrics
+
+log = logging.getLogger("sealstore.guard")
+
+CALLER: ContextVar[str | None] = ContextVar("sealstore_caller", default=None)
+ANONYMOUS = "-"
+
+HELP = {
+    "sealstore_guard_calls_total": ("counter", "Guarded forward calls by result."),
+    "sealstore_guard_queries_total": ("counter", "Samples (batch rows) observed."),
+    "sealstore_guard_findings_total": ("counter", "Findings by detector and response."),
+    "sealstore_guard_alerts_total": ("counter", "Alerts raised, by kind."),
+    "sealstore_guard_audit_failures_total": ("counter", "Findings not written to the audit log."),
+    "sealstore_guard_observe_seconds": ("histogram", "Time the guard adds to a forward call."),
+}
+LABELS = {
+    "sealstore_guard_calls_total": ("result",),
+    "sealstore_guard_queries_total": (),
+    "sealstore_guard_findings_total": ("detector", "response"),
+    "sealstore_guard_alerts_total": ("kind",),
+    "sealstore_guard_audit_failures_total": (),
+}
+_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+def _check_caller(caller: Any) -> str:
+    if not isinstance(caller, str) or not 0 < len(caller) <= 128 or not caller.isprintable():
+        raise ValueError(f"a caller id is 1-128 printable characters, not {caller!r:.60}")
+    return caller
+
+
+@contextlib.contextmanager
+def as_caller(caller: str) -> Iterator[None]:
+    """Attribute the guarded forward calls made inside the block to *caller*."""
+    token = CALLER.set(_check_caller(caller))
+    try:
+        yield
+    finally:
+        CALLER.reset(token)
+
+
+# -- the guard ------------------------------------------------------------------------------
+
+
+class Guard:
+    """The guard on one module (``model.sealstore_guard``); made by :func:`guard`."""
+
+    def __init__(
+        self,
+        model: Any,
+        policy: GuardPolicy,
+        *,
+        target: Target | None = None,
+        standing: Sequence[Any] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.target = target or Target(policy.name or type(model).__name__)
+        self._clock = clock
+        self._features = policy.features or default_features(model)
+        self._lock = threading.Lock()
+        self._callers: dict[str, _Caller] = {}
+        self.metrics = Metrics(HELP, buckets=_BUCKETS, labels=LABELS)
+        self.alerts = Alerts(policy.webhook, self.metrics, source=self.target.name,
+                             prefix="sealstore_guard")  # fmt: skip
+        self.metrics.gauge("sealstore_guard_callers", "Callers tracked.",
+                           lambda: len(self._callers))  # fmt: skip
+        self.metrics.gauge("sealstore_guard_penalized", "Callers throttled or refused now.",
+                           self._penalized)  # fmt: skip
+        self.metrics.gauge("sealstore_guard_locked", "1 while a lockdown stops the model.",
+                           lambda: float(self._stopped is not None))  # fmt: skip
+        self.reference: Reference | None = None
+        if policy.reference is not None:
+            self.reference = Reference.of(self._featurize_reference(policy.reference), policy.ood)
+        ext = policy.extraction
+        self._test = ext.test if ext.test != "auto" else ("ks" if self.reference else "shapiro")
+        if self._test == "ks" and self.reference is None:
+            raise ValueError("the extraction test 'ks' needs a reference sample (policy.reference)")
+        self._history = ext.history or (self.reference.size if self.reference else 1000)
+        self._audit_log: Any = None
+        self.recent: deque[Finding] = deque(maxlen=1000)  # the latest findings, oldest first
+        # Incident response at the broker: a poller keeps the latest answer.
+        self._sources = [_standing_source(s) for s in standing]
+        self._stopped: tuple[str, str] | None = None
+        self._answered = time.monotonic()
+        self._recorded_stop: tuple[str, str] | None = None
+        self._done = threading.Event()
+        self._poller: threading.Thread | None = None
+        if self._sources:
+            self._poll_once()
+            self._poller = threading.Thread(target=self._poll, name="guard-standing", daemon=True)
+            self._poller.start()
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._model_ref = model
+
+    def __repr__(self) -> str:
+        return f"Guard({self.target.name!r}, callers={len(self._callers)})"
+
+    # -- attach / detach ----------------------------------------------------------------
+    def remove(self) -> None:
+        """Take the guard off the model (stops the standing poller)."""
+        self._handle.remove()
+        self._done.set()
+        if getattr(self._model_ref, "sealstore_guard", None) is self:
+            del self._model_ref.sealstore_guard
+
+    def _featurize_reference(self, reference: Any) -> Any:
+        import torch
+
+        parts = [self._features(a, k) for a, k in _reference_batches(reference)]
+        if any(p is None for p in parts):
+            raise ValueError("the guard's features take nothing from the reference inputs")
+        return torch.cat(parts).float()
+
+    # -- the hook -------------------------------------------------------------------------
+    def _hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        start = time.perf_counter()
+        caller = kwargs.pop("caller", None)
+        caller = _check_caller(caller) if caller is not None else CALLER.get()
+        if caller is None:
+            if self.policy.require_caller:
+                self._refuse(ANONYMOUS, "no-caller", "this model's guard requires a caller id")
+            caller = ANONYMOUS
+        self._check_standing(caller)
+        feats = self._features(args, kwargs)
+        self.observe(caller, feats, rows=_rows(args, kwargs, feats))
+        self.metrics.observe(time.perf_counter() - start)
+        self.metrics.inc("sealstore_guard_calls_total", {"result": "ok"})
+        return args, kwargs
+
+    def screen(self, *args: Any, **kwargs: Any) -> None:
+        """What the hook does for a forward call with these arguments (``caller=`` too),
+        without the forward: for a server that screens a request before queueing it.
+
+        Raises:
+            InferenceRefused: the caller may not make this call now.
+        """
+        self._hook(None, args, dict(kwargs))
+
+    def observe(self, caller: str, feats: Any, *, rows: int | None = None) -> list[Finding]:
+        """Account one call of *caller* (its rows' features, or None), run the detectors,
+        answer findings; raises InferenceRefused if the caller may not make this call.
+
+        What the hook does for each forward call; public so that a server can
+        guard calls that do not go through ``forward`` (and for evaluation).
+        """
+        now = self._clock()
+        n = int(rows if rows is not None else (feats.shape[0] if feats is not None else 1))
+        findings: list[Finding] = []
+        with self._lock:
+            c = self._caller(caller, now)
+            self._penalty_gate(c, caller, now)
+            c.queries += n
+            self.metrics.inc("sealstore_guard_queries_total", value=n)
+            findings += rate_findings(self.policy.rate, c, caller, now, n)
+            if feats is not None and feats.shape[0]:
+                feats = feats.float().reshape(feats.shape[0], -1)
+                findings += extraction_findings(
+                    self.policy.extraction, self._test, self.reference, c, caller, feats
+                )
+                findings += ood_findings(self.policy.ood, self.reference, c, caller, feats)
+            fresh = [f for f in findings if self._fresh(c, f, now)]
+        for f in fresh:
+            self._answer(c, f, now)
+        if any(self.policy.response_for(f.detector) != "log" for f in fresh):
+            with self._lock:  # the call that drew the penalty is answered by it too
+                self._penalty_gate(c, caller, now)
+        return fresh
+
+    # -- answering ----------------------------------------------------------------------
+    def _fresh(self, c: _Caller, f: Finding, now: float) -> bool:
+        """One finding per caller and detector per penalty period (no alert storms)."""
+        last = c.fired.get(f.detector)
+        quiet = self.policy.penalty or 600.0
+        if last is not None and now - last < quiet:
+            return False
+        c.fired[f.detector] = now
+        return True
+
+    def _answer(self, c: _Caller, f: Finding, now: float) -> None:
+        response = self.policy.response_for(f.detector)
+        self.recent.append(f)
+        self.metrics.inc("sealstore_guard_findings_total",
+                         {"detector": f.detector, "response": response})  # fmt: skip
+        log.warning("guard %s: %s finding for caller %s: %s -> %s", self.target.name,
+                    f.detector, f.caller, f.detail, response)  # fmt: skip
+        try:
+            self._record(
+                "guard.finding",
+                decision="flagged",
+                code=f.detector,
+                reason=f.detail,
+                detail={"caller": f.caller, "response": response, "queries": c.queries,
+                        "statistic": round(f.statistic, 4),
+                        "threshold": round(float(f.threshold), 4)},
+            )  # fmt: skip
+        except Exception as exc:  # whatever the cause, fail closed: no unrecorded finding
+            self.metrics.inc("sealstore_guard_audit_failures_total")
+            log.error("guard %s: finding not recorded: %s: %s", self.target.name,
+                      type(exc).__name__, exc)  # fmt: skip
+            with self._lock:
+                c.fired.pop(f.detector, None)  # detected again on the next call
+            self.metrics.inc("sealstore_guard_calls_total", {"result": "audit-unavailable"})
+            raise InferenceRefused(
+                f"{self.target.name}: a finding about caller {f.caller!r} could not be recorded "
+                "in the audit log; refusing the call",
+                "audit-unavailable",
+                f.caller,
+            ) from None
+        self.alerts.fire(
+            f"guard.{f.detector}",
+            model=self.target.name,
+            tenant=self.target.tenant,
+            artifact=self.target.artifact,
+            caller=f.caller,
+            response=response,
+            statistic=round(f.statistic, 4),
+        )
+        if response != "log":
+            until = None if self.policy.penalty is None else now + self.policy.penalty
+            with self._lock:
+                if c.penalty is None or c.penalty[0] != "refuse":
+                    c.penalty = (response, until, f.detector)
+                    c.tokens, c.token_time = 1.0, now
+
+    def _penalty_gate(self, c: _Caller, caller: str, now: float) -> None:
+        if c.penalty is None:
+            return
+        response, until, detector = c.penalty
+        if until is not None and now >= until:
+            c.penalty = None
+            c.clear()
+            return
+        if response == "refuse":
+            self._refuse(caller, "refused", f"caller {caller!r} is refused after a {detector} "
+                         "finding")  # fmt: skip
+        rate = self.policy.throttle_rate
+        c.tokens = min(1.0, c.tokens + (now - c.token_time) * rate)
+        c.token_time = now
+        if c.tokens < 1.0:
+            self._refuse(caller, "throttled", f"caller {caller!r} is throttled to "
+                         f"{rate:g} call(s)/s after a {detector} finding")  # fmt: skip
+        c.tokens -= 1.0
+
+    def _refuse(self, caller: str, code: str, why: str) -> None:
+        self.metrics.inc("sealstore_guard_calls_total", {"result": code})
+        raise InferenceRefused(f"{self.target.name}: {why}", code, caller)
+
+    def _caller(self, caller: str, now: float) -> _Caller:
+        c = self._callers.get(caller)
+        if c is None:
+            if len(self._callers) >= self.policy.max_callers:
+                # Forget the longest-idle caller that has no penalty.
+                idle = [(v.last_seen, k) for k, v in self._callers.items() if v.penalty is None]
+                if idle:
+                    del self._callers[min(idle)[1]]
+            pol = self.policy
+            c = self._callers[caller] = _Caller(pol.rate, self._history, pol.extraction, pol.ood)
+        c.last_seen = now
+        return c
+
+    def _penalized(self) -> float:
+        now = self._clock()
+        with self._lock:
+            return float(
+                sum(1 for c in self._callers.values()
+                    if c.penalty is not None and (c.penalty[1] is None or c.penalty[1] > now))
+            )  # fmt: skip
+
+    # -- operator ---------------------------------------------------------------------------
+    def lift(self, caller: str | None = None) -> list[str]:
+        """End the throttle or refusal of *caller* (None: of every caller); returns who."""
+        with self._lock:
+            names = [caller] if caller is not None else list(self._callers)
+            lifted = []
+            for name in names:
+                c = self._callers.get(name)
+                if c is not None and c.penalty is not None:
+                    c.penalty = None
+                    c.clear()
+                    lifted.append(name)
+        if lifted:
+            self._record("guard.lift", decision="ok", detail={"callers": lifted[:64]})
+        return lifted
+
+    def status(self) -> dict[str, Any]:
+        """Callers with a penalty, and the lockdown state (names and codes only)."""
+        now = self._clock()
+        with self._lock:
+            penalized = {
+                k: {"response": c.penalty[0], "detector": c.penalty[2],
+                    "seconds_left": None if c.penalty[1] is None else round(c.penalty[1] - now, 1)}
+                for k, c in self._callers.items()
+                if c.penalty is not None and (c.penalty[1] is None or c.penalty[1] > now)
+            }  # fmt: skip
+        return {
+            "model": self.target.name,
+            "callers": len(self._callers),
+            "penalized": penalized,
+            "stopped": None if self._stopped is None else dict(zip(("code", "reason"),
+                                                                   self._stopped, strict=True)),
+        }  # fmt: skip
+
+    def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> Any:
+        """Answer ``GET /metrics`` on *host:port* (loopback by default); returns the server."""
+        return serve_metrics(self.metrics.render, host, port)
+
+    # -- audit --------------------------------------------------------------------------
+    def _record(self, action: str, **fields: Any) -> None:
+        t = self.target
+        detail = {"model": t.name, **fields.pop("detail", {})}
+        if t.store is not None:
+            from sealstore.vault.auditing import record
+
+            record(t.store, action, tenant=t.tenant, artifact=t.artifact, version=t.version,
+                   detail=detail, **fields)  # fmt: skip
+            return
+        from sealstore.vault.auditing import principal
+
+        self._log().append(who=principal(), action=action, tenant=t.tenant, artifact=t.artifact,
+                           version=t.version, detail=detail, **fields)  # fmt: skip
+
+    def _log(self) -> Any:
+        if self._audit_log is None:
+            from sealstore.vault.auditing import machine_log
+
+            self._audit_log = machine_log(self.policy.audit)
+        return self._audit_log
+
+    # -- lockdown -------------------------------------------------------------------------
+    def _check_standing(self, caller: str) -> None:
+        if not self._sources:
+            return
+        stopped = self._stopped
+        if stopped is not None:
+            self._refuse(caller, stopped[0], stopped[1])
+        if time.monotonic() - self._answered > self.policy.lockdown_grace:
+            self._refuse(caller, "standing-unknown", "the broker has not confirmed this model's "
+                         f"standing for over {self.policy.lockdown_grace:g} s")  # fmt: skip
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.policy.lockdown_poll):
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        stopped = None
+        try:
+            for source in self._sources:
+                state, reason = source()
+                if state != "ok":
+                    stopped = (state, reason)
+                    break
+        except KeyReleaseDenied as exc:  # no role in the tenant any more: stop
+            stopped = ("locked-out", str(exc))
+        except Exception as exc:  # an outage stops the model once the grace is over
+            log.warning("guard %s: standing check failed: %s: %s", self.target.name,
+                        type(exc).__name__, exc)  # fmt: skip
+            return
+        self._answered = time.monotonic()
+        self._stopped = stopped
+        if stopped is not None and stopped != self._recorded_stop:
+            log.error("guard %s: stopped by incident response: %s", self.target.name, stopped[1])
+            self.alerts.fire("guard.stopped", model=self.target.name, code=stopped[0])
+            try:
+                self._record("guard.stopped", decision="denied", code=stopped[0],
+                             reason=stopped[1])  # fmt: skip
+            except Exception as exc:  # the stop holds whether or not it is recorded
+                self.metrics.inc("sealstore_guard_audit_failures_total")
+                log.error("guard %s: stop not recorded: %s: %s", self.target.name,
+                          type(exc).__name__, exc)  # fmt: skip
+        self._recorded_stop = stopped
+
+
+def _rows(args: tuple, kwargs: dict, feats: Any) -> int:
+    if feats is not None:
+        return int(feats.shape[0])
+    for x in (*args, *kwargs.values()):
+        shape = getattr(x, "shape", None)
+        if shape:
+            return int(shape[0])
+    return 1
+
+
+def guard(
+    model: Any,
+    *,
+    policy: GuardPolicy | Mapping[str, Any] | None = None,
+    target: Target | None = None,
+    standing: Sequence[Any] = (),
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
+    """Guard *model* (a torch module) in place and return it; ``model.sealstore_guard``
+    is the :class:`Guard` (metrics, status, lift, remove).
+
+    Raises:
+        ValueError: a bad policy, or a module that is guarded already.
+    """
+    policy = GuardPolicy() if policy is None else _policy(policy)
+    if getattr(model, "sealstore_guard", None) is not None:
+        raise ValueError("this module is guarded already (model.sealstore_guard.remove() first)")
+    sources = standing_sources(policy, standing)
+    g = Guard(model, policy, target=target, standing=sources, clock=clock)
+    model.sealstore_guard = g
+    return model
+
+
+def guard_loaded(
+    module: Any,
+    spec: Any,
+    sealed: Any = None,
+    *,
+    manifest: Any = None,
+    store: Any = None,
+    identities: Sequence[Any] = (),
+) -> Any:
+    """Guard *module*, just loaded from *sealed* (a SealedFile) or a store *manifest*:
+    findings are recorded against that artifact (in its store's audit log), and
+    ``lockdown="auto"`` watches the brokers its key slots name."""
+    policy = _policy(spec)
+    manifest = manifest or getattr(sealed, "source_manifest", None)
+    store = store or getattr(sealed, "source_store", None)
+    if manifest is not None:
+        ctx = dict(manifest.context)
+        slots = manifest.slots
+    else:
+        ctx = dict(sealed.header.context) if sealed is not None else {}
+        slots = sealed.preamble.slots if sealed is not None else ()
+        store = None
+    artifact, version = ctx.get("artifact"), ctx.get("version")
+    name = policy.name or (f"{artifact}:{version}" if artifact and version else artifact)
+    target = Target(
+        name or type(module).__name__,
+        tenant=ctx.get("tenant"),
+        artifact=artifact,
+        version=version,
+        store=store,
+    )
+    return guard(module, policy=policy, target=target, standing=brokers_for(slots, identities))
