@@ -31,7 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sealstore.enclave.broker import LOCAL_PEERS, Broker, Refused, log
 from sealstore.enclave.broker_config import BrokerConfig, Identity
 
-__all__ = ["MAX_BODY", "create_app", "serve"]
+__all__ = ["MAX_BODY", "create_app", "parse_body", "serve"]
 
 MAX_BODY = 256 * 1024
 
@@ -62,6 +62,21 @@ def _clean(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body: a JSON object (the routes check its fields).
+
+    Raises:
+        Refused: ``bad-request`` (400): not JSON, or not an object.
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Refused("bad-request", "the body is not JSON", 400) from None
+    if not isinstance(obj, dict):
+        raise Refused("bad-request", "the body is not a JSON object", 400)
+    return obj
+
+
 def create_app(broker: Broker) -> Any:
     """The FastAPI application over *broker*."""
     app = FastAPI(title="sealstore key-release broker", docs_url=None, redoc_url=None,
@@ -87,13 +102,7 @@ def create_app(broker: Broker) -> Any:
             raw += part
             if len(raw) > MAX_BODY:
                 raise Refused("too-large", f"a body over {MAX_BODY} bytes", 413)
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise Refused("bad-request", "the body is not JSON", 400) from None
-        if not isinstance(obj, dict):
-            raise Refused("bad-request", "the body is not a JSON object", 400)
-        return obj
+        return parse_body(raw)
 
     def refuse(request: Request, exc: Refused, ident: Identity | None, what: dict) -> JSONResponse:
         log.warning(
