@@ -227,6 +227,10 @@ def _body_doc(name: str) -> dict[str, Any]:
     }
 
 
+_METRICS = {
+    "description": "Prometheus text exposition",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
 _AUTH = {"security": [{"bearer": []}, {"mtls": []}]}
 
 
@@ -238,6 +242,8 @@ def openapi_schema() -> dict[str, Any]:
     """
     # The routes are only declared here: no handler runs, so no Broker is needed.
     doc = create_app(None).openapi()  # type: ignore[arg-type]
+    # FastAPI lists JSON for every 200; the metrics are text only.
+    doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"].pop("application/json")
     doc.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer"},
         "mtls": {"type": "mutualTLS"},
@@ -292,7 +298,8 @@ def create_app(broker: Broker) -> Any:
             raise Refused("remote-disabled", f"{what} from {_clean(peer)}: not enabled in the "
                           "config for callers on other hosts")  # fmt: skip
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=_refusals(403))
+    # Not response_class=PlainTextResponse: that would list the JSON refusal as text too.
+    @app.get("/metrics", responses={200: _METRICS, **_refusals(403)})
     def metrics(request: Request) -> Any:
         try:
             local_only(request, broker.config.metrics_remote, "metrics")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
@@ -164,11 +163,9 @@ def test_the_document_lists_every_route_and_refusal() -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 def test_no_answer_is_a_500_or_undocumented(case: schemathesis.Case, served: Served) -> None:
-    session = requests.Session()
-    session.verify = str(served.pki.ca)
     case.call_and_validate(
         base_url=f"https://127.0.0.1:{served.port}",
-        session=session,
+        verify=str(served.pki.ca),
         headers={"Authorization": f"Bearer {TOKENS['trainer']}"},
         checks=[
             schemathesis.checks.not_a_server_error,
