@@ -20,9 +20,11 @@ from sealstore.errors import AttestationError
 
 __all__ = ["check_validity", "common_name", "issued_by", "load_certificates", "spki_sha256"]
 
-# What cryptography raises for a certificate it cannot read: not all are ValueErrors.
+# What cryptography raises for a certificate it cannot read: not all are ValueErrors
+# (a name attribute of the wrong ASN.1 type is a TypeError).
 _MALFORMED = (
     ValueError,
+    TypeError,
     UnsupportedAlgorithm,
     x509.DuplicateExtension,
     x509.InvalidVersion,
