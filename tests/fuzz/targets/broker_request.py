@@ -35,7 +35,9 @@ from tests.fuzz.targets import tpm_attest
 NAME = "broker_request"
 EXPECTED = (Refused,)
 _ROUTES = ("challenge", "standing", "release")
-_DIR = Path(tempfile.mkdtemp(prefix="sealstore-fuzz-broker-"))
+# Removed when the process ends (the config, the AK and the audit key live here).
+_TMP = tempfile.TemporaryDirectory(prefix="sealstore-fuzz-broker-", ignore_cleanup_errors=True)
+_DIR = Path(_TMP.name)
 
 
 def _broker() -> Broker:
