@@ -9,10 +9,8 @@ A refusal answers ``{"error": CODE}`` with 400, 401, 403, 413, 429, 502 or
 503, and logs the reason. TLS always; client certificates are asked for
 when the config has ``client_ca`` and verified by the TLS layer.
 
-The OpenAPI document (``openapi_schema()``) says, per route, the body it
-reads and every refusal it answers; it is generated in-process, not served:
-the only clients are sealstore's own, and a broker that holds keys answers
-nothing it does not need to. The tests fuzz the running broker against it.
+The OpenAPI document (``broker_openapi.openapi_schema()``) says, per route,
+the body it reads and every refusal it answers; it is not served.
 
 No remote root: the admin routes and the metrics answer only callers on this
 host (loopback) unless the config's ``admin.remote`` / ``metrics.remote``
@@ -31,13 +29,23 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sealstore.enclave.broker import LOCAL_PEERS, Broker, Refused, log
 from sealstore.enclave.broker_config import BrokerConfig, Identity
+from sealstore.enclave.broker_openapi import (
+    AUTH,
+    METRICS,
+    AdminOut,
+    ChallengeOut,
+    Health,
+    ReleaseOut,
+    StandingOut,
+    body_doc,
+    refusals,
+)
 
-__all__ = ["MAX_BODY", "REFUSALS", "create_app", "openapi_schema", "parse_body", "serve"]
+__all__ = ["MAX_BODY", "create_app", "parse_body", "serve"]
 
 MAX_BODY = 256 * 1024
 
@@ -81,174 +89,6 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Refused("bad-request", "the body is not a JSON object", 400)
     return obj
-
-
-# -- the OpenAPI document: bodies and refusals (documentation only) -----------------
-#
-# The routes read their bodies themselves (``parse_body``), so that a bad field
-# is a refusal with a code, never FastAPI's 422: the request schemas below only
-# document, through ``openapi_extra``, and the models are ``responses=``, not
-# ``response_model=`` (which would filter what a route returns).
-
-
-class Refusal(BaseModel):
-    """Every refusal: a code only; the reason goes to the broker's log."""
-
-    error: str = Field(pattern=r"^[a-z0-9-]+$", description="what was refused, see the status")
-
-
-class ChallengeOut(BaseModel):
-    nonce: str = Field(description="32 random bytes, base64; single use")
-    expires: float = Field(description="seconds since the epoch")
-    evidence: list[str] = Field(description="the evidence kinds the artifact's rule accepts")
-    tpm_pcrs: str | None = Field(None, description="the PCRs a TPM quote must cover")
-
-
-class ReleaseOut(BaseModel):
-    sealed: str = Field(description="the data key in a NaCl sealed box to public_key, base64")
-
-
-class StandingOut(BaseModel):
-    standing: str = Field(description="ok, locked-down or locked-out")
-    reason: str
-
-
-class AdminOut(BaseModel):
-    lockdowns: dict[str, str]
-    lockouts: dict[str, str]
-    lifted: bool | None = None
-
-
-class Health(BaseModel):
-    status: str
-
-
-_ATTESTATION = (
-    "the verifier's own codes: tpm-*, snp-*, tdx-*, cert-* (docs/ATTESTATION.md), "
-    "evidence-format, evidence-kind"
-)
-# status -> the codes a route may answer with it. Each route lists the statuses
-# it can reach; tests/test_broker_schema.py reaches each one on a running broker.
-REFUSALS: dict[int, str] = {
-    400: "bad-request: the body is not a JSON object, or a field is missing or malformed",
-    401: "unauthenticated: no bearer token or client certificate, or one naming no identity",
-    403: "not-permitted, locked-down, locked-out, remote-disabled; on a release also "
-    "challenge-unknown, challenge-mismatch, challenge-expired, key-unavailable and " + _ATTESTATION,
-    413: "too-large: a body over 256 KiB",
-    429: "throttled (releases far above the identity's usual rate), busy (too many "
-    "challenges outstanding for this identity)",
-    502: "backend-unavailable: the tenant's key service cannot be set up",
-    503: "state-unavailable (the shared state or the audit log cannot be read), "
-    "audit-unavailable (a decision could not be recorded), busy (too many challenges)",
-}
-
-
-def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Refusal, "description": REFUSALS[code]} for code in statuses}
-
-
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
-_B64 = {"type": "string", "contentEncoding": "base64"}
-_EVIDENCE = {
-    "oneOf": [
-        {
-            "type": "object",
-            "required": ["kind", "attest", "signature", "pcrs"],
-            "properties": {
-                "kind": {"const": "tpm"},
-                "attest": _B64,
-                "signature": _B64,
-                "pcrs": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-        {
-            "type": "object",
-            "required": ["kind", "report", "certs"],
-            "properties": {
-                "kind": {"const": "snp"},
-                "report": _B64,
-                "certs": {"type": "object", "additionalProperties": _B64},
-            },
-        },
-        {
-            "type": "object",
-            "required": ["kind", "quote"],
-            "properties": {"kind": {"const": "tdx"}, "quote": _B64},
-        },
-    ]
-}
-_BODIES: dict[str, dict[str, Any]] = {
-    "challenge": {
-        "type": "object",
-        "required": ["tenant", "artifact"],
-        "properties": {"tenant": _NAME, "artifact": _NAME},
-    },
-    "standing": {"type": "object", "required": ["tenant"], "properties": {"tenant": _NAME}},
-    "release": {
-        "type": "object",
-        "required": ["tenant", "artifact", "nonce", "public_key", "evidence", "slot", "context"],
-        "properties": {
-            "tenant": _NAME,
-            "artifact": _NAME,
-            "nonce": _B64,
-            "public_key": _B64,
-            "evidence": _EVIDENCE,
-            "slot": {
-                "type": "object",
-                "required": ["kind", "key_id", "blob"],
-                "properties": {
-                    "kind": {"type": "string"},
-                    "key_id": {"type": "string"},
-                    "blob": _B64,
-                },
-            },
-            "context": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-    },
-    "lockdown": {
-        "type": "object",
-        "properties": {"tenant": _NAME, "all": {"type": "boolean"}, "reason": {"type": "string"}},
-    },
-    "lift": {
-        "type": "object",
-        "properties": {"tenant": _NAME, "all": {"type": "boolean"}, "identity": {"type": "string"}},
-    },
-}
-
-
-def _body_doc(name: str) -> dict[str, Any]:
-    schema = _BODIES[name]
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": schema}},
-        },
-        "security": [{"bearer": []}, {"mtls": []}],
-    }
-
-
-_METRICS = {
-    "description": "Prometheus text exposition",
-    "content": {"text/plain": {"schema": {"type": "string"}}},
-}
-_AUTH = {"security": [{"bearer": []}, {"mtls": []}]}
-
-
-def openapi_schema() -> dict[str, Any]:
-    """The broker's OpenAPI 3.1 document, made in this process (the broker does not serve it).
-
-    Returns:
-        The document as a dict: every route, the body it reads, what it answers.
-    """
-    # The routes are only declared here: no handler runs, so no Broker is needed.
-    doc = create_app(None).openapi()  # type: ignore[arg-type]
-    # FastAPI lists JSON for every 200; the metrics are text only.
-    doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"].pop("application/json")
-    doc.setdefault("components", {})["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer"},
-        "mtls": {"type": "mutualTLS"},
-    }
-    return doc
 
 
 def create_app(broker: Broker) -> Any:
@@ -299,7 +139,7 @@ def create_app(broker: Broker) -> Any:
                           "config for callers on other hosts")  # fmt: skip
 
     # Not response_class=PlainTextResponse: that would list the JSON refusal as text too.
-    @app.get("/metrics", responses={200: _METRICS, **_refusals(403)})
+    @app.get("/metrics", responses={200: METRICS, **refusals(403)})
     def metrics(request: Request) -> Any:
         try:
             local_only(request, broker.config.metrics_remote, "metrics")
@@ -336,24 +176,24 @@ def create_app(broker: Broker) -> Any:
 
     @app.post(
         "/v1/admin/lockdown",
-        responses={200: {"model": AdminOut}, **_refusals(400, 401, 403, 413, 503)},
-        openapi_extra=_body_doc("lockdown"),
+        responses={200: {"model": AdminOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("lockdown"),
     )
     async def admin_lockdown(request: Request) -> Any:
         return await admin(request, "lockdown")
 
     @app.post(
         "/v1/admin/lift",
-        responses={200: {"model": AdminOut}, **_refusals(400, 401, 403, 413, 503)},
-        openapi_extra=_body_doc("lift"),
+        responses={200: {"model": AdminOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("lift"),
     )
     async def admin_lift(request: Request) -> Any:
         return await admin(request, "lift")
 
     @app.get(
         "/v1/admin/status",
-        responses={200: {"model": AdminOut}, **_refusals(401, 403, 503)},
-        openapi_extra=_AUTH,
+        responses={200: {"model": AdminOut}, **refusals(401, 403, 503)},
+        openapi_extra=AUTH,
     )
     async def admin_status(request: Request) -> Any:
         return await admin(request, "status")
@@ -370,8 +210,8 @@ def create_app(broker: Broker) -> Any:
 
     @app.post(
         "/v1/challenge",
-        responses={200: {"model": ChallengeOut}, **_refusals(400, 401, 403, 413, 429, 503)},
-        openapi_extra=_body_doc("challenge"),
+        responses={200: {"model": ChallengeOut}, **refusals(400, 401, 403, 413, 429, 503)},
+        openapi_extra=body_doc("challenge"),
     )
     async def challenge(request: Request) -> Any:
         ident, req = None, {}
@@ -389,8 +229,8 @@ def create_app(broker: Broker) -> Any:
 
     @app.post(
         "/v1/standing",
-        responses={200: {"model": StandingOut}, **_refusals(400, 401, 403, 413, 503)},
-        openapi_extra=_body_doc("standing"),
+        responses={200: {"model": StandingOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("standing"),
     )
     async def standing(request: Request) -> Any:
         ident, req = None, {}
@@ -405,8 +245,8 @@ def create_app(broker: Broker) -> Any:
 
     @app.post(
         "/v1/release",
-        responses={200: {"model": ReleaseOut}, **_refusals(400, 401, 403, 413, 429, 502, 503)},
-        openapi_extra=_body_doc("release"),
+        responses={200: {"model": ReleaseOut}, **refusals(400, 401, 403, 413, 429, 502, 503)},
+        openapi_extra=body_doc("release"),
     )
     async def release_key(request: Request) -> Any:
         ident, req = None, {}
