@@ -1,6 +1,7 @@
 # sealstore -- everything a fresh machine needs lives here or in scripts/.
 #   make demo   seal a real model and load it back into torch (local keyring, no server)
 #   make test   install everything, run the whole suite (with the real services it needs)
+#   make fuzz   fuzz every parser of attacker bytes, FUZZ_SECONDS (60) each (docs/FUZZING.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +14,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
+.PHONY: demo test fuzz install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,13 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	scripts/run-tests.sh
+
+# Coverage-guided fuzzing (atheris) of each target in tests/fuzz/targets for
+# FUZZ_SECONDS; corpora and crash inputs under build/fuzz. The suite runs a
+# few seconds of each (tests/test_fuzz.py).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # The real services by hand (make test starts and stops them itself).
 services-up: $(STAMP)

@@ -4,10 +4,13 @@ Two routes (``POST /v1/challenge``, ``POST /v1/release``), ``POST
 /v1/standing`` (is this identity locked down or out in a tenant: polled by
 processes that keep serving after their release), a health check,
 ``GET /metrics`` (Prometheus), and the admin routes (``POST
-/v1/admin/lockdown``, ``POST /v1/admin/lift``, ``GET /v1/admin/status``);
-no OpenAPI pages. A refusal answers ``{"error": CODE}`` with 400, 401, 403,
-429, 502 or 503, and logs the reason. TLS always; client certificates are
-asked for when the config has ``client_ca`` and verified by the TLS layer.
+/v1/admin/lockdown``, ``POST /v1/admin/lift``, ``GET /v1/admin/status``).
+A refusal answers ``{"error": CODE}`` with 400, 401, 403, 413, 429, 502 or
+503, and logs the reason. TLS always; client certificates are asked for
+when the config has ``client_ca`` and verified by the TLS layer.
+
+The OpenAPI document (``broker_openapi.openapi_schema()``) says, per route,
+the body it reads and every refusal it answers; it is not served.
 
 No remote root: the admin routes and the metrics answer only callers on this
 host (loopback) unless the config's ``admin.remote`` / ``metrics.remote``
@@ -35,8 +38,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sealstore.enclave.broker import LOCAL_PEERS, Broker, Refused, log
 from sealstore.enclave.broker_config import BrokerConfig, Identity
+from sealstore.enclave.broker_openapi import (
+    AUTH,
+    METRICS,
+    AdminOut,
+    ChallengeOut,
+    Health,
+    ReleaseOut,
+    StandingOut,
+    body_doc,
+    refusals,
+)
 
-__all__ = ["MAX_BODY", "create_app", "serve"]
+__all__ = ["MAX_BODY", "create_app", "parse_body", "serve"]
 
 MAX_BODY = 256 * 1024
 
@@ -67,10 +81,26 @@ def _clean(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body: a JSON object (the routes check its fields).
+
+    Raises:
+        Refused: ``bad-request`` (400): not JSON, or not an object.
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Refused("bad-request", "the body is not JSON", 400) from None
+    if not isinstance(obj, dict):
+        raise Refused("bad-request", "the body is not a JSON object", 400)
+    return obj
+
+
 def create_app(broker: Broker) -> Any:
     """The FastAPI application over *broker*."""
-    app = FastAPI(title="sealstore key-release broker", docs_url=None, redoc_url=None,
-                  openapi_url=None)  # fmt: skip
+    # No schema or docs pages are served: openapi_schema() makes the document.
+    app = FastAPI(title="sealstore key-release broker", version="1", docs_url=None,
+                  redoc_url=None, openapi_url=None)  # fmt: skip
 
     class OneConfig:
         """Pins each request, in its own task, to the config in force when it arrived:
@@ -107,13 +137,7 @@ def create_app(broker: Broker) -> Any:
             raw += part
             if len(raw) > MAX_BODY:
                 raise Refused("too-large", f"a body over {MAX_BODY} bytes", 413)
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise Refused("bad-request", "the body is not JSON", 400) from None
-        if not isinstance(obj, dict):
-            raise Refused("bad-request", "the body is not a JSON object", 400)
-        return obj
+        return parse_body(raw)
 
     def refuse(request: Request, exc: Refused, ident: Identity | None, what: dict) -> JSONResponse:
         log.warning(
@@ -136,7 +160,8 @@ def create_app(broker: Broker) -> Any:
             raise Refused("remote-disabled", f"{what} from {_clean(peer)}: not enabled in the "
                           "config for callers on other hosts")  # fmt: skip
 
-    @app.get("/metrics")
+    # Not response_class=PlainTextResponse: that would list the JSON refusal as text too.
+    @app.get("/metrics", responses={200: METRICS, **refusals(403)})
     def metrics(request: Request) -> Any:
         try:
             local_only(request, broker.config.metrics_remote, "metrics")
@@ -171,19 +196,31 @@ def create_app(broker: Broker) -> Any:
         log.warning("admin %s by %s: %s", action, ident.name, _clean(req))
         return out
 
-    @app.post("/v1/admin/lockdown")
+    @app.post(
+        "/v1/admin/lockdown",
+        responses={200: {"model": AdminOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("lockdown"),
+    )
     async def admin_lockdown(request: Request) -> Any:
         return await admin(request, "lockdown")
 
-    @app.post("/v1/admin/lift")
+    @app.post(
+        "/v1/admin/lift",
+        responses={200: {"model": AdminOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("lift"),
+    )
     async def admin_lift(request: Request) -> Any:
         return await admin(request, "lift")
 
-    @app.get("/v1/admin/status")
+    @app.get(
+        "/v1/admin/status",
+        responses={200: {"model": AdminOut}, **refusals(401, 403, 503)},
+        openapi_extra=AUTH,
+    )
     async def admin_status(request: Request) -> Any:
         return await admin(request, "status")
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", responses={200: {"model": Health}})
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -193,7 +230,11 @@ def create_app(broker: Broker) -> Any:
         log.error("internal error on %s", request.url.path, exc_info=exc)
         return refuse(request, failed, ident, what)
 
-    @app.post("/v1/challenge")
+    @app.post(
+        "/v1/challenge",
+        responses={200: {"model": ChallengeOut}, **refusals(400, 401, 403, 413, 429, 503)},
+        openapi_extra=body_doc("challenge"),
+    )
     async def challenge(request: Request) -> Any:
         ident, req = None, {}
         try:
@@ -208,7 +249,11 @@ def create_app(broker: Broker) -> Any:
         except Exception as exc:
             return internal(request, exc, ident, req)
 
-    @app.post("/v1/standing")
+    @app.post(
+        "/v1/standing",
+        responses={200: {"model": StandingOut}, **refusals(400, 401, 403, 413, 503)},
+        openapi_extra=body_doc("standing"),
+    )
     async def standing(request: Request) -> Any:
         ident, req = None, {}
         try:
@@ -220,7 +265,11 @@ def create_app(broker: Broker) -> Any:
         except Exception as exc:
             return internal(request, exc, ident, req)
 
-    @app.post("/v1/release")
+    @app.post(
+        "/v1/release",
+        responses={200: {"model": ReleaseOut}, **refusals(400, 401, 403, 413, 429, 502, 503)},
+        openapi_extra=body_doc("release"),
+    )
     async def release_key(request: Request) -> Any:
         ident, req = None, {}
         try:

@@ -13,12 +13,23 @@ import datetime as dt
 import hashlib
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from sealstore.errors import AttestationError
 
 __all__ = ["check_validity", "common_name", "issued_by", "load_certificates", "spki_sha256"]
+
+# What cryptography raises for a certificate it cannot read: not all are ValueErrors
+# (a name attribute of the wrong ASN.1 type is a TypeError).
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.InvalidVersion,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
@@ -29,10 +40,28 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     """
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+            found = x509.load_pem_x509_certificates(data)
+        else:
+            found = [x509.load_der_x509_certificate(data)]
+        for cert in found:
+            _parse_fields(cert)
+    except _MALFORMED as exc:
         raise AttestationError(f"not an X.509 certificate: {exc}", "cert-format") from None
+    return found
+
+
+def _parse_fields(cert: x509.Certificate) -> None:
+    """Read every field the verifiers use now (one of ``_MALFORMED`` if one is bad).
+
+    cryptography parses a certificate's names, extensions and key only when
+    they are first read: without this, a caller's certificate with a
+    malformed issuer, an extension given twice or an unknown key type raised
+    ValueError, DuplicateExtension or UnsupportedAlgorithm from deep in a
+    chain check (found by fuzzing, the unknown key type by review).
+    """
+    _ = (cert.subject, cert.issuer, cert.extensions)
+    _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+    cert.public_key()
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
@@ -63,7 +92,7 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> No
     """Refuse *cert* unless *issuer* signed it and is named as its issuer (code cert-chain)."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         raise AttestationError(
             f"the {what} certificate is not signed by {common_name(issuer) or 'its issuer'}",
             "cert-chain",

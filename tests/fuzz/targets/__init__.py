@@ -1,0 +1,1 @@
+"""One module per parser that reads attacker bytes (see ``tests/fuzz/harness.py``)."""
