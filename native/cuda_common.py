@@ -12,12 +12,22 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-__all__ = ["check_tag_threads", "piece", "segments", "words", "xor_grid"]
+__all__ = ["check_tag_threads", "lane_groups", "piece", "segments", "words", "xor_grid", "zero"]
 
 
 def check_tag_threads(tag_threads: int, most: int) -> None:
     if not 1 <= tag_threads <= most:
         raise ValueError(f"tag_threads must be 1..{most}")
+
+
+def lane_groups(chunk_size: int, aad_len: int, tag_threads: int, rows: int, most: int) -> int:
+    """CUDA blocks of *tag_threads* MAC lanes per chunk: about *rows* 16-byte blocks a lane.
+
+    Enough blocks that a 64 MiB batch of 1 MiB chunks fills every SM of an
+    H100/H200 (one block a chunk left half of them idle), at most *most*.
+    """
+    blocks = (aad_len + 15) // 16 + (chunk_size + 15) // 16 + 1
+    return max(1, min(most, blocks // (tag_threads * rows)))
 
 
 def words(arr: object) -> object:
@@ -46,10 +56,31 @@ def _address(arr: object) -> int:
     return 1
 
 
-def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:
-    """CUDA blocks of *threads* for one thread per *width*-byte piece of every chunk."""
+def xor_grid(count: int, chunk_size: int, width: int, threads: int, most: int = 0) -> int:
+    """CUDA blocks of *threads* for one thread per *width*-byte piece of every chunk.
+
+    *most* > 0 caps the grid: a kernel that loops over its pieces with the
+    grid's stride (the AES XOR, which stages its tables once per CUDA block)
+    then gives each thread several.
+    """
     pieces = count * ((chunk_size + width - 1) // width)
-    return (pieces + threads - 1) // threads
+    blocks = max(1, (pieces + threads - 1) // threads)
+    return min(blocks, most) if most > 0 else blocks
+
+
+@cuda.jit(cache=True)
+def _zero_kernel(arr):  # type: ignore[no-untyped-def]
+    i = cuda.grid(1)
+    while i < arr.shape[0]:
+        arr[i] = 0
+        i += cuda.gridsize(1)
+
+
+def zero(arr: object, stream: object = 0) -> None:
+    """Zero a contiguous device array with a kernel on *stream* (key material a kernel made)."""
+    flat = arr.reshape(arr.size)  # type: ignore[attr-defined]
+    if flat.shape[0]:
+        _zero_kernel[min(64, (flat.shape[0] + 255) // 256), 256, stream](flat)
 
 
 @cuda.jit(device=True)
