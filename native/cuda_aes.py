@@ -321,6 +321,7 @@ def _ghash_kernel(pw, last4_g, aad, ct, ct32, chunk_size, last_len, sums):  # ty
     parts[t, 1] = _U(0)
     for k in range(2):
         y[k] = _U(0)
+        w[k] = _U(0)
     for k in range(t, 16, nt):
         sh[0, k] = _U(0)
         sh[1, k] = _U(0)
