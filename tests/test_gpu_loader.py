@@ -398,3 +398,32 @@ def test_a_closed_gpu_direct_safe_open_refuses_rather_than_decrypting_on_the_hos
             f.get_tensor("d.ints")
         with pytest.raises(ValueError, match="closed"):
             f.get_tensors()
+
+
+@pytest.mark.parametrize("how", ["load_file", "safe_open"])
+def test_a_device_setup_that_fails_half_way_wipes_the_key_and_gives_the_memory_back(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The key is on the device when the pinned staging is refused: wiped, and released at once.
+
+    (Not when the half-made file object is collected: a traceback kept by a
+    serving process would hold torch's buffers, the key's among them.)
+    """
+    path, dek, _ = sealed(tmp_path)
+    made: list[Any] = []
+    real_empty = SimMemory.empty
+
+    def empty(self: SimMemory, *args: Any, **kwargs: Any) -> Any:
+        made.append(real_empty(self, *args, **kwargs))
+        return made[-1]
+
+    def no_pinned(self: SimMemory, n: int) -> np.ndarray:
+        raise MemoryError("pinned host memory exhausted")
+
+    monkeypatch.setattr(SimMemory, "empty", empty)
+    monkeypatch.setattr(SimMemory, "pinned", no_pinned)
+    with SealedFile(path, dek) as sf, pytest.raises(MemoryError, match="pinned"):
+        load_file(sf, device=0) if how == "load_file" else safe_open(sf, device=0)
+    assert len(sim.made) == 1 and sim.made[0].released
+    key = [a for a in made if a.dtype == np.uint32 and a.shape == (8,)]
+    assert len(key) == 1 and not np.asarray(key[0]._ary).any()
