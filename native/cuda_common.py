@@ -2,9 +2,10 @@
 
 Both take chunks laid out as in the file (chunk c's ciphertext at
 ``c * (chunk_size + 16)``, its tag after it, its plaintext going to
-``c * chunk_size``); both run a tag kernel (one CUDA block per chunk, the
-16-byte blocks of the MAC input spread over its threads) and then a
-keystream kernel (one thread per keystream block of *width* bytes).
+``c * chunk_size``); both deal each chunk's MAC input out to lanes over a
+grid of (chunks x groups) CUDA blocks (``segments``, ``lane_groups``), check
+the tags one thread a chunk, and then run a keystream kernel over pieces of
+*width* bytes (``piece``, ``xor_grid``).
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ def segments(c, nt, count, chunk_size, last_len, aad_len):  # type: ignore[no-un
 
     Its MAC input (AAD, padding, ciphertext, padding, lengths), after z
     zero blocks that make the count a multiple of *nt* (a zero block changes
-    nothing), is L rows of *nt* 16-byte blocks: the AES kernel cuts it into
-    *nt* segments of L consecutive blocks, the ChaCha20 kernel into *nt*
-    interleaved lanes of L blocks.
+    nothing), is L rows of *nt* 16-byte blocks: both kernels deal it out to
+    *nt* interleaved lanes of L blocks (lane l: blocks l, l + nt, ...).
     """
     n = last_len if c == count - 1 else chunk_size
     total = (aad_len + 15) // 16 + (n + 15) // 16 + 1

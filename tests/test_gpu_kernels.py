@@ -19,7 +19,7 @@ from sealstore.loaders import gpu
 from sealstore.native import aes, cuda_aes, cuda_chacha, cuda_common
 from sealstore.native.cuda_common import words
 from tests.conftest import shared_data
-from tests.test_native_cuda import CHACHA, record_arrays, run, sealed_batch
+from tests.test_native_cuda import CHACHA, record_arrays, run, sealed_batch, simulator_only
 
 AES = "AES-256-GCM"
 
@@ -135,6 +135,7 @@ def test_a_one_shot_aes_call_zeroes_the_powers_of_h_it_made(
     assert not sums.copy_to_host().any()  # the tag kernel took the sums and zeroed them
 
 
+@simulator_only
 def test_the_ghash_kernels_leave_no_power_of_h_or_sum_in_local_or_shared_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -158,6 +159,7 @@ def test_the_ghash_kernels_leave_no_power_of_h_or_sum_in_local_or_shared_memory(
     assert [name for name, arr in made if arr.any() and not is_public(arr)] == []
 
 
+@simulator_only
 def test_the_poly1305_key_is_made_once_per_cuda_block_not_per_lane(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
