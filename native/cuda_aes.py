@@ -428,7 +428,7 @@ def ghash_powers(
     if out is None:
         out = cuda.device_array(shape, dtype=np.uint64, stream=stream)
     _check_shape(out, shape)
-    _powers_kernel[(shape[0] + 63) // 64, 64, stream](h_tab, last4, tag_threads, out)
+    _powers_kernel[(shape[0] + 63) // 64, min(64, shape[0]), stream](h_tab, last4, tag_threads, out)
     return out
 
 
@@ -488,7 +488,7 @@ def decrypt_chunks(
     _ghash_kernel[(count, groups), tag_threads, stream](
         pw, last4, aad, ct, ct32, chunk_size, last_len, sums
     )
-    _tag_kernel[(count + 63) // 64, 64, stream](
+    _tag_kernel[(count + 63) // 64, min(64, count), stream](
         rk, te, sb, nonces, ct, chunk_size, last_len, sums, ok
     )
     if own:

@@ -474,7 +474,9 @@ def decrypt_chunks(
     _lanes_kernel[(count, groups), tag_threads, stream](
         key, nonces, aad, ct, ct32, chunk_size, last_len, sums
     )
-    _tag_kernel[(count + 63) // 64, 64, stream](key, nonces, ct, chunk_size, last_len, sums, ok)
+    _tag_kernel[(count + 63) // 64, min(64, count), stream](
+        key, nonces, ct, chunk_size, last_len, sums, ok
+    )
     grid = xor_grid(count, chunk_size, 64, XOR_THREADS)
     _xor_kernel[grid, XOR_THREADS, stream](
         key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32

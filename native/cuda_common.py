@@ -81,7 +81,8 @@ def zero(arr: object, stream: object = 0) -> None:
     """Zero a contiguous device array with a kernel on *stream* (key material a kernel made)."""
     flat = arr.reshape(arr.size)  # type: ignore[attr-defined]
     if flat.shape[0]:
-        _zero_kernel[min(64, (flat.shape[0] + 255) // 256), 256, stream](flat)
+        n = flat.shape[0]
+        _zero_kernel[min(64, (n + 63) // 64), min(64, n), stream](flat)
 
 
 @cuda.jit(device=True)

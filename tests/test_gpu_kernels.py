@@ -78,14 +78,14 @@ def test_aes_gcm_is_three_launches_a_batch_every_chunk_in_each(
     chunks = [os.urandom(cs) for _ in range(5)] + [os.urandom(17)]
     rk, h_tab, tables = aes_device(key)
     powers = cuda_aes.ghash_powers(h_tab, tables[2], 4, 3)
-    assert log == [("_powers_kernel", 1, 64)]  # 4 + 3 + 1 rows, one thread a power
+    assert log == [("_powers_kernel", 1, 8)]  # 4 + 3 + 1 rows, one thread a power
     log.clear()
     nonces, d_aad, ct, _, last, out, ok = batch_args(key, aad, chunks, AES)
     cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
                             tag_threads=4, tag_groups=3, powers=powers)  # fmt: skip
     assert ok.copy_to_host().tolist() == [1] * 6
     assert out.copy_to_host().tobytes() == b"".join(chunks)
-    assert log == [("_ghash_kernel", (6, 3), 4), ("_tag_kernel", 1, 64), ("_xor_kernel", 1, 256)]
+    assert log == [("_ghash_kernel", (6, 3), 4), ("_tag_kernel", 1, 6), ("_xor_kernel", 1, 256)]
     with pytest.raises(ValueError, match="powers of H must have shape"):
         cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
                                 tag_threads=4, tag_groups=2, powers=powers)  # fmt: skip
@@ -187,7 +187,7 @@ def test_chacha_is_three_launches_a_batch_every_chunk_in_each(
     chunks = [os.urandom(cs) for _ in range(4)]
     out, ok = run(key, aad, *sealed_batch(key, aad, chunks), cs, cs, 2, groups=2)
     assert ok.tolist() == [1] * 4 and out.tobytes() == b"".join(chunks)
-    assert log == [("_lanes_kernel", (4, 2), 2), ("_tag_kernel", 1, 64), ("_xor_kernel", 1, 256)]
+    assert log == [("_lanes_kernel", (4, 2), 2), ("_tag_kernel", 1, 4), ("_xor_kernel", 1, 256)]
 
 
 def test_the_zero_kernel_zeroes_every_element() -> None:
@@ -199,29 +199,36 @@ def test_the_zero_kernel_zeroes_every_element() -> None:
 # ------------------------------------------------------------------- Wycheproof on the device
 
 
-def wycheproof(name: str) -> list[Any]:
-    path = shared_data() / "wycheproof" / name
+def wycheproof(suite: str, name: str) -> list[Any]:
+    """The file's 96-bit-nonce cases (the sealed format's; the others: test_native.py)."""
+    path = shared_data() / "wycheproof" / f"{name}_test.json"
     if not path.is_file():  # fail loudly: a missing vector file is not a pass
         raise FileNotFoundError(f"{path} is missing (set SEALSTORE_SHARED_DATA)")
     doc = json.loads(path.read_text())
     return [
-        pytest.param(t, id=f"{name.split('_test')[0]}-{t['tcId']}")
+        pytest.param(suite, t, id=f"{name}-{t['tcId']}")
         for g in doc["testGroups"]
         for t in g["tests"]
-        if len(t["iv"]) == 24  # 96-bit nonces: the sealed format's (others: test_native.py)
+        if len(t["iv"]) == 24
     ]
 
 
 @pytest.mark.parametrize(
     ("suite", "case"),
-    [(AES, c) for c in wycheproof("aes_gcm_test.json")]
-    + [(CHACHA, c) for c in wycheproof("chacha20_poly1305_test.json")],
+    wycheproof(AES, "aes_gcm") + wycheproof(CHACHA, "chacha20_poly1305"),
 )
-def test_wycheproof_on_the_device_kernels(suite: str, case: dict) -> None:
+def test_wycheproof_on_the_device_kernels(
+    suite: str, case: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every 96-bit-nonce Wycheproof case as a one-chunk batch (AES: 128/192/256-bit keys).
 
     Valid: ok and the message. Invalid: flagged, and the output all zeros.
+    XOR blocks of 32 threads (the simulator runs each thread as a Python
+    thread): AES's longest messages (33 counter blocks) loop on the grid.
     """
+    monkeypatch.setattr(cuda_aes, "XOR_THREADS", 32)
+    monkeypatch.setattr(cuda_aes, "XOR_BLOCKS", 1)
+    monkeypatch.setattr(cuda_chacha, "XOR_THREADS", 32)
     key, iv, aad = (bytes.fromhex(case[k]) for k in ("key", "iv", "aad"))
     msg, ct, tag = (bytes.fromhex(case[k]) for k in ("msg", "ct", "tag"))
     assert len(tag) == 16  # every 96-bit-nonce case's (the sealed format's size)
