@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,10 @@ from numba import cuda
 from sealstore.loaders import gpu
 from sealstore.native import aes, cuda_aes, cuda_chacha, cuda_common
 from sealstore.native.cuda_common import words
-from tests.conftest import shared_data
 from tests.test_native_cuda import CHACHA, record_arrays, run, sealed_batch, simulator_only
 
 AES = "AES-256-GCM"
+DATA = Path(__file__).resolve().parent / "data" / "wycheproof"
 
 
 class Launches:
@@ -200,10 +201,13 @@ def test_the_zero_kernel_zeroes_every_element() -> None:
 
 
 def wycheproof(suite: str, name: str) -> list[Any]:
-    """The file's 96-bit-nonce cases (the sealed format's; the others: test_native.py)."""
-    path = shared_data() / "wycheproof" / f"{name}_test.json"
+    """The file's 96-bit-nonce cases (the sealed format's; the others: test_native.py).
+
+    From tests/data (copies that travel to a GPU machine with the tests).
+    """
+    path = DATA / f"{name}_test.json"
     if not path.is_file():  # fail loudly: a missing vector file is not a pass
-        raise FileNotFoundError(f"{path} is missing (set SEALSTORE_SHARED_DATA)")
+        raise FileNotFoundError(f"{path} is missing")
     doc = json.loads(path.read_text())
     return [
         pytest.param(suite, t, id=f"{name}-{t['tcId']}")
