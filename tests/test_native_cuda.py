@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from tests.conftest import CS, seal_bytes
 
 CHACHA = "CHACHA20-POLY1305"
 OPENSSL = {CHACHA: ChaCha20Poly1305, "AES-256-GCM": AESGCM}
+# Tests that look inside the simulator (its local and shared arrays, device
+# functions swapped at run time): on a GPU the kernels are compiled code.
+simulator_only = pytest.mark.skipif(
+    os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="looks inside numba's CUDA simulator"
+)
 
 
 def sealed_batch(
@@ -91,17 +97,38 @@ def test_kernels_decrypt_what_openssl_sealed(
     assert ok.tolist() == [1, 0, 1] and out[cs : 2 * cs].tobytes() == bytes(cs)
 
 
+@pytest.mark.parametrize("suite", sorted(OPENSSL))
 @pytest.mark.parametrize(("threads", "groups"), [(3, 2), (4, 3), (2, 7)])
-def test_poly1305_split_over_several_cuda_blocks_per_chunk(threads: int, groups: int) -> None:
-    """Lanes spread over *groups* CUDA blocks a chunk (more lanes than blocks, too: 2 x 7)."""
+def test_the_mac_split_over_several_cuda_blocks_per_chunk(
+    suite: str, threads: int, groups: int
+) -> None:
+    """Poly1305 / GHASH lanes over *groups* CUDA blocks a chunk (more lanes than blocks: 2 x 7)."""
     key, aad, cs = os.urandom(32), os.urandom(21), 300
     chunks = [os.urandom(cs), os.urandom(cs), os.urandom(45)]
-    ct, nonces = sealed_batch(key, aad, chunks)
-    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    ct, nonces = sealed_batch(key, aad, chunks, suite)
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, suite, groups=groups)
     assert ok.tolist() == [1, 1, 1] and out.tobytes() == b"".join(chunks)
     ct[2 * (cs + 16) + 44] ^= 0x80  # chunk 2's last ciphertext byte
-    out, ok = run(key, aad, ct, nonces, cs, 45, threads, groups=groups)
+    out, ok = run(key, aad, ct, nonces, cs, 45, threads, suite, groups=groups)
     assert ok.tolist() == [1, 1, 0] and not out[2 * cs :].any()
+
+
+@pytest.mark.parametrize("suite", sorted(OPENSSL))
+def test_many_chunks_in_one_launch_with_a_one_byte_last_chunk_and_one_bad_chunk(
+    suite: str,
+) -> None:
+    """Seven chunks a launch, the last 1 byte: a bad tag in chunk 4 flags and zeroes it alone."""
+    key, aad, cs = os.urandom(32), os.urandom(40), 80
+    chunks = [os.urandom(cs) for _ in range(6)] + [os.urandom(1)]
+    ct, nonces = sealed_batch(key, aad, chunks, suite)
+    out, ok = run(key, aad, ct, nonces, cs, 1, 2, suite, groups=2)
+    assert ok.tolist() == [1] * 7 and out.tobytes() == b"".join(chunks)
+    ct[4 * (cs + 16) + cs + 7] ^= 0x01  # chunk 4's tag
+    out, ok = run(key, aad, ct, nonces, cs, 1, 2, suite, groups=2)
+    assert ok.tolist() == [1, 1, 1, 1, 0, 1, 1]
+    assert out[4 * cs : 5 * cs].tobytes() == bytes(cs)  # never plaintext, even on the device
+    rest = out[: 4 * cs].tobytes() + out[5 * cs :].tobytes()
+    assert rest == b"".join(chunks[:4] + chunks[5:])
 
 
 def test_buffers_at_unaligned_addresses_take_the_byte_path() -> None:
@@ -137,21 +164,22 @@ def test_lane_groups_fill_the_device_for_large_chunks_only() -> None:
         )
 
 
-def test_a_failed_chunk_is_zeroed_and_flagged() -> None:
+@pytest.mark.parametrize("suite", sorted(OPENSSL))
+def test_a_failed_chunk_is_zeroed_and_flagged(suite: str) -> None:
     key, aad, cs = os.urandom(32), b"preamble", 192
     chunks = [os.urandom(cs) for _ in range(3)]
-    ct, nonces = sealed_batch(key, aad, chunks)
+    ct, nonces = sealed_batch(key, aad, chunks, suite)
     for pos in (cs + 16 + 5, 2 * (cs + 16) - 1):  # chunk 1: a ciphertext byte, a tag byte
         bad = ct.copy()
         bad[pos] ^= 1
-        out, ok = run(key, aad, bad, nonces, cs, cs, 4)
+        out, ok = run(key, aad, bad, nonces, cs, cs, 4, suite)
         assert ok.tolist() == [1, 0, 1]
         assert out[cs : 2 * cs].tobytes() == bytes(cs)  # never plaintext, even on the device
         assert out[:cs].tobytes() == chunks[0] and out[2 * cs :].tobytes() == chunks[2]
-    out, ok = run(key, b"other", ct, nonces, cs, cs, 4)
+    out, ok = run(key, b"other", ct, nonces, cs, cs, 4, suite)
     assert ok.tolist() == [0, 0, 0] and not out.any()
     wrong = os.urandom(32)
-    out, ok = run(wrong, aad, ct, nonces, cs, cs, 4)
+    out, ok = run(wrong, aad, ct, nonces, cs, cs, 4, suite)
     assert ok.tolist() == [0, 0, 0] and not out.any()
 
 
@@ -307,6 +335,7 @@ def test_decrypt_to_device_refuses_an_unknown_suite(
         decrypt_to_device(sf, 0, 0, cuda.device_array(100, dtype=np.uint8))
 
 
+@simulator_only
 def test_the_poly1305_lanes_kernel_leaves_no_r_power_or_sum_in_local_or_shared_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -315,23 +344,7 @@ def test_the_poly1305_lanes_kernel_leaves_no_r_power_or_sum_in_local_or_shared_m
     The simulator's arrays are recorded as they are made; only the block
     loader's (AAD, ciphertext and lengths: public) may keep its contents.
     """
-    from numba.cuda.simulator import kernelapi
-
-    made: list[tuple[str, np.ndarray]] = []
-    local, shared = kernelapi.FakeCUDALocal.array, kernelapi.FakeCUDAShared.array
-
-    def recording(real: Any) -> Any:
-        def array(self: Any, shape: Any, dtype: Any) -> np.ndarray:
-            arr = real(self, shape, dtype)
-            if all(arr is not seen for _, seen in made):  # a block's threads share one
-                arr[...] = 0  # uninitialised here: only what the kernel writes counts
-                made.append((sys._getframe(1).f_code.co_name, arr))
-            return arr
-
-        return array
-
-    monkeypatch.setattr(kernelapi.FakeCUDALocal, "array", recording(local))
-    monkeypatch.setattr(kernelapi.FakeCUDAShared, "array", recording(shared))
+    made = record_arrays(monkeypatch)
     key, aad, cs = os.urandom(32), b"aad", 96
     ct, nonces = sealed_batch(key, aad, [os.urandom(cs), os.urandom(cs)])
     words = np.frombuffer(b"".join(nonces), dtype="<u4").astype(np.uint32).reshape(-1, 3)
@@ -345,3 +358,38 @@ def test_the_poly1305_lanes_kernel_leaves_no_r_power_or_sum_in_local_or_shared_m
     kept = [name for name, arr in made if name != "_load_block" and arr.any()]
     assert {name for name, _ in made} >= {"_lanes_kernel", "_power", "_mul_rows", "_poly_key"}
     assert kept == []
+
+
+def record_arrays(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, np.ndarray]]:
+    """Every local and shared array the simulator's kernels make: (the function making it, it).
+
+    Each starts zeroed (uninitialised on a GPU: only what a kernel writes
+    counts). A CUDA block's threads share one shared array per source line,
+    as in the simulator, whose own bookkeeping (by its caller's line) this
+    replaces -- through a wrapper it would see one line and alias them all.
+    """
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    made: list[tuple[str, np.ndarray]] = []
+
+    def local(self: Any, shape: Any, dtype: Any) -> np.ndarray:
+        arr = np.zeros(shape, numpy_support.as_dtype(dtype))
+        made.append((sys._getframe(1).f_code.co_name, arr))
+        return arr
+
+    lock = threading.Lock()  # the block's threads are Python threads: one array, not two
+
+    def shared(self: Any, shape: Any, dtype: Any) -> np.ndarray:
+        caller = sys._getframe(1)
+        where = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            arr = self._allocations.get(where)
+            if arr is None:
+                arr = self._allocations[where] = np.zeros(shape, numpy_support.as_dtype(dtype))
+                made.append((caller.f_code.co_name, arr))
+        return arr
+
+    monkeypatch.setattr(kernelapi.FakeCUDALocal, "array", local)
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "array", shared)
+    return made
