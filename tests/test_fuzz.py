@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*serial number.*")
 def test_the_targets_cover_every_parser() -> None:
     assert set(TARGETS) >= {
         "sealed_file", "safetensors_header", "snp_report", "snp_certificates", "tdx_quote",
-        "tpm_attest", "broker_request",
+        "tpm_attest", "broker_request", "nvgpu_report",
     }  # fmt: skip
 
 
