@@ -86,13 +86,25 @@ def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 _B64 = {"type": "string", "contentEncoding": "base64"}
+# GPU evidence joins a CPU kind ("snp+nvidia-gpu"): one report and chain per GPU.
+_GPUS = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": 64,
+    "items": {
+        "type": "object",
+        "required": ["report", "certs"],
+        "properties": {"report": _B64, "certs": _B64},
+    },
+}
 _EVIDENCE = {
     "oneOf": [
         {
             "type": "object",
             "required": ["kind", "attest", "signature", "pcrs"],
             "properties": {
-                "kind": {"const": "tpm"},
+                "kind": {"enum": ["tpm", "tpm+nvidia-gpu"]},
+                "nvidia-gpu": _GPUS,
                 "attest": _B64,
                 "signature": _B64,
                 "pcrs": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -102,7 +114,8 @@ _EVIDENCE = {
             "type": "object",
             "required": ["kind", "report", "certs"],
             "properties": {
-                "kind": {"const": "snp"},
+                "kind": {"enum": ["snp", "snp+nvidia-gpu"]},
+                "nvidia-gpu": _GPUS,
                 "report": _B64,
                 "certs": {"type": "object", "additionalProperties": _B64},
             },
@@ -110,7 +123,11 @@ _EVIDENCE = {
         {
             "type": "object",
             "required": ["kind", "quote"],
-            "properties": {"kind": {"const": "tdx"}, "quote": _B64},
+            "properties": {
+                "kind": {"enum": ["tdx", "tdx+nvidia-gpu"]},
+                "nvidia-gpu": _GPUS,
+                "quote": _B64,
+            },
         },
     ]
 }

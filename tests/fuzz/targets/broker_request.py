@@ -38,6 +38,7 @@ _ROUTES = ("challenge", "standing", "release")
 # Removed when the process ends (the config, the AK and the audit key live here).
 _TMP = tempfile.TemporaryDirectory(prefix="sealstore-fuzz-broker-", ignore_cleanup_errors=True)
 _DIR = Path(_TMP.name)
+_TDX_COLLATERAL = Path(__file__).resolve().parents[2] / "data" / "tdx" / "go-tdx-guest-2023"
 
 
 def _broker() -> Broker:
@@ -60,7 +61,11 @@ def _broker() -> Broker:
                                           "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0,
                                                       "microcode": 0}}},
                     "tdx-model": {"identities": ["fuzz"], "evidence": ["tdx"],
-                                  "tdx": {"mrtd": ["00" * 48], "rtmrs": {0: ["00" * 48]}}},
+                                  "tdx": {"mrtd": ["00" * 48], "rtmrs": {0: ["00" * 48]},
+                                          # Intel's real collateral for the seed quote's
+                                          # platform; old, so a grace that reaches past it.
+                                          "collateral": {"dir": str(_TDX_COLLATERAL),
+                                                         "grace_hours": 200_000}}},
                 },
             }
         },
