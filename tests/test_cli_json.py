@@ -18,14 +18,25 @@ from typing import Any
 import pytest
 
 from sealstore.kms.local import LocalKeyring
+from tests.test_broker import (  # noqa: F401 (fixtures)
+    pki,
+    setup,
+)
 from tests.test_cli import DATA, fails, ok, run
 from tests.test_store import model_dir, same_tree
 
 
-def report(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
-    """The JSON object a successful --json run printed on stdout (nothing else on stderr)."""
+def report(proc: subprocess.CompletedProcess[bytes], *, warnings: bool = False) -> dict[str, Any]:
+    """The JSON object a successful --json run printed on stdout.
+
+    Stderr is empty, or with *warnings* holds only JSON warning lines (the
+    broker's commands log some).
+    """
     ok(proc)
-    assert proc.stderr == b"", proc.stderr.decode()
+    if not warnings:
+        assert proc.stderr == b"", proc.stderr.decode()
+    for line in proc.stderr.decode().splitlines():
+        assert set(json.loads(line)) == {"warning"}, line
     doc = json.loads(proc.stdout)
     assert isinstance(doc, dict)
     return doc
@@ -355,3 +366,35 @@ def test_store_verify_bar_has_a_total(store: Any, ring: LocalKeyring, tmp_path: 
     assert _verify_total(store, "m", "default") == 4000
     assert _verify_total(store, None, "default") == 8000
     assert _verify_total(store, "nothere", "default") == 0
+
+
+def test_lockdown_reports_json(tmp_path: Path, redis_url: str, request: Any) -> None:
+    """lockdown, status and lift through the replicas' shared Redis (--config), as JSON."""
+    import uuid
+
+    broker_setup = request.getfixturevalue("setup")  # the broker tests' config (TPM)
+
+    from tests.test_broker_incident import _config
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    cfg = _config(broker_setup, tmp_path, state={"url": redis_url, "prefix": prefix})
+    try:
+        args = ("--tenant", "acme", "--reason", "drill", "--config", cfg, "--json")
+        down = report(run("lockdown", *args), warnings=True)
+        assert down["action"] == "lockdown" and down["lockdowns"] == {"acme": "drill"}
+        status = report(run("--json", "lockdown", "status", "--config", cfg), warnings=True)
+        assert status == {"action": "status", "lockdowns": {"acme": "drill"}, "lockouts": {}}
+        lift = ("lift", "--tenant", "acme", "--config", cfg, "--json")
+        lifted = report(run("lockdown", *lift), warnings=True)
+        assert lifted["lockdowns"] == {}
+        # The replicas' state URL never appears in a report (it may hold a password).
+        checked = report(run("broker", "check", "--config", cfg, "--json"), warnings=True)
+        assert checked["state"] == "shared" and redis_url not in json.dumps(checked)
+        assert {"tenant": "acme", "artifact": "minilm"}.items() <= checked["releases"][0].items()
+    finally:
+        import redis
+
+        r = redis.Redis.from_url(redis_url)
+        keys = list(r.scan_iter(f"{prefix}*"))
+        if keys:
+            r.delete(*keys)
