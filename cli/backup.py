@@ -239,20 +239,13 @@ def _create(args: argparse.Namespace) -> int:
         say(args, stats.summary(f"backup {snap.id}") + f", {human_bytes(stats.read_bytes)} read")
         print(snap.id)
     if snap.damaged:
-        # The report named them: the exit code (and, with --json, the error object) says so.
-        if json_mode(args):
-            raise CommandFailed(
-                f"{len(snap.damaged)} damaged item(s) in the store; the snapshot holds the "
-                "rest (repair with: sealstore backup restore)",
-                exit_code=1,
-                kind="Damaged",
-            )
-        print(
-            f"sealstore: error: {len(snap.damaged)} damaged item(s) in the store; the snapshot "
-            "holds the rest (repair with: sealstore backup restore)",
-            file=sys.stderr,
+        # The report named them; the error line (or object) gives the count and exit 1.
+        raise CommandFailed(
+            f"{len(snap.damaged)} damaged item(s) in the store; the snapshot holds the "
+            "rest (repair with: sealstore backup restore)",
+            exit_code=1,
+            kind="Damaged",
         )
-        return 1
     return 0
 
 
@@ -350,14 +343,18 @@ def _restore(args: argparse.Namespace) -> int:
                 **_stats(report.stats),
             },
         )
-        if report.problems:
-            raise CommandFailed(
-                f"{len(report.problems)} problem(s); nothing else was lost, re-run once they "
-                "are fixed",
-                exit_code=1,
-                kind="RestoreProblems",
-            )
-        return 0
+    else:
+        _say_restore(args, report)
+    if report.problems:
+        raise CommandFailed(
+            f"{len(report.problems)} problem(s); nothing else was lost, re-run once they are fixed",
+            exit_code=1,
+            kind="RestoreProblems",
+        )
+    return 0
+
+
+def _say_restore(args: argparse.Namespace, report: Any) -> None:
     for line in report.repaired:
         say(args, f"repaired: {line}")
     for line in report.tags + [f"{t} removed" for t in report.untagged]:
@@ -372,14 +369,6 @@ def _restore(args: argparse.Namespace) -> int:
         else f"{counted(len(report.restored), 'version')} written"
     )
     say(args, report.stats.summary(f"restore {report.snapshot} into {report.store}") + f"; {what}")
-    if report.problems:
-        print(
-            f"sealstore: error: {len(report.problems)} problem(s); nothing else was lost, "
-            "re-run once they are fixed",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
