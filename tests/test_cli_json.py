@@ -398,3 +398,31 @@ def test_lockdown_reports_json(tmp_path: Path, redis_url: str, request: Any) -> 
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
             r.delete(*keys)
+
+
+def test_load_file_progress_true_draws_with_tqdm(
+    ring: LocalKeyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_file(progress=True) counts every decrypted byte on tqdm's bar, then closes it."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tqdm")
+    import sealstore.loaders.safetensors as st
+    from sealstore.loaders import load_file, save_file
+    from sealstore.progress import LibraryBar, library_bar
+
+    tensors = {"a": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(7, 5)}
+    save_file(tensors, tmp_path / "m.seal", keys=["local:"])
+    made: list[LibraryBar] = []
+
+    def keep(label: str, total: int | None) -> LibraryBar:
+        made.append(library_bar(label, total))
+        return made[-1]
+
+    monkeypatch.setattr(st, "library_bar", keep)
+    loaded = load_file(tmp_path / "m.seal", progress=True)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    (bar,) = made
+    assert bar.uses_tqdm
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert bar._tqdm.n == bar._tqdm.total == data
+    assert bar._tqdm.disable  # closed: tqdm disables a bar once it is closed
