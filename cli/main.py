@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from sealstore import errors
+from sealstore.cli.commands import CommandFailed
 
 __all__ = ["EXIT_CODES", "main", "printable"]
 
@@ -263,8 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _EscapingStream(out), _EscapingStream(err)  # type: ignore[assignment]
     restore: Callable[[], None] = lambda: None  # noqa: E731
-    from sealstore.cli.commands import CommandFailed
-
     say = _say_json if args.json else _say_text
     try:
         # Inside the try: a SIGTERM the moment the handler is in place is
