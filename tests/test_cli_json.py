@@ -426,3 +426,30 @@ def test_load_file_progress_true_draws_with_tqdm(
     data = sum(t.numel() * t.element_size() for t in tensors.values())
     assert bar._tqdm.n == bar._tqdm.total == data
     assert bar._tqdm.disable  # closed: tqdm disables a bar once it is closed
+
+
+def test_rotation_roles_and_refresh_report_json(store_env: dict[str, str], tmp_path: Path) -> None:
+    e = store_env
+    ident = report(run("keys", "init", "--identity", tmp_path / "id", "--json"))
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(DATA)
+    ok(run("encrypt", "-k", "local:", "-o", tmp_path / "s", plain))
+    rotated = report(run("keys", "rotate", tmp_path / "s", "--to", ident["recipient"], "--json"))
+    (entry,) = rotated["files"]
+    assert entry["file"] == str(tmp_path / "s")
+    assert [s["kind"] for s in entry["slots"]] == ["local", "x25519"]
+    assert "blob" not in json.dumps(rotated)
+    ok(run("push", model_dir(tmp_path, {"w.bin": 100}), "m", "-k", "local:", env=e))
+    moved = report(run("store", "rotate", "m:1", "--to", ident["recipient"], "--json", env=e))
+    assert moved["ref"] == "m:1" and {s["kind"] for s in moved["slots"]} == {"local", "x25519"}
+    other = report(run("keys", "init", "--keyring", tmp_path / "other.json", "--json"))
+    granted = report(
+        run("store", "grant", other["signing_key"], "reader", "--tenant", "acme", "--json", env=e)
+    )
+    assert granted == {"key": other["signing_key"], "role": "reader", "tenant": "acme"}
+    revoked = report(
+        run("store", "revoke", other["signing_key"], "--tenant", "acme", "--json", env=e)
+    )
+    assert revoked["role"] is None
+    fresh = report(run("store", "refresh", "--lifetime", "2", "--json", env=e))
+    assert fresh["tenant"] == "default" and fresh["serial"] >= 1 and fresh["expires"]
