@@ -136,7 +136,6 @@ class LibraryBar:
             unit_scale=True,
             unit_divisor=1024,
             delay=0.5,
-            leave=False,
         )
 
     @property
