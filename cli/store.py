@@ -395,7 +395,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from sealstore.vault.pull import check_destination, served
+    from sealstore.vault.pull import check_destination, select_files, served
 
     # Before the store is even opened: a refused destination costs nothing.
     check_destination(args.output, files=args.file, force=args.force)
@@ -403,7 +403,10 @@ def _pull(args: argparse.Namespace) -> int:
     from sealstore.vault.store import default_tenant
 
     m = served(store, args.ref, args.tenant or default_tenant(), "pull", granted=False)
-    total = sum(f.size for f in m.files if not args.file or f.path in args.file)
+    # The files --file names (paths, folders, globs), selected as pull selects them.
+    ref = f"{m.name}:{m.version}"
+    chosen = select_files(m.files, args.file, ref) if args.file else list(m.files)
+    total = sum(f.size for f in chosen)
     start = time.perf_counter()
     with bar(args, "pull", total) as shown:
         m = store.pull(
@@ -419,17 +422,18 @@ def _pull(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     where = "stdout" if args.output == "-" else args.output
     if json_mode(args):
-        chosen = [f.path for f in m.files if not args.file or f.path in args.file]
+        ref = f"{m.name}:{m.version}"  # the version pulled (a tag is resolved once more inside)
         report = {
-            "ref": f"{m.name}:{m.version}",
+            "ref": ref,
             "tenant": m.tenant,
             "output": args.output,
+            "files": [
+                f.path for f in (select_files(m.files, args.file, ref) if args.file else m.files)
+            ],
             "bytes": total,
             "seconds": round(took, 3),
             "verified": True,
         }
-        if not args.file or len(chosen) == len(args.file):
-            report["files"] = chosen
         emit(args, report, stdout_is_data=args.output == "-")
         return 0
     say(

@@ -172,6 +172,9 @@ def test_store_commands_report_json(store_env: dict[str, str], tmp_path: Path) -
     pulled = report(run("pull", "bert@known-good", "-o", tmp_path / "out", "--json", env=e))
     assert pulled["ref"] == "bert:1" and pulled["verified"] is True
     assert len(pulled["files"]) == pushed["files"]
+    one = ("bert:2", "--file", "tokenizer/*", "-o", tmp_path / "one", "--json")
+    part = report(run("pull", *one, env=e))
+    assert part["files"] == ["tokenizer/vocab.txt"] and part["bytes"] == 5000
     assert same_tree(src, tmp_path / "out")
     shown = report(run("show", "bert:1", "--json", env=e))
     assert "blob" not in json.dumps(shown) and shown["signer"].startswith("ed25519:")
