@@ -456,3 +456,52 @@ def test_rotation_roles_and_refresh_report_json(store_env: dict[str, str], tmp_p
     assert revoked["role"] is None
     fresh = report(run("store", "refresh", "--lifetime", "2", "--json", env=e))
     assert fresh["tenant"] == "default" and fresh["serial"] >= 1 and fresh["expires"]
+
+
+def test_cli_bar_on_a_terminal_shows_the_time_left(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A pull into a FIFO read slowly, stderr on a pseudo-terminal: the bar has an ETA."""
+    import pty
+    import threading
+    import time
+
+    size = 6 << 20
+    ok(run("push", model_dir(tmp_path, {"w.bin": size}), "m", "-k", "local:", env=store_env))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    master, slave = pty.openpty()
+    cmd = [str(Path(sys.executable).parent / "sealstore"), "pull", "m", "--file", "w.bin"]
+    proc = subprocess.Popen(
+        [*cmd, "-o", str(fifo)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env=dict(os.environ, **store_env),
+    )
+    os.close(slave)
+    drawn = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                got = os.read(master, 4096)
+            except OSError:  # the pty closed with the process
+                return
+            if not got:
+                return
+            drawn.extend(got)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    got = 0
+    with fifo.open("rb") as fp:
+        while block := fp.read(1 << 20):
+            got += len(block)
+            time.sleep(0.25)  # a slow consumer: the pull takes over a second
+    assert proc.wait(60) == 0
+    reader.join(10)
+    os.close(master)
+    assert got == size
+    text = drawn.decode(errors="replace")
+    assert "pull [" in text and "ETA" in text and "%" in text, text
