@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.commands import CommandFailed, command, emit, group, json_mode, say
+
 __all__ = ["register"]
 
 
@@ -25,43 +27,57 @@ def _log_options(p: argparse.ArgumentParser) -> None:
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--since", metavar="WHEN",
-                   help="records at or after WHEN: 2026-11-24, 2026-11-24T10:00, or 30m, 6h, 2d "
-                   "ago")  # fmt: skip
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="records at or after WHEN: 2026-11-24, 2026-11-24T10:00, or 30m, 6h, 2d ago",
+    )
     p.add_argument("--artifact", metavar="NAME", help="only this artifact's records")
     p.add_argument("--tenant", metavar="T", help="only this tenant's records")
     p.add_argument("--action", metavar="ACTION", help="only this action (push, release, ...)")
 
 
 def register(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="the audit log: show, verify, export")
-    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    show = asub.add_parser("show", help="records, oldest first, one line each")
+    asub = group(sub, "audit", "the audit log: show, verify, export")
+    show = command(asub, "show", _show, help="records, oldest first, one line each")
     _log_options(show)
     _filters(show)
-    show.set_defaults(func=_show)
-    export = asub.add_parser("export", help="records as JSON lines (for a SIEM)")
+    export = command(
+        asub, "export", _export, reports=False, help="records as JSON lines (for a SIEM)"
+    )
     _log_options(export)
     _filters(export)
     export.add_argument("-o", "--output", metavar="FILE", help="default (or -): stdout")
-    export.set_defaults(func=_export)
-    verify = asub.add_parser(
+    verify = command(
+        asub,
         "verify",
+        _verify,
         help="check every stream's hash chain and signed checkpoints",
         description="Detects an edited, deleted, reordered or moved record and a removed "
         "segment; with the last checkpoint seen (kept on this machine per log, or "
         "--anchor FILE) also a truncated tail or a deleted stream. Exit 1 on any FAIL.",
     )
     _log_options(verify)
-    verify.add_argument("--anchor", type=Path, metavar="FILE",
-                        help="checkpoints seen earlier (a file --save-anchor wrote)")  # fmt: skip
-    verify.add_argument("--save-anchor", type=Path, metavar="FILE",
-                        help="write the verified heads to FILE (keep it elsewhere)")  # fmt: skip
-    verify.add_argument("--trust", action="append", default=[], metavar="KEY",
-                        help="only checkpoints signed by these keys (repeatable)")  # fmt: skip
-    verify.set_defaults(func=_verify)
-    key = asub.add_parser("key", help="this machine's audit key id (it signs its checkpoints)")
-    key.set_defaults(func=_key)
+    verify.add_argument(
+        "--anchor",
+        type=Path,
+        metavar="FILE",
+        help="checkpoints seen earlier (a file --save-anchor wrote)",
+    )
+    verify.add_argument(
+        "--save-anchor",
+        type=Path,
+        metavar="FILE",
+        help="write the verified heads to FILE (keep it elsewhere)",
+    )
+    verify.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="only checkpoints signed by these keys (repeatable)",
+    )
+    command(asub, "key", _key, help="this machine's audit key id (it signs its checkpoints)")
 
 
 def _storage(args: argparse.Namespace) -> Any:
@@ -155,6 +171,13 @@ def _show(args: argparse.Namespace) -> int:
 
     records = list(read_records(_storage(args)))
     vouched, bad = _vouched(args, records)
+    flags = {id(r): good for r, good in zip(records, vouched, strict=True)}
+    if json_mode(args):
+        # The records as the log holds them (JSON escapes what a terminal must not
+        # see), each with whether a verified stream vouches for it.
+        shown = [dict(r, verified=flags[id(r)]) for r in _selected(args, records)]
+        emit(args, {"records": shown, "failing_streams": sorted(bad)})
+        return 0
     if not all(vouched):
         streams = f" ({printable(', '.join(sorted(bad)))})" if bad else ""
         print(
@@ -163,7 +186,6 @@ def _show(args: argparse.Namespace) -> int:
             "audit verify)",
             file=sys.stderr,
         )
-    flags = {id(r): good for r, good in zip(records, vouched, strict=True)}
     for r in _selected(args, records):
         what = "/".join(str(r[k]) for k in ("tenant", "artifact") if r.get(k))
         if r.get("version"):
@@ -229,14 +251,42 @@ def _verify(args: argparse.Namespace) -> int:
         anchors.update(given.get("streams", given))
     reports = verify_log(storage, trusted=args.trust or None, anchors=anchors)
     failed = 0
-    for rep in reports:
+    for rep in [] if json_mode(args) else reports:
         for p in rep.problems:
             print(f"FAIL {p}")
             failed += 1
         if not rep.problems:
             print(f"ok   {rep.stream}: {rep.records} records, signed by {rep.signer}")
-    heads = {r.stream: {"seq": r.seq, "head": r.head, "signer": r.signer}
-             for r in reports if r.head is not None}  # fmt: skip
+    heads = {
+        r.stream: {"seq": r.seq, "head": r.head, "signer": r.signer}
+        for r in reports
+        if r.head is not None
+    }
+    if json_mode(args):
+        failed = sum(len(r.problems) for r in reports)
+        emit(
+            args,
+            {
+                "log": str(storage.url),
+                "ok": not failed,
+                "streams": [
+                    {
+                        "stream": r.stream,
+                        "records": r.records,
+                        "signer": r.signer,
+                        "seq": r.seq,
+                        "head": r.head,
+                        "problems": [{"where": p.where, "what": p.what} for p in r.problems],
+                    }
+                    for r in reports
+                ],
+                "problems": failed,
+            },
+        )
+        if failed:
+            raise CommandFailed(
+                f"{failed} problem(s) in {storage.url}", exit_code=1, kind="AuthenticationError"
+            )
     if failed:
         print(f"{failed} problem(s) in {storage.url}", file=sys.stderr)
         return 1
@@ -248,16 +298,22 @@ def _verify(args: argparse.Namespace) -> int:
         fp.write(json.dumps(pins, indent=1, sort_keys=True).encode() + b"\n")
     if args.save_anchor is not None:
         with atomic_file(args.save_anchor, mode=0o644) as fp:
-            fp.write(json.dumps({"log": str(storage.url), "streams": heads}, indent=1,
-                                sort_keys=True).encode() + b"\n")  # fmt: skip
-    if not args.quiet:
-        print(f"{len(reports)} stream(s), {sum(r.records for r in reports)} records: ok",
-              file=sys.stderr)  # fmt: skip
+            fp.write(
+                json.dumps(
+                    {"log": str(storage.url), "streams": heads}, indent=1, sort_keys=True
+                ).encode()
+                + b"\n"
+            )
+    say(args, f"{len(reports)} stream(s), {sum(r.records for r in reports)} records: ok")
     return 0
 
 
-def _key(_args: argparse.Namespace) -> int:
+def _key(args: argparse.Namespace) -> int:
     from sealstore.vault.auditing import machine_key
 
-    print(machine_key().signing_key_id)
+    key_id = machine_key().signing_key_id
+    if json_mode(args):
+        emit(args, {"key_id": key_id})
+        return 0
+    print(key_id)
     return 0

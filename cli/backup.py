@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Any
 
+from sealstore.cli.commands import CommandFailed, bar, command, emit, group, json_mode, say
 from sealstore.cli.progress import Progress, counted, human_bytes
-from sealstore.cli.store import _open, _say, _where
+from sealstore.cli.store import _open
 
 __all__ = ["register"]
 
@@ -17,6 +18,7 @@ BACKUP_ENV = "SEALSTORE_BACKUP"
 
 
 def _location(p: argparse.ArgumentParser, flag: str) -> None:
+    """The backup location (--to or --from URL) and its endpoint."""
     p.add_argument(
         flag,
         dest="location",
@@ -29,8 +31,20 @@ def _location(p: argparse.ArgumentParser, flag: str) -> None:
         metavar="URL",
         help="S3 endpoint of the backup location when it differs from the store's",
     )
-    p.add_argument("--threads", type=int, default=4, help="objects copied at once (default 4)")
-    p.add_argument("--no-progress", action="store_true")
+
+
+def _copies(sub: Any, name: str, func: Any, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A command that copies or hashes objects: threads, a progress bar, the store options."""
+    return command(
+        sub,
+        name,
+        func,
+        help=help,
+        threads=4,
+        threads_help="objects copied at once",
+        progress=True,
+        **kwargs,
+    )
 
 
 def _root(p: argparse.ArgumentParser) -> None:
@@ -41,15 +55,20 @@ def _restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("snapshot", nargs="?", default="latest", help="snapshot id (default: latest)")
     _location(p, "--from")
     p.add_argument(
-        "--to", metavar="STORE", help="restore into this store URL (default: --store, or the "
-        "default store); an empty location becomes the snapshot's store"
-    )  # fmt: skip
+        "--to",
+        metavar="STORE",
+        help="restore into this store URL (default: --store, or the "
+        "default store); an empty location becomes the snapshot's store",
+    )
     p.add_argument(
         "--artifact", action="append", metavar="NAME[:VERSION]", help="only this (repeatable)"
     )
-    p.add_argument("--known-good", action="store_true",
-                   help="only each artifact's known-good version; latest points at it and the "
-                   "artifact's other tags are removed")  # fmt: skip
+    p.add_argument(
+        "--known-good",
+        action="store_true",
+        help="only each artifact's known-good version; latest points at it and the "
+        "artifact's other tags are removed",
+    )
     p.add_argument(
         "--recovery-identity",
         action="append",
@@ -59,19 +78,19 @@ def _restore_options(p: argparse.ArgumentParser) -> None:
         "restored manifests, so they open with it when the KMS/Vault key is gone",
     )
     _root(p)
-    _where(p)
-    p.set_defaults(func=_restore)
 
 
 def register(sub: Any) -> None:
-    bk = sub.add_parser("backup", help="incremental, signed backups of a store; verify; restore")
-    bsub = bk.add_subparsers(dest="backup_command", metavar="ACTION", required=True)
-    create = bsub.add_parser(
+    bsub = group(sub, "backup", "incremental, signed backups of a store; verify; restore")
+    create = _copies(
+        bsub,
         "create",
+        _create,
         help="back the store up (only what the location lacks is copied)",
         description="Copy every tenant's manifests, BoMs, tags and sealed objects (ciphertext "
         "only) to URL and write a signed snapshot naming them. Incremental: objects are named "
         "by their digest and copied only when the location lacks them.",
+        store=True,
     )
     _location(create, "--to")
     create.add_argument(
@@ -82,76 +101,85 @@ def register(sub: Any) -> None:
         help="also wrap each version's key to this offline recovery key (key escrow)",
     )
     create.add_argument(
-        "-i", "--identity", action="append", default=[], metavar="FILE",
+        "-i",
+        "--identity",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="identity or keyring that opens the versions (for escrow)",
-    )  # fmt: skip
+    )
     create.add_argument("--force", action="store_true", help="run even if a prune is recorded")
-    _where(create)
-    create.set_defaults(func=_create)
 
-    ls = bsub.add_parser("list", help="the snapshots at a backup location")
+    ls = command(bsub, "list", _list, help="the snapshots at a backup location")
     _location(ls, "--from")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_list)
 
-    ver = bsub.add_parser(
+    ver = _copies(
+        bsub,
         "verify",
+        _verify,
         help="check a snapshot with no key: signatures and every object's hash",
     )
     ver.add_argument("snapshot", nargs="?", default="latest")
     _location(ver, "--from")
     _root(ver)
-    ver.add_argument("--json", action="store_true")
-    ver.set_defaults(func=_verify)
 
-    res = bsub.add_parser(
+    res = _copies(
+        bsub,
         "restore",
+        _restore,
         help="bring the store back to a snapshot (point in time, tags included, idempotent)",
+        store=True,
     )
     _restore_options(res)
 
-    pr = bsub.add_parser("prune", help="keep the newest N snapshots; delete what only others need")
+    pr = command(
+        bsub, "prune", _prune, help="keep the newest N snapshots; delete what only others need"
+    )
     _location(pr, "--from")
     pr.add_argument("--keep", type=int, required=True, metavar="N")
     _root(pr)
     pr.add_argument("--force", action="store_true", help="run even if a backup is recorded")
     pr.add_argument(
-        "--grace", type=float, default=3600.0, metavar="SECONDS",
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
         help="spare unreferenced blobs younger than this (a running backup's; default 3600)",
-    )  # fmt: skip
-    pr.set_defaults(func=_prune)
+    )
 
-    top = sub.add_parser(
+    top = _copies(
+        sub,
         "restore",
+        _restore,
         help="restore from a snapshot; --known-good returns the store to its known-good state",
+        store=True,
     )
     _restore_options(top)
 
-    sm = sub.add_parser("safe-mode", help="serve only known-good versions (enter, exit, status)")
-    ssub = sm.add_subparsers(dest="safe_command", metavar="ACTION", required=True)
+    ssub = group(sub, "safe-mode", "serve only known-good versions (enter, exit, status)")
     for action, text in (
         ("enter", "serve only each artifact's signed known-good version"),
         ("exit", "serve every verified version again"),
         ("status", "whether the store is in safe mode"),
     ):
-        p = ssub.add_parser(action, help=text)
+        p = command(ssub, action, _safe_mode, help=text, store=True, action=action)
         if action != "status":
             p.add_argument("--reason", default="", help="recorded in the signed state")
-        else:
-            p.add_argument("--json", action="store_true")
-        _where(p)
-        p.set_defaults(func=_safe_mode, action=action)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"endpoint_url": args.backup_endpoint} if args.backup_endpoint else {}
 
 
+def _stats(stats: Any) -> dict[str, Any]:
+    """A copy's counts for a JSON report."""
+    names = ("versions", "objects", "copied", "copied_bytes", "read_bytes", "docs_written")
+    return {n: getattr(stats, n) for n in names} | {"seconds": round(stats.seconds, 3)}
+
+
 def _need_location(args: argparse.Namespace) -> str:
     if not args.location:
         raise ValueError(f"no backup location: give --to/--from URL or set ${BACKUP_ENV}")
-    if args.threads < 1:
-        raise ValueError("--threads must be at least 1")
     return str(args.location)
 
 
@@ -159,17 +187,17 @@ class _Bars:
     """Makes the progress bar once the total is known, and closes it at the end."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.enabled = not args.no_progress and not args.quiet
+        self.args = args
         self.bars: list[Progress] = []
 
     def __call__(self, label: str, total: int) -> Progress:
-        bar = Progress(label, total, enabled=self.enabled)
-        self.bars.append(bar)
-        return bar
+        made = bar(self.args, label, total)
+        self.bars.append(made)
+        return made
 
     def close(self) -> None:
-        for bar in self.bars:
-            bar.close()
+        for made in self.bars:
+            made.close()
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -193,17 +221,31 @@ def _create(args: argparse.Namespace) -> int:
         )
     finally:
         bars.close()
-    for problem in snap.damaged:
-        print(f"sealstore: damaged: {problem}", file=sys.stderr)
-    _say(args, stats.summary(f"backup {snap.id}") + f", {human_bytes(stats.read_bytes)} read")
-    print(snap.id)
-    if snap.damaged:
-        print(
-            f"sealstore: error: {len(snap.damaged)} damaged item(s) in the store; the snapshot "
-            "holds the rest (repair with: sealstore backup restore)",
-            file=sys.stderr,
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "snapshot": snap.id,
+                "store": snap.store,
+                "created": snap.created,
+                "damaged": list(snap.damaged),
+                "recipients": list(snap.recipients),
+                **_stats(stats),
+            },
         )
-        return 1
+    else:
+        for problem in snap.damaged:
+            print(f"sealstore: damaged: {problem}", file=sys.stderr)
+        say(args, stats.summary(f"backup {snap.id}") + f", {human_bytes(stats.read_bytes)} read")
+        print(snap.id)
+    if snap.damaged:
+        # The report named them; the error line (or object) gives the count and exit 1.
+        raise CommandFailed(
+            f"{len(snap.damaged)} damaged item(s) in the store; the snapshot holds the "
+            "rest (repair with: sealstore backup restore)",
+            exit_code=1,
+            kind="Damaged",
+        )
     return 0
 
 
@@ -211,7 +253,7 @@ def _list(args: argparse.Namespace) -> int:
     from sealstore.vault.backup import list_snapshots
 
     rows = list_snapshots(_need_location(args), **_options(args))
-    if args.json:
+    if json_mode(args):
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
@@ -220,9 +262,11 @@ def _list(args: argparse.Namespace) -> int:
             continue
         extra = f"  escrow to {len(r['recipients'])} recipient(s)" if r["recipients"] else ""
         extra += f"  {r['damaged']} damaged" if r["damaged"] else ""
-        print(f"{r['id']}  {r['created']}  {counted(r['versions'], 'version')}  "
-              f"{counted(r['objects'], 'object')}  "
-              f"{human_bytes(r['bytes'])}{extra}")  # fmt: skip
+        print(
+            f"{r['id']}  {r['created']}  {counted(r['versions'], 'version')}  "
+            f"{counted(r['objects'], 'object')}  "
+            f"{human_bytes(r['bytes'])}{extra}"
+        )
     return 0
 
 
@@ -231,19 +275,33 @@ def _verify(args: argparse.Namespace) -> int:
 
     bars = _Bars(args)
     try:
-        res = verify(_need_location(args), args.snapshot, root=args.root, threads=args.threads,
-                     progress_for=bars, **_options(args))  # fmt: skip
+        res = verify(
+            _need_location(args),
+            args.snapshot,
+            root=args.root,
+            threads=args.threads,
+            progress_for=bars,
+            **_options(args),
+        )
     finally:
         bars.close()
-    if args.json:
-        print(json.dumps(res.__dict__ | {"ok": res.ok}, indent=2))
+    if json_mode(args):
+        emit(args, res.__dict__ | {"ok": res.ok})
+        if not res.ok:
+            raise CommandFailed(
+                f"snapshot {res.snapshot}: {len(res.problems)} problem(s)",
+                exit_code=1,
+                kind="AuthenticationError",
+            )
     else:
         for p in res.problems:
             print(f"FAIL  {p}")
         state = "ok" if res.ok else f"{len(res.problems)} problem(s)"
-        print(f"snapshot {res.snapshot}: {counted(res.versions, 'version')}, "
-              f"{counted(res.objects, 'object')}, "
-              f"{human_bytes(res.bytes)}: {state}")  # fmt: skip
+        print(
+            f"snapshot {res.snapshot}: {counted(res.versions, 'version')}, "
+            f"{counted(res.objects, 'object')}, "
+            f"{human_bytes(res.bytes)}: {state}"
+        )
     return 0 if res.ok else 1
 
 
@@ -268,12 +326,41 @@ def _restore(args: argparse.Namespace) -> int:
         )
     finally:
         bars.close()
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "snapshot": report.snapshot,
+                "store": report.store,
+                "versions": report.versions,
+                "restored": report.restored,
+                "repaired": report.repaired,
+                "tags": report.tags,
+                "untagged": report.untagged,
+                "skipped": report.skipped,
+                "problems": report.problems,
+                "changed": report.changed,
+                **_stats(report.stats),
+            },
+        )
+    else:
+        _say_restore(args, report)
+    if report.problems:
+        raise CommandFailed(
+            f"{len(report.problems)} problem(s); nothing else was lost, re-run once they are fixed",
+            exit_code=1,
+            kind="RestoreProblems",
+        )
+    return 0
+
+
+def _say_restore(args: argparse.Namespace, report: Any) -> None:
     for line in report.repaired:
-        _say(args, f"repaired: {line}")
+        say(args, f"repaired: {line}")
     for line in report.tags + [f"{t} removed" for t in report.untagged]:
-        _say(args, f"tag: {line}")
+        say(args, f"tag: {line}")
     for line in report.skipped:
-        _say(args, f"skipped: {line}")
+        say(args, f"skipped: {line}")
     for line in report.problems:
         print(f"sealstore: problem: {line}", file=sys.stderr)
     what = (
@@ -281,23 +368,37 @@ def _restore(args: argparse.Namespace) -> int:
         if not report.changed
         else f"{counted(len(report.restored), 'version')} written"
     )
-    _say(args, report.stats.summary(f"restore {report.snapshot} into {report.store}")
-         + f"; {what}")  # fmt: skip
-    if report.problems:
-        print(f"sealstore: error: {len(report.problems)} problem(s); nothing else was lost, "
-              "re-run once they are fixed", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    say(args, report.stats.summary(f"restore {report.snapshot} into {report.store}") + f"; {what}")
 
 
 def _prune(args: argparse.Namespace) -> int:
     from sealstore.vault.backup import prune
 
-    report = prune(_need_location(args), args.keep, root=args.root, force=args.force,
-                   grace=args.grace, **_options(args))  # fmt: skip
+    report = prune(
+        _need_location(args),
+        args.keep,
+        root=args.root,
+        force=args.force,
+        grace=args.grace,
+        **_options(args),
+    )
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "kept": report.kept,
+                "removed": report.removed,
+                "blobs_removed": report.blobs_removed,
+                "bytes_freed": report.bytes_freed,
+            },
+        )
+        return 0
     freed = human_bytes(report.bytes_freed)
-    _say(args, f"kept {len(report.kept)} snapshot(s), removed {len(report.removed)}; "
-               f"{report.blobs_removed} blob(s), {freed} freed")  # fmt: skip
+    say(
+        args,
+        f"kept {len(report.kept)} snapshot(s), removed {len(report.removed)}; "
+        f"{report.blobs_removed} blob(s), {freed} freed",
+    )
     return 0
 
 
@@ -311,9 +412,9 @@ def _safe_mode(args: argparse.Namespace) -> int:
         state = safemode.exit_safe_mode(store, args.reason)
     else:
         state = safemode.status(store)
-        if args.json:
-            print(json.dumps(state.__dict__, indent=2))
-            return 0
+    if json_mode(args):
+        emit(args, dict(state.__dict__))
+        return 0
     if state.enabled:
         why = f" ({state.reason})" if state.reason else ""
         print(f"safe mode: on since {state.since}{why}; only known-good versions are served")

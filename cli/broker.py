@@ -12,15 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.commands import command, emit, group, json_mode
+
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    broker = sub.add_parser("broker", help="the key-release broker (attested key release)")
-    bsub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    bsub = group(sub, "broker", "the key-release broker (attested key release)")
 
-    serve = bsub.add_parser(
+    serve = command(
+        bsub,
         "serve",
+        _serve,
+        reports=False,
         help="run the broker (HTTPS) with a config file",
         description="Serve attested key release over TLS: challenge, evidence, policy, the "
         "DEK sealed to the workload's ephemeral key. Decisions are logged on stderr; "
@@ -28,14 +32,14 @@ def register(sub: Any) -> None:
     )
     serve.add_argument("--config", required=True, type=Path, metavar="FILE", help="YAML config")
     serve.add_argument("--port", type=int, help="override server.port")
-    serve.set_defaults(func=_serve)
 
-    check = bsub.add_parser("check", help="check a config file and print what it releases")
+    check = command(bsub, "check", _check, help="check a config file and print what it releases")
     check.add_argument("--config", required=True, type=Path, metavar="FILE")
-    check.set_defaults(func=_check)
 
-    sign = bsub.add_parser(
+    sign = command(
+        bsub,
         "sign",
+        _sign,
         help="sign a config and the files it names (FILE.sig) with an Ed25519 key",
         description="Write FILE.sig beside the config: one Ed25519 signature over the "
         "SHA-256 of the config and of every file it names outside server: (reference files, "
@@ -49,16 +53,19 @@ def register(sub: Any) -> None:
     sign.add_argument(
         "--serial", type=int, metavar="N", help="its serial (default: the last one's + 1, or 1)"
     )
-    sign.set_defaults(func=_sign)
 
-    token = bsub.add_parser(
+    command(
+        bsub,
         "token",
+        _token,
+        reports=False,
         help="make a bearer token; prints it and the token_sha256 line for the config",
     )
-    token.set_defaults(func=_token)
 
-    lock = sub.add_parser(
+    lock = command(
+        sub,
         "lockdown",
+        _lockdown,
         help="kill switch: refuse every key release of a tenant (or all) at once",
         description="sealstore lockdown --tenant T | --all  stops every release at once, on "
         "every replica; 'lockdown lift' ends it (or an identity's lockout: --identity NAME); "
@@ -66,8 +73,12 @@ def register(sub: Any) -> None:
         "an admin's token; callers on the broker's host unless admin.remote is on) or "
         "straight to the replicas' shared Redis state (--config FILE, on an operator's host).",
     )
-    lock.add_argument("action", nargs="?", choices=("lift", "status"),
-                      help="lift or status (none: declare a lockdown)")  # fmt: skip
+    lock.add_argument(
+        "action",
+        nargs="?",
+        choices=("lift", "status"),
+        help="lift or status (none: declare a lockdown)",
+    )
     scope = lock.add_mutually_exclusive_group()
     scope.add_argument("--tenant", metavar="T", help="this tenant")
     scope.add_argument("--all", action="store_true", help="every tenant")
@@ -75,12 +86,19 @@ def register(sub: Any) -> None:
     lock.add_argument("--reason", default="", help="why (goes to the audit log and alerts)")
     where = lock.add_mutually_exclusive_group(required=True)
     where.add_argument("--broker", metavar="URL", help="https://HOST:PORT of a broker")
-    where.add_argument("--config", type=Path, metavar="FILE", help="the brokers' config file "
-                       "(its state.url must be the shared Redis)")  # fmt: skip
-    lock.add_argument("--token-file", type=Path, metavar="FILE",
-                      help="an admin identity's bearer token (default: $SEALSTORE_BROKER_TOKEN "
-                      "or $SEALSTORE_BROKER_TOKEN_FILE)")  # fmt: skip
-    lock.set_defaults(func=_lockdown)
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the brokers' config file (its state.url must be the shared Redis)",
+    )
+    lock.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="an admin identity's bearer token (default: $SEALSTORE_BROKER_TOKEN "
+        "or $SEALSTORE_BROKER_TOKEN_FILE)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,9 +119,14 @@ def _check(args: argparse.Namespace) -> int:
     from sealstore.enclave.broker_config import BrokerConfig
 
     config = BrokerConfig.load(args.config)
+    if json_mode(args):
+        emit(args, _check_report(config))
+        return 0
     mtls = "client certificates" + (" (required)" if config.require_client_cert else "")
-    print(f"{config.path}: ok; https://{config.host}:{config.port}, "
-          f"{mtls if config.client_ca else 'bearer tokens only'}")  # fmt: skip
+    print(
+        f"{config.path}: ok; https://{config.host}:{config.port}, "
+        f"{mtls if config.client_ca else 'bearer tokens only'}"
+    )
     for warning in config.warnings:
         print(f"  warning: {warning}")
     for tenant in config.tenants.values():
@@ -126,6 +149,36 @@ def _check(args: argparse.Namespace) -> int:
           f"{config.audit_log}; admin API: {'remote' if config.admin_remote else 'local only'}"
           f"; alerts: {config.webhook or 'log and metrics only'}")  # fmt: skip
     return 0
+
+
+def _check_report(config: Any) -> dict[str, Any]:
+    """What ``broker check --json`` reports: where it serves and what it releases to whom."""
+    return {
+        "config": str(config.path),
+        "url": f"https://{config.host}:{config.port}",
+        "client_ca": config.client_ca is not None,
+        "require_client_cert": bool(config.require_client_cert),
+        "warnings": list(config.warnings),
+        "releases": [
+            {
+                "tenant": t.name,
+                "artifact": name,
+                "identities": sorted(rule.identities),
+                "evidence": list(rule.evidence),
+            }
+            for t in config.tenants.values()
+            for name, rule in sorted(t.artifacts.items())
+        ],
+        "identities": {i.name: dict(i.roles) for i in config.identities.values()},
+        "policy": {
+            "files": len(config.sources),
+            "digest": config.digest,
+            "bundle_serial": config.bundle_serial,
+            "reload_watch": bool(config.reload_watch),
+        },
+        "state": "shared" if config.state_url is not None else "in-process",
+        "admin_remote": bool(config.admin_remote),
+    }
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -156,9 +209,15 @@ def _sign(args: argparse.Namespace) -> int:
     os.replace(tmp, config.signature_path)  # a watching broker never sees half a signature
     public = key.public_key().public_bytes(serialization.Encoding.Raw,
                                            serialization.PublicFormat.Raw)  # fmt: skip
+    other = config.signing_key is not None and config.signing_key != public
+    if json_mode(args):
+        emit(args, {"signature": str(config.signature_path), "serial": serial,
+                    "files": len(config.sources), "key": key_id(public),
+                    "pinned_key_differs": other})  # fmt: skip
+        return 0
     print(f"{config.signature_path}: serial {serial}, {len(config.sources)} file(s), "
           f"key {key_id(public)[:16]}")  # fmt: skip
-    if config.signing_key is not None and config.signing_key != public:
+    if other:
         print("  warning: signing.public_key in this config is another key: brokers will "
               "refuse this signature")  # fmt: skip
     return 0
@@ -177,10 +236,14 @@ def _lockdown(args: argparse.Namespace) -> int:
     if args.identity is not None and action != "lift":
         raise ValueError("--identity goes with 'lockdown lift'")
     if action != "status" and scope is None and args.identity is None:
-        raise ValueError("name --tenant T or --all" + (" or --identity NAME" if action == "lift"
-                                                          else ""))  # fmt: skip
+        raise ValueError(
+            "name --tenant T or --all" + (" or --identity NAME" if action == "lift" else "")
+        )
     out = _by_config(args, action, scope) if args.config else _by_api(args, action, scope)
     downs, outs = out.get("lockdowns", {}), out.get("lockouts", {})
+    if json_mode(args):
+        emit(args, {"action": action, "lockdowns": downs, "lockouts": outs})
+        return 0
     for what, reason in sorted(downs.items()):
         print(f"lockdown {'all tenants' if what == '*' else what}: {reason}")
     for who, reason in sorted(outs.items()):
@@ -228,22 +291,31 @@ def _by_api(args: argparse.Namespace, action: str, scope: str | None) -> dict[st
     given = args.token_file.read_text(encoding="utf-8").strip() if args.token_file else None
     token = bearer_token(given)
     env = os.environ.get
-    ctx = client_context(env("SEALSTORE_BROKER_CACERT"), env("SEALSTORE_BROKER_CERT"),
-                         env("SEALSTORE_BROKER_KEY"))  # fmt: skip
+    ctx = client_context(
+        env("SEALSTORE_BROKER_CACERT"), env("SEALSTORE_BROKER_CERT"), env("SEALSTORE_BROKER_KEY")
+    )
     body: dict[str, Any] | None = None
     if action != "status":
-        body = {"identity": args.identity} if args.identity else (
-            {"all": True} if scope == "*" else {"tenant": scope})  # fmt: skip
+        body = (
+            {"identity": args.identity}
+            if args.identity
+            else ({"all": True} if scope == "*" else {"tenant": scope})
+        )
         if args.reason:
             body["reason"] = args.reason
-    path = {"lockdown": "/v1/admin/lockdown", "lift": "/v1/admin/lift",
-            "status": "/v1/admin/status"}[action]  # fmt: skip
-    status, obj = https_json(parts.hostname, parts.port or 443, ctx,
-                             "GET" if body is None else "POST", path, body, token)  # fmt: skip
+    path = {
+        "lockdown": "/v1/admin/lockdown",
+        "lift": "/v1/admin/lift",
+        "status": "/v1/admin/status",
+    }[action]
+    status, obj = https_json(
+        parts.hostname, parts.port or 443, ctx, "GET" if body is None else "POST", path, body, token
+    )
     if status == 200 and isinstance(obj, dict):
         return obj
     code = obj.get("error") if isinstance(obj, dict) else None
     if status in (401, 403) and code:
         raise KeyReleaseDenied(f"broker {args.broker} refused {action}: {code}")
-    raise BackendError(f"broker {args.broker} answered {status} to {path}"
-                       + (f" ({code})" if code else ""))  # fmt: skip
+    raise BackendError(
+        f"broker {args.broker} answered {status} to {path}" + (f" ({code})" if code else "")
+    )

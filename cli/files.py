@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -11,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.commands import bar, command, emit, json_mode, say
 from sealstore.cli.main import printable
-from sealstore.cli.progress import Progress, human_bytes
+from sealstore.cli.progress import human_bytes
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE, SUITES
 from sealstore.inspect import inspect_file
 from sealstore.kms.envelope import seal_file, unseal_file, verify_file
@@ -53,13 +53,6 @@ def _expect_context(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _threads(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("threads must be at least 1")
-    return n
-
-
 _CPUS = os.cpu_count() or 1
 # Decrypting scales with threads; sealing is bound by memory bandwidth sooner
 # (no gain measured from 2 threads on 2 vCPUs), so it asks for half the CPUs.
@@ -67,19 +60,15 @@ DECRYPT_THREADS = min(4, _CPUS)
 ENCRYPT_THREADS = max(1, min(4, _CPUS // 2))
 
 
-def _common(p: argparse.ArgumentParser, threads: int = DECRYPT_THREADS) -> None:
-    p.add_argument(
-        "-t",
-        "--threads",
-        type=_threads,
-        default=threads,
-        help=f"worker threads (default here: {threads})",
-    )
-    p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
-
-
 def register(sub: Any) -> None:
-    enc = sub.add_parser("encrypt", help="seal a file (one key slot per -k)")
+    enc = command(
+        sub,
+        "encrypt",
+        _encrypt,
+        help="seal a file (one key slot per -k)",
+        threads=ENCRYPT_THREADS,
+        progress=True,
+    )
     enc.add_argument(
         "-k",
         "--key",
@@ -111,11 +100,14 @@ def register(sub: Any) -> None:
     )
     enc.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     enc.add_argument("input", help="input file, or - for stdin")
-    _common(enc, ENCRYPT_THREADS)
-    enc.set_defaults(func=_encrypt)
 
-    dec = sub.add_parser(
-        "decrypt", help="decrypt a sealed file; no output file unless it all authenticates"
+    dec = command(
+        sub,
+        "decrypt",
+        _decrypt,
+        help="decrypt a sealed file; no output file unless it all authenticates",
+        threads=DECRYPT_THREADS,
+        progress=True,
     )
     dec.add_argument(
         "-i",
@@ -128,16 +120,18 @@ def register(sub: Any) -> None:
     dec.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     dec.add_argument("input", help="sealed file, or - for stdin")
     _expect_context(dec)
-    _common(dec)
-    dec.set_defaults(func=_decrypt)
 
-    ins = sub.add_parser("inspect", help="show a sealed file's header and slots (no key needed)")
+    ins = command(
+        sub, "inspect", _inspect, help="show a sealed file's header and slots (no key needed)"
+    )
     ins.add_argument("file", help="sealed file, or - for stdin")
-    ins.add_argument("--json", action="store_true")
-    ins.set_defaults(func=_inspect)
 
-    ver = sub.add_parser(
+    ver = command(
+        sub,
         "verify",
+        _verify,
+        threads=DECRYPT_THREADS,
+        progress=True,
         help="authenticate every chunk of a sealed file, or a store version; writes nothing",
         description="With a FILE: authenticate every chunk. With a store reference (or "
         "--store, or no argument): check every signature, object hash, chunk and plaintext "
@@ -153,20 +147,22 @@ def register(sub: Any) -> None:
         "--keyless", action="store_true", help="store: signatures and object hashes only, no key"
     )
     _expect_context(ver)
-    _common(ver)
-    ver.set_defaults(func=_verify)
 
 
 def _size_of(path: str) -> int | None:
     return None if path == "-" or not Path(path).is_file() else Path(path).stat().st_size
 
 
-def _report(args: argparse.Namespace, verb: str, nbytes: int, start: float) -> None:
-    if args.quiet:
-        return
+def _report(args: argparse.Namespace, verb: str, nbytes: int, start: float, **facts: Any) -> None:
+    """The summary: a line on stderr, or with --json the report (on stderr if stdout is data)."""
     took = time.perf_counter() - start
+    if json_mode(args):
+        out = getattr(args, "output", None)
+        facts.update(bytes=nbytes, seconds=round(took, 3))
+        emit(args, facts, stdout_is_data=out == "-")
+        return
     rate = human_bytes(nbytes / took) + "/s" if took > 0 else ""
-    print(f"{verb} {human_bytes(nbytes)} in {took:.2f} s ({rate})", file=sys.stderr)
+    say(args, f"{verb} {human_bytes(nbytes)} in {took:.2f} s ({rate})")
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -183,7 +179,7 @@ def _encrypt(args: argparse.Namespace) -> int:
         raise ValueError("give at least one key: -k URI (or --dek-from URI)")
     _check_output(args)
     start = time.perf_counter()
-    with Progress("encrypt", _size_of(args.input), enabled=not args.no_progress) as bar:
+    with bar(args, "encrypt", _size_of(args.input)) as shown:
         header = seal_file(
             args.input,
             args.output,
@@ -192,11 +188,20 @@ def _encrypt(args: argparse.Namespace) -> int:
             suite=args.suite,
             chunk_size=args.chunk_size,
             threads=args.threads,
-            progress=bar,
+            progress=shown,
             dek_from=args.dek_from,
         )
-    slots = len(set(args.keys) | ({args.dek_from} if args.dek_from else set()))
-    _report(args, f"sealed ({header.suite}, {slots} slot(s))", bar.done, start)
+    slots = list(dict.fromkeys(([args.dek_from] if args.dek_from else []) + args.keys))
+    _report(
+        args,
+        f"sealed ({header.suite}, {len(slots)} slot(s))",
+        shown.done,
+        start,
+        output=args.output,
+        suite=header.suite,
+        chunk_size=header.chunk_size,
+        slots=slots,
+    )
     return 0
 
 
@@ -204,23 +209,23 @@ def _decrypt(args: argparse.Namespace) -> int:
     _check_output(args)
     start = time.perf_counter()
     total = _size_of(args.input)
-    with Progress("decrypt", total, enabled=not args.no_progress) as bar:
+    with bar(args, "decrypt", total) as shown:
         n = unseal_file(
             args.input,
             args.output,
             args.identity,
             threads=args.threads,
-            progress=bar,
+            progress=shown,
             expect_context=_context(args.context),
         )
-    _report(args, "decrypted", n, start)
+    _report(args, "decrypted", n, start, output=args.output, authenticated=True)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     info = inspect_file(sys.stdin.buffer if args.file == "-" else args.file)
-    if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+    if json_mode(args):
+        emit(args, info)
         return 1 if "layout_error" in info else 0
     rows = [
         ("format", f"sealstore v{info['version']}"),
@@ -266,11 +271,10 @@ def _verify(args: argparse.Namespace) -> int:
         return verify_store(args)
     start = time.perf_counter()
     expect = _context(args.context)
-    with Progress("verify", _size_of(args.file), enabled=not args.no_progress) as bar:
+    with bar(args, "verify", _size_of(args.file)) as shown:
         verify_file(
-            args.file, args.identity, threads=args.threads, progress=bar, expect_context=expect
+            args.file, args.identity, threads=args.threads, progress=shown, expect_context=expect
         )
-    if not args.quiet:
-        print(f"{printable(args.file)}: OK", file=sys.stderr)
-    _report(args, "verified", bar.done, start)
+    say(args, f"{printable(args.file)}: OK")
+    _report(args, "verified", shown.done, start, file=args.file, ok=True)
     return 0

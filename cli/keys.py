@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.commands import command, emit, group, json_mode, say
 from sealstore.cli.main import printable
 from sealstore.kms.local import LocalKeyring, create_keyring
 from sealstore.kms.registry import default_keyring_path, load_identity
@@ -17,11 +17,11 @@ __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="create and list keys")
-    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-
-    init = ksub.add_parser(
+    ksub = group(sub, "keys", "create and list keys")
+    init = command(
+        ksub,
         "init",
+        _init,
         help="create a local keyring (or, with --identity, an x25519 identity file)",
         description="Create a passphrase-protected local keyring holding a fresh KEK. The "
         "passphrase comes from SEALSTORE_PASSPHRASE or a prompt.",
@@ -57,19 +57,19 @@ def register(sub: Any) -> None:
         "(a keyring holds the store's root signing key and every KEK: deleting the backup "
         "loses them)",
     )
-    init.set_defaults(func=_init)
 
-    lst = ksub.add_parser("list", help="show a keyring's public facts (no passphrase needed)")
+    lst = command(ksub, "list", _list, help="show a keyring's public facts (no passphrase needed)")
     lst.add_argument("--keyring", type=Path)
-    lst.add_argument("--json", action="store_true")
-    lst.set_defaults(func=_list)
 
-    rec = ksub.add_parser("recipient", help="print the public x25519 recipient of an identity file")
+    rec = command(
+        ksub, "recipient", _recipient, help="print the public x25519 recipient of an identity file"
+    )
     rec.add_argument("identity", type=Path)
-    rec.set_defaults(func=_recipient)
 
-    rot = ksub.add_parser(
+    rot = command(
+        ksub,
         "rotate",
+        _rotate,
         help="re-wrap files' data keys to other keys; the payload bytes stay identical",
         description="Rewrite only the key-slot section of each FILE: add a slot for every "
         "--to key (a key that already has a slot is re-wrapped in place, e.g. to a new "
@@ -86,10 +86,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="identity or keyring file to open the current slots with",
     )
-    rot.set_defaults(func=_rotate)
 
 
-def _backup(path: Path, what: str) -> None:
+def _backup(args: argparse.Namespace, path: Path, what: str) -> str | None:
     """Keep a copy of *path* beside it before --force replaces it (mode 0600).
 
     A keyring holds the KEKs of every file sealed to it and the store's root
@@ -97,7 +96,7 @@ def _backup(path: Path, what: str) -> None:
     mistake must not lose them.
     """
     if not path.is_file():
-        return  # nothing to keep (and create_keyring refuses what is not a file)
+        return None  # nothing to keep (and create_keyring refuses what is not a file)
     from datetime import UTC, datetime
 
     from sealstore.fsutil import atomic_file
@@ -110,26 +109,33 @@ def _backup(path: Path, what: str) -> None:
         backup = path.with_name(f"{path.name}.{stamp}-{n}.bak")
     with atomic_file(backup, mode=0o600) as fp:
         fp.write(path.read_bytes())
-    print(f"kept the {what} it replaces as {printable(backup)}", file=sys.stderr)
+    say(args, f"kept the {what} it replaces as {printable(backup)}")
+    return str(backup)
 
 
 def _init(args: argparse.Namespace) -> int:
     if args.identity is not None:
-        if args.force:
-            _backup(args.identity, "identity")
+        kept = _backup(args, args.identity, "identity") if args.force else None
         ident = generate_identity(args.identity, overwrite=args.force)
-        print(f"created identity {args.identity} (keep it secret and offline)", file=sys.stderr)
+        if json_mode(args):
+            emit(
+                args,
+                {
+                    "identity": str(args.identity),
+                    "recipient": ident.recipient,
+                    "replaced_kept_as": kept,
+                },
+            )
+            return 0
+        say(args, f"created identity {args.identity} (keep it secret and offline)")
         print(ident.recipient)
         return 0
     path = args.keyring or default_keyring_path()
     if args.insecure_no_passphrase:
-        print(
-            f"sealstore: warning: keyring {path} is not protected by a passphrase", file=sys.stderr
-        )
+        logging.getLogger(__name__).warning("keyring %s is not protected by a passphrase", path)
     import warnings
 
-    if args.force:
-        _backup(path, "keyring")
+    kept = _backup(args, path, "keyring") if args.force else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once above, not twice
         ring = create_keyring(
@@ -139,8 +145,20 @@ def _init(args: argparse.Namespace) -> int:
             tpm_pcrs=args.tpm_pcrs,
             tcti=args.tcti,
         )
-    print(f"created keyring {ring.path} (id {ring.id})", file=sys.stderr)
-    print(f"signing key {ring.signing_key_id}", file=sys.stderr)
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "keyring": str(ring.path),
+                "id": ring.id,
+                "key_uri": f"local:{ring.path}",
+                "signing_key": ring.signing_key_id,
+                "replaced_kept_as": kept,
+            },
+        )
+        return 0
+    say(args, f"created keyring {ring.path} (id {ring.id})")
+    say(args, f"signing key {ring.signing_key_id}")
     print(f"local:{ring.path}")
     return 0
 
@@ -148,8 +166,8 @@ def _init(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     ring = LocalKeyring.open(args.keyring or default_keyring_path())
     info = ring.describe()
-    if args.json:
-        print(json.dumps(info, indent=2))
+    if json_mode(args):
+        emit(args, info)
         return 0
     print(f"keyring   {info['path']}")
     print(f"id        {info['id']}")
@@ -165,11 +183,14 @@ def _list(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     from sealstore.kms.rotate import rotate_file
 
+    done = []
     for path in args.files:
         slots = rotate_file(path, args.to, remove=args.remove, identities=args.identity)
-        if not args.quiet:
-            kinds = ", ".join(slot.key_id for slot in slots)
-            print(printable(f"{path}: {len(slots)} slot(s): {kinds}"), file=sys.stderr)
+        done.append({"file": path, "slots": [{"kind": s.kind, "key_id": s.key_id} for s in slots]})
+        kinds = ", ".join(slot.key_id for slot in slots)
+        say(args, printable(f"{path}: {len(slots)} slot(s): {kinds}"))
+    if json_mode(args):
+        emit(args, {"files": done})
     return 0
 
 
@@ -177,5 +198,8 @@ def _recipient(args: argparse.Namespace) -> int:
     ident = load_identity(args.identity)
     if not isinstance(ident, X25519Identity):
         raise ValueError(f"{args.identity} is a keyring, not an x25519 identity")
+    if json_mode(args):
+        emit(args, {"identity": str(args.identity), "recipient": ident.recipient})
+        return 0
     print(ident.recipient)
     return 0

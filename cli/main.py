@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from sealstore import errors
+from sealstore.cli.commands import CommandFailed
 
 __all__ = ["EXIT_CODES", "main", "printable"]
 
@@ -57,19 +59,32 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+# Set by main() from the raw arguments: a usage error is found before there
+# is a namespace to ask whether --json was given.
+_json_errors = False
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error (exit 2)."""
+    """Usage errors as one line, like every other error (exit 2); with --json, a JSON object."""
 
     def error(self, message: str) -> NoReturn:
         # prog is "sealstore" or "sealstore keys init": the line already starts
         # with "sealstore:", so name only the subcommand, and where --help is.
         sub = self.prog.partition(" ")[2]
         where = f"{sub}: " if sub else ""
-        self.exit(2, f"sealstore: error: {where}{printable(message)} (see {self.prog} --help)\n")
+        text = f"{where}{printable(message)} (see {self.prog} --help)"
+        if _json_errors:
+            self.exit(2, _error_json("UsageError", text, 2) + "\n")
+        self.exit(2, f"sealstore: error: {text}\n")
+
+
+def _error_json(kind: str, message: str, code: int) -> str:
+    """The one-line JSON error object of ``--json`` (documented in docs/CLI.md)."""
+    return json.dumps({"error": {"type": kind, "message": message, "exit_code": code}})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import audit, backup, broker, files, keys, store, tpm
+    from sealstore.cli import audit, backup, broker, completion, files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
@@ -81,14 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="the command's report as one JSON object on stdout, errors as JSON on stderr",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    keys.register(sub)
-    files.register(sub)
-    store.register(sub)
-    tpm.register(sub)
-    broker.register(sub)
-    backup.register(sub)
-    audit.register(sub)
+    for module in (keys, files, store, tpm, broker, backup, audit, completion):
+        module.register(sub)
     return parser
 
 
@@ -96,6 +111,24 @@ def _version() -> str:
     import sealstore
 
     return f"sealstore {sealstore.__version__}"
+
+
+def _kind(exc: BaseException) -> str:
+    """The error's type for --json: sealstore's own class, or the built-in's."""
+    if isinstance(exc, errors.SealstoreError) or type(exc).__module__ == "builtins":
+        return type(exc).__name__
+    for cls, _ in EXIT_CODES:  # a library's subclass: named by the class it is handled as
+        if isinstance(exc, cls):
+            return cls.__name__
+    return "Error"
+
+
+def _say_text(kind: str, message: str, code: int, prefix: str = "sealstore: error: ") -> None:
+    print(f"{prefix}{message}", file=sys.stderr)
+
+
+def _say_json(kind: str, message: str, code: int, prefix: str = "") -> None:
+    print(_error_json(kind, message, code), file=sys.stderr)
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -177,9 +210,19 @@ class _EscapingFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def _warning_handler() -> logging.Handler:
+class _JsonFormatter(logging.Formatter):
+    """With --json, a warning is a JSON line on stderr, like the error object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"warning": " ".join(record.getMessage().split())})
+
+
+def _warning_handler(*, json_lines: bool = False) -> logging.Handler:
     handler = logging.StreamHandler()
-    handler.setFormatter(_EscapingFormatter("sealstore: warning: %(message)s"))
+    if json_lines:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_EscapingFormatter("sealstore: warning: %(message)s"))
     return handler
 
 
@@ -191,11 +234,27 @@ def _describe(exc: BaseException) -> str:
     return printable(text)
 
 
+def _wants_json(argv: Sequence[str]) -> bool:
+    """``--json`` among the options (not after ``--``, where it would be a file name)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _json_errors
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _json_errors = _wants_json(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json and not getattr(args, "reports_json", False):
+        parser.error(f"--json: '{args.prog}' writes no report to put in JSON")
     logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.WARNING, handlers=[_warning_handler()]
+        level=logging.ERROR if args.quiet else logging.WARNING,
+        handlers=[_warning_handler(json_lines=args.json)],
     )
     logging.captureWarnings(True)
     from sealstore.kms.envelope import configure_cache
@@ -205,37 +264,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _EscapingStream(out), _EscapingStream(err)  # type: ignore[assignment]
     restore: Callable[[], None] = lambda: None  # noqa: E731
+    say = _say_json if args.json else _say_text
     try:
         # Inside the try: a SIGTERM the moment the handler is in place is
         # answered like any other (exit 143), not with a traceback.
         restore = _catch_termination()
         return int(args.func(args) or 0)
     except errors.Terminated as exc:
+        name = signal.Signals(exc.signum).name
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-            print(f"sealstore: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+            say("Terminated", f"terminated ({name})", 128 + exc.signum, "sealstore: ")
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("sealstore: interrupted", file=sys.stderr)
+        say("Interrupted", "interrupted", 130, "sealstore: ")
         return 130
     except BrokenPipeError:
         # The reader of our output went away. What it got may be a prefix of a
         # stream whose end was never authenticated: never report success.
         _silence_stdout()
-        print("sealstore: error: output pipe closed before the end", file=sys.stderr)
+        say("BrokenPipe", "output pipe closed before the end", 141)
         return 141
+    except CommandFailed as exc:
+        say(exc.kind, _describe(exc), exc.exit_code)
+        return exc.exit_code
     except Exception as exc:
         code = _exit_code(exc)
         if code == 10 and not isinstance(exc, errors.SealstoreError):
             # A bug in sealstore: one line, the traceback only on request.
             if os.environ.get("SEALSTORE_DEBUG"):
                 traceback.print_exc()
-            print(
-                f"sealstore: internal error: {exc.__class__.__name__}: {_describe(exc)} "
+            say(
+                "InternalError",
+                f"{exc.__class__.__name__}: {_describe(exc)} "
                 "(set SEALSTORE_DEBUG=1 for the traceback)",
-                file=sys.stderr,
+                10,
+                "sealstore: internal error: ",
             )
             return 10
-        print(f"sealstore: error: {_describe(exc)}", file=sys.stderr)
+        say(_kind(exc), _describe(exc), code)
         return code
     finally:
         sys.stdout, sys.stderr = out, err

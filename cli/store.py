@@ -9,22 +9,16 @@ import sys
 import time
 from typing import Any
 
+from sealstore.cli.commands import bar, command, emit, group, json_mode, say
 from sealstore.cli.main import printable
-from sealstore.cli.progress import Progress, human_bytes
+from sealstore.cli.progress import human_bytes
 
 __all__ = ["register", "verify_store"]
 
 
-def _where(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        metavar="URL",
-        help="store URL: file://PATH, s3://BUCKET/PREFIX, memory://NAME "
-        "(default: $SEALSTORE_STORE or file://$SEALSTORE_HOME/store)",
-    )
-    p.add_argument(
-        "--tenant", metavar="T", help="tenant namespace (default: $SEALSTORE_TENANT or 'default')"
-    )
+def _slots(m: Any) -> list[dict[str, str]]:
+    """A manifest's key slots for a report: kind and key id (never the wrapped blob)."""
+    return [{"kind": slot.kind, "key_id": slot.key_id} for slot in m.slots]
 
 
 def _open(args: argparse.Namespace) -> Any:
@@ -34,35 +28,40 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def register(sub: Any) -> None:
-    st = sub.add_parser("store", help="create, trust and maintain a store")
-    ssub = st.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    init = ssub.add_parser(
+    ssub = group(sub, "store", "create, trust and maintain a store")
+    init = command(
+        ssub,
         "init",
+        _init,
         help="create a store; your keyring's signing key becomes its root",
         description="Create a store at URL. The local keyring's Ed25519 signing key becomes "
         "the store's root key and first trusted signer.",
     )
     init.add_argument("url", nargs="?", help="store URL (default: the embedded file:// store)")
-    init.set_defaults(func=_init)
-    trust = ssub.add_parser(
+    trust = command(
+        ssub,
         "trust",
+        _trust,
         help="pin a store's root key on this machine (needed before using someone else's store)",
     )
     trust.add_argument("url")
     trust.add_argument("--root", required=True, metavar="KEY", help="the root key, ed25519:...")
-    trust.set_defaults(func=_trust)
-    info = ssub.add_parser("info", help="the store's id, root key and signers")
-    _where(info)
-    info.add_argument("--json", action="store_true")
-    info.set_defaults(func=_info)
-    add = ssub.add_parser("add-signer", help="trust another signing key (root only)")
+    command(ssub, "info", _info, help="the store's id, root key and signers", store=True)
+    add = command(
+        ssub, "add-signer", _add_signer, help="trust another signing key (root only)", store=True
+    )
     add.add_argument("key", metavar="KEY")
-    _where(add)
-    add.add_argument("--role", choices=("reader", "publisher", "admin"), default="publisher",
-                     help="its role (default: publisher)")  # fmt: skip
-    add.set_defaults(func=_add_signer)
-    grant = ssub.add_parser(
+    add.add_argument(
+        "--role",
+        choices=("reader", "publisher", "admin"),
+        default="publisher",
+        help="its role (default: publisher)",
+    )
+    grant = command(
+        ssub,
         "grant",
+        _grant,
+        store=True,
         help="give a signing key a role in a tenant (root only)",
         description="Roles per tenant: reader < publisher (push, tag) < admin (rotate, rm, "
         "safe mode). A manifest or tag is accepted only if a publisher of its tenant signed "
@@ -70,24 +69,31 @@ def register(sub: Any) -> None:
     )
     grant.add_argument("key", metavar="KEY")
     grant.add_argument("role", choices=("reader", "publisher", "admin"))
-    _where(grant)
-    grant.set_defaults(func=_grant)
-    revoke = ssub.add_parser("revoke", help="take a signing key's role in a tenant away")
+    revoke = command(
+        ssub,
+        "revoke",
+        _grant,
+        help="take a signing key's role in a tenant away",
+        store=True,
+        role=None,
+    )
     revoke.add_argument("key", metavar="KEY")
-    _where(revoke)
-    revoke.set_defaults(func=_grant, role=None)
-    rot = ssub.add_parser(
+    rot = command(
+        ssub,
         "rotate",
+        _rotate,
         help="re-wrap a version's key to other keys; rewrites only its manifest",
+        store=True,
     )
     rot.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     rot.add_argument("--to", action="append", default=[], metavar="URI")
     rot.add_argument("--remove", action="append", default=[], metavar="URI")
     rot.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
-    _where(rot)
-    rot.set_defaults(func=_rotate)
-    ref = ssub.add_parser(
+    ref = command(
+        ssub,
         "refresh",
+        _refresh,
+        store=True,
         help="re-sign the tenant's sequence with a new expiry (publisher; run before it expires)",
         description="Every tag and manifest write re-signs the tenant's sequence (the signed "
         "list of current tags and manifests that readers check for rollback); it expires "
@@ -102,9 +108,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="admin: list what the storage holds now (after a rollback with no backup)",
     )
-    _where(ref)
-    ref.set_defaults(func=_refresh)
-    gc = ssub.add_parser("gc", help="delete objects left by interrupted pushes")
+    gc = command(ssub, "gc", _gc, help="delete objects left by interrupted pushes", store=True)
     gc.add_argument(
         "--grace",
         type=float,
@@ -112,11 +116,15 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="keep unreferenced objects younger than this (pushes in flight; default 3600)",
     )
-    _where(gc)
-    gc.set_defaults(func=_gc)
 
-    push = sub.add_parser(
+    push = command(
+        sub,
         "push",
+        _push,
+        store=True,
+        threads=2,
+        threads_help="chunks (or files) sealed at once",
+        progress=True,
         help="seal a file or a model directory into the store as a new version",
         description="Seal PATH (a file, or every file under a directory) as NAME:VERSION "
         "(default: the next number). Nothing is visible until the signed manifest is written.",
@@ -151,13 +159,15 @@ def register(sub: Any) -> None:
         help="also follow symlinks that point outside PATH (e.g. a Hugging Face cache "
         "snapshot, whose files link to ../../blobs); refused by default",
     )
-    push.add_argument("--threads", type=int, default=2)
-    push.add_argument("--no-progress", action="store_true")
-    _where(push)
-    push.set_defaults(func=_push)
 
-    pull = sub.add_parser(
+    pull = command(
+        sub,
         "pull",
+        _pull,
+        store=True,
+        threads=2,
+        threads_help="chunks decrypted at once",
+        progress=True,
         help="decrypt a version into a directory, all verified first",
         description="Decrypt a version into DIR (new or empty; --force to replace files of "
         "the same name in a folder that has some). Files appear only after every file passed "
@@ -176,31 +186,30 @@ def register(sub: Any) -> None:
         metavar="PATH",
         help="only this file, folder or glob (train/*.parquet, **/*.json; repeatable)",
     )
-    pull.add_argument("--threads", type=int, default=2)
-    pull.add_argument("--no-progress", action="store_true")
-    _where(pull)
-    pull.set_defaults(func=_pull)
 
-    ls = sub.add_parser("ls", help="list the tenant's artifacts, or one artifact's versions")
+    ls = command(
+        sub,
+        "ls",
+        _ls,
+        help="list the tenant's artifacts, or one artifact's versions",
+        store=True,
+    )
     ls.add_argument("name", nargs="?")
-    ls.add_argument("--json", action="store_true")
-    _where(ls)
-    ls.set_defaults(func=_ls)
 
-    show = sub.add_parser("show", help="a version's verified manifest (no key needed)")
+    show = command(
+        sub, "show", _show, help="a version's verified manifest (no key needed)", store=True
+    )
     show.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
-    show.add_argument("--json", action="store_true")
-    _where(show)
-    show.set_defaults(func=_show)
 
-    tag = sub.add_parser("tag", help="point a tag at a version")
+    tag = command(sub, "tag", _tag, help="point a tag at a version", store=True)
     tag.add_argument("ref", metavar="NAME:VERSION")
     tag.add_argument("tag")
-    _where(tag)
-    tag.set_defaults(func=_tag)
 
-    rm = sub.add_parser(
+    rm = command(
+        sub,
         "rm",
+        _rm,
+        store=True,
         help="crypto-shred a version: destroy its key slots and delete its objects (irreversible)",
         description="Crypto-shred NAME:VERSION: its key slots are destroyed and its objects "
         "deleted, and every tag naming it (known-good included) is removed. This cannot be "
@@ -212,16 +221,18 @@ def register(sub: Any) -> None:
     rm.add_argument(
         "-y", "--yes", action="store_true", help="do not ask: shred (needed without a terminal)"
     )
-    _where(rm)
-    rm.set_defaults(func=_rm)
 
-    bom = sub.add_parser("bom", help="a version's CycloneDX 1.6 ML-BOM")
-    bsub = bom.add_subparsers(dest="bom_command", metavar="ACTION", required=True)
-    bshow = bsub.add_parser("show", help="summarise the BoM")
+    bsub = group(sub, "bom", "a version's CycloneDX 1.6 ML-BOM")
+    bshow = command(bsub, "show", _bom_show, help="summarise the BoM", store=True)
     bshow.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
-    _where(bshow)
-    bshow.set_defaults(func=_bom_show)
-    bexp = bsub.add_parser("export", help="write the BoM JSON (checked against the manifest)")
+    bexp = command(
+        bsub,
+        "export",
+        _bom_export,
+        reports=False,
+        store=True,
+        help="write the BoM JSON (checked against the manifest)",
+    )
     bexp.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     bexp.add_argument("-o", "--output", default="-", metavar="FILE")
     bexp.add_argument(
@@ -229,20 +240,16 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also check it against the CycloneDX 1.6 JSON schema (about a second to load)",
     )
-    _where(bexp)
-    bexp.set_defaults(func=_bom_export)
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr)
 
 
 def _init(args: argparse.Namespace) -> int:
     from sealstore.vault.store import Store
 
     store = Store.init(args.url)
-    _say(args, f"created store {store.url} (id {store.id})")
+    if json_mode(args):
+        emit(args, {"url": store.url, "id": store.id, "root": store.root_key})
+        return 0
+    say(args, f"created store {store.url} (id {store.id})")
     print(f"root key {store.root_key}")
     return 0
 
@@ -251,16 +258,23 @@ def _trust(args: argparse.Namespace) -> int:
     from sealstore.vault.store import trust_store
 
     store = trust_store(args.url, args.root)
-    _say(args, f"trusting store {store.url} (id {store.id}) with root key {store.root_key}")
+    if json_mode(args):
+        emit(args, {"url": store.url, "id": store.id, "root": store.root_key, "trusted": True})
+    say(args, f"trusting store {store.url} (id {store.id}) with root key {store.root_key}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
     store = _open(args)
-    info = {"url": store.url, "id": store.id, "root": store.root_key, "signers": store.signers,
-            "roles": store.roles}  # fmt: skip
-    if args.json:
-        print(json.dumps(info, indent=2))
+    info = {
+        "url": store.url,
+        "id": store.id,
+        "root": store.root_key,
+        "signers": store.signers,
+        "roles": store.roles,
+    }
+    if json_mode(args):
+        emit(args, info)
         return 0
     print(f"store    {info['url']}\nid       {info['id']}\nroot     {info['root']}")
     for s in info["signers"]:
@@ -271,15 +285,19 @@ def _info(args: argparse.Namespace) -> int:
 
 def _add_signer(args: argparse.Namespace) -> int:
     _open(args).add_signer(args.key, tenant=args.tenant or "*", role=args.role)
-    _say(args, f"added signer {args.key} ({args.role} in {args.tenant or 'every tenant'})")
+    if json_mode(args):
+        emit(args, {"key": args.key, "role": args.role, "tenant": args.tenant or "*"})
+    say(args, f"added signer {args.key} ({args.role} in {args.tenant or 'every tenant'})")
     return 0
 
 
 def _grant(args: argparse.Namespace) -> int:
     tenant = args.tenant or "*"
     _open(args).grant(args.key, args.role, tenant=tenant)
+    if json_mode(args):
+        emit(args, {"key": args.key, "role": args.role, "tenant": tenant})
     where = "every tenant" if tenant == "*" else f"tenant {tenant}"
-    _say(args, f"{args.key}: {args.role or 'no role'} in {where}")
+    say(args, f"{args.key}: {args.role or 'no role'} in {where}")
     return 0
 
 
@@ -287,8 +305,12 @@ def _rotate(args: argparse.Namespace) -> int:
     m = _open(args).rotate(
         args.ref, args.to, remove=args.remove, identities=args.identity, tenant=args.tenant
     )
-    _say(args, f"{m.name}:{m.version}: {len(m.slots)} slot(s): "
-               + ", ".join(s.key_id for s in m.slots))  # fmt: skip
+    if json_mode(args):
+        emit(args, {"ref": f"{m.name}:{m.version}", "tenant": m.tenant, "slots": _slots(m)})
+    say(
+        args,
+        f"{m.name}:{m.version}: {len(m.slots)} slot(s): " + ", ".join(s.key_id for s in m.slots),
+    )
     return 0
 
 
@@ -299,7 +321,9 @@ def _refresh(args: argparse.Namespace) -> int:
     tenant = args.tenant or default_tenant()
     lifetime = None if args.lifetime is None else round(args.lifetime * 86400)
     seq = refresh(_open(args), tenant, lifetime=lifetime, rebuild=args.rebuild)
-    _say(args, f"tenant {tenant}: sequence {seq.serial}, expires {seq.expires}")
+    if json_mode(args):
+        emit(args, {"tenant": tenant, "serial": seq.serial, "expires": seq.expires})
+    say(args, f"tenant {tenant}: sequence {seq.serial}, expires {seq.expires}")
     return 0
 
 
@@ -307,7 +331,9 @@ def _gc(args: argparse.Namespace) -> int:
     from sealstore.vault.lifecycle import gc
 
     deleted = gc(_open(args), tenant=args.tenant, grace=args.grace)
-    _say(args, f"deleted {len(deleted)} unreferenced object(s)")
+    if json_mode(args):
+        emit(args, {"deleted": sorted(map(str, deleted)), "count": len(deleted)})
+    say(args, f"deleted {len(deleted)} unreferenced object(s)")
     return 0
 
 
@@ -320,8 +346,6 @@ def _push(args: argparse.Namespace) -> int:
         raise ValueError("push does not read stdin: name a file or folder (./- for one named -)")
     if not args.keys and not args.dek_from:
         raise ValueError("push needs at least one key: -k URI (e.g. -k local:)")
-    if args.threads < 1:
-        raise ValueError("--threads must be at least 1")
     bom = args.bom
     if args.dataset:
         from sealstore.vault.bom import BomSpec, check_spec, load_bom_spec
@@ -332,7 +356,7 @@ def _push(args: argparse.Namespace) -> int:
     outside = args.follow_outside_links
     total = sum(size for _, _, size in collect_files(args.path, follow_outside_links=outside))
     start = time.perf_counter()
-    with Progress("push", total, enabled=not args.no_progress and not args.quiet) as bar:
+    with bar(args, "push", total) as shown:
         m = store.push(
             args.path,
             args.ref,
@@ -342,20 +366,36 @@ def _push(args: argparse.Namespace) -> int:
             parent=None if args.no_parent else (args.parent or "auto"),
             bom=bom,
             threads=args.threads,
-            progress=bar,
+            progress=shown,
             follow_outside_links=outside,
         )
     took = time.perf_counter() - start
-    _say(args, f"pushed {m.name}:{m.version} ({m.tenant}): {len(m.files)} file(s), "
-               f"{human_bytes(m.size)} in {took:.2f} s")  # fmt: skip
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "ref": f"{m.name}:{m.version}",
+                "name": m.name,
+                "version": m.version,
+                "tenant": m.tenant,
+                "files": len(m.files),
+                "bytes": m.size,
+                "parent": m.parent,
+                "seconds": round(took, 3),
+            },
+        )
+        return 0
+    say(
+        args,
+        f"pushed {m.name}:{m.version} ({m.tenant}): {len(m.files)} file(s), "
+        f"{human_bytes(m.size)} in {took:.2f} s",
+    )
     print(f"{m.name}:{m.version}")
     return 0
 
 
 def _pull(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise ValueError("--threads must be at least 1")
-    from sealstore.vault.pull import check_destination, served
+    from sealstore.vault.pull import check_destination, select_files, served
 
     # Before the store is even opened: a refused destination costs nothing.
     check_destination(args.output, files=args.file, force=args.force)
@@ -363,23 +403,44 @@ def _pull(args: argparse.Namespace) -> int:
     from sealstore.vault.store import default_tenant
 
     m = served(store, args.ref, args.tenant or default_tenant(), "pull", granted=False)
-    total = sum(f.size for f in m.files if not args.file or f.path in args.file)
+    # The files --file names (paths, folders, globs), selected as pull selects them.
+    ref = f"{m.name}:{m.version}"
+    chosen = select_files(m.files, args.file, ref) if args.file else list(m.files)
+    total = sum(f.size for f in chosen)
     start = time.perf_counter()
-    with Progress("pull", total, enabled=not args.no_progress and not args.quiet) as bar:
+    with bar(args, "pull", total) as shown:
         m = store.pull(
             args.ref,  # resolved again inside, with the tag's manifest-hash check
             args.output,
             tenant=args.tenant,
             identities=args.identity,
             threads=args.threads,
-            progress=bar,
+            progress=shown,
             files=args.file,
             force=args.force,
         )
     took = time.perf_counter() - start
     where = "stdout" if args.output == "-" else args.output
-    _say(args, f"pulled {m.name}:{m.version} into {where}: "
-               f"{human_bytes(total)} in {took:.2f} s, every file verified")  # fmt: skip
+    if json_mode(args):
+        ref = f"{m.name}:{m.version}"  # the version pulled (a tag is resolved once more inside)
+        report = {
+            "ref": ref,
+            "tenant": m.tenant,
+            "output": args.output,
+            "files": [
+                f.path for f in (select_files(m.files, args.file, ref) if args.file else m.files)
+            ],
+            "bytes": total,
+            "seconds": round(took, 3),
+            "verified": True,
+        }
+        emit(args, report, stdout_is_data=args.output == "-")
+        return 0
+    say(
+        args,
+        f"pulled {m.name}:{m.version} into {where}: "
+        f"{human_bytes(total)} in {took:.2f} s, every file verified",
+    )
     return 0
 
 
@@ -395,15 +456,17 @@ def _ls(args: argparse.Namespace) -> int:
             versions = store.versions(name, tenant=tenant)
             checked = store.check_tags(name, tenant=tenant)
             tags = store.tags(name, tenant=tenant, skip_damaged=True)
-            rows.append({
-                "name": name,
-                "versions": versions,
-                "tags": {t: v for t, v in tags.items() if checked.get(t) is None},
-                "damaged_tags": sorted(t for t, p in checked.items() if p is not None),
-            })  # fmt: skip
-        if args.json:
+            rows.append(
+                {
+                    "name": name,
+                    "versions": versions,
+                    "tags": {t: v for t, v in tags.items() if checked.get(t) is None},
+                    "damaged_tags": sorted(t for t, p in checked.items() if p is not None),
+                }
+            )
+        if json_mode(args):
             print(json.dumps(rows, indent=2))
-        for row in [] if args.json else rows:
+        for row in [] if json_mode(args) else rows:
             tags = " ".join(f"{t}={v}" for t, v in sorted(row["tags"].items()))
             tags += "".join(f" {t}=DAMAGED" for t in row["damaged_tags"])
             print(f"{row['name']}\t{len(row['versions'])} version(s)\t{tags}".rstrip())
@@ -431,9 +494,9 @@ def _ls(args: argparse.Namespace) -> int:
     for tag, problem in sorted(problems.items()):
         if problem is not None:
             out.append({"tag": tag, "version": tags.get(tag), "damaged": problem})
-    if args.json:
+    if json_mode(args):
         print(json.dumps(out, indent=2))
-    for row in [] if args.json else out:
+    for row in [] if json_mode(args) else out:
         if "tag" in row:
             print(f"{args.name}@{row['tag']}\tDAMAGED\t{row['damaged']}")
         elif "damaged" in row:
@@ -441,8 +504,10 @@ def _ls(args: argparse.Namespace) -> int:
         else:
             state = f"SHREDDED {row['shredded']}" if row["shredded"] else human_bytes(row["size"])
             tagtext = " ".join(row["tags"])
-            print(f"{args.name}:{row['version']}\t{row['created']}\t{row['files']} file(s)\t"
-                  f"{state}\t{tagtext}".rstrip())  # fmt: skip
+            print(
+                f"{args.name}:{row['version']}\t{row['created']}\t{row['files']} file(s)\t"
+                f"{state}\t{tagtext}".rstrip()
+            )
     bad = [r for r in out if "damaged" in r]
     if bad:
         raise AuthenticationError(
@@ -459,8 +524,8 @@ def _show(args: argparse.Namespace) -> int:
     body["signer"] = m.signer
     for slot in body["slots"]:
         slot.pop("blob", None)  # wrapped keys are opaque; no reason to print them
-    if args.json:
-        print(json.dumps(body, indent=2))
+    if json_mode(args):
+        emit(args, body)
         return 0
     print(f"artifact  {m.name}:{m.version}  (tenant {m.tenant})")
     print(f"created   {m.created}")
@@ -480,18 +545,21 @@ def _tag(args: argparse.Namespace) -> int:
     from sealstore.vault.manifest import parse_ref
 
     version = _open(args).tag(args.ref, args.tag, tenant=args.tenant)
-    _say(args, f"tagged {parse_ref(args.ref).name}:{version} as {args.tag}")
+    if json_mode(args):
+        name = parse_ref(args.ref).name
+        emit(args, {"name": name, "version": version, "tag": args.tag})
+    say(args, f"tagged {parse_ref(args.ref).name}:{version} as {args.tag}")
     return 0
 
 
-def _confirm_shred(store: Any, args: argparse.Namespace) -> str:
-    """Ask before an irreversible shred; refuse without a terminal unless --yes.
+def _confirm_shred(store: Any, args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Ask before an irreversible shred; refuse without a terminal (or with --json) unless --yes.
 
     Returns:
-        What else goes with the version (its tags), for the final message.
+        What else goes with the version (its tags), for the final message, and those tags.
 
     Raises:
-        ValueError: no terminal and no --yes, or the answer was not yes.
+        ValueError: no terminal (or --json) and no --yes, or the answer was not yes.
     """
     from sealstore.errors import SealstoreError
     from sealstore.vault.safemode import KNOWN_GOOD
@@ -507,7 +575,9 @@ def _confirm_shred(store: Any, args: argparse.Namespace) -> str:
         goes += f" (safe mode will have no {KNOWN_GOOD} version of {name} to serve)"
     what = f"{name}:{version}"
     if args.yes:
-        return goes
+        return goes, tags
+    if json_mode(args):
+        raise ValueError(f"rm --json destroys {what}'s keys for good{goes}: pass --yes too")
     if not sys.stdin.isatty():
         raise ValueError(
             f"rm destroys {what}'s keys for good{goes}: pass --yes to confirm "
@@ -521,14 +591,26 @@ def _confirm_shred(store: Any, args: argparse.Namespace) -> str:
     print("Type yes to shred: ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() != "yes":
         raise ValueError(f"not confirmed: {what} was not shredded")
-    return goes
+    return goes, tags
 
 
 def _rm(args: argparse.Namespace) -> int:
     store = _open(args)
-    goes = _confirm_shred(store, args)
+    goes, tags = _confirm_shred(store, args)
     tomb = store.shred(args.ref, tenant=args.tenant)
-    _say(
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "ref": f"{tomb.name}:{tomb.version}",
+                "tenant": tomb.tenant,
+                "shredded": tomb.shredded,
+                "objects_deleted": len(tomb.files),
+                "tags_removed": tags,
+            },
+        )
+        return 0
+    say(
         args,
         f"shredded {tomb.name}:{tomb.version}: key slots destroyed, {len(tomb.files)} "
         f"object(s) deleted{goes}; the data can no longer be decrypted",
@@ -541,6 +623,9 @@ def _bom_show(args: argparse.Namespace) -> int:
 
     data = _open(args).bom(args.ref, tenant=args.tenant)
     s = summarize(json.loads(data))
+    if json_mode(args):
+        emit(args, dict(s, files=[{"path": n, "sha256": d} for n, d in s["files"]]))
+        return 0
     print(f"{s['kind']:<9} {s['model']}")
     print(f"parent    {', '.join(s['parent']) or '-'}")
     print(f"datasets  {', '.join(s['datasets']) or '-'}")
@@ -571,8 +656,39 @@ def _bom_export(args: argparse.Namespace) -> int:
     # written through, never renamed over.
     with atomic_file(args.output, mode=0o644) as fp:
         fp.write(data)
-    _say(args, f"wrote {args.output}")
+    say(args, f"wrote {args.output}")
     return 0
+
+
+def _verify_total(store: Any, ref: str | None, tenant: str) -> int | None:
+    """The bytes a store verify will check, for the bar's percentage and ETA.
+
+    Read from the signed manifests before the verify reads them again: a
+    damaged one is left out here (the verify reports it), and a store that
+    cannot be listed gives no total (a bar without a percentage).
+    """
+    from sealstore.errors import SealstoreError
+
+    try:
+        if ref is not None:
+            refs = [ref]
+        else:
+            refs = [
+                f"{n}:{v}"
+                for n in store.artifacts(tenant=tenant)
+                for v in store.versions(n, tenant=tenant)
+            ]
+    except SealstoreError:
+        return None
+    total = 0
+    for r in refs:
+        try:
+            m = store.manifest(r, tenant=tenant)
+        except SealstoreError:
+            continue
+        if not m.shredded:
+            total += sum(f.size for f in m.files)
+    return total
 
 
 def verify_store(args: argparse.Namespace) -> int:
@@ -590,14 +706,14 @@ def verify_store(args: argparse.Namespace) -> int:
     store = _open(args)
     tenant = args.tenant or default_tenant()
     start = time.perf_counter()
-    with Progress("verify", None, enabled=not args.no_progress and not args.quiet) as bar:
+    with bar(args, "verify", _verify_total(store, args.file, tenant)) as shown:
         results = store.verify(
             args.file,
             tenant=tenant,
             identities=args.identity,
             threads=args.threads,
             decrypt=not args.keyless,
-            progress=bar,
+            progress=shown,
         )
         # A version no key opens here is still checked without one: its
         # signatures and object hashes can show damage all the same.
@@ -615,7 +731,7 @@ def verify_store(args: argparse.Namespace) -> int:
             problems += [p for p in keyless[r.ref].problems if p not in problems]
         damage += [(r.ref, p) for p in problems]
         if r.ok:
-            _say(args, f"{r.ref}: OK ({r.files} file(s), {human_bytes(r.bytes)})")
+            say(args, f"{r.ref}: OK ({r.files} file(s), {human_bytes(r.bytes)})")
     names: list[str] = []
     if args.file is None:
         names = store.tagged_names(tenant=tenant)
@@ -631,14 +747,37 @@ def verify_store(args: argparse.Namespace) -> int:
             ntags += 1
             if problem is not None:
                 damage.append((f"{name}@{tag}", problem))
-    for ref, p in damage:
-        where = "" if p.startswith(ref.split(" ")[0].split("@")[0]) else f"{ref}: "
-        print(f"sealstore: error: {where}{p}", file=sys.stderr)
-    for ref, p in unchecked:
-        print(f"sealstore: not checked: {ref}: {p}", file=sys.stderr)
     took = time.perf_counter() - start
     bad = len({ref for ref, _ in damage})
-    _say(
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "tenant": tenant,
+                "versions": [
+                    {
+                        "ref": r.ref,
+                        "ok": r.ok,
+                        "files": r.files,
+                        "bytes": r.bytes,
+                        "problems": r.problems,
+                    }
+                    for r in results
+                ],
+                "tags": ntags,
+                "damaged": [{"ref": ref, "problem": p} for ref, p in damage],
+                "not_checked": [{"ref": ref, "problem": p} for ref, p in unchecked],
+                "keyless": bool(args.keyless),
+                "ok": not damage and not unchecked and bool(results or ntags),
+                "seconds": round(took, 3),
+            },
+        )
+    for ref, p in [] if json_mode(args) else damage:
+        where = "" if p.startswith(ref.split(" ")[0].split("@")[0]) else f"{ref}: "
+        print(f"sealstore: error: {where}{p}", file=sys.stderr)
+    for ref, p in [] if json_mode(args) else unchecked:
+        print(f"sealstore: not checked: {ref}: {p}", file=sys.stderr)
+    say(
         args,
         f"verified {len(results)} version(s) and {ntags} tag(s) in {took:.2f} s: "
         f"{bad} damaged, {len(unchecked)} not checked",

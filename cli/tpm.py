@@ -7,17 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sealstore.cli.commands import command, emit, group, json_mode
+
 __all__ = ["register"]
 
 _TCTI_HELP = "the TPM (default: $SEALSTORE_TPM_TCTI, else device:/dev/tpmrm0)"
 
 
 def register(sub: Any) -> None:
-    tpm = sub.add_parser("tpm", help="keys sealed to this machine's TPM (PCR policies)")
-    tsub = tpm.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
+    tsub = group(sub, "tpm", "keys sealed to this machine's TPM (PCR policies)")
 
-    seal = tsub.add_parser(
+    seal = command(
+        tsub,
         "seal",
+        _seal,
         help="make a KEK sealed to the TPM; prints its key URI (tpm:FILE)",
         description="Generate a fresh KEK and seal it under TPM2_PolicyPCR: it unseals only "
         "while the PCRs hold the current values, or those in --expect. Use the printed "
@@ -34,28 +37,29 @@ def register(sub: Any) -> None:
     seal.add_argument("--tcti", help=_TCTI_HELP)
     seal.add_argument("--force", action="store_true", help="overwrite an existing KEK file")
     seal.add_argument("output", type=Path, help="the KEK file to write")
-    seal.set_defaults(func=_seal)
 
-    pol = tsub.add_parser(
+    pol = command(
+        tsub,
         "policy",
+        _policy,
         help="print the PolicyPCR digest for the current or expected PCR values",
     )
     pol.add_argument("--pcrs", required=True)
     pol.add_argument("--expect", type=Path, metavar="FILE")
     pol.add_argument("--tcti", help=_TCTI_HELP)
-    pol.set_defaults(func=_policy)
 
-    ak = tsub.add_parser(
+    ak = command(
+        tsub,
         "ak",
+        _ak,
         help="print the attestation key's public key (PEM), to register with a verifier",
     )
     ak.add_argument("--tcti", help=_TCTI_HELP)
-    ak.set_defaults(func=_ak)
 
-    pcrs = tsub.add_parser("pcrs", help="print PCR values as JSON (the --expect format)")
+    # Its output is JSON already: --json is accepted and changes nothing.
+    pcrs = command(tsub, "pcrs", _pcrs, help="print PCR values as JSON (the --expect format)")
     pcrs.add_argument("--pcrs", required=True)
     pcrs.add_argument("--tcti", help=_TCTI_HELP)
-    pcrs.set_defaults(func=_pcrs)
 
 
 def _expected(path: Path | None) -> dict[int, bytes] | None:
@@ -73,8 +77,12 @@ def _seal(args: argparse.Namespace) -> int:
     from sealstore.enclave.tpm_kek import seal_kek
 
     policy = PcrPolicy.parse(args.pcrs)
-    kek = seal_kek(args.output, policy, expect=_expected(args.expect), tcti=args.tcti,
-                   overwrite=args.force)  # fmt: skip
+    kek = seal_kek(
+        args.output, policy, expect=_expected(args.expect), tcti=args.tcti, overwrite=args.force
+    )
+    if json_mode(args):
+        emit(args, {"key_uri": kek.key_id, "file": str(args.output), "pcrs": args.pcrs})
+        return 0
     print(kek.key_id)
     return 0
 
@@ -87,7 +95,11 @@ def _policy(args: argparse.Namespace) -> int:
     if values is None:
         with tpm.connect(args.tcti) as ectx:
             values = tpm.read_pcrs(ectx, policy)
-    print(policy.digest(values).hex())
+    digest = policy.digest(values).hex()
+    if json_mode(args):
+        emit(args, {"pcrs": args.pcrs, "policy_digest": digest})
+        return 0
+    print(digest)
     return 0
 
 
@@ -106,5 +118,9 @@ def _ak(args: argparse.Namespace) -> int:
 
     from sealstore.enclave.tpm_quote import ak_public
 
-    sys.stdout.write(ak_public(args.tcti).decode())
+    pem = ak_public(args.tcti).decode()
+    if json_mode(args):
+        emit(args, {"public_key_pem": pem})
+        return 0
+    sys.stdout.write(pem)
     return 0

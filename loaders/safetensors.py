@@ -32,7 +32,7 @@ from sealstore.loaders.artifact import (
 from sealstore.loaders.partition import PartitionPlan, as_plan, byte_ranges
 from sealstore.loaders.sources import open_source
 from sealstore.loaders.st_header import Layout, TensorNotFound, header_bytes
-from sealstore.progress import Progress as ProgressBar
+from sealstore.progress import LibraryBar, library_bar
 from sealstore.stream import SealedFile
 
 __all__ = [
@@ -115,7 +115,7 @@ def default_threads() -> int:
 
 def _progress(progress: bool | Progress, total: int) -> Progress | None:
     if progress is True:
-        return ProgressBar("load", total)
+        return library_bar("load", total)
     return progress or None
 
 
@@ -156,8 +156,10 @@ def load_file(
             timing side channel on a shared GPU; see docs/SECURITY.md).
         threads: chunks decrypted in parallel (default: the CPU count, at most 8;
             on 2 cores 1 GiB took 330 ms with 2 threads, 418-478 ms with 3-6).
-        progress: ``True`` for a progress bar on stderr (a terminal, loads over
-            half a second), or a callable given each decrypted byte count.
+        progress: ``True`` for a progress bar (loads over half a second):
+            tqdm.auto's when tqdm is installed (the ``progress`` extra: a widget in
+            Jupyter, text in a log), else one on a terminal's stderr; or a callable
+            given each decrypted byte count.
         guard: a ``GuardPolicy`` (or its mapping, or True for the default):
             load the tensors into *module* (every one of its parameters must be in
             the file; extra tensors are left out) and return the module with
@@ -349,7 +351,7 @@ def _read_slices(
             buf.zero_()
         raise
     finally:
-        if isinstance(bar, ProgressBar):
+        if isinstance(bar, LibraryBar):
             bar.close()
     return _typed_on(out, device)
 
@@ -395,7 +397,7 @@ def _read_all(
     try:
         sf.read_scatter(pieces, threads=threads or default_threads(), progress=bar)
     finally:
-        if isinstance(bar, ProgressBar):
+        if isinstance(bar, LibraryBar):
             bar.close()
     return _typed_on(out, device)
 

@@ -434,7 +434,9 @@ def test_not_a_sealed_file(ring: LocalKeyring, work: Path) -> None:
     for args in (("decrypt", "-o", work / "out", plain), ("verify", plain), ("inspect", plain)):
         assert "not a sealed file" in fails(run(*args), 3)
     fails(run("decrypt", "-o", "-", "-", stdin=b""), 3)
-    fails(run("inspect", "--json", plain), 3)
+    proc = run("inspect", "--json", plain)  # with --json the error is a JSON object
+    assert proc.returncode == 3
+    assert json.loads(proc.stderr)["error"]["type"] == "FormatError"
     assert not (work / "out").exists()
 
 

@@ -635,6 +635,8 @@ def verify(
                         )  # fmt: skip
                     else:
                         _check_keyless(store, m, entry)
+                        if progress is not None:  # per file: the hash runs beside the read
+                            progress(entry.size)
                     res.bytes += entry.size
                 except KeyUnavailable:
                     raise
