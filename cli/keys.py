@@ -11,7 +11,7 @@ from typing import Any
 from sealstore.cli.main import printable
 from sealstore.kms.local import LocalKeyring, create_keyring
 from sealstore.kms.registry import default_keyring_path, load_identity
-from sealstore.kms.x25519 import X25519Identity, generate_identity
+from sealstore.kms.x25519 import X25519Identity
 
 __all__ = ["register"]
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
 
     init = ksub.add_parser(
         "init",
-        help="create a local keyring (or, with --identity, an x25519 identity file)",
+        help="create a local keyring (or, with --identity, an HPKE identity file)",
         description="Create a passphrase-protected local keyring holding a fresh KEK. The "
         "passphrase comes from SEALSTORE_PASSPHRASE or a prompt.",
     )
@@ -36,7 +36,13 @@ def register(sub: Any) -> None:
         "--identity",
         type=Path,
         metavar="FILE",
-        help="create an x25519 identity file instead of a keyring",
+        help="create an HPKE identity file instead of a keyring",
+    )
+    init.add_argument(
+        "--kem",
+        choices=("x25519", "mlkem768x25519"),
+        help="with --identity: the HPKE KEM; mlkem768x25519 (ML-KEM-768 + X25519) for escrow "
+        "and recovery keys that must outlive a quantum computer (default: x25519)",
     )
     init.add_argument(
         "--insecure-no-passphrase",
@@ -64,7 +70,9 @@ def register(sub: Any) -> None:
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list)
 
-    rec = ksub.add_parser("recipient", help="print the public x25519 recipient of an identity file")
+    rec = ksub.add_parser(
+        "recipient", help="print the public recipient of an hpke or x25519 identity file"
+    )
     rec.add_argument("identity", type=Path)
     rec.set_defaults(func=_recipient)
 
@@ -114,10 +122,14 @@ def _backup(path: Path, what: str) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    if args.identity is None and args.kem is not None:
+        raise ValueError("--kem goes with --identity")
     if args.identity is not None:
         if args.force:
             _backup(args.identity, "identity")
-        ident = generate_identity(args.identity, overwrite=args.force)
+        from sealstore.kms.hpke import generate_identity
+
+        ident = generate_identity(args.identity, kem=args.kem or "x25519", overwrite=args.force)
         print(f"created identity {args.identity} (keep it secret and offline)", file=sys.stderr)
         print(ident.recipient)
         return 0
@@ -175,7 +187,9 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _recipient(args: argparse.Namespace) -> int:
     ident = load_identity(args.identity)
-    if not isinstance(ident, X25519Identity):
-        raise ValueError(f"{args.identity} is a keyring, not an x25519 identity")
+    from sealstore.kms.hpke import HpkeIdentity
+
+    if not isinstance(ident, X25519Identity | HpkeIdentity):
+        raise ValueError(f"{args.identity} is not an hpke or x25519 identity")
     print(ident.recipient)
     return 0
