@@ -483,3 +483,52 @@ def test_recipient_strings_are_base64url_of_the_raw_key() -> None:
     assert raw[-32:] == (
         x25519.X25519PrivateKey.from_private_bytes(expanded[64:]).public_key().public_bytes_raw()
     )
+
+
+# -- the broker's answer -----------------------------------------------------------------
+
+
+def test_a_release_answer_opens_only_for_its_challenge() -> None:
+    from sealstore.enclave import release
+
+    secret = x25519.X25519PrivateKey.generate()
+    raw_sk = secret.private_bytes_raw()
+    public = secret.public_key().public_bytes_raw()
+    nonce, dek = bytes(range(32)), bytes(range(100, 132))
+    scope = {"tenant": "acme", "artifact": "bert"}
+    answer = release.seal_answer(dek, public, nonce=nonce, **scope)
+    assert answer["suite"] == release.ANSWER_SUITE == "hpke-x25519-hkdf-sha256-chacha20poly1305"
+    assert release.open_answer(answer, raw_sk, nonce=nonce, **scope) == dek
+    # It is RFC 9180 with the documented info, opened here by the receiver above.
+    sealed = base64.b64decode(answer["sealed"])
+    info = b"sealstore-release-v1/answer\x00" + canonical_json(
+        {"artifact": "bert", "nonce": base64.b64encode(nonce).decode(),
+         "public_key": base64.b64encode(public).decode(),
+         "suite": release.ANSWER_SUITE, "tenant": "acme"}
+    )  # fmt: skip
+    shared = _dhkem_x25519(raw_sk, sealed[:32])
+    assert Receiver.setup(0x20, 3, shared, info).open(0, b"", sealed[32:]) == dek
+    # Replayed to another challenge, scope or key, or altered: it does not open.
+    for kw in (
+        {"nonce": bytes(32), **scope},
+        {"nonce": nonce, "tenant": "globex", "artifact": "bert"},
+        {"nonce": nonce, "tenant": "acme", "artifact": "gpt"},
+    ):
+        with pytest.raises(AuthenticationError):
+            release.open_answer(answer, raw_sk, **kw)
+    other = x25519.X25519PrivateKey.generate().private_bytes_raw()
+    with pytest.raises(AuthenticationError):
+        release.open_answer(answer, other, nonce=nonce, **scope)
+    for pos in (0, 40, len(sealed) - 1):
+        bad = {**answer, "sealed": base64.b64encode(_flip(sealed, pos)).decode()}
+        with pytest.raises(AuthenticationError):
+            release.open_answer(bad, raw_sk, nonce=nonce, **scope)
+    with pytest.raises(AuthenticationError):
+        release.open_answer({**answer, "sealed": "AAAA"}, raw_sk, nonce=nonce, **scope)
+    # Another suite, or an older broker's bare sealed box, is named, not guessed at.
+    with pytest.raises(FormatError, match="older broker"):
+        release.open_answer({"sealed": answer["sealed"]}, raw_sk, nonce=nonce, **scope)
+    with pytest.raises(FormatError, match="'hpke-p256'"):
+        release.open_answer({**answer, "suite": "hpke-p256"}, raw_sk, nonce=nonce, **scope)
+    with pytest.raises(FormatError, match="not valid base64"):
+        release.open_answer({**answer, "sealed": "!!"}, raw_sk, nonce=nonce, **scope)
