@@ -532,3 +532,30 @@ def test_a_release_answer_opens_only_for_its_challenge() -> None:
         release.open_answer({**answer, "suite": "hpke-p256"}, raw_sk, nonce=nonce, **scope)
     with pytest.raises(FormatError, match="not valid base64"):
         release.open_answer({**answer, "sealed": "!!"}, raw_sk, nonce=nonce, **scope)
+
+
+def test_post_quantum_escrow_of_a_backup(store: Any, ring: Any, tmp_path: Path) -> None:
+    """The recovery key of a backup can be an ML-KEM-768 + X25519 identity."""
+    import shutil
+
+    from sealstore.vault import backup
+    from sealstore.vault.store import Store
+    from tests.test_store import model_dir, same_tree
+
+    escrow = tmp_path / "escrow.key"
+    ident = generate_identity(escrow, kem="mlkem768x25519")
+    src = model_dir(tmp_path, {"w.bin": 3000})
+    store.push(src, "m", keys=["local:"])
+    url = f"file://{tmp_path}/bk"
+    snap, _ = backup.create(store, url, recovery_recipients=[ident.recipient])
+    assert [s.kind for s in snap.versions[0].escrow] == ["hpke"]
+    assert not backup.verify(url).problems
+    shutil.rmtree(tmp_path / "store")
+    backup.restore(url, to=store.url, identities=[escrow])
+    restored = Store.open(store.url)
+    assert [s.kind for s in restored.manifest("m:1").slots] == ["local", "hpke"]
+    ring.path.unlink()  # the online key is gone: only the escrow identity opens it
+    with pytest.raises(KeyUnavailable):
+        restored.pull("m", tmp_path / "none")
+    restored.pull("m", tmp_path / "out", identities=[escrow])
+    assert same_tree(src, tmp_path / "out")

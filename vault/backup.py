@@ -624,7 +624,7 @@ def create(
     and the CLI exits non-zero.
 
     Args:
-        recovery_recipients: ``x25519:`` recipients; each version's DEK is
+        recovery_recipients: ``hpke:`` or ``x25519:`` recipients; each version's DEK is
             also wrapped to them in the snapshot (key escrow). Needs a key
             that opens each new version (*identities*, or its slots' keys).
         progress_for: called with (label, total bytes) once the copy is
@@ -635,8 +635,9 @@ def create(
         BackendError: the store or the backup location failed (the run can be repeated).
     """
     for r in recovery_recipients:
-        if not r.startswith("x25519:"):
-            raise ValueError(f"a recovery recipient is an x25519: key, not {r[:40]!r}")
+        # Escrow opens offline with an identity file alone: x25519 or HPKE recipients.
+        if not r.startswith(("x25519:", "hpke:")):
+            raise ValueError(f"a recovery recipient is an hpke: or x25519: key, not {r[:40]!r}")
         from sealstore.kms.registry import wrapper_for
 
         wrapper_for(r)  # malformed recipients fail before any work
@@ -914,8 +915,8 @@ def verify(
                 _read_doc(dest, rec.bom, f"the BoM of {rec.ref}")
             except SealstoreError as exc:
                 res.problems.append(str(exc))
-        if any(s.kind != "x25519" for s in rec.escrow):
-            res.problems.append(f"{rec.ref}: an escrow slot is not an x25519 slot")
+        if any(s.kind not in ("x25519", "hpke") for s in rec.escrow):
+            res.problems.append(f"{rec.ref}: an escrow slot is not an hpke or x25519 slot")
         digests[rec.ref] = rec.manifest
         if m.shredded:
             continue
