@@ -32,7 +32,7 @@ import binascii
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,8 +107,8 @@ class Kem:
     kem: Any
     enc_size: int
     public_size: int
-    public: Any  # raw public key bytes -> cryptography public key (ValueError if unusable)
-    private: Any  # 32-byte secret -> (cryptography private key, raw public key)
+    public: Callable[[bytes], Any]  # raw public key -> cryptography's (ValueError if unusable)
+    private: Callable[[bytes], tuple[Any, bytes]]  # 32-byte secret -> (private key, raw public)
 
     @property
     def suite(self) -> hpke.Suite:
