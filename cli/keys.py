@@ -1,4 +1,4 @@
-"""``sealstore keys ...``: keyrings and X25519 identities."""
+"""``sealstore keys ...``: keyrings and HPKE / X25519 identities."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sealstore.cli.commands import command, emit, group, json_mode, say
 from sealstore.cli.main import printable
 from sealstore.kms.local import LocalKeyring, create_keyring
 from sealstore.kms.registry import default_keyring_path, load_identity
-from sealstore.kms.x25519 import X25519Identity, generate_identity
+from sealstore.kms.x25519 import X25519Identity
 
 __all__ = ["register"]
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
         ksub,
         "init",
         _init,
-        help="create a local keyring (or, with --identity, an x25519 identity file)",
+        help="create a local keyring (or, with --identity, an HPKE identity file)",
         description="Create a passphrase-protected local keyring holding a fresh KEK. The "
         "passphrase comes from SEALSTORE_PASSPHRASE or a prompt.",
     )
@@ -36,7 +36,13 @@ def register(sub: Any) -> None:
         "--identity",
         type=Path,
         metavar="FILE",
-        help="create an x25519 identity file instead of a keyring",
+        help="create an HPKE identity file instead of a keyring",
+    )
+    init.add_argument(
+        "--kem",
+        choices=("x25519", "mlkem768x25519"),
+        help="with --identity: the HPKE KEM; mlkem768x25519 (ML-KEM-768 + X25519) for escrow "
+        "and recovery keys that must outlive a quantum computer (default: x25519)",
     )
     init.add_argument(
         "--insecure-no-passphrase",
@@ -62,7 +68,10 @@ def register(sub: Any) -> None:
     lst.add_argument("--keyring", type=Path)
 
     rec = command(
-        ksub, "recipient", _recipient, help="print the public x25519 recipient of an identity file"
+        ksub,
+        "recipient",
+        _recipient,
+        help="print the public recipient of an hpke or x25519 identity file",
     )
     rec.add_argument("identity", type=Path)
 
@@ -114,9 +123,13 @@ def _backup(args: argparse.Namespace, path: Path, what: str) -> str | None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    if args.identity is None and args.kem is not None:
+        raise ValueError("--kem goes with --identity")
     if args.identity is not None:
         kept = _backup(args, args.identity, "identity") if args.force else None
-        ident = generate_identity(args.identity, overwrite=args.force)
+        from sealstore.kms.hpke import generate_identity
+
+        ident = generate_identity(args.identity, kem=args.kem or "x25519", overwrite=args.force)
         if json_mode(args):
             emit(
                 args,
@@ -196,8 +209,10 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _recipient(args: argparse.Namespace) -> int:
     ident = load_identity(args.identity)
-    if not isinstance(ident, X25519Identity):
-        raise ValueError(f"{args.identity} is a keyring, not an x25519 identity")
+    from sealstore.kms.hpke import HpkeIdentity
+
+    if not isinstance(ident, X25519Identity | HpkeIdentity):
+        raise ValueError(f"{args.identity} is not an hpke or x25519 identity")
     if json_mode(args):
         emit(args, {"identity": str(args.identity), "recipient": ident.recipient})
         return 0

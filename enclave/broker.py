@@ -21,7 +21,7 @@ A release, in order (each step refuses with a code):
    (``nvgpu-nonce``, ``nvgpu-measurement``, ...);
 5. the slot opens with one of the tenant's keys under the artifact's scoped
    context (``key-unavailable``) -- only now is a key service asked anything;
-6. the DEK goes back sealed to the caller's ephemeral key.
+6. the DEK goes back sealed (HPKE) to the caller's ephemeral key and this challenge.
 
 Before step 2 (and again before step 5) the caller is checked against the
 incident-response state: a lockdown of its tenant or of all tenants
@@ -591,10 +591,12 @@ class Broker:
         self._rate(ident, tenant)
         dek = self._unwrap(tenant, artifact, req.get("slot"), req.get("context"))
         try:
-            sealed = nacl.public.SealedBox(nacl.public.PublicKey(public)).encrypt(dek.material())
+            # HPKE bound to this challenge: the answer opens for no other one.
+            return release.seal_answer(
+                dek.material(), public, nonce=nonce, tenant=tenant, artifact=artifact
+            )
         finally:
             dek.close()
-        return {"sealed": release.b64e(sealed)}
 
     # -- incident response ----------------------------------------------------
 

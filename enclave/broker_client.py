@@ -7,8 +7,9 @@ the broker, tenant and artifact. The publisher needs only the right to wrap
 (Vault ``encrypt``, KMS ``Encrypt``, the keyring).
 
 Unwrapping is the protocol in ``release``: a challenge, evidence bound to
-the nonce and a fresh X25519 key, the DEK back in a sealed box. The evidence
-is the first kind the broker accepts that this machine can give (or
+the nonce and a fresh X25519 key, the DEK back sealed with HPKE to that key
+and that challenge (``release.open_answer``). The evidence is the first kind
+the broker accepts that this machine can give (or
 ``evidence=`` / ``SEALSTORE_EVIDENCE``): a TPM quote (``SEALSTORE_TPM_TCTI``,
 else /dev/tpmrm0), an SEV-SNP report or TDX quote (configfs-tsm). A kind
 joined with ``+nvidia-gpu`` adds every GPU's attestation report, from
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import nacl.exceptions
 import nacl.public
 
 from sealstore.enclave import release
 from sealstore.errors import (
     AttestationError,
+    AuthenticationError,
     BackendError,
     FormatError,
     KeyReleaseDenied,
@@ -223,8 +224,12 @@ class BrokerKey:
             },
         )
         try:
-            raw = nacl.public.SealedBox(secret).decrypt(release.b64d(out.get("sealed"), "sealed"))
-        except (nacl.exceptions.CryptoError, FormatError):
+            raw = release.open_answer(
+                out, bytes(secret), nonce=nonce, tenant=self.tenant, artifact=self.artifact
+            )
+        except FormatError as exc:
+            raise BackendError(f"broker {self.origin} {exc}") from None
+        except AuthenticationError:
             raise BackendError(f"broker {self.origin} sent a key that does not open") from None
         if len(raw) != DEK_SIZE:
             raise KeyUnavailable(f"broker {self.origin} released a key of the wrong size")

@@ -11,9 +11,12 @@ One release is two requests over TLS (the RATS background-check model):
    ``+nvidia-gpu`` (``snp+nvidia-gpu``) adds every GPU's attestation report,
    whose SPDM requester nonce is the challenge's nonce itself.
 3. ``POST /v1/release {nonce, public_key, evidence, slot, context}`` ->
-   ``{sealed}``: the DEK in a NaCl sealed box to that ephemeral key, so a
-   TLS terminator or proxy on the way never sees it, and evidence taken for
-   one key pair is useless with another.
+   ``{suite, sealed}``: the DEK sealed with HPKE (RFC 9180, ``ANSWER_SUITE``)
+   to that ephemeral key, so a TLS terminator or proxy on the way never sees
+   it, and evidence taken for one key pair is useless with another. HPKE's
+   ``info`` is ``answer_info``: the protocol, the challenge's nonce, the
+   ephemeral key, tenant and artifact, so an answer opens only for the
+   challenge it was made for (a replayed or misdirected answer does not).
 
 The slot the broker opens is an ordinary key slot of one of the tenant's
 keys (local keyring, Vault Transit, AWS KMS), wrapped under the artifact's
@@ -30,18 +33,27 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from sealstore.errors import FormatError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from sealstore.errors import AuthenticationError, FormatError
+from sealstore.format import canonical_json
 
 __all__ = [
+    "ANSWER_SUITE",
     "CONTEXT_KEY",
     "EVIDENCE_KINDS",
     "GPU_KIND",
     "SLOT_KIND",
+    "answer_info",
     "b64d",
     "b64e",
     "binding",
+    "open_answer",
     "parse_kind",
     "scoped_context",
+    "seal_answer",
 ]
 
 PROTOCOL = b"sealstore-release-v1"
@@ -52,6 +64,11 @@ EVIDENCE_KINDS = ("tpm", "snp", "tdx")
 # the CPU's evidence binds the ephemeral key. It joins a CPU kind: "snp+nvidia-gpu".
 GPU_KIND = "nvidia-gpu"
 NONCE_SIZE = 32
+# The answer's suite: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305,
+# base mode. Named in every answer, so a client meeting another suite (or the
+# sealed box of older brokers) says so instead of failing to decrypt.
+ANSWER_SUITE = "hpke-x25519-hkdf-sha256-chacha20poly1305"
+_ENC_SIZE = 32
 
 
 def parse_kind(kind: Any) -> tuple[str, bool]:
@@ -111,3 +128,63 @@ def b64d(text: Any, what: str) -> bytes:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError):
         raise FormatError(f"{what} is not valid base64") from None
+
+
+def _suite() -> hpke.Suite:
+    return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+
+
+def answer_info(nonce: bytes, public_key: bytes, tenant: str, artifact: str) -> bytes:
+    """HPKE ``info`` of a release answer: it opens only for this challenge and this key."""
+    bound = {
+        "artifact": artifact,
+        "nonce": b64e(nonce),
+        "public_key": b64e(public_key),
+        "suite": ANSWER_SUITE,
+        "tenant": tenant,
+    }
+    return PROTOCOL + b"/answer\x00" + canonical_json(bound)
+
+
+def seal_answer(
+    dek: bytes, public_key: bytes, *, nonce: bytes, tenant: str, artifact: str
+) -> dict[str, str]:
+    """The broker's answer: *dek* sealed with HPKE to the workload's ephemeral key.
+
+    Raises:
+        ValueError: *public_key* is not an X25519 public key.
+    """
+    pk = x25519.X25519PublicKey.from_public_bytes(public_key)
+    info = answer_info(nonce, public_key, tenant, artifact)
+    return {"suite": ANSWER_SUITE, "sealed": b64e(_suite().encrypt(dek, pk, info=info))}
+
+
+def open_answer(
+    answer: Any, secret_key: bytes, *, nonce: bytes, tenant: str, artifact: str
+) -> bytes:
+    """The DEK from a broker's answer, opened with the ephemeral secret key.
+
+    Raises:
+        FormatError: not an answer of ``ANSWER_SUITE`` (another suite, or an
+            older broker's sealed box).
+        AuthenticationError: it does not open: altered, or made for another
+            challenge, key, tenant or artifact.
+    """
+    if not isinstance(answer, dict):
+        raise FormatError("the answer is not a JSON object")
+    suite = answer.get("suite")
+    if suite != ANSWER_SUITE:
+        said = "no suite (an older broker's sealed box)" if suite is None else repr(suite)[:80]
+        raise FormatError(f"answered with {said}; this client accepts only {ANSWER_SUITE}")
+    sealed = b64d(answer.get("sealed"), "sealed")
+    sk = x25519.X25519PrivateKey.from_private_bytes(secret_key)
+    public = sk.public_key().public_bytes_raw()
+    info = answer_info(nonce, public, tenant, artifact)
+    if len(sealed) < _ENC_SIZE + 16:
+        raise AuthenticationError("the sealed key does not open")
+    try:
+        return _suite().decrypt(sealed, sk, info=info)
+    except (InvalidTag, ValueError):
+        raise AuthenticationError(
+            "the sealed key does not open (altered, or made for another challenge)"
+        ) from None

@@ -26,6 +26,7 @@ __all__ = [
 _REGISTRY: dict[str, tuple[str, str | None]] = {
     "local": ("sealstore.kms.local:LocalKeyring", None),
     "x25519": ("sealstore.kms.x25519:X25519Recipient", None),
+    "hpke": ("sealstore.kms.hpke:HpkeRecipient", None),
     "age": ("sealstore.kms.age:AgeRecipient", 'pip install "sealstore[age]"'),
     "vault-transit": (
         "sealstore.kms.vault_transit:VaultTransitKey",
@@ -63,7 +64,9 @@ def _scheme(uri: str) -> str:
         return "age"  # an age recipient as age-keygen prints it
     scheme, sep, _ = uri.partition(":")
     if not sep or not scheme:
-        raise ValueError(f"key URI {uri!r} has no scheme (expected e.g. local:PATH or x25519:KEY)")
+        raise ValueError(
+            f"key URI {uri!r} has no scheme (expected e.g. local:PATH or hpke:x25519:KEY)"
+        )
     return scheme
 
 
@@ -115,7 +118,7 @@ def default_keyring_path() -> Path:
 
 
 def load_identity(path: str | os.PathLike[str]) -> Unwrapper:
-    """Load an identity file: an X25519 identity, an age identity (or OpenSSH key) or a keyring.
+    """Load an identity file: HPKE, X25519, age (or an OpenSSH key), or a keyring.
 
     Raises:
         NotFound: no such file.
@@ -132,6 +135,8 @@ def load_identity(path: str | os.PathLike[str]) -> Unwrapper:
         return get_provider_class("local").open(p)
     if "AGE-SECRET-KEY-1" in text or "-----BEGIN OPENSSH PRIVATE KEY-----" in text:
         return get_provider_class("age").identity_from_text(text, source=str(p))
+    if "SEALSTORE-HPKE-IDENTITY:" in text:
+        return get_provider_class("hpke").identity_from_text(text, source=str(p))
     return get_provider_class("x25519").identity_from_text(text, source=str(p))
 
 

@@ -18,6 +18,16 @@ nonce=BLAKE2b-192(epk || pk), pk, esk)``) with a derived ephemeral key and
 checks that libsodium opens it. Real writers MUST use fresh randomness for
 all of these; the fixed values here are public test keys.
 
+The ``hpke`` slots likewise: an HPKE library draws its own ephemeral key, so
+a DHKEM(X25519) slot is built here from RFC 9180's definition (Encap with a
+derived ephemeral key, the key schedule, one ChaCha20-Poly1305 seal) and
+checked to open with ``cryptography``'s HPKE. The ML-KEM-768 + X25519 slot
+cannot be rebuilt that way without an ML-KEM implementation of our own
+(ML-KEM encapsulation draws randomness no API lets us fix), so it is a
+recorded answer: ``_XWING_RECORDED`` was made once by ``cryptography``'s
+``Suite.encrypt`` for the fixed identity, DEK and context below, and every
+run checks that it still opens to that DEK, a decrypt-only known answer.
+
 The files are built from the format's definition in ``docs/FORMAT.md``, not
 by ``SealWriter``: the header, the chunks and the slots are assembled by hand
 (that is the only way to write the negative cases), and for well-formed files
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import hmac
 import json
 import struct
 import sys
@@ -37,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from nacl import bindings
 from nacl.encoding import RawEncoder
@@ -146,6 +159,132 @@ def x25519_slot(
         if bytes(PrivateKey(sk).public_key) == to:
             assert SealedBox(PrivateKey(sk)).decrypt(blob) == message
     return KeySlot("x25519", key_id or "x25519:" + b64url(to), blob)
+
+
+# -- hpke slots (RFC 9180 base mode, HKDF-SHA256, ChaCha20-Poly1305) -----------------
+
+HPKE_SK = det("hpke/x25519-identity", 32)
+HPKE_PK = x25519.X25519PrivateKey.from_private_bytes(HPKE_SK).public_key().public_bytes_raw()
+HPKE_OTHER_PK = (
+    x25519.X25519PrivateKey.from_private_bytes(det("hpke/x25519-other-identity", 32))
+    .public_key()
+    .public_bytes_raw()
+)
+HPKE_RECIPIENT = "hpke:x25519:" + b64url(HPKE_PK)
+HPKE_IDENTITY_TEXT = (
+    "# sealstore hpke identity (x25519) -- a PUBLIC TEST KEY from docs/vectors, never use it\n"
+    f"# recipient: {HPKE_RECIPIENT}\n"
+    f"SEALSTORE-HPKE-IDENTITY:x25519:{b64url(HPKE_SK)}\n"
+)
+XWING_SEED = det("hpke/mlkem768x25519-identity", 32)
+_XWING_EXPANDED = hashlib.shake_256(XWING_SEED).digest(96)
+_XWING_SK = hpke.MLKEM768X25519PrivateKey(
+    mlkem.MLKEM768PrivateKey.from_seed_bytes(_XWING_EXPANDED[:64]),
+    x25519.X25519PrivateKey.from_private_bytes(_XWING_EXPANDED[64:]),
+)
+XWING_PK = (
+    mlkem.MLKEM768PrivateKey.from_seed_bytes(_XWING_EXPANDED[:64]).public_key().public_bytes_raw()
+    + x25519.X25519PrivateKey.from_private_bytes(_XWING_EXPANDED[64:])
+    .public_key()
+    .public_bytes_raw()
+)
+XWING_RECIPIENT = "hpke:mlkem768x25519:" + b64url(XWING_PK)
+XWING_IDENTITY_TEXT = (
+    "# sealstore hpke identity (mlkem768x25519) -- a PUBLIC TEST KEY from docs/vectors, "
+    "never use it\n"
+    f"# recipient: {XWING_RECIPIENT}\n"
+    f"SEALSTORE-HPKE-IDENTITY:mlkem768x25519:{b64url(XWING_SEED)}\n"
+)
+XWING_CONTEXT = {"tenant": "acme", "artifact": "escrow", "path": "model.safetensors"}
+_HPKE_INFO_LABEL = b"sealstore/v1/slot/hpke\x00"
+_HPKE_SUITE_ID = b"HPKE" + bytes.fromhex("002000010003")
+_CHACHA = hpke.AEAD.CHACHA20_POLY1305
+_XWING_RECORDED = (
+    "5hjK3N7DxQ0DeUJOZ3w0CypBL4xagsEawz6IcaSvgwyNCYXTCHMCc49tJgwboUhF0GPZ8bjpBFm/VSXlwd0iKTBF"
+    "7QMfBP53Q6gDQYX/0O9TH22nHwu+9vvNDqf3AU+fZCmx4Stfav2Z67GfunTe0+DAdkzYjk2tRn7TsiVSNKrIcpN9"
+    "2e32tvQVIxeBFikk/J0TaL03DOI21LniJ5cJm2/TU0jMe3p7H4EN0nxj80B5tn77iePTdfx8uKk9fakWqXmS03gj"
+    "aQmjity21HLSQNo9Cm7YrVCJ0I+cLX38MjdeLRyAZS+e9trv3L+qsalX+LSmLX1rdXAYjo0l6b/hw+lXAaIwuM2Q"
+    "lmpTicxTs0MgSUb0j0T5BEmUMuSbEfw7YiBYnunAN8CN9T8fSoOP8FTRgFehqCuAAi5gYxeBW4Pd9KGrRSds98m1"
+    "hk8Go8fv13cu+CtYV00F4uoN1dq/HktTV9rnMxNbcFMetkIHVw3BB5rxaLhwRU/SDwcfl9pIki1WKDSAOPWEnxoU"
+    "llNjEJ92ncv9YCVJb2Z+zHI0fX03ywr33H2d3SoKWJoTlo6h7SAY1Is8XdQLtZ3LH8VBKVafVQABvb4oqv6ND/4l"
+    "jypjkwimicR/IV7Zps1XiGEQBaPLyngL7trjB1dfzTT3jyzsebyuhLXSRgpDVI0kiWPgmdnMOT3SexEMo/sf8SVV"
+    "M+UydLb7fPuJrbDgtJ/C9f3CtqZuJKf8Y1cq0jnTJSl71teM9D/19S6snTM+8KKW67tHkJGRKCNvbuL8Ql0XyZWJ"
+    "h2cHxOV+hgopVTO+ASasx28IEMq8CdKRpAtxz0XnouOwbN6qj0K56aVTeWMXaNMU9kkkyGmg5BR4MVmKaBT82z+K"
+    "T5ZISieFfLe5PTM8jKXKjet7iUXFnazydqcyWkSHkTYcQwXd9Cr7yED6ReuJE5ukjHWXr7mlZy45upS88+aV/zr5"
+    "cAFKQxbL35cLMagcJLy6mALxAopyHb8izFFJFuJed8dGXwiy+UOLUmG3UFIdovZzUuW4D9DJcNhsPJW0aRpaRu1Z"
+    "8jR8rByrnp/+9wUrGyTbCCdsWpX0SUJXl7mtX3G1Oxo3mPxBJM1ULViSsEOjdnFA76uAk5HDktOJ7I5M2a/DIDud"
+    "YB0aIIIxKDreUJxr6Gj67ZaETEECkCwmkUNT+vFAt9VGU9OUzcoObql0qBQKfO9a+9OWH6OZNuP7I99NmZUOF/gG"
+    "/FcM9/Mjwye9cZF9VgeZcONPvdl9LrxyO53X65yDR35HvialIoK5XusI6H66ztrhxT0C8vCQqw3aqoqZ0pkyG8Hv"
+    "4dnKUpu1+Dt6yOjZCY+wbwCuXgB9mfLrkbheSQ8qtAZD1KQT+S+XONzj77qB2WvSt/PMhVEPELXbyxG2SE2Rh3X3"
+    "SxF5gx+7L5QjMJof2OdBR59pXH9wzU7mlityG8Dj6Ua8bNbN8XW2aWAjlsSvSgl3/mzdlSGueiqHs4CGx8nvetFr"
+    "T/Q2n79Y/dJcHh8b8sbJbP4cKvjpwnkrfLGzdYURC2WVFjGOrYDWmOXtmJcxHw=="
+)
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or bytes(32), ikm, "sha256").digest()
+
+
+def _hkdf_expand(prk: bytes, info: bytes, n: int) -> bytes:
+    out, block, i = b"", b"", 1
+    while len(out) < n:
+        block = hmac.new(prk, block + info + bytes([i]), "sha256").digest()
+        out, i = out + block, i + 1
+    return out[:n]
+
+
+def _labeled(suite_id: bytes, label: bytes, data: bytes) -> bytes:
+    return b"HPKE-v1" + suite_id + label + data
+
+
+def hpke_seal_x25519(pk_r: bytes, sk_e: bytes, info: bytes, pt: bytes) -> bytes:
+    """RFC 9180 SealBase with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305."""
+    esk = x25519.X25519PrivateKey.from_private_bytes(sk_e)
+    enc = esk.public_key().public_bytes_raw()
+    dh = esk.exchange(x25519.X25519PublicKey.from_public_bytes(pk_r))
+    kem_id = b"KEM\x00\x20"
+    eae_prk = _hkdf_extract(b"", _labeled(kem_id, b"eae_prk", dh))
+    length = (32).to_bytes(2, "big")
+    shared = _hkdf_expand(eae_prk, length + _labeled(kem_id, b"shared_secret", enc + pk_r), 32)
+    sid = _HPKE_SUITE_ID
+    context = (
+        b"\x00"
+        + _hkdf_extract(b"", _labeled(sid, b"psk_id_hash", b""))
+        + _hkdf_extract(b"", _labeled(sid, b"info_hash", info))
+    )
+    secret = _hkdf_extract(shared, _labeled(sid, b"secret", b""))
+    key = _hkdf_expand(secret, length + _labeled(sid, b"key", context), 32)
+    nonce = _hkdf_expand(
+        secret, (12).to_bytes(2, "big") + _labeled(sid, b"base_nonce", context), 12
+    )
+    return enc + ChaCha20Poly1305(key).encrypt(nonce, pt, b"")
+
+
+def hpke_slot(
+    label: str,
+    dek: bytes,
+    context: dict[str, str],
+    *,
+    to: bytes = HPKE_PK,
+    key_id: str | None = None,
+) -> KeySlot:
+    """An hpke x25519 slot: SealBase(pk, info = label || canonical_json(context), DEK)."""
+    info = _HPKE_INFO_LABEL + canonical_json(context)
+    blob = hpke_seal_x25519(to, det(f"hpke-ephemeral/{label}", 32), info, dek)
+    if to == HPKE_PK:
+        sk = x25519.X25519PrivateKey.from_private_bytes(HPKE_SK)
+        suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, _CHACHA)
+        assert suite.decrypt(blob, sk, info=info) == dek
+    return KeySlot("hpke", key_id or "hpke:x25519:" + b64url(to), blob)
+
+
+def xwing_slot(dek: bytes) -> KeySlot:
+    """The recorded ML-KEM-768 + X25519 slot (see the module doc), checked to open."""
+    blob = base64.b64decode("".join(_XWING_RECORDED))
+    info = _HPKE_INFO_LABEL + canonical_json(XWING_CONTEXT)
+    suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, _CHACHA)
+    assert suite.decrypt(blob, _XWING_SK, info=info) == dek
+    return KeySlot("hpke", XWING_RECIPIENT, blob)
 
 
 def local_slot(label: str, dek: bytes, context: dict[str, str]) -> KeySlot:
@@ -293,7 +432,7 @@ class Vector:
     expect: str
     data: bytes
     dek: bytes | None = DEK
-    identity: bool = True
+    identity: bool | str = True  # True: the X25519 identity; a string: that identity's text
     keyring: bool = False
     detached_slots: list[KeySlot] | None = None
     plaintext: bytes | None = None
@@ -306,7 +445,11 @@ class Vector:
             "description": self.description,
             "expect": self.expect,
             "dek": self.dek.hex() if self.dek is not None else None,
-            "identity": IDENTITY_TEXT if self.identity else None,
+            "identity": (
+                self.identity
+                if isinstance(self.identity, str)
+                else (IDENTITY_TEXT if self.identity else None)
+            ),
             "keyring": KEYRING_TEXT if self.keyring else None,
             "detached_slots": (
                 [slot.to_json() for slot in self.detached_slots]
@@ -1102,9 +1245,106 @@ def _key_vectors() -> list[Vector]:
     return out
 
 
+def _hpke_vectors() -> list[Vector]:
+    out: list[Vector] = []
+    pt = text("hpke", 100)
+    out.append(
+        ok(
+            "hpke_x25519",
+            "One hpke slot, DHKEM(X25519): the context (non-ASCII, keys outside the BMP) is in "
+            "HPKE's info, so the identity opens it only under this header's context.",
+            pt,
+            make_file(
+                "hpke_x25519", pt, context=CONTEXT, slots=[hpke_slot("hpke_x25519", DEK, CONTEXT)]
+            ),
+            identity=HPKE_IDENTITY_TEXT,
+        )
+    )
+    out.append(
+        ok(
+            "hpke_mlkem768x25519",
+            "One hpke slot, ML-KEM-768 + X25519 (X-Wing): a recorded slot (decrypt-only known "
+            "answer; see docs/vectors/README.md).",
+            pt,
+            make_file("hpke_mlkem768x25519", pt, context=XWING_CONTEXT, slots=[xwing_slot(DEK)]),
+            identity=XWING_IDENTITY_TEXT,
+        )
+    )
+    flipped = xwing_slot(DEK)
+    flipped = KeySlot("hpke", flipped.key_id, _flip(flipped.blob, 1000))
+    out.append(
+        bad(
+            "hpke_mlkem768x25519_enc_flipped",
+            "AuthenticationError",
+            "The recorded X-Wing slot with one bit of its ML-KEM ciphertext flipped: ML-KEM's "
+            "implicit rejection gives another shared secret and the AEAD tag fails.",
+            make_file(
+                "hpke_mlkem768x25519_enc_flipped", pt, context=XWING_CONTEXT, slots=[flipped]
+            ),
+            dek=None,
+            identity=XWING_IDENTITY_TEXT,
+        )
+    )
+    ctx = {"tenant": "acme"}
+    slot = hpke_slot("hpke_enc_flipped", DEK, ctx)
+    out.append(
+        bad(
+            "hpke_enc_flipped",
+            "AuthenticationError",
+            "The hpke slot names the identity, but one bit of its enc (the ephemeral public key) "
+            "is flipped: another shared secret, the tag fails.",
+            make_file(
+                "hpke_enc_flipped",
+                pt,
+                context=ctx,
+                slots=[KeySlot("hpke", slot.key_id, _flip(slot.blob, 3))],
+            ),
+            dek=None,
+            identity=HPKE_IDENTITY_TEXT,
+        )
+    )
+    out.append(
+        bad(
+            "hpke_slot_other_context",
+            "AuthenticationError",
+            'The hpke slot was sealed with the context {"tenant": "globex"} in its info; the '
+            'header says {"tenant": "acme"}.',
+            make_file(
+                "hpke_slot_other_context",
+                pt,
+                context=ctx,
+                slots=[hpke_slot("hpke_slot_other_context", DEK, {"tenant": "globex"})],
+            ),
+            dek=None,
+            identity=HPKE_IDENTITY_TEXT,
+        )
+    )
+    out.append(
+        bad(
+            "hpke_slot_other_recipient",
+            "KeyUnavailable",
+            "The only slot is an hpke slot for another recipient.",
+            make_file(
+                "hpke_slot_other_recipient",
+                pt,
+                context=ctx,
+                slots=[hpke_slot("hpke_slot_other_recipient", DEK, ctx, to=HPKE_OTHER_PK)],
+            ),
+            dek=None,
+            identity=HPKE_IDENTITY_TEXT,
+        )
+    )
+    return out
+
+
 def build_vectors() -> list[Vector]:
     vectors = (
-        _ok_vectors() + _auth_vectors() + _format_vectors() + _version_vectors() + _key_vectors()
+        _ok_vectors()
+        + _auth_vectors()
+        + _format_vectors()
+        + _version_vectors()
+        + _key_vectors()
+        + _hpke_vectors()
     )
     names = [v.name for v in vectors]
     assert len(names) == len(set(names)), "duplicate vector names"

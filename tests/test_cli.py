@@ -183,7 +183,7 @@ def test_keys_init_identity(tmp_path: Path, ring: LocalKeyring) -> None:
     ident = tmp_path / "backup.key"
     proc = ok(run("keys", "init", "--identity", ident))
     recipient = proc.stdout.decode().strip()
-    assert recipient.startswith("x25519:")
+    assert recipient.startswith("hpke:x25519:")  # new identities are HPKE
     assert stat.S_IMODE(ident.stat().st_mode) == 0o600
     assert ok(run("keys", "recipient", ident)).stdout.decode().strip() == recipient
     fails(run("keys", "init", "--identity", ident), 5)
@@ -256,7 +256,7 @@ def test_two_slots(ring: LocalKeyring, tmp_path: Path, work: Path) -> None:
     info = json.loads(ok(run("inspect", "--json", work / "s")).stdout)
     assert [(s["kind"], s["key_id"]) for s in info["slots"]] == [
         ("local", ring.key_id),
-        ("x25519", recipient),
+        ("hpke", recipient),
     ]
     # Either key opens it: the identity alone, with the keyring gone.
     ring.path.unlink()

@@ -77,7 +77,7 @@ def create(
     and the CLI exits non-zero.
 
     Args:
-        recovery_recipients: ``x25519:`` recipients; each version's DEK is
+        recovery_recipients: ``hpke:`` or ``x25519:`` recipients; each version's DEK is
             also wrapped to them in the snapshot (key escrow). Needs a key
             that opens each new version (*identities*, or its slots' keys).
         progress_for: called with (label, total bytes) once the copy is
@@ -88,8 +88,9 @@ def create(
         BackendError: the store or the backup location failed (the run can be repeated).
     """
     for r in recovery_recipients:
-        if not r.startswith("x25519:"):
-            raise ValueError(f"a recovery recipient is an x25519: key, not {r[:40]!r}")
+        # Escrow opens offline with an identity file alone: x25519 or HPKE recipients.
+        if not r.startswith(("x25519:", "hpke:")):
+            raise ValueError(f"a recovery recipient is an hpke: or x25519: key, not {r[:40]!r}")
         from sealstore.kms.registry import wrapper_for
 
         wrapper_for(r)  # malformed recipients fail before any work

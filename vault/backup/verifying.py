@@ -81,8 +81,8 @@ def verify(
                 _read_doc(dest, rec.bom, f"the BoM of {rec.ref}")
             except SealstoreError as exc:
                 res.problems.append(str(exc))
-        if any(s.kind != "x25519" for s in rec.escrow):
-            res.problems.append(f"{rec.ref}: an escrow slot is not an x25519 slot")
+        if any(s.kind not in ("x25519", "hpke") for s in rec.escrow):
+            res.problems.append(f"{rec.ref}: an escrow slot is not an hpke or x25519 slot")
         digests[rec.ref] = rec.manifest
         if m.shredded:
             continue
