@@ -74,7 +74,7 @@ def _restore_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="x25519 identity of the recovery recipient: adds the escrow slots to the "
+        help="hpke or x25519 identity of the recovery recipient: adds the escrow slots to the "
         "restored manifests, so they open with it when the KMS/Vault key is gone",
     )
     _root(p)
@@ -97,7 +97,7 @@ def register(sub: Any) -> None:
         "--recovery-recipient",
         action="append",
         default=[],
-        metavar="x25519:KEY",
+        metavar="RECIPIENT",
         help="also wrap each version's key to this offline recovery key (key escrow)",
     )
     create.add_argument(
