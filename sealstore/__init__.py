@@ -41,7 +41,10 @@ _LAZY = {
     "unwrap_dek": "sealstore.kms.envelope",
     "inspect_file": "sealstore.inspect",
     "create_keyring": "sealstore.kms.local",
-    "generate_identity": "sealstore.kms.x25519",
+    # New identities are HPKE (x25519 by default, kem="mlkem768x25519" for escrow that
+    # must outlive a quantum computer); sealstore.kms.x25519.generate_identity still
+    # makes the sealed-box kind.
+    "generate_identity": "sealstore.kms.hpke",
     "load_identity": "sealstore.kms.registry",
     "wrapper_for": "sealstore.kms.registry",
     "Store": "sealstore.vault.store",
