@@ -266,7 +266,7 @@ def test_keys_report_json(sealstore_env: Path, tmp_path: Path) -> None:
     for out in (made, listed):
         assert not any(secret in json.dumps(out) for secret in _secrets(ring))
     ident = report(run("keys", "init", "--identity", tmp_path / "id", "--json"))
-    assert ident["recipient"].startswith("x25519:")
+    assert ident["recipient"].startswith("hpke:x25519:")
     again = report(run("keys", "recipient", tmp_path / "id", "--json"))
     assert again["recipient"] == ident["recipient"]
     # The identity's secret is in its file only.
@@ -440,7 +440,7 @@ def test_rotation_roles_and_refresh_report_json(store_env: dict[str, str], tmp_p
     rotated = report(run("keys", "rotate", tmp_path / "s", "--to", ident["recipient"], "--json"))
     (entry,) = rotated["files"]
     assert entry["file"] == str(tmp_path / "s")
-    assert [s["kind"] for s in entry["slots"]] == ["local", "x25519"]
+    assert [s["kind"] for s in entry["slots"]] == ["local", "hpke"]
     assert "blob" not in json.dumps(rotated)
     ok(run("push", model_dir(tmp_path, {"w.bin": 100}), "m", "-k", "local:", env=e))
     moved = report(run("store", "rotate", "m:1", "--to", ident["recipient"], "--json", env=e))
