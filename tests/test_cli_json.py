@@ -444,7 +444,7 @@ def test_rotation_roles_and_refresh_report_json(store_env: dict[str, str], tmp_p
     assert "blob" not in json.dumps(rotated)
     ok(run("push", model_dir(tmp_path, {"w.bin": 100}), "m", "-k", "local:", env=e))
     moved = report(run("store", "rotate", "m:1", "--to", ident["recipient"], "--json", env=e))
-    assert moved["ref"] == "m:1" and {s["kind"] for s in moved["slots"]} == {"local", "x25519"}
+    assert moved["ref"] == "m:1" and {s["kind"] for s in moved["slots"]} == {"local", "hpke"}
     other = report(run("keys", "init", "--keyring", tmp_path / "other.json", "--json"))
     granted = report(
         run("store", "grant", other["signing_key"], "reader", "--tenant", "acme", "--json", env=e)
