@@ -151,6 +151,23 @@ def register(sub: Any) -> None:
         help="also follow symlinks that point outside PATH (e.g. a Hugging Face cache "
         "snapshot, whose files link to ../../blobs); refused by default",
     )
+    push.add_argument(
+        "--sign-key",
+        metavar="KEY",
+        help="sign the version's plaintext files with this EC private key (PEM; password in "
+        "$SEALSTORE_SIGN_KEY_PASSWORD): an OpenSSF Model Signing (OMS) signature, written "
+        "as model.sig by pull",
+    )
+    push.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="PATH is a model folder signed with OMS (model_signing sign key): verify it "
+        "with --public-key before sealing anything, refuse it otherwise, keep the signature",
+    )
+    push.add_argument("--public-key", metavar="KEY", help="the signer's EC public key (PEM)")
+    push.add_argument(
+        "--signature", metavar="SIG", help="the OMS signature (default: PATH/model.sig)"
+    )
     push.add_argument("--threads", type=int, default=2)
     push.add_argument("--no-progress", action="store_true")
     _where(push)
@@ -175,6 +192,11 @@ def register(sub: Any) -> None:
         action="append",
         metavar="PATH",
         help="only this file, folder or glob (train/*.parquet, **/*.json; repeatable)",
+    )
+    pull.add_argument(
+        "--signature",
+        metavar="SIG",
+        help="where to write the version's OMS model signature (default: DIR/model.sig)",
     )
     pull.add_argument("--threads", type=int, default=2)
     pull.add_argument("--no-progress", action="store_true")
@@ -344,6 +366,10 @@ def _push(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
             follow_outside_links=outside,
+            sign_key=args.sign_key,
+            require_signature=args.require_signature,
+            public_key=args.public_key,
+            signature=args.signature,
         )
     took = time.perf_counter() - start
     _say(args, f"pushed {m.name}:{m.version} ({m.tenant}): {len(m.files)} file(s), "
@@ -375,6 +401,7 @@ def _pull(args: argparse.Namespace) -> int:
             progress=bar,
             files=args.file,
             force=args.force,
+            signature=args.signature,
         )
     took = time.perf_counter() - start
     where = "stdout" if args.output == "-" else args.output
