@@ -199,6 +199,8 @@ def load_file(
             "load_file(guard=...) needs module=: the guard watches the torch module the "
             "tensors are loaded into"
         )
+    if verify_signature and plan is not None:
+        raise ValueError("verify_signature hashes whole files; a plan= load reads parts of them")
     if plan is not None:
         if guard is not None and guard is not False:
             raise TypeError("load_file(plan=...) loads part of a model; it cannot be guarded")
@@ -207,8 +209,6 @@ def load_file(
     device = _device(device)
     if verify_signature and isinstance(src, SealedFile):
         raise ValueError("verify_signature checks a store version: name it, not an open file")
-    if verify_signature and plan is not None:
-        raise ValueError("verify_signature hashes whole files; a plan= load reads parts of them")
     if verify_signature and device.startswith("cuda") and prefer == "gpu-direct":
         raise ValueError(
             "verify_signature hashes the plaintext on the CPU as it is decrypted: "
