@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from sealstore.vault import oms
 from tests.test_cli import fails, ok, run
 
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
+FORGED = re.escape("mini:2/model.safetensors does not match the model signature")
 
 
 def ec_pair(folder: Path, name: str, curve: ec.EllipticCurve) -> tuple[Path, Path]:
@@ -141,8 +143,8 @@ def test_require_signature_accepts_a_model_signing_signed_folder(
 
     src = signed_copy(minilm, tmp_path / "signed", keys["priv"])
     e = {"SEALSTORE_STORE": store_url}
-    ok(run("push", src, "mini", "-k", "local:", "--require-signature",
-           "--public-key", keys["pub"], env=e))  # fmt: skip
+    signed = ["--require-signature", "--public-key", keys["pub"]]
+    ok(run("push", src, "mini", "-k", "local:", *signed, env=e))
     m = Store.open(store_url).manifest("mini:1")
     bundle = (src / "model.sig").read_bytes()
     assert m.oms is not None and m.oms.encode() == bundle  # kept byte for byte
@@ -150,8 +152,8 @@ def test_require_signature_accepts_a_model_signing_signed_folder(
     assert ".gitattributes" in {f.path for f in m.files}  # pushed, outside the signature
     props = bom_properties(store_url, "mini:1")
     assert props["sealstore:oms:bundle-sha256"] == hashlib.sha256(bundle).hexdigest()
-    assert props["sealstore:oms:key-hint-sha256"] == json.loads(bundle)[
-        "verificationMaterial"]["publicKey"]["hint"]  # fmt: skip
+    hint = json.loads(bundle)["verificationMaterial"]["publicKey"]["hint"]
+    assert props["sealstore:oms:key-hint-sha256"] == hint
     out = tmp_path / "out"
     ok(run("pull", "mini", "-o", out, env=e))
     assert (out / "model.sig").read_bytes() == bundle
@@ -240,6 +242,7 @@ def test_loaders_verify_signature(
     import torch
 
     from sealstore.loaders import from_pretrained, load_file
+    from sealstore.loaders.sentence_transformers import load_sentence_transformer
 
     store.push(minilm, "mini", keys=["local:"], sign_key=keys["priv"])
     want = _load_reference(minilm)
@@ -248,6 +251,10 @@ def test_loaders_verify_signature(
     assert all(torch.equal(got[k], want[k]) for k in want)
     model = from_pretrained("mini", store=store, verify_signature=True, public_key=keys["pub"])
     assert model.config.hidden_size == 384
+    st = load_sentence_transformer(
+        "mini", store=store, verify_signature=True, public_key=keys["pub"], device="cpu"
+    )
+    assert st.encode(["a signed model"]).shape == (1, 384)
     # The key from the environment, as the loaders document.
     os.environ["SEALSTORE_OMS_PUBLIC_KEY"] = str(keys["pub"])
     try:
@@ -259,10 +266,10 @@ def test_loaders_verify_signature(
     with pytest.raises(ValueError, match="public key"):
         load_file("mini", store=store, verify_signature=True)
     with pytest.raises(ValueError, match="plan= load"):
-        load_file("mini", store=store, verify_signature=True, public_key=keys["pub"],
-                  plan={"embeddings.word_embeddings.weight": None})  # fmt: skip
-    store.push({"w.safetensors": (minilm / "model.safetensors").read_bytes()}, "plain",
-               keys=["local:"])  # fmt: skip
+        part = {"embeddings.word_embeddings.weight": None}
+        load_file("mini", store=store, verify_signature=True, public_key=keys["pub"], plan=part)
+    weights = {"w.safetensors": (minilm / "model.safetensors").read_bytes()}
+    store.push(weights, "plain", keys=["local:"])
     with pytest.raises(AuthenticationError, match="has no model signature"):
         load_file("plain", store=store, verify_signature=True, public_key=keys["pub"])
 
@@ -274,10 +281,13 @@ def test_loaders_check_the_plaintext_not_the_stores_word(
     for other weights: the manifest, the object digest and every chunk pass, the
     plaintext hashed beside the decryption does not."""
     from sealstore.loaders import from_pretrained, load_file
+    from sealstore.loaders.sentence_transformers import load_sentence_transformer
 
     v1 = store.push(minilm, "mini", keys=["local:"], sign_key=keys["priv"])
-    files = {str(p.relative_to(minilm).as_posix()): p.read_bytes()
-             for p in minilm.rglob("*") if p.is_file()}  # fmt: skip
+    pub = keys["pub"]
+    files = {
+        p.relative_to(minilm).as_posix(): p.read_bytes() for p in minilm.rglob("*") if p.is_file()
+    }
     weights = bytearray(files["model.safetensors"])
     weights[-1] ^= 1  # a valid safetensors file still, one weight changed
     files["model.safetensors"] = bytes(weights)
@@ -289,16 +299,18 @@ def test_loaders_check_the_plaintext_not_the_stores_word(
         oms=v1.oms,
         signer=None,
     )
-    store.replace_manifest(v2, store.manifest_bytes("mini", "2", tenant=v2.tenant), forged.sign(ring))
+    before = store.manifest_bytes("mini", "2", tenant=v2.tenant)
+    store.replace_manifest(v2, before, forged.sign(ring))
     assert store.manifest("mini:2").oms == v1.oms
     # Without the signature check the forged version loads (the store vouches for it).
     assert load_file("mini:2", store=store)
     for threads in (1, 2):
-        with pytest.raises(AuthenticationError, match="mini:2/model.safetensors does not match the model signature"):
-            load_file("mini:2", store=store, verify_signature=True, public_key=keys["pub"],
-                      threads=threads)  # fmt: skip
-    with pytest.raises(AuthenticationError, match="mini:2/model.safetensors does not match the model signature"):
-        from_pretrained("mini:2", store=store, verify_signature=True, public_key=keys["pub"])
+        with pytest.raises(AuthenticationError, match=FORGED):
+            load_file("mini:2", store=store, verify_signature=True, public_key=pub, threads=threads)
+    with pytest.raises(AuthenticationError, match=FORGED):
+        from_pretrained("mini:2", store=store, verify_signature=True, public_key=pub)
+    with pytest.raises(AuthenticationError, match=FORGED):
+        load_sentence_transformer("mini:2", store=store, verify_signature=True, public_key=pub)
 
 
 def test_plaintext_digest_in_any_order() -> None:
