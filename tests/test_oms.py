@@ -145,8 +145,13 @@ def test_require_signature_accepts_a_model_signing_signed_folder(
     e = {"SEALSTORE_STORE": store_url}
     signed = ["--require-signature", "--public-key", keys["pub"]]
     ok(run("push", src, "mini", "-k", "local:", *signed, env=e))
-    m = Store.open(store_url).manifest("mini:1")
+    from sealstore.audit import read_records
+
+    store = Store.open(store_url)
+    m = store.manifest("mini:1")
     bundle = (src / "model.sig").read_bytes()
+    pushed = [r for r in read_records(store.storage) if r["action"] == "push"]
+    assert pushed[-1]["detail"]["model_signature"] == hashlib.sha256(bundle).hexdigest()
     assert m.oms is not None and m.oms.encode() == bundle  # kept byte for byte
     assert "model.sig" not in {f.path for f in m.files}  # not a file of the model
     assert ".gitattributes" in {f.path for f in m.files}  # pushed, outside the signature

@@ -114,8 +114,10 @@ def load_private_key(key: str | os.PathLike[str] | bytes, password: bytes | None
     return priv
 
 
-def load_public_key(key: str | os.PathLike[str] | bytes) -> Any:
+def load_public_key(key: str | os.PathLike[str] | bytes | Any) -> Any:
     """An EC public key (PEM SubjectPublicKeyInfo file or bytes) to verify with.
+
+    A ``cryptography`` EC public key object is taken as it is.
 
     Raises:
         ValueError: not a PEM EC public key of a supported curve. FileNotFoundError.
@@ -123,6 +125,9 @@ def load_public_key(key: str | os.PathLike[str] | bytes) -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        _hash_for(key)
+        return key
     data = _read_pem(key, "OMS public key")
     try:
         pub = load_pem_public_key(data)

@@ -534,9 +534,12 @@ def push(
                             r.name, version, exc)  # fmt: skip
         from sealstore.vault.auditing import record
 
-        record(store, "push", tenant=tenant, artifact=r.name, version=version,
-               detail={"signer": signer.signing_key_id, "files": len(manifest.files),
-                       "bytes": manifest.size})  # fmt: skip
+        detail = {"signer": signer.signing_key_id, "files": len(manifest.files),
+                  "bytes": manifest.size}  # fmt: skip
+        if manifest.oms is not None:
+            # Which model signature it carries (the BoM's sealstore:oms:bundle-sha256).
+            detail["model_signature"] = hashlib.sha256(manifest.oms.encode()).hexdigest()
+        record(store, "push", tenant=tenant, artifact=r.name, version=version, detail=detail)
         return manifest
     raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
 
