@@ -164,7 +164,20 @@ def register(sub: Any) -> None:
         help="PATH is a model folder signed with OMS (model_signing sign key): verify it "
         "with --public-key before sealing anything, refuse it otherwise, keep the signature",
     )
-    push.add_argument("--public-key", metavar="KEY", help="the signer's EC public key (PEM)")
+    push.add_argument(
+        "--sign-cert",
+        metavar="CERT",
+        help="with --sign-key: its certificate, then the rest of its chain (PEM); the "
+        "signature carries the chain (model_signing verify certificate)",
+    )
+    trust = push.add_mutually_exclusive_group()
+    trust.add_argument("--public-key", metavar="KEY", help="the signer's EC public key (PEM)")
+    trust.add_argument(
+        "--certificate-chain",
+        dest="public_key",
+        metavar="ROOTS",
+        help="for a model signed with a certificate: the trusted root certificates (PEM)",
+    )
     push.add_argument(
         "--signature", metavar="SIG", help="the OMS signature (default: PATH/model.sig)"
     )
@@ -367,6 +380,7 @@ def _push(args: argparse.Namespace) -> int:
             progress=bar,
             follow_outside_links=outside,
             sign_key=args.sign_key,
+            sign_cert=args.sign_cert,
             require_signature=args.require_signature,
             public_key=args.public_key,
             signature=args.signature,

@@ -336,3 +336,115 @@ def test_plaintext_digest_in_any_order() -> None:
     wrong.feed(0, view)
     with pytest.raises(AuthenticationError, match="does not match"):
         wrong.check()
+
+
+def _cert(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool) -> Any:
+    """An x509 certificate: a CA, or a code-signing certificate *issuer* issued."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    issuer_name, issuer_key = issuer or (subject, key)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if ca:
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+        b = b.add_extension(usage, critical=True).add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+    else:
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+        b = b.add_extension(usage, critical=True).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+        )
+    return b.sign(issuer_key, hashes.SHA384())
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A root CA, a code-signing certificate it issued (P-256 key), and an unrelated root."""
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    pem = serialization.Encoding.PEM
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    other_key = ec.generate_private_key(ec.SECP384R1())
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    root = _cert("sealstore test root", root_key, None, ca=True)
+    leaf = _cert("model publisher", leaf_key, ("sealstore test root", root_key), ca=False)
+    other = _cert("another root", other_key, None, ca=True)
+    paths = {n: folder / f"{n}.pem" for n in ("root", "leaf", "chain", "key", "other")}
+    paths["root"].write_bytes(root.public_bytes(pem))
+    paths["leaf"].write_bytes(leaf.public_bytes(pem))
+    paths["chain"].write_bytes(leaf.public_bytes(pem) + root.public_bytes(pem))
+    paths["other"].write_bytes(other.public_bytes(pem))
+    paths["key"].write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def ms_verify_cert(folder: Path, sig: Path, roots: Path) -> subprocess.CompletedProcess[str]:
+    return ms("verify", "certificate", "--signature", sig, "--certificate_chain", roots, folder)
+
+
+def test_certificate_signatures_both_ways(
+    store_url: str,
+    tmp_path: Path,
+    minilm: Path,
+    pki: dict[str, Path],
+    keys: dict[str, Path],
+) -> None:
+    from sealstore.loaders import load_file
+    from sealstore.vault.store import Store
+
+    e = {"SEALSTORE_STORE": store_url}
+    # Signed by model_signing with a certificate, accepted by push against the root.
+    src = tmp_path / "signed"
+    shutil.copytree(minilm, src)
+    cert = ["--private_key", pki["key"], "--signing_certificate", pki["leaf"]]
+    cert += ["--certificate_chain", pki["root"]]
+    made = ms("sign", "certificate", "--signature", src / "model.sig", *cert, src)
+    assert made.returncode == 0, made.stderr
+    push = ["push", src, "vendor", "-k", "local:", "--require-signature"]
+    line = fails(run(*push, "--certificate-chain", pki["other"], env=e), 1)
+    assert "does not chain to the root certificates given" in line
+    line = fails(run(*push, "--public-key", keys["pub"], env=e), 1)
+    assert "is signed with a certificate" in line
+    assert Store.open(store_url).versions("vendor") == []
+    ok(run(*push, "--certificate-chain", pki["root"], env=e))
+    out = tmp_path / "out"
+    ok(run("pull", "vendor", "-o", out, env=e))
+    assert (out / "model.sig").read_bytes() == (src / "model.sig").read_bytes()
+    done = ms_verify_cert(out, out / "model.sig", pki["root"])
+    assert done.returncode == 0, done.stderr
+    # Signed at push with the certificate and its chain, verified by model_signing.
+    sign = ["--sign-key", pki["key"], "--sign-cert", pki["chain"]]
+    ok(run("push", minilm, "mini", "-k", "local:", *sign, env=e))
+    ok(run("pull", "mini", "-o", tmp_path / "out2", env=e))
+    done = ms_verify_cert(tmp_path / "out2", tmp_path / "out2" / "model.sig", pki["root"])
+    assert done.returncode == 0, done.stderr
+    other = ms_verify_cert(tmp_path / "out2", tmp_path / "out2" / "model.sig", pki["other"])
+    assert other.returncode == 1
+    # The loaders take the root certificates where they take a public key.
+    store = Store.open(store_url)
+    assert load_file("mini", store=store, verify_signature=True, public_key=pki["root"])
+    with pytest.raises(AuthenticationError, match="does not chain"):
+        load_file("vendor", store=store, verify_signature=True, public_key=pki["other"])
+    mixed = ["--sign-key", keys["priv"], "--sign-cert", pki["chain"]]
+    line = fails(run("push", minilm, "x", "-k", "local:", *mixed, env=e), 2)
+    assert "is not --sign-key's" in line

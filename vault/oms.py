@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -50,8 +51,11 @@ __all__ = [
     "GIT_PATHS",
     "OmsSignature",
     "PlaintextDigest",
+    "Roots",
+    "load_certificates",
     "load_private_key",
     "load_public_key",
+    "load_trust",
     "sign",
     "verify",
 ]
@@ -137,6 +141,97 @@ def load_public_key(key: str | os.PathLike[str] | bytes | Any) -> Any:
         raise ValueError("OMS public key: not an EC key")
     _hash_for(pub)
     return pub
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Trusted root certificates, for signatures made with a certificate
+    (``model_signing sign certificate``)."""
+
+    certificates: tuple[Any, ...]
+
+
+def load_trust(trust: str | os.PathLike[str] | bytes | Any) -> Any:
+    """What a signature is verified with: an EC public key, or :class:`Roots`.
+
+    A PEM file (or bytes) holding ``CERTIFICATE`` blocks is read as the trusted
+    root certificates (as ``model_signing verify certificate
+    --certificate_chain``); anything else as an EC public key.
+
+    Raises:
+        ValueError: neither. FileNotFoundError.
+    """
+    from cryptography import x509
+
+    if isinstance(trust, Roots):
+        return trust
+    if isinstance(trust, (str, os.PathLike, bytes)):
+        data = _read_pem(trust, "OMS public key or root certificates")
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            try:
+                return Roots(tuple(x509.load_pem_x509_certificates(data)))
+            except ValueError:
+                raise ValueError("OMS root certificates: not PEM certificates") from None
+        trust = data
+    return load_public_key(trust)
+
+
+def load_certificates(pem: str | os.PathLike[str] | bytes) -> tuple[Any, ...]:
+    """The certificates of a PEM file (or bytes), in order.
+
+    Raises:
+        ValueError: none, or one that does not parse. FileNotFoundError.
+    """
+    from cryptography import x509
+
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(_read_pem(pem, "OMS certificate file")))
+    except ValueError:
+        raise ValueError("OMS certificates: not a PEM file of certificates") from None
+    return certs
+
+
+def _signing_certificate(chain: list[Any], roots: Roots, where: str) -> Any:
+    """The leaf's public key once the chain verifies to *roots*, at the leaf's
+    not-before time (the signing time, as ``model_signing`` takes it), and the
+    leaf may sign (key usage digitalSignature, or extended key usage codeSigning)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from cryptography.x509.verification import (
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+
+    leaf = chain[0]
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(roots.certificates)))
+        .time(leaf.not_valid_before_utc)
+        # Web-PKI rules for the CAs; the signing certificate's usage is checked below,
+        # as model_signing checks it (no TLS client or server usage is required).
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
+        )
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, chain[1:])
+    except VerificationError as exc:
+        raise AuthenticationError(
+            f"{where}: its certificate does not chain to the root certificates given ({exc})"
+        ) from None
+    usable = False
+    with contextlib.suppress(x509.ExtensionNotFound):
+        usable = leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    if not usable:
+        with contextlib.suppress(x509.ExtensionNotFound):
+            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            usable = ExtendedKeyUsageOID.CODE_SIGNING in eku
+    if not usable:
+        raise AuthenticationError(f"{where}: its certificate may not be used for signing")
+    return load_public_key(leaf.public_key())
 
 
 def key_hint(public_key: Any) -> str:
@@ -228,6 +323,7 @@ def sign(
     *,
     model_name: str,
     ignore_paths: Iterable[str] = (*GIT_PATHS, DEFAULT_SIGNATURE),
+    certificates: Iterable[Any] = (),
 ) -> OmsSignature:
     """An OMS v1.0 signature over files given by their SHA-256.
 
@@ -237,6 +333,9 @@ def sign(
         model_name: the statement's subject name.
         ignore_paths: recorded in the predicate; the verifier leaves these
             paths out when it hashes the folder.
+        certificates: sign as ``model_signing sign certificate`` does: the
+            signing certificate (of *private_key*'s public key) first, then the
+            rest of its chain; verified with ``model_signing verify certificate``.
 
     Returns:
         The signature (its :attr:`~OmsSignature.bundle` is what ``model_signing`` reads).
@@ -271,9 +370,18 @@ def sign(
     payload = json.dumps(statement, indent=2).encode()
     sig = private_key.sign(_pae(payload), ec.ECDSA(_hash_for(private_key)))
     hint = key_hint(private_key.public_key())
+    material: dict[str, Any] = {"publicKey": {"hint": hint}}
+    chain = list(certificates)
+    if chain:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        if key_hint(chain[0].public_key()) != hint:
+            raise ValueError("OMS signing certificate: it is not the signing key's certificate")
+        der = [base64.b64encode(c.public_bytes(Encoding.DER)).decode() for c in chain]
+        material = {"x509CertificateChain": {"certificates": [{"rawBytes": d} for d in der]}}
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": hint}, "tlogEntries": []},
+        "verificationMaterial": {**material, "tlogEntries": []},
         "dsseEnvelope": {
             "payload": base64.b64encode(payload).decode(),
             "payloadType": PAYLOAD_TYPE,
@@ -307,6 +415,10 @@ def _b64(text: str, where: str) -> bytes:
 def verify(bundle: bytes, public_key: Any, *, where: str = "model signature") -> OmsSignature:
     """Verify an OMS bundle's signature with *public_key* and read what it signs.
 
+    *public_key* is an EC public key for a bundle signed with a key, or
+    :class:`Roots` for one signed with a certificate (its chain is verified
+    to them, then the signature with the certificate's key).
+
     Only the signature and the statement are checked here; the files are
     checked with :meth:`OmsSignature.check_files` (or hashed beside a
     decryption, :class:`PlaintextDigest`).
@@ -314,8 +426,8 @@ def verify(bundle: bytes, public_key: Any, *, where: str = "model signature") ->
     Raises:
         AuthenticationError: the signature does not verify with this key (or
             the bundle names another key).
-        FormatError: not an OMS v1.0 bundle this release reads (certificate and
-            keyless bundles, shards, other hash types are named as such).
+        FormatError: not an OMS v1.0 bundle this release reads (keyless
+            bundles, shards, other hash types are named as such).
     """
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -329,15 +441,29 @@ def verify(bundle: bytes, public_key: Any, *, where: str = "model signature") ->
     if _field(doc, "mediaType", str, where) != BUNDLE_MEDIA_TYPE:
         raise FormatError(f"{where}: not a Sigstore bundle v0.3 ({doc.get('mediaType')!r})")
     material = _field(doc, "verificationMaterial", dict, where)
-    if "publicKey" not in material:
+    if "x509CertificateChain" in material:
+        if not isinstance(public_key, Roots):
+            raise AuthenticationError(
+                f"{where} is signed with a certificate: give the root certificates "
+                "(a PEM file of CERTIFICATE blocks), not a public key"
+            )
+        public_key = _signing_certificate(_chain(material, where), public_key, where)
+        hint = key_hint(public_key)
+    elif "publicKey" in material:
+        if isinstance(public_key, Roots):
+            raise AuthenticationError(
+                f"{where} is signed with a key, not a certificate: give its public key"
+            )
+        pk = material["publicKey"]
+        hint = pk.get("hint") if isinstance(pk, dict) else None
+        if hint and not hmac.compare_digest(str(hint), key_hint(public_key)):
+            raise AuthenticationError(f"{where} was made with another key than the one given")
+    else:
         kinds = ", ".join(sorted(k for k in material if k != "tlogEntries")) or "none"
         raise FormatError(
-            f"{where}: not signed with a key (verification material: {kinds}); certificate "
-            "and keyless signatures are verified with model_signing itself"
+            f"{where}: neither a key nor a certificate chain (verification material: {kinds}); "
+            "keyless Sigstore signatures are verified with model_signing itself"
         )
-    hint = material["publicKey"].get("hint") if isinstance(material["publicKey"], dict) else None
-    if hint and not hmac.compare_digest(str(hint), key_hint(public_key)):
-        raise AuthenticationError(f"{where} was made with another key than the one given")
     env = _field(doc, "dsseEnvelope", dict, where)
     if _field(env, "payloadType", str, where) != PAYLOAD_TYPE:
         raise FormatError(f"{where}: DSSE payload is not an in-toto statement")
@@ -351,6 +477,22 @@ def verify(bundle: bytes, public_key: Any, *, where: str = "model signature") ->
     except InvalidSignature:
         raise AuthenticationError(f"{where} does not verify with the public key given") from None
     return _statement(bundle, payload, hint, where)
+
+
+def _chain(material: dict[str, Any], where: str) -> list[Any]:
+    from cryptography import x509
+
+    chain = _field(material, "x509CertificateChain", dict, where)
+    certs = _field(chain, "certificates", list, where)
+    if not certs:
+        raise FormatError(f"{where}: an empty certificate chain")
+    try:
+        return [
+            x509.load_der_x509_certificate(_b64(_field(c, "rawBytes", str, where), where))
+            for c in certs
+        ]
+    except ValueError:
+        raise FormatError(f"{where}: a certificate of its chain does not parse") from None
 
 
 def _statement(bundle: bytes, payload: bytes, hint: Any, where: str) -> OmsSignature:
@@ -493,10 +635,10 @@ def public_key_from(public_key: str | os.PathLike[str] | bytes | None) -> Any:
         public_key = os.environ.get("SEALSTORE_OMS_PUBLIC_KEY") or None
     if public_key is None:
         raise ValueError(
-            "verify_signature=True needs the signer's public key: public_key= "
-            "(or $SEALSTORE_OMS_PUBLIC_KEY)"
+            "verify_signature=True needs the signer's public key (or root certificates): "
+            "public_key= (or $SEALSTORE_OMS_PUBLIC_KEY)"
         )
-    return load_public_key(public_key)
+    return load_trust(public_key)
 
 
 def of_version(manifest: Any, public_key: Any) -> OmsSignature:

@@ -330,11 +330,13 @@ def _model_signature(
     files: list[tuple[str, Any, int | None]],
     *,
     sign_key: Any,
+    sign_cert: Any,
     require_signature: bool,
     public_key: Any,
     signature: Any,
 ) -> tuple[list[tuple[str, Any, int | None]], Any, Any]:
-    """(files to push, the verified OMS signature or None, the signing key or None).
+    """(files to push, the verified OMS signature or None, (signing key,
+    certificates) or None).
 
     With *require_signature* the signature and every covered file's SHA-256
     are checked here, before anything is sealed: a pass over the files of its
@@ -348,9 +350,15 @@ def _model_signature(
             "a version carries one model signature: sign it (--sign-key) or keep the "
             "one it has (--require-signature), not both"
         )
+    if sign_cert is not None and sign_key is None:
+        raise ValueError("--sign-cert goes with --sign-key (the certificate's private key)")
     if sign_key is not None:
         password = os.environ.get("SEALSTORE_SIGN_KEY_PASSWORD")
-        return files, None, oms.load_private_key(sign_key, password.encode() if password else None)
+        key = oms.load_private_key(sign_key, password.encode() if password else None)
+        certs = oms.load_certificates(sign_cert) if sign_cert is not None else ()
+        if certs and oms.key_hint(certs[0].public_key()) != oms.key_hint(key.public_key()):
+            raise ValueError("--sign-cert: the first certificate is not --sign-key's")
+        return files, None, (key, certs)
     if not require_signature:
         if public_key is not None or signature is not None:
             raise ValueError("--public-key and --signature go with --require-signature")
@@ -359,7 +367,7 @@ def _model_signature(
         raise ValueError("--require-signature needs --public-key KEY (the signer's EC public key)")
     if isinstance(src, Mapping) or not Path(src).is_dir():
         raise ValueError("--require-signature checks a signed model directory: push a folder")
-    pub = oms.load_public_key(public_key)
+    pub = oms.load_trust(public_key)
     sig_path = Path(signature) if signature is not None else Path(src) / oms.DEFAULT_SIGNATURE
     try:
         with open(sig_path, "rb") as fp:
@@ -405,6 +413,7 @@ def push(
     tag_latest: bool = True,
     follow_outside_links: bool = False,
     sign_key: str | os.PathLike[str] | bytes | None = None,
+    sign_cert: str | os.PathLike[str] | bytes | None = None,
     require_signature: bool = False,
     public_key: str | os.PathLike[str] | bytes | None = None,
     signature: str | os.PathLike[str] | None = None,
@@ -432,11 +441,16 @@ def push(
             password, if any, in ``$SEALSTORE_SIGN_KEY_PASSWORD``): the version
             gets an OMS model signature over its plaintext files, made from the
             SHA-256s computed while sealing (``sealstore.vault.oms``).
+        sign_cert: with *sign_key*: its certificate, then the rest of its
+            chain (one PEM file): the signature carries the chain, as
+            ``model_signing sign certificate`` makes it.
         require_signature: *src* is a model directory signed with OMS
             (``model_signing sign key``): verified with *public_key* -- the
             signature and every file's SHA-256 -- before anything is sealed,
             and refused otherwise. The signature is kept in the manifest.
-        public_key: the signer's EC public key (PEM), with *require_signature*.
+        public_key: with *require_signature*: the signer's EC public key
+            (PEM), or for a certificate-signed model a PEM file of the
+            trusted root certificates.
         signature: where the signature is (default ``SRC/model.sig``); it is
             not pushed as a file of the version.
 
@@ -470,6 +484,7 @@ def push(
         src,
         files,
         sign_key=sign_key,
+        sign_cert=sign_cert,
         require_signature=require_signature,
         public_key=public_key,
         signature=signature,
@@ -834,7 +849,8 @@ def _commit_entries(
         covered = {p: d for p, d in sealed.items() if not oms.ignored(p, skip)}
         if not covered:
             raise ValueError(f"{name}:{version} has no file a model signature could cover")
-        oms_sig = oms.sign(covered, oms_key, model_name=name, ignore_paths=skip)
+        key, certs = oms_key
+        oms_sig = oms.sign(covered, key, model_name=name, ignore_paths=skip, certificates=certs)
     bom = build_bom(
         tenant=tenant,
         name=name,
