@@ -285,8 +285,9 @@ def from_pretrained(
         trust_remote_code: must be False (remote code is refused).
         output_loading_info: also return transformers' loading info dict.
         verify_signature: check the version's OMS model signature with
-            *public_key* (EC public key, PEM path or bytes; default
-            ``$SEALSTORE_OMS_PUBLIC_KEY``) before any key is asked for; every
+            *public_key* (EC public key, PEM path or bytes, or a PEM file of
+            root certificates; default ``$SEALSTORE_OMS_PUBLIC_KEY``) before
+            any key is asked for; every
             file read (config, weights) is hashed against it as it is
             decrypted, and nothing is returned before it matched.
         guard: a ``GuardPolicy`` (or its mapping, or True): put the inference

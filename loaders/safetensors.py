@@ -174,7 +174,8 @@ def load_file(
             Of a sharded model only the shards holding them are opened.
         verify_signature: a store version: check its OMS model signature
             (``sealstore push --sign-key`` or ``--require-signature``) with
-            *public_key* (an EC public key, PEM path or bytes; default
+            *public_key* (an EC public key, PEM path or bytes, or a PEM file of
+            root certificates for a certificate-signed model; default
             ``$SEALSTORE_OMS_PUBLIC_KEY``) before any key is asked for, and
             each file's plaintext SHA-256 against it beside the decryption;
             nothing is returned before it matched. Decrypts on the CPU.

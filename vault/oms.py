@@ -24,8 +24,10 @@ Written here, not through ``model_signing``'s API, on purpose:
 The real ``model_signing`` verifies what this module writes, and this module
 verifies what ``model_signing`` writes: ``tests/test_oms.py`` runs both ways.
 Supported: signatures made with an EC private key (P-256, P-384, P-521, the
-curves ``model_signing`` accepts), ``method: files`` with SHA-256 (its
-default). Not supported, refused with one line: certificate-chain and keyless
+curves ``model_signing`` accepts), bare or with its X.509 certificate chain
+(``model_signing sign|verify certificate``: the chain is verified to the
+caller's roots with ``cryptography.x509.verification``), ``method: files``
+with SHA-256 (its default). Not supported, refused with one line: keyless
 (Sigstore, Fulcio + Rekor) bundles, the ``shards`` method, other hash types.
 """
 
