@@ -448,3 +448,35 @@ def test_certificate_signatures_both_ways(
     mixed = ["--sign-key", keys["priv"], "--sign-cert", pki["chain"]]
     line = fails(run("push", minilm, "x", "-k", "local:", *mixed, env=e), 2)
     assert "is not --sign-key's" in line
+
+
+def test_encrypted_p384_sign_key_from_memory(
+    store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password-protected P-384 key ($SEALSTORE_SIGN_KEY_PASSWORD), files pushed from memory."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"correct horse"),
+        )
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    files = {"weights/w.bin": os.urandom(3000), "config.json": b"{}"}
+    monkeypatch.setenv("SEALSTORE_SIGN_KEY_PASSWORD", "wrong")
+    with pytest.raises(ValueError, match="needs a password") as err:
+        store.push(files, "m", keys=["local:"], sign_key=priv)
+    assert "horse" not in str(err.value) and "wrong" not in str(err.value)
+    assert store.versions("m") == []
+    monkeypatch.setenv("SEALSTORE_SIGN_KEY_PASSWORD", "correct horse")
+    store.push(files, "m", keys=["local:"], sign_key=priv)
+    out = tmp_path / "out"
+    store.pull("m", out)
+    done = ms_verify(out, out / "model.sig", pub)
+    assert done.returncode == 0, done.stderr
