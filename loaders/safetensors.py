@@ -138,6 +138,8 @@ def load_file(
     guard: Any = None,
     module: Any = None,
     plan: Any = None,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Any:
     """Load a sealed safetensors file: the same dict ``safetensors.torch.load_file`` gives.
 
@@ -172,6 +174,13 @@ def load_file(
             only the tensors it names, each sliced, are returned, and only the
             chunks they cover are decrypted (on the CPU; then copied to *device*).
             Of a sharded model only the shards holding them are opened.
+        verify_signature: a store version: check its OMS model signature
+            (``sealstore push --sign-key`` or ``--require-signature``) with
+            *public_key* (an EC public key, PEM path or bytes, or a PEM file of
+            root certificates for a certificate-signed model; default
+            ``$SEALSTORE_OMS_PUBLIC_KEY``) before any key is asked for, and
+            each file's plaintext SHA-256 against it beside the decryption;
+            nothing is returned before it matched. Decrypts on the CPU.
 
     Returns:
         name -> tensor, each with its own storage (as safetensors gives), filled
@@ -184,6 +193,8 @@ def load_file(
         ValueError: a GPU-direct load of an AES-256-GCM file without *allow_table_aes*.
         TensorNotFound: *plan* names a tensor the file (or the index) lacks.
         ValueError: a *plan* slice outside its tensor, or a split that does not divide evenly.
+        ValueError: *verify_signature* with *plan*, a GPU-direct load, a source
+            that is not a store version, or no public key.
         KeyUnavailable, NotFound, FormatError.
     """
     if guard is not None and guard is not False and module is None:
@@ -191,17 +202,34 @@ def load_file(
             "load_file(guard=...) needs module=: the guard watches the torch module the "
             "tensors are loaded into"
         )
+    if verify_signature and plan is not None:
+        raise ValueError("verify_signature hashes whole files; a plan= load reads parts of them")
     if plan is not None:
         if guard is not None and guard is not False:
             raise TypeError("load_file(plan=...) loads part of a model; it cannot be guarded")
         plan = as_plan(plan)
     _check_prefer(prefer)
     device = _device(device)
+    if verify_signature and isinstance(src, SealedFile):
+        raise ValueError("verify_signature checks a store version: name it, not an open file")
+    if verify_signature and device.startswith("cuda") and prefer == "gpu-direct":
+        raise ValueError(
+            "verify_signature hashes the plaintext on the CPU as it is decrypted: "
+            "use prefer='cpu-decrypt' (or load without it on the GPU)"
+        )
     if device.startswith("cuda"):
         from sealstore.loaders.gpu import check_device
 
         check_device(device)  # before any key is asked for
-    art = whole_artifact(src, store, tenant, identities, caller="load_file")
+    art = whole_artifact(
+        src,
+        store,
+        tenant,
+        identities,
+        caller="load_file",
+        verify_signature=verify_signature,
+        public_key=public_key,
+    )
     if art is not None:
         with art:
             index, files = weight_files(art, None, how=f"as {art.name('FILE')}")
@@ -218,7 +246,14 @@ def load_file(
             src = opened  # closed by _read below
         else:
             src, store = f"{art.where}/{files[0]}", art.store
-    opened = open_source(src, store=store, tenant=tenant, identities=identities)
+    opened = open_source(
+        src,
+        store=store,
+        tenant=tenant,
+        identities=identities,
+        verify_signature=verify_signature,
+        public_key=public_key,
+    )
     own = opened is not src or art is not None
     if plan is not None:
         where = art.name(files[0]) if art is not None else _where(src)

@@ -42,9 +42,17 @@ _SCRATCH_PREFIX = "sealstore-st-"
 class _Weights:
     """Decrypts a module's safetensors weights from the artifact, in memory."""
 
-    def __init__(self, store: Any, m: Any, identities: Sequence[IdentitySpec], threads: Any):
+    def __init__(
+        self,
+        store: Any,
+        m: Any,
+        identities: Sequence[IdentitySpec],
+        threads: Any,
+        public_key: Any = None,
+    ) -> None:
         self.store, self.m, self.identities, self.threads = store, m, identities, threads
         self.paths = {f.path for f in m.files}
+        self.public_key = public_key  # set: check the OMS model signature (loaders/oms)
 
     def load(self, subfolder: str) -> dict[str, Any]:
         """The state dict of the module in *subfolder* (``""``: the artifact's root).
@@ -59,9 +67,7 @@ class _Weights:
             files = [join("model.safetensors")]
         elif index in self.paths:
             try:
-                doc = json.loads(
-                    read_artifact_file(self.store, self.m, index, identities=self.identities)
-                )
+                doc = json.loads(_read(self.store, self.m, index, self.identities, self.public_key))
                 files = sorted({join(v) for v in doc["weight_map"].values()})
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise FormatError(f"{self._name(index)} is not a safetensors index") from None
@@ -82,6 +88,8 @@ class _Weights:
                     tenant=self.m.tenant,
                     identities=self.identities,
                     threads=self.threads,
+                    verify_signature=self.public_key is not None,
+                    public_key=self.public_key,
                 )
             )
         return state
@@ -178,6 +186,18 @@ def _sealed_classes(modules: list[dict[str, Any]], weights: _Weights) -> dict[st
     return out
 
 
+def _read(
+    store: Any, m: Any, path: str, identities: Sequence[IdentitySpec], public_key: Any
+) -> bytes:
+    """One small file of the version, checked against its OMS signature with *public_key*."""
+    data = read_artifact_file(store, m, path, identities=identities)
+    if public_key is None:
+        return data
+    from sealstore.vault.oms import check_bytes, of_version
+
+    return check_bytes(data, of_version(m, public_key), path, f"{m.name}:{m.version}/{path}")
+
+
 def load_sentence_transformer(
     src: str | os.PathLike[str],
     *,
@@ -189,6 +209,8 @@ def load_sentence_transformer(
     threads: int | None = None,
     guard: Any = None,
     scratch_dir: str | os.PathLike[str] | None = None,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Any:
     """A ``SentenceTransformer`` built from a sealed store artifact.
 
@@ -204,6 +226,11 @@ def load_sentence_transformer(
             on the model, its findings recorded against this version (GUARD.md).
         scratch_dir: a memory-backed directory for the decrypted configs and
             tokenizer files (default ``/dev/shm``); never the weights.
+        verify_signature: check the version's OMS model signature with
+            *public_key* (default ``$SEALSTORE_OMS_PUBLIC_KEY``) before any key
+            is asked for, and every file read against it (weights beside their
+            decryption, as ``load_file``); files the signer left out (git
+            metadata) are not read.
 
     Returns:
         The model, in eval mode (guarded, with *guard*).
@@ -226,25 +253,33 @@ def load_sentence_transformer(
     root = scratch_root(scratch_dir, "load_sentence_transformer")  # before any key
     from sentence_transformers import SentenceTransformer
 
+    key = sig = None
+    if verify_signature:
+        from sealstore.vault.oms import of_version, public_key_from
+
+        key = public_key_from(public_key)
     store, m = resolve_artifact(src, store, tenant, caller="load_sentence_transformer")
     paths = [f.path for f in m.files]
+    if key is not None:
+        sig = of_version(m, key)
+        paths = [p for p in paths if sig.covers(p)]
     if "modules.json" not in paths:
         raise NotFound(
             f"{m.name}:{m.version} has no modules.json (not a sentence-transformers model)"
         )
     try:
-        modules = json.loads(read_artifact_file(store, m, "modules.json", identities=identities))
+        modules = json.loads(_read(store, m, "modules.json", identities, key))
     except ValueError:
         raise FormatError(f"{m.name}:{m.version}/modules.json is not valid JSON") from None
     if not isinstance(modules, list):
         raise FormatError(f"{m.name}:{m.version}/modules.json is not a list of modules")
-    weights = _Weights(store, m, identities, threads)
+    weights = _Weights(store, m, identities, threads, key)
     classes = _sealed_classes(modules, weights)
     with ScratchFolder(root, prefix=_SCRATCH_PREFIX, caller="load_sentence_transformer") as scratch:
         for path in paths:
             # README.md is the model card: not needed to build the model.
             if not is_weight(path) and path != "README.md":
-                scratch.write(path, read_artifact_file(store, m, path, identities=identities))
+                scratch.write(path, _read(store, m, path, identities, key))
         model = SentenceTransformer._load_with_module_classes(
             str(scratch.path),
             classes,

@@ -65,6 +65,8 @@ def open_source(
     check_digest: bool = True,
     storage_options: dict[str, Any] | None = None,
     cache: DekCache | None = None,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> SealedFile:
     """A :class:`SealedFile` (random access, every chunk authenticated on read) for *src*.
 
@@ -77,22 +79,36 @@ def open_source(
             beside the first read's decryption.
         cache: store objects: a ``DekCache`` the version's key is taken from or
             stored in (a dataset's shards share one key: one unwrap, not one each).
+        verify_signature: store objects: check the version's OMS model
+            signature with *public_key* (or ``$SEALSTORE_OMS_PUBLIC_KEY``), and
+            the file's plaintext against it as it is decrypted; a read that
+            does not cover the whole file then fails.
 
     Raises:
         NotFound, AuthenticationError, KeyUnavailable, FormatError.
     """
+    text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    key = None
+    if verify_signature:
+        from sealstore.vault.oms import public_key_from
+
+        if text is None or not (text.startswith(PREFIX) or store is not None):
+            raise ValueError(
+                "verify_signature checks a store version's model signature: "
+                "name one (sealstore+URL#NAME... or store=)"
+            )
+        key = public_key_from(public_key)
     if isinstance(src, SealedFile):
         return src
-    text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if text is not None and text.startswith(PREFIX):
         url, sep, fragment = text[len(PREFIX) :].partition("#")
         if not sep or not fragment:
             raise ValueError(f"a store reference names the artifact after '#': {text!r}")
         return _from_store(url, fragment, tenant, identities, suffix, check_digest,
-                           storage_options, cache)  # fmt: skip
+                           storage_options, cache, key)  # fmt: skip
     if store is not None and text is not None:
         return _from_store(store, text, tenant, identities, suffix, check_digest,
-                           storage_options, cache)  # fmt: skip
+                           storage_options, cache, key)  # fmt: skip
     if text is not None and text.startswith(("s3://", "s3a://")):
         return _from_s3(text, identities, storage_options)
     if text is not None and "://" in text and not text.startswith("file://"):
@@ -144,7 +160,9 @@ def _from_store(
     check_digest: bool,
     storage_options: dict[str, Any] | None,
     cache: DekCache | None = None,
+    public_key: Any = None,
 ) -> SealedFile:
+    """*public_key* (not None): check the version's OMS signature and the plaintext."""
     from sealstore.vault.pull import hash_beside, open_file, served
     from sealstore.vault.store import Store, default_tenant
 
@@ -175,6 +193,14 @@ def _from_store(
         raise
     if check is not None:
         sealed.check_beside(check)
+    if public_key is not None:
+        from sealstore.vault.oms import of_version, watch
+
+        try:
+            watch(sealed, of_version(_m, public_key), _entry.path, f"{ref}/{_entry.path}")
+        except BaseException:
+            sealed.close()
+            raise
     # What the inference guard records findings against (loaders/inference_guard.py).
     sealed.source_store, sealed.source_manifest = store, _m
     return sealed

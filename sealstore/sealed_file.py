@@ -96,6 +96,7 @@ class SealedFile:
     ) -> None:
         self._owned = src if close_src else None
         self._pending: Callable[[], None] | None = None
+        self._observer: Callable[[int, memoryview], None] | None = None
         self._src: Source | RangedSource = src if isinstance(src, RangedSource) else Source(src)
         try:
             if preamble is None:
@@ -149,6 +150,20 @@ class SealedFile:
         passes, so a failed check keeps failing.
         """
         self._pending = check
+
+    def observe_plaintext(self, observer: Callable[[int, memoryview], None] | None) -> None:
+        """Hand every range decrypted into a caller's buffer to *observer* as well.
+
+        ``observer(offset, view)`` is called from the decrypting lane, right
+        after the chunk authenticated, with the plaintext offset and the
+        destination buffer holding it (no copy): a hash of the plaintext
+        runs beside the decryption instead of as a second pass (the OMS model
+        signature, ``sealstore.vault.oms.PlaintextDigest``). Ranges arrive in
+        any order and may repeat; the observer must not keep them past the
+        read unless the caller keeps its buffers. Pair it with
+        :meth:`check_beside` so nothing is returned before its verdict.
+        """
+        self._observer = observer
 
     def detach_check(self) -> Callable[[], None] | None:
         """Take back the pending check of :meth:`check_beside` (None if there is none).
@@ -244,7 +259,10 @@ class SealedFile:
             offset, out = plan.outs[k]
             start = i * self.layout.chunk_size - offset
             dst = out[start : start + self.layout.plain_len(i)]
-            return self._decrypt_from(i, dst, sealed)
+            n = self._decrypt_from(i, dst, sealed)
+            if self._observer is not None:
+                self._observer(i * self.layout.chunk_size, dst[:n])
+            return n
         if k == _UNUSED:
             return 0
         # Ranges share chunk i or cover only part of it: decrypted (and so
@@ -254,6 +272,8 @@ class SealedFile:
         try:
             for out, lo, hi in plan.shared[i]:
                 copy_into(out, tmp[lo:hi])
+                if self._observer is not None:
+                    self._observer(i * self.layout.chunk_size + lo, out)
         finally:
             zero(tmp[:n])
         return sum(hi - lo for _, lo, hi in plan.shared[i])

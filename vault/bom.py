@@ -156,12 +156,16 @@ def build_bom(
     datasets: Sequence[DatasetRef] = (),
     spec: BomSpec | None = None,
     store_id: str,
+    signature: Mapping[str, str] | None = None,
 ) -> bytes:
     """The CycloneDX 1.6 ML-BOM of a version, as JSON bytes.
 
     Args:
         files: (path, plaintext size, plaintext sha256 hex) per file.
         parent: the version this one derives from, if any.
+        signature: the version's verified OMS model signature, as
+            ``OmsSignature.record()`` gives it: recorded as ``sealstore:oms:*``
+            properties of the model component.
 
     Raises:
         FormatError: two files share a path (a bug, never user input).
@@ -183,6 +187,8 @@ def build_bom(
     )
     for key, value in (("tenant", tenant), ("store", store_id), ("artifact", name)):
         model.properties.add(Property(name=f"sealstore:{key}", value=value))
+    for key, value in sorted((signature or {}).items()):
+        model.properties.add(Property(name=f"sealstore:oms:{key}", value=value))
     if parent:
         ancestor = Component(
             type=model.type,

@@ -218,6 +218,9 @@ class Manifest:
     bom_sha256: str | None = None
     shredded: str | None = None  # the time the version was crypto-shredded
     signer: str | None = None
+    # The version's OMS model signature (a Sigstore bundle, JSON text, exactly
+    # as verified or made at push; ``sealstore.vault.oms``), if it has one.
+    oms: str | None = None
 
     @property
     def context(self) -> dict[str, str]:
@@ -228,7 +231,7 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def body(self) -> dict[str, Any]:
-        return {
+        body = {
             "format": MANIFEST_FORMAT,
             "store": self.store,
             "tenant": self.tenant,
@@ -242,6 +245,11 @@ class Manifest:
             "bom_sha256": self.bom_sha256,
             "shredded": self.shredded,
         }
+        # Absent, not null, without one: manifests signed before OMS signatures
+        # keep exactly their body when re-signed (rotate, shred, restore).
+        if self.oms is not None:
+            body["oms"] = self.oms
+        return body
 
     def sign(self, signer: Signer) -> bytes:
         return dumps(sign_document("manifest", self.body(), signer))
@@ -286,7 +294,7 @@ class Manifest:
         bom = body.get("bom_sha256")
         if bom is not None and not (isinstance(bom, str) and re.fullmatch(r"[0-9a-f]{64}", bom)):
             raise FormatError(f"{where} has a bad bom_sha256")
-        for key in ("parent", "shredded", "created"):
+        for key in ("parent", "shredded", "created", "oms"):
             if body.get(key) is not None and not isinstance(body.get(key), str):
                 raise FormatError(f"{where} has a bad {key}")
         return cls(
@@ -301,6 +309,7 @@ class Manifest:
             bom_sha256=body.get("bom_sha256"),
             shredded=body.get("shredded"),
             signer=body.get("signer"),
+            oms=body.get("oms"),
         )
 
 

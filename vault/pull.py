@@ -334,6 +334,7 @@ def pull(
     progress: Progress | None = None,
     files: Sequence[str] | None = None,
     force: bool = False,
+    signature: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Decrypt a version into the directory *dest*, every byte verified first.
 
@@ -351,12 +352,18 @@ def pull(
         files: only these files of the artifact (default: all): paths,
             folders or globs, see :func:`select_files`.
         force: pull into a non-empty *dest*, replacing files of the same name.
+        signature: where to write the version's OMS model signature (default
+            ``DEST/model.sig``, the name ``model_signing verify`` reads). It is
+            written when the whole version is pulled (or *signature* is given)
+            and the version has one; then ``model_signing verify key
+            --signature DEST/model.sig --public_key KEY DEST`` accepts *dest*.
 
     Returns:
         The verified manifest.
 
     Raises:
-        ValueError: ``-`` or a stream *dest* for more than one file.
+        ValueError: ``-`` or a stream *dest* for more than one file; *signature*
+            for a version without one, or a file of the version in its way.
         FileExistsError: *dest* is not empty and not *force*.
         NotFound: no such version, tag or object.
         AuthenticationError: any signature, hash or tag fails.
@@ -372,6 +379,7 @@ def pull(
     entries = list(m.files)
     if files is not None:
         entries = select_files(entries, files, f"{m.name}:{m.version}")
+    sig_out = _signature_target(m, dest, files, signature)
     if _is_stream(dest):
         if len(entries) != 1:
             raise ValueError(
@@ -421,12 +429,71 @@ def pull(
         finally:
             if dek is not None:
                 dek.close()
-        _publish(tmp, target, [e.path for e in entries])
+        paths = [e.path for e in entries]
+        if sig_out is not None:
+            paths += _write_signature(m, sig_out, target, tmp)
+        _publish(tmp, target, paths)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return m
+
+
+def _signature_target(
+    m: Manifest, dest: str | os.PathLike[str], files: Sequence[str] | None, signature: Any
+) -> Path | None:
+    """Where the version's model signature goes (None: not written); checked up front."""
+    from sealstore.vault.oms import DEFAULT_SIGNATURE
+
+    if signature is None and (m.oms is None or files is not None or _is_stream(dest)):
+        return None
+    if m.oms is None:
+        raise ValueError(f"{m.name}:{m.version} has no model signature to write")
+    if _is_stream(dest):
+        raise ValueError("the model signature is written beside pulled files, not to a stream")
+    out = Path(signature) if signature is not None else Path(dest) / DEFAULT_SIGNATURE
+    inside = _relative_to(out, Path(dest))
+    if inside is not None and any(e.path == inside for e in m.files):
+        raise ValueError(
+            f"{m.name}:{m.version} has a file {inside}: write its model signature "
+            "elsewhere (--signature PATH)"
+        )
+    return out
+
+
+def _relative_to(path: Path, folder: Path) -> str | None:
+    """*path* as a '/'-separated path inside *folder*, or None if it lies outside."""
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
+    except ValueError:
+        return None
+    return rel.as_posix() if rel.parts else None
+
+
+def _write_signature(m: Manifest, out: Path, target: Path, tmp: Path) -> list[str]:
+    """Write the signature: into the pull's temporary folder when it belongs in *target*
+    (it appears with the files), else beside its own name, replaced atomically."""
+    data = (m.oms or "").encode()
+    inside = _relative_to(out, target)
+    if inside is not None:
+        dst = tmp / inside
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+        return [inside]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(part, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    return []
 
 
 # The temporary folders of a pull: inside an existing destination, or beside a new one.

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from sealstore.errors import BackendError, FormatError, SealstoreError
+from sealstore.errors import AuthenticationError, BackendError, FormatError, SealstoreError
 from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import KeySpec, new_data_key
@@ -325,6 +325,72 @@ def _in_memory(src: Mapping[str, Any]) -> list[tuple[str, Any, int | None]]:
     return out
 
 
+def _model_signature(
+    src: Any,
+    files: list[tuple[str, Any, int | None]],
+    *,
+    sign_key: Any,
+    sign_cert: Any,
+    require_signature: bool,
+    public_key: Any,
+    signature: Any,
+) -> tuple[list[tuple[str, Any, int | None]], Any, Any]:
+    """(files to push, the verified OMS signature or None, (signing key,
+    certificates) or None).
+
+    With *require_signature* the signature and every covered file's SHA-256
+    are checked here, before anything is sealed: a pass over the files of its
+    own (the seal pass hashes them again and must agree, see
+    :func:`_commit_entries`).
+    """
+    from sealstore.vault import oms
+
+    if sign_key is not None and require_signature:
+        raise ValueError(
+            "a version carries one model signature: sign it (--sign-key) or keep the "
+            "one it has (--require-signature), not both"
+        )
+    if sign_cert is not None and sign_key is None:
+        raise ValueError("--sign-cert goes with --sign-key (the certificate's private key)")
+    if sign_key is not None:
+        password = os.environ.get("SEALSTORE_SIGN_KEY_PASSWORD")
+        key = oms.load_private_key(sign_key, password.encode() if password else None)
+        certs = oms.load_certificates(sign_cert) if sign_cert is not None else ()
+        if certs and oms.key_hint(certs[0].public_key()) != oms.key_hint(key.public_key()):
+            raise ValueError("--sign-cert: the first certificate is not --sign-key's")
+        return files, None, (key, certs)
+    if not require_signature:
+        if public_key is not None or signature is not None:
+            raise ValueError("--public-key and --signature go with --require-signature")
+        return files, None, None
+    if public_key is None:
+        raise ValueError("--require-signature needs --public-key KEY (the signer's EC public key)")
+    if isinstance(src, Mapping) or not Path(src).is_dir():
+        raise ValueError("--require-signature checks a signed model directory: push a folder")
+    pub = oms.load_trust(public_key)
+    sig_path = Path(signature) if signature is not None else Path(src) / oms.DEFAULT_SIGNATURE
+    try:
+        with open(sig_path, "rb") as fp:
+            bundle = fp.read(64 << 20)
+    except FileNotFoundError:
+        raise AuthenticationError(
+            f"{src} is not signed: no model signature at {sig_path} (refusing to push)"
+        ) from None
+    sig = oms.verify(bundle, pub, where=f"model signature {sig_path}")
+    # The signature is not a file of the model (model_signing leaves it out too).
+    real = os.path.realpath(sig_path)
+    kept = [f for f in files if os.path.realpath(f[1]) != real]
+    actual: dict[str, str] = {}
+    for rel, path, _size in kept:
+        if sig.covers(rel):
+            with _open_regular(path) as fp:
+                actual[rel] = hashlib.file_digest(fp, "sha256").hexdigest()
+        elif not oms.ignored(rel, sig.ignore_paths):
+            actual[rel] = ""  # not covered: check_files names it
+    sig.check_files(actual, where=f"{src} (refusing to push)")
+    return kept, sig, None
+
+
 def _next_version(versions: Sequence[str]) -> str:
     numbers = [int(v) for v in versions if v.isdigit()]
     return str(max(numbers, default=0) + 1)
@@ -346,6 +412,11 @@ def push(
     progress: Progress | None = None,
     tag_latest: bool = True,
     follow_outside_links: bool = False,
+    sign_key: str | os.PathLike[str] | bytes | None = None,
+    sign_cert: str | os.PathLike[str] | bytes | None = None,
+    require_signature: bool = False,
+    public_key: str | os.PathLike[str] | bytes | None = None,
+    signature: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Push a file or a directory as a new version of an artifact.
 
@@ -366,6 +437,22 @@ def push(
         tag_latest: point the ``latest`` tag at this version.
         follow_outside_links: also follow symlinks that leave the directory
             (see :func:`collect_files`).
+        sign_key: the publisher's EC private key (PEM file or bytes; its
+            password, if any, in ``$SEALSTORE_SIGN_KEY_PASSWORD``): the version
+            gets an OMS model signature over its plaintext files, made from the
+            SHA-256s computed while sealing (``sealstore.vault.oms``).
+        sign_cert: with *sign_key*: its certificate, then the rest of its
+            chain (one PEM file): the signature carries the chain, as
+            ``model_signing sign certificate`` makes it.
+        require_signature: *src* is a model directory signed with OMS
+            (``model_signing sign key``): verified with *public_key* -- the
+            signature and every file's SHA-256 -- before anything is sealed,
+            and refused otherwise. The signature is kept in the manifest.
+        public_key: with *require_signature*: the signer's EC public key
+            (PEM), or for a certificate-signed model a PEM file of the
+            trusted root certificates.
+        signature: where the signature is (default ``SRC/model.sig``); it is
+            not pushed as a file of the version.
 
     Returns:
         The committed manifest.
@@ -373,7 +460,11 @@ def push(
     Raises:
         FileExistsError: the version exists (or another push of it won a race).
         ValueError: no keys, a bad name, a BoM spec problem, or something
-            in the directory that cannot be pushed (see :func:`collect_files`).
+            in the directory that cannot be pushed (see :func:`collect_files`);
+            a bad signing or public key.
+        AuthenticationError: *require_signature* and the model's signature is
+            missing, does not verify, or a file differs from it.
+        FormatError: a signature that is not an OMS v1.0 bundle this release reads.
         KeyUnavailable, BackendError: from the key providers and the storage.
     """
     from sealstore.vault.store import default_tenant
@@ -388,6 +479,16 @@ def push(
         files = _in_memory(src)
     else:
         files = collect_files(src, follow_outside_links=follow_outside_links)
+    # Before anything is sealed: a model whose signature fails is never uploaded.
+    files, oms_sig, oms_key = _model_signature(
+        src,
+        files,
+        sign_key=sign_key,
+        sign_cert=sign_cert,
+        require_signature=require_signature,
+        public_key=public_key,
+        signature=signature,
+    )
     signer = store.require("publisher", tenant)  # fail before uploading anything
     store.renew(tenant)  # this push re-signs the sequence anyway
     spec = load_bom_spec(bom) if isinstance(bom, (str, os.PathLike)) else (bom or BomSpec())
@@ -424,6 +525,8 @@ def push(
                 progress=progress,
                 made=made,
                 signer=signer,
+                oms_sig=oms_sig,
+                oms_key=oms_key,
             )
         except FileExistsError:
             # Lost the race for this version: our objects and BoM are orphans.
@@ -446,9 +549,12 @@ def push(
                             r.name, version, exc)  # fmt: skip
         from sealstore.vault.auditing import record
 
-        record(store, "push", tenant=tenant, artifact=r.name, version=version,
-               detail={"signer": signer.signing_key_id, "files": len(manifest.files),
-                       "bytes": manifest.size})  # fmt: skip
+        detail = {"signer": signer.signing_key_id, "files": len(manifest.files),
+                  "bytes": manifest.size}  # fmt: skip
+        if manifest.oms is not None:
+            # Which model signature it carries (the BoM's sealstore:oms:bundle-sha256).
+            detail["model_signature"] = hashlib.sha256(manifest.oms.encode()).hexdigest()
+        record(store, "push", tenant=tenant, artifact=r.name, version=version, detail=detail)
         return manifest
     raise FileExistsError(f"could not find a free version of {r.name} (too many concurrent pushes)")
 
@@ -641,6 +747,8 @@ def _push_version(
     progress: Progress | None,
     made: list[str],
     signer: Any,
+    oms_sig: Any = None,
+    oms_key: Any = None,
 ) -> Manifest:
     # Slots first: a key that cannot wrap fails before any upload.
     dek, slots = new_data_key(keys, context, dek_from=dek_from)
@@ -703,6 +811,8 @@ def _push_version(
         spec=spec,
         datasets=datasets,
         made=made,
+        oms_sig=oms_sig,
+        oms_key=oms_key,
     )
 
 
@@ -719,8 +829,28 @@ def _commit_entries(
     spec: BomSpec,
     datasets: Sequence[DatasetRef],
     made: list[str],
+    oms_sig: Any = None,
+    oms_key: Any = None,
 ) -> Manifest:
-    """Write the BoM and the signed manifest of sealed *entries*: the commit."""
+    """Write the BoM and the signed manifest of sealed *entries*: the commit.
+
+    *oms_sig*: a model signature verified before sealing; the plaintext
+    SHA-256s computed while sealing must match it too (a file changed since
+    it was checked is refused here, before the commit). *oms_key*: sign the
+    entries' SHA-256s with it.
+    """
+    from sealstore.vault import oms
+
+    sealed = {e.path: e.sha256 for e in entries}
+    if oms_sig is not None:
+        oms_sig.check_files(sealed, where=f"{name}:{version} (changed while it was pushed)")
+    elif oms_key is not None:
+        skip = (*oms.GIT_PATHS, oms.DEFAULT_SIGNATURE)
+        covered = {p: d for p, d in sealed.items() if not oms.ignored(p, skip)}
+        if not covered:
+            raise ValueError(f"{name}:{version} has no file a model signature could cover")
+        key, certs = oms_key
+        oms_sig = oms.sign(covered, key, model_name=name, ignore_paths=skip, certificates=certs)
     bom = build_bom(
         tenant=tenant,
         name=name,
@@ -730,6 +860,7 @@ def _commit_entries(
         datasets=list(datasets),
         spec=spec,
         store_id=store.id,
+        signature=oms_sig.record() if oms_sig is not None else None,
     )
     bom_sha = hashlib.sha256(bom).hexdigest()
     # Named by its hash: a racing push of the same version cannot overwrite it
@@ -749,6 +880,7 @@ def _commit_entries(
         parent=parent,
         bom_sha256=bom_sha,
         signer=signer.signing_key_id,
+        oms=oms_sig.bundle.decode() if oms_sig is not None else None,
     )
     # Every object durable -- and still there (a gc with too short a grace
     # period could have taken it) -- before a manifest names it.
