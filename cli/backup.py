@@ -110,7 +110,8 @@ def register(sub: Any) -> None:
     )
     create.add_argument("--force", action="store_true", help="run even if a prune is recorded")
 
-    ls = command(bsub, "list", _list, help="the snapshots at a backup location")
+    # list and prune take --threads and --no-progress as they always did (scripts pass them).
+    ls = _copies(bsub, "list", _list, help="the snapshots at a backup location")
     _location(ls, "--from")
 
     ver = _copies(
@@ -132,7 +133,7 @@ def register(sub: Any) -> None:
     )
     _restore_options(res)
 
-    pr = command(
+    pr = _copies(
         bsub, "prune", _prune, help="keep the newest N snapshots; delete what only others need"
     )
     _location(pr, "--from")

@@ -726,7 +726,7 @@ def test_cli_backup_summary_list_and_errors(store: Store, tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr
     snap_id = out.stdout.strip()
     assert "1 version, 4 objects, 4 copied" in out.stderr and "documents written" in out.stderr
-    out = sealstore("backup", "list", env=env)
+    out = sealstore("backup", "list", "--threads", "2", "--no-progress", env=env)
     assert snap_id in out.stdout and "4 objects" in out.stdout
     rows = json.loads(sealstore("backup", "list", "--json", env=env).stdout)
     assert rows[0]["id"] == snap_id
@@ -737,7 +737,7 @@ def test_cli_backup_summary_list_and_errors(store: Store, tmp_path: Path) -> Non
     assert no_loc.returncode == 2 and "no backup location" in no_loc.stderr
     neg = sealstore("backup", "prune", "--keep", "0", env=env)
     assert neg.returncode == 2 and neg.stderr.count("\n") == 1
-    out = sealstore("backup", "prune", "--keep", "1", env=env)
+    out = sealstore("backup", "prune", "--keep", "1", "-t", "2", "--no-progress", env=env)
     assert out.returncode == 0 and "kept 1 snapshot" in out.stderr
 
 
