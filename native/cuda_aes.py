@@ -274,7 +274,9 @@ def _ghash_kernel(pw, last4_g, aad, ct, ct32, chunk_size, last_len, sums):  # ty
     lanes = nt * groups
     lane = g * nt + t
     aad_len = aad.shape[0]
-    n, base, rows, z = segments(c, lanes, sums.shape[0], chunk_size, last_len, aad_len)
+    # The batch's chunk count is the grid's: a sums array with spare rows must not
+    # make the last chunk a full one (an out-of-bounds read past the ciphertext).
+    n, base, rows, z = segments(c, lanes, cuda.gridDim.x, chunk_size, last_len, aad_len)
 
     # The Horner step H^lanes (row nt + groups) and the reduction table, shared.
     sh = cuda.shared.array((2, 16), uint64)
@@ -408,10 +410,10 @@ def powers_shape(tag_threads: int, groups: int) -> tuple[int, int, int]:
     return (tag_threads + groups + 1, 2, 16)
 
 
-def _check_shape(arr: object, shape: tuple[int, int, int]) -> None:
+def _check_shape(arr: object, shape: tuple[int, int, int], what: str = "powers of H") -> None:
     got = tuple(arr.shape)  # type: ignore[attr-defined]
     if got != shape:
-        raise ValueError(f"powers of H must have shape {shape} for this launch, not {got}")
+        raise ValueError(f"{what} must have shape {shape} for this launch, not {got}")
 
 
 def ghash_powers(
@@ -484,6 +486,8 @@ def decrypt_chunks(
         _check_shape(pw, powers_shape(tag_threads, groups))
     if sums is None:
         sums = cuda.device_array((count, groups, 2), dtype=np.uint64, stream=stream)
+    else:
+        _check_shape(sums, (count, groups, 2), "sums")
     ct32, out32 = words(ct), words(out)
     _ghash_kernel[(count, groups), tag_threads, stream](
         pw, last4, aad, ct, ct32, chunk_size, last_len, sums

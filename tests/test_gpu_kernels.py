@@ -90,6 +90,18 @@ def test_aes_gcm_is_three_launches_a_batch_every_chunk_in_each(
     with pytest.raises(ValueError, match="powers of H must have shape"):
         cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
                                 tag_threads=4, tag_groups=2, powers=powers)  # fmt: skip
+    # Scratch for one more chunk than the batch has: refused, never read as a 7th chunk
+    # (the kernel takes the batch's size from its grid, not from the scratch).
+    spare = cuda.device_array((7, 3, 2), dtype=np.uint64)
+    with pytest.raises(ValueError, match="sums must have shape"):
+        cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
+                                tag_threads=4, tag_groups=3, powers=powers, sums=spare)  # fmt: skip
+    sums = cuda.device_array((6, 3, 2), dtype=np.uint64)
+    out2, ok2 = cuda.device_array(out.shape[0], dtype=np.uint8), cuda.device_array(6, np.uint8)
+    cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out2, ok2,
+                            tag_threads=4, tag_groups=3, powers=powers, sums=sums)  # fmt: skip
+    assert ok2.copy_to_host().tolist() == [1] * 6
+    assert out2.copy_to_host().tobytes() == b"".join(chunks)
 
 
 def test_aes_lane_groups_fill_the_device_for_large_chunks() -> None:
