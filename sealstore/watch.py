@@ -154,10 +154,28 @@ class Metrics:
         self._computed.gauges[name] = (help_text, fn)
 
     def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        """The Prometheus text exposition (format 0.0.4) of every metric.
+
+        Without prometheus_client's ``*_created`` series: the exposition kept
+        before it had none, and they double the series a scrape stores. (Not
+        ``disable_created_metrics()``: that is process-wide, and vLLM's own
+        metrics live in the same process.)
+        """
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry).decode()
+        return generate_latest(_WithoutCreated(self.registry)).decode()
+
+
+class _WithoutCreated:
+    """A registry's metric families, less their ``*_created`` samples."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Any:
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class Alerts:
