@@ -23,6 +23,7 @@ or ``VAULT_ROLE_ID``/``VAULT_SECRET_ID``; the CA file from ``cacert`` or
 from __future__ import annotations
 
 import base64
+import inspect
 import os
 import threading
 from collections.abc import Mapping
@@ -46,16 +47,24 @@ _NO_CLIENT: Any = object()  # parse the URI only; talk to nobody
 _TIMEOUT = 10
 
 
-def _session(verify: bool | str) -> requests.Session:
-    """hvac's HTTP session, retrying what a moment later may succeed.
+def _retry(*, repeatable: bool) -> Retry:
+    """What hvac's HTTP session retries.
 
-    A connection refused or dropped, a 502/504 from a proxy, a 503 (a sealed
-    or standby node, mid-failover) and a 429 (a rate-limit quota, whose
-    Retry-After is obeyed) are retried, four times at most, with exponential
-    backoff (up to 2 s); every Transit call is safe to repeat (encrypting again makes another
-    valid ciphertext). Other answers are Vault's verdict and come back at once.
+    Always: a connection that could not be made (nothing was sent). For calls
+    that are safe to repeat -- every Transit call: encrypting again makes
+    another valid ciphertext -- also a connection dropped mid-call, a 502/504
+    from a proxy, a 503 (a sealed or standby node, mid-failover) and a 429 (a
+    rate-limit quota), four times at most with exponential backoff up to 2 s,
+    a Retry-After obeyed up to 5 s. Not an AppRole login: a secret_id may be
+    single-use, and a login Vault handled but whose answer was lost must not
+    spend it twice. Other answers are Vault's verdict and come back at once.
     """
-    retry = Retry(
+    if not repeatable:
+        return Retry(total=3, connect=3, read=0, status=0, other=0, backoff_factor=0.25)
+    options: dict[str, Any] = {}
+    if "retry_after_max" in inspect.signature(Retry).parameters:  # urllib3 >= 2.6
+        options["retry_after_max"] = 5
+    return Retry(
         total=4,
         connect=4,
         read=2,
@@ -65,13 +74,22 @@ def _session(verify: bool | str) -> requests.Session:
         allowed_methods=None,  # POST too: see above
         raise_on_status=False,  # the last answer goes to hvac, which names the error
         respect_retry_after_header=True,
+        **options,
     )
+
+
+def _session(verify: bool | str, *, repeatable: bool = True) -> requests.Session:
+    """hvac's HTTP session (see :func:`_retry`)."""
     session = requests.Session()
     session.verify = verify  # hvac takes the session's over its own verify=
-    adapter = HTTPAdapter(max_retries=retry)
+    _mount(session, repeatable=repeatable)
+    return session
+
+
+def _mount(session: requests.Session, *, repeatable: bool) -> None:
+    adapter = HTTPAdapter(max_retries=_retry(repeatable=repeatable))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return session
 
 
 def _b64(data: bytes) -> str:
@@ -135,7 +153,7 @@ class VaultTransitKey:
                 verify=verify,
                 namespace=namespace or query.get("namespace") or os.environ.get("VAULT_NAMESPACE"),
                 timeout=_TIMEOUT,
-                session=_session(verify),
+                session=_session(verify, repeatable=False),
             )
             role_id = role_id or os.environ.get("VAULT_ROLE_ID")
             secret_id = secret_id or os.environ.get("VAULT_SECRET_ID")
@@ -146,6 +164,7 @@ class VaultTransitKey:
                         role_id=role_id, secret_id=secret_id, mount_point=approle_mount
                     ),
                 )
+            _mount(client.adapter.session, repeatable=True)  # logged in: Transit calls repeat
         self._client = client
         self._is_derived: bool | None = None
 

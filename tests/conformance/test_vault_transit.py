@@ -8,6 +8,7 @@ import io
 import socket
 import struct
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -185,10 +186,11 @@ def test_unreachable_vault_is_backend_error() -> None:
 class _Flaky:
     """A TCP forwarder to a real OpenBao that drops the first *drops* connections."""
 
-    def __init__(self, target: str, drops: int) -> None:
+    def __init__(self, target: str, drops: int, answer: bytes = b"") -> None:
         host, port = target.split("://", 1)[1].split(":")
         self.target = (host, int(port))
         self.drops = drops
+        self.answer = answer  # sent to a dropped connection before closing it, if any
         self.accepted = 0
         self.live: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -203,6 +205,12 @@ class _Flaky:
                 return
             self.accepted += 1
             if self.accepted <= self.drops:
+                if self.answer:
+                    with contextlib.suppress(OSError):
+                        conn.recv(65536)
+                        conn.sendall(self.answer)
+                    conn.close()
+                    continue
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()  # a reset: the node went away mid-request
                 continue
@@ -244,6 +252,30 @@ def test_dropped_connections_are_retried_with_backoff(
         with pytest.raises(BackendError, match="unreachable"):
             transit.wrap(dek, CONTEXT)
         assert 2 <= flaky.accepted - before <= 5
+    finally:
+        flaky.sock.close()
+
+
+def test_a_rate_limit_is_retried_and_its_retry_after_capped(
+    vault_servers: dict[str, dict[str, str]],
+) -> None:
+    # A quota's 429 asking for an hour: retried after at most a few seconds each.
+    server = vault_servers["http"]
+    mount, key = _transit(server, derived=True)
+    answer = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3600\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    flaky = _Flaky(server["addr"], drops=1, answer=answer)
+    try:
+        transit = VaultTransitKey(
+            f"vault-transit://127.0.0.1:{flaky.port}/{mount}/{key}?tls=false",
+            token=server["token"],
+        )
+        started = time.monotonic()
+        slot = transit.wrap(DataKey.generate(), CONTEXT)
+        assert time.monotonic() - started < 30
+        assert flaky.accepted >= 2 and slot.blob.startswith(b"vault:v1:")
     finally:
         flaky.sock.close()
 
