@@ -39,8 +39,14 @@ torch is imported only in this package, scipy only for the Shapiro-Wilk test.
 
 from __future__ import annotations
 
-from sealstore.loaders.inference_guard.detectors import ks_below
+from sealstore.loaders.inference_guard.detectors import (
+    Finding,
+    Reference,
+    default_features,
+    ks_below,
+)
 from sealstore.loaders.inference_guard.hook import (
+    ANONYMOUS,
     CALLER,
     HELP,
     Guard,
@@ -49,6 +55,8 @@ from sealstore.loaders.inference_guard.hook import (
     guard_loaded,
 )
 from sealstore.loaders.inference_guard.policy import (
+    DETECTORS,
+    RESPONSES,
     ExtractionPolicy,
     GuardPolicy,
     OodPolicy,
@@ -57,17 +65,24 @@ from sealstore.loaders.inference_guard.policy import (
 )
 from sealstore.loaders.inference_guard.standing import brokers_for, standing_sources
 
+# Everything the one-module guard offered before it was split, importable from here.
 __all__ = [
+    "ANONYMOUS",
     "CALLER",
+    "DETECTORS",
     "HELP",
+    "RESPONSES",
     "ExtractionPolicy",
+    "Finding",
     "Guard",
     "GuardPolicy",
     "OodPolicy",
     "RatePolicy",
+    "Reference",
     "Target",
     "as_caller",
     "brokers_for",
+    "default_features",
     "guard",
     "guard_loaded",
     "ks_below",
