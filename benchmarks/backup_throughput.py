@@ -186,8 +186,10 @@ def main() -> int:
     result["incremental_read_bytes"] = incr_read
     result["restore_copied_bytes"] = [s.copied_bytes for s in rstats]
 
-    print(f"\nstore: {nbytes / 2**30:.2f} GiB in {len(objects)} objects, file:// <-> SeaweedFS S3, "
-          f"median of {args.repeat}, {args.threads} copy threads")  # fmt: skip
+    print(
+        f"\nstore: {nbytes / 2**30:.2f} GiB in {len(objects)} objects, file:// <-> SeaweedFS S3, "
+        f"median of {args.repeat}, {args.threads} copy threads"
+    )
     print(f"{'':22} {'median s':>9} {'GB/s':>6}")
     for name in rows:
         print(f"{name:22} {result[name]['median_s']:9.2f} {result[name]['GBps']:6.2f}")

@@ -58,8 +58,9 @@ def _start(config: Path, port: int, ctx: ssl.SSLContext, log: Path) -> subproces
     exe = Path(sys.executable).with_name("sealstore")
     proc = subprocess.Popen(
         [str(exe), "broker", "serve", "--config", str(config), "--port", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     for _ in range(150):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
@@ -71,8 +72,9 @@ def _start(config: Path, port: int, ctx: ssl.SSLContext, log: Path) -> subproces
     raise SystemExit(f"a broker did not start: {log.read_text()}")
 
 
-def _round(ports: list[int], ctx: ssl.SSLContext, token: str, slot: dict, n: int,
-           tcti: str) -> dict[str, Any]:  # fmt: skip
+def _round(
+    ports: list[int], ctx: ssl.SSLContext, token: str, slot: dict, n: int, tcti: str
+) -> dict[str, Any]:
     import nacl.public
 
     from sealstore.enclave import release
@@ -82,15 +84,32 @@ def _round(ports: list[int], ctx: ssl.SSLContext, token: str, slot: dict, n: int
     bodies = []
     for i in range(n):
         port = ports[i % len(ports)]
-        status, ch = https_json("127.0.0.1", port, ctx, "POST", "/v1/challenge",
-                                {"tenant": "bench", "artifact": "model"}, token)  # fmt: skip
+        status, ch = https_json(
+            "127.0.0.1",
+            port,
+            ctx,
+            "POST",
+            "/v1/challenge",
+            {"tenant": "bench", "artifact": "model"},
+            token,
+        )
         assert status == 200, ch
         public = bytes(nacl.public.PrivateKey.generate().public_key)
         bound = release.binding(base64.b64decode(ch["nonce"]), public, "tpm")
-        bodies.append((ports[(i + 1) % len(ports)], {
-            "tenant": "bench", "artifact": "model", "nonce": ch["nonce"],
-            "public_key": release.b64e(public), "evidence": client._collect("tpm", bound, ch),
-            "slot": slot, "context": CONTEXT}))  # fmt: skip
+        bodies.append(
+            (
+                ports[(i + 1) % len(ports)],
+                {
+                    "tenant": "bench",
+                    "artifact": "model",
+                    "nonce": ch["nonce"],
+                    "public_key": release.b64e(public),
+                    "evidence": client._collect("tpm", bound, ch),
+                    "slot": slot,
+                    "context": CONTEXT,
+                },
+            )
+        )
     gate = threading.Barrier(64)
 
     def one(item: tuple[int, dict]) -> tuple[int, float]:
@@ -107,8 +126,7 @@ def _round(ports: list[int], ctx: ssl.SSLContext, token: str, slot: dict, n: int
     if any(s != 200 for s, _ in results):
         raise SystemExit(f"refused releases: {[s for s, _ in results if s != 200][:5]}")
     lat = sorted(t for _, t in results)
-    return {"p50_ms": statistics.median(lat), "p95_ms": lat[int(0.95 * n) - 1],
-            "per_s": n / wall}  # fmt: skip
+    return {"p50_ms": statistics.median(lat), "p95_ms": lat[int(0.95 * n) - 1], "per_s": n / wall}
 
 
 def main() -> None:
@@ -147,38 +165,59 @@ def main() -> None:
             config = {
                 "server": {"host": "127.0.0.1", "tls_cert": str(cert), "tls_key": str(key)},
                 "max_challenges_per_identity": 10 * args.n,
-                "identities": {"bench": {"token_sha256": hashlib.sha256(token.encode())
-                                         .hexdigest(), "tpm_ak": str(tmp / "ak.pem")}},
-                "tenants": {"bench": {"keys": [f"local:{ring.path}"], "artifacts": {"model": {
-                    "identities": ["bench"], "evidence": ["tpm"],
-                    "tpm": {"pcrs": "7,16", "reference": {k: v.hex() for k, v in pcrs.items()}},
-                }}}},
+                "identities": {
+                    "bench": {
+                        "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                        "tpm_ak": str(tmp / "ak.pem"),
+                    }
+                },
+                "tenants": {
+                    "bench": {
+                        "keys": [f"local:{ring.path}"],
+                        "artifacts": {
+                            "model": {
+                                "identities": ["bench"],
+                                "evidence": ["tpm"],
+                                "tpm": {
+                                    "pcrs": "7,16",
+                                    "reference": {k: v.hex() for k, v in pcrs.items()},
+                                },
+                            }
+                        },
+                    }
+                },
                 "audit": {"log": str(folder / "audit")},
                 "detectors": {"release_rate": {"floor": 10**9}},
-            }  # fmt: skip
+            }
             if state:
                 config["state"] = {"url": state, "prefix": f"bench-{uuid.uuid4().hex}:"}
             (folder / "broker.yaml").write_text(json.dumps(config))
             ports = [_port() for _ in range(replicas)]
-            procs = [_start(folder / "broker.yaml", p, ctx, folder / f"{i}.log")
-                     for i, p in enumerate(ports)]  # fmt: skip
+            procs = [
+                _start(folder / "broker.yaml", p, ctx, folder / f"{i}.log")
+                for i, p in enumerate(ports)
+            ]
             try:
                 _round(ports, ctx, token, slot, 16, tcti)  # warm-up
-                rounds = [_round(ports, ctx, token, slot, args.n, tcti)
-                          for _ in range(args.rounds)]  # fmt: skip
+                rounds = [_round(ports, ctx, token, slot, args.n, tcti) for _ in range(args.rounds)]
             finally:
                 for p in procs:
                     p.terminate()
                     p.wait(10)
             log = open_storage(folder / "audit")
-            granted = sum(1 for r in read_records(log)
-                          if r["action"] == "release" and r["decision"] == "granted")  # fmt: skip
+            granted = sum(
+                1
+                for r in read_records(log)
+                if r["action"] == "release" and r["decision"] == "granted"
+            )
             problems = [str(p) for r in verify_log(log) for p in r.problems]
             want = 16 + args.n * args.rounds
             if granted != want or problems:
                 raise SystemExit(f"{name}: {granted} of {want} releases audited; {problems[:3]}")
-            results[name] = {k: round(statistics.median(r[k] for r in rounds), 1)
-                             for k in ("p50_ms", "p95_ms", "per_s")}  # fmt: skip
+            results[name] = {
+                k: round(statistics.median(r[k] for r in rounds), 1)
+                for k in ("p50_ms", "p95_ms", "per_s")
+            }
             results[name]["audited"] = f"{granted}/{want}"
     if started:
         stop()
@@ -187,18 +226,30 @@ def main() -> None:
         r["x_p95"] = round(r["p95_ms"] / base["p95_ms"], 2)
         r["x_per_s"] = round(r["per_s"] / base["per_s"], 2)
     print(f"{args.n} concurrent releases x {args.rounds} rounds (medians)")
-    print(f"{'setup':<24} {'p50 ms':>8} {'p95 ms':>8} {'rel/s':>7} {'x p95':>6} {'x rel/s':>8} "
-          f"{'audited':>10}")  # fmt: skip
+    print(
+        f"{'setup':<24} {'p50 ms':>8} {'p95 ms':>8} {'rel/s':>7} {'x p95':>6} {'x rel/s':>8} "
+        f"{'audited':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:<24} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['per_s']:>7} {r['x_p95']:>6} "
-              f"{r['x_per_s']:>8} {r['audited']:>10}")  # fmt: skip
+        print(
+            f"{name:<24} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['per_s']:>7} {r['x_p95']:>6} "
+            f"{r['x_per_s']:>8} {r['audited']:>10}"
+        )
     out = args.out or ROOT / "docs" / "perf" / f"broker_load-{dt.date.today()}.json"
-    doc = {"benchmark": "broker_load", "when": dt.datetime.now(dt.UTC).isoformat(),
-           "machine": {"cpu": platform.processor() or platform.machine(),
-                       "cores": os.cpu_count(), "python": platform.python_version()},
-           "n": args.n, "rounds": args.rounds, "client_threads": 64,
-           "tpm": "swtpm over TCP (quotes made before the timed releases)",
-           "results": results}  # fmt: skip
+    doc = {
+        "benchmark": "broker_load",
+        "when": dt.datetime.now(dt.UTC).isoformat(),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "n": args.n,
+        "rounds": args.rounds,
+        "client_threads": 64,
+        "tpm": "swtpm over TCP (quotes made before the timed releases)",
+        "results": results,
+    }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -160,8 +160,9 @@ def main() -> int:
         from sealstore.loaders.gpu_file import TorchMemory
 
         kernel = kernel_rate(args.kernel_mib, args.repeat, TorchMemory(dev))
-        kernel_aes = kernel_rate(args.kernel_mib, args.repeat, TorchMemory(dev),
-                                 suite="AES-256-GCM")  # fmt: skip
+        kernel_aes = kernel_rate(
+            args.kernel_mib, args.repeat, TorchMemory(dev), suite="AES-256-GCM"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}

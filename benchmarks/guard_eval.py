@@ -110,8 +110,9 @@ def main() -> None:
 
     def encode(rows: list[Any]) -> dict:
         if isinstance(rows[0], str):
-            return dict(tok(rows, padding=True, truncation=True, max_length=128,
-                            return_tensors="pt"))  # fmt: skip
+            return dict(
+                tok(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            )
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -188,8 +189,11 @@ def main() -> None:
                 "min": min(flagged),
             }
         results[kind] = row
-        print(f"{kind:24s} flagged {len(flagged):3d}/{n:<3d} {row.get('queries_to_detection', '')}"
-              f" {by_detector}", flush=True)  # fmt: skip
+        print(
+            f"{kind:24s} flagged {len(flagged):3d}/{n:<3d} {row.get('queries_to_detection', '')}"
+            f" {by_detector}",
+            flush=True,
+        )
     attacks = [v for k, v in results.items() if k.startswith("attack/")]
     benign = [v for k, v in results.items() if k.startswith("benign/")]
     fp = sum(v["flagged"] for v in benign) / sum(v["callers"] for v in benign)
@@ -220,9 +224,11 @@ def main() -> None:
         and fp < 0.01,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    print(f"attacks detected {report['attack_detection_rate']:.0%}, worst after "
-          f"{report['worst_queries_to_detection']} queries; benign false positives {fp:.2%}; "
-          f"targets met: {report['met']}")  # fmt: skip
+    print(
+        f"attacks detected {report['attack_detection_rate']:.0%}, worst after "
+        f"{report['worst_queries_to_detection']} queries; benign false positives {fp:.2%}; "
+        f"targets met: {report['met']}"
+    )
     write_report(args.out or f"docs/perf/guard_eval-{args.test}-{dt.date.today()}.json", report)
 
 

@@ -110,8 +110,10 @@ def main() -> None:
     print(f"MiniLM forward, batch {args.batch}, {args.iterations} pairs (medians):")
     print(f"  plain    {b_med * 1e3:8.2f} ms")
     print(f"  guarded  {g_med * 1e3:8.2f} ms   ratio {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
-    print(f"  the guard's own time per call: {own * 1e3:.3f} ms "
-          f"({own / b_med * 100:.2f}% of a plain forward); attach {attach:.2f} s")  # fmt: skip
+    print(
+        f"  the guard's own time per call: {own * 1e3:.3f} ms "
+        f"({own / b_med * 100:.2f}% of a plain forward); attach {attach:.2f} s"
+    )
     write_report(args.out, report)
 
 

@@ -157,8 +157,18 @@ def child(which: str, tmp: Path, threads: int, repeat: int) -> dict[str, Any]:
 
 
 def sample(which: str, tmp: Path, threads: int, repeat: int = 1) -> list[float]:
-    cmd = [sys.executable, __file__, "--child", which, "--dir", str(tmp),
-           "--threads", str(threads), "--repeat", str(repeat)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--dir",
+        str(tmp),
+        "--threads",
+        str(threads),
+        "--repeat",
+        str(repeat),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if out.returncode:
         raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")

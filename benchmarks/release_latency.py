@@ -53,15 +53,25 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
     san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(san, critical=False).sign(key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))  # fmt: skip
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return folder / "cert.pem", folder / "key.pem"
 
 
@@ -107,13 +117,28 @@ def main() -> None:
         token = os.urandom(16).hex()
         config = {
             "server": {"host": "127.0.0.1", "port": 0, "tls_cert": str(cert), "tls_key": str(key)},
-            "identities": {"bench": {"token_sha256": hashlib.sha256(token.encode()).hexdigest(),
-                                     "tpm_ak": "ak.pem"}},
-            "tenants": {"bench": {"keys": [f"local:{ring.path}"], "artifacts": {"model": {
-                "identities": ["bench"], "evidence": ["tpm"],
-                "tpm": {"pcrs": "7,16", "reference": {k: v.hex() for k, v in pcrs.items()}},
-            }}}},
-        }  # fmt: skip
+            "identities": {
+                "bench": {
+                    "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                    "tpm_ak": "ak.pem",
+                }
+            },
+            "tenants": {
+                "bench": {
+                    "keys": [f"local:{ring.path}"],
+                    "artifacts": {
+                        "model": {
+                            "identities": ["bench"],
+                            "evidence": ["tpm"],
+                            "tpm": {
+                                "pcrs": "7,16",
+                                "reference": {k: v.hex() for k, v in pcrs.items()},
+                            },
+                        }
+                    },
+                }
+            },
+        }
         (tmp / "broker.yaml").write_text(json.dumps(config))  # JSON is YAML
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -121,9 +146,18 @@ def main() -> None:
         exe = Path(sys.executable).with_name("sealstore")
         log = (tmp / "broker.log").open("wb")
         proc = subprocess.Popen(
-            [str(exe), "broker", "serve", "--config", str(tmp / "broker.yaml"), "--port",
-             str(port)], stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                str(exe),
+                "broker",
+                "serve",
+                "--config",
+                str(tmp / "broker.yaml"),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             ctx = ssl.create_default_context(cafile=str(cert))
             for _ in range(150):
@@ -170,15 +204,24 @@ def main() -> None:
     overhead = results["broker release"]["p50_ms"] - results["tpm quote"]["p50_ms"]
     print(f"{'case':<16} {'p50 ms':>8} {'p95 ms':>8} {'x local':>8} {'x tpm:':>7}")
     for name, r in results.items():
-        print(f"{name:<16} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['x_local_unwrap']:>8} "
-              f"{r['x_tpm_unwrap']:>7}")  # fmt: skip
+        print(
+            f"{name:<16} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['x_local_unwrap']:>8} "
+            f"{r['x_tpm_unwrap']:>7}"
+        )
     print(f"broker release minus the quote: {overhead:.1f} ms (TLS, verify, unwrap, box)")
     out = args.out or ROOT / "docs" / "perf" / f"release_latency-{dt.date.today()}.json"
-    doc = {"benchmark": "release_latency", "when": dt.datetime.now(dt.UTC).isoformat(),
-           "machine": {"cpu": platform.processor() or platform.machine(),
-                       "cores": os.cpu_count(), "python": platform.python_version()},
-           "tpm": "swtpm over TCP (the test services)", "results": results,
-           "broker_minus_quote_ms": round(overhead, 1)}  # fmt: skip
+    doc = {
+        "benchmark": "release_latency",
+        "when": dt.datetime.now(dt.UTC).isoformat(),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "tpm": "swtpm over TCP (the test services)",
+        "results": results,
+        "broker_minus_quote_ms": round(overhead, 1),
+    }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
 

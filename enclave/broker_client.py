@@ -315,8 +315,9 @@ class BrokerKey:
 
         ev = tsm.collect(bound, root=self._tsm_root)
         if ev.kind != kind:
-            raise AttestationError(f"configfs-tsm gave {ev.kind} evidence, not {kind}",
-                                   "tsm-format")  # fmt: skip
+            raise AttestationError(
+                f"configfs-tsm gave {ev.kind} evidence, not {kind}", "tsm-format"
+            )
         if kind == "tdx":
             return {"kind": "tdx", "quote": release.b64e(ev.blob)}
         if not ev.certs:
@@ -350,8 +351,9 @@ class BrokerKey:
         return client_context(self._cacert, self._cert, self._client_key)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        status, obj = https_json(self.host, self.port, self._tls, "POST", path, body,
-                                 self._token_value())  # fmt: skip
+        status, obj = https_json(
+            self.host, self.port, self._tls, "POST", path, body, self._token_value()
+        )
         if status == 200 and isinstance(obj, dict):
             return obj
         code = obj.get("error") if isinstance(obj, dict) else None

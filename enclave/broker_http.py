@@ -99,8 +99,13 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 def create_app(broker: Broker) -> Any:
     """The FastAPI application over *broker*."""
     # No schema or docs pages are served: openapi_schema() makes the document.
-    app = FastAPI(title="sealstore key-release broker", version="1", docs_url=None,
-                  redoc_url=None, openapi_url=None)  # fmt: skip
+    app = FastAPI(
+        title="sealstore key-release broker",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     class OneConfig:
         """Pins each request, in its own task, to the config in force when it arrived:
@@ -142,23 +147,39 @@ def create_app(broker: Broker) -> Any:
     def refuse(request: Request, exc: Refused, ident: Identity | None, what: dict) -> JSONResponse:
         log.warning(
             "refused %s: identity=%s tenant=%s artifact=%s code=%s reason=%s peer=%s",
-            request.url.path, ident.name if ident else "-", _clean(what.get("tenant")),
-            _clean(what.get("artifact")), exc.code, _clean(exc.reason),
+            request.url.path,
+            ident.name if ident else "-",
+            _clean(what.get("tenant")),
+            _clean(what.get("artifact")),
+            exc.code,
+            _clean(exc.reason),
             request.client.host if request.client else "-",
-        )  # fmt: skip
+        )
         # (An expired token is audited by the broker itself, under its identity.)
-        if (ident is None and exc.code != "token-expired"
-                and request.url.path in ("/v1/challenge", "/v1/release")):  # fmt: skip
+        if (
+            ident is None
+            and exc.code != "token-expired"
+            and request.url.path in ("/v1/challenge", "/v1/release")
+        ):
             # Unauthenticated attempts are audited too (who: "-").
-            broker._record(request.url.path.rsplit("/", 1)[-1], "-", what.get("tenant"),
-                           what.get("artifact"), "denied", exc.code, exc.reason)  # fmt: skip
+            broker._record(
+                request.url.path.rsplit("/", 1)[-1],
+                "-",
+                what.get("tenant"),
+                what.get("artifact"),
+                "denied",
+                exc.code,
+                exc.reason,
+            )
         return JSONResponse({"error": exc.code}, status_code=exc.status)
 
     def local_only(request: Request, allowed: bool, what: str) -> None:
         peer = request.client.host if request.client else None
         if not allowed and peer not in LOCAL_PEERS:
-            raise Refused("remote-disabled", f"{what} from {_clean(peer)}: not enabled in the "
-                          "config for callers on other hosts")  # fmt: skip
+            raise Refused(
+                "remote-disabled",
+                f"{what} from {_clean(peer)}: not enabled in the config for callers on other hosts",
+            )
 
     # Not response_class=PlainTextResponse: that would list the JSON refusal as text too.
     @app.get("/metrics", responses={200: METRICS, **refusals(403)})
@@ -281,8 +302,13 @@ def create_app(broker: Broker) -> Any:
             return refuse(request, exc, ident, req)
         except Exception as exc:
             return internal(request, exc, ident, req)
-        log.info("released: identity=%s tenant=%s artifact=%s kind=%s", ident.name,
-                 req.get("tenant"), req.get("artifact"), req["evidence"]["kind"])  # fmt: skip
+        log.info(
+            "released: identity=%s tenant=%s artifact=%s kind=%s",
+            ident.name,
+            req.get("tenant"),
+            req.get("artifact"),
+            req["evidence"]["kind"],
+        )
         return out
 
     return app
@@ -316,17 +342,24 @@ def serve(
         reqs = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL
     broker = Broker(config)
     broker.state.ping()  # a shared state that is down: fail at start, loudly
-    log.info("state: %s; audit log: %s (stream %s, key %s)",
-             config.state_url or "in-process", config.audit_log, broker.audit.stream,
-             broker.audit.signer.signing_key_id)  # fmt: skip
+    log.info(
+        "state: %s; audit log: %s (stream %s, key %s)",
+        config.state_url or "in-process",
+        config.audit_log,
+        broker.audit.stream,
+        broker.audit.signer.signing_key_id,
+    )
     reloader = Reloader(broker, load or (lambda: BrokerConfig.load(config.path)))
     reloader.record_start()
     restore = reloader.install_sighup()
     reloader.start()
-    log.info("config %s (digest %s%s); reload on SIGHUP%s", config.path, config.digest[:16],
-             f", signed bundle serial {config.bundle_serial}" if config.bundle_serial else "",
-             f" and every {config.reload_interval:g} s a file changed" if config.reload_watch
-             else "")  # fmt: skip
+    log.info(
+        "config %s (digest %s%s); reload on SIGHUP%s",
+        config.path,
+        config.digest[:16],
+        f", signed bundle serial {config.bundle_serial}" if config.bundle_serial else "",
+        f" and every {config.reload_interval:g} s a file changed" if config.reload_watch else "",
+    )
     try:
         uvicorn.run(
             create_app(broker),

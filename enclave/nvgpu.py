@@ -140,8 +140,9 @@ class GpuReport:
         nonce = raw[4:36]
         resp = memoryview(raw)[REQUEST_SIZE:]
         if resp[0] != version or resp[1] != _MEASUREMENTS:
-            raise _bad(f"response version/code {resp[0]:#04x}/{resp[1]:#04x} do not answer the "
-                       "request")  # fmt: skip
+            raise _bad(
+                f"response version/code {resp[0]:#04x}/{resp[1]:#04x} do not answer the request"
+            )
         count = resp[4]
         record_len = int.from_bytes(resp[5:8], "little")
         pos = 8
@@ -156,8 +157,10 @@ class GpuReport:
         opaque_len = int.from_bytes(resp[pos : pos + 2], "little")
         pos += 2
         if pos + opaque_len + SIGNATURE_SIZE != len(resp):
-            raise _bad(f"{len(resp) - pos - opaque_len} bytes follow the opaque data, not a "
-                       f"{SIGNATURE_SIZE}-byte signature")  # fmt: skip
+            raise _bad(
+                f"{len(resp) - pos - opaque_len} bytes follow the opaque data, not a "
+                f"{SIGNATURE_SIZE}-byte signature"
+            )
         opaque = _opaque(bytes(resp[pos : pos + opaque_len]))
         return cls(raw, version, nonce, responder_nonce, measurements, opaque)
 
@@ -213,8 +216,11 @@ def _blocks(record: bytes, count: int) -> dict[int, bytes]:
     while pos < len(record):
         if pos + 4 > len(record):
             raise _bad("a measurement block header is cut short")
-        index, spec, size = record[pos], record[pos + 1], int.from_bytes(record[pos + 2 : pos + 4],
-                                                                         "little")  # fmt: skip
+        index, spec, size = (
+            record[pos],
+            record[pos + 1],
+            int.from_bytes(record[pos + 2 : pos + 4], "little"),
+        )
         body = record[pos + 4 : pos + 4 + size]
         if spec != _DMTF_SPEC:
             raise _bad(f"measurement {index} is not a DMTF measurement (spec {spec:#04x})")
@@ -260,8 +266,9 @@ def _packaged(name: str, spki: str) -> x509.Certificate:
     pem = importlib.resources.files("sealstore.enclave").joinpath(f"nvidia-roots/{name}")
     cert = load_certificates(pem.read_bytes())[0]
     if spki_sha256(cert) != spki:
-        raise AttestationError(f"the packaged nvidia-roots/{name} is not NVIDIA's pinned root",
-                               "cert-untrusted-root")  # fmt: skip
+        raise AttestationError(
+            f"the packaged nvidia-roots/{name} is not NVIDIA's pinned root", "cert-untrusted-root"
+        )
     return cert
 
 
@@ -279,8 +286,7 @@ def verify_chain(
     if certs and spki_sha256(certs[-1]) == anchor:
         certs.pop()
     if not certs:
-        raise AttestationError(f"the {what} chain has no certificate below the root",
-                               "cert-chain")  # fmt: skip
+        raise AttestationError(f"the {what} chain has no certificate below the root", "cert-chain")
     top = certs[-1]
     if top.issuer != root.subject:
         raise AttestationError(
@@ -289,8 +295,10 @@ def verify_chain(
             "cert-untrusted-root",
         )
     if len(certs) >= MAX_CHAIN:
-        raise AttestationError(f"the {what} chain has {len(certs) + 1} certificates (at most "
-                               f"{MAX_CHAIN})", "cert-chain")  # fmt: skip
+        raise AttestationError(
+            f"the {what} chain has {len(certs) + 1} certificates (at most {MAX_CHAIN})",
+            "cert-chain",
+        )
     links = [*certs, root]
     for cert, issuer in itertools.pairwise(links):
         try:
@@ -298,8 +306,9 @@ def verify_chain(
         except x509.ExtensionNotFound:
             ca = False
         if not ca:
-            raise AttestationError(f"{common_name(issuer)!r} in the {what} chain is not a CA",
-                                   "cert-chain")  # fmt: skip
+            raise AttestationError(
+                f"{common_name(issuer)!r} in the {what} chain is not a CA", "cert-chain"
+            )
         issued_by(cert, issuer, f"{what} {common_name(cert)!r}")
     for cert in links:
         check_validity(cert, at, f"{what} {common_name(cert)!r}")
@@ -395,13 +404,17 @@ class GpuReference:
         if self.min_driver:
             got = report.driver_version
             if not got or _older(got, self.min_driver, False):
-                raise AttestationError(f"GPU driver {got or '(none)'} is older than "
-                                       f"{self.min_driver}", "nvgpu-driver-version")  # fmt: skip
+                raise AttestationError(
+                    f"GPU driver {got or '(none)'} is older than {self.min_driver}",
+                    "nvgpu-driver-version",
+                )
         if self.min_vbios:
             got = report.vbios_version
             if not got or _older(got, self.min_vbios, True):
-                raise AttestationError(f"GPU VBIOS {got or '(none)'} is older than "
-                                       f"{self.min_vbios}", "nvgpu-vbios-version")  # fmt: skip
+                raise AttestationError(
+                    f"GPU VBIOS {got or '(none)'} is older than {self.min_vbios}",
+                    "nvgpu-vbios-version",
+                )
         if self.modes:
             mode = report.feature_flag
             if mode not in self.modes:
@@ -487,8 +500,9 @@ def collect_nvml(nonce: bytes) -> list[dict[str, Any]]:
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        raise AttestationError("GPU evidence needs nvidia-ml-py (pip install nvidia-ml-py)",
-                               "evidence-unavailable") from None  # fmt: skip
+        raise AttestationError(
+            "GPU evidence needs nvidia-ml-py (pip install nvidia-ml-py)", "evidence-unavailable"
+        ) from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -499,16 +513,19 @@ def collect_nvml(nonce: bytes) -> list[dict[str, Any]]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             rep = pynvml.nvmlDeviceGetConfComputeGpuAttestationReport(handle, nonce)
             cert = pynvml.nvmlDeviceGetConfComputeGpuCertificate(handle)
-            out.append({
-                "report": bytes(rep.attestationReport[: rep.attestationReportSize]),
-                "certs": bytes(cert.attestationCertChain[: cert.attestationCertChainSize]),
-            })  # fmt: skip
+            out.append(
+                {
+                    "report": bytes(rep.attestationReport[: rep.attestationReportSize]),
+                    "certs": bytes(cert.attestationCertChain[: cert.attestationCertChainSize]),
+                }
+            )
         if not out:
             raise AttestationError("NVML sees no GPU", "evidence-unavailable")
         return out
     except pynvml.NVMLError as exc:
-        raise AttestationError(f"NVML gave no GPU attestation report: {exc}",
-                               "evidence-unavailable") from None  # fmt: skip
+        raise AttestationError(
+            f"NVML gave no GPU attestation report: {exc}", "evidence-unavailable"
+        ) from None
     finally:
         pynvml.nvmlShutdown()
 
@@ -532,7 +549,8 @@ def file_collector(path: str) -> GpuCollector:
                 for i in items
             ]
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise AttestationError(f"GPU evidence file {path}: {exc}",
-                                   "evidence-unavailable") from None  # fmt: skip
+            raise AttestationError(
+                f"GPU evidence file {path}: {exc}", "evidence-unavailable"
+            ) from None
 
     return collect

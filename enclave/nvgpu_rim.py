@@ -107,8 +107,11 @@ def load_rim(
         raise _bad(name, f"not XML: {exc}") from None
     found = doc.findall(f".//{_DS}X509Certificate")
     if not found:
-        raise _bad(name, "has no signature certificates (an unsigned RIM is not accepted)",
-                   "nvgpu-rim-signature")  # fmt: skip
+        raise _bad(
+            name,
+            "has no signature certificates (an unsigned RIM is not accepted)",
+            "nvgpu-rim-signature",
+        )
     try:
         chain = [x509.load_der_x509_certificate(base64.b64decode(c.text or "")) for c in found]
     except ValueError as exc:
@@ -123,8 +126,11 @@ def load_rim(
         signed = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config).signed_xml
     except (InvalidSignature, InvalidInput) as exc:
         why = str(exc).strip().rstrip(":").strip()
-        raise _bad(name, f"the signature does not verify ({why or type(exc).__name__})",
-                   "nvgpu-rim-signature") from None  # fmt: skip
+        raise _bad(
+            name,
+            f"the signature does not verify ({why or type(exc).__name__})",
+            "nvgpu-rim-signature",
+        ) from None
     if signed is None or signed.tag != f"{_SWID}SoftwareIdentity":
         raise _bad(name, "the signed element is not a SWID tag", "nvgpu-rim-signature")
     meta = signed.find(f"{_SWID}Meta")

@@ -124,8 +124,12 @@ class Tcb:
 
     def at_least(self, other: Tcb) -> bool:
         """Every component at or above *other*'s (TCB levels are not totally ordered)."""
-        pairs = [(self.bootloader, other.bootloader), (self.tee, other.tee),
-                 (self.snp, other.snp), (self.microcode, other.microcode)]  # fmt: skip
+        pairs = [
+            (self.bootloader, other.bootloader),
+            (self.tee, other.tee),
+            (self.snp, other.snp),
+            (self.microcode, other.microcode),
+        ]
         if other.fmc is not None:
             pairs.append((self.fmc or 0, other.fmc))
         return all(a >= b for a, b in pairs)
@@ -191,16 +195,26 @@ class SnpReport:
         if key not in _SIGNING_KEYS:
             raise AttestationError(f"SEV-SNP report names signing key {key}", "snp-format")
         return cls(
-            raw=raw, version=version, guest_svn=guest_svn, policy=policy,
-            family_id=raw[0x10:0x20], image_id=raw[0x20:0x30], vmpl=vmpl,
-            signature_algo=algo, platform_info=platform_info,
-            signing_key=_SIGNING_KEYS[key], mask_chip_id=bool(flags & 2),
-            report_data=raw[0x50:0x90], measurement=raw[0x90:0xC0],
-            host_data=raw[0xC0:0xE0], id_key_digest=raw[0xE0:0x110],
-            author_key_digest=raw[0x110:0x140], report_id=raw[0x140:0x160],
+            raw=raw,
+            version=version,
+            guest_svn=guest_svn,
+            policy=policy,
+            family_id=raw[0x10:0x20],
+            image_id=raw[0x20:0x30],
+            vmpl=vmpl,
+            signature_algo=algo,
+            platform_info=platform_info,
+            signing_key=_SIGNING_KEYS[key],
+            mask_chip_id=bool(flags & 2),
+            report_data=raw[0x50:0x90],
+            measurement=raw[0x90:0xC0],
+            host_data=raw[0xC0:0xE0],
+            id_key_digest=raw[0xE0:0x110],
+            author_key_digest=raw[0x110:0x140],
+            report_id=raw[0x140:0x160],
             chip_id=raw[0x1A0:0x1E0],
             cpuid=(raw[0x188], raw[0x189], raw[0x18A]) if version >= 3 else (0, 0, 0),
-        )  # fmt: skip
+        )
 
     @property
     def debug(self) -> bool:

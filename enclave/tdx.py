@@ -167,17 +167,29 @@ class TdxQuote:
                 f"PCK certification data type {pck_type} is not a PEM chain (5)", "tdx-format"
             )
         return cls(
-            raw=q, version=version, tee_tcb_svn=body[0:16], mrseam=body[16:64],
-            mrsignerseam=body[64:112], seam_attributes=body[112:120],
-            td_attributes=body[120:128], xfam=body[128:136], mrtd=body[136:184],
-            mrconfigid=body[184:232], mrowner=body[232:280], mrownerconfig=body[280:328],
+            raw=q,
+            version=version,
+            tee_tcb_svn=body[0:16],
+            mrseam=body[16:64],
+            mrsignerseam=body[64:112],
+            seam_attributes=body[112:120],
+            td_attributes=body[120:128],
+            xfam=body[128:136],
+            mrtd=body[136:184],
+            mrconfigid=body[184:232],
+            mrowner=body[232:280],
+            mrownerconfig=body[280:328],
             rtmrs=(body[328:376], body[376:424], body[424:472], body[472:520]),
-            report_data=body[520:584], tee_tcb_svn2=body[584:600], signed=q[:end],
+            report_data=body[520:584],
+            tee_tcb_svn2=body[584:600],
+            signed=q[:end],
             signature=sig[:64],
-            attestation_key=sig[64:128], qe_report=cert[:_QE_REPORT],
-            qe_report_signature=cert[_QE_REPORT : _QE_REPORT + 64], qe_auth_data=auth,
+            attestation_key=sig[64:128],
+            qe_report=cert[:_QE_REPORT],
+            qe_report_signature=cert[_QE_REPORT : _QE_REPORT + 64],
+            qe_auth_data=auth,
             pck_chain=_take(cert, inner + 6, pck_len, "PCK chain").rstrip(b"\0"),
-        )  # fmt: skip
+        )
 
     @property
     def debug(self) -> bool:

@@ -34,8 +34,11 @@ from sealstore.errors import BackendError, KeyReleaseDenied
 __all__ = ["DEFAULT_TCTI", "PcrPolicy", "connect", "read_pcrs", "seal", "unseal"]
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
-_BANKS = {"sha256": (0x000B, hashlib.sha256), "sha384": (0x000C, hashlib.sha384),
-          "sha1": (0x0004, hashlib.sha1)}  # fmt: skip
+_BANKS = {
+    "sha256": (0x000B, hashlib.sha256),
+    "sha384": (0x000C, hashlib.sha384),
+    "sha1": (0x0004, hashlib.sha1),
+}
 _CC_POLICY_PCR = 0x0000017F
 _LOCK = threading.RLock()
 
@@ -155,9 +158,15 @@ def _scope(ectx: Any) -> Iterator[_Handles]:
 def _srk(ectx: Any, handles: _Handles) -> Any:
     from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT
 
-    attrs = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
-             | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-             | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)  # fmt: skip
+    attrs = (
+        TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.DECRYPT
+        | TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.NODA
+    )
     public = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=attrs, nameAlg="sha256")
     handle = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), public, ESYS_TR.OWNER)[0]
     return handles.add(handle)
@@ -171,11 +180,13 @@ def _session(ectx: Any, handles: _Handles, srk: Any, kind: str, attrs: int) -> A
     sym.mode.aes = TPM2_ALG.CFB
     session = handles.add(
         ectx.start_auth_session(
-            tpm_key=srk, bind=ESYS_TR.NONE,
+            tpm_key=srk,
+            bind=ESYS_TR.NONE,
             session_type=TPM2_SE.POLICY if kind == "policy" else TPM2_SE.HMAC,
-            symmetric=sym, auth_hash=TPM2_ALG.SHA256,
+            symmetric=sym,
+            auth_hash=TPM2_ALG.SHA256,
         )
-    )  # fmt: skip
+    )
     ectx.trsess_set_attributes(session, attrs | TPMA_SESSION.CONTINUESESSION)
     return session
 
@@ -208,22 +219,24 @@ def seal(ectx: Any, secret: bytes, policy_digest: bytes) -> tuple[bytes, bytes]:
         TPMS_SENSITIVE_CREATE,
         TPMT_PUBLIC,
         TSS2_Exception,
-    )  # fmt: skip
+    )
 
     template = TPMT_PUBLIC(
-        type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
+        type=TPM2_ALG.KEYEDHASH,
+        nameAlg=TPM2_ALG.SHA256,
         # No USERWITHAUTH: the policy is the only way to use the object.
         objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT,
         authPolicy=TPM2B_DIGEST(policy_digest),
-    )  # fmt: skip
+    )
     template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
     try:
         with _scope(ectx) as handles:
             srk = _srk(ectx, handles)
             session = _session(ectx, handles, srk, "hmac", TPMA_SESSION.DECRYPT)
-            private, public = ectx.create(srk, sensitive, TPM2B_PUBLIC(template),
-                                          session1=session)[:2]  # fmt: skip
+            private, public = ectx.create(srk, sensitive, TPM2B_PUBLIC(template), session1=session)[
+                :2
+            ]
     except TSS2_Exception as exc:
         raise BackendError(f"the TPM refused to seal: {exc}") from None
     return public.marshal(), private.marshal()
@@ -245,7 +258,7 @@ def unseal(
         TPMA_SESSION,
         TPML_PCR_SELECTION,
         TSS2_Exception,
-    )  # fmt: skip
+    )
 
     pub, _ = TPM2B_PUBLIC.unmarshal(public)
     priv, _ = TPM2B_PRIVATE.unmarshal(private)

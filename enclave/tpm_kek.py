@@ -75,10 +75,15 @@ def seal_kek(
     finally:
         kek[:] = bytes(len(kek))
     doc = {
-        "type": _TYPE, "v": 1, "id": os.urandom(16).hex(), "pcrs": policy.spec,
-        "policy": digest.hex(), "public": _b64(public), "private": _b64(private),
+        "type": _TYPE,
+        "v": 1,
+        "id": os.urandom(16).hex(),
+        "pcrs": policy.spec,
+        "policy": digest.hex(),
+        "public": _b64(public),
+        "private": _b64(private),
         "expected_pcrs": {str(k): v.hex() for k, v in sorted(values.items())},
-    }  # fmt: skip
+    }
     if tcti:
         doc["tcti"] = tcti
     with atomic_file(p, mode=0o644) as fp:
@@ -100,8 +105,12 @@ def seal_secret(secret: bytes, pcrs: str, tcti: str | None = None) -> dict[str, 
     with tpm.connect(tcti) as ectx:
         digest = policy.digest(tpm.read_pcrs(ectx, policy))
         public, private = tpm.seal(ectx, secret, digest)
-    doc = {"pcrs": policy.spec, "policy": digest.hex(), "public": _b64(public),
-           "private": _b64(private)}  # fmt: skip
+    doc = {
+        "pcrs": policy.spec,
+        "policy": digest.hex(),
+        "public": _b64(public),
+        "private": _b64(private),
+    }
     if tcti:
         doc["tcti"] = tcti
     return doc
@@ -188,8 +197,9 @@ class TpmKek:
 
     def _unseal(self) -> bytearray:
         with tpm.connect(self._tcti) as ectx:
-            return tpm.unseal(ectx, self._public, self._private, self.policy,
-                              what=f"KEK {self.path}")  # fmt: skip
+            return tpm.unseal(
+                ectx, self._public, self._private, self.policy, what=f"KEK {self.path}"
+            )
 
     def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
         """Wrap *dek* under the sealed KEK, bound to *context*.

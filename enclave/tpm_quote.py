@@ -61,17 +61,23 @@ class QuoteInfo:
 def _ak_template() -> object:
     from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
-    attrs = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
-             | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-             | TPMA_OBJECT.USERWITHAUTH)  # fmt: skip
+    attrs = (
+        TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.SIGN_ENCRYPT
+        | TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+    )
     return TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=attrs, nameAlg="sha256")
 
 
 def _with_ak(ectx: object, fn: object) -> object:
     from tpm2_pytss import ESYS_TR, TPM2B_SENSITIVE_CREATE
 
-    handle, public = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), _ak_template(),
-                                         ESYS_TR.ENDORSEMENT)[:2]  # fmt: skip
+    handle, public = ectx.create_primary(
+        TPM2B_SENSITIVE_CREATE(), _ak_template(), ESYS_TR.ENDORSEMENT
+    )[:2]
     try:
         return fn(handle, public)
     finally:

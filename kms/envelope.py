@@ -289,9 +289,15 @@ def seal_stream(
         ``SealstoreError`` from a provider.
     """
     writer = seal_writer(
-        dst, keys, context=context, suite=suite, chunk_size=chunk_size,
-        plaintext_size=plaintext_size, threads=threads, dek_from=dek_from,
-    )  # fmt: skip
+        dst,
+        keys,
+        context=context,
+        suite=suite,
+        chunk_size=chunk_size,
+        plaintext_size=plaintext_size,
+        threads=threads,
+        dek_from=dek_from,
+    )
     with writer:
         while True:
             block = src.read(_COPY)

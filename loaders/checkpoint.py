@@ -147,8 +147,9 @@ def load_latest_checkpoint(
     """
     from sealstore.loaders.torch_io import torch_load
 
-    steps = sorted((int(v) for v in store.versions(name, tenant=tenant) if v.isdigit()),
-                   reverse=True)  # fmt: skip
+    steps = sorted(
+        (int(v) for v in store.versions(name, tenant=tenant) if v.isdigit()), reverse=True
+    )
     failures = []
     for step in steps:
         try:

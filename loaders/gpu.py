@@ -229,10 +229,14 @@ class DeviceDecryptor:
                     slot = k % len(self._staging)
                     self._events[slot].synchronize()  # the slot's last copy has been read
                     n = self.sf.read_raw_chunks(start, count, self._staging[slot])
-                    nonces = np.frombuffer(
-                        b"".join(self.sf.chunk_nonce(i) for i in range(start, start + count)),
-                        dtype=self._order,
-                    ).astype(np.uint32).reshape(count, 3)  # fmt: skip
+                    nonces = (
+                        np.frombuffer(
+                            b"".join(self.sf.chunk_nonce(i) for i in range(start, start + count)),
+                            dtype=self._order,
+                        )
+                        .astype(np.uint32)
+                        .reshape(count, 3)
+                    )
                     self._d_nonces[slot][:count].copy_to_device(nonces, stream=stream)
                     ct = self._d_ct[slot][:n]
                     ct.copy_to_device(self._staging[slot][:n], stream=stream)
@@ -241,9 +245,16 @@ class DeviceDecryptor:
                     size = (count - 1) * cs + last_len
                     out = self._scratch if target is None else target
                     at = 0 if target is None else at
-                    self._decrypt(self._d_nonces[slot][:count], self._aad, ct, cs, last_len,
-                                  out[at : at + size], self._ok[start : start + count],
-                                  stream=stream)  # fmt: skip
+                    self._decrypt(
+                        self._d_nonces[slot][:count],
+                        self._aad,
+                        ct,
+                        cs,
+                        last_len,
+                        out[at : at + size],
+                        self._ok[start : start + count],
+                        stream=stream,
+                    )
                     if target is None:
                         used = max(used, size)
                         self._deliver(start * cs, size, dests, stream)

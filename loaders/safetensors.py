@@ -437,8 +437,12 @@ def _read_all(
     return _typed_on(out, device)
 
 
-def load(data: bytes | bytearray | memoryview, *, identities: Sequence[IdentitySpec] = (),
-         threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+def load(
+    data: bytes | bytearray | memoryview,
+    *,
+    identities: Sequence[IdentitySpec] = (),
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Load sealed safetensors bytes (what :func:`save` returns), as ``safetensors.torch.load``.
 
     Args:

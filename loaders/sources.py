@@ -104,11 +104,13 @@ def open_source(
         url, sep, fragment = text[len(PREFIX) :].partition("#")
         if not sep or not fragment:
             raise ValueError(f"a store reference names the artifact after '#': {text!r}")
-        return _from_store(url, fragment, tenant, identities, suffix, check_digest,
-                           storage_options, cache, key)  # fmt: skip
+        return _from_store(
+            url, fragment, tenant, identities, suffix, check_digest, storage_options, cache, key
+        )
     if store is not None and text is not None:
-        return _from_store(store, text, tenant, identities, suffix, check_digest,
-                           storage_options, cache, key)  # fmt: skip
+        return _from_store(
+            store, text, tenant, identities, suffix, check_digest, storage_options, cache, key
+        )
     if text is not None and text.startswith(("s3://", "s3a://")):
         return _from_s3(text, identities, storage_options)
     if text is not None and "://" in text and not text.startswith("file://"):

@@ -30,20 +30,52 @@ MAX_HEADER = 100_000_000  # safetensors' own limit
 # two values per byte (torch.float4_e2m1fn_x2); the F6 codes safetensors
 # knows have no torch or numpy dtype and are refused as unknown.
 BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16,
-    "I64": 64, "I32": 32, "I16": 16, "I8": 8,
-    "U64": 64, "U32": 32, "U16": 16, "U8": 8,
-    "BOOL": 8, "C64": 64,
-    "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "C64": 64,
+    "F8_E4M3": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
     "F4": 4,
-}  # fmt: skip
+}
 
 # safetensors' write order (its Dtype enum, descending), checked against
 # ``safetensors.torch.save`` by tests/test_loaders.py and test_loaders_parity.py.
 SAVE_ORDER = [
-    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
-    "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "F4", "BOOL",
-]  # fmt: skip
+    "U64",
+    "I64",
+    "F64",
+    "C64",
+    "F32",
+    "U32",
+    "I32",
+    "BF16",
+    "F16",
+    "U16",
+    "I16",
+    "F8_E5M2FNUZ",
+    "F8_E4M3FNUZ",
+    "F8_E8M0",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "F4",
+    "BOOL",
+]
 
 
 class TensorNotFound(NotFound, KeyError, SafetensorError):

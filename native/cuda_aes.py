@@ -417,9 +417,13 @@ def _check_shape(arr: object, shape: tuple[int, int, int], what: str = "powers o
 
 
 def ghash_powers(
-    h_tab: object, last4: object, tag_threads: int, groups: int, out: object = None,
+    h_tab: object,
+    last4: object,
+    tag_threads: int,
+    groups: int,
+    out: object = None,
     stream: object = 0,
-) -> object:  # fmt: skip
+) -> object:
     """Shoup's tables of the powers of H a launch geometry needs, made on the device.
 
     Rows 0..nt-1: H^1..H^nt (each lane's weight); rows nt + j, j = 0..groups:

@@ -86,9 +86,17 @@ def main() -> int:
         bom.write_text("task: sentence-similarity\nmodel_architecture: BertModel\n")
         t0 = time.perf_counter()
         out = _sealstore(
-            "push", str(model_dir), "all-MiniLM-L6-v2", "--tenant", "demo", "-k", "local:",
-            "--bom", str(bom), env=env,
-        )  # fmt: skip
+            "push",
+            str(model_dir),
+            "all-MiniLM-L6-v2",
+            "--tenant",
+            "demo",
+            "-k",
+            "local:",
+            "--bom",
+            str(bom),
+            env=env,
+        )
         t_push = time.perf_counter() - t0
         print(out.stdout.strip(), out.stderr.strip(), sep="\n")
         if out.returncode:

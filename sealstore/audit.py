@@ -65,8 +65,7 @@ PREFIX = "audit"
 CHECKPOINT = "sealstore-audit-checkpoint-v1"
 DOMAIN = "audit-checkpoint"
 # The fields a caller may set; the log adds v, stream, seq, prev and time.
-FIELDS = ("who", "action", "tenant", "artifact", "version", "decision", "code", "reason",
-          "detail")  # fmt: skip
+FIELDS = ("who", "action", "tenant", "artifact", "version", "decision", "code", "reason", "detail")
 DECISIONS = ("ok", "granted", "denied", "failed", "flagged")
 _MAX_TEXT = 500
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -289,8 +288,9 @@ class AuditLog:
         records, cp = _parse_segment(self.storage.read(path), path)
         if cp is None:
             raise AuthenticationError(f"audit segment {path} has no checkpoint")
-        body = verify_document(DOMAIN, cp, [self.signer.signing_key_id],
-                               what=f"audit checkpoint of {path}")  # fmt: skip
+        body = verify_document(
+            DOMAIN, cp, [self.signer.signing_key_id], what=f"audit checkpoint of {path}"
+        )
         if not records or body.get("head") != record_hash(records[-1]):
             raise AuthenticationError(f"audit segment {path} does not match its checkpoint")
         return int(records[-1]["seq"]) + 1, record_hash(records[-1])
@@ -302,13 +302,24 @@ class AuditLog:
             seq, prev = self._head
             records = []
             for p in batch:
-                rec = {"v": 1, "stream": self.stream, "seq": seq, "prev": prev,
-                       "time": _timestamp(p.time), **p.fields}  # fmt: skip
+                rec = {
+                    "v": 1,
+                    "stream": self.stream,
+                    "seq": seq,
+                    "prev": prev,
+                    "time": _timestamp(p.time),
+                    **p.fields,
+                }
                 prev = record_hash(rec)
                 seq += 1
                 records.append(rec)
-            body = {"format": CHECKPOINT, "stream": self.stream, "seq": seq - 1,
-                    "head": prev, "time": _timestamp(self._clock())}  # fmt: skip
+            body = {
+                "format": CHECKPOINT,
+                "stream": self.stream,
+                "seq": seq - 1,
+                "head": prev,
+                "time": _timestamp(self._clock()),
+            }
             cp = sign_document(DOMAIN, body, self.signer)
             lines = [canonical_json(r) for r in records] + [canonical_json({"checkpoint": cp})]
             try:
@@ -467,8 +478,11 @@ def _verify_stream(
             if rseq != seq:
                 bad(where, f"out of order: expected seq {seq} (reordered or deleted records)")
             elif rec.get("prev") != prev:
-                bad(where, "does not chain to the record before it (that one was edited, "
-                           "or records were deleted or reordered)")  # fmt: skip
+                bad(
+                    where,
+                    "does not chain to the record before it (that one was edited, "
+                    "or records were deleted or reordered)",
+                )
             prev = record_hash(rec)
             hashes[rseq] = prev
             seq = rseq + 1 if rseq >= 0 else seq + 1
@@ -491,15 +505,21 @@ def _verify_stream(
         if body.get("stream") != stream or body.get("format") != CHECKPOINT:
             bad(name, "checkpoint is for another stream")
         elif body.get("seq") != seq - 1 or body.get("head") != prev:
-            bad(name, f"checkpoint covers seq {body.get('seq')} with another head: a record "
-                      "in this segment was edited, removed or added")  # fmt: skip
+            bad(
+                name,
+                f"checkpoint covers seq {body.get('seq')} with another head: a record "
+                "in this segment was edited, removed or added",
+            )
         else:
             rep.seq, rep.head = seq - 1, prev
     if anchor is not None:
         aseq, ahead = _int(anchor.get("seq")), anchor.get("head")
         if aseq >= seq:
-            bad("tail", f"truncated: the stream ends at seq {seq - 1}, but a checkpoint seen "
-                        f"earlier covers seq {aseq}")  # fmt: skip
+            bad(
+                "tail",
+                f"truncated: the stream ends at seq {seq - 1}, but a checkpoint seen "
+                f"earlier covers seq {aseq}",
+            )
         elif hashes.get(aseq) != ahead:
             bad(f"seq {aseq}", "differs from the checkpoint seen earlier: rewritten")
         if anchor.get("signer") and rep.signer != anchor["signer"]:

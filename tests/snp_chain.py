@@ -96,8 +96,14 @@ class Chain:
                 exts.pop(k, None)
             else:
                 exts[k] = v  # type: ignore[assignment]
-        return cert("SEV-VCEK", f"SEV-{self.product}", self.vcek_key.public_key(), self.ask_key,
-                    self.vcek.serial_number, exts)  # fmt: skip
+        return cert(
+            "SEV-VCEK",
+            f"SEV-{self.product}",
+            self.vcek_key.public_key(),
+            self.ask_key,
+            self.vcek.serial_number,
+            exts,
+        )
 
     def report(
         self,
@@ -144,8 +150,14 @@ def make_chain(product: str, *, ask_serial: int = 0x77, vcek_serial: int = 0x99)
     hwid = bytes(range(1, 9)) if product == "Turin" else bytes(range(64, 128))
     ark = cert(f"ARK-{product}", f"ARK-{product}", ark_key.public_key(), ark_key, 0x10000)
     ask = cert(f"SEV-{product}", f"ARK-{product}", ask_key.public_key(), ark_key, ask_serial)
-    vcek = cert("SEV-VCEK", f"SEV-{product}", vcek_key.public_key(), ask_key, vcek_serial,
-                vcek_exts(product, hwid))  # fmt: skip
+    vcek = cert(
+        "SEV-VCEK",
+        f"SEV-{product}",
+        vcek_key.public_key(),
+        ask_key,
+        vcek_serial,
+        vcek_exts(product, hwid),
+    )
     return Chain(product, ark_key, ask_key, vcek_key, ark, ask, vcek, hwid)
 
 

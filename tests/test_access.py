@@ -113,8 +113,9 @@ def test_documents_signed_without_the_role_are_refused(
     # A tag of b signed by it -- and the sequence of b that readers resolve tags with.
     raw = store.manifest_bytes("x", "1", tenant="b")
     digest = hashlib.sha256(raw).hexdigest()
-    forged = sign_tag(pub, store=store.id, tenant="b", name="x", tag="latest", version="1",
-                      digest=digest)  # fmt: skip
+    forged = sign_tag(
+        pub, store=store.id, tenant="b", name="x", tag="latest", version="1", digest=digest
+    )
     store.storage.put("tenants/b/refs/x/latest", forged)
     seq = json.loads(store.storage.read("tenants/b/sequence.json"))
     body = {k: v for k, v in seq.items() if k not in ("signer", "signature")}
@@ -176,10 +177,17 @@ def test_revoke(store: Store, tmp_path: Path, pub: LocalKeyring) -> None:
     assert kid(pub) not in store.signers and kid(pub) not in store.roles
     with pytest.raises(AuthenticationError, match="not a signer"):
         Store.open(store.url, signer=pub).push(small(tmp_path), "m", tenant="a", keys=["local:"])
-    actions = [(r["action"], r["tenant"], r["detail"]["role"]) for r in read_records(store.storage)
-               if r["action"].startswith("policy.")]  # fmt: skip
-    assert actions == [("policy.grant", "a", "publisher"), ("policy.grant", "b", "reader"),
-                       ("policy.revoke", "a", None), ("policy.revoke", "b", None)]  # fmt: skip
+    actions = [
+        (r["action"], r["tenant"], r["detail"]["role"])
+        for r in read_records(store.storage)
+        if r["action"].startswith("policy.")
+    ]
+    assert actions == [
+        ("policy.grant", "a", "publisher"),
+        ("policy.grant", "b", "reader"),
+        ("policy.revoke", "a", None),
+        ("policy.revoke", "b", None),
+    ]
 
 
 def test_bad_grants(store: Store, ring: LocalKeyring, pub: LocalKeyring) -> None:
@@ -236,8 +244,13 @@ def test_roles_from_the_cli(
 def legacy(tmp_path: Path, ring: LocalKeyring, pub: LocalKeyring) -> Store:
     """A store config as written before roles: signers, no ``access``."""
     url = f"file://{tmp_path}/old"
-    body = {"format": STORE_FORMAT, "id": str(uuid.uuid4()), "created": now(),
-            "root": kid(ring), "signers": [kid(ring), kid(pub)]}  # fmt: skip
+    body = {
+        "format": STORE_FORMAT,
+        "id": str(uuid.uuid4()),
+        "created": now(),
+        "root": kid(ring),
+        "signers": [kid(ring), kid(pub)],
+    }
     open_storage(url).put_new("sealstore.json", dumps(sign_document("store", body, ring)))
     return Store.open(url)
 
@@ -264,8 +277,11 @@ def test_first_grant_keeps_old_signers_as_admins(
     assert config["access"] == {"*": {kid(pub): "admin"}, "t": {kid(third): "reader"}}
     assert config["signers"] == [kid(ring), kid(pub), kid(third)]
     again = Store.open(legacy.url)
-    assert again.roles == {kid(ring): {"*": "admin"}, kid(pub): {"*": "admin"},
-                           kid(third): {"t": "reader"}}  # fmt: skip
+    assert again.roles == {
+        kid(ring): {"*": "admin"},
+        kid(pub): {"*": "admin"},
+        kid(third): {"t": "reader"},
+    }
     assert Store.open(legacy.url, signer=pub).require("admin", "t").signing_key_id == kid(pub)
     with pytest.raises(Refused):
         Store.open(legacy.url, signer=third).require("publisher", "t")

@@ -190,8 +190,11 @@ def test_each_segment_ends_with_a_signed_checkpoint(laid_out: Storage, key: Audi
     last = json.loads(lines(laid_out, 5)[-1])["checkpoint"]
     recs = [json.loads(x) for x in lines(laid_out, 5)[:-1]]
     assert [r["seq"] for r in recs] == [5, 6, 7]
-    assert (last["seq"], last["head"], last["signer"]) == (7, record_hash(recs[-1]),
-                                                           key.signing_key_id)  # fmt: skip
+    assert (last["seq"], last["head"], last["signer"]) == (
+        7,
+        record_hash(recs[-1]),
+        key.signing_key_id,
+    )
 
 
 def test_first_record_chains_to_the_stream_name(tmp_path: Path, key: AuditKey) -> None:
@@ -281,8 +284,9 @@ def _resign(storage: Storage, start: int, signer: Any, **changes: Any) -> None:
     ls = lines(storage, start)
     cp = json.loads(ls[-1])["checkpoint"]
     body = {k: v for k, v in cp.items() if k not in ("signer", "signature")}
-    ls[-1] = canonical_json({"checkpoint": sign_document("audit-checkpoint", dict(body, **changes),
-                                                         signer)})  # fmt: skip
+    ls[-1] = canonical_json(
+        {"checkpoint": sign_document("audit-checkpoint", dict(body, **changes), signer)}
+    )
     put_lines(storage, start, ls)
 
 
@@ -516,14 +520,18 @@ def test_store_operations_are_recorded(store: Store, tmp_path: Path) -> None:
     assert all(r["detail"]["store"] == store.id and "@" in r["who"] for r in recs)
     grant = recs[5]
     assert (grant["tenant"], grant["detail"]["key"], grant["detail"]["role"]) == (
-        "default", other.signing_key_id, "reader"
-    )  # fmt: skip
+        "default",
+        other.signing_key_id,
+        "reader",
+    )
     assert recs[7]["detail"]["snapshot"] == snap.id
     assert recs[9]["reason"] == "incident 7"
     denied = recs[-1]
     assert (denied["tenant"], denied["code"], denied["detail"]["ref"]) == (
-        "default", "safe-mode", "m:1"
-    )  # fmt: skip
+        "default",
+        "safe-mode",
+        "m:1",
+    )
     assert "safe mode" in denied["reason"]
     [rep] = verify_log(store.storage)
     assert rep.problems == [] and rep.records == len(recs)
@@ -544,8 +552,11 @@ def test_load_is_recorded(store: Store, tmp_path: Path) -> None:
     fp.close()
     dek.close()
     last = list(read_records(store.storage))[-1]
-    assert (last["action"], last["decision"], last["detail"]["path"]) == ("load", "granted",
-                                                                         "w.bin")  # fmt: skip
+    assert (last["action"], last["decision"], last["detail"]["path"]) == (
+        "load",
+        "granted",
+        "w.bin",
+    )
 
 
 def test_no_key_material_in_the_audit_log(store: Store, tmp_path: Path) -> None:

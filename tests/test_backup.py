@@ -352,11 +352,23 @@ def test_killed_backup_resumes(store: Store, tmp_path: Path) -> None:
 
 def test_killed_backup_process_resumes(store: Store, tmp_path: Path) -> None:
     """SIGKILL to a real `sealstore backup create`, then a re-run."""
-    store.push(model_dir(tmp_path, {f"p{i}.bin": 24 << 20 for i in range(6)}), "big",
-               keys=["local:"])  # fmt: skip
+    store.push(
+        model_dir(tmp_path, {f"p{i}.bin": 24 << 20 for i in range(6)}), "big", keys=["local:"]
+    )
     bk = tmp_path / "bk"
-    cmd = [sys.executable, "-m", "sealstore.cli.main", "backup", "create", "--to", f"file://{bk}",
-           "--store", store.url, "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sealstore.cli.main",
+        "backup",
+        "create",
+        "--to",
+        f"file://{bk}",
+        "--store",
+        store.url,
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -427,8 +439,11 @@ class _Weed:
         self.dir = base / "weed"
         self.dir.mkdir()
         self.conf = base / "s3.json"
-        ident = {"name": "t", "credentials": [{"accessKey": key, "secretKey": secret}],
-                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}  # fmt: skip
+        ident = {
+            "name": "t",
+            "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
         self.conf.write_text(json.dumps({"identities": [ident]}))
         self.ports = _free_ports(5)
         self.url = f"http://127.0.0.1:{self.ports[4]}"
@@ -438,11 +453,25 @@ class _Weed:
     def start(self) -> None:
         weed = Path(sys.executable).parent / "weed"
         master, volume, filer, admin, s3 = self.ports
-        args = [str(weed), "-logtostderr", "mini", f"-dir={self.dir}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-master.port={master}",
-                f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-                f"-s3.port={s3}", f"-s3.config={self.conf}"]  # fmt: skip
+        args = [
+            str(weed),
+            "-logtostderr",
+            "mini",
+            f"-dir={self.dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-admin.port={admin}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-s3.port={s3}",
+            f"-s3.config={self.conf}",
+        ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log)
         import urllib.request
@@ -479,15 +508,20 @@ def test_s3_server_stopped_mid_copy(
 ) -> None:
     src = _minilm()
     store.push(src, "minilm", keys=["local:"])
-    store.push(model_dir(tmp_path, {f"p{i}.bin": 3 << 20 for i in range(4)}), "extra",
-               keys=["local:"])  # fmt: skip
+    store.push(
+        model_dir(tmp_path, {f"p{i}.bin": 3 << 20 for i in range(4)}), "extra", keys=["local:"]
+    )
     opts = s3_options(own_weed.url, services["s3_key"], services["s3_secret"])
     opts["config_kwargs"] = {"retries": {"max_attempts": 2}, "connect_timeout": 2}
     import boto3
 
-    boto3.client("s3", endpoint_url=own_weed.url, aws_access_key_id=opts["key"],
-                 aws_secret_access_key=opts["secret"], region_name="us-east-1",
-                 ).create_bucket(Bucket="sealstore-bk")  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=own_weed.url,
+        aws_access_key_id=opts["key"],
+        aws_secret_access_key=opts["secret"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket="sealstore-bk")
     url = "s3://sealstore-bk/sealstore"
     seen = [0]
 
@@ -541,12 +575,14 @@ def test_escrow_survives_a_deleted_vault_key(
     rec = sealstore("keys", "recipient", str(identity_path)).stdout.strip()
     assert rec == identity.recipient
     url = f"file://{tmp_path}/bk"
-    out = sealstore("backup", "create", "--to", url, "--store", store.url,
-                    "--recovery-recipient", rec)  # fmt: skip
+    out = sealstore(
+        "backup", "create", "--to", url, "--store", store.url, "--recovery-recipient", rec
+    )
     assert out.returncode == 0, out.stderr
     # The next backup carries the escrow over without asking Vault again.
-    client.secrets.transit.update_key_configuration("models", mount_point=mount,
-                                                    deletion_allowed=True)  # fmt: skip
+    client.secrets.transit.update_key_configuration(
+        "models", mount_point=mount, deletion_allowed=True
+    )
     client.secrets.transit.delete_key("models", mount_point=mount)
     snap, stats = backup.create(store, url, recovery_recipients=[rec])
     assert stats.read_bytes == 0 and snap.versions[0].escrow
@@ -554,8 +590,16 @@ def test_escrow_survives_a_deleted_vault_key(
         store.pull("minilm", tmp_path / "lost", tenant="search")
     # Restore with the recovery identity: the manifest gains the escrow slot.
     shutil.rmtree(tmp_path / "store")
-    out = sealstore("backup", "restore", "--from", url, "--to", store.url,
-                    "--recovery-identity", str(identity_path))  # fmt: skip
+    out = sealstore(
+        "backup",
+        "restore",
+        "--from",
+        url,
+        "--to",
+        store.url,
+        "--recovery-identity",
+        str(identity_path),
+    )
     assert out.returncode == 0, out.stderr
     restored = Store.open(store.url)
     assert [s.kind for s in restored.manifest("minilm:1", tenant="search").slots] == [
@@ -563,8 +607,11 @@ def test_escrow_survives_a_deleted_vault_key(
         "x25519",
     ]
     assert restored.tags("minilm", tenant="search")["known-good"] == "1"  # re-signed
-    got = load_file(f"sealstore+{restored.url}#minilm@known-good/model.safetensors",
-                    tenant="search", identities=[identity])  # fmt: skip
+    got = load_file(
+        f"sealstore+{restored.url}#minilm@known-good/model.safetensors",
+        tenant="search",
+        identities=[identity],
+    )
     want = plain_load(str(src / "model.safetensors"))
     assert all(got[k].equal(want[k]) for k in want) and got.keys() == want.keys()
     # Without the identity the version does not open: the escrow is the only way in.

@@ -61,14 +61,21 @@ class Served:
         return ssl.create_default_context(cafile=str(self.pki.ca))
 
     def call(
-        self, method: str, path: str, body: Any = None, token: str | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
         source: str | None = None,
-    ) -> tuple[int, Any]:  # fmt: skip
+    ) -> tuple[int, Any]:
         """One request; *body* a dict (sent as JSON) or raw bytes; from *source* if given."""
         conn = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=self.ctx(), timeout=30,
+            "127.0.0.1",
+            self.port,
+            context=self.ctx(),
+            timeout=30,
             source_address=(source, 0) if source else None,
-        )  # fmt: skip
+        )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         try:
@@ -127,10 +134,15 @@ def test_the_document_lists_every_route_and_refusal() -> None:
     doc = openapi_schema()
     ops = {(p, m): op for p, item in doc["paths"].items() for m, op in item.items()}
     assert set(ops) == {
-        ("/v1/challenge", "post"), ("/v1/release", "post"), ("/v1/standing", "post"),
-        ("/v1/health", "get"), ("/metrics", "get"), ("/v1/admin/lockdown", "post"),
-        ("/v1/admin/lift", "post"), ("/v1/admin/status", "get"),
-    }  # fmt: skip
+        ("/v1/challenge", "post"),
+        ("/v1/release", "post"),
+        ("/v1/standing", "post"),
+        ("/v1/health", "get"),
+        ("/metrics", "get"),
+        ("/v1/admin/lockdown", "post"),
+        ("/v1/admin/lift", "post"),
+        ("/v1/admin/status", "get"),
+    }
     for (path, _), op in ops.items():
         codes = set(op["responses"])
         assert "422" not in codes and "500" not in codes, path
@@ -203,8 +215,9 @@ def test_every_documented_refusal_is_reached(served: Served, tcti: str) -> None:
     ]:
         assert call(path, body, trainer) == (403, {"error": "not-permitted"}), path
     assert call("/v1/release", {"nonce": never, "public_key": ""}, trainer) == (
-        403, {"error": "challenge-unknown"},
-    )  # fmt: skip
+        403,
+        {"error": "challenge-unknown"},
+    )
     # 127.0.0.2 is this host too, but not one of the broker's local peers (127.0.0.1,
     # ::1): a caller the config has not allowed.
     assert call("/metrics", None, None, source="127.0.0.2") == (403, {"error": "remote-disabled"})

@@ -29,8 +29,12 @@ def test_the_toolchain_check_outside_the_simulator_reports_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     run = subprocess.run(
         [sys.executable, "-m", "sealstore.native.cuda_toolchain"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if ON_DEVICE:
         assert run.returncode == 0, run.stderr
         assert re.search(r"^device: .+", run.stdout, re.M)

@@ -169,9 +169,15 @@ def _name(cn: str) -> x509.Name:
 def _cert(
     subject: str, issuer: str, public: object, signer: object, exts: dict[str, bytes] | None = None
 ) -> x509.Certificate:
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-         .public_key(public).serial_number(1).not_valid_before(dt.datetime(2024, 1, 1))
-         .not_valid_after(dt.datetime(2030, 1, 1)))  # fmt: skip
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(public)
+        .serial_number(1)
+        .not_valid_before(dt.datetime(2024, 1, 1))
+        .not_valid_after(dt.datetime(2030, 1, 1))
+    )
     for oid, der in (exts or {}).items():
         b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), der), False)
     pss = padding.PSS(padding.MGF1(hashes.SHA384()), 48)
@@ -185,14 +191,24 @@ def make_own_chain() -> dict:
     vcek_key = ec.generate_private_key(ec.SECP384R1())
     chip = bytes(range(64))
     oid = "1.3.6.1.4.1.3704.1."
-    exts = {oid + "3.1": b"\x02\x01\x03", oid + "3.2": b"\x02\x01\x00",
-            oid + "3.3": b"\x02\x01\x08", oid + "3.8": b"\x02\x01\x73",
-            oid + "4": b"\x04\x40" + chip}  # fmt: skip
+    exts = {
+        oid + "3.1": b"\x02\x01\x03",
+        oid + "3.2": b"\x02\x01\x00",
+        oid + "3.3": b"\x02\x01\x08",
+        oid + "3.8": b"\x02\x01\x73",
+        oid + "4": b"\x04\x40" + chip,
+    }
     ark = _cert("ARK-Milan", "ARK-Milan", ark_key.public_key(), ark_key)
     ask = _cert("SEV-Milan", "ARK-Milan", ask_key.public_key(), ark_key)
     vcek = _cert("SEV-VCEK", "SEV-Milan", vcek_key.public_key(), ask_key, exts)
-    return {"ark": ark, "ask": ask, "vcek": vcek, "key": vcek_key, "chip": chip,
-            "roots": {"Milan": spki_sha256(ark)}}  # fmt: skip
+    return {
+        "ark": ark,
+        "ask": ask,
+        "vcek": vcek,
+        "key": vcek_key,
+        "chip": chip,
+        "roots": {"Milan": spki_sha256(ark)},
+    }
 
 
 @pytest.fixture(scope="module")

@@ -171,8 +171,9 @@ def test_cli_policy_and_pcrs(tcti: str, tmp_path: Path) -> None:
         == POLICY.digest({int(k): bytes.fromhex(v) for k, v in values.items()}).hex()
     )
     (tmp_path / "bad.json").write_text("[1, 2]")
-    line = fails(run("tpm", "seal", "--pcrs", "7", "--expect", tmp_path / "bad.json",
-                     tmp_path / "k.json"), 2)  # fmt: skip
+    line = fails(
+        run("tpm", "seal", "--pcrs", "7", "--expect", tmp_path / "bad.json", tmp_path / "k.json"), 2
+    )
     assert "expected JSON" in line
     assert fails(run("tpm", "seal", "--pcrs", "99", tmp_path / "k.json"), 2)
     assert not (tmp_path / "k.json").exists()
@@ -216,12 +217,14 @@ def test_quote_negatives(tcti: str) -> None:
     flipped[-5] ^= 1
     lied = {**q.pcrs, 16: b"\x01" * 32}
     cases = {
-        "tpm-signature": [(q, other_ak, nonce, policy), (TpmQuote(bytes(flipped), q.signature,
-                          q.pcrs), ak, nonce, policy)],
+        "tpm-signature": [
+            (q, other_ak, nonce, policy),
+            (TpmQuote(bytes(flipped), q.signature, q.pcrs), ak, nonce, policy),
+        ],
         "tpm-nonce": [(q, ak, os.urandom(32), policy)],  # a replayed quote for a new challenge
         "tpm-selection": [(q, ak, nonce, tpm.PcrPolicy.parse("7"))],
         "tpm-pcr-digest": [(TpmQuote(q.attest, q.signature, lied), ak, nonce, policy)],
-    }  # fmt: skip
+    }
     for code, calls in cases.items():
         for args in calls:
             with pytest.raises(AttestationError) as err:

@@ -69,11 +69,26 @@ class OwnRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = (self.folder.parent / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
-             "--dir", str(self.folder)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + 30
         while True:
@@ -179,8 +194,10 @@ def test_item04_state_epoch_and_reassert(backend: Backend) -> None:
     assert s.reassert({"acme": "theft", "*": "drill"}, outs, "e1") is True
     assert s.epoch() == "e1"
     assert s.standing("alice", require_epoch=True) == (
-        {"acme": "theft", "*": "drill"}, "failures", None,
-    )  # fmt: skip
+        {"acme": "theft", "*": "drill"},
+        "failures",
+        None,
+    )
     assert s.lockouts() == {"alice": "failures"}  # bob's had ended
     # A second replica finding it done changes nothing.
     assert s.reassert({"globex": "x"}, {}, "e2") is False
@@ -213,10 +230,13 @@ def test_item04_lockdown_survives_redis_kill9_and_restart(
         assert (status, out) == (403, {"error": "locked-down"})
         status, out = _settled(
             lambda i=i: replicas.call(
-                i, "POST", "/v1/challenge", {"tenant": "acme", "artifact": "minilm"},
+                i,
+                "POST",
+                "/v1/challenge",
+                {"tenant": "acme", "artifact": "minilm"},
                 TOKENS["trainer"],
             )
-        )  # fmt: skip
+        )
         assert (status, out) == (403, {"error": "locked-down"})
     status, out = _admin(replicas, 1, "/v1/admin/status", None)
     assert out["lockdowns"] == {"acme": "drill"}
@@ -247,10 +267,13 @@ def test_item04_redis_back_empty_reasserts_lockdowns_and_lockouts(
     for i in (0, 1):
         status, out = _settled(
             lambda i=i: replicas.call(
-                i, "POST", "/v1/challenge", {"tenant": "acme", "artifact": "minilm"},
+                i,
+                "POST",
+                "/v1/challenge",
+                {"tenant": "acme", "artifact": "minilm"},
                 TOKENS["trainer"],
             )
-        )  # fmt: skip
+        )
         assert (status, out) == (403, {"error": "locked-down"})
     # Other tenants are released as before; the lockout is back too.
     for i in (0, 1):
@@ -275,10 +298,13 @@ def test_item04_redis_back_empty_reasserts_lockdowns_and_lockouts(
     own_redis.start()
     status, ch = _settled(
         lambda: replicas.call(
-            1, "POST", "/v1/challenge", {"tenant": "acme", "artifact": "minilm"},
+            1,
+            "POST",
+            "/v1/challenge",
+            {"tenant": "acme", "artifact": "minilm"},
             TOKENS["trainer"],
         )
-    )  # fmt: skip
+    )
     assert status == 200, ch
     body = _body(ch, "acme", "minilm", blob)[0]
     assert replicas.call(0, "POST", "/v1/release", body, TOKENS["trainer"])[0] == 200
@@ -311,12 +337,19 @@ def test_item04_reset_state_with_unreadable_record_refuses_everything(
     (replicas.folder / "audit-away").rename(audit)
     for i in (0, 1):
         status, out = replicas.call(
-            i, "POST", "/v1/challenge", {"tenant": "acme", "artifact": "minilm"},
+            i,
+            "POST",
+            "/v1/challenge",
+            {"tenant": "acme", "artifact": "minilm"},
             TOKENS["trainer"],
-        )  # fmt: skip
+        )
         assert (status, out) == (403, {"error": "locked-down"})
-    assert replicas.call(0, "POST", "/v1/challenge", {"tenant": "globex", "artifact": "minilm"},
-                         "globex")[0] == 200  # fmt: skip
+    assert (
+        replicas.call(
+            0, "POST", "/v1/challenge", {"tenant": "globex", "artifact": "minilm"}, "globex"
+        )[0]
+        == 200
+    )
 
 
 def test_item04_a_forged_lift_in_the_audit_log_is_not_believed(

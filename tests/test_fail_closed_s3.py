@@ -82,13 +82,30 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
     (d / "data").mkdir()
     log = open(d / "weed.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(WEED), "-logtostderr", "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1",
-         "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-master.port={master}",
-         f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
-         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-         f"-s3.port={s3}", f"-s3.config={d / 's3.json'}", f"-s3.localSocket={d / 's3.sock'}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(WEED),
+            "-logtostderr",
+            "mini",
+            f"-dir={d / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-admin.port={admin}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-s3.port={s3}",
+            f"-s3.config={d / 's3.json'}",
+            f"-s3.localSocket={d / 's3.sock'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = Weed(proc, f"http://127.0.0.1:{s3}")
     try:
         end = time.monotonic() + 120
@@ -120,9 +137,12 @@ def env(weed: Weed, sealstore_env: Path) -> Iterator[dict[str, str]]:
 
     bucket = "failclosed-" + uuid.uuid4().hex[:12]
     boto3.client(
-        "s3", endpoint_url=weed.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+        "s3",
+        endpoint_url=weed.url,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
         region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)  # fmt: skip
+    ).create_bucket(Bucket=bucket)
     environ = dict(
         os.environ,
         AWS_ENDPOINT_URL_S3=weed.url,
@@ -147,8 +167,11 @@ def env(weed: Weed, sealstore_env: Path) -> Iterator[dict[str, str]]:
 def _sealstore(environ: dict[str, str], *args: str | os.PathLike[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "sealstore.cli.main", *map(str, args)],
-        env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _ok(proc: subprocess.Popen[bytes], timeout: float = 180) -> str:
@@ -185,9 +208,12 @@ def _when_uploading(environ: dict[str, str], proc: subprocess.Popen[bytes]) -> N
 
     bucket = environ["SEALSTORE_STORE"][len("s3://") :].partition("/")[0]
     client = boto3.client(
-        "s3", endpoint_url=environ["AWS_ENDPOINT_URL_S3"], aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET, region_name="us-east-1",
-    )  # fmt: skip
+        "s3",
+        endpoint_url=environ["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    )
     end = time.monotonic() + 120
     while not client.list_multipart_uploads(Bucket=bucket).get("Uploads"):
         assert proc.poll() is None, "the push ended before it could be frozen"

@@ -24,9 +24,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*serial number.*")
 
 def test_the_targets_cover_every_parser() -> None:
     assert set(TARGETS) >= {
-        "sealed_file", "safetensors_header", "snp_report", "snp_certificates", "tdx_quote",
-        "tpm_attest", "broker_request", "nvgpu_report",
-    }  # fmt: skip
+        "sealed_file",
+        "safetensors_header",
+        "snp_report",
+        "snp_certificates",
+        "tdx_quote",
+        "tpm_attest",
+        "broker_request",
+        "nvgpu_report",
+    }
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -55,10 +61,21 @@ def test_an_undocumented_exception_is_a_crash() -> None:
 @pytest.mark.parametrize("name", TARGETS)
 def test_a_short_fuzz_pass(name: str, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", name, "--seconds=3", "--runs=20000",
-         f"--work={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            name,
+            "--seconds=3",
+            "--runs=20000",
+            f"--work={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     executed = int(proc.stdout.split(": ", 1)[1].split()[0])
     assert executed > 0, proc.stdout

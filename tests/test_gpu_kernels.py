@@ -73,8 +73,9 @@ def test_aes_gcm_is_three_launches_a_batch_every_chunk_in_each(
     GHASH runs (chunks x groups) CUDA blocks, not one a chunk; the XOR grid
     is capped and every CUDA block stages the AES tables once.
     """
-    log = record(monkeypatch, cuda_aes, ["_powers_kernel", "_ghash_kernel", "_tag_kernel",
-                                         "_xor_kernel"])  # fmt: skip
+    log = record(
+        monkeypatch, cuda_aes, ["_powers_kernel", "_ghash_kernel", "_tag_kernel", "_xor_kernel"]
+    )
     key, aad, cs = os.urandom(32), os.urandom(9), 96
     chunks = [os.urandom(cs) for _ in range(5)] + [os.urandom(17)]
     rk, h_tab, tables = aes_device(key)
@@ -82,24 +83,78 @@ def test_aes_gcm_is_three_launches_a_batch_every_chunk_in_each(
     assert log == [("_powers_kernel", 1, 8)]  # 4 + 3 + 1 rows, one thread a power
     log.clear()
     nonces, d_aad, ct, _, last, out, ok = batch_args(key, aad, chunks, AES)
-    cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
-                            tag_threads=4, tag_groups=3, powers=powers)  # fmt: skip
+    cuda_aes.decrypt_chunks(
+        rk,
+        h_tab,
+        tables,
+        nonces,
+        d_aad,
+        ct,
+        cs,
+        last,
+        out,
+        ok,
+        tag_threads=4,
+        tag_groups=3,
+        powers=powers,
+    )
     assert ok.copy_to_host().tolist() == [1] * 6
     assert out.copy_to_host().tobytes() == b"".join(chunks)
     assert log == [("_ghash_kernel", (6, 3), 4), ("_tag_kernel", 1, 6), ("_xor_kernel", 1, 256)]
     with pytest.raises(ValueError, match="powers of H must have shape"):
-        cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
-                                tag_threads=4, tag_groups=2, powers=powers)  # fmt: skip
+        cuda_aes.decrypt_chunks(
+            rk,
+            h_tab,
+            tables,
+            nonces,
+            d_aad,
+            ct,
+            cs,
+            last,
+            out,
+            ok,
+            tag_threads=4,
+            tag_groups=2,
+            powers=powers,
+        )
     # Scratch for one more chunk than the batch has: refused, never read as a 7th chunk
     # (the kernel takes the batch's size from its grid, not from the scratch).
     spare = cuda.device_array((7, 3, 2), dtype=np.uint64)
     with pytest.raises(ValueError, match="sums must have shape"):
-        cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out, ok,
-                                tag_threads=4, tag_groups=3, powers=powers, sums=spare)  # fmt: skip
+        cuda_aes.decrypt_chunks(
+            rk,
+            h_tab,
+            tables,
+            nonces,
+            d_aad,
+            ct,
+            cs,
+            last,
+            out,
+            ok,
+            tag_threads=4,
+            tag_groups=3,
+            powers=powers,
+            sums=spare,
+        )
     sums = cuda.device_array((6, 3, 2), dtype=np.uint64)
     out2, ok2 = cuda.device_array(out.shape[0], dtype=np.uint8), cuda.device_array(6, np.uint8)
-    cuda_aes.decrypt_chunks(rk, h_tab, tables, nonces, d_aad, ct, cs, last, out2, ok2,
-                            tag_threads=4, tag_groups=3, powers=powers, sums=sums)  # fmt: skip
+    cuda_aes.decrypt_chunks(
+        rk,
+        h_tab,
+        tables,
+        nonces,
+        d_aad,
+        ct,
+        cs,
+        last,
+        out2,
+        ok2,
+        tag_threads=4,
+        tag_groups=3,
+        powers=powers,
+        sums=sums,
+    )
     assert ok2.copy_to_host().tolist() == [1] * 6
     assert out2.copy_to_host().tobytes() == b"".join(chunks)
 
@@ -141,8 +196,9 @@ def test_a_one_shot_aes_call_zeroes_the_powers_of_h_it_made(
     chunks = [os.urandom(64), os.urandom(10)]
     nonces, d_aad, ct, cs, last, out, ok = batch_args(key, aad, chunks, AES)
     sums = cuda.to_device(np.zeros((2, 1, 2), np.uint64))
-    cuda_aes.decrypt_chunks(*aes_device(key), nonces, d_aad, ct, cs, last, out, ok,
-                            tag_threads=3, sums=sums)  # fmt: skip
+    cuda_aes.decrypt_chunks(
+        *aes_device(key), nonces, d_aad, ct, cs, last, out, ok, tag_threads=3, sums=sums
+    )
     assert ok.copy_to_host().tolist() == [1, 1]
     assert len(made) == 1 and not made[0].copy_to_host().any()
     assert not sums.copy_to_host().any()  # the tag kernel took the sums and zeroed them
@@ -255,8 +311,9 @@ def test_wycheproof_on_the_device_kernels(
     ok = cuda.device_array(1, dtype=np.uint8)
     nonce = np.frombuffer(iv, dtype=order).astype(np.uint32).reshape(1, 3)
     d_aad = cuda.to_device(np.frombuffer(aad, dtype=np.uint8).copy())
-    decrypt(cuda.to_device(nonce), d_aad, cuda.to_device(sealed), max(n, 1), n, out, ok,
-            tag_threads=2)  # fmt: skip
+    decrypt(
+        cuda.to_device(nonce), d_aad, cuda.to_device(sealed), max(n, 1), n, out, ok, tag_threads=2
+    )
     if case["result"] == "valid":
         assert ok.copy_to_host().tolist() == [1]
         assert out.copy_to_host().tobytes() == msg

@@ -28,8 +28,15 @@ from sealstore.stream import SealedFile
 from tests.conftest import CS, seal_bytes
 
 CHACHA, AES = "CHACHA20-POLY1305", "AES-256-GCM"
-HOST_DECRYPTS = ("_decrypt_chunk", "decrypt_chunk_into", "read_into", "read_scatter",
-                 "read_range", "iter_chunks", "_verify_end")  # fmt: skip
+HOST_DECRYPTS = (
+    "_decrypt_chunk",
+    "decrypt_chunk_into",
+    "read_into",
+    "read_scatter",
+    "read_range",
+    "iter_chunks",
+    "_verify_end",
+)
 
 
 class SimMemory(gpu.NumbaMemory):

@@ -312,8 +312,11 @@ def test_random_token_attack_is_refused_by_ood(mini: Mini, attach: Any) -> None:
     assert g.lift("mallory") == ["mallory"]
     assert g.status()["penalized"] == {}
     assert "sealstore_guard_penalized 0.0" in g.metrics.render().splitlines()
-    assert [r["detail"]["callers"] for r in records(Path(mini_home()) / "audit")
-            if r["action"] == "guard.lift"] == [["mallory"]]  # fmt: skip
+    assert [
+        r["detail"]["callers"]
+        for r in records(Path(mini_home()) / "audit")
+        if r["action"] == "guard.lift"
+    ] == [["mallory"]]
 
 
 def test_a_lifted_caller_is_served_again(mini: Mini, attach: Any) -> None:
@@ -835,8 +838,18 @@ def test_a_lockdown_at_the_broker_stops_the_guarded_model(
         out = fwd(model, batch, caller="svc")
         assert torch.allclose(out.last_hidden_state, plain.last_hidden_state, atol=1e-5)
         env = {"SEALSTORE_BROKER_CACERT": str(replicas.pki.ca), "SEALSTORE_BROKER_TOKEN": ADMIN}
-        ok(run("lockdown", "--tenant", "acme", "--reason", "guard drill",
-               "--broker", replicas.urls[1], env=env))  # fmt: skip
+        ok(
+            run(
+                "lockdown",
+                "--tenant",
+                "acme",
+                "--reason",
+                "guard drill",
+                "--broker",
+                replicas.urls[1],
+                env=env,
+            )
+        )
         waited = _wait(lambda: g.status()["stopped"] is not None, 5)
         assert waited < 5
         with pytest.raises(InferenceRefused) as err:

@@ -85,9 +85,13 @@ XWING = json.loads((DATA_DIR / "hpke-pq-xwing.json").read_text(encoding="utf-8")
 
 def test_the_appendix_is_all_there() -> None:
     assert [(v["kem_id"], v["kdf_id"], v["aead_id"]) for v in RFC] == [
-        ("32", "1", "1"), ("32", "1", "3"), ("16", "1", "1"),
-        ("16", "3", "1"), ("16", "1", "3"), ("18", "3", "2"),
-    ]  # fmt: skip
+        ("32", "1", "1"),
+        ("32", "1", "3"),
+        ("16", "1", "1"),
+        ("16", "3", "1"),
+        ("16", "1", "3"),
+        ("18", "3", "2"),
+    ]
     for v in RFC:
         assert v["mode"] == "0"
         assert [e["sequence number"] for e in v["encryptions"]] == [
@@ -503,10 +507,14 @@ def test_a_release_answer_opens_only_for_its_challenge() -> None:
     # It is RFC 9180 with the documented info, opened here by the receiver above.
     sealed = base64.b64decode(answer["sealed"])
     info = b"sealstore-release-v1/answer\x00" + canonical_json(
-        {"artifact": "bert", "nonce": base64.b64encode(nonce).decode(),
-         "public_key": base64.b64encode(public).decode(),
-         "suite": release.ANSWER_SUITE, "tenant": "acme"}
-    )  # fmt: skip
+        {
+            "artifact": "bert",
+            "nonce": base64.b64encode(nonce).decode(),
+            "public_key": base64.b64encode(public).decode(),
+            "suite": release.ANSWER_SUITE,
+            "tenant": "acme",
+        }
+    )
     shared = _dhkem_x25519(raw_sk, sealed[:32])
     assert Receiver.setup(0x20, 3, shared, info).open(0, b"", sealed[32:]) == dek
     # Replayed to another challenge, scope or key, or altered: it does not open.

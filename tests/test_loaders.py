@@ -390,8 +390,11 @@ def _sealed_header(tmp_path: Path, header: str, data: bytes) -> Path:
 @pytest.mark.parametrize(
     ("header", "data"),
     [
-        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
-         '"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}', b"\0" * 6),  # overlap
+        (
+            '{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+            '"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}',
+            b"\0" * 6,
+        ),  # overlap
         ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', b"\0" * 6),  # trailing bytes
         ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}', b"\0" * 6),  # a gap
         ('{"a":{"dtype":"U8","shape":[2.0,2],"data_offsets":[0,4]}}', b"\0" * 4),
@@ -399,13 +402,16 @@ def _sealed_header(tmp_path: Path, header: str, data: bytes) -> Path:
         ('{"a":{"dtype":"U8","shape":"4","data_offsets":[0,4]}}', b"\0" * 4),
         ('{"a":{"dtype":"U8","shape":[4],"data_offsets":["0",4]}}', b"\0" * 4),
         ('{"a":{"dtype":"U8","shape":[Infinity],"data_offsets":[0,4]}}', b"\0" * 4),
-        ('{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
-         '"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4),  # duplicate
+        (
+            '{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+            '"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}',
+            b"\0" * 4,
+        ),  # duplicate
         ('{"__metadata__":{"k":1}}', b""),
         ('{"a":{"dtype":"X9","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4),
         ("[" * 100000 + "]" * 100000, b""),
     ],
-)  # fmt: skip
+)
 def test_bad_headers_are_format_errors(
     ring: LocalKeyring, tmp_path: Path, header: str, data: bytes
 ) -> None:

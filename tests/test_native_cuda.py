@@ -42,9 +42,16 @@ def sealed_batch(
 
 
 def run(
-    key: bytes, aad: bytes, ct: np.ndarray, nonces: list[bytes], cs: int, last: int,
-    threads: int, suite: str = CHACHA, groups: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    key: bytes,
+    aad: bytes,
+    ct: np.ndarray,
+    nonces: list[bytes],
+    cs: int,
+    last: int,
+    threads: int,
+    suite: str = CHACHA,
+    groups: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decrypt a batch with the suite's kernels, keyed as the GPU-direct loader keys them."""
     decrypt, nonce_order = gpu._kernels(cuda, suite, bytearray(key), [])
     count = len(nonces)
@@ -185,8 +192,14 @@ def test_a_failed_chunk_is_zeroed_and_flagged(suite: str) -> None:
 
 def test_too_many_tag_threads_is_refused() -> None:
     with pytest.raises(ValueError, match="tag_threads"):
-        run(os.urandom(32), b"", *sealed_batch(os.urandom(32), b"", [b"x" * 64]), 64, 64,
-            cuda_chacha.TAG_THREADS + 1)  # fmt: skip
+        run(
+            os.urandom(32),
+            b"",
+            *sealed_batch(os.urandom(32), b"", [b"x" * 64]),
+            64,
+            64,
+            cuda_chacha.TAG_THREADS + 1,
+        )
 
 
 # --------------------------------------------------------------------------- the GPU-direct path
@@ -285,8 +298,17 @@ def test_decrypt_to_device_partial_range(tmp_path: Path, suite: str) -> None:
     assert out.copy_to_host().tobytes() == data[CS : 3 * CS]
 
 
-SPANS = [(0, 0), (0, 1), (5, CS), (CS - 1, CS + 1), (CS, 2 * CS), (2 * CS - 3, 3 * CS + 10),
-         (3 * CS + 10, 3 * CS + 10), (3 * CS + 9, 3 * CS + 10), (100, 3 * CS + 10)]  # fmt: skip
+SPANS = [
+    (0, 0),
+    (0, 1),
+    (5, CS),
+    (CS - 1, CS + 1),
+    (CS, 2 * CS),
+    (2 * CS - 3, 3 * CS + 10),
+    (3 * CS + 10, 3 * CS + 10),
+    (3 * CS + 9, 3 * CS + 10),
+    (100, 3 * CS + 10),
+]
 
 
 def test_chunk_span_covers_exactly_the_range(tmp_path: Path) -> None:

@@ -234,13 +234,16 @@ class OwnChain:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
         issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "own GPU root")])
         return (
-            x509.CertificateBuilder().subject_name(name).issuer_name(issuer).public_key(public)
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer)
+            .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .sign(self.root_key, hashes.SHA384())
-        )  # fmt: skip
+        )
 
     def resign(self, report: bytes) -> bytes:
         body = report[: -nvgpu.SIGNATURE_SIZE]
@@ -408,8 +411,10 @@ def test_an_edited_rim_is_refused() -> None:
     assert err.value.code == "nvgpu-rim-signature"
     # A measurement slipped in outside the signed element is not read.
     sig = data.index(b"<ds:Signature")
-    extra = (b'<ns0:Resource type="Measurement" index="99" active="True" alternatives="1" '
-             b'ns2:Hash0="' + b"00" * 48 + b'" size="48"/>')  # fmt: skip
+    extra = (
+        b'<ns0:Resource type="Measurement" index="99" active="True" alternatives="1" '
+        b'ns2:Hash0="' + b"00" * 48 + b'" size="48"/>'
+    )
     with pytest.raises(AttestationError) as err:
         load_rim(data[:sig] + extra + data[sig:], "slipped", at=RIM_TIME)
     assert err.value.code == "nvgpu-rim-signature"
@@ -425,8 +430,16 @@ def test_an_edited_rim_is_refused() -> None:
 def test_the_file_collector_reads_recorded_evidence(tmp_path: Path) -> None:
     report, chain = sample("hopper-2023")
     f = tmp_path / "gpus.json"
-    f.write_text(json.dumps([{"report": base64.b64encode(report).decode(),
-                              "certs": base64.b64encode(chain).decode()}]))  # fmt: skip
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "report": base64.b64encode(report).decode(),
+                    "certs": base64.b64encode(chain).decode(),
+                }
+            ]
+        )
+    )
     assert nvgpu.file_collector(str(f))(NONCE_2023) == [{"report": report, "certs": chain}]
     f.write_text("[{}]")
     with pytest.raises(AttestationError) as err:

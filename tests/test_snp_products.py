@@ -23,8 +23,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*serial number.*")
 
 DATA = Path(__file__).parent / "data" / "snp" / "microsoft"
 ROOTS = shared_data() / "attestation" / "snp" / "amd-roots"
-ARK_FILE = {"Milan": "ask_ark_milan.pem", "Genoa": "ask_ark_genoa.pem",
-            "Turin": "ask_ark_turin_vcek.pem"}  # fmt: skip
+ARK_FILE = {
+    "Milan": "ask_ark_milan.pem",
+    "Genoa": "ask_ark_genoa.pem",
+    "Turin": "ask_ark_turin_vcek.pem",
+}
 
 
 def real(product: str) -> tuple[bytes, x509.Certificate, list[x509.Certificate]]:
@@ -58,9 +61,14 @@ def test_the_real_turin_report_binds_its_8_byte_hwid() -> None:
 
 @pytest.mark.parametrize(
     ("offset", "why"),
-    [(0x1A0, "chip_id's hwID"), (0x1A8, "chip_id's zero tail"), (0x189, "CPUID model"),
-     (0x180, "reported TCB"), (0x90, "measurement")],
-)  # fmt: skip
+    [
+        (0x1A0, "chip_id's hwID"),
+        (0x1A8, "chip_id's zero tail"),
+        (0x189, "CPUID model"),
+        (0x180, "reported TCB"),
+        (0x90, "measurement"),
+    ],
+)
 def test_a_tampered_real_turin_report_is_refused(offset: int, why: str) -> None:
     report, vcek, chain = real("Turin")
     bad = bytearray(report)
@@ -106,8 +114,9 @@ def test_our_chains_verify_as_the_real_ones_do(turin: Chain, milan: Chain) -> No
     for c in (turin, milan):
         rep, product = verify_report(c.report(), c.vcek, c.chain, at=AT, roots=c.roots)
         assert product == c.product
-    rep, _ = verify_report(turin.report(version=2), turin.vcek, turin.chain, at=AT,
-                           roots=turin.roots)  # fmt: skip
+    rep, _ = verify_report(
+        turin.report(version=2), turin.vcek, turin.chain, at=AT, roots=turin.roots
+    )
     assert rep.cpuid == (0, 0, 0)  # a v2 report has no CPUID: the root alone names the line
 
 
@@ -167,8 +176,9 @@ def test_turin_tcb_must_match_the_certificate_fmc_included(turin: Chain) -> None
 
 
 def test_cpuid_products() -> None:
-    assert [cpuid_product(f, m) for f, m in [(0x19, 0x01), (0x19, 0x11), (0x19, 0xA0),
-                                             (0x1A, 0x02), (0x1A, 0x11)]] == [
-        "Milan", "Genoa", "Genoa", "Turin", "Turin"]  # fmt: skip
+    assert [
+        cpuid_product(f, m)
+        for f, m in [(0x19, 0x01), (0x19, 0x11), (0x19, 0xA0), (0x1A, 0x02), (0x1A, 0x11)]
+    ] == ["Milan", "Genoa", "Genoa", "Turin", "Turin"]
     assert cpuid_product(0x1A, 0x50) is None and cpuid_product(0x17, 0x31) is None
     assert SnpReport.parse(real("Genoa")[0]).cpuid[:2] == (0x19, 0x11)

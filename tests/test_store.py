@@ -632,8 +632,11 @@ def test_trust_cannot_reroot_a_pinned_store(
     from sealstore.vault.manifest import dumps
 
     other = make_keyring(tmp_path / "attacker.json")
-    fake = {k: v for k, v in json.loads(file_store.storage.read("sealstore.json")).items()
-            if k not in ("signer", "signature")}  # fmt: skip
+    fake = {
+        k: v
+        for k, v in json.loads(file_store.storage.read("sealstore.json")).items()
+        if k not in ("signer", "signature")
+    }
     fake["root"] = fake["signers"][0] = other.signing_key_id
     theirs = Store.init(f"file://{tmp_path}/theirs")
     theirs.storage.put("sealstore.json", dumps(sign_document("store", fake, other)))

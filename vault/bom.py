@@ -25,8 +25,13 @@ from sealstore.errors import FormatError
 
 __all__ = ["BomSpec", "build_bom", "check_spec", "load_bom_spec", "validate_bom"]
 
-_APPROACHES = {"supervised", "unsupervised", "reinforcement-learning", "semi-supervised",
-               "self-supervised"}  # fmt: skip
+_APPROACHES = {
+    "supervised",
+    "unsupervised",
+    "reinforcement-learning",
+    "semi-supervised",
+    "self-supervised",
+}
 _KINDS = {"model", "dataset"}
 _MODEL_ONLY = ("task", "architecture_family", "model_architecture", "approach", "training")
 _SPEC_KEYS = {
@@ -90,8 +95,15 @@ def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
             f"BoM spec {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
             f"(known: {', '.join(sorted(_SPEC_KEYS))})"
         )
-    for key in ("kind", "description", "task", "architecture_family", "model_architecture",
-                "license", "approach"):  # fmt: skip
+    for key in (
+        "kind",
+        "description",
+        "task",
+        "architecture_family",
+        "model_architecture",
+        "license",
+        "approach",
+    ):
         if key in doc and not isinstance(doc[key], str):
             raise ValueError(f"BoM spec {path}: {key} must be a string")
     if doc.get("approach") is not None and doc["approach"] not in _APPROACHES:

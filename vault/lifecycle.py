@@ -80,8 +80,14 @@ def rotate(
     store.replace_manifest(m, old, new.sign(signer))
     for tag in tags:
         store.tag(f"{m.name}:{m.version}", tag, tenant=tenant, audit=False)
-    record(store, "rotate", tenant=tenant, artifact=m.name, version=m.version,
-           detail={"signer": signer.signing_key_id, "keys": [s.key_id for s in slots]})  # fmt: skip
+    record(
+        store,
+        "rotate",
+        tenant=tenant,
+        artifact=m.name,
+        version=m.version,
+        detail={"signer": signer.signing_key_id, "keys": [s.key_id for s in slots]},
+    )
     return new
 
 
@@ -124,8 +130,14 @@ def shred(store: Any, ref: str, *, tenant: str | None = None) -> Manifest:
             if not store.manifest(f"{m.name}:{v}", tenant=tenant).shredded:
                 store.tag(f"{m.name}:{v}", "latest", tenant=tenant, audit=False)
                 break
-    record(store, "shred", tenant=tenant, artifact=m.name, version=m.version,
-           detail={"signer": tomb.signer, "shredded": tomb.shredded})  # fmt: skip
+    record(
+        store,
+        "shred",
+        tenant=tenant,
+        artifact=m.name,
+        version=m.version,
+        detail={"signer": tomb.signer, "shredded": tomb.shredded},
+    )
     return tomb
 
 

@@ -87,12 +87,20 @@ def served(
         m = store.serving_manifest(ref, tenant=tenant)
     except (Refused, AuthenticationError) as exc:
         code = "safe-mode" if isinstance(exc, Refused) else "integrity"
-        record(store, action, tenant=tenant, decision="denied", code=code, reason=str(exc),
-               detail=what)  # fmt: skip
+        record(
+            store, action, tenant=tenant, decision="denied", code=code, reason=str(exc), detail=what
+        )
         raise
     if granted:
-        record(store, action, tenant=tenant, artifact=m.name, version=m.version,
-               decision="granted", detail=what)  # fmt: skip
+        record(
+            store,
+            action,
+            tenant=tenant,
+            artifact=m.name,
+            version=m.version,
+            decision="granted",
+            detail=what,
+        )
     return m
 
 
@@ -103,8 +111,9 @@ def _where(m: Manifest, entry: FileEntry) -> str:
 def _check_preamble(m: Manifest, entry: FileEntry, pre: Preamble, size: int) -> None:
     where = _where(m, entry)
     if size != entry.object_size:
-        raise AuthenticationError(f"{where}: object is {size} bytes, the manifest says "
-                                  f"{entry.object_size}")  # fmt: skip
+        raise AuthenticationError(
+            f"{where}: object is {size} bytes, the manifest says {entry.object_size}"
+        )
     header_bytes = pre.header.encode()
     if not hmac.compare_digest(hashlib.sha256(header_bytes).hexdigest(), entry.header_sha256):
         raise AuthenticationError(f"{where}: object header does not match the manifest")
@@ -385,15 +394,17 @@ def pull(
             raise ValueError(
                 f"-o {dest} takes one file; {files[0]!r} names {len(entries)}"  # type: ignore[index]
             )
-        _pull_one(store, m, entries[0], dest, identities=identities, threads=threads,
-                  progress=progress)  # fmt: skip
+        _pull_one(
+            store, m, entries[0], dest, identities=identities, threads=threads, progress=progress
+        )
         return m
     target = Path(dest)
     if target.exists():
         for entry in entries:  # conflicts are found before anything is decrypted
             dst = target / entry.path
-            if dst.is_dir() or any(p.exists() and not p.is_dir() for p in dst.parents
-                                   if target in p.parents):  # fmt: skip
+            if dst.is_dir() or any(
+                p.exists() and not p.is_dir() for p in dst.parents if target in p.parents
+            ):
                 raise IsADirectoryError(f"{dst} is in the way of {entry.path}")
         # Inside the destination: the final renames stay on its filesystem
         # (a mount point such as a container volume), never across one.
@@ -595,8 +606,9 @@ def sweep_pull_folders(dest: str | os.PathLike[str]) -> list[Path]:
             found += [Path(e.path) for e in os.scandir(target) if e.name.startswith(_INSIDE)]
     with contextlib.suppress(OSError):
         prefix = f".{target.name}{_BESIDE}"
-        found += [Path(e.path) for e in os.scandir(target.parent or ".")
-                  if e.name.startswith(prefix)]  # fmt: skip
+        found += [
+            Path(e.path) for e in os.scandir(target.parent or ".") if e.name.startswith(prefix)
+        ]
     return [folder for folder in found if remove_if_unlocked(folder)]
 
 
@@ -614,8 +626,16 @@ def _pull_one(
     dek: DataKey | None = None
     try:
         with atomic_output(dest) as out:
-            dek = _decrypt_entry(store, m, entry, None, out, identities=identities,
-                                 threads=threads, progress=progress)  # fmt: skip
+            dek = _decrypt_entry(
+                store,
+                m,
+                entry,
+                None,
+                out,
+                identities=identities,
+                threads=threads,
+                progress=progress,
+            )
     finally:
         if dek is not None:
             dek.close()
@@ -670,8 +690,11 @@ def verify(
     if ref is not None:
         refs = [ref]
     else:
-        refs = [f"{n}:{v}" for n in store.artifacts(tenant=tenant)
-                for v in store.versions(n, tenant=tenant)]  # fmt: skip
+        refs = [
+            f"{n}:{v}"
+            for n in store.artifacts(tenant=tenant)
+            for v in store.versions(n, tenant=tenant)
+        ]
     results = []
     for r in refs:
         res = VerifyResult(r)
@@ -696,10 +719,16 @@ def verify(
                 try:
                     if decrypt:
                         dek = _decrypt_entry(
-                            store, m, entry, dek, None,
-                            identities=identities, threads=threads, progress=progress,
+                            store,
+                            m,
+                            entry,
+                            dek,
+                            None,
+                            identities=identities,
+                            threads=threads,
+                            progress=progress,
                             check_plaintext=True,
-                        )  # fmt: skip
+                        )
                     else:
                         _check_keyless(store, m, entry)
                         if progress is not None:  # per file: the hash runs beside the read

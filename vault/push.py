@@ -545,12 +545,16 @@ def push(
                 _tag_latest(store, r.name, version, tenant)
             except SealstoreError as exc:
                 # The version is committed; a retry would push another one.
-                log.warning("pushed %s:%s but could not move its latest tag: %s",
-                            r.name, version, exc)  # fmt: skip
+                log.warning(
+                    "pushed %s:%s but could not move its latest tag: %s", r.name, version, exc
+                )
         from sealstore.vault.auditing import record
 
-        detail = {"signer": signer.signing_key_id, "files": len(manifest.files),
-                  "bytes": manifest.size}  # fmt: skip
+        detail = {
+            "signer": signer.signing_key_id,
+            "files": len(manifest.files),
+            "bytes": manifest.size,
+        }
         if manifest.oms is not None:
             # Which model signature it carries (the BoM's sealstore:oms:bundle-sha256).
             detail["model_signature"] = hashlib.sha256(manifest.oms.encode()).hexdigest()

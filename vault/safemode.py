@@ -114,8 +114,12 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
     pin_counter(store.id, _COUNTER, serial)
     from sealstore.vault.auditing import record
 
-    record(store, "safe-mode.enter" if enabled else "safe-mode.exit", reason=reason or None,
-           detail={"serial": serial, "signer": signer.signing_key_id})  # fmt: skip
+    record(
+        store,
+        "safe-mode.enter" if enabled else "safe-mode.exit",
+        reason=reason or None,
+        detail={"serial": serial, "signer": signer.signing_key_id},
+    )
     return SafeModeState(enabled, serial, body["since"], reason, signer.signing_key_id)
 
 

@@ -381,8 +381,12 @@ class Store:
         self._config = dict(body, signer=signer.signing_key_id)
         from sealstore.vault.auditing import record
 
-        record(self, "policy.grant" if role else "policy.revoke", tenant=tenant,
-               detail={"key": key_id, "role": role})  # fmt: skip
+        record(
+            self,
+            "policy.grant" if role else "policy.revoke",
+            tenant=tenant,
+            detail={"key": key_id, "role": role},
+        )
 
     def add_signer(
         self, key_id: str, *, tenant: str = access.WILDCARD, role: str = "publisher"
@@ -749,8 +753,9 @@ class Store:
             forward=frozenset({(m.name, tag)}) if forward_only else frozenset(),
         )
         if audit:
-            record(self, "tag", tenant=tenant, artifact=m.name, version=m.version,
-                   detail={"tag": tag})  # fmt: skip
+            record(
+                self, "tag", tenant=tenant, artifact=m.name, version=m.version, detail={"tag": tag}
+            )
         return m.version
 
     def untag(self, name: str, tag: str, *, tenant: str | None = None) -> None:

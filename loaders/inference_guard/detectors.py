@@ -240,11 +240,21 @@ def rate_findings(pol: RatePolicy, c: _Caller, caller: str, now: float, n: int) 
         total = win.add(now, n)
         usual = pol.factor * win.baseline if win.baseline is not None else 0.0
         if cap is not None and total > cap:
-            out.append(Finding(caller, det, total, cap, f"{total} queries in "
-                               f"{win.seconds:g} s, over the cap of {cap}"))  # fmt: skip
+            out.append(
+                Finding(
+                    caller,
+                    det,
+                    total,
+                    cap,
+                    f"{total} queries in {win.seconds:g} s, over the cap of {cap}",
+                )
+            )
         elif total > max(floor, usual):
-            why = (f"{pol.factor:g}x the caller's usual {win.baseline:.0f}" if usual > floor
-                   else f"the floor of {floor} (no usual rate above it)")  # fmt: skip
+            why = (
+                f"{pol.factor:g}x the caller's usual {win.baseline:.0f}"
+                if usual > floor
+                else f"the floor of {floor} (no usual rate above it)"
+            )
             text = f"{total} queries in {win.seconds:g} s, over {why}"
             out.append(Finding(caller, det, total, max(floor, usual), text))
     return out
@@ -275,18 +285,32 @@ def extraction_findings(
         assert reference is not None
         stat = ks_below(window, reference.nn_sorted)
         if stat > ext.ks_threshold:
-            return [Finding(caller, "extraction", stat, ext.ks_threshold,
-                            f"KS D+ {stat:.3f} over {len(window)} nearest-query distances: "
-                            "the caller's queries sit far closer together than natural "
-                            "traffic's")]  # fmt: skip
+            return [
+                Finding(
+                    caller,
+                    "extraction",
+                    stat,
+                    ext.ks_threshold,
+                    f"KS D+ {stat:.3f} over {len(window)} nearest-query distances: "
+                    "the caller's queries sit far closer together than natural "
+                    "traffic's",
+                )
+            ]
         return []
     from scipy import stats
 
     w = float(stats.shapiro(window).statistic)
     if w < ext.shapiro_threshold:
-        return [Finding(caller, "extraction", w, ext.shapiro_threshold,
-                        f"Shapiro-Wilk W {w:.3f} over {len(window)} nearest-query "
-                        "distances: not the normal shape of natural traffic")]  # fmt: skip
+        return [
+            Finding(
+                caller,
+                "extraction",
+                w,
+                ext.shapiro_threshold,
+                f"Shapiro-Wilk W {w:.3f} over {len(window)} nearest-query "
+                "distances: not the normal shape of natural traffic",
+            )
+        ]
     return []
 
 
@@ -305,9 +329,16 @@ def ood_findings(
         return []
     share = sum(c.ood) / len(c.ood)
     if share > pol.max_fraction:
-        return [Finding(caller, "ood", share, pol.max_fraction,
-                        f"{share:.0%} of the last {len(c.ood)} queries are out of the "
-                        "reference distribution")]  # fmt: skip
+        return [
+            Finding(
+                caller,
+                "ood",
+                share,
+                pol.max_fraction,
+                f"{share:.0%} of the last {len(c.ood)} queries are out of the "
+                "reference distribution",
+            )
+        ]
     return []
 
 

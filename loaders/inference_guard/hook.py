@@ -91,14 +91,20 @@ class Guard:
         self._lock = threading.Lock()
         self._callers: dict[str, _Caller] = {}
         self.metrics = Metrics(HELP, buckets=_BUCKETS, labels=LABELS)
-        self.alerts = Alerts(policy.webhook, self.metrics, source=self.target.name,
-                             prefix="sealstore_guard")  # fmt: skip
-        self.metrics.gauge("sealstore_guard_callers", "Callers tracked.",
-                           lambda: len(self._callers))  # fmt: skip
-        self.metrics.gauge("sealstore_guard_penalized", "Callers throttled or refused now.",
-                           self._penalized)  # fmt: skip
-        self.metrics.gauge("sealstore_guard_locked", "1 while a lockdown stops the model.",
-                           lambda: float(self._stopped is not None))  # fmt: skip
+        self.alerts = Alerts(
+            policy.webhook, self.metrics, source=self.target.name, prefix="sealstore_guard"
+        )
+        self.metrics.gauge(
+            "sealstore_guard_callers", "Callers tracked.", lambda: len(self._callers)
+        )
+        self.metrics.gauge(
+            "sealstore_guard_penalized", "Callers throttled or refused now.", self._penalized
+        )
+        self.metrics.gauge(
+            "sealstore_guard_locked",
+            "1 while a lockdown stops the model.",
+            lambda: float(self._stopped is not None),
+        )
         self.reference: Reference | None = None
         if policy.reference is not None:
             self.reference = Reference.of(self._featurize_reference(policy.reference), policy.ood)
@@ -210,24 +216,36 @@ class Guard:
     def _answer(self, c: _Caller, f: Finding, now: float) -> None:
         response = self.policy.response_for(f.detector)
         self.recent.append(f)
-        self.metrics.inc("sealstore_guard_findings_total",
-                         {"detector": f.detector, "response": response})  # fmt: skip
-        log.warning("guard %s: %s finding for caller %s: %s -> %s", self.target.name,
-                    f.detector, f.caller, f.detail, response)  # fmt: skip
+        self.metrics.inc(
+            "sealstore_guard_findings_total", {"detector": f.detector, "response": response}
+        )
+        log.warning(
+            "guard %s: %s finding for caller %s: %s -> %s",
+            self.target.name,
+            f.detector,
+            f.caller,
+            f.detail,
+            response,
+        )
         try:
             self._record(
                 "guard.finding",
                 decision="flagged",
                 code=f.detector,
                 reason=f.detail,
-                detail={"caller": f.caller, "response": response, "queries": c.queries,
-                        "statistic": round(f.statistic, 4),
-                        "threshold": round(float(f.threshold), 4)},
-            )  # fmt: skip
+                detail={
+                    "caller": f.caller,
+                    "response": response,
+                    "queries": c.queries,
+                    "statistic": round(f.statistic, 4),
+                    "threshold": round(float(f.threshold), 4),
+                },
+            )
         except Exception as exc:  # whatever the cause, fail closed: no unrecorded finding
             self.metrics.inc("sealstore_guard_audit_failures_total")
-            log.error("guard %s: finding not recorded: %s: %s", self.target.name,
-                      type(exc).__name__, exc)  # fmt: skip
+            log.error(
+                "guard %s: finding not recorded: %s: %s", self.target.name, type(exc).__name__, exc
+            )
             with self._lock:
                 c.fired.pop(f.detector, None)  # detected again on the next call
             self.metrics.inc("sealstore_guard_calls_total", {"result": "audit-unavailable"})
@@ -262,14 +280,18 @@ class Guard:
             c.clear()
             return
         if response == "refuse":
-            self._refuse(caller, "refused", f"caller {caller!r} is refused after a {detector} "
-                         "finding")  # fmt: skip
+            self._refuse(
+                caller, "refused", f"caller {caller!r} is refused after a {detector} finding"
+            )
         rate = self.policy.throttle_rate
         c.tokens = min(1.0, c.tokens + (now - c.token_time) * rate)
         c.token_time = now
         if c.tokens < 1.0:
-            self._refuse(caller, "throttled", f"caller {caller!r} is throttled to "
-                         f"{rate:g} call(s)/s after a {detector} finding")  # fmt: skip
+            self._refuse(
+                caller,
+                "throttled",
+                f"caller {caller!r} is throttled to {rate:g} call(s)/s after a {detector} finding",
+            )
         c.tokens -= 1.0
 
     def _refuse(self, caller: str, code: str, why: str) -> None:
@@ -293,9 +315,12 @@ class Guard:
         now = self._clock()
         with self._lock:
             return float(
-                sum(1 for c in self._callers.values()
-                    if c.penalty is not None and (c.penalty[1] is None or c.penalty[1] > now))
-            )  # fmt: skip
+                sum(
+                    1
+                    for c in self._callers.values()
+                    if c.penalty is not None and (c.penalty[1] is None or c.penalty[1] > now)
+                )
+            )
 
     # -- operator ---------------------------------------------------------------------------
     def lift(self, caller: str | None = None) -> list[str]:
@@ -318,18 +343,22 @@ class Guard:
         now = self._clock()
         with self._lock:
             penalized = {
-                k: {"response": c.penalty[0], "detector": c.penalty[2],
-                    "seconds_left": None if c.penalty[1] is None else round(c.penalty[1] - now, 1)}
+                k: {
+                    "response": c.penalty[0],
+                    "detector": c.penalty[2],
+                    "seconds_left": None if c.penalty[1] is None else round(c.penalty[1] - now, 1),
+                }
                 for k, c in self._callers.items()
                 if c.penalty is not None and (c.penalty[1] is None or c.penalty[1] > now)
-            }  # fmt: skip
+            }
         return {
             "model": self.target.name,
             "callers": len(self._callers),
             "penalized": penalized,
-            "stopped": None if self._stopped is None else dict(zip(("code", "reason"),
-                                                                   self._stopped, strict=True)),
-        }  # fmt: skip
+            "stopped": None
+            if self._stopped is None
+            else dict(zip(("code", "reason"), self._stopped, strict=True)),
+        }
 
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> Any:
         """Answer ``GET /metrics`` on *host:port* (loopback by default); returns the server."""
@@ -342,13 +371,27 @@ class Guard:
         if t.store is not None:
             from sealstore.vault.auditing import record
 
-            record(t.store, action, tenant=t.tenant, artifact=t.artifact, version=t.version,
-                   detail=detail, **fields)  # fmt: skip
+            record(
+                t.store,
+                action,
+                tenant=t.tenant,
+                artifact=t.artifact,
+                version=t.version,
+                detail=detail,
+                **fields,
+            )
             return
         from sealstore.vault.auditing import principal
 
-        self._log().append(who=principal(), action=action, tenant=t.tenant, artifact=t.artifact,
-                           version=t.version, detail=detail, **fields)  # fmt: skip
+        self._log().append(
+            who=principal(),
+            action=action,
+            tenant=t.tenant,
+            artifact=t.artifact,
+            version=t.version,
+            detail=detail,
+            **fields,
+        )
 
     def _log(self) -> Any:
         if self._audit_log is None:
@@ -365,8 +408,12 @@ class Guard:
         if stopped is not None:
             self._refuse(caller, stopped[0], stopped[1])
         if time.monotonic() - self._answered > self.policy.lockdown_grace:
-            self._refuse(caller, "standing-unknown", "the broker has not confirmed this model's "
-                         f"standing for over {self.policy.lockdown_grace:g} s")  # fmt: skip
+            self._refuse(
+                caller,
+                "standing-unknown",
+                "the broker has not confirmed this model's "
+                f"standing for over {self.policy.lockdown_grace:g} s",
+            )
 
     def _poll(self) -> None:
         while not self._done.wait(self.policy.lockdown_poll):
@@ -383,8 +430,9 @@ class Guard:
         except KeyReleaseDenied as exc:  # no role in the tenant any more: stop
             stopped = ("locked-out", str(exc))
         except Exception as exc:  # an outage stops the model once the grace is over
-            log.warning("guard %s: standing check failed: %s: %s", self.target.name,
-                        type(exc).__name__, exc)  # fmt: skip
+            log.warning(
+                "guard %s: standing check failed: %s: %s", self.target.name, type(exc).__name__, exc
+            )
             return
         self._answered = time.monotonic()
         self._stopped = stopped
@@ -392,12 +440,12 @@ class Guard:
             log.error("guard %s: stopped by incident response: %s", self.target.name, stopped[1])
             self.alerts.fire("guard.stopped", model=self.target.name, code=stopped[0])
             try:
-                self._record("guard.stopped", decision="denied", code=stopped[0],
-                             reason=stopped[1])  # fmt: skip
+                self._record("guard.stopped", decision="denied", code=stopped[0], reason=stopped[1])
             except Exception as exc:  # the stop holds whether or not it is recorded
                 self.metrics.inc("sealstore_guard_audit_failures_total")
-                log.error("guard %s: stop not recorded: %s: %s", self.target.name,
-                          type(exc).__name__, exc)  # fmt: skip
+                log.error(
+                    "guard %s: stop not recorded: %s: %s", self.target.name, type(exc).__name__, exc
+                )
         self._recorded_stop = stopped
 
 

@@ -19,8 +19,9 @@ def _standing_source(source: Any) -> Callable[[], tuple[str, str]]:
         key = wrapper_for(source)
         if callable(getattr(key, "standing", None)):
             return key.standing
-    raise ValueError(f"not a lockdown source (a broker key URI or an object with standing()): "
-                     f"{source!r:.80}")  # fmt: skip
+    raise ValueError(
+        f"not a lockdown source (a broker key URI or an object with standing()): {source!r:.80}"
+    )
 
 
 def standing_sources(policy: GuardPolicy, found: Sequence[Any] = ()) -> list[Any]:

@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__.split("\n")[0])
     p.add_argument("targets", nargs="*", help=f"default: all ({', '.join(harness.target_names())})")
-    p.add_argument("--seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", "60")),
-                   help="per target (default: $FUZZ_SECONDS or 60)")  # fmt: skip
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=int(os.environ.get("FUZZ_SECONDS", "60")),
+        help="per target (default: $FUZZ_SECONDS or 60)",
+    )
     p.add_argument("--runs", type=int, default=0, help="stop a target after this many inputs")
     p.add_argument("--work", type=Path, default=Path("build/fuzz"), help="corpora and crashes")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -72,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "tests.fuzz.run", "--one", name, f"--seconds={args.seconds}",
-               f"--runs={args.runs}", f"--work={work}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            "--one",
+            name,
+            f"--seconds={args.seconds}",
+            f"--runs={args.runs}",
+            f"--work={work}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         stats = [ln for ln in proc.stderr.splitlines() if ln.startswith("stat::number_of_executed")]
         runs = stats[-1].split(":")[-1].strip() if stats else "?"

@@ -155,17 +155,27 @@ def create(
                                 planned.append(c)
                             continue
                     rec = VersionRecord(
-                        tenant, name, version, sha, bom,
-                        bool(m.shredded), escrow,
-                    )  # fmt: skip
+                        tenant,
+                        name,
+                        version,
+                        sha,
+                        bom,
+                        bool(m.shredded),
+                        escrow,
+                    )
                     planned.append(_Planned(rec, m, docs))
                 for tag in store.storage.list(f"tenants/{tenant}/refs/{name}"):
                     path = f"tenants/{tenant}/refs/{name}/{tag}"
                     try:
                         raw = store.storage.read(path)
-                        tv, _ = verify_tag(raw, store.signers_for(tenant, "publisher"),
-                                           store=store.id, tenant=tenant, name=name,
-                                           tag=tag)  # fmt: skip
+                        tv, _ = verify_tag(
+                            raw,
+                            store.signers_for(tenant, "publisher"),
+                            store=store.id,
+                            tenant=tenant,
+                            name=name,
+                            tag=tag,
+                        )
                         if seq is not None and seq.tag(name, tag) != (tv, _):
                             raise AuthenticationError(
                                 f"names {name}:{tv}, not what the tenant's signed sequence says "
@@ -202,8 +212,16 @@ def create(
 
         def job(blob: str, e: FileEntry, p: _Planned) -> Callable[[], None]:
             src = store.object_path(p.record.tenant, e.object)
-            return lambda: _copy(store.storage, src, dest, f"objects/{blob}",
-                                 e.object_digest, e.object_size, stats, progress)  # fmt: skip
+            return lambda: _copy(
+                store.storage,
+                src,
+                dest,
+                f"objects/{blob}",
+                e.object_digest,
+                e.object_size,
+                stats,
+                progress,
+            )
 
         blobs = list(todo)
         outcomes = _run_copies([job(b, *todo[b]) for b in blobs], threads)
@@ -286,7 +304,16 @@ def create(
     stats.versions = len(snap.versions)
     stats.objects = len(snap.objects)
     stats.seconds = time.monotonic() - t0
-    record(store, "backup", decision="failed" if snap.damaged else "ok",
-           detail={"to": dest.url, "snapshot": snap.id, "versions": stats.versions,
-                   "copied": stats.copied, "damaged": len(snap.damaged)})  # fmt: skip
+    record(
+        store,
+        "backup",
+        decision="failed" if snap.damaged else "ok",
+        detail={
+            "to": dest.url,
+            "snapshot": snap.id,
+            "versions": stats.versions,
+            "copied": stats.copied,
+            "damaged": len(snap.damaged),
+        },
+    )
     return snap, stats

@@ -115,9 +115,11 @@ def _select(
 
         versions = [v for v in versions if wanted(v.name, v.version)]
         tags = [t for t in tags if wanted(t.name, t.version)]
-        missing = [str(r) for r in refs
-                   if not any(v.name == r.name and r.version in (None, v.version)
-                              for v in versions)]  # fmt: skip
+        missing = [
+            str(r)
+            for r in refs
+            if not any(v.name == r.name and r.version in (None, v.version) for v in versions)
+        ]
         if missing:
             raise NotFound(f"snapshot {snap.id} has no {missing[0]}")
     if known_good:
@@ -186,15 +188,22 @@ def restore(
     signers = config["signers"]
     stats = report.stats
     # Versions any snapshot here records as shredded (load_snapshot checks the store id).
-    shredded = {v.ref for sn in _verified_snapshots(dest, config["root"])
-                for v in sn.versions if v.shredded}  # fmt: skip
+    shredded = {
+        v.ref for sn in _verified_snapshots(dest, config["root"]) for v in sn.versions if v.shredded
+    }
     writes: list[tuple[VersionRecord, Manifest, bytes | None]] = []
     jobs: list[tuple[VersionRecord, FileEntry]] = []
     for rec in sorted(versions, key=lambda v: v.ref):
         try:
             snap_raw = _read_doc(dest, rec.manifest, f"the manifest of {rec.ref}")
-            m = Manifest.verify(snap_raw, signers, store=snap.store, tenant=rec.tenant,
-                                name=rec.name, version=rec.version)  # fmt: skip
+            m = Manifest.verify(
+                snap_raw,
+                signers,
+                store=snap.store,
+                tenant=rec.tenant,
+                name=rec.name,
+                version=rec.version,
+            )
         except SealstoreError as exc:
             report.problems.append(f"{rec.ref}: {exc}")
             continue
@@ -279,10 +288,20 @@ def restore(
     stats.versions = report.versions
     stats.objects = sum(len(m.files) for _, m, _ in writes if not m.shredded)
     stats.seconds = time.monotonic() - t0
-    record(store, "restore", tenant=tenant, decision="failed" if report.problems else "ok",
-           detail={"from": dest.url, "snapshot": snap.id, "versions": report.versions,
-                   "repaired": len(report.repaired), "known_good": bool(known_good),
-                   "problems": len(report.problems)})  # fmt: skip
+    record(
+        store,
+        "restore",
+        tenant=tenant,
+        decision="failed" if report.problems else "ok",
+        detail={
+            "from": dest.url,
+            "snapshot": snap.id,
+            "versions": report.versions,
+            "repaired": len(report.repaired),
+            "known_good": bool(known_good),
+            "problems": len(report.problems),
+        },
+    )
     return report
 
 
@@ -310,8 +329,16 @@ def _restore_job(
             return
         report.repaired.append(f"object of {rec.ref}/{e.path}")
         try:
-            _copy(dest, f"objects/{blob}", store.storage, obj, e.object_digest, e.object_size,
-                  stats, progress)  # fmt: skip
+            _copy(
+                dest,
+                f"objects/{blob}",
+                store.storage,
+                obj,
+                e.object_digest,
+                e.object_size,
+                stats,
+                progress,
+            )
         except NotFound:
             raise NotFound(f"object {blob} is missing from the backup") from None
         except AuthenticationError:
@@ -361,8 +388,9 @@ def _set_tag(
     where = f"{t.tenant}/{t.name}@{t.tag}"
     try:
         raw = _read_doc(dest, t.doc, f"tag {where}")
-        _, digest = verify_tag(raw, signers, store=snap.store, tenant=t.tenant, name=t.name,
-                               tag=t.tag)  # fmt: skip
+        _, digest = verify_tag(
+            raw, signers, store=snap.store, tenant=t.tenant, name=t.name, tag=t.tag
+        )
         now_digest = hashlib.sha256(store.manifest_bytes(t.name, t.version, tenant=t.tenant))
     except SealstoreError as exc:
         report.problems.append(f"tag {where}: {exc}")

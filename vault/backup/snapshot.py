@@ -196,8 +196,12 @@ def _manifest_from(
     """A version's manifest as the backup holds it, verified."""
     return Manifest.verify(
         _read_doc(dest, rec.manifest, f"the manifest of {rec.ref}"),
-        signers, store=store_id, tenant=rec.tenant, name=rec.name, version=rec.version,
-    )  # fmt: skip
+        signers,
+        store=store_id,
+        tenant=rec.tenant,
+        name=rec.name,
+        version=rec.version,
+    )
 
 
 # -- snapshots -----------------------------------------------------------------------------

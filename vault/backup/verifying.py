@@ -61,8 +61,9 @@ def verify(
     """
     dest = open_storage(url, **storage_options)
     snap, config = load_snapshot(dest, snapshot_id, root=root)
-    res = BackupVerifyResult(snap.id, versions=len(snap.versions), objects=len(snap.objects),
-                             bytes=snap.size)  # fmt: skip
+    res = BackupVerifyResult(
+        snap.id, versions=len(snap.versions), objects=len(snap.objects), bytes=snap.size
+    )
     signers = config["signers"]
     users: dict[str, list[str]] = {}
     digests: dict[str, str] = {}
@@ -104,8 +105,9 @@ def verify(
         where = f"tag {t.tenant}/{t.name}@{t.tag}"
         try:
             raw = _read_doc(dest, t.doc, where)
-            version, digest = verify_tag(raw, signers, store=snap.store, tenant=t.tenant,
-                                         name=t.name, tag=t.tag)  # fmt: skip
+            version, digest = verify_tag(
+                raw, signers, store=snap.store, tenant=t.tenant, name=t.name, tag=t.tag
+            )
         except SealstoreError as exc:
             res.problems.append(str(exc))
             continue

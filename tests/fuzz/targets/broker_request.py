@@ -54,26 +54,40 @@ def _broker() -> Broker:
             "acme": {
                 "keys": [f"local:{_DIR / 'no-keyring.json'}"],
                 "artifacts": {
-                    "tpm-model": {"identities": ["fuzz"], "evidence": ["tpm"],
-                                  "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"}},
-                    "snp-model": {"identities": ["fuzz"], "evidence": ["snp"],
-                                  "snp": {"measurements": ["00" * 48],
-                                          "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0,
-                                                      "microcode": 0}}},
-                    "tdx-model": {"identities": ["fuzz"], "evidence": ["tdx"],
-                                  "tdx": {"mrtd": ["00" * 48], "rtmrs": {0: ["00" * 48]},
-                                          # Intel's real collateral for the seed quote's
-                                          # platform; old, so a grace that reaches past it.
-                                          "collateral": {"dir": str(_TDX_COLLATERAL),
-                                                         "grace_hours": 200_000}}},
+                    "tpm-model": {
+                        "identities": ["fuzz"],
+                        "evidence": ["tpm"],
+                        "tpm": {"pcrs": "7,16", "reference_file": "pcrs.json"},
+                    },
+                    "snp-model": {
+                        "identities": ["fuzz"],
+                        "evidence": ["snp"],
+                        "snp": {
+                            "measurements": ["00" * 48],
+                            "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0},
+                        },
+                    },
+                    "tdx-model": {
+                        "identities": ["fuzz"],
+                        "evidence": ["tdx"],
+                        "tdx": {
+                            "mrtd": ["00" * 48],
+                            "rtmrs": {0: ["00" * 48]},
+                            # Intel's real collateral for the seed quote's
+                            # platform; old, so a grace that reaches past it.
+                            "collateral": {"dir": str(_TDX_COLLATERAL), "grace_hours": 200_000},
+                        },
+                    },
                 },
             }
         },
         "audit": {"log": f"memory://{_DIR.name}/audit"},
         # Never locked out or throttled: each input is judged on its own.
-        "detectors": {"attestation_failures": {"max": 1_000_000},
-                      "release_rate": {"floor": 1_000_000_000}},
-    }  # fmt: skip
+        "detectors": {
+            "attestation_failures": {"max": 1_000_000},
+            "release_rate": {"floor": 1_000_000_000},
+        },
+    }
     (_DIR / "broker.yaml").write_text(yaml.safe_dump(doc))
     logging.getLogger("sealstore.broker").disabled = True
     return Broker(BrokerConfig.load(_DIR / "broker.yaml"))
@@ -89,11 +103,14 @@ def _b64(raw: bytes) -> str:
 
 def _release(artifact: str, evidence: dict[str, Any]) -> bytes:
     body = {
-        "tenant": "acme", "artifact": artifact, "nonce": "$challenge",
-        "public_key": _b64(bytes(range(1, 33))), "evidence": evidence,
+        "tenant": "acme",
+        "artifact": artifact,
+        "nonce": "$challenge",
+        "public_key": _b64(bytes(range(1, 33))),
+        "evidence": evidence,
         "slot": {"kind": "local", "key_id": "local:k1", "blob": _b64(bytes(60))},
         "context": {"purpose": "fuzz"},
-    }  # fmt: skip
+    }
     return b"\x02" + json.dumps(body).encode()
 
 
@@ -104,15 +121,29 @@ def seeds() -> Iterator[bytes]:
     yield b"\x01" + json.dumps({"tenant": "acme"}).encode()
     attest = next(tpm_attest.seeds())
     sig = tpm_attest._AK.sign(attest, tpm_attest.ec.ECDSA(tpm_attest.hashes.SHA256()))
-    yield _release("tpm-model", {"kind": "tpm", "attest": _b64(attest), "signature": _b64(sig),
-                                 "pcrs": {"7": "00" * 32, "16": "16" * 32}})  # fmt: skip
+    yield _release(
+        "tpm-model",
+        {
+            "kind": "tpm",
+            "attest": _b64(attest),
+            "signature": _b64(sig),
+            "pcrs": {"7": "00" * 32, "16": "16" * 32},
+        },
+    )
     chain = load_certificates((snp / "amd-roots" / "ask_ark_milan.pem").read_bytes())
     ask, ark = (_b64(c.public_bytes(serialization.Encoding.DER)) for c in chain)
-    yield _release("snp-model", {
-        "kind": "snp", "report": _b64((snp / "go-sev-guest" / "attestation.bin").read_bytes()),
-        "certs": {"vcek": _b64((snp / "go-sev-guest" / "vcek.testcer").read_bytes()),
-                  "ask": ask, "ark": ark},
-    })  # fmt: skip
+    yield _release(
+        "snp-model",
+        {
+            "kind": "snp",
+            "report": _b64((snp / "go-sev-guest" / "attestation.bin").read_bytes()),
+            "certs": {
+                "vcek": _b64((snp / "go-sev-guest" / "vcek.testcer").read_bytes()),
+                "ask": ask,
+                "ark": ark,
+            },
+        },
+    )
     yield _release(
         "tdx-model", {"kind": "tdx", "quote": _b64((tdx / "tdx_quote_4.dat").read_bytes())}
     )

@@ -40,8 +40,10 @@ def seeds() -> Iterator[bytes]:
     yield _minilm_header()
     rng = np.random.default_rng(7)
     yield save({"w": rng.standard_normal((4, 3), dtype=np.float32)})
-    yield save({"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.ones(3, dtype=bool)},
-               metadata={"format": "pt"})  # fmt: skip
+    yield save(
+        {"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.ones(3, dtype=bool)},
+        metadata={"format": "pt"},
+    )
     yield save({"h": np.zeros((2, 2), dtype=np.float16), "e": np.zeros((0,), dtype=np.uint8)})
 
 
