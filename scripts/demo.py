@@ -7,7 +7,6 @@ package, and prints what happened and how fast.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 # A throwaway keyring in a temporary directory, removed at the end.
 DEMO_PASSPHRASE = "demo-passphrase"  # noqa: S105
@@ -30,32 +28,6 @@ def _sealstore(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     cmd = [exe, *args]
     print("$ sealstore " + " ".join(args))
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-
-
-def _tensors_from_safetensors(storage: Any) -> dict[str, Any]:
-    """Tensors viewing one decrypted safetensors buffer (no copy); sealstore.loaders does more."""
-    import torch
-
-    dtypes = {
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-    }
-    n = int.from_bytes(storage[:8].numpy().tobytes(), "little")
-    meta = json.loads(storage[8 : 8 + n].numpy().tobytes())
-    base = 8 + n
-    out = {}
-    for name, spec in meta.items():
-        if name == "__metadata__":
-            continue
-        start, end = spec["data_offsets"]
-        raw = storage[base + start : base + end]
-        out[name] = raw.view(dtypes[spec["dtype"]]).view(spec["shape"])
-    return out
 
 
 def main() -> int:
@@ -107,23 +79,19 @@ def main() -> int:
         print("\n".join(shown.splitlines()[:8]))
 
         _step("3. load the weights from the store into torch: no plaintext file anywhere")
-        from sealstore.stream import SealedFile
-        from sealstore.vault import Store
-        from sealstore.vault.pull import open_file
+        import sealstore.loaders as sealed
+        from sealstore import Store
+
+        store = Store.open()  # the embedded default: file:// under SEALSTORE_HOME
 
         t0 = time.perf_counter()
         plain = load_file(weights)
         plain = {k: v.clone() for k, v in plain.items()}
         t_plain = time.perf_counter() - t0
+        ref = f"sealstore+{store.url}#all-MiniLM-L6-v2/model.safetensors"
+        print(f">>> sealstore.loaders.load_file({ref!r}, tenant='demo')")
         t0 = time.perf_counter()
-        store = Store.open()
-        _, _, fp, pre, dek = open_file(
-            store, "all-MiniLM-L6-v2", "model.safetensors", tenant="demo"
-        )
-        with dek, fp, SealedFile(fp, dek, preamble=pre) as f:
-            storage = torch.empty(f.size, dtype=torch.uint8)  # no memset: pages fault in once
-            f.decrypt_into(storage.numpy(), threads=2)
-        tensors = _tensors_from_safetensors(storage)
+        tensors = sealed.load_file(ref, tenant="demo")
         t_sealed = time.perf_counter() - t0
         same = plain.keys() == tensors.keys() and all(
             torch.equal(plain[k], tensors[k]) for k in plain
