@@ -117,7 +117,12 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="identity or keyring file to unwrap with (repeatable)",
     )
-    dec.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    dec.add_argument(
+        "-o",
+        "--output",
+        default="-",
+        help="output file, or - for stdout (the default, as age does; never a terminal)",
+    )
     dec.add_argument("input", help="sealed file, or - for stdin")
     _expect_context(dec)
 
@@ -206,6 +211,9 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
+    if args.output == "-" and sys.stdout.isatty():
+        # As age: decrypted bytes are not for a terminal (and a model's are not text).
+        raise ValueError("refusing to write decrypted bytes to a terminal: -o FILE, or redirect")
     _check_output(args)
     start = time.perf_counter()
     total = _size_of(args.input)

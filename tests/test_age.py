@@ -7,6 +7,7 @@ the slots are made and opened by pyrage (the Rust age crate).
 from __future__ import annotations
 
 import os
+import pty
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.age import AgeIdentity, AgeRecipient
 from sealstore.kms.registry import load_identity, wrapper_for
-from tests.test_cli import fails, ok, run
+from tests.test_cli import SEALSTORE, fails, ok, run
 
 CONTEXT = {"purpose": "age test", "file": "model.safetensors"}
 
@@ -151,6 +152,24 @@ def test_cli_encrypts_to_an_age_recipient_and_decrypts_with_its_identity(
     out = tmp_path / "out.bin"
     ok(run("decrypt", "-i", key, "-o", out, sealed))
     assert out.read_bytes() == plain.read_bytes()
+    # No -o: standard output, as age does (a pipe here)...
+    piped = ok(run("decrypt", "-i", key, sealed))
+    assert piped.stdout == plain.read_bytes()
+    # ...but never a terminal.
+    primary, secondary = pty.openpty()
+    try:
+        to_tty = subprocess.run(
+            [str(SEALSTORE), "decrypt", "-i", str(key), str(sealed)],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert to_tty.returncode == 2 and b"terminal" in to_tty.stderr
     other = tmp_path / "other.txt"
     subprocess.run([_tool("age-keygen"), "-o", str(other)], check=True, capture_output=True)
     line = fails(run("decrypt", "-i", other, "-o", tmp_path / "no.bin", sealed), 4)
