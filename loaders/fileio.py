@@ -64,8 +64,8 @@ class SourceRef:
         """Open the sealed file (unwrapping its key through ``identities``).
 
         Raises:
-            NotFound, AuthenticationError, KeyUnavailable, FormatError,
-            BackendError: with the source named.
+            NotFound, AuthenticationError, KeyUnavailable, FormatError, BackendError: with
+                the source named.
         """
         try:
             return open_source(
@@ -125,8 +125,8 @@ def open(  # sealstore.open mirrors the builtin on purpose
 
     Raises:
         ValueError: a mode other than ``"rb"``.
-        NotFound, AuthenticationError, KeyUnavailable, FormatError,
-        BackendError: the message names the source.
+        NotFound, AuthenticationError, KeyUnavailable, FormatError, BackendError: the
+            message names the source.
     """
     if mode != "rb":
         raise ValueError(f"sealstore.open reads only (mode 'rb'), not {mode!r}")

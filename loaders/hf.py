@@ -307,7 +307,7 @@ def from_pretrained(
     Raises:
         ValueError: an unknown or refused option, or (with *strict*) weights
             that do not fit the model.
-        AuthenticationError, KeyUnavailable, NotFound, FormatError.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError: opening the source.
     """
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 

@@ -195,7 +195,7 @@ def load_file(
         ValueError: a *plan* slice outside its tensor, or a split that does not divide evenly.
         ValueError: *verify_signature* with *plan*, a GPU-direct load, a source
             that is not a store version, or no public key.
-        KeyUnavailable, NotFound, FormatError.
+        KeyUnavailable, NotFound, FormatError: opening the source.
     """
     if guard is not None and guard is not False and module is None:
         raise TypeError(
@@ -455,7 +455,7 @@ def load(
 
     Raises:
         TypeError: *data* is not bytes-like.
-        AuthenticationError, KeyUnavailable, FormatError.
+        AuthenticationError, KeyUnavailable, FormatError: opening *data*.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"load() takes the sealed bytes, not {type(data).__name__}")
@@ -744,7 +744,7 @@ def safe_open(
             or a plan slice outside its tensor.
         TensorNotFound: the plan names a tensor the file lacks.
         DeviceUnavailable: a CUDA device was asked for and torch has none.
-        AuthenticationError, KeyUnavailable, NotFound, FormatError.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError: opening the source.
     """
     return SafeOpen(src, framework, device, **kwargs)
 
@@ -966,7 +966,8 @@ def load_model(
 
     Raises:
         RuntimeError: *strict* and something missing or unexpected (safetensors' message).
-        AuthenticationError, KeyUnavailable, NotFound, FormatError, DeviceUnavailable.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError, DeviceUnavailable: as
+            :func:`load_file`.
     """
     from safetensors.torch import _remove_duplicate_names
 

@@ -400,8 +400,8 @@ class ShardSamples(Dataset, _Shards):  # type: ignore[type-arg]
     Random access decodes the shard an index falls in and keeps the last
     ``keep`` shards decoded, so read in shard order where you can.
 
-    Args: as :class:`SealedShards` (``decode``, ``counts``, ``identities``,
-        ``tenant``, ``storage_options``), and ``keep`` (shards held decoded).
+    Its arguments are :class:`SealedShards`' (``decode``, ``counts``, ``identities``,
+    ``tenant``, ``storage_options``), and ``keep`` (shards held decoded).
     """
 
     def __init__(

@@ -32,6 +32,8 @@ from sealstore.enclave import nvgpu, nvgpu_rim
 from sealstore.enclave.certs import spki_sha256
 assert spki_sha256(nvgpu.device_root()) == nvgpu.DEVICE_ROOT_SPKI_SHA256
 assert spki_sha256(nvgpu_rim.rim_root()) == nvgpu_rim.RIM_ROOT_SPKI_SHA256
+# The PEP 561 marker ships: type checkers read the package's hints.
+assert (root / "py.typed").is_file(), "py.typed is not in the wheel"
 print("wheel ok:", root)
 PY
 "$tmp/venv/bin/sealstore" --version
