@@ -334,3 +334,32 @@ def test_cli_rekey(keyring: LocalKeyring, tmp_path: Path) -> None:
     assert "plain.bin: not a sealed file" in line
     line = fails(run("keys", "retire", "k1", tmp_path / "plain.bin"), 3)
     assert "plain.bin: not a sealed file" in line
+
+
+def test_a_tpm_sealed_keyring_gains_and_retires_keks_but_has_no_passphrase(
+    tcti: str, tmp_path: Path
+) -> None:
+    """On swtpm: add-kek and retire re-seal under the same TPM-held sealing key."""
+    from sealstore.errors import KeyReleaseDenied
+    from tests.conftest import extend_pcr16
+
+    ring_path = tmp_path / "ring.json"
+    env = {"SEALSTORE_PASSPHRASE": ""}
+    ok(run("keys", "init", "--keyring", ring_path, "--tpm-pcrs", "7,16", env=env))
+    kdf = json.loads(ring_path.read_text())["kdf"]
+    f = sealed_file(tmp_path, [f"local:{ring_path}"])
+    ok(run("keys", "add-kek", "--keyring", ring_path, env=env))
+    ok(run("keys", "rotate", f, "--to", f"local:{ring_path}", env=env))
+    ok(run("keys", "retire", "k1", f, "--keyring", ring_path, env=env))
+    doc = json.loads(ring_path.read_text())
+    assert doc["kdf"] == kdf and doc["current"] == "k2"
+    ok(run("decrypt", "-o", tmp_path / "back.bin", f, env=env))
+    assert (tmp_path / "back.bin").read_bytes() == DATA
+    line = fails(run("keys", "passwd", "--keyring", ring_path, env=env), 2)
+    assert "sealed to the TPM" in line
+    assert not list(tmp_path.glob("*.bak"))
+    before = ring_path.read_bytes()
+    extend_pcr16()
+    with pytest.raises(KeyReleaseDenied):
+        reopen(ring_path).add_kek()
+    assert ring_path.read_bytes() == before
