@@ -619,7 +619,8 @@ class LocalKeyring:
 
         Its entry stays in the public list, marked ``retired``, so its id is
         never reused and a slot under it is refused by name. No backup is
-        kept (it would hold the KEK this destroys).
+        kept (it would hold the KEK this destroys). The process-wide DEK
+        cache, if any, is emptied: it may hold keys unwrapped under the KEK.
 
         Raises:
             ValueError: no such KEK, already retired, or the current KEK
@@ -646,6 +647,12 @@ class LocalKeyring:
                 dict(k, retired=_now()) if k["id"] == kek_id else k for k in self._public["keks"]
             ]
             self._rewrite(public, table, seal_key, backup=False)
+        # DEKs unwrapped under the KEK may sit in the process-wide DEK cache:
+        # it cannot tell which, so it forgets them all (fail closed).
+        from sealstore.kms import envelope
+
+        if envelope._default_cache is not None:
+            envelope._default_cache.clear()
 
     def change_passphrase(
         self,

@@ -109,6 +109,25 @@ def test_retire_destroys_the_kek_and_fails_closed_by_name(
     assert ring.add_kek() == "k3"
 
 
+def test_retire_empties_the_process_wide_dek_cache(keyring: LocalKeyring, tmp_path: Path) -> None:
+    from sealstore.dekcache import DekCache
+    from sealstore.kms.envelope import configure_cache
+
+    f = sealed_file(tmp_path, ["local:"])
+    cache = DekCache()
+    configure_cache(cache)
+    try:
+        assert plaintext(f, tmp_path) == DATA
+        assert len(cache) == 1  # the DEK is now cached by its slot
+        keyring.add_kek()
+        keyring.retire_kek("k1")
+        assert len(cache) == 0
+        with pytest.raises(KeyUnavailable, match="retired"):
+            plaintext(f, tmp_path)
+    finally:
+        configure_cache(None)
+
+
 def test_retire_after_rotating_keeps_the_file_reachable(
     keyring: LocalKeyring, keyring_path: Path, tmp_path: Path
 ) -> None:
