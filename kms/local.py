@@ -46,12 +46,13 @@ from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
 
-__all__ = ["LocalKeyring", "create_keyring"]
+__all__ = ["LocalKeyring", "create_keyring", "prompt_new_passphrase"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sealstore-keyring-v1"
 PASSPHRASE_ENV = "SEALSTORE_PASSPHRASE"  # noqa: S105 -- a variable name, not a secret
+NEW_PASSPHRASE_ENV = "SEALSTORE_NEW_PASSPHRASE"  # noqa: S105 -- a variable name
 _SLOT_AAD = b"sealstore/v1/slot/local\x00"
 _ZERO_KEY = bytes(32)
 _MAX_KEYRING_SIZE = 1 << 20
@@ -114,6 +115,34 @@ def _prompt(path: Path, *, confirm: bool) -> str:
         )
     first = getpass.getpass(f"Passphrase for keyring {path}: ")
     if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise ValueError("passphrases do not match")
+    return first
+
+
+def _keep_backup(path: Path) -> Path:
+    """Copy *path* beside itself as ``FILE.TIME.bak`` (mode 0600), never over another."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = path.with_name(f"{path.name}.{stamp}.bak")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.{stamp}-{n}.bak")
+    with atomic_file(backup, mode=0o600) as fp:
+        fp.write(path.read_bytes())
+    return backup
+
+
+def prompt_new_passphrase(path: Path) -> str:
+    """A new passphrase: ``SEALSTORE_NEW_PASSPHRASE``, or asked twice on a terminal."""
+    env = os.environ.get(NEW_PASSPHRASE_ENV)
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise KeyUnavailable(
+            f"a new passphrase for keyring {path}: set {NEW_PASSPHRASE_ENV} or run in a terminal"
+        )
+    first = getpass.getpass(f"New passphrase for keyring {path}: ")
+    if getpass.getpass("Repeat new passphrase: ") != first:
         raise ValueError("passphrases do not match")
     return first
 
@@ -229,6 +258,10 @@ def _check_document(doc: dict[str, Any]) -> str | None:
     current = doc.get("current")
     if not isinstance(current, str) or current not in {k["id"] for k in keks}:
         return "'current' names no KEK"
+    if any(not isinstance(k.get("retired", ""), str) for k in keks):
+        return "a KEK's 'retired' must be a time"
+    if any(k["id"] == current and "retired" in k for k in keks):
+        return "the current KEK is retired"
     if any(k["id"].startswith("!") for k in keks):
         return "a KEK id may not start with '!'"
     if "signing" in doc and not (
@@ -448,40 +481,48 @@ class LocalKeyring:
 
     # -- secrets -------------------------------------------------------------------
 
+    def _seal_key(self) -> bytes:
+        """The key the KEK table is sealed under (asks for the passphrase if needed)."""
+        kdf = self._public["kdf"]
+        if kdf.get("alg") == "none":
+            log.warning("keyring %s is not protected by a passphrase", self.path)
+            return _ZERO_KEY
+        if kdf.get("alg") == "argon2id":
+            passphrase = _prompt(self.path, confirm=False)
+            return _argon2id(
+                passphrase,
+                base64.b64decode(kdf["salt"]),
+                int(kdf["opslimit"]),
+                int(kdf["memlimit"]),
+            )
+        if kdf.get("alg") == "tpm":
+            unsealed = _tpm_sealer().unseal_secret(kdf, f"keyring {self.path}")
+            seal_key = bytes(unsealed)
+            unsealed[:] = bytes(len(unsealed))
+            return seal_key
+        raise FormatError(f"keyring {self.path}: unknown KDF {kdf.get('alg')!r}")
+
+    def _open_table(self, seal_key: bytes) -> dict[str, bytes]:
+        """The sealed table (KEKs and signing seed) opened with *seal_key*."""
+        sealed = base64.b64decode(self._sealed)
+        try:
+            secret = AESGCM(seal_key).decrypt(
+                sealed[:12], sealed[12:], canonical_json(self._public)
+            )
+        except InvalidTag:
+            raise KeyUnavailable(
+                f"cannot open keyring {self.path}: wrong passphrase or edited file"
+            ) from None
+        table = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
+        if self.current not in table or any(len(v) != 32 for v in table.values()):
+            raise FormatError(f"keyring {self.path} is damaged: bad KEK table")
+        return table
+
     def _unlock(self) -> dict[str, bytes]:
         with self._lock:
             if self._keks is not None:
                 return self._keks
-            kdf = self._public["kdf"]
-            if kdf.get("alg") == "none":
-                log.warning("keyring %s is not protected by a passphrase", self.path)
-                seal_key = _ZERO_KEY
-            elif kdf.get("alg") == "argon2id":
-                passphrase = _prompt(self.path, confirm=False)
-                seal_key = _argon2id(
-                    passphrase,
-                    base64.b64decode(kdf["salt"]),
-                    int(kdf["opslimit"]),
-                    int(kdf["memlimit"]),
-                )
-            elif kdf.get("alg") == "tpm":
-                unsealed = _tpm_sealer().unseal_secret(kdf, f"keyring {self.path}")
-                seal_key = bytes(unsealed)
-                unsealed[:] = bytes(len(unsealed))
-            else:
-                raise FormatError(f"keyring {self.path}: unknown KDF {kdf.get('alg')!r}")
-            sealed = base64.b64decode(self._sealed)
-            try:
-                secret = AESGCM(seal_key).decrypt(
-                    sealed[:12], sealed[12:], canonical_json(self._public)
-                )
-            except InvalidTag:
-                raise KeyUnavailable(
-                    f"cannot open keyring {self.path}: wrong passphrase or edited file"
-                ) from None
-            keks = {k: base64.b64decode(v) for k, v in json.loads(secret).items()}
-            if self.current not in keks or any(len(v) != 32 for v in keks.values()):
-                raise FormatError(f"keyring {self.path} is damaged: bad KEK table")
+            keks = self._open_table(self._seal_key())
             signing = keks.pop(_SIGNING, None)
             if (signing is None) != (self.signing_key_id is None) or (
                 signing is not None and _signing_key_id(signing) != self.signing_key_id
@@ -490,6 +531,172 @@ class LocalKeyring:
             self._signing = signing
             self._keks = keks
             return keks
+
+    # -- management ----------------------------------------------------------------
+
+    def retired(self, kek_id: str) -> str | None:
+        """When KEK *kek_id* was retired, or None if it was not (or does not exist)."""
+        for kek in self._public["keks"]:
+            if kek["id"] == kek_id and kek.get("retired") is not None:
+                return str(kek["retired"])
+        return None
+
+    def _reload(self) -> None:
+        """Re-read the file: another process may have changed it since it was opened."""
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FormatError(
+                f"keyring {self.path} is unreadable: {exc.__class__.__name__}"
+            ) from None
+        problem = (
+            "not a sealstore keyring"
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT
+            else _check_document(doc)
+        )
+        if problem:
+            raise FormatError(f"keyring {self.path} is damaged: {problem}")
+        public = {k: v for k, v in doc.items() if k != "sealed"}
+        if public.get("id") != self.id:
+            raise FormatError(f"keyring {self.path} was replaced by another keyring")
+        if public != self._public or doc["sealed"] != self._sealed:
+            self._public, self._sealed = public, doc["sealed"]
+            self._keks = self._signing = None
+
+    def _rewrite(
+        self,
+        public: dict[str, Any],
+        table: dict[str, bytes],
+        seal_key: bytes,
+        *,
+        backup: bool,
+    ) -> Path | None:
+        """Seal *table* under *seal_key* with *public* and replace the file atomically.
+
+        The new document is opened again before it is written, so a keyring
+        that could not be opened is never written. Returns the backup's path.
+        """
+        data = _seal_document(public, table, seal_key)
+        doc = json.loads(data)
+        sealed = base64.b64decode(doc["sealed"])
+        check = AESGCM(seal_key).decrypt(sealed[:12], sealed[12:], canonical_json(public))
+        if json.loads(check) != {k: _b64(v) for k, v in table.items()} or _check_document(doc):
+            raise SealstoreError(f"keyring {self.path}: the rewritten keyring does not verify")
+        kept = _keep_backup(self.path) if backup else None
+        with atomic_file(self.path, mode=0o600) as fp:
+            fp.write(data)
+        self._public, self._sealed = public, doc["sealed"]
+        keks = dict(table)
+        self._signing = keks.pop(_SIGNING, None)
+        self._keks = keks
+        return kept
+
+    def add_kek(self) -> str:
+        """Add a fresh KEK and make it current; the old ones stay to unwrap.
+
+        New slots are wrapped under the new KEK; ``keys rotate FILE --to
+        local:RING`` moves a file's slot onto it. Returns the new KEK id
+        (``k<n>``, never the id of a KEK retired before).
+        """
+        with self._lock:
+            self._reload()
+            seal_key = self._seal_key()
+            table = self._open_table(seal_key)
+            used = [str(k["id"]) for k in self._public["keks"]]
+            numbers = [int(i[1:]) for i in used if i[:1] == "k" and i[1:].isdigit()]
+            kek_id = f"k{max(numbers, default=0) + 1}"
+            while kek_id in used:  # hand-made ids: never reuse one
+                kek_id = f"k{int(kek_id[1:]) + 1}"
+            table[kek_id] = os.urandom(32)
+            public = dict(self._public)
+            public["keks"] = [*self._public["keks"], {"id": kek_id, "created": _now()}]
+            public["current"] = kek_id
+            self._rewrite(public, table, seal_key, backup=False)
+            return kek_id
+
+    def retire_kek(self, kek_id: str) -> None:
+        """Destroy KEK *kek_id*: its key leaves the sealed table for good.
+
+        Its entry stays in the public list, marked ``retired``, so its id is
+        never reused and a slot under it is refused by name. No backup is
+        kept (it would hold the KEK this destroys). The process-wide DEK
+        cache, if any, is emptied: it may hold keys unwrapped under the KEK.
+
+        Raises:
+            ValueError: no such KEK, already retired, or the current KEK
+                (add a new one first: there must always be one to wrap with).
+        """
+        with self._lock:
+            self._reload()
+            ids = [str(k["id"]) for k in self._public["keks"]]
+            if kek_id not in ids:
+                raise ValueError(f"keyring {self.path} has no KEK {kek_id!r}")
+            when = self.retired(kek_id)
+            if when is not None:
+                raise ValueError(f"KEK {kek_id!r} was already retired on {when}")
+            if kek_id == self.current:
+                raise ValueError(
+                    f"KEK {kek_id!r} is the current KEK of keyring {self.path}: add a new one "
+                    "first (sealstore keys add-kek)"
+                )
+            seal_key = self._seal_key()
+            table = self._open_table(seal_key)
+            table.pop(kek_id, None)
+            public = dict(self._public)
+            public["keks"] = [
+                dict(k, retired=_now()) if k["id"] == kek_id else k for k in self._public["keks"]
+            ]
+            self._rewrite(public, table, seal_key, backup=False)
+        # DEKs unwrapped under the KEK may sit in the process-wide DEK cache:
+        # it cannot tell which, so it forgets them all (fail closed).
+        from sealstore.kms import envelope
+
+        if envelope._default_cache is not None:
+            envelope._default_cache.clear()
+
+    def change_passphrase(
+        self,
+        new_passphrase: str,
+        *,
+        opslimit: int | None = None,
+        memlimit: int | None = None,
+    ) -> Path:
+        """Re-seal the keyring under *new_passphrase* (fresh salt); returns the backup's path.
+
+        The old file is kept beside it as ``FILE.TIME.bak`` (mode 0600), as
+        ``keys init --force`` does: it still opens with the old passphrase.
+        An unprotected keyring gains a passphrase.
+
+        Raises:
+            ValueError: an empty passphrase, or a TPM-sealed keyring (it has none).
+            KeyUnavailable: the current passphrase is wrong.
+        """
+        from nacl import pwhash
+
+        if not new_passphrase:
+            raise ValueError("an empty passphrase is not allowed")
+        with self._lock:
+            self._reload()
+            kdf = self._public["kdf"]
+            if kdf.get("alg") == "tpm":
+                raise ValueError(f"keyring {self.path} is sealed to the TPM and has no passphrase")
+            seal_key = self._seal_key()
+            table = self._open_table(seal_key)
+            argon = kdf.get("alg") == "argon2id"
+            ops = opslimit or (kdf["opslimit"] if argon else pwhash.argon2id.OPSLIMIT_INTERACTIVE)
+            mem = memlimit or (kdf["memlimit"] if argon else pwhash.argon2id.MEMLIMIT_INTERACTIVE)
+            salt = os.urandom(pwhash.argon2id.SALTBYTES)
+            public = dict(self._public)
+            public["kdf"] = {
+                "alg": "argon2id",
+                "salt": _b64(salt),
+                "opslimit": ops,
+                "memlimit": mem,
+            }
+            new_key = _argon2id(new_passphrase, salt, ops, mem)
+            kept = self._rewrite(public, table, new_key, backup=True)
+            assert kept is not None
+            return kept
 
     def _aad(self, kek_id: str, context: Mapping[str, str]) -> bytes:
         return b"".join(
@@ -524,6 +731,12 @@ class LocalKeyring:
         if not self.can_unwrap(slot):
             raise KeyUnavailable(f"slot was not made by keyring {self.path}")
         kek_id = str(slot.params.get("kek", ""))
+        retired = self.retired(kek_id)
+        if retired is not None:
+            raise KeyUnavailable(
+                f"keyring {self.path}: KEK {kek_id!r} was retired on {retired} and no longer "
+                "unwraps (a file still sealed to it needs another slot, or a backup of the keyring)"
+            )
         keks = self._unlock()
         if kek_id not in keks:
             raise KeyUnavailable(f"keyring {self.path} has no KEK {kek_id!r}")
