@@ -255,7 +255,8 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"keyring   {info['path']}")
     print(f"id        {info['id']}")
-    print(f"protected {'yes (argon2id)' if info['protected'] else 'NO'}")
+    how = {"argon2id": "yes (argon2id passphrase)", "tpm": "yes (sealed to this TPM)"}
+    print(f"protected {how.get(info['kdf'], 'yes') if info['protected'] else 'NO'}")
     print(f"key uri   local:{info['path']}")
     print(f"signing   {info['signing_key'] or '(none: an old keyring; create a new one to sign)'}")
     for kek in info["keks"]:
