@@ -28,6 +28,7 @@ complete list may carry) and the freshness and caching rules.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import logging
 import os
 import threading
@@ -308,8 +309,9 @@ class SnpRevocation:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (http/s)
                 der = resp.read(_MAX_CRL + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            why = getattr(exc, "reason", None) or exc
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            # HTTPException: a server answering garbage (BadStatusLine, IncompleteRead).
+            why = getattr(exc, "reason", None) or _why(exc)
             raise AttestationError(
                 f"the CRL cannot be fetched from {url}: {why}", "snp-crl-unavailable"
             ) from None
@@ -347,3 +349,8 @@ class SnpRevocation:
             tmp.replace(path)
         except OSError as exc:
             log.warning("cannot keep the SEV-SNP CRL in %s: %s", path, exc)
+
+
+def _why(exc: Exception) -> object:
+    """What went wrong, in one line: an HTTPException may carry the server's raw bytes."""
+    return type(exc).__name__ if isinstance(exc, http.client.HTTPException) else exc

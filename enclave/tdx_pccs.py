@@ -22,6 +22,7 @@ each item's own ``nextUpdate``. The fetch uses the standard library
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
 import ssl
@@ -138,8 +139,12 @@ class Pccs:
             raise AttestationError(
                 f"the PCCS answered {exc.code} for {path}", "tdx-collateral-unavailable"
             ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            # HTTPException: a server that answers, but not in HTTP (BadStatusLine,
+            # IncompleteRead...): as unavailable as one that does not answer.
+            reason = getattr(exc, "reason", None) or (
+                type(exc).__name__ if isinstance(exc, http.client.HTTPException) else exc
+            )
             raise AttestationError(
                 f"the PCCS at {self.url} cannot be reached: {reason}", "tdx-collateral-unavailable"
             ) from None

@@ -20,6 +20,7 @@ from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.enclave.snp import verify_report
 from sealstore.enclave.snp_crl import SnpRevocation, check_crl, load_crl
 from sealstore.errors import AttestationError, FormatError
+from tests.raw_server import raw_server
 from tests.snp_chain import AT, Chain, cert, make_chain, make_crl, vcek_exts
 from tests.test_snp_products import real
 
@@ -414,3 +415,18 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
         attempt()
     # The broker's own list is stale: a 503, not counted against the caller.
     assert (err.value.code, err.value.status) == ("snp-crl-stale", 503)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"GARBAGE\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n"],
+)
+def test_a_server_answering_garbage_is_unavailable(answer: bytes) -> None:
+    """BadStatusLine / IncompleteRead from a broken KDS: snp-crl-unavailable, not a crash."""
+    report, vcek, chain = real("Genoa")
+    with raw_server(answer) as port:
+        rev = SnpRevocation(url=f"http://127.0.0.1:{port}/{{key}}/{{product}}", timeout=5)
+        with pytest.raises(AttestationError) as err:
+            verify_report(report, vcek, chain, at=AT, revocation=rev)
+    assert err.value.code == "snp-crl-unavailable"
+    assert "\n" not in str(err.value)

@@ -28,6 +28,7 @@ from sealstore.enclave.tdx_collateral import TcbPolicy
 from sealstore.enclave.tdx_pccs import Pccs
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
+from tests.raw_server import raw_server
 
 SET = Path(__file__).parent / "data" / "tdx" / "go-tdx-guest-2023"
 QUOTE = shared_data() / "attestation" / "tdx" / "trustee" / "tdx_quote_4.dat"
@@ -175,3 +176,20 @@ def test_pccs_failures(pccs: tuple[str, type[_Handler]], tls: tuple[Path, Path])
     assert code(Pccs(url, ca_file=tls[0])) == "tdx-collateral-format"
     with pytest.raises(ValueError, match="PCCS URL"):
         Pccs("ftp://pccs")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"GARBAGE\r\n\r\n",  # BadStatusLine
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n",  # too many headers
+    ],
+)
+def test_a_server_answering_garbage_is_unavailable(answer: bytes) -> None:
+    """Not HTTP at all: http.client raises HTTPException, refused as unavailable (not a 500)."""
+    with raw_server(answer) as port:
+        source = Pccs(f"http://127.0.0.1:{port}", timeout=5)
+        with pytest.raises(AttestationError) as err:
+            verify_quote(QUOTE.read_bytes(), at=AT, collateral=source)
+    assert err.value.code == "tdx-collateral-unavailable"
+    assert "\n" not in str(err.value)
