@@ -32,7 +32,7 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,8 @@ class Collateral:
         qe_identity_chain: PEM of its ``SGX-Enclave-Identity-Issuer-Chain``.
         pck_crl: the CRL of the CA that issued the PCK (DER, PEM or hex DER).
         root_crl: the Intel SGX Root CA's CRL (DER, PEM or hex DER).
+        on_verified: called by ``appraise`` once all four items verified
+            (signatures to the pinned root, freshness): a source caches only then.
     """
 
     tcb_info: bytes = field(repr=False)
@@ -86,6 +88,7 @@ class Collateral:
     qe_identity_chain: bytes = field(repr=False)
     pck_crl: bytes = field(repr=False)
     root_crl: bytes = field(repr=False)
+    on_verified: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,10 @@ def appraise(
         root,
         policy,
     )
+
+    # All four items are Intel's and current: only now may a source keep them.
+    if collateral.on_verified is not None:
+        collateral.on_verified()
 
     qe_status, qe_advisories = _qe_identity(quote.qe_report, qe_id)
     platform = pck_tcb(pck)
