@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,13 @@ def _digest_of(path: Path) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+# The files of a TDX collateral folder (tdx_pccs.CollateralDir's layout).
+_COLLATERAL = re.compile(
+    r"tcb-info-[0-9a-f]{12}(\.json|\.issuer-chain\.pem)|qe-identity(\.json|\.issuer-chain\.pem)"
+    r"|pck-crl-(platform|processor)\.crl|root-ca-crl\.crl"
+)
 
 
 class _Bad(Exception):
@@ -707,14 +715,17 @@ class _Parser:
                     raise _Bad(f"{where}.{k}: needs crl_file or crl_url")
             return None
         files: tuple[Path, ...] = ()
+        contents: tuple[bytes, ...] = ()
         if "crl_file" in d:
             raw = d["crl_file"] if isinstance(d["crl_file"], list) else [d["crl_file"]]
             files = tuple(self._file(f, f"{where}.crl_file") for f in raw)
             if not files:
                 raise _Bad(f"{where}.crl_file: expected a file path or a list of them")
-            for f in files:  # its signature is checked against the ARK of each evidence
+            contents = tuple(self._bytes(f) for f in files)  # the bytes digested and signed
+            for f, data in zip(files, contents, strict=True):
+                # its signature is checked against the ARK of each evidence
                 try:
-                    load_crl(f.read_bytes(), str(f))
+                    load_crl(data, str(f))
                 except AttestationError as exc:
                     raise _Bad(f"{where}.crl_file: {exc}") from None
             if "crl_cache" in d:
@@ -737,6 +748,7 @@ class _Parser:
             raise _Bad(f"{where}.crl_grace: expected seconds from 0 to 10000000")
         return SnpRevocation(
             files=files,
+            contents=contents if files else (),
             url=url,
             grace=dt.timedelta(seconds=grace),
             cache_dir=None if cache is None else self.path.parent / cache,
@@ -779,7 +791,13 @@ class _Parser:
             folder = folder if folder is None or folder.is_absolute() else self.path.parent / folder
             if folder is None or not folder.is_dir():
                 raise _Bad(f"{where}.dir: expected an existing folder")
-            source = tdx_pccs.CollateralDir(folder)
+            # Read now, as sources: signed with the config, watched, and a
+            # change only takes effect through a reload (never read live).
+            names = sorted(
+                q.name for q in folder.iterdir() if _COLLATERAL.fullmatch(q.name) and q.is_file()
+            )
+            files = {n: self._bytes(self._file(str(folder / n), f"{where}.dir")) for n in names}
+            source = tdx_pccs.CollateralDir(folder, files=files)
         else:
             ca = self._file(d["pccs_ca"], f"{where}.pccs_ca") if "pccs_ca" in d else None
             try:

@@ -32,6 +32,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -64,16 +65,29 @@ class CollateralDir:
 
     Args:
         path: the folder.
+        files: its files' bytes by name, as already read (the broker config
+            reads them at load, so they are signed and watched, and a change
+            takes effect only through a reload); default: read on demand.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, files: Mapping[str, bytes] | None = None
+    ) -> None:
         self.path = Path(path)
+        self.files = None if files is None else dict(files)
 
     def __repr__(self) -> str:
         return f"CollateralDir({str(self.path)!r})"
 
     def _read(self, name: str) -> bytes:
         p = self.path / name
+        if self.files is not None:
+            if name not in self.files:
+                raise AttestationError(
+                    f"TDX collateral {p} was not there when the config was loaded",
+                    "tdx-collateral-unavailable",
+                )
+            return self.files[name]
         try:
             return p.read_bytes()
         except OSError as exc:
