@@ -846,7 +846,7 @@ class _Parser:
             for i, f in enumerate(files):
                 path = self._file(f, f"{where}.{key}[{i}]")
                 try:
-                    loaded.append(nvgpu_rim.load_rim(path.read_bytes(), path.name, at=at))
+                    loaded.append(nvgpu_rim.load_rim(self._bytes(path), path.name, at=at))
                 except AttestationError as exc:
                     raise _Bad(f"{where}.{key}[{i}]: {exc}") from None
             rims[key] = tuple(loaded)

@@ -14,6 +14,7 @@ same report: ``nvgpu-nonce``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
 import ssl
@@ -359,3 +360,26 @@ def test_a_client_without_gpu_evidence_says_so(served: tuple[Broker, str, Path],
     with pytest.raises(AttestationError) as err:
         client.unwrap(slot, CONTEXT)
     assert err.value.code == "evidence-unavailable"
+
+
+def test_each_rim_is_read_once_and_parsed_from_the_bytes_digested(
+    tmp_path: Path, tls: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest a bundle signature covers and the RIM judged come from one read."""
+    rims = {DATA / DRIVER_RIM, DATA / VBIOS_RIM}
+    reads: list[Path] = []
+    real_read = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        if self in rims:
+            reads.append(self)
+        return real_read(self)
+
+    cfg = _config(tmp_path, tls, SNP_GPU)
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    loaded = BrokerConfig.load(cfg)
+    monkeypatch.undo()
+    # Per RIM: one read for the content, one for the "changed while it was read" check.
+    assert sorted(reads) == sorted([*rims, *rims])
+    for rim in rims:
+        assert loaded.sources[str(rim)] == hashlib.sha256(rim.read_bytes()).hexdigest()
