@@ -151,15 +151,31 @@ class BrokerConfig:
     reload_interval: float = 2.0  # how often the files are looked at (seconds)
     signing_key: bytes | None = field(default=None, repr=False)  # raw Ed25519; None: unsigned
     bundle_serial: int | None = None  # the verified signature's serial (signing only)
+    # The signing key came from outside the config (serve --bundle-key or
+    # $SEALSTORE_BROKER_BUNDLE_KEY), not from signing.public_key.
+    bundle_key_pinned: bool = False
+    # serve --allow-bundle-key-change: start although the audit log shows bundles
+    # of another key (or signed ones, and this config is unsigned); audited.
+    allow_bundle_key_change: bool = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> BrokerConfig:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        bundle_key: bytes | None = None,
+    ) -> BrokerConfig:
         """Read and check a broker config file.
 
         Args:
             path: the YAML file.
             verify: check the bundle signature when ``signing.public_key`` is set
                 (only ``sealstore broker sign`` loads without it, to make one).
+            bundle_key: the raw Ed25519 public key bundles must be signed with,
+                pinned outside the config (``load_bundle_key``): the config must
+                then be signed by it, whatever its ``signing:`` says (which, if
+                given, must name the same key).
 
         Raises:
             FormatError: the file is missing, not YAML, or a field is wrong (the
@@ -185,6 +201,13 @@ class BrokerConfig:
         for name, digest in config.sources.items():
             if _digest_of(Path(name)) != digest:
                 raise FormatError(f"broker config {p}: {name} changed while it was read")
+        if bundle_key is not None:
+            if config.signing_key is not None and config.signing_key != bundle_key:
+                raise FormatError(
+                    f"broker config {p}: signing.public_key is not the bundle key pinned "
+                    "outside the config (--bundle-key / $SEALSTORE_BROKER_BUNDLE_KEY)"
+                )
+            config = dataclasses.replace(config, signing_key=bundle_key, bundle_key_pinned=True)
         if verify and config.signing_key is not None:
             from sealstore.enclave.broker_bundle import verify_bundle
 
@@ -205,6 +228,28 @@ class BrokerConfig:
         """The files whose change means a reload: the sources, and the signature if signed."""
         out = [Path(p) for p in self.sources]
         return [*out, self.signature_path] if self.signing_key is not None else out
+
+
+BUNDLE_KEY_ENV = "SEALSTORE_BROKER_BUNDLE_KEY"
+
+
+def load_bundle_key(path: str | os.PathLike[str]) -> bytes:
+    """The raw Ed25519 public key in PEM file *path* (a bundle key pinned outside the config).
+
+    Raises:
+        FormatError: the file cannot be read or is not a PEM Ed25519 public key.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise FormatError(f"bundle key {path}: cannot be read: {exc.strerror}") from None
+    except ValueError:
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise FormatError(f"bundle key {path}: not a PEM Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _digest_of(path: Path) -> str | None:
