@@ -28,6 +28,9 @@ from typing import Any
 import nacl.public
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sealstore.audit import read_records
@@ -35,6 +38,7 @@ from sealstore.enclave import release, tpm
 from sealstore.enclave.broker import Broker, Refused
 from sealstore.enclave.broker_client import BrokerKey
 from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.certs import load_certificates
 from sealstore.enclave.tpm_quote import ak_public
 from sealstore.errors import AttestationError, FormatError, KeyReleaseDenied
 from sealstore.keys import DataKey
@@ -243,6 +247,24 @@ def test_every_gpu_counts_once(tmp_path: Path, tls: Path) -> None:
     req, _ = cvm.request()
     assert cvm.code(req) == "nvgpu-count"
     req, _ = cvm.request(gpus=[sample("hopper-2023")] * 2)
+    assert cvm.code(req) == "nvgpu-count"
+    # The same GPU under another attestation key (the leaf is derived with the firmware):
+    # counted by the device identity certificate (the chain's second), it is still one GPU.
+    report, chain = sample("hopper-2023")
+    real = load_certificates(chain)
+    key = ec.generate_private_key(ec.SECP384R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(real[0].subject)
+        .issuer_name(real[0].issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(real[0].not_valid_before_utc)
+        .not_valid_after(real[0].not_valid_after_utc)
+        .sign(key, hashes.SHA384())
+    )
+    other_leaf = b"".join(c.public_bytes(Encoding.PEM) for c in [leaf, *real[1:]])
+    req, _ = cvm.request(gpus=[(report, chain), (report, other_leaf)])
     assert cvm.code(req) == "nvgpu-count"
     # A second, different GPU whose report fails its own checks fails the release.
     other = OwnChain()
