@@ -32,6 +32,20 @@ def register(sub: Any) -> None:
     )
     serve.add_argument("--config", required=True, type=Path, metavar="FILE", help="YAML config")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--bundle-key",
+        type=Path,
+        metavar="PEM",
+        help="the Ed25519 public key bundles must be signed with, pinned outside the config "
+        "(default: $SEALSTORE_BROKER_BUNDLE_KEY, a PEM file): a config it did not sign is "
+        "refused, whatever its signing: says",
+    )
+    serve.add_argument(
+        "--allow-bundle-key-change",
+        action="store_true",
+        help="start although the audit log shows the last config in force signed by another "
+        "key (or signed, and this one is not); the override is recorded in the audit log",
+    )
 
     check = command(bsub, "check", _check, help="check a config file and print what it releases")
     check.add_argument("--config", required=True, type=Path, metavar="FILE")
@@ -103,12 +117,17 @@ def register(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
-    from sealstore.enclave.broker_config import BrokerConfig
+    from sealstore.enclave.broker_config import BUNDLE_KEY_ENV, BrokerConfig, load_bundle_key
     from sealstore.enclave.broker_http import serve
 
+    pinned = args.bundle_key or os.environ.get(BUNDLE_KEY_ENV) or None
+    bundle_key = load_bundle_key(pinned) if pinned else None
+
     def load() -> BrokerConfig:  # at start, and again on every reload
-        config = BrokerConfig.load(args.config)
+        config = BrokerConfig.load(args.config, bundle_key=bundle_key)
+        config = dataclasses.replace(config, allow_bundle_key_change=args.allow_bundle_key_change)
         return config if args.port is None else dataclasses.replace(config, port=args.port)
 
     serve(load(), load=load)

@@ -860,8 +860,12 @@ class Broker:
             if not isinstance(item, dict):
                 raise FormatError(f"{release.GPU_KIND}[{i}] must be an object")
             chain = release.b64d(item["certs"], f"{release.GPU_KIND}[{i}].certs")
-            # One report per GPU: the same device twice does not make two.
-            device = certs.spki_sha256(certs.load_certificates(chain)[0])
+            # One report per GPU: the same device twice does not make two. Counted
+            # by the device identity certificate (the chain's second, "GSP BROM":
+            # its key is fused per chip), not the leaf (the attestation key's
+            # "GSP FMC LF", derived anew with the firmware: one GPU, two leaves).
+            chain_certs = certs.load_certificates(chain)
+            device = certs.spki_sha256(chain_certs[1] if len(chain_certs) > 1 else chain_certs[0])
             if device in devices:
                 raise AttestationError(f"{release.GPU_KIND}[{i}] is a GPU already counted",
                                        "nvgpu-count")  # fmt: skip

@@ -111,8 +111,9 @@ def verify_bundle(config: BrokerConfig) -> int:
     try:
         doc: Any = json.loads(where.read_bytes())
     except FileNotFoundError:
-        raise FormatError(f"broker config {config.path}: unsigned (no {where.name}) while "
-                          "signing.public_key is set") from None  # fmt: skip
+        raise FormatError(f"broker config {config.path}: unsigned (no {where.name}) while a "
+                          "bundle key is pinned (signing.public_key, or serve --bundle-key)"
+                          ) from None  # fmt: skip
     except (OSError, ValueError) as exc:
         raise FormatError(f"bundle signature {where}: not readable JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -123,7 +124,7 @@ def verify_bundle(config: BrokerConfig) -> int:
                           "format, serial, signed_at, key, files, signature")  # fmt: skip
     if body["key"] != key_id(config.signing_key):
         raise FormatError(f"bundle signature {where}: signed by another key than "
-                          "signing.public_key")  # fmt: skip
+                          "the pinned one (signing.public_key, or serve --bundle-key)")  # fmt: skip
     try:
         sig = base64.b64decode(doc.get("signature", ""), validate=True)
         Ed25519PublicKey.from_public_bytes(config.signing_key).verify(

@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,31 @@ class BrokerConfig:
     reload_interval: float = 2.0  # how often the files are looked at (seconds)
     signing_key: bytes | None = field(default=None, repr=False)  # raw Ed25519; None: unsigned
     bundle_serial: int | None = None  # the verified signature's serial (signing only)
+    # The signing key came from outside the config (serve --bundle-key or
+    # $SEALSTORE_BROKER_BUNDLE_KEY), not from signing.public_key.
+    bundle_key_pinned: bool = False
+    # serve --allow-bundle-key-change: start although the audit log shows bundles
+    # of another key (or signed ones, and this config is unsigned); audited.
+    allow_bundle_key_change: bool = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> BrokerConfig:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        bundle_key: bytes | None = None,
+    ) -> BrokerConfig:
         """Read and check a broker config file.
 
         Args:
             path: the YAML file.
             verify: check the bundle signature when ``signing.public_key`` is set
                 (only ``sealstore broker sign`` loads without it, to make one).
+            bundle_key: the raw Ed25519 public key bundles must be signed with,
+                pinned outside the config (``load_bundle_key``): the config must
+                then be signed by it, whatever its ``signing:`` says (which, if
+                given, must name the same key).
 
         Raises:
             FormatError: the file is missing, not YAML, or a field is wrong (the
@@ -184,6 +201,13 @@ class BrokerConfig:
         for name, digest in config.sources.items():
             if _digest_of(Path(name)) != digest:
                 raise FormatError(f"broker config {p}: {name} changed while it was read")
+        if bundle_key is not None:
+            if config.signing_key is not None and config.signing_key != bundle_key:
+                raise FormatError(
+                    f"broker config {p}: signing.public_key is not the bundle key pinned "
+                    "outside the config (--bundle-key / $SEALSTORE_BROKER_BUNDLE_KEY)"
+                )
+            config = dataclasses.replace(config, signing_key=bundle_key, bundle_key_pinned=True)
         if verify and config.signing_key is not None:
             from sealstore.enclave.broker_bundle import verify_bundle
 
@@ -206,12 +230,41 @@ class BrokerConfig:
         return [*out, self.signature_path] if self.signing_key is not None else out
 
 
+BUNDLE_KEY_ENV = "SEALSTORE_BROKER_BUNDLE_KEY"
+
+
+def load_bundle_key(path: str | os.PathLike[str]) -> bytes:
+    """The raw Ed25519 public key in PEM file *path* (a bundle key pinned outside the config).
+
+    Raises:
+        FormatError: the file cannot be read or is not a PEM Ed25519 public key.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise FormatError(f"bundle key {path}: cannot be read: {exc.strerror}") from None
+    except ValueError:
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise FormatError(f"bundle key {path}: not a PEM Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def _digest_of(path: Path) -> str | None:
     """The SHA-256 (hex) of *path*'s bytes, or None if it cannot be read."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+# The files of a TDX collateral folder (tdx_pccs.CollateralDir's layout).
+_COLLATERAL = re.compile(
+    r"tcb-info-[0-9a-f]{12}(\.json|\.issuer-chain\.pem)|qe-identity(\.json|\.issuer-chain\.pem)"
+    r"|pck-crl-(platform|processor)\.crl|root-ca-crl\.crl"
+)
 
 
 class _Bad(Exception):
@@ -707,14 +760,17 @@ class _Parser:
                     raise _Bad(f"{where}.{k}: needs crl_file or crl_url")
             return None
         files: tuple[Path, ...] = ()
+        contents: tuple[bytes, ...] = ()
         if "crl_file" in d:
             raw = d["crl_file"] if isinstance(d["crl_file"], list) else [d["crl_file"]]
             files = tuple(self._file(f, f"{where}.crl_file") for f in raw)
             if not files:
                 raise _Bad(f"{where}.crl_file: expected a file path or a list of them")
-            for f in files:  # its signature is checked against the ARK of each evidence
+            contents = tuple(self._bytes(f) for f in files)  # the bytes digested and signed
+            for f, data in zip(files, contents, strict=True):
+                # its signature is checked against the ARK of each evidence
                 try:
-                    load_crl(f.read_bytes(), str(f))
+                    load_crl(data, str(f))
                 except AttestationError as exc:
                     raise _Bad(f"{where}.crl_file: {exc}") from None
             if "crl_cache" in d:
@@ -737,6 +793,7 @@ class _Parser:
             raise _Bad(f"{where}.crl_grace: expected seconds from 0 to 10000000")
         return SnpRevocation(
             files=files,
+            contents=contents if files else (),
             url=url,
             grace=dt.timedelta(seconds=grace),
             cache_dir=None if cache is None else self.path.parent / cache,
@@ -779,7 +836,13 @@ class _Parser:
             folder = folder if folder is None or folder.is_absolute() else self.path.parent / folder
             if folder is None or not folder.is_dir():
                 raise _Bad(f"{where}.dir: expected an existing folder")
-            source = tdx_pccs.CollateralDir(folder)
+            # Read now, as sources: signed with the config, watched, and a
+            # change only takes effect through a reload (never read live).
+            names = sorted(
+                q.name for q in folder.iterdir() if _COLLATERAL.fullmatch(q.name) and q.is_file()
+            )
+            files = {n: self._bytes(self._file(str(folder / n), f"{where}.dir")) for n in names}
+            source = tdx_pccs.CollateralDir(folder, files=files)
         else:
             ca = self._file(d["pccs_ca"], f"{where}.pccs_ca") if "pccs_ca" in d else None
             try:
@@ -828,7 +891,7 @@ class _Parser:
             for i, f in enumerate(files):
                 path = self._file(f, f"{where}.{key}[{i}]")
                 try:
-                    loaded.append(nvgpu_rim.load_rim(path.read_bytes(), path.name, at=at))
+                    loaded.append(nvgpu_rim.load_rim(self._bytes(path), path.name, at=at))
                 except AttestationError as exc:
                     raise _Bad(f"{where}.{key}[{i}]: {exc}") from None
             rims[key] = tuple(loaded)

@@ -293,39 +293,86 @@ class Reloader:
                 log.exception("config reload failed; the config in force stays")
 
     def record_start(self) -> None:
-        """Check the starting bundle's serial against the audit log, then record the start.
+        """Check the starting bundle against the audit log, then record the start.
 
-        A signed bundle whose serial is below one this key's bundles already
-        had in force (on any replica writing to this audit log) is an older
-        bundle put back: refused here as a reload refuses it.
+        Refused, as a reload would refuse it: a signed bundle whose serial is
+        below one this key's bundles already had in force (on any replica
+        writing to this audit log), or equal to it with other files (an older
+        or another bundle put back). Refused too, unless the config says
+        ``allow_bundle_key_change`` (``serve --allow-bundle-key-change``, an
+        override recorded in the audit log): a start unsigned, or under
+        another key, when the last config in force was signed -- else deleting
+        ``signing:`` from the config and restarting would undo signing.
 
         Raises:
-            FormatError: that serial is below the highest recorded.
+            FormatError: one of those; nothing is recorded.
         """
         c = self.broker.config
-        if c.bundle_serial is not None:
-            highest = self._highest_serial(_key_id(c))
-            if highest is not None and c.bundle_serial < highest:
+        key = _key_id(c)
+        last = self._last_key()
+        override = None
+        if last is not None and last != key:
+            now = "unsigned" if key is None else f"signed by key {key}"
+            if not c.allow_bundle_key_change:
                 raise FormatError(
-                    f"bundle signature {c.signature_path}: serial {c.bundle_serial} is below "
-                    f"{highest}, already in force by the audit log (an older bundle put back?)"
+                    f"broker config {c.path}: the audit log shows bundles signed by key {last} "
+                    f"in force, and this config is {now}; refused (start with "
+                    "--allow-bundle-key-change to accept it, which is audited)"
                 )
+            override = "bundle-key-change"
+            log.warning("starting %s although key %s signed the last config in force: "
+                        "--allow-bundle-key-change (audited)", now, last)  # fmt: skip
+        if c.bundle_serial is not None:
+            highest, digests = self._highest_serial(key)
+            if highest is not None and (
+                c.bundle_serial < highest
+                or (c.bundle_serial == highest and c.digest not in digests)
+            ):
+                raise FormatError(
+                    f"bundle signature {c.signature_path}: serial {c.bundle_serial} is not above "
+                    f"{highest}, already in force by the audit log with other files (an older "
+                    "bundle put back?)"
+                )
+        extra: dict[str, Any] = {}
+        if override is not None:
+            extra = {"override": override, "previous_key": last}
         self.broker._record("config.load", "-", None, None, "ok", None, None, digest=c.digest,
-                            serial=c.bundle_serial, key=_key_id(c),
-                            signed=c.signing_key is not None)  # fmt: skip
+                            serial=c.bundle_serial, key=key, signed=c.signing_key is not None,
+                            **extra)  # fmt: skip
 
-    def _highest_serial(self, key: str | None) -> int | None:
-        """The highest bundle serial of *key* the audit log records in force, if any."""
+    def _configs_in_force(self) -> list[dict[str, Any]]:
+        """The details of the audit log's configs in force (loads, applied reloads), in order."""
         from sealstore.audit import read_records
 
-        best = None
+        out = []
         for r in read_records(self.broker.audit.storage):
             d = r.get("detail")
             if r.get("action") not in ("config.load", "config.reload") or not isinstance(d, dict):
                 continue
-            if d.get("key") != key or d.get("outcome", "applied") != "applied":
+            if d.get("outcome", "applied") == "applied":
+                out.append(d)
+        return out
+
+    def _last_key(self) -> str | None:
+        """The signing key id of the last config the audit log records in force (None: unsigned)."""
+        records = self._configs_in_force()
+        key = records[-1].get("key") if records else None
+        return key if isinstance(key, str) else None
+
+    def _highest_serial(self, key: str | None) -> tuple[int | None, set[str]]:
+        """The highest bundle serial of *key* the audit log records in force, if any, and
+        the config digests recorded with it."""
+        best: int | None = None
+        digests: set[str] = set()
+        for d in self._configs_in_force():
+            if d.get("key") != key:
                 continue
             serial = d.get("serial")
-            if isinstance(serial, int) and not isinstance(serial, bool):
-                best = serial if best is None else max(best, serial)
-        return best
+            if not isinstance(serial, int) or isinstance(serial, bool):
+                continue
+            digest = d.get("digest", d.get("new"))
+            if best is None or serial > best:
+                best, digests = serial, set()
+            if serial == best and isinstance(digest, str):
+                digests.add(digest)
+        return best, digests

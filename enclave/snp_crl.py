@@ -28,6 +28,7 @@ complete list may carry) and the freshness and caching rules.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import logging
 import os
 import threading
@@ -146,13 +147,17 @@ class SnpRevocation:
     """Where an SEV-SNP verifier gets AMD's CRLs, and the CRLs it has verified.
 
     Exactly one source: *files* (CRLs kept offline and replaced by the
-    operator; re-read when they change) or *url* (a template with
+    operator; read once, when this object is made: a replaced file takes
+    effect in a new ``SnpRevocation``, i.e. through a broker reload, which
+    checks it and can refuse it) or *url* (a template with
     ``{product}`` and ``{key}``, fetched when the cached list is past its
     nextUpdate, and kept in *cache_dir* across restarts if given).
 
     Args:
         files: CRL files (DER or PEM), any product line; the ARK that issued
             each picks the product it applies to.
+        contents: the files' bytes, as already read (the broker config hands
+            the bytes it read, digested and signed); default: read *files* now.
         url: e.g. ``KDS_CRL_URL``.
         grace: how long past nextUpdate a CRL is still accepted (a KDS
             outage, an offline file not yet replaced).
@@ -165,10 +170,14 @@ class SnpRevocation:
     grace: dt.timedelta = dt.timedelta(0)
     cache_dir: Path | None = None
     timeout: float = 10.0
+    contents: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
-    _read: dict[Path, tuple[float, x509.CertificateRevocationList]] = field(
+    _data: dict[Path, bytes | OSError] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _read: dict[Path, x509.CertificateRevocationList] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _fetched: dict[str, _Cached] = field(
@@ -184,6 +193,16 @@ class SnpRevocation:
         if self.url is not None and not self.url.startswith(("https://", "http://")):
             raise ValueError(f"the CRL URL must be http(s): {self.url!r}")
         self.files = tuple(Path(p) for p in self.files)
+        if self.contents and len(self.contents) != len(self.files):
+            raise ValueError("give the bytes of every CRL file, or of none")
+        for i, path in enumerate(self.files):
+            if self.contents:
+                self._data[path] = bytes(self.contents[i])
+                continue
+            try:
+                self._data[path] = path.read_bytes()
+            except OSError as exc:  # refused when a check needs it: fail closed
+                self._data[path] = exc
 
     def check(
         self,
@@ -246,19 +265,19 @@ class SnpRevocation:
         return out
 
     def _read_file(self, path: Path) -> x509.CertificateRevocationList:
-        try:
-            mtime = path.stat().st_mtime
-            with self._lock:
-                seen = self._read.get(path)
-            if seen is not None and seen[0] == mtime:
-                return seen[1]
-            crl = load_crl(path.read_bytes(), f"the CRL {path.name}")
-        except OSError as exc:
-            raise AttestationError(
-                f"the CRL file {path} cannot be read: {exc.strerror}", "snp-crl-missing"
-            ) from None
+        """The CRL in *path* as read when this object was made (never read again)."""
         with self._lock:
-            self._read[path] = (mtime, crl)
+            seen = self._read.get(path)
+        if seen is not None:
+            return seen
+        data = self._data[path]
+        if isinstance(data, OSError):
+            raise AttestationError(
+                f"the CRL file {path} cannot be read: {data.strerror}", "snp-crl-missing"
+            )
+        crl = load_crl(data, f"the CRL {path.name}")
+        with self._lock:
+            self._read[path] = crl
         return crl
 
     def _from_url(
@@ -308,8 +327,9 @@ class SnpRevocation:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (http/s)
                 der = resp.read(_MAX_CRL + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            why = getattr(exc, "reason", None) or exc
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            # HTTPException: a server answering garbage (BadStatusLine, IncompleteRead).
+            why = getattr(exc, "reason", None) or _why(exc)
             raise AttestationError(
                 f"the CRL cannot be fetched from {url}: {why}", "snp-crl-unavailable"
             ) from None
@@ -347,3 +367,8 @@ class SnpRevocation:
             tmp.replace(path)
         except OSError as exc:
             log.warning("cannot keep the SEV-SNP CRL in %s: %s", path, exc)
+
+
+def _why(exc: Exception) -> object:
+    """What went wrong, in one line: an HTTPException may carry the server's raw bytes."""
+    return type(exc).__name__ if isinstance(exc, http.client.HTTPException) else exc

@@ -32,7 +32,7 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,8 @@ class Collateral:
         qe_identity_chain: PEM of its ``SGX-Enclave-Identity-Issuer-Chain``.
         pck_crl: the CRL of the CA that issued the PCK (DER, PEM or hex DER).
         root_crl: the Intel SGX Root CA's CRL (DER, PEM or hex DER).
+        on_verified: called by ``appraise`` once all four items verified
+            (signatures to the pinned root, freshness): a source caches only then.
     """
 
     tcb_info: bytes = field(repr=False)
@@ -86,6 +88,7 @@ class Collateral:
     qe_identity_chain: bytes = field(repr=False)
     pck_crl: bytes = field(repr=False)
     root_crl: bytes = field(repr=False)
+    on_verified: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -312,28 +315,71 @@ def _fresh(
         )
 
 
+# The subject of Intel's TCB Signing certificate, as in every TCB-Info /
+# QE-Identity issuer chain Intel publishes (tests/data/tdx).
+TCB_SIGNING_SUBJECT = x509.Name(
+    [
+        x509.NameAttribute(x509.NameOID.COMMON_NAME, "Intel SGX TCB Signing"),
+        x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+        x509.NameAttribute(x509.NameOID.LOCALITY_NAME, "Santa Clara"),
+        x509.NameAttribute(x509.NameOID.STATE_OR_PROVINCE_NAME, "CA"),
+        x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "US"),
+    ]
+)
+
+
+def _attrs(name: x509.Name) -> list[tuple[str, object]]:
+    """The name's (OID, value) pairs in order, whatever string type each is encoded in."""
+    return [(a.oid.dotted_string, a.value) for a in name]
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _root_of(pem: bytes, at: dt.datetime, root: str, what: str) -> list[x509.Certificate]:
-    """The issuer chain [signer, root] of a collateral item, checked up to the pinned root."""
+    """The issuer chain [TCB Signing cert, root] of a collateral item, checked as Intel's QVL.
+
+    Exactly two certificates: the signer, whose subject is Intel's TCB Signing
+    name, issued by the pinned, self-signed root, which is a CA. Any other key
+    under the root (a PCK's, a platform CA's) cannot sign TCB info or QE identity.
+    """
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError:
         raise AttestationError(
             f"the {what} issuer chain is not PEM", "tdx-collateral-format"
         ) from None
-    by_subject = {c.subject: c for c in certs}
-    chain = [certs[0]]
-    while chain[-1].issuer != chain[-1].subject and len(chain) < 4:
-        issuer = by_subject.get(chain[-1].issuer)
-        if issuer is None:
-            break
-        chain.append(issuer)
-    if chain[-1].issuer != chain[-1].subject or spki_sha256(chain[-1]) != root:
+    if len(certs) != 2:
+        raise AttestationError(
+            f"the {what} issuer chain has {len(certs)} certificates, not the two "
+            "[Intel SGX TCB Signing, Intel SGX Root CA]",
+            "tdx-collateral-signature",
+        )
+    signer, top = certs
+    if top.issuer != top.subject or spki_sha256(top) != root:
         raise AttestationError(
             f"the {what} issuer chain does not end at Intel's pinned SGX root",
             "tdx-collateral-signature",
         )
+    if not _is_ca(top):
+        raise AttestationError(
+            f"the {what} issuer chain's root is not a CA", "tdx-collateral-signature"
+        )
+    if _attrs(signer.subject) != _attrs(TCB_SIGNING_SUBJECT) or _attrs(signer.issuer) != _attrs(
+        top.subject
+    ):
+        raise AttestationError(
+            f"the {what} is signed by {signer.subject.rfc4514_string()!r}, "
+            "not Intel's SGX TCB Signing certificate",
+            "tdx-collateral-signature",
+        )
+    chain = [signer, top]
     try:
-        for cert, issuer in zip(chain, chain[1:] + chain[-1:], strict=True):
+        for cert, issuer in ((signer, top), (top, top)):
             issued_by(cert, issuer, common_name(cert) or what)
             check_validity(cert, at, common_name(cert) or what)
     except AttestationError as exc:
@@ -451,6 +497,10 @@ def appraise(
         root,
         policy,
     )
+
+    # All four items are Intel's and current: only now may a source keep them.
+    if collateral.on_verified is not None:
+        collateral.on_verified()
 
     qe_status, qe_advisories = _qe_identity(quote.qe_report, qe_id)
     platform = pck_tcb(pck)

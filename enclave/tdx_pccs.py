@@ -15,13 +15,16 @@ A folder of files (``CollateralDir``)::
     root-ca-crl.crl                       # /sgx/certification/v4/rootcacrl
 
 A PCCS (``Pccs``): the same four endpoints, fetched on demand and kept until
-each item's own ``nextUpdate``. The fetch uses the standard library
-(``urllib``): four GETs with a timeout need nothing more.
+each item's own ``nextUpdate``, but only once the set verified (signatures to
+the pinned root, fresh): an answer that did not verify is fetched again. The
+fetch uses the standard library (``urllib``): four GETs with a timeout need
+nothing more.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
 import ssl
@@ -29,6 +32,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -61,16 +65,29 @@ class CollateralDir:
 
     Args:
         path: the folder.
+        files: its files' bytes by name, as already read (the broker config
+            reads them at load, so they are signed and watched, and a change
+            takes effect only through a reload); default: read on demand.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, files: Mapping[str, bytes] | None = None
+    ) -> None:
         self.path = Path(path)
+        self.files = None if files is None else dict(files)
 
     def __repr__(self) -> str:
         return f"CollateralDir({str(self.path)!r})"
 
     def _read(self, name: str) -> bytes:
         p = self.path / name
+        if self.files is not None:
+            if name not in self.files:
+                raise AttestationError(
+                    f"TDX collateral {p} was not there when the config was loaded",
+                    "tdx-collateral-unavailable",
+                )
+            return self.files[name]
         try:
             return p.read_bytes()
         except OSError as exc:
@@ -97,7 +114,7 @@ class CollateralDir:
 
 
 class Pccs:
-    """Collateral fetched from a PCCS (or Intel's PCS), cached until each item's nextUpdate.
+    """Collateral fetched from a PCCS (or Intel's PCS), cached, once verified, until nextUpdate.
 
     Args:
         url: the service's base URL, e.g. ``https://pccs.internal:8081`` (the
@@ -123,7 +140,12 @@ class Pccs:
         return f"Pccs({self.url!r})"
 
     def _get(
-        self, path: str, chain_header: str | None, at: dt.datetime, next_update: _NextUpdate
+        self,
+        path: str,
+        chain_header: str | None,
+        at: dt.datetime,
+        next_update: _NextUpdate,
+        pending: dict[str, tuple[bytes, bytes, dt.datetime]],
     ) -> tuple[bytes, bytes]:
         with self._lock:
             hit = self._cache.get(path)
@@ -138,8 +160,12 @@ class Pccs:
             raise AttestationError(
                 f"the PCCS answered {exc.code} for {path}", "tdx-collateral-unavailable"
             ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            # HTTPException: a server that answers, but not in HTTP (BadStatusLine,
+            # IncompleteRead...): as unavailable as one that does not answer.
+            reason = getattr(exc, "reason", None) or (
+                type(exc).__name__ if isinstance(exc, http.client.HTTPException) else exc
+            )
             raise AttestationError(
                 f"the PCCS at {self.url} cannot be reached: {reason}", "tdx-collateral-unavailable"
             ) from None
@@ -153,13 +179,17 @@ class Pccs:
                 "tdx-collateral-format",
             )
         pem = urllib.parse.unquote(chain).encode("ascii", "replace")
-        # Cached only as long as the item says it is current; an item that does
-        # not parse is not cached, and appraise refuses it with its own code.
+        # Kept aside, and cached (until the item's own nextUpdate) only once
+        # appraise has verified the whole set: a forged or stale answer is
+        # never served again from the cache.
         until = next_update(body)
         if until is not None:
-            with self._lock:
-                self._cache[path] = (body, pem, until)
+            pending[path] = (body, pem, until)
         return body, pem
+
+    def _keep(self, pending: dict[str, tuple[bytes, bytes, dt.datetime]]) -> None:
+        with self._lock:
+            self._cache.update(pending)
 
     def collateral(self, fmspc: str, ca: str, at: dt.datetime) -> Collateral:
         """Fetch (or take from the cache) the collateral for *fmspc* and *ca*.
@@ -170,23 +200,28 @@ class Pccs:
                 issuer chain).
         """
         fmspc = fmspc.lower()
+        pending: dict[str, tuple[bytes, bytes, dt.datetime]] = {}
         tcb, tcb_chain = self._get(
             f"/tdx/certification/v4/tcb?fmspc={fmspc}",
             "TCB-Info-Issuer-Chain",
             at,
             _json_next("tcbInfo"),
+            pending,
         )
         qe, qe_chain = self._get(
             "/tdx/certification/v4/qe/identity",
             "SGX-Enclave-Identity-Issuer-Chain",
             at,
             _json_next("enclaveIdentity"),
+            pending,
         )
         pck_crl, _ = self._get(
-            f"/sgx/certification/v4/pckcrl?ca={_ca(ca)}&encoding=der", None, at, _crl_next
+            f"/sgx/certification/v4/pckcrl?ca={_ca(ca)}&encoding=der", None, at, _crl_next, pending
         )
-        root_crl, _ = self._get("/sgx/certification/v4/rootcacrl", None, at, _crl_next)
-        return Collateral(tcb, tcb_chain, qe, qe_chain, pck_crl, root_crl)
+        root_crl, _ = self._get("/sgx/certification/v4/rootcacrl", None, at, _crl_next, pending)
+        return Collateral(
+            tcb, tcb_chain, qe, qe_chain, pck_crl, root_crl, lambda: self._keep(pending)
+        )
 
 
 class _NextUpdate(Protocol):

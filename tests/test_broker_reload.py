@@ -12,6 +12,7 @@ even when a reload lands between its authentication and its decision.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -38,8 +39,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sealstore.audit import read_records, verify_log
 from sealstore.enclave.broker import Broker, Refused
 from sealstore.enclave.broker_client import BrokerKey, client_context, https_json
-from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.broker_config import BrokerConfig, load_bundle_key
 from sealstore.enclave.broker_http import create_app
+from sealstore.enclave.broker_reload import Reloader
 from sealstore.errors import FormatError
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage
@@ -492,7 +494,65 @@ def test_a_signed_bundle_is_required_at_start_and_on_every_reload(
                            "serve", "--config", str(cfg), "--port", str(_free_port())],
                           capture_output=True, timeout=60)  # fmt: skip
     assert proc.returncode == 3, proc.stderr.decode()
-    assert b"serial 3 is below 4, already in force by the audit log" in proc.stderr
+    assert b"serial 3 is not above 4, already in force by the audit log" in proc.stderr
+    b.proc.terminate()
+    b.proc.wait(10)
+
+    def start(config: BrokerConfig) -> None:
+        """What serve does before it listens: the audit log's checks, then config.load."""
+        Reloader(Broker(config), lambda: config).record_start()
+
+    # Another bundle with the serial in force (4) is refused at start, as a reload refuses it.
+    _write(tmp_path / "pcrs.json", good_pcrs)
+    ok(run("broker", "sign", "--config", cfg, "--key", signer, "--serial", "4"))
+    with pytest.raises(FormatError, match="serial 4 is not above 4"):
+        start(BrokerConfig.load(cfg))
+
+    # signing: deleted from the config, restarted: refused (the audit log shows key signer's
+    # bundles in force), unless the operator overrides it, which is audited.
+    unsigned = {k: v for k, v in doc.items() if k != "signing"}
+    cfg.write_text(yaml.safe_dump(unsigned))
+    plain = BrokerConfig.load(cfg)
+    assert plain.signing_key is None
+    with pytest.raises(FormatError, match=r"audit log shows bundles signed by key .* unsigned"):
+        start(plain)
+    # ... or pointed at the attacker's own key: refused the same way.
+    cfg.write_text(yaml.safe_dump(doc | {"signing": {"public_key": str(keys / "stranger.pub")}}))
+    ok(run("broker", "sign", "--config", cfg, "--key", stranger, "--serial", "50"))
+    with pytest.raises(FormatError, match=r"audit log shows bundles signed by key .* signed by"):
+        start(BrokerConfig.load(cfg))
+    count = len(list(read_records(open_storage(str(tmp_path / "audit")))))
+    cfg.write_text(yaml.safe_dump(unsigned))
+    start(dataclasses.replace(BrokerConfig.load(cfg), allow_bundle_key_change=True))
+    recs = list(read_records(open_storage(str(tmp_path / "audit"))))
+    assert len(recs) == count + 1
+    load = recs[-1]
+    assert load["action"] == "config.load" and load["detail"]["override"] == "bundle-key-change"
+    assert load["detail"].get("key") is None and load["detail"]["previous_key"]
+
+    # The key pinned outside the config (env or --bundle-key): an unsigned config, or one
+    # signed by another key, does not even load.
+    cfg.with_name("b.yaml.sig").unlink()
+    for env, extra in (({"SEALSTORE_BROKER_BUNDLE_KEY": str(keys / "signer.pub")}, []),
+                       ({}, ["--bundle-key", str(keys / "signer.pub")])):  # fmt: skip
+        proc = subprocess.run([str(Path(sys.executable).with_name("sealstore")), "broker",
+                               "serve", "--config", str(cfg), "--port", str(_free_port()),
+                               *extra], capture_output=True, timeout=60,
+                              env=dict(os.environ, **env))  # fmt: skip
+        assert proc.returncode == 3, proc.stderr.decode()
+        assert b"unsigned (no b.yaml.sig)" in proc.stderr
+    with pytest.raises(FormatError, match="unsigned"):
+        BrokerConfig.load(cfg, bundle_key=load_bundle_key(keys / "signer.pub"))
+    cfg.write_text(yaml.safe_dump(doc | {"signing": {"public_key": str(keys / "stranger.pub")}}))
+    with pytest.raises(FormatError, match="not the bundle key pinned outside the config"):
+        BrokerConfig.load(cfg, bundle_key=load_bundle_key(keys / "signer.pub"))
+    ok(run("broker", "sign", "--config", cfg, "--key", stranger, "--serial", "51"))
+    cfg.write_text(yaml.safe_dump(unsigned))  # the stranger's signature beside it
+    with pytest.raises(FormatError, match="signed by another key"):
+        BrokerConfig.load(cfg, bundle_key=load_bundle_key(keys / "signer.pub"))
+    ok(run("broker", "sign", "--config", cfg, "--key", signer, "--serial", "52"))
+    pinned = BrokerConfig.load(cfg, bundle_key=load_bundle_key(keys / "signer.pub"))
+    assert pinned.bundle_serial == 52 and pinned.bundle_key_pinned
 
 
 # -- bearer tokens ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ same report: ``nvgpu-nonce``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
 import ssl
@@ -27,6 +28,9 @@ from typing import Any
 import nacl.public
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sealstore.audit import read_records
@@ -34,6 +38,7 @@ from sealstore.enclave import release, tpm
 from sealstore.enclave.broker import Broker, Refused
 from sealstore.enclave.broker_client import BrokerKey
 from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.certs import load_certificates
 from sealstore.enclave.tpm_quote import ak_public
 from sealstore.errors import AttestationError, FormatError, KeyReleaseDenied
 from sealstore.keys import DataKey
@@ -243,6 +248,24 @@ def test_every_gpu_counts_once(tmp_path: Path, tls: Path) -> None:
     assert cvm.code(req) == "nvgpu-count"
     req, _ = cvm.request(gpus=[sample("hopper-2023")] * 2)
     assert cvm.code(req) == "nvgpu-count"
+    # The same GPU under another attestation key (the leaf is derived with the firmware):
+    # counted by the device identity certificate (the chain's second), it is still one GPU.
+    report, chain = sample("hopper-2023")
+    real = load_certificates(chain)
+    key = ec.generate_private_key(ec.SECP384R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(real[0].subject)
+        .issuer_name(real[0].issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(real[0].not_valid_before_utc)
+        .not_valid_after(real[0].not_valid_after_utc)
+        .sign(key, hashes.SHA384())
+    )
+    other_leaf = b"".join(c.public_bytes(Encoding.PEM) for c in [leaf, *real[1:]])
+    req, _ = cvm.request(gpus=[(report, chain), (report, other_leaf)])
+    assert cvm.code(req) == "nvgpu-count"
     # A second, different GPU whose report fails its own checks fails the release.
     other = OwnChain()
     report, _ = sample("hopper-2023")
@@ -359,3 +382,26 @@ def test_a_client_without_gpu_evidence_says_so(served: tuple[Broker, str, Path],
     with pytest.raises(AttestationError) as err:
         client.unwrap(slot, CONTEXT)
     assert err.value.code == "evidence-unavailable"
+
+
+def test_each_rim_is_read_once_and_parsed_from_the_bytes_digested(
+    tmp_path: Path, tls: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest a bundle signature covers and the RIM judged come from one read."""
+    rims = {DATA / DRIVER_RIM, DATA / VBIOS_RIM}
+    reads: list[Path] = []
+    real_read = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        if self in rims:
+            reads.append(self)
+        return real_read(self)
+
+    cfg = _config(tmp_path, tls, SNP_GPU)
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    loaded = BrokerConfig.load(cfg)
+    monkeypatch.undo()
+    # Per RIM: one read for the content, one for the "changed while it was read" check.
+    assert sorted(reads) == sorted([*rims, *rims])
+    for rim in rims:
+        assert loaded.sources[str(rim)] == hashlib.sha256(rim.read_bytes()).hexdigest()

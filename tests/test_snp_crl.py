@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import http.server
 import os
 import threading
@@ -17,9 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.broker_reload import Reloader
 from sealstore.enclave.snp import verify_report
 from sealstore.enclave.snp_crl import SnpRevocation, check_crl, load_crl
 from sealstore.errors import AttestationError, FormatError
+from tests.raw_server import raw_server
 from tests.snp_chain import AT, Chain, cert, make_chain, make_crl, vcek_exts
 from tests.test_snp_products import real
 
@@ -181,19 +184,27 @@ def test_a_flawed_crl_fails_closed(genoa: Chain, tmp_path: Path, flaw: str, code
     assert err.value.code == code, flaw
 
 
-def test_a_replaced_crl_file_is_read_again(genoa: Chain, tmp_path: Path) -> None:
+def test_a_replaced_crl_file_counts_only_in_a_new_revocation(genoa: Chain, tmp_path: Path) -> None:
+    """The files are read once, when the SnpRevocation is made: never live (a broker reload
+    makes a new one, after checking it; a refused reload leaves the old one in force)."""
     rev = _files(tmp_path, make_crl(genoa.ark, genoa.ark_key))
     _verify(genoa, rev)
     path = rev.files[0]
-    import os
-
     path.write_bytes(make_crl(genoa.ark, genoa.ark_key, (0x020077,), number=2).public_bytes(
         serialization.Encoding.DER))  # fmt: skip
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert _code(_verify, genoa, rev) == "snp-revoked"
+    _verify(genoa, rev)  # the running one still judges by what it read
+    assert _code(_verify, genoa, SnpRevocation(files=(path,))) == "snp-revoked"
     path.unlink()
-    assert _code(_verify, genoa, rev) == "snp-crl-missing"
+    _verify(genoa, rev)
+    assert _code(_verify, genoa, SnpRevocation(files=(path,))) == "snp-crl-missing"
+    # Bytes handed in (as the broker config does) are what counts, not the file.
+    old = make_crl(genoa.ark, genoa.ark_key).public_bytes(serialization.Encoding.DER)
+    handed = SnpRevocation(files=(path,), contents=(old,))
+    _verify(genoa, handed)
+    with pytest.raises(ValueError, match="every CRL file"):
+        SnpRevocation(files=(path, path), contents=(old,))
 
 
 def test_one_source_exactly() -> None:
@@ -342,6 +353,38 @@ def test_broker_config_reads_the_crl_settings(tmp_path: Path) -> None:
     assert _rev(_config(tmp_path, {})) is None
 
 
+def test_broker_config_reads_each_crl_file_once_as_a_signed_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CRL is a config source (digested, signed, watched), parsed from the very bytes
+    digested; a file swapped later changes nothing until a reload loads it."""
+    crl = tmp_path / "genoa.crl"
+    crl.write_bytes(GENOA_CRL.read_bytes())
+    config = _config(tmp_path, {"crl_file": "genoa.crl"})
+    reads: list[Path] = []
+    real_read = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        if self == crl:
+            reads.append(self)
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    loaded = BrokerConfig.load(config)
+    # One read for the content, one for the "changed while it was read" check.
+    assert len(reads) == 2
+    monkeypatch.undo()
+    assert loaded.sources[str(crl)] == hashlib.sha256(GENOA_CRL.read_bytes()).hexdigest()
+    rev = loaded.tenants["acme"].artifacts["minilm"].snp.revocation  # type: ignore[union-attr]
+    assert rev is not None
+    report, vcek, chain = real("Genoa")
+    verify_report(report, vcek, chain, at=AT, revocation=rev)
+    crl.write_bytes(b"not a CRL any more")  # swapped behind the running config's back
+    verify_report(report, vcek, chain, at=AT, revocation=rev)
+    with pytest.raises(FormatError, match="crl_file"):
+        BrokerConfig.load(config)  # a reload sees it, and refuses it
+
+
 @pytest.mark.parametrize(
     ("snp", "message"),
     [
@@ -403,14 +446,33 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
         return broker.release(who, req)
 
     assert "sealed" in attempt()
+    reloader = Reloader(broker, lambda: BrokerConfig.load(config))
     write(make_crl(c.ark, c.ark_key, (0x1234, 0x010077), number=2, **window), 2)
+    assert "sealed" in attempt()  # the file is not read live: only a reload puts it in force
+    assert reloader.reload("sighup") == "applied"
     with pytest.raises(Refused) as err:
         attempt()
     assert (err.value.code, err.value.status) == ("snp-revoked", 403)  # the caller's failure
     stale = make_crl(c.ark, c.ark_key, number=3, this_update=today - 9 * DAY,
                      next_update=today - DAY)  # fmt: skip
     write(stale, 3)
+    assert reloader.reload("sighup") == "applied"  # stale is the broker's problem, not format
     with pytest.raises(Refused) as err:
         attempt()
     # The broker's own list is stale: a 503, not counted against the caller.
     assert (err.value.code, err.value.status) == ("snp-crl-stale", 503)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"GARBAGE\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n"],
+)
+def test_a_server_answering_garbage_is_unavailable(answer: bytes) -> None:
+    """BadStatusLine / IncompleteRead from a broken KDS: snp-crl-unavailable, not a crash."""
+    report, vcek, chain = real("Genoa")
+    with raw_server(answer) as port:
+        rev = SnpRevocation(url=f"http://127.0.0.1:{port}/{{key}}/{{product}}", timeout=5)
+        with pytest.raises(AttestationError) as err:
+            verify_report(report, vcek, chain, at=AT, revocation=rev)
+    assert err.value.code == "snp-crl-unavailable"
+    assert "\n" not in str(err.value)

@@ -65,6 +65,28 @@ def test_collateral_folder_and_policy(tmp_path: Path) -> None:
     assert err.value.code == "tdx-collateral-stale"
 
 
+def test_collateral_folder_is_read_at_load_as_signed_sources(tmp_path: Path) -> None:
+    """The folder's files are config sources (signed, watched); a file changed later is
+    not seen by the running config, only by a reload."""
+    path = _config(tmp_path, {"dir": "tdx-collateral", "grace_hours": 24 * 365 * 20})
+    config = BrokerConfig.load(path)
+    folder = tmp_path / "tdx-collateral"
+    for name in ("qe-identity.json", "tcb-info-90c06f000000.json", "root-ca-crl.crl"):
+        assert str(folder / name) in config.sources
+        assert folder / name in config.watched()
+    rule = config.tenants["acme"].rule("llama")
+    assert rule is not None and rule.tdx is not None
+    ref = rule.tdx
+    (folder / "qe-identity.json").write_bytes(b"{}")  # swapped behind its back
+    (folder / "root-ca-crl.crl").unlink()
+    q = tdx.verify_quote(V5.read_bytes(), collateral=ref.collateral, policy=ref.policy)
+    assert q.tcb is not None
+    again = _rule(path)
+    with pytest.raises(AttestationError) as err:
+        tdx.verify_quote(V5.read_bytes(), collateral=again.collateral, policy=again.policy)
+    assert err.value.code == "tdx-collateral-unavailable"
+
+
 def test_pccs_url(tmp_path: Path) -> None:
     ref = _rule(
         _config(

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from sealstore.enclave.certs import load_certificates, spki_sha256
 from sealstore.enclave.tdx import TdxQuote, verify_quote
-from sealstore.enclave.tdx_collateral import STATUSES, TcbPolicy
+from sealstore.enclave.tdx_collateral import STATUSES, TCB_SIGNING_SUBJECT, TcbPolicy
 from sealstore.enclave.tdx_pccs import CollateralDir
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
@@ -220,6 +220,8 @@ def test_policy_is_checked() -> None:
 
 
 def _name(cn: str) -> x509.Name:
+    if cn == "Intel SGX TCB Signing":  # the signer must carry Intel's full name
+        return TCB_SIGNING_SUBJECT
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
@@ -262,7 +264,8 @@ class Pki:
             ec.generate_private_key(ec.SECP256R1()) for _ in range(4)
         )
         root_cn, ca_cn = "Intel SGX Root CA", "Intel SGX PCK Platform CA"
-        self.root = _cert(root_cn, self.root_key, root_cn, self.root_key)
+        ca = x509.BasicConstraints(ca=True, path_length=1)
+        self.root = _cert(root_cn, self.root_key, root_cn, self.root_key, ca)
         self.ca = _cert(ca_cn, self.ca_key, root_cn, self.root_key)
         self.signer = _cert("Intel SGX TCB Signing", self.signer_key, root_cn, self.root_key)
         q = TdxQuote.parse(quote)
@@ -515,6 +518,60 @@ def test_revocation(pki4: Pki, tmp_path: Path) -> None:
     for form in (pem, der.hex().encode()):
         (folder / "pck-crl-platform.crl").write_bytes(form)
         assert pki4.code(folder, AT_2023) == "tdx-revoked"
+
+
+def test_only_intels_tcb_signing_cert_signs_collateral(pki4: Pki, tmp_path: Path) -> None:
+    """A key that chains to the root but is not the TCB Signing cert cannot sign (as QVL)."""
+    cases: list[tuple[str, ec.EllipticCurvePrivateKey, bytes]] = [
+        # The PCK's own key, with its real chain PCK -> Platform CA -> root.
+        ("pck", pki4.pck_key, _pem(pki4.pck, pki4.ca, pki4.root)),
+        # The platform CA's key, a CA directly under the root.
+        ("ca", pki4.ca_key, _pem(pki4.ca, pki4.root)),
+        # A root-issued cert named only "Intel SGX TCB Signing" (CN, no O/C/ST/L).
+        (
+            "cn-only",
+            pki4.ca_key,
+            _pem(
+                _cert_named(
+                    x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Intel SGX TCB Signing")]),
+                    pki4.ca_key,
+                    pki4,
+                ),
+                pki4.root,
+            ),
+        ),
+        # The right signer, with an extra certificate in the chain.
+        ("three", pki4.signer_key, _pem(pki4.signer, pki4.ca, pki4.root)),
+    ]
+    for name, key, chain in cases:
+        folder = pki4.write("go-tdx-guest-2023", tmp_path / name)
+        tcb_path = next(folder.glob("tcb-info-*.json"))
+        body = json.dumps(_real("go-tdx-guest-2023", "tcbInfo"), separators=(",", ":")).encode()
+        sig = _rs(key, body).hex().encode()
+        tcb_path.write_bytes(b'{"tcbInfo":' + body + b',"signature":"' + sig + b'"}')
+        tcb_path.with_name(tcb_path.name.removesuffix(".json") + ".issuer-chain.pem").write_bytes(
+            chain
+        )
+        assert pki4.code(folder, AT_2023) == "tdx-collateral-signature", name
+    # A root that is not marked a CA cannot issue the signer either.
+    flat = Pki.__new__(Pki)
+    flat.__dict__.update(pki4.__dict__)
+    flat.root = _cert("Intel SGX Root CA", pki4.root_key, "Intel SGX Root CA", pki4.root_key)
+    folder = flat.write("go-tdx-guest-2023", tmp_path / "flat")
+    assert flat.code(folder, AT_2023) == "tdx-collateral-signature"
+
+
+def _cert_named(subject: x509.Name, key: ec.EllipticCurvePrivateKey, pki: Pki) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(pki.root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2040, 1, 1, tzinfo=dt.UTC))
+        .sign(pki.root_key, hashes.SHA256())
+    )
 
 
 # -- the parsers, on hostile input ---------------------------------------------------

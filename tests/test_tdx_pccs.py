@@ -28,6 +28,7 @@ from sealstore.enclave.tdx_collateral import TcbPolicy
 from sealstore.enclave.tdx_pccs import Pccs
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
+from tests.raw_server import raw_server
 
 SET = Path(__file__).parent / "data" / "tdx" / "go-tdx-guest-2023"
 QUOTE = shared_data() / "attestation" / "tdx" / "trustee" / "tdx_quote_4.dat"
@@ -37,6 +38,7 @@ AT = dt.datetime(2023, 6, 20, tzinfo=dt.UTC)
 class _Handler(http.server.BaseHTTPRequestHandler):
     hits: list[str]
     omit_chain = False
+    override: dict[str, bytes] = {}
 
     def log_message(self, *args: object) -> None:
         pass
@@ -60,6 +62,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = body.hex().encode() if body is not None else None  # as a PCCS serves it
         else:
             body = None
+        body = self.override.get(url.path, body)
         if body is None or (chain is not None and chain[1] is None):
             self.send_response(404)
             self.end_headers()
@@ -175,3 +178,44 @@ def test_pccs_failures(pccs: tuple[str, type[_Handler]], tls: tuple[Path, Path])
     assert code(Pccs(url, ca_file=tls[0])) == "tdx-collateral-format"
     with pytest.raises(ValueError, match="PCCS URL"):
         Pccs("ftp://pccs")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"GARBAGE\r\n\r\n",  # BadStatusLine
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n",  # too many headers
+    ],
+)
+def test_a_server_answering_garbage_is_unavailable(answer: bytes) -> None:
+    """Not HTTP at all: http.client raises HTTPException, refused as unavailable (not a 500)."""
+    with raw_server(answer) as port:
+        source = Pccs(f"http://127.0.0.1:{port}", timeout=5)
+        with pytest.raises(AttestationError) as err:
+            verify_quote(QUOTE.read_bytes(), at=AT, collateral=source)
+    assert err.value.code == "tdx-collateral-unavailable"
+    assert "\n" not in str(err.value)
+
+
+def test_only_verified_answers_are_cached(
+    pccs: tuple[str, type[_Handler]], tls: tuple[Path, Path]
+) -> None:
+    """A forged answer (nextUpdate 9999) is refused and not kept: the real one is asked next."""
+    url, handler = pccs
+    source = Pccs(url, ca_file=tls[0])
+    real = SET / "tcb-info-50806f000000.json"
+    forged = real.read_bytes().replace(b'"nextUpdate":"2023-07-', b'"nextUpdate":"9999-07-')
+    assert forged != real.read_bytes()
+    handler.override = {"/tdx/certification/v4/tcb": forged}
+    with pytest.raises(AttestationError) as err:
+        verify_quote(QUOTE.read_bytes(), at=AT, collateral=source)
+    assert err.value.code == "tdx-collateral-signature"
+    handler.override = {}
+    q = verify_quote(QUOTE.read_bytes(), at=AT, collateral=source)
+    assert q.tcb is not None and q.tcb.status == "UpToDate"
+    tcb_hits = [h for h in handler.hits if h.startswith("/tdx/certification/v4/tcb")]
+    assert len(tcb_hits) == 2  # the forged one was not served from the cache
+    # Once verified, the set is cached: nothing more is fetched.
+    n = len(handler.hits)
+    verify_quote(QUOTE.read_bytes(), at=AT, collateral=source)
+    assert len(handler.hits) == n
