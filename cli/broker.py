@@ -154,19 +154,25 @@ def _check(args: argparse.Namespace) -> int:
             print(f"  {tenant.name}/{name}: to {who} on {', '.join(rule.evidence)} evidence")
     for ident in config.identities.values():
         roles = ", ".join(f"{t}={r}" for t, r in sorted(ident.roles.items())) or "none"
-        ends = sorted(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.not_after))
-                      for t in ident.tokens if t.not_after is not None)  # fmt: skip
+        ends = sorted(
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.not_after))
+            for t in ident.tokens
+            if t.not_after is not None
+        )
         never = sum(t.not_after is None for t in ident.tokens)
         toks = [f"token until {e}" for e in ends] + ["token with no end"] * never
         print(f"  identity {ident.name}: {roles}" + (f"; {', '.join(toks)}" if toks else ""))
-    signed = (f"signed bundle, serial {config.bundle_serial}" if config.bundle_serial
-              else "unsigned")  # fmt: skip
-    print(f"  policy: {len(config.sources)} file(s), digest {config.digest[:16]}, {signed}; "
-          f"reload on SIGHUP" + (f" and on a change (every {config.reload_interval:g} s)"
-                                 if config.reload_watch else ""))  # fmt: skip
-    print(f"  state: {config.state_url or 'in-process (one replica)'}; audit log: "
-          f"{config.audit_log}; admin API: {'remote' if config.admin_remote else 'local only'}"
-          f"; alerts: {config.webhook or 'log and metrics only'}")  # fmt: skip
+    signed = f"signed bundle, serial {config.bundle_serial}" if config.bundle_serial else "unsigned"
+    print(
+        f"  policy: {len(config.sources)} file(s), digest {config.digest[:16]}, {signed}; "
+        f"reload on SIGHUP"
+        + (f" and on a change (every {config.reload_interval:g} s)" if config.reload_watch else "")
+    )
+    print(
+        f"  state: {config.state_url or 'in-process (one replica)'}; audit log: "
+        f"{config.audit_log}; admin API: {'remote' if config.admin_remote else 'local only'}"
+        f"; alerts: {config.webhook or 'log and metrics only'}"
+    )
     return 0
 
 
@@ -214,8 +220,11 @@ def _sign(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError) as exc:
         # Not the exception's text: it could quote the key file.
-        why = "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE" if "encrypted" in str(exc) else (
-            "not a PEM private key, or a wrong passphrase")  # fmt: skip
+        why = (
+            "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE"
+            if "encrypted" in str(exc)
+            else ("not a PEM private key, or a wrong passphrase")
+        )
         raise ValueError(f"--key {args.key}: {why}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"--key {args.key}: not an Ed25519 key")
@@ -226,19 +235,31 @@ def _sign(args: argparse.Namespace) -> int:
     tmp = config.signature_path.with_name(config.signature_path.name + ".tmp")
     tmp.write_bytes(signed)
     os.replace(tmp, config.signature_path)  # a watching broker never sees half a signature
-    public = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                           serialization.PublicFormat.Raw)  # fmt: skip
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     other = config.signing_key is not None and config.signing_key != public
     if json_mode(args):
-        emit(args, {"signature": str(config.signature_path), "serial": serial,
-                    "files": len(config.sources), "key": key_id(public),
-                    "pinned_key_differs": other})  # fmt: skip
+        emit(
+            args,
+            {
+                "signature": str(config.signature_path),
+                "serial": serial,
+                "files": len(config.sources),
+                "key": key_id(public),
+                "pinned_key_differs": other,
+            },
+        )
         return 0
-    print(f"{config.signature_path}: serial {serial}, {len(config.sources)} file(s), "
-          f"key {key_id(public)[:16]}")  # fmt: skip
+    print(
+        f"{config.signature_path}: serial {serial}, {len(config.sources)} file(s), "
+        f"key {key_id(public)[:16]}"
+    )
     if other:
-        print("  warning: signing.public_key in this config is another key: brokers will "
-              "refuse this signature")  # fmt: skip
+        print(
+            "  warning: signing.public_key in this config is another key: brokers will "
+            "refuse this signature"
+        )
     return 0
 
 

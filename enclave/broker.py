@@ -115,11 +115,24 @@ class Refused(Exception):
 
 # Verifier codes that mean the evidence was authentic but measured something
 # else: its measurements are the machine's, and a change is worth an alert.
-_REFERENCE_CODES = frozenset({
-    "tpm-pcr-mismatch", "snp-measurement", "snp-host-data", "snp-tcb-too-low", "snp-debug",
-    "snp-vmpl", "tdx-mrtd", "tdx-rtmr", "tdx-mrconfigid", "tdx-debug",
-    "nvgpu-measurement", "nvgpu-driver-version", "nvgpu-vbios-version", "nvgpu-mode",
-})  # fmt: skip
+_REFERENCE_CODES = frozenset(
+    {
+        "tpm-pcr-mismatch",
+        "snp-measurement",
+        "snp-host-data",
+        "snp-tcb-too-low",
+        "snp-debug",
+        "snp-vmpl",
+        "tdx-mrtd",
+        "tdx-rtmr",
+        "tdx-mrconfigid",
+        "tdx-debug",
+        "nvgpu-measurement",
+        "nvgpu-driver-version",
+        "nvgpu-vbios-version",
+        "nvgpu-mode",
+    }
+)
 LOCAL_PEERS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -185,23 +198,32 @@ class Broker:
         self._snp_roots = snp_roots
         self._nonces = nonces or (lambda: secrets.token_bytes(release.NONCE_SIZE))
         self._gpu_root = gpu_root
-        self.state = state or open_state(config.state_url, prefix=config.state_prefix,
-                                         clock=clock)  # fmt: skip
+        self.state = state or open_state(config.state_url, prefix=config.state_prefix, clock=clock)
         self.audit = audit or _open_audit(config)
         self.metrics = broker_metrics()
         self.alerts = Alerts(
             config.webhook, self.metrics, source=self.audit.stream, prefix="sealstore_broker"
         )
-        self.metrics.gauge("sealstore_broker_lockouts", "Identities locked out now.",
-                           lambda: len(self.state.lockouts()))  # fmt: skip
-        self.metrics.gauge("sealstore_broker_lockdowns", "Lockdowns in force (* or a tenant).",
-                           lambda: len(self.state.lockdowns()))  # fmt: skip
-        self.metrics.gauge("sealstore_broker_config_serial", "The signed bundle's serial in "
-                           "force (0: unsigned).",
-                           lambda: self._policy.config.bundle_serial or 0)  # fmt: skip
-        self.metrics.gauge("sealstore_broker_token_next_expiry", "When the next bearer token "
-                           "expires (seconds since the epoch; 0: none will).",
-                           self._next_expiry)  # fmt: skip
+        self.metrics.gauge(
+            "sealstore_broker_lockouts",
+            "Identities locked out now.",
+            lambda: len(self.state.lockouts()),
+        )
+        self.metrics.gauge(
+            "sealstore_broker_lockdowns",
+            "Lockdowns in force (* or a tenant).",
+            lambda: len(self.state.lockdowns()),
+        )
+        self.metrics.gauge(
+            "sealstore_broker_config_serial",
+            "The signed bundle's serial in force (0: unsigned).",
+            lambda: self._policy.config.bundle_serial or 0,
+        )
+        self.metrics.gauge(
+            "sealstore_broker_token_next_expiry",
+            "When the next bearer token expires (seconds since the epoch; 0: none will).",
+            self._next_expiry,
+        )
         self._keys_lock = threading.Lock()
         # tenant -> (its key URIs, their wrappers): a reload that changes the URIs
         # makes new wrappers; one that does not keeps the logged-in ones.
@@ -254,8 +276,11 @@ class Broker:
 
     def _next_expiry(self) -> float:
         now = self._clock()
-        ends = [t.not_after for _, t in self._policy.by_token.values()
-                if t.not_after is not None and t.not_after > now]  # fmt: skip
+        ends = [
+            t.not_after
+            for _, t in self._policy.by_token.values()
+            if t.not_after is not None and t.not_after > now
+        ]
         return min(ends, default=0.0)
 
     # -- the shared state ---------------------------------------------------
@@ -305,24 +330,35 @@ class Broker:
                 downs, outs, epochs = self._recorded()
                 if self._epoch is not None and self._epoch not in epochs:
                     raise ValueError(f"it lacks the record of epoch {self._epoch}")
-                self._record("state.epoch", "-", None, None, "ok", None, None, required=True,
-                             epoch=epoch)  # fmt: skip
+                self._record(
+                    "state.epoch", "-", None, None, "ok", None, None, required=True, epoch=epoch
+                )
             except Exception as exc:
-                why = (f"the shared state was reset and the audit log, which records the "
-                       f"lockdowns, cannot be read or written: {exc}")  # fmt: skip
+                why = (
+                    f"the shared state was reset and the audit log, which records the "
+                    f"lockdowns, cannot be read or written: {exc}"
+                )
                 self._outage(why)
                 raise Refused("state-unavailable", why, 503) from None
             if not self.state.reassert(downs, outs, epoch):
                 self._epoch = self.state.epoch()
                 return
             self._epoch = epoch
-        log.warning("state %s: epoch %s; re-asserted %d lockdown(s), %d lockout(s) from "
-                    "the audit log", self.config.state_url or "in-process", epoch,
-                    len(downs), len(outs))  # fmt: skip
+        log.warning(
+            "state %s: epoch %s; re-asserted %d lockdown(s), %d lockout(s) from the audit log",
+            self.config.state_url or "in-process",
+            epoch,
+            len(downs),
+            len(outs),
+        )
         if downs or outs:
-            self._alert("state-reset", reason=(
-                "the shared state had lost its lockdowns and lockouts; re-asserted from the "
-                f"audit log: lockdowns {sorted(downs)}, lockouts {sorted(outs)}"))  # fmt: skip
+            self._alert(
+                "state-reset",
+                reason=(
+                    "the shared state had lost its lockdowns and lockouts; re-asserted from the "
+                    f"audit log: lockdowns {sorted(downs)}, lockouts {sorted(outs)}"
+                ),
+            )
 
     def _recorded(self) -> tuple[dict[str, str], dict[str, tuple[float, str]], set[str]]:
         """The lockdowns (scope -> reason) and unexpired lockouts (identity -> (end,
@@ -392,8 +428,16 @@ class Broker:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.not_after))
         reason = f"a bearer token of {ident.name} expired at {when}"
         self.metrics.inc("sealstore_broker_token_refusals_total", {"code": "token-expired"})
-        self._record("authenticate", ident.name, None, None, "denied", "token-expired", reason,
-                     not_after=when)  # fmt: skip
+        self._record(
+            "authenticate",
+            ident.name,
+            None,
+            None,
+            "denied",
+            "token-expired",
+            reason,
+            not_after=when,
+        )
         raise Refused("token-expired", reason, 401)
 
     def _by_certificate(self, der: bytes) -> Identity | None:
@@ -468,10 +512,10 @@ class Broker:
             with self._state_guard():
                 out = self._challenge(ident, tenant, artifact)
         except Refused as exc:
-            self.metrics.inc("sealstore_broker_challenges_total",
-                             {"result": "denied", "code": exc.code})  # fmt: skip
-            self._record("challenge", ident.name, tenant, artifact, "denied", exc.code,
-                         exc.reason)  # fmt: skip
+            self.metrics.inc(
+                "sealstore_broker_challenges_total", {"result": "denied", "code": exc.code}
+            )
+            self._record("challenge", ident.name, tenant, artifact, "denied", exc.code, exc.reason)
             raise
         self.metrics.inc("sealstore_broker_challenges_total", {"result": "issued", "code": ""})
         return out
@@ -485,10 +529,13 @@ class Broker:
         expires = self._clock() + self.config.challenge_ttl
         try:
             self.state.add_challenge(
-                nonce, ident.name, {"tenant": tenant, "artifact": artifact}, expires,
+                nonce,
+                ident.name,
+                {"tenant": tenant, "artifact": artifact},
+                expires,
                 max_total=self.config.max_challenges,
                 max_per_identity=self.config.max_challenges_per_identity,
-            )  # fmt: skip
+            )
         except StateFull as exc:
             if exc.scope == "total":
                 raise Refused("busy", "too many challenges outstanding", 503) from None
@@ -519,19 +566,29 @@ class Broker:
             with self._state_guard():
                 out = self._release(ident, req, tenant, artifact, kind)
             try:
-                self._record("release", ident.name, tenant, artifact, "granted", None, None,
-                             kind=kind)  # fmt: skip
+                self._record(
+                    "release", ident.name, tenant, artifact, "granted", None, None, kind=kind
+                )
             except Exception as exc:
                 # Fail closed: a release nobody can account for is not made.
                 self.metrics.inc("sealstore_broker_audit_failures_total")
                 raise Refused("audit-unavailable", f"audit log: {exc}", 503) from None
         except Refused as exc:
-            self.metrics.inc("sealstore_broker_releases_total",
-                             {"result": "denied", "code": exc.code})  # fmt: skip
+            self.metrics.inc(
+                "sealstore_broker_releases_total", {"result": "denied", "code": exc.code}
+            )
             self.metrics.observe(time.monotonic() - t0)
             if exc.code != "audit-unavailable":
-                self._record("release", ident.name, tenant, artifact, "denied", exc.code,
-                             exc.reason, kind=kind)  # fmt: skip
+                self._record(
+                    "release",
+                    ident.name,
+                    tenant,
+                    artifact,
+                    "denied",
+                    exc.code,
+                    exc.reason,
+                    kind=kind,
+                )
             raise
         self.metrics.inc("sealstore_broker_releases_total", {"result": "granted", "code": ""})
         self.metrics.observe(time.monotonic() - t0)
@@ -608,21 +665,27 @@ class Broker:
         reason = f"{count} attestation failures in {d.failure_window:g} s (last: {code})"
         if self.state.lock_out(ident.name, d.lockout, reason):
             # The end goes into the record: a reset state gets the lockout back from it.
-            self._alert("lockout", identity=ident.name, reason=reason, seconds=d.lockout,
-                        until=self._clock() + d.lockout)  # fmt: skip
+            self._alert(
+                "lockout",
+                identity=ident.name,
+                reason=reason,
+                seconds=d.lockout,
+                until=self._clock() + d.lockout,
+            )
 
     def _rate(self, ident: Identity, tenant: str) -> None:
         d = self.config.detectors
-        now, usual = self.state.count_release(ident.name, self._clock(), d.rate_bucket,
-                                              d.rate_history)  # fmt: skip
+        now, usual = self.state.count_release(
+            ident.name, self._clock(), d.rate_bucket, d.rate_history
+        )
         limit = max(d.rate_factor * usual, d.rate_floor)
         if now <= limit:
             return
-        reason = (f"{now} releases in {d.rate_bucket:g} s, usual {usual:.1f} "
-                  f"(limit {limit:.0f})")  # fmt: skip
+        reason = f"{now} releases in {d.rate_bucket:g} s, usual {usual:.1f} (limit {limit:.0f})"
         if self.state.throttle(ident.name, d.throttle, reason):
-            self._alert("throttle", identity=ident.name, tenant=tenant, reason=reason,
-                        seconds=d.throttle)  # fmt: skip
+            self._alert(
+                "throttle", identity=ident.name, tenant=tenant, reason=reason, seconds=d.throttle
+            )
         raise Refused("throttled", f"{ident.name}: {reason}", 429)
 
     def _evidence_seen(self, ident: Identity, kind: str, seen: list[tuple[str, str]]) -> None:
@@ -631,16 +694,32 @@ class Broker:
         machine, fp = seen[0]
         before = self.state.swap_evidence(machine, fp)
         if before is not None and before != fp:
-            self._alert("evidence-changed", identity=ident.name, machine=machine, evidence=kind,
-                        before=before, now=fp)  # fmt: skip
+            self._alert(
+                "evidence-changed",
+                identity=ident.name,
+                machine=machine,
+                evidence=kind,
+                before=before,
+                now=fp,
+            )
 
     def _alert(self, kind: str, **fields: Any) -> None:
         self.alerts.fire(kind, **fields)
         try:
-            self._record(f"alert.{kind}", fields.get("identity", "-"), fields.get("tenant"),
-                         None, "ok", kind, fields.get("reason"),
-                         **{k: v for k, v in fields.items()
-                            if k in ("machine", "before", "now", "seconds", "until")})  # fmt: skip
+            self._record(
+                f"alert.{kind}",
+                fields.get("identity", "-"),
+                fields.get("tenant"),
+                None,
+                "ok",
+                kind,
+                fields.get("reason"),
+                **{
+                    k: v
+                    for k, v in fields.items()
+                    if k in ("machine", "before", "now", "seconds", "until")
+                },
+            )
         except Exception:
             self.metrics.inc("sealstore_broker_audit_failures_total")
             log.exception("alert %s not written to the audit log", kind)
@@ -664,10 +743,16 @@ class Broker:
                 was not written.
         """
         kept = {k: v for k, v in detail.items() if v is not None}
-        fields = dict(who=who, action=action, decision=decision, code=code, reason=reason,
-                      tenant=tenant if isinstance(tenant, str) else None,
-                      artifact=artifact if isinstance(artifact, str) else None,
-                      detail=kept or None)  # fmt: skip
+        fields = dict(
+            who=who,
+            action=action,
+            decision=decision,
+            code=code,
+            reason=reason,
+            tenant=tenant if isinstance(tenant, str) else None,
+            artifact=artifact if isinstance(artifact, str) else None,
+            detail=kept or None,
+        )
         if decision == "granted" or required:
             self.audit.append(**fields)
             return
@@ -726,13 +811,25 @@ class Broker:
         with self._state_guard():
             self.state.set_lockdown(scope, why[:300])
         try:
-            self._record("lockdown", ident.name, None if scope == "*" else scope, None, "ok",
-                         None, why, required=True, scope=scope)  # fmt: skip
+            self._record(
+                "lockdown",
+                ident.name,
+                None if scope == "*" else scope,
+                None,
+                "ok",
+                None,
+                why,
+                required=True,
+                scope=scope,
+            )
         except Exception as exc:
             self.metrics.inc("sealstore_broker_audit_failures_total")
-            raise Refused("audit-unavailable", f"lockdown of {scope} is in force but not "
-                          f"recorded (a reset of the state would lose it): {exc}",
-                          503) from None  # fmt: skip
+            raise Refused(
+                "audit-unavailable",
+                f"lockdown of {scope} is in force but not "
+                f"recorded (a reset of the state would lose it): {exc}",
+                503,
+            ) from None
         self._alert("lockdown", identity=ident.name, scope=scope, reason=why)
         return self.status(ident, check=False)
 
@@ -759,18 +856,38 @@ class Broker:
                 else:
                     was = scope in self.state.lockdowns()
             if identity is not None:
-                self._record("lockout.lift", ident.name, None, None, "ok", None, None,
-                             required=True, identity=identity, lifted=bool(was))  # fmt: skip
+                self._record(
+                    "lockout.lift",
+                    ident.name,
+                    None,
+                    None,
+                    "ok",
+                    None,
+                    None,
+                    required=True,
+                    identity=identity,
+                    lifted=bool(was),
+                )
             else:
-                self._record("lockdown.lift", ident.name, None if scope == "*" else scope,
-                             None, "ok", None, None, required=True, scope=scope,
-                             lifted=bool(was))  # fmt: skip
+                self._record(
+                    "lockdown.lift",
+                    ident.name,
+                    None if scope == "*" else scope,
+                    None,
+                    "ok",
+                    None,
+                    None,
+                    required=True,
+                    scope=scope,
+                    lifted=bool(was),
+                )
         except Refused:
             raise
         except Exception as exc:
             self.metrics.inc("sealstore_broker_audit_failures_total")
-            raise Refused("audit-unavailable", f"lift not recorded, so not made: {exc}",
-                          503) from None  # fmt: skip
+            raise Refused(
+                "audit-unavailable", f"lift not recorded, so not made: {exc}", 503
+            ) from None
         with self._state_guard():
             if identity is not None:
                 lifted = self.state.lift_lockout(identity) | self.state.lift_throttle(identity)
@@ -812,8 +929,9 @@ class Broker:
             )
             # The AK is registered to the identity: the identity is the machine. The
             # PCRs are authentic if the quote verifies or fails only on their values.
-            seen.append((f"tpm:{ident.name}", _fingerprint(*(quote.pcrs[k] for k in
-                                                             sorted(quote.pcrs)))))  # fmt: skip
+            seen.append(
+                (f"tpm:{ident.name}", _fingerprint(*(quote.pcrs[k] for k in sorted(quote.pcrs))))
+            )
             tpm_quote.verify_quote(quote, ident.tpm_ak, bound, rule.tpm.policy, rule.tpm.reference)
         elif kind == "snp":
             assert rule.snp is not None
@@ -833,8 +951,12 @@ class Broker:
                 roots=self._snp_roots,
                 revocation=rule.snp.revocation,
             )
-            seen.append((f"snp:{report.chip_id.hex()[:32]}",
-                         _fingerprint(report.measurement, report.host_data)))  # fmt: skip
+            seen.append(
+                (
+                    f"snp:{report.chip_id.hex()[:32]}",
+                    _fingerprint(report.measurement, report.host_data),
+                )
+            )
             rule.snp.check(report, product, bound)
         else:
             assert rule.tdx is not None
@@ -867,13 +989,15 @@ class Broker:
             chain_certs = certs.load_certificates(chain)
             device = certs.spki_sha256(chain_certs[1] if len(chain_certs) > 1 else chain_certs[0])
             if device in devices:
-                raise AttestationError(f"{release.GPU_KIND}[{i}] is a GPU already counted",
-                                       "nvgpu-count")  # fmt: skip
+                raise AttestationError(
+                    f"{release.GPU_KIND}[{i}] is a GPU already counted", "nvgpu-count"
+                )
             devices.add(device)
             report = nvgpu.verify_report(
-                release.b64d(item["report"], f"{release.GPU_KIND}[{i}].report"), chain,
+                release.b64d(item["report"], f"{release.GPU_KIND}[{i}].report"),
+                chain,
                 root=self._gpu_root,
-            )  # fmt: skip
+            )
             ref.check(report, bound)
 
     def _keys(self, tenant: str) -> list[Any]:
@@ -928,5 +1052,6 @@ def _open_audit(config: BrokerConfig) -> AuditLog:
 
     assert config.audit_key is not None
     stream = config.audit_stream or stream_name("broker", socket.gethostname(), str(config.port))
-    return AuditLog(open_storage(config.audit_log), AuditKey.load_or_create(config.audit_key),
-                    stream=stream)  # fmt: skip
+    return AuditLog(
+        open_storage(config.audit_log), AuditKey.load_or_create(config.audit_key), stream=stream
+    )

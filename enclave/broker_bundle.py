@@ -75,8 +75,9 @@ def sign_bundle(config: BrokerConfig, key: Ed25519PrivateKey, serial: int) -> by
     """
     if isinstance(serial, bool) or not isinstance(serial, int) or serial < 1:
         raise ValueError("serial: expected a positive integer")
-    public = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                           serialization.PublicFormat.Raw)  # fmt: skip
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     body = {
         "format": FORMAT,
         "serial": serial,
@@ -111,28 +112,34 @@ def verify_bundle(config: BrokerConfig) -> int:
     try:
         doc: Any = json.loads(where.read_bytes())
     except FileNotFoundError:
-        raise FormatError(f"broker config {config.path}: unsigned (no {where.name}) while a "
-                          "bundle key is pinned (signing.public_key, or serve --bundle-key)"
-                          ) from None  # fmt: skip
+        raise FormatError(
+            f"broker config {config.path}: unsigned (no {where.name}) while a "
+            "bundle key is pinned (signing.public_key, or serve --bundle-key)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise FormatError(f"bundle signature {where}: not readable JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FormatError(f"bundle signature {where}: not a {FORMAT} signature")
     body = {k: v for k, v in doc.items() if k != "signature"}
     if set(body) != {"format", "serial", "signed_at", "key", "files"}:
-        raise FormatError(f"bundle signature {where}: fields {sorted(doc)} are not "
-                          "format, serial, signed_at, key, files, signature")  # fmt: skip
+        raise FormatError(
+            f"bundle signature {where}: fields {sorted(doc)} are not "
+            "format, serial, signed_at, key, files, signature"
+        )
     if body["key"] != key_id(config.signing_key):
-        raise FormatError(f"bundle signature {where}: signed by another key than "
-                          "the pinned one (signing.public_key, or serve --bundle-key)")  # fmt: skip
+        raise FormatError(
+            f"bundle signature {where}: signed by another key than "
+            "the pinned one (signing.public_key, or serve --bundle-key)"
+        )
     try:
         sig = base64.b64decode(doc.get("signature", ""), validate=True)
         Ed25519PublicKey.from_public_bytes(config.signing_key).verify(
             sig, _DOMAIN + canonical_json(body)
         )
     except (ValueError, TypeError, InvalidSignature):
-        raise FormatError(f"bundle signature {where}: does not verify (altered, or not "
-                          "made by the pinned key)") from None  # fmt: skip
+        raise FormatError(
+            f"bundle signature {where}: does not verify (altered, or not made by the pinned key)"
+        ) from None
     serial = body["serial"]
     if isinstance(serial, bool) or not isinstance(serial, int) or serial < 1:
         raise FormatError(f"bundle signature {where}: serial is not a positive integer")

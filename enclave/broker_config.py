@@ -31,8 +31,17 @@ from sealstore.vault import access
 from sealstore.vault.access import ROLES
 from sealstore.vault.manifest import check_name
 
-__all__ = ["RESTART_ONLY", "ROLES", "ArtifactRule", "BrokerConfig", "Detectors", "Identity",
-           "TenantPolicy", "Token", "TpmRule"]  # fmt: skip
+__all__ = [
+    "RESTART_ONLY",
+    "ROLES",
+    "ArtifactRule",
+    "BrokerConfig",
+    "Detectors",
+    "Identity",
+    "TenantPolicy",
+    "Token",
+    "TpmRule",
+]
 
 STATE_SCHEMES = ("memory:", "redis://", "rediss://", "unix://")
 SIGNATURE_SUFFIX = ".sig"  # the bundle's detached signature: beside the config file
@@ -40,9 +49,21 @@ SIGNATURE_SUFFIX = ".sig"  # the bundle's detached signature: beside the config 
 # What a running broker cannot take from a reload (sockets, TLS, where the state
 # and the audit log are, the pinned signing key): a reload that changes one is
 # refused whole, and the field names the restart it needs.
-RESTART_ONLY = ("host", "port", "tls_cert", "tls_key", "client_ca", "require_client_cert",
-                "state_url", "state_prefix", "audit_log", "audit_key", "audit_stream",
-                "webhook", "signing_key")  # fmt: skip
+RESTART_ONLY = (
+    "host",
+    "port",
+    "tls_cert",
+    "tls_key",
+    "client_ca",
+    "require_client_cert",
+    "state_url",
+    "state_prefix",
+    "audit_log",
+    "audit_key",
+    "audit_stream",
+    "webhook",
+    "signing_key",
+)
 
 
 @dataclass(frozen=True)
@@ -353,16 +374,33 @@ class _Parser:
 
     # -- sections -----------------------------------------------------------
     def config(self, doc: Any) -> BrokerConfig:
-        top = self._map(doc, "top level",
-                        {"server", "challenge_ttl", "max_challenges",
-                         "max_challenges_per_identity", "identities", "tenants", "state",
-                         "audit", "admin", "metrics", "alerts", "detectors", "reload",
-                         "signing"},
-                        {"server", "identities", "tenants"})  # fmt: skip
-        server = self._map(top["server"], "server",
-                           {"host", "port", "tls_cert", "tls_key", "client_ca",
-                            "require_client_cert"},
-                           {"tls_cert", "tls_key"})  # fmt: skip
+        top = self._map(
+            doc,
+            "top level",
+            {
+                "server",
+                "challenge_ttl",
+                "max_challenges",
+                "max_challenges_per_identity",
+                "identities",
+                "tenants",
+                "state",
+                "audit",
+                "admin",
+                "metrics",
+                "alerts",
+                "detectors",
+                "reload",
+                "signing",
+            },
+            {"server", "identities", "tenants"},
+        )
+        server = self._map(
+            top["server"],
+            "server",
+            {"host", "port", "tls_cert", "tls_key", "client_ca", "require_client_cert"},
+            {"tls_cert", "tls_key"},
+        )
         client_ca = server.get("client_ca")
         require = server.get("require_client_cert", False)
         if not isinstance(require, bool):
@@ -488,13 +526,15 @@ class _Parser:
         return float(value)
 
     def detectors(self, obj: Any) -> Detectors:
-        d = self._map(obj, "detectors", {"attestation_failures", "release_rate",
-                                         "evidence_change"})  # fmt: skip
+        d = self._map(obj, "detectors", {"attestation_failures", "release_rate", "evidence_change"})
         dflt = Detectors()
         w = "detectors.attestation_failures"
         f = self._map(d.get("attestation_failures", {}), w, {"max", "window", "lockout"})
-        r = self._map(d.get("release_rate", {}), "detectors.release_rate",
-                      {"bucket", "history", "factor", "floor", "throttle"})  # fmt: skip
+        r = self._map(
+            d.get("release_rate", {}),
+            "detectors.release_rate",
+            {"bucket", "history", "factor", "floor", "throttle"},
+        )
         rw = "detectors.release_rate"
         return Detectors(
             failures=self._int(f.get("max", dflt.failures), f"{w}.max", 1, 10**6),
@@ -517,8 +557,12 @@ class _Parser:
         out = {}
         for name, ident in identities.items():
             if not ident.roles:
-                named = {t.name: "reader" for t in tenants.values()
-                         for rule in t.artifacts.values() if name in rule.identities}  # fmt: skip
+                named = {
+                    t.name: "reader"
+                    for t in tenants.values()
+                    for rule in t.artifacts.values()
+                    if name in rule.identities
+                }
                 ident = dataclasses.replace(ident, roles=named)
             out[name] = ident
         for name, ident in out.items():
@@ -555,8 +599,9 @@ class _Parser:
 
     def identity(self, name: str, obj: Any) -> Identity:
         where = f"identities.{name}"
-        d = self._map(obj, where, {"token_sha256", "tokens", "mtls_spki_sha256", "mtls_cn",
-                                   "tpm_ak", "roles"})  # fmt: skip
+        d = self._map(
+            obj, where, {"token_sha256", "tokens", "mtls_spki_sha256", "mtls_cn", "tpm_ak", "roles"}
+        )
         roles = d.get("roles", {})
         if not isinstance(roles, dict) or not all(
             isinstance(t, str) and r in ROLES for t, r in roles.items()
@@ -601,8 +646,12 @@ class _Parser:
         for i, item in enumerate(obj):
             w = f"{where}[{i}]"
             t = self._map(item, w, {"sha256", "not_after"}, {"sha256", "not_after"})
-            out.append(Token(self._hex(t["sha256"], f"{w}.sha256", 32),
-                             self._time(t["not_after"], f"{w}.not_after")))  # fmt: skip
+            out.append(
+                Token(
+                    self._hex(t["sha256"], f"{w}.sha256", 32),
+                    self._time(t["not_after"], f"{w}.not_after"),
+                )
+            )
         return tuple(out)
 
     def _time(self, value: Any, where: str) -> float:
@@ -614,8 +663,9 @@ class _Parser:
             except ValueError:
                 when = None
         if not isinstance(when, dt.datetime) or when.tzinfo is None:
-            raise _Bad(f"{where}: expected an ISO 8601 time with its zone, "
-                       "e.g. 2026-03-01T00:00:00Z")  # fmt: skip
+            raise _Bad(
+                f"{where}: expected an ISO 8601 time with its zone, e.g. 2026-03-01T00:00:00Z"
+            )
         return when.timestamp()
 
     def tenant(self, name: str, obj: Any, identities: dict[str, Identity]) -> TenantPolicy:
@@ -641,16 +691,22 @@ class _Parser:
 
         scheme, _, rest = uri.partition(":")
         if scheme in (release.SLOT_KIND, "x25519") or not rest:
-            raise _Bad(f"{where}: {uri!r} cannot be a tenant key (local:, vault-transit:, "
-                       "aws-kms: or tpm:)")  # fmt: skip
+            raise _Bad(
+                f"{where}: {uri!r} cannot be a tenant key (local:, vault-transit:, "
+                "aws-kms: or tpm:)"
+            )
         try:
             get_provider_class(scheme)
         except (ValueError, ImportError) as exc:
             raise _Bad(f"{where}: {exc}") from None
 
     def rule(self, where: str, obj: Any, identities: dict[str, Identity]) -> ArtifactRule:
-        d = self._map(obj, where, {"identities", "evidence", "tpm", "snp", "tdx",
-                                   release.GPU_KIND}, {"identities", "evidence"})  # fmt: skip
+        d = self._map(
+            obj,
+            where,
+            {"identities", "evidence", "tpm", "snp", "tdx", release.GPU_KIND},
+            {"identities", "evidence"},
+        )
         who = d["identities"]
         if not isinstance(who, list) or not who:
             raise _Bad(f"{where}.identities: expected a non-empty list of identity names")
@@ -670,8 +726,9 @@ class _Parser:
                 if part not in d:
                     raise _Bad(f"{where}: evidence {k!r} needs its reference values under {part}:")
                 used.add(part)
-        extra = sorted(k for k in (*release.EVIDENCE_KINDS, release.GPU_KIND)
-                       if k in d and k not in used)  # fmt: skip
+        extra = sorted(
+            k for k in (*release.EVIDENCE_KINDS, release.GPU_KIND) if k in d and k not in used
+        )
         if extra:
             raise _Bad(f"{where}.{extra[0]}: reference values for a kind not in evidence")
         kinds = [release.parse_kind(k)[0] for k in kinds]  # the CPU kinds, for the checks below
@@ -733,12 +790,28 @@ class _Parser:
     def snp(self, where: str, obj: Any) -> snp.SnpReference:
         # A minimum TCB is required: without it a platform with known-bad
         # firmware (whose VCEK still verifies) would be accepted.
-        d = self._map(obj, where, {"measurements", "min_tcb", "allow_debug", "max_vmpl",
-                                   "host_data", "crl_file", "crl_url", "crl_grace",
-                                   "crl_cache"}, {"measurements", "min_tcb"})  # fmt: skip
-        t = self._map(d["min_tcb"], f"{where}.min_tcb",
-                      {"bootloader", "tee", "snp", "microcode", "fmc"},
-                      {"bootloader", "tee", "snp", "microcode"})  # fmt: skip
+        d = self._map(
+            obj,
+            where,
+            {
+                "measurements",
+                "min_tcb",
+                "allow_debug",
+                "max_vmpl",
+                "host_data",
+                "crl_file",
+                "crl_url",
+                "crl_grace",
+                "crl_cache",
+            },
+            {"measurements", "min_tcb"},
+        )
+        t = self._map(
+            d["min_tcb"],
+            f"{where}.min_tcb",
+            {"bootloader", "tee", "snp", "microcode", "fmc"},
+            {"bootloader", "tee", "snp", "microcode"},
+        )
         vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
         tcb = snp.Tcb(**vals)
         return snp.SnpReference(
@@ -802,8 +875,12 @@ class _Parser:
     def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
         # MRTD measures the TD's firmware only; the RTMRs carry the kernel,
         # initrd and command line, so a rule must name at least one.
-        d = self._map(obj, where, {"mrtd", "rtmrs", "mrconfigid", "allow_debug", "collateral"},
-                      {"mrtd", "rtmrs"})  # fmt: skip
+        d = self._map(
+            obj,
+            where,
+            {"mrtd", "rtmrs", "mrconfigid", "allow_debug", "collateral"},
+            {"mrtd", "rtmrs"},
+        )
         rtmrs = {}
         raw = d["rtmrs"]
         if not isinstance(raw, dict) or not raw:
@@ -826,8 +903,9 @@ class _Parser:
 
         if obj is None:
             raise _Bad(f"{where}: missing (dir: FOLDER or pccs_url: URL, see docs/BROKER.md)")
-        d = self._map(obj, where, {"dir", "pccs_url", "pccs_ca", "accept", "grace_hours",
-                                   "min_evaluation"})  # fmt: skip
+        d = self._map(
+            obj, where, {"dir", "pccs_url", "pccs_ca", "accept", "grace_hours", "min_evaluation"}
+        )
         if ("dir" in d) == ("pccs_url" in d):
             raise _Bad(f"{where}: give exactly one of dir and pccs_url")
         source: tdx_pccs.CollateralSource
@@ -870,9 +948,20 @@ class _Parser:
     def nvidia_gpu(self, where: str, obj: Any) -> nvgpu.GpuReference:
         # Minimum versions are required for the reason min_tcb is: a GPU on
         # known-bad firmware still signs genuine reports.
-        d = self._map(obj, where, {"driver_rims", "vbios_rims", "min_driver", "min_vbios",
-                                   "modes", "gpus", "rims_valid_at"},
-                      {"driver_rims", "vbios_rims", "min_driver", "min_vbios"})  # fmt: skip
+        d = self._map(
+            obj,
+            where,
+            {
+                "driver_rims",
+                "vbios_rims",
+                "min_driver",
+                "min_vbios",
+                "modes",
+                "gpus",
+                "rims_valid_at",
+            },
+            {"driver_rims", "vbios_rims", "min_driver", "min_vbios"},
+        )
         at = d.get("rims_valid_at")
         if at is not None:
             try:
@@ -880,8 +969,10 @@ class _Parser:
             except ValueError:
                 raise _Bad(f"{where}.rims_valid_at: expected a date and time (ISO 8601)") from None
             at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-            self.warnings.append(f"{where}.rims_valid_at: the RIM signers' certificates are "
-                                 f"checked as of {at:%Y-%m-%d %H:%M} UTC, not now")  # fmt: skip
+            self.warnings.append(
+                f"{where}.rims_valid_at: the RIM signers' certificates are "
+                f"checked as of {at:%Y-%m-%d %H:%M} UTC, not now"
+            )
         rims = {}
         for key in ("driver_rims", "vbios_rims"):
             files = d[key]

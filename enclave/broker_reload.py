@@ -42,8 +42,16 @@ __all__ = ["Reloader"]
 log = logging.getLogger("sealstore.broker")
 
 # Fields a reload may change, reported by name when they do.
-_RELOADABLE = ("challenge_ttl", "max_challenges", "max_challenges_per_identity", "admin_remote",
-               "metrics_remote", "detectors", "reload_watch", "reload_interval")  # fmt: skip
+_RELOADABLE = (
+    "challenge_ttl",
+    "max_challenges",
+    "max_challenges_per_identity",
+    "admin_remote",
+    "metrics_remote",
+    "detectors",
+    "reload_watch",
+    "reload_interval",
+)
 
 
 _MAX_ITEMS = 60  # an audit record's lists and maps hold 64 at most
@@ -149,17 +157,24 @@ class Reloader:
                 **self._files(old, new),
             }
             try:
-                self.broker._record("config.reload", "-", None, None, "ok", None, None,
-                                    required=True, **detail)  # fmt: skip
+                self.broker._record(
+                    "config.reload", "-", None, None, "ok", None, None, required=True, **detail
+                )
             except Exception as exc:
                 self.broker.metrics.inc("sealstore_broker_audit_failures_total")
-                return self._refused(trigger, old, f"the audit log cannot record it: {exc}",
-                                     new=new, record=False)  # fmt: skip
+                return self._refused(
+                    trigger, old, f"the audit log cannot record it: {exc}", new=new, record=False
+                )
             self.broker.replace_config(new)
             self._in_force = self._tried
             self._count(trigger, "applied")
-            log.warning("config reloaded (%s): %s -> %s; changed: %s", trigger, old.digest[:16],
-                        new.digest[:16], ", ".join(detail["changed"]) or "files only")  # fmt: skip
+            log.warning(
+                "config reloaded (%s): %s -> %s; changed: %s",
+                trigger,
+                old.digest[:16],
+                new.digest[:16],
+                ", ".join(detail["changed"]) or "files only",
+            )
             for warning in new.warnings:
                 log.warning("config: %s", warning)
             return "applied"
@@ -167,8 +182,9 @@ class Reloader:
     def _check(self, old: BrokerConfig, new: BrokerConfig) -> None:
         for name in RESTART_ONLY:
             if getattr(old, name) != getattr(new, name):
-                raise FormatError(f"broker config {new.path}: {name} changes only on a "
-                                  "restart; nothing reloaded")  # fmt: skip
+                raise FormatError(
+                    f"broker config {new.path}: {name} changes only on a restart; nothing reloaded"
+                )
         if (
             old.bundle_serial is not None
             and new.bundle_serial is not None
@@ -192,22 +208,33 @@ class Reloader:
         record: bool = True,
     ) -> str:
         self._count(trigger, "refused")
-        log.error("config reload (%s) refused; %s stays in force: %s", trigger,
-                  old.digest[:16], why)  # fmt: skip
+        log.error(
+            "config reload (%s) refused; %s stays in force: %s", trigger, old.digest[:16], why
+        )
         # An alert too: whoever rolled the change believes it is in force, and a
         # badly signed bundle may be someone else's. (Not _alert: the record
         # below is the audit record.)
-        self.broker.alerts.fire("config-refused", trigger=trigger, reason=why[:500],
-                                in_force=old.digest)  # fmt: skip
+        self.broker.alerts.fire(
+            "config-refused", trigger=trigger, reason=why[:500], in_force=old.digest
+        )
         if record:
             now = _digests(old.watched())
             moved = [p for p, d in self._in_force.items() if now.get(p) != d][:_MAX_ITEMS]
-            self.broker._record("config.reload", "-", None, None, "denied", "config-refused",
-                                why[:500], trigger=trigger, outcome="refused", old=old.digest,
-                                new=new.digest if new else None,
-                                old_files={self._name(old, p): self._in_force[p] for p in moved},
-                                new_files={self._name(old, p): now.get(p) for p in moved}
-                                )  # fmt: skip
+            self.broker._record(
+                "config.reload",
+                "-",
+                None,
+                None,
+                "denied",
+                "config-refused",
+                why[:500],
+                trigger=trigger,
+                outcome="refused",
+                old=old.digest,
+                new=new.digest if new else None,
+                old_files={self._name(old, p): self._in_force[p] for p in moved},
+                new_files={self._name(old, p): now.get(p) for p in moved},
+            )
         return "refused"
 
     @staticmethod
@@ -219,16 +246,20 @@ class Reloader:
     def _files(self, old: BrokerConfig, new: BrokerConfig) -> dict[str, dict[str, str | None]]:
         """The source files whose digest changed: ``old_files`` and ``new_files``, name ->
         SHA-256 (None: not a source on that side)."""
-        moved = [p for p in sorted(old.sources.keys() | new.sources.keys())
-                 if old.sources.get(p) != new.sources.get(p)][:_MAX_ITEMS]  # fmt: skip
+        moved = [
+            p
+            for p in sorted(old.sources.keys() | new.sources.keys())
+            if old.sources.get(p) != new.sources.get(p)
+        ][:_MAX_ITEMS]
         return {
             "old_files": {self._name(new, p): old.sources.get(p) for p in moved},
             "new_files": {self._name(new, p): new.sources.get(p) for p in moved},
         }
 
     def _count(self, trigger: str, outcome: str) -> None:
-        self.broker.metrics.inc("sealstore_broker_config_reloads_total",
-                                {"trigger": trigger, "outcome": outcome})  # fmt: skip
+        self.broker.metrics.inc(
+            "sealstore_broker_config_reloads_total", {"trigger": trigger, "outcome": outcome}
+        )
 
     # -- watching ---------------------------------------------------------------
     def poll(self) -> str | None:
@@ -320,8 +351,12 @@ class Reloader:
                     "--allow-bundle-key-change to accept it, which is audited)"
                 )
             override = "bundle-key-change"
-            log.warning("starting %s although key %s signed the last config in force: "
-                        "--allow-bundle-key-change (audited)", now, last)  # fmt: skip
+            log.warning(
+                "starting %s although key %s signed the last config in force: "
+                "--allow-bundle-key-change (audited)",
+                now,
+                last,
+            )
         if c.bundle_serial is not None:
             highest, digests = self._highest_serial(key)
             if highest is not None and (
@@ -336,9 +371,20 @@ class Reloader:
         extra: dict[str, Any] = {}
         if override is not None:
             extra = {"override": override, "previous_key": last}
-        self.broker._record("config.load", "-", None, None, "ok", None, None, digest=c.digest,
-                            serial=c.bundle_serial, key=key, signed=c.signing_key is not None,
-                            **extra)  # fmt: skip
+        self.broker._record(
+            "config.load",
+            "-",
+            None,
+            None,
+            "ok",
+            None,
+            None,
+            digest=c.digest,
+            serial=c.bundle_serial,
+            key=key,
+            signed=c.signing_key is not None,
+            **extra,
+        )
 
     def _configs_in_force(self) -> list[dict[str, Any]]:
         """The details of the audit log's configs in force (loads, applied reloads), in order."""

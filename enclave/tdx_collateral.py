@@ -708,8 +708,12 @@ def _relaunch(svn2: bytes, info: dict[str, Any], sgx: str, tdx: str, module: str
     one the TD was launched under. A TD out of date only because of its
     launch-time module, on a platform that is current, is told to relaunch.
     """
-    if sgx not in ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
-                   "ConfigurationAndSWHardeningNeeded"):  # fmt: skip
+    if sgx not in (
+        "UpToDate",
+        "SWHardeningNeeded",
+        "ConfigurationNeeded",
+        "ConfigurationAndSWHardeningNeeded",
+    ):
         return tdx
     if tdx not in ("OutOfDate", "OutOfDateConfigurationNeeded") or module != "OutOfDate":
         return tdx

@@ -67,10 +67,15 @@ def _issue(folder: Path, name: str, cn: str, issuer: tuple | None, *, server: bo
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     signer_key, signer_name = issuer if issuer else (key, subject)
     now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(hours=1))
-         .not_valid_after(now + dt.timedelta(days=2)))  # fmt: skip
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+    )
     if issuer is None:
         b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     if server:
@@ -98,8 +103,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _issue(d, "client", "node-7", (ca_key, ca.subject))
     rogue_key, rogue = _issue(d, "rogue-ca", "someone else's CA", None)
     _issue(d, "rogue", "node-7", (rogue_key, rogue.subject))
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-               d / "client.key", d / "rogue.pem", d / "rogue.key")  # fmt: skip
+    return Pki(
+        d / "ca.pem",
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+        d / "rogue.pem",
+        d / "rogue.key",
+    )
 
 
 # -- the broker's config ------------------------------------------------------------
@@ -216,8 +228,10 @@ def start_broker(config: Path, port: int, log: Path, ca: Path) -> subprocess.Pop
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(exe), "broker", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     ctx = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + 30
     while True:
@@ -315,9 +329,13 @@ def test_push_and_pull_through_the_broker(
 
 
 def _body(
-    ch: dict, tenant: str, artifact: str, slot_blob: bytes, kind: str = "tpm",
+    ch: dict,
+    tenant: str,
+    artifact: str,
+    slot_blob: bytes,
+    kind: str = "tpm",
     evidence: Callable[[bytes], dict] | None = None,
-) -> tuple[dict, Any]:  # fmt: skip
+) -> tuple[dict, Any]:
     """A release request for challenge *ch*, built as the client builds it; and its secret key.
 
     The evidence is a swtpm quote made by the client's own code, unless
@@ -333,9 +351,15 @@ def _body(
         ev = client._collect(kind, bound, ch)
     else:
         ev = evidence(bound)
-    body = {"tenant": tenant, "artifact": artifact, "nonce": ch["nonce"],
-            "public_key": release.b64e(public), "evidence": ev,
-            "slot": json.loads(slot_blob), "context": CONTEXT}  # fmt: skip
+    body = {
+        "tenant": tenant,
+        "artifact": artifact,
+        "nonce": ch["nonce"],
+        "public_key": release.b64e(public),
+        "evidence": ev,
+        "slot": json.loads(slot_blob),
+        "context": CONTEXT,
+    }
     return body, secret
 
 
@@ -422,8 +446,12 @@ def test_a_slot_names_a_broker_only_the_user_trusts(
 def test_wrapping_needs_a_tenant_key(workload: Running) -> None:
     with pytest.raises(ValueError, match=r"\?key=URI"):
         BrokerKey(f"broker+{workload.url}/acme/minilm").wrap(DataKey.generate(), CONTEXT)
-    for bad in ("broker+https://h/acme", "broker+https://h/a/b/c", "broker+https://h/a/b?x=1",
-                "broker+https://h/-bad/b"):  # fmt: skip
+    for bad in (
+        "broker+https://h/acme",
+        "broker+https://h/a/b/c",
+        "broker+https://h/a/b?x=1",
+        "broker+https://h/-bad/b",
+    ):
         with pytest.raises(ValueError):
             BrokerKey(bad)
 
@@ -496,9 +524,10 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
     def cvm(doc: dict) -> None:
         doc["identities"]["cvm"] = {"token_sha256": _sha("cvm")}
         doc["tenants"]["acme"]["artifacts"]["minilm"] = {
-            "identities": ["cvm"], "evidence": ["snp"],
+            "identities": ["cvm"],
+            "evidence": ["snp"],
             "snp": {"measurements": ["00" * 48], "min_tcb": TCB},
-        }  # fmt: skip
+        }
 
     config = _variant(setup, tmp_path, cvm)
     b = Broker(BrokerConfig.load(config), snp_roots=own_chain["roots"])
@@ -508,12 +537,17 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
 
     def request(report_data: bytes | None = None) -> tuple[dict, Any]:
         def snp_evidence(bound: bytes) -> dict:
-            report = bytearray(_signed_report(own_chain["key"], own_chain["chip"],
-                                              bytes([3, 0, 0, 0, 0, 0, 8, 0x73])))  # fmt: skip
+            report = bytearray(
+                _signed_report(
+                    own_chain["key"], own_chain["chip"], bytes([3, 0, 0, 0, 0, 0, 8, 0x73])
+                )
+            )
             report[0x50:0x90] = report_data if report_data is not None else bound
             resigned = _resign(bytes(report), own_chain["key"])
-            der = {k: release.b64e(own_chain[k].public_bytes(serialization.Encoding.DER))
-                   for k in ("vcek", "ask", "ark")}  # fmt: skip
+            der = {
+                k: release.b64e(own_chain[k].public_bytes(serialization.Encoding.DER))
+                for k in ("vcek", "ask", "ark")
+            }
             return {"kind": "snp", "report": release.b64e(resigned), "certs": der}
 
         ch = b.challenge(who, "acme", "minilm")
@@ -584,31 +618,46 @@ def _only(doc: dict, kind: str, reference: dict) -> None:
     ("change", "message"),
     [
         (lambda d: d["server"].update(tls_certs="x"), "server: unknown field 'tls_certs'"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].pop("reference_file"),
-         "give exactly one of reference and reference_file"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(evidence=["tpn"]),
-         "unknown kind 'tpn'"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(identities=["eve"]),
-         "'eve' is not defined under identities"),
+        (
+            lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].pop("reference_file"),
+            "give exactly one of reference and reference_file",
+        ),
+        (
+            lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(evidence=["tpn"]),
+            "unknown kind 'tpn'",
+        ),
+        (
+            lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(identities=["eve"]),
+            "'eve' is not defined under identities",
+        ),
         (lambda d: d["identities"]["trainer"].pop("tpm_ak"), "has no tpm_ak"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].update(pcrs="7"),
-         "needs a value for each of PCRs sha256:7"),
-        (lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(
-            snp={"measurements": ["00" * 48], "min_tcb": TCB}),
-         "reference values for a kind not in evidence"),
-        (lambda d: _only(d, "snp", {"measurements": [], "min_tcb": TCB}),
-         "measurements: expected a non-empty list"),
+        (
+            lambda d: d["tenants"]["acme"]["artifacts"]["minilm"]["tpm"].update(pcrs="7"),
+            "needs a value for each of PCRs sha256:7",
+        ),
+        (
+            lambda d: d["tenants"]["acme"]["artifacts"]["minilm"].update(
+                snp={"measurements": ["00" * 48], "min_tcb": TCB}
+            ),
+            "reference values for a kind not in evidence",
+        ),
+        (
+            lambda d: _only(d, "snp", {"measurements": [], "min_tcb": TCB}),
+            "measurements: expected a non-empty list",
+        ),
         (lambda d: _only(d, "snp", {"measurements": ["00" * 48]}), "missing field 'min_tcb'"),
         (lambda d: _only(d, "tdx", {"mrtd": ["00" * 48]}), "missing field 'rtmrs'"),
         (lambda d: d["server"].pop("client_ca"), "a client certificate needs server.client_ca"),
-        (lambda d: d["identities"]["intern"].update(token_sha256=_sha(TOKENS["trainer"])),
-         "the same as (trainer|intern).s"),
+        (
+            lambda d: d["identities"]["intern"].update(token_sha256=_sha(TOKENS["trainer"])),
+            "the same as (trainer|intern).s",
+        ),
         (lambda d: d["tenants"]["acme"].update(keys=["x25519:abc"]), "cannot be a tenant key"),
         (lambda d: d["tenants"]["acme"].update(keys=["nope:abc"]), "unknown key provider"),
         (lambda d: d["identities"]["trainer"].update(token_sha256="abc"), "32-byte hex"),
         (lambda d: d["server"].update(require_client_cert="yes"), "expected true or false"),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_field(setup: Setup, tmp_path: Path, change, message) -> None:
     """Each mistake is refused at load with the field's path; none widens the policy."""
     config = _variant(setup, tmp_path, change)
@@ -710,16 +759,24 @@ def test_a_vault_slot_cannot_drop_its_associated_data(
     foreign = transit.client.secrets.transit.encrypt_data(
         "acme", base64.b64encode(os.urandom(32)).decode(), mount_point=transit.mount
     )["data"]["ciphertext"]
-    slot = {"kind": "vault-transit", "key_id": transit.uri, "version": 1, "ad": False,
-            "blob": base64.b64encode(foreign.encode()).decode()}  # fmt: skip
+    slot = {
+        "kind": "vault-transit",
+        "key_id": transit.uri,
+        "version": 1,
+        "ad": False,
+        "blob": base64.b64encode(foreign.encode()).decode(),
+    }
     req = _tpm_request(b, "trainer", canonical_json(slot))
     assert _code(b, "trainer", req) == "key-unavailable"
 
 
 def test_an_aws_slot_cannot_steer_to_another_kms_key(
-    setup: Setup, tcti: str, services: dict[str, str], tmp_path: Path,
+    setup: Setup,
+    tcti: str,
+    services: dict[str, str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """A slot naming the tenant's key but carrying another key's ARN and ciphertext is refused.
 
     The broker's KMS credentials reach both keys (moto allows everything), so
@@ -728,9 +785,12 @@ def test_an_aws_slot_cannot_steer_to_another_kms_key(
     import boto3
 
     moto = services["moto_url"]
-    for name, value in {"AWS_ENDPOINT_URL_KMS": moto, "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing"}.items():  # fmt: skip
+    for name, value in {
+        "AWS_ENDPOINT_URL_KMS": moto,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
         monkeypatch.setenv(name, value)
     kms = boto3.client("kms", endpoint_url=moto, region_name="us-east-1")
     tenant_key = kms.create_key()["KeyMetadata"]["KeyId"]
@@ -742,8 +802,9 @@ def test_an_aws_slot_cannot_steer_to_another_kms_key(
         b.config.identities["trainer"], _tpm_request(b, "trainer", slot.blob)
     )
     scope = release.scoped_context(CONTEXT, "acme", "minilm")
-    blob = kms.encrypt(KeyId=other["KeyId"], Plaintext=os.urandom(32),
-                       EncryptionContext=scope)["CiphertextBlob"]  # fmt: skip
+    blob = kms.encrypt(KeyId=other["KeyId"], Plaintext=os.urandom(32), EncryptionContext=scope)[
+        "CiphertextBlob"
+    ]
     bent = dict(json.loads(slot.blob), arn=other["Arn"], blob=base64.b64encode(blob).decode())
     req = _tpm_request(b, "trainer", canonical_json(bent))
     assert _code(b, "trainer", req) == "key-unavailable"
@@ -763,8 +824,12 @@ def test_malformed_bodies_over_the_wire(workload: Running, pki: Pki) -> None:
         host, port = workload.url.removeprefix("https://").split(":")
         conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
         try:
-            conn.request("POST", "/v1/release", body=body,
-                         headers={"Authorization": f"Bearer {TOKENS['trainer']}"})  # fmt: skip
+            conn.request(
+                "POST",
+                "/v1/release",
+                body=body,
+                headers={"Authorization": f"Bearer {TOKENS['trainer']}"},
+            )
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read())
         finally:

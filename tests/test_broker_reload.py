@@ -100,8 +100,9 @@ class Served:
 
     def call(self, path: str, body: dict | None, token: str | None) -> tuple[int, Any]:
         ctx = client_context(str(self.ca), None, None)
-        return https_json("127.0.0.1", self.port, ctx, "POST" if body is not None else "GET",
-                          path, body, token)  # fmt: skip
+        return https_json(
+            "127.0.0.1", self.port, ctx, "POST" if body is not None else "GET", path, body, token
+        )
 
     def challenge(self, token: str) -> tuple[int, Any]:
         return self.call("/v1/challenge", {"tenant": "acme", "artifact": "minilm"}, token)
@@ -209,7 +210,10 @@ def test_sighup_reloads_reference_values_and_refuses_a_bad_config(
     _write(tmp_path / "pcrs.json", "{not json")
     rec = b.sighup(2)
     assert (rec["decision"], rec["code"], rec["detail"]["outcome"]) == (
-        "denied", "config-refused", "refused")  # fmt: skip
+        "denied",
+        "config-refused",
+        "refused",
+    )
     assert "reference_file" in rec["reason"] and "not JSON" in rec["reason"]
     assert rec["detail"]["new_files"] == {"pcrs.json": _sha_file(tmp_path / "pcrs.json")}
     status, out = b.release(token, blob)
@@ -222,8 +226,10 @@ def test_sighup_reloads_reference_values_and_refuses_a_bad_config(
     doc["state"]["prefix"] = "elsewhere:"
     _write(b.config, yaml.safe_dump(doc))
     rec = b.sighup(3)
-    assert rec["detail"]["outcome"] == "refused" and "state_prefix changes only on a restart" in (
-        rec["reason"])  # fmt: skip
+    assert (
+        rec["detail"]["outcome"] == "refused"
+        and "state_prefix changes only on a restart" in (rec["reason"])
+    )
     _write(b.config, "server: [unclosed")
     assert b.sighup(4)["detail"]["outcome"] == "refused"
     status, out = b.release(token, blob)
@@ -331,14 +337,24 @@ def _asgi_post(app: Any, path: str, body: dict, token: str) -> tuple[int, Any]:
     """One HTTP request straight into the ASGI app (the code between uvicorn and Broker)."""
     raw = json.dumps(body).encode()
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "https", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8443),
-        "headers": [(b"authorization", f"Bearer {token}".encode()),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(raw)).encode())],
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8443),
+        "headers": [
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+        ],
         "state": {},
-    }  # fmt: skip
+    }
     sent: list[dict] = []
     fed = False
 
@@ -374,8 +390,9 @@ def test_over_http_a_reload_between_authentication_and_decision_changes_nothing(
     b = ReloadMidRequest(x)
     app = create_app(b)
     for _ in range(4):  # X then Y then X ...: each request under the one it started with
-        status, out = _asgi_post(app, "/v1/challenge", {"tenant": "acme", "artifact": "minilm"},
-                                 "T")  # fmt: skip
+        status, out = _asgi_post(
+            app, "/v1/challenge", {"tenant": "acme", "artifact": "minilm"}, "T"
+        )
         assert status == 200 and "nonce" in out, out
 
 
@@ -419,11 +436,18 @@ def test_concurrent_requests_during_reloads_never_mix_two_configs(
 
 def _keypair(folder: Path, name: str) -> Path:
     key = Ed25519PrivateKey.generate()
-    (folder / f"{name}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))  # fmt: skip
-    (folder / f"{name}.pub").write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    (folder / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (folder / f"{name}.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return folder / f"{name}.key"
 
 
@@ -443,9 +467,19 @@ def test_a_signed_bundle_is_required_at_start_and_on_every_reload(
     ok(run("broker", "sign", "--config", cfg, "--key", stranger))
     assert "signed by another key" in fails(run("broker", "check", "--config", cfg), 3)
     port = _free_port()
-    proc = subprocess.run([str(Path(sys.executable).with_name("sealstore")), "broker",
-                           "serve", "--config", str(cfg), "--port", str(port)],
-                          capture_output=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("sealstore")),
+            "broker",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(port),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 3 and b"signed by another key" in proc.stderr
 
     out = ok(run("broker", "sign", "--config", cfg, "--key", signer)).stdout.decode()
@@ -490,9 +524,19 @@ def test_a_signed_bundle_is_required_at_start_and_on_every_reload(
     assert "sealstore_broker_config_serial 4" in b.metrics()
 
     # Nor does a restart take it back: the audit log holds serial 4.
-    proc = subprocess.run([str(Path(sys.executable).with_name("sealstore")), "broker",
-                           "serve", "--config", str(cfg), "--port", str(_free_port())],
-                          capture_output=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("sealstore")),
+            "broker",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(_free_port()),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 3, proc.stderr.decode()
     assert b"serial 3 is not above 4, already in force by the audit log" in proc.stderr
     b.proc.terminate()
@@ -533,12 +577,25 @@ def test_a_signed_bundle_is_required_at_start_and_on_every_reload(
     # The key pinned outside the config (env or --bundle-key): an unsigned config, or one
     # signed by another key, does not even load.
     cfg.with_name("b.yaml.sig").unlink()
-    for env, extra in (({"SEALSTORE_BROKER_BUNDLE_KEY": str(keys / "signer.pub")}, []),
-                       ({}, ["--bundle-key", str(keys / "signer.pub")])):  # fmt: skip
-        proc = subprocess.run([str(Path(sys.executable).with_name("sealstore")), "broker",
-                               "serve", "--config", str(cfg), "--port", str(_free_port()),
-                               *extra], capture_output=True, timeout=60,
-                              env=dict(os.environ, **env))  # fmt: skip
+    for env, extra in (
+        ({"SEALSTORE_BROKER_BUNDLE_KEY": str(keys / "signer.pub")}, []),
+        ({}, ["--bundle-key", str(keys / "signer.pub")]),
+    ):
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("sealstore")),
+                "broker",
+                "serve",
+                "--config",
+                str(cfg),
+                "--port",
+                str(_free_port()),
+                *extra,
+            ],
+            capture_output=True,
+            timeout=60,
+            env=dict(os.environ, **env),
+        )
         assert proc.returncode == 3, proc.stderr.decode()
         assert b"unsigned (no b.yaml.sig)" in proc.stderr
     with pytest.raises(FormatError, match="unsigned"):
@@ -571,8 +628,10 @@ def test_a_token_rotation_overlaps_then_the_old_token_expires(
     assert b.challenge(new) == (401, {"error": "unauthenticated"})
 
     # Step 1: the new token is added; the old one ends in a few seconds.
-    trainer["tokens"] = [{"sha256": _sha(old), "not_after": _iso(4)},
-                         {"sha256": _sha(new), "not_after": _iso(86400)}]  # fmt: skip
+    trainer["tokens"] = [
+        {"sha256": _sha(old), "not_after": _iso(4)},
+        {"sha256": _sha(new), "not_after": _iso(86400)},
+    ]
     _write(b.config, yaml.safe_dump(doc))
     assert b.sighup(1)["detail"]["changed"] == ["identities.trainer"]
     assert b.challenge(old)[0] == 200 and b.challenge(new)[0] == 200  # the overlap
@@ -614,11 +673,13 @@ def test_token_lists_are_checked(setup: Setup, tmp_path: Path) -> None:
         ([{"sha256": _sha("a"), "not_after": "2030-01-01T00:00:00"}], "with its zone"),
         ([{"sha256": _sha("a")}], "missing field 'not_after'"),
         ([{"sha256": "abc", "not_after": "2030-01-01T00:00:00Z"}], "32-byte hex"),
-        ([{"sha256": _sha(TOKENS["intern"]), "not_after": "2030-01-01T00:00:00Z"}],
-         "the same as (trainer|intern)'s"),
+        (
+            [{"sha256": _sha(TOKENS["intern"]), "not_after": "2030-01-01T00:00:00Z"}],
+            "the same as (trainer|intern)'s",
+        ),
         ([{"sha256": _sha("a"), "not_after": "2030-01-01T00:00:00Z"}] * 2, "given twice"),
         ([], "non-empty list"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(FormatError, match=message):
             load(bad)
     # An unquoted YAML time is a datetime to YAML: taken too. A clock past it refuses.
@@ -643,16 +704,29 @@ def test_sign_refuses_what_is_not_an_ed25519_private_key(
     cfg = tmp_path / "b.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     encrypted = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pass phrase"))  # fmt: skip
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase"),
+    )
     (tmp_path / "enc.key").write_bytes(encrypted)
-    for key, message in [(tmp_path / "ak.pem", "not a PEM private key"),
-                         (tmp_path / "enc.key", "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE"),
-                         (pki.server_key, "not an Ed25519 key")]:  # fmt: skip
+    for key, message in [
+        (tmp_path / "ak.pem", "not a PEM private key"),
+        (tmp_path / "enc.key", "encrypted: set SEALSTORE_BUNDLE_PASSPHRASE"),
+        (pki.server_key, "not an Ed25519 key"),
+    ]:
         assert message in fails(run("broker", "sign", "--config", cfg, "--key", key), 2)
     assert not cfg.with_name("b.yaml.sig").exists()
-    ok(run("broker", "sign", "--config", cfg, "--key", tmp_path / "enc.key",
-           env={"SEALSTORE_BUNDLE_PASSPHRASE": "pass phrase"}))  # fmt: skip
+    ok(
+        run(
+            "broker",
+            "sign",
+            "--config",
+            cfg,
+            "--key",
+            tmp_path / "enc.key",
+            env={"SEALSTORE_BUNDLE_PASSPHRASE": "pass phrase"},
+        )
+    )
     sig = json.loads(cfg.with_name("b.yaml.sig").read_text())
     assert sig["serial"] == 1 and set(sig["files"]) == {"b.yaml", "ak.pem", "pcrs.json"}
     assert "pass phrase" not in json.dumps(sig)

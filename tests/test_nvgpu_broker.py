@@ -75,15 +75,22 @@ def _gpu_rule(**extra: Any) -> dict:
 def _config(folder: Path, tls: Path, rule: dict, **top: Any) -> Path:
     make_keyring(folder / "keyring.json")
     doc = {
-        "server": {"host": "127.0.0.1", "tls_cert": str(tls / "server.pem"),
-                   "tls_key": str(tls / "server.key")},
+        "server": {
+            "host": "127.0.0.1",
+            "tls_cert": str(tls / "server.pem"),
+            "tls_key": str(tls / "server.key"),
+        },
         "identities": {"gpu-node": {"token_sha256": _sha(TOKEN)}},
-        "tenants": {"acme": {"keys": [f"local:{folder / 'keyring.json'}"],
-                             "artifacts": {"llama": {"identities": ["gpu-node"], **rule}}}},
+        "tenants": {
+            "acme": {
+                "keys": [f"local:{folder / 'keyring.json'}"],
+                "artifacts": {"llama": {"identities": ["gpu-node"], **rule}},
+            }
+        },
         # Many refusals in a row here are the point, not an attack to lock out.
         "detectors": {"attestation_failures": {"max": 1000}},
         **top,
-    }  # fmt: skip
+    }
     (folder / "broker.yaml").write_text(yaml.safe_dump(doc))
     return folder / "broker.yaml"
 
@@ -119,16 +126,24 @@ def test_a_rule_joins_gpu_evidence_to_a_cpu_kind(tmp_path: Path, tls: Path) -> N
         (lambda r: r["nvidia-gpu"].update(modes=["cc"]), "expected a list of spt, mpt, ppcie"),
         (lambda r: r["nvidia-gpu"].update(gpus=0), "gpus: expected an integer from 1"),
         (lambda r: r["nvidia-gpu"].pop("rims_valid_at"), "driver_rims[0]: the RIM"),  # expired
-        (lambda r: r["nvidia-gpu"].update(vbios_rims=[str(DATA / DRIVER_RIM)]),
-         "both measure index"),
-        (lambda r: r["nvidia-gpu"].update(
-            driver_rims=[str(DATA / "rims/incorrect_signature_driver_rim.xml")]),
-         "the signature does not verify"),
-        (lambda r: r["nvidia-gpu"].update(
-            driver_rims=[str(DATA / "rims/incorrect_cert_chain_driver_rim.xml")]),
-         "not to NVIDIA's pinned root"),
+        (
+            lambda r: r["nvidia-gpu"].update(vbios_rims=[str(DATA / DRIVER_RIM)]),
+            "both measure index",
+        ),
+        (
+            lambda r: r["nvidia-gpu"].update(
+                driver_rims=[str(DATA / "rims/incorrect_signature_driver_rim.xml")]
+            ),
+            "the signature does not verify",
+        ),
+        (
+            lambda r: r["nvidia-gpu"].update(
+                driver_rims=[str(DATA / "rims/incorrect_cert_chain_driver_rim.xml")]
+            ),
+            "not to NVIDIA's pinned root",
+        ),
     ],
-)  # fmt: skip
+)
 def test_gpu_policy_errors_name_the_field(tmp_path: Path, tls: Path, change, message) -> None:
     rule = json.loads(json.dumps(SNP_GPU))
     change(rule)
@@ -161,8 +176,9 @@ class Cvm:
         secret = nacl.public.PrivateKey.generate()
         public = bytes(secret.public_key)
         nonce = base64.b64decode(ch["nonce"])
-        report = bytearray(_signed_report(self.own["key"], self.own["chip"],
-                                          bytes([3, 0, 0, 0, 0, 0, 8, 0x73])))  # fmt: skip
+        report = bytearray(
+            _signed_report(self.own["key"], self.own["chip"], bytes([3, 0, 0, 0, 0, 0, 8, 0x73]))
+        )
         report[0x50:0x90] = release.binding(nonce, public, "snp")
         der = {
             k: release.b64e(self.own[k].public_bytes(Encoding.DER)) for k in ("vcek", "ask", "ark")
@@ -172,9 +188,15 @@ class Cvm:
         if gpus is None:
             gpus = [sample("hopper-2023")]
         ev[gpu_key] = [{"report": release.b64e(r), "certs": release.b64e(c)} for r, c in gpus]
-        body = {"tenant": "acme", "artifact": "llama", "nonce": ch["nonce"],
-                "public_key": release.b64e(public), "evidence": ev, "slot": self.slot,
-                "context": CONTEXT}  # fmt: skip
+        body = {
+            "tenant": "acme",
+            "artifact": "llama",
+            "nonce": ch["nonce"],
+            "public_key": release.b64e(public),
+            "evidence": ev,
+            "slot": self.slot,
+            "context": CONTEXT,
+        }
         return body, secret
 
     def code(self, req: dict) -> str:
@@ -313,11 +335,19 @@ def served(
     cfg.write_text(yaml.safe_dump(doc))
     broker = Broker(BrokerConfig.load(cfg), nonces=lambda: NONCE_2023)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(broker), host="127.0.0.1", port=port, http=_peer_h11_protocol(),
-        ssl_certfile=str(tls / "server.pem"), ssl_keyfile=str(tls / "server.key"),
-        ssl_cert_reqs=ssl.CERT_NONE, log_level="warning", access_log=False,
-    ))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(broker),
+            host="127.0.0.1",
+            port=port,
+            http=_peer_h11_protocol(),
+            ssl_certfile=str(tls / "server.pem"),
+            ssl_keyfile=str(tls / "server.key"),
+            ssl_cert_reqs=ssl.CERT_NONE,
+            log_level="warning",
+            access_log=False,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -352,8 +382,10 @@ def test_a_gpu_direct_key_is_released_over_tls(
     assert got.material() == dek.material()
     # Granted and audited with the composite kind.
     records = list(read_records(broker.audit.storage))
-    assert any(r.get("decision") == "granted" and (r.get("detail") or {}).get("kind")
-               == "tpm+nvidia-gpu" for r in records), records[-3:]  # fmt: skip
+    assert any(
+        r.get("decision") == "granted" and (r.get("detail") or {}).get("kind") == "tpm+nvidia-gpu"
+        for r in records
+    ), records[-3:]
     # The H100 of 2025 answered another nonce: refused, and the client says why.
     stale = _evidence_file(tmp_path / "stale.json", [sample("hopper-2025")])
     client = BrokerKey(uri, token=TOKEN, cacert=str(tls / "ca.pem"), tcti=tcti, gpu_evidence=stale)
@@ -373,8 +405,9 @@ def test_a_gpu_direct_key_is_released_over_tls(
     assert asked == [NONCE_2023]
 
 
-def test_a_client_without_gpu_evidence_says_so(served: tuple[Broker, str, Path], tls: Path,
-                                               tcti: str) -> None:  # fmt: skip
+def test_a_client_without_gpu_evidence_says_so(
+    served: tuple[Broker, str, Path], tls: Path, tcti: str
+) -> None:
     _, url, cfg = served
     uri = f"broker+{url}/acme/llama?key=local:{cfg.parent / 'keyring.json'}"
     slot = BrokerKey(uri).wrap(DataKey.generate(), CONTEXT)

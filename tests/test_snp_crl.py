@@ -175,10 +175,11 @@ def test_a_flawed_crl_fails_closed(genoa: Chain, tmp_path: Path, flaw: str, code
         "signed by another key": lambda: make_crl(genoa.ark, other.ark_key),
         "PKCS#1 v1.5, not PSS": lambda: make_crl(genoa.ark, genoa.ark_key, pss=False),
         "a delta CRL": lambda: make_crl(genoa.ark, genoa.ark_key, number=3, delta=True),
-        "expired": lambda: make_crl(genoa.ark, genoa.ark_key,
-                                    next_update=AT - dt.timedelta(hours=1)),
+        "expired": lambda: make_crl(
+            genoa.ark, genoa.ark_key, next_update=AT - dt.timedelta(hours=1)
+        ),
         "not yet valid": lambda: make_crl(genoa.ark, genoa.ark_key, this_update=AT + DAY),
-    }[flaw]()  # fmt: skip
+    }[flaw]()
     with pytest.raises(AttestationError) as err:
         _verify(genoa, _files(tmp_path, crl))
     assert err.value.code == code, flaw
@@ -190,8 +191,11 @@ def test_a_replaced_crl_file_counts_only_in_a_new_revocation(genoa: Chain, tmp_p
     rev = _files(tmp_path, make_crl(genoa.ark, genoa.ark_key))
     _verify(genoa, rev)
     path = rev.files[0]
-    path.write_bytes(make_crl(genoa.ark, genoa.ark_key, (0x020077,), number=2).public_bytes(
-        serialization.Encoding.DER))  # fmt: skip
+    path.write_bytes(
+        make_crl(genoa.ark, genoa.ark_key, (0x020077,), number=2).public_bytes(
+            serialization.Encoding.DER
+        )
+    )
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     _verify(genoa, rev)  # the running one still judges by what it read
@@ -285,7 +289,8 @@ def test_an_unreachable_or_lying_server_fails_closed(kds: _Kds, tmp_path: Path) 
     rev = SnpRevocation(url=kds.url)
     for _ in range(2):  # the failure is remembered: the second request does not wait on it
         assert _code(verify_report, report, vcek, chain, at=AT, revocation=rev) == (
-            "snp-crl-unavailable")  # fmt: skip
+            "snp-crl-unavailable"
+        )
     assert kds.hits == ["/vcek/v1/Genoa/crl"]
     kds.crls["/vcek/v1/Genoa/crl"] = b"<html>maintenance</html>"
     rev = SnpRevocation(url=kds.url)
@@ -298,7 +303,8 @@ def test_an_unreachable_or_lying_server_fails_closed(kds: _Kds, tmp_path: Path) 
     assert not (tmp_path / "cache").exists()  # nothing unverified is kept
     closed = SnpRevocation(url="http://127.0.0.1:9/{key}/{product}", timeout=2)
     assert _code(verify_report, report, vcek, chain, at=AT, revocation=closed) == (
-        "snp-crl-unavailable")  # fmt: skip
+        "snp-crl-unavailable"
+    )
 
 
 def test_fetching_follows_the_key_and_never_steps_back(kds: _Kds, tmp_path: Path) -> None:
@@ -325,14 +331,21 @@ def _config(tmp_path: Path, snp: dict) -> Path:
         make_keyring(tmp_path / "ring.json", passphrase=PASSPHRASE)
     for f in ("tls.pem", "tls.key"):
         (tmp_path / f).write_text("placeholder: only its presence is checked at load\n")
-    rule = {"measurements": ["00" * 48],
-            "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}, **snp}  # fmt: skip
+    rule = {
+        "measurements": ["00" * 48],
+        "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+        **snp,
+    }
     doc = {
         "server": {"tls_cert": "tls.pem", "tls_key": "tls.key"},
         "identities": {"cvm": {"token_sha256": "ab" * 32}},
-        "tenants": {"acme": {"keys": [f"local:{tmp_path / 'ring.json'}"], "artifacts": {
-            "minilm": {"identities": ["cvm"], "evidence": ["snp"], "snp": rule}}}},
-    }  # fmt: skip
+        "tenants": {
+            "acme": {
+                "keys": [f"local:{tmp_path / 'ring.json'}"],
+                "artifacts": {"minilm": {"identities": ["cvm"], "evidence": ["snp"], "snp": rule}},
+            }
+        },
+    }
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc))
     return tmp_path / "b.yaml"
 
@@ -347,8 +360,12 @@ def test_broker_config_reads_the_crl_settings(tmp_path: Path) -> None:
     (tmp_path / "genoa.crl").write_bytes(GENOA_CRL.read_bytes())
     rev = _rev(_config(tmp_path, {"crl_file": "genoa.crl", "crl_grace": 86400}))
     assert rev is not None and rev.files == (tmp_path / "genoa.crl",) and rev.grace == DAY
-    rev = _rev(_config(tmp_path, {"crl_url": "https://kdsintf.amd.com/{key}/v1/{product}/crl",
-                                  "crl_cache": "crls"}))  # fmt: skip
+    rev = _rev(
+        _config(
+            tmp_path,
+            {"crl_url": "https://kdsintf.amd.com/{key}/v1/{product}/crl", "crl_cache": "crls"},
+        )
+    )
     assert rev is not None and rev.cache_dir == tmp_path / "crls" and rev.grace == dt.timedelta(0)
     assert _rev(_config(tmp_path, {})) is None
 
@@ -430,19 +447,23 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     config = _config(tmp_path, {"crl_file": "milan.crl"})
     broker = Broker(BrokerConfig.load(config), snp_roots=c.roots)
     who = broker.config.identities["cvm"]
-    slot = BrokerKey(f"broker+https://127.0.0.1:1/acme/minilm?key=local:{tmp_path / 'ring.json'}"
-                     ).wrap(DataKey.generate(), CONTEXT)  # fmt: skip
+    slot = BrokerKey(
+        f"broker+https://127.0.0.1:1/acme/minilm?key=local:{tmp_path / 'ring.json'}"
+    ).wrap(DataKey.generate(), CONTEXT)
 
     def evidence(bound: bytes) -> dict:
         raw = bytearray(c.report())
         raw[0x50:0x90] = bound
-        certs = {k: release.b64e(getattr(c, k).public_bytes(serialization.Encoding.DER))
-                 for k in ("vcek", "ask", "ark")}  # fmt: skip
+        certs = {
+            k: release.b64e(getattr(c, k).public_bytes(serialization.Encoding.DER))
+            for k in ("vcek", "ask", "ark")
+        }
         return {"kind": "snp", "report": release.b64e(c.sign(bytes(raw))), "certs": certs}
 
     def attempt() -> dict:
-        req, _ = _body(broker.challenge(who, "acme", "minilm"), "acme", "minilm", slot.blob,
-                       "snp", evidence)  # fmt: skip
+        req, _ = _body(
+            broker.challenge(who, "acme", "minilm"), "acme", "minilm", slot.blob, "snp", evidence
+        )
         return broker.release(who, req)
 
     assert "sealed" in attempt()
@@ -453,8 +474,9 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     with pytest.raises(Refused) as err:
         attempt()
     assert (err.value.code, err.value.status) == ("snp-revoked", 403)  # the caller's failure
-    stale = make_crl(c.ark, c.ark_key, number=3, this_update=today - 9 * DAY,
-                     next_update=today - DAY)  # fmt: skip
+    stale = make_crl(
+        c.ark, c.ark_key, number=3, this_update=today - 9 * DAY, next_update=today - DAY
+    )
     write(stale, 3)
     assert reloader.reload("sighup") == "applied"  # stale is the broker's problem, not format
     with pytest.raises(Refused) as err:

@@ -588,10 +588,15 @@ def test_a_second_copy_cannot_ride_along(tmp_path: Path) -> None:
     sig = b'"signature":"' + doc["signature"].encode() + b'"'
     forged = [
         b'{"tcbInfo":' + signed + b',"tcbInfo":' + json.dumps(evil).encode() + b"," + sig + b"}",
-        b'{"x":{"tcbInfo":' + signed + b'},"tcbInfo":' + json.dumps(evil).encode() + b","
-        + sig + b"}",
+        b'{"x":{"tcbInfo":'
+        + signed
+        + b'},"tcbInfo":'
+        + json.dumps(evil).encode()
+        + b","
+        + sig
+        + b"}",
         b'{"tcbInfo":' + signed + b"," + sig + b',"tcbLevels":[]}',
-    ]  # fmt: skip
+    ]
     for i, body in enumerate(forged):
         folder = _copy("go-tdx-guest-2023", tmp_path / str(i))
         (folder / "tcb-info-50806f000000.json").write_bytes(body)
