@@ -16,7 +16,6 @@ with a clear message.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,8 @@ from pyrage import ssh, x25519
 
 from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable
 from sealstore.format import canonical_json
-from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
+from sealstore.keys import DataKey, KeySlot, Refusal
+from sealstore.kms.x25519 import dek_from_payload
 
 __all__ = ["AgeIdentity", "AgeRecipient"]
 
@@ -162,14 +162,7 @@ class AgeIdentity:
             raise AuthenticationError(
                 f"slot names {self.source}'s age recipient but does not open with it (altered)"
             ) from None
-        if len(payload) != DEK_SIZE + 32 or not hmac.compare_digest(
-            payload[DEK_SIZE:], _context_hash(context)
-        ):
-            raise AuthenticationError(
-                "slot was sealed under another encryption context "
-                "(the context or the slot was changed after sealing)"
-            )
-        return DataKey(payload[:DEK_SIZE])
+        return dek_from_payload(payload, _context_hash(context))
 
     def __repr__(self) -> str:
         return f"AgeIdentity(source={self.source!r})"

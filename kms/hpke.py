@@ -35,7 +35,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -44,8 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable
 from sealstore.format import canonical_json
-from sealstore.fsutil import atomic_file, is_stream_target
 from sealstore.keys import DEK_SIZE, DataKey, KeySlot, Refusal
+from sealstore.kms.x25519 import write_identity_file
 
 __all__ = ["KEMS", "HpkeIdentity", "HpkeRecipient", "generate_identity", "slot_info"]
 
@@ -296,22 +295,6 @@ def generate_identity(
         FileExistsError: *path* exists and *overwrite* is false.
     """
     ident = HpkeIdentity.generate(kem)
-    if path is None:
-        return ident
-    p = Path(path)
-    if overwrite:
-        # A secret key goes to a regular file only, replaced atomically.
-        if is_stream_target(p):
-            raise ValueError(f"{p} is not a regular file: an identity is not written there")
-        with atomic_file(p, mode=0o600) as out:
-            out.write(ident.to_text().encode())
-        return ident
-    try:
-        # O_EXCL: an existing path, a symlink included, is never written through.
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise FileExistsError(f"identity file {p} already exists") from None
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fp:
-        fp.write(ident.to_text())
+    if path is not None:
+        write_identity_file(path, ident.to_text(), overwrite=overwrite)
     return ident

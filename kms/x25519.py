@@ -150,14 +150,7 @@ class X25519Identity:
             raise AuthenticationError(
                 f"slot names {self.source}'s recipient but does not open with it (altered)"
             ) from None
-        if len(payload) != DEK_SIZE + 32 or not hmac.compare_digest(
-            payload[DEK_SIZE:], _context_hash(context)
-        ):
-            raise AuthenticationError(
-                "slot was sealed under another encryption context "
-                "(the context or the slot was changed after sealing)"
-            )
-        return DataKey(payload[:DEK_SIZE])
+        return dek_from_payload(payload, _context_hash(context))
 
     def __repr__(self) -> str:
         return f"X25519Identity(recipient={self.recipient!r})"
@@ -166,27 +159,55 @@ class X25519Identity:
         raise TypeError("identities cannot be pickled")
 
 
+def dek_from_payload(payload: bytes, context_hash: bytes) -> DataKey:
+    """The DEK of a recipient slot's opened payload, ``DEK || SHA-256(label || context)``.
+
+    The shared last step of the recipient kinds whose cipher takes no
+    associated data (x25519 sealed boxes, age files).
+
+    Raises:
+        AuthenticationError: not 64 bytes, or made under another context
+            (compared in constant time).
+    """
+    if len(payload) != DEK_SIZE + 32 or not hmac.compare_digest(payload[DEK_SIZE:], context_hash):
+        raise AuthenticationError(
+            "slot was sealed under another encryption context "
+            "(the context or the slot was changed after sealing)"
+        )
+    return DataKey(payload[:DEK_SIZE])
+
+
+def write_identity_file(path: str | os.PathLike[str], text: str, *, overwrite: bool) -> None:
+    """Write an identity file's *text* at *path* with mode 0600.
+
+    Raises:
+        ValueError: *path* is not a regular file (with *overwrite*).
+        FileExistsError: *path* exists and *overwrite* is false.
+    """
+    p = Path(path)
+    if overwrite:
+        # A secret key goes to a regular file only: never written through a
+        # device, FIFO or /dev/fd path, and replaced atomically.
+        if is_stream_target(p):
+            raise ValueError(f"{p} is not a regular file: an identity is not written there")
+        with atomic_file(p, mode=0o600) as out:
+            out.write(text.encode())
+        return
+    try:
+        # O_EXCL: an existing path, a symlink included, is never written through.
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise FileExistsError(f"identity file {p} already exists") from None
+    os.fchmod(fd, 0o600)  # whatever the umask
+    with os.fdopen(fd, "w", encoding="utf-8") as fp:
+        fp.write(text)
+
+
 def generate_identity(
     path: str | os.PathLike[str] | None = None, *, overwrite: bool = False
 ) -> X25519Identity:
     """Make a new identity; if *path* is given, write it there with mode 0600."""
     ident = X25519Identity(bytes(PrivateKey.generate()))
     if path is not None:
-        p = Path(path)
-        if overwrite:
-            # A secret key goes to a regular file only: never written through a
-            # device, FIFO or /dev/fd path, and replaced atomically.
-            if is_stream_target(p):
-                raise ValueError(f"{p} is not a regular file: an identity is not written there")
-            with atomic_file(p, mode=0o600) as out:
-                out.write(ident.to_text().encode())
-            return ident
-        try:
-            # O_EXCL: an existing path, a symlink included, is never written through.
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise FileExistsError(f"identity file {p} already exists") from None
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "w", encoding="utf-8") as fp:
-            fp.write(ident.to_text())
+        write_identity_file(path, ident.to_text(), overwrite=overwrite)
     return ident
