@@ -247,9 +247,9 @@ def test_item17_rotate_local_shorthand_rewraps_in_place(
 
 
 def test_item18_usage_error_says_sealstore_once() -> None:
-    line = fails(run("decrypt", "x.seal"), 2)
-    assert line.startswith("sealstore: error: decrypt: ") and line.count("sealstore:") == 1
-    assert "sealstore decrypt --help" in line
+    line = fails(run("encrypt", "x.bin"), 2)  # no -o: a usage error
+    assert line.startswith("sealstore: error: encrypt: ") and line.count("sealstore:") == 1
+    assert "sealstore encrypt --help" in line
     line = fails(run("keys", "init", "--nope"), 2)
     assert "sealstore: error: sealstore" not in line
 
