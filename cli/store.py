@@ -710,16 +710,10 @@ def _verify_total(store: Any, ref: str | None, tenant: str) -> int | None:
     cannot be listed gives no total (a bar without a percentage).
     """
     from sealstore.errors import SealstoreError
+    from sealstore.vault.pull import verify_refs
 
     try:
-        if ref is not None:
-            refs = [ref]
-        else:
-            refs = [
-                f"{n}:{v}"
-                for n in store.artifacts(tenant=tenant)
-                for v in store.versions(n, tenant=tenant)
-            ]
+        refs = verify_refs(store, ref, tenant)
     except SealstoreError:
         return None
     total = 0

@@ -57,6 +57,7 @@ __all__ = [
     "sweep_pull_folders",
     "unwrap_version_key",
     "verify",
+    "verify_refs",
 ]
 
 Progress = Callable[[int], None]
@@ -668,6 +669,15 @@ class VerifyResult:
         return not self.problems
 
 
+def verify_refs(store: Any, ref: str | None, tenant: str) -> list[str]:
+    """The versions ``verify`` checks: *ref*, or every version of the tenant."""
+    if ref is not None:
+        return [ref]
+    return [
+        f"{n}:{v}" for n in store.artifacts(tenant=tenant) for v in store.versions(n, tenant=tenant)
+    ]
+
+
 def verify(
     store: Any,
     ref: str | None = None,
@@ -687,16 +697,8 @@ def verify(
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
-    if ref is not None:
-        refs = [ref]
-    else:
-        refs = [
-            f"{n}:{v}"
-            for n in store.artifacts(tenant=tenant)
-            for v in store.versions(n, tenant=tenant)
-        ]
     results = []
-    for r in refs:
+    for r in verify_refs(store, ref, tenant):
         res = VerifyResult(r)
         results.append(res)
         try:
