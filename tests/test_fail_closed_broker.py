@@ -144,19 +144,32 @@ def _admin(rep: Replicas, i: int, path: str, body: dict | None) -> tuple[int, An
     return rep.call(i, "GET" if body is None else "POST", path, body, ADMIN)
 
 
-def _settled(call: Callable[[], tuple[int, Any]]) -> tuple[int, Any]:
+def _settled(
+    call: Callable[[], tuple[int, Any]], *, final: Callable[[], bool] = lambda: False
+) -> tuple[int, Any]:
     """*call*'s answer once the replica has reconnected to a restarted Redis.
 
     A replica may answer ``state-unavailable`` (503) while its connection is
-    re-established: a refusal too, so never a key; waited out, generously.
+    re-established: a refusal too, so never a key; waited out, generously --
+    unless *final* says the 503 is the replica's settled answer already.
     """
     deadline = time.monotonic() + 30
     while True:
         status, out = call()
         assert status != 200 or "sealed" not in out
-        if out != {"error": "state-unavailable"} or time.monotonic() > deadline:
+        if out != {"error": "state-unavailable"} or final() or time.monotonic() > deadline:
             return status, out
         time.sleep(0.2)
+
+
+# What a replica logs when Redis answers but the lockdowns cannot be put back.
+NOT_RECONCILED = "code=state-unavailable reason=the shared state was reset and the audit log"
+
+
+def _not_reconciled(rep: Replicas, i: int) -> Callable[[], bool]:
+    """Whether replica *i* has refused for the reconcile's sake (Redis answered),
+    not for an outage: the 503 that waiting longer would not change."""
+    return lambda: NOT_RECONCILED in (rep.folder / f"replica{i}.log").read_text(errors="replace")
 
 
 def _wait_for(cond: Callable[[], bool], seconds: float = 15) -> bool:
@@ -327,10 +340,12 @@ def test_item04_reset_state_with_unreadable_record_refuses_everything(
         status, out = _settled(
             lambda i=i: replicas.call(
                 i, "POST", "/v1/challenge", {"tenant": "globex", "artifact": "minilm"}, "globex"
-            )
+            ),
+            final=_not_reconciled(replicas, i),
         )
         # Still refused once Redis answers: the state cannot be reconciled.
         assert (status, out) == (503, {"error": "state-unavailable"})
+        assert _not_reconciled(replicas, i)()
     with redis.Redis.from_url(own_redis.url) as r:
         assert not list(r.scan_iter(match="*lockdown*"))
     audit.unlink()
@@ -380,9 +395,11 @@ def test_item04_a_forged_lift_in_the_audit_log_is_not_believed(
                 "/v1/challenge",
                 {"tenant": "acme", "artifact": "minilm"},
                 TOKENS["trainer"],
-            )
+            ),
+            final=_not_reconciled(replicas, i),
         )
         assert (status, out) == (503, {"error": "state-unavailable"}), (i, status, out)
+        assert _not_reconciled(replicas, i)()
     seg.write_bytes(before)
     for i in (0, 1):
         status, out = replicas.call(
