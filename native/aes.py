@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from sealstore.native import gf128
 from sealstore.native.common import tags_equal
 
 __all__ = ["expand_key", "gcm_decrypt", "gcm_encrypt"]
@@ -154,26 +155,13 @@ def _be64(b: np.ndarray, p: int) -> np.uint64:
     return v
 
 
+_shoup = njit(cache=True, nogil=True)(gf128.shoup_tables)
+
+
 @njit(cache=True, nogil=True)
 def _ghash_tables(h: np.ndarray, hh: np.ndarray, hl: np.ndarray) -> None:
     """Shoup's 4-bit tables of H: hh/hl[i] = i * H for the 16 nibbles (GCM's bit order)."""
-    vh, vl = _be64(h, 0), _be64(h, 8)
-    one = np.uint64(1)
-    hh[0] = hl[0] = 0
-    hh[8], hl[8] = vh, vl
-    i = 4
-    while i > 0:
-        t = (vl & one) * np.uint64(0xE1000000)
-        vl = (vh << np.uint64(63)) | (vl >> one)
-        vh = (vh >> one) ^ (t << np.uint64(32))
-        hh[i], hl[i] = vh, vl
-        i >>= 1
-    i = 2
-    while i <= 8:
-        for j in range(1, i):
-            hh[i + j] = hh[i] ^ hh[j]
-            hl[i + j] = hl[i] ^ hl[j]
-        i *= 2
+    _shoup(_be64(h, 0), _be64(h, 8), hh, hl)
 
 
 @njit(cache=True, nogil=True)

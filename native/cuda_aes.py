@@ -45,8 +45,15 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, uint64
 
-from sealstore.native import cuda_common
-from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
+from sealstore.native import cuda_common, gf128
+from sealstore.native.cuda_common import (
+    check_tag_threads,
+    lane_block,
+    piece,
+    word_wise,
+    words,
+    xor_grid,
+)
 
 __all__ = [
     "TAG_THREADS",
@@ -123,28 +130,8 @@ def _encrypt(rk, te, sb, b0, b1, b2, b3, out):  # type: ignore[no-untyped-def]
         t[c] = _U(0)
 
 
-@cuda.jit(device=True)
-def _shoup(vh, vl, hh, hl):  # type: ignore[no-untyped-def]
-    """Shoup's 4-bit tables of V = (vh, vl): hh/hl[i] = i * V in GF(2^128)."""
-    one = _U(1)
-    hh[0] = _U(0)
-    hl[0] = _U(0)
-    hh[8] = vh
-    hl[8] = vl
-    i = 4
-    while i > 0:
-        t = (vl & one) * _U(0xE1000000)
-        vl = (vh << _U(63)) | (vl >> one)
-        vh = (vh >> one) ^ (t << _U(32))
-        hh[i] = vh
-        hl[i] = vl
-        i >>= 1
-    i = 2
-    while i <= 8:
-        for j in range(1, i):
-            hh[i + j] = hh[i] ^ hh[j]
-            hl[i + j] = hl[i] ^ hl[j]
-        i *= 2
+# The CPU kernels' table builder (aes._ghash_tables), compiled for the device.
+_shoup = cuda.jit(device=True)(gf128.shoup_tables)
 
 
 @cuda.jit(device=True)
@@ -266,17 +253,9 @@ def _powers_kernel(h_tab, last4, nt, pw):  # type: ignore[no-untyped-def]
 @cuda.jit(cache=True)
 def _ghash_kernel(pw, last4_g, aad, ct, ct32, chunk_size, last_len, sums):  # type: ignore[no-untyped-def]
     """CUDA block (c, g): lanes g * nt .. (g + 1) * nt - 1 of chunk c; their sum to sums[c, g]."""
-    c = cuda.blockIdx.x
-    g = cuda.blockIdx.y
-    groups = cuda.gridDim.y
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    lanes = nt * groups
-    lane = g * nt + t
     aad_len = aad.shape[0]
-    # The batch's chunk count is the grid's: a sums array with spare rows must not
-    # make the last chunk a full one (an out-of-bounds read past the ciphertext).
-    n, base, rows, z = segments(c, lanes, cuda.gridDim.x, chunk_size, last_len, aad_len)
+    c, g, t, nt, lanes, lane, n, base, rows, z = lane_block(chunk_size, last_len, aad_len)
+    groups = cuda.gridDim.y
 
     # The Horner step H^lanes (row nt + groups) and the reduction table, shared.
     sh = cuda.shared.array((2, 16), uint64)
@@ -383,12 +362,7 @@ def _xor_kernel(rk, te_g, sb_g, nonces, ct, ct32, chunk_size, last_len, ok, out,
         ctr = (_U(b) + _U(2)) & _M32
         _encrypt(rk, te, sb, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), ctr, ks)
         done = 0
-        if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
-            src % 4 == 0
-            and dst % 4 == 0
-            and (src + end - start) // 4 <= ct32.shape[0]
-            and (dst + end - start) // 4 <= out32.shape[0]
-        ):
+        if word_wise(src, dst, end - start, ct32, out32):
             done = 4 * ((end - start) // 4)
             for k in range(done // 4):
                 le = _bswap(ks[k])  # big-endian keystream word, in the load's byte order

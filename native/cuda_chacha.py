@@ -37,7 +37,14 @@ import numpy as np
 from numba import cuda, uint64
 
 from sealstore.native import cuda_common
-from sealstore.native.cuda_common import check_tag_threads, piece, segments, words, xor_grid
+from sealstore.native.cuda_common import (
+    check_tag_threads,
+    lane_block,
+    piece,
+    word_wise,
+    words,
+    xor_grid,
+)
 
 __all__ = ["TAG_THREADS", "decrypt_chunks", "lane_groups"]
 
@@ -228,15 +235,9 @@ def _mul_rows(dst, a, ia, b, ib):  # type: ignore[no-untyped-def]
 @cuda.jit(cache=True)
 def _lanes_kernel(key, nonces, aad, ct, ct32, chunk_size, last_len, sums):  # type: ignore[no-untyped-def]
     """CUDA block (c, g): lanes g * nt .. (g + 1) * nt - 1 of chunk c; their sum to sums[c, g]."""
-    c = cuda.blockIdx.x
-    g = cuda.blockIdx.y
-    groups = cuda.gridDim.y
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    lanes = nt * groups
-    lane = g * nt + t
     aad_len = aad.shape[0]
-    n, base, rows, z = segments(c, lanes, nonces.shape[0], chunk_size, last_len, aad_len)
+    c, g, t, nt, lanes, lane, n, base, rows, z = lane_block(chunk_size, last_len, aad_len)
+    groups = cuda.gridDim.y
     # The chunk's r, once per CUDA block: thread 0 runs ChaCha20 block 0 and
     # puts r in shared memory (the other threads wait at the barrier).
     pw = cuda.shared.array((TAG_THREADS, 5), uint64)
@@ -397,12 +398,7 @@ def _xor_kernel(key, nonces, ct, ct32, chunk_size, last_len, ok, out, out32):  #
     x = cuda.local.array(16, uint64)
     _block(key, _U(nonces[c, 0]), _U(nonces[c, 1]), _U(nonces[c, 2]), b + 1, x)
     done = 0
-    if (  # word-wise where both sides are aligned and have words (see cuda_common.words)
-        src % 4 == 0
-        and dst % 4 == 0
-        and (src + end - start) // 4 <= ct32.shape[0]
-        and (dst + end - start) // 4 <= out32.shape[0]
-    ):
+    if word_wise(src, dst, end - start, ct32, out32):
         done = 4 * ((end - start) // 4)
         for k in range(done // 4):
             out32[dst // 4 + k] = np.uint32((_U(ct32[src // 4 + k]) ^ x[k]) & _M32)

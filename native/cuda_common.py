@@ -13,7 +13,17 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-__all__ = ["check_tag_threads", "lane_groups", "piece", "segments", "words", "xor_grid", "zero"]
+__all__ = [
+    "check_tag_threads",
+    "lane_block",
+    "lane_groups",
+    "piece",
+    "segments",
+    "word_wise",
+    "words",
+    "xor_grid",
+    "zero",
+]
 
 
 def check_tag_threads(tag_threads: int, most: int) -> None:
@@ -123,3 +133,33 @@ def piece(g, width, count, chunk_size, last_len, ok, out):  # type: ignore[no-un
             out[c * chunk_size + i] = 0
         return -1, 0, 0, 0
     return c, b, start, end
+
+
+@cuda.jit(device=True)
+def lane_block(chunk_size, last_len, aad_len):  # type: ignore[no-untyped-def]
+    """This thread's place in a MAC lanes kernel's grid of (chunks, groups) CUDA blocks.
+
+    Returns (c, g, t, nt, lanes, lane) -- chunk, group, thread, threads a
+    block, lanes a chunk, this lane -- then ``segments`` of chunk c. The
+    batch's chunk count is the grid's: a scratch array with spare rows must
+    not make the last chunk a full one (a read past the ciphertext).
+    """
+    c = cuda.blockIdx.x
+    g = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    lanes = nt * cuda.gridDim.y
+    n, base, rows, z = segments(c, lanes, cuda.gridDim.x, chunk_size, last_len, aad_len)
+    return c, g, t, nt, lanes, g * nt + t, n, base, rows, z
+
+
+@cuda.jit(device=True)
+def word_wise(src, dst, length, ct32, out32):  # type: ignore[no-untyped-def]
+    """Whether *length* bytes from ct[src] to out[dst] can go as 32-bit words: both
+    offsets 4-byte aligned and inside the word views (see :func:`words`)."""
+    return (
+        src % 4 == 0
+        and dst % 4 == 0
+        and (src + length) // 4 <= ct32.shape[0]
+        and (dst + length) // 4 <= out32.shape[0]
+    )
