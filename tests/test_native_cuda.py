@@ -26,9 +26,12 @@ CHACHA = "CHACHA20-POLY1305"
 OPENSSL = {CHACHA: ChaCha20Poly1305, "AES-256-GCM": AESGCM}
 # Tests that look inside the simulator (its local and shared arrays, device
 # functions swapped at run time): on a GPU the kernels are compiled code.
-simulator_only = pytest.mark.skipif(
-    os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="looks inside numba's CUDA simulator"
-)
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+simulator_only = pytest.mark.skipif(not SIMULATED, reason="looks inside numba's CUDA simulator")
+# The simulator runs each CUDA thread in Python: a 64 KiB chunk (the format's
+# smallest) takes it tens of seconds. Under it, the file-level tests below use
+# the fewest whole chunks that still take the same path; a GPU gets one more.
+SPARE_CHUNKS = 0 if SIMULATED else 1
 
 
 def sealed_batch(
@@ -250,11 +253,13 @@ def test_decrypt_to_device_stages_only_ciphertext(
 
 @pytest.mark.parametrize("suite", ["CHACHA20-POLY1305", "AES-256-GCM"])
 def test_decrypt_to_device_fails_closed(tmp_path: Path, suite: str) -> None:
-    data = os.urandom(2 * CS + 10)
+    """A later batch fails (chunk 1: the final one under the simulator, a whole one on
+    a GPU): the batch before it, already decrypted, is wiped with it."""
+    data = os.urandom((1 + SPARE_CHUNKS) * CS + 10)
     path, dek = sealed_file(tmp_path, data, suite)
     bad = bytearray(path.read_bytes())
     with SealedFile(path, dek) as sf:
-        bad[sf.layout.offset(1) + 100] ^= 1
+        bad[sf.layout.offset(1) + 5] ^= 1
     path.write_bytes(bad)
     out = cuda.to_device(np.full(len(data), 0x77, dtype=np.uint8))
     with SealedFile(path, dek) as sf, pytest.raises(AuthenticationError, match="chunk 1"):
@@ -290,12 +295,15 @@ def test_decrypt_to_device_checks_the_final_chunk_for_partial_ranges(
 
 @pytest.mark.parametrize("suite", ["CHACHA20-POLY1305", "AES-256-GCM"])
 def test_decrypt_to_device_partial_range(tmp_path: Path, suite: str) -> None:
-    data = os.urandom(3 * CS + 10)
+    """Chunks 1..2, to the output's start: the final partial one under the simulator,
+    two whole ones before a final chunk on a GPU."""
+    data = os.urandom((2 + SPARE_CHUNKS) * CS + 10)
     path, dek = sealed_file(tmp_path, data, suite)
-    out = cuda.device_array(2 * CS, dtype=np.uint8)
+    want = data[CS : 3 * CS]
+    out = cuda.device_array(len(want), dtype=np.uint8)
     with SealedFile(path, dek) as sf:
         decrypt_to_device(sf, 1, 2, out)
-    assert out.copy_to_host().tobytes() == data[CS : 3 * CS]
+    assert out.copy_to_host().tobytes() == want
 
 
 SPANS = [
