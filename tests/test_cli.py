@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import stat
 import struct
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -49,6 +53,69 @@ def run(
         timeout=60,
         check=False,
     )
+
+
+class _Pipe(io.BytesIO):
+    """What a command writes, kept when its text stream is closed or collected."""
+
+    def close(self) -> None:
+        pass
+
+
+def in_process(
+    *args: str | os.PathLike[str],
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[bytes]:
+    """:func:`run`'s answer from ``cli.main.main`` in this process (no interpreter start-up).
+
+    For tests of what a command does, not of the process boundary: each call
+    gets the environment, standard streams (bytes, as a pipe gives them),
+    root logger and keyring cache a fresh process would, all put back after.
+    Exit codes are main's return value, argparse's ``SystemExit``, or 1 and a
+    traceback for an exception that escapes (as the interpreter would do).
+    Signals, a closed pipe or a terminal are what :func:`run` is for.
+    """
+    from cli.main import main
+
+    argv = [str(a) for a in args]
+    out, err = _Pipe(), _Pipe()
+    streams = (sys.stdin, sys.stdout, sys.stderr)
+    saved_env = dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    os.environ.update(env or {})
+    for name in drop:
+        os.environ.pop(name, None)
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    root.handlers = []  # pytest's capture would keep logging.basicConfig from installing main's
+    LocalKeyring._cache.clear()  # a new process starts with none
+    try:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            code = 1 if isinstance(exc.code, str) else int(exc.code or 0)
+        except BaseException:  # what the interpreter would print, and exit 1
+            traceback.print_exc()
+            code = 1
+        with contextlib.suppress(ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers, root.level = handlers, level
+        logging.captureWarnings(False)
+        sys.stdin, sys.stdout, sys.stderr = streams
+        os.environ.clear()
+        os.environ.update(saved_env)
+        LocalKeyring._cache.clear()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:

@@ -22,7 +22,11 @@ from tests.test_broker import (  # noqa: F401 (fixtures)
     pki,
     setup,
 )
-from tests.test_cli import DATA, fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import DATA, fails, ok
+from tests.test_cli import in_process as run
 from tests.test_store import model_dir, same_tree
 
 

@@ -40,7 +40,11 @@ from sealstore.kms import hpke as shpke
 from sealstore.kms.hpke import KEMS, HpkeIdentity, HpkeRecipient, generate_identity, slot_info
 from sealstore.kms.registry import load_identity, wrapper_for
 from sealstore.kms.x25519 import generate_identity as generate_x25519_identity
-from tests.test_cli import DATA, fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import DATA, fails, ok
+from tests.test_cli import in_process as run
 
 DATA_DIR = Path(__file__).parent / "data" / "hpke"
 CONTEXT = {"tenant": "acme", "artifact": "bert", "path": "model.safetensors"}

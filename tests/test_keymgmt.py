@@ -16,7 +16,11 @@ from sealstore.kms.local import LocalKeyring
 from sealstore.kms.rekey import rekey_file
 from sealstore.kms.rotate import rotate_file
 from tests.conftest import CS, PASSPHRASE, make_keyring
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 
 CTX = {"tenant": "t1", "artifact": "model"}
 DATA = os.urandom(3 * CS + 777)

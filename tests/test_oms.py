@@ -25,7 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealstore.errors import AuthenticationError
 from sealstore.vault import oms
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 FORGED = re.escape("mini:2/model.safetensors does not match the model signature")
