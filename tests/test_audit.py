@@ -33,7 +33,11 @@ from sealstore.vault.storage import Storage, open_storage
 from sealstore.vault.store import Store
 from tests.conftest import PASSPHRASE, make_keyring
 from tests.s3util import new_bucket, s3_options
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 from tests.test_store import model_dir
 
 STREAM = "s1"

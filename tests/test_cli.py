@@ -12,6 +12,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def in_process(
     """
     from cli.main import main
 
+    # One process-wide set of streams, environment and signal handlers: main thread only.
+    assert threading.current_thread() is threading.main_thread(), "in_process off the main thread"
     argv = [str(a) for a in args]
     out, err = _Pipe(), _Pipe()
     streams = (sys.stdin, sys.stdout, sys.stderr)

@@ -14,7 +14,11 @@ from sealstore.errors import NotFound
 from sealstore.kms.local import LocalKeyring
 from sealstore.vault.bom import BomSpec, validate_bom
 from sealstore.vault.store import Store
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 
 FILES = {
     "README.md": 10,

@@ -21,7 +21,11 @@ from sealstore.errors import FormatError
 from sealstore.kms.local import LocalKeyring
 from sealstore.signing import sign_document
 from sealstore.vault.manifest import FileEntry, dumps
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 
 MANIFEST = "tenants/default/artifacts/{}/manifest.json"
 OLD_ENTRY_KEYS = {

@@ -15,7 +15,11 @@ import pytest
 
 from sealstore.kms.local import LocalKeyring
 from sealstore.vault.store import Store
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 from tests.test_store import model_dir
 
 
