@@ -20,7 +20,11 @@ from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable
 from sealstore.keys import DataKey, KeySlot
 from sealstore.kms.age import AgeIdentity, AgeRecipient
 from sealstore.kms.registry import load_identity, wrapper_for
-from tests.test_cli import SEALSTORE, fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import SEALSTORE, fails, ok
+from tests.test_cli import in_process as run
 
 CONTEXT = {"purpose": "age test", "file": "model.safetensors"}
 

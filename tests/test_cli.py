@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def in_process(
     LocalKeyring._cache.clear()  # a new process starts with none
     try:
         try:
-            code = main(argv)
+            with warnings.catch_warnings():  # main's filters are its process's, not the suite's
+                code = main(argv)
         except SystemExit as exc:
             if isinstance(exc.code, str):
                 print(exc.code, file=sys.stderr)

@@ -19,7 +19,11 @@ from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, NotFou
 from sealstore.keys import DataKey
 from tests.conformance.providers import CONTEXT, ProviderConformance
 from tests.conftest import extend_pcr16 as _extend16
-from tests.test_cli import fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import fails, ok
+from tests.test_cli import in_process as run
 
 POLICY = tpm.PcrPolicy.parse("7,16")
 

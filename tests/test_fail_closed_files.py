@@ -21,7 +21,12 @@ import pytest
 
 from sealstore.kms.local import LocalKeyring
 from tests.conftest import CS
-from tests.test_cli import SEALSTORE, fails, ok, run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import SEALSTORE, fails, ok
+from tests.test_cli import in_process as run
+from tests.test_cli import run as run_process
 from tests.test_store import model_dir, same_tree
 
 DATA = os.urandom(6 * CS + 99)
@@ -159,7 +164,7 @@ def test_item01_symlinks_are_followed_or_refused_never_replaced(
     # A link to /proc/self/fd/1 (what /dev/stdout is): the plaintext goes to stdout.
     to_stdout = tmp_path / "stdout-link"
     to_stdout.symlink_to("/proc/self/fd/1")
-    proc = ok(run("decrypt", "-o", to_stdout, sealed))
+    proc = ok(run_process("decrypt", "-o", to_stdout, sealed))  # the process's own fd 1
     assert proc.stdout == DATA
     assert to_stdout.is_symlink()
     # A link to a regular file: the target is replaced, the link kept.

@@ -16,7 +16,11 @@ from sealstore.kms.local import LocalKeyring
 from sealstore.kms.rotate import rotate_file
 from sealstore.kms.x25519 import X25519Identity
 from tests.conftest import CS
-from tests.test_cli import ok, run
+from tests.test_cli import in_process as run
+
+# The commands run in this process (tests.test_cli.in_process): what they do, not
+# the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
+from tests.test_cli import ok
 
 VECTORS = Path(__file__).resolve().parent.parent / "docs" / "vectors"
 
