@@ -48,6 +48,7 @@ __all__ = [
     "public_key_bytes",
     "sign_document",
     "signer_ids",
+    "unverified_fields",
     "verify_document",
 ]
 
@@ -201,6 +202,22 @@ def claimed_body(domain: str, doc: Mapping[str, Any], *, what: str) -> dict[str,
     if is_envelope(doc):
         return _verify_envelope(domain, doc, set(signer_ids(doc)), what)
     return {k: v for k, v in doc.items() if k != "signature"}
+
+
+def unverified_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """*doc*'s fields without checking any signature: only for a hint that can
+    make a check stricter, never looser (a damaged state's serial as a floor).
+
+    Raises:
+        FormatError: an envelope whose payload is not a JSON object.
+    """
+    if not is_envelope(doc):
+        return {k: v for k, v in doc.items() if k != "signature"}
+    try:
+        payload = _unb64(doc["payload"])
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raise FormatError("malformed DSSE payload") from None
+    return _parse_payload(payload, "DSSE payload")
 
 
 def _verify_envelope(
