@@ -11,8 +11,10 @@ import base64
 import json
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from sealstore.format import canonical_json
-from sealstore.signing import is_envelope, signer_ids
+from sealstore.signing import is_envelope, key_id_for, signer_ids
 
 
 def fields(doc: dict[str, Any]) -> dict[str, Any]:
@@ -37,3 +39,23 @@ def with_fields(doc: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
 def edited(doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """*doc* with top-level fields changed, its signature kept."""
     return with_fields(doc, dict(fields(doc), **changes))
+
+
+class SeedSigner:
+    """A :class:`~sealstore.signing.Signer` over a fixed Ed25519 seed (vectors, tests)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.signing_key_id = key_id_for(self._key.public_key().public_bytes_raw())
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+
+def old_form(domain: str, body: dict[str, Any], signer: Any) -> dict[str, Any]:
+    """A document as sealstore wrote it before DSSE (docs/FORMAT.md, "The old form"),
+    written here from that specification: Ed25519 over ``b"sealstore/v1/" + domain +
+    b"\\x00" + canonical JSON`` of the body with its ``signer`` field."""
+    doc = dict(body, signer=signer.signing_key_id)
+    sig = signer.sign(b"sealstore/v1/" + domain.encode() + b"\x00" + canonical_json(doc))
+    return dict(doc, signature=base64.b64encode(sig).decode("ascii"))

@@ -11,39 +11,22 @@ by sealstore, which no longer writes them.
 
 from __future__ import annotations
 
-import base64
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from sealstore.format import canonical_json
-from sealstore.signing import key_id_for, sign_document
-
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[2]))  # the repository root, for tests.signed_docs
+
+from sealstore.format import canonical_json  # noqa: E402
+from sealstore.signing import sign_document  # noqa: E402
+from tests.signed_docs import SeedSigner, old_form  # noqa: E402
+
 SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
 STORE = "0b6c8f4e-2f4a-4c61-9d0e-5a1f3c2b7e90"
 SHA = "5f2b" + "0" * 56 + "a1c3"
 TIME = "2026-01-01T00:00:00Z"
-
-
-class SeedSigner:
-    """A Signer over a fixed Ed25519 seed (test vectors only)."""
-
-    def __init__(self, seed: bytes) -> None:
-        self._key = Ed25519PrivateKey.from_private_bytes(seed)
-        self.signing_key_id = key_id_for(self._key.public_key().public_bytes_raw())
-
-    def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
-
-
-def legacy(domain: str, body: dict[str, Any], signer: SeedSigner) -> dict[str, Any]:
-    """The old form: Ed25519 over b"sealstore/v1/" + domain + NUL + canonical JSON."""
-    doc = dict(body, signer=signer.signing_key_id)
-    sig = signer.sign(b"sealstore/v1/" + domain.encode() + b"\x00" + canonical_json(doc))
-    return dict(doc, signature=base64.b64encode(sig).decode("ascii"))
 
 
 def bodies(key_id: str) -> dict[str, dict[str, Any]]:
@@ -129,7 +112,7 @@ def main() -> None:
         (HERE / f"{kind}.envelope.json").write_text(
             json.dumps(env, indent=1, sort_keys=True) + "\n"
         )
-        old = legacy(kind, body, signer)
+        old = old_form(kind, body, signer)
         (HERE / f"{kind}.legacy.json").write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
 
 
