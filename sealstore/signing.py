@@ -9,10 +9,10 @@ signature is over ``PAE(payloadType, payload)``. Each kind of document has a
 payload type of its own (:func:`payload_type`), so a signature on one kind is
 never valid for another; a reader checks the signature over the payload bytes
 first and only then parses them, so a verifier in another language needs no
-canonical JSON of its own (docs/FORMAT.md, "Signed documents").
+canonical JSON of its own (docs/FORMAT.md, Appendix C).
 
 Documents written before DSSE (the *old form*: ``signer`` and ``signature``
-fields inside the JSON, Ed25519 over ``b"sealstore/v1/" + domain + b"\x00" +
+fields inside the JSON, Ed25519 over ``b"sealstore/v1/" + domain + b"\\x00" +
 canonical JSON``) still verify, for as long as stores, backups and audit logs
 hold them; nothing writes them any more. The two forms cannot stand in for each
 other: PAE starts ``DSSEv1 ``, the old message ``sealstore/v1/``.
@@ -182,10 +182,10 @@ def verify_document(
             edited).
         FormatError: the payload is not a JSON object.
     """
-    trusted = set(trusted)
+    keys = set(trusted)
     if is_envelope(doc):
-        return _verify_envelope(domain, doc, trusted, what)
-    return _verify_old(domain, doc, trusted, what)
+        return _verify_envelope(domain, doc, keys, what)
+    return _verify_old(domain, doc, keys, what)
 
 
 def claimed_body(domain: str, doc: Mapping[str, Any], *, what: str) -> dict[str, Any]:
