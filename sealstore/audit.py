@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealstore.errors import AuthenticationError, FormatError, NotFound
 from sealstore.format import canonical_json
-from sealstore.signing import Signer, key_id_for, sign_document, verify_document
+from sealstore.signing import Signer, key_id_for, sign_document, signer_ids, verify_document
 
 __all__ = [
     "AuditKey",
@@ -490,9 +490,9 @@ def _verify_stream(
         if cp is None:
             bad(name, "has no checkpoint (truncated?)")
             continue
-        signer = cp.get("signer")
+        named = signer_ids(cp)
         if rep.signer is None:
-            rep.signer = signer if isinstance(signer, str) else None
+            rep.signer = named[0] if named else None
         allowed = [rep.signer] if rep.signer else []
         if trusted is not None:
             allowed = [k for k in allowed if k in trusted]

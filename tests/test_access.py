@@ -19,6 +19,7 @@ from sealstore.vault.manifest import STORE_FORMAT, dumps, now, sign_tag
 from sealstore.vault.storage import open_storage
 from sealstore.vault.store import Store
 from tests.conftest import make_keyring
+from tests.signed_docs import fields
 
 # The commands run in this process (tests.test_cli.in_process): what they do, not
 # the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
@@ -46,7 +47,7 @@ def small(tmp_path: Path, sub: str = "src") -> Path:
 
 
 def test_a_new_store_has_roles_on(store: Store, ring: LocalKeyring, pub: LocalKeyring) -> None:
-    config = json.loads(store.storage.read("sealstore.json"))
+    config = fields(json.loads(store.storage.read("sealstore.json")))
     assert config["access"] == {}
     assert store.roles == {kid(ring): {"*": "admin"}}
     for tenant in ("default", "a", "*"):
@@ -122,7 +123,7 @@ def test_documents_signed_without_the_role_are_refused(
     )
     store.storage.put("tenants/b/refs/x/latest", forged)
     seq = json.loads(store.storage.read("tenants/b/sequence.json"))
-    body = {k: v for k, v in seq.items() if k not in ("signer", "signature")}
+    body = fields(seq)
     body["serial"] += 1
     store.storage.put("tenants/b/sequence.json", dumps(sign_document("sequence", body, pub)))
     with pytest.raises(AuthenticationError, match="untrusted key"):
@@ -277,7 +278,7 @@ def test_first_grant_keeps_old_signers_as_admins(
 ) -> None:
     third = make_keyring(tmp_path / "third.json")
     legacy.grant(kid(third), "reader", tenant="t")
-    config = json.loads(legacy.storage.read("sealstore.json"))
+    config = fields(json.loads(legacy.storage.read("sealstore.json")))
     assert config["access"] == {"*": {kid(pub): "admin"}, "t": {kid(third): "reader"}}
     assert config["signers"] == [kid(ring), kid(pub), kid(third)]
     again = Store.open(legacy.url)

@@ -33,6 +33,7 @@ from sealstore.vault.storage import Storage, open_storage
 from sealstore.vault.store import Store
 from tests.conftest import PASSPHRASE, make_keyring
 from tests.s3util import new_bucket, s3_options
+from tests.signed_docs import edited, fields, signer
 
 # The commands run in this process (tests.test_cli.in_process): what they do, not
 # the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
@@ -191,10 +192,11 @@ def test_records_chain_and_verify(log_storage: Storage, key: AuditKey) -> None:
 
 
 def test_each_segment_ends_with_a_signed_checkpoint(laid_out: Storage, key: AuditKey) -> None:
-    last = json.loads(lines(laid_out, 5)[-1])["checkpoint"]
+    cp = json.loads(lines(laid_out, 5)[-1])["checkpoint"]
+    last = fields(cp)
     recs = [json.loads(x) for x in lines(laid_out, 5)[:-1]]
     assert [r["seq"] for r in recs] == [5, 6, 7]
-    assert (last["seq"], last["head"], last["signer"]) == (
+    assert (last["seq"], last["head"], signer(cp)) == (
         7,
         record_hash(recs[-1]),
         key.signing_key_id,
@@ -286,8 +288,7 @@ def test_truncated_tail_needs_the_anchor(laid_out: Storage, key: AuditKey) -> No
 
 def _resign(storage: Storage, start: int, signer: Any, **changes: Any) -> None:
     ls = lines(storage, start)
-    cp = json.loads(ls[-1])["checkpoint"]
-    body = {k: v for k, v in cp.items() if k not in ("signer", "signature")}
+    body = fields(json.loads(ls[-1])["checkpoint"])
     ls[-1] = canonical_json(
         {"checkpoint": sign_document("audit-checkpoint", dict(body, **changes), signer)}
     )
@@ -333,7 +334,7 @@ def test_rechained_rewrite_without_the_key(laid_out: Storage) -> None:
             prev = record_hash(rec)
             heads[start] = (rec["seq"], prev)
         cp = json.loads(ls[-1])
-        cp["checkpoint"]["head"] = heads[start][1]
+        cp["checkpoint"] = edited(cp["checkpoint"], head=heads[start][1])
         ls[-1] = canonical_json(cp)
         put_lines(laid_out, start, ls)
     found = problems(laid_out)

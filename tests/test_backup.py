@@ -30,6 +30,7 @@ from sealstore.vault import backup, safemode
 from sealstore.vault.store import Store
 from tests.conftest import new_transit_key
 from tests.s3util import new_bucket, s3_options
+from tests.signed_docs import edited, fields, with_fields
 from tests.test_cli import run
 from tests.test_store import model_dir, same_tree
 
@@ -207,8 +208,9 @@ def test_verify_names_missing_and_corrupt_blobs(store: Store, tmp_path: Path) ->
     # An edited snapshot does not verify at all.
     path = tmp_path / "bk" / "snapshots" / f"{snap.id}.json"
     doc = json.loads(path.read_text())
-    doc["objects"][blobs[2]] += 1
-    path.write_text(json.dumps(doc))
+    body = fields(doc)
+    body["objects"][blobs[2]] += 1
+    path.write_text(json.dumps(with_fields(doc, body)))
     with pytest.raises(AuthenticationError, match="signature"):
         backup.verify(url, snap.id)
     out = sealstore("backup", "verify", snap.id, "--from", url)
@@ -246,8 +248,9 @@ def _damage_object(store: Store, how: str) -> str:
 def _edit_manifest(store: Store) -> str:
     path = _store_dir(store) / "tenants/default/artifacts/minilm/1/manifest.json"
     doc = json.loads(path.read_text())
-    doc["files"][0]["size"] += 1
-    path.write_text(json.dumps(doc))
+    body = fields(doc)
+    body["files"][0]["size"] += 1
+    path.write_text(json.dumps(with_fields(doc, body)))
     return "manifest"
 
 
@@ -665,8 +668,7 @@ def test_prune_keeps_what_kept_snapshots_need(store: Store, tmp_path: Path) -> N
         backup.prune(url, keep=0)
     # A kept snapshot that does not verify: nothing is deleted.
     path = tmp_path / "bk" / "snapshots" / f"{second.id}.json"
-    doc = json.loads(path.read_text())
-    doc["source"] = "file:///elsewhere"
+    doc = edited(json.loads(path.read_text()), source="file:///elsewhere")
     path.write_text(json.dumps(doc))
     before = sorted(p.name for p in (tmp_path / "bk").rglob("*"))
     with pytest.raises(AuthenticationError, match="refusing to prune"):
@@ -731,8 +733,7 @@ def test_safe_mode_serves_only_known_good(store: Store, tmp_path: Path) -> None:
     safemode.exit_safe_mode(store)
     store.pull("minilm:2", tmp_path / "x")
     # An edited state does not verify.
-    doc = json.loads(state.read_text())
-    doc["enabled"] = True
+    doc = edited(json.loads(state.read_text()), enabled=True)
     state.write_text(json.dumps(doc))
     with pytest.raises(AuthenticationError):
         safemode.status(store)
@@ -830,8 +831,7 @@ def test_safe_mode_serial_floor_from_a_damaged_state(store: Store) -> None:
     safemode.enter(store)
     safemode.enter(store)
     state = _store_dir(store) / "safe-mode.json"
-    doc = json.loads(state.read_text())
-    doc["reason"] = "edited"
+    doc = edited(json.loads(state.read_text()), reason="edited")
     state.write_text(json.dumps(doc))
     # A machine that never saw serial 2 (its pins forgotten) writes the next state:
     trust = Path(os.environ["SEALSTORE_HOME"]) / "trust.json"

@@ -15,6 +15,7 @@ import pytest
 
 from sealstore.kms.local import LocalKeyring
 from sealstore.vault.store import Store
+from tests.signed_docs import edited
 
 # The commands run in this process (tests.test_cli.in_process): what they do, not
 # the process boundary, which tests/test_cli.py and test_fail_closed_cli.py test.
@@ -150,7 +151,7 @@ def test_item12_ls_lists_good_versions_and_marks_the_bad_one(
         store.push(src, "m", keys=["local:"])
     path = _manifest(store, "m", "2")
     doc = json.loads(path.read_text())
-    doc["created"] = "2000-01-01T00:00:00Z"  # an edit: the signature no longer holds
+    doc = edited(doc, created="2000-01-01T00:00:00Z")  # the signature no longer holds
     path.write_text(json.dumps(doc))
     proc = run("ls", "m", env=env)
     out, err = proc.stdout.decode(), proc.stderr.decode()

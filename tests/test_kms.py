@@ -881,6 +881,7 @@ def test_no_key_material_in_messages(
 
 def test_keyring_signs_with_its_public_signing_key(keyring: LocalKeyring) -> None:
     from sealstore.signing import sign_document, verify_document
+    from tests.signed_docs import edited
 
     ring = reopen(keyring.path)
     assert ring.signing_key_id is not None and ring.signing_key_id.startswith("ed25519:")
@@ -890,8 +891,8 @@ def test_keyring_signs_with_its_public_signing_key(keyring: LocalKeyring) -> Non
         "signer": ring.signing_key_id,
     }
     with pytest.raises(AuthenticationError, match="edited"):
-        verify_document("test", dict(doc, a=2), [ring.signing_key_id], what="doc")
-    with pytest.raises(AuthenticationError, match="edited"):
+        verify_document("test", edited(doc, a=2), [ring.signing_key_id], what="doc")
+    with pytest.raises(AuthenticationError, match="payload type"):
         verify_document("other", doc, [ring.signing_key_id], what="doc")
     with pytest.raises(AuthenticationError, match="untrusted"):
         verify_document("test", doc, [], what="doc")

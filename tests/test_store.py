@@ -20,6 +20,7 @@ from sealstore.vault.bom import BomSpec, validate_bom
 from sealstore.vault.lifecycle import gc
 from sealstore.vault.store import Store, trust_store
 from tests.conftest import make_keyring
+from tests.signed_docs import fields, with_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,8 +151,9 @@ def test_edited_manifest_is_refused(store: Store, tmp_path: Path) -> None:
     store.push(f, "w", keys=["local:"])
     path = "tenants/default/artifacts/w/1/manifest.json"
     doc = json.loads(store.storage.read(path))
-    doc["files"][0]["size"] = 99
-    store.storage.put(path, json.dumps(doc).encode())
+    body = fields(doc)
+    body["files"][0]["size"] = 99
+    store.storage.put(path, json.dumps(with_fields(doc, body)).encode())
     with pytest.raises(AuthenticationError, match="does not verify"):
         store.pull("w:1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -215,8 +217,9 @@ def test_store_config_must_be_trusted(
     assert opened.id == store.id
     # The config edited (say, a signer slipped in) no longer verifies.
     doc = json.loads(store.storage.read("sealstore.json"))
-    doc["signers"].append(LocalKeyring.open(other_home / "keyring.json").signing_key_id)
-    store.storage.put("sealstore.json", json.dumps(doc).encode())
+    body = fields(doc)
+    body["signers"].append(LocalKeyring.open(other_home / "keyring.json").signing_key_id)
+    store.storage.put("sealstore.json", json.dumps(with_fields(doc, body)).encode())
     with pytest.raises(AuthenticationError, match="does not verify"):
         Store.open(store.url)
 
@@ -632,11 +635,7 @@ def test_trust_cannot_reroot_a_pinned_store(
     from sealstore.vault.manifest import dumps
 
     other = make_keyring(tmp_path / "attacker.json")
-    fake = {
-        k: v
-        for k, v in json.loads(file_store.storage.read("sealstore.json")).items()
-        if k not in ("signer", "signature")
-    }
+    fake = fields(json.loads(file_store.storage.read("sealstore.json")))
     fake["root"] = fake["signers"][0] = other.signing_key_id
     theirs = Store.init(f"file://{tmp_path}/theirs")
     theirs.storage.put("sealstore.json", dumps(sign_document("store", fake, other)))

@@ -1,9 +1,10 @@
 """Signed documents of the store: the store config, version manifests, tags.
 
-Each is canonical JSON signed with Ed25519 (``sealstore.signing``), with a
-domain string of its own. A manifest names where it belongs (store id,
-tenant, artifact, version) inside the signed body, so a valid manifest moved
-to another name, tenant or store is refused, not just an edited one.
+Each is written as a DSSE envelope over its canonical JSON, signed with
+Ed25519 under a payload type of its own (``sealstore.signing``). A manifest
+names where it belongs (store id, tenant, artifact, version) inside the
+signed body, so a valid manifest moved to another name, tenant or store is
+refused, not just an edited one.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A version's signed manifest (the body; signing adds ``signer`` and ``signature``)."""
+    """A version's signed manifest (the body; ``signer`` is the key whose signature verified)."""
 
     store: str
     tenant: str

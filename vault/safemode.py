@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused
-from sealstore.signing import sign_document, verify_document
+from sealstore.signing import sign_document, unverified_fields, verify_document
 from sealstore.vault.manifest import Manifest, Ref, check_name, dumps, loads, now, parse_ref
 
 __all__ = ["KNOWN_GOOD", "SafeModeState", "enter", "exit_safe_mode", "serving_manifest", "status"]
@@ -125,7 +125,7 @@ def _write(store: Any, enabled: bool, reason: str) -> SafeModeState:
 
 def _unverified_serial(store: Any) -> int:
     try:
-        serial = loads(store.storage.read(PATH), PATH).get("serial")
+        serial = unverified_fields(loads(store.storage.read(PATH), PATH)).get("serial")
     except (NotFound, FormatError):
         return 0
     return serial if isinstance(serial, int) and not isinstance(serial, bool) else 0

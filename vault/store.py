@@ -30,7 +30,14 @@ from typing import Any
 
 from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused, SealstoreError
 from sealstore.kms.registry import default_keyring_path, sealstore_home
-from sealstore.signing import Signer, public_key_bytes, sign_document, verify_document
+from sealstore.signing import (
+    Signer,
+    claimed_body,
+    is_envelope,
+    public_key_bytes,
+    sign_document,
+    verify_document,
+)
 from sealstore.vault import access
 from sealstore.vault.manifest import (
     STORE_FORMAT,
@@ -168,7 +175,8 @@ def trust_store(url: str | os.PathLike[str], root: str, **storage_options: Any) 
     """
     public_key_bytes(root)
     storage = open_storage(url, **storage_options)
-    doc = _read_config(storage)
+    raw = _read_config(storage)
+    doc = claimed_body("store", raw, what=f"store config of {storage.url}")
     pinned = _load_pins()["stores"].get(doc.get("id"))
     if pinned is not None and pinned != root:
         # Another store's id with a different root: trusting it would re-root
@@ -179,7 +187,7 @@ def trust_store(url: str | os.PathLike[str], root: str, **storage_options: Any) 
         )
     if doc.get("root") != root:
         raise AuthenticationError(f"store {storage.url} has root key {doc.get('root')}, not {root}")
-    _verify_config(doc, root, storage.url)
+    _verify_config(raw, root, storage.url)
     _save_pin(str(doc["id"]), root, storage.url)
     return Store.open(url, **storage_options)
 
@@ -192,13 +200,16 @@ def _read_config(storage: Storage) -> dict[str, Any]:
             f"no sealstore store at {storage.url} (create one with: sealstore store init URL)"
         ) from None
     doc = loads(data, f"{storage.url}/{CONFIG}")
-    if doc.get("format") != STORE_FORMAT:
+    # An envelope's format is checked once it is verified (_verify_config).
+    if not is_envelope(doc) and doc.get("format") != STORE_FORMAT:
         raise FormatError(f"{storage.url} is not a sealstore store (format {doc.get('format')!r})")
     return doc
 
 
 def _verify_config(doc: dict[str, Any], root: str, url: str) -> dict[str, Any]:
     body = verify_document("store", doc, [root], what=f"store config of {url}")
+    if body.get("format") != STORE_FORMAT:
+        raise FormatError(f"{url} is not a sealstore store (format {body.get('format')!r})")
     signers = body.get("signers")
     if not isinstance(signers, list) or not all(isinstance(s, str) for s in signers):
         raise FormatError(f"store config of {url} is malformed")
@@ -276,7 +287,8 @@ class Store:
                 was edited or swapped.
         """
         storage = open_storage(url or default_store_url(), **storage_options)
-        doc = _read_config(storage)
+        raw = _read_config(storage)
+        doc = claimed_body("store", raw, what=f"store config of {storage.url}")
         store_id, root = doc.get("id"), doc.get("root")
         pins = _load_pins()
         known_id = pins["urls"].get(storage.url)
@@ -299,7 +311,7 @@ class Store:
             raise AuthenticationError(
                 f"store {storage.url} now claims root key {root}, but {pinned} is pinned"
             )
-        body = _verify_config(doc, pinned, storage.url)
+        body = _verify_config(raw, pinned, storage.url)
         if pins["stores"].get(store_id) is None or known_id is None:
             _save_pin(str(store_id), pinned, storage.url)
         return cls(storage, body, signer)

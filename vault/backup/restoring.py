@@ -16,6 +16,7 @@ from sealstore.errors import (
     SealstoreError,
 )
 from sealstore.kms.envelope import IdentitySpec
+from sealstore.signing import claimed_body
 from sealstore.vault import freshness
 from sealstore.vault.auditing import record
 from sealstore.vault.backup.copying import (
@@ -82,13 +83,15 @@ def _target_store(
     if current != config_raw:
         keep = False
         if current is not None:
+            where = f"{storage.url}/{CONFIG}"
             try:
-                doc = loads(current, f"{storage.url}/{CONFIG}")
-            except FormatError:
-                doc = {"id": snap.store}
-            if doc.get("id") != snap.store:
+                doc = loads(current, where)
+                claimed = claimed_body("store", doc, what=where)
+            except (AuthenticationError, FormatError):
+                doc, claimed = {}, {"id": snap.store}  # damaged: put back
+            if claimed.get("id") != snap.store:
                 raise ValueError(
-                    f"{storage.url} holds another store ({doc.get('id')}), not {snap.store}"
+                    f"{storage.url} holds another store ({claimed.get('id')}), not {snap.store}"
                 )
             with contextlib.suppress(AuthenticationError, FormatError):
                 _verify_config(doc, config["root"], storage.url)

@@ -26,7 +26,7 @@ from sealstore.errors import (
     SealstoreError,
 )
 from sealstore.keys import KeySlot
-from sealstore.signing import verify_document
+from sealstore.signing import claimed_body, verify_document
 from sealstore.vault.backup.locks import _check_repo
 from sealstore.vault.manifest import (
     Manifest,
@@ -271,19 +271,20 @@ def load_snapshot(
     check_name(snapshot_id, "snapshot id")
     where = f"snapshot {snapshot_id} in {dest.url}"
     try:
-        doc = loads(dest.read(f"snapshots/{snapshot_id}.json"), where)
+        raw = loads(dest.read(f"snapshots/{snapshot_id}.json"), where)
     except NotFound:
         raise NotFound(f"no snapshot {snapshot_id} in {dest.url}") from None
+    doc = claimed_body("snapshot", raw, what=where)
     if doc.get("store") != store_id or doc.get("id") != snapshot_id:
         raise AuthenticationError(f"{where} belongs to another store or name")
     from sealstore.vault.store import _verify_config
 
     config_sha = _hex(doc.get("config"))
     config_doc = loads(_read_doc(dest, config_sha, "the store config"), "store config")
-    if config_doc.get("id") != store_id:
+    if claimed_body("store", config_doc, what=f"{where}: its store config").get("id") != store_id:
         raise AuthenticationError(f"{where}: its store config is another store's")
     config = _verify_config(config_doc, _trusted_root(store_id, root), dest.url)
-    body = verify_document("snapshot", doc, config["signers"], what=where)
+    body = verify_document("snapshot", raw, config["signers"], what=where)
     if body.get("format") != SNAPSHOT_FORMAT:
         raise FormatError(f"{where}: unknown format {body.get('format')!r}")
     try:
@@ -317,7 +318,7 @@ def list_snapshots(url: str, **storage_options: Any) -> list[dict[str, Any]]:
     out = []
     for sid in snapshot_ids(dest):
         try:
-            doc = loads(dest.read(f"snapshots/{sid}.json"), sid)
+            doc = claimed_body("snapshot", loads(dest.read(f"snapshots/{sid}.json"), sid), what=sid)
             objects = doc.get("objects") or {}
             out.append(
                 {

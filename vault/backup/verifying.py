@@ -95,8 +95,9 @@ def verify(
     for tenant, sha in sorted(snap.sequences.items()):
         where = f"sequence of tenant {tenant}"
         try:
-            seq = loads(_read_doc(dest, sha, where), where)
-            verify_document("sequence", seq, signers, what=where)
+            seq = verify_document(
+                "sequence", loads(_read_doc(dest, sha, where), where), signers, what=where
+            )
             if (seq.get("store"), seq.get("tenant")) != (snap.store, tenant):
                 raise AuthenticationError(f"{where} belongs to another store or tenant")
         except SealstoreError as exc:
