@@ -360,7 +360,8 @@ def _loader_class() -> type:
             _check_loaded(model, loaded, f"{m.name}:{m.version}")
             took = time.perf_counter() - start
             what = f"{m.name}:{m.version}: {count} weights ({size / 2**20:.1f} MiB)"
-            log.info("sealstore: %s decrypted and loaded in %.2f s", what, took)
+            signed = "; every file matched its model signature" if art.signature else ""
+            log.info("sealstore: %s decrypted and loaded in %.2f s%s", what, took, signed)
 
     return SealstoreModelLoader
 
