@@ -224,8 +224,10 @@ def prepare(src: str, options: Options) -> tuple[str, str]:
         folder = ScratchFolder(root, prefix=_SCRATCH_PREFIX, caller=CALLER)
         try:
             for path in art.paths:
-                # README.md is the model card: vLLM does not read it.
-                if not is_weight(path) and path != "README.md":
+                # README.md is the model card: vLLM does not read it. With a model
+                # signature, only what it covers (not the git metadata it leaves out).
+                signed = art.signature is None or art.signature.covers(path)
+                if not is_weight(path) and path != "README.md" and signed:
                     folder.write(path, art.read(path))
         except BaseException:
             folder.remove()

@@ -51,6 +51,7 @@ def signed(store: Any, tmp_path: Path) -> dict[str, Any]:
     state = {"w": torch.arange(200_000, dtype=torch.float32), "b": torch.ones(3)}
     torch.save(state, folder / "weights.pt")
     (folder / "config.json").write_text(json.dumps({"hidden_size": 256}))
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # left out of signatures
     done = ms("sign", "key", "--signature", folder / "model.sig", "--private_key", priv, folder)
     assert done.returncode == 0, done.stderr
     v1 = store.push(
@@ -193,6 +194,7 @@ def test_vllm_loader_verify_signature(store: Any, signed: dict[str, Any], tmp_pa
     folder, pinned = prepare(base + ":1", opts)
     assert pinned == base + ":1"
     assert json.loads((Path(folder) / "config.json").read_text()) == {"hidden_size": 256}
+    assert not (Path(folder) / ".gitattributes").exists()  # not covered: not decrypted
     with open_version(pinned, opts) as art:
         got = {k: v for _p, part in iter_weight_shards(art, None) for k, v in part.items()}
     want = signed["tensors"]
