@@ -97,7 +97,7 @@ def test_shred_old_makes_the_old_version_unreadable(any_store: Store, tmp_path: 
     store = any_store
     src = model_dir(tmp_path, SIZES)
     old = store.push(src, "m", keys=["local:"])
-    done = rekey_version(store, "m:1", shred_old=True)
+    done = store.rekey("m:1", shred_old=True)
     assert done.shredded is not None and done.shredded.version == "1"
     tomb = store.manifest("m:1")
     assert tomb.shredded and tomb.slots == ()
