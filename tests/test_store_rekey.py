@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sealstore.errors import AuthenticationError, BackendError, KeyUnavailable
+from sealstore.errors import AuthenticationError, BackendError, KeyUnavailable, Refused
 from sealstore.format import open_payload_key, read_preamble
 from sealstore.kms.local import LocalKeyring
 from sealstore.vault.bom import validate_bom
@@ -201,3 +201,19 @@ def test_cli_rekey_json(tmp_path: Path, ring: LocalKeyring) -> None:
     assert "crypto-shredded" in json.loads(err.stderr)["error"]["message"]
     line = fails(run("store", "rekey", "nope", env=e), 5)
     assert "not found" in line
+
+
+def test_roles_publisher_rekeys_only_an_admin_shreds(
+    store: Any, tmp_path: Path, ring: LocalKeyring
+) -> None:
+    pub = make_keyring(tmp_path / "pub.json")
+    store.grant(str(pub.signing_key_id), "publisher", tenant="default")
+    store.push(model_dir(tmp_path, SIZES), "m", keys=["local:"])
+    as_pub = Store.open(store.url, signer=pub)
+    before = _objects(store)
+    with pytest.raises(Refused, match="needs the admin role"):
+        as_pub.rekey("m:1", shred_old=True)
+    assert store.versions("m") == ["1"] and _objects(store) == before
+    done = as_pub.rekey("m:1")  # a new version is a publisher's to write
+    assert done.new.signer == pub.signing_key_id and done.shredded is None
+    assert Store.open(store.url).manifest("m").version == "2"
