@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,12 @@ def test_fsspec_verify_signature(
         head = fp.read(100)
     plain = fsspec.filesystem("sealstore+file")
     assert head == plain.cat_file(f"{base}:1/model.safetensors")[8:108]
+    # A worker reopens a pickled file with the same options: checked again there.
+    with fs.open(f"{base}:1/config.json") as fp:
+        blob = pickle.dumps(fp)
+    with pickle.loads(blob) as again:  # noqa: S301 -- our own pickle
+        assert again.raw._reopener.fs.signature_key is not None
+        assert json.loads(again.read()) == {"hidden_size": 256}
     for path in ("config.json", "model.safetensors"):
         with pytest.raises(AuthenticationError, match=MISMATCH):
             fs.cat_file(f"{base}:2/{path}")
