@@ -89,6 +89,41 @@ def register(sub: Any) -> None:
     rot.add_argument("--to", action="append", default=[], metavar="URI")
     rot.add_argument("--remove", action="append", default=[], metavar="URI")
     rot.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
+    rk = command(
+        ssub,
+        "rekey",
+        _rekey,
+        store=True,
+        threads=2,
+        threads_help="AEAD threads per file",
+        progress=True,
+        help="write a new version of the same files, each re-encrypted under a fresh data key",
+        description="Re-encrypt every file of NAME[:VERSION|@TAG] under a fresh data key "
+        "into a new version (default: the next number): same plaintext digests, model "
+        "signature and BoM carried over, the tags naming the old version moved to the new "
+        "one. Nothing is visible until its signed manifest is written. --shred-old then "
+        "crypto-shreds the old version (admin; irreversible).",
+    )
+    rk.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
+    rk.add_argument(
+        "--version", dest="new_version", metavar="V", help="the new version's name (default: next)"
+    )
+    rk.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="wrap the new key to this key (repeat; default: the keys of the old slots)",
+    )
+    rk.add_argument("-i", "--identity", action="append", default=[], metavar="FILE")
+    rk.add_argument(
+        "--keep-tags", action="store_true", help="leave the old version's tags where they are"
+    )
+    rk.add_argument(
+        "--shred-old",
+        action="store_true",
+        help="then crypto-shred the old version: its key slots destroyed, objects deleted",
+    )
     ref = command(
         ssub,
         "refresh",
@@ -347,6 +382,52 @@ def _rotate(args: argparse.Namespace) -> int:
         args,
         f"{m.name}:{m.version}: {len(m.slots)} slot(s): " + ", ".join(s.key_id for s in m.slots),
     )
+    return 0
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    from sealstore.vault.rekey import rekey_version
+
+    store = _open(args)
+    old = store.manifest(args.ref, tenant=args.tenant)  # NotFound before the bar
+    progress = bar(args, "rekey", old.size)
+    with progress:
+        done = rekey_version(
+            store,
+            args.ref,
+            tenant=args.tenant,
+            version=args.new_version,
+            to=args.to,
+            identities=args.identity,
+            move_tags=not args.keep_tags,
+            shred_old=args.shred_old,
+            threads=args.threads,
+            progress=progress,
+        )
+    new = done.new
+    if json_mode(args):
+        emit(
+            args,
+            {
+                "from": f"{done.old.name}:{done.old.version}",
+                "ref": f"{new.name}:{new.version}",
+                "tenant": new.tenant,
+                "files": len(new.files),
+                "bytes": new.size,
+                "slots": _slots(new),
+                "tags_moved": done.tags,
+                "old_shredded": done.shredded.shredded if done.shredded else None,
+            },
+        )
+        return 0
+    moved = f"; tags moved: {', '.join(done.tags)}" if done.tags else ""
+    say(
+        args,
+        f"re-keyed {done.old.name}:{done.old.version} as {new.name}:{new.version}: "
+        f"{len(new.files)} file(s), {human_bytes(new.size)}{moved}",
+    )
+    if done.shredded is not None:
+        say(args, f"shredded {done.old.name}:{done.old.version}: key slots destroyed")
     return 0
 
 

@@ -26,12 +26,17 @@ from sealstore.kms.envelope import IdentitySpec, make_slots, unwrap_dek
 from sealstore.kms.registry import wrapper_for
 from sealstore.stream import SealReader, SealWriter
 
-__all__ = ["rekey_file"]
+__all__ = ["rekey_file", "target_wrappers"]
 
 _COPY = 4 * 1024 * 1024
 
 
-def _wrappers(uris: Sequence[str]) -> list[Wrapper]:
+def target_wrappers(uris: Sequence[str]) -> list[Wrapper]:
+    """A wrapper per key URI in *uris* (each once, in order): where a new DEK goes.
+
+    Raises:
+        ValueError: a key that cannot be wrapped to (named, with the remedy).
+    """
     out: list[Wrapper] = []
     for uri in dict.fromkeys(uris):  # once per key, in order
         try:
@@ -93,7 +98,7 @@ def rekey_file(
                 "under the other names (remove them first)"
             )
         header = preamble.header
-        wrappers = _wrappers(list(to) or [slot.key_id for slot in preamble.slots])
+        wrappers = target_wrappers(list(to) or [slot.key_id for slot in preamble.slots])
         old_fd = os.open(source, os.O_WRONLY)
         try:
             with unwrap_dek(preamble, identities, cache=None) as old_dek:

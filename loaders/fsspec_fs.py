@@ -43,7 +43,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.chained import ChainedFileSystem
 
-from sealstore.chunks import ChunkLayout
+from sealstore.chunks import ChunkLayout, zero
 from sealstore.dekcache import DekCache
 from sealstore.errors import NotFound, SealstoreError
 from sealstore.fileobj import DEFAULT_CACHE_CHUNKS, SealedBufferedReader, named, wrap
@@ -51,7 +51,7 @@ from sealstore.format import DEFAULT_CHUNK_SIZE, read_preamble_from
 from sealstore.fsutil import atomic_file
 from sealstore.kms.envelope import open_sealed, seal_writer
 from sealstore.loaders.fileio import identity_specs
-from sealstore.loaders.sources import PREFIX, open_source, split_store_ref
+from sealstore.loaders.sources import PREFIX, open_source, split_store_ref, verify_at_open
 from sealstore.stream import SealedFile
 
 __all__ = [
@@ -357,6 +357,12 @@ class StoreFileSystem(_SealedBase):
         check_digest: hash each object against the manifest before its first read.
         tag_ttl: seconds a tag's resolution is kept (a listing and the opens
             that follow it see one version).
+        verify_signature: check each version's OMS model signature with
+            *public_key* (a PEM path or bytes; default
+            ``$SEALSTORE_OMS_PUBLIC_KEY``) and each file's plaintext against
+            it: ``cat_file`` hashes beside its one decryption; ``open`` (random
+            access: a reader may seek anywhere first) checks the whole file
+            in one streaming pass before it returns the file object.
         identities, cache_chunks, threads: as ``sealstore.open``.
         storage_options: the store's (``endpoint_url``, ``key``, ``secret``).
     """
@@ -373,9 +379,18 @@ class StoreFileSystem(_SealedBase):
         identities: Sequence[Any] = (),
         cache_chunks: int = DEFAULT_CACHE_CHUNKS,
         threads: int = 1,
+        *,
+        verify_signature: bool = False,
+        public_key: Any = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(identities=identities, cache_chunks=cache_chunks, threads=threads)
+        self.signature_key = None
+        if verify_signature:
+            from sealstore.vault.oms import public_key_from
+
+            # Loaded now: a missing or bad key fails before any store is read.
+            self.signature_key = public_key_from(public_key)
         self.tenant = tenant
         self.check_digest = check_digest
         self.tag_ttl = tag_ttl
@@ -508,22 +523,52 @@ class StoreFileSystem(_SealedBase):
         pinned = f"{where}#{m.name}:{m.version}" + (f"/{sub}" if sub is not None else "")
         return super().glob(pinned, **kwargs)
 
-    def open_sealed(self, path: str) -> SealedFile:
+    def open_sealed(self, path: str, *, whole: bool = False) -> SealedFile:
+        """The file *path* names; with ``verify_signature``, checked against the model
+        signature: now, in a streaming pass, or (*whole*: the caller reads the whole
+        file at once) beside that read's decryption, before it returns."""
         url, ref, sub = self._parse(path)
         where = self.unstrip_protocol(path)
         if not sub:
             raise IsADirectoryError(f"{where}: name a file of the artifact after its version")
         try:
-            return open_source(
+            sealed = open_source(
                 f"{ref}/{sub}",
                 store=self._store(url),
                 tenant=self.tenant,
                 identities=self.identities,
                 check_digest=self.check_digest,
                 cache=self.keys,
+                verify_signature=whole and self.signature_key is not None,
+                public_key=self.signature_key,
             )
+            if self.signature_key is not None and not whole:
+                try:
+                    verify_at_open(sealed, self.signature_key, threads=self.threads)
+                except BaseException:
+                    sealed.close()
+                    raise
+            return sealed
         except SealstoreError as exc:
             raise named(exc, where) from None
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        """The file's plaintext (or ``[start, end)`` of it).
+
+        With ``verify_signature``: one decryption of the whole file, hashed
+        beside it against the signature before any byte is returned.
+        """
+        if self.signature_key is None:
+            return super().cat_file(path, start=start, end=end, **kwargs)
+        with self.open_sealed(self._strip_protocol(self.canonical(path)), whole=True) as sealed:
+            buf = bytearray(sealed.size)
+            try:
+                sealed.read_into(0, buf, threads=self.threads)
+                return bytes(memoryview(buf)[slice(start, end)])
+            finally:
+                zero(memoryview(buf))
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> SealedBufferedReader:
         if mode == "rb":

@@ -30,7 +30,7 @@ from sealstore.loaders.artifact import (
     whole_artifact,
 )
 from sealstore.loaders.partition import PartitionPlan, as_plan, byte_ranges
-from sealstore.loaders.sources import open_source
+from sealstore.loaders.sources import PREFIX, open_source, verify_at_open
 from sealstore.loaders.st_header import Layout, TensorNotFound, header_bytes
 from sealstore.progress import LibraryBar, library_bar
 from sealstore.stream import SealedFile
@@ -522,6 +522,8 @@ class SafeOpen:
         prefer: str = "gpu-direct",
         allow_table_aes: bool = False,
         plan: Any = None,
+        verify_signature: bool = False,
+        public_key: Any = None,
     ) -> None:
         self._gpu: Any = None
         if framework not in _FRAMEWORKS:
@@ -542,8 +544,19 @@ class SafeOpen:
         self._device = device
         self._threads = threads or default_threads()
         self._plan = None if plan is None else as_plan(plan)
+        key = None
+        if verify_signature:
+            key = _signature_key(src, store, public_key, device, prefer)
         where = _where(src)
-        art = whole_artifact(src, store, tenant, identities, caller="safe_open")
+        art = whole_artifact(
+            src,
+            store,
+            tenant,
+            identities,
+            caller="safe_open",
+            verify_signature=verify_signature,
+            public_key=public_key,
+        )
         if art is not None:
             with art:
                 index, files = weight_files(art, None, how=f"as {art.name('FILE')}")
@@ -567,6 +580,10 @@ class SafeOpen:
         # A SealedFile the caller passed stays open (one opened here from a folder does not).
         self._own = self._sf is not src or art is not None
         try:
+            if key is not None:
+                # Random access: any tensor may be read first, so the whole
+                # file is checked now, in one streaming pass (see safe_open).
+                verify_at_open(self._sf, key, threads=self._threads)
             if self._gpu_direct:
                 from sealstore.loaders.gpu_file import GpuFile
 
@@ -708,10 +725,36 @@ class SafeOpen:
         self.close()
 
 
+def _signature_key(src: Any, store: Any, public_key: Any, device: str, prefer: str) -> Any:
+    """The public key ``safe_open(verify_signature=True)`` checks with, or why it cannot.
+
+    Raises:
+        ValueError: not a store version, a GPU-direct open (the check decrypts
+            on the CPU), or no public key.
+    """
+    from sealstore.vault.oms import public_key_from
+
+    text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if text is None or not (text.startswith(PREFIX) or store is not None):
+        raise ValueError(
+            "verify_signature checks a store version's model signature: "
+            "name one (sealstore+URL#NAME... or store=)"
+        )
+    if device.startswith("cuda") and prefer == "gpu-direct":
+        raise ValueError(
+            "verify_signature hashes the plaintext on the CPU at open: "
+            "use prefer='cpu-decrypt' (or open without it on the GPU)"
+        )
+    return public_key_from(public_key)
+
+
 def safe_open(
     src: Any,
     framework: str = "pt",
     device: str | int = "cpu",
+    *,
+    verify_signature: bool = False,
+    public_key: Any = None,
     **kwargs: Any,
 ) -> SafeOpen:
     """Open a sealed safetensors file lazily, as ``safetensors.safe_open``.
@@ -739,14 +782,30 @@ def safe_open(
     pass; ``get_slice`` still indexes the whole tensor. The plan is checked
     against the header on open.
 
+    ``verify_signature=True`` (a store version): the version's OMS model
+    signature is checked with *public_key* (an EC public key, PEM path or
+    bytes, or root certificates; default ``$SEALSTORE_OMS_PUBLIC_KEY``), and
+    the file's plaintext SHA-256 against it **at open**, in one streaming
+    pass: a random-access reader may read any tensor first, and none may be
+    returned before the file matched. That pass costs one decryption and one
+    SHA-256 of the whole file (on the CPU) before the first tensor; the
+    tensors read afterwards are decrypted again. To load every tensor,
+    ``load_file(verify_signature=True)`` hashes beside its single decryption.
+
     Raises:
         ValueError: an unsupported framework, or numpy with a device other than the CPU,
             or a plan slice outside its tensor.
         TensorNotFound: the plan names a tensor the file lacks.
         DeviceUnavailable: a CUDA device was asked for and torch has none.
-        AuthenticationError, KeyUnavailable, NotFound, FormatError: opening the source.
+        ValueError: *verify_signature* for a source that is not a store version,
+            a GPU-direct open, or without a public key.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError: opening the
+            source; with *verify_signature*, no signature, another signer's, or a
+            file that differs from it.
     """
-    return SafeOpen(src, framework, device, **kwargs)
+    return SafeOpen(
+        src, framework, device, verify_signature=verify_signature, public_key=public_key, **kwargs
+    )
 
 
 class SharedTensors(ValueError, RuntimeError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstore.dekcache import DekCache
-from sealstore.errors import NotFound
+from sealstore.errors import AuthenticationError, NotFound
 from sealstore.kms.envelope import IdentitySpec, open_sealed
 from sealstore.stream import SealedFile
 
@@ -205,4 +205,49 @@ def _from_store(
             raise
     # What the inference guard records findings against (loaders/inference_guard.py).
     sealed.source_store, sealed.source_manifest = store, _m
+    sealed.source_path = _entry.path
     return sealed
+
+
+def signature_of(sealed: SealedFile, public_key: Any) -> tuple[Any, str, str]:
+    """(the verified OMS signature, the file's path, its name for errors) of a file
+    :func:`open_source` opened from a store version (without *verify_signature*).
+
+    Raises:
+        ValueError: *sealed* is not a file of a store version.
+        AuthenticationError: no signature, it does not verify with *public_key*,
+            or it does not cover the file.
+    """
+    from sealstore.vault.oms import of_version
+
+    m = getattr(sealed, "source_manifest", None)
+    path = getattr(sealed, "source_path", None)
+    if m is None or path is None:
+        raise ValueError(
+            "verify_signature checks a store version's model signature: "
+            "name one (sealstore+URL#NAME... or store=)"
+        )
+    where = f"{m.name}:{m.version}/{path}"
+    sig = of_version(m, public_key)
+    if not sig.covers(path):
+        raise AuthenticationError(f"{where} is not covered by the model signature")
+    return sig, path, where
+
+
+def verify_at_open(sealed: SealedFile, public_key: Any, *, threads: int = 1) -> None:
+    """A random-access reader's signature check: one streaming pass over the whole file.
+
+    *sealed* was opened from a store version (:func:`open_source` without
+    *verify_signature*, which would refuse any read short of the whole
+    file); its version's OMS signature is verified with *public_key* (a key
+    ``sealstore.vault.oms.public_key_from`` loaded) and the file's plaintext
+    hashed against it (``sealstore.vault.oms.verify_stream``).
+
+    Raises:
+        ValueError: *sealed* is not a file of a store version.
+        AuthenticationError: no signature, it does not verify, or the plaintext differs.
+    """
+    from sealstore.vault.oms import verify_stream
+
+    sig, path, where = signature_of(sealed, public_key)
+    verify_stream(sealed, sig, path, where, threads=threads)

@@ -29,7 +29,7 @@ from typing import Any
 
 from sealstore.chunks import zero
 from sealstore.kms.envelope import IdentitySpec, KeySpec, atomic_output, seal_writer
-from sealstore.loaders.sources import open_source
+from sealstore.loaders.sources import PREFIX, open_source, signature_of
 from sealstore.stream import SealedFile
 
 __all__ = ["torch_load", "torch_save"]
@@ -76,6 +76,8 @@ def torch_load(
     identities: Sequence[IdentitySpec] = (),
     threads: int = 2,
     safe_globals: Sequence[Any] = (),
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Any:
     """``torch.load(..., weights_only=True)`` of a sealed ``.pt`` (file, URL or store reference).
 
@@ -87,22 +89,59 @@ def torch_load(
         safe_globals: extra types and functions the unpickler may use, as for
             ``torch.serialization.safe_globals`` (checkpoints pass their
             RNG-state allowlist); empty by default: weights only.
+        verify_signature: a store version: check its OMS model signature with
+            *public_key* (an EC public key, PEM path or bytes, or root
+            certificates; default ``$SEALSTORE_OMS_PUBLIC_KEY``), and the
+            file's plaintext SHA-256 against it as torch reads it: every byte
+            decrypted for torch is hashed (in file order; a range read out of
+            order is kept as a copy until its turn), the few bytes torch skips
+            (zip padding) are decrypted at the end, and nothing is returned
+            before the digest matched.
 
     Returns:
         The unpickled object.
 
     Raises:
-        AuthenticationError: a chunk fails (nothing is returned).
+        AuthenticationError: a chunk fails, or with *verify_signature* the
+            signature is missing or another signer's, or the file differs
+            from it (nothing is returned).
+        ValueError: *verify_signature* for a source that is not a store
+            version, or without a public key.
         pickle.UnpicklingError: the payload holds a type outside the allowlist (named).
     """
     import torch
 
+    key = None
+    if verify_signature:
+        from sealstore.vault.oms import public_key_from
+
+        text = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+        if text is None or not (text.startswith(PREFIX) or store is not None):
+            raise ValueError(
+                "verify_signature checks a store version's model signature: "
+                "name one (sealstore+URL#NAME... or store=)"
+            )
+        key = public_key_from(public_key)  # before any key is asked for
     sf = open_source(src, store=store, tenant=tenant, identities=identities, suffix=".pt")
-    reader = _PlainReader(sf, threads=threads)
+    digest = None
+    if key is not None:
+        from sealstore.vault.oms import PlaintextDigest
+
+        try:
+            sig, path, where = signature_of(sf, key)
+        except BaseException:
+            if sf is not src:
+                sf.close()
+            raise
+        digest = PlaintextDigest(sf.size, sig.digests[path], where)
+    reader = _PlainReader(sf, threads=threads, digest=digest)
     try:
         with _allowed(safe_globals):
             # mmap=False: torch cannot map a decrypting file (and a global config may ask it to).
-            return torch.load(reader, map_location=map_location, weights_only=True, mmap=False)
+            obj = torch.load(reader, map_location=map_location, weights_only=True, mmap=False)
+        if digest is not None:
+            reader.finish_digest()
+        return obj
     except pickle.UnpicklingError as exc:
         if reader.error is not None:
             raise reader.error from None
@@ -116,6 +155,8 @@ def torch_load(
         raise
     finally:
         reader.close()
+        if digest is not None:
+            digest.discard()
         if sf is not src:
             sf.close()
 
@@ -188,9 +229,10 @@ class _PlainReader(io.RawIOBase):
         threads: chunks decrypted in parallel for large reads.
     """
 
-    def __init__(self, sf: SealedFile, *, threads: int = 1) -> None:
+    def __init__(self, sf: SealedFile, *, threads: int = 1, digest: Any = None) -> None:
         super().__init__()
         self._sf = sf
+        self._digest = digest  # a PlaintextDigest fed every range decrypted, or None
         self._threads = threads
         self._pos = 0
         self._cs = sf.layout.chunk_size
@@ -222,6 +264,8 @@ class _PlainReader(io.RawIOBase):
         try:
             if n >= self._cs:
                 self._sf.read_into(self._pos, out[:n], threads=self._threads)
+                if self._digest is not None:
+                    self._digest.feed_transient(self._pos, out[:n])
             else:
                 done = 0
                 while done < n:
@@ -245,7 +289,32 @@ class _PlainReader(io.RawIOBase):
             self._cached = -1
             self._sf.decrypt_chunk_into(i, self._cache)
             self._cached = i
+            if self._digest is not None:
+                # The whole chunk, not just the bytes asked for: the zip headers
+                # and padding around a record are hashed with it.
+                view = memoryview(self._cache)[: self._sf.layout.plain_len(i)]
+                self._digest.feed_transient(i * self._cs, view)
         return memoryview(self._cache)[: self._sf.layout.plain_len(i)]
+
+    def finish_digest(self) -> None:
+        """Hash what torch never read (decrypted now, a block at a time), then check.
+
+        Raises:
+            AuthenticationError: the plaintext is not the signed one.
+        """
+        digest = self._digest
+        block = bytearray(min(4 << 20, max(self._sf.size, 1)))
+        try:
+            for offset, length in digest.gaps():
+                done = 0
+                while done < length:
+                    view = memoryview(block)[: min(len(block), length - done)]
+                    self._sf.read_into(offset + done, view, threads=self._threads)
+                    digest.feed_transient(offset + done, view)
+                    done += len(view)
+        finally:
+            zero(memoryview(block))
+        digest.check()
 
     def close(self) -> None:
         if self._cache:

@@ -49,7 +49,7 @@ from sealstore.loaders.artifact import (
 from sealstore.loaders.scratch import ScratchFolder, is_weight, scratch_root
 from sealstore.loaders.sources import PREFIX
 
-__all__ = ["LOAD_FORMAT", "Options", "is_reference", "prepare", "register"]
+__all__ = ["LOAD_FORMAT", "Options", "is_reference", "open_version", "prepare", "register"]
 
 LOAD_FORMAT = "sealstore"
 CALLER = "--load-format sealstore"
@@ -76,6 +76,13 @@ class Options:
             signed manifest in the API server, before vLLM starts its engine
             (default true; the worker checks the weights' digests again as it
             loads them either way).
+        verify_signature: check the version's OMS model signature with
+            *public_key* before anything is decrypted, the configs and
+            tokenizer against it in the API server, and each weight file's
+            plaintext beside its one decryption in the worker (default false).
+        public_key: the signer's EC public key (PEM file), or a PEM file of
+            root certificates for a certificate-signed model (default
+            ``$SEALSTORE_OMS_PUBLIC_KEY``).
     """
 
     tenant: str | None = None
@@ -84,6 +91,8 @@ class Options:
     weights: str | None = None
     scratch_dir: str | None = None
     verify_before_start: bool = True
+    verify_signature: bool = False
+    public_key: str | None = None
 
     @classmethod
     def parse(cls, extra: Any) -> Options:
@@ -103,7 +112,7 @@ class Options:
                 f"{CALLER}: unknown --model-loader-extra-config key {unknown[0]!r} "
                 f"(known: {', '.join(sorted(known))})"
             )
-        for name in ("tenant", "weights", "scratch_dir"):
+        for name in ("tenant", "weights", "scratch_dir", "public_key"):
             if extra.get(name) is not None and not isinstance(extra[name], str):
                 raise ValueError(f"{CALLER}: {name} must be a string")
         threads = extra.get("threads")
@@ -119,6 +128,9 @@ class Options:
         verify = extra.get("verify_before_start", True)
         if not isinstance(verify, bool):
             raise ValueError(f"{CALLER}: verify_before_start must be true or false")
+        signed = extra.get("verify_signature", False)
+        if not isinstance(signed, bool):
+            raise ValueError(f"{CALLER}: verify_signature must be true or false")
         return cls(
             tenant=extra.get("tenant"),
             identities=tuple(identities),
@@ -126,6 +138,8 @@ class Options:
             weights=extra.get("weights"),
             scratch_dir=extra.get("scratch_dir"),
             verify_before_start=verify,
+            verify_signature=signed,
+            public_key=extra.get("public_key"),
         )
 
 
@@ -154,6 +168,29 @@ def _store_ref(src: str, tenant: str | None) -> str:
     return f"{PREFIX}{url}#{ref}"
 
 
+def open_version(src: str, options: Options) -> StoreArtifact:
+    """The version *src* names, as an artifact whose reads check the model signature
+    when *options* ask for it (verified here, before any key is asked for).
+
+    Raises:
+        ValueError: *verify_signature* without a public key.
+        AuthenticationError: the version has no signature, or another signer's.
+        NotFound, FormatError.
+    """
+    key = None
+    if options.verify_signature:
+        from sealstore.vault.oms import public_key_from
+
+        key = public_key_from(options.public_key)  # before the store is read
+    store, m = resolve_artifact(src, None, options.tenant, caller=CALLER)
+    signature = None
+    if key is not None:
+        from sealstore.vault.oms import of_version
+
+        signature = of_version(m, key)
+    return StoreArtifact(store, m, options.identities, signature=signature)
+
+
 def prepare(src: str, options: Options) -> tuple[str, str]:
     """Check the version and decrypt its non-weight files into a private scratch folder.
 
@@ -175,21 +212,22 @@ def prepare(src: str, options: Options) -> tuple[str, str]:
     from sealstore.vault.pull import verify
 
     root = scratch_root(options.scratch_dir, CALLER)  # before any key is asked for
-    store, m = resolve_artifact(
-        _store_ref(src, options.tenant), None, options.tenant, caller=CALLER
-    )
+    art = open_version(_store_ref(src, options.tenant), options)
+    store, m = art.store, art.manifest
     where = f"{m.name}:{m.version}"
     if options.verify_before_start:
         for result in verify(store, where, tenant=m.tenant, decrypt=False):
             if result.problems:
                 raise AuthenticationError(result.problems[0])
-    with StoreArtifact(store, m, options.identities) as art:
+    with art:
         weight_files(art, options.weights)  # no weights: refused now, not after vLLM's start-up
         folder = ScratchFolder(root, prefix=_SCRATCH_PREFIX, caller=CALLER)
         try:
             for path in art.paths:
-                # README.md is the model card: vLLM does not read it.
-                if not is_weight(path) and path != "README.md":
+                # README.md is the model card: vLLM does not read it. With a model
+                # signature, only what it covers (not the git metadata it leaves out).
+                signed = art.signature is None or art.signature.covers(path)
+                if not is_weight(path) and path != "README.md" and signed:
                     folder.write(path, art.read(path))
         except BaseException:
             folder.remove()
@@ -303,8 +341,10 @@ def _loader_class() -> type:
                     f"{CALLER}: {model_config.model} was not prepared from a sealed artifact"
                 )
             opts = self.options
-            store, m = resolve_artifact(src, None, opts.tenant, caller=CALLER)
-            art = StoreArtifact(store, m, opts.identities)
+            # With verify_signature each shard's plaintext is hashed beside its
+            # decryption and checked before its tensors are handed to vLLM.
+            art = open_version(src, opts)
+            m = art.manifest
             count, size, start = 0, 0, time.perf_counter()
 
             def weights() -> Iterator[tuple[str, Any]]:
@@ -322,7 +362,8 @@ def _loader_class() -> type:
             _check_loaded(model, loaded, f"{m.name}:{m.version}")
             took = time.perf_counter() - start
             what = f"{m.name}:{m.version}: {count} weights ({size / 2**20:.1f} MiB)"
-            log.info("sealstore: %s decrypted and loaded in %.2f s", what, took)
+            signed = "; every file matched its model signature" if art.signature else ""
+            log.info("sealstore: %s decrypted and loaded in %.2f s%s", what, took, signed)
 
     return SealstoreModelLoader
 

@@ -27,9 +27,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from nacl import pwhash
 
 from sealstore.loaders.vllm_plugin import Options, _redirect, is_reference
+from tests.test_oms import ec_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("SEALSTORE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -53,6 +55,7 @@ class Sealed:
     store: str  # sealstore+file://...#minilm
     tampered: str  # the same with one flipped bit in the weights object
     env: dict[str, str]
+    public_key: Path  # the OMS model signature's key (the version is signed)
 
 
 @dataclass
@@ -111,7 +114,8 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
             memlimit=pwhash.argon2id.MEMLIMIT_MIN,
         )
         store = Store.init(f"file://{base}/store")
-        m = store.push(plain, "minilm", keys=["local:"])
+        priv, pub = ec_pair(base, "publisher", ec.SECP256R1())
+        m = store.push(plain, "minilm", keys=["local:"], sign_key=priv)
         LocalKeyring._cache.clear()
     shutil.copytree(base / "store", base / "tampered")
     weights = next(f for f in m.files if f.path == "model.safetensors")
@@ -127,7 +131,7 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
         VLLM_CPU_KVCACHE_SPACE="1",
     )
     return Sealed(
-        plain, f"sealstore+{store.url}#minilm", f"sealstore+file://{base}/tampered#minilm", env
+        plain, f"sealstore+{store.url}#minilm", f"sealstore+file://{base}/tampered#minilm", env, pub
     )
 
 
@@ -189,7 +193,15 @@ def _exits(server: Server, timeout: float = 420) -> int:
 
 @pytest.fixture(scope="session")
 def server(sealed: Sealed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = _start(sealed, sealed.store, tmp_path_factory.mktemp("served"))
+    # The one server of the session checks the model signature too: its tests
+    # then cover the verified load end to end, at no second start-up.
+    srv = _start(
+        sealed,
+        sealed.store,
+        tmp_path_factory.mktemp("served"),
+        verify_signature=True,
+        public_key=str(sealed.public_key),
+    )
     try:
         if not _ready(srv):
             pytest.fail(f"vLLM did not start the sealed model:\n{_tail(srv.log)}")
@@ -236,6 +248,18 @@ def test_the_sealed_model_embeds_like_the_plaintext_model(sealed: Sealed, server
     reference = plain.encode(SENTENCES, convert_to_tensor=True)
     assert got.shape == reference.shape == (3, 384)
     assert torch.nn.functional.cosine_similarity(got, reference).min() >= 0.9999
+
+
+def test_the_server_checked_the_weights_against_the_model_signature(
+    sealed: Sealed, server: Server
+) -> None:
+    _embed(server, sealed.store)  # the weights are loaded by now
+    output = server.log.read_text(errors="replace")
+    assert re.search(
+        r"sealstore: minilm:1: \d+ weights \([\d.]+ MiB\) decrypted and loaded in "
+        r"[\d.]+ s; every file matched its model signature",
+        output,
+    ), _tail(server.log)
 
 
 def test_no_plaintext_weight_bytes_under_the_servers_folders(

@@ -60,6 +60,7 @@ __all__ = [
     "load_trust",
     "sign",
     "verify",
+    "verify_stream",
 ]
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -573,6 +574,7 @@ class PlaintextDigest:
         self._waiting: dict[int, memoryview] = {}
         self._lock = threading.Lock()
         self._busy = False
+        self._copies: list[bytearray] = []
 
     def feed(self, offset: int, view: memoryview) -> None:
         """One decrypted (authenticated) range of the plaintext, starting at *offset*."""
@@ -609,6 +611,46 @@ class PlaintextDigest:
         if view is not None:
             self._next += len(view)
         return view
+
+    def feed_transient(self, offset: int, view: memoryview) -> None:
+        """:meth:`feed` for a buffer its caller reuses after the call (a chunk cache).
+
+        Hashed now if it is the next range in file order; otherwise kept as a
+        copy until its turn (wiped by :meth:`discard`).
+        """
+        with self._lock:
+            now = offset <= self._next and not self._busy
+        if now:
+            self.feed(offset, view)
+            return
+        copy = bytearray(view)
+        with self._lock:
+            self._copies.append(copy)
+        self.feed(offset, memoryview(copy))
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` ranges of the file not fed yet, in order.
+
+        A reader that skipped bytes (zip padding a ``torch.load`` never reads)
+        decrypts just these at the end, instead of the whole file a second time.
+        """
+        with self._lock:
+            out, pos = [], self._next
+            for start in sorted(self._waiting):
+                if start > pos:
+                    out.append((pos, start - pos))
+                pos = max(pos, start + len(self._waiting[start]))
+            if pos < self._size:
+                out.append((pos, self._size - pos))
+            return out
+
+    def discard(self) -> None:
+        """Wipe the copies :meth:`feed_transient` kept and drop every waiting range."""
+        with self._lock:
+            self._waiting.clear()
+            for copy in self._copies:
+                copy[:] = bytes(len(copy))
+            self._copies.clear()
 
     def check(self) -> None:
         """Raise unless every byte was fed and the digest is the signed one.
@@ -684,6 +726,31 @@ def watch(sealed: Any, sig: OmsSignature, path: str, where: str) -> None:
 
     sealed.observe_plaintext(digest.feed)
     sealed.check_beside(both)
+
+
+def verify_stream(
+    sealed: Any, sig: OmsSignature, path: str, where: str, *, threads: int = 1
+) -> None:
+    """Check *path*'s whole plaintext against *sig* in one streaming pass over *sealed*.
+
+    For random-access readers (``safe_open``, an fsspec file): they may read
+    any part of the file in any order, and must not hand out a byte the
+    signature does not cover, so the file is decrypted once, chunk by chunk
+    into a small ring (wiped), and hashed, before the first read. It costs
+    one decryption and one SHA-256 of the file at open; the reads after it
+    decrypt what they read again.
+
+    Raises:
+        AuthenticationError: *path* is not covered, a chunk fails, or the
+            digest is not the signed one.
+    """
+    if not sig.covers(path):
+        raise AuthenticationError(f"{where} is not covered by the model signature")
+    sha = hashlib.sha256()
+    for chunk in sealed.iter_chunks(threads=threads):
+        sha.update(chunk)
+    if not hmac.compare_digest(sha.hexdigest(), sig.digests[path]):
+        raise AuthenticationError(f"{where} does not match the model signature")
 
 
 def check_bytes(data: bytes, sig: OmsSignature, path: str, where: str) -> bytes:

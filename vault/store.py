@@ -886,6 +886,12 @@ class Store:
 
         return rotate(self, ref, to, **kwargs)
 
+    def rekey(self, ref: str, **kwargs: Any) -> Any:
+        """See :func:`sealstore.vault.rekey.rekey_version`."""
+        from sealstore.vault.rekey import rekey_version
+
+        return rekey_version(self, ref, **kwargs)
+
 
 def _own_signing_key(signer: Signer | None) -> str | None:
     if signer is not None:
