@@ -29,13 +29,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidatorFunctionWrapHandler,
     WithJsonSchema,
-    WrapValidator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from sealstore.docmodel import JSON_SCHEMA_DIALECT, explain, fail, says
 from sealstore.enclave import nvgpu, nvgpu_rim, release, snp, tdx
 from sealstore.enclave.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
 from sealstore.enclave.tpm import PcrPolicy
@@ -230,7 +228,9 @@ class BrokerConfig:
         try:
             config = build.config(BrokerDoc.model_validate(doc))
         except ValidationError as exc:
-            raise FormatError(f"broker config {p}: {explain(exc)}") from None
+            raise FormatError(
+                f"broker config {p}: {explain(exc, number_keyed=_NUMBER_KEYED)}"
+            ) from None
         except _Bad as exc:
             raise FormatError(f"broker config {p}: {exc}") from None
         # A file rewritten while it was parsed: what was read may be neither version.
@@ -332,33 +332,8 @@ class _StrictLoader(yaml.SafeLoader):
 # (identities a rule names, unique credentials, default roles) is _Build's.
 
 
-def _fail(message: str, at: str | None = None) -> PydanticCustomError:
-    """A refusal in the house's words; *at*: the field under the section it is raised in."""
-    return PydanticCustomError("sealstore", message, {"at": at} if at else None)
-
-
-def _says(message: str, *, own_only: bool = False) -> WrapValidator:
-    """Report any failure of the annotated type as *message*.
-
-    A refusal of a validator of the field's own (:func:`_fail`) is kept. With
-    *own_only*, the errors of a list's items or a mapping's values keep
-    their own (deeper) messages; only the container's own are replaced.
-    """
-
-    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        try:
-            return handler(value)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            if first["type"] == "sealstore" or (own_only and first["loc"]):
-                raise  # a check of the field's own said what is wrong, or an item's did
-            raise _fail(message) from None
-
-    return WrapValidator(check)
-
-
 def _int(lo: int, hi: int) -> Any:
-    return Annotated[int, Field(ge=lo, le=hi), _says(f"expected an integer from {lo} to {hi}")]
+    return Annotated[int, Field(ge=lo, le=hi), says(f"expected an integer from {lo} to {hi}")]
 
 
 def _hex(size: int, *, as_bytes: bool = False) -> Any:
@@ -370,7 +345,7 @@ def _hex(size: int, *, as_bytes: bool = False) -> Any:
         except ValueError:
             raw = None
         if raw is None or len(raw) != size:
-            raise _fail(f"expected a {size}-byte hex string")
+            raise fail(f"expected a {size}-byte hex string")
         return raw if as_bytes else raw.hex()
 
     return Annotated[
@@ -385,7 +360,7 @@ def _hex_list(size: int) -> Any:
         tuple[_hex(size), ...],
         Field(min_length=1),
         BeforeValidator(_listed),
-        _says("expected a non-empty list of hex values", own_only=True),
+        says("expected a non-empty list of hex values", own_only=True),
         WithJsonSchema(
             {
                 "type": "array",
@@ -405,7 +380,7 @@ def _timestamp(value: Any) -> float:
         except ValueError:
             when = None
     if not isinstance(when, dt.datetime) or when.tzinfo is None:
-        raise _fail("expected an ISO 8601 time with its zone, e.g. 2026-03-01T00:00:00Z")
+        raise fail("expected an ISO 8601 time with its zone, e.g. 2026-03-01T00:00:00Z")
     return when.timestamp()
 
 
@@ -413,14 +388,14 @@ def _moment(value: Any) -> dt.datetime:
     try:
         at = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
     except ValueError:
-        raise _fail("expected a date and time (ISO 8601)") from None
+        raise fail("expected a date and time (ISO 8601)") from None
     return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
 
 
 _TIME_SCHEMA = WithJsonSchema({"type": "string", "format": "date-time"})
-Bool = Annotated[bool, _says("expected true or false")]
-Seconds = Annotated[float, Field(gt=0, le=1e7), _says("expected a positive number of seconds")]
-FilePath = Annotated[str, Field(min_length=1), _says("expected a file path")]
+Bool = Annotated[bool, says("expected true or false")]
+Seconds = Annotated[float, Field(gt=0, le=1e7), says("expected a positive number of seconds")]
+FilePath = Annotated[str, Field(min_length=1), says("expected a file path")]
 Role = Literal["reader", "publisher", "admin"]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
 
@@ -444,20 +419,18 @@ class _Section(BaseModel):
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
         if not isinstance(data, dict):
-            raise _fail("expected a mapping")
+            raise fail("expected a mapping")
         known = sorted(f.alias or n for n, f in cls.model_fields.items())
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise _fail(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
+            raise fail(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
         return data
 
 
 class ServerDoc(_Section):
     """Where the broker listens, and its TLS (client certificates optional)."""
 
-    host: Annotated[str, Field(min_length=1), _says("expected a host name or address")] = (
-        "127.0.0.1"
-    )
+    host: Annotated[str, Field(min_length=1), says("expected a host name or address")] = "127.0.0.1"
     port: _int(0, 65535) = 8443
     tls_cert: FilePath
     tls_key: FilePath
@@ -467,7 +440,7 @@ class ServerDoc(_Section):
     @model_validator(mode="after")
     def _ca_for_required(self) -> ServerDoc:
         if self.require_client_cert and self.client_ca is None:
-            raise _fail("needs server.client_ca", at="require_client_cert")
+            raise fail("needs server.client_ca", at="require_client_cert")
         return self
 
 
@@ -484,19 +457,19 @@ class IdentityDoc(_Section):
         tuple[TokenDoc, ...],
         Field(min_length=1),
         BeforeValidator(_listed),
-        _says("expected a non-empty list of {sha256, not_after}", own_only=True),
+        says("expected a non-empty list of {sha256, not_after}", own_only=True),
     ] = ()
     mtls_spki_sha256: _hex(32, as_bytes=True) | None = None
-    mtls_cn: Annotated[str, Field(min_length=1), _says("expected a common name")] | None = None
+    mtls_cn: Annotated[str, Field(min_length=1), says("expected a common name")] | None = None
     tpm_ak: FilePath = None  # type: ignore[assignment]  # absent: None; null: refused
     roles: Annotated[
-        dict[str, Role], _says("expected tenant (or '*') -> reader, publisher or admin")
+        dict[str, Role], says("expected tenant (or '*') -> reader, publisher or admin")
     ] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _authenticates(self) -> IdentityDoc:
         if not (self.token_sha256 or self.tokens or self.mtls_spki_sha256 or self.mtls_cn):
-            raise _fail("needs tokens, token_sha256, mtls_spki_sha256 or mtls_cn")
+            raise fail("needs tokens, token_sha256, mtls_spki_sha256 or mtls_cn")
         return self
 
 
@@ -504,7 +477,7 @@ def _pcrs(value: str) -> str:
     try:
         PcrPolicy.parse(value)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     return value
 
 
@@ -514,13 +487,13 @@ class TpmDoc(_Section):
     pcrs: Annotated[
         str, BeforeValidator(_as_text), AfterValidator(_pcrs), WithJsonSchema({"type": "string"})
     ]
-    reference: Annotated[dict[Any, Any], _says("expected PCR -> hex value")] | None = None
+    reference: Annotated[dict[Any, Any], says("expected PCR -> hex value")] | None = None
     reference_file: FilePath | None = None
 
     @model_validator(mode="after")
     def _one_reference(self) -> TpmDoc:
         if (self.reference is None) == (self.reference_file is None):
-            raise _fail("give exactly one of reference and reference_file")
+            raise fail("give exactly one of reference and reference_file")
         return self
 
 
@@ -534,11 +507,11 @@ class TcbDoc(_Section):
 
 def _crl_url(url: str) -> str:
     if not url.startswith(("https://", "http://")):
-        raise _fail(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
+        raise fail(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
     try:
         url.format(product="Milan", key="vcek")
     except (KeyError, IndexError, ValueError):
-        raise _fail("only {product} and {key} may be filled in") from None
+        raise fail("only {product} and {key} may be filled in") from None
     return url
 
 
@@ -555,7 +528,7 @@ class SnpDoc(_Section):
         tuple[FilePath, ...],
         Field(min_length=1),
         BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else (v,)),
-        _says("expected a file path or a list of them", own_only=True),
+        says("expected a file path or a list of them", own_only=True),
         WithJsonSchema(
             {
                 "anyOf": [
@@ -567,25 +540,25 @@ class SnpDoc(_Section):
     ] = ()
     crl_url: (
         Annotated[
-            str, AfterValidator(_crl_url), _says(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
+            str, AfterValidator(_crl_url), says(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
         ]
         | None
     ) = None
     crl_grace: Annotated[
-        float, Field(ge=0, le=1e7), _says("expected seconds from 0 to 10000000")
+        float, Field(ge=0, le=1e7), says("expected seconds from 0 to 10000000")
     ] = 0
-    crl_cache: Annotated[str, Field(min_length=1), _says("expected a directory path")] | None = None
+    crl_cache: Annotated[str, Field(min_length=1), says("expected a directory path")] | None = None
 
     @model_validator(mode="after")
     def _crl_source(self) -> SnpDoc:
         if self.crl_file and self.crl_url is not None:
-            raise _fail("give crl_file or crl_url, not both")
+            raise fail("give crl_file or crl_url, not both")
         if not self.crl_file and self.crl_url is None:
             for k in ("crl_grace", "crl_cache"):
                 if k in self.model_fields_set:
-                    raise _fail("needs crl_file or crl_url", at=k)
+                    raise fail("needs crl_file or crl_url", at=k)
         if self.crl_file and self.crl_cache is not None:
-            raise _fail("only for crl_url", at="crl_cache")
+            raise fail("only for crl_url", at="crl_cache")
         return self
 
 
@@ -593,19 +566,19 @@ class CollateralDoc(_Section):
     """Intel's TCB collateral: a folder of files, or a PCCS. Required, as SNP's min_tcb
     is: without it a revoked or out-of-date platform, or a QE not Intel's, is accepted."""
 
-    dir: Annotated[str, Field(min_length=1), _says("expected an existing folder")] | None = None
+    dir: Annotated[str, Field(min_length=1), says("expected an existing folder")] | None = None
     pccs_url: Annotated[str, BeforeValidator(_as_text)] | None = None
     pccs_ca: FilePath | None = None
     accept: Annotated[
-        tuple[str, ...], BeforeValidator(_listed), _says("expected a list of TCB statuses")
+        tuple[str, ...], BeforeValidator(_listed), says("expected a list of TCB statuses")
     ] = ("UpToDate",)
-    grace_hours: Annotated[float, Field(ge=0), _says("expected a number of hours, 0 or more")] = 0
+    grace_hours: Annotated[float, Field(ge=0), says("expected a number of hours, 0 or more")] = 0
     min_evaluation: _int(0, 1 << 31) = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> CollateralDoc:
         if (self.dir is None) == (self.pccs_url is None):
-            raise _fail("give exactly one of dir and pccs_url")
+            raise fail("give exactly one of dir and pccs_url")
         return self
 
 
@@ -617,7 +590,7 @@ class TdxDoc(_Section):
     rtmrs: Annotated[
         dict[_int(0, 3), _hex_list(48)],
         Field(min_length=1),
-        _says("expected RTMR index -> list of hex values", own_only=True),
+        says("expected RTMR index -> list of hex values", own_only=True),
     ]
     mrconfigid: _hex(48) = ""
     allow_debug: Bool = False
@@ -626,7 +599,7 @@ class TdxDoc(_Section):
     @model_validator(mode="after")
     def _collateral_given(self) -> TdxDoc:
         if self.collateral is None:
-            raise _fail(
+            raise fail(
                 "missing (dir: FOLDER or pccs_url: URL, see docs/BROKER.md)", at="collateral"
             )
         return self
@@ -637,7 +610,7 @@ def _version(hexadecimal: bool) -> Any:
         try:
             nvgpu.parse_version(value, hexadecimal=hexadecimal)
         except ValueError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         return value.lower()
 
     return Annotated[
@@ -649,7 +622,7 @@ RimFiles = Annotated[
     tuple[FilePath, ...],
     Field(min_length=1),
     BeforeValidator(_listed),
-    _says("expected a non-empty list of RIM files", own_only=True),
+    says("expected a non-empty list of RIM files", own_only=True),
 ]
 
 
@@ -664,7 +637,7 @@ class GpuDoc(_Section):
     modes: Annotated[
         frozenset[Literal["spt", "mpt", "ppcie"]],
         BeforeValidator(lambda v: frozenset(v) if isinstance(v, list) else v),
-        _says("expected a list of spt, mpt, ppcie"),
+        says("expected a list of spt, mpt, ppcie"),
         WithJsonSchema({"type": "array", "items": {"enum": ["spt", "mpt", "ppcie"]}}),
     ] = frozenset()
     gpus: _int(1, 64) = 1
@@ -678,13 +651,13 @@ class RuleDoc(_Section):
         tuple[str, ...],
         Field(min_length=1),
         BeforeValidator(_listed),
-        _says("expected a non-empty list of identity names"),
+        says("expected a non-empty list of identity names"),
     ]
     evidence: Annotated[
         tuple[str, ...],
         Field(min_length=1),
         BeforeValidator(_listed),
-        _says("expected a non-empty list of tpm, snp, tdx"),
+        says("expected a non-empty list of tpm, snp, tdx"),
     ]
     tpm: TpmDoc | None = None
     snp: SnpDoc | None = None
@@ -698,10 +671,10 @@ class RuleDoc(_Section):
             try:
                 cpu, gpu = release.parse_kind(k)
             except ValueError as exc:
-                raise _fail(str(exc), at="evidence") from None
+                raise fail(str(exc), at="evidence") from None
             for part in (cpu, release.GPU_KIND) if gpu else (cpu,):
                 if self._section(part) is None:
-                    raise _fail(f"evidence {k!r} needs its reference values under {part}:")
+                    raise fail(f"evidence {k!r} needs its reference values under {part}:")
                 used.add(part)
         extra = sorted(
             k
@@ -709,7 +682,7 @@ class RuleDoc(_Section):
             if self._section(k) is not None and k not in used
         )
         if extra:
-            raise _fail("reference values for a kind not in evidence", at=extra[0])
+            raise fail("reference values for a kind not in evidence", at=extra[0])
         return self
 
     def _section(self, kind: str) -> Any:
@@ -721,11 +694,11 @@ def _key_uri(uri: str) -> str:
 
     scheme, _, rest = uri.partition(":")
     if scheme in (release.SLOT_KIND, "x25519") or not rest:
-        raise _fail(f"{uri!r} cannot be a tenant key (local:, vault-transit:, aws-kms: or tpm:)")
+        raise fail(f"{uri!r} cannot be a tenant key (local:, vault-transit:, aws-kms: or tpm:)")
     try:
         get_provider_class(scheme)
     except (ValueError, ImportError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     return uri
 
 
@@ -736,19 +709,19 @@ class TenantDoc(_Section):
         tuple[Annotated[str, AfterValidator(_key_uri)], ...],
         Field(min_length=1),
         BeforeValidator(_listed),
-        _says("expected a non-empty list of key URIs", own_only=True),
+        says("expected a non-empty list of key URIs", own_only=True),
     ]
     artifacts: Annotated[
         dict[str, RuleDoc],
         Field(min_length=1),
-        _says("expected a mapping of artifact -> rule", own_only=True),
+        says("expected a mapping of artifact -> rule", own_only=True),
     ]
 
 
 def _starts(prefixes: tuple[str, ...], message: str) -> Any:
     def check(value: str) -> str:
         if not value.startswith(prefixes):
-            raise _fail(message)
+            raise fail(message)
         return value
 
     return check
@@ -757,7 +730,7 @@ def _starts(prefixes: tuple[str, ...], message: str) -> Any:
 def _starts(prefixes: tuple[str, ...], message: str) -> Any:
     def check(value: str) -> str:
         if not value.startswith(prefixes):
-            raise _fail(message)
+            raise fail(message)
         return value
 
     return check
@@ -772,19 +745,19 @@ class StateDoc(_Section):
             AfterValidator(
                 _starts(STATE_SCHEMES, "expected memory:, redis://, rediss:// or unix://")
             ),
-            _says("expected memory:, redis://, rediss:// or unix://"),
+            says("expected memory:, redis://, rediss:// or unix://"),
         ]
         | None
     ) = None
-    prefix: Annotated[str, Field(min_length=1), _says("expected a non-empty string")] = "sealstore:"
+    prefix: Annotated[str, Field(min_length=1), says("expected a non-empty string")] = "sealstore:"
 
 
 class AuditDoc(_Section):
-    log: Annotated[str, _says("expected a path or URL")] = ""
+    log: Annotated[str, says("expected a path or URL")] = ""
     key: Annotated[
-        str, Field(min_length=1), _says("expected a file path (created on first start)")
+        str, Field(min_length=1), says("expected a file path (created on first start)")
     ] = "audit.key"
-    stream: Annotated[str, _says("expected a name")] = ""
+    stream: Annotated[str, says("expected a name")] = ""
 
 
 class RemoteDoc(_Section):
@@ -796,7 +769,7 @@ class AlertsDoc(_Section):
         Annotated[
             str,
             AfterValidator(_starts(("http://", "https://"), "expected an http:// or https:// URL")),
-            _says("expected an http:// or https:// URL"),
+            says("expected an http:// or https:// URL"),
         ]
         | None
     ) = None
@@ -842,17 +815,17 @@ class BrokerDoc(_Section):
 
     server: ServerDoc
     challenge_ttl: Annotated[
-        float, Field(ge=1, le=3600), _says("expected seconds from 1 to 3600")
+        float, Field(ge=1, le=3600), says("expected seconds from 1 to 3600")
     ] = 60
     max_challenges: _int(1, 10_000_000) = 100_000
     max_challenges_per_identity: _int(1, 10**6) = 64
     identities: Annotated[
-        dict[str, IdentityDoc], _says("expected a mapping of name -> identity", own_only=True)
+        dict[str, IdentityDoc], says("expected a mapping of name -> identity", own_only=True)
     ]
     tenants: Annotated[
         dict[str, TenantDoc],
         Field(min_length=1),
-        _says("expected a mapping of tenant -> policy", own_only=True),
+        says("expected a mapping of tenant -> policy", own_only=True),
     ]
     state: StateDoc = Field(default_factory=StateDoc)
     audit: AuditDoc = Field(default_factory=AuditDoc)
@@ -865,44 +838,13 @@ class BrokerDoc(_Section):
 
 
 # Mappings whose keys are numbers (RTMR and PCR indexes): named .K, not [K], in a path.
-_NUMBER_KEYED = {"rtmrs", "reference"}
-
-
-def explain(exc: ValidationError) -> str:
-    """The first of pydantic's errors as one line: the field's path, then the problem.
-
-    ``tenants.acme.artifacts.m.tdx.collateral: give exactly one of dir and pccs_url``;
-    ``top level`` for the document itself.
-    """
-    err = exc.errors(include_url=False)[0]
-    loc: list[Any] = list(err["loc"])
-    if "[key]" in loc:  # a mapping's key is wrong: named at the mapping
-        loc = loc[: loc.index("[key]") - 1]
-    if err["type"] == "missing":
-        message = f"missing field {loc.pop()!r}"
-    elif err["type"] == "sealstore":
-        message = err["msg"]
-        at = (err.get("ctx") or {}).get("at")
-        loc += [at] if at else []
-    else:  # not expected (every field says its own); pydantic's words, lowercased
-        message = err["msg"][:1].lower() + err["msg"][1:]
-    return f"{_path(loc)}: {message}"
-
-
-def _path(loc: list[Any]) -> str:
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int) and not (i and loc[i - 1] in _NUMBER_KEYED):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "top level"
+_NUMBER_KEYED = ("rtmrs", "reference")
 
 
 def json_schema() -> dict[str, Any]:
     """The config file's JSON Schema (for editors: ``sealstore broker schema``)."""
     schema = BrokerDoc.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
 
 
 # -- from the checked document to the config: files and cross-references ----------
