@@ -397,6 +397,8 @@ Bool = Annotated[bool, says("expected true or false")]
 Seconds = Annotated[float, Field(gt=0, le=1e7), says("expected a positive number of seconds")]
 FilePath = Annotated[str, Field(min_length=1), says("expected a file path")]
 Role = Literal["reader", "publisher", "admin"]
+# A mapping's key: YAML reads 123 or 1.5 as a number, never a name.
+Name = Annotated[str, says("a name must be a string (quote one YAML reads as a number)")]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
 
 
@@ -463,7 +465,7 @@ class IdentityDoc(_Section):
     mtls_cn: Annotated[str, Field(min_length=1), says("expected a common name")] | None = None
     tpm_ak: FilePath = None  # type: ignore[assignment]  # absent: None; null: refused
     roles: Annotated[
-        dict[str, Role], says("expected tenant (or '*') -> reader, publisher or admin")
+        dict[Name, Role], says("expected tenant (or '*') -> reader, publisher or admin")
     ] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -485,7 +487,11 @@ class TpmDoc(_Section):
     """PCR values a TPM quote must show: inline, or in a JSON file ({"7": HEX, ...})."""
 
     pcrs: Annotated[
-        str, BeforeValidator(_as_text), AfterValidator(_pcrs), WithJsonSchema({"type": "string"})
+        str,
+        BeforeValidator(_as_text),
+        AfterValidator(_pcrs),
+        says("expected a PCR selection, e.g. 7,14 or sha384:0,7"),
+        WithJsonSchema({"type": "string"}),
     ]
     reference: Annotated[dict[Any, Any], says("expected PCR -> hex value")] | None = None
     reference_file: FilePath | None = None
@@ -567,7 +573,7 @@ class CollateralDoc(_Section):
     is: without it a revoked or out-of-date platform, or a QE not Intel's, is accepted."""
 
     dir: Annotated[str, Field(min_length=1), says("expected an existing folder")] | None = None
-    pccs_url: Annotated[str, BeforeValidator(_as_text)] | None = None
+    pccs_url: Annotated[str, says("expected a PCCS URL (https://...)")] | None = None
     pccs_ca: FilePath | None = None
     accept: Annotated[
         tuple[str, ...], BeforeValidator(_listed), says("expected a list of TCB statuses")
@@ -712,7 +718,7 @@ class TenantDoc(_Section):
         says("expected a non-empty list of key URIs", own_only=True),
     ]
     artifacts: Annotated[
-        dict[str, RuleDoc],
+        dict[Name, RuleDoc],
         Field(min_length=1),
         says("expected a mapping of artifact -> rule", own_only=True),
     ]
@@ -820,10 +826,10 @@ class BrokerDoc(_Section):
     max_challenges: _int(1, 10_000_000) = 100_000
     max_challenges_per_identity: _int(1, 10**6) = 64
     identities: Annotated[
-        dict[str, IdentityDoc], says("expected a mapping of name -> identity", own_only=True)
+        dict[Name, IdentityDoc], says("expected a mapping of name -> identity", own_only=True)
     ]
     tenants: Annotated[
-        dict[str, TenantDoc],
+        dict[Name, TenantDoc],
         Field(min_length=1),
         says("expected a mapping of tenant -> policy", own_only=True),
     ]

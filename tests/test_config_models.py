@@ -151,6 +151,15 @@ TDX = "tenants.acme.artifacts.llama.tdx"
         (_set("identities.ops.roles", {"acme": "owner"}), "identities.ops.roles: expected tenant"),
         (_set("identities.ops.roles", {"beta": "admin"}), "tenant 'beta' is not under tenants"),
         (_set("identities.trainer", {}), "identities.trainer: needs tokens, token_sha256"),
+        (
+            lambda d: d["identities"].update({7: {"token_sha256": SHA}}),
+            "identities: a name must be a string (quote one YAML reads as a number)",
+        ),
+        (
+            _set(f"{RULE}.tpm", {"pcrs": ["7"], "reference": {}}),
+            f"{RULE}.tpm.pcrs: expected a PCR selection",
+        ),
+        (_set(f"{TDX}.collateral", {"pccs_url": ["x"]}), f"{TDX}.collateral.pccs_url: expected"),
         (_set("identities.trainer.tpm_ak", None), "identities.trainer.tpm_ak: expected a file"),
         (_set("tenants", {}), "tenants: expected a mapping of tenant -> policy"),
         (_set("tenants.acme.keys", ["x25519:abc"]), "tenants.acme.keys[0]: 'x25519:abc' cannot"),
