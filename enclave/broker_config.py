@@ -6,6 +6,12 @@ defaults are fail-closed: reference values are required for every evidence
 kind a rule accepts, and an artifact that no rule names is released to nobody.
 Relative paths are read from the config file's folder. The format is in
 docs/BROKER.md.
+
+The document's shape -- each field's type, range, default, and the rules
+within a section -- is the pydantic models ``*Doc`` (strict: YAML's types as
+written; their JSON Schema is ``sealstore broker schema``); ``_Build`` then
+reads the files the config names and checks what spans sections. A mistake
+is a ``FormatError`` of one line: the field's path, then the problem.
 """
 
 from __future__ import annotations
@@ -396,10 +402,9 @@ _TIME_SCHEMA = WithJsonSchema({"type": "string", "format": "date-time"})
 Bool = Annotated[bool, says("expected true or false")]
 Seconds = Annotated[float, Field(gt=0, le=1e7), says("expected a positive number of seconds")]
 FilePath = Annotated[str, Field(min_length=1), says("expected a file path")]
-Role = Literal["reader", "publisher", "admin"]
+Role = Literal[ROLES]  # type: ignore[valid-type]  # reader, publisher, admin
 # A mapping's key: YAML reads 123 or 1.5 as a number, never a name.
 Name = Annotated[str, says("a name must be a string (quote one YAML reads as a number)")]
-assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
 
 
 def _listed(value: Any) -> Any:
