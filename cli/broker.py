@@ -50,6 +50,15 @@ def register(sub: Any) -> None:
     check = command(bsub, "check", _check, help="check a config file and print what it releases")
     check.add_argument("--config", required=True, type=Path, metavar="FILE")
 
+    schema = command(
+        bsub,
+        "schema",
+        _schema,
+        reports=False,
+        help="print the config file's JSON Schema (for editors: docs/BROKER.md)",
+    )
+    schema.add_argument("-o", "--output", default="-", metavar="FILE")
+
     sign = command(
         bsub,
         "sign",
@@ -131,6 +140,14 @@ def _serve(args: argparse.Namespace) -> int:
         return config if args.port is None else dataclasses.replace(config, port=args.port)
 
     serve(load(), load=load)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from sealstore.docmodel import write_schema
+    from sealstore.enclave.broker_config import json_schema
+
+    write_schema(json_schema(), args.output)
     return 0
 
 

@@ -306,6 +306,14 @@ def register(sub: Any) -> None:
     )
     bexp.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     bexp.add_argument("-o", "--output", default="-", metavar="FILE")
+    bschema = command(
+        bsub,
+        "schema",
+        _bom_schema,
+        reports=False,
+        help="print the JSON Schema of the push --bom spec file (for editors)",
+    )
+    bschema.add_argument("-o", "--output", default="-", metavar="FILE")
     bexp.add_argument(
         "--validate",
         action="store_true",
@@ -757,6 +765,14 @@ def _bom_show(args: argparse.Namespace) -> int:
         print(f"training  {k} = {v}")
     for name, digest in s["files"]:
         print(f"  {name}\tsha256:{digest}")
+    return 0
+
+
+def _bom_schema(args: argparse.Namespace) -> int:
+    from sealstore.docmodel import write_schema
+    from sealstore.vault.bom_spec import json_schema
+
+    write_schema(json_schema(), args.output)
     return 0
 
 

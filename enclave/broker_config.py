@@ -6,6 +6,12 @@ defaults are fail-closed: reference values are required for every evidence
 kind a rule accepts, and an artifact that no rule names is released to nobody.
 Relative paths are read from the config file's folder. The format is in
 docs/BROKER.md.
+
+The document's shape -- each field's type, range, default, and the rules
+within a section -- is the pydantic models ``*Doc`` (strict: YAML's types as
+written; their JSON Schema is ``sealstore broker schema``); ``_Build`` then
+reads the files the config names and checks what spans sections. A mistake
+is a ``FormatError`` of one line: the field's path, then the problem.
 """
 
 from __future__ import annotations
@@ -18,11 +24,22 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from cryptography.hazmat.primitives import serialization
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
+from sealstore.docmodel import JSON_SCHEMA_DIALECT, explain, fail, says
 from sealstore.enclave import nvgpu, nvgpu_rim, release, snp, tdx
 from sealstore.enclave.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
 from sealstore.enclave.tpm import PcrPolicy
@@ -212,10 +229,14 @@ class BrokerConfig:
             raise FormatError(f"broker config {p} does not exist") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise FormatError(f"cannot read broker config {p}: {exc}") from None
-        parser = _Parser(p)
-        parser.sources[str(p)] = hashlib.sha256(raw).hexdigest()
+        build = _Build(p)
+        build.sources[str(p)] = hashlib.sha256(raw).hexdigest()
         try:
-            config = parser.config(doc)
+            config = build.config(BrokerDoc.model_validate(doc))
+        except ValidationError as exc:
+            raise FormatError(
+                f"broker config {p}: {explain(exc, number_keyed=_NUMBER_KEYED)}"
+            ) from None
         except _Bad as exc:
             raise FormatError(f"broker config {p}: {exc}") from None
         # A file rewritten while it was parsed: what was read may be neither version.
@@ -307,35 +328,553 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-class _Parser:
+# -- the document's shape (pydantic) ----------------------------------------------
+#
+# Every field's type, range and default, and the rules within one section, are
+# the models below: they are also what ``sealstore broker schema`` exports for
+# editors. YAML gives ints, floats, bools, strings and (unquoted) datetimes, so
+# the models are strict: "8443" is not a port and "yes" is not true. What needs
+# the config's folder (files, read once as sources) or the whole document
+# (identities a rule names, unique credentials, default roles) is _Build's.
+
+
+def _int(lo: int, hi: int) -> Any:
+    return Annotated[int, Field(ge=lo, le=hi), says(f"expected an integer from {lo} to {hi}")]
+
+
+def _hex(size: int, *, as_bytes: bool = False) -> Any:
+    """A hex string of *size* bytes: its bytes, or (normalised) lowercase hex."""
+
+    def check(value: Any) -> Any:
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            raw = None
+        if raw is None or len(raw) != size:
+            raise fail(f"expected a {size}-byte hex string")
+        return raw if as_bytes else raw.hex()
+
+    return Annotated[
+        bytes if as_bytes else str,
+        BeforeValidator(check),
+        WithJsonSchema({"type": "string", "pattern": f"^[0-9a-fA-F]{{{2 * size}}}$"}),
+    ]
+
+
+def _hex_list(size: int) -> Any:
+    return Annotated[
+        tuple[_hex(size), ...],
+        Field(min_length=1),
+        BeforeValidator(_listed),
+        says("expected a non-empty list of hex values", own_only=True),
+        WithJsonSchema(
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "pattern": f"^[0-9a-fA-F]{{{2 * size}}}$"},
+            }
+        ),
+    ]
+
+
+def _timestamp(value: Any) -> float:
+    # YAML reads an unquoted 2026-03-01T00:00:00Z as a datetime, a quoted one as a str.
+    when = value
+    if isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    if not isinstance(when, dt.datetime) or when.tzinfo is None:
+        raise fail("expected an ISO 8601 time with its zone, e.g. 2026-03-01T00:00:00Z")
+    return when.timestamp()
+
+
+def _moment(value: Any) -> dt.datetime:
+    try:
+        at = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise fail("expected a date and time (ISO 8601)") from None
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+_TIME_SCHEMA = WithJsonSchema({"type": "string", "format": "date-time"})
+Bool = Annotated[bool, says("expected true or false")]
+Seconds = Annotated[float, Field(gt=0, le=1e7), says("expected a positive number of seconds")]
+FilePath = Annotated[str, Field(min_length=1), says("expected a file path")]
+Role = Literal[ROLES]  # type: ignore[valid-type]  # reader, publisher, admin
+# A mapping's key: YAML reads 123 or 1.5 as a number, never a name.
+Name = Annotated[str, says("a name must be a string (quote one YAML reads as a number)")]
+
+
+def _listed(value: Any) -> Any:
+    """A YAML list as the tuple the config keeps (strict: anything else is refused)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _as_text(value: Any) -> Any:
+    """YAML reads 545.00 as a number: a version (or PCR list) is its text."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+class _Section(BaseModel):
+    """A mapping of known fields: anything else is refused, by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise fail("expected a mapping")
+        known = sorted(f.alias or n for n, f in cls.model_fields.items())
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise fail(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
+        return data
+
+
+class ServerDoc(_Section):
+    """Where the broker listens, and its TLS (client certificates optional)."""
+
+    host: Annotated[str, Field(min_length=1), says("expected a host name or address")] = "127.0.0.1"
+    port: _int(0, 65535) = 8443
+    tls_cert: FilePath
+    tls_key: FilePath
+    client_ca: FilePath | None = None
+    require_client_cert: Bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_required(self) -> ServerDoc:
+        if self.require_client_cert and self.client_ca is None:
+            raise fail("needs server.client_ca", at="require_client_cert")
+        return self
+
+
+class TokenDoc(_Section):
+    sha256: _hex(32, as_bytes=True)
+    not_after: Annotated[float, BeforeValidator(_timestamp), _TIME_SCHEMA]
+
+
+class IdentityDoc(_Section):
+    """A workload: a bearer token (its SHA-256) and/or a client certificate, a TPM AK."""
+
+    token_sha256: _hex(32, as_bytes=True) | None = None
+    tokens: Annotated[
+        tuple[TokenDoc, ...],
+        Field(min_length=1),
+        BeforeValidator(_listed),
+        says("expected a non-empty list of {sha256, not_after}", own_only=True),
+    ] = ()
+    mtls_spki_sha256: _hex(32, as_bytes=True) | None = None
+    mtls_cn: Annotated[str, Field(min_length=1), says("expected a common name")] | None = None
+    tpm_ak: FilePath = None  # type: ignore[assignment]  # absent: None; null: refused
+    roles: Annotated[
+        dict[Name, Role], says("expected tenant (or '*') -> reader, publisher or admin")
+    ] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _authenticates(self) -> IdentityDoc:
+        if not (self.token_sha256 or self.tokens or self.mtls_spki_sha256 or self.mtls_cn):
+            raise fail("needs tokens, token_sha256, mtls_spki_sha256 or mtls_cn")
+        return self
+
+
+def _pcrs(value: str) -> str:
+    try:
+        PcrPolicy.parse(value)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return value
+
+
+class TpmDoc(_Section):
+    """PCR values a TPM quote must show: inline, or in a JSON file ({"7": HEX, ...})."""
+
+    pcrs: Annotated[
+        str,
+        BeforeValidator(_as_text),
+        AfterValidator(_pcrs),
+        says("expected a PCR selection, e.g. 7,14 or sha384:0,7"),
+        WithJsonSchema({"type": "string"}),
+    ]
+    reference: Annotated[dict[Any, Any], says("expected PCR -> hex value")] | None = None
+    reference_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> TpmDoc:
+        if (self.reference is None) == (self.reference_file is None):
+            raise fail("give exactly one of reference and reference_file")
+        return self
+
+
+class TcbDoc(_Section):
+    bootloader: _int(0, 255)
+    tee: _int(0, 255)
+    snp: _int(0, 255)
+    microcode: _int(0, 255)
+    fmc: _int(0, 255) | None = None
+
+
+def _crl_url(url: str) -> str:
+    if not url.startswith(("https://", "http://")):
+        raise fail(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
+    try:
+        url.format(product="Milan", key="vcek")
+    except (KeyError, IndexError, ValueError):
+        raise fail("only {product} and {key} may be filled in") from None
+    return url
+
+
+class SnpDoc(_Section):
+    """AMD SEV-SNP reference values. A minimum TCB is required: without it a platform
+    with known-bad firmware (whose VCEK still verifies) would be accepted."""
+
+    measurements: _hex_list(48)
+    min_tcb: TcbDoc
+    allow_debug: Bool = False
+    max_vmpl: _int(0, 3) = 0
+    host_data: _hex(32) = ""
+    crl_file: Annotated[
+        tuple[FilePath, ...],
+        Field(min_length=1),
+        BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else (v,)),
+        says("expected a file path or a list of them", own_only=True),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                ]
+            }
+        ),
+    ] = ()
+    crl_url: (
+        Annotated[
+            str, AfterValidator(_crl_url), says(f"expected an http(s) URL, e.g. {KDS_CRL_URL}")
+        ]
+        | None
+    ) = None
+    crl_grace: Annotated[
+        float, Field(ge=0, le=1e7), says("expected seconds from 0 to 10000000")
+    ] = 0
+    crl_cache: Annotated[str, Field(min_length=1), says("expected a directory path")] | None = None
+
+    @model_validator(mode="after")
+    def _crl_source(self) -> SnpDoc:
+        if self.crl_file and self.crl_url is not None:
+            raise fail("give crl_file or crl_url, not both")
+        if not self.crl_file and self.crl_url is None:
+            for k in ("crl_grace", "crl_cache"):
+                if k in self.model_fields_set:
+                    raise fail("needs crl_file or crl_url", at=k)
+        if self.crl_file and self.crl_cache is not None:
+            raise fail("only for crl_url", at="crl_cache")
+        return self
+
+
+class CollateralDoc(_Section):
+    """Intel's TCB collateral: a folder of files, or a PCCS. Required, as SNP's min_tcb
+    is: without it a revoked or out-of-date platform, or a QE not Intel's, is accepted."""
+
+    dir: Annotated[str, Field(min_length=1), says("expected an existing folder")] | None = None
+    pccs_url: Annotated[str, says("expected a PCCS URL (https://...)")] | None = None
+    pccs_ca: FilePath | None = None
+    accept: Annotated[
+        tuple[str, ...], BeforeValidator(_listed), says("expected a list of TCB statuses")
+    ] = ("UpToDate",)
+    grace_hours: Annotated[float, Field(ge=0), says("expected a number of hours, 0 or more")] = 0
+    min_evaluation: _int(0, 1 << 31) = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CollateralDoc:
+        if (self.dir is None) == (self.pccs_url is None):
+            raise fail("give exactly one of dir and pccs_url")
+        return self
+
+
+class TdxDoc(_Section):
+    """Intel TDX reference values. MRTD measures the TD's firmware only; the RTMRs carry
+    the kernel, initrd and command line, so a rule must name at least one."""
+
+    mrtd: _hex_list(48)
+    rtmrs: Annotated[
+        dict[_int(0, 3), _hex_list(48)],
+        Field(min_length=1),
+        says("expected RTMR index -> list of hex values", own_only=True),
+    ]
+    mrconfigid: _hex(48) = ""
+    allow_debug: Bool = False
+    collateral: CollateralDoc | None = None
+
+    @model_validator(mode="after")
+    def _collateral_given(self) -> TdxDoc:
+        if self.collateral is None:
+            raise fail(
+                "missing (dir: FOLDER or pccs_url: URL, see docs/BROKER.md)", at="collateral"
+            )
+        return self
+
+
+def _version(hexadecimal: bool) -> Any:
+    def check(value: str) -> str:
+        try:
+            nvgpu.parse_version(value, hexadecimal=hexadecimal)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        return value.lower()
+
+    return Annotated[
+        str, BeforeValidator(_as_text), AfterValidator(check), WithJsonSchema({"type": "string"})
+    ]
+
+
+RimFiles = Annotated[
+    tuple[FilePath, ...],
+    Field(min_length=1),
+    BeforeValidator(_listed),
+    says("expected a non-empty list of RIM files", own_only=True),
+]
+
+
+class GpuDoc(_Section):
+    """NVIDIA GPU reference values (RIMs). Minimum versions are required for the reason
+    min_tcb is: a GPU on known-bad firmware still signs genuine reports."""
+
+    driver_rims: RimFiles
+    vbios_rims: RimFiles
+    min_driver: _version(False)
+    min_vbios: _version(True)
+    modes: Annotated[
+        frozenset[Literal["spt", "mpt", "ppcie"]],
+        BeforeValidator(lambda v: frozenset(v) if isinstance(v, list) else v),
+        says("expected a list of spt, mpt, ppcie"),
+        WithJsonSchema({"type": "array", "items": {"enum": ["spt", "mpt", "ppcie"]}}),
+    ] = frozenset()
+    gpus: _int(1, 64) = 1
+    rims_valid_at: Annotated[dt.datetime, BeforeValidator(_moment), _TIME_SCHEMA] | None = None
+
+
+class RuleDoc(_Section):
+    """Who may have an artifact's key released, on which evidence, against which values."""
+
+    identities: Annotated[
+        tuple[str, ...],
+        Field(min_length=1),
+        BeforeValidator(_listed),
+        says("expected a non-empty list of identity names"),
+    ]
+    evidence: Annotated[
+        tuple[str, ...],
+        Field(min_length=1),
+        BeforeValidator(_listed),
+        says("expected a non-empty list of tpm, snp, tdx"),
+    ]
+    tpm: TpmDoc | None = None
+    snp: SnpDoc | None = None
+    tdx: TdxDoc | None = None
+    nvgpu: GpuDoc | None = Field(default=None, alias=release.GPU_KIND)
+
+    @model_validator(mode="after")
+    def _references_match_evidence(self) -> RuleDoc:
+        used = set()
+        for k in self.evidence:
+            try:
+                cpu, gpu = release.parse_kind(k)
+            except ValueError as exc:
+                raise fail(str(exc), at="evidence") from None
+            for part in (cpu, release.GPU_KIND) if gpu else (cpu,):
+                if self._section(part) is None:
+                    raise fail(f"evidence {k!r} needs its reference values under {part}:")
+                used.add(part)
+        extra = sorted(
+            k
+            for k in (*release.EVIDENCE_KINDS, release.GPU_KIND)
+            if self._section(k) is not None and k not in used
+        )
+        if extra:
+            raise fail("reference values for a kind not in evidence", at=extra[0])
+        return self
+
+    def _section(self, kind: str) -> Any:
+        return self.nvgpu if kind == release.GPU_KIND else getattr(self, kind, None)
+
+
+def _key_uri(uri: str) -> str:
+    from sealstore.kms.registry import get_provider_class
+
+    scheme, _, rest = uri.partition(":")
+    if scheme in (release.SLOT_KIND, "x25519") or not rest:
+        raise fail(f"{uri!r} cannot be a tenant key (local:, vault-transit:, aws-kms: or tpm:)")
+    try:
+        get_provider_class(scheme)
+    except (ValueError, ImportError) as exc:
+        raise fail(str(exc)) from None
+    return uri
+
+
+class TenantDoc(_Section):
+    """A tenant's key(s) and its rules, per artifact (``"*"``: any other artifact)."""
+
+    keys: Annotated[
+        tuple[Annotated[str, AfterValidator(_key_uri)], ...],
+        Field(min_length=1),
+        BeforeValidator(_listed),
+        says("expected a non-empty list of key URIs", own_only=True),
+    ]
+    artifacts: Annotated[
+        dict[Name, RuleDoc],
+        Field(min_length=1),
+        says("expected a mapping of artifact -> rule", own_only=True),
+    ]
+
+
+def _starts(prefixes: tuple[str, ...], message: str) -> Any:
+    def check(value: str) -> str:
+        if not value.startswith(prefixes):
+            raise fail(message)
+        return value
+
+    return check
+
+
+def _starts(prefixes: tuple[str, ...], message: str) -> Any:
+    def check(value: str) -> str:
+        if not value.startswith(prefixes):
+            raise fail(message)
+        return value
+
+    return check
+
+
+class StateDoc(_Section):
+    """Where challenges, lockouts and counters live (Redis for several replicas)."""
+
+    url: (
+        Annotated[
+            str,
+            AfterValidator(
+                _starts(STATE_SCHEMES, "expected memory:, redis://, rediss:// or unix://")
+            ),
+            says("expected memory:, redis://, rediss:// or unix://"),
+        ]
+        | None
+    ) = None
+    prefix: Annotated[str, Field(min_length=1), says("expected a non-empty string")] = "sealstore:"
+
+
+class AuditDoc(_Section):
+    log: Annotated[str, says("expected a path or URL")] = ""
+    key: Annotated[
+        str, Field(min_length=1), says("expected a file path (created on first start)")
+    ] = "audit.key"
+    stream: Annotated[str, says("expected a name")] = ""
+
+
+class RemoteDoc(_Section):
+    remote: Bool = False
+
+
+class AlertsDoc(_Section):
+    webhook: (
+        Annotated[
+            str,
+            AfterValidator(_starts(("http://", "https://"), "expected an http:// or https:// URL")),
+            says("expected an http:// or https:// URL"),
+        ]
+        | None
+    ) = None
+
+
+class FailuresDoc(_Section):
+    max: _int(1, 10**6) = Detectors.failures
+    window: Seconds = Detectors.failure_window
+    lockout: Seconds = Detectors.lockout
+
+
+class RateDoc(_Section):
+    bucket: Seconds = Detectors.rate_bucket
+    history: _int(1, 9999) = Detectors.rate_history
+    factor: Seconds = Detectors.rate_factor
+    floor: _int(1, 10**9) = Detectors.rate_floor
+    throttle: Seconds = Detectors.throttle
+
+
+class DetectorsDoc(_Section):
+    """Incident response: lockouts after attestation failures, throttles on release bursts."""
+
+    attestation_failures: FailuresDoc = Field(default_factory=FailuresDoc)
+    release_rate: RateDoc = Field(default_factory=RateDoc)
+    evidence_change: Bool = Detectors.evidence_change
+
+
+class ReloadDoc(_Section):
+    watch: Bool = True
+    interval: Seconds = 2.0
+
+
+class SigningDoc(_Section):
+    """The Ed25519 public key (PEM) the bundle's detached signature must verify with."""
+
+    public_key: FilePath
+
+
+class BrokerDoc(_Section):
+    """The key broker's configuration file (docs/BROKER.md)."""
+
+    model_config = ConfigDict(title="sealstore key broker configuration")
+
+    server: ServerDoc
+    challenge_ttl: Annotated[
+        float, Field(ge=1, le=3600), says("expected seconds from 1 to 3600")
+    ] = 60
+    max_challenges: _int(1, 10_000_000) = 100_000
+    max_challenges_per_identity: _int(1, 10**6) = 64
+    identities: Annotated[
+        dict[Name, IdentityDoc], says("expected a mapping of name -> identity", own_only=True)
+    ]
+    tenants: Annotated[
+        dict[Name, TenantDoc],
+        Field(min_length=1),
+        says("expected a mapping of tenant -> policy", own_only=True),
+    ]
+    state: StateDoc = Field(default_factory=StateDoc)
+    audit: AuditDoc = Field(default_factory=AuditDoc)
+    admin: RemoteDoc = Field(default_factory=RemoteDoc)
+    metrics: RemoteDoc = Field(default_factory=RemoteDoc)
+    alerts: AlertsDoc = Field(default_factory=AlertsDoc)
+    detectors: DetectorsDoc = Field(default_factory=DetectorsDoc)
+    reload: ReloadDoc = Field(default_factory=ReloadDoc)
+    signing: SigningDoc = None  # type: ignore[assignment]  # absent: unsigned; null: refused
+
+
+# Mappings whose keys are numbers (RTMR and PCR indexes): named .K, not [K], in a path.
+_NUMBER_KEYED = ("rtmrs", "reference")
+
+
+def json_schema() -> dict[str, Any]:
+    """The config file's JSON Schema (for editors: ``sealstore broker schema``)."""
+    schema = BrokerDoc.model_json_schema()
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+
+
+# -- from the checked document to the config: files and cross-references ----------
+
+
+class _Build:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.warnings: list[str] = []
         self.sources: dict[str, str] = {}  # path -> SHA-256 of the bytes read
         self._read: dict[Path, bytes] = {}
 
-    # -- helpers ------------------------------------------------------------
-    def _map(self, obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()):
-        if not isinstance(obj, dict):
-            raise _Bad(f"{where}: expected a mapping")
-        unknown = sorted(str(k) for k in obj if k not in allowed)
-        if unknown:
-            known = ", ".join(sorted(allowed))
-            raise _Bad(f"{where}: unknown field {unknown[0]!r} (known: {known})")
-        missing = sorted(required - set(obj))
-        if missing:
-            raise _Bad(f"{where}: missing field {missing[0]!r}")
-        return obj
-
-    def _file(self, value: Any, where: str, *, source: bool = True) -> Path:
+    def _file(self, value: str, where: str, *, source: bool = True) -> Path:
         """The path *value* names (relative: to the config's folder), an existing file.
 
         A *source* (every file but the server's TLS files and the signing key)
         is read here, once: :meth:`_bytes` gives what was read, and its digest
         goes into ``sources``, which a reload watches and a signature covers.
         """
-        if not isinstance(value, str) or not value:
-            raise _Bad(f"{where}: expected a file path")
         p = Path(value)
         p = p if p.is_absolute() else self.path.parent / p
         if not p.is_file():
@@ -352,159 +891,73 @@ class _Parser:
         """The bytes of source *p* as :meth:`_file` read them (never read twice)."""
         return self._read[p] if p in self._read else p.read_bytes()
 
-    def _hex(self, value: Any, where: str, size: int | None = None) -> bytes:
-        try:
-            raw = bytes.fromhex(value) if isinstance(value, str) else None
-        except ValueError:
-            raw = None
-        if raw is None or (size is not None and len(raw) != size):
-            what = f"{size}-byte " if size else ""
-            raise _Bad(f"{where}: expected a {what}hex string")
-        return raw
+    def _resolve(self, value: str) -> Path:
+        return Path(value) if Path(value).is_absolute() else self.path.parent / value
 
-    def _hex_list(self, value: Any, where: str, size: int) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise _Bad(f"{where}: expected a non-empty list of hex values")
-        return tuple(self._hex(v, f"{where}[{i}]", size).hex() for i, v in enumerate(value))
-
-    def _int(self, value: Any, where: str, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _Bad(f"{where}: expected an integer from {lo} to {hi}")
-        return value
-
-    # -- sections -----------------------------------------------------------
-    def config(self, doc: Any) -> BrokerConfig:
-        top = self._map(
-            doc,
-            "top level",
-            {
-                "server",
-                "challenge_ttl",
-                "max_challenges",
-                "max_challenges_per_identity",
-                "identities",
-                "tenants",
-                "state",
-                "audit",
-                "admin",
-                "metrics",
-                "alerts",
-                "detectors",
-                "reload",
-                "signing",
-            },
-            {"server", "identities", "tenants"},
-        )
-        server = self._map(
-            top["server"],
-            "server",
-            {"host", "port", "tls_cert", "tls_key", "client_ca", "require_client_cert"},
-            {"tls_cert", "tls_key"},
-        )
-        client_ca = server.get("client_ca")
-        require = server.get("require_client_cert", False)
-        if not isinstance(require, bool):
-            raise _Bad("server.require_client_cert: expected true or false")
-        if require and client_ca is None:
-            raise _Bad("server.require_client_cert: needs server.client_ca")
-        ttl = top.get("challenge_ttl", 60)
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= 3600:
-            raise _Bad("challenge_ttl: expected seconds from 1 to 3600")
-        host = server.get("host", "127.0.0.1")
-        if not isinstance(host, str) or not host:
-            raise _Bad("server.host: expected a host name or address")
-        ids = top["identities"]
-        if not isinstance(ids, dict):
-            raise _Bad("identities: expected a mapping of name -> identity")
-        identities = {self._name(n, "identities"): self.identity(n, v) for n, v in ids.items()}
-        self._unique(identities, client_ca is not None)
-        tenants = top["tenants"]
-        if not isinstance(tenants, dict) or not tenants:
-            raise _Bad("tenants: expected a mapping of tenant -> policy")
-        parsed = {
-            self._name(n, "tenants"): self.tenant(n, v, identities) for n, v in tenants.items()
+    def config(self, doc: BrokerDoc) -> BrokerConfig:
+        server = doc.server
+        identities = {
+            self._name(n, "identities"): self.identity(n, v) for n, v in doc.identities.items()
         }
-        identities = self._default_roles(identities, parsed)
-        state = self._map(top.get("state", {}), "state", {"url", "prefix"})
-        state_url = state.get("url")
-        if state_url is not None and (
-            not isinstance(state_url, str) or not state_url.startswith(STATE_SCHEMES)
-        ):
-            raise _Bad("state.url: expected memory:, redis://, rediss:// or unix://")
-        prefix = state.get("prefix", "sealstore:")
-        if not isinstance(prefix, str) or not prefix:
-            raise _Bad("state.prefix: expected a non-empty string")
-        audit = self._map(top.get("audit", {}), "audit", {"log", "key", "stream"})
-        log_at = audit.get("log", "")
-        if not isinstance(log_at, str):
-            raise _Bad("audit.log: expected a path or URL")
+        self._unique(identities, server.client_ca is not None)
+        tenants = {
+            self._name(n, "tenants"): self.tenant(n, v, identities) for n, v in doc.tenants.items()
+        }
+        identities = self._default_roles(identities, tenants)
+        log_at = doc.audit.log
         if log_at and "://" not in log_at and not Path(log_at).is_absolute():
             log_at = str(self.path.parent / log_at)
-        key = audit.get("key", "audit.key")
-        if not isinstance(key, str) or not key:
-            raise _Bad("audit.key: expected a file path (created on first start)")
-        key_path = Path(key) if Path(key).is_absolute() else self.path.parent / key
-        stream = audit.get("stream", "")
-        if not isinstance(stream, str):
-            raise _Bad("audit.stream: expected a name")
-        admin = self._map(top.get("admin", {}), "admin", {"remote"})
-        metrics = self._map(top.get("metrics", {}), "metrics", {"remote"})
-        alerts = self._map(top.get("alerts", {}), "alerts", {"webhook"})
-        webhook = alerts.get("webhook")
-        if webhook is not None and (
-            not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))
-        ):
-            raise _Bad("alerts.webhook: expected an http:// or https:// URL")
-        reload = self._map(top.get("reload", {}), "reload", {"watch", "interval"})
-        signing = (
-            self._map(top["signing"], "signing", {"public_key"}, {"public_key"})
-            if "signing" in top
-            else None
-        )
+        f, r = doc.detectors.attestation_failures, doc.detectors.release_rate
         return BrokerConfig(
             path=self.path,
-            host=host,
-            port=self._int(server.get("port", 8443), "server.port", 0, 65535),
-            tls_cert=self._file(server["tls_cert"], "server.tls_cert", source=False),
-            tls_key=self._file(server["tls_key"], "server.tls_key", source=False),
+            host=server.host,
+            port=server.port,
+            tls_cert=self._file(server.tls_cert, "server.tls_cert", source=False),
+            tls_key=self._file(server.tls_key, "server.tls_key", source=False),
             client_ca=(
                 None
-                if client_ca is None
-                else self._file(client_ca, "server.client_ca", source=False)
+                if server.client_ca is None
+                else self._file(server.client_ca, "server.client_ca", source=False)
             ),
-            require_client_cert=require,
-            challenge_ttl=float(ttl),
-            max_challenges=self._int(
-                top.get("max_challenges", 100_000), "max_challenges", 1, 10_000_000
-            ),
-            max_challenges_per_identity=self._int(
-                top.get("max_challenges_per_identity", 64), "max_challenges_per_identity", 1, 10**6
-            ),
+            require_client_cert=server.require_client_cert,
+            challenge_ttl=float(doc.challenge_ttl),
+            max_challenges=doc.max_challenges,
+            max_challenges_per_identity=doc.max_challenges_per_identity,
             identities=identities,
-            tenants=parsed,
+            tenants=tenants,
             warnings=tuple(self.warnings),
-            state_url=None if state_url in (None, "memory:") else state_url,
-            state_prefix=prefix,
+            state_url=None if doc.state.url in (None, "memory:") else doc.state.url,
+            state_prefix=doc.state.prefix,
             audit_log=log_at or str(self.path.parent / "audit"),
-            audit_key=key_path,
-            audit_stream=stream,
-            admin_remote=self._bool(admin, "remote", "admin"),
-            metrics_remote=self._bool(metrics, "remote", "metrics"),
-            webhook=webhook,
-            detectors=self.detectors(top.get("detectors", {})),
+            audit_key=self._resolve(doc.audit.key),
+            audit_stream=doc.audit.stream,
+            admin_remote=doc.admin.remote,
+            metrics_remote=doc.metrics.remote,
+            webhook=doc.alerts.webhook,
+            detectors=Detectors(
+                failures=f.max,
+                failure_window=float(f.window),
+                lockout=float(f.lockout),
+                rate_bucket=float(r.bucket),
+                rate_history=r.history,
+                rate_factor=float(r.factor),
+                rate_floor=r.floor,
+                throttle=float(r.throttle),
+                evidence_change=doc.detectors.evidence_change,
+            ),
             sources=dict(self.sources),
-            reload_watch=self._bool(reload, "watch", "reload") if "watch" in reload else True,
-            reload_interval=self._seconds(reload, "interval", "reload", 2.0),
-            signing_key=None if signing is None else self.signing_key(signing),
+            reload_watch=doc.reload.watch,
+            reload_interval=float(doc.reload.interval),
+            signing_key=None if doc.signing is None else self.signing_key(doc.signing),
         )
 
-    def signing_key(self, signing: dict[str, Any]) -> bytes:
+    def signing_key(self, signing: SigningDoc) -> bytes:
         """The pinned Ed25519 public key (raw 32 bytes) that must sign the bundle."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
         where = "signing.public_key"
         # Not a source: the key a bundle is checked with is not part of what it signs.
-        p = self._file(signing["public_key"], where, source=False)
+        p = self._file(signing.public_key, where, source=False)
         try:
             key = serialization.load_pem_public_key(p.read_bytes())
         except ValueError:
@@ -512,43 +965,6 @@ class _Parser:
         if not isinstance(key, Ed25519PublicKey):
             raise _Bad(f"{where}: {p} is not a PEM Ed25519 public key")
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-    def _bool(self, d: dict[str, Any], key: str, where: str) -> bool:
-        value = d.get(key, False)
-        if not isinstance(value, bool):
-            raise _Bad(f"{where}.{key}: expected true or false")
-        return value
-
-    def _seconds(self, d: dict[str, Any], key: str, where: str, default: float) -> float:
-        value = d.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1e7:
-            raise _Bad(f"{where}.{key}: expected a positive number of seconds")
-        return float(value)
-
-    def detectors(self, obj: Any) -> Detectors:
-        d = self._map(obj, "detectors", {"attestation_failures", "release_rate", "evidence_change"})
-        dflt = Detectors()
-        w = "detectors.attestation_failures"
-        f = self._map(d.get("attestation_failures", {}), w, {"max", "window", "lockout"})
-        r = self._map(
-            d.get("release_rate", {}),
-            "detectors.release_rate",
-            {"bucket", "history", "factor", "floor", "throttle"},
-        )
-        rw = "detectors.release_rate"
-        return Detectors(
-            failures=self._int(f.get("max", dflt.failures), f"{w}.max", 1, 10**6),
-            failure_window=self._seconds(f, "window", w, dflt.failure_window),
-            lockout=self._seconds(f, "lockout", w, dflt.lockout),
-            rate_bucket=self._seconds(r, "bucket", rw, dflt.rate_bucket),
-            rate_history=self._int(r.get("history", dflt.rate_history), f"{rw}.history", 1, 9999),
-            rate_factor=self._seconds(r, "factor", rw, dflt.rate_factor),
-            rate_floor=self._int(r.get("floor", dflt.rate_floor), f"{rw}.floor", 1, 10**9),
-            throttle=self._seconds(r, "throttle", rw, dflt.throttle),
-            evidence_change=self._bool(d, "evidence_change", "detectors")
-            if "evidence_change" in d
-            else True,
-        )
 
     def _default_roles(
         self, identities: dict[str, Identity], tenants: dict[str, TenantPolicy]
@@ -597,169 +1013,65 @@ class _Parser:
         except ValueError as exc:
             raise _Bad(str(exc)) from None
 
-    def identity(self, name: str, obj: Any) -> Identity:
+    def identity(self, name: str, d: IdentityDoc) -> Identity:
         where = f"identities.{name}"
-        d = self._map(
-            obj, where, {"token_sha256", "tokens", "mtls_spki_sha256", "mtls_cn", "tpm_ak", "roles"}
-        )
-        roles = d.get("roles", {})
-        if not isinstance(roles, dict) or not all(
-            isinstance(t, str) and r in ROLES for t, r in roles.items()
-        ):
-            raise _Bad(f"{where}.roles: expected tenant (or '*') -> reader, publisher or admin")
-        token = d.get("token_sha256")
-        spki = d.get("mtls_spki_sha256")
-        cn = d.get("mtls_cn")
-        tokens = self.tokens(d["tokens"], f"{where}.tokens") if "tokens" in d else ()
-        if token is None and not tokens and spki is None and cn is None:
-            raise _Bad(f"{where}: needs tokens, token_sha256, mtls_spki_sha256 or mtls_cn")
-        if cn is not None and (not isinstance(cn, str) or not cn):
-            raise _Bad(f"{where}.mtls_cn: expected a common name")
         ak = None
-        if "tpm_ak" in d:
-            ak_path = self._file(d["tpm_ak"], f"{where}.tpm_ak")
+        if d.tpm_ak is not None:
+            ak_path = self._file(d.tpm_ak, f"{where}.tpm_ak")
             ak = self._bytes(ak_path)
             try:
                 serialization.load_pem_public_key(ak)
             except ValueError:
                 raise _Bad(f"{where}.tpm_ak: {ak_path} is not a PEM public key") from None
-        token_hash = None if token is None else self._hex(token, f"{where}.token_sha256", 32)
-        if token_hash is not None:
-            tokens = (Token(token_hash), *tokens)
+        tokens = tuple(Token(t.sha256, t.not_after) for t in d.tokens)
+        if d.token_sha256 is not None:
+            tokens = (Token(d.token_sha256), *tokens)
         return Identity(
             name=name,
-            token_sha256=token_hash,
+            token_sha256=d.token_sha256,
             tokens=tokens,
-            mtls_spki_sha256=(
-                None if spki is None else self._hex(spki, f"{where}.mtls_spki_sha256", 32)
-            ),
-            mtls_cn=cn,
+            mtls_spki_sha256=d.mtls_spki_sha256,
+            mtls_cn=d.mtls_cn,
             tpm_ak=ak,
-            roles=dict(roles),
+            roles=dict(d.roles),
         )
 
-    def tokens(self, obj: Any, where: str) -> tuple[Token, ...]:
-        """``[{sha256: HEX, not_after: TIME}, ...]``: TIME an ISO 8601 time with its zone."""
-        if not isinstance(obj, list) or not obj:
-            raise _Bad(f"{where}: expected a non-empty list of {{sha256, not_after}}")
-        out = []
-        for i, item in enumerate(obj):
-            w = f"{where}[{i}]"
-            t = self._map(item, w, {"sha256", "not_after"}, {"sha256", "not_after"})
-            out.append(
-                Token(
-                    self._hex(t["sha256"], f"{w}.sha256", 32),
-                    self._time(t["not_after"], f"{w}.not_after"),
-                )
-            )
-        return tuple(out)
-
-    def _time(self, value: Any, where: str) -> float:
-        # YAML reads an unquoted 2026-03-01T00:00:00Z as a datetime, a quoted one as a str.
-        when = value
-        if isinstance(value, str):
-            try:
-                when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                when = None
-        if not isinstance(when, dt.datetime) or when.tzinfo is None:
-            raise _Bad(
-                f"{where}: expected an ISO 8601 time with its zone, e.g. 2026-03-01T00:00:00Z"
-            )
-        return when.timestamp()
-
-    def tenant(self, name: str, obj: Any, identities: dict[str, Identity]) -> TenantPolicy:
+    def tenant(self, name: str, d: TenantDoc, identities: dict[str, Identity]) -> TenantPolicy:
         where = f"tenants.{name}"
-        d = self._map(obj, where, {"keys", "artifacts"}, {"keys", "artifacts"})
-        keys = d["keys"]
-        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-            raise _Bad(f"{where}.keys: expected a non-empty list of key URIs")
-        for i, uri in enumerate(keys):
-            self._key_uri(uri, f"{where}.keys[{i}]")
-        arts = d["artifacts"]
-        if not isinstance(arts, dict) or not arts:
-            raise _Bad(f"{where}.artifacts: expected a mapping of artifact -> rule")
         rules = {}
-        for art, rule in arts.items():
+        for art, rule in d.artifacts.items():
             if art != "*":
                 self._name(art, f"{where}.artifacts")
             rules[art] = self.rule(f"{where}.artifacts.{art}", rule, identities)
-        return TenantPolicy(name, tuple(keys), rules)
+        return TenantPolicy(name, d.keys, rules)
 
-    def _key_uri(self, uri: str, where: str) -> None:
-        from sealstore.kms.registry import get_provider_class
-
-        scheme, _, rest = uri.partition(":")
-        if scheme in (release.SLOT_KIND, "x25519") or not rest:
-            raise _Bad(
-                f"{where}: {uri!r} cannot be a tenant key (local:, vault-transit:, "
-                "aws-kms: or tpm:)"
-            )
-        try:
-            get_provider_class(scheme)
-        except (ValueError, ImportError) as exc:
-            raise _Bad(f"{where}: {exc}") from None
-
-    def rule(self, where: str, obj: Any, identities: dict[str, Identity]) -> ArtifactRule:
-        d = self._map(
-            obj,
-            where,
-            {"identities", "evidence", "tpm", "snp", "tdx", release.GPU_KIND},
-            {"identities", "evidence"},
-        )
-        who = d["identities"]
-        if not isinstance(who, list) or not who:
-            raise _Bad(f"{where}.identities: expected a non-empty list of identity names")
-        for n in who:
+    def rule(self, where: str, d: RuleDoc, identities: dict[str, Identity]) -> ArtifactRule:
+        for n in d.identities:
             if n not in identities:
                 raise _Bad(f"{where}.identities: {n!r} is not defined under identities")
-        kinds = d["evidence"]
-        if not isinstance(kinds, list) or not kinds:
-            raise _Bad(f"{where}.evidence: expected a non-empty list of tpm, snp, tdx")
-        used = set()
-        for k in kinds:
-            try:
-                cpu, gpu = release.parse_kind(k)
-            except ValueError as exc:
-                raise _Bad(f"{where}.evidence: {exc}") from None
-            for part in (cpu, release.GPU_KIND) if gpu else (cpu,):
-                if part not in d:
-                    raise _Bad(f"{where}: evidence {k!r} needs its reference values under {part}:")
-                used.add(part)
-        extra = sorted(
-            k for k in (*release.EVIDENCE_KINDS, release.GPU_KIND) if k in d and k not in used
-        )
-        if extra:
-            raise _Bad(f"{where}.{extra[0]}: reference values for a kind not in evidence")
-        kinds = [release.parse_kind(k)[0] for k in kinds]  # the CPU kinds, for the checks below
-        if "tpm" in kinds:
-            for n in who:
+        if any(release.parse_kind(k)[0] == "tpm" for k in d.evidence):
+            for n in d.identities:
                 if identities[n].tpm_ak is None:
                     raise _Bad(f"{where}: identity {n!r} sends TPM evidence but has no tpm_ak")
-        gpu_where = f"{where}.{release.GPU_KIND}"
         return ArtifactRule(
-            identities=frozenset(who),
-            evidence=tuple(d["evidence"]),
-            tpm=self.tpm(f"{where}.tpm", d["tpm"]) if "tpm" in d else None,
-            snp=self.snp(f"{where}.snp", d["snp"]) if "snp" in d else None,
-            tdx=self.tdx(f"{where}.tdx", d["tdx"]) if "tdx" in d else None,
-            nvgpu=self.nvidia_gpu(gpu_where, d[release.GPU_KIND])
-            if release.GPU_KIND in d
-            else None,
+            identities=frozenset(d.identities),
+            evidence=d.evidence,
+            tpm=None if d.tpm is None else self.tpm(f"{where}.tpm", d.tpm),
+            snp=None if d.snp is None else self.snp(f"{where}.snp", d.snp),
+            tdx=None if d.tdx is None else self.tdx(f"{where}.tdx", d.tdx),
+            nvgpu=(
+                None if d.nvgpu is None else self.nvidia_gpu(f"{where}.{release.GPU_KIND}", d.nvgpu)
+            ),
         )
 
-    def tpm(self, where: str, obj: Any) -> TpmRule:
-        d = self._map(obj, where, {"pcrs", "reference", "reference_file"}, {"pcrs"})
-        try:
-            policy = PcrPolicy.parse(str(d["pcrs"]))
-        except ValueError as exc:
-            raise _Bad(f"{where}.pcrs: {exc}") from None
-        if ("reference" in d) == ("reference_file" in d):
-            raise _Bad(f"{where}: give exactly one of reference and reference_file")
-        if "reference" in d:
-            ref, rwhere = d["reference"], f"{where}.reference"
+    def tpm(self, where: str, d: TpmDoc) -> TpmRule:
+        policy = PcrPolicy.parse(d.pcrs)
+        if d.reference is not None:
+            ref: Any = d.reference
+            rwhere = f"{where}.reference"
         else:
-            f = self._file(d["reference_file"], f"{where}.reference_file")
+            assert d.reference_file is not None  # TpmDoc: exactly one
+            f = self._file(d.reference_file, f"{where}.reference_file")
             rwhere = f"{where}.reference_file ({f})"
             try:
                 ref = json.loads(self._bytes(f).decode("utf-8"))
@@ -776,7 +1088,12 @@ class _Parser:
                 index = int(k)
             else:
                 raise _Bad(f"{rwhere}: {k!r} is not a PCR number")
-            values[index] = self._hex(v, f"{rwhere}.{k}", size)
+            try:
+                values[index] = bytes.fromhex(v) if isinstance(v, str) else None
+            except ValueError:
+                values[index] = None
+            if values[index] is None or len(values[index]) != size:  # type: ignore[arg-type]
+                raise _Bad(f"{rwhere}.{k}: expected a {size}-byte hex string")
         if sorted(values) != list(policy.pcrs):
             raise _Bad(f"{rwhere}: needs a value for each of PCRs {policy.spec} and no other")
         soft = [p for p in policy.pcrs if p in (16, 23)]
@@ -785,134 +1102,55 @@ class _Parser:
                 f"{where}.pcrs: PCR {soft[0]} can be reset by software at locality 0; "
                 "it proves nothing about the boot (use it in tests only)"
             )
-        return TpmRule(policy, values)
+        return TpmRule(policy, values)  # type: ignore[arg-type]
 
-    def snp(self, where: str, obj: Any) -> snp.SnpReference:
-        # A minimum TCB is required: without it a platform with known-bad
-        # firmware (whose VCEK still verifies) would be accepted.
-        d = self._map(
-            obj,
-            where,
-            {
-                "measurements",
-                "min_tcb",
-                "allow_debug",
-                "max_vmpl",
-                "host_data",
-                "crl_file",
-                "crl_url",
-                "crl_grace",
-                "crl_cache",
-            },
-            {"measurements", "min_tcb"},
-        )
-        t = self._map(
-            d["min_tcb"],
-            f"{where}.min_tcb",
-            {"bootloader", "tee", "snp", "microcode", "fmc"},
-            {"bootloader", "tee", "snp", "microcode"},
-        )
-        vals = {k: self._int(v, f"{where}.min_tcb.{k}", 0, 255) for k, v in t.items()}
-        tcb = snp.Tcb(**vals)
+    def snp(self, where: str, d: SnpDoc) -> snp.SnpReference:
         return snp.SnpReference(
-            measurements=self._hex_list(d["measurements"], f"{where}.measurements", 48),
-            min_tcb=tcb,
-            allow_debug=self._debug(d, where),
-            max_vmpl=self._int(d.get("max_vmpl", 0), f"{where}.max_vmpl", 0, 3),
-            host_data=self._optional_hex(d, "host_data", where, 32),
+            measurements=d.measurements,
+            min_tcb=snp.Tcb(**d.min_tcb.model_dump(exclude_none=True)),
+            allow_debug=d.allow_debug,
+            max_vmpl=d.max_vmpl,
+            host_data=d.host_data,
             revocation=self._snp_crl(d, where),
         )
 
-    def _snp_crl(self, d: dict[str, Any], where: str) -> SnpRevocation | None:
+    def _snp_crl(self, d: SnpDoc, where: str) -> SnpRevocation | None:
         """AMD's CRLs: offline files or a URL template; None when neither is configured."""
-        if "crl_file" in d and "crl_url" in d:
-            raise _Bad(f"{where}: give crl_file or crl_url, not both")
-        if "crl_file" not in d and "crl_url" not in d:
-            for k in ("crl_grace", "crl_cache"):
-                if k in d:
-                    raise _Bad(f"{where}.{k}: needs crl_file or crl_url")
+        if not d.crl_file and d.crl_url is None:
             return None
-        files: tuple[Path, ...] = ()
-        contents: tuple[bytes, ...] = ()
-        if "crl_file" in d:
-            raw = d["crl_file"] if isinstance(d["crl_file"], list) else [d["crl_file"]]
-            files = tuple(self._file(f, f"{where}.crl_file") for f in raw)
-            if not files:
-                raise _Bad(f"{where}.crl_file: expected a file path or a list of them")
-            contents = tuple(self._bytes(f) for f in files)  # the bytes digested and signed
-            for f, data in zip(files, contents, strict=True):
-                # its signature is checked against the ARK of each evidence
-                try:
-                    load_crl(data, str(f))
-                except AttestationError as exc:
-                    raise _Bad(f"{where}.crl_file: {exc}") from None
-            if "crl_cache" in d:
-                raise _Bad(f"{where}.crl_cache: only for crl_url")
-        url = d.get("crl_url")
-        if url is not None:
-            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-                raise _Bad(f"{where}.crl_url: expected an http(s) URL, e.g. {KDS_CRL_URL}")
+        files = tuple(self._file(f, f"{where}.crl_file") for f in d.crl_file)
+        contents = tuple(self._bytes(f) for f in files)  # the bytes digested and signed
+        for f, data in zip(files, contents, strict=True):
+            # its signature is checked against the ARK of each evidence
             try:
-                url.format(product="Milan", key="vcek")
-            except (KeyError, IndexError, ValueError):
-                raise _Bad(
-                    f"{where}.crl_url: only {{product}} and {{key}} may be filled in"
-                ) from None
-        cache = d.get("crl_cache")
-        if cache is not None and (not isinstance(cache, str) or not cache):
-            raise _Bad(f"{where}.crl_cache: expected a directory path")
-        grace = d.get("crl_grace", 0)
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 1e7:
-            raise _Bad(f"{where}.crl_grace: expected seconds from 0 to 10000000")
+                load_crl(data, str(f))
+            except AttestationError as exc:
+                raise _Bad(f"{where}.crl_file: {exc}") from None
         return SnpRevocation(
             files=files,
-            contents=contents if files else (),
-            url=url,
-            grace=dt.timedelta(seconds=grace),
-            cache_dir=None if cache is None else self.path.parent / cache,
+            contents=contents,
+            url=d.crl_url,
+            grace=dt.timedelta(seconds=d.crl_grace),
+            cache_dir=None if d.crl_cache is None else self.path.parent / d.crl_cache,
         )
 
-    def tdx(self, where: str, obj: Any) -> tdx.TdxReference:
-        # MRTD measures the TD's firmware only; the RTMRs carry the kernel,
-        # initrd and command line, so a rule must name at least one.
-        d = self._map(
-            obj,
-            where,
-            {"mrtd", "rtmrs", "mrconfigid", "allow_debug", "collateral"},
-            {"mrtd", "rtmrs"},
-        )
-        rtmrs = {}
-        raw = d["rtmrs"]
-        if not isinstance(raw, dict) or not raw:
-            raise _Bad(f"{where}.rtmrs: expected RTMR index -> list of hex values")
-        for k, v in raw.items():
-            index = self._int(k, f"{where}.rtmrs", 0, 3)
-            rtmrs[index] = self._hex_list(v, f"{where}.rtmrs.{k}", 48)
+    def tdx(self, where: str, d: TdxDoc) -> tdx.TdxReference:
+        assert d.collateral is not None  # TdxDoc: required
         return tdx.TdxReference(
-            mrtd=self._hex_list(d["mrtd"], f"{where}.mrtd", 48),
-            rtmrs=rtmrs,
-            mrconfigid=self._optional_hex(d, "mrconfigid", where, 48),
-            allow_debug=self._debug(d, where),
-            **self.tdx_collateral(f"{where}.collateral", d.get("collateral")),
+            mrtd=d.mrtd,
+            rtmrs=dict(d.rtmrs),
+            mrconfigid=d.mrconfigid,
+            allow_debug=d.allow_debug,
+            **self.tdx_collateral(f"{where}.collateral", d.collateral),
         )
 
-    def tdx_collateral(self, where: str, obj: Any) -> dict[str, Any]:
-        # Required, as SNP's min_tcb is: without Intel's collateral a revoked
-        # or out-of-date platform, or a QE that is not Intel's, is accepted.
+    def tdx_collateral(self, where: str, d: CollateralDoc) -> dict[str, Any]:
         from sealstore.enclave import tdx_collateral, tdx_pccs
 
-        if obj is None:
-            raise _Bad(f"{where}: missing (dir: FOLDER or pccs_url: URL, see docs/BROKER.md)")
-        d = self._map(
-            obj, where, {"dir", "pccs_url", "pccs_ca", "accept", "grace_hours", "min_evaluation"}
-        )
-        if ("dir" in d) == ("pccs_url" in d):
-            raise _Bad(f"{where}: give exactly one of dir and pccs_url")
         source: tdx_pccs.CollateralSource
-        if "dir" in d:
-            folder = Path(d["dir"]) if isinstance(d["dir"], str) and d["dir"] else None
-            folder = folder if folder is None or folder.is_absolute() else self.path.parent / folder
-            if folder is None or not folder.is_dir():
+        if d.dir is not None:
+            folder = self._resolve(d.dir)
+            if not folder.is_dir():
                 raise _Bad(f"{where}.dir: expected an existing folder")
             # Read now, as sources: signed with the config, watched, and a
             # change only takes effect through a reload (never read live).
@@ -922,64 +1160,32 @@ class _Parser:
             files = {n: self._bytes(self._file(str(folder / n), f"{where}.dir")) for n in names}
             source = tdx_pccs.CollateralDir(folder, files=files)
         else:
-            ca = self._file(d["pccs_ca"], f"{where}.pccs_ca") if "pccs_ca" in d else None
+            ca = None if d.pccs_ca is None else self._file(d.pccs_ca, f"{where}.pccs_ca")
             try:
-                source = tdx_pccs.Pccs(str(d["pccs_url"]), ca_file=ca)
+                source = tdx_pccs.Pccs(str(d.pccs_url), ca_file=ca)
             except (ValueError, OSError) as exc:
                 raise _Bad(f"{where}.pccs_url: {exc}") from None
-        accept = d.get("accept", ["UpToDate"])
-        if not isinstance(accept, list) or not all(isinstance(a, str) for a in accept):
-            raise _Bad(f"{where}.accept: expected a list of TCB statuses")
-        grace = d.get("grace_hours", 0)
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-            raise _Bad(f"{where}.grace_hours: expected a number of hours, 0 or more")
         try:
             policy = tdx_collateral.TcbPolicy(
-                accept=frozenset(accept),
-                grace=dt.timedelta(hours=grace),
-                min_evaluation=self._int(
-                    d.get("min_evaluation", 0), f"{where}.min_evaluation", 0, 1 << 31
-                ),
+                accept=frozenset(d.accept),
+                grace=dt.timedelta(hours=d.grace_hours),
+                min_evaluation=d.min_evaluation,
             )
         except ValueError as exc:
             raise _Bad(f"{where}.accept: {exc}") from None
         return {"collateral": source, "policy": policy}
 
-    def nvidia_gpu(self, where: str, obj: Any) -> nvgpu.GpuReference:
-        # Minimum versions are required for the reason min_tcb is: a GPU on
-        # known-bad firmware still signs genuine reports.
-        d = self._map(
-            obj,
-            where,
-            {
-                "driver_rims",
-                "vbios_rims",
-                "min_driver",
-                "min_vbios",
-                "modes",
-                "gpus",
-                "rims_valid_at",
-            },
-            {"driver_rims", "vbios_rims", "min_driver", "min_vbios"},
-        )
-        at = d.get("rims_valid_at")
+    def nvidia_gpu(self, where: str, d: GpuDoc) -> nvgpu.GpuReference:
+        at = d.rims_valid_at
         if at is not None:
-            try:
-                at = at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(str(at))
-            except ValueError:
-                raise _Bad(f"{where}.rims_valid_at: expected a date and time (ISO 8601)") from None
-            at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
             self.warnings.append(
                 f"{where}.rims_valid_at: the RIM signers' certificates are "
                 f"checked as of {at:%Y-%m-%d %H:%M} UTC, not now"
             )
         rims = {}
         for key in ("driver_rims", "vbios_rims"):
-            files = d[key]
-            if not isinstance(files, list) or not files:
-                raise _Bad(f"{where}.{key}: expected a non-empty list of RIM files")
             loaded = []
-            for i, f in enumerate(files):
+            for i, f in enumerate(getattr(d, key)):
                 path = self._file(f, f"{where}.{key}[{i}]")
                 try:
                     loaded.append(nvgpu_rim.load_rim(self._bytes(path), path.name, at=at))
@@ -992,33 +1198,11 @@ class _Parser:
                     nvgpu.golden(drv, vb)
                 except ValueError as exc:
                     raise _Bad(f"{where}: {exc}") from None
-        versions = {}
-        for key, hexadecimal in (("min_driver", False), ("min_vbios", True)):
-            value = d[key]
-            try:
-                nvgpu.parse_version(str(value), hexadecimal=hexadecimal)
-            except ValueError as exc:
-                raise _Bad(f"{where}.{key}: {exc}") from None
-            versions[key] = str(value).lower()
-        modes = d.get("modes", [])
-        known = {"spt", "mpt", "ppcie"}
-        if not isinstance(modes, list) or not set(modes) <= known:
-            raise _Bad(f"{where}.modes: expected a list of spt, mpt, ppcie")
         return nvgpu.GpuReference(
             driver_rims=rims["driver_rims"],
             vbios_rims=rims["vbios_rims"],
-            min_driver=versions["min_driver"],
-            min_vbios=versions["min_vbios"],
-            modes=frozenset(modes),
-            gpus=self._int(d.get("gpus", 1), f"{where}.gpus", 1, 64),
+            min_driver=d.min_driver,
+            min_vbios=d.min_vbios,
+            modes=d.modes,
+            gpus=d.gpus,
         )
-
-    def _debug(self, d: dict[str, Any], where: str) -> bool:
-        debug = d.get("allow_debug", False)
-        if not isinstance(debug, bool):
-            raise _Bad(f"{where}.allow_debug: expected true or false")
-        return debug
-
-    def _optional_hex(self, d: dict[str, Any], key: str, where: str, size: int) -> str:
-        """The hex value of an optional field ("" when absent: any value accepted)."""
-        return self._hex(d[key], f"{where}.{key}", size).hex() if key in d else ""

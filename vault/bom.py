@@ -25,27 +25,16 @@ from sealstore.errors import FormatError
 
 __all__ = ["BomSpec", "build_bom", "check_spec", "load_bom_spec", "validate_bom"]
 
-_APPROACHES = {
+# The spec's fields are vault/bom_spec.py's model (imported only when a spec is read).
+KINDS = ("model", "dataset")
+MODEL_ONLY = ("task", "architecture_family", "model_architecture", "approach", "training")
+APPROACHES = (
+    "reinforcement-learning",
+    "self-supervised",
+    "semi-supervised",
     "supervised",
     "unsupervised",
-    "reinforcement-learning",
-    "semi-supervised",
-    "self-supervised",
-}
-_KINDS = {"model", "dataset"}
-_MODEL_ONLY = ("task", "architecture_family", "model_architecture", "approach", "training")
-_SPEC_KEYS = {
-    "kind",
-    "description",
-    "task",
-    "architecture_family",
-    "model_architecture",
-    "approach",
-    "datasets",
-    "training",
-    "license",
-    "authors",
-}
+)
 
 
 @dataclass
@@ -73,12 +62,16 @@ class BomSpec:
 
 
 def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
-    """Read a BoM spec from YAML (or JSON).
+    """Read a BoM spec from YAML (or JSON), checked against ``bom_spec.BomSpecDoc``.
 
     Raises:
-        ValueError: unreadable, or unknown or ill-typed fields (named).
+        ValueError: unreadable, or unknown or ill-typed fields (named), one line.
     """
     import yaml
+    from pydantic import ValidationError
+
+    from sealstore.docmodel import explain
+    from sealstore.vault.bom_spec import BomSpecDoc
 
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -86,53 +79,12 @@ def load_bom_spec(path: str | os.PathLike[str]) -> BomSpec:
         raise ValueError(f"cannot read BoM spec {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"BoM spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    doc = doc or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"BoM spec {path} must be a mapping")
-    unknown = set(doc) - _SPEC_KEYS
-    if unknown:
-        raise ValueError(
-            f"BoM spec {path}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-            f"(known: {', '.join(sorted(_SPEC_KEYS))})"
-        )
-    for key in (
-        "kind",
-        "description",
-        "task",
-        "architecture_family",
-        "model_architecture",
-        "license",
-        "approach",
-    ):
-        if key in doc and not isinstance(doc[key], str):
-            raise ValueError(f"BoM spec {path}: {key} must be a string")
-    if doc.get("approach") is not None and doc["approach"] not in _APPROACHES:
-        raise ValueError(
-            f"BoM spec {path}: approach must be one of {', '.join(sorted(_APPROACHES))}"
-        )
-    for key in ("datasets", "authors"):
-        value = doc.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"BoM spec {path}: {key} must be a list of strings")
-    training = doc.get("training", {})
-    if not isinstance(training, dict) or any(
-        isinstance(v, (dict, list)) for v in training.values()
-    ):
-        raise ValueError(f"BoM spec {path}: training must map names to plain values")
-    spec = BomSpec(
-        kind=doc.get("kind", "model"),
-        description=doc.get("description"),
-        task=doc.get("task"),
-        architecture_family=doc.get("architecture_family"),
-        model_architecture=doc.get("model_architecture"),
-        approach=doc.get("approach"),
-        datasets=list(doc.get("datasets", [])),
-        training={str(k): str(v) for k, v in training.items()},
-        license=doc.get("license"),
-        authors=list(doc.get("authors", [])),
-    )
-    check_spec(spec, f"BoM spec {path}")
-    return spec
+    try:
+        spec = BomSpecDoc.model_validate(doc)
+    except ValidationError as exc:
+        # Each refusal names its field itself ("task must be a string"): the spec is flat.
+        raise ValueError(f"BoM spec {path}: {explain(exc, path=False)}") from None
+    return BomSpec(**spec.model_dump())
 
 
 def check_spec(spec: BomSpec, where: str = "BoM spec") -> None:
@@ -141,10 +93,10 @@ def check_spec(spec: BomSpec, where: str = "BoM spec") -> None:
     Raises:
         ValueError: an unknown kind, or model fields on a dataset (named).
     """
-    if spec.kind not in _KINDS:
+    if spec.kind not in KINDS:
         raise ValueError(f"{where}: kind must be model or dataset")
     if spec.kind == "dataset":
-        given = [k for k in _MODEL_ONLY if getattr(spec, k)]
+        given = [k for k in MODEL_ONLY if getattr(spec, k)]
         if given:
             raise ValueError(f"{where}: a dataset has no {', '.join(given)} (fields of a model)")
 
