@@ -85,7 +85,7 @@ from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
 from sealstore.vault.manifest import check_name
 
-__all__ = ["Broker", "Refused"]
+__all__ = ["Broker", "BrokerRefusal"]
 
 log = logging.getLogger("sealstore.broker")
 
@@ -103,8 +103,13 @@ def _valid_x25519(public: bytes) -> bool:
     return True
 
 
-class Refused(Exception):
-    """A refused request: *code* goes to the caller, *reason* only to the log."""
+class BrokerRefusal(Exception):
+    """A refused request: *code* goes to the caller, *reason* only to the log.
+
+    The broker's own (``broker_http`` answers it ``{"error": code}`` with
+    *status*); unrelated to :class:`sealstore.errors.Refused`, the store's
+    policy refusal.
+    """
 
     def __init__(self, code: str, reason: str, status: int = 403) -> None:
         super().__init__(reason)
@@ -238,7 +243,7 @@ class Broker:
         try:
             with self._state_guard():
                 self._ensure_epoch()
-        except Refused as exc:
+        except BrokerRefusal as exc:
             log.error("state not reconciled at start: %s", exc.reason)
 
     # -- the config in force --------------------------------------------------
@@ -292,7 +297,7 @@ class Broker:
             yield
         except StateUnavailable as exc:
             self._outage(str(exc))
-            raise Refused("state-unavailable", str(exc), 503) from None
+            raise BrokerRefusal("state-unavailable", str(exc), 503) from None
 
     def _outage(self, reason: str) -> None:
         """Alert ``state-unavailable``, once until the state answers again."""
@@ -316,7 +321,7 @@ class Broker:
         not (unreadable, moved, cut short) cannot tell a lockdown from none.
 
         Raises:
-            Refused: ``state-unavailable`` if the audit log cannot be read or
+            BrokerRefusal: ``state-unavailable`` if the audit log cannot be read or
                 lacks the record of the epoch last seen (fail closed).
             StateUnavailable: the state cannot be reached.
         """
@@ -339,7 +344,7 @@ class Broker:
                     f"lockdowns, cannot be read or written: {exc}"
                 )
                 self._outage(why)
-                raise Refused("state-unavailable", why, 503) from None
+                raise BrokerRefusal("state-unavailable", why, 503) from None
             if not self.state.reassert(downs, outs, epoch):
                 self._epoch = self.state.epoch()
                 return
@@ -396,14 +401,14 @@ class Broker:
         Both may be given only if they name the same identity.
 
         Raises:
-            Refused: ``unauthenticated`` (401); ``token-expired`` (401, audited):
+            BrokerRefusal: ``unauthenticated`` (401); ``token-expired`` (401, audited):
                 a known token past its ``not_after``.
         """
         found: list[Identity] = []
         if bearer is not None:
             hit = self._policy_now().by_token.get(hashlib.sha256(bearer.encode()).digest())
             if hit is None:
-                raise Refused("unauthenticated", "unknown bearer token", 401)
+                raise BrokerRefusal("unauthenticated", "unknown bearer token", 401)
             ident, token = hit
             if token.not_after is not None and self._clock() >= token.not_after:
                 self._token_expired(ident, token)
@@ -411,12 +416,12 @@ class Broker:
         if peer_cert is not None:
             ident = self._by_certificate(peer_cert)
             if ident is None:
-                raise Refused("unauthenticated", "client certificate names no identity", 401)
+                raise BrokerRefusal("unauthenticated", "client certificate names no identity", 401)
             found.append(ident)
         if not found:
-            raise Refused("unauthenticated", "no bearer token and no client certificate", 401)
+            raise BrokerRefusal("unauthenticated", "no bearer token and no client certificate", 401)
         if len(found) == 2 and found[0].name != found[1].name:
-            raise Refused(
+            raise BrokerRefusal(
                 "unauthenticated",
                 f"token of {found[0].name!r} with the certificate of {found[1].name!r}",
                 401,
@@ -438,7 +443,7 @@ class Broker:
             reason,
             not_after=when,
         )
-        raise Refused("token-expired", reason, 401)
+        raise BrokerRefusal("token-expired", reason, 401)
 
     def _by_certificate(self, der: bytes) -> Identity | None:
         try:
@@ -466,26 +471,27 @@ class Broker:
             check_name(tenant, "tenant")
             check_name(artifact, "artifact")
         except ValueError as exc:
-            raise Refused("bad-request", str(exc), 400) from None
+            raise BrokerRefusal("bad-request", str(exc), 400) from None
         pol = self.config.tenants.get(tenant)
         rule = pol.rule(artifact) if pol is not None else None
         # One code whether the artifact is unknown or not this identity's:
         # an authenticated caller learns nothing about other tenants.
         if rule is None or ident.name not in rule.identities:
-            raise Refused("not-permitted", f"no rule releases {tenant}/{artifact} to {ident.name}")
+            why = f"no rule releases {tenant}/{artifact} to {ident.name}"
+            raise BrokerRefusal("not-permitted", why)
         return rule
 
     def _gate(self, ident: Identity, tenant: Any) -> None:
         """Refuse an identity that incident response has stopped, or with no role here."""
         if not isinstance(tenant, str):
-            raise Refused("bad-request", "tenant must be a string", 400)
+            raise BrokerRefusal("bad-request", "tenant must be a string", 400)
         stop = self._stopped(ident, tenant)
         if stop is not None:
             raise stop
         if not ident.may("reader", tenant):
-            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+            raise BrokerRefusal("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
 
-    def _stopped(self, ident: Identity, tenant: str) -> Refused | None:
+    def _stopped(self, ident: Identity, tenant: str) -> BrokerRefusal | None:
         """What incident response says of *ident* in *tenant* (one state round trip):
         a lockdown of the tenant or of all, a lockout, a throttle, or nothing."""
         try:
@@ -498,11 +504,11 @@ class Broker:
             log.warning("state %s answers again", self.config.state_url or "in-process")
         scope = "*" if "*" in downs else tenant if tenant in downs else None
         if scope is not None:
-            return Refused("locked-down", f"lockdown of {scope}: {downs[scope]}")
+            return BrokerRefusal("locked-down", f"lockdown of {scope}: {downs[scope]}")
         if locked is not None:
-            return Refused("locked-out", f"{ident.name} is locked out: {locked}")
+            return BrokerRefusal("locked-out", f"{ident.name} is locked out: {locked}")
         if throttled is not None:
-            return Refused("throttled", f"{ident.name} is throttled: {throttled}", 429)
+            return BrokerRefusal("throttled", f"{ident.name} is throttled: {throttled}", 429)
         return None
 
     @_pinned
@@ -511,7 +517,7 @@ class Broker:
         try:
             with self._state_guard():
                 out = self._challenge(ident, tenant, artifact)
-        except Refused as exc:
+        except BrokerRefusal as exc:
             self.metrics.inc(
                 "sealstore_broker_challenges_total", {"result": "denied", "code": exc.code}
             )
@@ -538,9 +544,9 @@ class Broker:
             )
         except StateFull as exc:
             if exc.scope == "total":
-                raise Refused("busy", "too many challenges outstanding", 503) from None
+                raise BrokerRefusal("busy", "too many challenges outstanding", 503) from None
             why = f"{ident.name} has too many challenges outstanding"
-            raise Refused("busy", why, 429) from None
+            raise BrokerRefusal("busy", why, 429) from None
         out: dict[str, Any] = {
             "nonce": release.b64e(nonce),
             "expires": expires,
@@ -555,7 +561,7 @@ class Broker:
         """Verify one release request and return the DEK sealed to its ephemeral key.
 
         Raises:
-            Refused: with the code the caller gets; the decision is audited
+            BrokerRefusal: with the code the caller gets; the decision is audited
                 and fed to the detectors either way.
         """
         t0 = time.monotonic()
@@ -572,8 +578,8 @@ class Broker:
             except Exception as exc:
                 # Fail closed: a release nobody can account for is not made.
                 self.metrics.inc("sealstore_broker_audit_failures_total")
-                raise Refused("audit-unavailable", f"audit log: {exc}", 503) from None
-        except Refused as exc:
+                raise BrokerRefusal("audit-unavailable", f"audit log: {exc}", 503) from None
+        except BrokerRefusal as exc:
             self.metrics.inc(
                 "sealstore_broker_releases_total", {"result": "denied", "code": exc.code}
             )
@@ -601,28 +607,28 @@ class Broker:
             nonce = release.b64d(req.get("nonce"), "nonce")
             public = release.b64d(req.get("public_key"), "public_key")
         except FormatError as exc:
-            raise Refused("bad-request", str(exc), 400) from None
+            raise BrokerRefusal("bad-request", str(exc), 400) from None
         # Another identity's attempt does not use up the challenge; the
         # owner's first attempt does, whatever happens next.
         ch = self.state.take_challenge(nonce, ident.name)
         if ch is None:
-            raise Refused("challenge-unknown", "nonce never issued, already used, or expired")
+            raise BrokerRefusal("challenge-unknown", "nonce never issued, already used, or expired")
         if ch["identity"] != ident.name or (ch["tenant"], ch["artifact"]) != (tenant, artifact):
-            raise Refused(
+            raise BrokerRefusal(
                 "challenge-mismatch",
                 f"challenge issued to {ch['identity']} for {ch['tenant']}/{ch['artifact']}",
             )
         if ch["expires"] <= self._clock():
-            raise Refused("challenge-expired", "the challenge expired")
+            raise BrokerRefusal("challenge-expired", "the challenge expired")
         # Checked again: a lockdown declared since the challenge stops this release.
         self._gate(ident, tenant)
         rule = self._rule(ident, tenant, artifact)
         if not _valid_x25519(public):
-            raise Refused("bad-request", "public_key is not a usable X25519 public key", 400)
+            raise BrokerRefusal("bad-request", "public_key is not a usable X25519 public key", 400)
         evidence = req.get("evidence")
         if kind not in rule.evidence:
             self._attestation_failed(ident, "evidence-kind")
-            raise Refused("evidence-kind", f"evidence kind {kind!r} is not accepted here")
+            raise BrokerRefusal("evidence-kind", f"evidence kind {kind!r} is not accepted here")
         seen: list[tuple[str, str]] = []
         cpu, gpu = release.parse_kind(kind)
         try:
@@ -636,14 +642,14 @@ class Broker:
                 # missing, stale or bad (a PCCS or KDS outage): the evidence was
                 # genuine up to its chain, so not the caller's failure, and no
                 # lockout for it.
-                raise Refused(exc.code, str(exc), 503) from None
+                raise BrokerRefusal(exc.code, str(exc), 503) from None
             if exc.code in _REFERENCE_CODES:
                 self._evidence_seen(ident, kind, seen)
             self._attestation_failed(ident, exc.code)
-            raise Refused(exc.code, str(exc)) from None
+            raise BrokerRefusal(exc.code, str(exc)) from None
         except (FormatError, ValueError, KeyError, TypeError) as exc:
             self._attestation_failed(ident, "evidence-format")
-            raise Refused("evidence-format", f"malformed {kind} evidence: {exc}") from None
+            raise BrokerRefusal("evidence-format", f"malformed {kind} evidence: {exc}") from None
         self._evidence_seen(ident, kind, seen)
         self._rate(ident, tenant)
         dek = self._unwrap(tenant, artifact, req.get("slot"), req.get("context"))
@@ -686,7 +692,7 @@ class Broker:
             self._alert(
                 "throttle", identity=ident.name, tenant=tenant, reason=reason, seconds=d.throttle
             )
-        raise Refused("throttled", f"{ident.name}: {reason}", 429)
+        raise BrokerRefusal("throttled", f"{ident.name}: {reason}", 429)
 
     def _evidence_seen(self, ident: Identity, kind: str, seen: list[tuple[str, str]]) -> None:
         if not seen or not self.config.detectors.evidence_change:
@@ -772,13 +778,13 @@ class Broker:
         few seconds); a caller with no role in *tenant* is refused.
         """
         if not isinstance(tenant, str):
-            raise Refused("bad-request", "tenant must be a string", 400)
+            raise BrokerRefusal("bad-request", "tenant must be a string", 400)
         try:
             check_name(tenant, "tenant")
         except ValueError as exc:
-            raise Refused("bad-request", str(exc), 400) from None
+            raise BrokerRefusal("bad-request", str(exc), 400) from None
         if not ident.may("reader", tenant):
-            raise Refused("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
+            raise BrokerRefusal("not-permitted", f"{ident.name} has no role in tenant {tenant!r}")
         with self._state_guard():
             stop = self._stopped(ident, tenant)
         if stop is None or stop.code == "throttled":
@@ -789,10 +795,10 @@ class Broker:
 
     def _admin(self, ident: Identity, scope: str) -> None:
         if scope != "*" and scope not in self.config.tenants:
-            raise Refused("bad-request", f"no tenant {scope!r} in this broker's config", 400)
+            raise BrokerRefusal("bad-request", f"no tenant {scope!r} in this broker's config", 400)
         if not ident.may("admin", scope):
             where = "every tenant" if scope == "*" else f"tenant {scope}"
-            raise Refused("not-permitted", f"{ident.name} is not an admin of {where}")
+            raise BrokerRefusal("not-permitted", f"{ident.name} is not an admin of {where}")
 
     @_pinned
     def lockdown(self, ident: Identity, scope: str, reason: str = "") -> dict[str, Any]:
@@ -802,7 +808,7 @@ class Broker:
         in the audit log, which is what brings it back after a reset of the state.
 
         Raises:
-            Refused: not an admin of *scope*; ``state-unavailable``; or
+            BrokerRefusal: not an admin of *scope*; ``state-unavailable``; or
                 ``audit-unavailable`` (503): in force, but not recorded.
         """
         self._admin(ident, scope)
@@ -824,7 +830,7 @@ class Broker:
             )
         except Exception as exc:
             self.metrics.inc("sealstore_broker_audit_failures_total")
-            raise Refused(
+            raise BrokerRefusal(
                 "audit-unavailable",
                 f"lockdown of {scope} is in force but not "
                 f"recorded (a reset of the state would lose it): {exc}",
@@ -844,7 +850,7 @@ class Broker:
         what it should bring back.
 
         Raises:
-            Refused: not an admin; ``state-unavailable``; ``audit-unavailable``
+            BrokerRefusal: not an admin; ``state-unavailable``; ``audit-unavailable``
                 (503, nothing lifted).
         """
         self._admin(ident, "*" if identity is not None else scope or "*")
@@ -881,11 +887,11 @@ class Broker:
                     scope=scope,
                     lifted=bool(was),
                 )
-        except Refused:
+        except BrokerRefusal:
             raise
         except Exception as exc:
             self.metrics.inc("sealstore_broker_audit_failures_total")
-            raise Refused(
+            raise BrokerRefusal(
                 "audit-unavailable", f"lift not recorded, so not made: {exc}", 503
             ) from None
         with self._state_guard():
@@ -1016,18 +1022,18 @@ class Broker:
         if not isinstance(context, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in context.items()
         ):
-            raise Refused("bad-request", "context must map strings to strings", 400)
+            raise BrokerRefusal("bad-request", "context must map strings to strings", 400)
         try:
             slot = KeySlot.from_json(slot_obj)
             ctx = release.scoped_context(context, tenant, artifact)
         except (FormatError, ValueError) as exc:
-            raise Refused("bad-request", str(exc), 400) from None
+            raise BrokerRefusal("bad-request", str(exc), 400) from None
         # Only the tenant's own keys are tried: the slot's key_id names a key
         # service, and a caller must not be able to point the broker anywhere.
         try:
             keys = self._keys(tenant)
         except (SealstoreError, ValueError, ImportError) as exc:
-            raise Refused("backend-unavailable", f"tenant key: {exc}", 502) from None
+            raise BrokerRefusal("backend-unavailable", f"tenant key: {exc}", 502) from None
 
         def tenant_keys(s: KeySlot) -> list[Any]:
             return [k for k in keys if getattr(k, "can_unwrap", lambda _: True)(s)]
@@ -1036,7 +1042,7 @@ class Broker:
             # No header to commit to here: the caller's file checks the DEK.
             return unwrap_first([slot], tenant_keys, ctx, accept=lambda _dek: None)
         except SealstoreError as exc:
-            raise Refused("key-unavailable", str(exc)) from None
+            raise BrokerRefusal("key-unavailable", str(exc)) from None
 
 
 def _fingerprint(*values: bytes) -> str:

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sealstore.enclave import release, tpm
-from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker import Broker, BrokerRefusal
 from sealstore.enclave.broker_client import BrokerKey
 from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.enclave.tpm_quote import ak_public
@@ -474,7 +474,7 @@ def _tpm_request(broker: Broker, ident: str, slot_blob: bytes, artifact: str = "
 
 
 def _code(broker: Broker, ident: str, req: dict) -> str:
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         broker.release(broker.config.identities[ident], req)
     return err.value.code
 
@@ -557,14 +557,14 @@ def test_snp_evidence_through_the_broker(setup: Setup, tmp_path: Path) -> None:
     out = b.release(who, req)
     assert _opened(out, secret, req) == dek.material()
     req, _ = request(report_data=bytes(64))
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.release(who, req)
     assert err.value.code == "snp-report-data"
     # With AMD's own roots (the default) our chain is not trusted.
     strict = Broker(BrokerConfig.load(config))
     req, _ = request()
     req["nonce"] = strict.challenge(who, "acme", "minilm")["nonce"]
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         strict.release(who, req)
     assert err.value.code == "cert-untrusted-root"
 
@@ -701,11 +701,11 @@ def test_another_tenants_slot_does_not_open(setup: Setup, tcti: str) -> None:
     def request(blob: bytes) -> dict:
         return _body(b.challenge(bot, "globex", "minilm"), "globex", "minilm", blob)[0]
 
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.release(bot, request(stolen.blob))
     assert err.value.code == "key-unavailable"
     assert "sealed" in b.release(bot, request(own.blob))
-    with pytest.raises(Refused) as err:  # and globex-bot has no acme rule at all
+    with pytest.raises(BrokerRefusal) as err:  # and globex-bot has no acme rule at all
         b.challenge(bot, "acme", "minilm")
     assert err.value.code == "not-permitted"
 
@@ -736,14 +736,14 @@ def test_challenges_per_identity_are_bounded(setup: Setup, tmp_path: Path) -> No
     trainer, intern = b.config.identities["trainer"], b.config.identities["intern"]
     for _ in range(3):
         b.challenge(trainer, "acme", "minilm")
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(trainer, "acme", "minilm")
     assert err.value.code == "busy" and err.value.status == 429
     b.challenge(intern, "acme", "notes")  # one identity cannot starve another
     clock.now += 11
     for _ in range(3):
         b.challenge(trainer, "acme", "minilm")  # expired ones no longer count
-    with pytest.raises(Refused):
+    with pytest.raises(BrokerRefusal):
         b.challenge(trainer, "acme", "minilm")
 
 

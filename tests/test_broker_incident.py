@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from sealstore.audit import read_records, verify_log
-from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker import Broker, BrokerRefusal
 from sealstore.enclave.broker_client import BrokerKey, https_json
 from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.errors import KeyReleaseDenied
@@ -127,7 +127,7 @@ def test_attestation_failures_lock_out_then_clear(
     blob = _slot(setup)
     for _ in range(3):
         assert _code(b, "trainer", _bad(_tpm_request(b, "trainer", blob))) == "tpm-signature"
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(b.config.identities["trainer"], "acme", "minilm")
     assert err.value.code == "locked-out"
     # Another identity is not affected.
@@ -178,7 +178,7 @@ def test_release_rate_far_above_usual_is_throttled_then_clears(
     for _ in range(6):  # up to max(3 x 2, 4) = 6 in one bucket
         assert "sealed" in b.release(trainer, _tpm_request(b, "trainer", blob))
     assert _code(b, "trainer", _tpm_request(b, "trainer", blob)) == "throttled"
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(trainer, "acme", "minilm")
     assert (err.value.code, err.value.status) == ("throttled", 429)
     assert b.alerts.flush() and webhook.kinds() == ["throttle"]
@@ -215,24 +215,24 @@ def test_roles_and_lockdown_in_process(setup: Setup, tcti: str, tmp_path: Path) 
     ops, trainer = b.config.identities["ops"], b.config.identities["trainer"]
     # Least privilege: trainer is a reader where a rule names it, and no admin.
     assert trainer.roles == {"acme": "reader"}
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.lockdown(trainer, "acme")
     assert err.value.code == "not-permitted"
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(b.config.identities["globex-bot"], "acme", "minilm")
     assert err.value.code == "not-permitted"
     blob = _slot(setup)
     req = _tpm_request(b, "trainer", blob)  # a challenge issued before the lockdown
     b.lockdown(ops, "acme", "suspected key theft")
     assert _code(b, "trainer", req) == "locked-down"
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(trainer, "acme", "minilm")
     assert err.value.code == "locked-down"
     b.lift(ops, "acme")
     assert "sealed" in b.release(trainer, _tpm_request(b, "trainer", blob))
     b.lockdown(ops, "*")
     for who, tenant in (("trainer", "acme"), ("globex-bot", "globex")):
-        with pytest.raises(Refused) as err:
+        with pytest.raises(BrokerRefusal) as err:
             b.challenge(b.config.identities[who], tenant, "minilm")
         assert err.value.code == "locked-down"
     b.lift(ops, "*")

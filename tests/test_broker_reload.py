@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealstore.audit import read_records, verify_log
-from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker import Broker, BrokerRefusal
 from sealstore.enclave.broker_client import BrokerKey, client_context, https_json
 from sealstore.enclave.broker_config import BrokerConfig, load_bundle_key
 from sealstore.enclave.broker_http import create_app
@@ -328,7 +328,7 @@ def test_a_request_is_decided_under_the_config_it_started_with(
     b.replace_config(x)
     ident = b.authenticate("T", None)
     b.replace_config(y)
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.challenge(ident, "acme", "minilm")
     assert err.value.code == "not-permitted"
 
@@ -416,7 +416,7 @@ def test_concurrent_requests_during_reloads_never_mix_two_configs(
                 try:
                     b.challenge(ident, "acme", "minilm")
                     codes.append("ok")
-                except Refused as exc:
+                except BrokerRefusal as exc:
                     codes.append(exc.code)
 
     flipper = threading.Thread(target=flip)
@@ -690,7 +690,7 @@ def test_token_lists_are_checked(setup: Setup, tmp_path: Path) -> None:
     assert b.authenticate("a", None).name == "trainer"
     assert b.authenticate(TOKENS["trainer"], None).name == "trainer"  # token_sha256: no end
     clock.now += 1
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         b.authenticate("a", None)
     assert (err.value.code, err.value.status) == ("token-expired", 401)
 

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from sealstore.audit import read_records
 from sealstore.enclave import release, tpm
-from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker import Broker, BrokerRefusal
 from sealstore.enclave.broker_client import BrokerKey
 from sealstore.enclave.broker_config import BrokerConfig
 from sealstore.enclave.certs import load_certificates
@@ -200,7 +200,7 @@ class Cvm:
         return body, secret
 
     def code(self, req: dict) -> str:
-        with pytest.raises(Refused) as err:
+        with pytest.raises(BrokerRefusal) as err:
             self.broker.release(self.who, req)
         return err.value.code
 

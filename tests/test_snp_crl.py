@@ -429,7 +429,7 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     """A release on SNP evidence from a chain of our own: granted, then refused once the
     rule's CRL file revokes the ASK (snp-revoked), and refused while the CRL is stale."""
     from sealstore.enclave import release
-    from sealstore.enclave.broker import Broker, Refused
+    from sealstore.enclave.broker import Broker, BrokerRefusal
     from sealstore.enclave.broker_client import BrokerKey
     from sealstore.keys import DataKey
     from tests.test_broker import CONTEXT, _body
@@ -471,7 +471,7 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     write(make_crl(c.ark, c.ark_key, (0x1234, 0x010077), number=2, **window), 2)
     assert "sealed" in attempt()  # the file is not read live: only a reload puts it in force
     assert reloader.reload("sighup") == "applied"
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         attempt()
     assert (err.value.code, err.value.status) == ("snp-revoked", 403)  # the caller's failure
     stale = make_crl(
@@ -479,7 +479,7 @@ def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     )
     write(stale, 3)
     assert reloader.reload("sighup") == "applied"  # stale is the broker's problem, not format
-    with pytest.raises(Refused) as err:
+    with pytest.raises(BrokerRefusal) as err:
         attempt()
     # The broker's own list is stale: a 503, not counted against the caller.
     assert (err.value.code, err.value.status) == ("snp-crl-stale", 503)

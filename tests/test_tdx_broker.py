@@ -123,9 +123,9 @@ def test_broker_refusals_with_collateral(tmp_path: Path) -> None:
     import nacl.public
 
     from sealstore.enclave import release
-    from sealstore.enclave.broker import Broker, Refused
+    from sealstore.enclave.broker import Broker, BrokerRefusal
 
-    def attempt(b: Broker) -> Refused:
+    def attempt(b: Broker) -> BrokerRefusal:
         who = b.config.identities["cvm"]
         ch = b.challenge(who, "acme", "llama")
         public = bytes(nacl.public.PrivateKey.generate().public_key)
@@ -138,7 +138,7 @@ def test_broker_refusals_with_collateral(tmp_path: Path) -> None:
             "slot": {},
             "context": {},
         }
-        with pytest.raises(Refused) as err:
+        with pytest.raises(BrokerRefusal) as err:
             b.release(who, req)
         return err.value
 
@@ -157,6 +157,6 @@ def test_broker_refusals_with_collateral(tmp_path: Path) -> None:
     # Collateral passes; the sample quote's report_data does not bind this challenge.
     refused = attempt(fresh)
     assert (refused.code, refused.status) == ("tdx-report-data", 403)
-    with pytest.raises(Refused) as err:  # that one counted: max 1, locked out
+    with pytest.raises(BrokerRefusal) as err:  # that one counted: max 1, locked out
         fresh.challenge(fresh.config.identities["cvm"], "acme", "llama")
     assert err.value.code == "locked-out"

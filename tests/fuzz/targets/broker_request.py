@@ -7,7 +7,7 @@ A release whose ``nonce`` is ``"$challenge"`` gets a fresh challenge's nonce
 for its tenant and artifact, so the fuzzer reaches the evidence checks (TPM,
 SEV-SNP, TDX: one artifact each) with the real samples as seeds.
 
-Every refusal is a :class:`Refused` with a code; any other exception would
+Every refusal is a :class:`BrokerRefusal` with a code; any other exception would
 be an HTTP 500 (``internal``) from the running broker, and is a bug.
 """
 
@@ -25,16 +25,17 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave.broker import Broker, Refused
+from sealstore.enclave.broker import Broker, BrokerRefusal
 from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.broker_http import parse_body
+from sealstore.enclave.broker_http import ChallengeIn, ReleaseIn, StandingIn, parse_body
 from sealstore.enclave.certs import load_certificates
 from tests.fuzz.harness import shared_data
 from tests.fuzz.targets import tpm_attest
 
 NAME = "broker_request"
-EXPECTED = (Refused,)
+EXPECTED = (BrokerRefusal,)
 _ROUTES = ("challenge", "standing", "release")
+_MODELS = (ChallengeIn, StandingIn, ReleaseIn)
 # Removed when the process ends (the config, the AK and the audit key live here).
 _TMP = tempfile.TemporaryDirectory(prefix="sealstore-fuzz-broker-", ignore_cleanup_errors=True)
 _DIR = Path(_TMP.name)
@@ -153,14 +154,14 @@ def one_input(data: bytes) -> None:
     if not data:
         return
     route = _ROUTES[data[0] % len(_ROUTES)]
-    req = parse_body(data[1:])
+    req = parse_body(data[1:], _MODELS[data[0] % len(_ROUTES)]).fields()
     if route == "challenge":
         _BROKER.challenge(_WHO, req.get("tenant"), req.get("artifact"))
     elif route == "standing":
         _BROKER.standing(_WHO, req.get("tenant"))
     else:
         if req.get("nonce") == "$challenge":
-            with contextlib.suppress(Refused):
+            with contextlib.suppress(BrokerRefusal):
                 req["nonce"] = _BROKER.challenge(_WHO, req.get("tenant"), req.get("artifact"))[
                     "nonce"
                 ]
