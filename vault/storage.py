@@ -427,9 +427,12 @@ class S3Storage(FsspecStorage):
         # multipart upload, close() only uploads the last part, and nothing is
         # visible until commit() completes the upload; discard() aborts it. So
         # no close() -- not even one from the file's __del__ -- can publish a
-        # truncated object.
+        # truncated object. Opened with _open, the backend's own method: fs.open
+        # would also queue the file on the file system's transaction, which
+        # this write is not part of -- and keep it, and its buffer, for the
+        # life of the (cached, shared) file system.
         try:
-            fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=False)
+            fp = self.fs._open(self._p(path), "wb", block_size=self.PART, autocommit=False)
         except self._errors as exc:
             raise self._fail("write", path, exc) from exc
         up = _Uploader(fp, self.PART, lambda exc: self._fail("write", path, exc))
