@@ -195,6 +195,7 @@ class _SealingFile(io.BufferedIOBase):
 def _target_writer(fs: Any, path: str) -> tuple[Any, Callable[[], Any], Callable[[], Any]]:
     """``(file, commit, discard)`` for a new file at *path* that appears only on commit."""
     from fsspec.implementations.local import LocalFileSystem
+    from fsspec.spec import AbstractBufferedFile
 
     if isinstance(fs, LocalFileSystem):
         # Local disk: sealstore's atomic file (an anonymous temporary in the
@@ -208,14 +209,26 @@ def _target_writer(fs: Any, path: str) -> tuple[Any, Callable[[], Any], Callable
             lambda: cm.__exit__(None, None, None),
             lambda: cm.__exit__(RuntimeError, gone, None),
         )
-    # Elsewhere the file system's own transaction (S3: the upload completes on commit).
-    fp = fs.open(path, "wb", autocommit=False)
+    # Elsewhere the file system's own transaction (S3: the upload completes on
+    # commit). Through _open, the backend's method: fs.open would also queue
+    # the file on the file system's transaction, which this write is not part
+    # of, and keep it there for the life of the (cached, shared) file system.
+    fp = fs._open(path, "wb", autocommit=False)
 
     def commit() -> None:
         fp.close()
         fp.commit()
 
-    return fp, commit, fp.discard
+    def discard() -> None:
+        try:
+            fp.discard()
+        finally:
+            # A discarded file is never closed: s3fs's close() (its __del__
+            # calls it) would start a new multipart upload nothing completes.
+            if isinstance(fp, AbstractBufferedFile):
+                fp.closed = True
+
+    return fp, commit, discard
 
 
 class SealedFileSystem(_SealedBase, ChainedFileSystem):

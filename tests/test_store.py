@@ -722,22 +722,3 @@ def test_pull_into_an_existing_directory(store: Store, tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         store.pull("w", dest, force=True)
     assert not (dest / "sub" / "b.txt").exists()
-
-
-def test_prefetch_keeps_failing_after_an_error() -> None:
-    from sealstore.errors import BackendError
-    from sealstore.vault.storage import _Prefetch
-
-    class Broken:
-        def read(self, n: int) -> bytes:
-            raise OSError("server went away")
-
-        def close(self) -> None:
-            pass
-
-    r = _Prefetch(Broken(), 1024)
-    buf = bytearray(10)
-    for _ in range(2):  # the second read raises too, instead of waiting forever
-        with pytest.raises(BackendError, match="server went away"):
-            r.readinto(buf)
-    r.close()

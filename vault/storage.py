@@ -409,10 +409,9 @@ class S3Storage(FsspecStorage):
         try:
             # If-None-Match: * -- S3 (and SeaweedFS, moto) refuse with 412 when the key exists.
             self.fs.pipe_file(self._p(path), data, mode="create")
-        except FileExistsError:
-            raise FileExistsError(path) from None
         except self._errors as exc:
-            if _precondition_failed(exc):
+            # FileExistsError: what s3fs makes of a 412 that names If-None-Match (AWS).
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 raise FileExistsError(path) from None
             raise self._fail("write", path, exc) from exc
         finally:
@@ -424,15 +423,24 @@ class S3Storage(FsspecStorage):
 
     @contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        # s3fs's own transaction: with autocommit=False the file is always a
+        # multipart upload, close() only uploads the last part, and nothing is
+        # visible until commit() completes the upload; discard() aborts it. So
+        # no close() -- not even one from the file's __del__ -- can publish a
+        # truncated object. Opened with _open, the backend's own method: fs.open
+        # would also queue the file on the file system's transaction, which
+        # this write is not part of -- and keep it, and its buffer, for the
+        # life of the (cached, shared) file system.
         try:
-            fp = self.fs.open(self._p(path), "wb", block_size=self.PART, autocommit=True)
+            fp = self.fs._open(self._p(path), "wb", block_size=self.PART, autocommit=False)
         except self._errors as exc:
             raise self._fail("write", path, exc) from exc
         up = _Uploader(fp, self.PART, lambda exc: self._fail("write", path, exc))
         try:
             yield up  # type: ignore[misc]
             up.finish()
-            fp.close()  # completes the multipart upload: the object appears now
+            fp.close()  # the last part
+            fp.commit()  # complete the multipart upload: the object appears now
         except BaseException as exc:
             from sealstore.vault.s3limits import timed_out
 
@@ -443,11 +451,10 @@ class S3Storage(FsspecStorage):
             hung = isinstance(exc, KeyboardInterrupt) or timed_out(exc)
             up.stop(wait=not hung)
             if not hung:
-                # Never close() on failure: it would complete the upload and
-                # publish a truncated object. discard() aborts the multipart upload.
                 with contextlib.suppress(Exception):  # already failing: the original error wins
                     fp.discard()
-            # And never let the file's __del__ call close() later either.
+            # A discarded (or abandoned) file must not be closed later: its
+            # close() would start a new upload for the rest of its buffer.
             fp.closed = True
             if isinstance(exc, self._errors) and not isinstance(exc, BackendError):
                 raise self._fail("write", path, exc) from exc
@@ -543,7 +550,7 @@ class S3Storage(FsspecStorage):
                     Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
                 )
             except ClientError as exc:
-                if _status(exc) == 412:  # If-Match failed: another object under the name
+                if _precondition_failed(exc):  # If-Match: another object under the name
                     raise _ObjectChanged from exc
                 raise
             with contextlib.closing(got["Body"]):
@@ -710,11 +717,24 @@ def _status(exc: BaseException) -> int | None:
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if response else None
 
 
-def _precondition_failed(exc: OSError) -> bool:
-    # s3fs maps HTTP 412 to FileExistsError on some servers and to
-    # OSError(EINVAL, "...pre-conditions...") on others (SeaweedFS).
-    text = str(exc).lower()
-    return "precondition" in text or "pre-condition" in text or "412" in text
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether S3 refused a conditional request (HTTP 412, ``PreconditionFailed``).
+
+    Decided from the error's code, never its message: s3fs raises
+    ``FileExistsError`` only when the server names the failed condition
+    (``If-None-Match``, as AWS does); others (SeaweedFS, moto) leave it out
+    and s3fs raises a plain ``OSError`` -- raised from botocore's
+    ``ClientError``, whose code says what happened.
+    """
+    seen = 0
+    while exc is not None and seen < 20:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return code == "PreconditionFailed" or _status(exc) == 412
+        exc = exc.__cause__  # type: ignore[assignment]
+        seen += 1
+    return False
 
 
 class _Uploader:
