@@ -40,9 +40,9 @@ from sealstore import (
     verify_file,
     wrapper_for,
 )
+from sealstore.fileobj import SealedBufferedReader, SealedIO
 from sealstore.kms.hpke import HpkeIdentity
 from sealstore.kms.local import LocalKeyring
-from sealstore.fileobj import SealedBufferedReader, SealedIO
 from sealstore.loaders.safetensors import SafeOpen
 from sealstore.vault.manifest import Manifest
 from sealstore.vault.pull import VerifyResult
