@@ -489,8 +489,9 @@ def load_state_dict(
         module: the ``torch.nn.Module`` to load into.
         src: as :func:`load_file`.
         strict: as ``torch.nn.Module.load_state_dict``; a guarded load is always strict.
-        guard, device, threads, identities, store, tenant, progress, prefer,
-            allow_table_aes, plan, verify_signature, public_key: as :func:`load_file`.
+        guard, device, threads, identities, store, tenant: as :func:`load_file`.
+        progress, prefer, allow_table_aes, plan: as :func:`load_file`.
+        verify_signature, public_key: as :func:`load_file`.
 
     Returns:
         What ``module.load_state_dict`` returns (missing and unexpected keys), or with
@@ -1051,8 +1052,9 @@ def load_model(
         model: the ``torch.nn.Module`` to load into.
         src: as :func:`load_file`.
         strict: raise if a parameter is missing or a tensor unexpected.
-        device, threads, identities, store, tenant, progress, prefer, allow_table_aes,
-            plan, verify_signature, public_key: as :func:`load_file`.
+        device, threads, identities, store, tenant: as :func:`load_file`.
+        progress, prefer, allow_table_aes, plan: as :func:`load_file`.
+        verify_signature, public_key: as :func:`load_file`.
 
     Returns:
         ``(missing, unexpected)``: names of *model* the file did not fill (a

@@ -875,16 +875,21 @@ class Store:
         """Push a file or a directory as a new version of an artifact.
 
         Args:
-            src, ref, tenant, keys, dek_from, parent, bom, suite, chunk_size, threads,
-            progress, tag_latest, follow_outside_links, sign_key, sign_cert,
-            require_signature, public_key, signature: as :func:`sealstore.vault.push.push`.
+            src: a file, a directory, or ``{artifact path: bytes}`` sealed from memory.
+            ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
+            tenant, keys, dek_from, parent, bom: as :func:`sealstore.vault.push.push`.
+            suite, chunk_size, threads, progress, tag_latest: as there.
+            follow_outside_links, sign_key, sign_cert: as there.
+            require_signature, public_key, signature: as there.
 
         Returns:
             The committed manifest.
 
         Raises:
-            FileExistsError, ValueError, AuthenticationError, FormatError, KeyUnavailable,
-            BackendError: as :func:`sealstore.vault.push.push`.
+            FileExistsError: the version exists (or another push of it won a race).
+            ValueError: no keys, a bad name, a BoM spec problem, a bad signing key...
+            AuthenticationError: a required model signature does not verify.
+            FormatError, KeyUnavailable, BackendError: as :func:`sealstore.vault.push.push`.
         """
         from sealstore.vault.push import push
 
