@@ -1,6 +1,7 @@
 # sealstore -- everything a fresh machine needs lives here or in scripts/.
 #   make demo   seal a real model and load it back into torch (local keyring, no server)
 #   make test   install everything, run the whole suite (with the real services it needs)
+#   make typecheck  mypy over the public API (make test runs it first)
 #   make docs   the user docs and the API reference into build/site (mkdocs --strict)
 #   make fuzz   fuzz every parser of attacker bytes, FUZZ_SECONDS (60) each (docs/FUZZING.md)
 
@@ -15,7 +16,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test docs fuzz install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
+.PHONY: demo test typecheck docs fuzz install vllm-venv services-up services-down lint format wheel-check bench vectors clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,11 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	scripts/run-tests.sh
+
+# mypy over the public API ([tool.mypy] in pyproject.toml); scripts/run-tests.sh runs it
+# after ruff, before pytest.
+typecheck: $(STAMP)
+	scripts/typecheck.sh
 
 # The user docs (docs/*.md) and the API reference from the docstrings, into
 # build/site; --strict: a broken link, anchor or cross-reference fails

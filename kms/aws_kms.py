@@ -165,23 +165,43 @@ class AwsKmsKey:
     # -- construction -------------------------------------------------------------
 
     @classmethod
-    def from_uri(cls, uri: str, **options: Any) -> AwsKmsKey:
+    def from_uri(
+        cls,
+        uri: str,
+        *,
+        region: str | None = None,
+        profile: str | None = None,
+        endpoint_url: str | None = None,
+        client: BaseClient | None = None,
+        max_attempts: int = _MAX_ATTEMPTS,
+    ) -> AwsKmsKey:
         """Parse ``aws-kms://KEY-ID``, ``aws-kms://alias/NAME`` or ``aws-kms://arn:aws:kms:...``.
 
         Args:
             uri: the key URI.
-            options: ``region``, ``profile``, ``endpoint_url``, ``client`` (a
-                ready boto3 KMS client) and ``max_attempts`` (retries).
+            region: the key's region (default: the ARN's, else ``AWS_REGION``...).
+            profile: the AWS profile to take credentials from.
+            endpoint_url: a KMS endpoint other than AWS's (default ``AWS_ENDPOINT_URL``).
+            client: a ready boto3 KMS client (then *region*, *profile* and
+                *endpoint_url* are not used to make one).
+            max_attempts: attempts per call, retries of throttling and 5xx included.
+
+        Returns:
+            The key.
 
         Raises:
-            ValueError: not an aws-kms URI, or an unknown option.
+            ValueError: not an aws-kms URI.
         """
         if not uri.startswith(_PREFIX):
             raise ValueError(f"not an aws-kms key URI (expected aws-kms://KEY): {uri!r}")
-        unknown = set(options) - {"region", "profile", "endpoint_url", "client", "max_attempts"}
-        if unknown:
-            raise ValueError(f"unknown aws-kms options: {', '.join(sorted(unknown))}")
-        return cls(uri[len(_PREFIX) :], **options)
+        return cls(
+            uri[len(_PREFIX) :],
+            region=region,
+            profile=profile,
+            endpoint_url=endpoint_url,
+            client=client,
+            max_attempts=max_attempts,
+        )
 
     @classmethod
     def unwrapper_for_slot(cls, slot: KeySlot) -> AwsKmsKey | None:

@@ -231,7 +231,7 @@ def unwrap_dek(
 
 
 def seal_writer(
-    dst: BinaryIO,
+    dst: IO[bytes],
     keys: Sequence[KeySpec],
     *,
     context: Mapping[str, str] | None = None,
@@ -263,7 +263,7 @@ def seal_writer(
 
 def seal_stream(
     src: BinaryIO,
-    dst: BinaryIO,
+    dst: IO[bytes],
     keys: Sequence[KeySpec],
     *,
     context: Mapping[str, str] | None = None,
@@ -338,19 +338,53 @@ def seal_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     keys: Sequence[KeySpec],
-    **options: Any,
+    *,
+    context: Mapping[str, str] | None = None,
+    suite: str = DEFAULT_SUITE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    plaintext_size: int | None = None,
+    threads: int = 1,
+    progress: Progress | None = None,
+    dek_from: KeySpec | None = None,
 ) -> Header:
     """Seal the file *src* (``-`` = stdin) to *dst* (``-`` = stdout), atomically.
 
-    Options are those of :func:`seal_stream`; the plaintext size is recorded
-    when *src* is a regular file.
+    Args:
+        src, dst: the plaintext file and the sealed file to write.
+        keys: key URIs or wrappers; the DEK is wrapped to each (one slot each).
+        context: the encryption context, bound into the header and every wrap.
+        suite: ``"AES-256-GCM"`` (default) or ``"CHACHA20-POLY1305"``.
+        chunk_size: a power of two, 64 KiB..64 MiB.
+        plaintext_size: recorded in the header; by default the size of *src*
+            when it is a regular file.
+        threads: chunks sealed in parallel.
+        progress: called with each chunk's byte count.
+        dek_from: as :func:`seal_stream`.
+
+    Returns:
+        The header written.
+
+    Raises:
+        ValueError: bad parameters, or *dek_from* cannot generate keys.
+        SealstoreError: from a provider.
     """
-    if str(src) != "-" and "plaintext_size" not in options:
+    if str(src) != "-" and plaintext_size is None:
         st = os.stat(src)
         if stat.S_ISREG(st.st_mode):
-            options["plaintext_size"] = st.st_size
+            plaintext_size = st.st_size
     with _input(src) as fin, atomic_output(dst) as fout:
-        return seal_stream(fin, fout, keys, **options)
+        return seal_stream(
+            fin,
+            fout,
+            keys,
+            context=context,
+            suite=suite,
+            chunk_size=chunk_size,
+            plaintext_size=plaintext_size,
+            threads=threads,
+            progress=progress,
+            dek_from=dek_from,
+        )
 
 
 def open_sealed(

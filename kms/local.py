@@ -435,7 +435,7 @@ class LocalKeyring:
         return self._public["kdf"].get("alg") != "none"
 
     @property
-    def signing_key_id(self) -> str | None:  # type: ignore[override]
+    def signing_key_id(self) -> str | None:
         """The public Ed25519 key id (``ed25519:...``) manifests are signed with, if any."""
         value = self._public.get("signing")
         return str(value) if value is not None else None

@@ -98,9 +98,26 @@ def get_provider_class(scheme: str) -> type:
     return cls
 
 
-def wrapper_for(uri: str, **options: Any) -> Wrapper:
-    """The wrapper for a key URI such as ``local:PATH`` or ``x25519:KEY``."""
-    return get_provider_class(_scheme(uri)).from_uri(uri, **options)
+def wrapper_for(uri: str) -> Wrapper:
+    """The wrapper for a key URI such as ``local:PATH`` or ``x25519:KEY``.
+
+    Credentials and endpoints come from the URI and the environment. A provider's own
+    options (a ready client, a token, a region) are its class's keyword arguments:
+    ``VaultTransitKey(uri, token=...)``, ``AwsKmsKey.from_uri(uri, region=...)``.
+
+    Args:
+        uri: the key URI; its scheme picks the provider.
+
+    Returns:
+        The provider's wrapper for that key.
+
+    Raises:
+        ValueError: no scheme, an unknown scheme, or a URI the provider cannot parse.
+        ImportError: the provider's optional dependency is missing (with the install hint).
+    """
+    provider: Any = get_provider_class(_scheme(uri))  # each provider's own from_uri
+    wrapper: Wrapper = provider.from_uri(uri)
+    return wrapper
 
 
 def sealstore_home() -> Path:
@@ -132,12 +149,18 @@ def load_identity(path: str | os.PathLike[str]) -> Unwrapper:
     except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"cannot read identity file {p}: {exc.__class__.__name__}") from None
     if text.lstrip().startswith("{"):
-        return get_provider_class("local").open(p)
-    if "AGE-SECRET-KEY-1" in text or "-----BEGIN OPENSSH PRIVATE KEY-----" in text:
-        return get_provider_class("age").identity_from_text(text, source=str(p))
-    if "SEALSTORE-HPKE-IDENTITY:" in text:
-        return get_provider_class("hpke").identity_from_text(text, source=str(p))
-    return get_provider_class("x25519").identity_from_text(text, source=str(p))
+        scheme = "local"
+    elif "AGE-SECRET-KEY-1" in text or "-----BEGIN OPENSSH PRIVATE KEY-----" in text:
+        scheme = "age"
+    elif "SEALSTORE-HPKE-IDENTITY:" in text:
+        scheme = "hpke"
+    else:
+        scheme = "x25519"
+    provider: Any = get_provider_class(scheme)
+    identity: Unwrapper = (
+        provider.open(p) if scheme == "local" else provider.identity_from_text(text, source=str(p))
+    )
+    return identity
 
 
 def unwrappers_for(slot: KeySlot, identities: Sequence[Unwrapper] = ()) -> Iterator[Unwrapper]:

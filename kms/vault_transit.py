@@ -169,8 +169,13 @@ class VaultTransitKey:
         self._is_derived: bool | None = None
 
     @classmethod
-    def from_uri(cls, uri: str, **options: Any) -> VaultTransitKey:
-        return cls(uri, **options)
+    def from_uri(cls, uri: str) -> VaultTransitKey:
+        """The key ``vault-transit://HOST:PORT/MOUNT/KEY``, credentials from the environment.
+
+        Raises:
+            ValueError: not a Vault Transit key URI.
+        """
+        return cls(uri)
 
     @classmethod
     def unwrapper_for_slot(cls, slot: KeySlot) -> VaultTransitKey | Refusal:

@@ -45,7 +45,7 @@ def _rng_state_globals() -> list[Any]:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
     return [
         # ndarray.__reduce__: _reconstruct(ndarray, ...) then ndarray.__setstate__.

@@ -21,7 +21,6 @@ from sealstore.fileobj import (
     SealedBufferedReader,
     SealedIO,
     named,
-    wrap,
 )
 from sealstore.kms.envelope import IdentitySpec
 from sealstore.loaders.sources import PREFIX, open_source
@@ -130,9 +129,9 @@ def open(  # sealstore.open mirrors the builtin on purpose
     """
     if mode != "rb":
         raise ValueError(f"sealstore.open reads only (mode 'rb'), not {mode!r}")
-    options = {"cache_chunks": cache_chunks, "threads": threads}
     if isinstance(src, SealedFile):
-        return _buffer(wrap(src, buffered=False, close_sealed=False, **options), buffering)
+        raw = SealedIO(src, cache_chunks=cache_chunks, threads=threads, close_sealed=False)
+        return _buffer(raw, buffering)
     text = os.fspath(src)
     if store is not None:
         url = store if isinstance(store, (str, os.PathLike)) else store.url
@@ -151,11 +150,13 @@ def open(  # sealstore.open mirrors the builtin on purpose
             )
         except SealstoreError as exc:
             raise named(exc, text) from None
-        return _buffer(wrap(sealed, name=text, buffered=False, **options), buffering)
+        raw = SealedIO(sealed, name=text, cache_chunks=cache_chunks, threads=threads)
+        return _buffer(raw, buffering)
     ref = SourceRef(text, tenant, specs, store_options, check_digest)
     sealed = ref.open()
     ref = _pinned(ref, sealed)
-    return _buffer(wrap(sealed, reopener=ref, buffered=False, **options), buffering)
+    raw = SealedIO(sealed, reopener=ref, cache_chunks=cache_chunks, threads=threads)
+    return _buffer(raw, buffering)
 
 
 def _pinned(ref: SourceRef, sealed: SealedFile) -> SourceRef:

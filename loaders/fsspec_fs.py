@@ -284,9 +284,17 @@ class SealedFileSystem(_SealedBase, ChainedFileSystem):
     def unstrip_protocol(self, name: str) -> str:
         return "sealstore::" + self.fs.unstrip_protocol(name)
 
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: Any = None,
+        autocommit: bool = True,
+        cache_options: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if mode != "wb":
-            return super()._open(path, mode, **kwargs)
+            return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
         if not self.keys:
             raise ValueError(f"{self.unstrip_protocol(path)}: writing seals; give keys=[URI, ...]")
         path = self._strip_protocol(path)
@@ -583,10 +591,21 @@ class StoreFileSystem(_SealedBase):
             finally:
                 zero(memoryview(buf))
 
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> SealedBufferedReader:
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: Any = None,
+        autocommit: bool = True,
+        cache_options: Any = None,
+        **kwargs: Any,
+    ) -> SealedBufferedReader:
         if mode == "rb":
             path = self.canonical(path)  # workers reopen this very version
-        return super()._open(path, mode, **kwargs)
+        opened: SealedBufferedReader = super()._open(
+            path, mode, block_size, autocommit, cache_options, **kwargs
+        )
+        return opened
 
 
 class StoreS3FileSystem(StoreFileSystem):

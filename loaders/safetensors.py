@@ -463,18 +463,65 @@ def load(
 
 
 def load_state_dict(
-    module: Any, src: Any, *, strict: bool = True, guard: Any = None, **kwargs: Any
+    module: Any,
+    src: Any,
+    *,
+    strict: bool = True,
+    guard: Any = None,
+    device: str | int = "cpu",
+    threads: int | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    store: Any = None,
+    tenant: str | None = None,
+    progress: bool | Progress = False,
+    prefer: str = "gpu-direct",
+    allow_table_aes: bool = False,
+    plan: Any = None,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> Any:
     """``module.load_state_dict(load_file(src, ...), strict=strict)``; returns its result.
 
     With *guard* (a ``GuardPolicy``): every parameter from *src*; returns *module*, guarded
     (``load_file(src, guard=..., module=module)``).
+
+    Args:
+        module: the ``torch.nn.Module`` to load into.
+        src: as :func:`load_file`.
+        strict: as ``torch.nn.Module.load_state_dict``; a guarded load is always strict.
+        guard, device, threads, identities, store, tenant: as :func:`load_file`.
+        progress, prefer, allow_table_aes, plan: as :func:`load_file`.
+        verify_signature, public_key: as :func:`load_file`.
+
+    Returns:
+        What ``module.load_state_dict`` returns (missing and unexpected keys), or with
+        *guard* the guarded *module*.
+
+    Raises:
+        ValueError: a guard with ``strict=False``.
+        AuthenticationError, KeyUnavailable, NotFound, FormatError, DeviceUnavailable: as
+            :func:`load_file`.
     """
-    if guard is not None and guard is not False:
-        if not strict:
-            raise ValueError("a guarded load is strict: every parameter comes from the artifact")
-        return load_file(src, guard=guard, module=module, **kwargs)
-    return module.load_state_dict(load_file(src, **kwargs), strict=strict)
+    guarded = guard is not None and guard is not False
+    if guarded and not strict:
+        raise ValueError("a guarded load is strict: every parameter comes from the artifact")
+    loaded = load_file(
+        src,
+        device,
+        threads=threads,
+        identities=identities,
+        store=store,
+        tenant=tenant,
+        progress=progress,
+        prefer=prefer,
+        allow_table_aes=allow_table_aes,
+        guard=guard if guarded else None,
+        module=module if guarded else None,
+        plan=plan,
+        verify_signature=verify_signature,
+        public_key=public_key,
+    )
+    return loaded if guarded else module.load_state_dict(loaded, strict=strict)
 
 
 class _Slice:
@@ -753,9 +800,16 @@ def safe_open(
     framework: str = "pt",
     device: str | int = "cpu",
     *,
+    identities: Sequence[IdentitySpec] = (),
+    store: Any = None,
+    tenant: str | None = None,
+    check_digest: bool = False,
+    threads: int | None = None,
+    prefer: str = "gpu-direct",
+    allow_table_aes: bool = False,
+    plan: Any = None,
     verify_signature: bool = False,
     public_key: Any = None,
-    **kwargs: Any,
 ) -> SafeOpen:
     """Open a sealed safetensors file lazily, as ``safetensors.safe_open``.
 
@@ -792,6 +846,16 @@ def safe_open(
     tensors read afterwards are decrypted again. To load every tensor,
     ``load_file(verify_signature=True)`` hashes beside its single decryption.
 
+    Args:
+        src, device, identities, store, tenant, threads, prefer, allow_table_aes, plan:
+            as :func:`load_file`.
+        framework: ``"pt"``/``"torch"`` or ``"np"``/``"numpy"``.
+        check_digest: a store reference: hash the whole object on open.
+        verify_signature, public_key: check the OMS model signature at open (above).
+
+    Returns:
+        The open file (a context manager; ``close`` wipes its key).
+
     Raises:
         ValueError: an unsupported framework, or numpy with a device other than the CPU,
             or a plan slice outside its tensor.
@@ -804,7 +868,19 @@ def safe_open(
             file that differs from it.
     """
     return SafeOpen(
-        src, framework, device, verify_signature=verify_signature, public_key=public_key, **kwargs
+        src,
+        framework,
+        device,
+        identities=identities,
+        store=store,
+        tenant=tenant,
+        check_digest=check_digest,
+        threads=threads,
+        prefer=prefer,
+        allow_table_aes=allow_table_aes,
+        plan=plan,
+        verify_signature=verify_signature,
+        public_key=public_key,
     )
 
 
@@ -962,7 +1038,9 @@ def save_model(
     keys: Sequence[KeySpec],
     metadata: Mapping[str, str] | None = None,
     force_contiguous: bool = True,
-    **options: Any,
+    context: Mapping[str, str] | None = None,
+    dek_from: KeySpec | None = None,
+    threads: int = 2,
 ) -> None:
     """Seal a torch module's state dict, tied weights included, as ``safetensors.torch.save_model``.
 
@@ -975,7 +1053,8 @@ def save_model(
     Args:
         model: the ``torch.nn.Module``.
         dst: the sealed file to write.
-        keys, metadata, options: as :func:`save_file` (*metadata* is not modified).
+        keys, metadata, context, dek_from, threads: as :func:`save_file` (*metadata*
+            is not modified).
         force_contiguous: save non-contiguous tensors as contiguous copies.
 
     Raises:
@@ -996,7 +1075,15 @@ def save_model(
     if force_contiguous:
         state_dict = {k: v.contiguous() for k, v in state_dict.items()}
     try:
-        save_file(state_dict, dst, keys=keys, metadata=meta, **options)
+        save_file(
+            state_dict,
+            dst,
+            keys=keys,
+            metadata=meta,
+            context=context,
+            dek_from=dek_from,
+            threads=threads,
+        )
     except ValueError as exc:
         raise ValueError(f"{exc}; or use save_model(..., force_contiguous=True)") from None
 
@@ -1007,7 +1094,16 @@ def load_model(
     *,
     strict: bool = True,
     device: str | int = "cpu",
-    **kwargs: Any,
+    threads: int | None = None,
+    identities: Sequence[IdentitySpec] = (),
+    store: Any = None,
+    tenant: str | None = None,
+    progress: bool | Progress = False,
+    prefer: str = "gpu-direct",
+    allow_table_aes: bool = False,
+    plan: Any = None,
+    verify_signature: bool = False,
+    public_key: Any = None,
 ) -> tuple[list[str], list[str]]:
     """Load a sealed file into *model*, restoring tied weights, as ``safetensors.torch.load_model``.
 
@@ -1015,8 +1111,9 @@ def load_model(
         model: the ``torch.nn.Module`` to load into.
         src: as :func:`load_file`.
         strict: raise if a parameter is missing or a tensor unexpected.
-        device: as :func:`load_file`.
-        kwargs: the other options of :func:`load_file`.
+        device, threads, identities, store, tenant: as :func:`load_file`.
+        progress, prefer, allow_table_aes, plan: as :func:`load_file`.
+        verify_signature, public_key: as :func:`load_file`.
 
     Returns:
         ``(missing, unexpected)``: names of *model* the file did not fill (a
@@ -1030,7 +1127,20 @@ def load_model(
     """
     from safetensors.torch import _remove_duplicate_names
 
-    state_dict = load_file(src, device, **kwargs)
+    state_dict = load_file(
+        src,
+        device,
+        threads=threads,
+        identities=identities,
+        store=store,
+        tenant=tenant,
+        progress=progress,
+        prefer=prefer,
+        allow_table_aes=allow_table_aes,
+        plan=plan,
+        verify_signature=verify_signature,
+        public_key=public_key,
+    )
     to_removes = _remove_duplicate_names(model.state_dict(), preferred_names=state_dict.keys())
     missing_keys, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = set(missing_keys)

@@ -58,3 +58,8 @@ def package_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
 
 def on_startup(command: str, dirty: bool, **kwargs: Any) -> None:
     package_tree()
+
+
+if __name__ == "__main__":
+    # scripts/typecheck.sh: mypy reads the package from the same tree.
+    print(package_tree())

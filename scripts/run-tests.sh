@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole suite, as CI runs it: lint, the wheel install check, then pytest
+# The whole suite, as CI runs it: lint, the type check, the wheel install check, then pytest
 # against the real services (OpenBao, moto, SeaweedFS, swtpm), which are
 # started here and stopped on the way out -- also when a step fails.
 set -euo pipefail
@@ -8,6 +8,8 @@ VENV=${VENV:-.venv}
 echo "== ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+echo "== mypy"
+VENV="$VENV" scripts/typecheck.sh
 echo "== wheel install"
 scripts/wheel-check.sh
 echo "== services"

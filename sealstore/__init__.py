@@ -3,13 +3,16 @@
 The public facade. Errors and the key types are imported eagerly (they are
 the ground floor); everything built on the floors above is re-exported
 lazily (PEP 562), so ``import sealstore`` never imports a provider, the
-store, torch or numba.
+store, torch or numba. The same names are imported under ``TYPE_CHECKING``
+(never at run time), so a type checker sees each lazy name's real signature:
+``from sealstore import Store, load_file`` is typed for mypy and pyright while
+``import sealstore`` stays lazy.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealstore.errors import (
     AttestationError,
@@ -17,13 +20,38 @@ from sealstore.errors import (
     BackendError,
     DeviceUnavailable,
     FormatError,
+    InferenceRefused,
     KeyReleaseDenied,
     KeyUnavailable,
     NotFound,
+    Refused,
     SealstoreError,
+    Terminated,
     UnsupportedVersion,
 )
 from sealstore.keys import DataKey, KeySlot, Unwrapper, Wrapper
+
+if TYPE_CHECKING:
+    # One import per name of _LAZY, from the module _LAZY names
+    # (tests/test_public_api.py holds the two lists together).
+    from sealstore.format import Header
+    from sealstore.inspect import inspect_file
+    from sealstore.kms.envelope import (
+        open_reader,
+        open_sealed,
+        seal_file,
+        seal_stream,
+        unseal_file,
+        unwrap_dek,
+        verify_file,
+    )
+    from sealstore.kms.hpke import generate_identity
+    from sealstore.kms.local import create_keyring
+    from sealstore.kms.registry import load_identity, wrapper_for
+    from sealstore.loaders.fileio import open as open
+    from sealstore.loaders.safetensors import load_file, safe_open, save_file
+    from sealstore.stream import SealedFile, SealReader, SealWriter
+    from sealstore.vault.store import Store
 
 __version__ = "0.1.0"
 
@@ -49,25 +77,52 @@ _LAZY = {
     "wrapper_for": "sealstore.kms.registry",
     "Store": "sealstore.vault.store",
     "open": "sealstore.loaders.fileio",
+    # safetensors' three (sealstore.loaders has the rest of its API); torch loads on first use.
+    "load_file": "sealstore.loaders.safetensors",
+    "save_file": "sealstore.loaders.safetensors",
+    "safe_open": "sealstore.loaders.safetensors",
 }
 
+# The errors, the key types and _LAZY's names but "open" (a star import would shadow the
+# builtin); tests/test_public_api.py checks the list against _LAZY.
 __all__ = [
     "AttestationError",
     "AuthenticationError",
     "BackendError",
-    "DeviceUnavailable",
     "DataKey",
+    "DeviceUnavailable",
     "FormatError",
+    "Header",
+    "InferenceRefused",
     "KeyReleaseDenied",
     "KeySlot",
     "KeyUnavailable",
     "NotFound",
+    "Refused",
+    "SealReader",
+    "SealWriter",
+    "SealedFile",
     "SealstoreError",
+    "Store",
+    "Terminated",
     "UnsupportedVersion",
     "Unwrapper",
     "Wrapper",
-    # Not "open": a star import would shadow the builtin.
-    *sorted(set(_LAZY) - {"open"}),
+    "create_keyring",
+    "generate_identity",
+    "inspect_file",
+    "load_file",
+    "load_identity",
+    "open_reader",
+    "open_sealed",
+    "safe_open",
+    "save_file",
+    "seal_file",
+    "seal_stream",
+    "unseal_file",
+    "unwrap_dek",
+    "verify_file",
+    "wrapper_for",
 ]
 
 

@@ -43,7 +43,11 @@ class Reopener(Protocol):
         name: what errors and ``repr`` call the file (a path, URL or store reference).
     """
 
-    name: str
+    # Read-only, so that a frozen dataclass (loaders.fileio.SourceRef) is one.
+    @property
+    def name(self) -> str:
+        """What errors and ``repr`` call the file."""
+        ...
 
     def open(self) -> SealedFile:
         """Open the sealed file afresh (unwrapping its key through the opener's identities)."""

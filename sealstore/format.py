@@ -22,7 +22,7 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -335,7 +335,7 @@ def encode_slots(slots: tuple[KeySlot, ...] | list[KeySlot]) -> bytes:
     return canonical_json([slot.to_json() for slot in slots])
 
 
-def build_preamble(header: Header, slots: list[KeySlot] | tuple[KeySlot, ...] = ()) -> bytes:
+def build_preamble(header: Header, slots: Sequence[KeySlot] = ()) -> bytes:
     """The bytes before the first chunk. With no slots, slen is 0 (slots held elsewhere)."""
     return _assemble(header.encode(), encode_slots(tuple(slots)))
 

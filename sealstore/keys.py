@@ -153,7 +153,11 @@ class KeySlot:
 class Wrapper(Protocol):
     """Wraps data keys under one key-encryption key."""
 
-    key_id: str
+    # Read-only, so that a provider may make it a property (LocalKeyring does).
+    @property
+    def key_id(self) -> str:
+        """The URI of the key-encryption key, as the slots it makes record it."""
+        ...
 
     def wrap(self, dek: DataKey, context: Mapping[str, str]) -> KeySlot:
         """Wrap *dek*, binding *context*. Raises a ``SealstoreError`` on failure."""

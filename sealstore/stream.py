@@ -24,7 +24,7 @@ import io
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 
@@ -84,7 +84,7 @@ class SealWriter(io.BufferedIOBase):
 
     def __init__(
         self,
-        fp: BinaryIO,
+        fp: IO[bytes],
         dek: DataKey,
         *,
         slots: Sequence[KeySlot] = (),
@@ -434,7 +434,7 @@ class SealReader(io.BufferedIOBase):
 
     read1 = read
 
-    def copy_to(self, dst: BinaryIO, progress: Progress | None = None) -> int:
+    def copy_to(self, dst: IO[bytes], progress: Progress | None = None) -> int:
         """Write the whole plaintext to *dst*; returns the byte count."""
         total = 0
         for view in self.iter_chunks():

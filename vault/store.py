@@ -26,9 +26,10 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealstore.errors import AuthenticationError, FormatError, NotFound, Refused, SealstoreError
+from sealstore.format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE
 from sealstore.kms.registry import default_keyring_path, sealstore_home
 from sealstore.signing import (
     Signer,
@@ -52,6 +53,13 @@ from sealstore.vault.manifest import (
     verify_tag,
 )
 from sealstore.vault.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    # Push, pull, verify, shred and rotate live in their own modules, imported on use.
+    from sealstore.chunks import Progress
+    from sealstore.kms.envelope import IdentitySpec, KeySpec
+    from sealstore.vault.bom import BomSpec
+    from sealstore.vault.pull import VerifyResult
 
 __all__ = ["Store", "default_store_url", "default_tenant", "pinned_root", "trust_store"]
 
@@ -251,7 +259,7 @@ class Store:
         storage = open_storage(url or default_store_url(), **storage_options)
         if isinstance(storage.url, str) and storage.url.startswith("file://"):
             Path(storage.url[len("file://") :]).mkdir(parents=True, exist_ok=True)
-        body = {
+        body: dict[str, Any] = {
             "format": STORE_FORMAT,
             "id": str(uuid.uuid4()),
             "created": now(),
@@ -855,36 +863,182 @@ class Store:
     # Push, pull, verify, shred and rotate live in their own modules.
 
     def push(
-        self, src: str | os.PathLike[str] | Mapping[str, Any], ref: str, **kwargs: Any
+        self,
+        src: str | os.PathLike[str] | Mapping[str, Any],
+        ref: str,
+        *,
+        tenant: str | None = None,
+        keys: Sequence[KeySpec] = (),
+        dek_from: KeySpec | None = None,
+        parent: str | None = "auto",
+        bom: BomSpec | str | os.PathLike[str] | None = None,
+        suite: str = DEFAULT_SUITE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        threads: int = 2,
+        progress: Progress | None = None,
+        tag_latest: bool = True,
+        follow_outside_links: bool = False,
+        sign_key: str | os.PathLike[str] | bytes | None = None,
+        sign_cert: str | os.PathLike[str] | bytes | None = None,
+        require_signature: bool = False,
+        public_key: str | os.PathLike[str] | bytes | None = None,
+        signature: str | os.PathLike[str] | None = None,
     ) -> Manifest:
-        """See :func:`sealstore.vault.push.push`."""
+        """Push a file or a directory as a new version of an artifact.
+
+        Args:
+            src: a file, a directory, or ``{artifact path: bytes}`` sealed from memory.
+            ref: ``NAME`` (the next numeric version) or ``NAME:VERSION``.
+            tenant, keys, dek_from, parent, bom: as :func:`sealstore.vault.push.push`.
+            suite, chunk_size, threads, progress, tag_latest: as there.
+            follow_outside_links, sign_key, sign_cert: as there.
+            require_signature, public_key, signature: as there.
+
+        Returns:
+            The committed manifest.
+
+        Raises:
+            FileExistsError: the version exists (or another push of it won a race).
+            ValueError: no keys, a bad name, a BoM spec problem, a bad signing key...
+            AuthenticationError: a required model signature does not verify.
+            FormatError, KeyUnavailable, BackendError: as :func:`sealstore.vault.push.push`.
+        """
         from sealstore.vault.push import push
 
-        return push(self, src, ref, **kwargs)
+        return push(
+            self,
+            src,
+            ref,
+            tenant=tenant,
+            keys=keys,
+            dek_from=dek_from,
+            parent=parent,
+            bom=bom,
+            suite=suite,
+            chunk_size=chunk_size,
+            threads=threads,
+            progress=progress,
+            tag_latest=tag_latest,
+            follow_outside_links=follow_outside_links,
+            sign_key=sign_key,
+            sign_cert=sign_cert,
+            require_signature=require_signature,
+            public_key=public_key,
+            signature=signature,
+        )
 
-    def pull(self, ref: str, dest: str | os.PathLike[str], **kwargs: Any) -> Manifest:
-        """See :func:`sealstore.vault.pull.pull`."""
+    def pull(
+        self,
+        ref: str,
+        dest: str | os.PathLike[str],
+        *,
+        tenant: str | None = None,
+        identities: Sequence[IdentitySpec] = (),
+        threads: int = 2,
+        progress: Progress | None = None,
+        files: Sequence[str] | None = None,
+        force: bool = False,
+        signature: str | os.PathLike[str] | None = None,
+    ) -> Manifest:
+        """Pull a version into *dest*, every file authenticated before it appears.
+
+        Args:
+            ref, dest, tenant, identities, threads, progress, files, force, signature: as
+                :func:`sealstore.vault.pull.pull`.
+
+        Returns:
+            The version's manifest.
+
+        Raises:
+            As :func:`sealstore.vault.pull.pull`.
+        """
         from sealstore.vault.pull import pull
 
-        return pull(self, ref, dest, **kwargs)
+        return pull(
+            self,
+            ref,
+            dest,
+            tenant=tenant,
+            identities=identities,
+            threads=threads,
+            progress=progress,
+            files=files,
+            force=force,
+            signature=signature,
+        )
 
-    def verify(self, ref: str | None = None, **kwargs: Any) -> list[Any]:
-        """See :func:`sealstore.vault.pull.verify`."""
+    def verify(
+        self,
+        ref: str | None = None,
+        *,
+        tenant: str | None = None,
+        identities: Sequence[IdentitySpec] = (),
+        threads: int = 2,
+        decrypt: bool = True,
+        progress: Progress | None = None,
+    ) -> list[VerifyResult]:
+        """Verify a version (or, without *ref*, every version of the tenant).
+
+        Args:
+            ref, tenant, identities, threads, decrypt, progress: as
+                :func:`sealstore.vault.pull.verify`.
+
+        Returns:
+            One result per version checked.
+
+        Raises:
+            As :func:`sealstore.vault.pull.verify`.
+        """
         from sealstore.vault.pull import verify
 
-        return verify(self, ref, **kwargs)
+        return verify(
+            self,
+            ref,
+            tenant=tenant,
+            identities=identities,
+            threads=threads,
+            decrypt=decrypt,
+            progress=progress,
+        )
 
-    def shred(self, ref: str, **kwargs: Any) -> Manifest:
-        """See :func:`sealstore.vault.lifecycle.shred`."""
+    def shred(self, ref: str, *, tenant: str | None = None) -> Manifest:
+        """Crypto-shred a version, as :func:`sealstore.vault.lifecycle.shred`.
+
+        Args:
+            ref: the version (``NAME:VERSION`` or ``NAME@TAG``).
+            tenant: the tenant (default ``$SEALSTORE_TENANT`` or ``default``).
+
+        Returns:
+            The signed tombstone manifest now stored for the version.
+        """
         from sealstore.vault.lifecycle import shred
 
-        return shred(self, ref, **kwargs)
+        return shred(self, ref, tenant=tenant)
 
-    def rotate(self, ref: str, to: Sequence[str], **kwargs: Any) -> Manifest:
-        """See :func:`sealstore.vault.lifecycle.rotate`."""
+    def rotate(
+        self,
+        ref: str,
+        to: Sequence[str],
+        *,
+        remove: Sequence[str] = (),
+        identities: Sequence[IdentitySpec] = (),
+        tenant: str | None = None,
+    ) -> Manifest:
+        """Re-wrap a version's DEK: add a slot per *to* key, drop the *remove* keys' slots.
+
+        Args:
+            ref, to, remove, identities, tenant: as :func:`sealstore.vault.lifecycle.rotate`.
+
+        Returns:
+            The new signed manifest.
+
+        Raises:
+            ValueError: nothing to do, or no slot would remain.
+            KeyUnavailable: the current slots do not open here.
+        """
         from sealstore.vault.lifecycle import rotate
 
-        return rotate(self, ref, to, **kwargs)
+        return rotate(self, ref, to, remove=remove, identities=identities, tenant=tenant)
 
     def rekey(self, ref: str, **kwargs: Any) -> Any:
         """See :func:`sealstore.vault.rekey.rekey_version`."""
