@@ -53,16 +53,19 @@ from sealstore.loaders.inference_guard.hook import (
     as_caller,
     guard,
     guard_loaded,
+    screened,
 )
 from sealstore.loaders.inference_guard.policy import (
     DETECTORS,
     RESPONSES,
     ExtractionPolicy,
     GuardPolicy,
+    MmdPolicy,
     OodPolicy,
     RatePolicy,
     Target,
 )
+from sealstore.loaders.inference_guard.serving import GuardMiddleware, texts_of, tokenized
 from sealstore.loaders.inference_guard.standing import brokers_for, standing_sources
 
 # Everything the one-module guard offered before it was split, importable from here.
@@ -75,7 +78,9 @@ __all__ = [
     "ExtractionPolicy",
     "Finding",
     "Guard",
+    "GuardMiddleware",
     "GuardPolicy",
+    "MmdPolicy",
     "OodPolicy",
     "RatePolicy",
     "Reference",
@@ -86,5 +91,8 @@ __all__ = [
     "guard",
     "guard_loaded",
     "ks_below",
+    "screened",
     "standing_sources",
+    "texts_of",
+    "tokenized",
 ]
