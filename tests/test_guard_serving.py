@@ -258,8 +258,17 @@ def test_mmd_calibrated_on_benign_traffic_catches_an_attack(mini: Mini, attach: 
     t = g.calibrate(streams, target_fpr=0.05)
     ordered = sorted(p["mmd"] for p in peaks.values())
     assert t["mmd"] == ordered[-1]  # 95% of 20 callers, the higher: the largest
+    # 90% of 20 callers: the second largest; taken per kind of traffic (two kinds of 10
+    # callers), the largest of each kind's 90% quantile, here each kind's largest.
+    assert g.calibrate(streams, target_fpr=0.1)["mmd"] == ordered[-2]
+    kinds = {name: "ab"[i % 2] for i, name in enumerate(streams)}
+    assert g.calibrate(streams, target_fpr=0.1, groups=kinds)["mmd"] == ordered[-1]
+    with pytest.raises(ValueError, match="has no group"):
+        g.calibrate(streams, target_fpr=0.1, groups={})
     audit = [r for r in records(Path(mini_home()) / "audit") if r["action"] == "guard.thresholds"]
-    assert audit[-1]["detail"]["mmd"] == round(t["mmd"], 6)
+    assert [a["detail"]["mmd"] for a in audit[-3:]] == [
+        round(x, 6) for x in (t["mmd"], ordered[-2], ordered[-1])
+    ]
     # Held-out benign callers pass; a random-token attacker is refused by MMD.
     for name, reqs in _streams(mini, 3, 60, 2).items():
         for r in reqs:

@@ -318,6 +318,7 @@ class Guard:
         *,
         target_fpr: float = 0.01,
         margin: float = 1.0,
+        groups: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Set the thresholds of the extraction (KS), ood and MMD detectors from benign
         traffic: each detector's threshold is the ``1 - target_fpr`` quantile of the
@@ -326,7 +327,10 @@ class Guard:
         (running callers keep their windows); returns the thresholds.
 
         *streams*: at least ``1 / target_fpr`` benign callers' requests (more is better),
-        kept apart from the traffic the result is judged on.
+        kept apart from the traffic the result is judged on. *groups*: each stream's
+        kind of traffic (``{caller: "keywords", ...}``): the quantile is then taken
+        within each kind and the largest kept, so that no kind is flagged at more
+        than the target (a kind that is rare among the callers is not outvoted).
         """
         import numpy as np
 
@@ -338,12 +342,21 @@ class Guard:
                 f"{int(np.ceil(1 / target_fpr))} benign callers, not {len(streams)}"
             )
         peaks = self.peaks(streams)
+        kinds = dict(groups) if groups is not None else dict.fromkeys(peaks, "*")
+        missing = sorted(set(peaks) - set(kinds))
+        if missing:
+            raise ValueError(f"calibration stream {missing[0]!r} has no group")
         new = dict(self.thresholds)
         for det in CALIBRATED:
-            vals = [p[det] for p in peaks.values() if det in p]
-            if not vals:
+            per_kind: dict[str, list[float]] = {}
+            for name, p in peaks.items():
+                if det in p:
+                    per_kind.setdefault(kinds[name], []).append(p[det])
+            if not per_kind:
                 continue
-            q = float(np.quantile(vals, 1 - target_fpr, method="higher"))
+            q = max(
+                float(np.quantile(v, 1 - target_fpr, method="higher")) for v in per_kind.values()
+            )
             if det == "extraction" and self._test == "shapiro":
                 new["shapiro"] = -q / margin  # W: lower alarms
             elif det == "extraction":
