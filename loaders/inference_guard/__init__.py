@@ -5,7 +5,12 @@ torch module and returns the same module. Every forward call is attributed
 to a caller -- ``model(..., caller="alice")`` (the keyword is taken out
 before the model sees its arguments), else the context variable set by
 ``with as_caller("alice"):``, else ``"-"`` -- and observed; the model's
-outputs are never touched. Three detectors, per caller (docs/GUARD.md):
+outputs are never touched. In a model server, where one forward call batches
+many callers' requests, each request is screened instead, once, before
+batching: ``Guard.screen(caller, inputs)`` or the ASGI middleware
+``GuardMiddleware`` (``serving.py``); a guarded module's ``generate()`` counts
+its prompt once. Four detectors, per caller, each under the caller's own lock
+(docs/GUARD.md):
 
 - **rate / volume**: queries per minute and per hour, against fixed caps and
   against a multiple of the caller's own usual rate (an EWMA of its past
@@ -20,7 +25,11 @@ outputs are never touched. Three detectors, per caller (docs/GUARD.md):
   Shapiro-Wilk normality test where there is no reference sample;
 - **out-of-distribution**: the share of a caller's recent queries whose
   embedding norm falls outside the reference's, or whose nearest reference
-  query is farther than the reference's own nearest neighbours are.
+  query is farther than the reference's own nearest neighbours are;
+- **mmd**: the maximum mean discrepancy between the caller's recent query
+  embeddings and the reference sample, against a threshold that
+  ``Guard.calibrate`` sets from benign callers' traffic at a target
+  false-positive rate (with the KS and ood thresholds).
 
 A finding is written to the audit log (the store's, for a model loaded from
 a store), raised as an alert (webhook, log, ``sealstore_guard_alerts_total``)
@@ -32,8 +41,9 @@ the model's key stops the guarded model too: the guard polls the broker's
 closed if the broker stops answering.
 
 The package: ``policy.py`` (what to watch for, how to answer), ``detectors.py``
-(features, per-caller windows, the three tests), ``hook.py`` (the guard on a
-module: attribution, answers, audit, metrics), ``standing.py`` (lockdown sources).
+(features, per-caller windows, the four tests), ``hook.py`` (the guard on a
+module: attribution, answers, calibration, audit, metrics), ``serving.py`` (the
+ASGI middleware), ``standing.py`` (lockdown sources).
 torch is imported only in this package, scipy only for the Shapiro-Wilk test.
 """
 
@@ -53,16 +63,19 @@ from sealstore.loaders.inference_guard.hook import (
     as_caller,
     guard,
     guard_loaded,
+    screened,
 )
 from sealstore.loaders.inference_guard.policy import (
     DETECTORS,
     RESPONSES,
     ExtractionPolicy,
     GuardPolicy,
+    MmdPolicy,
     OodPolicy,
     RatePolicy,
     Target,
 )
+from sealstore.loaders.inference_guard.serving import GuardMiddleware, texts_of, tokenized
 from sealstore.loaders.inference_guard.standing import brokers_for, standing_sources
 
 # Everything the one-module guard offered before it was split, importable from here.
@@ -75,7 +88,9 @@ __all__ = [
     "ExtractionPolicy",
     "Finding",
     "Guard",
+    "GuardMiddleware",
     "GuardPolicy",
+    "MmdPolicy",
     "OodPolicy",
     "RatePolicy",
     "Reference",
@@ -86,5 +101,8 @@ __all__ = [
     "guard",
     "guard_loaded",
     "ks_below",
+    "screened",
     "standing_sources",
+    "texts_of",
+    "tokenized",
 ]

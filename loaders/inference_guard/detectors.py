@@ -1,8 +1,10 @@
-"""The detectors: the features of a query, the per-caller windows, and the three tests.
+"""The detectors: the features of a query, the per-caller windows, and the four tests.
 
 Rate / volume (sliding windows against caps and the caller's usual rate),
 extraction (PRADA: nearest-query distances, KS against a reference sample or
-Shapiro-Wilk) and out-of-distribution (norms and nearest reference point).
+Shapiro-Wilk), out-of-distribution (norms and nearest reference point) and
+MMD (a windowed two-sample test of the caller's query embeddings against the
+reference sample).
 Each detector takes the caller's state and returns its findings; the hook
 (``hook.py``) decides what to do with them.
 """
@@ -10,12 +12,19 @@ Each detector takes the caller's state and returns its findings; the hook
 from __future__ import annotations
 
 import math
+import random
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sealstore.loaders.inference_guard.policy import ExtractionPolicy, OodPolicy, RatePolicy
+from sealstore.loaders.inference_guard.policy import (
+    ExtractionPolicy,
+    MmdPolicy,
+    OodPolicy,
+    RatePolicy,
+)
 
 _EPS = 1e-6  # a distance below this is the same query again: it teaches nothing new
 
@@ -81,9 +90,12 @@ class Reference:
     nn_max: float
     points: Any  # torch [N, D]
     points_sq: Any  # torch [N]: squared norms
+    mmd_points: Any = None  # torch [S, D]: the subset the MMD test compares with
+    mmd_gamma: float = 1.0  # the kernel: exp(-gamma * squared distance)
+    mmd_rr: float = 0.0  # the mean kernel value between distinct sample points
 
     @classmethod
-    def of(cls, feats: Any, ood: OodPolicy) -> Reference:
+    def of(cls, feats: Any, ood: OodPolicy, mmd: MmdPolicy | None = None) -> Reference:
         import numpy as np
         import torch
 
@@ -97,7 +109,7 @@ class Reference:
         nn = nn.double().numpy()
         norms = feats.norm(dim=1).double().numpy()
         lo, hi = np.quantile(norms, [ood.norm_quantile, 1 - ood.norm_quantile])
-        return cls(
+        ref = cls(
             size=int(feats.shape[0]),
             nn_sorted=np.sort(nn),
             norm_lo=float(lo),
@@ -106,6 +118,25 @@ class Reference:
             points=feats,
             points_sq=(feats * feats).sum(1),
         )
+        ref._mmd_setup(mmd or MmdPolicy())
+        return ref
+
+    def _mmd_setup(self, pol: MmdPolicy) -> None:
+        """The MMD sample (a seeded random subset of at most *sample* points) and the
+        kernel's bandwidth (the sample's median pairwise squared distance)."""
+        import torch
+
+        n = self.size
+        order = random.Random(0).sample(range(n), n)
+        s = max(2, min(pol.sample, n))
+        sample = self.points[order[:s]]
+        sq = (sample * sample).sum(1)
+        d2 = _sq_dist(sample, sq, sample, sq).clamp(min=0)
+        off = ~torch.eye(s, dtype=torch.bool)
+        med = float(d2[off].median())
+        self.mmd_gamma = 1.0 / max(med, 1e-12)  # exp(-d^2 / median d^2)
+        self.mmd_points = sample
+        self.mmd_rr = float(torch.exp(-self.mmd_gamma * d2)[off].mean())
 
     def nearest(self, feats: Any) -> Any:
         """Each row's distance to its nearest reference point (one matrix product)."""
@@ -153,7 +184,15 @@ class _Window:
 
 
 class _Caller:
-    def __init__(self, rate: RatePolicy, history: int, ext: ExtractionPolicy, ood: OodPolicy):
+    def __init__(
+        self,
+        rate: RatePolicy,
+        history: int,
+        ext: ExtractionPolicy,
+        ood: OodPolicy,
+        mmd: MmdPolicy | None = None,
+    ):
+        self.lock = threading.Lock()  # this caller's state: callers do not wait on each other
         self.short = _Window(rate.window)
         self.long = _Window(rate.volume_window)
         self.history = history
@@ -164,6 +203,9 @@ class _Caller:
         self.dmins: deque[float] = deque(maxlen=ext.window)
         self.since_test = 0
         self.ood: deque[bool] = deque(maxlen=ood.window)
+        self.recent: deque[Any] = deque(maxlen=(mmd or MmdPolicy()).window)  # rows, for MMD
+        self.mmd_since = 0
+        self.peaks: dict[str, float] = {}  # detector -> its most alarming statistic so far
         self.queries = 0
         self.penalty: tuple[str, float | None, str] | None = None  # (response, until, detector)
         self.tokens = 1.0
@@ -176,7 +218,8 @@ class _Caller:
         penalty ends, the caller starts over (its refused calls were never observed)."""
         self.dmins.clear()
         self.ood.clear()
-        self.since_test = 0
+        self.recent.clear()
+        self.since_test = self.mmd_since = 0
         self.fired.clear()
 
     def remember(self, feats: Any) -> Any:
@@ -230,7 +273,7 @@ class Finding:
 
 def rate_findings(pol: RatePolicy, c: _Caller, caller: str, now: float, n: int) -> list[Finding]:
     """The rate and volume detectors: one call of *n* rows by *caller* at *now*."""
-    if not pol.enabled:
+    if not pol.enabled or caller in pol.exempt:
         return []
     out = []
     for det, win, cap, floor in (
@@ -267,9 +310,10 @@ def extraction_findings(
     c: _Caller,
     caller: str,
     feats: Any,
+    threshold: float | None = None,
 ) -> list[Finding]:
     """The extraction detector (PRADA): *test* is ``"ks"`` (against *reference*) or
-    ``"shapiro"``."""
+    ``"shapiro"``; *threshold* overrides the policy's (a calibrated one)."""
     if not ext.enabled:
         return []
     d = c.remember(feats)
@@ -284,13 +328,15 @@ def extraction_findings(
     if test == "ks":
         assert reference is not None
         stat = ks_below(window, reference.nn_sorted)
-        if stat > ext.ks_threshold:
+        limit = ext.ks_threshold if threshold is None else threshold
+        c.peaks["extraction"] = max(c.peaks.get("extraction", -math.inf), stat)
+        if stat > limit:
             return [
                 Finding(
                     caller,
                     "extraction",
                     stat,
-                    ext.ks_threshold,
+                    limit,
                     f"KS D+ {stat:.3f} over {len(window)} nearest-query distances: "
                     "the caller's queries sit far closer together than natural "
                     "traffic's",
@@ -300,13 +346,15 @@ def extraction_findings(
     from scipy import stats
 
     w = float(stats.shapiro(window).statistic)
-    if w < ext.shapiro_threshold:
+    limit = ext.shapiro_threshold if threshold is None else threshold
+    c.peaks["extraction"] = max(c.peaks.get("extraction", -math.inf), -w)  # low W alarms
+    if w < limit:
         return [
             Finding(
                 caller,
                 "extraction",
                 w,
-                ext.shapiro_threshold,
+                limit,
                 f"Shapiro-Wilk W {w:.3f} over {len(window)} nearest-query "
                 "distances: not the normal shape of natural traffic",
             )
@@ -315,7 +363,12 @@ def extraction_findings(
 
 
 def ood_findings(
-    pol: OodPolicy, ref: Reference | None, c: _Caller, caller: str, feats: Any
+    pol: OodPolicy,
+    ref: Reference | None,
+    c: _Caller,
+    caller: str,
+    feats: Any,
+    threshold: float | None = None,
 ) -> list[Finding]:
     """The out-of-distribution detector: the share of the caller's recent queries outside
     the reference's norms or nearest-neighbour distances (*ref*)."""
@@ -328,18 +381,69 @@ def ood_findings(
     if len(c.ood) < pol.min_queries:
         return []
     share = sum(c.ood) / len(c.ood)
-    if share > pol.max_fraction:
+    limit = pol.max_fraction if threshold is None else threshold
+    c.peaks["ood"] = max(c.peaks.get("ood", -math.inf), share)
+    if share > limit:
         return [
             Finding(
                 caller,
                 "ood",
                 share,
-                pol.max_fraction,
+                limit,
                 f"{share:.0%} of the last {len(c.ood)} queries are out of the "
                 "reference distribution",
             )
         ]
     return []
+
+
+def mmd_findings(
+    pol: MmdPolicy,
+    ref: Reference | None,
+    c: _Caller,
+    caller: str,
+    feats: Any,
+    threshold: float,
+) -> list[Finding]:
+    """The MMD detector: the caller's last ``window`` query embeddings against the
+    reference sample, every ``every`` queries once ``min_queries`` are in."""
+    if not pol.enabled or ref is None or ref.mmd_points is None:
+        return []
+    c.recent.extend(feats[-pol.window :])
+    c.mmd_since += feats.shape[0]
+    if len(c.recent) < min(pol.min_queries, pol.window) or c.mmd_since < pol.every:
+        return []
+    c.mmd_since = 0
+    import torch
+
+    stat = mmd2(torch.stack(list(c.recent)), ref)
+    c.peaks["mmd"] = max(c.peaks.get("mmd", -math.inf), stat)
+    if stat > threshold:
+        return [
+            Finding(
+                caller,
+                "mmd",
+                stat,
+                threshold,
+                f"MMD² {stat:.4f} between the caller's last {len(c.recent)} queries and "
+                "the reference sample: not the distribution of natural traffic",
+            )
+        ]
+    return []
+
+
+def mmd2(x: Any, ref: Reference) -> float:
+    """Unbiased MMD² between the rows of *x* and the reference's MMD sample (Gaussian
+    kernel of the reference's bandwidth): two matrix products."""
+    import torch
+
+    n = x.shape[0]
+    y = ref.mmd_points
+    xs, ys = (x * x).sum(1), (y * y).sum(1)
+    kxx = torch.exp(-ref.mmd_gamma * _sq_dist(x, xs, x, xs).clamp(min=0))
+    kxy = torch.exp(-ref.mmd_gamma * _sq_dist(x, xs, y, ys).clamp(min=0))
+    xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    return float(xx + ref.mmd_rr - 2 * kxy.mean())
 
 
 def ks_below(sample: Sequence[float], reference_sorted: Any) -> float:

@@ -19,6 +19,7 @@ from sealstore.loaders.inference_guard.detectors import (
     _reference_batches,
     default_features,
     extraction_findings,
+    mmd_findings,
     ood_findings,
     rate_findings,
 )
@@ -33,7 +34,11 @@ from sealstore.watch import Alerts, Metrics, serve_metrics
 log = logging.getLogger("sealstore.guard")
 
 CALLER: ContextVar[str | None] = ContextVar("sealstore_caller", default=None)
+# Set while a request that was screened already runs (a generate() call, a served request):
+# the forward hook does not count its forward calls again, one per decoding step.
+_SCREENED: ContextVar[bool] = ContextVar("sealstore_screened", default=False)
 ANONYMOUS = "-"
+CALIBRATED = ("extraction", "ood", "mmd")  # the detectors calibrate() sets thresholds for
 
 HELP = {
     "sealstore_guard_calls_total": ("counter", "Guarded forward calls by result."),
@@ -60,6 +65,17 @@ def _check_caller(caller: Any) -> str:
 
 
 @contextlib.contextmanager
+def screened() -> Iterator[None]:
+    """Forward calls inside the block belong to a request screened already
+    (``Guard.screen``): the forward hook checks the lockdown but counts nothing."""
+    token = _SCREENED.set(True)
+    try:
+        yield
+    finally:
+        _SCREENED.reset(token)
+
+
+@contextlib.contextmanager
 def as_caller(caller: str) -> Iterator[None]:
     """Attribute the guarded forward calls made inside the block to *caller*."""
     token = CALLER.set(_check_caller(caller))
@@ -83,11 +99,14 @@ class Guard:
         target: Target | None = None,
         standing: Sequence[Any] = (),
         clock: Callable[[], float] = time.monotonic,
+        hook: bool = True,
     ) -> None:
         self.policy = policy
         self.target = target or Target(policy.name or type(model).__name__)
         self._clock = clock
         self._features = policy.features or default_features(model)
+        # The caller table's lock, held only to find or add a caller: the detectors run
+        # under each caller's own lock, so that concurrent callers do not wait on each other.
         self._lock = threading.Lock()
         self._callers: dict[str, _Caller] = {}
         self.metrics = Metrics(HELP, buckets=_BUCKETS, labels=LABELS)
@@ -107,7 +126,10 @@ class Guard:
         )
         self.reference: Reference | None = None
         if policy.reference is not None:
-            self.reference = Reference.of(self._featurize_reference(policy.reference), policy.ood)
+            self.reference = Reference.of(
+                self._featurize_reference(policy.reference), policy.ood, policy.mmd
+            )
+        self.thresholds = self._default_thresholds()
         ext = policy.extraction
         self._test = ext.test if ext.test != "auto" else ("ks" if self.reference else "shapiro")
         if self._test == "ks" and self.reference is None:
@@ -126,8 +148,23 @@ class Guard:
             self._poll_once()
             self._poller = threading.Thread(target=self._poll, name="guard-standing", daemon=True)
             self._poller.start()
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = (
+            model.register_forward_pre_hook(self._hook, with_kwargs=True) if hook else None
+        )
         self._model_ref = model
+        self._generate = None
+        if hook and callable(getattr(model, "generate", None)):
+            # generate() is one request: its prompt is screened once, its decoding steps'
+            # forward calls are not queries (and caller= is not passed on to the model).
+            self._generate = model.__dict__.get("generate")
+            original = model.generate
+
+            def generate(*args: Any, caller: str | None = None, **kwargs: Any) -> Any:
+                self.screen(*args, **{**kwargs, "caller": caller} if caller else kwargs)
+                with screened():
+                    return original(*args, **kwargs)
+
+            model.generate = generate
 
     def __repr__(self) -> str:
         return f"Guard({self.target.name!r}, callers={len(self._callers)})"
@@ -135,7 +172,13 @@ class Guard:
     # -- attach / detach ----------------------------------------------------------------
     def remove(self) -> None:
         """Take the guard off the model (stops the standing poller)."""
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+        if "generate" in self._model_ref.__dict__:
+            if self._generate is None:
+                del self._model_ref.generate
+            else:
+                self._model_ref.generate = self._generate
         self._done.set()
         if getattr(self._model_ref, "sealstore_guard", None) is self:
             del self._model_ref.sealstore_guard
@@ -152,6 +195,10 @@ class Guard:
     def _hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         start = time.perf_counter()
         caller = kwargs.pop("caller", None)
+        if module is not None and _SCREENED.get():
+            # a decoding step of a screened generation, or a batch of screened requests
+            self._check_standing(caller or CALLER.get() or ANONYMOUS)
+            return args, kwargs
         caller = _check_caller(caller) if caller is not None else CALLER.get()
         if caller is None:
             if self.policy.require_caller:
@@ -165,12 +212,22 @@ class Guard:
         return args, kwargs
 
     def screen(self, *args: Any, **kwargs: Any) -> None:
-        """What the hook does for a forward call with these arguments (``caller=`` too),
-        without the forward: for a server that screens a request before queueing it.
+        """Screen one request before it is batched: ``screen(caller, inputs)`` (inputs: a
+        mapping such as a tokenizer's output, or a tensor of token ids), or the arguments
+        of a forward call with ``caller=``. What the hook does for a forward call, without
+        the forward: each row of *inputs* is one query of *caller*.
 
         Raises:
             InferenceRefused: the caller may not make this call now.
         """
+        if args and isinstance(args[0], str) and "caller" not in kwargs:
+            if len(args) != 2 or kwargs:
+                raise TypeError("screen(caller, inputs) takes the caller and one input")
+            caller, inputs = args
+            if isinstance(inputs, Mapping):
+                args, kwargs = (), {**inputs, "caller": caller}
+            else:
+                args, kwargs = (inputs,), {"caller": caller}
         self._hook(None, args, dict(kwargs))
 
     def observe(self, caller: str, feats: Any, *, rows: int | None = None) -> list[Finding]:
@@ -185,23 +242,150 @@ class Guard:
         findings: list[Finding] = []
         with self._lock:
             c = self._caller(caller, now)
+        with c.lock:
             self._penalty_gate(c, caller, now)
             c.queries += n
             self.metrics.inc("sealstore_guard_queries_total", value=n)
             findings += rate_findings(self.policy.rate, c, caller, now, n)
-            if feats is not None and feats.shape[0]:
-                feats = feats.float().reshape(feats.shape[0], -1)
-                findings += extraction_findings(
-                    self.policy.extraction, self._test, self.reference, c, caller, feats
-                )
-                findings += ood_findings(self.policy.ood, self.reference, c, caller, feats)
+            findings += self._detect(c, caller, feats, self.thresholds, self.reference)
             fresh = [f for f in findings if self._fresh(c, f, now)]
         for f in fresh:
             self._answer(c, f, now)
         if any(self.policy.response_for(f.detector) != "log" for f in fresh):
-            with self._lock:  # the call that drew the penalty is answered by it too
+            with c.lock:  # the call that drew the penalty is answered by it too
                 self._penalty_gate(c, caller, now)
         return fresh
+
+    def _detect(
+        self,
+        c: _Caller,
+        caller: str,
+        feats: Any,
+        thresholds: Mapping[str, float],
+        reference: Reference | None,
+    ) -> list[Finding]:
+        """The statistical detectors on one call's rows (the caller's lock held)."""
+        if feats is None or not feats.shape[0]:
+            return []
+        feats = feats.float().reshape(feats.shape[0], -1)
+        pol = self.policy
+        return [
+            *extraction_findings(
+                pol.extraction,
+                self._test,
+                reference,
+                c,
+                caller,
+                feats,
+                thresholds["shapiro" if self._test == "shapiro" else "extraction"],
+            ),
+            *ood_findings(pol.ood, reference, c, caller, feats, thresholds["ood"]),
+            *mmd_findings(pol.mmd, reference, c, caller, feats, thresholds["mmd"]),
+        ]
+
+    # -- calibration ----------------------------------------------------------------------
+    def _default_thresholds(self) -> dict[str, float]:
+        ext = self.policy.extraction
+        return {
+            "extraction": ext.ks_threshold,
+            "shapiro": ext.shapiro_threshold,
+            "ood": self.policy.ood.max_fraction,
+            "mmd": float("inf") if self.policy.mmd.threshold is None else self.policy.mmd.threshold,
+        }
+
+    def peaks(self, streams: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, float]]:
+        """Each stream's most alarming statistic per detector (extraction, ood, mmd):
+        *streams* maps a caller to its requests (each what :meth:`screen` takes after the
+        caller), replayed in order on fresh state, without findings or answers."""
+        out: dict[str, dict[str, float]] = {}
+        never = {"extraction": float("inf"), "ood": float("inf"), "mmd": float("inf")}
+        never["shapiro"] = float("-inf")
+        pol = self.policy
+        for name, requests in streams.items():
+            c = _Caller(pol.rate, self._history, pol.extraction, pol.ood, pol.mmd)
+            for inputs in requests:
+                if isinstance(inputs, Mapping):
+                    feats = self._features((), dict(inputs))
+                else:
+                    feats = self._features((inputs,), {})
+                self._detect(c, name, feats, never, self.reference)
+            out[name] = dict(c.peaks)
+        return out
+
+    def calibrate(
+        self,
+        streams: Mapping[str, Sequence[Any]],
+        *,
+        target_fpr: float = 0.01,
+        margin: float = 1.0,
+        groups: Mapping[str, str] | None = None,
+    ) -> dict[str, float]:
+        """Set the thresholds of the extraction (KS), ood and MMD detectors from benign
+        traffic: each detector's threshold is the ``1 - target_fpr`` quantile of the
+        benign callers' peak statistics (:meth:`peaks`), times *margin* (>= 1), so that at
+        most that share of callers like these would be flagged. Takes effect at once
+        (running callers keep their windows); returns the thresholds.
+
+        *streams*: at least ``1 / target_fpr`` benign callers' requests (more is better),
+        kept apart from the traffic the result is judged on. *groups*: each stream's
+        kind of traffic (``{caller: "keywords", ...}``): the quantile is then taken
+        within each kind and the largest kept, so that no kind is flagged at more
+        than the target (a kind that is rare among the callers is not outvoted).
+        """
+        import numpy as np
+
+        if not 0 < target_fpr < 1 or margin < 1:
+            raise ValueError("target_fpr is in (0, 1) and margin at least 1")
+        if len(streams) < 1 / target_fpr:
+            raise ValueError(
+                f"calibrating to a {target_fpr:.2%} false-positive rate takes at least "
+                f"{int(np.ceil(1 / target_fpr))} benign callers, not {len(streams)}"
+            )
+        peaks = self.peaks(streams)
+        kinds = dict(groups) if groups is not None else dict.fromkeys(peaks, "*")
+        missing = sorted(set(peaks) - set(kinds))
+        if missing:
+            raise ValueError(f"calibration stream {missing[0]!r} has no group")
+        new = dict(self.thresholds)
+        for det in CALIBRATED:
+            per_kind: dict[str, list[float]] = {}
+            for name, p in peaks.items():
+                if det in p:
+                    per_kind.setdefault(kinds[name], []).append(p[det])
+            if not per_kind:
+                continue
+            q = max(
+                float(np.quantile(v, 1 - target_fpr, method="higher")) for v in per_kind.values()
+            )
+            if det == "extraction" and self._test == "shapiro":
+                new["shapiro"] = -q / margin  # W: lower alarms
+            elif det == "extraction":
+                new["extraction"] = min(1.0, q * margin)
+            elif det == "ood":
+                new["ood"] = min(1.0, q * margin)
+            else:
+                new["mmd"] = q * margin
+        self.set_thresholds(**new)
+        return dict(self.thresholds)
+
+    def set_thresholds(self, **thresholds: float) -> None:
+        """Replace detector thresholds at run time (``extraction`` (KS D+), ``shapiro``
+        (W), ``ood`` (share), ``mmd`` (MMD²)); recorded in the audit log."""
+        bad = sorted(set(thresholds) - set(self.thresholds))
+        if bad:
+            raise ValueError(f"no threshold {bad[0]!r} (known: {', '.join(self.thresholds)})")
+        new = {**self.thresholds, **{k: float(v) for k, v in thresholds.items()}}
+        self.thresholds = new  # one assignment: a running call sees the old or the new set
+        self._record(
+            "guard.thresholds", decision="ok", detail={k: round(v, 6) for k, v in new.items()}
+        )
+
+    def set_reference(self, reference: Any) -> None:
+        """Replace the reference sample at run time (featurised now); callers' windows are
+        kept. Calibrate again after it: the thresholds were set against the old one."""
+        ref = Reference.of(self._featurize_reference(reference), self.policy.ood, self.policy.mmd)
+        self.reference = ref
+        self._record("guard.reference", decision="ok", detail={"size": ref.size})
 
     # -- answering ----------------------------------------------------------------------
     def _fresh(self, c: _Caller, f: Finding, now: float) -> bool:
@@ -246,7 +430,7 @@ class Guard:
             log.error(
                 "guard %s: finding not recorded: %s: %s", self.target.name, type(exc).__name__, exc
             )
-            with self._lock:
+            with c.lock:
                 c.fired.pop(f.detector, None)  # detected again on the next call
             self.metrics.inc("sealstore_guard_calls_total", {"result": "audit-unavailable"})
             raise InferenceRefused(
@@ -266,7 +450,7 @@ class Guard:
         )
         if response != "log":
             until = None if self.policy.penalty is None else now + self.policy.penalty
-            with self._lock:
+            with c.lock:
                 if c.penalty is None or c.penalty[0] != "refuse":
                     c.penalty = (response, until, f.detector)
                     c.tokens, c.token_time = 1.0, now
@@ -307,7 +491,9 @@ class Guard:
                 if idle:
                     del self._callers[min(idle)[1]]
             pol = self.policy
-            c = self._callers[caller] = _Caller(pol.rate, self._history, pol.extraction, pol.ood)
+            c = self._callers[caller] = _Caller(
+                pol.rate, self._history, pol.extraction, pol.ood, pol.mmd
+            )
         c.last_seen = now
         return c
 
@@ -327,10 +513,13 @@ class Guard:
         """End the throttle or refusal of *caller* (None: of every caller); returns who."""
         with self._lock:
             names = [caller] if caller is not None else list(self._callers)
-            lifted = []
-            for name in names:
-                c = self._callers.get(name)
-                if c is not None and c.penalty is not None:
+            found = [(n, self._callers.get(n)) for n in names]
+        lifted = []
+        for name, c in found:
+            if c is None:
+                continue
+            with c.lock:
+                if c.penalty is not None:
                     c.penalty = None
                     c.clear()
                     lifted.append(name)
@@ -466,9 +655,14 @@ def guard(
     target: Target | None = None,
     standing: Sequence[Any] = (),
     clock: Callable[[], float] = time.monotonic,
+    hook: bool = True,
 ) -> Any:
     """Guard *model* (a torch module) in place and return it; ``model.sealstore_guard``
-    is the :class:`Guard` (metrics, status, lift, remove).
+    is the :class:`Guard` (metrics, status, lift, remove, screen, calibrate).
+
+    ``hook=False``: no forward pre-hook (and no generate wrapper): the server screens
+    each request with ``model.sealstore_guard.screen(caller, inputs)`` or the ASGI
+    middleware (:mod:`sealstore.loaders.inference_guard.serving`) before batching.
 
     Raises:
         ValueError: a bad policy, or a module that is guarded already.
@@ -477,7 +671,7 @@ def guard(
     if getattr(model, "sealstore_guard", None) is not None:
         raise ValueError("this module is guarded already (model.sealstore_guard.remove() first)")
     sources = standing_sources(policy, standing)
-    g = Guard(model, policy, target=target, standing=sources, clock=clock)
+    g = Guard(model, policy, target=target, standing=sources, clock=clock, hook=hook)
     model.sealstore_guard = g
     return model
 

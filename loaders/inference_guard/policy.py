@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RESPONSES = ("log", "throttle", "refuse")
-DETECTORS = ("rate", "volume", "extraction", "ood")
+DETECTORS = ("rate", "volume", "extraction", "ood", "mmd")
 
 
 # -- policy ---------------------------------------------------------------------------
@@ -32,6 +32,7 @@ class RatePolicy:
     max_volume: int | None = None
     volume_floor: int = 20_000
     factor: float = 10.0
+    exempt: tuple[str, ...] = ()  # callers (a bulk indexer, say) the rate detectors skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,29 @@ class OodPolicy:
 
 
 @dataclass(frozen=True)
+class MmdPolicy:
+    """A windowed two-sample test: each caller's last ``window`` query embeddings
+    against the reference sample, by the maximum mean discrepancy (MMD², unbiased,
+    Gaussian kernel, bandwidth the reference's median pairwise distance).
+
+    A window is a finding when its MMD² is above ``threshold``. None: the test
+    runs only once a threshold is set, by ``Guard.calibrate`` from benign
+    callers' traffic at a target false-positive rate (or ``set_thresholds``):
+    windows drawn at random from the reference itself are far more varied than
+    one real user's, and would make a threshold that flags users.
+    ``sample``: reference points the test compares with (a random subset, for
+    a bounded cost). Needs a reference sample.
+    """
+
+    enabled: bool = True
+    window: int = 100
+    every: int = 10
+    min_queries: int = 50
+    threshold: float | None = None
+    sample: int = 500
+
+
+@dataclass(frozen=True)
 class GuardPolicy:
     """What the guard watches for and how it answers; see docs/GUARD.md.
 
@@ -107,6 +131,7 @@ class GuardPolicy:
     rate: RatePolicy = field(default_factory=RatePolicy)
     extraction: ExtractionPolicy = field(default_factory=ExtractionPolicy)
     ood: OodPolicy = field(default_factory=OodPolicy)
+    mmd: MmdPolicy = field(default_factory=MmdPolicy)
     reference: Any = None
     features: Callable[[tuple, dict], Any] | None = None
     response: str = "log"
@@ -132,6 +157,8 @@ class GuardPolicy:
             raise ValueError(
                 f"extraction test is auto, ks or shapiro, not {self.extraction.test!r}"
             )
+        if self.mmd.window < 2 or self.mmd.sample < 2:
+            raise ValueError("mmd.window and mmd.sample are at least 2")
         if self.penalty is not None and self.penalty <= 0:
             raise ValueError("penalty is a positive number of seconds, or None (until lifted)")
         if self.throttle_rate <= 0 or self.lockdown_poll <= 0 or self.lockdown_grace <= 0:
@@ -140,7 +167,12 @@ class GuardPolicy:
     @classmethod
     def from_mapping(cls, doc: Mapping[str, Any]) -> GuardPolicy:
         """A policy from a mapping (a YAML/JSON document); unknown keys are errors."""
-        nested = {"rate": RatePolicy, "extraction": ExtractionPolicy, "ood": OodPolicy}
+        nested = {
+            "rate": RatePolicy,
+            "extraction": ExtractionPolicy,
+            "ood": OodPolicy,
+            "mmd": MmdPolicy,
+        }
         kwargs: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)} - {"features", "reference"}
         for key, value in doc.items():
@@ -153,6 +185,8 @@ class GuardPolicy:
                 bad = sorted(set(value) - known)
                 if bad:
                     raise ValueError(f"unknown guard policy key {key}.{bad[0]}")
+                if key == "rate" and "exempt" in value:
+                    value = {**value, "exempt": tuple(value["exempt"])}
                 value = nested[key](**value)
             kwargs[key] = value
         return cls(**kwargs)

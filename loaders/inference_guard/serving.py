@@ -1,0 +1,210 @@
+"""The guard at the API layer: screen each request once, with its caller, before batching.
+
+A model server batches many callers' requests into one forward call (continuous
+batching), and a generation makes one forward call per token: a forward hook
+sees neither the caller nor the request. :class:`GuardMiddleware` is an ASGI
+middleware (FastAPI/Starlette, vLLM's OpenAI server through ``--middleware``)
+that reads each request's body, names its caller (a header set by the
+authenticating proxy in front, or a function of the request), and calls
+``Guard.screen(caller, inputs)`` once per request before the application sees
+it. A refusal is an HTTP error with a JSON body; the model is never reached.
+
+Inside the request the caller is set (``as_caller``) and the request is marked
+screened, so a forward hook on the same model, in the same process, checks the
+lockdown but does not count the request's forward calls again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sealstore.errors import InferenceRefused
+from sealstore.loaders.inference_guard.hook import (
+    _SCREENED,
+    ANONYMOUS,
+    CALLER,
+    Guard,
+    _check_caller,
+)
+
+# What a refusal answers: a detector's penalty, or the model is stopped.
+STATUS = {
+    "throttled": 429,
+    "refused": 403,
+    "no-caller": 401,
+    "locked-down": 503,
+    "locked-out": 503,
+    "standing-unknown": 503,
+    "audit-unavailable": 503,
+}
+MAX_BODY = 8 << 20
+
+
+def texts_of(body: Any) -> list[str] | None:
+    """The texts of an OpenAI-style request body: ``input`` (embeddings), ``prompt``
+    (completions) or ``messages`` (chat: each message's text, joined); None if none."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("input", "prompt"):
+        value = body.get(key)
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return list(value)
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        parts = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [c["text"] for c in content if isinstance(c, Mapping) and "text" in c]
+        return ["\n".join(parts)] if parts else None
+    return None
+
+
+def tokenized(tokenizer: Any, *, max_length: int = 128) -> Callable[[Any], Any]:
+    """``inputs=`` for :class:`GuardMiddleware`: the body's texts (:func:`texts_of`)
+    tokenized, one row per text (a whole chat or prompt is one query)."""
+
+    def inputs(body: Any) -> Any:
+        texts = texts_of(body)
+        if texts is None:
+            return None
+        enc = tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return dict(enc)
+
+    return inputs
+
+
+class GuardMiddleware:
+    """ASGI middleware: ``app.add_middleware(GuardMiddleware, guard=g, inputs=...)``.
+
+    Args:
+        guard: the :class:`Guard` (``model.sealstore_guard``), or a guarded module.
+        inputs: ``fn(body) -> inputs | None``: the parsed JSON body to what
+            ``Guard.screen`` takes (a tokenizer's output); None: nothing to screen.
+            Default: :func:`tokenized` with *tokenizer*.
+        tokenizer: for the default *inputs*.
+        caller_header: the request header naming the caller (set by the
+            authenticating proxy in front of the server; a client must not be
+            able to set it itself).
+        caller: ``fn(scope) -> str | None`` instead of the header.
+        methods: the HTTP methods screened (others pass).
+        paths: path prefixes screened (None: every path).
+
+    For vLLM's ``--middleware`` (which adds the class without arguments), subclass
+    it and set these as class attributes.
+    """
+
+    guard: Any = None
+    inputs: Callable[[Any], Any] | None = None
+    tokenizer: Any = None
+    caller_header: str = "x-sealstore-caller"
+    caller: Callable[[Mapping[str, Any]], str | None] | None = None
+    methods: tuple[str, ...] = ("POST",)
+    paths: tuple[str, ...] | None = None
+    max_body: int = MAX_BODY
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        self.app = app
+        for key, value in options.items():
+            if not hasattr(type(self), key) or key.startswith("_"):
+                raise TypeError(f"GuardMiddleware has no option {key!r}")
+            setattr(self, key, value)
+        g = self.guard
+        g = getattr(g, "sealstore_guard", g)
+        if not isinstance(g, Guard):
+            raise TypeError("GuardMiddleware needs guard= (a Guard or a guarded module)")
+        self._guard = g
+        # a function given as a class attribute (a subclass for vLLM) is not a method
+        self.inputs = self.__dict__.get("inputs", type(self).inputs)
+        self._caller_fn = self.__dict__.get("caller", type(self).caller)
+        if self.inputs is None:
+            if self.tokenizer is None:
+                raise TypeError("GuardMiddleware needs inputs= or tokenizer=")
+            self.inputs = tokenized(self.tokenizer)
+        self._header = self.caller_header.lower().encode("latin-1")
+
+    async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in self.methods:
+            await self.app(scope, receive, send)
+            return
+        if self.paths is not None and not str(scope.get("path", "")).startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _reply(send, 413, "too-large", f"request body over {self.max_body} bytes")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            caller = self._caller(scope)
+            if caller is None:
+                self._guard.metrics.inc("sealstore_guard_calls_total", {"result": "no-caller"})
+                why = f"this model's guard requires a caller ({self.caller_header})"
+                await _reply(send, 401, "no-caller", why)
+                return
+            parsed = json.loads(body) if body else None
+            inputs = self.inputs(parsed)  # type: ignore[misc]
+        except ValueError as exc:
+            await _reply(send, 400, "bad-request", str(exc).splitlines()[0][:200])
+            return
+        if inputs is not None:
+            import anyio.to_thread
+
+            try:
+                await anyio.to_thread.run_sync(self._guard.screen, caller, inputs)
+            except InferenceRefused as exc:
+                await _reply(send, STATUS.get(exc.code, 403), exc.code, str(exc))
+                return
+        replayed = False
+
+        async def replay() -> Mapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        caller_token = CALLER.set(caller)
+        screened_token = _SCREENED.set(inputs is not None)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _SCREENED.reset(screened_token)
+            CALLER.reset(caller_token)
+
+    def _caller(self, scope: Mapping[str, Any]) -> str | None:
+        if self._caller_fn is not None:
+            name = self._caller_fn(scope)
+        else:
+            name = next(
+                (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == self._header),
+                None,
+            )
+        if name is None:
+            return None if self._guard.policy.require_caller else ANONYMOUS
+        return _check_caller(name)
+
+
+async def _reply(send: Any, status: int, code: str, detail: str) -> None:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 429:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
