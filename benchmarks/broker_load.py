@@ -77,8 +77,8 @@ def _round(
 ) -> dict[str, Any]:
     import nacl.public
 
-    from sealstore.enclave import release
-    from sealstore.enclave.broker_client import BrokerKey, https_json
+    from sealstore.enclave.broker import release
+    from sealstore.enclave.broker.client import BrokerKey, https_json
 
     client = BrokerKey("broker+https://127.0.0.1:1/bench/model", tcti=tcti)
     bodies = []
@@ -137,8 +137,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from sealstore.audit import read_records, verify_log
-    from sealstore.enclave import tpm, tpm_quote
-    from sealstore.enclave.broker_client import BrokerKey
+    from sealstore.enclave.attestation import tpm, tpm_quote
+    from sealstore.enclave.broker.client import BrokerKey
     from sealstore.keys import DataKey
     from sealstore.kms.local import create_keyring
     from sealstore.vault.storage import open_storage

@@ -96,9 +96,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default docs/perf/...)")
     args = parser.parse_args()
 
-    from sealstore.enclave import tpm, tpm_quote
-    from sealstore.enclave.broker_client import BrokerKey
-    from sealstore.enclave.tpm_kek import seal_kek
+    from sealstore.enclave.attestation import tpm, tpm_quote
+    from sealstore.enclave.attestation.tpm_kek import seal_kek
+    from sealstore.enclave.broker.client import BrokerKey
     from sealstore.keys import DataKey, KeySlot
     from sealstore.kms.local import create_keyring
 

@@ -128,8 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from sealstore.enclave.broker_config import BUNDLE_KEY_ENV, BrokerConfig, load_bundle_key
-    from sealstore.enclave.broker_http import serve
+    from sealstore.enclave.broker.config import BUNDLE_KEY_ENV, BrokerConfig, load_bundle_key
+    from sealstore.enclave.broker.http import serve
 
     pinned = args.bundle_key or os.environ.get(BUNDLE_KEY_ENV) or None
     bundle_key = load_bundle_key(pinned) if pinned else None
@@ -145,14 +145,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     from sealstore.docmodel import write_schema
-    from sealstore.enclave.broker_config import json_schema
+    from sealstore.enclave.broker.config import json_schema
 
     write_schema(json_schema(), args.output)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from sealstore.enclave.broker_config import BrokerConfig
+    from sealstore.enclave.broker.config import BrokerConfig
 
     config = BrokerConfig.load(args.config)
     if json_mode(args):
@@ -227,8 +227,8 @@ def _sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from sealstore.enclave.broker_bundle import key_id, read_serial, sign_bundle
-    from sealstore.enclave.broker_config import BrokerConfig
+    from sealstore.enclave.broker.bundle import key_id, read_serial, sign_bundle
+    from sealstore.enclave.broker.config import BrokerConfig
 
     secret = os.environ.get("SEALSTORE_BUNDLE_PASSPHRASE")
     try:
@@ -314,8 +314,8 @@ def _by_config(args: argparse.Namespace, action: str, scope: str | None) -> dict
     """Straight to the shared state: the operator on this host acts as an admin of all."""
     import dataclasses
 
-    from sealstore.enclave.broker import Broker
-    from sealstore.enclave.broker_config import BrokerConfig, Identity
+    from sealstore.enclave.broker.config import BrokerConfig, Identity
+    from sealstore.enclave.broker.server import Broker
 
     config = BrokerConfig.load(args.config)
     if config.state_url is None:
@@ -338,7 +338,7 @@ def _by_config(args: argparse.Namespace, action: str, scope: str | None) -> dict
 def _by_api(args: argparse.Namespace, action: str, scope: str | None) -> dict[str, Any]:
     from urllib.parse import urlsplit
 
-    from sealstore.enclave.broker_client import bearer_token, client_context, https_json
+    from sealstore.enclave.broker.client import bearer_token, client_context, https_json
     from sealstore.errors import BackendError, KeyReleaseDenied
 
     parts = urlsplit(args.broker)

@@ -73,8 +73,8 @@ def _expected(path: Path | None) -> dict[int, bytes] | None:
 
 
 def _seal(args: argparse.Namespace) -> int:
-    from sealstore.enclave.tpm import PcrPolicy
-    from sealstore.enclave.tpm_kek import seal_kek
+    from sealstore.enclave.attestation.tpm import PcrPolicy
+    from sealstore.enclave.attestation.tpm_kek import seal_kek
 
     policy = PcrPolicy.parse(args.pcrs)
     kek = seal_kek(
@@ -88,7 +88,7 @@ def _seal(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from sealstore.enclave import tpm
+    from sealstore.enclave.attestation import tpm
 
     policy = tpm.PcrPolicy.parse(args.pcrs)
     values = _expected(args.expect)
@@ -104,7 +104,7 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _pcrs(args: argparse.Namespace) -> int:
-    from sealstore.enclave import tpm
+    from sealstore.enclave.attestation import tpm
 
     policy = tpm.PcrPolicy.parse(args.pcrs)
     with tpm.connect(args.tcti) as ectx:
@@ -116,7 +116,7 @@ def _pcrs(args: argparse.Namespace) -> int:
 def _ak(args: argparse.Namespace) -> int:
     import sys
 
-    from sealstore.enclave.tpm_quote import ak_public
+    from sealstore.enclave.attestation.tpm_quote import ak_public
 
     pem = ak_public(args.tcti).decode()
     if json_mode(args):

@@ -81,7 +81,7 @@ def _b64(b: bytes) -> str:
 
 # The TPM code lives on the enclave/ floor: named here by path only, as the
 # registry names key providers, so kms/ never imports it.
-_TPM_SEALER = "sealstore.enclave.tpm_kek"
+_TPM_SEALER = "sealstore.enclave.attestation.tpm_kek"
 
 
 def _tpm_sealer() -> Any:

@@ -35,8 +35,8 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "aws-kms": ("sealstore.kms.aws_kms:AwsKmsKey", 'pip install "sealstore[aws]"'),
     # Providers that need attestation live on the enclave/ floor; named here by
     # path only, so kms/ never imports them.
-    "tpm": ("sealstore.enclave.tpm_kek:TpmKek", 'pip install "sealstore[tpm]"'),
-    "broker+https": ("sealstore.enclave.broker_client:BrokerKey", None),
+    "tpm": ("sealstore.enclave.attestation.tpm_kek:TpmKek", 'pip install "sealstore[tpm]"'),
+    "broker+https": ("sealstore.enclave.broker.client:BrokerKey", None),
 }
 _loaded: dict[str, type] = {}
 

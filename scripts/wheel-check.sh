@@ -28,8 +28,8 @@ import fsspec
 for proto in ["sealstore", "sealstore+file", "sealstore+s3"]:
     assert fsspec.get_filesystem_class(proto).__module__ == "sealstore.loaders.fsspec_fs", proto
 # NVIDIA's pinned GPU attestation roots are package data.
-from sealstore.enclave import nvgpu, nvgpu_rim
-from sealstore.enclave.certs import spki_sha256
+from sealstore.enclave.attestation import nvgpu, nvgpu_rim
+from sealstore.enclave.attestation.certs import spki_sha256
 assert spki_sha256(nvgpu.device_root()) == nvgpu.DEVICE_ROOT_SPKI_SHA256
 assert spki_sha256(nvgpu_rim.rim_root()) == nvgpu_rim.RIM_ROOT_SPKI_SHA256
 # The PEP 561 marker ships: type checkers read the package's hints.

@@ -1,6 +1,6 @@
 """What the config files' pydantic models share: refusals in the house's words, one line.
 
-The broker's config (``enclave/broker_config.py``) and the BoM spec
+The broker's config (``enclave/broker/config.py``) and the BoM spec
 (``vault/bom_spec.py``) are pydantic models, strict (YAML gives ints, floats,
 bools, strings and datetimes: ``"8443"`` is not a port, ``"yes"`` is not
 true). A field says what it expects in its own words (:func:`says`), a

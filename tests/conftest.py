@@ -25,7 +25,7 @@ if os.environ.get("SEALSTORE_CUDA") != "device":
 import pytest
 from nacl import pwhash
 
-from sealstore.enclave import tpm
+from sealstore.enclave.attestation import tpm
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import configure_cache
 from sealstore.kms.local import LocalKeyring, create_keyring

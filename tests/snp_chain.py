@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from sealstore.enclave.certs import spki_sha256
+from sealstore.enclave.attestation.certs import spki_sha256
 
 OID = "1.3.6.1.4.1.3704.1."
 PSS = padding.PSS(padding.MGF1(hashes.SHA384()), 48)

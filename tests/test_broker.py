@@ -32,11 +32,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sealstore.enclave import release, tpm
-from sealstore.enclave.broker import Broker, BrokerRefusal
-from sealstore.enclave.broker_client import BrokerKey
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.tpm_quote import ak_public
+from sealstore.enclave.attestation import tpm
+from sealstore.enclave.attestation.tpm_quote import ak_public
+from sealstore.enclave.broker import release
+from sealstore.enclave.broker.client import BrokerKey
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.server import Broker, BrokerRefusal
 from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, KeyUnavailable
 from sealstore.format import canonical_json
 from sealstore.keys import DataKey

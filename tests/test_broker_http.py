@@ -1,5 +1,5 @@
 # ruff: noqa: F811 (the broker tests' fixtures, imported, are parameters here)
-"""The broker's HTTP layer (``enclave/broker_http.py``) on a real uvicorn over TLS.
+"""The broker's HTTP layer (``enclave/broker/http.py``) on a real uvicorn over TLS.
 
 What FastAPI and uvicorn are trusted with: the client certificate reaching
 the routes (through the one subclass of uvicorn's internals, which these
@@ -24,10 +24,10 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave import broker_http
-from sealstore.enclave.broker import Broker
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.broker_http import MAX_BODY, _peer_h11_protocol, create_app
+from sealstore.enclave.broker import http as broker_http
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.http import MAX_BODY, _peer_h11_protocol, create_app
+from sealstore.enclave.broker.server import Broker
 from tests.test_broker import (  # noqa: F401 (fixtures)
     TOKENS,
     Pki,

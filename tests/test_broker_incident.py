@@ -30,9 +30,9 @@ import pytest
 import yaml
 
 from sealstore.audit import read_records, verify_log
-from sealstore.enclave.broker import Broker, BrokerRefusal
-from sealstore.enclave.broker_client import BrokerKey, https_json
-from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.broker.client import BrokerKey, https_json
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.server import Broker, BrokerRefusal
 from sealstore.errors import KeyReleaseDenied
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage

@@ -37,11 +37,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealstore.audit import read_records, verify_log
-from sealstore.enclave.broker import Broker, BrokerRefusal
-from sealstore.enclave.broker_client import BrokerKey, client_context, https_json
-from sealstore.enclave.broker_config import BrokerConfig, load_bundle_key
-from sealstore.enclave.broker_http import create_app
-from sealstore.enclave.broker_reload import Reloader
+from sealstore.enclave.broker.client import BrokerKey, client_context, https_json
+from sealstore.enclave.broker.config import BrokerConfig, load_bundle_key
+from sealstore.enclave.broker.http import create_app
+from sealstore.enclave.broker.reload import Reloader
+from sealstore.enclave.broker.server import Broker, BrokerRefusal
 from sealstore.errors import FormatError
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage

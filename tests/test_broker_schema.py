@@ -27,8 +27,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from sealstore.enclave.broker_http import MAX_BODY
-from sealstore.enclave.broker_openapi import openapi_schema
+from sealstore.enclave.broker.http import MAX_BODY
+from sealstore.enclave.broker.openapi import openapi_schema
 from tests.test_broker import (  # noqa: F401 (fixtures)
     TOKENS,
     Pki,

@@ -17,7 +17,7 @@ from uuid import uuid4
 import pytest
 import redis
 
-from sealstore.enclave.broker_state import (
+from sealstore.enclave.broker.state import (
     MemoryState,
     RedisState,
     State,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from sealstore.docmodel import schema_text
-from sealstore.enclave import broker_config
-from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.broker import config as broker_config
+from sealstore.enclave.broker.config import BrokerConfig
 from sealstore.errors import FormatError
 from sealstore.vault import bom_spec
 from sealstore.vault.bom import load_bom_spec

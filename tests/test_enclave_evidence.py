@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from sealstore.enclave import tsm
-from sealstore.enclave.certs import spki_sha256
-from sealstore.enclave.snp import SnpReference, Tcb, verify_report
-from sealstore.enclave.tdx import TdxQuote, TdxReference, verify_quote
+from sealstore.enclave.attestation import tsm
+from sealstore.enclave.attestation.certs import spki_sha256
+from sealstore.enclave.attestation.snp import SnpReference, Tcb, verify_report
+from sealstore.enclave.attestation.tdx import TdxQuote, TdxReference, verify_quote
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
 
@@ -114,7 +114,7 @@ def test_turin_chain_is_pinned() -> None:
     ask, ark = x509.load_pem_x509_certificates((ROOTS / "ask_ark_turin_vcek.pem").read_bytes())
     vcek = x509.load_der_x509_certificate((SNP / "virtee/vcek_turin.der").read_bytes())
     vcek.verify_directly_issued_by(ask)  # the sample is what AMD issued
-    from sealstore.enclave.snp import AMD_ARK_SPKI_SHA256
+    from sealstore.enclave.attestation.snp import AMD_ARK_SPKI_SHA256
 
     assert spki_sha256(ark) == AMD_ARK_SPKI_SHA256["Turin"]
     assert Tcb.unpack(bytes([1, 2, 3, 4, 0, 0, 0, 9]), "Turin") == Tcb(2, 3, 4, 9, fmc=1)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sealstore.enclave import tpm
-from sealstore.enclave.tpm_kek import TpmKek, seal_kek
+from sealstore.enclave.attestation import tpm
+from sealstore.enclave.attestation.tpm_kek import TpmKek, seal_kek
 from sealstore.errors import BackendError, FormatError, KeyReleaseDenied, NotFound
 from sealstore.keys import DataKey
 from tests.conformance.providers import CONTEXT, ProviderConformance
@@ -187,7 +187,7 @@ def test_cli_policy_and_pcrs(tcti: str, tmp_path: Path) -> None:
 
 
 def test_a_quote_verifies_against_the_registered_ak(tcti: str) -> None:
-    from sealstore.enclave.tpm_quote import ak_public, quote, verify_quote
+    from sealstore.enclave.attestation.tpm_quote import ak_public, quote, verify_quote
 
     ak = ak_public()
     assert ak == ak_public()  # a primary: the same key every time, nothing persisted
@@ -204,7 +204,7 @@ def test_quote_negatives(tcti: str) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from sealstore.enclave.tpm_quote import TpmQuote, ak_public, quote, verify_quote
+    from sealstore.enclave.attestation.tpm_quote import TpmQuote, ak_public, quote, verify_quote
     from sealstore.errors import AttestationError
 
     ak = ak_public()

@@ -24,8 +24,8 @@ import pytest
 import redis
 
 from sealstore.audit import read_records
-from sealstore.enclave.broker_client import BrokerKey
-from sealstore.enclave.broker_state import StateReset
+from sealstore.enclave.broker.client import BrokerKey
+from sealstore.enclave.broker.state import StateReset
 from sealstore.errors import BackendError
 from sealstore.keys import DataKey
 from sealstore.vault.storage import open_storage

@@ -814,7 +814,7 @@ def test_a_lockdown_at_the_broker_stops_the_guarded_model(
 ) -> None:
     from transformers import BertModel
 
-    from sealstore.enclave.broker_client import BrokerKey
+    from sealstore.enclave.broker.client import BrokerKey
     from sealstore.kms.envelope import configure_cache
 
     monkeypatch.setenv("SEALSTORE_BROKERS", replicas.urls[0])

@@ -498,7 +498,7 @@ def test_recipient_strings_are_base64url_of_the_raw_key() -> None:
 
 
 def test_a_release_answer_opens_only_for_its_challenge() -> None:
-    from sealstore.enclave import release
+    from sealstore.enclave.broker import release
 
     secret = x25519.X25519PrivateKey.generate()
     raw_sk = secret.private_bytes_raw()

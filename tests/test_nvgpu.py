@@ -24,10 +24,10 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealstore.enclave import nvgpu, nvgpu_rim
-from sealstore.enclave.certs import common_name, load_certificates, spki_sha256
-from sealstore.enclave.nvgpu import GpuReference, GpuReport, verify_report
-from sealstore.enclave.nvgpu_rim import Rim, RimMeasurement, load_rim
+from sealstore.enclave.attestation import nvgpu, nvgpu_rim
+from sealstore.enclave.attestation.certs import common_name, load_certificates, spki_sha256
+from sealstore.enclave.attestation.nvgpu import GpuReference, GpuReport, verify_report
+from sealstore.enclave.attestation.nvgpu_rim import Rim, RimMeasurement, load_rim
 from sealstore.errors import AttestationError
 
 DATA = Path(__file__).parent / "data" / "nvgpu"

@@ -34,12 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sealstore.audit import read_records
-from sealstore.enclave import release, tpm
-from sealstore.enclave.broker import Broker, BrokerRefusal
-from sealstore.enclave.broker_client import BrokerKey
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.certs import load_certificates
-from sealstore.enclave.tpm_quote import ak_public
+from sealstore.enclave.attestation import tpm
+from sealstore.enclave.attestation.certs import load_certificates
+from sealstore.enclave.attestation.tpm_quote import ak_public
+from sealstore.enclave.broker import release
+from sealstore.enclave.broker.client import BrokerKey
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.server import Broker, BrokerRefusal
 from sealstore.errors import AttestationError, FormatError, KeyReleaseDenied
 from sealstore.keys import DataKey
 from tests.conftest import make_keyring
@@ -316,7 +317,7 @@ def served(
     wants a TPM quote (swtpm, PCRs 7 and 16 as after a reset of 16) and the H100's report."""
     import uvicorn
 
-    from sealstore.enclave.broker_http import _peer_h11_protocol, create_app
+    from sealstore.enclave.broker.http import _peer_h11_protocol, create_app
 
     (tmp_path / "ak.pem").write_bytes(ak_public(tcti))
     with tpm.connect(tcti) as ectx:

@@ -17,10 +17,10 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.broker_reload import Reloader
-from sealstore.enclave.snp import verify_report
-from sealstore.enclave.snp_crl import SnpRevocation, check_crl, load_crl
+from sealstore.enclave.attestation.snp import verify_report
+from sealstore.enclave.attestation.snp_crl import SnpRevocation, check_crl, load_crl
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.reload import Reloader
 from sealstore.errors import AttestationError, FormatError
 from tests.raw_server import raw_server
 from tests.snp_chain import AT, Chain, cert, make_chain, make_crl, vcek_exts
@@ -428,9 +428,9 @@ def test_broker_config_crl_errors_name_the_field(tmp_path: Path, snp: dict, mess
 def test_the_broker_refuses_a_revoked_chain(tmp_path: Path) -> None:
     """A release on SNP evidence from a chain of our own: granted, then refused once the
     rule's CRL file revokes the ASK (snp-revoked), and refused while the CRL is stale."""
-    from sealstore.enclave import release
-    from sealstore.enclave.broker import Broker, BrokerRefusal
-    from sealstore.enclave.broker_client import BrokerKey
+    from sealstore.enclave.broker import release
+    from sealstore.enclave.broker.client import BrokerKey
+    from sealstore.enclave.broker.server import Broker, BrokerRefusal
     from sealstore.keys import DataKey
     from tests.test_broker import CONTEXT, _body
 

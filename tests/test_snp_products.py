@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from sealstore.enclave.certs import load_certificates, spki_sha256
-from sealstore.enclave.snp import AMD_ARK_SPKI_SHA256, SnpReport, Tcb, cpuid_product, verify_report
+from sealstore.enclave.attestation.certs import load_certificates, spki_sha256
+from sealstore.enclave.attestation.snp import (
+    AMD_ARK_SPKI_SHA256,
+    SnpReport,
+    Tcb,
+    cpuid_product,
+    verify_report,
+)
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
 from tests.snp_chain import AT, CPUID, OID, Chain, der_int, make_chain

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sealstore.enclave import tdx
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.tdx_pccs import CollateralDir, Pccs
+from sealstore.enclave.attestation import tdx
+from sealstore.enclave.attestation.tdx_pccs import CollateralDir, Pccs
+from sealstore.enclave.broker.config import BrokerConfig
 from sealstore.errors import AttestationError, FormatError
 
 DATA = Path(__file__).parent / "data" / "tdx"
@@ -122,8 +122,8 @@ def test_broker_refusals_with_collateral(tmp_path: Path) -> None:
     """Stale collateral is the broker's problem (503, no lockout); a bad quote is the caller's."""
     import nacl.public
 
-    from sealstore.enclave import release
-    from sealstore.enclave.broker import Broker, BrokerRefusal
+    from sealstore.enclave.broker import release
+    from sealstore.enclave.broker.server import Broker, BrokerRefusal
 
     def attempt(b: Broker) -> BrokerRefusal:
         who = b.config.identities["cvm"]

@@ -26,10 +26,10 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealstore.enclave.certs import load_certificates, spki_sha256
-from sealstore.enclave.tdx import TdxQuote, verify_quote
-from sealstore.enclave.tdx_collateral import STATUSES, TCB_SIGNING_SUBJECT, TcbPolicy
-from sealstore.enclave.tdx_pccs import CollateralDir
+from sealstore.enclave.attestation.certs import load_certificates, spki_sha256
+from sealstore.enclave.attestation.tdx import TdxQuote, verify_quote
+from sealstore.enclave.attestation.tdx_collateral import STATUSES, TCB_SIGNING_SUBJECT, TcbPolicy
+from sealstore.enclave.attestation.tdx_pccs import CollateralDir
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
 
@@ -613,7 +613,7 @@ def test_a_second_copy_cannot_ride_along(tmp_path: Path) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
 def test_crl_loader_refuses_junk(data: bytes) -> None:
-    from sealstore.enclave.tdx_collateral import load_crl
+    from sealstore.enclave.attestation.tdx_collateral import load_crl
 
     try:
         load_crl(data, "CRL")
@@ -624,7 +624,7 @@ def test_crl_loader_refuses_junk(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, len(REAL_TCB) - 1), st.integers(1, 255))
 def test_signed_json_survives_any_byte_change(at: int, flip: int) -> None:
-    from sealstore.enclave.tdx_collateral import _signed_json
+    from sealstore.enclave.attestation.tdx_collateral import _signed_json
 
     raw = bytearray(REAL_TCB)
     raw[at] ^= flip
@@ -640,7 +640,7 @@ def test_signed_json_survives_any_byte_change(at: int, flip: int) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=120))
 def test_sgx_extension_parser_refuses_junk(value: bytes) -> None:
-    from sealstore.enclave.tdx_collateral import pck_tcb
+    from sealstore.enclave.attestation.tdx_collateral import pck_tcb
 
     key = ec.generate_private_key(ec.SECP256R1())
     ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.840.113741.1.13.1"), value)

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sealstore.enclave.tdx import verify_quote
-from sealstore.enclave.tdx_collateral import TcbPolicy
-from sealstore.enclave.tdx_pccs import Pccs
+from sealstore.enclave.attestation.tdx import verify_quote
+from sealstore.enclave.attestation.tdx_collateral import TcbPolicy
+from sealstore.enclave.attestation.tdx_pccs import Pccs
 from sealstore.errors import AttestationError
 from tests.conftest import shared_data
 from tests.raw_server import raw_server

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sealstore.enclave.broker_watch import broker_metrics
+from sealstore.enclave.broker.watch import broker_metrics
 from sealstore.loaders.inference_guard import HELP as GUARD_HELP
 from sealstore.loaders.inference_guard.hook import LABELS as GUARD_LABELS
 from sealstore.watch import Alerts, Metrics, serve_metrics

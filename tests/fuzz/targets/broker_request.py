@@ -1,4 +1,4 @@
-"""The key-release broker's JSON request bodies (``enclave/broker_http.py``, ``broker.py``).
+"""The key-release broker's JSON request bodies (``enclave/broker/http.py``, ``broker.py``).
 
 The first byte of an input picks the route (challenge, standing, release);
 the rest is the body, parsed as the HTTP layer parses it and handed to the
@@ -25,10 +25,10 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave.broker import Broker, BrokerRefusal
-from sealstore.enclave.broker_config import BrokerConfig
-from sealstore.enclave.broker_http import ChallengeIn, ReleaseIn, StandingIn, parse_body
-from sealstore.enclave.certs import load_certificates
+from sealstore.enclave.attestation.certs import load_certificates
+from sealstore.enclave.broker.config import BrokerConfig
+from sealstore.enclave.broker.http import ChallengeIn, ReleaseIn, StandingIn, parse_body
+from sealstore.enclave.broker.server import Broker, BrokerRefusal
 from tests.fuzz.harness import shared_data
 from tests.fuzz.targets import tpm_attest
 

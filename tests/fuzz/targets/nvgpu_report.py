@@ -1,4 +1,4 @@
-"""NVIDIA GPU attestation reports (``enclave/nvgpu.py``): parse, verify, judge.
+"""NVIDIA GPU attestation reports (``enclave/attestation/nvgpu.py``): parse, verify, judge.
 
 Each input is a report as NVML returns it (the SPDM GET_MEASUREMENTS request
 and the signed response with NVIDIA's opaque data). It is parsed, verified
@@ -17,8 +17,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sealstore.enclave.nvgpu import GpuReference, GpuReport, verify_report
-from sealstore.enclave.nvgpu_rim import load_rim
+from sealstore.enclave.attestation.nvgpu import GpuReference, GpuReport, verify_report
+from sealstore.enclave.attestation.nvgpu_rim import load_rim
 from sealstore.errors import AttestationError
 
 NAME = "nvgpu_report"

@@ -1,4 +1,6 @@
-"""The certificates an SEV-SNP release request carries (``enclave/snp.py``, ``enclave/certs.py``).
+"""The certificates an SEV-SNP release request carries.
+
+``enclave/attestation/snp.py`` and ``certs.py`` hold the code under test.
 
 A broker parses the VCEK/VLEK, ASK and ARK a caller sends before it trusts
 any of them. The first byte of an input picks which of the real sample's
@@ -13,8 +15,8 @@ from collections.abc import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from sealstore.enclave.certs import load_certificates
-from sealstore.enclave.snp import verify_report
+from sealstore.enclave.attestation.certs import load_certificates
+from sealstore.enclave.attestation.snp import verify_report
 from sealstore.errors import AttestationError
 from tests.fuzz.harness import shared_data
 

@@ -1,4 +1,4 @@
-"""AMD SEV-SNP attestation reports (``enclave/snp.py``): parse, judge, verify.
+"""AMD SEV-SNP attestation reports (``enclave/attestation/snp.py``): parse, judge, verify.
 
 Each input is a report: parsed, its TCBs decoded for every product line,
 checked against reference values, and verified against the real VCEK and
@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 from collections.abc import Iterator
 
-from sealstore.enclave.snp import SnpReference, SnpReport, Tcb, verify_report
+from sealstore.enclave.attestation.snp import SnpReference, SnpReport, Tcb, verify_report
 from sealstore.errors import AttestationError
 from tests.fuzz.harness import shared_data
 

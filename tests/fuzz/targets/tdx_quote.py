@@ -1,4 +1,4 @@
-"""Intel TDX quotes v4/v5 (``enclave/tdx.py``): parse, judge, verify.
+"""Intel TDX quotes v4/v5 (``enclave/attestation/tdx.py``): parse, judge, verify.
 
 Each input is a quote. It is parsed, checked against reference values and
 verified as sent (a mutated quote fails its signature); then it is re-signed
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from sealstore.enclave.tdx import TdxQuote, TdxReference, verify_quote
+from sealstore.enclave.attestation.tdx import TdxQuote, TdxReference, verify_quote
 from sealstore.errors import AttestationError
 from tests.fuzz.harness import shared_data
 

@@ -1,4 +1,4 @@
-"""TPM 2.0 quotes: the signed TPMS_ATTEST structure (``enclave/tpm_quote.py``).
+"""TPM 2.0 quotes: the signed TPMS_ATTEST structure (``enclave/attestation/tpm_quote.py``).
 
 The verifier parses TPMS_ATTEST only after the AK's signature verifies, so
 each input is signed here with an attestation key of our own (registered as
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealstore.enclave.tpm import PcrPolicy
-from sealstore.enclave.tpm_quote import TpmQuote, verify_quote
+from sealstore.enclave.attestation.tpm import PcrPolicy
+from sealstore.enclave.attestation.tpm_quote import TpmQuote, verify_quote
 from sealstore.errors import AttestationError
 
 NAME = "tpm_attest"

@@ -40,9 +40,10 @@ from pydantic import (
 )
 
 from sealstore.docmodel import JSON_SCHEMA_DIALECT, explain, fail, says
-from sealstore.enclave import nvgpu, nvgpu_rim, release, snp, tdx
-from sealstore.enclave.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
-from sealstore.enclave.tpm import PcrPolicy
+from sealstore.enclave.attestation import nvgpu, nvgpu_rim, snp, tdx
+from sealstore.enclave.attestation.snp_crl import KDS_CRL_URL, SnpRevocation, load_crl
+from sealstore.enclave.attestation.tpm import PcrPolicy
+from sealstore.enclave.broker import release
 from sealstore.errors import AttestationError, FormatError
 from sealstore.vault import access
 from sealstore.vault.access import ROLES
@@ -251,7 +252,7 @@ class BrokerConfig:
                 )
             config = dataclasses.replace(config, signing_key=bundle_key, bundle_key_pinned=True)
         if verify and config.signing_key is not None:
-            from sealstore.enclave.broker_bundle import verify_bundle
+            from sealstore.enclave.broker.bundle import verify_bundle
 
             config = dataclasses.replace(config, bundle_serial=verify_bundle(config))
         return config
@@ -1145,7 +1146,7 @@ class _Build:
         )
 
     def tdx_collateral(self, where: str, d: CollateralDoc) -> dict[str, Any]:
-        from sealstore.enclave import tdx_collateral, tdx_pccs
+        from sealstore.enclave.attestation import tdx_collateral, tdx_pccs
 
         source: tdx_pccs.CollateralSource
         if d.dir is not None:

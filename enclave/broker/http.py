@@ -40,9 +40,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sealstore.enclave.broker import LOCAL_PEERS, Broker, BrokerRefusal, log
-from sealstore.enclave.broker_config import BrokerConfig, Identity
-from sealstore.enclave.broker_openapi import (
+from sealstore.enclave.broker.config import BrokerConfig, Identity
+from sealstore.enclave.broker.openapi import (
     AUTH,
     METRICS,
     AdminOut,
@@ -53,6 +52,7 @@ from sealstore.enclave.broker_openapi import (
     body_doc,
     refusals,
 )
+from sealstore.enclave.broker.server import LOCAL_PEERS, Broker, BrokerRefusal, log
 
 __all__ = [
     "MAX_BODY",
@@ -461,7 +461,7 @@ def serve(
         load: how to read the config again on SIGHUP or a change of its files
             (default: ``BrokerConfig.load`` of the same file).
     """
-    from sealstore.enclave.broker_reload import Reloader
+    from sealstore.enclave.broker.reload import Reloader
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from sealstore.enclave.certs import common_name
+from sealstore.enclave.attestation.certs import common_name
 from sealstore.errors import AttestationError
 
 __all__ = ["RIM_ROOT_SPKI_SHA256", "Rim", "RimMeasurement", "load_rim", "rim_root"]
@@ -59,7 +59,7 @@ class Rim:
 
 def rim_root() -> x509.Certificate:
     """NVIDIA's CoRIM signing Root CA, as shipped in the package (checked against the pin)."""
-    from sealstore.enclave.nvgpu import _packaged
+    from sealstore.enclave.attestation.nvgpu import _packaged
 
     return _packaged("rim_signing_root.pem", RIM_ROOT_SPKI_SHA256)
 
@@ -97,7 +97,7 @@ def load_rim(
     from signxml import DigestAlgorithm, SignatureConfiguration, SignatureMethod, XMLVerifier
     from signxml.exceptions import InvalidInput, InvalidSignature
 
-    from sealstore.enclave.nvgpu import verify_chain
+    from sealstore.enclave.attestation.nvgpu import verify_chain
 
     at = (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     try:

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sealstore.enclave.broker import Broker
-from sealstore.enclave.broker_config import RESTART_ONLY, BrokerConfig
+from sealstore.enclave.broker.config import RESTART_ONLY, BrokerConfig
+from sealstore.enclave.broker.server import Broker
 from sealstore.errors import FormatError
 
 __all__ = ["Reloader"]
@@ -67,13 +67,13 @@ def _key_id(config: BrokerConfig) -> str | None:
     """The pinned signing key's id (what serials are counted per), or None if unsigned."""
     if config.signing_key is None:
         return None
-    from sealstore.enclave.broker_bundle import key_id
+    from sealstore.enclave.broker.bundle import key_id
 
     return key_id(config.signing_key)
 
 
 def _digests(paths: list[Path]) -> dict[str, str | None]:
-    from sealstore.enclave.broker_config import _digest_of
+    from sealstore.enclave.broker.config import _digest_of
 
     return {str(p): _digest_of(p) for p in paths}
 

@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import nacl.public
 
-from sealstore.enclave import release
+from sealstore.enclave.broker import release
 from sealstore.errors import (
     AttestationError,
     AuthenticationError,
@@ -255,7 +255,7 @@ class BrokerKey:
             ):
                 return kind
             if cpu in ("snp", "tdx"):
-                from sealstore.enclave import tsm
+                from sealstore.enclave.attestation import tsm
 
                 root = self._tsm_root or os.environ.get("SEALSTORE_TSM_ROOT") or tsm.TSM_ROOT
                 if Path(root).is_dir():
@@ -275,7 +275,7 @@ class BrokerKey:
 
     def _collect_gpus(self, nonce: bytes) -> list[dict[str, str]]:
         """Every GPU's report for *nonce* with its chain, base64, as the broker takes them."""
-        from sealstore.enclave import nvgpu
+        from sealstore.enclave.attestation import nvgpu
 
         source = self._gpu_evidence
         if callable(source):
@@ -295,7 +295,7 @@ class BrokerKey:
 
     def _collect(self, kind: str, bound: bytes, ch: Mapping[str, Any]) -> dict[str, Any]:
         if kind == "tpm":
-            from sealstore.enclave import tpm, tpm_quote
+            from sealstore.enclave.attestation import tpm, tpm_quote
 
             spec = ch.get("tpm_pcrs")
             if not isinstance(spec, str):
@@ -311,7 +311,7 @@ class BrokerKey:
                 "signature": release.b64e(q.signature),
                 "pcrs": {str(k): v.hex() for k, v in q.pcrs.items()},
             }
-        from sealstore.enclave import tsm
+        from sealstore.enclave.attestation import tsm
 
         ev = tsm.collect(bound, root=self._tsm_root)
         if ev.kind != kind:

@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sealstore.enclave import tdx_collateral, tdx_pccs
-from sealstore.enclave.certs import (
+from sealstore.enclave.attestation import tdx_collateral, tdx_pccs
+from sealstore.enclave.attestation.certs import (
     check_validity,
     common_name,
     issued_by,

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sealstore.enclave.broker_config import BrokerConfig
+from sealstore.enclave.broker.config import BrokerConfig
 from sealstore.errors import FormatError
 from sealstore.format import canonical_json
 

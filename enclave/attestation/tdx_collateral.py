@@ -42,11 +42,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sealstore.enclave.certs import check_validity, common_name, issued_by, spki_sha256
+from sealstore.enclave.attestation.certs import check_validity, common_name, issued_by, spki_sha256
 from sealstore.errors import AttestationError
 
 if TYPE_CHECKING:
-    from sealstore.enclave.tdx import TdxQuote
+    from sealstore.enclave.attestation.tdx import TdxQuote
 
 __all__ = ["STATUSES", "Collateral", "TcbPolicy", "TcbResult", "appraise", "load_crl", "pck_tcb"]
 

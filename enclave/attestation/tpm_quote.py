@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sealstore.enclave import tpm
+from sealstore.enclave.attestation import tpm
 from sealstore.errors import AttestationError, BackendError
 
 __all__ = ["QuoteInfo", "TpmQuote", "ak_public", "quote", "verify_quote"]

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
-from sealstore.enclave.certs import common_name
+from sealstore.enclave.attestation.certs import common_name
 from sealstore.errors import AttestationError
 
 __all__ = ["KDS_CRL_URL", "SnpRevocation", "check_crl", "load_crl"]

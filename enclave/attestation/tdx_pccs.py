@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from sealstore.enclave.tdx_collateral import Collateral, load_crl
+from sealstore.enclave.attestation.tdx_collateral import Collateral, load_crl
 from sealstore.errors import AttestationError
 
 __all__ = ["CollateralDir", "CollateralSource", "Pccs"]

@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstore.enclave import tpm
+from sealstore.enclave.attestation import tpm
 from sealstore.errors import AuthenticationError, FormatError, KeyUnavailable, NotFound
 from sealstore.format import canonical_json
 from sealstore.fsutil import atomic_file

@@ -193,7 +193,7 @@ def openapi_schema() -> dict[str, Any]:
         The document as a dict: every route, the body it reads, what it answers.
     """
     # The routes are only declared here: no handler runs, so no Broker is needed.
-    from sealstore.enclave.broker_http import create_app
+    from sealstore.enclave.broker.http import create_app
 
     doc = create_app(None).openapi()  # type: ignore[arg-type]
     # FastAPI lists JSON for every 200; the metrics are text only.

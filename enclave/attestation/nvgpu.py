@@ -48,14 +48,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sealstore.enclave.certs import (
+from sealstore.enclave.attestation.certs import (
     check_validity,
     common_name,
     issued_by,
     load_certificates,
     spki_sha256,
 )
-from sealstore.enclave.nvgpu_rim import Rim
+from sealstore.enclave.attestation.nvgpu_rim import Rim
 from sealstore.errors import AttestationError
 
 __all__ = [
@@ -263,7 +263,9 @@ def device_root() -> x509.Certificate:
 
 
 def _packaged(name: str, spki: str) -> x509.Certificate:
-    pem = importlib.resources.files("sealstore.enclave").joinpath(f"nvidia-roots/{name}")
+    pem = importlib.resources.files("sealstore.enclave.attestation").joinpath(
+        f"nvidia-roots/{name}"
+    )
     cert = load_certificates(pem.read_bytes())[0]
     if spki_sha256(cert) != spki:
         raise AttestationError(

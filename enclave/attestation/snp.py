@@ -34,14 +34,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sealstore.enclave.certs import (
+from sealstore.enclave.attestation.certs import (
     check_validity,
     common_name,
     issued_by,
     load_certificates,
     spki_sha256,
 )
-from sealstore.enclave.snp_crl import SnpRevocation
+from sealstore.enclave.attestation.snp_crl import SnpRevocation
 from sealstore.errors import AttestationError
 
 __all__ = [

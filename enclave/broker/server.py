@@ -71,16 +71,17 @@ import nacl.public
 from cryptography import x509
 
 from sealstore.audit import AuditKey, AuditLog, read_records, stream_name, verify_log
-from sealstore.enclave import certs, nvgpu, release, snp, tdx, tpm_quote
-from sealstore.enclave.broker_config import ArtifactRule, BrokerConfig, Identity, Token
-from sealstore.enclave.broker_state import (
+from sealstore.enclave.attestation import certs, nvgpu, snp, tdx, tpm_quote
+from sealstore.enclave.broker import release
+from sealstore.enclave.broker.config import ArtifactRule, BrokerConfig, Identity, Token
+from sealstore.enclave.broker.state import (
     State,
     StateFull,
     StateReset,
     StateUnavailable,
     open_state,
 )
-from sealstore.enclave.broker_watch import Alerts, broker_metrics
+from sealstore.enclave.broker.watch import Alerts, broker_metrics
 from sealstore.errors import AttestationError, FormatError, SealstoreError
 from sealstore.keys import DataKey, KeySlot, unwrap_first
 from sealstore.vault.manifest import check_name
