@@ -306,6 +306,11 @@ def register(sub: Any) -> None:
     )
     bexp.add_argument("ref", metavar="NAME[:VERSION|@TAG]")
     bexp.add_argument("-o", "--output", default="-", metavar="FILE")
+    bexp.add_argument(
+        "--validate",
+        action="store_true",
+        help="also check it against the CycloneDX 1.6 JSON schema (about a second to load)",
+    )
     bschema = command(
         bsub,
         "schema",
@@ -314,11 +319,6 @@ def register(sub: Any) -> None:
         help="print the JSON Schema of the push --bom spec file (for editors)",
     )
     bschema.add_argument("-o", "--output", default="-", metavar="FILE")
-    bexp.add_argument(
-        "--validate",
-        action="store_true",
-        help="also check it against the CycloneDX 1.6 JSON schema (about a second to load)",
-    )
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -96,7 +96,13 @@ def torch_load(
             decrypted for torch is hashed (in file order; a range read out of
             order is kept as a copy until its turn), the few bytes torch skips
             (zip padding) are decrypted at the end, and nothing is returned
-            before the digest matched.
+            before the digest matched. torch's restricted unpickler
+            (``weights_only``: tensors, containers, numbers, the allowlist)
+            has then already parsed the bytes -- authenticated as the store's
+            by the AEAD, not yet as the signer's. To compare before any parse,
+            at the cost of a second decryption, open the file through a store
+            file system with ``verify_signature`` (it checks at open) and pass
+            that to ``torch.load``.
 
     Returns:
         The unpickled object.

@@ -244,13 +244,19 @@ def _verify_envelope(
         raise AuthenticationError(f"{what}: two signatures by one key")
     mine = [s for s in sigs if s["keyid"] in trusted]
     if not mine:
-        raise AuthenticationError(f"{what} is signed by an untrusted key {keyids[0]}")
+        raise AuthenticationError(f"{what} is signed by an untrusted key {_shown(keyids[0])}")
     message = pae(kind, payload)
     # Every signature by a trusted key must verify: one that fails means the
     # envelope was edited, and it is refused even if another one holds.
     for s in mine:
         _check(s["keyid"], s.get("sig"), message, what)
     return dict(_parse_payload(payload, what), signer=mine[0]["keyid"])
+
+
+def _shown(key_id: str) -> str:
+    """A key id read from a document, fit for a one-line message: printable, at most 80."""
+    text = key_id if key_id.isprintable() else repr(key_id)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _verify_old(
@@ -260,7 +266,7 @@ def _verify_old(
     if not isinstance(signer, str) or not isinstance(sig, str):
         raise AuthenticationError(f"{what} is not signed")
     if signer not in trusted:
-        raise AuthenticationError(f"{what} is signed by an untrusted key {signer}")
+        raise AuthenticationError(f"{what} is signed by an untrusted key {_shown(signer)}")
     body = {k: v for k, v in doc.items() if k != "signature"}
     payload_type(domain)
     message = b"sealstore/v1/" + domain.encode() + b"\x00" + canonical_json(body)

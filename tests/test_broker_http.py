@@ -137,7 +137,7 @@ def test_the_client_certificate_reaches_the_routes(served: Served) -> None:
     # When uvicorn implements ASGI's TLS extension, the subclass can go (docs/BROKER.md).
     assert "tls" not in (scope.get("extensions") or {}), (
         f"uvicorn {uvicorn.__version__} now puts the TLS extension in the scope: "
-        "read the client certificate from it and drop broker_http._peer_h11_protocol"
+        "read the client certificate from it and drop http._peer_h11_protocol"
     )
     # No certificate, no token: nothing in the state, and refused.
     status, _, data = served.request("POST", "/v1/challenge", json.dumps(CHALLENGE).encode())

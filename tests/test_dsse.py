@@ -168,6 +168,13 @@ def test_an_untrusted_signer_is_refused(signed: dict[str, Any], tmp_path: Path) 
         verify_document("manifest", signed, [other.signing_key_id], what="manifest")
     with pytest.raises(AuthenticationError, match="untrusted key"):
         verify_document("manifest", signed, [], what="manifest")
+    # A key id the document chose is shown on one line, and short.
+    for keyid in ("x" * 5000, "a\nforged: line"):
+        odd = copy.deepcopy(signed)
+        odd["signatures"][0]["keyid"] = keyid
+        with pytest.raises(AuthenticationError) as info:
+            verify_document("manifest", odd, [KEY["keyid"]], what="manifest")
+        assert "\n" not in str(info.value) and len(str(info.value)) < 160
     # The keyid relabelled to a trusted key: the signature is not that key's.
     relabelled = copy.deepcopy(signed)
     relabelled["signatures"][0]["keyid"] = other.signing_key_id

@@ -221,6 +221,18 @@ def test_middleware_screens_each_request_of_concurrent_clients(mini: Mini, attac
         assert status == 200 and "-" in g._callers
         status, err = _post(port, {"input": [pool[0]]}, "x" * 200)
         assert status == 400 and "1-128 printable" in err["detail"]
+        # A query the guard cannot read is refused, never served unscreened: token
+        # ids (the served model's, not the guard's), an image-only chat.
+        before = queries(g)
+        image = {"type": "image_url", "image_url": {"url": "data:,"}}
+        for body in (
+            {"input": [101, 2023, 102]},
+            {"prompt": [[101], [102, 7]]},
+            {"messages": [{"role": "user", "content": [image]}]},
+        ):
+            status, err = _post(port, body, "user-0")
+            assert status == 400 and "no text the guard can" in err["detail"], (body, err)
+        assert queries(g) == before
     finally:
         server.should_exit = True
         runner.join(30)

@@ -147,7 +147,7 @@ def test_forwarding_functions_take_the_options_of_what_they_forward_to() -> None
     """Explicit parameters are copies: these keep them equal to the original's."""
     from sealstore.kms.envelope import seal_file, seal_stream
     from sealstore.loaders import safetensors as st
-    from sealstore.vault import lifecycle, pull, push
+    from sealstore.vault import lifecycle, pull, push, rekey
     from sealstore.vault.store import Store
 
     assert _keywords(Store.push) == _keywords(push.push)
@@ -155,6 +155,7 @@ def test_forwarding_functions_take_the_options_of_what_they_forward_to() -> None
     assert _keywords(Store.verify) == _keywords(pull.verify)
     assert _keywords(Store.shred) == _keywords(lifecycle.shred)
     assert _keywords(Store.rotate) == _keywords(lifecycle.rotate)
+    assert _keywords(Store.rekey) == _keywords(rekey.rekey_version)
     assert _keywords(seal_file) == _keywords(seal_stream)
     assert _keywords(st.safe_open) == _keywords(st.SafeOpen.__init__)
     load_file = _keywords(st.load_file, {"guard", "module"})

@@ -217,3 +217,37 @@ def test_roles_publisher_rekeys_only_an_admin_shreds(
     done = as_pub.rekey("m:1")  # a new version is a publisher's to write
     assert done.new.signer == pub.signing_key_id and done.shredded is None
     assert Store.open(store.url).manifest("m").version == "2"
+
+
+def test_keep_tags_leaves_every_tag_latest_included(tmp_path: Path, ring: LocalKeyring) -> None:
+    store = Store.init(f"file://{tmp_path}/store")
+    store.push(model_dir(tmp_path, {"a.bin": 100}), "m", keys=["local:"])
+    store.tag("m:1", "known-good")
+    done = store.rekey("m:1", move_tags=False)
+    assert (done.new.version, done.tags) == ("2", [])
+    assert store.tags("m") == {"latest": "1", "known-good": "1"}
+
+
+def test_a_tag_that_cannot_move_is_audited_and_stops_the_shred(
+    tmp_path: Path, ring: LocalKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.init(f"file://{tmp_path}/store")
+    src = model_dir(tmp_path, {"a.bin": 100})
+    store.push(src, "m", keys=["local:"])
+    store.tag("m:1", "known-good")
+    real_tag = Store.tag
+
+    def tag(self: Store, ref: str, name: str, **kw: Any) -> Any:
+        if name == "known-good":
+            raise BackendError("the storage went away")
+        return real_tag(self, ref, name, **kw)
+
+    monkeypatch.setattr(Store, "tag", tag)
+    with pytest.raises(BackendError, match="known-good still name the old version"):
+        store.rekey("m:1", shred_old=True)
+    # Committed and audited; the old version is whole, as its tag still names it.
+    assert store.versions("m") == ["1", "2"]
+    assert store.tags("m") == {"latest": "2", "known-good": "1"}
+    assert [r["version"] for r in store_audit(store) if r.get("action") == "rekey"] == ["2"]
+    store.pull("m:1", tmp_path / "old")
+    assert same_tree(src, tmp_path / "old")

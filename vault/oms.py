@@ -746,9 +746,12 @@ def verify_stream(
     """
     if not sig.covers(path):
         raise AuthenticationError(f"{where} is not covered by the model signature")
+    from sealstore.chunks import zero
+
     sha = hashlib.sha256()
     for chunk in sealed.iter_chunks(threads=threads):
         sha.update(chunk)
+        zero(chunk)  # the ring's buffers are reused, then freed: none keeps plaintext
     if not hmac.compare_digest(sha.hexdigest(), sig.digests[path]):
         raise AuthenticationError(f"{where} does not match the model signature")
 

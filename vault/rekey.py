@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sealstore.errors import FormatError, NotFound
+from sealstore.errors import BackendError, FormatError, NotFound, SealstoreError
 from sealstore.format import read_preamble
 from sealstore.keys import DataKey
 from sealstore.kms.envelope import IdentitySpec, make_slots
@@ -47,6 +48,9 @@ from sealstore.vault.storage import new_object_name
 __all__ = ["RekeyResult", "rekey_version"]
 
 Progress = Callable[[int], None]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,17 @@ def _carried_bom(store: Any, old: Manifest, version: str) -> bytes | None:
         return None
     doc = json.loads(store.bom(f"{old.name}:{old.version}", tenant=old.tenant))
     try:
-        comp = doc["metadata"]["component"]
-        old_ref = comp["bom-ref"]
-    except (KeyError, TypeError):
-        raise FormatError(f"the BoM of {old.name}:{old.version} has no model component") from None
+        return _renamed_bom(doc, old, version)
+    except (AttributeError, KeyError, TypeError):
+        raise FormatError(
+            f"the BoM of {old.name}:{old.version} is not a CycloneDX document with a model "
+            "component"
+        ) from None
+
+
+def _renamed_bom(doc: Any, old: Manifest, version: str) -> bytes:
+    comp = doc["metadata"]["component"]
+    old_ref = comp["bom-ref"]
     kind = str(old_ref).rsplit(":", 2)[0]
     new_ref = f"{kind}:{old.name}:{version}"
     comp["version"] = version
@@ -92,7 +103,9 @@ def _carried_bom(store: Any, old: Manifest, version: str) -> bytes | None:
     }
     props = [p for p in comp.get("properties", []) if p.get("name") != "sealstore:rekeyed-from"]
     props.append({"name": "sealstore:rekeyed-from", "value": old.version})
-    comp["properties"] = sorted(props, key=lambda p: (p["name"], p["value"]))
+    comp["properties"] = sorted(
+        props, key=lambda p: (str(p.get("name", "")), str(p.get("value", "")))
+    )
     for dep in doc.get("dependencies", []):
         if dep.get("ref") == old_ref:
             dep["ref"] = new_ref
@@ -297,11 +310,8 @@ def rekey_version(
         except BaseException as exc:
             _discard_after(exc, store, tenant, made)
             raise
-    ref_new = f"{name}:{new_version}"
-    for tag in tags:
-        store.tag(ref_new, tag, tenant=tenant, audit=False)
-    if "latest" not in tags:
-        _tag_latest(store, name, new_version, tenant)
+    # Committed: the audit record first, so that nothing below can leave a key change
+    # unrecorded; then the tags, each on its own (a retry would re-key once more).
     record(
         store,
         "rekey",
@@ -317,5 +327,27 @@ def rekey_version(
             "tags": tags,
         },
     )
+    ref_new = f"{name}:{new_version}"
+    moved: list[str] = []
+    stuck: list[str] = []
+    for tag in tags:
+        try:
+            store.tag(ref_new, tag, tenant=tenant, audit=False)
+            moved.append(tag)
+        except SealstoreError as exc:
+            log.warning("re-keyed %s but could not move tag %s: %s", ref_new, tag, exc)
+            stuck.append(tag)
+    if move_tags and "latest" not in tags:
+        try:
+            _tag_latest(store, name, new_version, tenant)
+        except SealstoreError as exc:
+            log.warning("re-keyed %s but could not move its latest tag: %s", ref_new, exc)
+    if stuck and shred_old:
+        raise BackendError(
+            f"re-keyed {name}:{old.version} to {ref_new}, but tag(s) {', '.join(stuck)} still "
+            f"name the old version, so it was not shredded: move them with "
+            f"'sealstore store tag' and shred {name}:{old.version}"
+        )
+    tags = moved
     tomb = lifecycle.shred(store, f"{name}:{old.version}", tenant=tenant) if shred_old else None
     return RekeyResult(old=old, new=new, tags=tags, shredded=tomb)

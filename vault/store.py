@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from sealstore.kms.envelope import IdentitySpec, KeySpec
     from sealstore.vault.bom import BomSpec
     from sealstore.vault.pull import VerifyResult
+    from sealstore.vault.rekey import RekeyResult
 
 __all__ = ["Store", "default_store_url", "default_tenant", "pinned_root", "trust_store"]
 
@@ -1040,11 +1041,42 @@ class Store:
 
         return rotate(self, ref, to, remove=remove, identities=identities, tenant=tenant)
 
-    def rekey(self, ref: str, **kwargs: Any) -> Any:
-        """See :func:`sealstore.vault.rekey.rekey_version`."""
+    def rekey(
+        self,
+        ref: str,
+        *,
+        tenant: str | None = None,
+        version: str | None = None,
+        to: Sequence[str] = (),
+        identities: Sequence[IdentitySpec] = (),
+        move_tags: bool = True,
+        shred_old: bool = False,
+        threads: int = 2,
+        progress: Progress | None = None,
+    ) -> RekeyResult:
+        """Re-encrypt a version's files under a fresh DEK, as a new version.
+
+        Args:
+            ref, tenant, version, to, identities, move_tags, shred_old, threads, progress:
+                as :func:`sealstore.vault.rekey.rekey_version`.
+
+        Returns:
+            A :class:`~sealstore.vault.rekey.RekeyResult`.
+        """
         from sealstore.vault.rekey import rekey_version
 
-        return rekey_version(self, ref, **kwargs)
+        return rekey_version(
+            self,
+            ref,
+            tenant=tenant,
+            version=version,
+            to=to,
+            identities=identities,
+            move_tags=move_tags,
+            shred_old=shred_old,
+            threads=threads,
+            progress=progress,
+        )
 
 
 def _own_signing_key(signer: Signer | None) -> str | None:

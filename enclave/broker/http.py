@@ -9,7 +9,7 @@ A refusal answers ``{"error": CODE}`` with 400, 401, 403, 413, 429, 502 or
 503, and logs the reason. TLS always; client certificates are asked for
 when the config has ``client_ca`` and verified by the TLS layer.
 
-The OpenAPI document (``broker_openapi.openapi_schema()``) says, per route,
+The OpenAPI document (``openapi.openapi_schema()``) says, per route,
 the body it reads and every refusal it answers; it is not served.
 
 No remote root: the admin routes and the metrics answer only callers on this
@@ -18,7 +18,7 @@ allow more, and the admin routes also need an identity with the admin role.
 
 Each request is decided under one config, the one in force when it arrived
 (``Broker.pinned``): a reload (SIGHUP, or a watched file changing: see
-``broker_reload``) takes effect for the requests that start after it.
+``reload``) takes effect for the requests that start after it.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class RequestBody(BaseModel):
     The fields are not typed here: the broker checks each one, in its own
     order and with its own code (a lockdown answers before a malformed name,
     an unknown nonce before a malformed tenant), and audits the refusal. The
-    schemas the routes document are in ``broker_openapi``.
+    schemas the routes document are in ``openapi``.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)

@@ -1,6 +1,6 @@
 """The key-release broker's OpenAPI document: each route's body and its refusals.
 
-Documentation only. The routes (``broker_http``) read their bodies
+Documentation only. The routes (``http``) read their bodies
 themselves (``parse_body``), so that a bad field is a refusal with a code,
 never FastAPI's 422: the request schemas here reach the document through
 ``openapi_extra``, and the models are ``responses=``, not

@@ -2,8 +2,8 @@
 
 An ASGI service (FastAPI on uvicorn, TLS only) in the RATS background-check
 model, like Trustee's KBS. The protocol is in ``release``; the policy file in
-``broker_config``. :class:`Broker` holds the decisions and knows nothing of
-HTTP; ``broker_http`` puts it on the wire and runs it.
+``config``. :class:`Broker` holds the decisions and knows nothing of
+HTTP; ``http`` puts it on the wire and runs it.
 
 A release, in order (each step refuses with a code):
 
@@ -28,7 +28,7 @@ incident-response state: a lockdown of its tenant or of all tenants
 (``locked-down``), a lockout of the identity after repeated attestation
 failures (``locked-out``), a throttle after a release rate far above its
 usual one (``throttled``), and its role in the tenant (``not-permitted``).
-That state -- with the challenges -- lives in ``broker_state``: in this
+That state -- with the challenges -- lives in ``state``: in this
 process for one replica, in Redis for several. It is a cache: the lockdowns,
 their lifts and the lockouts are records in the audit log, and a state that
 lost them (Redis came back empty, or this process just started) gets them
@@ -45,7 +45,7 @@ The caller gets the code only; the reason, with who asked for what, goes to
 the ``sealstore.broker`` logger and the audit log. None carries key material.
 
 The config (identities, tokens, rules, reference values) can be replaced while
-the broker runs (``broker_reload``). It is swapped as one object, and each
+the broker runs (``reload``). It is swapped as one object, and each
 request is pinned to the one in force when it began (a context variable, which
 follows the request into its worker thread): no decision mixes two configs.
 """
@@ -107,7 +107,7 @@ def _valid_x25519(public: bytes) -> bool:
 class BrokerRefusal(Exception):
     """A refused request: *code* goes to the caller, *reason* only to the log.
 
-    The broker's own (``broker_http`` answers it ``{"error": code}`` with
+    The broker's own (``http`` answers it ``{"error": code}`` with
     *status*); unrelated to :class:`sealstore.errors.Refused`, the store's
     policy refusal.
     """
@@ -275,7 +275,7 @@ class Broker:
     def replace_config(self, config: BrokerConfig) -> None:
         """Put *config* in force for every request that starts from now on.
 
-        The caller (``broker_reload``) has checked it, and that what needs a
+        The caller (``reload``) has checked it, and that what needs a
         restart is unchanged; requests already under way finish under the old one.
         """
         self._policy = _Policy.of(self, config)

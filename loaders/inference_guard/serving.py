@@ -42,6 +42,9 @@ STATUS = {
 MAX_BODY = 8 << 20
 
 
+QUERY_KEYS = ("input", "prompt", "messages")
+
+
 def texts_of(body: Any) -> list[str] | None:
     """The texts of an OpenAI-style request body: ``input`` (embeddings), ``prompt``
     (completions) or ``messages`` (chat: each message's text, joined); None if none."""
@@ -68,16 +71,30 @@ def texts_of(body: Any) -> list[str] | None:
 
 def tokenized(tokenizer: Any, *, max_length: int = 128) -> Callable[[Any], Any]:
     """``inputs=`` for :class:`GuardMiddleware`: the body's texts (:func:`texts_of`)
-    tokenized, one row per text (a whole chat or prompt is one query)."""
+    tokenized, one row per text (a whole chat or prompt is one query).
+
+    A body that names a query (``input``, ``prompt`` or ``messages``) without
+    text the guard can read -- token ids, an image-only chat -- is refused
+    (ValueError: the middleware answers 400), never let through unscreened:
+    token ids are the served model's, not the guard's tokenizer's. A body
+    naming none of them is not a query (None). To accept token ids, pass
+    ``inputs=`` that turns them into the guard's inputs (e.g. decode them with
+    the served model's tokenizer, then tokenize with the guard's).
+    """
 
     def inputs(body: Any) -> Any:
         texts = texts_of(body)
-        if texts is None:
-            return None
-        enc = tokenizer(
-            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        return dict(enc)
+        if texts is not None:
+            enc = tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            return dict(enc)
+        if isinstance(body, Mapping) and any(body.get(k) is not None for k in QUERY_KEYS):
+            raise ValueError(
+                "the request's input, prompt or messages holds no text the guard can "
+                "screen (token ids and image-only messages are not screened)"
+            )
+        return None
 
     return inputs
 
