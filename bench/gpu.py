@@ -15,7 +15,9 @@ The loads need torch with CUDA; the kernel runs in numba's CUDA simulator too
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["kernel_rate", "simulator", "torch_cuda"]
@@ -23,13 +25,26 @@ __all__ = ["kernel_rate", "simulator", "torch_cuda"]
 
 def simulator() -> bool:
     """Whether numba's CUDA simulator stands in for a device in this process."""
+    if "numba" not in sys.modules:  # numba reads the variable when it is first imported
+        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
     from numba.core import config
 
     return bool(config.ENABLE_CUDASIM)
 
 
+def driver_present() -> bool:
+    """Whether an NVIDIA driver shows here at all: no need to import torch to hear "no"."""
+    return (
+        Path("/proc/driver/nvidia/version").exists()
+        or Path("/dev/dxg").exists()  # WSL's GPU
+        or any(Path("/dev").glob("nvidia[0-9]*"))
+    )
+
+
 def torch_cuda() -> bool:
-    """Whether torch is installed and sees a CUDA device (no torch: False)."""
+    """Whether torch is installed and sees a CUDA device (no driver or no torch: False)."""
+    if not driver_present():
+        return False
     try:
         import torch
     except ImportError:

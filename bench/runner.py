@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstore.bench.timing import MiB, machine_info, run_rounds
+from sealstore.progress import human_bytes
 
 __all__ = ["BenchOptions", "run"]
 
@@ -258,10 +259,10 @@ def _gpu(
     elif gpu.simulator():
         section["simulator"] = True
         section["note"] = "numba's CUDA simulator: the kernel runs, its speed means nothing"
-        kernel_bytes = min(kernel_bytes, 2 * 65536)
+        kernel_bytes = 4096  # one small chunk: the simulator runs a kernel ~1e6x slower
     kernels: dict[str, Any] = {}
     memory = gpu.kernel_memory(device)
-    kcs = MiB if kernel_bytes >= MiB else 65536
+    kcs = min(MiB, kernel_bytes)
     for suite in opts.suites:
         rates = gpu.kernel_rate(kernel_bytes, opts.repeat, memory, chunk_size=kcs, suite=suite)
         kernels[suite] = {
@@ -492,14 +493,14 @@ def run(
     workdir = Path(tempfile.mkdtemp(prefix="sealstore-bench-", dir=opts.tmpdir))
     try:
         if "aead" not in opts.skip or "file" not in opts.skip:
-            say(f"AEAD and sealed file: {opts.size / MiB:.0f} MiB, {', '.join(opts.suites)}")
+            say(f"AEAD and sealed file: {human_bytes(opts.size)}, {', '.join(opts.suites)}")
             _aead_and_file(opts, workdir, bar, report)
         want_load = "load" not in opts.skip
         state: dict[str, Any] = {}
         if want_load or (want_gpu and gpu.torch_cuda()):
             state = _tensors(opts, workdir, want_gpu and gpu.torch_cuda())
             if want_load:
-                say(f"loading into CPU tensors: {state['bytes'] / MiB:.0f} MiB state dict")
+                say(f"loading into CPU tensors: a {human_bytes(state['bytes'])} state dict")
                 _load_cpu(opts, workdir, bar, say, report, state)
         if want_gpu:
             say("loading onto the GPU and the decrypt kernels")

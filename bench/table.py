@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sealstore.bench.timing import MiB
+from sealstore.progress import human_bytes
 
 __all__ = ["render"]
 
@@ -36,7 +36,7 @@ def render(report: dict[str, Any]) -> str:
     p, m = report["parameters"], report["machine"]
     threads = p["threads"]
     lines = [
-        f"sealstore bench: {p['size'] / MiB:.0f} MiB, chunk {p['chunk_size'] // 1024} KiB, "
+        f"sealstore bench: {human_bytes(p['size'])}, chunk {human_bytes(p['chunk_size'])}, "
         f"median of {p['repeat']}; {m.get('cpu_model')} ({m['cpu_count']} CPUs, "
         f"flags {','.join(m.get('cpu_flags', [])) or 'n/a'}), {m.get('mem_total_gib')} GiB; "
         f"GPU: {m.get('gpu') or 'none'}",
@@ -57,7 +57,7 @@ def render(report: dict[str, Any]) -> str:
     if load:
         lines += [
             "",
-            f"loading into CPU tensors: {load['bytes'] / MiB:.0f} MiB, {load['tensors']} "
+            f"loading into CPU tensors: {human_bytes(load['bytes'])}, {load['tensors']} "
             f"tensors, {load['threads']} threads, {load['suite']}",
             f"  {'loader':<34}{'ms':>9}{'GB/s':>9}{'x plaintext time':>18}",
         ]
@@ -102,7 +102,7 @@ def render(report: dict[str, Any]) -> str:
         r = art["results"]
         lines += [
             "",
-            f"artifact {art['source']}: {art['plaintext_bytes'] / MiB:.1f} MiB, {art['suite']}, "
+            f"artifact {art['source']}: {human_bytes(art['plaintext_bytes'])}, {art['suite']}, "
             f"{art['threads']} threads",
             f"  {'open (checks, key release)':<34}{r['open']['median_s'] * 1e3:9.1f} ms",
             f"  {'storage read (sealed bytes)':<34}{r['storage']['gbps']:9.2f} GB/s",
