@@ -109,6 +109,13 @@ def render(report: dict[str, Any]) -> str:
             f"  {'decrypt (in memory)':<34}{r['decrypt']['gbps']:9.2f} GB/s",
             f"  {'end to end (decrypt_into)':<34}{r['end_to_end']['gbps']:9.2f} GB/s",
         ]
+    noise = {k: v for k, v in report.get("noise", {}).items() if v}
+    if noise:
+        lines += ["", "CPU taken by others while timing (steal: the host; other: other processes):"]
+        lines += [
+            f"  {name:<28} steal {nz['steal_pct']:5.1f}%  other {nz['other_processes_pct']:5.1f}%"
+            for name, nz in noise.items()
+        ]
     if report.get("limits"):
         lines += ["", "limited by:"]
         lines += [f"  {x['figure']}: {x['limited_by']}" for x in report["limits"]]
