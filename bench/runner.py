@@ -11,6 +11,7 @@ by, where the figures tell, is in the report's ``limits``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import statistics
@@ -71,6 +72,11 @@ def _is_cuda(device: str) -> bool:
         return True
     head, _, index = device.partition(":")
     return head == "cuda" and index.isdigit()
+
+
+def _have_torch() -> bool:
+    """Whether torch can be imported (an extra: a fresh install may lack it)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 def default_threads() -> list[int]:
@@ -384,7 +390,7 @@ def _limits(report: dict[str, Any]) -> list[dict[str, str]]:
                     why = f"sealstore's own work: {ratio:.2f}x the raw decrypt loop"
                 out.append({"figure": f"{op} {suite} {n}t", "limited_by": why})
     load = report.get("load_cpu")
-    if load:
+    if load and "results" in load:
         r = load["results"]
         sealed, floor = r["sealstore"]["median_s"], r["touch"]["median_s"]
         raw = aead.get(load["suite"], {}).get("raw_decrypt_mem", {}).get(str(load["threads"]))
@@ -503,6 +509,9 @@ def run(
             say(f"AEAD and sealed file: {human_bytes(opts.size)}, {', '.join(opts.suites)}")
             _aead_and_file(opts, workdir, bar, report)
         want_load = "load" not in opts.skip
+        if want_load and not _have_torch():
+            report["load_cpu"] = {"skipped": "torch is not installed (the torch extra)"}
+            want_load = False
         state: dict[str, Any] = {}
         if want_load or (want_gpu and gpu.torch_cuda()):
             state = _tensors(opts, workdir, want_gpu and gpu.torch_cuda())

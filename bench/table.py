@@ -54,7 +54,9 @@ def render(report: dict[str, Any]) -> str:
                 cells = "".join(_f(per.get(str(n), {}).get("gbps"), "9.2f") for n in threads)
                 lines.append(f"  {suite:<18} {_OPS.get(op, op):<31}{cells}")
     load = report.get("load_cpu")
-    if load:
+    if load and "skipped" in load:
+        lines += ["", f"loading into CPU tensors: skipped ({load['skipped']})"]
+    elif load:
         lines += [
             "",
             f"loading into CPU tensors: {human_bytes(load['bytes'])}, {load['tensors']} "

@@ -157,19 +157,51 @@ def test_bench_artifact_measures_storage_apart(
         assert any(x["figure"] == "artifact end_to_end" for x in report["limits"])
 
 
+def test_bench_artifact_on_s3_reads_it_by_ranges(
+    capsys: pytest.CaptureFixture[str],
+    ring: LocalKeyring,
+    s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sealed object on SeaweedFS: storage read through the ranged S3 source, apart."""
+    import boto3
+
+    from tests.s3util import new_bucket, s3_options
+
+    options = s3_options(s3.url, s3.key, s3.secret)
+    plain, sealed = tmp_path / "model.bin", tmp_path / "model.bin.seal"
+    plain.write_bytes(os.urandom(200_000))
+    seal_file(plain, sealed, [ring], chunk_size=65536)
+    bucket, _, prefix = new_bucket(options).partition("/")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=s3.key,
+        aws_secret_access_key=s3.secret,
+        region_name="us-east-1",
+    )
+    client.put_object(Bucket=bucket, Key=f"{prefix}/m.seal", Body=sealed.read_bytes())
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    url = f"s3://{bucket}/{prefix}/m.seal"
+    report = bench_json(capsys, url, "--skip", "keys,aead", "--threads", "2")
+    art = report["artifact"]
+    assert art["sealed_bytes"] == 200_000 + 16 * 4 and art["plaintext_bytes"] == 200_000
+    check_rate(art["results"]["storage"], art["sealed_bytes"])
+    check_rate(art["results"]["end_to_end"], 200_000)
+
+
 def test_bench_gpu_kernel_in_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
     from sealstore.bench import gpu
 
     if not (gpu.simulator() or gpu.torch_cuda()):
         pytest.skip("neither numba's CUDA simulator nor a CUDA device")
+    # The GPU loads run without the CPU's load section (on a GPU machine).
     report = bench_json(
-        capsys,
-        "--device",
-        "cuda",
-        "--suite",
-        "chacha",
-        "--skip",
-        "aead,file,keys,load" * (not gpu.torch_cuda()),
+        capsys, "--device", "cuda", "--suite", "chacha", "--skip", "aead,file,keys,load"
     )
     section = report["gpu"]
     kernel = section["kernel"]["CHACHA20-POLY1305"]
@@ -180,6 +212,18 @@ def test_bench_gpu_kernel_in_the_simulator(capsys: pytest.CaptureFixture[str]) -
         assert any(x["figure"] == "gpu_direct" for x in report["limits"])
     else:
         assert section["simulator"] is True and "results" not in section
+
+
+def test_bench_without_torch_skips_the_loads_and_says_why(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealstore.bench import runner
+
+    monkeypatch.setattr(runner, "_have_torch", lambda: False)
+    assert main(["bench", *TINY, "--threads", "1", "--suite", "aes", "--skip", "keys"]) == 0
+    table = capsys.readouterr().out
+    assert "loading into CPU tensors: skipped (torch is not installed" in table
+    assert "random-access decrypt" in table
 
 
 @pytest.mark.parametrize(
