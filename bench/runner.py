@@ -153,14 +153,7 @@ def _aead_and_file(opts: BenchOptions, workdir: Path, bar: Bar, report: dict[str
     report["noise"].update(noise)
 
 
-def _load_cpu(
-    opts: BenchOptions,
-    workdir: Path,
-    bar: Bar,
-    say: Callable[[str], None],
-    report: dict[str, Any],
-    state: dict[str, Any],
-) -> None:
+def _load_cpu(opts: BenchOptions, bar: Bar, report: dict[str, Any], state: dict[str, Any]) -> None:
     from sealstore.bench import peers as peer_mod
     from sealstore.bench.tensors import FreshProcesses, fresh_rounds
 
@@ -487,6 +480,12 @@ def run(
     if want_gpu and opts.device != "auto" and not (gpu.torch_cuda() or gpu.simulator()):
         raise DeviceUnavailable(f"--device {opts.device}: torch sees no CUDA device here")
     want_gpu = want_gpu and (gpu.torch_cuda() or (opts.device != "auto" and gpu.simulator()))
+    if want_gpu and gpu.torch_cuda() and ":" in opts.device:
+        import torch
+
+        index, count = int(opts.device.partition(":")[2]), torch.cuda.device_count()
+        if index >= count:
+            raise DeviceUnavailable(f"--device {opts.device}: torch sees {count} CUDA device(s)")
     machine = machine_info()
     machine["gpu"] = gpu.device_name("cuda:0" if opts.device in ("auto", "cpu") else opts.device)
     params = asdict(opts)
@@ -517,7 +516,7 @@ def run(
             state = _tensors(opts, workdir, want_gpu and gpu.torch_cuda())
             if want_load:
                 say(f"loading into CPU tensors: a {human_bytes(state['bytes'])} state dict")
-                _load_cpu(opts, workdir, bar, say, report, state)
+                _load_cpu(opts, bar, report, state)
         if want_gpu:
             say("loading onto the GPU and the decrypt kernels")
             _gpu(opts, workdir, bar, report, state)
