@@ -7,7 +7,8 @@
 * ``cpu_decrypt``   -- the same with ``prefer="cpu-decrypt"``: decrypted on the CPU, copied;
 * ``kernel``        -- the ChaCha20-Poly1305 kernels alone, device memory to device
   memory (GB/s of plaintext), ``--kernel-mib`` of chunks, launched as the loader
-  launches them (per 64 MiB batch, lane sums from torch's allocator once).
+  launches them (per 64 MiB batch, lane sums from torch's allocator once):
+  ``sealstore.bench.gpu.kernel_rate``, as ``sealstore bench`` times it.
 
 The sealed file uses ChaCha20-Poly1305 (``--suite`` to change; the GPU has
 kernels for both suites). Loads are interleaved in rounds, ``torch.cuda.synchronize()`` before every
@@ -32,72 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.format_throughput import parse_size, write_report
-from benchmarks.load_cpu import make_state
-
-
-def kernel_rate(
-    mib: int,
-    rounds: int,
-    memory: Any,
-    chunk_size: int = 1 << 20,
-    batch_bytes: int | None = None,
-    suite: str = "CHACHA20-POLY1305",
-) -> list[float]:
-    """GB/s of the suite's kernels over *mib* MiB of chunks already on the device.
-
-    Called as the loader calls them: ``gpu._kernels`` with the loader's
-    *memory* (``TorchMemory``: the key, AES's powers of H and the lane sums
-    from torch's allocator, once), one launch sequence per batch of
-    ``BATCH_BYTES`` of chunks, each passing its view of the one lane-sum
-    buffer. Only the file reads and the staging copies are left out.
-    """
-    import numpy as np
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-
-    from sealstore.loaders import gpu
-
-    cuda, cs = memory.cuda, chunk_size
-    count = max(1, (mib << 20) // cs)
-    per = max(1, min((batch_bytes or gpu.BATCH_BYTES) // cs, count))
-    key, aad = os.urandom(32), os.urandom(32)
-    nonces = [os.urandom(12) for _ in range(count)]
-    chunk = os.urandom(cs)
-    aead = AESGCM(key) if suite == "AES-256-GCM" else ChaCha20Poly1305(key)
-    ct = b"".join(aead.encrypt(n, chunk, aad) for n in nonces)
-    secrets: list[Any] = []
-    with memory.device():
-        decrypt, order = gpu._kernels(
-            cuda, suite, bytearray(key), secrets, memory, per, cs, len(aad)
-        )
-        d_ct = cuda.to_device(np.frombuffer(ct, dtype=np.uint8))
-        d_nonces = cuda.to_device(
-            np.frombuffer(b"".join(nonces), dtype=order).astype(np.uint32).reshape(count, 3)
-        )
-        d_aad = cuda.to_device(np.frombuffer(aad, dtype=np.uint8))
-        out = cuda.device_array(count * cs, dtype=np.uint8)
-        ok = cuda.device_array(count, dtype=np.uint8)
-    stream = memory.stream
-
-    def batches() -> None:
-        with memory.device():
-            for s in range(0, count, per):
-                n = min(per, count - s)
-                src = d_ct[s * (cs + 16) : (s + n) * (cs + 16)]
-                dst = out[s * cs : (s + n) * cs]
-                decrypt(d_nonces[s : s + n], d_aad, src, cs, cs, dst, ok[s : s + n], stream=stream)
-            stream.synchronize()
-
-    batches()  # compile, warm
-    assert (ok.copy_to_host() == 1).all()
-    assert out[:cs].copy_to_host().tobytes() == chunk
-    rates = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        batches()
-        rates.append(count * cs / (time.perf_counter() - t) / 1e9)
-    for arr in secrets:
-        memory.wipe(arr)
-    return rates
+from sealstore.bench.gpu import kernel_rate
+from sealstore.bench.tensors import make_state
 
 
 def main() -> int:
@@ -159,9 +96,9 @@ def main() -> int:
                 torch.cuda.empty_cache()
         from sealstore.loaders.gpu_file import TorchMemory
 
-        kernel = kernel_rate(args.kernel_mib, args.repeat, TorchMemory(dev))
+        kernel = kernel_rate(args.kernel_mib << 20, args.repeat, TorchMemory(dev))
         kernel_aes = kernel_rate(
-            args.kernel_mib, args.repeat, TorchMemory(dev), suite="AES-256-GCM"
+            args.kernel_mib << 20, args.repeat, TorchMemory(dev), suite="AES-256-GCM"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,7 +44,6 @@ sealstore <= 0.8x CryptoTensors' time.
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
 import json
 import os
@@ -62,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.format_throughput import bench_keyring, write_report
 from benchmarks.hf_load import _hwm
+from sealstore.bench.peers import prepare_peer
 
 LOADERS = ("plain", "sealstore", "sealstore_opened", "cryptotensors", "touch")
 MIB = 1 << 20
@@ -106,14 +106,9 @@ def child(which: str, tmp: Path, threads: int) -> dict[str, Any]:
             def run() -> Any:
                 return load_file(opened, threads=threads)
     elif which == "cryptotensors":
-        import cryptotensors
-        from cryptotensors.torch import load_file as ct_load
+        from sealstore.bench.peers import peer_loader
 
-        keys = json.loads((tmp / "ct-keys.json").read_text())
-        cryptotensors.register_direct_key_provider(keys=keys)
-
-        def run() -> Any:
-            return ct_load(tmp / "cryptotensors.safetensors")
+        run = peer_loader("cryptotensors", tmp)  # its keys registered here, before the clock
     elif which == "touch":
         from safetensors import safe_open
 
@@ -153,28 +148,10 @@ def sample(which: str, tmp: Path, threads: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _jwk_keys() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """(encryption key, signing key, verification key) as CryptoTensors' JWKs."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    def b64(b: bytes) -> str:
-        return base64.b64encode(b).decode()  # CryptoTensors reads standard base64
-
-    enc = {"kty": "oct", "alg": "aes256gcm", "kid": "bench-enc", "k": b64(os.urandom(32))}
-    sk = Ed25519PrivateKey.generate()
-    raw = serialization.Encoding.Raw
-    d = sk.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    x = sk.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
-    sign = {"kty": "okp", "alg": "ed25519", "crv": "Ed25519", "kid": "bench-sign"}
-    return enc, {**sign, "d": b64(d), "x": b64(x)}, {**sign, "x": b64(x)}
-
-
 def prepare(tmp: Path, layers: int) -> dict[str, Any]:
     import cryptotensors
     import torch
     from cryptotensors.torch import load_file as ct_load
-    from cryptotensors.torch import save_file as ct_save
     from safetensors.torch import save_file as st_save
     from transformers import BertConfig, BertModel
 
@@ -188,9 +165,11 @@ def prepare(tmp: Path, layers: int) -> dict[str, Any]:
     state = {k: v.contiguous() for k, v in BertModel(config).state_dict().items()}
     st_save(state, tmp / "plain.safetensors")
     save_file(state, tmp / "sealed.safetensors", keys=["local:"])
-    enc, sign, verify = _jwk_keys()
-    ct_save(state, tmp / "cryptotensors.safetensors", config={"enc_key": enc, "sign_key": sign})
-    (tmp / "ct-keys.json").write_text(json.dumps([enc, verify]))
+    # As ``sealstore bench --compare`` writes it: AES-256-GCM and Ed25519 JWKs.
+    _, why = prepare_peer("cryptotensors", state, tmp)
+    if why is not None:
+        raise SystemExit(f"cryptotensors: {why}")
+    enc, verify = json.loads((tmp / "ct-keys.json").read_text())
     # Both decrypt to the same tensors (checked once, outside any timing).
     cryptotensors.register_direct_key_provider(keys=[enc, verify])
     for got in (load_file(tmp / "sealed.safetensors"), ct_load(tmp / "cryptotensors.safetensors")):

@@ -84,7 +84,7 @@ def _error_json(kind: str, message: str, code: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sealstore.cli import audit, backup, broker, completion, files, keys, store, tpm
+    from sealstore.cli import audit, backup, bench, broker, completion, files, keys, store, tpm
 
     parser = _Parser(
         prog="sealstore",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command's report as one JSON object on stdout, errors as JSON on stderr",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (keys, files, store, tpm, broker, backup, audit, completion):
+    for module in (keys, files, store, tpm, broker, backup, audit, bench, completion):
         module.register(sub)
     return parser
 

@@ -20,7 +20,7 @@ root = pathlib.Path(sealstore.__file__).parent
 assert "site-packages" in str(root), root
 for name in ["sealstore.native", "sealstore.kms", "sealstore.kms.local", "sealstore.kms.x25519",
              "sealstore.vault", "sealstore.vault.backup", "sealstore.enclave", "sealstore.loaders",
-             "sealstore.loaders.inference_guard", "sealstore.cli.main"]:
+             "sealstore.loaders.inference_guard", "sealstore.bench.runner", "sealstore.cli.main"]:
     mod = importlib.import_module(name)
     assert str(root) in mod.__file__, (name, mod.__file__)
 # The fsspec entry points ship with the wheel (sealed-dataset URLs).
@@ -37,3 +37,7 @@ assert (root / "py.typed").is_file(), "py.typed is not in the wheel"
 print("wheel ok:", root)
 PY
 "$tmp/venv/bin/sealstore" --version
+# sealstore bench on the fresh install (no torch here: the loads say they are skipped).
+"$tmp/venv/bin/sealstore" bench --size 8MiB --repeat 1 --no-progress >"$tmp/bench.txt"
+grep -q "loading into CPU tensors: skipped (torch is not installed" "$tmp/bench.txt"
+echo "bench ok: $(tail -1 "$tmp/bench.txt")"

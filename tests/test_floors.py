@@ -21,7 +21,8 @@ FLOORS = {
     "vault": ("sealstore.vault", 2),
     "enclave": ("sealstore.enclave", 3),
     "loaders": ("sealstore.loaders", 3),
-    "cli": ("sealstore.cli", 4),
+    "bench": ("sealstore.bench", 4),
+    "cli": ("sealstore.cli", 5),
 }
 UPPER = {
     package: (folder, floor) for folder, (package, floor) in FLOORS.items() if folder != "sealstore"
