@@ -153,6 +153,12 @@ def main() -> None:
         help="multilingual calibration callers per language, each language its own group "
         "(0: --calibration callers of random languages, one group)",
     )
+    ap.add_argument(
+        "--reference-per-language",
+        type=int,
+        default=0,
+        help="multilingual reference inputs per language (0: --reference of random languages)",
+    )
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
@@ -194,7 +200,15 @@ def main() -> None:
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    reference = [q for k in sets for q in cal_make[k](args.reference, rng)]
+    reference = [
+        q
+        for k in sets
+        if not (args.reference_per_language and k == "multilingual")
+        for q in cal_make[k](args.reference, rng)
+    ]
+    if args.reference_per_language:  # every language in the reference, equally
+        for lang in sorted(cal["langs"]):
+            reference += one_language(cal, lang, args.reference_per_language, rng)
     enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
     clock = Clock()
     policy = GuardPolicy(
@@ -438,6 +452,7 @@ def main() -> None:
             "templated_sets": sorted(TEMPLATED),
         },
         "reference_size": len(reference),
+        "reference_per_language": args.reference_per_language,
         "calibration": {
             "callers": len(groups),
             "groups": {
