@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument(
         "--per-language",
         type=int,
-        default=30,
+        default=0,
         help="multilingual calibration callers per language, each language its own group "
         "(0: --calibration callers of random languages, one group)",
     )
