@@ -13,9 +13,10 @@ for the interleaved scenario, where requests of many callers form one batch).
    is split by source into a calibration half and an evaluation half.
 2. Reference and calibration, on the calibration half only: the reference
    sample is drawn from every benign set; then ``Guard.calibrate`` replays
-   ``--calibration`` callers per set and sets the KS, ood and MMD thresholds
-   to the ``--fpr`` quantile of their peak statistics, taken per set (the
-   largest kept), times ``--margin``.
+   ``--calibration`` callers per set (multilingual: ``--per-language``
+   callers of each language, each language its own group) and sets the KS,
+   ood and MMD thresholds to the ``--fpr`` quantile of their peak
+   statistics, taken per group (the largest kept), times ``--margin``.
 3. Evaluation, on the other half: ``--benign`` callers per set, each its own
    id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
    attacks: random tokens, Jacobian-style augmentation, a natural-data
@@ -93,6 +94,12 @@ def corpus(calibration: bool) -> dict[str, Any]:
     }
 
 
+def one_language(c: dict[str, Any], lang: str, n: int, rng: random.Random) -> list[str]:
+    """One caller's *n* messages, all in *lang*."""
+    msgs = c["langs"][lang]
+    return [rng.choice(msgs) for _ in range(n)] if len(msgs) < n else rng.sample(msgs, n)
+
+
 def makers(c: dict[str, Any]) -> dict[str, Callable[[int, random.Random], list[str]]]:
     """benign set -> fn(n, rng): one caller's n queries."""
 
@@ -106,8 +113,7 @@ def makers(c: dict[str, Any]) -> dict[str, Callable[[int, random.Random], list[s
         return rng.sample(pool, n)
 
     def lang(n: int, rng: random.Random) -> list[str]:
-        msgs = c["langs"][rng.choice(sorted(c["langs"]))]
-        return [rng.choice(msgs) for _ in range(n)] if len(msgs) < n else rng.sample(msgs, n)
+        return one_language(c, rng.choice(sorted(c["langs"])), n, rng)
 
     def pick(pool: list[str]) -> Callable[[int, random.Random], list[str]]:
         return lambda n, rng: rng.sample(pool, min(n, len(pool)))
@@ -140,6 +146,19 @@ def main() -> None:
     ap.add_argument("--attackers", type=int, default=20, help="attackers of each kind")
     ap.add_argument("--queries", type=int, default=500, help="queries per benign caller")
     ap.add_argument("--attack-queries", type=int, default=1000)
+    ap.add_argument(
+        "--per-language",
+        type=int,
+        default=0,
+        help="multilingual calibration callers per language, each language its own group "
+        "(0: --calibration callers of random languages, one group)",
+    )
+    ap.add_argument(
+        "--reference-per-language",
+        type=int,
+        default=0,
+        help="multilingual reference inputs per language (0: --reference of random languages)",
+    )
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
@@ -181,7 +200,15 @@ def main() -> None:
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    reference = [q for k in sets for q in cal_make[k](args.reference, rng)]
+    reference = [
+        q
+        for k in sets
+        if not (args.reference_per_language and k == "multilingual")
+        for q in cal_make[k](args.reference, rng)
+    ]
+    if args.reference_per_language:  # every language in the reference, equally
+        for lang in sorted(cal["langs"]):
+            reference += one_language(cal, lang, args.reference_per_language, rng)
     enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
     clock = Clock()
     policy = GuardPolicy(
@@ -199,17 +226,25 @@ def main() -> None:
     # -- calibration: benign callers of the calibration half only ---------------------
     t0 = time.perf_counter()
     print(f"reference of {len(reference)}; calibrating...", flush=True)
+    # Each benign set is a group; with --per-language, so is each language of the
+    # multilingual set (one-language callers differ most by language: an operator who
+    # serves such clients knows their language and calibrates on enough of each).
+    by_lang = args.per_language > 0
     streams = {
         f"cal/{k}-{i}": [encode(r) for r in requests_of(cal_make[k](args.queries, rng), rng)]
         for k in sets
+        if not (by_lang and k == "multilingual")
         for i in range(args.calibration)
     }
-    thresholds = g.calibrate(
-        streams,
-        target_fpr=args.fpr,
-        margin=args.margin,
-        groups={name: name[4:].rsplit("-", 1)[0] for name in streams},
-    )
+    if by_lang:
+        for lang in sorted(cal["langs"]):
+            for i in range(args.per_language):
+                queries = one_language(cal, lang, args.queries, rng)
+                streams[f"cal/multilingual.{lang}-{i}"] = [
+                    encode(r) for r in requests_of(queries, rng)
+                ]
+    groups = {name: name[4:].rsplit("-", 1)[0] for name in streams}
+    thresholds = g.calibrate(streams, target_fpr=args.fpr, margin=args.margin, groups=groups)
     calib_s = time.perf_counter() - t0
     print(f"calibrated in {calib_s:.0f} s: {thresholds} (defaults {defaults})", flush=True)
     del streams
@@ -417,12 +452,20 @@ def main() -> None:
             "templated_sets": sorted(TEMPLATED),
         },
         "reference_size": len(reference),
+        "reference_per_language": args.reference_per_language,
         "calibration": {
-            "callers": args.calibration * len(sets),
+            "callers": len(groups),
+            "groups": {
+                k: sum(1 for v in groups.values() if v == k) for k in sorted(set(groups.values()))
+            },
+            "per_language": args.per_language,
             "target_fpr": args.fpr,
             "margin": args.margin,
-            "quantile": "per benign set, the largest kept",
+            "quantile": "per group (benign set; each language of multilingual with "
+            "per_language), the largest kept",
             "thresholds": thresholds,
+            "set_by": g.calibration.get("set_by", {}),
+            "group_quantiles": g.calibration.get("quantiles", {}),
             "default_thresholds": defaults,
             "seconds": round(calib_s, 1),
         },

@@ -130,6 +130,9 @@ class Guard:
                 self._featurize_reference(policy.reference), policy.ood, policy.mmd
             )
         self.thresholds = self._default_thresholds()
+        # What the latest calibrate() saw: callers per group, and per detector the group
+        # whose quantile set the threshold (see calibrate).
+        self.calibration: dict[str, Any] = {}
         ext = policy.extraction
         self._test = ext.test if ext.test != "auto" else ("ks" if self.reference else "shapiro")
         if self._test == "ks" and self.reference is None:
@@ -331,6 +334,12 @@ class Guard:
         kind of traffic (``{caller: "keywords", ...}``): the quantile is then taken
         within each kind and the largest kept, so that no kind is flagged at more
         than the target (a kind that is rare among the callers is not outvoted).
+        A kind of fewer than ``1 / target_fpr`` callers has its largest peak as its
+        quantile: an estimate of its tail only as good as its count (logged).
+
+        Afterwards :attr:`calibration` says what was seen: ``callers``, ``groups``
+        (callers per kind), ``set_by`` (per detector, the kind whose quantile set the
+        threshold) and ``quantiles`` (per detector and kind, before *margin*).
         """
         import numpy as np
 
@@ -346,7 +355,23 @@ class Guard:
         missing = sorted(set(peaks) - set(kinds))
         if missing:
             raise ValueError(f"calibration stream {missing[0]!r} has no group")
+        sizes: dict[str, int] = {}
+        for name in peaks:
+            sizes[kinds[name]] = sizes.get(kinds[name], 0) + 1
+        small = sorted(k for k, n in sizes.items() if n < 1 / target_fpr)
+        if small and groups is not None:
+            log.info(
+                "guard calibration: %d of %d kinds have fewer than %d callers (e.g. %r, %d): "
+                "their quantile is their largest peak",
+                len(small),
+                len(sizes),
+                int(np.ceil(1 / target_fpr)),
+                small[0],
+                sizes[small[0]],
+            )
         new = dict(self.thresholds)
+        set_by: dict[str, str] = {}
+        quantiles: dict[str, dict[str, float]] = {}
         for det in CALIBRATED:
             per_kind: dict[str, list[float]] = {}
             for name, p in peaks.items():
@@ -354,9 +379,12 @@ class Guard:
                     per_kind.setdefault(kinds[name], []).append(p[det])
             if not per_kind:
                 continue
-            q = max(
-                float(np.quantile(v, 1 - target_fpr, method="higher")) for v in per_kind.values()
-            )
+            quantiles[det] = {
+                k: float(np.quantile(v, 1 - target_fpr, method="higher"))
+                for k, v in sorted(per_kind.items())
+            }
+            set_by[det] = max(quantiles[det], key=lambda k: quantiles[det][k])
+            q = quantiles[det][set_by[det]]
             if det == "extraction" and self._test == "shapiro":
                 new["shapiro"] = -q / margin  # W: lower alarms
             elif det == "extraction":
@@ -366,6 +394,12 @@ class Guard:
             else:
                 new["mmd"] = q * margin
         self.set_thresholds(**new)
+        self.calibration = {
+            "callers": len(peaks),
+            "groups": dict(sorted(sizes.items())),
+            "set_by": set_by,
+            "quantiles": quantiles,
+        }
         return dict(self.thresholds)
 
     def set_thresholds(self, **thresholds: float) -> None:

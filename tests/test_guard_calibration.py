@@ -1,0 +1,88 @@
+# ruff: noqa: F811 (the guard tests' fixtures, imported, are parameters here)
+"""Guard.calibrate by kind of traffic, on the real all-MiniLM-L6-v2: what it saw
+(callers per kind), which kind set each threshold, and the note on kinds too small
+for the target."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks._guard_traffic import benign_topic
+from sealstore.loaders import GuardPolicy
+from sealstore.loaders.inference_guard import MmdPolicy
+from tests.test_guard import (  # noqa: F401 (fixtures)
+    Mini,
+    attach,
+    mini,
+    mini_home,
+)
+
+
+def _streams(mini: Mini) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """20 callers of natural sentences (3-15 modules each) and 5 callers who send single
+    words: a rare, distinctive kind of traffic."""
+    rng = random.Random(5)
+    streams: dict[str, list[dict]] = {}
+    kinds: dict[str, str] = {}
+    for i in range(20):
+        texts = benign_topic(mini.rest, 60, rng)
+        streams[f"topic-{i}"] = [mini.batch(texts[j : j + 10]) for j in range(0, 60, 10)]
+        kinds[f"topic-{i}"] = "topic"
+    for i in range(5):
+        words = [rng.choice(s.split()) for s in benign_topic(mini.rest, 60, rng)]
+        streams[f"words-{i}"] = [mini.batch(words[j : j + 10]) for j in range(0, 60, 10)]
+        kinds[f"words-{i}"] = "words"
+    return streams, kinds
+
+
+def test_calibrate_says_which_kind_set_each_threshold(
+    mini: Mini, attach: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = GuardPolicy(
+        reference=mini.reference, lockdown=None, mmd=MmdPolicy(window=50, min_queries=50)
+    )
+    g = attach(mini.model, policy=policy, hook=False)
+    assert g.calibration == {}
+    streams, kinds = _streams(mini)
+    peaks = g.peaks(streams)
+    with caplog.at_level(logging.INFO, logger="sealstore.guard"):
+        t = g.calibrate(streams, target_fpr=0.05, groups=kinds)
+    cal = g.calibration
+    assert cal["callers"] == 25 and cal["groups"] == {"topic": 20, "words": 5}
+    for det in ("extraction", "ood", "mmd"):
+        expected = {
+            k: float(
+                np.quantile(
+                    [p[det] for n, p in peaks.items() if kinds[n] == k], 0.95, method="higher"
+                )
+            )
+            for k in ("topic", "words")
+        }
+        assert cal["quantiles"][det] == expected
+        assert cal["set_by"][det] == max(expected, key=lambda k: expected[k])
+    q = cal["quantiles"]["mmd"]
+    assert t["mmd"] == max(q.values())
+    # One-word queries sit far from the sentences of the reference: the 5 callers of that
+    # kind set the MMD threshold, above every natural caller's peak.
+    assert cal["set_by"]["mmd"] == "words"
+    assert t["mmd"] > max(p["mmd"] for n, p in peaks.items() if kinds[n] == "topic")
+    # 5 callers are too few for a 5% quantile (20): their largest peak is it, and it is said.
+    assert q["words"] == max(p["mmd"] for n, p in peaks.items() if kinds[n] == "words")
+    assert "1 of 2 kinds have fewer than 20 callers (e.g. 'words', 5)" in caplog.text
+
+    # Pooled: one kind, "*", which sets every threshold; nothing to say about sizes.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sealstore.guard"):
+        g.calibrate(streams, target_fpr=0.05)
+    assert g.calibration["groups"] == {"*": 25}
+    assert g.calibration["set_by"] == {"extraction": "*", "ood": "*", "mmd": "*"}
+    assert "fewer than" not in caplog.text
+    # A margin multiplies the threshold, not the quantiles recorded.
+    t2 = g.calibrate(streams, target_fpr=0.05, margin=1.5, groups=kinds)
+    assert g.calibration["quantiles"]["mmd"] == q
+    assert t2["mmd"] == pytest.approx(1.5 * max(q.values()))
