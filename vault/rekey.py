@@ -193,10 +193,6 @@ def _reseal(
     )
 
 
-def _next_version(versions: Sequence[str]) -> str:
-    return str(max((int(v) for v in versions if v.isdigit()), default=0) + 1)
-
-
 def rekey_version(
     store: Any,
     ref: str,
@@ -241,7 +237,7 @@ def rekey_version(
     from sealstore.vault import lifecycle
     from sealstore.vault.auditing import record
     from sealstore.vault.pull import unwrap_version_key
-    from sealstore.vault.push import _discard_after, _tag_latest
+    from sealstore.vault.push import _discard_after, _next_version, _tag_latest
     from sealstore.vault.store import default_tenant
 
     tenant = check_name(tenant or default_tenant(), "tenant")
