@@ -44,6 +44,7 @@ from sealstore.keys import DataKey
 from tests.conftest import PASSPHRASE, Transit, extend_pcr16, make_keyring, new_transit_key
 from tests.test_cli import fails, ok, run
 from tests.test_enclave_evidence import _signed_report, make_own_chain
+from tests.uvicorn_thread import free_port as _free_port
 
 CONTEXT = {"purpose": "broker test"}
 TCB = {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}  # the own_chain VCEK's
@@ -201,12 +202,6 @@ def _variant(setup: Setup, folder: Path, change: Callable[[dict], object]) -> Pa
         (folder / name).write_bytes((setup.folder / name).read_bytes())
     (folder / "b.yaml").write_text(yaml.safe_dump(doc))
     return folder / "b.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -12,8 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from tests.test_broker import (  # noqa: F401 (fixtures)
     pki,
     setup,
 )
+from tests.uvicorn_thread import uvicorn_running
 
 CHALLENGE = {"tenant": "acme", "artifact": "minilm"}
 
@@ -93,33 +92,21 @@ def served(setup: Setup, pki: Pki, tmp_path: Path) -> Iterator[Served]:
         await app(scope, receive, send)
 
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            recorded,
-            host="127.0.0.1",
-            port=port,
-            http=_peer_h11_protocol(),
-            ssl_certfile=str(pki.server_cert),
-            ssl_keyfile=str(pki.server_key),
-            ssl_ca_certs=str(pki.ca),
-            ssl_cert_reqs=ssl.CERT_OPTIONAL,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
+    config = uvicorn.Config(
+        recorded,
+        host="127.0.0.1",
+        port=port,
+        http=_peer_h11_protocol(),
+        ssl_certfile=str(pki.server_cert),
+        ssl_keyfile=str(pki.server_key),
+        ssl_ca_certs=str(pki.ca),
+        ssl_cert_reqs=ssl.CERT_OPTIONAL,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the broker did not start", pytrace=False)
-        time.sleep(0.05)
-    try:
+    with uvicorn_running(config, "the broker"):
         yield Served(broker, port, pki, scopes)
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_the_client_certificate_reaches_the_routes(served: Served) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -44,6 +43,7 @@ from tests.test_guard import (  # noqa: F401 (fixtures)
     records,
     rows_batch,
 )
+from tests.uvicorn_thread import free_port, uvicorn_running
 
 
 def queries(g: Any) -> float:
@@ -124,12 +124,6 @@ def test_a_generation_counts_once_and_takes_the_caller(mini: Mini, attach: Any) 
 # -- the ASGI middleware in a real FastAPI app -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _post(port: int, body: dict, caller: str | None) -> tuple[int, dict]:
     headers = {"content-type": "application/json"}
     if caller is not None:
@@ -171,15 +165,9 @@ def test_middleware_screens_each_request_of_concurrent_clients(mini: Mini, attac
     def serve(body: dict) -> dict:
         return embeddings(body)
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    runner = threading.Thread(target=server.run, daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and runner.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+    with uvicorn_running(config, "uvicorn", join=30):
         pool = [s for v in mini.rest.values() for s in v]
         rng = random.Random(5)
         benign = {f"user-{i}": [rng.sample(pool, 2) for _ in range(4)] for i in range(8)}
@@ -233,9 +221,6 @@ def test_middleware_screens_each_request_of_concurrent_clients(mini: Mini, attac
             status, err = _post(port, body, "user-0")
             assert status == 400 and "no text the guard can" in err["detail"], (body, err)
         assert queries(g) == before
-    finally:
-        server.should_exit = True
-        runner.join(30)
 
 
 # -- the MMD detector, calibrated on benign traffic ---------------------------------------

@@ -16,10 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import ssl
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +44,7 @@ from tests.conftest import make_keyring
 from tests.test_broker import TCB, _issue, _resign, _sha
 from tests.test_enclave_evidence import _signed_report, make_own_chain
 from tests.test_nvgpu import DATA, DRIVER_RIM, NONCE_2023, VBIOS_RIM, OwnChain, sample
+from tests.uvicorn_thread import free_port, uvicorn_running
 
 CONTEXT = {"purpose": "gpu-direct load"}
 TOKEN = "gpu-node-" + uuid.uuid4().hex
@@ -303,12 +301,6 @@ def _pem(own: OwnChain) -> bytes:
 # -- end to end: TLS, Redis, swtpm, the client ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(
     tmp_path: Path, tls: Path, tcti: str, redis_url: str
@@ -335,32 +327,20 @@ def served(
     doc["identities"]["gpu-node"]["tpm_ak"] = "ak.pem"
     cfg.write_text(yaml.safe_dump(doc))
     broker = Broker(BrokerConfig.load(cfg), nonces=lambda: NONCE_2023)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(broker),
-            host="127.0.0.1",
-            port=port,
-            http=_peer_h11_protocol(),
-            ssl_certfile=str(tls / "server.pem"),
-            ssl_keyfile=str(tls / "server.key"),
-            ssl_cert_reqs=ssl.CERT_NONE,
-            log_level="warning",
-            access_log=False,
-        )
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(broker),
+        host="127.0.0.1",
+        port=port,
+        http=_peer_h11_protocol(),
+        ssl_certfile=str(tls / "server.pem"),
+        ssl_keyfile=str(tls / "server.key"),
+        ssl_cert_reqs=ssl.CERT_NONE,
+        log_level="warning",
+        access_log=False,
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the broker did not start", pytrace=False)
-        time.sleep(0.05)
-    try:
+    with uvicorn_running(config, "the broker", join=10):
         yield broker, f"https://127.0.0.1:{port}", cfg
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _evidence_file(path: Path, gpus: list[tuple[bytes, bytes]]) -> str:

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from nacl import pwhash
 
 from sealstore.loaders.vllm_plugin import Options, _redirect, is_reference
 from tests.test_oms import ec_pair
+from tests.uvicorn_thread import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("SEALSTORE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -76,12 +76,6 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(log: Path, n: int = 40) -> str:
