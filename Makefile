@@ -50,7 +50,10 @@ install: $(STAMP) $(VLLM_STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
 
-test: $(STAMP) $(VLLM_STAMP)
+# The two venvs install side by side (-j2: each pip spends most of its time unpacking on
+# one core), then the checks and the suite (scripts/run-tests.sh, on two pytest workers).
+test:
+	$(MAKE) --no-print-directory -j2 install
 	scripts/run-tests.sh
 
 # mypy over the public API ([tool.mypy] in pyproject.toml); scripts/run-tests.sh runs it

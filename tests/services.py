@@ -20,6 +20,7 @@ import shlex
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,8 +250,60 @@ def s3(services: dict[str, str]) -> S3:
 
 
 @pytest.fixture(scope="session")
-def tpm_tcti(services: dict[str, str]) -> str:
-    return services["tpm"]
+def tpm_tcti(services: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The swtpm: the session's, or under pytest-xdist one of each worker's own after the first.
+
+    The TPM tests reset and extend PCR 16, count the handles left loaded and fill the
+    TPM's few object slots: two workers on one TPM would see each other's. So every
+    worker but ``gw0`` starts a real swtpm of its own (the same binary and flags as
+    ``scripts/services.sh``) and stops it at the end of its session.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    if worker == "gw0":
+        yield services["tpm"]
+        return
+    yield from _own_swtpm(tmp_path_factory.mktemp(f"swtpm-{worker}"))
+
+
+def _free_port_pair() -> int:
+    """A free port P with P + 1 free too (the swtpm TCTI talks to the control channel on P + 1)."""
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return int(port)
+    pytest.fail("no two adjacent free TCP ports on 127.0.0.1 for a swtpm", pytrace=False)
+
+
+def _own_swtpm(state: Path, timeout: float = 30) -> Iterator[str]:
+    """A swtpm on free ports with its state in *state*; fails loudly if it does not answer."""
+    port = _free_port_pair()
+    log = state / "swtpm.log"
+    server, control = (f"type=tcp,port={p},bindaddr=127.0.0.1" for p in (port, port + 1))
+    cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server", server]
+    cmd += ["--ctrl", control, "--flags", "not-need-init,startup-clear"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    tcti = f"swtpm:host=127.0.0.1,port={port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while _tcp_answers(tcti) is not None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = log.read_text(errors="replace")
+                pytest.fail(f"this worker's swtpm ({tcti}) did not come up:\n{why}", pytrace=False)
+            time.sleep(0.1)
+        yield tcti
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 
 from sealstore.enclave.broker.http import MAX_BODY
 from sealstore.enclave.broker.openapi import openapi_schema
@@ -155,24 +155,34 @@ def test_the_document_lists_every_route_and_refusal() -> None:
             assert {"400", "413"} <= codes, path
 
 
-@SCHEMA.parametrize()
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-def test_no_answer_is_a_500_or_undocumented(case: schemathesis.Case, served: Served) -> None:
-    case.call_and_validate(
-        base_url=f"https://127.0.0.1:{served.port}",
-        verify=str(served.pki.ca),
-        headers={"Authorization": f"Bearer {TOKENS['trainer']}"},
-        checks=[
-            schemathesis.checks.not_a_server_error,
-            schemathesis.checks.status_code_conformance,
-            schemathesis.checks.content_type_conformance,
-            schemathesis.checks.response_schema_conformance,
-        ],
+# One test per operation, each its own pytest item with its own node id: schemathesis's
+# own parametrize gives all of them one node id, and pytest-xdist (`make test`) runs one
+# item per node id, so seven of the eight operations would never be called.
+OPERATIONS = {op.label: op for op in (r.ok() for r in SCHEMA.get_all_operations())}
+
+
+@pytest.mark.parametrize("label", sorted(OPERATIONS))
+def test_no_answer_is_a_500_or_undocumented(label: str, served: Served) -> None:
+    @given(case=OPERATIONS[label].as_strategy())
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(
+            base_url=f"https://127.0.0.1:{served.port}",
+            verify=str(served.pki.ca),
+            headers={"Authorization": f"Bearer {TOKENS['trainer']}"},
+            checks=[
+                schemathesis.checks.not_a_server_error,
+                schemathesis.checks.status_code_conformance,
+                schemathesis.checks.content_type_conformance,
+                schemathesis.checks.response_schema_conformance,
+            ],
+        )
+
+    check()
 
 
 def test_every_documented_refusal_is_reached(served: Served, tcti: str) -> None:

