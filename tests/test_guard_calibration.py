@@ -1,7 +1,8 @@
 # ruff: noqa: F811 (the guard tests' fixtures, imported, are parameters here)
 """Guard.calibrate by kind of traffic, on the real all-MiniLM-L6-v2: what it saw
-(callers per kind), which kind set each threshold, and the note on kinds too small
-for the target."""
+(callers per kind), which kind set each default threshold (callers of no kind judged
+like the loosest of the kinds named ``default=``), and the note on kinds too small
+for the target. Thresholds applied per kind: tests/test_guard_kinds.py."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_calibrate_says_which_kind_set_each_threshold(
     streams, kinds = _streams(mini)
     peaks = g.peaks(streams)
     with caplog.at_level(logging.INFO, logger="sealstore.guard"):
-        t = g.calibrate(streams, target_fpr=0.05, groups=kinds)
+        t = g.calibrate(streams, target_fpr=0.05, groups=kinds, default=("topic", "words"))
     cal = g.calibration
     assert cal["callers"] == 25 and cal["groups"] == {"topic": 20, "words": 5}
     for det in ("extraction", "ood", "mmd"):
@@ -83,6 +84,6 @@ def test_calibrate_says_which_kind_set_each_threshold(
     assert g.calibration["set_by"] == {"extraction": "*", "ood": "*", "mmd": "*"}
     assert "fewer than" not in caplog.text
     # A margin multiplies the threshold, not the quantiles recorded.
-    t2 = g.calibrate(streams, target_fpr=0.05, margin=1.5, groups=kinds)
+    t2 = g.calibrate(streams, target_fpr=0.05, margin=1.5, groups=kinds, default=["topic", "words"])
     assert g.calibration["quantiles"]["mmd"] == q
     assert t2["mmd"] == pytest.approx(1.5 * max(q.values()))

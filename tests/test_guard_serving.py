@@ -256,13 +256,18 @@ def test_mmd_calibrated_on_benign_traffic_catches_an_attack(mini: Mini, attach: 
     ordered = sorted(p["mmd"] for p in peaks.values())
     assert t["mmd"] == ordered[-1]  # 95% of 20 callers, the higher: the largest
     # 90% of 20 callers: the second largest; taken per kind of traffic (two kinds of 10
-    # callers), the largest of each kind's 90% quantile, here each kind's largest.
+    # callers), each kind's 90% quantile, here each kind's largest; callers of no kind
+    # get the loosest of the kinds named default= (here: the largest).
     assert g.calibrate(streams, target_fpr=0.1)["mmd"] == ordered[-2]
     kinds = {name: "ab"[i % 2] for i, name in enumerate(streams)}
-    assert g.calibrate(streams, target_fpr=0.1, groups=kinds)["mmd"] == ordered[-1]
+    assert (
+        g.calibrate(streams, target_fpr=0.1, groups=kinds, default=("a", "b"))["mmd"] == ordered[-1]
+    )
     with pytest.raises(ValueError, match="has no group"):
         g.calibrate(streams, target_fpr=0.1, groups={})
     audit = [r for r in records(Path(mini_home()) / "audit") if r["action"] == "guard.thresholds"]
+    assert [a["detail"]["kind"] for a in audit[-3:-1]] == ["a", "b"]  # each kind's own
+    audit = [a for a in audit if "kind" not in a["detail"]]  # the default kind's
     assert [a["detail"]["mmd"] for a in audit[-3:]] == [
         round(x, 6) for x in (t["mmd"], ordered[-2], ordered[-1])
     ]
@@ -280,7 +285,7 @@ def test_mmd_calibrated_on_benign_traffic_catches_an_attack(mini: Mini, attach: 
             clock.now += 5
     assert sent <= 70 and "mmd finding" in str(err.value)
     assert g.status()["penalized"] == {
-        "mallory": {"response": "refuse", "detector": "mmd", "seconds_left": 600.0}
+        "mallory": {"response": "refuse", "detector": "mmd", "kind": "*", "seconds_left": 600.0}
     }
     # Thresholds and the reference are replaceable at run time.
     with pytest.raises(ValueError, match="no threshold 'nope'"):

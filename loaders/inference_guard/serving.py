@@ -16,6 +16,7 @@ lockdown but does not count the request's forward calls again.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +28,7 @@ from sealstore.loaders.inference_guard.hook import (
     CALLER,
     Guard,
     _check_caller,
+    _check_kind,
 )
 
 # What a refusal answers: a detector's penalty, or the model is stopped.
@@ -112,6 +114,13 @@ class GuardMiddleware:
             authenticating proxy in front of the server; a client must not be
             able to set it itself).
         caller: ``fn(scope) -> str | None`` instead of the header.
+        kind_header: a request header naming the request's kind of traffic, whose
+            thresholds (and reference) judge it (set by the authenticating proxy,
+            like the caller's); None (the default): the guard's ``policy.kinds``
+            says each caller's kind. A kind without thresholds of its own gets the
+            default kind's.
+        kind: ``fn(scope) -> str | None`` instead of *kind_header* (e.g. from the
+            authenticated identity in ``scope``); None: ``policy.kinds``.
         methods: the HTTP methods screened (others pass).
         paths: path prefixes screened (None: every path).
 
@@ -124,6 +133,8 @@ class GuardMiddleware:
     tokenizer: Any = None
     caller_header: str = "x-sealstore-caller"
     caller: Callable[[Mapping[str, Any]], str | None] | None = None
+    kind_header: str | None = None
+    kind: Callable[[Mapping[str, Any]], str | None] | None = None
     methods: tuple[str, ...] = ("POST",)
     paths: tuple[str, ...] | None = None
     max_body: int = MAX_BODY
@@ -142,11 +153,15 @@ class GuardMiddleware:
         # a function given as a class attribute (a subclass for vLLM) is not a method
         self.inputs = self.__dict__.get("inputs", type(self).inputs)
         self._caller_fn = self.__dict__.get("caller", type(self).caller)
+        self._kind_fn = self.__dict__.get("kind", type(self).kind)
         if self.inputs is None:
             if self.tokenizer is None:
                 raise TypeError("GuardMiddleware needs inputs= or tokenizer=")
             self.inputs = tokenized(self.tokenizer)
         self._header = self.caller_header.lower().encode("latin-1")
+        self._kind_header = (
+            self.kind_header.lower().encode("latin-1") if self.kind_header is not None else None
+        )
 
     async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in self.methods:
@@ -175,6 +190,7 @@ class GuardMiddleware:
                 why = f"this model's guard requires a caller ({self.caller_header})"
                 await _reply(send, 401, "no-caller", why)
                 return
+            kind = self._kind(scope)
             parsed = json.loads(body) if body else None
             inputs = self.inputs(parsed)  # type: ignore[misc]
         except ValueError as exc:
@@ -184,7 +200,9 @@ class GuardMiddleware:
             import anyio.to_thread
 
             try:
-                await anyio.to_thread.run_sync(self._guard.screen, caller, inputs)
+                await anyio.to_thread.run_sync(
+                    functools.partial(self._guard.screen, caller, inputs, kind=kind)
+                )
             except InferenceRefused as exc:
                 await _reply(send, STATUS.get(exc.code, 403), exc.code, str(exc))
                 return
@@ -216,6 +234,22 @@ class GuardMiddleware:
         if name is None:
             return None if self._guard.policy.require_caller else ANONYMOUS
         return _check_caller(name)
+
+    def _kind(self, scope: Mapping[str, Any]) -> str | None:
+        if self._kind_fn is not None:
+            name = self._kind_fn(scope)
+        elif self._kind_header is not None:
+            name = next(
+                (
+                    v.decode("latin-1")
+                    for k, v in scope.get("headers", ())
+                    if k == self._kind_header
+                ),
+                None,
+            )
+        else:
+            return None
+        return None if name is None else _check_kind(name)
 
 
 async def _reply(send: Any, status: int, code: str, detail: str) -> None:
