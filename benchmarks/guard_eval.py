@@ -17,6 +17,12 @@ for the interleaved scenario, where requests of many callers form one batch).
    callers of each language, each language its own group) and sets the KS,
    ood and MMD thresholds to the ``--fpr`` quantile of their peak
    statistics, taken per group (the largest kept), times ``--margin``.
+   With ``--per-kind``, each group is a kind of traffic with thresholds of its
+   own inside the one guard: every benign caller is of its set's kind (its
+   language's, with ``--per-language``), and callers of no kind -- the
+   attackers -- are judged by the default kind's: per detector the loosest of
+   the English sets' (every kind but the languages), so that one-language
+   callers' looser thresholds apply to them only.
 3. Evaluation, on the other half: ``--benign`` callers per set, each its own
    id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
    attacks: random tokens, Jacobian-style augmentation, a natural-data
@@ -159,6 +165,12 @@ def main() -> None:
         default=0,
         help="multilingual reference inputs per language (0: --reference of random languages)",
     )
+    ap.add_argument(
+        "--per-kind",
+        action="store_true",
+        help="each calibration group a kind with its own thresholds; benign callers of "
+        "their kind, attackers of none (the default kind: the English sets' loosest)",
+    )
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
@@ -211,7 +223,9 @@ def main() -> None:
             reference += one_language(cal, lang, args.reference_per_language, rng)
     enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
     clock = Clock()
+    kind_of: dict[str, str] = {}  # with --per-kind: each benign caller's kind
     policy = GuardPolicy(
+        kinds=kind_of.get,
         reference=enc_ref,
         name="minilm",
         lockdown=None,
@@ -244,7 +258,14 @@ def main() -> None:
                     encode(r) for r in requests_of(queries, rng)
                 ]
     groups = {name: name[4:].rsplit("-", 1)[0] for name in streams}
-    thresholds = g.calibrate(streams, target_fpr=args.fpr, margin=args.margin, groups=groups)
+    # Without --per-kind every caller is of the default kind, judged by the loosest
+    # group's thresholds; with it, unknown callers by the loosest English set's.
+    default = sorted({k for k in groups.values() if not k.startswith("multilingual")})
+    if not args.per_kind:
+        default = sorted(set(groups.values()))
+    thresholds = g.calibrate(
+        streams, target_fpr=args.fpr, margin=args.margin, groups=groups, default=default
+    )
     calib_s = time.perf_counter() - t0
     print(f"calibrated in {calib_s:.0f} s: {thresholds} (defaults {defaults})", flush=True)
     del streams
@@ -307,6 +328,19 @@ def main() -> None:
         "info/natural-data": (lambda: ev_make["sentences"](args.attack_queries, rng), 2.0),
     }
     results: dict[str, Any] = {}
+
+    def benign_caller(k: str, name: str, count: int) -> list[Any]:
+        """One benign caller's queries; with --per-kind, its kind is known to the guard."""
+        if k == "multilingual":  # the same draws as ev_make's, the language kept
+            lang = rng.choice(sorted(ev["langs"]))
+            queries = one_language(ev, lang, count, rng)
+            kind = f"multilingual.{lang}" if by_lang else k
+        else:
+            queries, kind = ev_make[k](count, rng), k
+        if args.per_kind:
+            kind_of[name] = kind
+        return queries
+
     for k in sets:
         t0 = time.perf_counter()
         n = args.benign if k != "indexer" else max(1, args.benign // 10)
@@ -315,7 +349,7 @@ def main() -> None:
         for i in range(n):
             name = INDEXER if k == "indexer" else f"{k}-{i}"
             count = args.queries * (4 if k == "indexer" else 1)
-            firsts.append(run_caller(name, ev_make[k](count, rng), qps))
+            firsts.append(run_caller(name, benign_caller(k, name, count), qps))
             if k == "indexer":
                 g.lift(INDEXER)
         row = summarize(n, firsts, time.perf_counter() - t0)
@@ -338,7 +372,7 @@ def main() -> None:
     mix_kinds = [k for k in sets if k != "indexer"]
     benign_q = {
         f"mix-benign-{i}": requests_of(
-            ev_make[mix_kinds[i % len(mix_kinds)]](args.queries, rng), rng
+            benign_caller(mix_kinds[i % len(mix_kinds)], f"mix-benign-{i}", args.queries), rng
         )
         for i in range(16)
     }
@@ -432,6 +466,19 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
 
+    # -- informational, with --per-kind: benign English callers of no kind (after the
+    # rest, so that the callers and attackers above are the runs without it's) ----------
+    unknown: dict[str, Any] = {}
+    if args.per_kind:
+        t0 = time.perf_counter()
+        for k in (k for k in sets if k not in ("multilingual", "indexer")):
+            n = max(1, args.benign // 10)
+            firsts = [
+                run_caller(f"unknown/{k}-{i}", ev_make[k](args.queries, rng), 2.0) for i in range(n)
+            ]
+            unknown[k] = summarize(n, firsts, time.perf_counter() - t0)
+            print(f"unknown/{k:14s} flagged {unknown[k]['flagged']:3d}/{n}", flush=True)
+
     benign_rows = {k: v for k, v in results.items() if k.startswith("benign/")}
     attack_rows = {k: v for k, v in results.items() if k.startswith("attack/")}
     mix = results["interleaved"]
@@ -453,6 +500,7 @@ def main() -> None:
         },
         "reference_size": len(reference),
         "reference_per_language": args.reference_per_language,
+        "per_kind": args.per_kind,
         "calibration": {
             "callers": len(groups),
             "groups": {
@@ -467,11 +515,15 @@ def main() -> None:
             "set_by": g.calibration.get("set_by", {}),
             "group_quantiles": g.calibration.get("quantiles", {}),
             "default_thresholds": defaults,
+            "default_kind": g.calibration.get("default"),
+            "default_kinds": default,
+            "kind_thresholds": g.calibration.get("thresholds", {}),
             "seconds": round(calib_s, 1),
         },
         "queries_per_benign_caller": args.queries,
         "queries_per_attacker": args.attack_queries,
         "results": results,
+        "unknown_benign_callers": unknown,
         "cost": cost,
         "targets": {
             "false_positive_rate_at_most": 0.01,
