@@ -235,3 +235,48 @@ def test_the_middleware_takes_the_kind_from_a_request_header(mini: Mini, attach:
         status, err = _post(port, bodies[0], "dave", "x" * 100)
         assert status == 400 and "1-64 printable" in err["detail"]
     assert g._callers["alice"].kind == WORDS and g._callers["mallory"].kind == DEFAULT_KIND
+
+
+def test_the_middleware_takes_the_kind_from_the_authenticated_identity(
+    mini: Mini, attach: Any
+) -> None:
+    """``kind=fn(scope)``: here the identity an authenticating layer put in the scope."""
+    import asyncio
+
+    g = attach(mini.model, policy=_policy(mini), hook=False)
+    g.set_thresholds(kind=WORDS, mmd=5.0)
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["user"]["name"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def identity(scope: Any) -> str:
+        return scope["user"]["name"]
+
+    def kind(scope: Any) -> str | None:
+        return scope["user"].get("traffic")
+
+    mw = GuardMiddleware(app, guard=g, tokenizer=mini.tok, caller=identity, kind=kind)
+
+    async def call(user: dict[str, str]) -> int:
+        body = json.dumps({"input": ["a sentence to embed"]}).encode()
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []}
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await mw({**scope, "user": user}, receive, send)
+        return sent[0]["status"]
+
+    assert asyncio.run(call({"name": "alice", "traffic": WORDS})) == 200
+    assert asyncio.run(call({"name": "bob"})) == 200
+    assert asyncio.run(call({"name": "carol", "traffic": "bad\nkind"})) == 400
+    assert reached == ["alice", "bob"]
+    assert g._callers["alice"].kind == WORDS and g._callers["bob"].kind == DEFAULT_KIND
+    assert "carol" not in g._callers
