@@ -1,8 +1,9 @@
 # ruff: noqa: F811 (the guard tests' fixtures, imported, are parameters here)
 """Guard.calibrate by kind of traffic, on the real all-MiniLM-L6-v2: what it saw
-(callers per kind), which kind set each default threshold (callers of no kind judged
-like the loosest of the kinds named ``default=``), and the note on kinds too small
-for the target. Thresholds applied per kind: tests/test_guard_kinds.py."""
+(callers per kind), the default kind's thresholds (callers of no kind judged by the
+quantile over the pooled callers of the kinds named ``default=``), the floor (a kind
+only loosens) and the note on kinds too small for the target. Thresholds applied per
+kind: tests/test_guard_kinds.py."""
 
 from __future__ import annotations
 
@@ -64,16 +65,29 @@ def test_calibrate_says_which_kind_set_each_threshold(
             )
             for k in ("topic", "words")
         }
-        assert cal["quantiles"][det] == expected
-        assert cal["set_by"][det] == max(expected, key=lambda k: expected[k])
+        pooled = float(np.quantile([p[det] for p in peaks.values()], 0.95, method="higher"))
+        assert cal["quantiles"][det] == {**expected, "*": pooled}
+        assert cal["set_by"][det] == "*"
+        assert t[det] == pooled
     q = cal["quantiles"]["mmd"]
-    assert t["mmd"] == max(q.values())
-    # One-word queries sit far from the sentences of the reference: the 5 callers of that
-    # kind set the MMD threshold, above every natural caller's peak.
-    assert cal["set_by"]["mmd"] == "words"
+    # One-word queries sit far from the sentences of the reference: the pool's 95%
+    # quantile over all 25 callers is the second-largest peak, one of the 5 one-word
+    # callers', above every natural caller's peak and below the words kind's own.
+    words_mmd = sorted(p["mmd"] for n, p in peaks.items() if kinds[n] == "words")
+    assert t["mmd"] == words_mmd[-2] < q["words"]
     assert t["mmd"] > max(p["mmd"] for n, p in peaks.items() if kinds[n] == "topic")
+    # A kind only loosens: the words kind keeps its own looser MMD threshold; the topic
+    # kind's own (its callers' largest peak) is tighter than the default kind's and is
+    # floored at it, for every detector.
+    own, in_force = cal["own"], g.kinds()
+    assert in_force["words"]["thresholds"]["mmd"] == own["words"]["mmd"] == q["words"]
+    assert own["topic"]["mmd"] < t["mmd"] == in_force["topic"]["thresholds"]["mmd"]
+    for k in ("topic", "words"):
+        for det in ("extraction", "ood", "mmd"):
+            assert in_force[k]["thresholds"][det] == max(own[k][det], t[det])
+            assert cal["thresholds"][k][det] == in_force[k]["thresholds"][det]
     # 5 callers are too few for a 5% quantile (20): their largest peak is it, and it is said.
-    assert q["words"] == max(p["mmd"] for n, p in peaks.items() if kinds[n] == "words")
+    assert q["words"] == words_mmd[-1]
     assert "1 of 2 kinds have fewer than 20 callers (e.g. 'words', 5)" in caplog.text
 
     # Pooled: one kind, "*", which sets every threshold; nothing to say about sizes.
@@ -86,4 +100,5 @@ def test_calibrate_says_which_kind_set_each_threshold(
     # A margin multiplies the threshold, not the quantiles recorded.
     t2 = g.calibrate(streams, target_fpr=0.05, margin=1.5, groups=kinds, default=["topic", "words"])
     assert g.calibration["quantiles"]["mmd"] == q
-    assert t2["mmd"] == pytest.approx(1.5 * max(q.values()))
+    assert t2["mmd"] == pytest.approx(1.5 * q["*"])
+    assert g.kinds()["words"]["thresholds"]["mmd"] == pytest.approx(1.5 * q["words"])

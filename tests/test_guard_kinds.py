@@ -108,14 +108,16 @@ def test_a_loosened_kind_passes_where_an_unknown_caller_is_refused(mini: Mini, a
 def test_default_kind_per_kind_thresholds_and_references(
     mini: Mini, attach: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    g = attach(mini.model, policy=_policy(mini, kinds={"w-1": WORDS}), hook=False)
+    clock = Clock()
+    g = attach(mini.model, policy=_policy(mini, kinds={"w-1": WORDS}), clock=clock, hook=False)
     streams, kinds = _streams(mini)
     peaks = g.peaks(streams)
-    # default= names the kinds unknown callers may look like: the loosest of them.
+    # default= names the kinds unknown callers may look like: the quantile over their
+    # callers pooled (one kind: its own quantile).
     t = g.calibrate(streams, target_fpr=0.05, groups=kinds, default=WORDS)
-    assert g.calibration["default"] == "the loosest of ['words']"
+    assert g.calibration["default"] == "the 5 callers of ['words'] pooled"
     assert t == g.calibration["thresholds"][WORDS]
-    assert g.calibration["set_by"] == {"extraction": WORDS, "ood": WORDS, "mmd": WORDS}
+    assert g.calibration["set_by"] == {"extraction": "*", "ood": "*", "mmd": "*"}
     # A group named "*" is the default kind's own calibration.
     star = {n: (DEFAULT_KIND if k == "topic" else k) for n, k in kinds.items()}
     t = g.calibrate(streams, target_fpr=0.05, groups=star)
@@ -143,6 +145,21 @@ def test_default_kind_per_kind_thresholds_and_references(
     audit = [r for r in records(Path(mini_home()) / "audit") if r["action"] == "guard.thresholds"]
     assert audit[-2]["detail"]["kind"] == WORDS and audit[-2]["detail"]["mmd"] == 5.0
     assert "kind" not in audit[-1]["detail"] and audit[-1]["detail"]["ood"] == 0.9
+
+    # A kind only loosens: thresholds set tighter than the default kind's are floored at
+    # them, so natural traffic an unknown caller is served is served to the kind too...
+    g.set_thresholds(kind="tight", ood=0.0, mmd=0.0)
+    assert g.kinds()["tight"]["thresholds"] == g.thresholds
+    natural = next(reqs for name, reqs in streams.items() if kinds[name] == "topic")
+    assert _replay(g, "t-1", natural, clock, kind="tight") is None
+    # ...and the floor follows the default kind's: loosened, the kind's too; tightened
+    # below the kind's own, the kind's own again.
+    g.set_thresholds(mmd=0.7)
+    assert g.kinds()["tight"]["thresholds"]["mmd"] == 0.7
+    assert g.kinds()[WORDS]["thresholds"]["mmd"] == 5.0
+    g.set_thresholds(kind="tight", mmd=0.8)
+    g.set_thresholds(mmd=0.01)
+    assert g.kinds()["tight"]["thresholds"]["mmd"] == 0.8
 
     # A kind's own reference: its callers' peaks (and so its calibration) are judged
     # against it. One-word callers against a reference of single words look ordinary.

@@ -144,7 +144,8 @@ class Guard:
         # Kinds of traffic with their own thresholds / reference (set_thresholds(kind=),
         # calibrate(groups=), set_reference(kind=)); a caller's kind: policy.kinds or the
         # request's. Each dict is replaced whole, never changed in place.
-        self._kind_thresholds: dict[str, dict[str, float]] = {}
+        self._kind_thresholds: dict[str, dict[str, float]] = {}  # in force (floored)
+        self._kind_own: dict[str, dict[str, float]] = {}  # as calibrated / set
         self._kind_references: dict[str, Reference] = {}
         # What the latest calibrate() saw: callers per group, and per detector the group
         # whose quantile set the threshold (see calibrate).
@@ -401,19 +402,30 @@ class Guard:
         reference, if it has one): a caller of that kind (``policy.kinds``, or the
         request's ``kind=``) is judged by them. A kind of fewer than ``1 / target_fpr``
         callers has its largest peak as its quantile: an estimate of its tail only as
-        good as its count (logged). Every caller of no kind, or of a kind with no
-        thresholds, is judged by the default kind's (:attr:`thresholds`), which fail
-        closed: a group named ``"*"`` sets them; else *default* names the kinds that
-        unknown callers may look like (per detector, the loosest of those kinds'
-        thresholds); else, per detector, the tightest of every kind's. Without
-        *groups* every stream is of the default kind. A calibration replaces every
-        kind's thresholds: kinds it did not see fall back to the default's.
+        good as its count (logged).
+
+        A kind only loosens: per detector, a kind's threshold is the looser of its own
+        and the default kind's (kinds exist to let legitimately different traffic
+        through; a kind tighter than the default is a small-sample artefact). The floor
+        holds whenever either changes (:meth:`set_thresholds` too); tighten everyone by
+        tightening the default kind.
+
+        Every caller of no kind, or of a kind with no thresholds, is judged by the
+        default kind's (:attr:`thresholds`), which fail closed: a group named ``"*"``
+        sets them; else *default* names the kinds that unknown callers may look like,
+        and the default kind's thresholds are the quantile over the pooled peaks of
+        all those kinds' callers (against the default kind's reference), times
+        *margin*: a large pool, so a tail estimate with headroom; else, per detector,
+        the tightest of every kind's. Without *groups* every stream is of the default
+        kind. A calibration replaces every kind's thresholds: kinds it did not see fall
+        back to the default's.
 
         Afterwards :attr:`calibration` says what was seen: ``callers``, ``groups``
-        (callers per kind), ``quantiles`` (per detector and kind, before *margin*),
-        ``thresholds`` (per kind, ``"*"`` the default), ``default`` (how the default
-        kind's were chosen) and ``set_by`` (per detector, the kind whose quantile set
-        the default kind's threshold).
+        (callers per kind), ``quantiles`` (per detector and kind, before *margin*;
+        ``"*"``: the pool's), ``own`` (each kind's thresholds from its own callers),
+        ``thresholds`` (per kind after the floor, ``"*"`` the default), ``default``
+        (how the default kind's were chosen) and ``set_by`` (per detector, the kind
+        whose quantile set the default kind's threshold; ``"*"``: the pool).
         """
         import numpy as np
 
@@ -471,23 +483,44 @@ class Guard:
             )
             for k in sorted(sizes)
         }
-        if DEFAULT_KIND in sizes:
-            pool, loosest, how = [DEFAULT_KIND], True, "the group '*'"
-        elif named:
-            pool, loosest, how = sorted(set(named)), True, f"the loosest of {sorted(set(named))}"
-        else:
-            pool, loosest, how = sorted(sizes), False, "the tightest of every kind"
         new = dict(base)
         set_by: dict[str, str] = {}
-        for det in quantiles:
-            key = "shapiro" if det == "extraction" and self._test == "shapiro" else det
-            sign = -1.0 if key == "shapiro" else 1.0  # W: lower is looser
-            candidates = [k for k in pool if k in quantiles[det]]
-            if not candidates:
-                continue
-            pick = (max if loosest else min)(candidates, key=lambda k: sign * per_kind_th[k][key])
-            set_by[det] = pick
-            new[key] = per_kind_th[pick][key]
+        if DEFAULT_KIND in sizes:
+            how = "the group '*'"
+            new = per_kind_th[DEFAULT_KIND]
+            set_by = {det: DEFAULT_KIND for det in quantiles if DEFAULT_KIND in quantiles[det]}
+        elif named:
+            pool = sorted(set(named))
+            members = [n for n in streams if kinds[n] in pool]
+            how = f"the {len(members)} callers of {pool} pooled"
+            # The default kind's thresholds judge against the default reference: the
+            # pooled kinds' peaks again against it where a kind has a reference of its own.
+            own_ref = [n for n in members if kinds[n] in self._kind_references]
+            pooled = {n: peaks[n] for n in members}
+            if own_ref:
+                pooled.update(self.peaks({n: streams[n] for n in own_ref}))
+            pool_q: dict[str, float] = {}
+            for det in CALIBRATED:
+                values = [p[det] for p in pooled.values() if det in p]
+                if values:
+                    pool_q[det] = float(np.quantile(values, 1 - target_fpr, method="higher"))
+                    quantiles[det] = {**quantiles[det], DEFAULT_KIND: pool_q[det]}
+                    set_by[det] = DEFAULT_KIND
+            if len(members) < 1 / target_fpr:
+                log.info(
+                    "guard calibration: the default kind's pool has %d callers, fewer than %d",
+                    len(members),
+                    int(np.ceil(1 / target_fpr)),
+                )
+            new = self._from_quantiles(pool_q, base, margin)
+        else:
+            how = "the tightest of every kind"
+            for det in quantiles:
+                key = self._key(det)
+                candidates = [k for k in sizes if k in quantiles[det]]
+                pick = min(candidates, key=lambda k: self._looseness(key, per_kind_th[k][key]))
+                set_by[det] = pick
+                new[key] = per_kind_th[pick][key]
         own = {k: v for k, v in per_kind_th.items() if k != DEFAULT_KIND}
         self._set_thresholds(new, own)
         self.calibration = {
@@ -496,9 +529,27 @@ class Guard:
             "set_by": set_by,
             "quantiles": quantiles,
             "default": how,
-            "thresholds": {DEFAULT_KIND: dict(new), **own},
+            "own": own,
+            "thresholds": {DEFAULT_KIND: dict(self.thresholds), **self._kind_thresholds},
         }
         return dict(self.thresholds)
+
+    def _key(self, det: str) -> str:
+        """The threshold a calibrated detector's quantile sets."""
+        return "shapiro" if det == "extraction" and self._test == "shapiro" else det
+
+    @staticmethod
+    def _looseness(key: str, value: float) -> float:
+        """Larger is looser (Shapiro-Wilk's W alarms below its threshold)."""
+        return -value if key == "shapiro" else value
+
+    def _floored(self, own: Mapping[str, float]) -> dict[str, float]:
+        """A kind's thresholds: per detector the looser of its own and the default's."""
+        default = self.thresholds
+        return {
+            k: v if self._looseness(k, v) >= self._looseness(k, default[k]) else default[k]
+            for k, v in own.items()
+        }
 
     def _from_quantiles(
         self, quantiles: Mapping[str, float], base: Mapping[str, float], margin: float
@@ -517,11 +568,15 @@ class Guard:
     def _set_thresholds(
         self, default: dict[str, float], kinds: dict[str, dict[str, float]]
     ) -> None:
+        """The default kind's thresholds and each kind's own; a kind's in force are its
+        own floored at the default's (:meth:`_floored`)."""
+        self.thresholds = dict(default)
+        floored = {k: self._floored(th) for k, th in kinds.items()}
         # one assignment each: a running call sees the old or the new set of a kind
-        self._kind_thresholds = kinds
-        self.thresholds = default
+        self._kind_own = dict(kinds)
+        self._kind_thresholds = floored
         # one record per kind with its own (with "kind"), then the default kind's
-        for k, th in sorted(kinds.items()):
+        for k, th in sorted(floored.items()):
             self._record(
                 "guard.thresholds",
                 decision="ok",
@@ -543,19 +598,22 @@ class Guard:
         """Replace detector thresholds at run time (``extraction`` (KS D+), ``shapiro``
         (W), ``ood`` (share), ``mmd`` (MMD²)) of *kind* (None: the default kind's, which
         judge every caller of no kind with thresholds of its own); a kind given its
-        first thresholds starts from the default kind's. Recorded in the audit log."""
+        first thresholds starts from the default kind's. A kind only loosens: per
+        detector it is judged by the looser of its own and the default kind's, now and
+        after the default kind's change. Recorded in the audit log."""
         bad = sorted(set(thresholds) - set(self.thresholds))
         if bad:
             raise ValueError(f"no threshold {bad[0]!r} (known: {', '.join(self.thresholds)})")
         kind = DEFAULT_KIND if kind is None else _check_kind(kind)
         given = {k: float(v) for k, v in thresholds.items()}
         if kind == DEFAULT_KIND:
-            self._set_thresholds({**self.thresholds, **given}, self._kind_thresholds)
+            self._set_thresholds({**self.thresholds, **given}, self._kind_own)
             return
         self._check_room({kind})
-        current = self._kind_thresholds
-        new = {**current.get(kind, self.thresholds), **given}
-        self._kind_thresholds = {**current, kind: new}
+        own = {**self._kind_own.get(kind, self.thresholds), **given}
+        self._kind_own = {**self._kind_own, kind: own}
+        new = self._floored(own)
+        self._kind_thresholds = {**self._kind_thresholds, kind: new}
         self._record(
             "guard.thresholds",
             decision="ok",
@@ -585,6 +643,7 @@ class Guard:
         kind = _check_kind(kind)
         had = kind in self._kind_thresholds or kind in self._kind_references
         self._kind_thresholds = {k: v for k, v in self._kind_thresholds.items() if k != kind}
+        self._kind_own = {k: v for k, v in self._kind_own.items() if k != kind}
         self._kind_references = {k: v for k, v in self._kind_references.items() if k != kind}
         if had:
             self._record("guard.kind-forgotten", decision="ok", detail={"kind": kind})
