@@ -310,14 +310,14 @@ def test_the_loader_itself_fails_closed_on_tampered_weights(sealed: Sealed, tmp_
 
 
 def _post(
-    server: Server, body: dict[str, object], caller: str | None
+    server: Server, body: dict[str, object], caller: str | None, path: str = "/v1/embeddings"
 ) -> tuple[int, dict[str, object]]:
     headers = {"Content-Type": "application/json"}
     if caller is not None:
         headers["x-sealstore-caller"] = caller
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
-        conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
+        conn.request("POST", path, json.dumps(body), headers)
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -385,6 +385,45 @@ def test_the_guard_middleware_screens_requests_inside_vllm(sealed: Sealed, serve
     assert status == 400 and "1-128 printable" in str(err["detail"])
     assert _post(server, {"model": model, "input": SENTENCES}, None)[0] == 200
     assert _served_when(server, before + 22) == before + 22
+
+
+def test_the_guard_middleware_answers_score_and_rerank_before_vllm(
+    sealed: Sealed, server: Server
+) -> None:
+    """vLLM serves /score and /rerank (cosine similarity) for this embedding model, with
+    /v1/ and without: the middleware screens their texts (they count towards bob's 20
+    queries a minute), answers bodies it cannot screen with its own 400, and refuses a
+    refused caller on every route, whatever the body, before vLLM sees the request."""
+    model = sealed.store
+    bodies = [
+        ("/score", {"model": model, "text_1": SENTENCES[0], "text_2": SENTENCES}),
+        ("/v1/score", {"model": model, "text_1": SENTENCES[1], "text_2": SENTENCES}),
+        ("/rerank", {"model": model, "query": SENTENCES[2], "documents": SENTENCES}),
+        ("/v1/rerank", {"model": model, "query": SENTENCES[0], "documents": SENTENCES}),
+        ("/score", {"model": model, "text_1": SENTENCES[2], "text_2": SENTENCES}),
+    ]
+    # 4 texts a request: five (20 queries) are vLLM's to answer, and it scores them.
+    for path, body in bodies:
+        status, answer = _post(server, body, "bob", path)
+        assert status == 200, (path, answer)
+        assert "data" in answer or "results" in answer, answer
+    settled = _served_when(server, float("inf"), timeout=2)
+    # The middleware's own 400 (vLLM's errors are shaped otherwise), nothing served.
+    for path, body, why in (
+        ("/score", {"model": model}, "holds no text the guard can screen"),
+        ("/v1/rerank", {"model": model, "query": [101, 2023], "documents": ["a"]}, "query"),
+        ("/v1/completions", {"model": model, "prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ):
+        status, err = _post(server, body, "carol", path)
+        assert status == 400 and err["error"] == "bad-request", (path, err)
+        assert why in str(err["detail"]), err
+    # The sixth request takes bob over 20: refused, and then on every route and body.
+    status, err = _post(server, bodies[0][1], "bob", "/score")
+    assert status == 403 and "rate finding" in str(err["detail"]), err
+    for path, body in (*bodies[1:], ("/score", {"model": model}), ("/pooling", {})):
+        status, err = _post(server, body, "bob", path)
+        assert status == 403 and err["error"] == "refused", (path, err)
+    assert _served_when(server, float("inf"), timeout=2) == settled
 
 
 def test_stopping_the_server_removes_its_scratch_folder(server: Server) -> None:

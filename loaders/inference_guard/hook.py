@@ -255,6 +255,23 @@ class Guard:
                 args, kwargs = (inputs,), {"caller": caller}
         self._hook(None, args, dict(kwargs), kind)
 
+    def admit(self, caller: str) -> None:
+        """Refuse *caller* if it may not call now (its penalty, the model's lockdown),
+        counting nothing: what the middleware asks of a request with nothing to screen
+        (a refused caller is refused on every guarded request, whatever its body).
+
+        Raises:
+            InferenceRefused: the caller may not call now.
+        """
+        caller = _check_caller(caller)
+        self._check_standing(caller)
+        now = self._clock()
+        with self._lock:
+            c = self._callers.get(caller)
+        if c is not None:
+            with c.lock:
+                self._penalty_gate(c, caller, now)
+
     def observe(
         self, caller: str, feats: Any, *, rows: int | None = None, kind: str | None = None
     ) -> list[Finding]:

@@ -41,4 +41,4 @@ encoder = guard(AutoModel.from_pretrained(MINILM).eval(), policy=policy, hook=Fa
 class Guarded(GuardMiddleware):
     guard = encoder
     tokenizer = tok
-    paths = ("/v1/",)
+    # paths: the default, every path (vLLM's query routes with /v1/ and without).
