@@ -16,13 +16,18 @@ for the interleaved scenario, where requests of many callers form one batch).
    ``--calibration`` callers per set (multilingual: ``--per-language``
    callers of each language, each language its own group) and sets the KS,
    ood and MMD thresholds to the ``--fpr`` quantile of their peak
-   statistics, taken per group (the largest kept), times ``--margin``.
+   statistics, taken per group, times ``--margin``; the default kind's over
+   the callers of the ``--default-kinds`` pooled (without ``--per-kind``: of
+   every group). The indexer's calibration callers send ``--indexer-scale``
+   times ``--queries`` documents, as its evaluated runs do.
    With ``--per-kind``, each group is a kind of traffic with thresholds of its
    own inside the one guard: every benign caller is of its set's kind (its
    language's, with ``--per-language``), and callers of no kind -- the
-   attackers -- are judged by the default kind's: per detector the loosest of
-   the English sets' (every kind but the languages), so that one-language
-   callers' looser thresholds apply to them only.
+   attackers -- are judged by the default kind's: the quantile over the
+   English sets' callers pooled (every kind but the languages; or
+   ``--default-kinds``), so that one-language callers' looser thresholds apply
+   to them only. A kind only loosens: each kind is judged, per detector, by
+   the looser of its own threshold and the default kind's.
 3. Evaluation, on the other half: ``--benign`` callers per set, each its own
    id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
    attacks: random tokens, Jacobian-style augmentation, a natural-data
@@ -171,6 +176,21 @@ def main() -> None:
         help="each calibration group a kind with its own thresholds; benign callers of "
         "their kind, attackers of none (the default kind: the English sets' loosest)",
     )
+    ap.add_argument(
+        "--default-kinds",
+        default=None,
+        help="with --per-kind: comma-separated kinds whose calibration callers, pooled, set "
+        "the default kind's thresholds (callers of no kind; calibrate(default=)); "
+        "default: every set but the multilingual ones (the English sets)",
+    )
+    ap.add_argument(
+        "--indexer-scale",
+        type=int,
+        default=4,
+        help="the indexer's calibration callers send this many times --queries documents, "
+        "as its evaluated runs do (1: as many as the other callers, the runs before "
+        "2026-12-03's second per-kind run)",
+    )
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
@@ -257,10 +277,22 @@ def main() -> None:
                 streams[f"cal/multilingual.{lang}-{i}"] = [
                     encode(r) for r in requests_of(queries, rng)
                 ]
+    if args.indexer_scale > 1:
+        # The indexer's calibration runs as long as its evaluated ones (a separate draw,
+        # so that every other draw of the run is the same as with --indexer-scale 1).
+        ix_rng = random.Random(f"{args.seed}/indexer")
+        for i in range(args.calibration):
+            docs = cal_make["indexer"](args.indexer_scale * args.queries, ix_rng)
+            streams[f"cal/indexer-{i}"] = [encode(r) for r in requests_of(docs, ix_rng)]
     groups = {name: name[4:].rsplit("-", 1)[0] for name in streams}
-    # Without --per-kind every caller is of the default kind, judged by the loosest
-    # group's thresholds; with it, unknown callers by the loosest English set's.
-    default = sorted({k for k in groups.values() if not k.startswith("multilingual")})
+    # Without --per-kind every caller is of the default kind, judged by the quantile over
+    # every group's callers pooled; with it, unknown callers by the pool of the
+    # --default-kinds (the English sets), and each kind by the looser of its own
+    # thresholds and those (a kind only loosens).
+    if args.default_kinds:
+        default = sorted(set(args.default_kinds.split(",")))
+    else:
+        default = sorted({k for k in groups.values() if not k.startswith("multilingual")})
     if not args.per_kind:
         default = sorted(set(groups.values()))
     thresholds = g.calibrate(
@@ -510,7 +542,10 @@ def main() -> None:
             "target_fpr": args.fpr,
             "margin": args.margin,
             "quantile": "per group (benign set; each language of multilingual with "
-            "per_language), the largest kept",
+            "per_language); the default kind's over the default kinds' callers pooled; "
+            "each kind's the looser of its own and the default kind's",
+            "indexer_scale": args.indexer_scale,
+            "own_thresholds": g.calibration.get("own", {}),
             "thresholds": thresholds,
             "set_by": g.calibration.get("set_by", {}),
             "group_quantiles": g.calibration.get("quantiles", {}),
