@@ -194,6 +194,13 @@ def main() -> None:
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
+    ap.add_argument(
+        "--kind-margin",
+        type=float,
+        default=None,
+        help="the margin on each kind's own thresholds (calibrate(kind_margin=)); the "
+        "default kind's keep --margin (default: --margin)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -243,6 +250,7 @@ def main() -> None:
             reference += one_language(cal, lang, args.reference_per_language, rng)
     enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
     clock = Clock()
+    indexer_runs = max(1, args.benign // 10)
     kind_of: dict[str, str] = {}  # with --per-kind: each benign caller's kind
     policy = GuardPolicy(
         kinds=kind_of.get,
@@ -250,7 +258,8 @@ def main() -> None:
         name="minilm",
         lockdown=None,
         max_callers=64,
-        rate=RatePolicy(exempt=(INDEXER,)),
+        # each evaluated indexer run is its own caller id, all of them allowlisted
+        rate=RatePolicy(exempt=tuple(f"{INDEXER}-{i}" for i in range(indexer_runs))),
         audit=str(Path(os.environ["SEALSTORE_HOME"]) / "audit"),
     )
     guard(model, policy=policy, clock=clock, hook=False)
@@ -296,7 +305,12 @@ def main() -> None:
     if not args.per_kind:
         default = sorted(set(groups.values()))
     thresholds = g.calibrate(
-        streams, target_fpr=args.fpr, margin=args.margin, groups=groups, default=default
+        streams,
+        target_fpr=args.fpr,
+        margin=args.margin,
+        groups=groups,
+        default=default,
+        kind_margin=args.kind_margin,
     )
     calib_s = time.perf_counter() - t0
     print(f"calibrated in {calib_s:.0f} s: {thresholds} (defaults {defaults})", flush=True)
@@ -375,15 +389,15 @@ def main() -> None:
 
     for k in sets:
         t0 = time.perf_counter()
-        n = args.benign if k != "indexer" else max(1, args.benign // 10)
+        n = args.benign if k != "indexer" else indexer_runs
         qps = 200.0 if k == "indexer" else 2.0
         firsts = []
         for i in range(n):
-            name = INDEXER if k == "indexer" else f"{k}-{i}"
+            # every benign caller its own id, an indexer run too (of kind indexer): with
+            # response "log" nothing is lifted, so one id would carry each run's windows
+            # into the next (the runs before 2026-12-03's third per-kind run)
             count = args.queries * (4 if k == "indexer" else 1)
-            firsts.append(run_caller(name, benign_caller(k, name, count), qps))
-            if k == "indexer":
-                g.lift(INDEXER)
+            firsts.append(run_caller(f"{k}-{i}", benign_caller(k, f"{k}-{i}", count), qps))
         row = summarize(n, firsts, time.perf_counter() - t0)
         row["templated"] = k in TEMPLATED
         results[f"benign/{k}"] = row
@@ -541,6 +555,7 @@ def main() -> None:
             "per_language": args.per_language,
             "target_fpr": args.fpr,
             "margin": args.margin,
+            "kind_margin": g.calibration.get("kind_margin"),
             "quantile": "per group (benign set; each language of multilingual with "
             "per_language); the default kind's over the default kinds' callers pooled; "
             "each kind's the looser of its own and the default kind's",
@@ -576,6 +591,7 @@ def main() -> None:
             "overhead": cost["percent_of_forward"] <= 5,
         },
         "seconds": round(time.perf_counter() - t_start, 1),
+        "command": " ".join(["python", "benchmarks/guard_eval.py", *sys.argv[1:]]),
     }
     print("met:", report["met"])
     write_report(args.out or f"docs/perf/guard_eval-serving-{dt.date.today()}.json", report)

@@ -404,6 +404,7 @@ class Guard:
         margin: float = 1.0,
         groups: Mapping[str, str] | None = None,
         default: str | Sequence[str] | None = None,
+        kind_margin: float | None = None,
     ) -> dict[str, float]:
         """Set the thresholds of the extraction (KS), ood and MMD detectors from benign
         traffic: each detector's threshold is the ``1 - target_fpr`` quantile of the
@@ -420,6 +421,14 @@ class Guard:
         request's ``kind=``) is judged by them. A kind of fewer than ``1 / target_fpr``
         callers has its largest peak as its quantile: an estimate of its tail only as
         good as its count (logged).
+
+        *kind_margin* (>= 1; None: *margin*): the margin on each kind's own thresholds
+        (before the floor below), the default kind's keeping *margin*. A kind's own
+        threshold is its callers' largest peak when it has fewer than ``1 / target_fpr``
+        of them, so about ``1 / (n + 1)`` of new callers of that kind exceed it; headroom
+        there is safe to add because it loosens only for callers the operator has named
+        as that kind: callers of no kind (an attacker's unnamed id) stay judged by the
+        default kind's thresholds.
 
         A kind only loosens: per detector, a kind's threshold is the looser of its own
         and the default kind's (kinds exist to let legitimately different traffic
@@ -448,6 +457,10 @@ class Guard:
 
         if not 0 < target_fpr < 1 or margin < 1:
             raise ValueError("target_fpr is in (0, 1) and margin at least 1")
+        if kind_margin is None:
+            kind_margin = margin
+        elif not kind_margin >= 1:
+            raise ValueError(f"kind_margin is at least 1, not {kind_margin!r:.20}")
         if len(streams) < 1 / target_fpr:
             raise ValueError(
                 f"calibrating to a {target_fpr:.2%} false-positive rate takes at least "
@@ -538,7 +551,14 @@ class Guard:
                 pick = min(candidates, key=lambda k: self._looseness(key, per_kind_th[k][key]))
                 set_by[det] = pick
                 new[key] = per_kind_th[pick][key]
-        own = {k: v for k, v in per_kind_th.items() if k != DEFAULT_KIND}
+        # Each kind's own, with its own margin (the default kind's above keep *margin*).
+        own = {
+            k: self._from_quantiles(
+                {det: q[k] for det, q in quantiles.items() if k in q}, base, kind_margin
+            )
+            for k in sorted(sizes)
+            if k != DEFAULT_KIND
+        }
         self._set_thresholds(new, own)
         self.calibration = {
             "callers": len(peaks),
@@ -546,6 +566,8 @@ class Guard:
             "set_by": set_by,
             "quantiles": quantiles,
             "default": how,
+            "margin": margin,
+            "kind_margin": kind_margin,
             "own": own,
             "thresholds": {DEFAULT_KIND: dict(self.thresholds), **self._kind_thresholds},
         }
