@@ -102,3 +102,46 @@ def test_calibrate_says_which_kind_set_each_threshold(
     assert g.calibration["quantiles"]["mmd"] == q
     assert t2["mmd"] == pytest.approx(1.5 * q["*"])
     assert g.kinds()["words"]["thresholds"]["mmd"] == pytest.approx(1.5 * q["words"])
+
+
+def test_kind_margin_loosens_a_named_kind_only(mini: Mini, attach: Any) -> None:
+    """A kind of few callers has its largest peak as its threshold, so a new caller of
+    that kind can exceed it; kind_margin puts headroom on the kind's own thresholds
+    while callers of no kind keep the default kind's (margin's) thresholds."""
+    from tests.test_guard import Clock
+    from tests.test_guard_kinds import _policy, _replay
+
+    streams, kinds = _streams(mini)
+    clock = Clock()
+    g = attach(mini.model, policy=_policy(mini), clock=clock, hook=False)
+    peaks = g.peaks(streams)
+    # Hold out the one-word caller with the largest MMD peak: above the other four's.
+    words = sorted((n for n in streams if kinds[n] == "words"), key=lambda n: peaks[n]["mmd"])
+    held = words[-1]
+    rest = {n: s for n, s in streams.items() if n != held}
+    groups = {n: kinds[n] for n in rest}
+    assert peaks[held]["mmd"] > max(peaks[n]["mmd"] for n in words[:-1])
+
+    t1 = g.calibrate(rest, target_fpr=0.05, groups=groups, default="topic")
+    assert g.calibration["kind_margin"] == 1.0
+    in_force = g.kinds()["words"]["thresholds"]
+    assert in_force["mmd"] == g.calibration["quantiles"]["mmd"]["words"] < peaks[held]["mmd"]
+    # Without headroom the new caller of the kind is refused, like a caller of no kind.
+    assert _replay(g, "held-1", streams[held], clock, kind="words") is not None
+    assert _replay(g, "unknown-1", streams[held], clock) is not None
+
+    t2 = g.calibrate(rest, target_fpr=0.05, groups=groups, default="topic", kind_margin=1.5)
+    cal = g.calibration
+    q = cal["quantiles"]
+    assert t2 == t1 == cal["thresholds"]["*"]  # the default kind keeps margin (1)
+    assert cal["margin"] == 1.0 and cal["kind_margin"] == 1.5
+    for det in ("extraction", "ood", "mmd"):
+        own = min(1.0, 1.5 * q[det]["words"]) if det != "mmd" else 1.5 * q[det]["words"]
+        assert cal["own"]["words"][det] == pytest.approx(own)
+        assert g.kinds()["words"]["thresholds"][det] == max(cal["own"]["words"][det], t2[det])
+    assert peaks[held]["mmd"] < g.kinds()["words"]["thresholds"]["mmd"]
+    # The named caller of the kind passes now; a caller of no kind is still refused.
+    assert _replay(g, "held-2", streams[held], clock, kind="words") is None
+    assert _replay(g, "unknown-2", streams[held], clock) is not None
+    with pytest.raises(ValueError, match="kind_margin is at least 1"):
+        g.calibrate(rest, target_fpr=0.05, groups=groups, kind_margin=0.9)
