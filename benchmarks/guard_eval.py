@@ -27,9 +27,12 @@ for the interleaved scenario, where requests of many callers form one batch).
    English sets' callers pooled (every kind but the languages; or
    ``--default-kinds``), so that one-language callers' looser thresholds apply
    to them only. A kind only loosens: each kind is judged, per detector, by
-   the looser of its own threshold and the default kind's.
+   the looser of its own threshold and the default kind's; ``--kind-margin``
+   multiplies each kind's own thresholds (the default kind's: ``--margin``).
 3. Evaluation, on the other half: ``--benign`` callers per set, each its own
-   id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
+   id, 2 requests/s (the indexer: ``--benign / 10`` runs of 4 x ``--queries``
+   documents at 200 docs/s, each run its own id of kind indexer, all of them
+   exempt from the rate detectors), requests of 1-16 rows; then the
    attacks: random tokens, Jacobian-style augmentation, a natural-data
    attacker (informational: no pattern to see), a fast natural attacker at
    100 queries/s (the rate detector), and attackers interleaved with benign
