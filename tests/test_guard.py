@@ -212,7 +212,9 @@ def test_outputs_unchanged_and_callers_attributed(mini: Mini, attach: Any) -> No
     assert torch.equal(out_b.last_hidden_state, plain.last_hidden_state)
     fwd(model, batch)  # neither: anonymous
     assert {k: c.queries for k, c in g._callers.items()} == {"a": 4, "b": 3, "-": 3}
-    assert g.status() == {"model": "BertModel", "callers": 3, "penalized": {}, "stopped": None}
+    status = g.status()
+    assert status.pop("kinds") == {"*": {"thresholds": g.thresholds, "reference": None}}
+    assert status == {"model": "BertModel", "callers": 3, "penalized": {}, "stopped": None}
     assert metric_lines(g, "sealstore_guard_queries_total") == [
         "sealstore_guard_queries_total 10.0"
     ]
@@ -294,7 +296,7 @@ def test_random_token_attack_is_refused_by_ood(mini: Mini, attach: Any) -> None:
     assert err.code == "refused"
     assert err.caller == "mallory" and "ood finding" in str(err)
     assert g.status()["penalized"] == {
-        "mallory": {"response": "refuse", "detector": "ood", "seconds_left": 600.0}
+        "mallory": {"response": "refuse", "detector": "ood", "kind": "*", "seconds_left": 600.0}
     }
     # Refused from then on, whatever it sends; alice is served.
     with pytest.raises(InferenceRefused) as again:
@@ -358,6 +360,7 @@ def test_augmentation_attack_is_throttled_by_the_ks_test(mini: Mini, attach: Any
     assert g.status()["penalized"]["eve"] == {
         "response": "throttle",
         "detector": "extraction",
+        "kind": "*",
         "seconds_left": 600.0,
     }
     assert metric_lines(g, "sealstore_guard_findings_total{") == [

@@ -256,15 +256,21 @@ def test_mmd_calibrated_on_benign_traffic_catches_an_attack(mini: Mini, attach: 
     ordered = sorted(p["mmd"] for p in peaks.values())
     assert t["mmd"] == ordered[-1]  # 95% of 20 callers, the higher: the largest
     # 90% of 20 callers: the second largest; taken per kind of traffic (two kinds of 10
-    # callers), the largest of each kind's 90% quantile, here each kind's largest.
+    # callers), each kind's 90% quantile, here each kind's largest; callers of no kind
+    # get the quantile over the kinds named default= pooled: again the second largest
+    # of the 20, not the loosest kind's largest (which that kind keeps).
     assert g.calibrate(streams, target_fpr=0.1)["mmd"] == ordered[-2]
     kinds = {name: "ab"[i % 2] for i, name in enumerate(streams)}
-    assert g.calibrate(streams, target_fpr=0.1, groups=kinds)["mmd"] == ordered[-1]
+    t2 = g.calibrate(streams, target_fpr=0.1, groups=kinds, default=("a", "b"))
+    assert t2["mmd"] == ordered[-2]
+    assert max(k["thresholds"]["mmd"] for k in g.kinds().values()) == ordered[-1]
     with pytest.raises(ValueError, match="has no group"):
         g.calibrate(streams, target_fpr=0.1, groups={})
     audit = [r for r in records(Path(mini_home()) / "audit") if r["action"] == "guard.thresholds"]
+    assert [a["detail"]["kind"] for a in audit[-3:-1]] == ["a", "b"]  # each kind's own
+    audit = [a for a in audit if "kind" not in a["detail"]]  # the default kind's
     assert [a["detail"]["mmd"] for a in audit[-3:]] == [
-        round(x, 6) for x in (t["mmd"], ordered[-2], ordered[-1])
+        round(x, 6) for x in (t["mmd"], ordered[-2], ordered[-2])
     ]
     # Held-out benign callers pass; a random-token attacker is refused by MMD.
     for name, reqs in _streams(mini, 3, 60, 2).items():
@@ -280,7 +286,7 @@ def test_mmd_calibrated_on_benign_traffic_catches_an_attack(mini: Mini, attach: 
             clock.now += 5
     assert sent <= 70 and "mmd finding" in str(err.value)
     assert g.status()["penalized"] == {
-        "mallory": {"response": "refuse", "detector": "mmd", "seconds_left": 600.0}
+        "mallory": {"response": "refuse", "detector": "mmd", "kind": "*", "seconds_left": 600.0}
     }
     # Thresholds and the reference are replaceable at run time.
     with pytest.raises(ValueError, match="no threshold 'nope'"):

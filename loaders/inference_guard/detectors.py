@@ -212,6 +212,7 @@ class _Caller:
         self.token_time = 0.0
         self.fired: dict[str, float] = {}  # detector -> when it last fired
         self.last_seen = 0.0
+        self.kind = "*"  # the kind of traffic its latest call was judged as
 
     def clear(self) -> None:
         """Forget the detector windows and which detectors fired: after a lift or when a

@@ -38,6 +38,10 @@ CALLER: ContextVar[str | None] = ContextVar("sealstore_caller", default=None)
 # the forward hook does not count its forward calls again, one per decoding step.
 _SCREENED: ContextVar[bool] = ContextVar("sealstore_screened", default=False)
 ANONYMOUS = "-"
+# The kind of a caller that policy.kinds does not name, and of a kind with no thresholds of
+# its own: its thresholds are Guard.thresholds.
+DEFAULT_KIND = "*"
+MAX_KINDS = 1024  # kinds with their own thresholds or reference (memory stays bounded)
 CALIBRATED = ("extraction", "ood", "mmd")  # the detectors calibrate() sets thresholds for
 
 HELP = {
@@ -62,6 +66,12 @@ def _check_caller(caller: Any) -> str:
     if not isinstance(caller, str) or not 0 < len(caller) <= 128 or not caller.isprintable():
         raise ValueError(f"a caller id is 1-128 printable characters, not {caller!r:.60}")
     return caller
+
+
+def _check_kind(kind: Any) -> str:
+    if not isinstance(kind, str) or not 0 < len(kind) <= 64 or not kind.isprintable():
+        raise ValueError(f"a kind of traffic is 1-64 printable characters, not {kind!r:.60}")
+    return kind
 
 
 @contextlib.contextmanager
@@ -129,7 +139,14 @@ class Guard:
             self.reference = Reference.of(
                 self._featurize_reference(policy.reference), policy.ood, policy.mmd
             )
+        # The default kind's thresholds (every caller's, unless its kind has its own).
         self.thresholds = self._default_thresholds()
+        # Kinds of traffic with their own thresholds / reference (set_thresholds(kind=),
+        # calibrate(groups=), set_reference(kind=)); a caller's kind: policy.kinds or the
+        # request's. Each dict is replaced whole, never changed in place.
+        self._kind_thresholds: dict[str, dict[str, float]] = {}  # in force (floored)
+        self._kind_own: dict[str, dict[str, float]] = {}  # as calibrated / set
+        self._kind_references: dict[str, Reference] = {}
         # What the latest calibrate() saw: callers per group, and per detector the group
         # whose quantile set the threshold (see calibrate).
         self.calibration: dict[str, Any] = {}
@@ -195,7 +212,9 @@ class Guard:
         return torch.cat(parts).float()
 
     # -- the hook -------------------------------------------------------------------------
-    def _hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _hook(
+        self, module: Any, args: tuple, kwargs: dict, kind: str | None = None
+    ) -> tuple[tuple, dict]:
         start = time.perf_counter()
         caller = kwargs.pop("caller", None)
         if module is not None and _SCREENED.get():
@@ -209,16 +228,19 @@ class Guard:
             caller = ANONYMOUS
         self._check_standing(caller)
         feats = self._features(args, kwargs)
-        self.observe(caller, feats, rows=_rows(args, kwargs, feats))
+        self.observe(caller, feats, rows=_rows(args, kwargs, feats), kind=kind)
         self.metrics.observe(time.perf_counter() - start)
         self.metrics.inc("sealstore_guard_calls_total", {"result": "ok"})
         return args, kwargs
 
-    def screen(self, *args: Any, **kwargs: Any) -> None:
+    def screen(self, *args: Any, kind: str | None = None, **kwargs: Any) -> None:
         """Screen one request before it is batched: ``screen(caller, inputs)`` (inputs: a
         mapping such as a tokenizer's output, or a tensor of token ids), or the arguments
         of a forward call with ``caller=``. What the hook does for a forward call, without
         the forward: each row of *inputs* is one query of *caller*.
+
+        *kind*: the request's kind of traffic, whose thresholds (and reference) judge it
+        (:meth:`kind_of`); None: the caller's kind in ``policy.kinds``.
 
         Raises:
             InferenceRefused: the caller may not make this call now.
@@ -231,11 +253,31 @@ class Guard:
                 args, kwargs = (), {**inputs, "caller": caller}
             else:
                 args, kwargs = (inputs,), {"caller": caller}
-        self._hook(None, args, dict(kwargs))
+        self._hook(None, args, dict(kwargs), kind)
 
-    def observe(self, caller: str, feats: Any, *, rows: int | None = None) -> list[Finding]:
-        """Account one call of *caller* (its rows' features, or None), run the detectors,
-        answer findings; raises InferenceRefused if the caller may not make this call.
+    def admit(self, caller: str) -> None:
+        """Refuse *caller* if it may not call now (its penalty, the model's lockdown),
+        counting nothing: what the middleware asks of a request with nothing to screen
+        (a refused caller is refused on every guarded request, whatever its body).
+
+        Raises:
+            InferenceRefused: the caller may not call now.
+        """
+        caller = _check_caller(caller)
+        self._check_standing(caller)
+        now = self._clock()
+        with self._lock:
+            c = self._callers.get(caller)
+        if c is not None:
+            with c.lock:
+                self._penalty_gate(c, caller, now)
+
+    def observe(
+        self, caller: str, feats: Any, *, rows: int | None = None, kind: str | None = None
+    ) -> list[Finding]:
+        """Account one call of *caller* (its rows' features, or None), run the detectors
+        with the thresholds and reference of its kind (:meth:`kind_of`), answer findings;
+        raises InferenceRefused if the caller may not make this call.
 
         What the hook does for each forward call; public so that a server can
         guard calls that do not go through ``forward`` (and for evaluation).
@@ -243,6 +285,9 @@ class Guard:
         now = self._clock()
         n = int(rows if rows is not None else (feats.shape[0] if feats is not None else 1))
         findings: list[Finding] = []
+        kind = self.kind_of(caller, kind)
+        thresholds = self._kind_thresholds.get(kind, self.thresholds)
+        reference = self._kind_references.get(kind, self.reference)
         with self._lock:
             c = self._caller(caller, now)
         with c.lock:
@@ -250,7 +295,8 @@ class Guard:
             c.queries += n
             self.metrics.inc("sealstore_guard_queries_total", value=n)
             findings += rate_findings(self.policy.rate, c, caller, now, n)
-            findings += self._detect(c, caller, feats, self.thresholds, self.reference)
+            c.kind = kind
+            findings += self._detect(c, caller, feats, thresholds, reference)
             fresh = [f for f in findings if self._fresh(c, f, now)]
         for f in fresh:
             self._answer(c, f, now)
@@ -296,22 +342,57 @@ class Guard:
             "mmd": float("inf") if self.policy.mmd.threshold is None else self.policy.mmd.threshold,
         }
 
-    def peaks(self, streams: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, float]]:
+    def kind_of(self, caller: str, kind: str | None = None) -> str:
+        """The kind of traffic a call of *caller* is judged as: *kind* (the request's
+        own, e.g. from a header the authenticating proxy sets), else what
+        ``policy.kinds`` says of *caller*, else the default kind ``"*"``. A kind with no
+        thresholds of its own is judged by the default kind's (:attr:`thresholds`)."""
+        if kind is None:
+            kinds = self.policy.kinds
+            kind = kinds(caller) if callable(kinds) else kinds.get(caller)
+        return DEFAULT_KIND if kind is None else _check_kind(kind)
+
+    def kinds(self) -> dict[str, dict[str, Any]]:
+        """Each kind with thresholds or a reference of its own, and the default kind
+        ``"*"``: its thresholds and its reference's size (None: no reference)."""
+        th, refs = self._kind_thresholds, self._kind_references
+        out = {
+            DEFAULT_KIND: {
+                "thresholds": dict(self.thresholds),
+                "reference": self.reference.size if self.reference is not None else None,
+            }
+        }
+        for k in sorted(set(th) | set(refs)):
+            ref = refs.get(k, self.reference)
+            out[k] = {
+                "thresholds": dict(th.get(k, self.thresholds)),
+                "reference": ref.size if ref is not None else None,
+            }
+        return out
+
+    def peaks(
+        self, streams: Mapping[str, Sequence[Any]], groups: Mapping[str, str] | None = None
+    ) -> dict[str, dict[str, float]]:
         """Each stream's most alarming statistic per detector (extraction, ood, mmd):
         *streams* maps a caller to its requests (each what :meth:`screen` takes after the
-        caller), replayed in order on fresh state, without findings or answers."""
+        caller), replayed in order on fresh state, without findings or answers, against
+        the reference of its kind in *groups* (``{caller: kind}``; that kind's own
+        reference, if it has one, else the default)."""
         out: dict[str, dict[str, float]] = {}
         never = {"extraction": float("inf"), "ood": float("inf"), "mmd": float("inf")}
         never["shapiro"] = float("-inf")
         pol = self.policy
+        refs = self._kind_references
         for name, requests in streams.items():
+            kind = groups.get(name) if groups is not None else None
+            reference = refs.get(kind, self.reference) if kind is not None else self.reference
             c = _Caller(pol.rate, self._history, pol.extraction, pol.ood, pol.mmd)
             for inputs in requests:
                 if isinstance(inputs, Mapping):
                     feats = self._features((), dict(inputs))
                 else:
                     feats = self._features((inputs,), {})
-                self._detect(c, name, feats, never, self.reference)
+                self._detect(c, name, feats, never, reference)
             out[name] = dict(c.peaks)
         return out
 
@@ -322,42 +403,86 @@ class Guard:
         target_fpr: float = 0.01,
         margin: float = 1.0,
         groups: Mapping[str, str] | None = None,
+        default: str | Sequence[str] | None = None,
+        kind_margin: float | None = None,
     ) -> dict[str, float]:
         """Set the thresholds of the extraction (KS), ood and MMD detectors from benign
         traffic: each detector's threshold is the ``1 - target_fpr`` quantile of the
         benign callers' peak statistics (:meth:`peaks`), times *margin* (>= 1), so that at
         most that share of callers like these would be flagged. Takes effect at once
-        (running callers keep their windows); returns the thresholds.
+        (running callers keep their windows); returns the default kind's thresholds.
 
         *streams*: at least ``1 / target_fpr`` benign callers' requests (more is better),
-        kept apart from the traffic the result is judged on. *groups*: each stream's
-        kind of traffic (``{caller: "keywords", ...}``): the quantile is then taken
-        within each kind and the largest kept, so that no kind is flagged at more
-        than the target (a kind that is rare among the callers is not outvoted).
-        A kind of fewer than ``1 / target_fpr`` callers has its largest peak as its
-        quantile: an estimate of its tail only as good as its count (logged).
+        kept apart from the traffic the result is judged on.
+
+        *groups*: each stream's kind of traffic (``{caller: "keywords", ...}``). Each kind
+        gets its own thresholds, from its own callers' quantile (judged against its own
+        reference, if it has one): a caller of that kind (``policy.kinds``, or the
+        request's ``kind=``) is judged by them. A kind of fewer than ``1 / target_fpr``
+        callers has its largest peak as its quantile: an estimate of its tail only as
+        good as its count (logged).
+
+        *kind_margin* (>= 1; None: *margin*): the margin on each kind's own thresholds
+        (before the floor below), the default kind's keeping *margin*. A kind's own
+        threshold is its callers' largest peak when it has fewer than ``1 / target_fpr``
+        of them, so about ``1 / (n + 1)`` of new callers of that kind exceed it; headroom
+        there is safe to add because it loosens only for callers the operator has named
+        as that kind: callers of no kind (an attacker's unnamed id) stay judged by the
+        default kind's thresholds.
+
+        A kind only loosens: per detector, a kind's threshold is the looser of its own
+        and the default kind's (kinds exist to let legitimately different traffic
+        through; a kind tighter than the default is a small-sample artefact). The floor
+        holds whenever either changes (:meth:`set_thresholds` too); tighten everyone by
+        tightening the default kind.
+
+        Every caller of no kind, or of a kind with no thresholds, is judged by the
+        default kind's (:attr:`thresholds`), which fail closed: a group named ``"*"``
+        sets them; else *default* names the kinds that unknown callers may look like,
+        and the default kind's thresholds are the quantile over the pooled peaks of
+        all those kinds' callers (against the default kind's reference), times
+        *margin*: a large pool, so a tail estimate with headroom; else, per detector,
+        the tightest of every kind's. Without *groups* every stream is of the default
+        kind. A calibration replaces every kind's thresholds: kinds it did not see fall
+        back to the default's.
 
         Afterwards :attr:`calibration` says what was seen: ``callers``, ``groups``
-        (callers per kind), ``set_by`` (per detector, the kind whose quantile set the
-        threshold) and ``quantiles`` (per detector and kind, before *margin*).
+        (callers per kind), ``quantiles`` (per detector and kind, before *margin*;
+        ``"*"``: the pool's), ``own`` (each kind's thresholds from its own callers),
+        ``thresholds`` (per kind after the floor, ``"*"`` the default), ``default``
+        (how the default kind's were chosen) and ``set_by`` (per detector, the kind
+        whose quantile set the default kind's threshold; ``"*"``: the pool).
         """
         import numpy as np
 
         if not 0 < target_fpr < 1 or margin < 1:
             raise ValueError("target_fpr is in (0, 1) and margin at least 1")
+        if kind_margin is None:
+            kind_margin = margin
+        elif not kind_margin >= 1:
+            raise ValueError(f"kind_margin is at least 1, not {kind_margin!r:.20}")
         if len(streams) < 1 / target_fpr:
             raise ValueError(
                 f"calibrating to a {target_fpr:.2%} false-positive rate takes at least "
                 f"{int(np.ceil(1 / target_fpr))} benign callers, not {len(streams)}"
             )
-        peaks = self.peaks(streams)
-        kinds = dict(groups) if groups is not None else dict.fromkeys(peaks, "*")
-        missing = sorted(set(peaks) - set(kinds))
+        kinds = dict(groups) if groups is not None else dict.fromkeys(streams, DEFAULT_KIND)
+        missing = sorted(set(streams) - set(kinds))
         if missing:
             raise ValueError(f"calibration stream {missing[0]!r} has no group")
         sizes: dict[str, int] = {}
-        for name in peaks:
-            sizes[kinds[name]] = sizes.get(kinds[name], 0) + 1
+        for name in streams:
+            sizes[_check_kind(kinds[name])] = sizes.get(kinds[name], 0) + 1
+        self._check_room(set(sizes) - {DEFAULT_KIND}, replacing=True)
+        named = [default] if isinstance(default, str) else list(default or ())
+        if named and (groups is None or DEFAULT_KIND in sizes):
+            raise ValueError(
+                "default= names the groups unknown callers are judged like; "
+                "there are none without groups=, and a group '*' is the default kind"
+            )
+        unknown = sorted(set(named) - set(sizes))
+        if unknown:
+            raise ValueError(f"default kind {unknown[0]!r} is not one of the groups")
         small = sorted(k for k, n in sizes.items() if n < 1 / target_fpr)
         if small and groups is not None:
             log.info(
@@ -369,57 +494,199 @@ class Guard:
                 small[0],
                 sizes[small[0]],
             )
-        new = dict(self.thresholds)
-        set_by: dict[str, str] = {}
+        peaks = self.peaks(streams, kinds)
         quantiles: dict[str, dict[str, float]] = {}
         for det in CALIBRATED:
             per_kind: dict[str, list[float]] = {}
             for name, p in peaks.items():
                 if det in p:
                     per_kind.setdefault(kinds[name], []).append(p[det])
-            if not per_kind:
-                continue
-            quantiles[det] = {
-                k: float(np.quantile(v, 1 - target_fpr, method="higher"))
-                for k, v in sorted(per_kind.items())
-            }
-            set_by[det] = max(quantiles[det], key=lambda k: quantiles[det][k])
-            q = quantiles[det][set_by[det]]
-            if det == "extraction" and self._test == "shapiro":
-                new["shapiro"] = -q / margin  # W: lower alarms
-            elif det == "extraction":
-                new["extraction"] = min(1.0, q * margin)
-            elif det == "ood":
-                new["ood"] = min(1.0, q * margin)
-            else:
-                new["mmd"] = q * margin
-        self.set_thresholds(**new)
+            if per_kind:
+                quantiles[det] = {
+                    k: float(np.quantile(v, 1 - target_fpr, method="higher"))
+                    for k, v in sorted(per_kind.items())
+                }
+        base = dict(self.thresholds)
+        per_kind_th = {
+            k: self._from_quantiles(
+                {det: q[k] for det, q in quantiles.items() if k in q}, base, margin
+            )
+            for k in sorted(sizes)
+        }
+        new = dict(base)
+        set_by: dict[str, str] = {}
+        if DEFAULT_KIND in sizes:
+            how = "the group '*'"
+            new = per_kind_th[DEFAULT_KIND]
+            set_by = {det: DEFAULT_KIND for det in quantiles if DEFAULT_KIND in quantiles[det]}
+        elif named:
+            pool = sorted(set(named))
+            members = [n for n in streams if kinds[n] in pool]
+            how = f"the {len(members)} callers of {pool} pooled"
+            # The default kind's thresholds judge against the default reference: the
+            # pooled kinds' peaks again against it where a kind has a reference of its own.
+            own_ref = [n for n in members if kinds[n] in self._kind_references]
+            pooled = {n: peaks[n] for n in members}
+            if own_ref:
+                pooled.update(self.peaks({n: streams[n] for n in own_ref}))
+            pool_q: dict[str, float] = {}
+            for det in CALIBRATED:
+                values = [p[det] for p in pooled.values() if det in p]
+                if values:
+                    pool_q[det] = float(np.quantile(values, 1 - target_fpr, method="higher"))
+                    quantiles[det] = {**quantiles[det], DEFAULT_KIND: pool_q[det]}
+                    set_by[det] = DEFAULT_KIND
+            if len(members) < 1 / target_fpr:
+                log.info(
+                    "guard calibration: the default kind's pool has %d callers, fewer than %d",
+                    len(members),
+                    int(np.ceil(1 / target_fpr)),
+                )
+            new = self._from_quantiles(pool_q, base, margin)
+        else:
+            how = "the tightest of every kind"
+            for det in quantiles:
+                key = self._key(det)
+                candidates = [k for k in sizes if k in quantiles[det]]
+                pick = min(candidates, key=lambda k: self._looseness(key, per_kind_th[k][key]))
+                set_by[det] = pick
+                new[key] = per_kind_th[pick][key]
+        # Each kind's own, with its own margin (the default kind's above keep *margin*).
+        own = {
+            k: self._from_quantiles(
+                {det: q[k] for det, q in quantiles.items() if k in q}, base, kind_margin
+            )
+            for k in sorted(sizes)
+            if k != DEFAULT_KIND
+        }
+        self._set_thresholds(new, own)
         self.calibration = {
             "callers": len(peaks),
             "groups": dict(sorted(sizes.items())),
             "set_by": set_by,
             "quantiles": quantiles,
+            "default": how,
+            "margin": margin,
+            "kind_margin": kind_margin,
+            "own": own,
+            "thresholds": {DEFAULT_KIND: dict(self.thresholds), **self._kind_thresholds},
         }
         return dict(self.thresholds)
 
-    def set_thresholds(self, **thresholds: float) -> None:
+    def _key(self, det: str) -> str:
+        """The threshold a calibrated detector's quantile sets."""
+        return "shapiro" if det == "extraction" and self._test == "shapiro" else det
+
+    @staticmethod
+    def _looseness(key: str, value: float) -> float:
+        """Larger is looser (Shapiro-Wilk's W alarms below its threshold)."""
+        return -value if key == "shapiro" else value
+
+    def _floored(self, own: Mapping[str, float]) -> dict[str, float]:
+        """A kind's thresholds: per detector the looser of its own and the default's."""
+        default = self.thresholds
+        return {
+            k: v if self._looseness(k, v) >= self._looseness(k, default[k]) else default[k]
+            for k, v in own.items()
+        }
+
+    def _from_quantiles(
+        self, quantiles: Mapping[str, float], base: Mapping[str, float], margin: float
+    ) -> dict[str, float]:
+        """One kind's thresholds from its peaks' quantiles (detectors without: *base*)."""
+        out = dict(base)
+        for det, q in quantiles.items():
+            if det == "extraction" and self._test == "shapiro":
+                out["shapiro"] = -q / margin  # W: lower alarms
+            elif det in ("extraction", "ood"):
+                out[det] = min(1.0, q * margin)
+            else:
+                out["mmd"] = q * margin
+        return out
+
+    def _set_thresholds(
+        self, default: dict[str, float], kinds: dict[str, dict[str, float]]
+    ) -> None:
+        """The default kind's thresholds and each kind's own; a kind's in force are its
+        own floored at the default's (:meth:`_floored`)."""
+        self.thresholds = dict(default)
+        floored = {k: self._floored(th) for k, th in kinds.items()}
+        # one assignment each: a running call sees the old or the new set of a kind
+        self._kind_own = dict(kinds)
+        self._kind_thresholds = floored
+        # one record per kind with its own (with "kind"), then the default kind's
+        for k, th in sorted(floored.items()):
+            self._record(
+                "guard.thresholds",
+                decision="ok",
+                detail={"kind": k, **{d: round(v, 6) for d, v in th.items()}},
+            )
+        self._record(
+            "guard.thresholds", decision="ok", detail={k: round(v, 6) for k, v in default.items()}
+        )
+
+    def _check_room(self, kinds: set[str], *, replacing: bool = False) -> None:
+        """At most MAX_KINDS kinds with thresholds or a reference of their own."""
+        had = set(self._kind_references) | (set() if replacing else set(self._kind_thresholds))
+        if len(had | kinds) > MAX_KINDS:
+            raise ValueError(
+                f"at most {MAX_KINDS} kinds of traffic have thresholds or a reference of their own"
+            )
+
+    def set_thresholds(self, *, kind: str | None = None, **thresholds: float) -> None:
         """Replace detector thresholds at run time (``extraction`` (KS D+), ``shapiro``
-        (W), ``ood`` (share), ``mmd`` (MMD²)); recorded in the audit log."""
+        (W), ``ood`` (share), ``mmd`` (MMD²)) of *kind* (None: the default kind's, which
+        judge every caller of no kind with thresholds of its own); a kind given its
+        first thresholds starts from the default kind's. A kind only loosens: per
+        detector it is judged by the looser of its own and the default kind's, now and
+        after the default kind's change. Recorded in the audit log."""
         bad = sorted(set(thresholds) - set(self.thresholds))
         if bad:
             raise ValueError(f"no threshold {bad[0]!r} (known: {', '.join(self.thresholds)})")
-        new = {**self.thresholds, **{k: float(v) for k, v in thresholds.items()}}
-        self.thresholds = new  # one assignment: a running call sees the old or the new set
+        kind = DEFAULT_KIND if kind is None else _check_kind(kind)
+        given = {k: float(v) for k, v in thresholds.items()}
+        if kind == DEFAULT_KIND:
+            self._set_thresholds({**self.thresholds, **given}, self._kind_own)
+            return
+        self._check_room({kind})
+        own = {**self._kind_own.get(kind, self.thresholds), **given}
+        self._kind_own = {**self._kind_own, kind: own}
+        new = self._floored(own)
+        self._kind_thresholds = {**self._kind_thresholds, kind: new}
         self._record(
-            "guard.thresholds", decision="ok", detail={k: round(v, 6) for k, v in new.items()}
+            "guard.thresholds",
+            decision="ok",
+            detail={"kind": kind, **{k: round(v, 6) for k, v in new.items()}},
         )
 
-    def set_reference(self, reference: Any) -> None:
+    def set_reference(self, reference: Any, *, kind: str | None = None) -> None:
         """Replace the reference sample at run time (featurised now); callers' windows are
-        kept. Calibrate again after it: the thresholds were set against the old one."""
+        kept. *kind*: the reference of that kind's callers only (None: the default
+        kind's, which every kind without its own uses). Calibrate again after it: the
+        thresholds were set against the old one."""
+        kind = DEFAULT_KIND if kind is None else _check_kind(kind)
         ref = Reference.of(self._featurize_reference(reference), self.policy.ood, self.policy.mmd)
-        self.reference = ref
-        self._record("guard.reference", decision="ok", detail={"size": ref.size})
+        if kind == DEFAULT_KIND:
+            self.reference = ref
+        else:
+            self._check_room({kind})
+            self._kind_references = {**self._kind_references, kind: ref}
+        detail: dict[str, Any] = {"size": ref.size}
+        if kind != DEFAULT_KIND:
+            detail["kind"] = kind
+        self._record("guard.reference", decision="ok", detail=detail)
+
+    def forget_kind(self, kind: str) -> bool:
+        """Drop *kind*'s own thresholds and reference: its callers get the default kind's
+        from now on. Returns whether it had any."""
+        kind = _check_kind(kind)
+        had = kind in self._kind_thresholds or kind in self._kind_references
+        self._kind_thresholds = {k: v for k, v in self._kind_thresholds.items() if k != kind}
+        self._kind_own = {k: v for k, v in self._kind_own.items() if k != kind}
+        self._kind_references = {k: v for k, v in self._kind_references.items() if k != kind}
+        if had:
+            self._record("guard.kind-forgotten", decision="ok", detail={"kind": kind})
+        return had
 
     # -- answering ----------------------------------------------------------------------
     def _fresh(self, c: _Caller, f: Finding, now: float) -> bool:
@@ -562,13 +829,16 @@ class Guard:
         return lifted
 
     def status(self) -> dict[str, Any]:
-        """Callers with a penalty, and the lockdown state (names and codes only)."""
+        """Callers with a penalty (and the kind their latest call was judged as), each
+        kind's thresholds and reference size (:meth:`kinds`), and the lockdown state
+        (names and codes only)."""
         now = self._clock()
         with self._lock:
             penalized = {
                 k: {
                     "response": c.penalty[0],
                     "detector": c.penalty[2],
+                    "kind": c.kind,
                     "seconds_left": None if c.penalty[1] is None else round(c.penalty[1] - now, 1),
                 }
                 for k, c in self._callers.items()
@@ -578,6 +848,7 @@ class Guard:
             "model": self.target.name,
             "callers": len(self._callers),
             "penalized": penalized,
+            "kinds": self.kinds(),
             "stopped": None
             if self._stopped is None
             else dict(zip(("code", "reason"), self._stopped, strict=True)),

@@ -126,6 +126,12 @@ class GuardPolicy:
         lockdown_poll: seconds between standing checks.
         lockdown_grace: seconds without an answer before the guard fails closed.
         name: the model's name in records and alerts.
+        kinds: each caller's kind of traffic, for thresholds (and a reference)
+            per kind (``Guard.calibrate(groups=...)``, ``set_thresholds(kind=...)``):
+            a mapping ``{caller: kind}`` or ``fn(caller) -> kind | None``. A caller
+            it does not name, and a kind with no thresholds of its own, gets the
+            default kind's (``"*"``). A request may name its kind instead
+            (``screen(..., kind=)``, ``GuardMiddleware(kind_header=...)``).
     """
 
     rate: RatePolicy = field(default_factory=RatePolicy)
@@ -146,6 +152,7 @@ class GuardPolicy:
     lockdown_grace: float = 60.0
     name: str | None = None
     max_callers: int = 10_000  # the longest-idle caller without a penalty is forgotten beyond
+    kinds: Mapping[str, str] | Callable[[str], str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for det, resp in {"*": self.response, **dict(self.responses)}.items():
@@ -161,6 +168,8 @@ class GuardPolicy:
             raise ValueError("mmd.window and mmd.sample are at least 2")
         if self.penalty is not None and self.penalty <= 0:
             raise ValueError("penalty is a positive number of seconds, or None (until lifted)")
+        if not callable(self.kinds) and not isinstance(self.kinds, Mapping):
+            raise ValueError("kinds is a mapping {caller: kind} or a function of the caller")
         if self.throttle_rate <= 0 or self.lockdown_poll <= 0 or self.lockdown_grace <= 0:
             raise ValueError("throttle_rate, lockdown_poll and lockdown_grace must be positive")
 
