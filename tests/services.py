@@ -14,6 +14,7 @@ a missing service is a broken test machine, never a reason to skip.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shlex
@@ -21,7 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -279,24 +280,25 @@ def _free_port_pair() -> int:
     pytest.fail("no two adjacent free TCP ports on 127.0.0.1 for a swtpm", pytrace=False)
 
 
-def _own_swtpm(state: Path, timeout: float = 30) -> Iterator[str]:
-    """A swtpm on free ports with its state in *state*; fails loudly if it does not answer."""
-    port = _free_port_pair()
-    log = state / "swtpm.log"
-    server, control = (f"type=tcp,port={p},bindaddr=127.0.0.1" for p in (port, port + 1))
-    cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server", server]
-    cmd += ["--ctrl", control, "--flags", "not-need-init,startup-clear"]
+@contextlib.contextmanager
+def spawned(
+    cmd: list[str], log: Path, ready: Callable[[], bool], what: str, timeout: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """*cmd* running, its output in *log*, once ``ready()``; stopped on the way out.
+
+    Fails the test, with the log's tail, if the process exits or is not ready within
+    *timeout* seconds. Stopping is SIGTERM, then SIGKILL after 10 s.
+    """
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    tcti = f"swtpm:host=127.0.0.1,port={port}"
     try:
         deadline = time.monotonic() + timeout
-        while _tcp_answers(tcti) is not None:
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
-                why = log.read_text(errors="replace")
-                pytest.fail(f"this worker's swtpm ({tcti}) did not come up:\n{why}", pytrace=False)
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"{what} did not come up:\n{tail}", pytrace=False)
             time.sleep(0.1)
-        yield tcti
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -304,6 +306,22 @@ def _own_swtpm(state: Path, timeout: float = 30) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _own_swtpm(state: Path, timeout: float = 30) -> Iterator[str]:
+    """A swtpm on free ports with its state in *state*; fails loudly if it does not answer."""
+    port = _free_port_pair()
+    log = state / "swtpm.log"
+    server, control = (f"type=tcp,port={p},bindaddr=127.0.0.1" for p in (port, port + 1))
+    cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}", "--server", server]
+    cmd += ["--ctrl", control, "--flags", "not-need-init,startup-clear"]
+    tcti = f"swtpm:host=127.0.0.1,port={port}"
+
+    def up() -> bool:
+        return _tcp_answers(tcti) is None
+
+    with spawned(cmd, log, up, f"this worker's swtpm ({tcti})", timeout):
+        yield tcti
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,7 @@ import io
 import os
 import pickle
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -31,6 +29,7 @@ from sealstore.keys import DataKey, KeySlot  # noqa: E402
 from sealstore.kms import registry  # noqa: E402
 from sealstore.kms.envelope import open_sealed, seal_stream  # noqa: E402
 from tests.conformance.providers import CONTEXT, ProviderConformance  # noqa: E402
+from tests.services import spawned  # noqa: E402
 
 AwsKmsKey = pytest.importorskip("sealstore.kms.aws_kms").AwsKmsKey
 
@@ -68,24 +67,9 @@ def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not _ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.1)
+    cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+    with spawned(cmd, log, lambda: _ready(url), "moto_server"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module", autouse=True)
