@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from tests.test_guard import (  # noqa: F401 (fixtures)
     records,
 )
 from tests.test_guard_calibration import _streams
-from tests.uvicorn_thread import free_port, uvicorn_running
+from tests.uvicorn_thread import free_port, post_json, uvicorn_running
 
 WORDS = "words"
 
@@ -190,17 +188,10 @@ def test_default_kind_per_kind_thresholds_and_references(
 
 
 def _post(port: int, texts: list[str], caller: str, kind: str | None) -> tuple[int, Any]:
-    headers = {"content-type": "application/json", "x-sealstore-caller": caller}
+    headers = {"x-sealstore-caller": caller}
     if kind is not None:
         headers["x-traffic-kind"] = kind
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/embeddings", json.dumps({"input": texts}).encode(), headers
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http, loopback)
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return post_json(f"http://127.0.0.1:{port}/v1/embeddings", {"input": texts}, headers)
 
 
 def test_the_middleware_takes_the_kind_from_a_request_header(mini: Mini, attach: Any) -> None:

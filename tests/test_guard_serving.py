@@ -6,12 +6,9 @@ benign traffic, and per-caller state that concurrent callers do not serialise on
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,7 @@ from tests.test_guard import (  # noqa: F401 (fixtures)
     records,
     rows_batch,
 )
-from tests.uvicorn_thread import free_port, uvicorn_running
+from tests.uvicorn_thread import free_port, post_json, uvicorn_running
 
 
 def queries(g: Any) -> float:
@@ -125,17 +122,8 @@ def test_a_generation_counts_once_and_takes_the_caller(mini: Mini, attach: Any) 
 
 
 def _post(port: int, body: dict, caller: str | None) -> tuple[int, dict]:
-    headers = {"content-type": "application/json"}
-    if caller is not None:
-        headers["x-sealstore-caller"] = caller
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/embeddings", json.dumps(body).encode(), headers
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http, loopback)
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    headers = {} if caller is None else {"x-sealstore-caller": caller}
+    return post_json(f"http://127.0.0.1:{port}/v1/embeddings", body, headers)
 
 
 def test_middleware_screens_each_request_of_concurrent_clients(mini: Mini, attach: Any) -> None:

@@ -7,9 +7,6 @@ and a refused caller is refused on every guarded request, whatever its body."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from tests.test_guard import (  # noqa: F401 (fixtures)
     mini,
     mini_home,
 )
-from tests.uvicorn_thread import free_port, uvicorn_running
+from tests.uvicorn_thread import free_port, post_json, uvicorn_running
 
 CAP = 12  # queries a minute per caller, then refused (the rate detector: deterministic)
 
@@ -56,14 +53,7 @@ def test_texts_of_reads_score_rerank_and_refuses_what_it_cannot_read() -> None:
 
 
 def _post(port: int, path: str, body: Any, caller: str) -> tuple[int, Any]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"content-type": "application/json", "x-sealstore-caller": caller}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http, loopback)
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return post_json(f"http://127.0.0.1:{port}{path}", body, {"x-sealstore-caller": caller})
 
 
 def test_the_middleware_screens_every_query_route_and_fails_closed(mini: Mini, attach: Any) -> None:

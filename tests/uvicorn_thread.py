@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,3 +41,16 @@ def uvicorn_running(config: Any, what: str = "the server", *, join: float = 15) 
     finally:
         server.should_exit = True
         thread.join(join)
+
+
+def post_json(url: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+    """POST *body* (JSON-encoded unless bytes) to *url*: the status and the decoded JSON
+    answer, for an error status as for a success."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json", **headers}
+    req = urllib.request.Request(url, data, headers)  # noqa: S310 (http, loopback)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (http, loopback)
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
